@@ -1,0 +1,302 @@
+"""Validation and normalisation of the operator's arguments.
+
+Every public entry point funnels its arguments through :func:`normalize`, which raises a
+``ValueError`` / ``TypeError`` naming the argument, the layer (1-based, as in the design's
+``W_l``) and the offending value *before* any computation, and returns a :class:`Chain`: the
+canonical form that the backends consume.
+
+Canonical form
+--------------
+* ``weights[l]`` is a 2-D view ``(C_l, C_{l-1} / G_l)`` of the user's weight (conv-layout weights
+  ``(C_l, n_l, 1, ..., 1)`` are flattened by a view, so gradients flow back to the original).
+* ``shuffles[l] > 0`` means "channel shuffle with that many groups after layer l" (the design's
+  ``"interleave"``); ``0`` means "``perms[l]`` if it is a tensor, else identity". A shuffle that
+  is the identity (1 group, or groups of one channel) is stored as ``0``.
+* ``perms[l]`` is an int64 gather index of length ``C_l`` or ``None``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPE_NAMES = "float32, float16, bfloat16, float64"
+
+
+@dataclass
+class Chain:
+    """The validated, canonical description of one call of the operator."""
+
+    channels: tuple  # C_0 .. C_L
+    groups: tuple  # G_1 .. G_L
+    weights: list  # 2-D (C_l, n_l) tensors
+    biases: list  # (C_l,) tensors or None
+    shuffles: list  # ints, see module docstring
+    perms: list  # int64 index tensors or None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.groups)
+
+
+def interleave_index(channels: int, groups: int, device=None) -> torch.Tensor:
+    """Gather index of the channel shuffle with ``groups`` groups (``nn.ChannelShuffle``).
+
+    ``perm[k * groups + g] = g * (channels // groups) + k``.
+    """
+    m = channels // groups
+    return torch.arange(channels, device=device).view(groups, m).t().reshape(-1)
+
+
+def _shape(t) -> str:
+    return "(" + ", ".join(str(int(s)) for s in t.shape) + ")" if t.dim() != 1 else f"({int(t.shape[0])},)"
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_compiling() -> bool:
+    try:
+        return torch.compiler.is_compiling()
+    except AttributeError:  # pragma: no cover - very old torch
+        return False
+
+
+# Value checks of index tensors read their data (a device synchronisation on GPUs); a tensor
+# that passed once is remembered by identity and version counter so that steady-state calls
+# stay asynchronous.
+_CHECKED_PERMS: dict = {}
+_CHECKED_PERMS_MAX = 256
+
+
+def _check_perm_values(p: torch.Tensor, length: int, layer: int, what: str) -> None:
+    key = (id(p), p._version, p.data_ptr(), length)
+    if _CHECKED_PERMS.get(key) is p:
+        return
+    if p.numel() > 0:
+        lo, hi = int(p.min()), int(p.max())
+        if lo < 0 or hi >= length:
+            raise ValueError(
+                f"layer {layer}: {what} entries must lie in [0, {length}), got min {lo} and max {hi}"
+            )
+        counts = torch.bincount(p.detach().reshape(-1).to(torch.int64), minlength=length)
+        if int(counts.max()) > 1:
+            dup = int(torch.nonzero(counts > 1)[0, 0])
+            raise ValueError(
+                f"layer {layer}: {what} has duplicate entries ({dup} appears "
+                f"{int(counts[dup])} times); it must be a permutation of 0..{length - 1}"
+            )
+    if len(_CHECKED_PERMS) >= _CHECKED_PERMS_MAX:
+        _CHECKED_PERMS.clear()
+    _CHECKED_PERMS[key] = p
+
+
+def normalize_permutation(p, layer: int, channels: int, groups: int, device, check_values=True):
+    """Return ``(shuffle, perm)`` for one entry of ``permutations`` (see module docstring)."""
+    if p is None:
+        return 0, None
+    if isinstance(p, str):
+        if p != "interleave":
+            raise ValueError(
+                f"layer {layer}: unknown permutation {p!r}; expected None, 'interleave' or a "
+                f"1-D integer index tensor of length C_{layer} = {channels}"
+            )
+        is_identity = groups <= 1 or groups >= channels
+        return (0 if is_identity else groups), None
+    if isinstance(p, (list, tuple)):
+        if not all(_is_int(v) for v in p):
+            raise TypeError(f"layer {layer}: permutation given as a sequence must hold ints")
+        p = torch.tensor(p, dtype=torch.int64, device=device)
+    if not isinstance(p, torch.Tensor):
+        raise TypeError(
+            f"layer {layer}: permutation must be None, 'interleave' or an index tensor, "
+            f"got {type(p).__name__}"
+        )
+    if p.is_floating_point() or p.is_complex() or p.dtype == torch.bool:
+        raise TypeError(
+            f"layer {layer}: permutation must be an integer tensor, got dtype {p.dtype}"
+        )
+    if p.dim() != 1 or p.shape[0] != channels:
+        raise ValueError(
+            f"layer {layer}: permutation has shape {_shape(p)}, expected a 1-D index of "
+            f"length C_{layer} = {channels}"
+        )
+    if p.device != device:
+        raise ValueError(
+            f"layer {layer}: permutation is on {p.device} but x is on {device}; "
+            f"all tensors must be on the same device"
+        )
+    if check_values and not _is_compiling():
+        _check_perm_values(p, channels, layer, "permutation")
+    if p.dtype != torch.int64:
+        p = p.to(torch.int64)
+    return 0, p
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.dim() > 5:
+        raise ValueError(
+            f"x must have shape (N, C) or (N, C, *spatial) with 1 to 3 spatial dims, "
+            f"got shape {tuple(x.shape)}"
+        )
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {_DTYPE_NAMES}")
+
+
+def _as_list(v, name: str) -> list:
+    if isinstance(v, (list, tuple)):
+        return list(v)
+    raise TypeError(f"{name} must be a list or tuple with one entry per layer, got {type(v).__name__}")
+
+
+def normalize(x, weights, groups, permutations=None, biases=None, *, check_values=True) -> Chain:
+    """Validate the operator's arguments against ``x``; return the canonical :class:`Chain`."""
+    _check_x(x)
+    weights = _as_list(weights, "weights")
+    groups = _as_list(groups, "groups")
+    if len(weights) == 0:
+        raise ValueError("weights is empty: the chain needs at least one layer")
+    L = len(weights)
+    lengths = {"weights": L, "groups": len(groups)}
+    if permutations is not None:
+        permutations = _as_list(permutations, "permutations")
+        lengths["permutations"] = len(permutations)
+    if biases is not None:
+        biases = _as_list(biases, "biases")
+        lengths["biases"] = len(biases)
+    if len(set(lengths.values())) != 1:
+        got = ", ".join(f"{len_} {name}" for name, len_ in lengths.items())
+        raise ValueError(
+            f"weights, groups, permutations and biases must have one entry per layer; got {got}"
+        )
+    if permutations is None:
+        permutations = ["interleave"] * (L - 1) + [None]
+    if biases is None:
+        biases = [None] * L
+
+    device, dtype = x.device, x.dtype
+    channels = [int(x.shape[1])]
+    w2d, bs, shuffles, perms = [], [], [], []
+    for i in range(L):
+        layer = i + 1
+        G, W, b = groups[i], weights[i], biases[i]
+        c_in = channels[-1]
+        if not _is_int(G):
+            raise TypeError(f"layer {layer}: groups must be an int, got {type(G).__name__} {G!r}")
+        if G <= 0:
+            raise ValueError(f"layer {layer}: groups must be a positive integer, got {G}")
+        if not isinstance(W, torch.Tensor):
+            raise TypeError(f"layer {layer}: weight must be a torch.Tensor, got {type(W).__name__}")
+        if W.dim() < 2 or any(s != 1 for s in W.shape[2:]):
+            raise ValueError(
+                f"layer {layer}: weight has shape {_shape(W)}; a grouped 1x1 convolution weight "
+                f"must be (C_{layer}, C_{layer - 1} / groups) or (C_{layer}, C_{layer - 1} / groups, 1, ..., 1)"
+            )
+        if c_in % G != 0:
+            where = "x's channel count" if layer == 1 else f"C_{layer - 1}"
+            raise ValueError(
+                f"layer {layer}: in_channels C_{layer - 1} = {c_in} ({where}) must be divisible "
+                f"by groups = {G}"
+            )
+        n = c_in // G
+        c_out = int(W.shape[0])
+        if int(W.shape[1]) != n or c_out == 0:
+            if layer == 1 and c_out > 0 and int(W.shape[1]) * G != c_in:
+                raise ValueError(
+                    f"x has {c_in} channels, but layer 1 expects C_0 = weight.shape[1] * groups = "
+                    f"{int(W.shape[1])} * {G} = {int(W.shape[1]) * G} (weight shape {_shape(W)})"
+                )
+            raise ValueError(
+                f"layer {layer}: weight has shape {_shape(W)}, expected (C_{layer}, "
+                f"C_{layer - 1} / groups) = ({c_out if c_out else 'C_' + str(layer)}, {n})"
+            )
+        if c_out % G != 0:
+            raise ValueError(
+                f"layer {layer}: out_channels C_{layer} = {c_out} (weight.shape[0]) must be "
+                f"divisible by groups = {G}"
+            )
+        if W.dtype != dtype:
+            raise TypeError(
+                f"layer {layer}: weight has dtype {W.dtype} but x has dtype {dtype}; "
+                f"they must match (or run under torch.autocast)"
+            )
+        if W.device != device:
+            raise ValueError(
+                f"layer {layer}: weight is on {W.device} but x is on {device}; "
+                f"all tensors must be on the same device"
+            )
+        if W.dim() > 2:
+            W = W.flatten(1)
+        if b is not None:
+            if not isinstance(b, torch.Tensor):
+                raise TypeError(f"layer {layer}: bias must be a tensor or None, got {type(b).__name__}")
+            if b.dim() != 1 or int(b.shape[0]) != c_out:
+                raise ValueError(f"layer {layer}: bias has shape {_shape(b)}, expected ({c_out},)")
+            if b.dtype != dtype:
+                raise TypeError(f"layer {layer}: bias has dtype {b.dtype} but x has dtype {dtype}")
+            if b.device != device:
+                raise ValueError(
+                    f"layer {layer}: bias is on {b.device} but x is on {device}; "
+                    f"all tensors must be on the same device"
+                )
+        s, p = normalize_permutation(permutations[i], layer, c_out, G, device, check_values)
+        channels.append(c_out)
+        w2d.append(W)
+        bs.append(b)
+        shuffles.append(s)
+        perms.append(p)
+    return Chain(tuple(channels), tuple(int(g) for g in groups), w2d, bs, shuffles, perms)
+
+
+def gather_index(chain: Chain, layer: int, device=None) -> Optional[torch.Tensor]:
+    """The gather index applied after layer ``layer`` (0-based) or ``None`` for identity."""
+    s, p = chain.shuffles[layer], chain.perms[layer]
+    if s > 0:
+        return interleave_index(chain.channels[layer + 1], s, device=device)
+    return p
+
+
+def out_is_channels_last(x: torch.Tensor) -> bool:
+    """Whether outputs shaped like ``x`` are laid out channels-last (C innermost).
+
+    The rule, shared by every backend and the fake kernels: an input that is not contiguous
+    and whose channel stride is smaller than every stride of a non-trivial spatial dim gives
+    channels-last outputs; everything else gives contiguous outputs.
+    """
+    if x.dim() < 3 or x.is_contiguous():
+        return False
+    sp = [x.stride(d) for d in range(2, x.dim()) if x.shape[d] > 1]
+    if not sp:
+        return False
+    return x.stride(1) < min(sp)
+
+
+def empty_like_layout(x: torch.Tensor, channels: int, dtype=None) -> torch.Tensor:
+    """An uninitialised ``(N, channels, *spatial)`` tensor in the memory format of ``x``."""
+    dtype = x.dtype if dtype is None else dtype
+    if out_is_channels_last(x):
+        shape = (x.shape[0], *x.shape[2:], channels)
+        return torch.empty(shape, dtype=dtype, device=x.device).movedim(-1, 1)
+    return torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=dtype, device=x.device)
+
+
+def to_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``y`` (shaped like ``x`` up to channels) in the memory format :func:`empty_like_layout` gives."""
+    if out_is_channels_last(x):
+        if y.movedim(1, -1).is_contiguous():
+            return y
+        out = empty_like_layout(x, y.shape[1], y.dtype)
+        out.copy_(y)
+        return out
+    return y.contiguous()
+
+
+def prod(v: Sequence[int]) -> int:
+    return math.prod(v)

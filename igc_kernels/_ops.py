@@ -1,0 +1,97 @@
+"""Python side of the ``igc`` operator library: fake kernels and autograd.
+
+The schemas are defined once in C++ (``csrc/ops.cpp``)::
+
+    igc::chain_forward(Tensor x, Tensor[] weights, Tensor?[] biases, int[] groups,
+                       int[] shuffles, Tensor?[] perms) -> Tensor
+    igc::chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor?[] biases,
+                        int[] groups, int[] shuffles, Tensor?[] perms, bool[3] output_mask)
+                        -> (Tensor grad_x, Tensor grad_weights, Tensor grad_biases)
+
+``grad_weights`` is the concatenation of every flattened ``dW_l`` in layer order, ``grad_biases``
+that of every ``db_l`` of the layers that have a bias (fixed arity whatever the depth). An output
+whose ``output_mask`` entry is false is returned with shape ``(0,)``. Each device registers its
+kernels in C++; this module registers what is device independent: the fake (meta) kernels, with
+the same sizes, strides and dtypes as the real ones, and the autograd formula, which saves only
+``x`` (plus the weights, biases and permutations) and calls the fused backward.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._chain import empty_like_layout
+
+
+def _num_weight_elems(weights) -> int:
+    return sum(int(w.shape[0]) * int(w.shape[1]) for w in weights)
+
+
+def _num_bias_elems(biases) -> int:
+    return sum(int(b.shape[0]) for b in biases if b is not None)
+
+
+def _fake_forward(x, weights, biases, groups, shuffles, perms):
+    return empty_like_layout(x, weights[-1].shape[0])
+
+
+def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_mask):
+    gx = empty_like_layout(x, x.shape[1]) if output_mask[0] else x.new_empty((0,))
+    dtype = weights[0].dtype
+    gw = x.new_empty((_num_weight_elems(weights) if output_mask[1] else 0,), dtype=dtype)
+    gb = x.new_empty((_num_bias_elems(biases) if output_mask[2] else 0,), dtype=dtype)
+    return gx, gw, gb
+
+
+def _setup_context(ctx, inputs, output):
+    x, weights, biases, groups, shuffles, perms = inputs
+    L = len(weights)
+    ctx.num_layers = L
+    ctx.bias_mask = [b is not None for b in biases]
+    ctx.perm_mask = [p is not None for p in perms]
+    ctx.groups = list(groups)
+    ctx.shuffles = list(shuffles)
+    ctx.save_for_backward(
+        x, *weights, *[b for b in biases if b is not None], *[p for p in perms if p is not None]
+    )
+
+
+def _backward(ctx, grad_y):
+    saved = list(ctx.saved_tensors)
+    L = ctx.num_layers
+    x, weights, rest = saved[0], saved[1:1 + L], saved[1 + L:]
+    it = iter(rest)
+    biases = [next(it) if has else None for has in ctx.bias_mask]
+    perms = [next(it) if has else None for has in ctx.perm_mask]
+    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+    need_w_any = any(need_w) if isinstance(need_w, (list, tuple)) else bool(need_w)
+    need_b_any = any(need_b) if isinstance(need_b, (list, tuple)) else bool(need_b)
+    mask = [bool(need_x), need_w_any, need_b_any and any(ctx.bias_mask)]
+    gx, gw, gb = torch.ops.igc.chain_backward(
+        grad_y, x, weights, biases, ctx.groups, ctx.shuffles, perms, mask
+    )
+    grad_ws = [None] * L
+    if mask[1]:
+        off = 0
+        for l, w in enumerate(weights):
+            n = int(w.shape[0]) * int(w.shape[1])
+            grad_ws[l] = gw[off:off + n].view(w.shape)
+            off += n
+    grad_bs = [None] * L
+    if mask[2]:
+        off = 0
+        for l, b in enumerate(biases):
+            if b is not None:
+                n = int(b.shape[0])
+                grad_bs[l] = gb[off:off + n]
+                off += n
+    return (gx if mask[0] else None), grad_ws, grad_bs, None, None, None
+
+
+def register() -> None:
+    """Register the fake kernels and the autograd formula (the C++ library must be loaded)."""
+    torch.library.register_fake("igc::chain_forward")(_fake_forward)
+    torch.library.register_fake("igc::chain_backward")(_fake_backward)
+    torch.library.register_autograd(
+        "igc::chain_forward", _backward, setup_context=_setup_context
+    )

@@ -1,0 +1,193 @@
+"""The backend registry: what each implementation supports and why it cannot run an input.
+
+Every backend answers :meth:`Backend.reasons` with a list of sentences (empty when it can run
+the input). ``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` with no reasons; an
+explicitly requested backend that cannot run raises :class:`BackendUnavailableError` listing
+all of its reasons. ``use_backend(name)`` sets the default for a ``with`` scope.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Callable, Optional
+
+import torch
+
+from ._chain import Chain
+from . import _loader
+
+BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
+# Order in which "auto" tries the backends: fused compiled kernels first, the reference last.
+AUTO_ORDER = ("cuda", "cpu", "triton", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """An explicitly requested backend cannot run the given input."""
+
+
+class Backend:
+    """One implementation of the operator, with a declarative description of its limits."""
+
+    def __init__(self, name: str, summary: str, devices: tuple, dtypes: tuple,
+                 deterministic: str, runner: Callable, availability: Callable[[], list],
+                 input_reasons: Optional[Callable] = None):
+        self.name = name
+        self.summary = summary
+        self.devices = devices
+        self.dtypes = dtypes
+        self.deterministic = deterministic
+        self._runner = runner
+        self._availability = availability
+        self._input_reasons = input_reasons
+        self._cached = None
+
+    def unavailable_reasons(self) -> list:
+        """Reasons this backend cannot run anything in this process (empty: usable).
+
+        Computed once: what was built and what the process can use do not change.
+        """
+        if self._cached is None:
+            self._cached = list(self._availability())
+        return list(self._cached)
+
+    def reasons(self, x: torch.Tensor, chain: Chain) -> list:
+        """Reasons this backend cannot run ``x`` through ``chain`` (empty: it can)."""
+        out = self.unavailable_reasons()
+        if x.device.type not in self.devices:
+            out.append(f"x is on {x.device.type}; this backend runs on {', '.join(self.devices)}")
+        if x.dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            out.append(f"dtype {x.dtype} is not supported (supported: {names})")
+        if self._input_reasons is not None:
+            out.extend(self._input_reasons(x, chain))
+        return out
+
+    def run(self, x: torch.Tensor, chain: Chain) -> torch.Tensor:
+        return self._runner(x, chain)
+
+    def __repr__(self) -> str:
+        return f"Backend({self.name!r})"
+
+
+_ALL_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _run_reference(x, chain):
+    from .reference import run_chain
+
+    return run_chain(x, chain)
+
+
+def _run_fused_op(x, chain):
+    return torch.ops.igc.chain_forward(
+        x, chain.weights, chain.biases, list(chain.groups), chain.shuffles, chain.perms
+    )
+
+
+def _cpu_availability():
+    return [] if _loader.ext_loaded() else [_loader.ext_missing_reason()]
+
+
+def _cuda_availability():
+    out = []
+    if not _loader.ext_loaded():
+        out.append(_loader.ext_missing_reason())
+    elif not _loader.ext_built_with_cuda():
+        out.append("igc_kernels._C was built without its CUDA kernels (no nvcc or CPU-only torch "
+                   "at build time; set IGC_FORCE_CUDA=1 to build them)")
+    if not torch.cuda.is_available():
+        out.append("torch reports no usable CUDA device")
+    return out
+
+
+def _triton_availability():
+    return ["the fused Triton kernels are not part of this version of igc_kernels "
+            "(igc_kernels.triton_kernels holds no kernels yet)"]
+
+
+def _triton_input_reasons(x, chain):
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return ["CPU tensors run through Triton only under TRITON_INTERPRET=1"]
+    return []
+
+
+BACKENDS = {
+    "cuda": Backend(
+        "cuda", "fused CUDA kernels of the C++ extension", ("cuda",), _ALL_FLOAT,
+        "deterministic (fixed-order reduction of weight gradients)", _run_fused_op,
+        _cuda_availability),
+    "cpu": Backend(
+        "cpu", "fused C++ CPU kernels (at::parallel_for over tiles of positions)", ("cpu",),
+        _ALL_FLOAT, "deterministic at a given thread count", _run_fused_op, _cpu_availability),
+    "triton": Backend(
+        "triton", "fused Triton kernels", ("cuda", "cpu"), (torch.float32, torch.float16,
+                                                            torch.bfloat16),
+        "deterministic", None, _triton_availability, _triton_input_reasons),
+    "reference": Backend(
+        "reference", "unfused PyTorch chain (grouped conv + shuffle per layer)",
+        ("cpu", "cuda", "xpu", "mps", "meta"), _ALL_FLOAT,
+        "as deterministic as the underlying convolutions", _run_reference, lambda: []),
+}
+
+# The scope stack of use_backend(); a plain list (not threading.local) so torch.compile can
+# trace the lookup without a graph break.
+_SCOPE = ["auto"]
+
+
+def _default_backend() -> str:
+    return _SCOPE[-1]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Make ``name`` the backend that ``backend="auto"`` resolves to inside a ``with`` block."""
+    check_backend_name(name)
+    _SCOPE.append(name)
+    try:
+        yield
+    finally:
+        _SCOPE.pop()
+
+
+def check_backend_name(name) -> None:
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"unknown backend {name!r}; choose one of " + ", ".join(repr(n) for n in BACKEND_NAMES)
+        )
+
+
+def select(name: str, x: torch.Tensor, chain: Chain) -> Backend:
+    """The backend that runs ``x`` through ``chain`` for the requested ``name``."""
+    check_backend_name(name)
+    if name == "auto":
+        name = _default_backend()
+    if name != "auto":
+        be = BACKENDS[name]
+        reasons = be.reasons(x, chain)
+        if reasons:
+            raise BackendUnavailableError(
+                f"backend {name!r} cannot run this input:\n  - " + "\n  - ".join(reasons)
+            )
+        return be
+    for candidate in AUTO_ORDER:
+        be = BACKENDS[candidate]
+        if not be.reasons(x, chain):
+            return be
+    raise BackendUnavailableError("no backend can run this input")  # pragma: no cover
+
+
+def available_backends(device: str | torch.device | None = None) -> list:
+    """Names of the backends usable in this process (for ``device``'s type when given)."""
+    dev = None if device is None else torch.device(device).type
+    out = []
+    for name in AUTO_ORDER:
+        be = BACKENDS[name]
+        if be.unavailable_reasons():
+            continue
+        if dev is not None and dev not in be.devices:
+            continue
+        if name == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        out.append(name)
+    return out

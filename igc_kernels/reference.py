@@ -1,0 +1,49 @@
+"""The unfused chain in plain PyTorch: the ground truth and the benchmark baseline.
+
+``interleaved_group_conv`` here has the signature of :func:`igc_kernels.interleaved_group_conv`
+and computes ``y = P_L W_L ... P_1 W_1 x`` layer by layer with ``F.conv{1,2,3}d(groups=G_l)``
+(cuDNN on GPUs, oneDNN or ATen on CPUs), ``F.channel_shuffle`` for ``"interleave"`` and
+``index_select`` for explicit permutations. Every intermediate goes through memory, and autograd
+keeps them alive for the backward: exactly the cost the fused operator removes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._chain import Chain, normalize, to_layout_of
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def run_chain(x: torch.Tensor, chain: Chain) -> torch.Tensor:
+    """Apply a normalised chain to ``x`` with one PyTorch op per layer and per permutation."""
+    tokens = x.dim() == 2
+    h = x.unsqueeze(-1) if tokens else x
+    conv = _CONV[h.dim() - 2]
+    ones = (1,) * (h.dim() - 2)
+    for l in range(chain.num_layers):
+        W = chain.weights[l]
+        h = conv(h, W.reshape(*W.shape, *ones), chain.biases[l], groups=chain.groups[l])
+        if chain.shuffles[l] > 0:
+            h = F.channel_shuffle(h, chain.shuffles[l])
+        elif chain.perms[l] is not None:
+            h = h.index_select(1, chain.perms[l])
+    if tokens:
+        h = h.squeeze(-1)
+    return to_layout_of(h, x)
+
+
+def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *, backend="reference"):
+    """Reference (unfused) interleaved group convolution; same arguments as the fused operator.
+
+    ``backend`` exists for signature parity only and must be ``"reference"`` or ``"auto"``.
+    """
+    if backend not in ("reference", "auto"):
+        raise ValueError(
+            f"igc_kernels.reference.interleaved_group_conv only runs the reference chain, "
+            f"got backend={backend!r}"
+        )
+    chain = normalize(x, weights, groups, permutations, biases)
+    return run_chain(x, chain)
