@@ -146,6 +146,8 @@ def _check_x(x) -> None:
             f"x must have shape (N, C) or (N, C, *spatial) with 1 to 3 spatial dims, "
             f"got shape {tuple(x.shape)}"
         )
+    if x.shape[1] == 0:
+        raise ValueError(f"x has 0 channels (shape {tuple(x.shape)})")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; supported dtypes are {_DTYPE_NAMES}")
 

@@ -1,0 +1,48 @@
+"""Build of igc_kernels._C.
+
+The CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are built when torch has
+CUDA and nvcc is found, or when IGC_FORCE_CUDA=1; without a visible GPU TORCH_CUDA_ARCH_LIST
+defaults to sm_80 and sm_90. Install with `pip install --no-build-isolation -e .`.
+The folder triton_kernels/ is installed as igc_kernels.triton_kernels.
+"""
+
+import glob
+import os
+
+from setuptools import setup
+
+import torch
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _build_cuda() -> bool:
+    if os.environ.get("IGC_FORCE_CUDA", "0") == "1":
+        return True
+    return torch.version.cuda is not None and CUDA_HOME is not None
+
+
+def _extension():
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    with_cuda = _build_cuda() and bool(cuda_sources)
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cxx = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden"]
+    macros = [("IGC_BUILT_WITH_CUDA", "1" if with_cuda else "0")]
+    if not with_cuda:
+        return CppExtension("igc_kernels._C", sources, extra_compile_args={"cxx": cxx},
+                            define_macros=macros, include_dirs=[os.path.join(ROOT, "csrc")])
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+    return CUDAExtension("igc_kernels._C", sources + cuda_sources,
+                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=macros,
+                         include_dirs=[os.path.join(ROOT, "csrc")])
+
+
+setup(
+    packages=["igc_kernels", "igc_kernels.triton_kernels"],
+    package_dir={"igc_kernels": "igc_kernels", "igc_kernels.triton_kernels": "triton_kernels"},
+    ext_modules=[_extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)

@@ -1,0 +1,64 @@
+"""pytest configuration of the igc_kernels test suite.
+
+* Tests of the fused CPU kernel use the backend named by ``igc_test_utils.FUSED`` ("cpu"). The
+  compiled extension is always built in CI, so those tests FAIL when ``igc_kernels._C`` is
+  missing; nothing is skipped because of a missing build. (``IGC_TEST_FUSED_BACKEND=reference``
+  points them at the reference chain to check the tests themselves without a build.)
+* Hypothesis runs a modest, derandomized number of examples so the suite stays fast and
+  reproducible; ``IGC_HYPOTHESIS_EXAMPLES`` raises it for a longer local run.
+* Every test starts from the same torch seed and leaves the default dtype, thread count and
+  backend scope as it found them.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+with warnings.catch_warnings():
+    # The package warns once at import when an optional part (the extension, Triton) is missing;
+    # test_import.py checks that warning in a clean subprocess.
+    warnings.simplefilter("ignore")
+    import igc_kernels  # noqa: F401
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "igc",
+    max_examples=int(os.environ.get("IGC_HYPOTHESIS_EXAMPLES", "40")),
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("igc")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_global_state():
+    torch.manual_seed(0)
+    dtype = torch.get_default_dtype()
+    threads = torch.get_num_threads()
+    from igc_kernels import backends
+
+    scope = list(backends._SCOPE)
+    yield
+    torch.set_default_dtype(dtype)
+    torch.set_num_threads(threads)
+    assert backends._SCOPE == scope, "a test leaked a use_backend() scope"
+    backends._SCOPE[:] = scope
+
+
+@pytest.fixture
+def igc_ops():
+    """``torch.ops.igc`` with the compiled extension loaded; fails (never skips) without it."""
+    from igc_test_utils import require_extension
+
+    require_extension()
+    return torch.ops.igc

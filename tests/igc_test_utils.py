@@ -1,0 +1,334 @@
+"""Shared helpers of the test suite: problem builders, layouts, the float64 oracle, tolerances.
+
+Tolerances come from the problem, not from a run. For a chain computed in a floating point type
+with unit roundoff ``u`` (half the machine epsilon), every output and gradient element is a sum
+of products; the classic bound for a sum of ``k`` rounded terms is ``|error| <= gamma_k *
+sum|terms|`` with ``gamma_k ~ k u``, and through a product of ``L`` layers the relative errors
+add (``gamma_{n_1} + ... + gamma_{n_L}``). ``sum|terms|`` for every element is obtained exactly by
+running the same chain in float64 on ``|x|``, ``|W_l|``, ``|b_l|`` and ``|grad_y|``: the
+*magnitude* of that element. So an implementation that accumulates in a type with unit roundoff
+``u`` must satisfy, elementwise,
+
+    |result - exact| <= k * u * magnitude,   k = sum_l n_l + sum_l m_l + 2 L + positions
+
+(``n_l``/``m_l``: inputs/outputs per group, summed over forward and backward chains; ``2 L`` for
+the multiply and bias roundings per layer; ``positions``: the reduction over positions of the
+weight and bias gradients). :func:`assert_within_rounding` checks that bound, with a safety
+factor for the oracle's own error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+import torch
+
+import igc_kernels as igc
+from igc_kernels import _loader
+from igc_kernels._chain import normalize, out_is_channels_last, empty_like_layout
+
+# The backend under test for the fused kernel. Always "cpu" in CI, where the extension is built;
+# a test that needs it FAILS (BackendUnavailableError / pytest.fail) when igc_kernels._C is
+# missing, it is never skipped. IGC_TEST_FUSED_BACKEND=reference runs the same assertions
+# against the reference chain: useful only to check the tests themselves without a build.
+FUSED = os.environ.get("IGC_TEST_FUSED_BACKEND", "cpu")
+
+
+def require_extension() -> None:
+    """Fail (never skip) when the compiled extension is missing: CI always builds it."""
+    if not _loader.ext_loaded():
+        pytest.fail(
+            "igc_kernels._C is not built or failed to import: "
+            + _loader.ext_missing_reason()
+            + ". Build it with `pip install --no-build-isolation -e .`",
+            pytrace=False,
+        )
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps / 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Problems
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Problem:
+    """One call of the operator: ``x`` and the chain's arguments as a user passes them."""
+
+    x: torch.Tensor
+    weights: list
+    groups: list
+    permutations: Optional[list] = None
+    biases: Optional[list] = None
+    channels: tuple = field(default=())
+
+    def leaves(self) -> list:
+        """``x``, every weight and every (present) bias: what gradients are checked for."""
+        out = [self.x, *self.weights]
+        if self.biases is not None:
+            out += [b for b in self.biases if b is not None]
+        return out
+
+    def leaf_names(self) -> list:
+        names = ["x"] + [f"weight[{l + 1}]" for l in range(len(self.weights))]
+        if self.biases is not None:
+            names += [f"bias[{l + 1}]" for l, b in enumerate(self.biases) if b is not None]
+        return names
+
+    def call(self, backend: str, x=None, weights=None, biases=None):
+        return igc.interleaved_group_conv(
+            self.x if x is None else x,
+            self.weights if weights is None else weights,
+            self.groups, self.permutations,
+            self.biases if biases is None else biases, backend=backend)
+
+    def num_positions(self) -> int:
+        return int(self.x.numel() // max(1, self.x.shape[1])) if self.x.numel() else 0
+
+    def reduction_length(self) -> int:
+        """``k`` of the module docstring: the longest chain of roundings into any result."""
+        k = 0
+        for l, g in enumerate(self.groups):
+            k += self.channels[l] // g + self.channels[l + 1] // g + 2
+        return k + self.num_positions()
+
+    def to(self, dtype, requires_grad=True) -> "Problem":
+        """A copy with every floating tensor cast to ``dtype`` (strides of ``x`` preserved)."""
+
+        def cast(t):
+            if t is None:
+                return None
+            c = _clone_preserving_strides(t, dtype)
+            return c.requires_grad_(requires_grad)
+
+        return Problem(
+            cast(self.x), [cast(w) for w in self.weights], list(self.groups), self.permutations,
+            None if self.biases is None else [cast(b) for b in self.biases], self.channels)
+
+
+def _clone_preserving_strides(t: torch.Tensor, dtype) -> torch.Tensor:
+    """A copy in ``dtype``; dense tensors keep their strides, views get a dense stride order."""
+    out = torch.empty_like(t.detach(), dtype=dtype, memory_format=torch.preserve_format)
+    with torch.no_grad():
+        out.copy_(t.detach())
+    return out
+
+
+def random_weights(channels, groups, dtype, gen, conv_layout=False, noncontiguous=None):
+    """Weights ``U(-1/sqrt(n_l), 1/sqrt(n_l))`` (nn.Conv2d's scale, keeps activations O(1))."""
+    ws = []
+    for l, g in enumerate(groups):
+        c, n = channels[l + 1], channels[l] // g
+        bound = 1.0 / math.sqrt(n)
+        nc = noncontiguous[l] if noncontiguous is not None else False
+        if nc:  # a transposed view: (C_l, n_l) with strides (1, C_l)
+            w = (torch.rand(n, c, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype).t()
+        else:
+            w = (torch.rand(c, n, generator=gen, dtype=torch.float64) * 2 - 1).mul_(bound).to(dtype)
+        if conv_layout:
+            w = w.reshape(c, n, 1, 1) if not nc else w.unsqueeze(-1).unsqueeze(-1)
+        ws.append(w.requires_grad_())
+    return ws
+
+
+def random_biases(channels, which, dtype, gen):
+    if which is None:
+        return None
+    out = []
+    for l, has in enumerate(which):
+        if has:
+            out.append((torch.rand(channels[l + 1], generator=gen, dtype=torch.float64) - 0.5)
+                       .to(dtype).requires_grad_())
+        else:
+            out.append(None)
+    return out
+
+
+def random_permutation(n, gen) -> torch.Tensor:
+    return torch.randperm(n, generator=gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layouts of x (and of grad_y)
+# ---------------------------------------------------------------------------------------------
+LAYOUTS = ("contiguous", "channels_last", "sliced", "sliced_channels_last", "permuted")
+
+
+def make_tensor(shape, layout, dtype, gen, *, scale=1.0) -> torch.Tensor:
+    """A random tensor of ``shape`` = ``(N, C, *spatial)`` laid out as ``layout``.
+
+    * ``contiguous``: NC(D)HW.
+    * ``channels_last``: C innermost (``channels_last`` / ``channels_last_3d`` for 4-D / 5-D,
+      the same stride order for 3-D).
+    * ``sliced``: a view into a larger contiguous tensor with a storage offset, a step of 2 in
+      the last spatial dim and padding in every dim.
+    * ``sliced_channels_last``: the same view of a channels-last tensor.
+    * ``permuted``: spatial dims stored in reverse order (C outermost after N), an unusual but
+      valid stride order.
+    """
+    shape = tuple(int(s) for s in shape)
+    nd = len(shape)
+
+    def fill(t):
+        with torch.no_grad():
+            t.copy_(torch.randn(t.shape, generator=gen, dtype=torch.float64).mul_(scale))
+        return t
+
+    if layout == "contiguous" or nd == 2 and layout in ("channels_last", "permuted"):
+        return fill(torch.empty(shape, dtype=dtype))
+    if layout == "channels_last":
+        return fill(torch.empty((shape[0], *shape[2:], shape[1]), dtype=dtype).movedim(-1, 1))
+    if layout == "permuted":
+        perm = [0, 1] + list(range(nd - 1, 1, -1))
+        base = torch.empty([shape[p] for p in perm], dtype=dtype)
+        return fill(base.permute(*perm))
+    if layout in ("sliced", "sliced_channels_last"):
+        # pad every dim by 1 in front (storage offset) and 2 behind; step 2 in the last dim
+        big = [s + 3 for s in shape]
+        big[-1] = 2 * shape[-1] + 3
+        if layout == "sliced_channels_last" and nd >= 3:
+            base = torch.empty((big[0], *big[2:], big[1]), dtype=dtype).movedim(-1, 1)
+        else:
+            base = torch.empty(big, dtype=dtype)
+        idx = tuple(slice(1, 1 + s) for s in shape[:-1]) + (slice(1, 1 + 2 * shape[-1], 2),)
+        view = base[idx]
+        assert view.shape == shape
+        return fill(view)
+    raise ValueError(layout)
+
+
+def expanded_like(shape, dtype, gen) -> torch.Tensor:
+    """A grad_output with stride 0 in every dim but the channels: ``randn(1, C, 1..).expand``."""
+    small = torch.randn((1, shape[1]) + (1,) * (len(shape) - 2), generator=gen,
+                        dtype=torch.float64).to(dtype)
+    return small.expand(*shape)
+
+
+def expected_channels_last(x: torch.Tensor) -> bool:
+    return out_is_channels_last(x)
+
+
+def assert_layout_like_contract(y: torch.Tensor, x: torch.Tensor, what="output") -> None:
+    """``y`` has the memory format the package promises for inputs shaped like ``x``:
+    channels-last in, channels-last out; anything else, contiguous out. The significant strides
+    (dims of size > 1) must equal those of the fake kernel's allocation."""
+    if expected_channels_last(x):
+        assert y.movedim(1, -1).is_contiguous(), (
+            f"{what}: expected channels-last strides for x of shape {tuple(x.shape)} strides "
+            f"{x.stride()}, got strides {y.stride()}")
+    else:
+        assert y.is_contiguous(), (
+            f"{what}: expected a contiguous result for x of shape {tuple(x.shape)} strides "
+            f"{x.stride()}, got strides {y.stride()}")
+    fake = empty_like_layout(x, y.shape[1])
+    for d in range(y.dim()):
+        if y.shape[d] > 1:
+            assert y.stride(d) == fake.stride(d), (
+                f"{what}: stride of dim {d} is {y.stride(d)}, the fake kernel gives "
+                f"{fake.stride(d)} (strides {y.stride()} vs {fake.stride()})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracle and comparisons
+# ---------------------------------------------------------------------------------------------
+def forward_and_grads(fn, leaves, grad_y=None):
+    """``y = fn()`` and the gradients of ``<y, grad_y>`` w.r.t. ``leaves`` (None: no grads)."""
+    y = fn()
+    if grad_y is None:
+        return y, None
+    grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
+    return y, list(grads)
+
+
+def oracle(problem: Problem, grad_y=None, backend="reference"):
+    """float64 output and gradients computed by the unfused reference chain."""
+    p64 = problem.to(torch.float64)
+    gy = None if grad_y is None else grad_y.to(torch.float64)
+    return forward_and_grads(lambda: p64.call(backend), p64.leaves(), gy)
+
+
+def magnitudes(problem: Problem, grad_y=None):
+    """``sum|terms|`` of every output and gradient element (see the module docstring)."""
+    pa = problem.to(torch.float64)
+    with torch.no_grad():
+        for t in pa.leaves():
+            t.abs_()
+    gy = None if grad_y is None else grad_y.to(torch.float64).abs()
+    return forward_and_grads(lambda: pa.call("reference"), pa.leaves(), gy)
+
+
+def assert_within_rounding(actual, expected, magnitude, k, dtype, *, safety=2.0, name="result"):
+    """``|actual - expected| <= safety * k * u(dtype) * magnitude`` elementwise."""
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == dtype, f"{name}: dtype {actual.dtype}, expected {dtype}"
+    a = actual.detach().to(torch.float64)
+    e = expected.detach().to(torch.float64)
+    tol = safety * k * unit_roundoff(dtype) * magnitude.detach().to(torch.float64)
+    err = (a - e).abs()
+    bad = ~(err <= tol)  # also catches NaN
+    if bool(bad.any()):
+        first = tuple(int(i) for i in torch.nonzero(bad)[0])
+        raise AssertionError(
+            f"{name}: {int(bad.sum())} of {err.numel()} elements exceed the rounding bound "
+            f"{safety} * k={k} * u({dtype}) * magnitude; max error {float(err.max()):.3e}, "
+            f"mean error {float(err.mean()):.3e}; first at index {first}: got "
+            f"{float(a[first]):.17g}, expected {float(e[first]):.17g}, bound {float(tol[first]):.3e}")
+
+
+def check_against_oracle(problem: Problem, backend: str, grad_y, *, safety=2.0):
+    """Run ``problem`` through ``backend``; compare output and every gradient to the float64
+    oracle within the rounding bound of the problem's dtype. Returns the output."""
+    dtype = problem.x.dtype
+    y, grads = forward_and_grads(lambda: problem.call(backend), problem.leaves(), grad_y)
+    y64, grads64 = oracle(problem, grad_y)
+    ymag, gmags = magnitudes(problem, grad_y)
+    # float64 results are compared with a float64 oracle that has its own error of the same
+    # size: the difference of two results each within the bound is within twice the bound.
+    if dtype == torch.float64:
+        safety = 2 * safety
+    k = problem.reduction_length()
+    assert_within_rounding(y, y64, ymag, k, dtype, safety=safety, name="output")
+    if grads is not None:
+        for name, g, g64, mag, leaf in zip(problem.leaf_names(), grads, grads64, gmags,
+                                           problem.leaves()):
+            assert g is not None, f"no gradient for {name}"
+            assert g.shape == leaf.shape, f"grad of {name}: shape {tuple(g.shape)} != {tuple(leaf.shape)}"
+            assert_within_rounding(g, g64, mag, k, dtype, safety=safety, name=f"grad of {name}")
+    return y, grads
+
+
+def build_problem(channels, groups, *, spatial=(), N=2, layout="contiguous", dtype=torch.float64,
+                  permutations="default", bias=False, conv_layout=False, seed=0) -> Problem:
+    """A random problem. ``permutations``: "default" (None: IGCV2 default), "random" (an
+    explicit random index after every layer), or a list as the operator takes it. ``bias``:
+    bool or a list of bools per layer."""
+    gen = torch.Generator().manual_seed(seed)
+    channels = tuple(channels)
+    L = len(groups)
+    if permutations == "default":
+        perms = None
+    elif permutations == "random":
+        perms = [random_permutation(channels[l + 1], gen) for l in range(L)]
+    else:
+        perms = permutations
+    which = None
+    if bias is True:
+        which = [True] * L
+    elif isinstance(bias, (list, tuple)):
+        which = list(bias)
+    x = make_tensor((N, channels[0], *spatial), layout, dtype, gen).requires_grad_()
+    ws = random_weights(channels, groups, dtype, gen, conv_layout=conv_layout)
+    bs = random_biases(channels, which, dtype, gen)
+    return Problem(x, ws, list(groups), perms, bs, channels)
+
+
+def normalized_op_args(problem: Problem):
+    """``(x, weights, biases, groups, shuffles, perms)`` for ``torch.ops.igc.chain_forward``,
+    built by the package's own normalisation of the user arguments."""
+    ch = normalize(problem.x, problem.weights, problem.groups, problem.permutations, problem.biases)
+    return (problem.x, ch.weights, ch.biases, list(ch.groups), list(ch.shuffles), ch.perms)
