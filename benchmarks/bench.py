@@ -23,7 +23,7 @@ layers of 32 groups of width 8, channel shuffle between layers), in one process 
    (``torch.autograd.grad`` w.r.t. x and every weight, ``dy`` preallocated in x's layout):
    * ``fused[B]``: ``igc_kernels.interleaved_group_conv(backend=B)`` on NCHW and channels_last x;
    * ``chain``: ``F.conv2d(groups=G_l)`` + ``F.channel_shuffle`` per layer (the same weights),
-     oneDNN on / off (``torch.backends.mkldnn.flags``) x NCHW / channels_last. The fastest of
+     oneDNN on / off (``torch.backends.mkldnn.enabled``) x NCHW / channels_last. The fastest of
      the four is the baseline of the "vs chain" column (all four are reported);
    * ``dense``: one ``F.conv2d`` with the composed C_L x C_0 matrix, the same four variants;
      the fastest is the baseline of the "vs dense" column;
@@ -186,6 +186,7 @@ def run_config(cfg: bc.Config, backends: list, args, timing: dict, env: dict) ->
         rows += report_mode(problem, mode, results, copy_case, copy_gbps, env, errors)
     if memory:
         rows += report_memory(problem, memory, env)
+    sys.stdout.flush()
     return rows
 
 
@@ -245,6 +246,7 @@ def _base_row(problem, case, mode, env) -> dict:
         "backend": case.backend,
         "mkldnn": case.mkldnn,
         "label": case.label,
+        "loadavg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -301,6 +303,10 @@ def main(argv=None) -> int:
     if backends == ["reference"]:
         progress("note: no fused backend is usable here; 'fused[reference]' rows time the "
                  "package's reference chain (build igc_kernels._C for the fused CPU kernels)")
+    load = env["loadavg_at_start"]
+    if load and load[0] > 0.5:
+        progress(f"warning: load average {load[0]:.2f} before the run: other processes use the "
+                 "CPU and the timings will be noisy (recorded in the JSON as loadavg_at_start)")
     progress(f"device: {env['device']} | torch {env['torch']} | threads {env['threads']} | "
              f"commit {env['git_commit']}{' (dirty)' if env['git_dirty'] else ''} | "
              f"backends {','.join(backends)}")

@@ -16,6 +16,8 @@ _EXT_ERROR = None
 
 def _load_ext():
     global _EXT, _EXT_ERROR
+    import torch  # noqa: F401  (loads libc10 / libtorch, which _C links against)
+
     try:
         _EXT = importlib.import_module("igc_kernels._C")
     except ImportError as e:  # not built, or built against another torch

@@ -19,6 +19,11 @@ _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 def run_chain(x: torch.Tensor, chain: Chain) -> torch.Tensor:
     """Apply a normalised chain to ``x`` with one PyTorch op per layer and per permutation."""
+    if x.dim() > 2 and x.numel() == 0 and x.shape[0] > 0:
+        # A spatial size of zero: F.conv*d refuses an empty spatial extent, so run the chain on
+        # the (zero) positions as tokens and give the result x's shape and memory format.
+        y = run_chain(x.movedim(1, -1).reshape(-1, x.shape[1]), chain)
+        return to_layout_of(y.reshape(x.shape[0], *x.shape[2:], y.shape[1]).movedim(-1, 1), x)
     tokens = x.dim() == 2
     h = x.unsqueeze(-1) if tokens else x
     conv = _CONV[h.dim() - 2]

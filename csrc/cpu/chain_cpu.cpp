@@ -144,18 +144,117 @@ IGC_INLINE bool tile_offsets(const PosIndexer& ix, int64_t p0, int tvalid, int64
   return contig;
 }
 
+// 64-byte SIMD vectors through GCC/Clang vector extensions: one AVX-512 register in the
+// x86-64-v4 clone, two AVX2 registers in the v3 clone, four SSE registers otherwise. The aligned(
+// sizeof(T)) variant makes loads and stores safe at any element alignment.
+template <typename T>
+struct Simd {
+  typedef T V __attribute__((vector_size(64)));
+  typedef T VU __attribute__((vector_size(64), aligned(sizeof(T))));
+  static constexpr int LANES = 64 / sizeof(T);
+  static constexpr int PER_ROW = TILE / LANES;  // vectors per tile row
+  static IGC_INLINE V load(const T* p) { return *reinterpret_cast<const VU*>(p); }
+  static IGC_INLINE void store(T* p, V v) { *reinterpret_cast<VU*>(p) = v; }
+  static IGC_INLINE V splat(T v) { return V{} + v; }
+};
+
+template <typename T>
+struct SimdIndex;
+template <>
+struct SimdIndex<float> {
+  typedef int32_t M __attribute__((vector_size(64)));
+};
+template <>
+struct SimdIndex<double> {
+  typedef int64_t M __attribute__((vector_size(64)));
+};
+
+#if defined(__GNUC__) && !defined(__clang__)
+#define IGC_HAVE_SIMD_TRANSPOSE 1
+// Shuffle masks of the transpose stages (stage s swaps sub-blocks of size b = N >> (s + 1)),
+// built at compile time and loaded as vectors.
+template <typename I, int N>
+struct TransposeMasks {
+  alignas(64) I lo[8][N];
+  alignas(64) I hi[8][N];
+  constexpr TransposeMasks() : lo(), hi() {
+    int s = 0;
+    for (int b = N / 2; b >= 1; b /= 2, ++s) {
+      for (int lane = 0; lane < N; ++lane) {
+        lo[s][lane] = static_cast<I>((lane & b) ? N + lane - b : lane);
+        hi[s][lane] = static_cast<I>((lane & b) ? N + lane : lane + b);
+      }
+    }
+  }
+};
+template <typename I, int N>
+inline constexpr TransposeMasks<I, N> kTransposeMasks{};
+
+// In-register transpose of a LANES x LANES block (r[i][lane] -> r[lane][i]): log2(LANES) stages,
+// each swapping the off-diagonal b x b sub-blocks with two-source shuffles.
+template <typename T>
+IGC_INLINE void transpose_block(typename Simd<T>::V* r) {
+  constexpr int N = Simd<T>::LANES;
+  using M = typename SimdIndex<T>::M;
+  using V = typename Simd<T>::V;
+  using I = std::remove_reference_t<decltype(M{}[0])>;
+  const auto& masks = kTransposeMasks<I, N>;
+  int s = 0;
+#pragma GCC unroll 4
+  for (int b = N / 2; b >= 1; b /= 2, ++s) {
+    const M lo = *reinterpret_cast<const M*>(masks.lo[s]);
+    const M hi = *reinterpret_cast<const M*>(masks.hi[s]);
+#pragma GCC unroll 16
+    for (int i = 0; i < N; ++i) {
+      if (i & b) continue;
+      const V a = r[i], c = r[i + b];
+      r[i] = __builtin_shuffle(a, c, lo);
+      r[i + b] = __builtin_shuffle(a, c, hi);
+    }
+  }
+}
+#else
+#define IGC_HAVE_SIMD_TRANSPOSE 0
+#endif
+
 // buf[rowmap[c]][t] = src[c, position t] for c < C; positions >= tvalid are zero.
 template <typename scalar_t, typename acc_t>
 IGC_INLINE void load_tile(const scalar_t* __restrict src, const int64_t* off, bool contig,
                           int tvalid, int64_t C, int64_t cs, const int32_t* rowmap,
                           acc_t* __restrict buf) {
   const acc_t z = 0;
+#if IGC_HAVE_SIMD_TRANSPOSE
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (cs == 1 && !contig) {  // channels-last: transpose LANES x LANES blocks in registers
+      using S = Simd<acc_t>;
+      constexpr int N = S::LANES;
+      int64_t c0 = 0;
+      for (; c0 + N <= C; c0 += N) {
+        for (int t0 = 0; t0 < TILE; t0 += N) {
+          typename S::V r[N];
+#pragma GCC unroll 16
+          for (int tt = 0; tt < N; ++tt)
+            r[tt] = t0 + tt < tvalid ? S::load(src + off[t0 + tt] + c0) : typename S::V{};
+          transpose_block<acc_t>(r);
+#pragma GCC unroll 16
+          for (int cc = 0; cc < N; ++cc)
+            S::store(buf + static_cast<int64_t>(rowmap[c0 + cc]) * TILE + t0, r[cc]);
+        }
+      }
+      for (int64_t c = c0; c < C; ++c) {
+        acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
+        for (int t = 0; t < tvalid; ++t) r[t] = src[off[t] + c];
+        for (int t = tvalid; t < TILE; ++t) r[t] = z;
+      }
+      return;
+    }
+  }
+#endif
   if (tvalid == TILE && contig) {
     const scalar_t* s0 = src + off[0];
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* s = s0 + c * cs;
       acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-#pragma GCC unroll 4
       for (int t = 0; t < TILE; ++t) r[t] = to_acc(s[t], z);
     }
     return;
@@ -182,12 +281,37 @@ IGC_INLINE void store_tile(scalar_t* __restrict dst, const int64_t* off, bool co
                            int64_t C, int64_t cs, const int32_t* rowmap,
                            const acc_t* __restrict buf) {
   scalar_t* tag = nullptr;
+#if IGC_HAVE_SIMD_TRANSPOSE
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    if (cs == 1 && !contig) {  // channels-last: transpose LANES x LANES blocks in registers
+      using S = Simd<acc_t>;
+      constexpr int N = S::LANES;
+      int64_t c0 = 0;
+      for (; c0 + N <= C; c0 += N) {
+        for (int t0 = 0; t0 < tvalid; t0 += N) {
+          typename S::V r[N];
+#pragma GCC unroll 16
+          for (int cc = 0; cc < N; ++cc)
+            r[cc] = S::load(buf + static_cast<int64_t>(rowmap[c0 + cc]) * TILE + t0);
+          transpose_block<acc_t>(r);
+#pragma GCC unroll 16
+          for (int tt = 0; tt < N; ++tt)
+            if (t0 + tt < tvalid) S::store(dst + off[t0 + tt] + c0, r[tt]);
+        }
+      }
+      for (int64_t c = c0; c < C; ++c) {
+        const acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
+        for (int t = 0; t < tvalid; ++t) dst[off[t] + c] = r[t];
+      }
+      return;
+    }
+  }
+#endif
   if (tvalid == TILE && contig) {
     scalar_t* d0 = dst + off[0];
     for (int64_t c = 0; c < C; ++c) {
       scalar_t* d = d0 + c * cs;
       const acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-#pragma GCC unroll 4
       for (int t = 0; t < TILE; ++t) d[t] = from_acc(r[t], tag);
     }
     return;
@@ -205,27 +329,33 @@ IGC_INLINE void micro_rows(const acc_t* __restrict in, const int32_t* in_rows, i
                            const acc_t* __restrict w, int64_t wk, int64_t wi,
                            const acc_t* __restrict bias, acc_t* __restrict out,
                            const int32_t* out_rows) {
-  acc_t acc[OB][TILE];
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  constexpr int NV = S::PER_ROW;
+  V acc[OB][NV];
 #pragma GCC unroll 8
   for (int k = 0; k < OB; ++k) {
-    const acc_t b0 = bias ? bias[k] : acc_t(0);
-#pragma GCC unroll 64
-    for (int t = 0; t < TILE; ++t) acc[k][t] = b0;
+    const V b0 = S::splat(bias ? bias[k] : acc_t(0));
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) acc[k][j] = b0;
   }
   for (int64_t i = 0; i < nin; ++i) {
     const acc_t* __restrict r = in + static_cast<int64_t>(in_rows[i]) * TILE;
+    V rv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) rv[j] = S::load(r + j * S::LANES);
 #pragma GCC unroll 8
     for (int k = 0; k < OB; ++k) {
       const acc_t wv = w[k * wk + i * wi];
-#pragma GCC unroll 64
-      for (int t = 0; t < TILE; ++t) acc[k][t] += wv * r[t];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) acc[k][j] += wv * rv[j];
     }
   }
 #pragma GCC unroll 8
   for (int k = 0; k < OB; ++k) {
     acc_t* __restrict o = out + static_cast<int64_t>(out_rows[k]) * TILE;
-#pragma GCC unroll 64
-    for (int t = 0; t < TILE; ++t) o[t] = acc[k][t];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) S::store(o + j * S::LANES, acc[k][j]);
   }
 }
 
@@ -256,42 +386,41 @@ IGC_INLINE void grouped_layer(const acc_t* in, const int32_t* in_rows, const acc
   }
 }
 
-// Lane accumulation of dW_l: lanes[(o * n + i) * VL + v] += sum_c du[o][c*VL+v] * h[i][c*VL+v].
-template <typename acc_t, int VL>
+// Lane accumulation of dW_l: lanes[o * n + i] += sum_j du[o][vector j] * h[i][vector j], one
+// SIMD vector of partial sums per weight (no horizontal reduction inside the tile loop).
+template <typename acc_t>
 IGC_INLINE void accumulate_dw(const acc_t* __restrict du, const acc_t* __restrict h,
                               const int32_t* h_rows, int64_t G, int64_t n, int64_t m,
                               acc_t* __restrict lanes) {
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  constexpr int NV = S::PER_ROW;
   for (int64_t g = 0; g < G; ++g) {
     for (int64_t o = 0; o < m; ++o) {
       const acc_t* __restrict d = du + (g * m + o) * TILE;
-      acc_t* __restrict ln = lanes + (g * m + o) * n * VL;
+      V dv[NV];
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) dv[j] = S::load(d + j * S::LANES);
+      acc_t* __restrict ln = lanes + (g * m + o) * n * S::LANES;
       for (int64_t i = 0; i < n; ++i) {
         const acc_t* __restrict hr = h + static_cast<int64_t>(h_rows[g * n + i]) * TILE;
-        acc_t s[VL];
-#pragma GCC unroll 16
-        for (int v = 0; v < VL; ++v) s[v] = ln[i * VL + v];
+        V s = S::load(ln + i * S::LANES);
 #pragma GCC unroll 8
-        for (int c = 0; c < TILE / VL; ++c) {
-#pragma GCC unroll 16
-          for (int v = 0; v < VL; ++v) s[v] += d[c * VL + v] * hr[c * VL + v];
-        }
-#pragma GCC unroll 16
-        for (int v = 0; v < VL; ++v) ln[i * VL + v] = s[v];
+        for (int j = 0; j < NV; ++j) s += dv[j] * S::load(hr + j * S::LANES);
+        S::store(ln + i * S::LANES, s);
       }
     }
   }
 }
 
-template <typename acc_t, int VL>
+template <typename acc_t>
 IGC_INLINE void accumulate_db(const acc_t* __restrict du, int64_t C, acc_t* __restrict lanes) {
+  using S = Simd<acc_t>;
   for (int64_t o = 0; o < C; ++o) {
-    const acc_t* __restrict d = du + o * TILE;
-    acc_t* __restrict ln = lanes + o * VL;
+    typename S::V s = S::load(lanes + o * S::LANES);
 #pragma GCC unroll 8
-    for (int c = 0; c < TILE / VL; ++c) {
-#pragma GCC unroll 16
-      for (int v = 0; v < VL; ++v) ln[v] += d[c * VL + v];
-    }
+    for (int j = 0; j < S::PER_ROW; ++j) s += S::load(du + o * TILE + j * S::LANES);
+    S::store(lanes + o * S::LANES, s);
   }
 }
 
@@ -384,11 +513,11 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
     load_tile(k.dy, off_dy, cdy, tvalid, k.C[L], k.dy_ix.chan_stride, k.gather[L - 1], D[cur]);
     for (int64_t l = L - 1; l >= 0; --l) {
       if (k.need_b && k.b[l] != nullptr)
-        accumulate_db<acc_t, VL>(D[cur], k.C[l + 1], lb.data() + k.b_off[l] * VL);
+        accumulate_db<acc_t>(D[cur], k.C[l + 1], lb.data() + k.b_off[l] * VL);
       const acc_t* h = l == 0 ? X : U[l - 1];
       const int32_t* h_rows = l == 0 ? k.iota : k.gather[l - 1];
       if (k.need_w)
-        accumulate_dw<acc_t, VL>(D[cur], h, h_rows, k.G[l], k.n[l], k.m[l],
+        accumulate_dw<acc_t>(D[cur], h, h_rows, k.G[l], k.n[l], k.m[l],
                                  lw.data() + k.w_off[l] * VL);
       if (l > 0 || k.need_x) {
         // dh_{l-1}[j] = sum_o W[o, j] du[o]; lands in row gather_{l-1}[j] (or row j of dx).
@@ -424,7 +553,7 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
   IGC_TARGET_CLONES void backward_tiles_##suffix(const ChainCtx<scalar_t, acc_t>& k,        \
                                                  int64_t b, int64_t e, acc_t* pw,           \
                                                  acc_t* pb) {                               \
-    backward_tiles<scalar_t, acc_t, 64 / sizeof(acc_t)>(k, b, e, pw, pb);                   \
+    backward_tiles<scalar_t, acc_t, Simd<acc_t>::LANES>(k, b, e, pw, pb);                   \
   }                                                                                         \
   void run_forward(const ChainCtx<scalar_t, acc_t>& k, int64_t b, int64_t e) {              \
     forward_tiles_##suffix(k, b, e);                                                        \
@@ -551,7 +680,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cpu(
   if (P == 0 || (!need_x && !need_w && !need_b)) return {gx, gw, gb};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_backward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    constexpr int VL = 64 / sizeof(acc_t);
+    constexpr int VL = Simd<acc_t>::LANES;
     Prepared<scalar_t, acc_t> pr;
     pr.d = std::move(d);
     prepare(pr, x, weights, biases);
