@@ -101,8 +101,8 @@ def _cuda_availability():
     if not _loader.ext_loaded():
         out.append(_loader.ext_missing_reason())
     elif not _loader.ext_built_with_cuda():
-        out.append("igc_kernels._C was built without its CUDA kernels (no nvcc or CPU-only torch "
-                   "at build time; set IGC_FORCE_CUDA=1 to build them)")
+        out.append("igc_kernels._C holds no CUDA kernels (this version has none yet, or it was "
+                   "built without nvcc / with a CPU-only torch)")
     if not torch.cuda.is_available():
         out.append("torch reports no usable CUDA device")
     return out
