@@ -13,15 +13,16 @@
 // (2 * max(C_l) * TILE * 4 bytes, in L1/L2). No full-size intermediate tensor exists.
 // Byte budget: bytes(x) + bytes(y). FLOPs: 2 * sum_l C_l n_l per position.
 //
-// Backward: read x and dy once, recompute the forward of the tile (all u_l kept in the tile's
-// buffers), then walk the layers back: du_L is dy loaded with the inverse permutation (row
-// gather_L[j] receives dy channel j), dh_{l-1} = W_l^T du_l lands directly in row gather_{l-1}[j]
+// Backward: read x and dy once, recompute the forward of the tile (u_1 .. u_{L-1}, the inputs
+// of layers 2 .. L, kept in the tile's buffers; u_L is never needed), then walk the layers
+// back: du_L is dy loaded with the inverse permutation (row gather_L[j] receives dy channel j), dh_{l-1} = W_l^T du_l lands directly in row gather_{l-1}[j]
 // of the next du buffer, dx (= dh_0) is written once. Weight and bias gradients are accumulated in
 // per-thread "lane" accumulators (VL lanes per weight, one SIMD register wide, so the position
 // reduction needs no horizontal adds), summed over lanes at the end of the thread's chunk of
 // tiles, and the per-chunk partial sums are added in chunk order: the result is bitwise
 // reproducible for a given thread count. Byte budget: bytes(x) + bytes(dy) + bytes(dx) plus the
-// weight gradients; FLOPs: 3x the forward's (recompute, dh, dW).
+// weight gradients; FLOPs: about 3x the forward's (recompute
+// of L-1 layers, dh, dW).
 //
 // Vector ISA: the tile functions carry GCC/Clang target_clones (x86-64-v4 = AVX-512,
 // x86-64-v3 = AVX2 + FMA, default), so one build runs at the best ISA of the machine it runs on.
@@ -484,7 +485,7 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
   const int64_t L = k.L;
   std::vector<int64_t> u_off(L + 1);
   int64_t total = k.C[0] * TILE;  // x tile
-  for (int64_t l = 0; l < L; ++l) {
+  for (int64_t l = 0; l + 1 < L; ++l) {
     u_off[l] = total;
     total += k.C[l + 1] * TILE;
   }
@@ -493,7 +494,7 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
   std::vector<acc_t> storage(static_cast<size_t>(total));
   acc_t* X = storage.data();
   std::vector<acc_t*> U(L);
-  for (int64_t l = 0; l < L; ++l) U[l] = storage.data() + u_off[l];
+  for (int64_t l = 0; l + 1 < L; ++l) U[l] = storage.data() + u_off[l];
   acc_t* D[2] = {storage.data() + d_off, storage.data() + d_off + k.cmax * TILE};
   std::vector<acc_t> lw(k.need_w ? static_cast<size_t>(k.nw * VL) : 0, acc_t(0));
   std::vector<acc_t> lb(k.need_b ? static_cast<size_t>(k.nb * VL) : 0, acc_t(0));
@@ -504,7 +505,8 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, k.P - p0));
     const bool cx = tile_offsets(k.x_ix, p0, tvalid, off_x);
     load_tile(k.x, off_x, cx, tvalid, k.C[0], k.x_ix.chan_stride, k.iota, X);
-    for (int64_t l = 0; l < L; ++l) {
+    // Recompute u_1 .. u_{L-1}: the gradients need the inputs of every layer, never u_L.
+    for (int64_t l = 0; l + 1 < L; ++l) {
       const acc_t* in = l == 0 ? X : U[l - 1];
       const int32_t* in_rows = l == 0 ? k.iota : k.gather[l - 1];
       grouped_layer(in, in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l], int64_t(1),
