@@ -2,7 +2,7 @@
 """CPU benchmark of the fused interleaved group convolution against its baselines.
 
     python benchmarks/bench.py                       # headline config (about a minute on 2 cores)
-    python benchmarks/bench.py --sweep               # + channels / group width / depth / dtype sweep
+    python benchmarks/bench.py --sweep               # + sweep: channels, group width, depth, dtype
     python benchmarks/bench.py --quick               # smoke run: few repetitions
     python benchmarks/bench.py --backends cpu,reference --compile --json out.json
 
@@ -14,8 +14,9 @@ layers of 32 groups of width 8, channel shuffle between layers), in one process 
 1. Correctness first. Every implementation runs one forward+backward and one no-grad forward;
    the output and the gradients w.r.t. x and every weight are compared with the float64
    reference chain (``igc_kernels.reference``). The fused operator must stay within 2x the
-   error of the unfused chain in the same dtype (plus eps * max|ref|); the baselines within a
-   per-dtype relative bound. Any failure aborts the run before anything is timed.
+   error of the unfused chain in the same dtype plus the worst-case float32 accumulation error
+   (``bench_common.check_correctness``); the baselines within a per-dtype relative bound. Any
+   failure aborts the run (exit status 1) before anything is timed.
 2. Timing (``bench_common.measure``): warm-up (>= 2 runs and 0.1 s), then every run is timed
    with ``time.perf_counter`` until >= ``--min-time`` seconds (default 0.5) and >= 10 runs; the
    median is reported with p20 / p80. Threads: ``torch.get_num_threads()`` (``--threads``).

@@ -21,7 +21,8 @@ What lives here
   gradients w.r.t. ``x`` and all weights, returned fresh (no accumulation into ``.grad``).
   ``dy`` is preallocated in the input's memory format.
 * :func:`check_correctness`: every case against the float64 reference chain, forward and
-  gradients, with tolerances derived from the error of the unfused chain in the same dtype.
+  gradients, with tolerances derived from the problem (the error of the unfused chain in the
+  same dtype, and the rounding bound of float32 accumulation).
 * :func:`measure`: CPU timing (warm-up, then per-run ``time.perf_counter`` until a time budget
   and a minimum run count are met; median, p20, p80).
 * :func:`peak_alloc_bytes` / :func:`saved_activation_bytes`: memory of a forward+backward step.
@@ -97,7 +98,8 @@ class Config:
 
     def describe(self) -> str:
         spec = self.spec()
-        return (f"{self.dtype} x={self.shape} chain: {spec.num_layers} layers x "
+        L = spec.num_layers
+        return (f"{self.dtype} x={self.shape} chain: {L} layer{'s' if L > 1 else ''} x "
                 f"{spec.groups[0]} groups of width {self.group_size}")
 
 
@@ -127,6 +129,7 @@ class Problem:
     dense_weight: torch.Tensor  # (C_L, C_0, 1, 1): the composed chain, composed in float64
     groups: tuple
     perms: list  # per layer: ("shuffle", G) | ("index", LongTensor) | None
+    compiled_chain: Optional[Callable] = None  # built on first use (--compile)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -226,17 +229,14 @@ def default_cases(backends, compile_chain: bool = False) -> list:
     return cases
 
 
-_COMPILED: dict = {}
-
-
 def _compiled_chain(problem: Problem):
-    key = (problem.groups, tuple(None if p is None else (p[0], p[1] if p[0] == "shuffle" else id(p[1]))
-                                 for p in problem.perms))
-    if key not in _COMPILED:
+    """``torch.compile`` of :func:`eager_chain` for this problem, built once (both layouts
+    and both modes share it; dynamo specialises on what differs)."""
+    if problem.compiled_chain is None:
         groups, perms = problem.groups, problem.perms
-        _COMPILED[key] = torch.compile(lambda x, *ws: eager_chain(x, ws, groups, perms),
-                                       dynamic=False)
-    return _COMPILED[key]
+        problem.compiled_chain = torch.compile(
+            lambda x, *ws: eager_chain(x, ws, groups, perms), dynamic=False)
+    return problem.compiled_chain
 
 
 def forward_fn(case: Case, problem: Problem) -> Callable:
@@ -423,8 +423,8 @@ def check_correctness(problem: Problem, cases, log: Callable[[str], None] = lamb
         log(f"check {case.label:<34} max|err| " + " ".join(
             f"{k}={v:.1e}" for k, v in errors[case.label].items()))
     if failures:
-        raise CorrectnessError(
-            f"{problem.config.describe()}: wrong results, not timing them:\n  " + "\n  ".join(failures))
+        raise CorrectnessError(f"{problem.config.describe()}: wrong results, not timing them:\n  "
+                               + "\n  ".join(failures))
     return errors
 
 
@@ -611,6 +611,7 @@ def environment() -> dict:
         "cpu_caches": cpu_caches(),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "cuda": torch.version.cuda,
         "triton": triton_version,
         "python": platform.python_version(),
         "igc_kernels": igc.__version__,
@@ -619,6 +620,7 @@ def environment() -> dict:
         "loadavg_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         **git_commit(),
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 

@@ -4,7 +4,7 @@ On demand only; ``python -m pytest`` / ``python -m pytest tests`` never collect 
 (``testpaths = ["tests"]``). Run it with
 
     python -m pytest benchmarks/test_bench_cpu.py --benchmark-only
-    python -m pytest benchmarks/test_bench_cpu.py --benchmark-only --benchmark-sort=median \\
+    python -m pytest benchmarks/test_bench_cpu.py --benchmark-only \\
         --benchmark-columns=median,iqr,min,rounds --benchmark-json=benchmarks/out/suite.json
 
 Cases (``bench_common.default_cases``): the fused op per backend on NCHW and channels_last,

@@ -85,11 +85,13 @@ def _backward(ctx, grad_y):
                 n = int(b.shape[0])
                 grad_bs[l] = gb[off:off + n]
                 off += n
-    # A list argument whose entries are all None is a leaf for autograd's structure check:
-    # answer it with a single None.
-    if not any(ctx.bias_mask):
+    # register_autograd checks the structure of the returned gradients against the inputs': a
+    # Tensor?[] list holding any None counts as one opaque argument (answered by a single None),
+    # a list of tensors as a list. The front end never passes a partly-None bias list.
+    if not all(ctx.bias_mask):
         grad_bs = None
-    return (gx if mask[0] else None), grad_ws, grad_bs, None, None, None
+    grad_perms = [None] * L if all(ctx.perm_mask) else None
+    return (gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms
 
 
 def register() -> None:

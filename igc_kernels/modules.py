@@ -72,7 +72,9 @@ class InterleavedGroupConv(nn.Module):
                                       self.permutations(), biases, backend=self.backend)
 
     def dense_matrix(self) -> torch.Tensor:
-        return self.spec.dense_matrix(list(self.weights))
+        # the permutation buffers, not self.spec's tensors: load_state_dict may have replaced them
+        spec = ChainSpec(self.spec.channels, self.spec.groups, self.permutations())
+        return spec.dense_matrix(list(self.weights))
 
     def extra_repr(self) -> str:
         return (f"channels={list(self.spec.channels)}, groups={list(self.spec.groups)}, "

@@ -156,7 +156,6 @@ def random_permutation(n, gen) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Layouts of x (and of grad_y)
 # ---------------------------------------------------------------------------------------------
-LAYOUTS = ("contiguous", "channels_last", "sliced", "sliced_channels_last", "permuted")
 
 
 def make_tensor(shape, layout, dtype, gen, *, scale=1.0) -> torch.Tensor:

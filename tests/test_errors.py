@@ -164,7 +164,7 @@ def test_bad_input_reference_function(case):
     _good_call_works("reference")
 
 
-def test_error_after_valid_permutation_check_is_cached():
+def test_permutation_edited_in_place_is_validated_again():
     """A permutation validated once and then edited in place is validated again."""
     args = _good()
     perm = torch.randperm(6)

@@ -20,6 +20,7 @@ CASES = {
     "tokens_deep": ([64] * 5, [8] * 4, "default", [True, False, False, True], (), "contiguous"),
     "ncl_sliced": ([18, 36, 12], [3, 6], "default", True, (9,), "sliced"),
     "ncdhw": ([16, 16, 32], [4, 2], "default", False, (2, 3, 3), "channels_last"),
+    "odd_group_widths": ([34, 38, 34], [2, 2], "default", True, (7, 7), "channels_last"),
 }
 
 

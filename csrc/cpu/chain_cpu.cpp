@@ -15,8 +15,9 @@
 //
 // Backward: read x and dy once, recompute the forward of the tile (u_1 .. u_{L-1}, the inputs
 // of layers 2 .. L, kept in the tile's buffers; u_L is never needed), then walk the layers
-// back: du_L is dy loaded with the inverse permutation (row gather_L[j] receives dy channel j), dh_{l-1} = W_l^T du_l lands directly in row gather_{l-1}[j]
-// of the next du buffer, dx (= dh_0) is written once. Weight and bias gradients are accumulated in
+// back: du_L is dy loaded with the inverse permutation (row gather_L[j] receives dy channel j),
+// dh_{l-1} = W_l^T du_l lands directly in row gather_{l-1}[j] of the next du buffer, and dx
+// (= dh_0) is written once. Weight and bias gradients are accumulated in
 // per-thread "lane" accumulators (VL lanes per weight, one SIMD register wide, so the position
 // reduction needs no horizontal adds), summed over lanes at the end of the thread's chunk of
 // tiles, and the per-chunk partial sums are added in chunk order: the result is bitwise
@@ -390,29 +391,48 @@ IGC_INLINE void grouped_layer(const acc_t* in, const int32_t* in_rows, const acc
 }
 
 // Lane accumulation of dW_l: lanes[o * n + i] += sum_j du[o][vector j] * h[i][vector j], one
-// SIMD vector of partial sums per weight (no horizontal reduction inside the tile loop).
+// SIMD vector of partial sums per weight (no horizontal reduction inside the tile loop). OB
+// output rows share each load of an input row.
+template <typename acc_t, int OB>
+IGC_INLINE void accumulate_dw_rows(const acc_t* __restrict d, const acc_t* __restrict h,
+                                   const int32_t* h_rows, int64_t n, acc_t* __restrict ln) {
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  constexpr int NV = S::PER_ROW;
+  V dv[OB][NV];
+#pragma GCC unroll 4
+  for (int k = 0; k < OB; ++k)
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) dv[k][j] = S::load(d + k * TILE + j * S::LANES);
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t* __restrict hr = h + static_cast<int64_t>(h_rows[i]) * TILE;
+    V hv[NV];
+#pragma GCC unroll 8
+    for (int j = 0; j < NV; ++j) hv[j] = S::load(hr + j * S::LANES);
+#pragma GCC unroll 4
+    for (int k = 0; k < OB; ++k) {
+      acc_t* lp = ln + (k * n + i) * S::LANES;
+      V s = S::load(lp);
+#pragma GCC unroll 8
+      for (int j = 0; j < NV; ++j) s += dv[k][j] * hv[j];
+      S::store(lp, s);
+    }
+  }
+}
+
 template <typename acc_t>
 IGC_INLINE void accumulate_dw(const acc_t* __restrict du, const acc_t* __restrict h,
                               const int32_t* h_rows, int64_t G, int64_t n, int64_t m,
                               acc_t* __restrict lanes) {
-  using S = Simd<acc_t>;
-  using V = typename S::V;
-  constexpr int NV = S::PER_ROW;
+  constexpr int LN = Simd<acc_t>::LANES;
   for (int64_t g = 0; g < G; ++g) {
-    for (int64_t o = 0; o < m; ++o) {
-      const acc_t* __restrict d = du + (g * m + o) * TILE;
-      V dv[NV];
-#pragma GCC unroll 8
-      for (int j = 0; j < NV; ++j) dv[j] = S::load(d + j * S::LANES);
-      acc_t* __restrict ln = lanes + (g * m + o) * n * S::LANES;
-      for (int64_t i = 0; i < n; ++i) {
-        const acc_t* __restrict hr = h + static_cast<int64_t>(h_rows[g * n + i]) * TILE;
-        V s = S::load(ln + i * S::LANES);
-#pragma GCC unroll 8
-        for (int j = 0; j < NV; ++j) s += dv[j] * S::load(hr + j * S::LANES);
-        S::store(ln + i * S::LANES, s);
-      }
-    }
+    int64_t o = 0;
+    for (; o + 2 <= m; o += 2)
+      accumulate_dw_rows<acc_t, 2>(du + (g * m + o) * TILE, h, h_rows + g * n, n,
+                                   lanes + (g * m + o) * n * LN);
+    for (; o < m; ++o)
+      accumulate_dw_rows<acc_t, 1>(du + (g * m + o) * TILE, h, h_rows + g * n, n,
+                                   lanes + (g * m + o) * n * LN);
   }
 }
 
