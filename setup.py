@@ -8,6 +8,7 @@ The folder triton_kernels/ is installed as igc_kernels.triton_kernels.
 
 import glob
 import os
+import sys
 
 from setuptools import setup
 
@@ -28,6 +29,12 @@ def _extension():
     with_cuda = _build_cuda() and bool(cuda_sources)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden"]
+    if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
+        # at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
+        # this extension: without -fopenmp it silently runs on one thread. Not linked with
+        # -fopenmp on purpose: the GOMP symbols then resolve to the OpenMP runtime torch already
+        # loaded (a second runtime would bring a second, competing thread pool).
+        cxx.append("-fopenmp")
     macros = [("IGC_BUILT_WITH_CUDA", "1" if with_cuda else "0")]
     if not with_cuda:
         return CppExtension("igc_kernels._C", sources, extra_compile_args={"cxx": cxx},
