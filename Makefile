@@ -11,6 +11,8 @@ EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 
 deps:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_PIN)"
+	@$(PY) -c "import setuptools.command.bdist_wheel" 2>/dev/null || $(PY) -c "import wheel" 2>/dev/null || \
+		$(PY) -m pip install wheel
 	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install pytest hypothesis
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton || \
 		echo "triton could not be installed: the 'triton' backend will be unavailable"

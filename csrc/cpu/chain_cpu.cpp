@@ -263,14 +263,6 @@ IGC_INLINE void load_tile(const scalar_t* __restrict src, const int64_t* off, bo
     }
     return;
   }
-  if (tvalid == TILE) {
-    for (int64_t c = 0; c < C; ++c) {
-      const scalar_t* s = src + c * cs;
-      acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-      for (int t = 0; t < TILE; ++t) r[t] = to_acc(s[off[t]], z);
-    }
-    return;
-  }
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* s = src + c * cs;
     acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
