@@ -34,10 +34,16 @@ inline bool is_supported_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The ops take biases as a Tensor[] that is either empty (no layer has a bias) or holds one
+// entry per layer, a (0,)-shaped tensor standing for "no bias". (A Tensor?[] with None entries
+// would be one opaque argument to torch.library's autograd, and no gradient could reach the
+// biases in it.)
+inline bool has_bias_entry(const at::Tensor& b) { return !(b.dim() == 1 && b.size(0) == 0); }
+
 // Validates the chain against x; with read_perms, reads permutation tensors (which must then be
 // on the CPU) and fills desc.gather, checking that each is a permutation of 0..C_l-1.
 inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList weights,
-                             const OptTensorList& biases, at::IntArrayRef groups,
+                             at::TensorList biases, at::IntArrayRef groups,
                              at::IntArrayRef shuffles, const OptTensorList& perms,
                              bool read_perms) {
   ChainDesc d;
@@ -45,11 +51,12 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
   TORCH_CHECK(d.L >= 1, op, ": weights is empty; the chain needs at least one layer");
   TORCH_CHECK(static_cast<int64_t>(groups.size()) == d.L &&
                   static_cast<int64_t>(shuffles.size()) == d.L &&
-                  static_cast<int64_t>(biases.size()) == d.L &&
                   static_cast<int64_t>(perms.size()) == d.L,
-              op, ": weights, biases, groups, shuffles and perms must have one entry per layer; got ",
-              weights.size(), ", ", biases.size(), ", ", groups.size(), ", ", shuffles.size(), ", ",
-              perms.size());
+              op, ": weights, groups, shuffles and perms must have one entry per layer; got ",
+              weights.size(), ", ", groups.size(), ", ", shuffles.size(), ", ", perms.size());
+  TORCH_CHECK(biases.empty() || static_cast<int64_t>(biases.size()) == d.L, op,
+              ": biases must be empty (no biases) or have one entry per layer (", d.L, "), got ",
+              biases.size());
   TORCH_CHECK(x.dim() >= 2 && x.dim() <= 5, op,
               ": x must have shape (N, C) or (N, C, *spatial) with 1 to 3 spatial dims, got ",
               x.sizes());
@@ -77,14 +84,14 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
                 W.scalar_type(), " but x has dtype ", x.scalar_type());
     TORCH_CHECK(W.device() == x.device(), op, ": layer ", layer, ": weight is on ", W.device(),
                 " but x is on ", x.device());
-    const std::optional<at::Tensor> b = biases.get(l);
-    const bool has_b = b.has_value() && b->defined();
+    const bool has_b = !biases.empty() && has_bias_entry(biases[l]);
     if (has_b) {
-      TORCH_CHECK(b->dim() == 1 && b->size(0) == cout, op, ": layer ", layer,
-                  ": bias has shape ", b->sizes(), ", expected (", cout, ",)");
-      TORCH_CHECK(b->scalar_type() == x.scalar_type(), op, ": layer ", layer,
-                  ": bias has dtype ", b->scalar_type(), " but x has dtype ", x.scalar_type());
-      TORCH_CHECK(b->device() == x.device(), op, ": layer ", layer, ": bias is on ", b->device(),
+      const at::Tensor& b = biases[l];
+      TORCH_CHECK(b.dim() == 1 && b.size(0) == cout, op, ": layer ", layer,
+                  ": bias has shape ", b.sizes(), ", expected (", cout, ",) or (0,) for none");
+      TORCH_CHECK(b.scalar_type() == x.scalar_type(), op, ": layer ", layer,
+                  ": bias has dtype ", b.scalar_type(), " but x has dtype ", x.scalar_type());
+      TORCH_CHECK(b.device() == x.device(), op, ": layer ", layer, ": bias is on ", b.device(),
                   " but x is on ", x.device());
       d.num_bias_elems += cout;
     }

@@ -7,15 +7,16 @@
 // grad_weights concatenates every flattened dW_l in layer order, grad_biases every db_l of the
 // layers that have a bias. An output whose output_mask entry is false has shape (0,).
 // shuffles[l] > 0: channel shuffle with that many groups after layer l; 0: perms[l] or identity.
+// biases: empty (no biases) or one entry per layer, a (0,)-shaped tensor meaning "no bias".
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(igc, m) {
   m.def(
-      "chain_forward(Tensor x, Tensor[] weights, Tensor?[] biases, int[] groups, int[] shuffles, "
+      "chain_forward(Tensor x, Tensor[] weights, Tensor[] biases, int[] groups, int[] shuffles, "
       "Tensor?[] perms) -> Tensor");
   m.def(
-      "chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor?[] biases, int[] groups, "
+      "chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, int[] groups, "
       "int[] shuffles, Tensor?[] perms, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
 }
 

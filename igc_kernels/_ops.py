@@ -2,15 +2,18 @@
 
 The schemas are defined once in C++ (``csrc/ops.cpp``)::
 
-    igc::chain_forward(Tensor x, Tensor[] weights, Tensor?[] biases, int[] groups,
+    igc::chain_forward(Tensor x, Tensor[] weights, Tensor[] biases, int[] groups,
                        int[] shuffles, Tensor?[] perms) -> Tensor
-    igc::chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor?[] biases,
+    igc::chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases,
                         int[] groups, int[] shuffles, Tensor?[] perms, bool[3] output_mask)
                         -> (Tensor grad_x, Tensor grad_weights, Tensor grad_biases)
 
 ``grad_weights`` is the concatenation of every flattened ``dW_l`` in layer order, ``grad_biases``
 that of every ``db_l`` of the layers that have a bias (fixed arity whatever the depth). An output
-whose ``output_mask`` entry is false is returned with shape ``(0,)``. Each device registers its
+whose ``output_mask`` entry is false is returned with shape ``(0,)``. ``biases`` is empty (no
+layer has a bias) or holds one tensor per layer, ``(0,)``-shaped for "no bias" (see
+:func:`op_biases`): a ``Tensor?[]`` with ``None`` entries would be a single opaque argument to
+``torch.library``'s autograd, and no gradient could reach the biases inside it. Each device registers its
 kernels in C++; this module registers what is device independent: the fake (meta) kernels, with
 the same sizes, strides and dtypes as the real ones, and the autograd formula, which saves only
 ``x`` (plus the weights, biases and permutations) and calls the fused backward.
@@ -27,8 +30,20 @@ def _num_weight_elems(weights) -> int:
     return sum(int(w.shape[0]) * int(w.shape[1]) for w in weights)
 
 
+def has_bias(b: torch.Tensor) -> bool:
+    """Whether an entry of the ops' ``biases`` list is a bias (``(0,)`` stands for none)."""
+    return not (b.dim() == 1 and b.shape[0] == 0)
+
+
+def op_biases(biases: list, x: torch.Tensor) -> list:
+    """The ops' ``biases`` argument for per-layer entries that are tensors or ``None``."""
+    if all(b is None for b in biases):
+        return []
+    return [x.new_empty((0,)) if b is None else b for b in biases]
+
+
 def _num_bias_elems(biases) -> int:
-    return sum(int(b.shape[0]) for b in biases if b is not None)
+    return sum(int(b.shape[0]) for b in biases if has_bias(b))
 
 
 def _fake_forward(x, weights, biases, groups, shuffles, perms):
@@ -47,26 +62,25 @@ def _setup_context(ctx, inputs, output):
     x, weights, biases, groups, shuffles, perms = inputs
     L = len(weights)
     ctx.num_layers = L
-    ctx.bias_mask = [b is not None for b in biases]
+    ctx.num_biases = len(biases)
     ctx.perm_mask = [p is not None for p in perms]
     ctx.groups = list(groups)
     ctx.shuffles = list(shuffles)
-    ctx.save_for_backward(
-        x, *weights, *[b for b in biases if b is not None], *[p for p in perms if p is not None]
-    )
+    ctx.save_for_backward(x, *weights, *biases, *[p for p in perms if p is not None])
 
 
 def _backward(ctx, grad_y):
     saved = list(ctx.saved_tensors)
     L = ctx.num_layers
-    x, weights, rest = saved[0], saved[1:1 + L], saved[1 + L:]
-    it = iter(rest)
-    biases = [next(it) if has else None for has in ctx.bias_mask]
+    nb = ctx.num_biases
+    x, weights, biases = saved[0], saved[1:1 + L], saved[1 + L:1 + L + nb]
+    it = iter(saved[1 + L + nb:])
     perms = [next(it) if has else None for has in ctx.perm_mask]
+    bias_mask = [has_bias(b) for b in biases]
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_w_any = any(need_w) if isinstance(need_w, (list, tuple)) else bool(need_w)
     need_b_any = any(need_b) if isinstance(need_b, (list, tuple)) else bool(need_b)
-    mask = [bool(need_x), need_w_any, need_b_any and any(ctx.bias_mask)]
+    mask = [bool(need_x), need_w_any, need_b_any and any(bias_mask)]
     gx, gw, gb = torch.ops.igc.chain_backward(
         grad_y, x, weights, biases, ctx.groups, ctx.shuffles, perms, mask
     )
@@ -77,19 +91,16 @@ def _backward(ctx, grad_y):
             n = int(w.shape[0]) * int(w.shape[1])
             grad_ws[l] = gw[off:off + n].view(w.shape)
             off += n
-    grad_bs = [None] * L
+    grad_bs = [None] * nb
     if mask[2]:
         off = 0
         for l, b in enumerate(biases):
-            if b is not None:
+            if bias_mask[l]:
                 n = int(b.shape[0])
                 grad_bs[l] = gb[off:off + n]
                 off += n
-    # register_autograd checks the structure of the returned gradients against the inputs': a
-    # Tensor?[] list holding any None counts as one opaque argument (answered by a single None),
-    # a list of tensors as a list. The front end never passes a partly-None bias list.
-    if not all(ctx.bias_mask):
-        grad_bs = None
+    # register_autograd checks the returned structure against the inputs': a Tensor?[] holding a
+    # None (perms) is one opaque argument, answered by a single None; a list of tensors by a list.
     grad_perms = [None] * L if all(ctx.perm_mask) else None
     return (gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms
 

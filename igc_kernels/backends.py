@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 
 from ._chain import Chain
+from ._ops import op_biases
 from . import _loader
 
 BACKEND_NAMES = ("auto", "cuda", "triton", "cpu", "reference")
@@ -80,15 +81,9 @@ def _run_reference(x, chain):
 
 
 def _run_fused_op(x, chain):
-    biases = chain.biases
-    if any(b is None for b in biases) and any(b is not None for b in biases):
-        # torch.library.register_autograd treats a Tensor?[] list that holds a None as one
-        # opaque argument, so no gradient could reach the biases that are present: fill the
-        # gaps with zeros (same result) so that the list is a list of tensors.
-        biases = [b if b is not None else x.new_zeros(c)
-                  for b, c in zip(biases, chain.channels[1:])]
     return torch.ops.igc.chain_forward(
-        x, chain.weights, biases, list(chain.groups), chain.shuffles, chain.perms
+        x, chain.weights, op_biases(chain.biases, x), list(chain.groups), chain.shuffles,
+        chain.perms
     )
 
 

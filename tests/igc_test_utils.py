@@ -30,6 +30,7 @@ import torch
 import igc_kernels as igc
 from igc_kernels import _loader
 from igc_kernels._chain import normalize, out_is_channels_last, empty_like_layout
+from igc_kernels._ops import op_biases
 
 # The backend under test for the fused kernel. Always "cpu" in CI, where the extension is built;
 # a test that needs it FAILS (BackendUnavailableError / pytest.fail) when igc_kernels._C is
@@ -330,4 +331,5 @@ def normalized_op_args(problem: Problem):
     """``(x, weights, biases, groups, shuffles, perms)`` for ``torch.ops.igc.chain_forward``,
     built by the package's own normalisation of the user arguments."""
     ch = normalize(problem.x, problem.weights, problem.groups, problem.permutations, problem.biases)
-    return (problem.x, ch.weights, ch.biases, list(ch.groups), list(ch.shuffles), ch.perms)
+    return (problem.x, ch.weights, op_biases(ch.biases, problem.x), list(ch.groups),
+            list(ch.shuffles), ch.perms)

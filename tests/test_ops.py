@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import igc_kernels as igc
+
 from igc_test_utils import (
     build_problem,
     check_against_oracle,
@@ -58,11 +60,32 @@ def test_opcheck_chain_forward(igc_ops, case):
 
 
 def test_opcheck_chain_forward_no_grad_mixed_biases(igc_ops):
-    """Biases on some layers only (Tensor?[] with None entries), no input requiring grad."""
+    """Biases on some layers only ((0,)-shaped entries for none), no input requiring grad."""
     case = ([6, 6, 6, 3], [3, 2, 3], "random", [True, False, True], (2, 3), "contiguous",
             torch.float32)
     p = _problem(case, requires_grad=False)
     torch.library.opcheck(igc_ops.chain_forward.default, normalized_op_args(p))
+
+
+def test_opcheck_chain_forward_mixed_biases_with_grad(igc_ops):
+    """Biases on some layers only, every input requiring grad: the present biases get theirs."""
+    case = ([6, 6, 6, 3], [3, 2, 3], "random", [True, False, True], (2, 3), "contiguous",
+            torch.float64)
+    p = _problem(case)
+    args = normalized_op_args(p)
+    torch.library.opcheck(igc_ops.chain_forward.default, args)
+    y = igc_ops.chain_forward(*args)
+    bs = [b for b in args[2] if b.numel() > 0]
+    grads = torch.autograd.grad(y.sum(), bs)
+    # d(sum y)/d b_1 and b_3 through the float64 reference chain
+    x = p.x.detach()
+    ref_bs = [b.detach().clone().requires_grad_(True) if b is not None else None
+              for b in p.biases]
+    y_ref = igc.reference.interleaved_group_conv(x, [w.detach() for w in p.weights], p.groups,
+                                                 p.permutations, ref_bs)
+    ref = torch.autograd.grad(y_ref.sum(), [b for b in ref_bs if b is not None])
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-10)
 
 
 MASKS = [[True, True, True], [True, False, False], [False, True, True], [False, False, True]]
@@ -118,7 +141,7 @@ def test_chain_backward_values_and_mask(igc_ops, mask):
 def _good_args():
     x = torch.randn(2, 8, 3, 3)
     ws = [torch.randn(12, 4), torch.randn(6, 6)]
-    return x, ws, [torch.randn(12), None], [2, 2], [2, 0], [None, torch.randperm(6)]
+    return x, ws, [torch.randn(12), torch.empty(0)], [2, 2], [2, 0], [None, torch.randperm(6)]
 
 
 def _with(index, value):
@@ -143,7 +166,7 @@ BAD_FORWARD = {
     "empty_layer_list": _with(1, []),
     "groups_length": _with(3, [2]),
     "shuffles_length": _with(4, [2, 0, 0]),
-    "biases_length": _with(2, [None]),
+    "biases_length": _with(2, [torch.randn(12)]),
     "perms_length": _with(5, [None]),
     "x_one_dim": _with(0, torch.randn(8)),
     "x_six_dims": _with(0, torch.randn(1, 8, 1, 1, 1, 1)),

@@ -609,7 +609,7 @@ struct Prepared {
 
 template <typename scalar_t, typename acc_t>
 void prepare(Prepared<scalar_t, acc_t>& pr, const at::Tensor& x, at::TensorList weights,
-             const OptTensorList& biases) {
+             at::TensorList biases) {
   const ChainDesc& d = pr.d;
   auto& k = pr.ctx;
   const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
@@ -629,9 +629,8 @@ void prepare(Prepared<scalar_t, acc_t>& pr, const at::Tensor& x, at::TensorList 
     k.W.push_back(w.data_ptr<acc_t>());
     k.w_off.push_back(wo);
     wo += d.C[l + 1] * d.n[l];
-    const std::optional<at::Tensor> b = biases.get(l);
     if (d.has_bias[l]) {
-      at::Tensor bc = b->to(acc_type).contiguous();
+      at::Tensor bc = biases[l].to(acc_type).contiguous();
       pr.keep.push_back(bc);
       k.b.push_back(bc.data_ptr<acc_t>());
       k.b_off.push_back(bo);
@@ -650,7 +649,7 @@ void prepare(Prepared<scalar_t, acc_t>& pr, const at::Tensor& x, at::TensorList 
 }
 
 at::Tensor chain_forward_cpu(const at::Tensor& x, at::TensorList weights,
-                             const OptTensorList& biases, at::IntArrayRef groups,
+                             at::TensorList biases, at::IntArrayRef groups,
                              at::IntArrayRef shuffles, const OptTensorList& perms) {
   TORCH_CHECK(x.device().is_cpu(), "igc::chain_forward (cpu): x must be a CPU tensor");
   ChainDesc d = check_chain("igc::chain_forward", x, weights, biases, groups, shuffles, perms,
@@ -673,7 +672,7 @@ at::Tensor chain_forward_cpu(const at::Tensor& x, at::TensorList weights,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-    const OptTensorList& biases, at::IntArrayRef groups, at::IntArrayRef shuffles,
+    at::TensorList biases, at::IntArrayRef groups, at::IntArrayRef shuffles,
     const OptTensorList& perms, std::array<bool, 3> output_mask) {
   TORCH_CHECK(x.device().is_cpu() && grad_y.device().is_cpu(),
               "igc::chain_backward (cpu): x and grad_y must be CPU tensors");
