@@ -79,13 +79,6 @@ constexpr int TILE = 64;
 // Output rows computed together by one micro-kernel call (accumulators in registers).
 constexpr int OUT_BLOCK = 4;
 
-template <typename T>
-IGC_INLINE float to_acc(T v, float) { return static_cast<float>(v); }
-IGC_INLINE double to_acc(double v, double) { return v; }
-template <typename T>
-IGC_INLINE T from_acc(float v, T*) { return static_cast<T>(v); }
-IGC_INLINE double from_acc(double v, double*) { return v; }
-
 // Maps a linear position index p (row-major over (N, *spatial)) to an element offset.
 struct PosIndexer {
   int nd = 1;
@@ -221,35 +214,60 @@ IGC_INLINE void transpose_block(typename Simd<T>::V* r) {
 #define IGC_HAVE_SIMD_TRANSPOSE 0
 #endif
 
+#if IGC_HAVE_SIMD_TRANSPOSE
+// Moves a channels-last tile (the channels of position t contiguous at mem + off[t]) to or from
+// the [channel][position] buffer (row rowmap[c] for channel c) through LANES x LANES register
+// transposes. kLoad: memory -> buffer, positions >= tvalid zero; else buffer -> memory.
+template <bool kLoad, typename T>
+IGC_INLINE void transpose_tile(std::conditional_t<kLoad, const T*, T*> mem, const int64_t* off,
+                               int tvalid, int64_t C, const int32_t* rowmap,
+                               std::conditional_t<kLoad, T*, const T*> buf) {
+  using S = Simd<T>;
+  constexpr int N = S::LANES;
+  int64_t c0 = 0;
+  for (; c0 + N <= C; c0 += N) {
+    for (int t0 = 0; t0 < (kLoad ? TILE : tvalid); t0 += N) {
+      typename S::V r[N];
+#pragma GCC unroll 16
+      for (int i = 0; i < N; ++i) {
+        if constexpr (kLoad)
+          r[i] = t0 + i < tvalid ? S::load(mem + off[t0 + i] + c0) : typename S::V{};
+        else
+          r[i] = S::load(buf + static_cast<int64_t>(rowmap[c0 + i]) * TILE + t0);
+      }
+      transpose_block<T>(r);
+#pragma GCC unroll 16
+      for (int i = 0; i < N; ++i) {
+        if constexpr (kLoad)
+          S::store(buf + static_cast<int64_t>(rowmap[c0 + i]) * TILE + t0, r[i]);
+        else if (t0 + i < tvalid)
+          S::store(mem + off[t0 + i] + c0, r[i]);
+      }
+    }
+  }
+  for (int64_t c = c0; c < C; ++c) {  // channels past the last full block
+    const auto row = buf + static_cast<int64_t>(rowmap[c]) * TILE;
+    for (int t = 0; t < tvalid; ++t) {
+      if constexpr (kLoad)
+        row[t] = mem[off[t] + c];
+      else
+        mem[off[t] + c] = row[t];
+    }
+    if constexpr (kLoad)
+      for (int t = tvalid; t < TILE; ++t) row[t] = T(0);
+  }
+}
+#endif
+
 // buf[rowmap[c]][t] = src[c, position t] for c < C; positions >= tvalid are zero.
 template <typename scalar_t, typename acc_t>
 IGC_INLINE void load_tile(const scalar_t* __restrict src, const int64_t* off, bool contig,
                           int tvalid, int64_t C, int64_t cs, const int32_t* rowmap,
                           acc_t* __restrict buf) {
-  const acc_t z = 0;
 #if IGC_HAVE_SIMD_TRANSPOSE
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (cs == 1 && !contig) {  // channels-last: transpose LANES x LANES blocks in registers
-      using S = Simd<acc_t>;
-      constexpr int N = S::LANES;
-      int64_t c0 = 0;
-      for (; c0 + N <= C; c0 += N) {
-        for (int t0 = 0; t0 < TILE; t0 += N) {
-          typename S::V r[N];
-#pragma GCC unroll 16
-          for (int tt = 0; tt < N; ++tt)
-            r[tt] = t0 + tt < tvalid ? S::load(src + off[t0 + tt] + c0) : typename S::V{};
-          transpose_block<acc_t>(r);
-#pragma GCC unroll 16
-          for (int cc = 0; cc < N; ++cc)
-            S::store(buf + static_cast<int64_t>(rowmap[c0 + cc]) * TILE + t0, r[cc]);
-        }
-      }
-      for (int64_t c = c0; c < C; ++c) {
-        acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-        for (int t = 0; t < tvalid; ++t) r[t] = src[off[t] + c];
-        for (int t = tvalid; t < TILE; ++t) r[t] = z;
-      }
+    if (cs == 1 && !contig) {  // channels-last
+      transpose_tile<true, acc_t>(src, off, tvalid, C, rowmap, buf);
       return;
     }
   }
@@ -259,15 +277,15 @@ IGC_INLINE void load_tile(const scalar_t* __restrict src, const int64_t* off, bo
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* s = s0 + c * cs;
       acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-      for (int t = 0; t < TILE; ++t) r[t] = to_acc(s[t], z);
+      for (int t = 0; t < TILE; ++t) r[t] = static_cast<acc_t>(s[t]);
     }
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* s = src + c * cs;
     acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-    for (int t = 0; t < tvalid; ++t) r[t] = to_acc(s[off[t]], z);
-    for (int t = tvalid; t < TILE; ++t) r[t] = z;
+    for (int t = 0; t < tvalid; ++t) r[t] = static_cast<acc_t>(s[off[t]]);
+    for (int t = tvalid; t < TILE; ++t) r[t] = acc_t(0);
   }
 }
 
@@ -276,29 +294,10 @@ template <typename scalar_t, typename acc_t>
 IGC_INLINE void store_tile(scalar_t* __restrict dst, const int64_t* off, bool contig, int tvalid,
                            int64_t C, int64_t cs, const int32_t* rowmap,
                            const acc_t* __restrict buf) {
-  scalar_t* tag = nullptr;
 #if IGC_HAVE_SIMD_TRANSPOSE
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    if (cs == 1 && !contig) {  // channels-last: transpose LANES x LANES blocks in registers
-      using S = Simd<acc_t>;
-      constexpr int N = S::LANES;
-      int64_t c0 = 0;
-      for (; c0 + N <= C; c0 += N) {
-        for (int t0 = 0; t0 < tvalid; t0 += N) {
-          typename S::V r[N];
-#pragma GCC unroll 16
-          for (int cc = 0; cc < N; ++cc)
-            r[cc] = S::load(buf + static_cast<int64_t>(rowmap[c0 + cc]) * TILE + t0);
-          transpose_block<acc_t>(r);
-#pragma GCC unroll 16
-          for (int tt = 0; tt < N; ++tt)
-            if (t0 + tt < tvalid) S::store(dst + off[t0 + tt] + c0, r[tt]);
-        }
-      }
-      for (int64_t c = c0; c < C; ++c) {
-        const acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-        for (int t = 0; t < tvalid; ++t) dst[off[t] + c] = r[t];
-      }
+    if (cs == 1 && !contig) {  // channels-last
+      transpose_tile<false, acc_t>(dst, off, tvalid, C, rowmap, buf);
       return;
     }
   }
@@ -308,14 +307,14 @@ IGC_INLINE void store_tile(scalar_t* __restrict dst, const int64_t* off, bool co
     for (int64_t c = 0; c < C; ++c) {
       scalar_t* d = d0 + c * cs;
       const acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-      for (int t = 0; t < TILE; ++t) d[t] = from_acc(r[t], tag);
+      for (int t = 0; t < TILE; ++t) d[t] = static_cast<scalar_t>(r[t]);
     }
     return;
   }
   for (int64_t c = 0; c < C; ++c) {
     scalar_t* d = dst + c * cs;
     const acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
-    for (int t = 0; t < tvalid; ++t) d[off[t]] = from_acc(r[t], tag);
+    for (int t = 0; t < tvalid; ++t) d[off[t]] = static_cast<scalar_t>(r[t]);
   }
 }
 
