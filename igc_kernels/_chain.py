@@ -17,9 +17,7 @@ Canonical form
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -257,14 +255,6 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, check_value
     return Chain(tuple(channels), tuple(int(g) for g in groups), w2d, bs, shuffles, perms)
 
 
-def gather_index(chain: Chain, layer: int, device=None) -> Optional[torch.Tensor]:
-    """The gather index applied after layer ``layer`` (0-based) or ``None`` for identity."""
-    s, p = chain.shuffles[layer], chain.perms[layer]
-    if s > 0:
-        return interleave_index(chain.channels[layer + 1], s, device=device)
-    return p
-
-
 def out_is_channels_last(x: torch.Tensor) -> bool:
     """Whether outputs shaped like ``x`` are laid out channels-last (C innermost).
 
@@ -299,6 +289,3 @@ def to_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return out
     return y.contiguous()
 
-
-def prod(v: Sequence[int]) -> int:
-    return math.prod(v)

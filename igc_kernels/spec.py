@@ -195,35 +195,36 @@ class ChainSpec:
         """At least one path from every input channel to every output channel."""
         return bool((self.path_counts() > 0).all())
 
-    def dense_matrix(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The composed ``(C_L, C_0)`` matrix ``P_L W_L ... P_1 W_1`` of the given weights."""
-        shapes = self.weight_shapes()
+    def _layer_matrices(self, weights: Sequence[torch.Tensor]) -> list:
+        """``(B_l, gather_l)`` per layer: the block-diagonal ``(C_l, C_{l-1})`` matrix of the
+        given weight and the gather index of the permutation after it."""
         if len(weights) != self.num_layers:
             raise ValueError(f"expected {self.num_layers} weights, got {len(weights)}")
-        M = None
+        out = []
         for l, (W, (c, k), g, idx) in enumerate(
-                zip(weights, shapes, self.groups, self.gather_indices()), start=1):
+                zip(weights, self.weight_shapes(), self.groups, self.gather_indices()), start=1):
             if W.numel() != c * k or any(s != 1 for s in W.shape[2:]):
                 raise ValueError(f"layer {l}: weight has shape {tuple(W.shape)}, expected ({c}, {k})")
             W = W.reshape(c, k)
             m = c // g
             B = torch.block_diag(*[W[i * m:(i + 1) * m] for i in range(g)])
-            M = B if M is None else B @ M
-            M = M[idx.to(M.device)]
+            out.append((B, idx.to(W.device)))
+        return out
+
+    def dense_matrix(self, weights: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The composed ``(C_L, C_0)`` matrix ``P_L W_L ... P_1 W_1`` of the given weights."""
+        M = None
+        for B, idx in self._layer_matrices(weights):
+            M = (B if M is None else B @ M)[idx]
         return M
 
     def dense_bias(self, weights: Sequence[torch.Tensor], biases: Sequence) -> torch.Tensor:
         """The composed ``(C_L,)`` bias of the affine chain (zeros where a layer has none)."""
         b_tot = None
-        idxs = self.gather_indices()
-        for l in range(self.num_layers):
-            W = weights[l].reshape(self.weight_shapes()[l])
-            g, m = self.groups[l], self.channels[l + 1] // self.groups[l]
-            B = torch.block_diag(*[W[i * m:(i + 1) * m] for i in range(g)])
-            b = biases[l] if biases[l] is not None else torch.zeros(
-                self.channels[l + 1], dtype=W.dtype, device=W.device)
-            b_tot = b if b_tot is None else B @ b_tot + b
-            b_tot = b_tot[idxs[l].to(b_tot.device)]
+        for (B, idx), b in zip(self._layer_matrices(weights), biases):
+            if b is None:
+                b = torch.zeros(B.shape[0], dtype=B.dtype, device=B.device)
+            b_tot = (b if b_tot is None else B @ b_tot + b)[idx]
         return b_tot
 
     def __eq__(self, other) -> bool:
