@@ -19,6 +19,9 @@ using OptTensorList = c10::List<std::optional<at::Tensor>>;
 
 struct ChainDesc {
   int64_t L = 0;
+  int64_t C_in = 0;            // channels of x (= C_0 unless an input index is given)
+  bool has_index = false;      // h_0[j] = x[input_index[j]]
+  std::vector<int32_t> input_gather;  // the input index (filled with read_perms=true)
   std::vector<int64_t> C;      // C_0 .. C_L
   std::vector<int64_t> G;      // groups per layer
   std::vector<int64_t> n, m;   // inputs / outputs per group
@@ -40,12 +43,13 @@ inline bool is_supported_dtype(at::ScalarType t) {
 // biases in it.)
 inline bool has_bias_entry(const at::Tensor& b) { return !(b.dim() == 1 && b.size(0) == 0); }
 
-// Validates the chain against x; with read_perms, reads permutation tensors (which must then be
-// on the CPU) and fills desc.gather, checking that each is a permutation of 0..C_l-1.
+// Validates the chain against x; with read_perms, reads permutation and input index tensors
+// (which must then be on the CPU) and fills desc.gather / desc.input_gather, checking that each
+// permutation is a permutation of 0..C_l-1 and every index entry lies in [0, C_in).
 inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList weights,
                              at::TensorList biases, at::IntArrayRef groups,
                              at::IntArrayRef shuffles, const OptTensorList& perms,
-                             bool read_perms) {
+                             const std::optional<at::Tensor>& input_index, bool read_perms) {
   ChainDesc d;
   d.L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(d.L >= 1, op, ": weights is empty; the chain needs at least one layer");
@@ -63,7 +67,32 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
   TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": x has unsupported dtype ",
               x.scalar_type(), " (supported: float32, float16, bfloat16, float64)");
   TORCH_CHECK(x.size(1) > 0, op, ": x has 0 channels (shape ", x.sizes(), ")");
-  d.C.push_back(x.size(1));
+  d.C_in = x.size(1);
+  d.has_index = input_index.has_value() && input_index->defined();
+  if (d.has_index) {
+    const at::Tensor& ix = *input_index;
+    TORCH_CHECK(ix.dim() == 1 && ix.size(0) > 0, op,
+                ": input_index must be a non-empty 1-D index tensor, got shape ", ix.sizes());
+    TORCH_CHECK(ix.scalar_type() == at::kLong || ix.scalar_type() == at::kInt, op,
+                ": input_index must be int64 or int32, got ", ix.scalar_type());
+    TORCH_CHECK(ix.device() == x.device(), op, ": input_index is on ", ix.device(),
+                " but x is on ", x.device());
+    TORCH_CHECK(ix.size(0) <= INT32_MAX, op, ": input_index is too long (", ix.size(0), ")");
+    if (read_perms) {
+      TORCH_CHECK(ix.device().is_cpu(), op, ": input_index must be on the CPU for this kernel");
+      const at::Tensor ic = ix.to(at::kLong).contiguous();
+      const int64_t* iv = ic.data_ptr<int64_t>();
+      d.input_gather.resize(static_cast<size_t>(ix.size(0)));
+      for (int64_t j = 0; j < ix.size(0); ++j) {
+        TORCH_CHECK(iv[j] >= 0 && iv[j] < d.C_in, op, ": input_index entry ", j, " = ", iv[j],
+                    " is outside [0, ", d.C_in, ") (x has ", d.C_in, " channels)");
+        d.input_gather[j] = static_cast<int32_t>(iv[j]);
+      }
+    }
+    d.C.push_back(ix.size(0));
+  } else {
+    d.C.push_back(x.size(1));
+  }
   for (int64_t l = 0; l < d.L; ++l) {
     const int64_t layer = l + 1;
     const at::Tensor& W = weights[l];

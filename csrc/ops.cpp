@@ -8,16 +8,19 @@
 // layers that have a bias. An output whose output_mask entry is false has shape (0,).
 // shuffles[l] > 0: channel shuffle with that many groups after layer l; 0: perms[l] or identity.
 // biases: empty (no biases) or one entry per layer, a (0,)-shaped tensor meaning "no bias".
+// input_index (optional): h_0[:, j] = x[:, input_index[j]] before layer 1 (entries may repeat;
+// C_0 = its length); grad_x then has x's channel count and sums the gradients of repeats.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(igc, m) {
   m.def(
       "chain_forward(Tensor x, Tensor[] weights, Tensor[] biases, int[] groups, int[] shuffles, "
-      "Tensor?[] perms) -> Tensor");
+      "Tensor?[] perms, Tensor? input_index=None) -> Tensor");
   m.def(
       "chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, int[] groups, "
-      "int[] shuffles, Tensor?[] perms, bool[3] output_mask) -> (Tensor, Tensor, Tensor)");
+      "int[] shuffles, Tensor?[] perms, bool[3] output_mask, Tensor? input_index=None) -> "
+      "(Tensor, Tensor, Tensor)");
 }
 
 namespace igc {

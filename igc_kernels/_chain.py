@@ -13,6 +13,10 @@ Canonical form
   ``"interleave"``); ``0`` means "``perms[l]`` if it is a tensor, else identity". A shuffle that
   is the identity (1 group, or groups of one channel) is stored as ``0``.
 * ``perms[l]`` is an int64 gather index of length ``C_l`` or ``None``.
+* ``input_index`` is an int64 gather index applied to ``x``'s channels before layer 1
+  (``h_0[:, j] = x[:, input_index[j]]``; entries may repeat) or ``None``. ``channels[0]`` is
+  ``C_0``, the chain's first width (the index's length when one is given); ``in_channels`` is
+  ``x``'s channel count.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class Chain:
     biases: list  # (C_l,) tensors or None
     shuffles: list  # ints, see module docstring
     perms: list  # int64 index tensors or None
+    input_index: object = None  # int64 gather index of x's channels, or None
+    in_channels: int = 0  # channels of x (C_0 unless input_index is given)
 
     @property
     def num_layers(self) -> int:
@@ -72,21 +78,23 @@ _CHECKED_PERMS: dict = {}
 _CHECKED_PERMS_MAX = 256
 
 
-def _check_perm_values(p: torch.Tensor, length: int, layer: int, what: str) -> None:
-    key = (id(p), p._version, p.data_ptr(), length)
+def _check_perm_values(p: torch.Tensor, length: int, layer, what: str, unique=True) -> None:
+    key = (id(p), p._version, p.data_ptr(), length, unique)
     if _CHECKED_PERMS.get(key) is p:
         return
+    where = f"layer {layer}: {what}" if layer is not None else what
     if p.numel() > 0:
         lo, hi = int(p.min()), int(p.max())
         if lo < 0 or hi >= length:
             raise ValueError(
-                f"layer {layer}: {what} entries must lie in [0, {length}), got min {lo} and max {hi}"
+                f"{where} entries must lie in [0, {length}), got min {lo} and max {hi}"
             )
+    if unique and p.numel() > 0:
         counts = torch.bincount(p.detach().reshape(-1).to(torch.int64), minlength=length)
         if int(counts.max()) > 1:
             dup = int(torch.nonzero(counts > 1)[0, 0])
             raise ValueError(
-                f"layer {layer}: {what} has duplicate entries ({dup} appears "
+                f"{where} has duplicate entries ({dup} appears "
                 f"{int(counts[dup])} times); it must be a permutation of 0..{length - 1}"
             )
     if len(_CHECKED_PERMS) >= _CHECKED_PERMS_MAX:
@@ -136,6 +144,39 @@ def normalize_permutation(p, layer: int, channels: int, groups: int, device, che
     return 0, p
 
 
+def normalize_input_index(idx, in_channels: int, device, check_values=True):
+    """Validate ``input_index`` against ``x``'s ``in_channels``; return it as int64 (or None).
+
+    The rules of explicit permutations, except that entries may repeat and any length >= 1 is
+    allowed: a 1-D integer tensor (or a sequence of ints) on ``x``'s device with every entry in
+    ``[0, in_channels)``.
+    """
+    if idx is None:
+        return None
+    if isinstance(idx, (list, tuple)):
+        if not all(_is_int(v) for v in idx):
+            raise TypeError("input_index given as a sequence must hold ints")
+        idx = torch.tensor(idx, dtype=torch.int64, device=device)
+    if not isinstance(idx, torch.Tensor):
+        raise TypeError(
+            f"input_index must be None or a 1-D integer index tensor, got {type(idx).__name__}")
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"input_index must be an integer tensor, got dtype {idx.dtype}")
+    if idx.dim() != 1 or idx.shape[0] == 0:
+        raise ValueError(
+            f"input_index has shape {_shape(idx)}, expected a non-empty 1-D index of x's "
+            f"channels (x has {in_channels})")
+    if idx.device != device:
+        raise ValueError(
+            f"input_index is on {idx.device} but x is on {device}; "
+            f"all tensors must be on the same device")
+    if check_values and not _is_compiling():
+        _check_perm_values(idx, in_channels, None, "input_index", unique=False)
+    if idx.dtype != torch.int64:
+        idx = idx.to(torch.int64)
+    return idx
+
+
 def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -156,7 +197,8 @@ def _as_list(v, name: str) -> list:
     raise TypeError(f"{name} must be a list or tuple with one entry per layer, got {type(v).__name__}")
 
 
-def normalize(x, weights, groups, permutations=None, biases=None, *, check_values=True) -> Chain:
+def normalize(x, weights, groups, permutations=None, biases=None, *, input_index=None,
+              check_values=True) -> Chain:
     """Validate the operator's arguments against ``x``; return the canonical :class:`Chain`."""
     _check_x(x)
     weights = _as_list(weights, "weights")
@@ -182,7 +224,9 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, check_value
         biases = [None] * L
 
     device, dtype = x.device, x.dtype
-    channels = [int(x.shape[1])]
+    in_channels = int(x.shape[1])
+    input_index = normalize_input_index(input_index, in_channels, device, check_values)
+    channels = [in_channels if input_index is None else int(input_index.shape[0])]
     w2d, bs, shuffles, perms = [], [], [], []
     for i in range(L):
         layer = i + 1
@@ -200,7 +244,9 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, check_value
                 f"must be (C_{layer}, C_{layer - 1} / groups) or (C_{layer}, C_{layer - 1} / groups, 1, ..., 1)"
             )
         if c_in % G != 0:
-            where = "x's channel count" if layer == 1 else f"C_{layer - 1}"
+            where = f"C_{layer - 1}"
+            if layer == 1:
+                where = "x's channel count" if input_index is None else "input_index's length"
             raise ValueError(
                 f"layer {layer}: in_channels C_{layer - 1} = {c_in} ({where}) must be divisible "
                 f"by groups = {G}"
@@ -209,8 +255,10 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, check_value
         c_out = int(W.shape[0])
         if int(W.shape[1]) != n or c_out == 0:
             if layer == 1 and c_out > 0 and int(W.shape[1]) * G != c_in:
+                what = (f"x has {c_in} channels" if input_index is None
+                        else f"input_index selects {c_in} channels")
                 raise ValueError(
-                    f"x has {c_in} channels, but layer 1 expects C_0 = weight.shape[1] * groups = "
+                    f"{what}, but layer 1 expects C_0 = weight.shape[1] * groups = "
                     f"{int(W.shape[1])} * {G} = {int(W.shape[1]) * G} (weight shape {_shape(W)})"
                 )
             raise ValueError(
@@ -252,7 +300,8 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, check_value
         bs.append(b)
         shuffles.append(s)
         perms.append(p)
-    return Chain(tuple(channels), tuple(int(g) for g in groups), w2d, bs, shuffles, perms)
+    return Chain(tuple(channels), tuple(int(g) for g in groups), w2d, bs, shuffles, perms,
+                 input_index, in_channels)
 
 
 def out_is_channels_last(x: torch.Tensor) -> bool:

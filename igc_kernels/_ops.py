@@ -3,10 +3,13 @@
 The schemas are defined once in C++ (``csrc/ops.cpp``)::
 
     igc::chain_forward(Tensor x, Tensor[] weights, Tensor[] biases, int[] groups,
-                       int[] shuffles, Tensor?[] perms) -> Tensor
+                       int[] shuffles, Tensor?[] perms, Tensor? input_index=None) -> Tensor
     igc::chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases,
-                        int[] groups, int[] shuffles, Tensor?[] perms, bool[3] output_mask)
+                        int[] groups, int[] shuffles, Tensor?[] perms, bool[3] output_mask,
+                        Tensor? input_index=None)
                         -> (Tensor grad_x, Tensor grad_weights, Tensor grad_biases)
+
+``input_index`` gathers ``x``'s channels before layer 1; ``grad_x`` always has ``x``'s shape.
 
 ``grad_weights`` is the concatenation of every flattened ``dW_l`` in layer order, ``grad_biases``
 that of every ``db_l`` of the layers that have a bias (fixed arity whatever the depth). An output
@@ -46,11 +49,12 @@ def _num_bias_elems(biases) -> int:
     return sum(int(b.shape[0]) for b in biases if has_bias(b))
 
 
-def _fake_forward(x, weights, biases, groups, shuffles, perms):
+def _fake_forward(x, weights, biases, groups, shuffles, perms, input_index=None):
     return empty_like_layout(x, weights[-1].shape[0])
 
 
-def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_mask):
+def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_mask,
+                   input_index=None):
     gx = empty_like_layout(x, x.shape[1]) if output_mask[0] else x.new_empty((0,))
     dtype = weights[0].dtype
     gw = x.new_empty((_num_weight_elems(weights) if output_mask[1] else 0,), dtype=dtype)
@@ -59,14 +63,17 @@ def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_m
 
 
 def _setup_context(ctx, inputs, output):
-    x, weights, biases, groups, shuffles, perms = inputs
+    x, weights, biases, groups, shuffles, perms = inputs[:6]
+    input_index = inputs[6] if len(inputs) > 6 else None
     L = len(weights)
+    ctx.has_index = input_index is not None
     ctx.num_layers = L
     ctx.num_biases = len(biases)
     ctx.perm_mask = [p is not None for p in perms]
     ctx.groups = list(groups)
     ctx.shuffles = list(shuffles)
-    ctx.save_for_backward(x, *weights, *biases, *[p for p in perms if p is not None])
+    ctx.save_for_backward(x, *weights, *biases, *[p for p in perms if p is not None],
+                          *([input_index] if input_index is not None else []))
 
 
 def _backward(ctx, grad_y):
@@ -76,13 +83,14 @@ def _backward(ctx, grad_y):
     x, weights, biases = saved[0], saved[1:1 + L], saved[1 + L:1 + L + nb]
     it = iter(saved[1 + L + nb:])
     perms = [next(it) if has else None for has in ctx.perm_mask]
+    input_index = next(it) if ctx.has_index else None
     bias_mask = [has_bias(b) for b in biases]
     need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     need_w_any = any(need_w) if isinstance(need_w, (list, tuple)) else bool(need_w)
     need_b_any = any(need_b) if isinstance(need_b, (list, tuple)) else bool(need_b)
     mask = [bool(need_x), need_w_any, need_b_any and any(bias_mask)]
     gx, gw, gb = torch.ops.igc.chain_backward(
-        grad_y, x, weights, biases, ctx.groups, ctx.shuffles, perms, mask
+        grad_y, x, weights, biases, ctx.groups, ctx.shuffles, perms, mask, input_index
     )
     grad_ws = [None] * L
     if mask[1]:
@@ -102,7 +110,10 @@ def _backward(ctx, grad_y):
     # register_autograd checks the returned structure against the inputs': a Tensor?[] holding a
     # None (perms) is one opaque argument, answered by a single None; a list of tensors by a list.
     grad_perms = [None] * L if all(ctx.perm_mask) else None
-    return (gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms
+    out = ((gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms)
+    # The dispatcher drops trailing arguments equal to their default (input_index=None) before
+    # torch.library's autograd records the inputs' structure: answer only what it recorded.
+    return out + (None,) if ctx.has_index else out
 
 
 def register() -> None:

@@ -28,7 +28,7 @@ def _autocast_args(x, weights, biases):
 
 
 def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *,
-                           backend: str = "auto") -> torch.Tensor:
+                           input_index=None, backend: str = "auto") -> torch.Tensor:
     r"""Fused interleaved group convolution ``y = P_L W_L ... P_1 W_1 x`` (1x1, per position).
 
     Args:
@@ -41,6 +41,10 @@ def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *
             (``out[:, j] = in[:, perm[j]]``). Default: ``"interleave"`` after every layer but
             the last.
         biases: ``L`` entries, each ``None`` or a ``(C_l,)`` tensor added after ``W_l``.
+        input_index: ``None`` or a 1-D integer index of ``x``'s channels applied before layer
+            1 (``h_0[:, j] = x[:, input_index[j]]``, CondenseNet's index layer): any length
+            ``C_0 >= 1``, entries in ``[0, x.shape[1])``, repeats allowed. The gradient of
+            ``x`` sums over repeated entries; channels never selected get zero.
         backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
 
     Returns:
@@ -49,5 +53,5 @@ def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *
     """
     x, weights, biases = _autocast_args(x, weights, biases)
     backends.check_backend_name(backend)
-    chain = normalize(x, weights, groups, permutations, biases)
+    chain = normalize(x, weights, groups, permutations, biases, input_index=input_index)
     return backends.select(backend, x, chain).run(x, chain)

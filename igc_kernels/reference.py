@@ -2,6 +2,7 @@
 
 ``interleaved_group_conv`` here has the signature of :func:`igc_kernels.interleaved_group_conv`
 and computes ``y = P_L W_L ... P_1 W_1 x`` layer by layer with ``F.conv{1,2,3}d(groups=G_l)``
+(after ``index_select`` of the input index, when one is given)
 (cuDNN on GPUs, oneDNN or ATen on CPUs), ``F.channel_shuffle`` for ``"interleave"`` and
 ``index_select`` for explicit permutations. Every intermediate goes through memory, and autograd
 keeps them alive for the backward: exactly the cost the fused operator removes.
@@ -26,6 +27,8 @@ def run_chain(x: torch.Tensor, chain: Chain) -> torch.Tensor:
         return to_layout_of(y.reshape(x.shape[0], *x.shape[2:], y.shape[1]).movedim(-1, 1), x)
     tokens = x.dim() == 2
     h = x.unsqueeze(-1) if tokens else x
+    if chain.input_index is not None:
+        h = h.index_select(1, chain.input_index)
     conv = _CONV[h.dim() - 2]
     ones = (1,) * (h.dim() - 2)
     for l in range(chain.num_layers):
@@ -40,7 +43,8 @@ def run_chain(x: torch.Tensor, chain: Chain) -> torch.Tensor:
     return to_layout_of(h, x)
 
 
-def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *, backend="reference"):
+def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *,
+                           input_index=None, backend="reference"):
     """Reference (unfused) interleaved group convolution; same arguments as the fused operator.
 
     ``backend`` exists for signature parity only and must be ``"reference"`` or ``"auto"``.
@@ -50,5 +54,5 @@ def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *
             f"igc_kernels.reference.interleaved_group_conv only runs the reference chain, "
             f"got backend={backend!r}"
         )
-    chain = normalize(x, weights, groups, permutations, biases)
+    chain = normalize(x, weights, groups, permutations, biases, input_index=input_index)
     return run_chain(x, chain)

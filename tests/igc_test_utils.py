@@ -67,6 +67,7 @@ class Problem:
     permutations: Optional[list] = None
     biases: Optional[list] = None
     channels: tuple = field(default=())
+    input_index: Optional[torch.Tensor] = None  # gathers x's channels before layer 1
 
     def leaves(self) -> list:
         """``x``, every weight and every (present) bias: what gradients are checked for."""
@@ -86,7 +87,8 @@ class Problem:
             self.x if x is None else x,
             self.weights if weights is None else weights,
             self.groups, self.permutations,
-            self.biases if biases is None else biases, backend=backend)
+            self.biases if biases is None else biases, input_index=self.input_index,
+            backend=backend)
 
     def num_positions(self) -> int:
         return int(self.x.numel() // max(1, self.x.shape[1])) if self.x.numel() else 0
@@ -96,6 +98,8 @@ class Problem:
         k = 0
         for l, g in enumerate(self.groups):
             k += self.channels[l] // g + self.channels[l + 1] // g + 2
+        if self.input_index is not None and self.input_index.numel():
+            k += int(torch.bincount(self.input_index).max())  # dx sums over repeated entries
         return k + self.num_positions()
 
     def to(self, dtype, requires_grad=True) -> "Problem":
@@ -109,7 +113,8 @@ class Problem:
 
         return Problem(
             cast(self.x), [cast(w) for w in self.weights], list(self.groups), self.permutations,
-            None if self.biases is None else [cast(b) for b in self.biases], self.channels)
+            None if self.biases is None else [cast(b) for b in self.biases], self.channels,
+            self.input_index)
 
 
 def _clone_preserving_strides(t: torch.Tensor, dtype) -> torch.Tensor:
@@ -303,10 +308,12 @@ def check_against_oracle(problem: Problem, backend: str, grad_y, *, safety=2.0):
 
 
 def build_problem(channels, groups, *, spatial=(), N=2, layout="contiguous", dtype=torch.float64,
-                  permutations="default", bias=False, conv_layout=False, seed=0) -> Problem:
+                  permutations="default", bias=False, conv_layout=False, seed=0,
+                  input_index=None, in_channels=None) -> Problem:
     """A random problem. ``permutations``: "default" (None: IGCV2 default), "random" (an
     explicit random index after every layer), or a list as the operator takes it. ``bias``:
-    bool or a list of bools per layer."""
+    bool or a list of bools per layer. ``input_index`` (with ``x`` of ``in_channels``
+    channels) gathers ``channels[0] = len(input_index)`` channels before layer 1."""
     gen = torch.Generator().manual_seed(seed)
     channels = tuple(channels)
     L = len(groups)
@@ -321,15 +328,18 @@ def build_problem(channels, groups, *, spatial=(), N=2, layout="contiguous", dty
         which = [True] * L
     elif isinstance(bias, (list, tuple)):
         which = list(bias)
-    x = make_tensor((N, channels[0], *spatial), layout, dtype, gen).requires_grad_()
+    c_x = channels[0] if input_index is None else int(in_channels)
+    x = make_tensor((N, c_x, *spatial), layout, dtype, gen).requires_grad_()
     ws = random_weights(channels, groups, dtype, gen, conv_layout=conv_layout)
     bs = random_biases(channels, which, dtype, gen)
-    return Problem(x, ws, list(groups), perms, bs, channels)
+    return Problem(x, ws, list(groups), perms, bs, channels, input_index)
 
 
 def normalized_op_args(problem: Problem):
-    """``(x, weights, biases, groups, shuffles, perms)`` for ``torch.ops.igc.chain_forward``,
-    built by the package's own normalisation of the user arguments."""
-    ch = normalize(problem.x, problem.weights, problem.groups, problem.permutations, problem.biases)
+    """``(x, weights, biases, groups, shuffles, perms, input_index)`` for
+    ``torch.ops.igc.chain_forward``, built by the package's own normalisation of the user
+    arguments."""
+    ch = normalize(problem.x, problem.weights, problem.groups, problem.permutations, problem.biases,
+                   input_index=problem.input_index)
     return (problem.x, ch.weights, op_biases(ch.biases, problem.x), list(ch.groups),
-            list(ch.shuffles), ch.perms)
+            list(ch.shuffles), ch.perms, ch.input_index)

@@ -95,7 +95,7 @@ MASKS = [[True, True, True], [True, False, False], [False, True, True], [False, 
 @pytest.mark.parametrize("case", OP_CASES.values(), ids=OP_CASES.keys())
 def test_opcheck_chain_backward(igc_ops, case, mask):
     p = _problem(case, requires_grad=False)
-    x, ws, bs, groups, shuffles, perms = normalized_op_args(p)
+    x, ws, bs, groups, shuffles, perms, _ = normalized_op_args(p)
     out_shape = (x.shape[0], ws[-1].shape[0], *x.shape[2:])
     gy = torch.randn(out_shape, dtype=x.dtype)
     if case[5] == "channels_last":
@@ -109,7 +109,7 @@ def test_chain_backward_values_and_mask(igc_ops, mask):
     """chain_backward's flat outputs against the oracle's gradients; masked outputs are (0,)."""
     p = build_problem([6, 9, 6], [3, 3], spatial=(2, 3), N=2, permutations="random",
                       bias=[True, False], seed=5)
-    x, ws, bs, groups, shuffles, perms = normalized_op_args(p)
+    x, ws, bs, groups, shuffles, perms, _ = normalized_op_args(p)
     gy = torch.randn(2, 6, 2, 3, dtype=torch.float64)
     with torch.no_grad():
         gx, gw, gb = igc_ops.chain_backward(gy, x, ws, bs, groups, shuffles, perms, mask)
@@ -234,7 +234,7 @@ def test_chain_backward_rejects_inconsistent_args(igc_ops, make_args):
 def test_op_forward_matches_oracle_with_int32_perm(igc_ops):
     """The op accepts int32 permutation tensors as well as int64 ones."""
     p = build_problem([6, 6], [3], spatial=(4,), N=2, permutations=[torch.randperm(6).int()])
-    x, ws, bs, groups, shuffles, perms = normalized_op_args(p)
+    x, ws, bs, groups, shuffles, perms, _ = normalized_op_args(p)
     perms32 = [q.to(torch.int32) if q is not None else None for q in perms]
     y32 = igc_ops.chain_forward(x, ws, bs, groups, shuffles, perms32)
     y64 = igc_ops.chain_forward(x, ws, bs, groups, shuffles, perms)

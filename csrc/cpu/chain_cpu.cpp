@@ -8,6 +8,8 @@
 // positions, computed for OUT_BLOCK rows at once so the accumulators stay in registers.
 // Permutations are never applied to data: layer l+1 reads its input channel j from row
 // gather_l[j] of layer l's buffer, and the output store reads channel j from row gather_L[j].
+// An input index is applied the same way: the tile holds x's C_in channels and layer 1 reads
+// its input channel j from row input_index[j].
 //
 // Forward: read x once, write y once; the working set is two tile buffers per thread
 // (2 * max(C_l) * TILE * 4 bytes, in L1/L2). No full-size intermediate tensor exists.
@@ -17,7 +19,8 @@
 // of layers 2 .. L, kept in the tile's buffers; u_L is never needed), then walk the layers
 // back: du_L is dy loaded with the inverse permutation (row gather_L[j] receives dy channel j),
 // dh_{l-1} = W_l^T du_l lands directly in row gather_{l-1}[j] of the next du buffer, and dx
-// (= dh_0) is written once. Weight and bias gradients are accumulated in
+// (= dh_0) is written once (with an input index, dh_0's rows are first added into x's C_in
+// rows in index order). Weight and bias gradients are accumulated in
 // per-thread "lane" accumulators (VL lanes per weight, one SIMD register wide, so the position
 // reduction needs no horizontal adds), summed over lanes at the end of the thread's chunk of
 // tiles, and the per-chunk partial sums are added in chunk order: the result is bitwise
@@ -462,6 +465,9 @@ struct ChainCtx {
   const int64_t* G = nullptr;
   const int64_t* n = nullptr;
   const int64_t* m = nullptr;
+  int64_t cin = 0;                     // channels of x (C_in)
+  const int32_t* in_rows0 = nullptr;   // layer 1's input rows: the input index, or iota
+  bool has_index = false;
   std::vector<const acc_t*> W, b;      // per layer (b may be null)
   std::vector<const int32_t*> gather;  // per layer
   const int32_t* iota = nullptr;       // 0..cmax-1
@@ -489,10 +495,10 @@ IGC_INLINE void forward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_b
     const int64_t p0 = tile * TILE;
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, k.P - p0));
     const bool cx = tile_offsets(k.x_ix, p0, tvalid, off_x);
-    load_tile(k.x, off_x, cx, tvalid, k.C[0], k.x_ix.chan_stride, k.iota, buf[0]);
+    load_tile(k.x, off_x, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
     int cur = 0;
     for (int64_t l = 0; l < k.L; ++l) {
-      const int32_t* in_rows = l == 0 ? k.iota : k.gather[l - 1];
+      const int32_t* in_rows = l == 0 ? k.in_rows0 : k.gather[l - 1];
       grouped_layer(buf[cur], in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l],
                     int64_t(1), buf[cur ^ 1], k.iota);
       cur ^= 1;
@@ -509,7 +515,7 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
                                int64_t tile_end, acc_t* part_w, acc_t* part_b) {
   const int64_t L = k.L;
   std::vector<int64_t> u_off(L + 1);
-  int64_t total = k.C[0] * TILE;  // x tile
+  int64_t total = k.cin * TILE;  // x tile
   for (int64_t l = 0; l + 1 < L; ++l) {
     u_off[l] = total;
     total += k.C[l + 1] * TILE;
@@ -529,11 +535,11 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
     const int64_t p0 = tile * TILE;
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, k.P - p0));
     const bool cx = tile_offsets(k.x_ix, p0, tvalid, off_x);
-    load_tile(k.x, off_x, cx, tvalid, k.C[0], k.x_ix.chan_stride, k.iota, X);
+    load_tile(k.x, off_x, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, X);
     // Recompute u_1 .. u_{L-1}: the gradients need the inputs of every layer, never u_L.
     for (int64_t l = 0; l + 1 < L; ++l) {
       const acc_t* in = l == 0 ? X : U[l - 1];
-      const int32_t* in_rows = l == 0 ? k.iota : k.gather[l - 1];
+      const int32_t* in_rows = l == 0 ? k.in_rows0 : k.gather[l - 1];
       grouped_layer(in, in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l], int64_t(1),
                     U[l], k.iota);
     }
@@ -544,7 +550,7 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
       if (k.need_b && k.b[l] != nullptr)
         accumulate_db<acc_t>(D[cur], k.C[l + 1], lb.data() + k.b_off[l] * VL);
       const acc_t* h = l == 0 ? X : U[l - 1];
-      const int32_t* h_rows = l == 0 ? k.iota : k.gather[l - 1];
+      const int32_t* h_rows = l == 0 ? k.in_rows0 : k.gather[l - 1];
       if (k.need_w)
         accumulate_dw<acc_t>(D[cur], h, h_rows, k.G[l], k.n[l], k.m[l],
                                  lw.data() + k.w_off[l] * VL);
@@ -557,8 +563,20 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
       }
     }
     if (k.need_x) {
+      if (k.has_index) {
+        // dx[c] = sum of dh_0[j] over j with input_index[j] == c, added in j order; the du_1
+        // buffer (no longer needed) receives x's C_in rows.
+        acc_t* dxb = D[cur ^ 1];
+        std::fill(dxb, dxb + k.cin * TILE, acc_t(0));
+        for (int64_t j = 0; j < k.C[0]; ++j) {
+          acc_t* __restrict dst = dxb + static_cast<int64_t>(k.in_rows0[j]) * TILE;
+          const acc_t* __restrict src = D[cur] + j * TILE;
+          for (int t = 0; t < TILE; ++t) dst[t] += src[t];
+        }
+        cur ^= 1;
+      }
       const bool cdx = tile_offsets(k.dx_ix, p0, tvalid, off_dx);
-      store_tile(k.dx, off_dx, cdx, tvalid, k.C[0], k.dx_ix.chan_stride, k.iota, D[cur]);
+      store_tile(k.dx, off_dx, cdx, tvalid, k.cin, k.dx_ix.chan_stride, k.iota, D[cur]);
     }
   }
   for (int64_t e = 0; k.need_w && e < k.nw; ++e) {
@@ -631,10 +649,13 @@ void prepare(Prepared<scalar_t, acc_t>& pr, const at::Tensor& x, at::TensorList 
   k.G = d.G.data();
   k.n = d.n.data();
   k.m = d.m.data();
-  k.cmax = *std::max_element(d.C.begin(), d.C.end());
+  k.cmax = std::max(d.C_in, *std::max_element(d.C.begin(), d.C.end()));
   pr.iota.resize(static_cast<size_t>(k.cmax));
   for (int64_t i = 0; i < k.cmax; ++i) pr.iota[i] = static_cast<int32_t>(i);
   k.iota = pr.iota.data();
+  k.cin = d.C_in;
+  k.has_index = d.has_index;
+  k.in_rows0 = d.has_index ? d.input_gather.data() : k.iota;
   int64_t wo = 0, bo = 0;
   for (int64_t l = 0; l < d.L; ++l) {
     at::Tensor w = weights[l].to(acc_type).contiguous();
@@ -663,10 +684,11 @@ void prepare(Prepared<scalar_t, acc_t>& pr, const at::Tensor& x, at::TensorList 
 
 at::Tensor chain_forward_cpu(const at::Tensor& x, at::TensorList weights,
                              at::TensorList biases, at::IntArrayRef groups,
-                             at::IntArrayRef shuffles, const OptTensorList& perms) {
+                             at::IntArrayRef shuffles, const OptTensorList& perms,
+                             const std::optional<at::Tensor>& input_index) {
   TORCH_CHECK(x.device().is_cpu(), "igc::chain_forward (cpu): x must be a CPU tensor");
   ChainDesc d = check_chain("igc::chain_forward", x, weights, biases, groups, shuffles, perms,
-                            /*read_perms=*/true);
+                            input_index, /*read_perms=*/true);
   at::Tensor y = empty_layout(x, d.C.back());
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_forward", [&] {
@@ -686,11 +708,12 @@ at::Tensor chain_forward_cpu(const at::Tensor& x, at::TensorList weights,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
     at::TensorList biases, at::IntArrayRef groups, at::IntArrayRef shuffles,
-    const OptTensorList& perms, std::array<bool, 3> output_mask) {
+    const OptTensorList& perms, std::array<bool, 3> output_mask,
+    const std::optional<at::Tensor>& input_index) {
   TORCH_CHECK(x.device().is_cpu() && grad_y.device().is_cpu(),
               "igc::chain_backward (cpu): x and grad_y must be CPU tensors");
   ChainDesc d = check_chain("igc::chain_backward", x, weights, biases, groups, shuffles, perms,
-                            /*read_perms=*/true);
+                            input_index, /*read_perms=*/true);
   TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(0) == x.size(0) &&
                   grad_y.size(1) == d.C.back(),
               "igc::chain_backward: grad_y has shape ", grad_y.sizes(), ", expected x's shape with ",
@@ -701,7 +724,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cpu(
   TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "igc::chain_backward: grad_y has dtype ",
               grad_y.scalar_type(), " but x has dtype ", x.scalar_type());
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
-  at::Tensor gx = need_x ? empty_layout(x, d.C[0]) : at::empty({0}, x.options());
+  at::Tensor gx = need_x ? empty_layout(x, d.C_in) : at::empty({0}, x.options());
   at::Tensor gw = at::zeros({need_w ? d.num_weight_elems : 0}, x.options());
   at::Tensor gb = at::zeros({need_b ? d.num_bias_elems : 0}, x.options());
   const int64_t P = x.numel() / std::max<int64_t>(1, x.size(1));
