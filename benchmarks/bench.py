@@ -5,6 +5,7 @@
     python benchmarks/bench.py --sweep               # + sweep: channels, group width, depth, dtype
     python benchmarks/bench.py --quick               # smoke run: few repetitions
     python benchmarks/bench.py --backends cpu,reference --compile --json out.json
+    python benchmarks/bench.py --device cuda --targets   # the GPU job: see bench_gpu.py
 
 Methodology
 -----------
@@ -287,6 +288,12 @@ def report_memory(problem, memory, env) -> list:
 
 # --------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--device" in argv or any(a.startswith("--device=") for a in argv):
+        # The GPU job (and its CPU smoke mode) lives in bench_gpu.py; same command line there.
+        import bench_gpu
+
+        return bench_gpu.main(argv)
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
