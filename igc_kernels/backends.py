@@ -103,15 +103,51 @@ def _cuda_availability():
     return out
 
 
+_TRITON_OPS = [None]  # the imported igc_kernels._triton_ops module, once loaded
+
+
+def _triton_ops():
+    if _TRITON_OPS[0] is None:
+        from . import _triton_ops as mod
+
+        _TRITON_OPS[0] = mod
+    return _TRITON_OPS[0]
+
+
 def _triton_availability():
-    return ["the fused Triton kernels are not part of this version of igc_kernels "
-            "(igc_kernels.triton_kernels holds no kernels yet)"]
+    if not _loader.triton_installed():
+        return ["triton is not installed (pip install triton)"]
+    try:
+        mod = _triton_ops()
+    except Exception as e:  # a Triton too old or broken: say why, never fail the import
+        return [f"the Triton kernels could not be loaded ({type(e).__name__}: {e})"]
+    if not mod.INTERPRETED and not torch.cuda.is_available():
+        return ["torch reports no usable CUDA device (CPU tensors run through Triton only "
+                "under TRITON_INTERPRET=1, set before igc_kernels.triton_kernels is imported)"]
+    return []
 
 
 def _triton_input_reasons(x, chain):
-    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return ["CPU tensors run through Triton only under TRITON_INTERPRET=1"]
-    return []
+    out = []
+    mod = _TRITON_OPS[0]
+    if x.device.type == "cpu" and (mod is None or not mod.INTERPRETED):
+        out.append("CPU tensors run through Triton only under TRITON_INTERPRET=1 (set before "
+                   "igc_kernels.triton_kernels is imported)")
+    if mod is not None and mod.INTERPRETED and x.device.type != "cpu":
+        out.append(f"x is on {x.device.type}; under TRITON_INTERPRET=1 the Triton kernels run "
+                   f"on CPU tensors only")
+    limit = 1024  # triton_kernels.chain.MAX_CHANNELS (not imported here: Triton may be absent)
+    widths = [("x", chain.in_channels or chain.channels[0])]
+    widths += [(f"C_{l}", c) for l, c in enumerate(chain.channels)]
+    for name, c in widths:
+        if c > limit:
+            out.append(f"{name} = {c} channels exceeds the Triton backend's limit of {limit} "
+                       f"(a layer's tile of positions x channels is held in registers)")
+    return out
+
+
+def _run_triton(x, chain):
+    return _triton_ops().run(x, chain)
 
 
 BACKENDS = {
@@ -123,9 +159,10 @@ BACKENDS = {
         "cpu", "fused C++ CPU kernels (at::parallel_for over tiles of positions)", ("cpu",),
         _ALL_FLOAT, "deterministic at a given thread count", _run_fused_op, _cpu_availability),
     "triton": Backend(
-        "triton", "fused Triton kernels", ("cuda", "cpu"), (torch.float32, torch.float16,
-                                                            torch.bfloat16),
-        "deterministic", None, _triton_availability, _triton_input_reasons),
+        "triton", "fused Triton kernels (one program per tile of positions, all layers in "
+        "registers)", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16),
+        "deterministic (fixed-order reduction of weight gradients)", _run_triton,
+        _triton_availability, _triton_input_reasons),
     "reference": Backend(
         "reference", "unfused PyTorch chain (grouped conv + shuffle per layer)",
         ("cpu", "cuda", "xpu", "mps", "meta"), _ALL_FLOAT,
@@ -189,7 +226,7 @@ def available_backends(device: str | torch.device | None = None) -> list:
             continue
         if dev is not None and dev not in be.devices:
             continue
-        if name == "triton" and dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        if name == "triton" and dev == "cpu" and not _TRITON_OPS[0].INTERPRETED:
             continue
         out.append(name)
     return out

@@ -1,0 +1,754 @@
+"""Fused Triton kernels of the interleaved group convolution chain, forward and backward.
+
+Algorithm
+---------
+Positions (pixels or tokens) are independent, so a program owns a tile of ``BLOCK_P`` positions
+and *all* channels. The tile of layer ``l`` lives in registers as a ``[BLOCK_P, S_l]`` float32
+tensor, ``S_l = max(16, next_pow2(C_l))``; slot ``c`` holds channel ``c`` of ``u_l = W_l h_{l-1}
++ b_l`` (padding slots hold exact zeros). Nothing between ``x`` and ``y`` goes through device
+memory:
+
+* ``x`` is loaded once (``input_index`` folded into the load addresses: ``h_0[:, j] = x[:,
+  idx[j]]``), ``y`` stored once (the last permutation folded into the store addresses:
+  ``u_L[:, c]`` goes to channel ``perm_L^{-1}(c)`` of ``y``).
+* A permutation between layers is never applied to data: layer ``l`` reads its input channel
+  ``j`` from slot ``perm_{l-1}[j]`` of the previous tile. ``"interleave"`` is a closed-form
+  index (``perm[j] = (j % G) m + j // G``), an explicit permutation a small index vector.
+* Layer ``l`` has two implementations, chosen per layer (see ``_layer_fma`` / ``_layer_dot``):
+  - FMA ("gather") path, any sizes: ``u[:, o] = sum_k W[o, k] h[:, perm(g(o) n + k)]``, one
+    register gather (``tl.gather``) and one fused multiply-add per ``k < n_l``: ``n_l C_l``
+    FMAs per position, the exact work of the grouped convolution.
+  - dense ``tl.dot`` path, for small layers (``S_{l-1}, S_l <= 128``): the block-diagonal
+    ``W_l`` with the previous permutation folded into its rows (``Wf[s, o] = W[o, perm^{-1}(s)
+    - g(o) n]`` inside the group, 0 outside) times the tile: ``C_{l-1} C_l`` multiply-adds per
+    position, ``G_l`` times the grouped work, but on tensor cores (16-bit inputs of layer 1,
+    and float32 only where TF32 is allowed) and with no gather at all.
+* fp32 accumulation always; intermediates stay float32 (never rounded to the storage dtype).
+  ``tl.dot`` on float32 operands uses ``input_precision="ieee"`` unless
+  ``torch.backends.cuda.matmul.allow_tf32`` is set (then ``"tf32"``).
+
+Backward: a persistent grid of ``NPROG`` programs; program ``p`` walks tiles ``p, p + NPROG,
+...`` in order. Per tile it loads ``x`` and ``dy`` once (``dy`` through the inverse of the last
+permutation), recomputes the forward on chip (keeping the intermediates, or recomputing them
+layer by layer when ``KEEP=0``, an autotuned choice), walks the layers backward and writes ``dx``
+once (with ``input_index``, ``dx[:, c]`` sums ``dh_0[:, j]`` over ``idx[j] == c`` in increasing
+``j``, read from a host-built sorted order: no atomics). ``dW_l``/``db_l`` of the tile are added
+to the program's own float32 row of a ``[NPROG, sum C_l n_l + sum C_l]`` partial buffer (no
+other program touches it); ``_reduce_partials`` then sums the rows in a fixed order.
+Deterministic: bitwise identical results run to run for a given launch configuration.
+
+Budget per position (fp32 storage, ``C`` channels, ``L`` layers, ``n`` inputs per group):
+forward reads ``4 C_0`` bytes and writes ``4 C_L``; ``sum n_l C_l`` FMAs (FMA path); backward
+reads ``4 (C_0 + C_L)``, writes ``4 C_0``, ``~3 sum n_l C_l`` FMAs (recompute, dW, dh).
+
+Limits: every channel count (``x``'s included) at most ``MAX_CHANNELS`` = 1024 (the tile of a
+layer lives in registers); larger chains are refused by the backend with a reason, so
+``backend="auto"`` falls back.
+
+Kernels are generated per chain *structure* (depth; per layer ``C``, ``G``, the kind of
+permutation in front of it, bias or not; ``input_index`` or not): a short straight-line kernel
+that calls the ``@triton.jit`` helpers below with literal sizes. The batch size, the spatial
+sizes and the strides are run-time arguments, never part of the structure.
+"""
+
+from __future__ import annotations
+
+import linecache
+import math
+import os
+import threading
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_CHANNELS = 1024
+# Largest padded channel count a layer may have on either side to be eligible for the dense
+# tl.dot path: its folded weight tile is S_{l-1} x S_l float32 (64 KiB at 128 x 128).
+DENSE_MAX_SLOTS = 128
+
+# Permutation kinds (how the channels of one tile feed the next layer).
+PK_IDENTITY, PK_SHUFFLE, PK_EXPLICIT = 0, 1, 2
+
+
+# =============================================================================================
+# Device helpers
+# =============================================================================================
+@triton.jit
+def _tile_offsets(t, NI, O1, O2, s0, s1, s2, BLOCK_P: tl.constexpr):
+    """Tile ``t`` -> (int64 offset of its outer index for strides (s0, s1, s2), inner positions,
+    position mask). Positions are (o0, o1, o2, inner); a tile covers BLOCK_P inner positions."""
+    nblk = tl.cdiv(NI, BLOCK_P)
+    ob = t // nblk
+    ib = t - ob * nblk
+    o2 = ob % O2
+    ob = ob // O2
+    o1 = ob % O1
+    o0 = ob // O1
+    off = o0.to(tl.int64) * s0 + o1.to(tl.int64) * s1 + o2.to(tl.int64) * s2
+    inner = ib * BLOCK_P + tl.arange(0, BLOCK_P)
+    return off, inner, inner < NI
+
+
+@triton.jit
+def _outer_offset(t, NI, O1, O2, s0, s1, s2, BLOCK_P: tl.constexpr):
+    nblk = tl.cdiv(NI, BLOCK_P)
+    ob = t // nblk
+    o2 = ob % O2
+    ob = ob // O2
+    o1 = ob % O1
+    o0 = ob // O1
+    return o0.to(tl.int64) * s0 + o1.to(tl.int64) * s1 + o2.to(tl.int64) * s2
+
+
+@triton.jit
+def _perm_src(j, mask, perm_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr):
+    """``perm[j]``: the previous tile's slot that feeds input channel ``j`` (gather form).
+    PK_SHUFFLE: channel shuffle with SG groups of SM channels."""
+    if PK == 1:
+        src = (j % SG) * SM + j // SG
+    elif PK == 2:
+        src = tl.load(perm_ptr + j, mask=mask, other=0)
+    else:
+        src = j
+    return tl.where(mask, src, 0)
+
+
+@triton.jit
+def _perm_inv(c, mask, inv_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr):
+    """``perm^{-1}[c]``: the input channel that reads slot ``c`` of the previous tile."""
+    if PK == 1:
+        dst = (c % SM) * SG + c // SM
+    elif PK == 2:
+        dst = tl.load(inv_ptr + c, mask=mask, other=0)
+    else:
+        dst = c
+    return tl.where(mask, dst, 0)
+
+
+@triton.jit
+def _load_tile(ptr, off, inner, pmask, s_in, s_c, chan, cmask):
+    """``[BLOCK_P, S]`` tile ``ptr[off + inner * s_in + chan * s_c]`` (0 where masked)."""
+    ptrs = ptr + off + inner.to(tl.int64)[:, None] * s_in + chan.to(tl.int64)[None, :] * s_c
+    return tl.load(ptrs, mask=pmask[:, None] & cmask[None, :], other=0.0)
+
+
+@triton.jit
+def _store_tile(ptr, off, inner, pmask, s_in, s_c, chan, cmask, val):
+    ptrs = ptr + off + inner.to(tl.int64)[:, None] * s_in + chan.to(tl.int64)[None, :] * s_c
+    tl.store(ptrs, val.to(ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def _load_input(x_ptr, off, inner, pmask, s_in, s_c, idx_ptr,
+                C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """``h_0`` in the storage dtype: ``x[:, idx[j]]`` (or ``x[:, j]``) in slot ``j``."""
+    j = tl.arange(0, S0)
+    jm = j < C0
+    if HAS_INDEX:
+        c = tl.load(idx_ptr + j, mask=jm, other=0)
+    else:
+        c = j
+    return _load_tile(x_ptr, off, inner, pmask, s_in, s_c, c, jm)
+
+
+@triton.jit
+def _layer_fma(h, w_ptr, b_ptr, perm_ptr,
+               N: tl.constexpr, M: tl.constexpr, C_OUT: tl.constexpr, S_OUT: tl.constexpr,
+               PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BLOCK_P: tl.constexpr):
+    """``u[:, o] = sum_k W[o, k] h[:, perm(g(o) N + k)] (+ b[o])`` with one gather and one FMA
+    per k. ``h``: ``[BLOCK_P, S_IN]`` (any float dtype); returns ``[BLOCK_P, S_OUT]`` float32."""
+    h = h.to(tl.float32)
+    o = tl.arange(0, S_OUT)
+    om = o < C_OUT
+    base = (o // M) * N
+    acc = tl.zeros((BLOCK_P, S_OUT), dtype=tl.float32)
+    for k in range(N):
+        src = _perm_src(base + k, om, perm_ptr, PK, SG, SM)
+        hk = tl.gather(h, tl.broadcast_to(src[None, :], (BLOCK_P, S_OUT)), axis=1)
+        wk = tl.load(w_ptr + o * N + k, mask=om, other=0.0).to(tl.float32)
+        acc += hk * wk[None, :]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=om, other=0.0).to(tl.float32)[None, :]
+    # padding slots exactly 0 even when a masked weight met a non-finite input
+    return tl.where(om[None, :], acc, 0.0)
+
+
+@triton.jit
+def _folded_weight(w_ptr, inv_ptr, N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
+                   C_OUT: tl.constexpr, S_IN: tl.constexpr, S_OUT: tl.constexpr,
+                   PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr):
+    """``[S_IN, S_OUT]`` block-diagonal ``W^T`` with the incoming permutation folded into its
+    rows: ``Wf[s, o] = W[o, perm^{-1}(s) - g(o) N]`` when that is in o's group, else 0."""
+    s = tl.arange(0, S_IN)
+    o = tl.arange(0, S_OUT)
+    sm = s < C_IN
+    j = _perm_inv(s, sm, inv_ptr, PK, SG, SM)
+    k = j[:, None] - ((o // M) * N)[None, :]
+    valid = sm[:, None] & (o < C_OUT)[None, :] & (k >= 0) & (k < N)
+    return tl.load(w_ptr + o[None, :] * N + k, mask=valid, other=0.0)
+
+
+@triton.jit
+def _layer_dot(h, w_ptr, b_ptr, inv_ptr,
+               N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
+               S_IN: tl.constexpr, S_OUT: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
+               SM: tl.constexpr, HAS_BIAS: tl.constexpr, NATIVE: tl.constexpr,
+               PREC: tl.constexpr):
+    """The same layer as one ``tl.dot`` with the folded block-diagonal weight. NATIVE: ``h``
+    and ``W`` are 16-bit storage values (layer 1): exact products on tensor cores."""
+    wf = _folded_weight(w_ptr, inv_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM)
+    if NATIVE:
+        acc = tl.dot(h, wf.to(h.dtype), out_dtype=tl.float32)
+    else:
+        acc = tl.dot(h.to(tl.float32), wf.to(tl.float32), input_precision=PREC,
+                     out_dtype=tl.float32)
+    o = tl.arange(0, S_OUT)
+    om = o < C_OUT
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + o, mask=om, other=0.0).to(tl.float32)[None, :]
+    return tl.where(om[None, :], acc, 0.0)
+
+
+@triton.jit
+def _rmw_add(ptrs, mask, val):
+    """``*ptrs += val`` on this program's private partial row (no other program writes it)."""
+    tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
+
+
+@triton.jit
+def _layer_fma_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr,
+                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
+                   S_IN: tl.constexpr, S_OUT: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
+                   SM: tl.constexpr, HAS_BIAS: tl.constexpr, NEED_DH: tl.constexpr,
+                   NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Backward of ``_layer_fma``. ``du``: gradient of ``u`` [BLOCK_P, S_OUT] float32 (0 in
+    padding); ``h``: the layer's input tile. Adds the tile's dW / db to the partial row and
+    returns the gradient of the previous tile (slots of ``h``)."""
+    o = tl.arange(0, S_OUT)
+    om = o < C_OUT
+    if NEED_DW:
+        hf = h.to(tl.float32)
+        base = (o // M) * N
+        for k in range(N):
+            src = _perm_src(base + k, om, perm_ptr, PK, SG, SM)
+            hk = tl.gather(hf, tl.broadcast_to(src[None, :], (BLOCK_P, S_OUT)), axis=1)
+            _rmw_add(pw_ptr + o * N + k, om, tl.sum(du * hk, axis=0))
+    if NEED_DB:
+        _rmw_add(pb_ptr + o, om, tl.sum(du, axis=0))
+    dh = tl.zeros((BLOCK_P, S_IN), dtype=tl.float32)
+    if NEED_DH:
+        s = tl.arange(0, S_IN)
+        sm = s < C_IN
+        j = _perm_inv(s, sm, inv_ptr, PK, SG, SM)
+        g = j // N
+        ks = j - g * N
+        for i in range(M):
+            oo = tl.where(sm, g * M + i, 0)
+            dui = tl.gather(du, tl.broadcast_to(oo[None, :], (BLOCK_P, S_IN)), axis=1)
+            wv = tl.load(w_ptr + oo * N + ks, mask=sm, other=0.0).to(tl.float32)
+            dh += dui * wv[None, :]
+    return dh
+
+
+@triton.jit
+def _layer_dot_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr,
+                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
+                   S_IN: tl.constexpr, S_OUT: tl.constexpr, NP: tl.constexpr,
+                   PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
+                   NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                   PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Backward of ``_layer_dot``: ``dh = du Wf^T``, ``dWf = h^T du`` (then the in-group entries
+    of dWf are gathered back to W's ``(C_OUT, N)`` layout), ``db = sum du``."""
+    o = tl.arange(0, S_OUT)
+    om = o < C_OUT
+    wf = _folded_weight(w_ptr, inv_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM)
+    wf = wf.to(tl.float32)
+    if NEED_DW:
+        dwf = tl.dot(tl.trans(h.to(tl.float32)), du, input_precision=PREC, out_dtype=tl.float32)
+        kk = tl.arange(0, NP)
+        valid = (kk[:, None] < N) & om[None, :]
+        src = _perm_src(((o // M) * N)[None, :] + kk[:, None], valid, perm_ptr, PK, SG, SM)
+        dw = tl.gather(dwf, src, axis=0)  # [NP, S_OUT]: dW[o, k]
+        _rmw_add(pw_ptr + o[None, :] * N + kk[:, None], valid, dw)
+    if NEED_DB:
+        _rmw_add(pb_ptr + o, om, tl.sum(du, axis=0))
+    dh = tl.zeros((BLOCK_P, S_IN), dtype=tl.float32)
+    if NEED_DH:
+        dh = tl.dot(du, tl.trans(wf), input_precision=PREC, out_dtype=tl.float32)
+    return dh
+
+
+@triton.jit
+def _index_grad(dh0, order_ptr, start_ptr, count_ptr, C_X: tl.constexpr, S_X: tl.constexpr,
+                BLOCK_P: tl.constexpr):
+    """``dx[:, c] = sum_{j: idx[j] == c} dh0[:, j]`` in increasing j (``order`` lists the j
+    sorted by ``idx[j]``, stable; ``start``/``count`` delimit channel c's run)."""
+    c = tl.arange(0, S_X)
+    cm = c < C_X
+    st = tl.load(start_ptr + c, mask=cm, other=0)
+    cnt = tl.load(count_ptr + c, mask=cm, other=0)
+    acc = tl.zeros((BLOCK_P, S_X), dtype=tl.float32)
+    for r in range(0, tl.max(cnt, axis=0)):
+        has = cm & (r < cnt)
+        j = tl.load(order_ptr + st + r, mask=has, other=0)
+        v = tl.gather(dh0, tl.broadcast_to(j[None, :], (BLOCK_P, S_X)), axis=1)
+        acc += tl.where(has[None, :], v, 0.0)
+    return acc
+
+
+@triton.jit
+def _reduce_partials(part_ptr, gw_ptr, gb_ptr, R, WT, BT, ROW, BLOCK: tl.constexpr):
+    """Sum the R partial rows in row order (deterministic): ``gw = sum_r part[r, :WT]``,
+    ``gb = sum_r part[r, WT:WT + BT]``."""
+    e = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = e < WT + BT
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for r in range(R):
+        acc += tl.load(part_ptr + r * ROW + e, mask=m, other=0.0)
+    tl.store(gw_ptr + e, acc.to(gw_ptr.dtype.element_ty), mask=e < WT)
+    tl.store(gb_ptr + (e - WT), acc.to(gb_ptr.dtype.element_ty), mask=m & (e >= WT))
+
+
+# The kernels' helpers, by name, for the generated code.
+_HELPERS = {name: obj for name, obj in dict(globals()).items()
+            if name.startswith("_") and isinstance(obj, object) and callable(obj)
+            and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
+
+INTERPRETED = type(_reduce_partials).__name__ == "InterpretedFunction"
+
+
+# =============================================================================================
+# Chain structure and code generation
+# =============================================================================================
+def slots(c: int) -> int:
+    """Register width of a tile of ``c`` channels (a power of two, >= 16 for tl.dot)."""
+    return max(16, triton.next_power_of_2(int(c)))
+
+
+@dataclass(frozen=True)
+class Layer:
+    c_in: int
+    c_out: int
+    groups: int
+    pk: int  # permutation in front of this layer (between layer l-1 and l)
+    sg: int  # its shuffle groups (PK_SHUFFLE)
+    sm: int  # its channels per shuffle group
+    bias: bool
+    w_off: int  # offset of dW in the partial row
+    b_off: int  # offset of db (after all dW) or -1
+
+    @property
+    def n(self):
+        return self.c_in // self.groups
+
+    @property
+    def m(self):
+        return self.c_out // self.groups
+
+    @property
+    def s_in(self):
+        return slots(self.c_in)
+
+    @property
+    def s_out(self):
+        return slots(self.c_out)
+
+    @property
+    def dense_eligible(self):
+        return self.s_in <= DENSE_MAX_SLOTS and self.s_out <= DENSE_MAX_SLOTS
+
+
+@dataclass(frozen=True)
+class Structure:
+    """Everything about a call that is compiled into the kernels."""
+
+    layers: tuple
+    c_x: int  # channels of x
+    has_index: bool
+    out_pk: int  # the permutation after the last layer
+    out_sg: int
+    out_sm: int
+    native16: bool  # storage dtype is 16-bit (layer 1's dense dot may run on it directly)
+
+    @property
+    def num_layers(self):
+        return len(self.layers)
+
+    @property
+    def w_total(self):
+        return sum(l.c_out * l.n for l in self.layers)
+
+    @property
+    def b_total(self):
+        return sum(l.c_out for l in self.layers if l.bias)
+
+    def name(self) -> str:
+        parts = [f"x{self.c_x}{'i' if self.has_index else ''}"]
+        for l in self.layers:
+            parts.append(f"{l.c_in}g{l.groups}o{l.c_out}p{l.pk}{'b' if l.bias else ''}")
+        return "_".join(parts) + f"_p{self.out_pk}"
+
+
+def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, has_index,
+                   dtype) -> Structure:
+    """The Structure of a chain. ``shuffles[l] > 0``: shuffle with that many groups after layer
+    l; else ``perm_present[l]``: an explicit permutation; else identity."""
+    L = len(groups)
+
+    def kind(l):  # the permutation after layer l (0-based)
+        if shuffles[l] > 0:
+            return PK_SHUFFLE, int(shuffles[l]), int(channels[l + 1]) // int(shuffles[l])
+        if perm_present[l]:
+            return PK_EXPLICIT, 1, 1
+        return PK_IDENTITY, 1, 1
+
+    layers, w_off, b_off = [], 0, 0
+    for l in range(L):
+        pk, sg, sm = kind(l - 1) if l > 0 else (PK_IDENTITY, 1, 1)
+        c_in, c_out, g = int(channels[l]), int(channels[l + 1]), int(groups[l])
+        layers.append(Layer(c_in, c_out, g, pk, sg, sm, bool(bias_present[l]), w_off,
+                            b_off if bias_present[l] else -1))
+        w_off += c_out * (c_in // g)
+        b_off += c_out if bias_present[l] else 0
+    opk, osg, osm = kind(L - 1)
+    return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm,
+                     dtype in (torch.float16, torch.bfloat16))
+
+
+def _ptr_args(st: Structure) -> list:
+    """Names of the per-layer pointer arguments: weights, biases, perms and their inverses.
+    ``p{l}``/``q{l}``: the explicit permutation after layer l (l = 1..L) and its inverse."""
+    args = []
+    for i, l in enumerate(st.layers, 1):
+        args.append(f"w{i}_ptr")
+        if l.bias:
+            args.append(f"b{i}_ptr")
+    for i in range(1, st.num_layers + 1):
+        nxt_pk = st.layers[i].pk if i < st.num_layers else st.out_pk
+        if nxt_pk == PK_EXPLICIT:
+            args += [f"p{i}_ptr", f"q{i}_ptr"]
+    return args
+
+
+def _layer_refs(st: Structure, i: int):
+    """(bias ptr, perm ptr, inverse ptr) expressions for layer i (1-based) in generated code."""
+    l = st.layers[i - 1]
+    b = f"b{i}_ptr" if l.bias else "None"
+    if l.pk == PK_EXPLICIT:
+        return b, f"p{i - 1}_ptr", f"q{i - 1}_ptr"
+    return b, "None", "None"
+
+
+def _fwd_call(st: Structure, i: int, src: str) -> str:
+    """Generated code computing ``a{i}`` (layer i's output tile) from tile ``src``."""
+    l = st.layers[i - 1]
+    b, p, q = _layer_refs(st, i)
+    native = int(i == 1 and st.native16)
+    fma = (f"_layer_fma({src}, w{i}_ptr, {b}, {p}, {l.n}, {l.m}, {l.c_out}, {l.s_out}, "
+           f"{l.pk}, {l.sg}, {l.sm}, {l.bias}, BLOCK_P)")
+    if not l.dense_eligible:
+        return f"a{i} = {fma}"
+    dot = (f"_layer_dot({src}, w{i}_ptr, {b}, {q}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
+           f"{l.s_in}, {l.s_out}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {native}, PREC)")
+    return f"if DENSE_{i}:\n    a{i} = {dot}\nelse:\n    a{i} = {fma}"
+
+
+def _bwd_call(st: Structure, i: int) -> str:
+    """Generated code: gradient ``g`` of layer i's output -> gradient of its input tile."""
+    l = st.layers[i - 1]
+    _, p, q = _layer_refs(st, i)
+    need_dh = "1" if i > 1 else "NEED_DX"
+    pb = f"prow + {st.w_total + l.b_off}" if l.bias else "None"
+    db = "NEED_DB" if l.bias else "0"
+    common = (f"prow + {l.w_off}, {pb}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, {l.s_in}, "
+              f"{l.s_out}")
+    fma = (f"_layer_fma_bwd(g, a{i - 1}, w{i}_ptr, {p}, {q}, {common}, {l.pk}, {l.sg}, "
+           f"{l.sm}, {l.bias}, {need_dh}, NEED_DW, {db}, BLOCK_P)")
+    if not l.dense_eligible:
+        return f"g = {fma}"
+    np_ = triton.next_power_of_2(l.n)
+    dot = (f"_layer_dot_bwd(g, a{i - 1}, w{i}_ptr, {p}, {q}, {common}, {np_}, {l.pk}, "
+           f"{l.sg}, {l.sm}, {need_dh}, NEED_DW, {db}, PREC, BLOCK_P)")
+    return f"if DENSE_{i}:\n    g = {dot}\nelse:\n    g = {fma}"
+
+
+def _indent(code: str, n: int) -> str:
+    pad = " " * n
+    return "\n".join(pad + line if line else line for line in code.splitlines())
+
+
+def _dense_params(st: Structure) -> list:
+    return [f"DENSE_{i}" for i, l in enumerate(st.layers, 1) if l.dense_eligible]
+
+
+def _fwd_source(st: Structure, name: str) -> str:
+    L = st.num_layers
+    last = st.layers[-1]
+    ptrs = ", ".join(_ptr_args(st))
+    consts = "".join(f", {d}: tl.constexpr" for d in _dense_params(st))
+    body = [
+        "t = tl.program_id(0)",
+        "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
+        "yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)",
+        f"a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, {st.layers[0].c_in}, "
+        f"{st.layers[0].s_in}, {st.has_index})",
+    ]
+    for i in range(1, L + 1):
+        body.append(_fwd_call(st, i, f"a{i - 1}"))
+    qL = f"q{L}_ptr" if st.out_pk == PK_EXPLICIT else "None"
+    body += [
+        f"c = tl.arange(0, {last.s_out})",
+        f"cm = c < {last.c_out}",
+        f"chan = _perm_inv(c, cm, {qL}, {st.out_pk}, {st.out_sg}, {st.out_sm})",
+        f"_store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, a{L})",
+    ]
+    return (
+        f"def {name}(x_ptr, y_ptr, idx_ptr, {ptrs}, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,\n"
+        f"        ys0, ys1, ys2, ysi, ysc, layout_key, BLOCK_P: tl.constexpr,\n"
+        f"        PREC: tl.constexpr{consts}):\n" + _indent("\n".join(body), 4) + "\n")
+
+
+def _bwd_source(st: Structure, name: str) -> str:
+    L = st.num_layers
+    last = st.layers[-1]
+    first = st.layers[0]
+    ptrs = ", ".join(_ptr_args(st))
+    consts = "".join(f", {d}: tl.constexpr" for d in _dense_params(st))
+    qL = f"q{L}_ptr" if st.out_pk == PK_EXPLICIT else "None"
+    loop = [
+        "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
+        "goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)",
+        f"a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, {first.c_in}, "
+        f"{first.s_in}, {st.has_index})",
+    ]
+    if L > 1:
+        keep = [_fwd_call(st, i, f"a{i - 1}") for i in range(1, L)]
+        loop.append("if KEEP:\n" + _indent("\n".join(keep), 4))
+    loop += [
+        f"c = tl.arange(0, {last.s_out})",
+        f"cm = c < {last.c_out}",
+        f"chan = _perm_inv(c, cm, {qL}, {st.out_pk}, {st.out_sg}, {st.out_sm})",
+        "g = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm).to(tl.float32)",
+    ]
+    for i in range(L, 0, -1):
+        if i > 1:
+            redo = [_fwd_call(st, k, f"a{k - 1}") for k in range(1, i)]
+            loop.append("if not KEEP:\n" + _indent("\n".join(redo), 4))
+        loop.append(_bwd_call(st, i))
+    dx = ["doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)"]
+    if st.has_index:
+        sx = slots(st.c_x)
+        dx += [f"gx = _index_grad(g, ord_ptr, start_ptr, count_ptr, {st.c_x}, {sx}, BLOCK_P)",
+               f"cx = tl.arange(0, {sx})",
+               f"_store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < {st.c_x}, gx)"]
+    else:
+        dx += [f"cx = tl.arange(0, {first.s_in})",
+               f"_store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < {first.c_in}, g)"]
+    loop.append("if NEED_DX:\n" + _indent("\n".join(dx), 4))
+    body = [
+        "pid = tl.program_id(0)",
+        "nprog = tl.num_programs(0)",
+        "prow = part_ptr + pid.to(tl.int64) * PROW",
+        "ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)",
+        "for t in range(pid, ntiles, nprog):\n" + _indent("\n".join(loop), 4),
+    ]
+    return (
+        f"def {name}(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr, {ptrs},\n"
+        f"        part_ptr, PROW, NI, O0, O1, O2, gs0, gs1, gs2, gsi, gsc, xs0, xs1, xs2, xsi,\n"
+        f"        xsc, ds0, ds1, ds2, dsi, dsc, layout_key, BLOCK_P: tl.constexpr,\n"
+        f"        PREC: tl.constexpr, KEEP: tl.constexpr, NEED_DX: tl.constexpr,\n"
+        f"        NEED_DW: tl.constexpr, NEED_DB: tl.constexpr{consts}):\n"
+        + _indent("\n".join(body), 4) + "\n")
+
+
+_GEN_LOCK = threading.Lock()
+_GEN_COUNT = [0]
+
+
+def _jit_from_source(src: str, name: str):
+    """``triton.jit`` of generated source. The source is registered with ``linecache`` so that
+    Triton (and tracebacks) can read it back like a file."""
+    with _GEN_LOCK:
+        _GEN_COUNT[0] += 1
+        fname = f"<igc_kernels.triton_kernels generated #{_GEN_COUNT[0]}: {name}>"
+    full = "@triton.jit\n" + src
+    linecache.cache[fname] = (len(full), None, full.splitlines(True), fname)
+    ns = {"triton": triton, "tl": tl, **_HELPERS}
+    exec(compile(full, fname, "exec"), ns)
+    return ns[name]
+
+
+# =============================================================================================
+# Launch configurations and autotuning
+# =============================================================================================
+# Search space of the autotuner (GPU only; the interpreter launches DEFAULT_CONFIG). Keyed on
+# the structure (channels, groups, permutation kinds: one autotuner per generated kernel), the
+# tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
+# the batch or spatial sizes.
+#   BLOCK_P   positions per program: 16, 32, 64, 128
+#   num_warps 4, 8
+#   DENSE     every dense-eligible layer on the tl.dot path (1) or all on the FMA path (0)
+#   KEEP      (backward) keep the recomputed intermediates in registers (1) or recompute each
+#             layer's input from x when it is needed (0: less register pressure, more FMAs)
+# Configurations whose register tiles clearly cannot fit are pruned (see _prune).
+BLOCK_PS = (16, 32, 64, 128)
+WARPS = (4, 8)
+# Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
+# configurations above 4x this are pruned, not tried: they spill to local memory.
+REG_BUDGET = 128
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_p: int = 16
+    num_warps: int = 4
+    dense: int = 1
+    keep: int = 1
+
+
+DEFAULT_CONFIG = LaunchConfig()
+_OVERRIDE = threading.local()
+
+
+class override_config:
+    """``with override_config(block_p=..., dense=..., keep=...):`` launch with this config and
+    no autotuning (tests use it to cover both layer paths and both backward variants)."""
+
+    def __init__(self, **kw):
+        self.cfg = LaunchConfig(**{**DEFAULT_CONFIG.__dict__, **kw})
+
+    def __enter__(self):
+        self.prev = getattr(_OVERRIDE, "cfg", None)
+        _OVERRIDE.cfg = self.cfg
+        return self.cfg
+
+    def __exit__(self, *exc):
+        _OVERRIDE.cfg = self.prev
+
+
+def _tiles_live(st: Structure, backward: bool, keep: int) -> int:
+    widths = [st.layers[0].s_in] + [l.s_out for l in st.layers]
+    if not backward:
+        return 3 * max(widths)
+    if keep:
+        return sum(widths) + 2 * max(widths)
+    return 4 * max(widths)
+
+
+def _prune(st: Structure, backward: bool):
+    def prune(configs, named_args, **kwargs):
+        def cost(c):
+            kw = c.kwargs if hasattr(c, "kwargs") else c.all_kwargs()
+            live = _tiles_live(st, backward, kw.get("KEEP", 1))
+            return kw["BLOCK_P"] * live / (32 * c.num_warps)
+
+        ok = [c for c in configs if cost(c) <= 4 * REG_BUDGET]
+        return ok or [min(configs, key=cost)]
+    return prune
+
+
+def _configs(st: Structure, backward: bool) -> list:
+    dense = _dense_params(st)
+    out = []
+    for bp in BLOCK_PS:
+        for w in WARPS:
+            for d in ((0, 1) if dense else (0,)):
+                for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
+                    kw = {"BLOCK_P": bp, **{p: d for p in dense}}
+                    if backward:
+                        kw["KEEP"] = keep
+                    out.append(triton.Config(kw, num_warps=w, num_stages=1))
+    return out
+
+
+class Kernels:
+    """The generated forward and backward kernels of one structure (plain and autotuned)."""
+
+    def __init__(self, st: Structure):
+        self.st = st
+        name = st.name()
+        self.fwd = _jit_from_source(_fwd_source(st, "igc_fwd_" + name), "igc_fwd_" + name)
+        self.bwd = _jit_from_source(_bwd_source(st, "igc_bwd_" + name), "igc_bwd_" + name)
+        self.dense_params = _dense_params(st)
+        self.fwd_tuned = self.bwd_tuned = None
+        if not INTERPRETED:
+            self.fwd_tuned = triton.autotune(
+                configs=_configs(st, False), key=["layout_key"],
+                prune_configs_by={"early_config_prune": _prune(st, False)})(self.fwd)
+            self.bwd_tuned = triton.autotune(
+                configs=_configs(st, True), key=["layout_key"],
+                prune_configs_by={"early_config_prune": _prune(st, True)},
+                reset_to_zero=["part_ptr"])(self.bwd)
+
+    def fixed_meta(self, cfg: LaunchConfig, backward: bool) -> dict:
+        meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps}
+        for p in self.dense_params:
+            meta[p] = cfg.dense
+        if backward:
+            meta["KEEP"] = cfg.keep
+        return meta
+
+
+_KERNELS: dict = {}
+
+
+def kernels_for(st: Structure) -> Kernels:
+    k = _KERNELS.get(st)
+    if k is None:
+        with _GEN_LOCK:
+            k = _KERNELS.get(st)
+        if k is None:
+            k = Kernels(st)
+            _KERNELS[st] = k
+    return k
+
+
+def launch_choice(kern: Kernels, backward: bool):
+    """(kernel, fixed meta or None): the autotuned kernel on GPUs, unless an override is active
+    or deterministic algorithms are requested (then a fixed configuration, so the result does
+    not depend on which configuration a timing run preferred)."""
+    cfg = getattr(_OVERRIDE, "cfg", None)
+    tuned = kern.bwd_tuned if backward else kern.fwd_tuned
+    if cfg is None and tuned is not None and not torch.are_deterministic_algorithms_enabled():
+        return tuned, None
+    plain = kern.bwd if backward else kern.fwd
+    return plain, kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)
+
+
+def dot_precision() -> str:
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+# =============================================================================================
+# Host-side layout of the positions
+# =============================================================================================
+def position_dims(shape, strides_list):
+    """Collapse the non-channel dims of tensors shaped like ``shape`` (channel dim 1) into at
+    most 4 (outer..inner) that every tensor can address with one stride each.
+
+    Returns ``sizes`` (4 ints: O0, O1, O2, NI) and, per tensor, 4 strides (s0, s1, s2, s_inner).
+    Size-1 dims are dropped; neighbours are merged when ``stride[a] == stride[b] * size[b]`` in
+    every tensor. More than 4 groups cannot happen (N plus at most 3 spatial dims).
+    """
+    dims = [d for d in range(len(shape)) if d != 1 and int(shape[d]) != 1]
+    groups = []  # [size, [stride per tensor]] from inner to outer
+    for d in reversed(dims):
+        size = int(shape[d])
+        st = [int(s[d]) for s in strides_list]
+        if groups:
+            gsize, gst = groups[-1]
+            if all(a == b * gsize for a, b in zip(st, gst)):
+                groups[-1][0] = gsize * size
+                continue
+        groups.append([size, st])
+    if not groups:
+        groups.append([1, [0] * len(strides_list)])
+    while len(groups) < 4:
+        groups.append([1, [0] * len(strides_list)])
+    groups = groups[::-1]  # outer .. inner
+    sizes = [g[0] for g in groups]
+    per_tensor = [[g[1][t] for g in groups] for t in range(len(strides_list))]
+    return sizes, per_tensor
