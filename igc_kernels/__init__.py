@@ -24,6 +24,9 @@ from .backends import (  # noqa: E402
 )
 from .functional import interleaved_group_conv  # noqa: E402
 from .modules import InterleavedGroupConv  # noqa: E402
+from .modules import ChannelGather  # noqa: E402
+from .convert import convert, unfuse  # noqa: E402
+from . import models  # noqa: E402
 from .spec import ChainSpec  # noqa: E402
 
 __version__ = "0.1.0"
@@ -38,4 +41,8 @@ __all__ = [
     "BACKENDS",
     "interleave_index",
     "reference",
+    "ChannelGather",
+    "convert",
+    "unfuse",
+    "models",
 ]
