@@ -1,0 +1,118 @@
+"""DistributedDataParallel with the fused operator: gloo backend, 2 processes on the CPU.
+
+Each rank trains the same fused and unfused IGCV2 network (same seed, so the same parameters)
+on its own shard of a batch. After backward, DDP has all-reduced (averaged) the gradients: the
+test checks that the fused model's gradients equal the unfused model's on every rank, that both
+ranks hold the same gradients, and that they equal the mean of the per-shard gradients computed
+in this process without DDP. float64 throughout; tolerance ``2 k u scale`` as in test_models.
+
+Robustness: a free TCP port on 127.0.0.1, a 60 s timeout on the process group, and a deadline
+on the whole run after which the workers are terminated and the test fails.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+import igc_kernels as igc  # noqa: F401
+from igc_kernels.models import IGCV2CifarNet, parameter_pairs
+from igc_test_utils import require_extension
+
+WORLD = 2
+U64 = torch.finfo(torch.float64).eps / 2
+K_ROUND = 4 * 8 * (4 * 16 * 16 + 600)
+DEADLINE_S = 240
+
+
+def _model(fused):
+    torch.manual_seed(0)
+    return IGCV2CifarNet(8, depth=5, group_size=4, fused=fused).double()
+
+
+def _shard(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return (torch.randn(4, 3, 16, 16, generator=g, dtype=torch.float64),
+            torch.randint(0, 10, (4,), generator=g))
+
+
+def _grads(model, x, y):
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, port, out_dir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        x, y = _shard(rank)
+        result = {}
+        for fused in (True, False):
+            net = torch.nn.parallel.DistributedDataParallel(_model(fused))
+            result["fused" if fused else "unfused"] = _grads(net, x, y)
+        # the wrapper names its parameters "module.<name>"
+        result = {k: {n.removeprefix("module."): g for n, g in v.items()} for k, v in result.items()}
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _close(a, b, name):
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max())
+    assert err <= 2 * K_ROUND * U64 * scale, f"{name}: max difference {err:.3e}"
+
+
+def test_ddp_fused_gradients_equal_unfused(tmp_path):
+    require_extension()
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("torch.distributed with gloo is required for this test")
+    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + DEADLINE_S
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"DDP workers did not finish within {DEADLINE_S} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+    fused, unfused = _model(True), _model(False)
+    pairs = parameter_pairs(fused, unfused)
+    name_of = {id(p): n for n, p in fused.named_parameters()}
+    uname_of = {id(p): n for n, p in unfused.named_parameters()}
+    # the mean of the per-shard gradients, computed here without DDP (unfused model)
+    per_shard = [_grads(unfused, *_shard(r)) for r in range(WORLD)]
+    mean = {n: sum(g[n] for g in per_shard) / WORLD for n in per_shard[0]}
+    assert len(pairs) == len(mean)
+    # the shards give different gradients, so matching the mean shows the all-reduce happened
+    assert all(not torch.allclose(per_shard[0][n], mean[n]) for n in mean if "weight" in n)
+    for r, res in enumerate(results):
+        for _, pf, pu in pairs:
+            nf, nu = name_of[id(pf)], uname_of[id(pu)]
+            _close(res["fused"][nf], res["unfused"][nu], f"rank {r}: fused vs unfused grad of {nf}")
+            _close(res["unfused"][nu], mean[nu], f"rank {r}: all-reduced grad of {nu} vs the mean")
+            _close(res["fused"][nf], results[0]["fused"][nf], f"rank {r} vs rank 0: grad of {nf}")
