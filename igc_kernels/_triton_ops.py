@@ -44,8 +44,79 @@ def _inverse(p: torch.Tensor) -> torch.Tensor:
     return torch.argsort(p, stable=True).to(torch.int32)
 
 
-def _prepare(x, weights, biases, groups, shuffles, perms, input_index):
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
+    """Structural checks of the raw op's arguments (the public API validates more, including
+    permutation values, before it gets here). Raises ValueError / TypeError naming the
+    argument and the layer, before any kernel launch."""
+    if x.dim() < 2 or x.dim() > 5:
+        raise ValueError(f"x must have 2 to 5 dims (N, C, *spatial), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float32, float16 "
+                        f"and bfloat16")
+    L = len(weights)
+    if L == 0:
+        raise ValueError("weights is empty: the chain needs at least one layer")
+    if len(groups) != L or len(shuffles) != L or len(perms) != L or len(biases) not in (0, L):
+        raise ValueError(f"groups, shuffles, perms (and biases unless empty) need one entry per "
+                         f"layer: {L} weights, {len(groups)} groups, {len(shuffles)} shuffles, "
+                         f"{len(perms)} perms, {len(biases)} biases")
+    if input_index is not None:
+        if input_index.dim() != 1 or input_index.numel() == 0 or input_index.is_floating_point():
+            raise ValueError(f"input_index must be a non-empty 1-D integer tensor, got shape "
+                             f"{tuple(input_index.shape)} dtype {input_index.dtype}")
+        c_prev = int(input_index.shape[0])
+    else:
+        c_prev = int(x.shape[1])
+    widths = [("x", int(x.shape[1])), ("C_0", c_prev)]
+    for l in range(L):
+        layer, W, G = l + 1, weights[l], int(groups[l])
+        if W.dim() != 2:
+            raise ValueError(f"layer {layer}: weight must be 2-D (C_{layer}, C_{layer - 1} / "
+                             f"groups), got shape {tuple(W.shape)}")
+        if G <= 0 or c_prev % G or int(W.shape[1]) * G != c_prev or int(W.shape[0]) % G:
+            raise ValueError(f"layer {layer}: weight has shape {tuple(W.shape)} and groups = {G}"
+                             f", expected (C_{layer}, C_{layer - 1} / groups) with C_{layer - 1} "
+                             f"= {c_prev} and C_{layer} divisible by groups")
+        if W.dtype != x.dtype or W.device != x.device:
+            raise TypeError(f"layer {layer}: weight is {W.dtype} on {W.device}, x is {x.dtype} "
+                            f"on {x.device}; they must match")
+        c_out = int(W.shape[0])
+        if len(biases) and has_bias(biases[l]):
+            b = biases[l]
+            if b.dim() != 1 or int(b.shape[0]) != c_out or b.dtype != x.dtype \
+                    or b.device != x.device:
+                raise ValueError(f"layer {layer}: bias has shape {tuple(b.shape)}, dtype "
+                                 f"{b.dtype}, device {b.device}; expected ({c_out},) {x.dtype} "
+                                 f"on {x.device}")
+        s = int(shuffles[l])
+        if s < 0 or (s > 0 and c_out % s):
+            raise ValueError(f"layer {layer}: shuffles = {s} must be 0 or divide C_{layer} = "
+                             f"{c_out}")
+        p = perms[l]
+        if s == 0 and p is not None and (p.dim() != 1 or int(p.shape[0]) != c_out
+                                         or p.is_floating_point()):
+            raise ValueError(f"layer {layer}: permutation has shape {tuple(p.shape)} dtype "
+                             f"{p.dtype}, expected a 1-D integer index of length C_{layer} = "
+                             f"{c_out}")
+        widths.append((f"C_{layer}", c_out))
+        c_prev = c_out
+    for name, c in widths:
+        if c > K.MAX_CHANNELS:
+            raise ValueError(f"{name} = {c} channels exceeds the Triton kernels' limit of "
+                             f"{K.MAX_CHANNELS}")
+    if grad_y is not None:
+        want = (x.shape[0], c_prev, *x.shape[2:])
+        if tuple(grad_y.shape) != tuple(want) or grad_y.dtype != x.dtype:
+            raise ValueError(f"grad_y has shape {tuple(grad_y.shape)} dtype {grad_y.dtype}, "
+                             f"expected {tuple(want)} {x.dtype}")
+
+
+def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
     """(structure, per-layer pointer tensors in the generated kernels' argument order)."""
+    _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
     L = len(weights)
     channels = [int(weights[0].shape[1]) * int(groups[0])] + [int(w.shape[0]) for w in weights]
     bias_present = [has_bias(b) for b in biases] if len(biases) else [False] * L
@@ -97,6 +168,13 @@ def backward_programs(device: torch.device) -> int:
     return n
 
 
+def _store_dtype(dtype):
+    """The dtype the kernels write results in. Triton's interpreter converts float32 to
+    bfloat16 by truncation (the compiled kernels round to nearest even), so under the
+    interpreter bfloat16 results are written as float32 and rounded by torch afterwards."""
+    return torch.float32 if INTERPRETED and dtype == torch.bfloat16 else dtype
+
+
 def _launch(kernel, grid, args, meta):
     if INTERPRETED:
         kernel[grid](*args, **meta)
@@ -110,10 +188,10 @@ def _launch(kernel, grid, args, meta):
 def chain_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[torch.Tensor],
                   groups: List[int], shuffles: List[int], perms: List[Optional[torch.Tensor]],
                   input_index: Optional[torch.Tensor] = None) -> torch.Tensor:
-    y = empty_like_layout(x, weights[-1].shape[0])
-    if y.numel() == 0:
-        return y
     st, ptrs = _prepare(x, weights, biases, groups, shuffles, perms, input_index)
+    y = empty_like_layout(x, weights[-1].shape[0], _store_dtype(x.dtype))
+    if y.numel() == 0:
+        return y.to(x.dtype)
     kern = K.kernels_for(st)
     sizes, (xs, ys) = K.position_dims(x.shape, [x.stride(), y.stride()])
     O0, O1, O2, NI = sizes
@@ -126,7 +204,7 @@ def chain_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
     args = [x, y, idx, *ptrs, NI, O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
             ys[0], ys[1], ys[2], ys[3], y.stride(1), _layout_key((xs[3], x.stride(1)))]
     _launch(fn, grid, args, {"PREC": K.dot_precision(), **meta})
-    return y
+    return y.to(x.dtype)
 
 
 def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Tensor],
@@ -135,18 +213,19 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
                    input_index: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     need_dx, need_dw, need_db = (bool(m) for m in output_mask)
-    st, ptrs = _prepare(x, weights, biases, groups, shuffles, perms, input_index)
+    st, ptrs = _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
     need_db = need_db and st.b_total > 0
-    dtype = weights[0].dtype
-    dx = empty_like_layout(x, x.shape[1]) if need_dx else x.new_empty((0,))
+    dtype = _store_dtype(weights[0].dtype)
+    dx = empty_like_layout(x, x.shape[1], dtype) if need_dx else x.new_empty((0,), dtype=dtype)
     gw = x.new_empty((st.w_total if need_dw else 0,), dtype=dtype)
     gb = x.new_empty((st.b_total if need_db else 0,), dtype=dtype)
+    out_dtype = weights[0].dtype
     if not (need_dx or need_dw or need_db):
-        return dx, gw, gb
+        return dx.to(out_dtype), gw.to(out_dtype), gb.to(out_dtype)
     if x.numel() == 0:
         gw.zero_()
         gb.zero_()
-        return dx, gw, gb
+        return dx.to(out_dtype), gw.to(out_dtype), gb.to(out_dtype)
     kern = K.kernels_for(st)
     dxs = dx.stride() if need_dx else x.stride()
     sizes, (gs, xs, ds) = K.position_dims(x.shape, [grad_y.stride(), x.stride(), dxs])
@@ -172,7 +251,7 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
         block = 256
         _launch(K._reduce_partials, (triton.cdiv(row, block),),
                 [part, gw_out, gb_out, nprog, st.w_total, st.b_total, row], {"BLOCK": block})
-    return dx, gw, gb
+    return dx.to(out_dtype), gw.to(out_dtype), gb.to(out_dtype)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@
   points them at the reference chain to check the tests themselves without a build.)
 * Hypothesis runs a modest, derandomized number of examples so the suite stays fast and
   reproducible; ``IGC_HYPOTHESIS_EXAMPLES`` raises it for a longer local run.
+* Without a GPU, ``TRITON_INTERPRET=1`` is set before anything imports Triton kernels, so the
+  Triton backend's tests run through Triton's interpreter on CPU tensors.
 * Every test starts from the same torch seed and leaves the default dtype, thread count and
   backend scope as it found them.
 """
@@ -20,6 +22,13 @@ import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Without a GPU the Triton backend's tests run its kernels on CPU tensors through Triton's
+# interpreter. Triton reads TRITON_INTERPRET when a kernel is decorated (when
+# igc_kernels.triton_kernels is first imported), so it is set here, before anything imports it.
+# With a GPU the kernels are compiled as usual (run with TRITON_INTERPRET=1 to interpret them).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 with warnings.catch_warnings():
     # The package warns once at import when an optional part (the extension, Triton) is missing;

@@ -314,8 +314,8 @@ def _reduce_partials(part_ptr, gw_ptr, gb_ptr, R, WT, BT, ROW, BLOCK: tl.constex
 
 # The kernels' helpers, by name, for the generated code.
 _HELPERS = {name: obj for name, obj in dict(globals()).items()
-            if name.startswith("_") and isinstance(obj, object) and callable(obj)
-            and type(obj).__name__ in ("JITFunction", "InterpretedFunction")}
+            if name.startswith("_") and type(obj).__name__ in ("JITFunction",
+                                                               "InterpretedFunction")}
 
 INTERPRETED = type(_reduce_partials).__name__ == "InterpretedFunction"
 
@@ -414,8 +414,10 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
         w_off += c_out * (c_in // g)
         b_off += c_out if bias_present[l] else 0
     opk, osg, osm = kind(L - 1)
-    return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm,
-                     dtype in (torch.float16, torch.bfloat16))
+    # 16-bit storage: layer 1's dense dot runs on the storage values (exact products). Not for
+    # bfloat16 under the interpreter, which has no bfloat16 arithmetic (numpy has no bfloat16).
+    native16 = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+    return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16)
 
 
 def _ptr_args(st: Structure) -> list:
@@ -588,14 +590,15 @@ def _jit_from_source(src: str, name: str):
 # the structure (channels, groups, permutation kinds: one autotuner per generated kernel), the
 # tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
 # the batch or spatial sizes.
-#   BLOCK_P   positions per program: 16, 32, 64, 128
-#   num_warps 4, 8
-#   DENSE     every dense-eligible layer on the tl.dot path (1) or all on the FMA path (0)
-#   KEEP      (backward) keep the recomputed intermediates in registers (1) or recompute each
-#             layer's input from x when it is needed (0: less register pressure, more FMAs)
-# Configurations whose register tiles clearly cannot fit are pruned (see _prune).
-BLOCK_PS = (16, 32, 64, 128)
-WARPS = (4, 8)
+#   (BLOCK_P, num_warps)  positions per program and warps: (16, 4), (32, 4), (64, 8), (128, 8)
+#   DENSE                 every dense-eligible layer on the tl.dot path (1) or all on the FMA
+#                         path (0); only offered when some layer is eligible
+#   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
+#                         or recompute each layer's input from x when needed (0: fewer live
+#                         registers, L (L - 1) / 2 layer applications instead of L - 1)
+# At most 8 forward and 16 backward configurations per structure (each is a compilation on
+# first use). Configurations whose register tiles clearly cannot fit are pruned (_prune).
+TILE_CONFIGS = ((16, 4), (32, 4), (64, 8), (128, 8))
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
 REG_BUDGET = 128
@@ -653,14 +656,13 @@ def _prune(st: Structure, backward: bool):
 def _configs(st: Structure, backward: bool) -> list:
     dense = _dense_params(st)
     out = []
-    for bp in BLOCK_PS:
-        for w in WARPS:
-            for d in ((0, 1) if dense else (0,)):
-                for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
-                    kw = {"BLOCK_P": bp, **{p: d for p in dense}}
-                    if backward:
-                        kw["KEEP"] = keep
-                    out.append(triton.Config(kw, num_warps=w, num_stages=1))
+    for bp, w in TILE_CONFIGS:
+        for d in ((0, 1) if dense else (0,)):
+            for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
+                kw = {"BLOCK_P": bp, **{p: d for p in dense}}
+                if backward:
+                    kw["KEEP"] = keep
+                out.append(triton.Config(kw, num_warps=w, num_stages=1))
     return out
 
 

@@ -1,0 +1,555 @@
+"""The fused Triton backend (``backend="triton"``) against the float64 oracle.
+
+Without a GPU (CI) the kernels run on CPU tensors through Triton's interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py before anything imports the kernels); on a GPU
+machine the same tests run the compiled kernels on CUDA tensors (every input is copied to the
+device with its exact strides and storage offset). Shapes are small so that the interpreter
+stays fast; ``test_triton_gpu.py`` adds large shapes, compile / CUDA-graph and timing-free GPU
+checks.
+
+float32 results (output and every gradient) must be within the float32 rounding bound of the
+problem against the float64 oracle (see ``igc_test_utils``); float16 / bfloat16 results within
+twice the error of the unfused chain in the same dtype. Both layer implementations (FMA /
+dense ``tl.dot``) and both backward variants (intermediates kept / recomputed) are covered by
+forcing the launch configuration.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+import igc_kernels as igc
+from igc_kernels import _triton_ops as T
+from igc_kernels import backends
+from igc_kernels._chain import normalize
+from igc_kernels.triton_kernels import chain as K
+from igc_test_utils import (
+    Problem,
+    assert_layout_like_contract,
+    assert_within_rounding,
+    build_problem,
+    expanded_like,
+    forward_and_grads,
+    magnitudes,
+    make_tensor,
+    normalized_op_args,
+    oracle,
+    random_biases,
+    random_weights,
+)
+
+DEVICE = "cpu" if T.INTERPRETED else "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: problems on the device, checks against the oracle
+# ---------------------------------------------------------------------------------------------
+def to_dev(t, requires_grad=None):
+    """``t`` on DEVICE with the same sizes, strides and storage offset (stride-0 dims stay
+    expanded)."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    t = t.detach()
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        idx = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
+        out = to_dev(t[idx].contiguous()).expand(t.shape)
+    else:
+        numel = t.untyped_storage().nbytes() // t.element_size()
+        base = torch.zeros(numel, dtype=t.dtype, device=DEVICE)
+        out = base.as_strided(t.shape, t.stride(), t.storage_offset())
+        out.copy_(t)
+    if requires_grad:
+        out.requires_grad_()
+    return out
+
+
+def on_device(p: Problem) -> Problem:
+    perms = None if p.permutations is None else [
+        to_dev(q) if isinstance(q, torch.Tensor) else q for q in p.permutations]
+    biases = None if p.biases is None else [to_dev(b, True) for b in p.biases]
+    return Problem(to_dev(p.x, True), [to_dev(w, True) for w in p.weights], list(p.groups),
+                   perms, biases, p.channels, to_dev(p.input_index))
+
+
+def run_triton(p: Problem, gy, **config):
+    """Output and gradients of ``p`` through backend="triton" on DEVICE (as CPU tensors)."""
+    pd = on_device(p)
+    ctx = K.override_config(**config) if config else _nullcontext()
+    with ctx:
+        y, grads = forward_and_grads(lambda: pd.call("triton"), pd.leaves(), to_dev(gy))
+    assert y.device.type == DEVICE
+    assert_layout_like_contract(y, pd.x)
+    if grads is not None:
+        assert_layout_like_contract(grads[0], pd.x, what="grad of x")
+        grads = [g.cpu() for g in grads]
+    return y.cpu(), grads
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def check_fp32(p: Problem, gy, **config):
+    """float32 output and gradients within the float32 rounding bound of the problem."""
+    y, grads = run_triton(p, gy, **config)
+    y64, g64 = oracle(p, gy)
+    ymag, gmag = magnitudes(p, gy)
+    k = p.reduction_length()
+    assert_within_rounding(y, y64, ymag, k, p.x.dtype, name="output")
+    for name, g, e, m in zip(p.leaf_names(), grads, g64, gmag):
+        assert_within_rounding(g, e, m, k, p.x.dtype, name=f"grad of {name}")
+    return y, grads
+
+
+def check_low_precision(p: Problem, gy, **config):
+    """16-bit: max error vs the float64 oracle at most twice the unfused chain's in the same
+    dtype, for the output and every gradient."""
+    y, grads = run_triton(p, gy, **config)
+    yr, gr = forward_and_grads(lambda: p.call("reference"), p.leaves(), gy)
+    yo, go = oracle(p, gy)
+    names = ["output"] + [f"grad of {n}" for n in p.leaf_names()]
+    for name, k, r, o in zip(names, [y] + grads, [yr] + gr, [yo] + go):
+        assert k.dtype == p.x.dtype, name
+        k = k.detach()
+        err_k = (k.double() - o.detach()).abs()
+        err_r = (r.detach().double() - o.detach()).abs()
+        limit = 2 * float(err_r.max())
+        if float(err_k.max()) > limit or not bool(torch.isfinite(k).all()):
+            first = tuple(int(i) for i in torch.nonzero(~(err_k <= limit))[0])
+            raise AssertionError(
+                f"{name}: max error {float(err_k.max()):.4e} (mean {float(err_k.mean()):.4e}) > "
+                f"2 x unfused chain's {float(err_r.max()):.4e}; first at index {first}")
+
+
+def _gy(p: Problem, kind="contiguous", seed=1):
+    shape = (p.x.shape[0], p.channels[-1], *p.x.shape[2:])
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "expanded":
+        return expanded_like(shape, p.x.dtype, gen)
+    return make_tensor(shape, kind, p.x.dtype, gen)
+
+
+# ---------------------------------------------------------------------------------------------
+# Odd sizes, layouts, both layer paths
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("cpg", [1, 3, 7])
+def test_odd_group_widths_nonsquare(cpg, layout, dense):
+    """``cpg`` input channels per group, non-square groups (2 cpg -> 2 (cpg + 1) -> 2 cpg),
+    interleave, biases, 7 x 7 positions (tails of the 16-position tiles)."""
+    channels = [2 * cpg, 2 * (cpg + 1), 2 * cpg]
+    p = build_problem(channels, [2, 2], spatial=(7, 7), N=2, layout=layout,
+                      dtype=torch.float32, bias=True, seed=cpg)
+    check_fp32(p, _gy(p), dense=dense)
+
+
+X_KINDS = {
+    "tokens": (0, "contiguous"),
+    "tokens_sliced": (0, "sliced"),
+    "ncl": (1, "contiguous"),
+    "ncl_channels_last": (1, "channels_last"),
+    "nchw": (2, "contiguous"),
+    "nchw_channels_last": (2, "channels_last"),
+    "nchw_sliced": (2, "sliced"),
+    "nchw_sliced_channels_last": (2, "sliced_channels_last"),
+    "nchw_permuted": (2, "permuted"),
+    "ncdhw": (3, "contiguous"),
+    "ncdhw_channels_last": (3, "channels_last"),
+    "ncdhw_sliced": (3, "sliced"),
+}
+
+
+@pytest.mark.parametrize("x_kind", X_KINDS, ids=list(X_KINDS))
+def test_layouts(x_kind):
+    """Every layout of x (views with storage offsets and steps included) with an explicit
+    permutation, a shuffle, a bias on one layer and a stride-0 grad_output on some."""
+    nsp, layout = X_KINDS[x_kind]
+    spatial = {0: (), 1: (5,), 2: (3, 4), 3: (2, 3, 2)}[nsp]
+    gen = torch.Generator().manual_seed(3)
+    perms = [torch.randperm(12, generator=gen), "interleave", None]
+    p = build_problem([6, 12, 12, 9], [3, 4, 3], spatial=spatial, N=3, layout=layout,
+                      dtype=torch.float32, permutations=perms, bias=[False, True, False], seed=4)
+    gy = _gy(p, "expanded" if nsp % 2 else "contiguous")
+    check_fp32(p, gy)
+
+
+@pytest.mark.parametrize("keep", [1, 0], ids=["keep", "recompute"])
+@pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
+@pytest.mark.parametrize("perm_kind", ["identity", "interleave", "explicit"])
+def test_paths_and_permutation_kinds(perm_kind, dense, keep):
+    """Three layers, every permutation kind between them and after the last, both layer
+    implementations, both backward variants, a 32-position tile."""
+    gen = torch.Generator().manual_seed(5)
+    C = [12, 24, 24, 12]
+    perms = {"identity": [None, None, None],
+             "interleave": ["interleave", "interleave", "interleave"],
+             "explicit": [torch.randperm(c, generator=gen) for c in C[1:]]}[perm_kind]
+    p = build_problem(C, [3, 4, 2], spatial=(5, 7), N=2, dtype=torch.float32,
+                      permutations=perms, bias=[True, False, True], seed=6)
+    check_fp32(p, _gy(p), dense=dense, keep=keep, block_p=32)
+
+
+@pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
+def test_group_width_64(dense):
+    """Group widths 64 (in) and 32 (out), and 64 -> 64: the widest the backend promises."""
+    p = build_problem([128, 64, 128], [2, 1], spatial=(3,), N=2, dtype=torch.float32,
+                      permutations=[torch.randperm(64), None], bias=[True, False], seed=7)
+    check_fp32(p, _gy(p), dense=dense)
+
+
+def test_channel_limit_1024():
+    """C = 1024 with 16 groups of 64 channels, then 1024 -> 512 with 32 groups (FMA path: too
+    wide for the dense one), a few tokens."""
+    p = build_problem([1024, 1024, 512], [16, 32], N=5, dtype=torch.float32, bias=[False, True],
+                      seed=8)
+    check_fp32(p, _gy(p))
+
+
+# ---------------------------------------------------------------------------------------------
+# input_index
+# ---------------------------------------------------------------------------------------------
+INDEX_CASES = {
+    # name: (in_channels, index, channels after it, groups, spatial, layout)
+    "repeats_nchw": (6, [0, 1, 1, 5, 2, 2, 0, 3], [8, 8, 6], [4, 2], (3, 3), "contiguous"),
+    "subset_channels_last": (12, [11, 3, 7, 0, 9, 4], [6, 9, 6], [3, 3], (2, 5), "channels_last"),
+    "longer_than_x_tokens": (3, [2, 0, 1, 1, 0, 2, 2, 2, 1], [9, 6], [3], (), "contiguous"),
+    "one_channel_sliced": (5, [4] * 4, [4, 4, 8], [2, 4], (3, 2), "sliced"),
+}
+
+
+@pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
+@pytest.mark.parametrize("case", INDEX_CASES.values(), ids=list(INDEX_CASES))
+def test_input_index(case, dense):
+    cin, idx, channels, groups, spatial, layout = case
+    p = build_problem(channels, groups, spatial=spatial, N=3, layout=layout,
+                      dtype=torch.float32, permutations="random", bias=True, seed=9,
+                      input_index=torch.tensor(idx), in_channels=cin)
+    _, grads = check_fp32(p, _gy(p), dense=dense)
+    unused = sorted(set(range(cin)) - set(idx))
+    if unused:  # channels never selected get exactly zero
+        assert torch.equal(grads[0][:, unused], torch.zeros_like(grads[0][:, unused]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Low precision
+# ---------------------------------------------------------------------------------------------
+LP_CASES = {
+    "nchw_nonsquare": ([32, 48, 32], [4, 8], "default", True, (5, 5), "contiguous"),
+    "channels_last_random_perms": ([24, 24, 24], [3, 3], "random", True, (4, 4),
+                                   "channels_last"),
+    "tokens_deep_wide": ([64, 64, 64, 64], [4, 8, 8], "default", [True, False, True], (),
+                         "contiguous"),
+}
+
+
+@pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("case", LP_CASES.values(), ids=list(LP_CASES))
+def test_low_precision_at_most_twice_unfused_error(case, dtype, dense):
+    channels, groups, perms, bias, spatial, layout = case
+    p = build_problem(channels, groups, spatial=spatial, N=3, layout=layout, dtype=dtype,
+                      permutations=perms, bias=bias, seed=11)
+    check_low_precision(p, _gy(p, seed=12), dense=dense)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis: random chains
+# ---------------------------------------------------------------------------------------------
+@st.composite
+def chains(draw):
+    L = draw(st.integers(1, 4))
+    groups = [draw(st.integers(1, 4)) for _ in range(L)]
+    channels = []
+    for l in range(L + 1):
+        unit = 1
+        if l > 0:
+            unit = math.lcm(unit, groups[l - 1])
+        if l < L:
+            unit = math.lcm(unit, groups[l])
+        channels.append(unit * draw(st.integers(1, max(1, 20 // unit))))
+    perms = [draw(st.sampled_from(["none", "interleave", "random"])) for _ in range(L)]
+    bias = [draw(st.booleans()) for _ in range(L)]
+    x_kind = draw(st.sampled_from(sorted(X_KINDS)))
+    dense = draw(st.integers(0, 1))
+    keep = draw(st.integers(0, 1))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return channels, groups, perms, bias, x_kind, dense, keep, seed
+
+
+@settings(max_examples=max(6, settings().max_examples // 3))
+@given(spec=chains())
+def test_random_chains(spec):
+    channels, groups, perm_kinds, bias, x_kind, dense, keep, seed = spec
+    gen = torch.Generator().manual_seed(seed)
+    perms = [None if k == "none" else "interleave" if k == "interleave"
+             else torch.randperm(c, generator=gen) for k, c in zip(perm_kinds, channels[1:])]
+    nsp, layout = X_KINDS[x_kind]
+    spatial = {0: (), 1: (4,), 2: (2, 3), 3: (2, 2, 2)}[nsp]
+    p = build_problem(channels, groups, spatial=spatial, N=2, layout=layout,
+                      dtype=torch.float32, permutations=perms, bias=bias, seed=seed % 1000)
+    check_fp32(p, _gy(p), dense=dense, keep=keep)
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, empty input, output_mask, op registration
+# ---------------------------------------------------------------------------------------------
+def test_bitwise_determinism():
+    """Forward and every gradient bitwise identical over repeated runs; 2 x 8 x 8 positions
+    are 8 tiles of 16 over the persistent backward's programs (several tiles per program)."""
+    p = on_device(build_problem([16, 24, 16], [4, 4], spatial=(8, 8), N=2,
+                                dtype=torch.float32, permutations=["interleave",
+                                                                   torch.randperm(16)],
+                                bias=True, seed=13))
+    gy = to_dev(_gy(p))
+    first = None
+    for run in range(3):
+        y, grads = forward_and_grads(lambda: p.call("triton"), p.leaves(), gy)
+        if first is None:
+            first = (y.detach().clone(), [g.clone() for g in grads])
+            continue
+        assert torch.equal(y, first[0]), f"run {run}: output differs"
+        for name, g, g0 in zip(p.leaf_names(), grads, first[1]):
+            assert torch.equal(g, g0), f"run {run}: gradient of {name} differs"
+
+
+@pytest.mark.parametrize("shape", [(0, 6, 3, 3), (0, 6), (2, 6, 0, 3)], ids=["n0", "tokens0",
+                                                                           "h0"])
+def test_empty_input(shape):
+    p = on_device(build_problem([6, 9, 4], [3, 1], spatial=shape[2:], N=shape[0],
+                                dtype=torch.float32, permutations=["interleave",
+                                                                   torch.randperm(4)],
+                                bias=True))
+    y = p.call("triton")
+    assert y.shape == (shape[0], 4, *shape[2:])
+    grads = torch.autograd.grad(y, p.leaves(), torch.ones_like(y))
+    assert grads[0].shape == p.x.shape
+    for name, g, leaf in zip(p.leaf_names()[1:], grads[1:], p.leaves()[1:]):
+        assert torch.equal(g, torch.zeros_like(leaf)), f"grad of {name} is not exactly zero"
+
+
+@pytest.mark.parametrize("mask", [[True, False, False], [False, True, False],
+                                  [False, False, True], [False, True, True]],
+                         ids=["x", "w", "b", "wb"])
+def test_backward_output_mask(mask):
+    """``chain_backward`` computes only what ``output_mask`` asks for; the rest is (0,)."""
+    p = build_problem([6, 9, 6], [3, 3], spatial=(2, 3), N=2, dtype=torch.float32,
+                      permutations="random", bias=[True, False], seed=5)
+    x, ws, bs, groups, shuffles, perms, idx = normalized_op_args(p)
+    gy = _gy(p)
+    with torch.no_grad():
+        gx, gw, gb = T.backward_op(to_dev(gy), to_dev(x), [to_dev(w) for w in ws],
+                                   [to_dev(b) for b in bs], groups, shuffles,
+                                   [to_dev(q) for q in perms], mask, to_dev(idx))
+    _, g64 = oracle(p, gy)
+    _, mags = magnitudes(p, gy)
+    k = p.reduction_length()
+    if mask[0]:
+        assert_within_rounding(gx.cpu(), g64[0], mags[0], k, torch.float32, name="grad_x")
+    else:
+        assert gx.shape == (0,)
+    if mask[1]:
+        assert_within_rounding(gw.cpu(), torch.cat([g.reshape(-1) for g in g64[1:3]]),
+                               torch.cat([m.reshape(-1) for m in mags[1:3]]), k, torch.float32,
+                               name="grad_weights")
+    else:
+        assert gw.shape == (0,)
+    if mask[2]:
+        assert_within_rounding(gb.cpu(), g64[3], mags[3], k, torch.float32, name="grad_biases")
+    else:
+        assert gb.shape == (0,)
+
+
+def test_public_api_goes_through_the_triton_op():
+    """interleaved_group_conv(backend="triton") and "auto" inside use_backend("triton") call
+    igc_triton::chain_forward (and its backward op), not the C++ or reference ops."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    p = on_device(build_problem([8, 8], [2], spatial=(3,), N=2, dtype=torch.float32, seed=1))
+    for scope in [None, "triton"]:
+        rec = Record()
+        with rec:
+            if scope is None:
+                y = p.call("triton")
+            else:
+                with igc.use_backend(scope):
+                    y = p.call("auto")
+            y.sum().backward()
+        assert any("igc_triton.chain_forward" in n for n in rec.names), rec.names
+        assert any("igc_triton.chain_backward" in n for n in rec.names), rec.names
+        assert not any(n.startswith("igc.") or "convolution" in n for n in rec.names), rec.names
+
+
+def test_opcheck():
+    """torch.library.opcheck of both ops: schema, autograd registration, fake kernels (sizes,
+    strides, dtypes equal to the real ones) and AOT dispatch, channels-last and an index."""
+    gen = torch.Generator().manual_seed(0)
+    p = build_problem([8, 12, 8], [2, 4], spatial=(2, 3), N=2, layout="channels_last",
+                      dtype=torch.float32, permutations=["interleave", torch.randperm(8,
+                                                                                  generator=gen)],
+                      bias=[True, False], seed=2, input_index=torch.tensor([5, 1, 1, 0, 3, 2, 4,
+                                                                            4]),
+                      in_channels=6)
+    x, ws, bs, groups, shuffles, perms, idx = normalized_op_args(p)
+    args = (to_dev(x, True), [to_dev(w, True) for w in ws], [to_dev(b, True) for b in bs],
+            groups, shuffles, [to_dev(q) for q in perms], to_dev(idx))
+    torch.library.opcheck(torch.ops.igc_triton.chain_forward.default, args)
+    gy = to_dev(_gy(p, "channels_last"))
+    bargs = (gy, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args[:1]],
+             [w.detach() for w in args[1]], [b.detach() for b in args[2]], groups, shuffles,
+             args[5], [True, True, True], args[6])
+    torch.library.opcheck(torch.ops.igc_triton.chain_backward.default, bargs)
+
+
+def test_compile_fullgraph_no_graph_break():
+    """torch.compile(fullgraph=True) captures one graph that calls the Triton op (aot_eager:
+    the same kernels, traced through AOTAutograd); forward and backward equal to eager."""
+    from torch._dynamo.testing import EagerAndRecordGraphs
+
+    def fn(x, w1, w2, b1, perm):
+        return igc.interleaved_group_conv(x, [w1, w2], [4, 2], ["interleave", perm], [b1, None],
+                                          backend="triton")
+
+    g = torch.Generator().manual_seed(0)
+    args = [torch.randn(2, 8, 3, 3, generator=g), torch.randn(12, 2, generator=g),
+            torch.randn(6, 6, generator=g), torch.randn(12, generator=g),
+            torch.randperm(6, generator=g)]
+    args = [to_dev(a, requires_grad=a.is_floating_point()) for a in args]
+    torch._dynamo.reset()
+    rec = EagerAndRecordGraphs()
+    y_rec = torch.compile(fn, backend=rec, fullgraph=True)(*args)
+    assert len(rec.graphs) == 1
+    targets = {str(n.target) for n in rec.graphs[0].graph.nodes if n.op == "call_function"}
+    assert any("igc_triton.chain_forward" in t for t in targets), targets
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+    y_c = compiled(*args)
+    y_e = fn(*args)
+    gy = torch.randn(y_e.shape, generator=g).to(DEVICE)
+    gc = torch.autograd.grad(y_c, args[:4], gy)
+    ge = torch.autograd.grad(y_e, args[:4], gy)
+    assert torch.equal(y_rec, y_e)
+    torch.testing.assert_close(y_c, y_e, rtol=0, atol=0)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits and bad input
+# ---------------------------------------------------------------------------------------------
+def test_available_and_info():
+    assert "triton" in igc.available_backends(DEVICE)
+    assert not igc.BACKENDS["triton"].unavailable_reasons()
+    from igc_kernels.info import report
+
+    assert "triton" in report()
+
+
+def test_over_the_channel_limit_raises_with_reason_and_auto_falls_back():
+    x = torch.randn(2, 1040, device=DEVICE)
+    w = torch.randn(1040, 1, device=DEVICE)
+    with pytest.raises(igc.BackendUnavailableError, match=r"C_1 = 1040 channels exceeds"):
+        igc.interleaved_group_conv(x, [w], [1040], backend="triton")
+    chain = normalize(x, [w], [1040])
+    assert backends.select("auto", x, chain).name != "triton"
+    y = igc.interleaved_group_conv(x, [w], [1040], backend="auto")
+    torch.testing.assert_close(y, x * w[:, 0], rtol=1e-6, atol=1e-6)
+    with pytest.raises(igc.BackendUnavailableError, match=r"x = 2000 channels exceeds"):
+        igc.interleaved_group_conv(torch.randn(2, 2000, device=DEVICE),
+                                   [torch.randn(4, 2, device=DEVICE)], [2],
+                                   input_index=torch.tensor([0, 1999, 5, 5], device=DEVICE),
+                                   backend="triton")
+
+
+def test_float64_is_refused_with_reason():
+    x = torch.randn(2, 4, dtype=torch.float64, device=DEVICE)
+    w = torch.randn(4, 2, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(igc.BackendUnavailableError, match=r"dtype torch.float64 is not supported"):
+        igc.interleaved_group_conv(x, [w], [2], backend="triton")
+
+
+@pytest.mark.parametrize("bad, match", [
+    (lambda a: a.__setitem__(1, [a[1][0][:, :3], a[1][1]]),
+     r"layer 1: weight has shape \(12, 3\) and groups = 2"),
+    (lambda a: a.__setitem__(2, [torch.zeros(5, device=DEVICE), a[2][1]]),
+     r"layer 1: bias has shape \(5,\)"),
+    (lambda a: a.__setitem__(4, [5, 0]), r"layer 1: shuffles = 5 must be 0 or divide C_1 = 12"),
+    (lambda a: a.__setitem__(5, [None, torch.arange(5, device=DEVICE)]),
+     r"layer 2: permutation has shape \(5,\)"),
+    (lambda a: a.__setitem__(3, [2]), r"one entry per layer"),
+    (lambda a: a.__setitem__(0, a[0].double()), r"x has dtype torch.float64"),
+])
+def test_raw_op_rejects_inconsistent_args_before_launch(bad, match):
+    """The raw op checks structure itself (the public API checks more, before it), raising a
+    ValueError / TypeError naming the layer, and keeps working afterwards."""
+    g = torch.Generator().manual_seed(0)
+    good = [torch.randn(2, 8, 3, generator=g), [torch.randn(12, 4, generator=g),
+                                                torch.randn(6, 6, generator=g)],
+            [torch.randn(12, generator=g), torch.randn(6, generator=g)], [2, 2], [2, 0],
+            [None, None]]
+    good = [to_dev(a) if isinstance(a, torch.Tensor) else
+            [to_dev(t) for t in a] if isinstance(a, list) else a for a in good]
+    args = list(good)
+    bad(args)
+    with pytest.raises((ValueError, TypeError), match=match):
+        T.forward_op(*args)
+    y = T.forward_op(*good)
+    assert y.shape == (2, 6, 3)
+
+
+def test_public_api_errors_name_layer_and_value():
+    x = torch.randn(2, 8, 3, device=DEVICE)
+    ws = [torch.randn(12, 4, device=DEVICE), torch.randn(6, 5, device=DEVICE)]
+    with pytest.raises(ValueError, match=r"layer 2: weight has shape \(6, 5\), expected"):
+        igc.interleaved_group_conv(x, ws, [2, 2], backend="triton")
+    with pytest.raises(ValueError, match=r"input_index entries must lie in \[0, 8\)"):
+        igc.interleaved_group_conv(x, ws[:1], [2], input_index=torch.tensor([0, 1, 8, 2],
+                                                                            device=DEVICE),
+                                   backend="triton")
+    y = igc.interleaved_group_conv(x, ws[:1], [2], backend="triton")
+    assert y.shape == (2, 12, 3)
+
+
+def test_precision_follows_the_tf32_flag():
+    prev = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        assert K.dot_precision() == "ieee"
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert K.dot_precision() == "tf32"
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+
+
+def test_position_dims_collapse():
+    """The host-side collapse of the position dims: NCHW keeps (N, HW), channels-last and
+    tokens collapse to one dim, a strided view keeps its steps, size-1 dims vanish."""
+    x = torch.empty(4, 6, 5, 7)
+    assert K.position_dims(x.shape, [x.stride()]) == ([1, 1, 4, 35], [[0, 0, 210, 1]])
+    cl = x.to(memory_format=torch.channels_last)
+    assert K.position_dims(cl.shape, [cl.stride()]) == ([1, 1, 1, 140], [[0, 0, 0, 6]])
+    v = torch.empty(4, 6, 9, 16)[:, :, 1:6, 1:12:2]  # rows of 6 with step 2: H, W stay apart
+    sizes, (s,) = K.position_dims(v.shape, [v.stride()])
+    assert sizes == [1, 4, 5, 6] and s == [0, 864, 16, 2]
+    w = torch.empty(4, 6, 9, 16)[:, :, 1:6, ::2]  # rows of 8 with step 2 tile H exactly
+    assert K.position_dims(w.shape, [w.stride()]) == ([1, 1, 4, 40], [[0, 0, 864, 2]])
+    t = torch.empty(1, 6, 1, 3)
+    assert K.position_dims(t.shape, [t.stride()]) == ([1, 1, 1, 3], [[0, 0, 0, 1]])
