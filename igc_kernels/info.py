@@ -20,6 +20,8 @@ def report() -> str:
         import triton
 
         lines.append(f"triton {triton.__version__}")
+        lines.append("triton kernels: "
+                     + __import__("igc_kernels.triton_kernels", fromlist=["facts"]).facts())
     except ImportError:
         lines.append("triton: not installed")
     lines.append(f"threads: {torch.get_num_threads()}  cuda devices: "
