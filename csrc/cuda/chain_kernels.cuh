@@ -1,0 +1,1099 @@
+// Fused CUDA kernels of the interleaved group convolution chain: torch-free device code and the
+// torch-free host code that plans and launches it (raw pointers, strides, cudaStream_t).
+//
+// Algorithm (forward). A CTA of kThreads threads takes a tile of TP positions (pixels or tokens)
+// and stages all C_0 channels of it in shared memory as an accumulation-type (fp32, or fp64 for
+// float64 inputs) array [channel][TP + pad]. Every layer is a set of small dense blocks: a thread
+// computes OUTS consecutive output rows of one group for 4 consecutive positions
+// (u[o][t..t+3] = b[o] + sum_k W[o][k] * h[in_row(k)][t..t+3], one 16-byte shared-memory read of
+// h per OUTS * 4 FMAs, weights read through the L1 cache), the group width K is a compile-time
+// constant for K in {1, 2, 4, 8, 16, 32, 64} (loops fully unrolled) with a runtime fallback.
+// Results go to the other of two ping-pong buffers. Permutations never move data: layer l+1 reads
+// its input j from row gather_l[j] of layer l's output buffer, and the store of y reads channel
+// j from row gather_L[j]. y is written once. Byte budget: bytes(x) + bytes(y); FLOPs
+// 2 * sum_l C_l n_l per position, all in fp32 (fp64 for float64).
+//
+// Loads and stores. Per tile the element offsets of its TP positions are computed once (any
+// strides, 64-bit); then one of three paths moves the tile: (a) the TP positions are
+// consecutive in memory (NCHW-like): per channel a contiguous row, moved with 16-byte vector
+// accesses when the row is 16-byte aligned (scalar otherwise); (b) channel stride 1
+// (channels_last): per position C contiguous channels, 16-byte vectors where aligned; (c) any
+// other strides: scalar, positions fastest.
+//
+// Backward. A persistent grid (CTAs loop over tiles in a fixed order) reloads the x tile,
+// recomputes u_1 .. u_{L-1} on chip (kept in shared memory when they fit, "store-all" mode; else
+// recomputed from the x tile for each layer, "recompute" mode), loads dy with the inverse of the
+// last permutation, and walks the layers back: db and dW (dot products over the tile's
+// positions, added to the CTA's private fp32 row of a [num_ctas, num_weights + num_biases]
+// buffer; every element is owned by one thread of the CTA, so no atomics), dh = W^T du scattered
+// by the previous layer's gather index into the other gradient buffer, and finally dx (written
+// once; with an input index, dx channel c sums the rows j with input_index[j] == c through a CSR
+// list built by the launcher). A second kernel sums the per-CTA rows in CTA order: the weight
+// and bias gradients are bitwise reproducible for a given device (grid size) and problem.
+//
+// Everything a kernel relies on is checked on the host before the launch (chain_cuda.cu and the
+// plan functions below). Index tables are built on the device by build_index_table_kernel, which
+// clamps entries outside their range to 0 so that unchecked direct calls stay memory safe (the
+// Python front end validates index values).
+//
+// With IGC_EMULATE defined, this header compiles as plain C++ against host_emulation.h, which
+// runs every CUDA thread of a block as a host thread (tests/test_cuda_compile_nvcc.py uses it to
+// check the kernels' results on a machine without a GPU).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#ifdef IGC_EMULATE
+#include "host_emulation.h"
+#else
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+#endif
+
+namespace igc {
+namespace cuda {
+
+constexpr int kThreads = 256;      // threads per CTA of the chain kernels
+constexpr int kMaxLayers = 32;     // layers a chain may have (kernel parameters are fixed-size)
+constexpr int kMaxPosDims = 4;     // N and up to 3 spatial dims
+constexpr int kMaxTile = 128;      // positions per tile, largest
+constexpr int kMinTile = 4;        // positions per tile, smallest (one 4-wide vector)
+// Cap of the per-CTA partial-sum buffer of the backward (bytes); fewer CTAs beyond it.
+constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
+
+static_assert(kThreads % 32 == 0, "kThreads must be a multiple of the warp size");
+static_assert(kMaxTile % kMinTile == 0 && kMinTile == 4, "tiles are made of 4-wide vectors");
+
+// ---------------------------------------------------------------------------------------------
+// Element types
+// ---------------------------------------------------------------------------------------------
+template <typename T>
+struct Cvt;
+template <>
+struct Cvt<float> {
+  using acc = float;
+  static __host__ __device__ __forceinline__ float load(float v) { return v; }
+  static __host__ __device__ __forceinline__ float store(float v) { return v; }
+};
+template <>
+struct Cvt<double> {
+  using acc = double;
+  static __host__ __device__ __forceinline__ double load(double v) { return v; }
+  static __host__ __device__ __forceinline__ double store(double v) { return v; }
+};
+#ifndef IGC_EMULATE
+template <>
+struct Cvt<__half> {
+  using acc = float;
+  static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
+  static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
+};
+template <>
+struct Cvt<__nv_bfloat16> {
+  using acc = float;
+  static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
+  static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
+};
+#endif
+
+// Four accumulation-type values of one shared-memory row (16-byte aligned).
+template <typename A>
+struct V4 {
+  A x, y, z, w;
+};
+__device__ __forceinline__ V4<float> lds4(const float* p) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  return {v.x, v.y, v.z, v.w};
+}
+__device__ __forceinline__ V4<double> lds4(const double* p) {
+  const double2 a = reinterpret_cast<const double2*>(p)[0];
+  const double2 b = reinterpret_cast<const double2*>(p)[1];
+  return {a.x, a.y, b.x, b.y};
+}
+__device__ __forceinline__ void sts4(float* p, float a, float b, float c, float d) {
+  float4 v;
+  v.x = a;
+  v.y = b;
+  v.z = c;
+  v.w = d;
+  *reinterpret_cast<float4*>(p) = v;
+}
+__device__ __forceinline__ void sts4(double* p, double a, double b, double c, double d) {
+  double2 u, v;
+  u.x = a;
+  u.y = b;
+  v.x = c;
+  v.y = d;
+  reinterpret_cast<double2*>(p)[0] = u;
+  reinterpret_cast<double2*>(p)[1] = v;
+}
+
+__host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+__host__ __device__ __forceinline__ bool aligned16(const void* p) {
+  return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Positions -> element offsets
+// ---------------------------------------------------------------------------------------------
+// Maps a linear position index p (row-major over (N, *spatial)) to an element offset; size-1
+// dims are dropped and adjacent dims that are contiguous with respect to each other merged.
+struct PosIndexer {
+  int nd;
+  int64_t size[kMaxPosDims];
+  int64_t stride[kMaxPosDims];
+
+  __host__ __device__ __forceinline__ int64_t offset(int64_t p) const {
+    int64_t off = 0;
+    for (int d = nd - 1; d > 0; --d) {
+      const int64_t q = p / size[d];
+      off += (p - q * size[d]) * stride[d];
+      p = q;
+    }
+    return off + p * stride[0];
+  }
+  // Whether positions p0 .. p0 + count - 1 are consecutive elements (stride 1).
+  __host__ __device__ __forceinline__ bool run_is_contiguous(int64_t p0, int count) const {
+    const int64_t inner = size[nd - 1];
+    return stride[nd - 1] == 1 && (p0 % inner) + count <= inner;
+  }
+};
+
+// A tensor (N, C, *spatial) of element type T: base pointer, channel stride, position indexer.
+template <typename T>
+struct TensorArg {
+  T* ptr;
+  int64_t cs;
+  PosIndexer ix;
+};
+
+// Host: the indexer of a tensor with `dim` dims (dim 1 = channels, skipped).
+inline PosIndexer make_indexer(int dim, const int64_t* sizes, const int64_t* strides) {
+  int64_t sz[kMaxPosDims], st[kMaxPosDims];
+  int nd = 0;
+  for (int d = 0; d < dim; ++d) {
+    if (d == 1 || sizes[d] == 1) continue;
+    sz[nd] = sizes[d];
+    st[nd] = strides[d];
+    ++nd;
+  }
+  if (nd == 0) {
+    sz[0] = 1;
+    st[0] = 0;
+    nd = 1;
+  }
+  int out = 0;
+  for (int d = 1; d < nd; ++d) {
+    if (st[out] == st[d] * sz[d]) {
+      sz[out] *= sz[d];
+      st[out] = st[d];
+    } else {
+      ++out;
+      sz[out] = sz[d];
+      st[out] = st[d];
+    }
+  }
+  PosIndexer ix;
+  ix.nd = out + 1;
+  for (int d = 0; d < kMaxPosDims; ++d) {
+    ix.size[d] = d < ix.nd ? sz[d] : 1;
+    ix.stride[d] = d < ix.nd ? st[d] : 0;
+  }
+  return ix;
+}
+
+template <typename T>
+inline TensorArg<T> make_tensor_arg(T* ptr, int dim, const int64_t* sizes, const int64_t* strides) {
+  TensorArg<T> a;
+  a.ptr = ptr;
+  a.cs = strides[1];
+  a.ix = make_indexer(dim, sizes, strides);
+  return a;
+}
+
+// Number of positions of a (N, C, *spatial) shape.
+inline int64_t num_positions(int dim, const int64_t* sizes) {
+  int64_t p = 1;
+  for (int d = 0; d < dim; ++d)
+    if (d != 1) p *= sizes[d];
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chain
+// ---------------------------------------------------------------------------------------------
+struct LayerDesc {
+  int cin, cout, groups, n, m;  // n = cin / groups inputs, m = cout / groups outputs per group
+  int has_bias;
+  int gather_identity;  // the gather index after this layer is the identity
+  int64_t w_off;        // offset of W_l (cout x n, row-major) in the flat weights
+  int64_t b_off;        // offset of b_l in the flat biases (-1: none)
+  int64_t g_off;        // offset of gather_l (cout entries) in the index table
+};
+
+template <typename A>
+struct ChainParams {
+  int L;
+  int c0;      // C_0 (channels of the first layer's input)
+  int c_in;    // channels of x (= C_0 without an input index)
+  int cmax;    // max over C_0 .. C_L
+  int has_index;
+  int64_t index_off;  // offset of the input index (C_0 entries) in the index table
+  int64_t num_w, num_b;
+  const A* W;              // every W_l, flattened, in layer order
+  const A* B;              // every present b_l, in layer order
+  const int32_t* table;    // index table (input index, then gather_0 .. gather_{L-1})
+  LayerDesc layer[kMaxLayers];
+};
+
+// Host description of a chain, everything the launch needs besides the tensors. perm[l] and
+// index are device pointers to contiguous int64 (or int32 where *_is_int32) index tensors.
+struct HostChain {
+  int L;
+  int has_index;
+  int index_is_int32;
+  int64_t c_in;
+  const void* index;
+  int64_t C[kMaxLayers + 1];
+  int64_t G[kMaxLayers];
+  int has_bias[kMaxLayers];
+  int shuffle[kMaxLayers];  // > 0: channel shuffle with that many groups after layer l
+  const void* perm[kMaxLayers];
+  int perm_is_int32[kMaxLayers];
+};
+
+// Host: checks what the kernels assume; returns nullptr or a static message.
+inline const char* validate_host_chain(const HostChain& h) {
+  if (h.L < 1 || h.L > kMaxLayers) return "the chain must have between 1 and 32 layers";
+  if (h.c_in < 1 || h.c_in > INT32_MAX) return "x has an unsupported channel count";
+  for (int l = 0; l <= h.L; ++l)
+    if (h.C[l] < 1 || h.C[l] > INT32_MAX) return "a channel count is out of range";
+  for (int l = 0; l < h.L; ++l) {
+    if (h.G[l] < 1 || h.C[l] % h.G[l] != 0 || h.C[l + 1] % h.G[l] != 0)
+      return "groups must divide the channel counts";
+    if (h.shuffle[l] < 0 || (h.shuffle[l] > 0 && h.C[l + 1] % h.shuffle[l] != 0))
+      return "shuffle groups must divide the channel count";
+    if (h.shuffle[l] > 0 && h.perm[l] != nullptr) return "a layer has a shuffle and a permutation";
+  }
+  if (!h.has_index && h.C[0] != h.c_in) return "C_0 differs from x's channels without an index";
+  return nullptr;
+}
+
+inline int64_t index_table_size(const HostChain& h) {
+  int64_t s = h.has_index ? h.C[0] : 0;
+  for (int l = 0; l < h.L; ++l) s += h.C[l + 1];
+  return s;
+}
+
+template <typename A>
+inline ChainParams<A> make_params(const HostChain& h, const A* W, const A* B,
+                                  const int32_t* table) {
+  ChainParams<A> p;
+  p.L = h.L;
+  p.c0 = static_cast<int>(h.C[0]);
+  p.c_in = static_cast<int>(h.c_in);
+  p.has_index = h.has_index;
+  p.index_off = 0;
+  p.W = W;
+  p.B = B;
+  p.table = table;
+  int64_t cmax = h.C[0];
+  int64_t wo = 0, bo = 0, go = h.has_index ? h.C[0] : 0;
+  for (int l = 0; l < kMaxLayers; ++l) {
+    LayerDesc& d = p.layer[l];
+    if (l >= h.L) {
+      d = LayerDesc{0, 0, 0, 0, 0, 0, 1, 0, -1, 0};
+      continue;
+    }
+    d.cin = static_cast<int>(h.C[l]);
+    d.cout = static_cast<int>(h.C[l + 1]);
+    d.groups = static_cast<int>(h.G[l]);
+    d.n = static_cast<int>(h.C[l] / h.G[l]);
+    d.m = static_cast<int>(h.C[l + 1] / h.G[l]);
+    d.has_bias = h.has_bias[l] ? 1 : 0;
+    d.gather_identity = (h.shuffle[l] == 0 && h.perm[l] == nullptr) ? 1 : 0;
+    d.w_off = wo;
+    wo += h.C[l + 1] * d.n;
+    d.b_off = d.has_bias ? bo : -1;
+    if (d.has_bias) bo += h.C[l + 1];
+    d.g_off = go;
+    go += h.C[l + 1];
+    if (h.C[l + 1] > cmax) cmax = h.C[l + 1];
+  }
+  p.cmax = static_cast<int>(cmax);
+  p.num_w = wo;
+  p.num_b = bo;
+  return p;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index table: input index and the gather index after every layer, as int32 on the device
+// ---------------------------------------------------------------------------------------------
+struct IndexSegment {
+  int64_t offset;  // first entry in the table
+  int64_t length;
+  int64_t range;   // valid entries lie in [0, range)
+  int64_t shuffle; // > 0: channel shuffle with that many groups (p64/p32 null)
+  const int64_t* p64;
+  const int32_t* p32;
+};
+struct IndexTableArgs {
+  int count;
+  IndexSegment seg[kMaxLayers + 1];
+};
+
+__global__ void __launch_bounds__(kThreads)
+    build_index_table_kernel(IndexTableArgs a, int32_t* __restrict__ table, int64_t total) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += stride) {
+    int s = 0;
+    while (s + 1 < a.count && e >= a.seg[s + 1].offset) ++s;
+    const IndexSegment& sg = a.seg[s];
+    const int64_t j = e - sg.offset;
+    int64_t v;
+    if (sg.p64 != nullptr) {
+      v = sg.p64[j];
+    } else if (sg.p32 != nullptr) {
+      v = sg.p32[j];
+    } else if (sg.shuffle > 0) {
+      // perm[k * s + q] = q * (C / s) + k
+      const int64_t k = j / sg.shuffle, q = j - k * sg.shuffle;
+      v = q * (sg.length / sg.shuffle) + k;
+    } else {
+      v = j;
+    }
+    if (v < 0 || v >= sg.range) v = 0;  // memory safety only; values are validated upstream
+    table[e] = static_cast<int32_t>(v);
+  }
+}
+
+inline IndexTableArgs make_index_table_args(const HostChain& h) {
+  IndexTableArgs a;
+  a.count = 0;
+  int64_t off = 0;
+  if (h.has_index) {
+    IndexSegment& s = a.seg[a.count++];
+    s.offset = off;
+    s.length = h.C[0];
+    s.range = h.c_in;
+    s.shuffle = 0;
+    s.p64 = h.index_is_int32 ? nullptr : static_cast<const int64_t*>(h.index);
+    s.p32 = h.index_is_int32 ? static_cast<const int32_t*>(h.index) : nullptr;
+    off += h.C[0];
+  }
+  for (int l = 0; l < h.L; ++l) {
+    IndexSegment& s = a.seg[a.count++];
+    s.offset = off;
+    s.length = h.C[l + 1];
+    s.range = h.C[l + 1];
+    s.shuffle = h.shuffle[l];
+    s.p64 = (h.perm[l] != nullptr && !h.perm_is_int32[l])
+                ? static_cast<const int64_t*>(h.perm[l]) : nullptr;
+    s.p32 = (h.perm[l] != nullptr && h.perm_is_int32[l])
+                ? static_cast<const int32_t*>(h.perm[l]) : nullptr;
+    off += h.C[l + 1];
+  }
+  return a;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile movement between global memory and the [channel][ld] shared-memory tile
+// ---------------------------------------------------------------------------------------------
+// buf[row(c) * ld + t] = src[pos_off[t] + chan(c) * cs] for c < C and t < tvalid, 0 for
+// tvalid <= t < tp; row(c) = dst_row ? dst_row[c] : c, chan(c) = src_chan ? src_chan[c] : c.
+// load_tile / store_tile are not inlined: one copy per element type serves every call site
+// (ptxas time of the unrolled vector paths dominated the build when they were inlined).
+template <typename T, typename A>
+__device__ __noinline__ void load_tile(const T* __restrict__ src, int64_t cs,
+                                          const int64_t* pos_off, bool contig, int tvalid, int tp,
+                                          int C, const int32_t* __restrict__ src_chan,
+                                          const int32_t* __restrict__ dst_row, A* buf, int ld) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
+  const int tid = threadIdx.x;
+  if (contig) {  // (a) the tile's positions are consecutive elements
+    const int64_t base = pos_off[0];
+    if (tvalid == tp && tp % VEC == 0) {
+      const int nv = tp / VEC;
+      for (int it = tid; it < C * nv; it += kThreads) {
+        const int c = it / nv, v = it - c * nv;
+        const int64_t chan = src_chan ? src_chan[c] : c;
+        const T* s = src + base + chan * cs + v * VEC;
+        A* d = buf + static_cast<int64_t>(dst_row ? dst_row[c] : c) * ld + v * VEC;
+        if (aligned16(s)) {
+          const uint4 u = *reinterpret_cast<const uint4*>(s);
+          const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) d[k] = Cvt<T>::load(e[k]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) d[k] = Cvt<T>::load(s[k]);
+        }
+      }
+    } else {
+      for (int it = tid; it < C * tp; it += kThreads) {
+        const int c = it / tp, t = it - c * tp;
+        const int64_t chan = src_chan ? src_chan[c] : c;
+        A v = A(0);
+        if (t < tvalid) v = Cvt<T>::load(src[base + chan * cs + t]);
+        buf[static_cast<int64_t>(dst_row ? dst_row[c] : c) * ld + t] = v;
+      }
+    }
+    return;
+  }
+  if (cs == 1 && src_chan == nullptr && C % VEC == 0) {  // (b) channels-last, vectors of VEC
+    const int nv = C / VEC;
+    for (int it = tid; it < tp * nv; it += kThreads) {
+      const int t = it / nv, c0 = (it - t * nv) * VEC;
+      if (t >= tvalid) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          buf[static_cast<int64_t>(dst_row ? dst_row[c0 + k] : c0 + k) * ld + t] = A(0);
+        continue;
+      }
+      const T* s = src + pos_off[t] + c0;
+      if (aligned16(s)) {
+        const uint4 u = *reinterpret_cast<const uint4*>(s);
+        const T* e = reinterpret_cast<const T*>(&u);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          buf[static_cast<int64_t>(dst_row ? dst_row[c0 + k] : c0 + k) * ld + t] =
+              Cvt<T>::load(e[k]);
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          buf[static_cast<int64_t>(dst_row ? dst_row[c0 + k] : c0 + k) * ld + t] =
+              Cvt<T>::load(s[k]);
+      }
+    }
+    return;
+  }
+  if (cs == 1) {  // (b') channels-last, scalar (gathered channels or C not a multiple of VEC)
+    for (int it = tid; it < tp * C; it += kThreads) {
+      const int t = it / C, c = it - t * C;
+      const int64_t chan = src_chan ? src_chan[c] : c;
+      A v = A(0);
+      if (t < tvalid) v = Cvt<T>::load(src[pos_off[t] + chan]);
+      buf[static_cast<int64_t>(dst_row ? dst_row[c] : c) * ld + t] = v;
+    }
+    return;
+  }
+  // (c) any strides: scalar, positions fastest
+  for (int it = tid; it < C * tp; it += kThreads) {
+    const int c = it / tp, t = it - c * tp;
+    const int64_t chan = src_chan ? src_chan[c] : c;
+    A v = A(0);
+    if (t < tvalid) v = Cvt<T>::load(src[pos_off[t] + chan * cs]);
+    buf[static_cast<int64_t>(dst_row ? dst_row[c] : c) * ld + t] = v;
+  }
+}
+
+// The value of output channel c at tile position t: buf row src_row(c), or with a CSR list
+// (starts, order) the sum of rows order[starts[c] .. starts[c+1]-1] in that order.
+template <typename A>
+__device__ __forceinline__ A tile_value(const A* buf, int ld, int c, int t,
+                                        const int32_t* __restrict__ src_row,
+                                        const int32_t* __restrict__ starts,
+                                        const int32_t* __restrict__ order) {
+  if (starts != nullptr) {
+    A s = A(0);
+    const int e = starts[c + 1];
+    for (int k = starts[c]; k < e; ++k) s += buf[static_cast<int64_t>(order[k]) * ld + t];
+    return s;
+  }
+  return buf[static_cast<int64_t>(src_row ? src_row[c] : c) * ld + t];
+}
+
+// dst[pos_off[t] + c * cs] = tile_value(c, t) for c < C and t < tvalid.
+template <typename T, typename A>
+__device__ __noinline__ void store_tile(T* __restrict__ dst, int64_t cs, const int64_t* pos_off,
+                                           bool contig, int tvalid, int tp, int C,
+                                           const int32_t* __restrict__ src_row,
+                                           const int32_t* __restrict__ starts,
+                                           const int32_t* __restrict__ order, const A* buf,
+                                           int ld) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  const int tid = threadIdx.x;
+  if (contig) {  // (a)
+    const int64_t base = pos_off[0];
+    if (tvalid == tp && tp % VEC == 0) {
+      const int nv = tp / VEC;
+      for (int it = tid; it < C * nv; it += kThreads) {
+        const int c = it / nv, t0 = (it - c * nv) * VEC;
+        T* d = dst + base + static_cast<int64_t>(c) * cs + t0;
+        if (aligned16(d)) {
+          uint4 u;
+          T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+          for (int k = 0; k < VEC; ++k)
+            e[k] = Cvt<T>::store(tile_value(buf, ld, c, t0 + k, src_row, starts, order));
+          *reinterpret_cast<uint4*>(d) = u;
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k)
+            d[k] = Cvt<T>::store(tile_value(buf, ld, c, t0 + k, src_row, starts, order));
+        }
+      }
+    } else {
+      for (int it = tid; it < C * tp; it += kThreads) {
+        const int c = it / tp, t = it - c * tp;
+        if (t < tvalid)
+          dst[base + static_cast<int64_t>(c) * cs + t] =
+              Cvt<T>::store(tile_value(buf, ld, c, t, src_row, starts, order));
+      }
+    }
+    return;
+  }
+  if (cs == 1 && C % VEC == 0) {  // (b) channels-last
+    const int nv = C / VEC;
+    for (int it = tid; it < tvalid * nv; it += kThreads) {
+      const int t = it / nv, c0 = (it - t * nv) * VEC;
+      T* d = dst + pos_off[t] + c0;
+      if (aligned16(d)) {
+        uint4 u;
+        T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          e[k] = Cvt<T>::store(tile_value(buf, ld, c0 + k, t, src_row, starts, order));
+        *reinterpret_cast<uint4*>(d) = u;
+      } else {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+          d[k] = Cvt<T>::store(tile_value(buf, ld, c0 + k, t, src_row, starts, order));
+      }
+    }
+    return;
+  }
+  if (cs == 1) {  // (b') channels-last, scalar
+    for (int it = tid; it < tvalid * C; it += kThreads) {
+      const int t = it / C, c = it - t * C;
+      dst[pos_off[t] + c] = Cvt<T>::store(tile_value(buf, ld, c, t, src_row, starts, order));
+    }
+    return;
+  }
+  for (int it = tid; it < C * tp; it += kThreads) {  // (c)
+    const int c = it / tp, t = it - c * tp;
+    if (t < tvalid)
+      dst[pos_off[t] + static_cast<int64_t>(c) * cs] =
+          Cvt<T>::store(tile_value(buf, ld, c, t, src_row, starts, order));
+  }
+}
+
+// Element offsets of the tile's valid positions.
+__device__ __forceinline__ void tile_offsets(const PosIndexer& ix, int64_t p0, int tvalid,
+                                             int64_t* off) {
+  for (int t = threadIdx.x; t < tvalid; t += kThreads) off[t] = ix.offset(p0 + t);
+}
+
+// ---------------------------------------------------------------------------------------------
+// One grouped layer over a tile (forward, and the transposed product of the backward)
+// ---------------------------------------------------------------------------------------------
+// For every group g < rows_total / R and row r < R (o = g * R + r):
+//   out[orow(o)][t] = bias[o] + sum_{k < K} w[g * R * K + r * wk + k * wi] * in[irow(g * K + k)][t]
+// irow(i) = in_rows ? in_rows[i] : i, orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile
+// positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du):
+// R = n, K = m, wk = 1, wi = n. Each item is OUTS rows x 4 positions.
+template <int K, int OUTS, typename A>
+__device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
+                                                  const int32_t* __restrict__ in_rows,
+                                                  const A* __restrict__ w, int wk, int wi,
+                                                  const A* __restrict__ bias, int rows_total,
+                                                  int R, int k_dyn, A* out,
+                                                  const int32_t* __restrict__ out_rows, int tp) {
+  const int kc = K > 0 ? K : k_dyn;
+  const int nq = tp / 4;
+  const int nblk = rows_total / OUTS;
+  for (int it = threadIdx.x; it < nblk * nq; it += kThreads) {
+    const int blk = it / nq, q = it - blk * nq;
+    const int o0 = blk * OUTS;
+    const int g = o0 / R, r0 = o0 - g * R;
+    const A* wg = w + static_cast<int64_t>(g) * R * kc + static_cast<int64_t>(r0) * wk;
+    const int i0 = g * kc;
+    A acc[OUTS][4];
+#pragma unroll
+    for (int j = 0; j < OUTS; ++j) {
+      const A b = bias ? bias[o0 + j] : A(0);
+      acc[j][0] = b;
+      acc[j][1] = b;
+      acc[j][2] = b;
+      acc[j][3] = b;
+    }
+    auto step = [&](int k) {
+      const int row = in_rows ? in_rows[i0 + k] : i0 + k;
+      const V4<A> v = lds4(in + static_cast<int64_t>(row) * ld + 4 * q);
+#pragma unroll
+      for (int j = 0; j < OUTS; ++j) {
+        const A wv = wg[j * wk + k * wi];
+        acc[j][0] += wv * v.x;
+        acc[j][1] += wv * v.y;
+        acc[j][2] += wv * v.z;
+        acc[j][3] += wv * v.w;
+      }
+    };
+    if (K > 0) {
+#pragma unroll
+      for (int k = 0; k < (K > 0 ? K : 1); ++k) step(k);
+    } else {
+#pragma unroll 4
+      for (int k = 0; k < kc; ++k) step(k);
+    }
+#pragma unroll
+    for (int j = 0; j < OUTS; ++j) {
+      const int orow = out_rows ? out_rows[o0 + j] : o0 + j;
+      sts4(out + static_cast<int64_t>(orow) * ld + 4 * q, acc[j][0], acc[j][1], acc[j][2],
+           acc[j][3]);
+    }
+  }
+}
+
+template <int OUTS, typename A>
+__device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_t* in_rows,
+                                               const A* w, int wk, int wi, const A* bias,
+                                               int rows_total, int R, int K, A* out,
+                                               const int32_t* out_rows, int tp) {
+  switch (K) {
+    case 1: grouped_rows_impl<1, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 2: grouped_rows_impl<2, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 4: grouped_rows_impl<4, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 8: grouped_rows_impl<8, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 16: grouped_rows_impl<16, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 32: grouped_rows_impl<32, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 64: grouped_rows_impl<64, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    default: grouped_rows_impl<0, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+  }
+}
+
+// Not inlined: one copy per accumulation type serves every kernel and call site (inlined into
+// each of them, the unrolled variants multiplied the device compile time several times over).
+template <typename A>
+__device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in_rows,
+                                             const A* w, int wk, int wi, const A* bias,
+                                             int rows_total, int R, int K, A* out,
+                                             const int32_t* out_rows, int tp) {
+  if (R % 4 == 0)
+    grouped_rows_k<4>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp);
+  else if (R % 2 == 0)
+    grouped_rows_k<2>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp);
+  else
+    grouped_rows_k<1>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp);
+}
+
+// Forward of layer l: out[o] = b_l[o] + W_l[o] . h_l, h_l[j] = in[in_rows(j)].
+template <typename A>
+__device__ __forceinline__ void forward_layer(const ChainParams<A>& p, int l, const A* in,
+                                              const int32_t* in_rows, A* out, int tp, int ld) {
+  const LayerDesc& d = p.layer[l];
+  const A* bias = d.has_bias ? p.B + d.b_off : nullptr;
+  grouped_rows(in, ld, in_rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n, out,
+               static_cast<const int32_t*>(nullptr), tp);
+}
+
+// Rows of layer l's input h_l inside the buffer holding u_l (l >= 1): gather_{l-1}, or null
+// for the identity; for l == 0 (the x tile, already gathered by the input index) null.
+template <typename A>
+__device__ __forceinline__ const int32_t* input_rows(const ChainParams<A>& p, int l) {
+  if (l == 0) return nullptr;
+  const LayerDesc& prev = p.layer[l - 1];
+  return prev.gather_identity ? nullptr : p.table + prev.g_off;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared-memory plan
+// ---------------------------------------------------------------------------------------------
+// Row length of a tile buffer: TP plus 4 elements, so that rows start 4 banks apart (float4
+// reads of consecutive rows by 8 lanes then hit 32 distinct banks); TP alone for TP < 8.
+__host__ __device__ __forceinline__ int tile_ld(int tp) { return tp >= 8 ? tp + 4 : tp; }
+
+inline size_t forward_smem_bytes(int cmax, int tp, size_t acc_size) {
+  return static_cast<size_t>(2) * cmax * tile_ld(tp) * acc_size + 2 * tp * sizeof(int64_t);
+}
+
+// Backward rows: x tile (C_0), then u_1 .. u_{L-1} (store-all) or two scratch buffers of cmax
+// rows (recompute), then two gradient buffers of cmax rows; plus three offset arrays.
+template <typename A>
+inline int64_t backward_rows(const ChainParams<A>& p, bool store_all) {
+  int64_t rows = p.c0 + 2 * static_cast<int64_t>(p.cmax);
+  if (store_all) {
+    for (int l = 1; l < p.L; ++l) rows += p.layer[l].cin;
+  } else if (p.L > 1) {
+    rows += 2 * static_cast<int64_t>(p.cmax);
+  }
+  return rows;
+}
+
+template <typename A>
+inline size_t backward_smem_bytes(const ChainParams<A>& p, bool store_all, int tp) {
+  return static_cast<size_t>(backward_rows(p, store_all)) * tile_ld(tp) * sizeof(A) +
+         3 * tp * sizeof(int64_t);
+}
+
+struct DeviceInfo {
+  int sm_count;
+  int smem_optin;   // max dynamic shared memory per block (opt-in)
+  int smem_per_sm;  // shared memory per multiprocessor
+};
+
+inline cudaError_t query_device(int device, DeviceInfo* info) {
+  cudaError_t e = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  return cudaDeviceGetAttribute(&info->smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+                                device);
+}
+
+struct LaunchPlan {
+  int tp = 0;         // positions per tile (0: does not fit)
+  int ld = 0;
+  int store_all = 1;  // backward: intermediates kept in shared memory
+  size_t smem = 0;
+  int grid = 0;
+  int64_t ntiles = 0;
+};
+
+// Tile size choice (not yet tuned on a GPU): the largest TP whose shared memory leaves room for
+// two CTAs per SM, else the largest that fits one; halved (down to 16) while there are fewer
+// tiles than SMs.
+template <typename F>
+inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min_tp) {
+  const size_t half_sm = static_cast<size_t>(dev.smem_per_sm / 2 > 1024 ? dev.smem_per_sm / 2 - 1024 : 0);
+  const size_t optin = static_cast<size_t>(dev.smem_optin);
+  int best = 0;
+  for (int tp = kMaxTile; tp >= min_tp; tp /= 2) {
+    if (bytes_for_tp(tp) <= half_sm) {
+      best = tp;
+      break;
+    }
+  }
+  if (best == 0) {
+    for (int tp = kMaxTile; tp >= min_tp; tp /= 2) {
+      if (bytes_for_tp(tp) <= optin) {
+        best = tp;
+        break;
+      }
+    }
+  }
+  while (best > 16 && (P + best - 1) / best < dev.sm_count) best /= 2;
+  return best;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Kernels
+// ---------------------------------------------------------------------------------------------
+#ifdef IGC_EMULATE
+#define IGC_DECLARE_SMEM(name) unsigned char* name = igc_emu::block_smem()
+#else
+#define IGC_DECLARE_SMEM(name)                             \
+  extern __shared__ __align__(16) unsigned char name##_[]; \
+  unsigned char* name = name##_
+#endif
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    chain_forward_kernel(const ChainParams<A> p, const TensorArg<const T> x, const TensorArg<T> y,
+                         int64_t P, int tp, int ld) {
+  IGC_DECLARE_SMEM(smem);
+  A* buf[2];
+  buf[0] = reinterpret_cast<A*>(smem);
+  buf[1] = buf[0] + static_cast<int64_t>(p.cmax) * ld;
+  int64_t* off_x = reinterpret_cast<int64_t*>(buf[1] + static_cast<int64_t>(p.cmax) * ld);
+  int64_t* off_y = off_x + tp;
+  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
+  const LayerDesc& last = p.layer[p.L - 1];
+  const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+  const int64_t ntiles = (P + tp - 1) / tp;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t p0 = tile * tp;
+    const int tvalid = static_cast<int>(min64(tp, P - p0));
+    __syncthreads();  // the previous tile's store has read the buffers and offsets
+    tile_offsets(x.ix, p0, tvalid, off_x);
+    tile_offsets(y.ix, p0, tvalid, off_y);
+    __syncthreads();
+    load_tile(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, tp, p.c0, index,
+              static_cast<const int32_t*>(nullptr), buf[0], ld);
+    __syncthreads();
+    int cur = 0;
+    for (int l = 0; l < p.L; ++l) {
+      forward_layer(p, l, buf[cur], input_rows(p, l), buf[cur ^ 1], tp, ld);
+      __syncthreads();
+      cur ^= 1;
+    }
+    store_tile(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
+               out_rows, static_cast<const int32_t*>(nullptr),
+               static_cast<const int32_t*>(nullptr), buf[cur], ld);
+  }
+}
+
+struct BackwardFlags {
+  int need_x, need_w, need_b;
+  int store_all;
+};
+
+// partial: [gridDim.x, num_w + num_b] accumulation-type partial sums (weights, then biases);
+// dx_starts / dx_order: CSR of the input index (dx channel c sums dh_0 rows
+// dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without an input index.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    chain_backward_kernel(const ChainParams<A> p, const TensorArg<const T> x,
+                          const TensorArg<const T> dy, const TensorArg<T> dx,
+                          const int32_t* __restrict__ dx_starts,
+                          const int32_t* __restrict__ dx_order, A* __restrict__ partial,
+                          const BackwardFlags f, int64_t P, int tp, int ld) {
+  IGC_DECLARE_SMEM(smem);
+  const int L = p.L;
+  const int64_t cm = static_cast<int64_t>(p.cmax) * ld;
+  A* X = reinterpret_cast<A*>(smem);
+  A* next = X + static_cast<int64_t>(p.c0) * ld;
+  A* ubase = next;  // store-all: u_1 .. u_{L-1} back to back; recompute: two scratch buffers
+  if (f.store_all) {
+    for (int l = 1; l < L; ++l) next += static_cast<int64_t>(p.layer[l].cin) * ld;
+  } else if (L > 1) {
+    next += 2 * cm;
+  }
+  A* D[2] = {next, next + cm};
+  int64_t* off_x = reinterpret_cast<int64_t*>(next + 2 * cm);
+  int64_t* off_dy = off_x + tp;
+  int64_t* off_dx = off_dy + tp;
+
+  const int64_t row_len = p.num_w + p.num_b;
+  A* part = partial ? partial + static_cast<int64_t>(blockIdx.x) * row_len : nullptr;
+  if (part != nullptr)
+    for (int64_t e = threadIdx.x; e < row_len; e += kThreads) part[e] = A(0);
+
+  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
+  const LayerDesc& last = p.layer[L - 1];
+  const int32_t* dy_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+  const int64_t ntiles = (P + tp - 1) / tp;
+
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t p0 = tile * tp;
+    const int tvalid = static_cast<int>(min64(tp, P - p0));
+    __syncthreads();  // previous tile done with every buffer (and the partial row zeroed)
+    tile_offsets(x.ix, p0, tvalid, off_x);
+    tile_offsets(dy.ix, p0, tvalid, off_dy);
+    if (f.need_x) tile_offsets(dx.ix, p0, tvalid, off_dx);
+    __syncthreads();
+    load_tile(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, tp, p.c0, index,
+              static_cast<const int32_t*>(nullptr), X, ld);
+    // du_L in natural (u) row order: dy channel j goes to row gather_{L-1}[j]
+    load_tile(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
+              static_cast<const int32_t*>(nullptr), dy_rows, D[0], ld);
+    __syncthreads();
+    if (f.store_all) {  // u_1 .. u_{L-1}
+      A* u = ubase;
+      const A* in = X;
+      for (int l = 0; l + 1 < L; ++l) {
+        forward_layer(p, l, in, input_rows(p, l), u, tp, ld);
+        __syncthreads();
+        in = u;
+        u += static_cast<int64_t>(p.layer[l].cout) * ld;
+      }
+    }
+    int cur = 0;
+    for (int l = L - 1; l >= 0; --l) {
+      const LayerDesc& d = p.layer[l];
+      // h_l: the x tile, or u_l read through gather_{l-1}
+      const A* h = X;
+      if (l > 0) {
+        if (f.store_all) {
+          h = ubase;
+          for (int k = 1; k < l; ++k) h += static_cast<int64_t>(p.layer[k].cin) * ld;
+        } else {  // recompute u_1 .. u_l into the scratch pair; u_k lands in scratch[(k-1) & 1]
+          for (int k = 0; k < l; ++k) {
+            const A* in = k == 0 ? X : ubase + ((k - 1) & 1) * cm;
+            forward_layer(p, k, in, input_rows(p, k), ubase + (k & 1) * cm, tp, ld);
+            __syncthreads();
+          }
+          h = ubase + ((l - 1) & 1) * cm;
+        }
+      }
+      const int32_t* h_rows = input_rows(p, l);
+      const A* du = D[cur];
+      if (f.need_b && d.has_bias) {
+        A* pb = part + p.num_w + d.b_off;
+        for (int o = threadIdx.x; o < d.cout; o += kThreads) {
+          const A* r = du + static_cast<int64_t>(o) * ld;
+          A s = A(0);
+          for (int q = 0; q < tp; q += 4) {
+            const V4<A> v = lds4(r + q);
+            s += (v.x + v.y) + (v.z + v.w);
+          }
+          pb[o] += s;
+        }
+      }
+      if (f.need_w) {
+        A* pw = part + d.w_off;
+        const int ne = d.cout * d.n;
+        for (int e = threadIdx.x; e < ne; e += kThreads) {
+          const int o = e / d.n, i = e - o * d.n;
+          const int hi = (o / d.m) * d.n + i;
+          const A* a = du + static_cast<int64_t>(o) * ld;
+          const A* b = h + static_cast<int64_t>(h_rows ? h_rows[hi] : hi) * ld;
+          A s = A(0);
+          for (int q = 0; q < tp; q += 4) {
+            const V4<A> va = lds4(a + q), vb = lds4(b + q);
+            s += (va.x * vb.x + va.y * vb.y) + (va.z * vb.z + va.w * vb.w);
+          }
+          pw[e] += s;
+        }
+      }
+      if (l > 0 || f.need_x) {
+        // dh_l = W_l^T du_l; entry j lands in row gather_{l-1}[j] (du of the layer below, in
+        // natural order), or row j for l == 0
+        grouped_rows(du, ld, static_cast<const int32_t*>(nullptr), p.W + d.w_off, 1, d.n,
+                     static_cast<const A*>(nullptr), d.cin, d.n, d.m, D[cur ^ 1], h_rows, tp);
+        cur ^= 1;
+      }
+      __syncthreads();
+    }
+    if (f.need_x) {
+      const int cx = p.has_index ? p.c_in : p.c0;
+      store_tile(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid), tvalid, tp, cx,
+                 static_cast<const int32_t*>(nullptr), dx_starts, dx_order, D[cur], ld);
+    }
+  }
+}
+
+// out[e] = sum over CTA rows r = 0, 1, ... of partial[r][e], in that order.
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads)
+    reduce_partials_kernel(const A* __restrict__ partial, int64_t rows, int64_t row_len,
+                           int64_t num_w, T* __restrict__ gw, T* __restrict__ gb) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < row_len;
+       e += stride) {
+    A s = A(0);
+    for (int64_t r = 0; r < rows; ++r) s += partial[r * row_len + e];
+    if (e < num_w) {
+      if (gw != nullptr) gw[e] = Cvt<T>::store(s);
+    } else if (gb != nullptr) {
+      gb[e - num_w] = Cvt<T>::store(s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host: plans and launches (torch-free; errors are returned, the caller checks them)
+// ---------------------------------------------------------------------------------------------
+#ifdef IGC_EMULATE
+#define IGC_LAUNCH(kernel, grid, smem, stream, ...) \
+  ((void)(stream), igc_emu::launch(kernel, dim3(grid), dim3(kThreads), smem, __VA_ARGS__))
+#else
+#define IGC_LAUNCH(kernel, grid, smem, stream, ...) \
+  kernel<<<dim3(grid), dim3(kThreads), smem, stream>>>(__VA_ARGS__)
+#endif
+
+inline int blocks_for(int64_t n, int max_blocks) {
+  const int64_t b = (n + kThreads - 1) / kThreads;
+  return static_cast<int>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
+}
+
+inline cudaError_t launch_build_index_table(const HostChain& h, int32_t* table,
+                                            cudaStream_t stream) {
+  const int64_t total = index_table_size(h);
+  if (total == 0) return cudaSuccess;
+  const IndexTableArgs a = make_index_table_args(h);
+  IGC_LAUNCH(build_index_table_kernel, blocks_for(total, 1024), 0, stream, a, table, total);
+  return cudaGetLastError();
+}
+
+template <typename K>
+inline cudaError_t configure(K kernel, size_t smem, int* occupancy) {
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                       static_cast<int>(smem));
+  if (e != cudaSuccess) return e;
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(occupancy, kernel, kThreads, smem);
+}
+
+template <typename T, typename A>
+inline cudaError_t plan_forward(const ChainParams<A>& p, int64_t P, const DeviceInfo& dev,
+                                LaunchPlan* plan) {
+  plan->tp = choose_tile([&](int tp) { return forward_smem_bytes(p.cmax, tp, sizeof(A)); }, dev,
+                         P, kMinTile);
+  if (plan->tp == 0) return cudaSuccess;  // caller reports "does not fit"
+  plan->ld = tile_ld(plan->tp);
+  plan->smem = forward_smem_bytes(p.cmax, plan->tp, sizeof(A));
+  plan->ntiles = (P + plan->tp - 1) / plan->tp;
+  int occ = 0;
+  const cudaError_t e = configure(chain_forward_kernel<T, A>, plan->smem, &occ);
+  if (e != cudaSuccess) return e;
+  if (occ < 1) occ = 1;
+  plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
+  return cudaSuccess;
+}
+
+template <typename T, typename A>
+inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const T>& x,
+                                  const TensorArg<T>& y, int64_t P, const LaunchPlan& plan,
+                                  cudaStream_t stream) {
+  if (plan.tp < kMinTile || plan.tp % 4 != 0 || plan.grid < 1) return cudaErrorInvalidValue;
+  IGC_LAUNCH((chain_forward_kernel<T, A>), plan.grid, plan.smem, stream, p, x, y, P, plan.tp,
+             plan.ld);
+  return cudaGetLastError();
+}
+
+// Backward plan: store-all with TP >= 16 when it fits, else recompute mode with any TP. The
+// number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
+template <typename T, typename A>
+inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_grads_wb,
+                                 const DeviceInfo& dev, LaunchPlan* plan) {
+  plan->store_all = 1;
+  plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P, 16);
+  if (plan->tp == 0 && p.L > 1) {
+    plan->store_all = 0;
+    plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, false, tp); }, dev, P,
+                           kMinTile);
+  }
+  if (plan->tp == 0) {  // L == 1 (nothing to recompute) with a tile below 16
+    plan->store_all = 1;
+    plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P,
+                           kMinTile);
+  }
+  if (plan->tp == 0) return cudaSuccess;
+  plan->ld = tile_ld(plan->tp);
+  plan->smem = backward_smem_bytes(p, plan->store_all != 0, plan->tp);
+  plan->ntiles = (P + plan->tp - 1) / plan->tp;
+  int occ = 0;
+  const cudaError_t e = configure(chain_backward_kernel<T, A>, plan->smem, &occ);
+  if (e != cudaSuccess) return e;
+  if (occ < 1) occ = 1;
+  int64_t grid = min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ);
+  if (need_grads_wb) {
+    const int64_t row_bytes = (p.num_w + p.num_b) * static_cast<int64_t>(sizeof(A));
+    const int64_t cap = row_bytes > 0 ? kMaxPartialBytes / row_bytes : grid;
+    grid = min64(grid, cap < 1 ? 1 : cap);
+  }
+  plan->grid = static_cast<int>(grid);
+  return cudaSuccess;
+}
+
+// partial: plan.grid rows of (num_w + num_b) accumulation-type elements when weight or bias
+// gradients are requested (else null); gw / gb: num_w / num_b outputs, or null when not needed.
+template <typename T, typename A>
+inline cudaError_t launch_backward(const ChainParams<A>& p, const TensorArg<const T>& x,
+                                   const TensorArg<const T>& dy, const TensorArg<T>& dx,
+                                   const int32_t* dx_starts, const int32_t* dx_order, A* partial,
+                                   T* gw, T* gb, BackwardFlags f, int64_t P,
+                                   const LaunchPlan& plan, cudaStream_t stream) {
+  if (plan.tp < kMinTile || plan.tp % 4 != 0 || plan.grid < 1) return cudaErrorInvalidValue;
+  if ((f.need_w || f.need_b) && partial == nullptr) return cudaErrorInvalidValue;
+  if (p.has_index && f.need_x && (dx_starts == nullptr || dx_order == nullptr))
+    return cudaErrorInvalidValue;
+  f.store_all = plan.store_all;
+  IGC_LAUNCH((chain_backward_kernel<T, A>), plan.grid, plan.smem, stream, p, x, dy, dx,
+             dx_starts, dx_order, (f.need_w || f.need_b) ? partial : static_cast<A*>(nullptr),
+             f, P, plan.tp, plan.ld);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess || !(f.need_w || f.need_b)) return e;
+  const int64_t row_len = p.num_w + p.num_b;
+  IGC_LAUNCH((reduce_partials_kernel<T, A>), blocks_for(row_len, 4096), 0, stream,
+             static_cast<const A*>(partial), static_cast<int64_t>(plan.grid), row_len, p.num_w,
+             f.need_w ? gw : static_cast<T*>(nullptr), f.need_b ? gb : static_cast<T*>(nullptr));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace igc

@@ -1,0 +1,39 @@
+// Explicit instantiations of every kernel and host launch function of chain_kernels.cuh for
+// every supported dtype. Needs no torch headers: tests/test_cuda_compile_nvcc.py compiles it with
+// `nvcc -c` for sm_80 and sm_90 on machines without a GPU. Not part of the extension build
+// (chain_cuda.cu instantiates what it launches).
+#include "chain_kernels.cuh"
+
+namespace igc {
+namespace cuda {
+
+#define IGC_INSTANTIATE(T, A)                                                                   \
+  template __global__ void chain_forward_kernel<T, A>(const ChainParams<A>,                     \
+                                                      const TensorArg<const T>,                 \
+                                                      const TensorArg<T>, int64_t, int, int);   \
+  template __global__ void chain_backward_kernel<T, A>(                                         \
+      const ChainParams<A>, const TensorArg<const T>, const TensorArg<const T>,                 \
+      const TensorArg<T>, const int32_t*, const int32_t*, A*, const BackwardFlags, int64_t,     \
+      int, int);                                                                                \
+  template __global__ void reduce_partials_kernel<T, A>(const A*, int64_t, int64_t, int64_t,    \
+                                                        T*, T*);                                \
+  template cudaError_t plan_forward<T, A>(const ChainParams<A>&, int64_t, const DeviceInfo&,    \
+                                          LaunchPlan*);                                         \
+  template cudaError_t launch_forward<T, A>(const ChainParams<A>&, const TensorArg<const T>&,   \
+                                            const TensorArg<T>&, int64_t, const LaunchPlan&,    \
+                                            cudaStream_t);                                      \
+  template cudaError_t plan_backward<T, A>(const ChainParams<A>&, int64_t, bool,                \
+                                           const DeviceInfo&, LaunchPlan*);                     \
+  template cudaError_t launch_backward<T, A>(                                                   \
+      const ChainParams<A>&, const TensorArg<const T>&, const TensorArg<const T>&,              \
+      const TensorArg<T>&, const int32_t*, const int32_t*, A*, T*, T*, BackwardFlags, int64_t,  \
+      const LaunchPlan&, cudaStream_t);
+
+IGC_INSTANTIATE(float, float)
+IGC_INSTANTIATE(double, double)
+IGC_INSTANTIATE(__half, float)
+IGC_INSTANTIATE(__nv_bfloat16, float)
+#undef IGC_INSTANTIATE
+
+}  // namespace cuda
+}  // namespace igc

@@ -1,0 +1,126 @@
+// C entry points that run the chain kernels of chain_kernels.cuh under host emulation
+// (host_emulation.h), for tests/test_cuda_compile_nvcc.py: the same host plan and launch code as
+// the CUDA launcher (chain_cuda.cu), on host memory, for float32 and float64. Built with
+//   g++ -std=c++20 -O1 -DIGC_EMULATE -shared -fPIC -pthread emulation_harness.cpp
+// (not part of the extension).
+#include <cstdint>
+#include <vector>
+
+#include "chain_kernels.cuh"
+
+namespace {
+
+using namespace igc::cuda;
+
+struct EmuTensor {
+  void* ptr;
+  int64_t dim;
+  int64_t sizes[5];
+  int64_t strides[5];
+};
+
+struct EmuDevice {
+  int sm_count;
+  int smem_optin;
+  int smem_per_sm;
+  int occupancy;
+};
+
+// plan_out: tp, ld, store_all, grid
+void report(const LaunchPlan& pl, int64_t* plan_out) {
+  if (plan_out == nullptr) return;
+  plan_out[0] = pl.tp;
+  plan_out[1] = pl.ld;
+  plan_out[2] = pl.store_all;
+  plan_out[3] = pl.grid;
+}
+
+void set_device(const EmuDevice* d) {
+  igc_emu::Device& dev = igc_emu::device();
+  dev.sm_count = d->sm_count;
+  dev.smem_optin = d->smem_optin;
+  dev.smem_per_sm = d->smem_per_sm;
+  dev.occupancy = d->occupancy;
+}
+
+template <typename T>
+TensorArg<T> arg(const EmuTensor* t) {
+  return make_tensor_arg(static_cast<T*>(t->ptr), static_cast<int>(t->dim), t->sizes, t->strides);
+}
+
+template <typename A>
+int forward(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
+            const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
+  if (validate_host_chain(*h) != nullptr) return 1;
+  set_device(dev);
+  std::vector<int32_t> table(static_cast<size_t>(index_table_size(*h)));
+  if (launch_build_index_table(*h, table.data(), nullptr) != cudaSuccess) return 2;
+  const ChainParams<A> p =
+      make_params<A>(*h, static_cast<const A*>(W), static_cast<const A*>(B), table.data());
+  const int64_t P = num_positions(static_cast<int>(x->dim), x->sizes);
+  if (P == 0) return 0;
+  DeviceInfo info;
+  query_device(0, &info);
+  LaunchPlan pl;
+  if (plan_forward<A, A>(p, P, info, &pl) != cudaSuccess) return 3;
+  report(pl, plan_out);
+  if (pl.tp == 0) return 4;
+  if (launch_forward<A, A>(p, arg<const A>(x), arg<A>(y), P, pl, nullptr) != cudaSuccess) return 5;
+  return 0;
+}
+
+template <typename A>
+int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
+             const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
+             const int32_t* order, void* gw, void* gb, int need_x, int need_w, int need_b,
+             const EmuDevice* dev, int64_t* plan_out) {
+  if (validate_host_chain(*h) != nullptr) return 1;
+  set_device(dev);
+  std::vector<int32_t> table(static_cast<size_t>(index_table_size(*h)));
+  if (launch_build_index_table(*h, table.data(), nullptr) != cudaSuccess) return 2;
+  const ChainParams<A> p =
+      make_params<A>(*h, static_cast<const A*>(W), static_cast<const A*>(B), table.data());
+  const int64_t P = num_positions(static_cast<int>(x->dim), x->sizes);
+  if (P == 0) return 0;
+  DeviceInfo info;
+  query_device(0, &info);
+  LaunchPlan pl;
+  const bool wb = need_w || (need_b && p.num_b > 0);
+  if (plan_backward<A, A>(p, P, wb, info, &pl) != cudaSuccess) return 3;
+  report(pl, plan_out);
+  if (pl.tp == 0) return 4;
+  std::vector<A> partial(wb ? static_cast<size_t>(pl.grid * (p.num_w + p.num_b)) : 0);
+  BackwardFlags f{need_x, need_w, need_b && p.num_b > 0 ? 1 : 0, 1};
+  TensorArg<A> dxa = need_x ? arg<A>(dx) : TensorArg<A>{};
+  if (launch_backward<A, A>(p, arg<const A>(x), arg<const A>(dy), dxa, starts, order,
+                            wb ? partial.data() : nullptr, static_cast<A*>(gw),
+                            static_cast<A*>(gb), f, P, pl, nullptr) != cudaSuccess)
+    return 5;
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int igc_emu_forward(int is_double, const HostChain* h, const void* W, const void* B,
+                    const EmuTensor* x, const EmuTensor* y, const EmuDevice* dev,
+                    int64_t* plan_out) {
+  return is_double ? forward<double>(h, W, B, x, y, dev, plan_out)
+                   : forward<float>(h, W, B, x, y, dev, plan_out);
+}
+
+int igc_emu_backward(int is_double, const HostChain* h, const void* W, const void* B,
+                     const EmuTensor* x, const EmuTensor* dy, const EmuTensor* dx,
+                     const int32_t* starts, const int32_t* order, void* gw, void* gb,
+                     int need_x, int need_w, int need_b, const EmuDevice* dev,
+                     int64_t* plan_out) {
+  return is_double ? backward<double>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x, need_w,
+                                      need_b, dev, plan_out)
+                   : backward<float>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x, need_w,
+                                     need_b, dev, plan_out);
+}
+
+int igc_emu_sizeof_host_chain() { return static_cast<int>(sizeof(HostChain)); }
+
+}  // extern "C"

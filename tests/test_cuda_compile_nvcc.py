@@ -1,0 +1,431 @@
+"""The CUDA backend's code on a machine without a GPU.
+
+* ``nvcc -c`` compiles the torch-free device code (``csrc/cuda/chain_kernels_instantiate.cu``:
+  every kernel and launch function, every dtype) for sm_80 and sm_90; skipped only when nvcc is
+  absent.
+* ``nvcc -c`` compiles the launcher ``csrc/cuda/chain_cuda.cu`` against torch's headers (to PTX
+  for compute_90: the device code is the same as above); skipped only when nvcc or torch's
+  c10/cuda headers are absent. A CPU-only torch lacks the generated header
+  ``c10/cuda/impl/cuda_cmake_macros.h``; the test supplies an empty one.
+* The kernels' results, with g++ and ``csrc/cuda/host_emulation.h`` (every CUDA thread of a
+  block runs as a host thread, ``__syncthreads`` is a barrier, shared memory starts as NaN and is
+  guarded): the same host plan and launch code as the CUDA launcher, float32 and float64, against
+  the float64 reference chain within the rounding bound of the problem (``igc_test_utils``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import subprocess
+import sysconfig
+from pathlib import Path
+
+import pytest
+import torch
+
+import igc_kernels as igc
+from igc_kernels._chain import empty_like_layout
+from igc_test_utils import assert_within_rounding, expanded_like, make_tensor
+
+ROOT = Path(__file__).resolve().parents[1]
+CUDA_DIR = ROOT / "csrc" / "cuda"
+NVCC = shutil.which("nvcc")
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
+needs_cxx = pytest.mark.skipif(CXX is None, reason="no C++ compiler (g++ / c++) on PATH")
+
+
+def _run(cmd, cwd=None):
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, (
+        f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+        f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-8000:]}")
+    return proc
+
+
+# ---------------------------------------------------------------------------------------------
+# nvcc
+# ---------------------------------------------------------------------------------------------
+@needs_nvcc
+def test_nvcc_compiles_device_code_sm80_sm90(tmp_path):
+    """Every kernel for float32 / float64 / float16 / bfloat16, through ptxas for sm_80 and
+    sm_90 (the two compilations run in parallel)."""
+    src = CUDA_DIR / "chain_kernels_instantiate.cu"
+    procs = []
+    for arch in ("80", "90"):
+        out = tmp_path / f"chain_kernels_sm{arch}.o"
+        cmd = [NVCC, "-c", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Werror",
+               "all-warnings", f"-gencode=arch=compute_{arch},code=sm_{arch}", str(src),
+               "-o", str(out)]
+        procs.append((cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)))
+    for cmd, out, p in procs:
+        stdout, stderr = p.communicate()
+        assert p.returncode == 0, f"{' '.join(cmd)}\n{stdout[-4000:]}\n{stderr[-8000:]}"
+        assert out.stat().st_size > 0
+
+
+def _torch_cuda_headers():
+    from torch.utils.cpp_extension import include_paths
+
+    paths = include_paths()
+    if not any((Path(p) / "c10" / "cuda" / "CUDAGuard.h").exists() for p in paths):
+        return None
+    return paths
+
+
+@needs_nvcc
+@pytest.mark.skipif(_torch_cuda_headers() is None, reason="torch ships no c10/cuda headers")
+def test_nvcc_compiles_cuda_launcher(tmp_path):
+    paths = _torch_cuda_headers()
+    flags = []
+    if not any((Path(p) / "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in paths):
+        shim = tmp_path / "shim" / "c10" / "cuda" / "impl"
+        shim.mkdir(parents=True)
+        (shim / "cuda_cmake_macros.h").write_text("#pragma once\n")
+        flags.append(f"-I{tmp_path / 'shim'}")
+    flags += [f"-I{p}" for p in paths]
+    flags.append(f"-I{sysconfig.get_paths()['include']}")
+    cmd = [NVCC, "-c", "-std=c++17", "--expt-relaxed-constexpr", "-DIGC_BUILT_WITH_CUDA=1",
+           f"-I{ROOT / 'csrc'}", *flags, "-gencode=arch=compute_90,code=compute_90",
+           # warnings from torch's own headers (a C++20 bit-field initializer) are not ours
+           "-diag-suppress", "3306",
+           str(CUDA_DIR / "chain_cuda.cu"), "-o", str(tmp_path / "chain_cuda.o")]
+    _run(cmd)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host emulation of the kernels
+# ---------------------------------------------------------------------------------------------
+MAX_LAYERS = 32
+
+
+class HostChain(ctypes.Structure):
+    _fields_ = [
+        ("L", ctypes.c_int), ("has_index", ctypes.c_int), ("index_is_int32", ctypes.c_int),
+        ("c_in", ctypes.c_int64), ("index", ctypes.c_void_p),
+        ("C", ctypes.c_int64 * (MAX_LAYERS + 1)), ("G", ctypes.c_int64 * MAX_LAYERS),
+        ("has_bias", ctypes.c_int * MAX_LAYERS), ("shuffle", ctypes.c_int * MAX_LAYERS),
+        ("perm", ctypes.c_void_p * MAX_LAYERS), ("perm_is_int32", ctypes.c_int * MAX_LAYERS),
+    ]
+
+
+class EmuTensor(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("dim", ctypes.c_int64),
+                ("sizes", ctypes.c_int64 * 5), ("strides", ctypes.c_int64 * 5)]
+
+
+class EmuDevice(ctypes.Structure):
+    _fields_ = [("sm_count", ctypes.c_int), ("smem_optin", ctypes.c_int),
+                ("smem_per_sm", ctypes.c_int), ("occupancy", ctypes.c_int)]
+
+
+H100 = (132, 232448, 233472)
+# two SMs with H100 shared memory: few CTAs, so every CTA loops over several tiles
+TWO_SM = (2, 232448, 233472)
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    if CXX is None:
+        pytest.skip("no C++ compiler (g++ / c++) on PATH")
+    out = tmp_path_factory.mktemp("emu") / "igc_cuda_emu.so"
+    _run([CXX, "-std=c++20", "-O1", "-DIGC_EMULATE", "-Wall", "-Wno-unknown-pragmas", "-Werror",
+          "-shared", "-fPIC", "-pthread", str(CUDA_DIR / "emulation_harness.cpp"), "-o",
+          str(out)])
+    lib = ctypes.CDLL(str(out))
+    assert lib.igc_emu_sizeof_host_chain() == ctypes.sizeof(HostChain)
+    lib.igc_emu_forward.restype = ctypes.c_int
+    lib.igc_emu_backward.restype = ctypes.c_int
+    return lib
+
+
+def _etensor(t):
+    if t is None:
+        return None
+    e = EmuTensor()
+    e.ptr = t.data_ptr()
+    e.dim = t.dim()
+    for i in range(t.dim()):
+        e.sizes[i] = t.shape[i]
+        e.strides[i] = t.stride(i)
+    return e
+
+
+class EmuCase:
+    """One chain with user-level arguments; runs it through the emulated kernels and through
+    the float64 reference (with ``x[:, input_index]`` as the first step)."""
+
+    def __init__(self, channels, groups, perms=None, bias=None, index=None, c_in=None,
+                 dtype=torch.float32, seed=0):
+        gen = torch.Generator().manual_seed(seed)
+        self.channels, self.groups, self.dtype = list(channels), list(groups), dtype
+        L = len(groups)
+        self.perms = perms if perms is not None else ["interleave"] * (L - 1) + [None]
+        self.bias = bias if bias is not None else [False] * L
+        self.index = index
+        self.c_in = c_in if c_in is not None else channels[0]
+        self.weights = []
+        for l, g in enumerate(groups):
+            n = channels[l] // g
+            w = (torch.rand(channels[l + 1], n, generator=gen, dtype=torch.float64) * 2 - 1)
+            self.weights.append((w / math.sqrt(n)).to(dtype))
+        self.biases = [(torch.rand(channels[l + 1], generator=gen, dtype=torch.float64) - 0.5)
+                       .to(dtype) if b else None for l, b in enumerate(self.bias)]
+        self.gen = gen
+
+    # --- the emulated kernels ------------------------------------------------------------
+    def host_chain(self):
+        h = HostChain()
+        self._keep = []
+        L = len(self.groups)
+        h.L = L
+        h.c_in = self.c_in
+        if self.index is not None:
+            ix = self.index.contiguous()
+            self._keep.append(ix)
+            h.has_index, h.index = 1, ix.data_ptr()
+            h.index_is_int32 = int(ix.dtype == torch.int32)
+        for l in range(L + 1):
+            h.C[l] = self.channels[l]
+        for l, (g, p) in enumerate(zip(self.groups, self.perms)):
+            h.G[l] = g
+            h.has_bias[l] = int(self.biases[l] is not None)
+            C = self.channels[l + 1]
+            if isinstance(p, str):
+                assert p == "interleave"
+                h.shuffle[l] = 0 if (g <= 1 or g >= C) else g
+            elif p is not None:
+                pc = p.contiguous()
+                self._keep.append(pc)
+                h.perm[l] = pc.data_ptr()
+                h.perm_is_int32[l] = int(pc.dtype == torch.int32)
+        return h
+
+    def _flat(self):
+        W = torch.cat([w.reshape(-1) for w in self.weights]).contiguous()
+        bs = [b for b in self.biases if b is not None]
+        B = torch.cat(bs).contiguous() if bs else torch.zeros(1, dtype=self.dtype)
+        return W, B
+
+    def emu_forward(self, lib, x, device=H100, occupancy=1):
+        h = self.host_chain()
+        W, B = self._flat()
+        y_shape = empty_like_layout(x, self.channels[-1])
+        y, guard = _guarded_like(y_shape)
+        plan = (ctypes.c_int64 * 4)()
+        rc = lib.igc_emu_forward(int(self.dtype == torch.float64), ctypes.byref(h),
+                                 ctypes.c_void_p(W.data_ptr()), ctypes.c_void_p(B.data_ptr()),
+                                 ctypes.byref(_etensor(x)), ctypes.byref(_etensor(y)),
+                                 ctypes.byref(EmuDevice(*device, occupancy)), plan)
+        assert rc == 0, f"emulated forward failed with code {rc} (plan {list(plan)})"
+        guard()
+        return y, list(plan)
+
+    def emu_backward(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
+        h = self.host_chain()
+        W, B = self._flat()
+        need_x, need_w, need_b = mask
+        dx = dx_guard = None
+        if need_x:
+            dx, dx_guard = _guarded_like(empty_like_layout(x, self.c_in))
+        nw = sum(w.numel() for w in self.weights)
+        nb = sum(b.numel() for b in self.biases if b is not None)
+        gw = torch.full((max(nw, 1),), float("nan"), dtype=self.dtype)
+        gb = torch.full((max(nb, 1),), float("nan"), dtype=self.dtype)
+        starts = order = None
+        if self.index is not None:
+            sv, order = torch.sort(self.index.long(), stable=True)
+            starts = torch.searchsorted(sv, torch.arange(self.c_in + 1)).to(torch.int32)
+            order = order.to(torch.int32)
+        plan = (ctypes.c_int64 * 4)()
+        rc = lib.igc_emu_backward(
+            int(self.dtype == torch.float64), ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+            ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)), ctypes.byref(_etensor(gy)),
+            ctypes.byref(_etensor(dx)) if dx is not None else None,
+            ctypes.c_void_p(starts.data_ptr()) if starts is not None else None,
+            ctypes.c_void_p(order.data_ptr()) if order is not None else None,
+            ctypes.c_void_p(gw.data_ptr()), ctypes.c_void_p(gb.data_ptr()),
+            int(need_x), int(need_w), int(need_b), ctypes.byref(EmuDevice(*device, occupancy)),
+            plan)
+        assert rc == 0, f"emulated backward failed with code {rc} (plan {list(plan)})"
+        if dx_guard is not None:
+            dx_guard()
+        return dx, gw[:nw], gb[:nb], list(plan)
+
+    # --- the float64 oracle --------------------------------------------------------------
+    def reference(self, x, gy, absolute=False):
+        """Output and gradients (x, weights, present biases) in float64; with ``absolute``
+        every input is replaced by its absolute value (the magnitudes of the rounding bound)."""
+        f = (lambda t: t.abs()) if absolute else (lambda t: t)
+        x64 = f(x.detach().double()).requires_grad_()
+        ws = [f(w.double()).requires_grad_() for w in self.weights]
+        bs = [None if b is None else f(b.double()).requires_grad_() for b in self.biases]
+        h0 = x64 if self.index is None else x64.index_select(1, self.index.long())
+        y = igc.reference.interleaved_group_conv(h0, ws, self.groups, self.perms, bs)
+        leaves = [x64, *ws, *[b for b in bs if b is not None]]
+        grads = torch.autograd.grad(y, leaves, f(gy.double()))
+        return y.detach(), [g.detach() for g in grads]
+
+    def k(self, positions):
+        k = sum(self.channels[l] // g + self.channels[l + 1] // g + 2
+                for l, g in enumerate(self.groups))
+        return k + positions + (len(self.index) if self.index is not None else 0)
+
+    def check(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
+        y, fplan = self.emu_forward(lib, x, device, occupancy)
+        dx, gw, gb, bplan = self.emu_backward(lib, x, gy, mask, device, occupancy)
+        y64, g64 = self.reference(x, gy)
+        ym, gm = self.reference(x, gy, absolute=True)
+        P = x.numel() // x.shape[1]
+        k = self.k(P)
+        assert_within_rounding(y, y64, ym, k, self.dtype, name="output")
+        assert y.stride() == empty_like_layout(x, self.channels[-1]).stride()
+        L = len(self.weights)
+        if mask[0]:
+            assert_within_rounding(dx, g64[0], gm[0], k, self.dtype, name="grad of x")
+        if mask[1]:
+            ref = torch.cat([g.reshape(-1) for g in g64[1:1 + L]])
+            mag = torch.cat([g.reshape(-1) for g in gm[1:1 + L]])
+            assert_within_rounding(gw, ref, mag, k, self.dtype, name="grad of weights")
+        if mask[2] and any(b is not None for b in self.biases):
+            ref = torch.cat([g.reshape(-1) for g in g64[1 + L:]])
+            mag = torch.cat([g.reshape(-1) for g in gm[1 + L:]])
+            assert_within_rounding(gb, ref, mag, k, self.dtype, name="grad of biases")
+        return fplan, bplan
+
+
+def _guarded_like(t):
+    """A tensor with ``t``'s shape and strides inside a NaN-filled buffer; the returned check
+    asserts that nothing outside the tensor's elements was written and every element was."""
+    pad = 64
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride())) if t.numel() else 0
+    base = torch.full((span + 2 * pad,), float("nan"), dtype=t.dtype)
+    view = base.as_strided(t.shape, t.stride(), pad)
+    covered = torch.zeros(span + 2 * pad, dtype=torch.bool)
+    covered.as_strided(t.shape, t.stride(), pad).fill_(True)
+
+    def check():
+        outside = base[~covered]
+        assert bool(torch.isnan(outside).all()), "the kernel wrote outside the output tensor"
+        assert not bool(torch.isnan(view).any()), "the kernel left output elements unwritten"
+
+    return view, check
+
+
+def _x(shape, layout, dtype, seed):
+    return make_tensor(shape, layout, dtype, torch.Generator().manual_seed(seed))
+
+
+# group widths: every compile-time specialisation (1, 2, 4, 8, 16, 32, 64) and the runtime
+# fallback (3, 5); output rows per group multiple of 4, of 2, odd
+WIDTH_CASES = {
+    "k1": ([6, 6, 6], [6, 3]),
+    "k2_k4": ([8, 16, 8], [4, 4]),
+    "k8": ([16, 16, 16], [2, 2]),
+    "k16_k32": ([32, 64, 32], [2, 2]),
+    "k64": ([64, 64], [1]),
+    "k3_k5_odd_rows": ([9, 15, 10], [3, 5]),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("case", WIDTH_CASES.values(), ids=WIDTH_CASES.keys())
+def test_emulated_group_widths(emu, case, dtype):
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=len(channels))
+    x = _x((2, channels[0], 5, 7), "contiguous", dtype, 1)
+    gy = _x((2, channels[-1], 5, 7), "contiguous", dtype, 2)
+    c.check(emu, x, gy)
+
+
+LAYOUTS = {
+    # name: (shape of x without channels, layout of x, layout of grad_y)
+    "tokens": ((37,), "contiguous", "contiguous"),
+    "nchw_aligned": ((2, 8, 8), "contiguous", "channels_last"),
+    "nchw_odd": ((3, 5, 7), "contiguous", "contiguous"),
+    "channels_last": ((2, 6, 5), "channels_last", "channels_last"),
+    "sliced": ((2, 4, 5), "sliced", "sliced"),
+    "sliced_channels_last": ((2, 3, 6), "sliced_channels_last", "expanded"),
+    "permuted": ((2, 4, 3), "permuted", "contiguous"),
+    "ncdhw_channels_last": ((2, 2, 3, 4), "channels_last", "contiguous"),
+    "ncl": ((3, 50), "contiguous", "sliced"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", LAYOUTS.values(), ids=LAYOUTS.keys())
+def test_emulated_layouts(emu, layout):
+    """Every load / store path: contiguous runs (vector and scalar), channels-last (vector with
+    C % 4 == 0, and C = 12 -> 10 channels), generic strides, stride-0 grad_y, tile tails."""
+    sp, xl, gl = layout
+    N, spatial = sp[0], sp[1:]
+    gen = torch.Generator().manual_seed(5)
+    c = EmuCase([12, 24, 10], [4, 2], perms=["interleave", torch.randperm(10, generator=gen)],
+                bias=[True, False], seed=3)
+    x = _x((N, 12, *spatial), xl, torch.float32, 6)
+    shape = (N, 10, *spatial)
+    gy = expanded_like(shape, torch.float32, gen) if gl == "expanded" else _x(shape, gl,
+                                                                               torch.float32, 7)
+    c.check(emu, x, gy)
+    c.check(emu, x, gy, device=TWO_SM)
+
+
+@needs_cxx
+@pytest.mark.parametrize("perm_dtype", [torch.int64, torch.int32])
+def test_emulated_input_index_and_permutations(emu, perm_dtype):
+    """Input index with repeats and channels never referenced (their dx must be 0), explicit
+    permutations (int64 / int32) after every layer, channels-last and NCHW."""
+    gen = torch.Generator().manual_seed(9)
+    index = torch.tensor([3, 0, 3, 5, 7, 7, 7, 1], dtype=perm_dtype)  # 2, 4, 6 unused
+    perms = [torch.randperm(16, generator=gen).to(perm_dtype),
+             torch.randperm(8, generator=gen).to(perm_dtype)]
+    c = EmuCase([8, 16, 8], [2, 4], perms=perms, bias=[True, True], index=index, c_in=9, seed=4)
+    for layout in ("contiguous", "channels_last"):
+        x = _x((2, 9, 4, 5), layout, torch.float32, 8)
+        gy = _x((2, 8, 4, 5), "contiguous", torch.float32, 9)
+        c.check(emu, x, gy)
+        dx, _, _, _ = c.emu_backward(emu, x, gy)
+        assert bool((dx[:, [2, 4, 6]] == 0).all())
+
+
+@needs_cxx
+def test_emulated_recompute_mode_and_small_tiles(emu):
+    """A device with little shared memory: the backward cannot keep the intermediates and
+    recomputes them per layer, with tiles of 4 positions; deep chain, many tiles per CTA."""
+    c = EmuCase([16, 32, 16, 32, 16], [4, 8, 4, 2], bias=[True, False, True, False], seed=11)
+    x = _x((3, 16, 7, 3), "contiguous", torch.float32, 12)
+    gy = _x((3, 16, 7, 3), "channels_last", torch.float32, 13)
+    small = (2, 5 * 32 * 4 * 4 + 1024, 4096)  # fits the recompute-mode backward at TP = 4 only
+    fplan, bplan = c.check(emu, x, gy, device=small)
+    assert bplan[0] == 4 and bplan[2] == 0, bplan
+    # and the store-all mode with the default device, two CTAs per SM
+    fplan, bplan = c.check(emu, x, gy, occupancy=2)
+    assert bplan[2] == 1, bplan
+
+
+@needs_cxx
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
+                                  (False, False, True), (False, True, True)])
+def test_emulated_output_mask(emu, mask):
+    c = EmuCase([8, 8, 8], [2, 4], bias=[True, False], seed=21)
+    x = _x((2, 8, 3, 3), "channels_last", torch.float32, 22)
+    gy = _x((2, 8, 3, 3), "contiguous", torch.float32, 23)
+    c.check(emu, x, gy, mask=mask)
+
+
+@needs_cxx
+def test_emulated_gradients_are_deterministic(emu):
+    c = EmuCase([16, 16, 16], [4, 4], bias=[True, True], seed=31)
+    x = _x((4, 16, 9, 9), "contiguous", torch.float32, 32)
+    gy = _x((4, 16, 9, 9), "contiguous", torch.float32, 33)
+    first = c.emu_backward(emu, x, gy, device=TWO_SM)
+    for _ in range(2):
+        again = c.emu_backward(emu, x, gy, device=TWO_SM)
+        for a, b in zip(first[:3], again[:3]):
+            assert torch.equal(a, b)
