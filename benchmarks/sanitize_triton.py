@@ -95,8 +95,8 @@ def run_case(case, dtype, config, mask, device, gen) -> float:
     grads64 = torch.autograd.grad(y64, leaves64, gy.double()) if leaves64 else []
     err = 0.0
     for a, b in zip([y] + list(grads), [y64] + list(grads64)):
-        scale = float(b.abs().max()) or 1.0
-        err = max(err, float((a.double() - b).abs().max()) / scale)
+        scale = float(b.detach().abs().max()) or 1.0
+        err = max(err, float((a.detach().double() - b.detach()).abs().max()) / scale)
     return err
 
 

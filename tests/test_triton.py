@@ -38,8 +38,6 @@ from igc_test_utils import (
     make_tensor,
     normalized_op_args,
     oracle,
-    random_biases,
-    random_weights,
 )
 
 DEVICE = "cpu" if T.INTERPRETED else "cuda"

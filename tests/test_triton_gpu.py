@@ -55,7 +55,6 @@ def _K():
 
 
 def _tt():
-    from igc_test_utils import Problem  # noqa: F401
     import test_triton
 
     return test_triton

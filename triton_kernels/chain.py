@@ -54,8 +54,6 @@ sizes and the strides are run-time arguments, never part of the structure.
 from __future__ import annotations
 
 import linecache
-import math
-import os
 import threading
 from dataclasses import dataclass
 
