@@ -96,10 +96,57 @@ def _cuda_availability():
     if not _loader.ext_loaded():
         out.append(_loader.ext_missing_reason())
     elif not _loader.ext_built_with_cuda():
-        out.append("igc_kernels._C holds no CUDA kernels (this version has none yet, or it was "
-                   "built without nvcc / with a CPU-only torch)")
+        out.append("igc_kernels._C was built without its CUDA kernels (nvcc was not found or "
+                   "torch had no CUDA at build time); rebuild with `pip install "
+                   "--no-build-isolation -e .` where both are present")
     if not torch.cuda.is_available():
         out.append("torch reports no usable CUDA device")
+    return out
+
+
+# Limits of the fused CUDA kernels (csrc/cuda/chain_kernels.cuh): at most kMaxLayers layers, and
+# tiles of at least kMinTile positions of the chain must fit in shared memory (forward: two
+# buffers of the widest layer; backward: the x tile, two gradient buffers and either every
+# intermediate or two scratch buffers, whichever is smaller), in the accumulation type.
+_CUDA_MAX_LAYERS = 32
+_CUDA_MIN_TILE = 4
+_CUDA_SMEM_OPTIN: dict = {}  # device index -> max dynamic shared memory per block (opt-in)
+
+
+def _cuda_smem_optin(device: torch.device):
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CUDA_SMEM_OPTIN:
+        if torch.compiler.is_compiling():
+            return None  # not queried while tracing; the op itself raises if it does not fit
+        props = torch.cuda.get_device_properties(idx)
+        _CUDA_SMEM_OPTIN[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
+    return _CUDA_SMEM_OPTIN[idx]
+
+
+def _cuda_smem_needed(x: torch.Tensor, chain: Chain) -> int:
+    """Shared memory (bytes) of the smallest tiles the CUDA kernels can use for this chain."""
+    acc = 8 if x.dtype == torch.float64 else 4
+    tp = _CUDA_MIN_TILE  # row length = tp for tiles below 8 positions
+    cmax = max(chain.channels)
+    L = chain.num_layers
+    forward = 2 * cmax * tp * acc + 2 * tp * 8
+    middle = min(sum(chain.channels[1:L]), 2 * cmax) if L > 1 else 0
+    backward = (chain.channels[0] + 2 * cmax + middle) * tp * acc + 3 * tp * 8
+    return max(forward, backward)
+
+
+def _cuda_input_reasons(x, chain):
+    out = []
+    if chain.num_layers > _CUDA_MAX_LAYERS:
+        out.append(f"the chain has {chain.num_layers} layers; the CUDA kernels support at most "
+                   f"{_CUDA_MAX_LAYERS} layers")
+    if x.device.type == "cuda" and torch.cuda.is_available():
+        optin = _cuda_smem_optin(x.device)
+        need = _cuda_smem_needed(x, chain)
+        if optin is not None and need > optin:
+            out.append(f"the widest layer ({max(chain.channels)} channels, {x.dtype}) needs "
+                       f"{need} bytes of shared memory per block even with tiles of "
+                       f"{_CUDA_MIN_TILE} positions; this GPU allows {optin}")
     return out
 
 
@@ -154,7 +201,7 @@ BACKENDS = {
     "cuda": Backend(
         "cuda", "fused CUDA kernels of the C++ extension", ("cuda",), _ALL_FLOAT,
         "deterministic (fixed-order reduction of weight gradients)", _run_fused_op,
-        _cuda_availability),
+        _cuda_availability, _cuda_input_reasons),
     "cpu": Backend(
         "cpu", "fused C++ CPU kernels (at::parallel_for over tiles of positions)", ("cpu",),
         _ALL_FLOAT, "deterministic at a given thread count", _run_fused_op, _cpu_availability),

@@ -1,0 +1,401 @@
+"""The fused CUDA backend (backend="cuda") on a GPU.
+
+Skipped by a marker built from a constant (``torch.cuda.is_available()``) where there is no CUDA
+device; ``test_cuda_compile_nvcc.py`` covers the kernels without one (nvcc compile check and host
+emulation). On a GPU machine: ``pip install --no-build-isolation -e .`` then
+``python -m pytest tests/test_cuda_gpu.py -q``.
+
+* float32 (TF32 off) within the float32 rounding bound of the problem against the float64
+  oracle, and float32 / float16 / bfloat16 within twice the max error of the unfused PyTorch
+  chain (cuDNN) in the same dtype, for the output and every gradient; layouts (NCHW,
+  channels_last, sliced views with storage offsets, permuted strides, tokens, 3-D), odd sizes,
+  group widths 1..64 and non-square groups, channel counts up to 2048 (which also exercises the
+  backward's recompute mode), input index;
+* a bitwise determinism loop, ``torch.library.opcheck`` of both ops, ``torch.compile
+  (fullgraph=True)``, capture and replay in a CUDA graph, ``gradcheck`` in float64;
+* limits: a clear error (and "auto" falling back) where a chain does not fit in shared memory;
+  64-bit offsets (a tensor of more than 2^31 elements); empty inputs; a side stream.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import igc_kernels as igc
+from igc_kernels import backends
+from igc_test_utils import (
+    assert_layout_like_contract,
+    build_problem,
+    check_against_oracle,
+    forward_and_grads,
+    make_tensor,
+    normalized_op_args,
+    oracle,
+    Problem,
+)
+
+HAS_CUDA = torch.cuda.is_available()
+pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+
+
+def cuda_like(t, requires_grad=None):
+    """``t`` on the GPU with the same sizes, strides and storage offset (stride-0 dims stay
+    expanded)."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    t = t.detach()
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        idx = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
+        out = cuda_like(t[idx].contiguous()).expand(t.shape)
+    else:
+        numel = t.untyped_storage().nbytes() // t.element_size()
+        base = torch.zeros(numel, dtype=t.dtype, device="cuda")
+        out = base.as_strided(t.shape, t.stride(), t.storage_offset())
+        out.copy_(t)
+    if requires_grad:
+        out.requires_grad_()
+    return out
+
+
+def on_cuda(p: Problem) -> Problem:
+    perms = None if p.permutations is None else [
+        cuda_like(q) if isinstance(q, torch.Tensor) else q for q in p.permutations]
+    biases = None if p.biases is None else [cuda_like(b, True) for b in p.biases]
+    return Problem(cuda_like(p.x, True), [cuda_like(w, True) for w in p.weights], list(p.groups),
+                   perms, biases, p.channels, cuda_like(p.input_index))
+
+
+def _gy(p, seed=1, kind="contiguous"):
+    shape = (p.x.shape[0], p.channels[-1], *p.x.shape[2:])
+    return cuda_like(make_tensor(shape, kind, p.x.dtype, torch.Generator().manual_seed(seed)))
+
+
+def _problem(channels, groups, *, dtype, layout="contiguous", spatial=(5, 5), N=2,
+             perms="default", bias=True, seed=0, input_index=None, in_channels=None):
+    return on_cuda(build_problem(channels, groups, spatial=spatial, N=N, layout=layout,
+                                 dtype=dtype, permutations=perms, bias=bias, seed=seed,
+                                 input_index=input_index, in_channels=in_channels))
+
+
+def check_two_x_rule(p: Problem, gy):
+    """The kernel's max error against the float64 oracle is at most twice the unfused chain's
+    (same dtype), for the output and every gradient."""
+    yk, gk = forward_and_grads(lambda: p.call("cuda"), p.leaves(), gy)
+    yr, gr = forward_and_grads(lambda: p.call("reference"), p.leaves(), gy)
+    yo, go = oracle(p, gy)
+    assert yk.dtype == p.x.dtype and all(g.dtype == p.x.dtype for g in gk)
+    assert_layout_like_contract(yk, p.x)
+    assert_layout_like_contract(gk[0], p.x, what="grad of x")
+    names = ["output"] + [f"grad of {n}" for n in p.leaf_names()]
+    for name, k, r, o in zip(names, [yk] + gk, [yr] + gr, [yo] + go):
+        o = o.detach()
+        err_k = (k.detach().double() - o).abs()
+        err_r = (r.detach().double() - o).abs()
+        limit = 2 * float(err_r.max())
+        assert bool(torch.isfinite(k).all()), f"{name}: non-finite values in the kernel result"
+        if float(err_k.max()) > limit:
+            bad = err_k > limit
+            first = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise AssertionError(
+                f"{name}: kernel max error {float(err_k.max()):.4e} (mean "
+                f"{float(err_k.mean()):.4e}) > 2 x reference max error {float(err_r.max()):.4e} "
+                f"(mean {float(err_r.mean()):.4e}); first mismatching index {first}")
+
+
+def test_cuda_backend_is_built_and_usable():
+    from igc_kernels import _loader
+
+    assert _loader.ext_built_with_cuda(), _loader.ext_build_info()
+    assert "cuda" in igc.available_backends("cuda")
+    x = torch.randn(2, 8, 3, 3, device="cuda")
+    chain = igc._chain.normalize(x, [torch.randn(8, 2, device="cuda")], [4], None, None)
+    assert backends.select("auto", x, chain).name == "cuda"
+
+
+# ---------------------------------------------------------------------------------------------
+# Correctness
+# ---------------------------------------------------------------------------------------------
+CASES = {
+    # name: (channels, groups, permutations, bias, spatial, N, layout)
+    "igcv2_c256_k8_nchw": ([256] * 4, [32, 32, 32], "default", False, (16, 16), 4, "contiguous"),
+    "igcv2_c256_k8_cl": ([256] * 4, [32, 32, 32], "default", True, (16, 16), 4, "channels_last"),
+    "c512_k64_random_perms": ([512, 512, 512], [8, 8], "random", True, (7, 7), 3,
+                              "channels_last"),
+    "k1_k2_k4_deep": ([16, 16, 32, 32, 16, 16], [16, 8, 8, 4, 8], "default", True, (9,), 3,
+                      "contiguous"),
+    "k16_k32_nonsquare": ([64, 128, 64], [4, 2], "default", True, (6, 6), 2, "contiguous"),
+    "odd_widths_3_7_9": ([21, 27, 21], [7, 3], "random", [True, False], (7, 7), 3,
+                         "channels_last"),
+    "odd_widths_17_33": ([34, 66, 34], [2, 2], "default", True, (1, 7), 3, "sliced"),
+    "tokens": ([48, 96, 48], [6, 12], "default", True, (), 37, "contiguous"),
+    "tokens_sliced": ([24, 24], [3], "random", True, (), 33, "sliced"),
+    "permuted_strides": ([32, 32, 32], [4, 4], "default", False, (5, 3), 2, "permuted"),
+    "sliced_channels_last": ([32, 64, 32], [8, 8], "default", True, (4, 6), 2,
+                             "sliced_channels_last"),
+    "ncdhw_channels_last": ([16, 32, 16], [4, 4], "default", True, (2, 3, 5), 2,
+                            "channels_last"),
+    "hw1": ([8, 8], [2], "default", True, (1, 1), 5, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_float32_within_rounding_bound(case):
+    channels, groups, perms, bias, spatial, N, layout = case
+    p = _problem(channels, groups, dtype=torch.float32, layout=layout, spatial=spatial, N=N,
+                 perms=perms, bias=bias, seed=3)
+    y, grads = check_against_oracle(p, "cuda", _gy(p, 4))
+    assert y.is_cuda
+    assert_layout_like_contract(y, p.x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_error_at_most_twice_unfused_chain(case, dtype):
+    channels, groups, perms, bias, spatial, N, layout = case
+    p = _problem(channels, groups, dtype=dtype, layout=layout, spatial=spatial, N=N,
+                 perms=perms, bias=bias, seed=5)
+    check_two_x_rule(p, _gy(p, 6))
+
+
+@pytest.mark.parametrize("grad_kind", ["expanded", "channels_last", "sliced"])
+def test_grad_output_layouts(grad_kind):
+    p = _problem([32, 32, 32], [4, 4], dtype=torch.float32, layout="channels_last", seed=7)
+    shape = (p.x.shape[0], 32, *p.x.shape[2:])
+    if grad_kind == "expanded":
+        gy = torch.randn(1, 32, 1, 1, device="cuda").expand(shape)
+    else:
+        gy = _gy(p, 8, grad_kind)
+    check_against_oracle(p, "cuda", gy)
+
+
+LARGE = {
+    # channel counts up to 2048: store-all and (for 2048, several layers) recompute backward,
+    # small tiles
+    "c1024_k32": ([1024, 1024, 1024], [32, 32], (4, 4), 2),
+    "c2048_k64_3layers": ([2048] * 4, [32, 32, 32], (3, 3), 2),
+    "c2048_dense_layer_k2048": ([2048, 2048], [1], (2, 3), 1),
+    "c2048_to_256": ([2048, 512, 256], [64, 16], (4, 4), 2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", LARGE.values(), ids=LARGE.keys())
+def test_large_channel_counts(case, dtype):
+    channels, groups, spatial, N = case
+    p = _problem(channels, groups, dtype=dtype, layout="channels_last", spatial=spatial, N=N,
+                 perms="random", seed=9)
+    if dtype == torch.float32:
+        check_against_oracle(p, "cuda", _gy(p, 10))
+    else:
+        check_two_x_rule(p, _gy(p, 10))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "sliced"])
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+def test_input_index(layout, dtype, index_dtype):
+    """Repeated entries and channels never referenced (their gradient is exactly 0)."""
+    g = torch.Generator().manual_seed(11)
+    c_in = 40
+    index = torch.randint(0, c_in - 8, (48,), generator=g)  # channels 32..39 never referenced
+    index[:4] = 3
+    p = _problem([48, 96, 48], [6, 12], dtype=dtype, layout=layout, spatial=(5, 7), N=2,
+                 input_index=index.to(index_dtype), in_channels=c_in, seed=12)
+    gy = _gy(p, 13)
+    if dtype == torch.float32:
+        _, grads = check_against_oracle(p, "cuda", gy)
+    else:
+        check_two_x_rule(p, gy)
+        _, grads = forward_and_grads(lambda: p.call("cuda"), p.leaves(), gy)
+    assert grads[0].shape == p.x.shape
+    assert bool((grads[0][:, 32:] == 0).all())
+
+
+def test_float64_gradcheck():
+    p = _problem([6, 9, 6], [3, 3], dtype=torch.float64, spatial=(2, 3), N=2, perms="random",
+                 bias=[True, False], seed=14)
+
+    def fn(x, w1, w2, b1):
+        return igc.interleaved_group_conv(x, [w1, w2], p.groups, p.permutations, [b1, None],
+                                          backend="cuda")
+
+    assert torch.autograd.gradcheck(fn, (p.x, *p.weights, p.biases[0]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Determinism, ops, compile, graphs
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_bitwise_deterministic(dtype):
+    p = _problem([128, 128, 128], [16, 16], dtype=dtype, layout="channels_last",
+                 spatial=(32, 32), N=8, seed=15)
+    gy = _gy(p, 16)
+    y0, g0 = forward_and_grads(lambda: p.call("cuda"), p.leaves(), gy)
+    for _ in range(10):
+        y, g = forward_and_grads(lambda: p.call("cuda"), p.leaves(), gy)
+        assert torch.equal(y, y0)
+        for a, b in zip(g, g0):
+            assert torch.equal(a, b)
+
+
+OPCHECK_CASES = {
+    "nchw_bias_perm": dict(channels=[8, 12, 8], groups=[4, 2], perms="random", bias=True,
+                           layout="contiguous", dtype=torch.float32),
+    "channels_last_bf16": dict(channels=[16, 16], groups=[4], perms="default", bias=False,
+                               layout="channels_last", dtype=torch.bfloat16),
+    "input_index": dict(channels=[6, 12, 6], groups=[3, 3], perms="default", bias=True,
+                        layout="contiguous", dtype=torch.float32,
+                        input_index=torch.tensor([0, 2, 2, 5, 1, 0]), in_channels=7),
+}
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES.values(), ids=OPCHECK_CASES.keys())
+def test_opcheck(case):
+    c = dict(case)
+    p = _problem(c.pop("channels"), c.pop("groups"), spatial=(3, 4), seed=17, **c)
+    args = normalized_op_args(p)
+    torch.library.opcheck(torch.ops.igc.chain_forward.default, args)
+    x, ws, bs, groups, shuffles, perms, index = args
+    gy = _gy(p, 18)
+    bwd_args = (gy, x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], groups,
+                shuffles, perms, [True, True, True], index)
+    torch.library.opcheck(torch.ops.igc.chain_backward.default, bwd_args)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic"])
+def test_torch_compile_fullgraph(dynamic):
+    p = _problem([16, 24, 16], [4, 2], dtype=torch.float32, layout="channels_last",
+                 perms=["interleave", torch.randperm(16)], seed=19)
+    perms = [q.cuda() if isinstance(q, torch.Tensor) else q for q in p.permutations]
+
+    def fn(x, w1, w2, b1, b2):
+        return igc.interleaved_group_conv(x, [w1, w2], [4, 2], perms, [b1, b2], backend="cuda")
+
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, dynamic=dynamic)
+    args = [p.x, *p.weights, *p.biases]
+    gy = _gy(p, 20)
+    ye, ge = forward_and_grads(lambda: fn(*args), args, gy)
+    yc, gc = forward_and_grads(lambda: compiled(*args), args, gy)
+    assert yc.stride() == ye.stride()
+    torch.testing.assert_close(yc, ye, rtol=0, atol=0)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_cuda_graph_capture_and_replay():
+    p = _problem([64, 64, 64], [8, 8], dtype=torch.float16, layout="channels_last",
+                 spatial=(8, 8), N=4, perms="random", seed=21)
+    x, ws, bs = p.x, p.weights, p.biases
+    gy = _gy(p, 22)
+
+    def step():
+        y = igc.interleaved_group_conv(x, ws, p.groups, p.permutations, bs, backend="cuda")
+        return (y,) + torch.autograd.grad(y, [x, *ws, *bs], gy)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):  # warm-up outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    with torch.no_grad():
+        x.add_(0.5)  # new input values, same buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    eager = step()
+    for a, b in zip(static_out, eager):
+        assert torch.equal(a, b)
+
+
+def test_side_stream():
+    p = _problem([32, 32], [4], dtype=torch.float32, spatial=(16, 16), N=4, seed=23)
+    ref = p.call("cuda")
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        y = p.call("cuda")
+    torch.cuda.current_stream().wait_stream(s)
+    assert torch.equal(y, ref)
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+# ---------------------------------------------------------------------------------------------
+def test_chain_too_wide_for_shared_memory_is_refused_clearly():
+    # float64 with 8192 channels: even the forward's two buffers of 4-position tiles need 512 KiB
+    C = 8192
+    x = torch.randn(1, C, 2, 2, device="cuda", dtype=torch.float64)
+    w = torch.randn(C, 8, device="cuda", dtype=torch.float64)
+    chain = igc._chain.normalize(x, [w], [C // 8], None, None)
+    reasons = backends.BACKENDS["cuda"].reasons(x, chain)
+    assert any("shared memory" in r for r in reasons), reasons
+    with pytest.raises(backends.BackendUnavailableError, match="shared memory"):
+        igc.interleaved_group_conv(x, [w], [C // 8], backend="cuda")
+    assert backends.select("auto", x, chain).name != "cuda"
+    with pytest.raises(RuntimeError, match="does not fit in shared memory"):
+        torch.ops.igc.chain_forward(x, [w], [], [C // 8], [0], [None])
+    # the process keeps working
+    small = _problem([8, 8], [2], dtype=torch.float32, seed=24)
+    check_against_oracle(small, "cuda", _gy(small, 25))
+
+
+def test_more_than_32_layers_is_refused_clearly():
+    x = torch.randn(2, 4, 3, device="cuda")
+    ws = [torch.randn(4, 2, device="cuda") for _ in range(33)]
+    chain = igc._chain.normalize(x, ws, [2] * 33, None, None)
+    assert any("32 layers" in r for r in backends.BACKENDS["cuda"].reasons(x, chain))
+    with pytest.raises(RuntimeError, match="at most 32"):
+        torch.ops.igc.chain_forward(x, ws, [], [2] * 33, [0] * 33, [None] * 33)
+
+
+def test_64bit_offsets():
+    """x of more than 2^31 elements (float16, 4 GiB): the last positions are checked against
+    the reference chain run on just those positions (the chain acts per position)."""
+    C, S = 8, (1 << 28) + 96
+    x = torch.empty(1, C, S, device="cuda", dtype=torch.float16)
+    x.view(-1)[-C * 4096:].normal_()
+    x.view(-1)[:-C * 4096].zero_()
+    assert x.numel() > 2**31
+    g = torch.Generator().manual_seed(26)
+    w1 = (torch.randn(16, 4, generator=g) / 2).half().cuda()
+    w2 = (torch.randn(8, 8, generator=g) / 3).half().cuda()
+    y = igc.interleaved_group_conv(x, [w1, w2], [2, 2], backend="cuda")
+    tail = x[..., -1000:]
+    ref = igc.interleaved_group_conv(tail.float(), [w1.float(), w2.float()], [2, 2],
+                                     backend="reference")
+    torch.testing.assert_close(y[..., -1000:].float(), ref, rtol=2e-2, atol=2e-2)
+    gy = torch.zeros_like(y)
+    gy[..., -1000:] = 1
+    del y
+    xg = x.detach().requires_grad_()
+    y2 = igc.interleaved_group_conv(xg, [w1, w2], [2, 2], backend="cuda")
+    (gx,) = torch.autograd.grad(y2, [xg], gy)
+    tg = tail.float().detach().requires_grad_()
+    yr = igc.interleaved_group_conv(tg, [w1.float(), w2.float()], [2, 2], backend="reference")
+    (gr,) = torch.autograd.grad(yr, [tg], torch.ones_like(yr))
+    torch.testing.assert_close(gx[..., -1000:].float(), gr, rtol=2e-2, atol=2e-2)
+
+
+def test_empty_inputs():
+    w = torch.randn(8, 2, device="cuda", requires_grad=True)
+    for shape in [(0, 8, 4, 4), (2, 8, 0, 3)]:
+        x = torch.randn(*shape, device="cuda", requires_grad=True)
+        y = igc.interleaved_group_conv(x, [w], [4], backend="cuda")
+        assert y.shape == shape
+        gx, gw = torch.autograd.grad(y.sum(), [x, w])
+        assert gx.shape == x.shape and bool((gw == 0).all())
