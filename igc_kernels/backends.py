@@ -177,14 +177,16 @@ def _triton_availability():
 def _triton_input_reasons(x, chain):
     out = []
     mod = _TRITON_OPS[0]
-    if x.device.type == "cpu" and (mod is None or not mod.INTERPRETED):
+    # (without a GPU and without the interpreter, the availability reason already says this)
+    if x.device.type == "cpu" and mod is not None and not mod.INTERPRETED and \
+            torch.cuda.is_available():
         out.append("CPU tensors run through Triton only under TRITON_INTERPRET=1 (set before "
                    "igc_kernels.triton_kernels is imported)")
     if mod is not None and mod.INTERPRETED and x.device.type != "cpu":
         out.append(f"x is on {x.device.type}; under TRITON_INTERPRET=1 the Triton kernels run "
                    f"on CPU tensors only")
     limit = 1024  # triton_kernels.chain.MAX_CHANNELS (not imported here: Triton may be absent)
-    widths = [("x", chain.in_channels or chain.channels[0])]
+    widths = [("x", chain.in_channels)] if chain.input_index is not None else []
     widths += [(f"C_{l}", c) for l, c in enumerate(chain.channels)]
     for name, c in widths:
         if c > limit:

@@ -183,14 +183,30 @@ def test_unknown_backend():
     _good_call_works("auto")
 
 
-@pytest.mark.parametrize("backend,reason", [
-    ("cuda", r"x is on cpu; this backend runs on cuda"),
-    ("triton", r"(CPU tensors run through Triton only under TRITON_INTERPRET=1|"
-               r"Triton kernels are not part)"),
-])
-def test_backend_that_cannot_run(backend, reason):
+def _float64(args):
+    args["x"] = args["x"].double()
+    args["weights"] = [w.double() for w in args["weights"]]
+    return args
+
+
+def _wide(args, channels=2048, dtype=torch.float32):
+    """One layer of ``channels`` groups of one channel: past the Triton backend's limit."""
+    args["x"] = torch.randn(1, channels, 2, dtype=dtype)
+    args["weights"] = [torch.randn(channels, 1, dtype=dtype)]
+    args["groups"] = [channels]
+    return args
+
+
+@pytest.mark.parametrize("backend,make,reason", [
+    ("cuda", _good, r"x is on cpu; this backend runs on cuda"),
+    # CPU tensors run through Triton under TRITON_INTERPRET=1 (the suite sets it without a GPU);
+    # float64 and more than 1024 channels are refused whatever the device
+    ("triton", lambda: _float64(_good()), r"dtype torch.float64 is not supported"),
+    ("triton", lambda: _wide(_good()), r"2048 channels exceeds"),
+], ids=["cuda-device", "triton-dtype", "triton-channels"])
+def test_backend_that_cannot_run(backend, make, reason):
     with pytest.raises(igc.BackendUnavailableError) as info:
-        _call(_good(), backend)
+        _call(make(), backend)
     msg = str(info.value)
     assert f"backend {backend!r} cannot run this input" in msg
     assert re.search(reason, msg), msg
@@ -200,14 +216,12 @@ def test_backend_that_cannot_run(backend, reason):
 
 
 def test_backend_unavailable_lists_every_reason():
-    """float64 on triton: both the device/interpreter reason and the dtype reason are listed."""
-    args = _good()
-    args["x"] = args["x"].double()
-    args["weights"] = [w.double() for w in args["weights"]]
+    """float64 and too many channels on triton: both reasons are listed."""
     with pytest.raises(igc.BackendUnavailableError) as info:
-        _call(args, "triton")
+        _call(_wide(_good(), dtype=torch.float64), "triton")
     msg = str(info.value)
     assert "dtype torch.float64 is not supported" in msg, msg
+    assert "2048 channels exceeds" in msg, msg
     assert msg.count("\n  - ") >= 2, msg
 
 

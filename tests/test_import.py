@@ -70,15 +70,19 @@ _BLOCKED = textwrap.dedent("""
 
 
 def test_import_without_extension_warns_and_reference_works():
+    # without the interpreter flag the suite sets for the Triton tests (on a CPU-only machine
+    # Triton then cannot run either, and "reference" is all that is left)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", _BLOCKED], cwd=ROOT, capture_output=True,
-                         text=True, timeout=120)
+                         text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout.strip().splitlines()[-1])
     # one warning, naming what is missing and what still works
     assert len(res["warnings"]) == 1, res["warnings"]
     msg = res["warnings"][0]
     assert "igc_kernels._C" in msg and "'cpu'" in msg and "'reference' backend works" in msg
-    assert res["available"] == ["reference"]
+    assert res["available"] == (["triton", "reference"] if torch.cuda.is_available()
+                                else ["reference"])
     assert res["auto_shape"] == [2, 8, 3]  # "auto" falls back to the reference chain
     assert res["reference_equal"]
     assert res["cpu_error"] is not None
