@@ -62,7 +62,7 @@ def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_m
     return gx, gw, gb
 
 
-def _setup_context(ctx, inputs, output):
+def setup_context(ctx, inputs, output):
     x, weights, biases, groups, shuffles, perms = inputs[:6]
     input_index = inputs[6] if len(inputs) > 6 else None
     L = len(weights)
@@ -76,44 +76,52 @@ def _setup_context(ctx, inputs, output):
                           *([input_index] if input_index is not None else []))
 
 
-def _backward(ctx, grad_y):
-    saved = list(ctx.saved_tensors)
-    L = ctx.num_layers
-    nb = ctx.num_biases
-    x, weights, biases = saved[0], saved[1:1 + L], saved[1 + L:1 + L + nb]
-    it = iter(saved[1 + L + nb:])
-    perms = [next(it) if has else None for has in ctx.perm_mask]
-    input_index = next(it) if ctx.has_index else None
-    bias_mask = [has_bias(b) for b in biases]
-    need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    need_w_any = any(need_w) if isinstance(need_w, (list, tuple)) else bool(need_w)
-    need_b_any = any(need_b) if isinstance(need_b, (list, tuple)) else bool(need_b)
-    mask = [bool(need_x), need_w_any, need_b_any and any(bias_mask)]
-    gx, gw, gb = torch.ops.igc.chain_backward(
-        grad_y, x, weights, biases, ctx.groups, ctx.shuffles, perms, mask, input_index
-    )
-    grad_ws = [None] * L
-    if mask[1]:
-        off = 0
-        for l, w in enumerate(weights):
-            n = int(w.shape[0]) * int(w.shape[1])
-            grad_ws[l] = gw[off:off + n].view(w.shape)
-            off += n
-    grad_bs = [None] * nb
-    if mask[2]:
-        off = 0
-        for l, b in enumerate(biases):
-            if bias_mask[l]:
-                n = int(b.shape[0])
-                grad_bs[l] = gb[off:off + n]
+def make_backward(backward_op):
+    """The autograd formula of a ``chain_forward`` op whose fused backward is ``backward_op``
+    (same arguments and results as ``igc::chain_backward``); used with :func:`setup_context`
+    by every registration of the operator (the C++ ops here, the Triton ops elsewhere)."""
+
+    def backward(ctx, grad_y):
+        saved = list(ctx.saved_tensors)
+        L = ctx.num_layers
+        nb = ctx.num_biases
+        x, weights, biases = saved[0], saved[1:1 + L], saved[1 + L:1 + L + nb]
+        it = iter(saved[1 + L + nb:])
+        perms = [next(it) if has else None for has in ctx.perm_mask]
+        input_index = next(it) if ctx.has_index else None
+        bias_mask = [has_bias(b) for b in biases]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_w_any = any(need_w) if isinstance(need_w, (list, tuple)) else bool(need_w)
+        need_b_any = any(need_b) if isinstance(need_b, (list, tuple)) else bool(need_b)
+        mask = [bool(need_x), need_w_any, need_b_any and any(bias_mask)]
+        gx, gw, gb = backward_op(grad_y, x, list(weights), list(biases), ctx.groups,
+                                 ctx.shuffles, perms, mask, input_index)
+        grad_ws = [None] * L
+        if mask[1]:
+            off = 0
+            for l, w in enumerate(weights):
+                n = int(w.shape[0]) * int(w.shape[1])
+                grad_ws[l] = gw[off:off + n].view(w.shape)
                 off += n
-    # register_autograd checks the returned structure against the inputs': a Tensor?[] holding a
-    # None (perms) is one opaque argument, answered by a single None; a list of tensors by a list.
-    grad_perms = [None] * L if all(ctx.perm_mask) else None
-    out = ((gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms)
-    # The dispatcher drops trailing arguments equal to their default (input_index=None) before
-    # torch.library's autograd records the inputs' structure: answer only what it recorded.
-    return out + (None,) if ctx.has_index else out
+        grad_bs = [None] * nb
+        if mask[2]:
+            off = 0
+            for l, b in enumerate(biases):
+                if bias_mask[l]:
+                    n = int(b.shape[0])
+                    grad_bs[l] = gb[off:off + n]
+                    off += n
+        # register_autograd checks the returned structure against the inputs': a Tensor?[]
+        # holding a None (perms) is one opaque argument, answered by a single None; a list of
+        # tensors by a list.
+        grad_perms = [None] * L if all(ctx.perm_mask) else None
+        out = ((gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms)
+        # The dispatcher drops trailing arguments equal to their default (input_index=None)
+        # before torch.library's autograd records the inputs' structure: answer only what it
+        # recorded.
+        return out + (None,) if ctx.has_index else out
+
+    return backward
 
 
 def register() -> None:
@@ -121,5 +129,7 @@ def register() -> None:
     torch.library.register_fake("igc::chain_forward")(_fake_forward)
     torch.library.register_fake("igc::chain_backward")(_fake_backward)
     torch.library.register_autograd(
-        "igc::chain_forward", _backward, setup_context=_setup_context
+        "igc::chain_forward",
+        make_backward(lambda *args: torch.ops.igc.chain_backward(*args)),
+        setup_context=setup_context,
     )

@@ -29,7 +29,7 @@ import torch
 import triton
 
 from ._chain import empty_like_layout
-from ._ops import has_bias
+from ._ops import setup_context, has_bias, make_backward
 from .triton_kernels import chain as K
 
 INTERPRETED = K.INTERPRETED
@@ -289,57 +289,8 @@ else:
         chain_backward)
 
 
-def _setup_context(ctx, inputs, output):
-    x, weights, biases, groups, shuffles, perms = inputs[:6]
-    input_index = inputs[6] if len(inputs) > 6 else None
-    ctx.has_index = input_index is not None
-    ctx.num_layers = len(weights)
-    ctx.num_biases = len(biases)
-    ctx.perm_mask = [p is not None for p in perms]
-    ctx.groups = list(groups)
-    ctx.shuffles = list(shuffles)
-    ctx.save_for_backward(x, *weights, *biases, *[p for p in perms if p is not None],
-                          *([input_index] if input_index is not None else []))
-
-
-def _backward(ctx, grad_y):
-    saved = list(ctx.saved_tensors)
-    L, nb = ctx.num_layers, ctx.num_biases
-    x, weights, biases = saved[0], saved[1:1 + L], saved[1 + L:1 + L + nb]
-    it = iter(saved[1 + L + nb:])
-    perms = [next(it) if has else None for has in ctx.perm_mask]
-    input_index = next(it) if ctx.has_index else None
-    bias_mask = [has_bias(b) for b in biases]
-    need_x, need_w, need_b = ctx.needs_input_grad[:3]
-    need_w_any = any(need_w) if isinstance(need_w, (list, tuple)) else bool(need_w)
-    need_b_any = any(need_b) if isinstance(need_b, (list, tuple)) else bool(need_b)
-    mask = [bool(need_x), need_w_any, need_b_any and any(bias_mask)]
-    gx, gw, gb = backward_op(grad_y, x, list(weights), list(biases), ctx.groups, ctx.shuffles,
-                             perms, mask, input_index)
-    grad_ws = [None] * L
-    if mask[1]:
-        off = 0
-        for l, w in enumerate(weights):
-            n = int(w.shape[0]) * int(w.shape[1])
-            grad_ws[l] = gw[off:off + n].view(w.shape)
-            off += n
-    grad_bs = [None] * nb
-    if mask[2]:
-        off = 0
-        for l, b in enumerate(biases):
-            if bias_mask[l]:
-                n = int(b.shape[0])
-                grad_bs[l] = gb[off:off + n]
-                off += n
-    # As in _ops.py: a Tensor?[] holding a None is one opaque argument (answered by one None).
-    grad_perms = [None] * L if all(ctx.perm_mask) else None
-    out = ((gx if mask[0] else None), grad_ws, grad_bs, None, None, grad_perms)
-    # As in _ops.py: the dispatcher drops a trailing input_index=None before torch.library's
-    # autograd records the inputs' structure; answer only what it recorded.
-    return out + (None,) if ctx.has_index else out
-
-
-forward_op.register_autograd(_backward, setup_context=_setup_context)
+# The autograd formula shared with the C++ ops (_ops.py), calling this backend's backward op.
+forward_op.register_autograd(make_backward(backward_op), setup_context=setup_context)
 
 
 def run(x, chain) -> torch.Tensor:
