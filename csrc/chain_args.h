@@ -7,6 +7,7 @@
 
 #include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
@@ -190,6 +191,21 @@ inline bool out_is_channels_last(const at::Tensor& x) {
     }
   }
   return any && x.stride(1) < min_sp;
+}
+
+// An uninitialised (N, channels, *spatial) tensor in the memory format the rule above gives for
+// outputs shaped like x (the fake kernels' empty_like_layout).
+inline at::Tensor empty_layout(const at::Tensor& x, int64_t channels) {
+  std::vector<int64_t> sizes;
+  sizes.push_back(x.size(0));
+  if (out_is_channels_last(x)) {
+    for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
+    sizes.push_back(channels);
+    return at::empty(sizes, x.options()).movedim(-1, 1);
+  }
+  sizes.push_back(channels);
+  for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
+  return at::empty(sizes, x.options());
 }
 
 }  // namespace igc

@@ -616,19 +616,6 @@ IGC_DEFINE_TILE_FNS(c10::Half, float, f16)
 IGC_DEFINE_TILE_FNS(c10::BFloat16, float, bf16)
 #undef IGC_DEFINE_TILE_FNS
 
-at::Tensor empty_layout(const at::Tensor& x, int64_t channels) {
-  std::vector<int64_t> sizes;
-  sizes.push_back(x.size(0));
-  if (out_is_channels_last(x)) {
-    for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
-    sizes.push_back(channels);
-    return at::empty(sizes, x.options()).movedim(-1, 1);
-  }
-  sizes.push_back(channels);
-  for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
-  return at::empty(sizes, x.options());
-}
-
 // Holds the acc_t copies of weights and biases and the index tables for one call.
 template <typename scalar_t, typename acc_t>
 struct Prepared {

@@ -71,19 +71,6 @@ kc::DeviceInfo device_info(int device) {
   return info;
 }
 
-at::Tensor empty_layout(const at::Tensor& x, int64_t channels) {
-  std::vector<int64_t> sizes;
-  sizes.push_back(x.size(0));
-  if (out_is_channels_last(x)) {
-    for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
-    sizes.push_back(channels);
-    return at::empty(sizes, x.options()).movedim(-1, 1);
-  }
-  sizes.push_back(channels);
-  for (int64_t d = 2; d < x.dim(); ++d) sizes.push_back(x.size(d));
-  return at::empty(sizes, x.options());
-}
-
 // The host description of the chain (device pointers of the contiguous index tensors, kept
 // alive in `keep`) after the shared checks.
 kc::HostChain host_chain(const char* op, const ChainDesc& d, at::IntArrayRef shuffles,
