@@ -3,7 +3,8 @@
 # sanitize step) compute-sanitizer. Steps run in the order given (default: build test sanitize):
 #
 #   build     pip install --no-build-isolation --no-deps -e . (CUDA kernels included) + info
-#   test      the whole pytest suite (the GPU tests run when a GPU is visible)
+#   test      the whole pytest suite (the GPU tests run when a GPU is visible); Triton
+#             autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0)
 #   sanitize  compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
 #             sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
 #             allocation and out-of-bounds accesses are seen)
@@ -54,7 +55,9 @@ for step in "${steps[@]}"; do
       run_step build env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
         "$PY" -m pip install --no-build-isolation --no-deps -e . ;
       run_step info "$PY" -m igc_kernels.info ;;
-    test) run_step test "$PY" -m pytest tests -q -ra --maxfail=25 ;;
+    # the Triton tests compile each chain structure once with the default configuration
+    # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
+    test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
     sanitize) run_step sanitize sanitize_all ;;
     bench) run_step bench "$PY" benchmarks/bench_gpu.py --targets --json "$OUT/bench-targets.json" ;;
     sweep) run_step sweep "$PY" benchmarks/bench_gpu.py --sweep --no-compile --json "$OUT/bench-sweep.json" ;;

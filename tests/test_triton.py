@@ -551,3 +551,31 @@ def test_position_dims_collapse():
     assert K.position_dims(w.shape, [w.stride()]) == ([1, 1, 4, 40], [[0, 0, 864, 2]])
     t = torch.empty(1, 6, 1, 3)
     assert K.position_dims(t.shape, [t.stride()]) == ([1, 1, 1, 3], [[0, 0, 0, 1]])
+
+
+def test_autotune_switch_and_launch_choice(monkeypatch):
+    """IGC_TRITON_AUTOTUNE=0, an override or deterministic mode launch a fixed configuration;
+    otherwise the autotuned kernel (where one exists: on GPUs) is chosen."""
+    import types
+
+    from igc_kernels.triton_kernels import chain as K
+
+    kern = types.SimpleNamespace(fwd="plain", bwd="plain_bwd", fwd_tuned="tuned",
+                                 bwd_tuned="tuned_bwd",
+                                 fixed_meta=lambda cfg, backward: {"BLOCK_P": cfg.block_p})
+    monkeypatch.delenv("IGC_TRITON_AUTOTUNE", raising=False)
+    assert K.autotune_enabled()
+    assert K.launch_choice(kern, False) == ("tuned", None)
+    assert K.launch_choice(kern, True) == ("tuned_bwd", None)
+    monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "0")
+    assert not K.autotune_enabled()
+    assert K.launch_choice(kern, True) == ("plain_bwd", {"BLOCK_P": K.DEFAULT_CONFIG.block_p})
+    monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "1")
+    with K.override_config(block_p=64):
+        assert K.launch_choice(kern, False) == ("plain", {"BLOCK_P": 64})
+    prev = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert K.launch_choice(kern, False)[0] == "plain"
+    finally:
+        torch.use_deterministic_algorithms(prev)

@@ -54,6 +54,7 @@ sizes and the strides are run-time arguments, never part of the structure.
 from __future__ import annotations
 
 import linecache
+import os
 import threading
 from dataclasses import dataclass
 
@@ -614,6 +615,13 @@ DEFAULT_CONFIG = LaunchConfig()
 _OVERRIDE = threading.local()
 
 
+def autotune_enabled() -> bool:
+    """Autotuning is on unless ``IGC_TRITON_AUTOTUNE=0`` (read at every launch): then every
+    structure launches DEFAULT_CONFIG, one compilation per kernel instead of up to 24 (a test
+    run over many structures on a GPU spends most of its time autotuning otherwise)."""
+    return os.environ.get("IGC_TRITON_AUTOTUNE", "1") != "0"
+
+
 class override_config:
     """``with override_config(block_p=..., dense=..., keep=...):`` launch with this config and
     no autotuning (tests use it to cover both layer paths and both backward variants)."""
@@ -707,12 +715,14 @@ def kernels_for(st: Structure) -> Kernels:
 
 
 def launch_choice(kern: Kernels, backward: bool):
-    """(kernel, fixed meta or None): the autotuned kernel on GPUs, unless an override is active
-    or deterministic algorithms are requested (then a fixed configuration, so the result does
+    """(kernel, fixed meta or None): the autotuned kernel on GPUs, unless an override is active,
+    autotuning is switched off (``IGC_TRITON_AUTOTUNE=0``) or deterministic algorithms are
+    requested (then a fixed configuration, so the result does
     not depend on which configuration a timing run preferred)."""
     cfg = getattr(_OVERRIDE, "cfg", None)
     tuned = kern.bwd_tuned if backward else kern.fwd_tuned
-    if cfg is None and tuned is not None and not torch.are_deterministic_algorithms_enabled():
+    if (cfg is None and tuned is not None and autotune_enabled()
+            and not torch.are_deterministic_algorithms_enabled()):
         return tuned, None
     plain = kern.bwd if backward else kern.fwd
     return plain, kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)
