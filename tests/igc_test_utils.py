@@ -238,6 +238,51 @@ def assert_layout_like_contract(y: torch.Tensor, x: torch.Tensor, what="output")
                 f"{fake.stride(d)} (strides {y.stride()} vs {fake.stride()})")
 
 
+# Kinds of x the layout tests sweep: name -> (number of spatial dims, layout of make_tensor).
+X_KINDS = {
+    "tokens": (0, "contiguous"),
+    "tokens_sliced": (0, "sliced"),
+    "ncl": (1, "contiguous"),
+    "ncl_channels_last": (1, "channels_last"),
+    "nchw": (2, "contiguous"),
+    "nchw_channels_last": (2, "channels_last"),
+    "nchw_sliced": (2, "sliced"),
+    "nchw_sliced_channels_last": (2, "sliced_channels_last"),
+    "nchw_permuted": (2, "permuted"),
+    "ncdhw": (3, "contiguous"),
+    "ncdhw_channels_last": (3, "channels_last"),
+    "ncdhw_sliced": (3, "sliced"),
+}
+
+
+def to_device(t, device, requires_grad=None):
+    """``t`` on ``device`` with the same sizes, strides and storage offset (stride-0 dims stay
+    expanded); non-tensors are returned as they are."""
+    if t is None or not isinstance(t, torch.Tensor):
+        return t
+    t = t.detach()
+    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
+        idx = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
+        out = to_device(t[idx].contiguous(), device).expand(t.shape)
+    else:
+        numel = t.untyped_storage().nbytes() // t.element_size()
+        base = torch.zeros(numel, dtype=t.dtype, device=device)
+        out = base.as_strided(t.shape, t.stride(), t.storage_offset())
+        out.copy_(t)
+    if requires_grad:
+        out.requires_grad_()
+    return out
+
+
+def problem_on(p: "Problem", device) -> "Problem":
+    """``p`` with every tensor on ``device`` (layouts kept; x, weights and biases as leaves)."""
+    perms = None if p.permutations is None else [
+        to_device(q, device) if isinstance(q, torch.Tensor) else q for q in p.permutations]
+    biases = None if p.biases is None else [to_device(b, device, True) for b in p.biases]
+    return Problem(to_device(p.x, device, True), [to_device(w, device, True) for w in p.weights],
+                   list(p.groups), perms, biases, p.channels, to_device(p.input_index, device))
+
+
 # ---------------------------------------------------------------------------------------------
 # Oracle and comparisons
 # ---------------------------------------------------------------------------------------------
@@ -305,6 +350,17 @@ def check_against_oracle(problem: Problem, backend: str, grad_y, *, safety=2.0):
             assert g.shape == leaf.shape, f"grad of {name}: shape {tuple(g.shape)} != {tuple(leaf.shape)}"
             assert_within_rounding(g, g64, mag, k, dtype, safety=safety, name=f"grad of {name}")
     return y, grads
+
+
+def assert_bitwise_deterministic(problem: Problem, backend: str, grad_y, runs: int = 10):
+    """The output and every gradient are bitwise identical over ``runs`` calls."""
+    y0, g0 = forward_and_grads(lambda: problem.call(backend), problem.leaves(), grad_y)
+    y0, g0 = y0.detach().clone(), [g.clone() for g in g0]
+    for run in range(1, runs):
+        y, grads = forward_and_grads(lambda: problem.call(backend), problem.leaves(), grad_y)
+        assert torch.equal(y, y0), f"run {run}: output differs"
+        for name, g, ref in zip(problem.leaf_names(), grads, g0):
+            assert torch.equal(g, ref), f"run {run}: gradient of {name} differs"
 
 
 def build_problem(channels, groups, *, spatial=(), N=2, layout="contiguous", dtype=torch.float64,

@@ -18,6 +18,8 @@ from hypothesis import given, settings, strategies as st
 import igc_kernels as igc
 from igc_test_utils import (
     FUSED,
+    X_KINDS,
+    assert_bitwise_deterministic,
     Problem,
     assert_layout_like_contract,
     build_problem,
@@ -65,21 +67,6 @@ def test_odd_shapes_deep_float64(cpg):
 # ---------------------------------------------------------------------------------------------
 # Hypothesis: random chains in every layout
 # ---------------------------------------------------------------------------------------------
-X_KINDS = {
-    # name: (number of spatial dims, layout)
-    "tokens": (0, "contiguous"),
-    "tokens_sliced": (0, "sliced"),
-    "ncl": (1, "contiguous"),
-    "ncl_channels_last": (1, "channels_last"),
-    "nchw": (2, "contiguous"),
-    "nchw_channels_last": (2, "channels_last"),
-    "nchw_sliced": (2, "sliced"),
-    "nchw_sliced_channels_last": (2, "sliced_channels_last"),
-    "nchw_permuted": (2, "permuted"),
-    "ncdhw": (3, "contiguous"),
-    "ncdhw_channels_last": (3, "channels_last"),
-    "ncdhw_sliced": (3, "sliced"),
-}
 GRAD_KINDS = ("contiguous", "expanded", "ones_expanded", "channels_last", "sliced")
 
 
@@ -251,17 +238,7 @@ def test_bitwise_determinism(layout):
     p = build_problem([32, 48, 32, 32], [4, 8, 4], spatial=(16, 16), N=4, layout=layout,
                       dtype=torch.float32, permutations=["interleave", torch.randperm(32), None],
                       bias=True, seed=3)
-    gy = torch.randn(4, 32, 16, 16)
-    first_y, first_g = None, None
-    for run in range(10):
-        y = p.call(FUSED)
-        grads = torch.autograd.grad(y, p.leaves(), gy)
-        if first_y is None:
-            first_y, first_g = y.detach().clone(), [g.clone() for g in grads]
-            continue
-        assert torch.equal(y, first_y), f"run {run}: forward output differs"
-        for name, g, g0 in zip(p.leaf_names(), grads, first_g):
-            assert torch.equal(g, g0), f"run {run}: gradient of {name} differs"
+    assert_bitwise_deterministic(p, FUSED, torch.randn(4, 32, 16, 16))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,9 @@ import torch
 import igc_kernels as igc
 from igc_kernels import backends
 from igc_test_utils import (
+    assert_bitwise_deterministic,
+    problem_on,
+    to_device,
     assert_layout_like_contract,
     build_problem,
     check_against_oracle,
@@ -49,30 +52,12 @@ def _no_tf32():
 
 
 def cuda_like(t, requires_grad=None):
-    """``t`` on the GPU with the same sizes, strides and storage offset (stride-0 dims stay
-    expanded)."""
-    if t is None or not isinstance(t, torch.Tensor):
-        return t
-    t = t.detach()
-    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
-        idx = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
-        out = cuda_like(t[idx].contiguous()).expand(t.shape)
-    else:
-        numel = t.untyped_storage().nbytes() // t.element_size()
-        base = torch.zeros(numel, dtype=t.dtype, device="cuda")
-        out = base.as_strided(t.shape, t.stride(), t.storage_offset())
-        out.copy_(t)
-    if requires_grad:
-        out.requires_grad_()
-    return out
+    """``t`` on the GPU, strides and storage offset kept (``igc_test_utils.to_device``)."""
+    return to_device(t, "cuda", requires_grad)
 
 
 def on_cuda(p: Problem) -> Problem:
-    perms = None if p.permutations is None else [
-        cuda_like(q) if isinstance(q, torch.Tensor) else q for q in p.permutations]
-    biases = None if p.biases is None else [cuda_like(b, True) for b in p.biases]
-    return Problem(cuda_like(p.x, True), [cuda_like(w, True) for w in p.weights], list(p.groups),
-                   perms, biases, p.channels, cuda_like(p.input_index))
+    return problem_on(p, "cuda")
 
 
 def _gy(p, seed=1, kind="contiguous"):
@@ -240,13 +225,7 @@ def test_float64_gradcheck():
 def test_bitwise_deterministic(dtype):
     p = _problem([128, 128, 128], [16, 16], dtype=dtype, layout="channels_last",
                  spatial=(32, 32), N=8, seed=15)
-    gy = _gy(p, 16)
-    y0, g0 = forward_and_grads(lambda: p.call("cuda"), p.leaves(), gy)
-    for _ in range(10):
-        y, g = forward_and_grads(lambda: p.call("cuda"), p.leaves(), gy)
-        assert torch.equal(y, y0)
-        for a, b in zip(g, g0):
-            assert torch.equal(a, b)
+    assert_bitwise_deterministic(p, "cuda", _gy(p, 16))
 
 
 OPCHECK_CASES = {

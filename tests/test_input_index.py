@@ -13,7 +13,8 @@ import pytest
 import torch
 
 import igc_kernels as igc
-from igc_test_utils import FUSED, build_problem, check_against_oracle, make_tensor, normalized_op_args
+from igc_test_utils import (FUSED, assert_bitwise_deterministic, build_problem, check_against_oracle,
+                            make_tensor, normalized_op_args)
 
 CASES = {
     # name: (in_channels, index, channels after the index, groups, spatial, layout, dtype)
@@ -73,13 +74,7 @@ def test_matches_dense_formula():
 
 def test_deterministic():
     p = _problem(CASES["repeats_nchw"], seed=3)
-    runs = []
-    for _ in range(3):
-        y = p.call(FUSED)
-        runs.append([y, *torch.autograd.grad(y, p.leaves(), torch.ones_like(y))])
-    for r in runs[1:]:
-        for a, b in zip(runs[0], r):
-            assert torch.equal(a, b)
+    assert_bitwise_deterministic(p, FUSED, torch.ones(3, 6, 3, 3), runs=3)
 
 
 def test_gradcheck_float64():

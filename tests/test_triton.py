@@ -28,7 +28,9 @@ from igc_kernels import backends
 from igc_kernels._chain import normalize
 from igc_kernels.triton_kernels import chain as K
 from igc_test_utils import (
+    X_KINDS,
     Problem,
+    assert_bitwise_deterministic,
     assert_layout_like_contract,
     assert_within_rounding,
     build_problem,
@@ -38,6 +40,8 @@ from igc_test_utils import (
     make_tensor,
     normalized_op_args,
     oracle,
+    problem_on,
+    to_device,
 )
 
 DEVICE = "cpu" if T.INTERPRETED else "cuda"
@@ -47,30 +51,12 @@ DEVICE = "cpu" if T.INTERPRETED else "cuda"
 # Helpers: problems on the device, checks against the oracle
 # ---------------------------------------------------------------------------------------------
 def to_dev(t, requires_grad=None):
-    """``t`` on DEVICE with the same sizes, strides and storage offset (stride-0 dims stay
-    expanded)."""
-    if t is None or not isinstance(t, torch.Tensor):
-        return t
-    t = t.detach()
-    if any(s == 0 and n > 1 for s, n in zip(t.stride(), t.shape)):
-        idx = tuple(slice(0, 1) if s == 0 else slice(None) for s in t.stride())
-        out = to_dev(t[idx].contiguous()).expand(t.shape)
-    else:
-        numel = t.untyped_storage().nbytes() // t.element_size()
-        base = torch.zeros(numel, dtype=t.dtype, device=DEVICE)
-        out = base.as_strided(t.shape, t.stride(), t.storage_offset())
-        out.copy_(t)
-    if requires_grad:
-        out.requires_grad_()
-    return out
+    """``t`` on DEVICE, strides and storage offset kept (``igc_test_utils.to_device``)."""
+    return to_device(t, DEVICE, requires_grad)
 
 
 def on_device(p: Problem) -> Problem:
-    perms = None if p.permutations is None else [
-        to_dev(q) if isinstance(q, torch.Tensor) else q for q in p.permutations]
-    biases = None if p.biases is None else [to_dev(b, True) for b in p.biases]
-    return Problem(to_dev(p.x, True), [to_dev(w, True) for w in p.weights], list(p.groups),
-                   perms, biases, p.channels, to_dev(p.input_index))
+    return problem_on(p, DEVICE)
 
 
 def run_triton(p: Problem, gy, **config):
@@ -148,22 +134,6 @@ def test_odd_group_widths_nonsquare(cpg, layout, dense):
     p = build_problem(channels, [2, 2], spatial=(7, 7), N=2, layout=layout,
                       dtype=torch.float32, bias=True, seed=cpg)
     check_fp32(p, _gy(p), dense=dense)
-
-
-X_KINDS = {
-    "tokens": (0, "contiguous"),
-    "tokens_sliced": (0, "sliced"),
-    "ncl": (1, "contiguous"),
-    "ncl_channels_last": (1, "channels_last"),
-    "nchw": (2, "contiguous"),
-    "nchw_channels_last": (2, "channels_last"),
-    "nchw_sliced": (2, "sliced"),
-    "nchw_sliced_channels_last": (2, "sliced_channels_last"),
-    "nchw_permuted": (2, "permuted"),
-    "ncdhw": (3, "contiguous"),
-    "ncdhw_channels_last": (3, "channels_last"),
-    "ncdhw_sliced": (3, "sliced"),
-}
 
 
 @pytest.mark.parametrize("x_kind", X_KINDS, ids=list(X_KINDS))
@@ -307,16 +277,7 @@ def test_bitwise_determinism():
                                 dtype=torch.float32, permutations=["interleave",
                                                                    torch.randperm(16)],
                                 bias=True, seed=13))
-    gy = to_dev(_gy(p))
-    first = None
-    for run in range(3):
-        y, grads = forward_and_grads(lambda: p.call("triton"), p.leaves(), gy)
-        if first is None:
-            first = (y.detach().clone(), [g.clone() for g in grads])
-            continue
-        assert torch.equal(y, first[0]), f"run {run}: output differs"
-        for name, g, g0 in zip(p.leaf_names(), grads, first[1]):
-            assert torch.equal(g, g0), f"run {run}: gradient of {name} differs"
+    assert_bitwise_deterministic(p, "triton", to_dev(_gy(p)), runs=3)
 
 
 @pytest.mark.parametrize("shape", [(0, 6, 3, 3), (0, 6), (2, 6, 0, 3)], ids=["n0", "tokens0",

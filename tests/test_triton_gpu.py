@@ -24,6 +24,7 @@ import torch
 
 import igc_kernels as igc
 from igc_test_utils import (
+    assert_bitwise_deterministic,
     assert_within_rounding,
     build_problem,
     forward_and_grads,
@@ -172,15 +173,7 @@ def test_bitwise_determinism_loop(deterministic, monkeypatch):
                                    permutations=["interleave", torch.randperm(256), None],
                                    bias=True, seed=3))
         gy = torch.randn(8, 256, 32, 32, device="cuda", dtype=torch.float16)
-        first = None
-        for run in range(10):
-            y, grads = forward_and_grads(lambda: p.call("triton"), p.leaves(), gy)
-            if first is None:
-                first = (y.detach().clone(), [g.clone() for g in grads])
-                continue
-            assert torch.equal(y, first[0]), f"run {run}: output differs"
-            for name, g, g0 in zip(p.leaf_names(), grads, first[1]):
-                assert torch.equal(g, g0), f"run {run}: gradient of {name} differs"
+        assert_bitwise_deterministic(p, "triton", gy)
     finally:
         torch.use_deterministic_algorithms(prev)
 
