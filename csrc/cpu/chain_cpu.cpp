@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "chain_args.h"
+#include "positions.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define IGC_TARGET_CLONES \
@@ -82,57 +83,16 @@ constexpr int TILE = 64;
 // Output rows computed together by one micro-kernel call (accumulators in registers).
 constexpr int OUT_BLOCK = 4;
 
-// Maps a linear position index p (row-major over (N, *spatial)) to an element offset.
-struct PosIndexer {
-  int nd = 1;
-  int64_t size[4] = {1, 1, 1, 1};
-  int64_t stride[4] = {0, 0, 0, 0};
+// Positions -> element offsets (positions.h) plus the channel stride of the tensor.
+struct TensorIndexer : PosIndexer {
   int64_t chan_stride = 0;
-
-  IGC_INLINE int64_t offset(int64_t p) const {
-    int64_t off = 0;
-    for (int d = nd - 1; d > 0; --d) {
-      const int64_t q = p / size[d];
-      off += (p - q * size[d]) * stride[d];
-      p = q;
-    }
-    return off + p * stride[0];
-  }
 };
 
-PosIndexer make_indexer(const at::Tensor& t) {
-  PosIndexer ix;
+TensorIndexer make_indexer(const at::Tensor& t) {
+  TensorIndexer ix;
+  static_cast<PosIndexer&>(ix) =
+      make_pos_indexer(static_cast<int>(t.dim()), t.sizes().data(), t.strides().data());
   ix.chan_stride = t.stride(1);
-  int64_t sz[4], st[4];
-  int nd = 0;
-  for (int64_t d = 0; d < t.dim(); ++d) {
-    if (d == 1 || t.size(d) == 1) continue;
-    sz[nd] = t.size(d);
-    st[nd] = t.stride(d);
-    ++nd;
-  }
-  if (nd == 0) {
-    sz[0] = 1;
-    st[0] = 0;
-    nd = 1;
-  }
-  // Collapse adjacent dims that are contiguous with respect to each other.
-  int out = 0;
-  for (int d = 1; d < nd; ++d) {
-    if (st[out] == st[d] * sz[d]) {
-      sz[out] *= sz[d];
-      st[out] = st[d];
-    } else {
-      ++out;
-      sz[out] = sz[d];
-      st[out] = st[d];
-    }
-  }
-  ix.nd = out + 1;
-  for (int d = 0; d < ix.nd; ++d) {
-    ix.size[d] = sz[d];
-    ix.stride[d] = st[d];
-  }
   return ix;
 }
 
@@ -473,13 +433,13 @@ struct ChainCtx {
   const int32_t* iota = nullptr;       // 0..cmax-1
   // tensors
   const scalar_t* x = nullptr;
-  PosIndexer x_ix;
+  TensorIndexer x_ix;
   scalar_t* y = nullptr;
-  PosIndexer y_ix;
+  TensorIndexer y_ix;
   const scalar_t* dy = nullptr;
-  PosIndexer dy_ix;
+  TensorIndexer dy_ix;
   scalar_t* dx = nullptr;
-  PosIndexer dx_ix;
+  TensorIndexer dx_ix;
   bool need_x = false, need_w = false, need_b = false;
   std::vector<int64_t> w_off, b_off;  // offsets of layer l in the flat gradient arrays
   int64_t nw = 0, nb = 0;

@@ -44,6 +44,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../positions.h"
+
 #ifdef IGC_EMULATE
 #include "host_emulation.h"
 #else
@@ -57,7 +59,6 @@ namespace cuda {
 
 constexpr int kThreads = 256;      // threads per CTA of the chain kernels
 constexpr int kMaxLayers = 32;     // layers a chain may have (kernel parameters are fixed-size)
-constexpr int kMaxPosDims = 4;     // N and up to 3 spatial dims
 constexpr int kMaxTile = 128;      // positions per tile, largest
 constexpr int kMinTile = 4;        // positions per tile, smallest (one 4-wide vector)
 // Cap of the per-CTA partial-sum buffer of the backward (bytes); fewer CTAs beyond it.
@@ -138,28 +139,10 @@ __host__ __device__ __forceinline__ bool aligned16(const void* p) {
 // ---------------------------------------------------------------------------------------------
 // Positions -> element offsets
 // ---------------------------------------------------------------------------------------------
-// Maps a linear position index p (row-major over (N, *spatial)) to an element offset; size-1
-// dims are dropped and adjacent dims that are contiguous with respect to each other merged.
-struct PosIndexer {
-  int nd;
-  int64_t size[kMaxPosDims];
-  int64_t stride[kMaxPosDims];
-
-  __host__ __device__ __forceinline__ int64_t offset(int64_t p) const {
-    int64_t off = 0;
-    for (int d = nd - 1; d > 0; --d) {
-      const int64_t q = p / size[d];
-      off += (p - q * size[d]) * stride[d];
-      p = q;
-    }
-    return off + p * stride[0];
-  }
-  // Whether positions p0 .. p0 + count - 1 are consecutive elements (stride 1).
-  __host__ __device__ __forceinline__ bool run_is_contiguous(int64_t p0, int count) const {
-    const int64_t inner = size[nd - 1];
-    return stride[nd - 1] == 1 && (p0 % inner) + count <= inner;
-  }
-};
+// PosIndexer (positions -> element offsets) and make_pos_indexer come from ../positions.h,
+// shared with the CPU kernels.
+using ::igc::PosIndexer;
+using ::igc::kMaxPosDims;
 
 // A tensor (N, C, *spatial) of element type T: base pointer, channel stride, position indexer.
 template <typename T>
@@ -169,47 +152,12 @@ struct TensorArg {
   PosIndexer ix;
 };
 
-// Host: the indexer of a tensor with `dim` dims (dim 1 = channels, skipped).
-inline PosIndexer make_indexer(int dim, const int64_t* sizes, const int64_t* strides) {
-  int64_t sz[kMaxPosDims], st[kMaxPosDims];
-  int nd = 0;
-  for (int d = 0; d < dim; ++d) {
-    if (d == 1 || sizes[d] == 1) continue;
-    sz[nd] = sizes[d];
-    st[nd] = strides[d];
-    ++nd;
-  }
-  if (nd == 0) {
-    sz[0] = 1;
-    st[0] = 0;
-    nd = 1;
-  }
-  int out = 0;
-  for (int d = 1; d < nd; ++d) {
-    if (st[out] == st[d] * sz[d]) {
-      sz[out] *= sz[d];
-      st[out] = st[d];
-    } else {
-      ++out;
-      sz[out] = sz[d];
-      st[out] = st[d];
-    }
-  }
-  PosIndexer ix;
-  ix.nd = out + 1;
-  for (int d = 0; d < kMaxPosDims; ++d) {
-    ix.size[d] = d < ix.nd ? sz[d] : 1;
-    ix.stride[d] = d < ix.nd ? st[d] : 0;
-  }
-  return ix;
-}
-
 template <typename T>
 inline TensorArg<T> make_tensor_arg(T* ptr, int dim, const int64_t* sizes, const int64_t* strides) {
   TensorArg<T> a;
   a.ptr = ptr;
   a.cs = strides[1];
-  a.ix = make_indexer(dim, sizes, strides);
+  a.ix = ::igc::make_pos_indexer(dim, sizes, strides);
   return a;
 }
 
