@@ -177,6 +177,22 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
   return d;
 }
 
+// grad_y of chain_backward: x's shape with C_L channels, x's dtype and device.
+inline void check_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& x,
+                         const ChainDesc& d) {
+  TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(0) == x.size(0) &&
+                  grad_y.size(1) == d.C.back(),
+              op, ": grad_y has shape ", grad_y.sizes(), ", expected x's shape with ", d.C.back(),
+              " channels");
+  for (int64_t i = 2; i < x.dim(); ++i)
+    TORCH_CHECK(grad_y.size(i) == x.size(i), op, ": grad_y has shape ", grad_y.sizes(),
+                " but x has shape ", x.sizes());
+  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y has dtype ",
+              grad_y.scalar_type(), " but x has dtype ", x.scalar_type());
+}
+
 // The rule shared with the fake kernels (igc_kernels/_chain.py: out_is_channels_last): an input
 // that is not contiguous and whose channel stride is below every stride of a non-trivial spatial
 // dim gives channels-last outputs; everything else gives contiguous outputs.

@@ -240,3 +240,23 @@ def test_op_forward_matches_oracle_with_int32_perm(igc_ops):
     y64 = igc_ops.chain_forward(x, ws, bs, groups, shuffles, perms)
     assert torch.equal(y32, y64)
     check_against_oracle(p, "cpu", None)
+
+
+def test_chain_backward_checks_grad_y(igc_ops):
+    """A grad_y of the wrong shape or dtype raises from the shared C++ check, naming both."""
+    p = build_problem([6, 9, 6], [3, 3], spatial=(2, 3), N=2, seed=6)
+    x, ws, bs, groups, shuffles, perms, _ = normalized_op_args(p)
+    x, ws = x.detach(), [w.detach() for w in ws]
+    mask = [True, True, False]
+    with pytest.raises(RuntimeError, match=r"grad_y has shape \[2, 5, 2, 3\], expected x's shape "
+                                           r"with 6 channels"):
+        igc_ops.chain_backward(torch.zeros(2, 5, 2, 3, dtype=x.dtype), x, ws, bs, groups,
+                               shuffles, perms, mask)
+    with pytest.raises(RuntimeError, match=r"grad_y has shape \[2, 6, 3, 3\] but x has shape"):
+        igc_ops.chain_backward(torch.zeros(2, 6, 3, 3, dtype=x.dtype), x, ws, bs, groups,
+                               shuffles, perms, mask)
+    with pytest.raises(RuntimeError, match="grad_y has dtype Float but x has dtype Double"):
+        igc_ops.chain_backward(torch.zeros(2, 6, 2, 3), x, ws, bs, groups, shuffles, perms, mask)
+    gx, gw, _ = igc_ops.chain_backward(torch.zeros(2, 6, 2, 3, dtype=x.dtype), x, ws, bs, groups,
+                                       shuffles, perms, mask)
+    assert gx.shape == x.shape and not bool(gw.abs().any())

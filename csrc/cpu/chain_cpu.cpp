@@ -661,15 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cpu(
               "igc::chain_backward (cpu): x and grad_y must be CPU tensors");
   ChainDesc d = check_chain("igc::chain_backward", x, weights, biases, groups, shuffles, perms,
                             input_index, /*read_perms=*/true);
-  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(0) == x.size(0) &&
-                  grad_y.size(1) == d.C.back(),
-              "igc::chain_backward: grad_y has shape ", grad_y.sizes(), ", expected x's shape with ",
-              d.C.back(), " channels");
-  for (int64_t i = 2; i < x.dim(); ++i)
-    TORCH_CHECK(grad_y.size(i) == x.size(i), "igc::chain_backward: grad_y has shape ",
-                grad_y.sizes(), " but x has shape ", x.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), "igc::chain_backward: grad_y has dtype ",
-              grad_y.scalar_type(), " but x has dtype ", x.scalar_type());
+  check_grad_y("igc::chain_backward", grad_y, x, d);
   const bool need_x = output_mask[0], need_w = output_mask[1], need_b = output_mask[2];
   at::Tensor gx = need_x ? empty_layout(x, d.C_in) : at::empty({0}, x.options());
   at::Tensor gw = at::zeros({need_w ? d.num_weight_elems : 0}, x.options());

@@ -178,19 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cuda(
   const char* op = "igc::chain_backward";
   TORCH_CHECK(x.is_cuda() && grad_y.is_cuda(), op, " (cuda): x and grad_y must be CUDA tensors, got ",
               x.device(), " and ", grad_y.device());
-  TORCH_CHECK(grad_y.device() == x.device(), op, ": grad_y is on ", grad_y.device(),
-              " but x is on ", x.device());
   ChainDesc d = check_chain(op, x, weights, biases, groups, shuffles, perms, input_index,
                             /*read_perms=*/false);
-  TORCH_CHECK(grad_y.dim() == x.dim() && grad_y.size(0) == x.size(0) &&
-                  grad_y.size(1) == d.C.back(),
-              op, ": grad_y has shape ", grad_y.sizes(), ", expected x's shape with ", d.C.back(),
-              " channels");
-  for (int64_t i = 2; i < x.dim(); ++i)
-    TORCH_CHECK(grad_y.size(i) == x.size(i), op, ": grad_y has shape ", grad_y.sizes(),
-                " but x has shape ", x.sizes());
-  TORCH_CHECK(grad_y.scalar_type() == x.scalar_type(), op, ": grad_y has dtype ",
-              grad_y.scalar_type(), " but x has dtype ", x.scalar_type());
+  check_grad_y(op, grad_y, x, d);
   c10::cuda::CUDAGuard guard(x.device());
   std::vector<at::Tensor> keep;
   const kc::HostChain h = host_chain(op, d, shuffles, perms, input_index, keep);
