@@ -48,19 +48,39 @@ TensorArg<T> arg(const EmuTensor* t) {
   return make_tensor_arg(static_cast<T*>(t->ptr), static_cast<int>(t->dim), t->sizes, t->strides);
 }
 
+// What forward and backward share: the checked chain, its index table and parameters, the
+// number of positions and the emulated device.
+template <typename A>
+struct Setup {
+  std::vector<int32_t> table;
+  ChainParams<A> p;
+  int64_t P = 0;
+  DeviceInfo info;
+};
+
+template <typename A>
+int setup(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
+          const EmuDevice* dev, Setup<A>* su) {
+  if (validate_host_chain(*h) != nullptr) return 1;
+  set_device(dev);
+  su->table.resize(static_cast<size_t>(index_table_size(*h)));
+  if (launch_build_index_table(*h, su->table.data(), nullptr) != cudaSuccess) return 2;
+  su->p = make_params<A>(*h, static_cast<const A*>(W), static_cast<const A*>(B),
+                         su->table.data());
+  su->P = num_positions(static_cast<int>(x->dim), x->sizes);
+  query_device(0, &su->info);
+  return 0;
+}
+
 template <typename A>
 int forward(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
             const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
-  if (validate_host_chain(*h) != nullptr) return 1;
-  set_device(dev);
-  std::vector<int32_t> table(static_cast<size_t>(index_table_size(*h)));
-  if (launch_build_index_table(*h, table.data(), nullptr) != cudaSuccess) return 2;
-  const ChainParams<A> p =
-      make_params<A>(*h, static_cast<const A*>(W), static_cast<const A*>(B), table.data());
-  const int64_t P = num_positions(static_cast<int>(x->dim), x->sizes);
+  Setup<A> su;
+  if (const int rc = setup(h, W, B, x, dev, &su)) return rc;
+  const ChainParams<A>& p = su.p;
+  const int64_t P = su.P;
   if (P == 0) return 0;
-  DeviceInfo info;
-  query_device(0, &info);
+  const DeviceInfo& info = su.info;
   LaunchPlan pl;
   if (plan_forward<A, A>(p, P, info, &pl) != cudaSuccess) return 3;
   report(pl, plan_out);
@@ -74,16 +94,12 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
              const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
              const int32_t* order, void* gw, void* gb, int need_x, int need_w, int need_b,
              const EmuDevice* dev, int64_t* plan_out) {
-  if (validate_host_chain(*h) != nullptr) return 1;
-  set_device(dev);
-  std::vector<int32_t> table(static_cast<size_t>(index_table_size(*h)));
-  if (launch_build_index_table(*h, table.data(), nullptr) != cudaSuccess) return 2;
-  const ChainParams<A> p =
-      make_params<A>(*h, static_cast<const A*>(W), static_cast<const A*>(B), table.data());
-  const int64_t P = num_positions(static_cast<int>(x->dim), x->sizes);
+  Setup<A> su;
+  if (const int rc = setup(h, W, B, x, dev, &su)) return rc;
+  const ChainParams<A>& p = su.p;
+  const int64_t P = su.P;
   if (P == 0) return 0;
-  DeviceInfo info;
-  query_device(0, &info);
+  const DeviceInfo& info = su.info;
   LaunchPlan pl;
   const bool wb = need_w || (need_b && p.num_b > 0);
   if (plan_backward<A, A>(p, P, wb, info, &pl) != cudaSuccess) return 3;
