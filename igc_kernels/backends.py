@@ -9,7 +9,6 @@ all of its reasons. ``use_backend(name)`` sets the default for a ``with`` scope.
 from __future__ import annotations
 
 import contextlib
-import os
 from typing import Callable, Optional
 
 import torch
@@ -30,18 +29,25 @@ class BackendUnavailableError(RuntimeError):
 class Backend:
     """One implementation of the operator, with a declarative description of its limits."""
 
-    def __init__(self, name: str, summary: str, devices: tuple, dtypes: tuple,
+    def __init__(self, name: str, summary: str, devices, dtypes: tuple,
                  deterministic: str, runner: Callable, availability: Callable[[], list],
-                 input_reasons: Optional[Callable] = None):
+                 input_reasons: Optional[Callable] = None, device_note: str = ""):
         self.name = name
         self.summary = summary
-        self.devices = devices
+        self._devices = devices
+        self.device_note = device_note
         self.dtypes = dtypes
         self.deterministic = deterministic
         self._runner = runner
         self._availability = availability
         self._input_reasons = input_reasons
         self._cached = None
+
+    @property
+    def devices(self) -> tuple:
+        """Device types this backend runs on (for some backends it depends on the process:
+        ``devices`` may be given as a callable)."""
+        return self._devices() if callable(self._devices) else self._devices
 
     def unavailable_reasons(self) -> list:
         """Reasons this backend cannot run anything in this process (empty: usable).
@@ -56,7 +62,8 @@ class Backend:
         """Reasons this backend cannot run ``x`` through ``chain`` (empty: it can)."""
         out = self.unavailable_reasons()
         if x.device.type not in self.devices:
-            out.append(f"x is on {x.device.type}; this backend runs on {', '.join(self.devices)}")
+            out.append(f"x is on {x.device.type}; this backend runs on {', '.join(self.devices)}"
+                       + (f" ({self.device_note})" if self.device_note else ""))
         if x.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             out.append(f"dtype {x.dtype} is not supported (supported: {names})")
@@ -169,22 +176,12 @@ def _triton_availability():
     except Exception as e:  # a Triton too old or broken: say why, never fail the import
         return [f"the Triton kernels could not be loaded ({type(e).__name__}: {e})"]
     if not mod.INTERPRETED and not torch.cuda.is_available():
-        return ["torch reports no usable CUDA device (CPU tensors run through Triton only "
-                "under TRITON_INTERPRET=1, set before igc_kernels.triton_kernels is imported)"]
+        return ["torch reports no usable CUDA device and Triton's interpreter is off"]
     return []
 
 
 def _triton_input_reasons(x, chain):
     out = []
-    mod = _TRITON_OPS[0]
-    # (without a GPU and without the interpreter, the availability reason already says this)
-    if x.device.type == "cpu" and mod is not None and not mod.INTERPRETED and \
-            torch.cuda.is_available():
-        out.append("CPU tensors run through Triton only under TRITON_INTERPRET=1 (set before "
-                   "igc_kernels.triton_kernels is imported)")
-    if mod is not None and mod.INTERPRETED and x.device.type != "cpu":
-        out.append(f"x is on {x.device.type}; under TRITON_INTERPRET=1 the Triton kernels run "
-                   f"on CPU tensors only")
     limit = 1024  # triton_kernels.chain.MAX_CHANNELS (not imported here: Triton may be absent)
     widths = [("x", chain.in_channels)] if chain.input_index is not None else []
     widths += [(f"C_{l}", c) for l, c in enumerate(chain.channels)]
@@ -193,6 +190,15 @@ def _triton_input_reasons(x, chain):
             out.append(f"{name} = {c} channels exceeds the Triton backend's limit of {limit} "
                        f"(a layer's tile of positions x channels is held in registers)")
     return out
+
+
+def _triton_devices() -> tuple:
+    """CUDA when the kernels are compiled, the CPU when Triton's interpreter runs them (both
+    while the kernels are not loaded: then the availability reasons say why)."""
+    mod = _TRITON_OPS[0]
+    if mod is None:
+        return ("cuda", "cpu")
+    return ("cpu",) if mod.INTERPRETED else ("cuda",)
 
 
 def _run_triton(x, chain):
@@ -209,9 +215,11 @@ BACKENDS = {
         _ALL_FLOAT, "deterministic at a given thread count", _run_fused_op, _cpu_availability),
     "triton": Backend(
         "triton", "fused Triton kernels (one program per tile of positions, all layers in "
-        "registers)", ("cuda", "cpu"), (torch.float32, torch.float16, torch.bfloat16),
+        "registers)", _triton_devices, (torch.float32, torch.float16, torch.bfloat16),
         "deterministic (fixed-order reduction of weight gradients)", _run_triton,
-        _triton_availability, _triton_input_reasons),
+        _triton_availability, _triton_input_reasons,
+        device_note="CPU tensors run through Triton's interpreter only, with TRITON_INTERPRET=1 "
+                    "set before igc_kernels.triton_kernels is imported"),
     "reference": Backend(
         "reference", "unfused PyTorch chain (grouped conv + shuffle per layer)",
         ("cpu", "cuda", "xpu", "mps", "meta"), _ALL_FLOAT,
@@ -274,8 +282,6 @@ def available_backends(device: str | torch.device | None = None) -> list:
         if be.unavailable_reasons():
             continue
         if dev is not None and dev not in be.devices:
-            continue
-        if name == "triton" and dev == "cpu" and not _TRITON_OPS[0].INTERPRETED:
             continue
         out.append(name)
     return out

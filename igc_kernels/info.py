@@ -39,7 +39,8 @@ def report() -> str:
         state = "usable" if not reasons else "unavailable: " + "; ".join(reasons)
         dtypes = ", ".join(str(d).replace("torch.", "") for d in be.dtypes)
         lines.append(f"  {name:<10} {state}")
-        lines.append(f"  {'':<10} {be.summary}; devices: {', '.join(be.devices)}; dtypes: {dtypes}; "
+        devices = ", ".join(be.devices) + (f" ({be.device_note})" if be.device_note else "")
+        lines.append(f"  {'':<10} {be.summary}; devices: {devices}; dtypes: {dtypes}; "
                      f"{be.deterministic}")
     return "\n".join(lines)
 
