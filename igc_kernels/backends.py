@@ -182,7 +182,10 @@ def _triton_availability():
 
 def _triton_input_reasons(x, chain):
     out = []
-    limit = 1024  # triton_kernels.chain.MAX_CHANNELS (not imported here: Triton may be absent)
+    mod = _TRITON_OPS[0]
+    if mod is None:  # the kernels could not be loaded: the availability reasons say why
+        return out
+    limit = mod.K.MAX_CHANNELS
     widths = [("x", chain.in_channels)] if chain.input_index is not None else []
     widths += [(f"C_{l}", c) for l, c in enumerate(chain.channels)]
     for name, c in widths:
