@@ -71,25 +71,42 @@ def _is_compiling() -> bool:
         return False
 
 
-# Value checks of index tensors read their data (a device synchronisation on GPUs); a tensor
-# that passed once is remembered by identity and version counter so that steady-state calls
-# stay asynchronous.
-_CHECKED_PERMS: dict = {}
-_CHECKED_PERMS_MAX = 256
+def _host_readable(t: torch.Tensor) -> bool:
+    """A plain CPU tensor outside tracing: its values can be read now, cheaply."""
+    return type(t) is torch.Tensor and t.device.type == "cpu" and not _is_compiling()
 
 
-def _check_perm_values(p: torch.Tensor, length: int, layer, what: str, unique=True) -> None:
-    key = (id(p), p._version, p.data_ptr(), length, unique)
-    if _CHECKED_PERMS.get(key) is p:
-        return
+def check_index_values(p: torch.Tensor, length: int, layer, what: str, unique=True) -> None:
+    """Raise unless every entry of the 1-D index ``p`` lies in ``[0, length)`` (and, with
+    ``unique``, each appears once: a permutation).
+
+    Checked on every call; nothing is cached (a cache keyed by tensor identity would keep user
+    tensors alive, and would miss an index changed in place through ``.data`` or ``.numpy()``).
+    A plain CPU tensor is checked on the host with a precise message (``ValueError``). A GPU
+    tensor, or any tensor while ``torch.compile`` / ``torch.export`` traces, is checked by
+    ``torch._assert_async``: no device synchronisation, traceable, and a ``RuntimeError`` (on a
+    GPU a device-side assert) when the index is invalid. Meta tensors have no values: nothing is
+    checked. The kernels clamp index entries anyway, so no backend reads or writes outside its
+    tensors whatever the values.
+    """
     where = f"layer {layer}: {what}" if layer is not None else what
-    if p.numel() > 0:
-        lo, hi = int(p.min()), int(p.max())
-        if lo < 0 or hi >= length:
-            raise ValueError(
-                f"{where} entries must lie in [0, {length}), got min {lo} and max {hi}"
-            )
-    if unique and p.numel() > 0:
+    if p.device.type == "meta" or p.numel() == 0:
+        return
+    if not _host_readable(p):
+        pi = p.to(torch.int64)
+        ok = ((pi >= 0) & (pi < length)).all()
+        msg = f"{where} entries must lie in [0, {length})"
+        if unique:
+            counts = torch.zeros(length, dtype=torch.int64, device=p.device).index_add_(
+                0, pi.clamp(0, length - 1), torch.ones_like(pi))
+            ok = ok & (counts == 1).all()
+            msg += f" and form a permutation of 0..{length - 1}"
+        torch._assert_async(ok, msg)
+        return
+    lo, hi = int(p.min()), int(p.max())
+    if lo < 0 or hi >= length:
+        raise ValueError(f"{where} entries must lie in [0, {length}), got min {lo} and max {hi}")
+    if unique:
         counts = torch.bincount(p.detach().reshape(-1).to(torch.int64), minlength=length)
         if int(counts.max()) > 1:
             dup = int(torch.nonzero(counts > 1)[0, 0])
@@ -97,9 +114,6 @@ def _check_perm_values(p: torch.Tensor, length: int, layer, what: str, unique=Tr
                 f"{where} has duplicate entries ({dup} appears "
                 f"{int(counts[dup])} times); it must be a permutation of 0..{length - 1}"
             )
-    if len(_CHECKED_PERMS) >= _CHECKED_PERMS_MAX:
-        _CHECKED_PERMS.clear()
-    _CHECKED_PERMS[key] = p
 
 
 def normalize_permutation(p, layer: int, channels: int, groups: int, device, check_values=True):
@@ -137,8 +151,8 @@ def normalize_permutation(p, layer: int, channels: int, groups: int, device, che
             f"layer {layer}: permutation is on {p.device} but x is on {device}; "
             f"all tensors must be on the same device"
         )
-    if check_values and not _is_compiling():
-        _check_perm_values(p, channels, layer, "permutation")
+    if check_values:
+        check_index_values(p, channels, layer, "permutation")
     if p.dtype != torch.int64:
         p = p.to(torch.int64)
     return 0, p
@@ -170,8 +184,8 @@ def normalize_input_index(idx, in_channels: int, device, check_values=True):
         raise ValueError(
             f"input_index is on {idx.device} but x is on {device}; "
             f"all tensors must be on the same device")
-    if check_values and not _is_compiling():
-        _check_perm_values(idx, in_channels, None, "input_index", unique=False)
+    if check_values:
+        check_index_values(idx, in_channels, None, "input_index", unique=False)
     if idx.dtype != torch.int64:
         idx = idx.to(torch.int64)
     return idx

@@ -104,11 +104,14 @@ def _outer_offset(t, NI, O1, O2, s0, s1, s2, BLOCK_P: tl.constexpr):
 @triton.jit
 def _perm_src(j, mask, perm_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr):
     """``perm[j]``: the previous tile's slot that feeds input channel ``j`` (gather form).
-    PK_SHUFFLE: channel shuffle with SG groups of SM channels."""
+    PK_SHUFFLE: channel shuffle with SG groups of SM channels. PK_EXPLICIT: a loaded entry,
+    clamped to the SG channels of the tile (entries are validated before launch; the clamp
+    keeps a direct call with bad values inside the tile)."""
     if PK == 1:
         src = (j % SG) * SM + j // SG
     elif PK == 2:
         src = tl.load(perm_ptr + j, mask=mask, other=0)
+        src = tl.minimum(tl.maximum(src, 0), SG - 1)
     else:
         src = j
     return tl.where(mask, src, 0)
@@ -141,12 +144,15 @@ def _store_tile(ptr, off, inner, pmask, s_in, s_c, chan, cmask, val):
 
 @triton.jit
 def _load_input(x_ptr, off, inner, pmask, s_in, s_c, idx_ptr,
-                C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr):
-    """``h_0`` in the storage dtype: ``x[:, idx[j]]`` (or ``x[:, j]``) in slot ``j``."""
+                C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr, C_X: tl.constexpr):
+    """``h_0`` in the storage dtype: ``x[:, idx[j]]`` (or ``x[:, j]``) in slot ``j``. Index
+    entries are clamped to x's ``C_X`` channels (validated before launch; the clamp keeps a
+    direct call with bad values inside x)."""
     j = tl.arange(0, S0)
     jm = j < C0
     if HAS_INDEX:
         c = tl.load(idx_ptr + j, mask=jm, other=0)
+        c = tl.minimum(tl.maximum(c, 0), C_X - 1)
     else:
         c = j
     return _load_tile(x_ptr, off, inner, pmask, s_in, s_c, c, jm)
@@ -400,8 +406,8 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
     def kind(l):  # the permutation after layer l (0-based)
         if shuffles[l] > 0:
             return PK_SHUFFLE, int(shuffles[l]), int(channels[l + 1]) // int(shuffles[l])
-        if perm_present[l]:
-            return PK_EXPLICIT, 1, 1
+        if perm_present[l]:  # sg: the permuted channel count (the clamp of _perm_src)
+            return PK_EXPLICIT, int(channels[l + 1]), 1
         return PK_IDENTITY, 1, 1
 
     layers, w_off, b_off = [], 0, 0
@@ -495,7 +501,7 @@ def _fwd_source(st: Structure, name: str) -> str:
         "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
         "yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)",
         f"a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, {st.layers[0].c_in}, "
-        f"{st.layers[0].s_in}, {st.has_index})",
+        f"{st.layers[0].s_in}, {st.has_index}, {st.c_x})",
     ]
     for i in range(1, L + 1):
         body.append(_fwd_call(st, i, f"a{i - 1}"))
@@ -523,7 +529,7 @@ def _bwd_source(st: Structure, name: str) -> str:
         "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
         "goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)",
         f"a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, {first.c_in}, "
-        f"{first.s_in}, {st.has_index})",
+        f"{first.s_in}, {st.has_index}, {st.c_x})",
     ]
     if L > 1:
         keep = [_fwd_call(st, i, f"a{i - 1}") for i in range(1, L)]

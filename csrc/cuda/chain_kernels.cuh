@@ -33,8 +33,8 @@
 //
 // Everything a kernel relies on is checked on the host before the launch (chain_cuda.cu and the
 // plan functions below). Index tables are built on the device by build_index_table_kernel, which
-// clamps entries outside their range to 0 so that unchecked direct calls stay memory safe (the
-// Python front end validates index values).
+// fails a device-side assert on an entry outside its range and clamps it to 0, so that unchecked
+// direct calls stay memory safe (the Python front end validates index values first).
 //
 // With IGC_EMULATE defined, this header compiles as plain C++ against host_emulation.h, which
 // runs every CUDA thread of a block as a host thread (tests/test_cuda_compile_nvcc.py uses it to
@@ -48,10 +48,14 @@
 
 #ifdef IGC_EMULATE
 #include "host_emulation.h"
+#define IGC_DEVICE_ASSERT_FAIL(msg) igc_emu::device_assert_fail(msg)
 #else
+#include <cassert>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
+// A device-side assert that NDEBUG does not remove (ATen's CUDA_KERNEL_ASSERT does the same).
+#define IGC_DEVICE_ASSERT_FAIL(msg) __assert_fail(msg, __FILE__, __LINE__, __func__)
 #endif
 
 namespace igc {
@@ -313,7 +317,14 @@ __global__ void __launch_bounds__(kThreads)
     } else {
       v = j;
     }
-    if (v < 0 || v >= sg.range) v = 0;  // memory safety only; values are validated upstream
+    if (v < 0 || v >= sg.range) {
+      // A direct call with an entry outside its range: a device-side assert (the launch fails
+      // with cudaErrorAssert, as ATen's index kernels do), and the entry is clamped so that
+      // nothing reads outside its tensor even where asserts are compiled out. The Python front
+      // end checks values (duplicates included) before it gets here.
+      IGC_DEVICE_ASSERT_FAIL("igc: a permutation or input_index entry is outside its range");
+      v = 0;
+    }
     table[e] = static_cast<int32_t>(v);
   }
 }

@@ -10,6 +10,7 @@
 // Only what the kernels use is emulated: no warp intrinsics, atomics or streams.
 #pragma once
 
+#include <atomic>
 #include <barrier>
 #include <cstddef>
 #include <cstdint>
@@ -43,6 +44,7 @@ typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorIllegalAddress = 700;
+constexpr cudaError_t cudaErrorAssert = 710;
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
   cudaDevAttrMaxSharedMemoryPerBlockOptin,
@@ -66,6 +68,13 @@ inline cudaError_t& last_error() {
   static cudaError_t e = cudaSuccess;
   return e;
 }
+// A device-side assert: the launch that raised it reports cudaErrorAssert (threads go on, as
+// they would not on a GPU, so the kernels' clamping after the assert is exercised too).
+inline std::atomic<bool>& assert_raised() {
+  static std::atomic<bool> a{false};
+  return a;
+}
+inline void device_assert_fail(const char*) { assert_raised() = true; }
 
 struct ThreadState {
   dim3 thread_idx, block_idx;
@@ -117,6 +126,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
       if (raw[i] != kGuardByte || raw[kGuard + smem_bytes + i] != kGuardByte)
         last_error() = cudaErrorIllegalAddress;
     }
+    if (assert_raised().exchange(false)) last_error() = cudaErrorAssert;
   }
 }
 
