@@ -28,8 +28,8 @@ from typing import List, Optional
 import torch
 import triton
 
-from ._chain import empty_like_layout
-from ._ops import setup_context, has_bias, make_backward
+from ._chain import check_index_values, empty_like_layout
+from ._ops import has_bias, register_ops
 from .triton_kernels import chain as K
 
 INTERPRETED = K.INTERPRETED
@@ -48,9 +48,9 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
-    """Structural checks of the raw op's arguments (the public API validates more, including
-    permutation values, before it gets here). Raises ValueError / TypeError naming the
-    argument and the layer, before any kernel launch."""
+    """Structural checks of the raw op's arguments (the public API validates more before it
+    gets here; index values are checked by ``_check_values``). Raises ValueError / TypeError
+    naming the argument and the layer, before any kernel launch."""
     if x.dim() < 2 or x.dim() > 5:
         raise ValueError(f"x must have 2 to 5 dims (N, C, *spatial), got shape {tuple(x.shape)}")
     if x.dtype not in _DTYPES:
@@ -114,9 +114,21 @@ def _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y
                              f"expected {tuple(want)} {x.dtype}")
 
 
+def _check_values(x, weights, shuffles, perms, input_index):
+    """Index values of a direct call (the public function checked them already): a host check
+    under the interpreter, an asynchronous device-side assert on GPUs (see
+    ``_chain.check_index_values``). The kernels clamp entries either way."""
+    if input_index is not None:
+        check_index_values(input_index, int(x.shape[1]), None, "input_index", unique=False)
+    for l, (s, p) in enumerate(zip(shuffles, perms)):
+        if int(s) == 0 and p is not None:
+            check_index_values(p, int(weights[l].shape[0]), l + 1, "permutation")
+
+
 def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
     """(structure, per-layer pointer tensors in the generated kernels' argument order)."""
     _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
+    _check_values(x, weights, shuffles, perms, input_index)
     L = len(weights)
     channels = [int(weights[0].shape[1]) * int(groups[0])] + [int(w.shape[0]) for w in weights]
     bias_present = [has_bias(b) for b in biases] if len(biases) else [False] * L
@@ -289,13 +301,19 @@ else:
         chain_backward)
 
 
-# The autograd formula shared with the C++ ops (_ops.py), calling this backend's backward op.
-forward_op.register_autograd(make_backward(backward_op), setup_context=setup_context)
+def _fits(x, chain) -> bool:
+    """Whether these kernels run ``chain`` (the doubled chains of higher derivatives may not)."""
+    widths = [chain.in_channels, *chain.channels]
+    return max(widths) <= K.MAX_CHANNELS and x.dtype in _DTYPES
+
+
+# The autograd formulas and vmap rules shared with the C++ ops (_ops.py), over this backend's ops.
+FAMILY = register_ops(forward_op, backward_op, _fits, "igc_triton")
 
 
 def run(x, chain) -> torch.Tensor:
     """Run a normalised :class:`~igc_kernels._chain.Chain` through ``igc_triton::chain_forward``."""
     from ._ops import op_biases
 
-    return forward_op(x, chain.weights, op_biases(chain.biases, x), list(chain.groups),
-                      list(chain.shuffles), chain.perms, chain.input_index)
+    return FAMILY.forward(x, chain.weights, op_biases(chain.biases, x), list(chain.groups),
+                          list(chain.shuffles), chain.perms, chain.input_index)

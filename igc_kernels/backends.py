@@ -88,10 +88,10 @@ def _run_reference(x, chain):
 
 
 def _run_fused_op(x, chain):
-    return torch.ops.igc.chain_forward(
-        x, chain.weights, op_biases(chain.biases, x), list(chain.groups), chain.shuffles,
-        chain.perms, chain.input_index
-    )
+    from . import _ops
+
+    return _ops.FAMILY.forward(x, chain.weights, op_biases(chain.biases, x), list(chain.groups),
+                               chain.shuffles, chain.perms, chain.input_index)
 
 
 def _cpu_availability():
