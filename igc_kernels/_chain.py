@@ -21,6 +21,8 @@ Canonical form
 
 from __future__ import annotations
 
+import numbers
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -47,21 +49,66 @@ class Chain:
         return len(self.groups)
 
 
+def is_int(v) -> bool:
+    """An integer that is not a bool: Python ints and numpy integers (as torch accepts them)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, _np_bool()))
+
+
+def _np_bool():
+    np = sys.modules.get("numpy")
+    return np.bool_ if np is not None else bool
+
+
+def _is_int(v) -> bool:
+    return is_int(v)
+
+
+def _is_ndarray(v) -> bool:
+    np = sys.modules.get("numpy")
+    return np is not None and isinstance(v, np.ndarray)
+
+
 def interleave_index(channels: int, groups: int, device=None) -> torch.Tensor:
     """Gather index of the channel shuffle with ``groups`` groups (``nn.ChannelShuffle``).
 
-    ``perm[k * groups + g] = g * (channels // groups) + k``.
+    ``perm[k * groups + g] = g * (channels // groups) + k``. On the CPU unless ``device`` is
+    given (also inside a ``with torch.device(...)`` block: index values are structure, kept on
+    the host so that modules built on the meta device still know them).
     """
-    m = channels // groups
-    return torch.arange(channels, device=device).view(groups, m).t().reshape(-1)
+    if not (is_int(channels) and is_int(groups)) or channels <= 0 or groups <= 0:
+        raise ValueError(f"interleave_index: channels and groups must be positive ints, got "
+                         f"channels={channels!r}, groups={groups!r}")
+    if channels % groups:
+        raise ValueError(f"interleave_index: channels = {channels} is not divisible by groups = "
+                         f"{groups}")
+    m = int(channels) // int(groups)
+    dev = "cpu" if device is None else device
+    return torch.arange(int(channels), device=dev).view(int(groups), m).t().reshape(-1)
+
+
+def as_index_tensor(index, what: str) -> torch.Tensor:
+    """A 1-D int64 index from a tensor (its device kept), a numpy array or a sequence of ints
+    (on the CPU). Raises ``TypeError`` / ``ValueError`` naming ``what``; does not read values."""
+    if isinstance(index, (list, tuple)):
+        if not all(is_int(v) for v in index):
+            raise TypeError(f"{what} given as a sequence must hold ints")
+        index = torch.tensor([int(v) for v in index], dtype=torch.int64, device="cpu")
+    elif _is_ndarray(index):
+        if index.dtype.kind not in "iu":
+            raise TypeError(f"{what} must hold integers, got a numpy array of dtype {index.dtype}")
+        index = torch.from_numpy(index.astype("int64", copy=True))
+    if not isinstance(index, torch.Tensor):
+        raise TypeError(f"{what} must be a 1-D integer tensor or a sequence of ints, got "
+                        f"{type(index).__name__}")
+    if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor, got dtype {index.dtype}")
+    if index.dim() != 1 or index.numel() == 0:
+        raise ValueError(f"{what} must be a non-empty 1-D tensor, got shape {tuple(index.shape)}")
+    return index.detach().to(torch.int64)
 
 
 def _shape(t) -> str:
     return "(" + ", ".join(str(int(s)) for s in t.shape) + ")" if t.dim() != 1 else f"({int(t.shape[0])},)"
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _is_compiling() -> bool:
@@ -128,10 +175,10 @@ def normalize_permutation(p, layer: int, channels: int, groups: int, device, che
             )
         is_identity = groups <= 1 or groups >= channels
         return (0 if is_identity else groups), None
-    if isinstance(p, (list, tuple)):
-        if not all(_is_int(v) for v in p):
+    if isinstance(p, (list, tuple)) or _is_ndarray(p):
+        if isinstance(p, (list, tuple)) and not all(_is_int(v) for v in p):
             raise TypeError(f"layer {layer}: permutation given as a sequence must hold ints")
-        p = torch.tensor(p, dtype=torch.int64, device=device)
+        p = as_index_tensor(p, f"layer {layer}: permutation").to(device)
     if not isinstance(p, torch.Tensor):
         raise TypeError(
             f"layer {layer}: permutation must be None, 'interleave' or an index tensor, "
@@ -167,10 +214,10 @@ def normalize_input_index(idx, in_channels: int, device, check_values=True):
     """
     if idx is None:
         return None
-    if isinstance(idx, (list, tuple)):
-        if not all(_is_int(v) for v in idx):
+    if isinstance(idx, (list, tuple)) or _is_ndarray(idx):
+        if isinstance(idx, (list, tuple)) and not all(_is_int(v) for v in idx):
             raise TypeError("input_index given as a sequence must hold ints")
-        idx = torch.tensor(idx, dtype=torch.int64, device=device)
+        idx = as_index_tensor(idx, "input_index").to(device)
     if not isinstance(idx, torch.Tensor):
         raise TypeError(
             f"input_index must be None or a 1-D integer index tensor, got {type(idx).__name__}")
@@ -194,6 +241,9 @@ def normalize_input_index(idx, in_channels: int, device, check_values=True):
 def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.layout != torch.strided:
+        raise TypeError(f"x must be a dense (strided) tensor, got layout {x.layout}; convert it "
+                        f"with .to_dense()")
     if x.dim() < 2 or x.dim() > 5:
         raise ValueError(
             f"x must have shape (N, C) or (N, C, *spatial) with 1 to 3 spatial dims, "
@@ -248,6 +298,7 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, input_index
         c_in = channels[-1]
         if not _is_int(G):
             raise TypeError(f"layer {layer}: groups must be an int, got {type(G).__name__} {G!r}")
+        G = int(G)
         if G <= 0:
             raise ValueError(f"layer {layer}: groups must be a positive integer, got {G}")
         if not isinstance(W, torch.Tensor):

@@ -9,6 +9,8 @@ all of its reasons. ``use_backend(name)`` sets the default for a ``with`` scope.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import threading
 from typing import Callable, Optional
 
 import torch
@@ -229,24 +231,49 @@ BACKENDS = {
         "as deterministic as the underlying convolutions", _run_reference, lambda: []),
 }
 
-# The scope stack of use_backend(); a plain list (not threading.local) so torch.compile can
-# trace the lookup without a graph break.
-_SCOPE = ["auto"]
+# The scopes of use_backend(), per thread and per asyncio task: a context variable holding the
+# stack of names. torch.compile cannot trace a context variable, so every change is mirrored in
+# a thread-local attribute, which Dynamo reads (and guards on: a compiled function re-specialises
+# when the scope changes). Under torch.compile the scope is therefore per thread: asyncio tasks
+# that share a thread and enter different scopes should pass ``backend=`` explicitly to compiled
+# code.
+_SCOPE = contextvars.ContextVar("igc_kernels_backend_scope", default=())
+
+
+class _TracedScope(threading.local):
+    name = "auto"
+
+
+_TRACED = _TracedScope()
 
 
 def _default_backend() -> str:
-    return _SCOPE[-1]
+    if torch.compiler.is_compiling():
+        return _TRACED.name
+    stack = _SCOPE.get()
+    return stack[-1] if stack else "auto"
+
+
+def scope_stack() -> tuple:
+    """The ``use_backend`` scopes active in this thread / task, outermost first."""
+    return _SCOPE.get()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Make ``name`` the backend that ``backend="auto"`` resolves to inside a ``with`` block."""
+    """Make ``name`` the backend that ``backend="auto"`` resolves to inside a ``with`` block.
+
+    The scope belongs to the current thread and asyncio task (a ``contextvars`` variable):
+    other threads and tasks keep their own. Scopes nest."""
     check_backend_name(name)
-    _SCOPE.append(name)
+    token = _SCOPE.set(_SCOPE.get() + (name,))
+    _TRACED.name = name
     try:
         yield
     finally:
-        _SCOPE.pop()
+        _SCOPE.reset(token)
+        stack = _SCOPE.get()
+        _TRACED.name = stack[-1] if stack else "auto"
 
 
 def check_backend_name(name) -> None:

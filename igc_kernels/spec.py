@@ -24,11 +24,17 @@ from typing import Optional, Sequence
 
 import torch
 
-from ._chain import interleave_index, normalize_permutation
+from ._chain import _is_ndarray, as_index_tensor, interleave_index, is_int, normalize_permutation
 
 
 def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    return is_int(v)
+
+
+def _positive_int(v, what: str) -> int:
+    if not is_int(v) or v <= 0:
+        raise ValueError(f"{what} must be a positive int, got {v!r}")
+    return int(v)
 
 
 class ChainSpec:
@@ -62,6 +68,7 @@ class ChainSpec:
                     f"layer {l}: groups = {g} must divide C_{l - 1} = {channels[l - 1]} and "
                     f"C_{l} = {channels[l]}"
                 )
+        channels, groups = [int(c) for c in channels], [int(g) for g in groups]
         L = len(groups)
         if permutations is None:
             permutations = ["interleave"] * (L - 1) + [None]
@@ -70,8 +77,8 @@ class ChainSpec:
             raise ValueError(f"permutations must have one entry per layer ({L}), got {len(permutations)}")
         perms = []
         for l, p in enumerate(permutations, start=1):
-            if isinstance(p, (list, tuple)):
-                p = torch.tensor(p, dtype=torch.int64)
+            if isinstance(p, (list, tuple)) or _is_ndarray(p):  # on the CPU (even under a
+                p = as_index_tensor(p, f"layer {l}: permutation")  # torch.device scope)
             device = p.device if isinstance(p, torch.Tensor) else None
             normalize_permutation(p, l, channels[l], groups[l - 1], device)  # raises if invalid
             perms.append(p)
@@ -89,8 +96,13 @@ class ChainSpec:
         C, K = channels, group_size
         if not (_is_int(C) and _is_int(K)) or C <= 0 or K <= 0:
             raise ValueError(f"channels and group_size must be positive ints, got {C!r}, {K!r}")
+        C, K = int(C), int(K)
         if C % K:
             raise ValueError(f"group_size = {K} must divide channels = {C}")
+        if K == 1 and C > 1:
+            raise ValueError(f"group_size = 1 makes every group a single channel: no chain of "
+                             f"such layers connects different channels (IGCV2 needs a dense "
+                             f"chain); use group_size >= 2 (channels = {C})")
         L = 1
         if K > 1:
             while K ** L < C:
@@ -100,7 +112,8 @@ class ChainSpec:
     @classmethod
     def balanced(cls, channels: int, num_layers: int) -> "ChainSpec":
         """The complementary chain of ``L`` layers with equal group widths ``K = C^(1/L)``."""
-        C, L = channels, num_layers
+        C = _positive_int(channels, "channels")
+        L = _positive_int(num_layers, "num_layers")
         K = round(C ** (1.0 / L))
         if K ** L != C:
             raise ValueError(f"channels = {C} is not an L-th power (L = {L}); no balanced "
@@ -114,17 +127,25 @@ class ChainSpec:
         ``spatial`` is ``S``, the kernel size of a spatial first layer (``S K_1`` parameters per
         channel): ``S K_1 = K_2 = ... = K_L = (S C)^(1/L)``.
         """
+        channels = _positive_int(channels, "channels")
+        num_layers = _positive_int(num_layers, "num_layers")
+        spatial = _positive_int(spatial, "spatial")
         k = (spatial * channels) ** (1.0 / num_layers)
         return [k / spatial] + [k] * (num_layers - 1)
 
     @staticmethod
     def min_params(channels: int, num_layers: int, spatial: int = 1) -> float:
         """Least parameter count ``L C (S C)^(1/L)`` of a complementary chain of depth ``L``."""
+        channels = _positive_int(channels, "channels")
+        num_layers = _positive_int(num_layers, "num_layers")
+        spatial = _positive_int(spatial, "spatial")
         return num_layers * channels * (spatial * channels) ** (1.0 / num_layers)
 
     @staticmethod
     def optimal_depth(channels: int, spatial: int = 1) -> int:
         """The integer depth minimising :meth:`min_params`; the real optimum is ``ln(S C)``."""
+        channels = _positive_int(channels, "channels")
+        spatial = _positive_int(spatial, "spatial")
         best = max(1, math.floor(math.log(spatial * channels)))
         cands = [c for c in (best, best + 1) if c >= 1]
         return min(cands, key=lambda L: ChainSpec.min_params(channels, L, spatial))
@@ -170,6 +191,9 @@ class ChainSpec:
                 out.append(torch.arange(C))
             elif isinstance(p, str):
                 out.append(interleave_index(C, self.groups[l]))
+            elif p.device.type == "meta":
+                raise ValueError(f"layer {l + 1}: the permutation is a meta tensor, whose values "
+                                 f"are unknown; give it as a CPU tensor or a list")
             else:
                 out.append(p.detach().to("cpu", torch.int64))
         return out

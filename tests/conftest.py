@@ -56,12 +56,12 @@ def _isolate_global_state():
     threads = torch.get_num_threads()
     from igc_kernels import backends
 
-    scope = list(backends._SCOPE)
+    scope = backends.scope_stack()
     yield
     torch.set_default_dtype(dtype)
     torch.set_num_threads(threads)
-    assert backends._SCOPE == scope, "a test leaked a use_backend() scope"
-    backends._SCOPE[:] = scope
+    assert backends.scope_stack() == scope, "a test leaked a use_backend() scope"
+    assert backends._TRACED.name == (scope[-1] if scope else "auto")
 
 
 @pytest.fixture

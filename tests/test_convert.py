@@ -322,8 +322,14 @@ def test_from_modules_and_unfuse_share_parameters():
     x = torch.randn(2, 16, 3, 3, dtype=torch.float64)
     assert_close64(plain(x), seq(x), "unfused")
     assert_close64(m(x), seq(x), "fused")
-    # unbatched input, as nn.Conv2d accepts
-    assert_close64(m(x[0]), seq(x[:1])[0], "unbatched")
+    # unbatched input, as nn.Conv2d accepts: the modules' own semantics (on a 3-D tensor
+    # nn.ChannelShuffle shuffles dim 1, the height), errors included
+    xu = torch.randn(16, 32, 3, dtype=torch.float64)
+    assert_close64(m(xu), seq(xu), "unbatched")
+    with pytest.raises(RuntimeError, match="divisible by groups"):
+        seq(x[0])
+    with pytest.raises(RuntimeError, match="divisible by groups"):
+        m(x[0])
 
 
 def test_from_modules_errors_name_the_module():

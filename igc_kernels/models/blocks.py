@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._chain import interleave_index
+from .._chain import as_index_tensor, interleave_index
 from ..modules import InterleavedGroupConv
 from ..spec import ChainSpec
 
@@ -136,10 +136,9 @@ class CondenseLayer(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, groups: int, index, *,
                  fused: bool = True, backend: str = "auto"):
         super().__init__()
-        index = torch.as_tensor(index, dtype=torch.int64)
-        if index.dim() != 1 or index.numel() == 0:
-            raise ValueError(f"index must be a non-empty 1-D tensor, got shape {tuple(index.shape)}")
-        if int(index.min()) < 0 or int(index.max()) >= in_channels:
+        index = as_index_tensor(index, "index")  # lists stay on the host (meta construction)
+        if index.device.type != "meta" and (int(index.min()) < 0
+                                            or int(index.max()) >= in_channels):
             raise ValueError(f"index entries must lie in [0, {in_channels}), got min "
                              f"{int(index.min())} and max {int(index.max())}")
         _check_divides("groups and len(index)", groups, index.numel())
