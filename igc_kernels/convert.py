@@ -44,7 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .modules import ChannelGather, InterleavedGroupConv, conv_problem
+from ._chain import interleave_index
+from .modules import ChannelGather, InterleavedGroupConv, conv_problem, wrap_negative
 
 __all__ = ["convert", "unfuse"]
 
@@ -65,7 +66,10 @@ def _module_op(m: nn.Module):
     if type(m) is nn.ChannelShuffle:
         return ("shuffle", int(m.groups))
     if type(m) is ChannelGather:
-        return ("gather", m.index)
+        try:
+            return ("gather", m.index_values("index"))
+        except ValueError:  # built from a meta tensor: no values to compose
+            return None
     return None
 
 
@@ -95,6 +99,8 @@ def _split_runs(ops: list) -> list:
             if ops[j][0] == "gather":
                 if count is not None and ops[j][1].numel() != count:
                     break
+                if bool((ops[j][1] < 0).any()):  # Python-style negative entries: x's channel
+                    break                          # count is unknown here, so not fused
                 count = None
             else:
                 if count is None or count % ops[j][1]:
@@ -119,7 +125,7 @@ def _split_runs(ops: list) -> list:
                     break
                 extra = True
             else:
-                if not _is_permutation(op[1], C):
+                if not _is_permutation(wrap_negative(op[1], C), C):
                     break
                 extra = True
             k += 1
@@ -147,14 +153,25 @@ def _convert_sequential(seq: nn.Sequential, prefix: str, filter_fn: FilterFn, ba
         ops.append(op)
     count = 0
     for start, stop in _split_runs(ops):
+        keys = [_module_keys(mods[t], names[t]) for t in range(start, stop)]
         fused = InterleavedGroupConv.from_ops(
             ops[start:stop], backend=backend,
-            where=lambda t, s=start: f"{prefix}{names[s + t]}")
+            where=lambda t, s=start: f"{prefix}{names[s + t]}", keys=keys)
         setattr(seq, names[start], fused)
         for t in range(start + 1, stop):
             setattr(seq, names[t], nn.Identity())
+        _install_checkpoint_hooks(seq)
         count += 1
     return count
+
+
+def _module_keys(m: nn.Module, name: str):
+    """The state-dict keys (relative to the parent) of a chain module's tensors."""
+    if type(m) is nn.Conv2d:
+        return (f"{name}.weight", f"{name}.bias" if m.bias is not None else None)
+    if type(m) is ChannelGather:
+        return f"{name}.index"
+    return None
 
 
 def _is_torch_module(m: nn.Module) -> bool:
@@ -173,13 +190,18 @@ def _walk(module: nn.Module, prefix: str, filter_fn: FilterFn, backend: str, fun
         new = _walk(child, f"{prefix}{name}.", filter_fn, backend, functional, stats)
         if new is not child:
             setattr(module, name, new)
-    if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
-        stats["chains"] += _convert_sequential(module, prefix, filter_fn, backend)
-        return module
-    if functional and (not _is_torch_module(module) or isinstance(module, torch.fx.GraphModule)):
-        new = _convert_fx(module, prefix, filter_fn, backend, stats)
-        if new is not None:
-            return new
+    try:
+        if isinstance(module, nn.Sequential) and type(module).forward is nn.Sequential.forward:
+            stats["chains"] += _convert_sequential(module, prefix, filter_fn, backend)
+            return module
+        if functional and (not _is_torch_module(module)
+                           or isinstance(module, torch.fx.GraphModule)):
+            new = _convert_fx(module, prefix, filter_fn, backend, stats)
+            if new is not None:
+                return new
+    except (ValueError, TypeError, RuntimeError) as e:
+        where = prefix[:-1] or "the model"
+        raise type(e)(f"convert: in module {where!r} ({type(module).__name__}): {e}") from e
     return module
 
 
@@ -227,11 +249,18 @@ def _pair_is(v, value) -> bool:
     return False
 
 
-def _node_op(root: nn.Module, node, prefix: str, filter_fn: FilterFn):
-    """``(op_tuple, data_input_node)`` if ``node`` can join a chain, else None. The data
-    input is always ``node.args[0]``."""
+def _node_op(root: nn.Module, node, prefix: str, filter_fn: FilterFn, sd_keys: set):
+    """``(op_tuple, data_input_node, keys)`` if ``node`` can join a chain, else None. The data
+    input is always ``node.args[0]``; ``keys`` are the state-dict keys of the op's tensors in
+    ``root`` (see ``InterleavedGroupConv.from_ops``)."""
     if node.op not in ("call_module", "call_function", "call_method") or not node.args:
         return None
+
+    def key(a):
+        if isinstance(a, torch.fx.Node) and a.op == "get_attr" and a.target in sd_keys:
+            return a.target
+        return None
+
     if node.op == "call_module":
         m = _get_attr(root, node.target)
         if len(node.args) != 1 or node.kwargs:
@@ -239,7 +268,7 @@ def _node_op(root: nn.Module, node, prefix: str, filter_fn: FilterFn):
         op = _module_op(m)
         if op is None or (filter_fn is not None and not filter_fn(m, prefix + node.target)):
             return None
-        return op, node.args[0]
+        return op, node.args[0], _module_keys(m, node.target)
     if node.op == "call_function" and node.target in _CONV_FNS:
         w_node = _arg(node, 1, "weight", None)
         w = _const_tensor(root, w_node)
@@ -256,26 +285,27 @@ def _node_op(root: nn.Module, node, prefix: str, filter_fn: FilterFn):
             return None
         if filter_fn is not None and not filter_fn(root, prefix + w_node.target):
             return None
-        return ("conv", w, b, groups), node.args[0]
+        return ("conv", w, b, groups), node.args[0], (key(w_node), key(b_arg))
     if node.op == "call_function" and node.target in _SHUFFLE_FNS:
         g = _arg(node, 1, "groups", None)
         if isinstance(g, int) and g > 0 and len(node.args) + len(node.kwargs) == 2:
-            return ("shuffle", g), node.args[0]
+            return ("shuffle", g), node.args[0], None
         return None
+    idx_node = None
     if (node.op == "call_function" and node.target is torch.index_select) or (
             node.op == "call_method" and node.target == "index_select"):
-        dim = _arg(node, 1, "dim", None)
-        idx = _const_tensor(root, _arg(node, 2, "index", None))
-        if dim == 1 and idx is not None and idx.dim() == 1 and not idx.is_floating_point():
-            return ("gather", idx), node.args[0]
-        return None
-    if node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
-        key = node.args[1]
-        if (isinstance(key, tuple) and len(key) == 2 and key[0] == slice(None)
-                and isinstance(key[1], torch.fx.Node)):
-            idx = _const_tensor(root, key[1])
-            if (idx is not None and idx.dim() == 1 and idx.dtype in (torch.int64, torch.int32)):
-                return ("gather", idx), node.args[0]
+        if _arg(node, 1, "dim", None) == 1:
+            idx_node = _arg(node, 2, "index", None)
+    elif node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        k = node.args[1]
+        if (isinstance(k, tuple) and len(k) == 2 and k[0] == slice(None)
+                and isinstance(k[1], torch.fx.Node)):
+            idx_node = k[1]
+    if idx_node is not None:
+        idx = _const_tensor(root, idx_node)
+        if (idx is not None and idx.dim() == 1 and idx.dtype in (torch.int64, torch.int32)
+                and idx.device.type != "meta"):
+            return ("gather", idx), node.args[0], key(idx_node)
     return None
 
 
@@ -285,9 +315,13 @@ def _convert_fx(module: nn.Module, prefix: str, filter_fn: FilterFn, backend: st
         graph = _ChildrenAsLeaves().trace(module)
     except Exception:  # not symbolically traceable (data-dependent control flow, ...): skip
         return None
+    if not _traces_alike(module, graph):
+        return None
+    sd_keys = set(module.state_dict(keep_vars=True).keys())
+    called_before = {n.target for n in graph.nodes if n.op == "call_module"}
     info = {}
     for node in graph.nodes:
-        r = _node_op(module, node, prefix, filter_fn)
+        r = _node_op(module, node, prefix, filter_fn, sd_keys)
         if r is not None:
             info[node] = r
     if not any(r[0][0] == "conv" for r in info.values()):
@@ -324,7 +358,8 @@ def _convert_fx(module: nn.Module, prefix: str, filter_fn: FilterFn, backend: st
             run = path[start:stop]
             fused = InterleavedGroupConv.from_ops(
                 ops[start:stop], backend=backend,
-                where=lambda t, run=run: f"{prefix}{run[t].name} ({run[t].format_node()})")
+                where=lambda t, run=run: f"node {run[t].name} ({run[t].format_node()})",
+                keys=[info[n][2] for n in run])
             name = f"igc_fused_{stats['fx_modules']}"
             while hasattr(module, name) or name in new_modules:
                 stats["fx_modules"] += 1
@@ -346,14 +381,176 @@ def _convert_fx(module: nn.Module, prefix: str, filter_fn: FilterFn, backend: st
     if not changed:
         return None
     graph.lint()
+    return _rewrite_forward(module, graph, new_modules, called_before)
+
+
+def _traces_alike(module: nn.Module, graph) -> bool:
+    """Whether the module traces to the same code in training and in eval mode (a forward that
+    reads ``self.training`` would be frozen in one mode by the traced graph: not converted)."""
+    training = module.training
+    try:
+        module.train(not training)
+        other = _ChildrenAsLeaves().trace(module)
+    except Exception:
+        return False
+    finally:
+        module.train(training)
+    return other.python_code("self").src == graph.python_code("self").src
+
+
+def _rewrite_forward(module: nn.Module, graph, new_modules: dict, called_before: set
+                     ) -> nn.Module:
+    """Give ``module`` the traced ``graph`` as its forward, keeping the object, its class (the
+    new class derives from it, same name), attributes and methods: the fused modules are added
+    as children, the children whose calls were fused are removed (their parameters live on in
+    the fused modules), and a state-dict translation keeps original checkpoints loading."""
     root = {}
+    used = set()
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr"):
+            used.add(node.target.split(".")[0])
             root[node.target] = new_modules[node.target] if node.target in new_modules \
                 else _get_attr(module, node.target)
     gm = torch.fx.GraphModule(root, graph, class_name=type(module).__name__)
-    gm.train(module.training)
-    return gm
+    for name, fused in new_modules.items():
+        module.add_module(name, fused)
+    for name in list(module._modules):
+        if name in called_before and name not in used:
+            delattr(module, name)  # its calls were fused into a chain
+    for target in root:  # constants the tracer created (tensor literals of the forward)
+        if not _has_attr(module, target):
+            setattr(module, target, getattr(gm, target))
+    cls = type(module)
+    base = getattr(cls, "_igc_converted_from", cls)
+    new_cls = type(base.__name__, (base,), {
+        "forward": type(gm).forward, "__module__": base.__module__,
+        "__qualname__": base.__qualname__, "_igc_converted_from": base,
+        "_igc_code": gm.code,
+    })
+    module.__class__ = new_cls
+    _install_checkpoint_hooks(module)
+    return module
+
+
+def _has_attr(root: nn.Module, target: str) -> bool:
+    try:
+        _get_attr(root, target)
+        return True
+    except AttributeError:
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: converted models save and load the original model's state-dict keys
+# ---------------------------------------------------------------------------------------------
+def _install_checkpoint_hooks(parent: nn.Module) -> None:
+    """State-dict hooks on the parent of fused modules made by ``convert``: ``state_dict()``
+    writes the original model's keys (the chain modules' weights, biases and index buffers)
+    instead of the fused modules' own, and ``load_state_dict`` accepts those keys (the fused
+    modules' own keys still load as they are)."""
+    if getattr(parent, "_igc_checkpoint_hooks", False):
+        return
+    parent.register_state_dict_post_hook(_save_original_keys)
+    parent.register_load_state_dict_pre_hook(_load_original_keys)
+    parent._igc_checkpoint_hooks = True
+
+
+def _fused_children(parent: nn.Module):
+    for name, child in parent._modules.items():
+        if isinstance(child, InterleavedGroupConv) and getattr(child, "_source_keys", None):
+            yield name, child
+
+
+def _save_original_keys(parent, state_dict, prefix, local_metadata) -> None:
+    for cname, child in _fused_children(parent):
+        p = f"{prefix}{cname}."
+        own = {k[len(p):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(p)}
+        gathers = iter(child.source_index_values())
+        for (kind, arg), keys in zip(child._source_ops, child._source_keys):
+            if kind == "conv":
+                wkey, bkey = keys
+                if wkey is not None and f"weights.{arg}" in own:
+                    state_dict[prefix + wkey] = own[f"weights.{arg}"]
+                if bkey is not None and f"biases.{arg}" in own:
+                    state_dict[prefix + bkey] = own[f"biases.{arg}"]
+            elif kind == "gather":
+                values = next(gathers)
+                if keys is not None:
+                    buf = getattr(child, arg)
+                    state_dict[prefix + keys] = buf.detach() if buf.device.type == "meta" \
+                        else values.to(buf.device)
+
+
+def _load_original_keys(parent, state_dict, prefix, local_metadata, strict, missing_keys,
+                        unexpected_keys, error_msgs) -> None:
+    for cname, child in _fused_children(parent):
+        p = f"{prefix}{cname}."
+        if f"{p}weights.0" in state_dict:
+            continue  # the fused module's own keys: nothing to translate
+        gathers, loaded = [], False
+        values = iter(child.source_index_values())
+        for (kind, arg), keys in zip(child._source_ops, child._source_keys):
+            if kind == "conv":
+                for key, own in zip(keys, (f"weights.{arg}", f"biases.{arg}")):
+                    if key is not None and prefix + key in state_dict:
+                        state_dict[p + own] = _take(parent, state_dict, prefix, key)
+            elif kind == "gather":
+                current = next(values)
+                if keys is not None and prefix + keys in state_dict:
+                    v = _take(parent, state_dict, prefix, keys)
+                    gathers.append(v.detach().to("cpu", torch.int64))
+                    loaded = True
+                else:
+                    gathers.append(current)
+        try:
+            input_index, perms = child.recompose(gathers) if loaded else (None, None)
+            entries = _index_entries(child, input_index, perms) if loaded else \
+                {n: getattr(child, n) for n in child._index_host
+                 if not n.startswith("source_index_") and getattr(child, n) is not None}
+        except ValueError as e:
+            error_msgs.append(f"{p[:-1]}: the checkpoint's index values do not give this "
+                              f"converted chain ({e})")
+            continue
+        for n, v in entries.items():
+            state_dict[p + n] = v
+        if loaded:
+            with torch.no_grad():
+                for (kind, arg), g in zip([o for o in child._source_ops if o[0] == "gather"],
+                                          gathers):
+                    getattr(child, arg).copy_(g)
+                    child._index_host[arg] = g.clone()
+
+
+def _take(parent: nn.Module, state_dict: dict, prefix: str, key: str):
+    """The entry ``prefix + key``: removed from ``state_dict`` when the converted module no
+    longer has that tensor (it belonged to a fused child), left for the parent's own loading
+    when it still does (a parameter or buffer of the module itself, shared with the fused
+    module)."""
+    if _has_attr(parent, key):
+        return state_dict[prefix + key]
+    return state_dict.pop(prefix + key)
+
+
+def _index_entries(child: InterleavedGroupConv, input_index, perms) -> dict:
+    """The fused module's index buffers for a recomposed chain; raises ValueError if the
+    recomposed chain has another structure than the module's."""
+    out = {}
+    if (input_index is None) != (child.input_index is None):
+        raise ValueError("the input index appears or disappears")
+    if input_index is not None:
+        out["input_index"] = input_index
+    spec = child.spec
+    for l, (name, p) in enumerate(zip(child._perm_names, perms)):
+        C, G = spec.channels[l + 1], spec.groups[l]
+        full = (torch.arange(C) if p is None else interleave_index(C, G) if p == "interleave"
+                else p)
+        if name is None or name == "interleave":
+            mine = torch.arange(C) if name is None else interleave_index(C, G)
+            if not torch.equal(full, mine):
+                raise ValueError(f"layer {l + 1}'s permutation changes kind")
+        else:
+            out[name] = full
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,12 @@ from . import backends
 from ._chain import normalize
 
 
+_JIT_UNSUPPORTED = (
+    "igc_kernels does not support TorchScript (torch.jit.trace / torch.jit.script, deprecated "
+    "by PyTorch): use torch.compile, or torch.export (then AOTInductor) to deploy; "
+    "igc_kernels.unfuse(model) gives plain modules that TorchScript accepts")
+
+
 def _autocast_args(x, weights, biases):
     """Under ``torch.autocast`` cast floating inputs to the autocast dtype (float64 excepted)."""
     if not isinstance(x, torch.Tensor):
@@ -51,6 +57,8 @@ def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *
         ``y`` with ``x``'s shape but ``C_L`` channels, in ``x``'s memory format (channels-last
         in, channels-last out). Differentiable in ``x``, every weight and every bias.
     """
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        raise TypeError(_JIT_UNSUPPORTED)
     x, weights, biases = _autocast_args(x, weights, biases)
     backends.check_backend_name(backend)
     chain = normalize(x, weights, groups, permutations, biases, input_index=input_index)

@@ -211,6 +211,12 @@ class InterleavedGroupConv(_IndexBuffers, nn.Module):
                 out.append(getattr(self, p))
         return out
 
+    def __prepare_scriptable__(self):
+        """Called by ``torch.jit.script``: refuse with a clear message (see the functional)."""
+        from .functional import _JIT_UNSUPPORTED
+
+        raise TypeError(_JIT_UNSUPPORTED)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.conv_dims is not None and isinstance(x, torch.Tensor):
             # built from nn.Conv2d modules: accept exactly what they accept
@@ -315,7 +321,7 @@ class InterleavedGroupConv(_IndexBuffers, nn.Module):
             elif kind == "shuffle":
                 h = F.channel_shuffle(h, arg)
             else:
-                h = h.index_select(1, getattr(self, arg))
+                h = h.index_select(1, wrap_negative(getattr(self, arg), h.shape[1]))
         return h
 
     def source_index_values(self) -> list:
@@ -395,6 +401,11 @@ class Composed:
     weights: list
     biases: list
     input_index: Optional[torch.Tensor]
+
+
+def wrap_negative(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """Entries ``-size <= i < 0`` as ``i + size`` (Python indexing, ``x[:, idx]``); others kept."""
+    return torch.where((idx < 0) & (idx >= -size), idx + size, idx)
 
 
 def _host_index(t: torch.Tensor, where: str) -> torch.Tensor:
@@ -488,7 +499,7 @@ def compose_ops(ops: list, where) -> Composed:
                                  f"groups {g}")
             idx = interleave_index(C, g)
         else:
-            idx = _host_index(op[1], where(i))
+            idx = wrap_negative(_host_index(op[1], where(i)), C)
             if idx.numel() != C or not torch.equal(torch.sort(idx).values, torch.arange(C, device="cpu")):
                 raise ValueError(f"{where(i)}: the gather after a convolution must be a "
                                  f"permutation of its {C} channels")
