@@ -500,7 +500,8 @@ def compose_ops(ops: list, where) -> Composed:
             idx = interleave_index(C, g)
         else:
             idx = wrap_negative(_host_index(op[1], where(i)), C)
-            if idx.numel() != C or not torch.equal(torch.sort(idx).values, torch.arange(C, device="cpu")):
+            if idx.numel() != C or not torch.equal(torch.sort(idx).values,
+                                                   torch.arange(C, device="cpu")):
                 raise ValueError(f"{where(i)}: the gather after a convolution must be a "
                                  f"permutation of its {C} channels")
         n_ops_in_layer += 1

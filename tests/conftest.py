@@ -71,3 +71,14 @@ def igc_ops():
 
     require_extension()
     return torch.ops.igc
+
+
+@pytest.fixture
+def no_tf32():
+    """TF32 off for matmuls and cuDNN during a test (fp32 comparisons on GPUs), then restored;
+    the GPU test files use it for every test."""
+    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev

@@ -39,16 +39,8 @@ from igc_test_utils import (
 )
 
 HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+pytestmark = [pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("no_tf32")]
 
 
 def cuda_like(t, requires_grad=None):

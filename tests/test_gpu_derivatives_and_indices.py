@@ -25,17 +25,9 @@ import igc_kernels as igc
 from igc_test_utils import build_problem
 
 HAS_CUDA = torch.cuda.is_available()
-pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU"),
+              pytest.mark.usefixtures("no_tf32")]
 GPU_BACKENDS = ["cuda", "triton"]
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
 
 
 def _leaves(backend):

@@ -134,16 +134,17 @@ def test_triton_kernels_clamp_unchecked_entries(monkeypatch, case):
     args = (ws, [], [2, 2], [0, 0], [perm, None])
     # the kernels take index entries as int32 (a far-out int64 entry wraps), then clamp them
     clamped = (ws, [], [2, 2], [0, 0], [perm.to(torch.int32).long().clamp(0, 7), None])
+    idx_c = idx.to(torch.int32).long().clamp(0, 5)
     monkeypatch.setattr(mod, "_check_values", lambda *a: None)
     # the register-gather (FMA) path reads the permutation itself; the tl.dot path folds its
     # inverse (an argsort: in range whatever the values) into the weights
     with mod.K.override_config(dense=0):
-        expected = mod.chain_forward(x, *clamped, idx.to(torch.int32).long().clamp(0, 5))
+        expected = mod.chain_forward(x, *clamped, idx_c)
         assert torch.equal(mod.chain_forward(x, *args, idx), expected)
         # the backward recomputes the forward from x (through idx) with the same clamps (its
         # gradient path goes through the permutation's argsort instead: in range, but not the
         # clamped permutation's inverse)
-        exp_b = mod.chain_backward(gy, x, *clamped, [False, True, False], idx.to(torch.int32).long().clamp(0, 5))
+        exp_b = mod.chain_backward(gy, x, *clamped, [False, True, False], idx_c)
         got_b = mod.chain_backward(gy, x, *args, [False, True, False], idx)
         if case.startswith("index"):
             assert torch.equal(got_b[1], exp_b[1])

@@ -36,17 +36,9 @@ from igc_test_utils import (
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-pytestmark = pytest.mark.skipif(not HAS_CUDA or INTERPRET,
-                                reason="needs a CUDA GPU and compiled (not interpreted) Triton")
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    prev = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = prev
+pytestmark = [pytest.mark.skipif(not HAS_CUDA or INTERPRET,
+                                 reason="needs a CUDA GPU and compiled (not interpreted) Triton"),
+              pytest.mark.usefixtures("no_tf32")]
 
 
 def _K():
