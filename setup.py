@@ -52,7 +52,8 @@ def _extension():
 
 
 setup(
-    packages=["igc_kernels", "igc_kernels.models", "igc_kernels.triton_kernels"],
+    packages=["igc_kernels", "igc_kernels.backends", "igc_kernels.models",
+              "igc_kernels.triton_kernels"],
     package_dir={"igc_kernels": "igc_kernels", "igc_kernels.triton_kernels": "triton_kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

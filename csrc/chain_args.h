@@ -68,6 +68,8 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
   TORCH_CHECK(is_supported_dtype(x.scalar_type()), op, ": x has unsupported dtype ",
               x.scalar_type(), " (supported: float32, float16, bfloat16, float64)");
   TORCH_CHECK(x.size(1) > 0, op, ": x has 0 channels (shape ", x.sizes(), ")");
+  TORCH_CHECK(x.size(1) <= INT32_MAX, op, ": x has ", x.size(1),
+              " channels, more than the kernels address (2^31 - 1)");
   d.C_in = x.size(1);
   d.has_index = input_index.has_value() && input_index->defined();
   if (d.has_index) {
@@ -105,6 +107,8 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
     TORCH_CHECK(W.dim() == 2, op, ": layer ", layer, ": weight must be 2-D (C_", layer,
                 ", C_", l, " / groups), got shape ", W.sizes());
     const int64_t cout = W.size(0);
+    TORCH_CHECK(cout <= INT32_MAX, op, ": layer ", layer, ": C_", layer, " = ", cout,
+                " channels is more than the kernels address (2^31 - 1)");
     TORCH_CHECK(cout > 0 && W.size(1) == cin / G, op, ": layer ", layer, ": weight has shape ",
                 W.sizes(), ", expected (C_", layer, ", C_", l, " / groups) = (", cout, ", ",
                 cin / G, ")");

@@ -1,6 +1,6 @@
 // Schemas of the igc:: operator library, defined once for every device, and the Python module
-// igc_kernels._C (importing it loads this library; it carries no Python functions, only build
-// facts as constants).
+// igc_kernels._C (importing it loads this library; it carries build facts as constants and the
+// CUDA kernels' limits, so that Python never re-implements them).
 //
 // igc::chain_forward computes y = P_L W_L ... P_1 W_1 x (+ biases) per position.
 // igc::chain_backward recomputes the chain from x and returns (grad_x, grad_weights, grad_biases):
@@ -12,6 +12,10 @@
 // C_0 = its length); grad_x then has x's channel count and sums the gradients of repeats.
 #include <Python.h>
 #include <torch/library.h>
+
+#include <vector>
+
+#include "cuda/limits.h"
 
 TORCH_LIBRARY(igc, m) {
   m.def(
@@ -27,13 +31,53 @@ namespace igc {
 const char* cpu_kernel_isa();  // csrc/cpu/chain_cpu.cpp
 }
 
+namespace {
+
+// cuda_min_smem_bytes(channels, acc_bytes) -> int: shared memory (bytes per block) of the
+// smallest launch plan of the CUDA kernels for a chain of widths channels = [C_0, ..., C_L]
+// (cuda/limits.h).
+PyObject* cuda_min_smem_bytes(PyObject*, PyObject* args) {
+  PyObject* seq = nullptr;
+  int acc_bytes = 0;
+  if (!PyArg_ParseTuple(args, "Oi", &seq, &acc_bytes)) return nullptr;
+  PyObject* fast = PySequence_Fast(seq, "channels must be a sequence of ints");
+  if (fast == nullptr) return nullptr;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  std::vector<int64_t> C;
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    const long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+    if (v == -1 && PyErr_Occurred()) {
+      Py_DECREF(fast);
+      return nullptr;
+    }
+    C.push_back(static_cast<int64_t>(v));
+  }
+  Py_DECREF(fast);
+  if (n < 2 || acc_bytes <= 0) {
+    PyErr_SetString(PyExc_ValueError, "channels needs C_0 and at least one layer; acc_bytes > 0");
+    return nullptr;
+  }
+  return PyLong_FromSize_t(igc::cuda::min_smem_bytes(C.data(), static_cast<int>(n - 1),
+                                                     static_cast<size_t>(acc_bytes)));
+}
+
+PyMethodDef methods[] = {
+    {"cuda_min_smem_bytes", cuda_min_smem_bytes, METH_VARARGS,
+     "cuda_min_smem_bytes(channels, acc_bytes) -> int: shared memory of the CUDA kernels' "
+     "smallest plan for widths [C_0, ..., C_L] and an accumulation type of acc_bytes."},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 PyMODINIT_FUNC PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   PyObject* mod = PyModule_Create(&module_def);
   if (mod == nullptr) return nullptr;
   PyModule_AddIntConstant(mod, "BUILT_WITH_CUDA", IGC_BUILT_WITH_CUDA);
   PyModule_AddStringConstant(mod, "CPU_KERNEL_ISA", igc::cpu_kernel_isa());
+  PyModule_AddIntConstant(mod, "CUDA_MAX_LAYERS", igc::cuda::kMaxLayers);
+  PyModule_AddIntConstant(mod, "CUDA_MIN_TILE", igc::cuda::kMinTile);
   return mod;
 }
 }

@@ -272,6 +272,70 @@ def _as_list(v, name: str) -> list:
     raise TypeError(f"{name} must be a list or tuple with one entry per layer, got {type(v).__name__}")
 
 
+def _check_lengths(lengths: dict) -> None:
+    if len(set(lengths.values())) != 1:
+        got = ", ".join(f"{len_} {name}" for name, len_ in lengths.items())
+        names = ", ".join(lengths)
+        raise ValueError(f"{names} must have one entry per layer; got {got}")
+
+
+def _check_layer(layer: int, G, W, b, c_in: int, x: torch.Tensor, has_index: bool) -> tuple:
+    """Check layer ``layer``'s groups, weight and bias (``None``: no bias) against the ``c_in``
+    channels that reach it and ``x``'s dtype and device; return ``(G, W as 2-D, c_out)``."""
+    device, dtype = x.device, x.dtype
+    if not _is_int(G):
+        raise TypeError(f"layer {layer}: groups must be an int, got {type(G).__name__} {G!r}")
+    G = int(G)
+    if G <= 0:
+        raise ValueError(f"layer {layer}: groups must be a positive integer, got {G}")
+    if not isinstance(W, torch.Tensor):
+        raise TypeError(f"layer {layer}: weight must be a torch.Tensor, got {type(W).__name__}")
+    if W.dim() < 2 or any(s != 1 for s in W.shape[2:]):
+        raise ValueError(
+            f"layer {layer}: weight has shape {_shape(W)}; a grouped 1x1 convolution weight "
+            f"must be (C_{layer}, C_{layer - 1} / groups) or "
+            f"(C_{layer}, C_{layer - 1} / groups, 1, ..., 1)")
+    if c_in % G != 0:
+        where = f"C_{layer - 1}"
+        if layer == 1:
+            where = "input_index's length" if has_index else "x's channel count"
+        raise ValueError(f"layer {layer}: in_channels C_{layer - 1} = {c_in} ({where}) must be "
+                         f"divisible by groups = {G}")
+    n = c_in // G
+    c_out = int(W.shape[0])
+    if int(W.shape[1]) != n or c_out == 0:
+        if layer == 1 and c_out > 0 and int(W.shape[1]) * G != c_in:
+            what = f"input_index selects {c_in} channels" if has_index \
+                else f"x has {c_in} channels"
+            raise ValueError(
+                f"{what}, but layer 1 expects C_0 = weight.shape[1] * groups = "
+                f"{int(W.shape[1])} * {G} = {int(W.shape[1]) * G} (weight shape {_shape(W)})")
+        raise ValueError(f"layer {layer}: weight has shape {_shape(W)}, expected (C_{layer}, "
+                         f"C_{layer - 1} / groups) = ({c_out if c_out else 'C_' + str(layer)}, "
+                         f"{n})")
+    if c_out % G != 0:
+        raise ValueError(f"layer {layer}: out_channels C_{layer} = {c_out} (weight.shape[0]) "
+                         f"must be divisible by groups = {G}")
+    if W.dtype != dtype:
+        raise TypeError(f"layer {layer}: weight has dtype {W.dtype} but x has dtype {dtype}; "
+                        f"they must match (or run under torch.autocast)")
+    if W.device != device:
+        raise ValueError(f"layer {layer}: weight is on {W.device} but x is on {device}; all "
+                         f"tensors must be on the same device")
+    if b is not None:
+        if not isinstance(b, torch.Tensor):
+            raise TypeError(f"layer {layer}: bias must be a tensor or None, got "
+                            f"{type(b).__name__}")
+        if b.dim() != 1 or int(b.shape[0]) != c_out:
+            raise ValueError(f"layer {layer}: bias has shape {_shape(b)}, expected ({c_out},)")
+        if b.dtype != dtype:
+            raise TypeError(f"layer {layer}: bias has dtype {b.dtype} but x has dtype {dtype}")
+        if b.device != device:
+            raise ValueError(f"layer {layer}: bias is on {b.device} but x is on {device}; all "
+                             f"tensors must be on the same device")
+    return G, (W.flatten(1) if W.dim() > 2 else W), c_out
+
+
 def normalize(x, weights, groups, permutations=None, biases=None, *, input_index=None,
               check_values=True) -> Chain:
     """Validate the operator's arguments against ``x``; return the canonical :class:`Chain`."""
@@ -288,95 +352,83 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, input_index
     if biases is not None:
         biases = _as_list(biases, "biases")
         lengths["biases"] = len(biases)
-    if len(set(lengths.values())) != 1:
-        got = ", ".join(f"{len_} {name}" for name, len_ in lengths.items())
-        raise ValueError(
-            f"weights, groups, permutations and biases must have one entry per layer; got {got}"
-        )
+    _check_lengths(lengths)
     if permutations is None:
         permutations = ["interleave"] * (L - 1) + [None]
     if biases is None:
         biases = [None] * L
 
-    device, dtype = x.device, x.dtype
     in_channels = int(x.shape[1])
-    input_index = normalize_input_index(input_index, in_channels, device, check_values)
+    input_index = normalize_input_index(input_index, in_channels, x.device, check_values)
     channels = [in_channels if input_index is None else int(input_index.shape[0])]
-    w2d, bs, shuffles, perms = [], [], [], []
+    gs, w2d, shuffles, perms = [], [], [], []
     for i in range(L):
-        layer = i + 1
-        G, W, b = groups[i], weights[i], biases[i]
-        c_in = channels[-1]
-        if not _is_int(G):
-            raise TypeError(f"layer {layer}: groups must be an int, got {type(G).__name__} {G!r}")
-        G = int(G)
-        if G <= 0:
-            raise ValueError(f"layer {layer}: groups must be a positive integer, got {G}")
-        if not isinstance(W, torch.Tensor):
-            raise TypeError(f"layer {layer}: weight must be a torch.Tensor, got {type(W).__name__}")
-        if W.dim() < 2 or any(s != 1 for s in W.shape[2:]):
-            raise ValueError(
-                f"layer {layer}: weight has shape {_shape(W)}; a grouped 1x1 convolution weight "
-                f"must be (C_{layer}, C_{layer - 1} / groups) or (C_{layer}, C_{layer - 1} / groups, 1, ..., 1)"
-            )
-        if c_in % G != 0:
-            where = f"C_{layer - 1}"
-            if layer == 1:
-                where = "x's channel count" if input_index is None else "input_index's length"
-            raise ValueError(
-                f"layer {layer}: in_channels C_{layer - 1} = {c_in} ({where}) must be divisible "
-                f"by groups = {G}"
-            )
-        n = c_in // G
-        c_out = int(W.shape[0])
-        if int(W.shape[1]) != n or c_out == 0:
-            if layer == 1 and c_out > 0 and int(W.shape[1]) * G != c_in:
-                what = (f"x has {c_in} channels" if input_index is None
-                        else f"input_index selects {c_in} channels")
-                raise ValueError(
-                    f"{what}, but layer 1 expects C_0 = weight.shape[1] * groups = "
-                    f"{int(W.shape[1])} * {G} = {int(W.shape[1]) * G} (weight shape {_shape(W)})"
-                )
-            raise ValueError(
-                f"layer {layer}: weight has shape {_shape(W)}, expected (C_{layer}, "
-                f"C_{layer - 1} / groups) = ({c_out if c_out else 'C_' + str(layer)}, {n})"
-            )
-        if c_out % G != 0:
-            raise ValueError(
-                f"layer {layer}: out_channels C_{layer} = {c_out} (weight.shape[0]) must be "
-                f"divisible by groups = {G}"
-            )
-        if W.dtype != dtype:
-            raise TypeError(
-                f"layer {layer}: weight has dtype {W.dtype} but x has dtype {dtype}; "
-                f"they must match (or run under torch.autocast)"
-            )
-        if W.device != device:
-            raise ValueError(
-                f"layer {layer}: weight is on {W.device} but x is on {device}; "
-                f"all tensors must be on the same device"
-            )
-        if W.dim() > 2:
-            W = W.flatten(1)
-        if b is not None:
-            if not isinstance(b, torch.Tensor):
-                raise TypeError(f"layer {layer}: bias must be a tensor or None, got {type(b).__name__}")
-            if b.dim() != 1 or int(b.shape[0]) != c_out:
-                raise ValueError(f"layer {layer}: bias has shape {_shape(b)}, expected ({c_out},)")
-            if b.dtype != dtype:
-                raise TypeError(f"layer {layer}: bias has dtype {b.dtype} but x has dtype {dtype}")
-            if b.device != device:
-                raise ValueError(
-                    f"layer {layer}: bias is on {b.device} but x is on {device}; "
-                    f"all tensors must be on the same device"
-                )
-        s, p = normalize_permutation(permutations[i], layer, c_out, G, device, check_values)
+        G, W, c_out = _check_layer(i + 1, groups[i], weights[i], biases[i], channels[-1], x,
+                                   input_index is not None)
+        s, p = normalize_permutation(permutations[i], i + 1, c_out, G, x.device, check_values)
         channels.append(c_out)
+        gs.append(G)
         w2d.append(W)
-        bs.append(b)
         shuffles.append(s)
         perms.append(p)
-    return Chain(tuple(channels), tuple(int(g) for g in groups), w2d, bs, shuffles, perms,
+    return Chain(tuple(channels), tuple(gs), w2d, list(biases), shuffles, perms, input_index,
+                 in_channels)
+
+
+def validate_op_args(x, weights, biases, groups, shuffles, perms, input_index=None,
+                     grad_y=None) -> Chain:
+    """The ops' own arguments (``torch.ops.igc*.chain_forward`` / ``chain_backward``: 2-D
+    weights, ``biases`` empty or with ``(0,)`` for "no bias", ``shuffles`` as ints, ``perms``
+    tensors or ``None``) checked with the same rules and messages as :func:`normalize`, for
+    direct calls of the ops registered in Python; index values are checked too (see
+    :func:`check_index_values`). Returns the :class:`Chain`. (The C++ ops have ``check_chain``
+    in csrc/chain_args.h.)"""
+    _check_x(x)
+    L = len(weights)
+    if L == 0:
+        raise ValueError("weights is empty: the chain needs at least one layer")
+    lengths = {"weights": L, "groups": len(groups), "shuffles": len(shuffles),
+               "perms": len(perms)}
+    if len(biases):
+        lengths["biases"] = len(biases)
+    _check_lengths(lengths)
+    in_channels = int(x.shape[1])
+    input_index = normalize_input_index(input_index, in_channels, x.device)
+    channels = [in_channels if input_index is None else int(input_index.shape[0])]
+    gs, w2d, bs, perm_out = [], [], [], []
+    for i in range(L):
+        layer = i + 1
+        b = biases[i] if len(biases) and not (biases[i].dim() == 1
+                                               and biases[i].shape[0] == 0) else None
+        if isinstance(weights[i], torch.Tensor) and weights[i].dim() != 2:
+            raise ValueError(f"layer {layer}: weight must be 2-D (C_{layer}, C_{layer - 1} / "
+                             f"groups), got shape {_shape(weights[i])}")
+        G, W, c_out = _check_layer(layer, groups[i], weights[i], b, channels[-1], x,
+                                   input_index is not None)
+        s = shuffles[i]
+        if not _is_int(s) or s < 0 or (s > 0 and c_out % s):
+            raise ValueError(f"layer {layer}: shuffles = {s} must be 0 or divide C_{layer} = "
+                             f"{c_out}")
+        p = perms[i]
+        if s > 0 and p is not None:
+            raise ValueError(f"layer {layer}: give either a shuffle or an explicit permutation, "
+                             f"not both")
+        if p is not None:
+            _, p = normalize_permutation(p, layer, c_out, G, x.device)
+        channels.append(c_out)
+        gs.append(G)
+        w2d.append(W)
+        bs.append(b)
+        perm_out.append(p)
+    if grad_y is not None:
+        want = (x.shape[0], channels[-1], *x.shape[2:])
+        if not isinstance(grad_y, torch.Tensor) or tuple(grad_y.shape) != tuple(want):
+            raise ValueError(f"grad_y has shape {tuple(getattr(grad_y, 'shape', ()))}, expected "
+                             f"{tuple(want)} (x's shape with C_L channels)")
+        if grad_y.dtype != x.dtype or grad_y.device != x.device:
+            raise TypeError(f"grad_y is {grad_y.dtype} on {grad_y.device}, x is {x.dtype} on "
+                            f"{x.device}; they must match")
+    return Chain(tuple(channels), tuple(gs), w2d, bs, [int(s) for s in shuffles], perm_out,
                  input_index, in_channels)
 
 

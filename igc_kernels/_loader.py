@@ -33,6 +33,11 @@ def ext_missing_reason() -> str:
             f"({_EXT_ERROR}); build it with `pip install --no-build-isolation -e .`")
 
 
+def ext():
+    """The compiled extension module (``None`` when it is not built)."""
+    return _EXT
+
+
 def ext_built_with_cuda() -> bool:
     return bool(_EXT is not None and getattr(_EXT, "BUILT_WITH_CUDA", False))
 

@@ -28,8 +28,8 @@ from typing import List, Optional
 import torch
 import triton
 
-from ._chain import check_index_values, empty_like_layout
-from ._ops import has_bias, register_ops
+from ._chain import empty_like_layout, validate_op_args
+from ._ops import _fake_backward, _fake_forward, register_ops
 from .triton_kernels import chain as K
 
 INTERPRETED = K.INTERPRETED
@@ -47,102 +47,35 @@ def _inverse(p: torch.Tensor) -> torch.Tensor:
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
-    """Structural checks of the raw op's arguments (the public API validates more before it
-    gets here; index values are checked by ``_check_values``). Raises ValueError / TypeError
-    naming the argument and the layer, before any kernel launch."""
-    if x.dim() < 2 or x.dim() > 5:
-        raise ValueError(f"x must have 2 to 5 dims (N, C, *spatial), got shape {tuple(x.shape)}")
+def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
+    """(structure, per-layer pointer tensors in the generated kernels' argument order).
+
+    A direct call's arguments are checked like the public function's (``validate_op_args``:
+    the same rules and messages, index values included: a host check under the interpreter, an
+    asynchronous device-side assert on GPUs), then against these kernels' own limits; all
+    before any launch. The kernels clamp index entries either way."""
+    chain = validate_op_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
     if x.dtype not in _DTYPES:
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float32, float16 "
                         f"and bfloat16")
-    L = len(weights)
-    if L == 0:
-        raise ValueError("weights is empty: the chain needs at least one layer")
-    if len(groups) != L or len(shuffles) != L or len(perms) != L or len(biases) not in (0, L):
-        raise ValueError(f"groups, shuffles, perms (and biases unless empty) need one entry per "
-                         f"layer: {L} weights, {len(groups)} groups, {len(shuffles)} shuffles, "
-                         f"{len(perms)} perms, {len(biases)} biases")
-    if input_index is not None:
-        if input_index.dim() != 1 or input_index.numel() == 0 or input_index.is_floating_point():
-            raise ValueError(f"input_index must be a non-empty 1-D integer tensor, got shape "
-                             f"{tuple(input_index.shape)} dtype {input_index.dtype}")
-        c_prev = int(input_index.shape[0])
-    else:
-        c_prev = int(x.shape[1])
-    widths = [("x", int(x.shape[1])), ("C_0", c_prev)]
-    for l in range(L):
-        layer, W, G = l + 1, weights[l], int(groups[l])
-        if W.dim() != 2:
-            raise ValueError(f"layer {layer}: weight must be 2-D (C_{layer}, C_{layer - 1} / "
-                             f"groups), got shape {tuple(W.shape)}")
-        if G <= 0 or c_prev % G or int(W.shape[1]) * G != c_prev or int(W.shape[0]) % G:
-            raise ValueError(f"layer {layer}: weight has shape {tuple(W.shape)} and groups = {G}"
-                             f", expected (C_{layer}, C_{layer - 1} / groups) with C_{layer - 1} "
-                             f"= {c_prev} and C_{layer} divisible by groups")
-        if W.dtype != x.dtype or W.device != x.device:
-            raise TypeError(f"layer {layer}: weight is {W.dtype} on {W.device}, x is {x.dtype} "
-                            f"on {x.device}; they must match")
-        c_out = int(W.shape[0])
-        if len(biases) and has_bias(biases[l]):
-            b = biases[l]
-            if b.dim() != 1 or int(b.shape[0]) != c_out or b.dtype != x.dtype \
-                    or b.device != x.device:
-                raise ValueError(f"layer {layer}: bias has shape {tuple(b.shape)}, dtype "
-                                 f"{b.dtype}, device {b.device}; expected ({c_out},) {x.dtype} "
-                                 f"on {x.device}")
-        s = int(shuffles[l])
-        if s < 0 or (s > 0 and c_out % s):
-            raise ValueError(f"layer {layer}: shuffles = {s} must be 0 or divide C_{layer} = "
-                             f"{c_out}")
-        p = perms[l]
-        if s == 0 and p is not None and (p.dim() != 1 or int(p.shape[0]) != c_out
-                                         or p.is_floating_point()):
-            raise ValueError(f"layer {layer}: permutation has shape {tuple(p.shape)} dtype "
-                             f"{p.dtype}, expected a 1-D integer index of length C_{layer} = "
-                             f"{c_out}")
-        widths.append((f"C_{layer}", c_out))
-        c_prev = c_out
-    for name, c in widths:
+    for name, c in [("x", chain.in_channels)] + [(f"C_{l}", c)
+                                                  for l, c in enumerate(chain.channels)]:
         if c > K.MAX_CHANNELS:
             raise ValueError(f"{name} = {c} channels exceeds the Triton kernels' limit of "
                              f"{K.MAX_CHANNELS}")
-    if grad_y is not None:
-        want = (x.shape[0], c_prev, *x.shape[2:])
-        if tuple(grad_y.shape) != tuple(want) or grad_y.dtype != x.dtype:
-            raise ValueError(f"grad_y has shape {tuple(grad_y.shape)} dtype {grad_y.dtype}, "
-                             f"expected {tuple(want)} {x.dtype}")
-
-
-def _check_values(x, weights, shuffles, perms, input_index):
-    """Index values of a direct call (the public function checked them already): a host check
-    under the interpreter, an asynchronous device-side assert on GPUs (see
-    ``_chain.check_index_values``). The kernels clamp entries either way."""
-    if input_index is not None:
-        check_index_values(input_index, int(x.shape[1]), None, "input_index", unique=False)
-    for l, (s, p) in enumerate(zip(shuffles, perms)):
-        if int(s) == 0 and p is not None:
-            check_index_values(p, int(weights[l].shape[0]), l + 1, "permutation")
-
-
-def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
-    """(structure, per-layer pointer tensors in the generated kernels' argument order)."""
-    _check_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
-    _check_values(x, weights, shuffles, perms, input_index)
-    L = len(weights)
-    channels = [int(weights[0].shape[1]) * int(groups[0])] + [int(w.shape[0]) for w in weights]
-    bias_present = [has_bias(b) for b in biases] if len(biases) else [False] * L
-    perm_present = [int(s) == 0 and p is not None for s, p in zip(shuffles, perms)]
-    st = K.make_structure(int(x.shape[1]), channels, groups, shuffles, perm_present,
-                          bias_present, input_index is not None, x.dtype)
+    L = chain.num_layers
+    bias_present = [b is not None for b in chain.biases]
+    perm_present = [p is not None for p in chain.perms]
+    st = K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
+                          perm_present, bias_present, chain.input_index is not None, x.dtype)
     ptrs = []
     for l in range(L):
-        ptrs.append(weights[l].contiguous())
+        ptrs.append(chain.weights[l].contiguous())
         if bias_present[l]:
-            ptrs.append(biases[l].contiguous())
+            ptrs.append(chain.biases[l].contiguous())
     for l in range(L):
         if perm_present[l]:
-            ptrs += [perms[l].to(torch.int32), _inverse(perms[l])]
+            ptrs += [chain.perms[l].to(torch.int32), _inverse(chain.perms[l])]
     return st, ptrs
 
 
@@ -267,24 +200,6 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
 
 
 # ---------------------------------------------------------------------------------------------
-# Fake kernels (used where the bodies cannot run on fake tensors: under the interpreter)
-# ---------------------------------------------------------------------------------------------
-def _fake_forward(x, weights, biases, groups, shuffles, perms, input_index=None):
-    return empty_like_layout(x, weights[-1].shape[0])
-
-
-def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_mask,
-                   input_index=None):
-    dtype = weights[0].dtype
-    nw = sum(int(w.shape[0]) * int(w.shape[1]) for w in weights)
-    nb = sum(int(b.shape[0]) for b in biases if has_bias(b))
-    gx = empty_like_layout(x, x.shape[1]) if output_mask[0] else x.new_empty((0,))
-    gw = x.new_empty((nw if output_mask[1] else 0,), dtype=dtype)
-    gb = x.new_empty((nb if output_mask[2] and nb else 0,), dtype=dtype)
-    return gx, gw, gb
-
-
-# ---------------------------------------------------------------------------------------------
 # Registration and autograd
 # ---------------------------------------------------------------------------------------------
 if INTERPRETED:
@@ -309,11 +224,3 @@ def _fits(x, chain) -> bool:
 
 # The autograd formulas and vmap rules shared with the C++ ops (_ops.py), over this backend's ops.
 FAMILY = register_ops(forward_op, backward_op, _fits, "igc_triton")
-
-
-def run(x, chain) -> torch.Tensor:
-    """Run a normalised :class:`~igc_kernels._chain.Chain` through ``igc_triton::chain_forward``."""
-    from ._ops import op_biases
-
-    return FAMILY.forward(x, chain.weights, op_biases(chain.biases, x), list(chain.groups),
-                          list(chain.shuffles), chain.perms, chain.input_index)

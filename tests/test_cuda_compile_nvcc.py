@@ -445,6 +445,41 @@ def test_emulated_recompute_mode_and_small_tiles(emu):
 
 
 @needs_cxx
+@pytest.mark.parametrize("channels, groups", [([16, 32, 16, 32, 16], [4, 8, 4, 2]),
+                                              ([24, 48, 24], [3, 6]), ([40, 8], [8])])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_python_limit_is_the_kernels_planner_threshold(emu, channels, groups, dtype):
+    """The CUDA backend refuses a chain when ``igc_kernels._C.cuda_min_smem_bytes`` (the
+    kernels' own limits.h, exported) exceeds the GPU's shared memory. On an emulated device with
+    exactly that much the kernels plan and run; with one byte less they cannot plan."""
+    ext = pytest.importorskip("igc_kernels._C")
+    need = ext.cuda_min_smem_bytes(channels, 8 if dtype == torch.float64 else 4)
+    c = EmuCase(channels, groups, dtype=dtype, seed=5)
+    x = _x((2, channels[0], 5), "contiguous", dtype, 6)
+    gy = _x((2, channels[-1], 5), "contiguous", dtype, 7)
+    c.check(emu, x, gy, device=(2, need, need))
+    # one byte less: whichever pass needs the most cannot plan (code 4)
+    small = EmuDevice(2, need - 1, need - 1, 1)
+    h, (W, B) = c.host_chain(), c._flat()
+    is_double = int(dtype == torch.float64)
+    plan = (ctypes.c_int64 * 4)()
+    y = torch.empty(2, channels[-1], 5, dtype=dtype)
+    rc_fwd = emu.igc_emu_forward(is_double, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+                                 ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
+                                 ctypes.byref(_etensor(y)), ctypes.byref(small), plan)
+    dx = torch.empty_like(x)
+    gw = torch.empty(sum(w.numel() for w in c.weights), dtype=dtype)
+    gb = torch.empty(1, dtype=dtype)
+    rc_bwd = emu.igc_emu_backward(is_double, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+                                  ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
+                                  ctypes.byref(_etensor(gy)), ctypes.byref(_etensor(dx)), None,
+                                  None, ctypes.c_void_p(gw.data_ptr()),
+                                  ctypes.c_void_p(gb.data_ptr()), 1, 1, 0, ctypes.byref(small),
+                                  plan)
+    assert 4 in (rc_fwd, rc_bwd), (rc_fwd, rc_bwd)
+
+
+@needs_cxx
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
                                   (False, False, True), (False, True, True)])
 def test_emulated_output_mask(emu, mask):

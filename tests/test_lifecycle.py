@@ -230,13 +230,13 @@ def test_compiled_code_follows_the_scope(monkeypatch):
     calls = []
     for name in ("cpu", "reference"):
         be = igc.BACKENDS[name]
-        orig = be._runner
+        orig = be.run
 
         def runner(x, chain, _orig=orig, _name=name):
             calls.append(_name)
             return _orig(x, chain)
 
-        monkeypatch.setattr(be, "_runner", runner)
+        monkeypatch.setattr(be, "run", runner)
     torch._dynamo.reset()
     fn = torch.compile(lambda x, w: igc.interleaved_group_conv(x, [w], [2]), backend="eager",
                        fullgraph=True)

@@ -142,13 +142,13 @@ def test_available_backends():
 def _count_runs(monkeypatch, name):
     calls = []
     be = igc.BACKENDS[name]
-    orig = be._runner
+    orig = be.run
 
     def runner(x, chain):
         calls.append(name)
         return orig(x, chain)
 
-    monkeypatch.setattr(be, "_runner", runner)
+    monkeypatch.setattr(be, "run", runner)
     return calls
 
 
@@ -197,3 +197,28 @@ def test_backend_descriptions():
         assert torch.float32 in be.dtypes
     assert igc.BACKENDS["cpu"].unavailable_reasons() == []
     assert igc.BACKENDS["reference"].unavailable_reasons() == []
+
+
+def test_auto_error_lists_every_backends_reasons(monkeypatch):
+    """When no backend can run an input, one error collects every backend's reasons."""
+    for name, be in igc.BACKENDS.items():
+        monkeypatch.setattr(be, "limit_reasons", lambda x, chain, n=name: [f"{n} refuses"])
+    with pytest.raises(igc.BackendUnavailableError, match="no backend can run this input") as e:
+        igc.interleaved_group_conv(torch.randn(2, 8), [torch.randn(8, 4)], [2])
+    for name, be in igc.BACKENDS.items():
+        assert f"{name}: " in str(e.value)
+        if not be.unavailable_reasons():
+            assert f"{name} refuses" in str(e.value)
+
+
+def test_backends_are_declared_one_file_each():
+    """Each backend is a module of igc_kernels.backends defining BACKEND; the registry and the
+    auto order come from the declarations (priority)."""
+    from igc_kernels.backends import base
+
+    for name in backends_mod._MODULES:
+        mod = __import__(f"igc_kernels.backends.{name}", fromlist=["BACKEND"])
+        assert isinstance(mod.BACKEND, base.Backend) and igc.BACKENDS[mod.BACKEND.name] is \
+            mod.BACKEND
+    prio = [igc.BACKENDS[n].priority for n in backends_mod.AUTO_ORDER]
+    assert prio == sorted(prio) and backends_mod.AUTO_ORDER[-1] == "reference"

@@ -447,7 +447,7 @@ def test_float64_is_refused_with_reason():
 
 @pytest.mark.parametrize("bad, match", [
     (lambda a: a.__setitem__(1, [a[1][0][:, :3], a[1][1]]),
-     r"layer 1: weight has shape \(12, 3\) and groups = 2"),
+     r"x has 8 channels, but layer 1 expects C_0 = weight.shape\[1\] \* groups = 3 \* 2"),
     (lambda a: a.__setitem__(2, [torch.zeros(5, device=DEVICE), a[2][1]]),
      r"layer 1: bias has shape \(5,\)"),
     (lambda a: a.__setitem__(4, [5, 0]), r"layer 1: shuffles = 5 must be 0 or divide C_1 = 12"),

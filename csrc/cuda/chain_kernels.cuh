@@ -31,8 +31,8 @@
 // list built by the launcher). A second kernel sums the per-CTA rows in CTA order: the weight
 // and bias gradients are bitwise reproducible for a given device (grid size) and problem.
 //
-// Everything a kernel relies on is checked on the host before the launch (chain_cuda.cu and the
-// plan functions below). Index tables are built on the device by build_index_table_kernel, which
+// Everything a kernel relies on is checked on the host before the launch (check_chain in
+// ../chain_args.h, the layer limit in chain_cuda.cu, the plan functions below). Index tables are built on the device by build_index_table_kernel, which
 // fails a device-side assert on an entry outside its range and clamps it to 0, so that unchecked
 // direct calls stay memory safe (the Python front end validates index values first).
 //
@@ -45,6 +45,7 @@
 #include <cstdint>
 
 #include "../positions.h"
+#include "limits.h"
 
 #ifdef IGC_EMULATE
 #include "host_emulation.h"
@@ -61,10 +62,7 @@
 namespace igc {
 namespace cuda {
 
-constexpr int kThreads = 256;      // threads per CTA of the chain kernels
-constexpr int kMaxLayers = 32;     // layers a chain may have (kernel parameters are fixed-size)
-constexpr int kMaxTile = 128;      // positions per tile, largest
-constexpr int kMinTile = 4;        // positions per tile, smallest (one 4-wide vector)
+constexpr int kThreads = 256;      // threads per CTA of the chain kernels (tile limits: limits.h)
 // Cap of the per-CTA partial-sum buffer of the backward (bytes); fewer CTAs beyond it.
 constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
 
@@ -215,23 +213,6 @@ struct HostChain {
   const void* perm[kMaxLayers];
   int perm_is_int32[kMaxLayers];
 };
-
-// Host: checks what the kernels assume; returns nullptr or a static message.
-inline const char* validate_host_chain(const HostChain& h) {
-  if (h.L < 1 || h.L > kMaxLayers) return "the chain must have between 1 and 32 layers";
-  if (h.c_in < 1 || h.c_in > INT32_MAX) return "x has an unsupported channel count";
-  for (int l = 0; l <= h.L; ++l)
-    if (h.C[l] < 1 || h.C[l] > INT32_MAX) return "a channel count is out of range";
-  for (int l = 0; l < h.L; ++l) {
-    if (h.G[l] < 1 || h.C[l] % h.G[l] != 0 || h.C[l + 1] % h.G[l] != 0)
-      return "groups must divide the channel counts";
-    if (h.shuffle[l] < 0 || (h.shuffle[l] > 0 && h.C[l + 1] % h.shuffle[l] != 0))
-      return "shuffle groups must divide the channel count";
-    if (h.shuffle[l] > 0 && h.perm[l] != nullptr) return "a layer has a shuffle and a permutation";
-  }
-  if (!h.has_index && h.C[0] != h.c_in) return "C_0 differs from x's channels without an index";
-  return nullptr;
-}
 
 inline int64_t index_table_size(const HostChain& h) {
   int64_t s = h.has_index ? h.C[0] : 0;
@@ -662,31 +643,17 @@ __device__ __forceinline__ const int32_t* input_rows(const ChainParams<A>& p, in
 // ---------------------------------------------------------------------------------------------
 // Shared-memory plan
 // ---------------------------------------------------------------------------------------------
-// Row length of a tile buffer: TP plus 4 elements, so that rows start 4 banks apart (float4
-// reads of consecutive rows by 8 lanes then hit 32 distinct banks); TP alone for TP < 8.
-__host__ __device__ __forceinline__ int tile_ld(int tp) { return tp >= 8 ? tp + 4 : tp; }
-
-inline size_t forward_smem_bytes(int cmax, int tp, size_t acc_size) {
-  return static_cast<size_t>(2) * cmax * tile_ld(tp) * acc_size + 2 * tp * sizeof(int64_t);
-}
-
-// Backward rows: x tile (C_0), then u_1 .. u_{L-1} (store-all) or two scratch buffers of cmax
-// rows (recompute), then two gradient buffers of cmax rows; plus three offset arrays.
+// Backward rows (limits.h) of a chain's parameters.
 template <typename A>
 inline int64_t backward_rows(const ChainParams<A>& p, bool store_all) {
-  int64_t rows = p.c0 + 2 * static_cast<int64_t>(p.cmax);
-  if (store_all) {
-    for (int l = 1; l < p.L; ++l) rows += p.layer[l].cin;
-  } else if (p.L > 1) {
-    rows += 2 * static_cast<int64_t>(p.cmax);
-  }
-  return rows;
+  int64_t middle = 0;
+  for (int l = 1; l < p.L; ++l) middle += p.layer[l].cin;
+  return backward_rows(p.c0, p.cmax, middle, p.L, store_all);
 }
 
 template <typename A>
 inline size_t backward_smem_bytes(const ChainParams<A>& p, bool store_all, int tp) {
-  return static_cast<size_t>(backward_rows(p, store_all)) * tile_ld(tp) * sizeof(A) +
-         3 * tp * sizeof(int64_t);
+  return backward_smem_bytes(backward_rows(p, store_all), tp, sizeof(A));
 }
 
 struct DeviceInfo {
