@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._chain import interleave_index
-from .modules import ChannelGather, InterleavedGroupConv, conv_problem, wrap_negative
+from .modules import ChannelGather, InterleavedGroupConv, compose_ops, conv_problem
 
 __all__ = ["convert", "unfuse"]
 
@@ -73,16 +73,22 @@ def _module_op(m: nn.Module):
     return None
 
 
-def _is_permutation(idx: torch.Tensor, n: int) -> bool:
-    return idx.numel() == n and torch.equal(torch.sort(idx.detach().to(torch.int64)).values,
-                                            torch.arange(n, device=idx.device))
+def _composes(ops: list, start: int, stop: int) -> bool:
+    """Whether ``ops[start:stop]`` is a chain (the one grammar: ``modules.compose_ops``)."""
+    try:
+        compose_ops(ops[start:stop], str)
+        return True
+    except ValueError:
+        return False
 
 
 def _split_runs(ops: list) -> list:
     """Maximal valid chains in a sequence of op tuples (None = something else).
 
     Returns ``(start, stop)`` index ranges into ``ops``; every range is a chain that
-    ``InterleavedGroupConv.from_ops`` accepts and that is worth fusing.
+    ``InterleavedGroupConv.from_ops`` accepts (``compose_ops`` composes it) and that is worth
+    fusing. From each convolution the run grows backwards over leading gathers / shuffles and
+    forwards over convolutions and permutations while the ops still compose.
     """
     runs = []
     i, n = 0, len(ops)
@@ -90,48 +96,17 @@ def _split_runs(ops: list) -> list:
         if ops[i] is None or ops[i][0] != "conv":
             i += 1
             continue
-        conv = ops[i]
-        # leading gathers / shuffles (walk back; a shuffle needs a known channel count)
-        start, count = i, int(conv[1].shape[1]) * conv[3]
-        j = i - 1
         prev_stop = runs[-1][1] if runs else 0
-        while j >= prev_stop and ops[j] is not None and ops[j][0] in ("gather", "shuffle"):
-            if ops[j][0] == "gather":
-                if count is not None and ops[j][1].numel() != count:
-                    break
-                if bool((ops[j][1] < 0).any()):  # Python-style negative entries: x's channel
-                    break                          # count is unknown here, so not fused
-                count = None
-            else:
-                if count is None or count % ops[j][1]:
-                    break
-            start = j
-            j -= 1
-        # layers
-        C, dtype, device = int(conv[1].shape[0]), conv[1].dtype, conv[1].device
-        convs, grouped, extra = 1, conv[3] > 1, start < i
+        start = i
+        while (start - 1 >= prev_stop and ops[start - 1] is not None
+               and ops[start - 1][0] != "conv" and _composes(ops, start - 1, i + 1)):
+            start -= 1
         k = i + 1
-        while k < n and ops[k] is not None:
-            op = ops[k]
-            if op[0] == "conv":
-                W = op[1]
-                if (int(W.shape[1]) * op[3] != C or W.dtype != dtype or W.device != device):
-                    break
-                C = int(W.shape[0])
-                convs += 1
-                grouped = grouped or op[3] > 1
-            elif op[0] == "shuffle":
-                if C % op[1]:
-                    break
-                extra = True
-            else:
-                if not _is_permutation(wrap_negative(op[1], C), C):
-                    break
-                extra = True
+        while k < n and ops[k] is not None and _composes(ops, start, k + 1):
             k += 1
-        # trailing leading-style ops that belong to the next chain stay out: a gather that is
-        # not a permutation already stopped the loop above
-        if grouped and (convs >= 2 or extra):
+        convs = [op for op in ops[start:k] if op[0] == "conv"]
+        grouped = any(op[3] > 1 for op in convs)
+        if grouped and (len(convs) >= 2 or k - start > len(convs)):
             runs.append((start, k))
             i = k
         else:
