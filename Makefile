@@ -25,8 +25,11 @@ install: deps
 	@$(PY) -c "import igc_kernels._C" 2>/dev/null || rm -f $(STAMP)
 	@$(MAKE) --no-print-directory $(STAMP)
 
+# Two steps: the fast suite (what a developer runs: pytest -m "not slow"), then the slow groups
+# (nvcc compile + CUDA emulation, multi-process DDP, the end-to-end benchmark smoke run).
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -m "not slow"
+	$(PY) -m pytest tests -q -m slow
 
 bench: install
 	$(PY) benchmarks/bench.py

@@ -30,6 +30,9 @@ import igc_kernels as igc
 from igc_kernels._chain import empty_like_layout
 from igc_test_utils import assert_within_rounding, expanded_like, make_tensor
 
+# Slow (compilers, subprocesses): run as its own step of `make test` (-m slow).
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
 NVCC = shutil.which("nvcc")

@@ -27,6 +27,9 @@ import igc_kernels as igc  # noqa: F401
 from igc_kernels.models import IGCV2CifarNet, parameter_pairs
 from igc_test_utils import require_extension
 
+# Slow (compilers, subprocesses): run as its own step of `make test` (-m slow).
+pytestmark = pytest.mark.slow
+
 WORLD = 2
 U64 = torch.finfo(torch.float64).eps / 2
 K_ROUND = 4 * 8 * (4 * 16 * 16 + 600)

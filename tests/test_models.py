@@ -253,6 +253,7 @@ def test_parameter_pairs_rejects_mismatched_twins():
 # ---------------------------------------------------------------------------------------------
 # End-to-end benchmark smoke run (also what CI runs of benchmarks/e2e.py)
 # ---------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_e2e_benchmark_smoke(tmp_path):
     require_extension()
     out = tmp_path / "e2e.json"

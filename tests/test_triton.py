@@ -31,11 +31,10 @@ from igc_test_utils import (
     X_KINDS,
     Problem,
     assert_bitwise_deterministic,
-    assert_layout_like_contract,
     assert_within_rounding,
     build_problem,
+    check_backend,
     expanded_like,
-    forward_and_grads,
     magnitudes,
     make_tensor,
     normalized_op_args,
@@ -59,58 +58,15 @@ def on_device(p: Problem) -> Problem:
     return problem_on(p, DEVICE)
 
 
-def run_triton(p: Problem, gy, **config):
-    """Output and gradients of ``p`` through backend="triton" on DEVICE (as CPU tensors)."""
-    pd = on_device(p)
-    ctx = K.override_config(**config) if config else _nullcontext()
-    with ctx:
-        y, grads = forward_and_grads(lambda: pd.call("triton"), pd.leaves(), to_dev(gy))
-    assert y.device.type == DEVICE
-    assert_layout_like_contract(y, pd.x)
-    if grads is not None:
-        assert_layout_like_contract(grads[0], pd.x, what="grad of x")
-        grads = [g.cpu() for g in grads]
-    return y.cpu(), grads
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def check_fp32(p: Problem, gy, **config):
-    """float32 output and gradients within the float32 rounding bound of the problem."""
-    y, grads = run_triton(p, gy, **config)
-    y64, g64 = oracle(p, gy)
-    ymag, gmag = magnitudes(p, gy)
-    k = p.reduction_length()
-    assert_within_rounding(y, y64, ymag, k, p.x.dtype, name="output")
-    for name, g, e, m in zip(p.leaf_names(), grads, g64, gmag):
-        assert_within_rounding(g, e, m, k, p.x.dtype, name=f"grad of {name}")
-    return y, grads
+    """Output and gradients of ``p`` through backend="triton" on DEVICE within the shared
+    conformance rule (``igc_test_utils.check_against_oracle``: the float32 rounding bound;
+    16-bit: twice the unfused chain's error), with the launch configuration ``config`` forced;
+    returned as CPU tensors."""
+    return check_backend(p, "triton", gy, device=DEVICE, config=config)
 
 
-def check_low_precision(p: Problem, gy, **config):
-    """16-bit: max error vs the float64 oracle at most twice the unfused chain's in the same
-    dtype, for the output and every gradient."""
-    y, grads = run_triton(p, gy, **config)
-    yr, gr = forward_and_grads(lambda: p.call("reference"), p.leaves(), gy)
-    yo, go = oracle(p, gy)
-    names = ["output"] + [f"grad of {n}" for n in p.leaf_names()]
-    for name, k, r, o in zip(names, [y] + grads, [yr] + gr, [yo] + go):
-        assert k.dtype == p.x.dtype, name
-        k = k.detach()
-        err_k = (k.double() - o.detach()).abs()
-        err_r = (r.detach().double() - o.detach()).abs()
-        limit = 2 * float(err_r.max())
-        if float(err_k.max()) > limit or not bool(torch.isfinite(k).all()):
-            first = tuple(int(i) for i in torch.nonzero(~(err_k <= limit))[0])
-            raise AssertionError(
-                f"{name}: max error {float(err_k.max()):.4e} (mean {float(err_k.mean()):.4e}) > "
-                f"2 x unfused chain's {float(err_r.max()):.4e}; first at index {first}")
+check_low_precision = check_fp32  # the rule follows the problem's dtype
 
 
 def _gy(p: Problem, kind="contiguous", seed=1):

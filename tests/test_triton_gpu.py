@@ -27,11 +27,13 @@ from igc_test_utils import (
     assert_bitwise_deterministic,
     assert_within_rounding,
     build_problem,
-    forward_and_grads,
+    check_backend,
     magnitudes,
     make_tensor,
     normalized_op_args,
     oracle,
+    problem_on,
+    to_device,
 )
 
 HAS_CUDA = torch.cuda.is_available()
@@ -47,19 +49,17 @@ def _K():
     return K
 
 
-def _tt():
-    import test_triton
-
-    return test_triton
-
-
 def _gy(p, seed=1, kind="contiguous"):
     shape = (p.x.shape[0], p.channels[-1], *p.x.shape[2:])
     return make_tensor(shape, kind, p.x.dtype, torch.Generator().manual_seed(seed))
 
 
 def _on_cuda(p):
-    return _tt().on_device(p)
+    return problem_on(p, "cuda")
+
+
+def _dev(t, requires_grad=None):
+    return to_device(t, "cuda", requires_grad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_float32_against_oracle(case):
     channels, groups, perms, bias, spatial, N, layout = case
     p = build_problem(channels, groups, spatial=spatial, N=N, layout=layout,
                       dtype=torch.float32, permutations=perms, bias=bias, seed=len(channels))
-    _tt().check_fp32(p, _gy(p))
+    check_backend(p, "triton", _gy(p), device="cuda")
 
 
 @pytest.mark.parametrize("config", [dict(dense=0, keep=1, block_p=16),
@@ -100,7 +100,7 @@ def test_float32_forced_configs(case, config):
     channels, groups, perms, bias, spatial, N, layout = FP32_CASES[case]
     p = build_problem(channels, groups, spatial=spatial, N=N, layout=layout,
                       dtype=torch.float32, permutations=perms, bias=bias, seed=3)
-    _tt().check_fp32(p, _gy(p), **config)
+    check_backend(p, "triton", _gy(p), device="cuda", config=config)
 
 
 def test_input_index_large():
@@ -110,7 +110,7 @@ def test_input_index_large():
     p = build_problem([256, 256, 128], [8, 8], spatial=(14, 14), N=4, layout="channels_last",
                       dtype=torch.float32, permutations="random", bias=True, seed=1,
                       input_index=idx, in_channels=512)
-    _tt().check_fp32(p, _gy(p))
+    check_backend(p, "triton", _gy(p), device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,35 +120,14 @@ LP_CASES = ["igcv2_c256_k8_nchw", "igcv2_c256_k8_cl", "c1024_k64", "c64_k64_dens
             "odd_17_9_tokens", "width1_depthwise"]
 
 
-def _check_low_precision_cuda(p, gy):
-    """As test_triton.check_low_precision, with the unfused chain (cuDNN) on the GPU too."""
-    tt = _tt()
-    pd = tt.on_device(p)
-    y, grads = forward_and_grads(lambda: pd.call("triton"), pd.leaves(), tt.to_dev(gy))
-    yr, gr = forward_and_grads(lambda: pd.call("reference"), pd.leaves(), tt.to_dev(gy))
-    yo, go = oracle(p, gy)
-    names = ["output"] + [f"grad of {n}" for n in p.leaf_names()]
-    for name, k, r, o in zip(names, [y] + list(grads), [yr] + list(gr), [yo] + go):
-        assert k.dtype == p.x.dtype, name
-        err_k = (k.detach().cpu().double() - o.detach()).abs()
-        err_r = (r.detach().cpu().double() - o.detach()).abs()
-        limit = 2 * float(err_r.max())
-        assert bool(torch.isfinite(k).all()), f"{name}: non-finite values"
-        if float(err_k.max()) > limit:
-            first = tuple(int(i) for i in torch.nonzero(err_k > limit)[0])
-            raise AssertionError(
-                f"{name}: max error {float(err_k.max()):.4e} (mean {float(err_k.mean()):.4e}) > "
-                f"2 x unfused chain's {float(err_r.max()):.4e} (mean {float(err_r.mean()):.4e})"
-                f"; first at index {first}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("case", LP_CASES)
 def test_low_precision_at_most_twice_unfused_error(case, dtype):
     channels, groups, perms, bias, spatial, N, layout = FP32_CASES[case]
     p = build_problem(channels, groups, spatial=spatial, N=N, layout=layout, dtype=dtype,
                       permutations=perms, bias=bias, seed=11)
-    _check_low_precision_cuda(p, _gy(p, seed=12))
+    # the shared rule: twice the unfused chain's (cuDNN's) error, both on the GPU
+    check_backend(p, "triton", _gy(p, seed=12), device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,11 +155,10 @@ def test_opcheck(dtype):
                       dtype=dtype, permutations="random", bias=[True, False], seed=2,
                       input_index=torch.randint(0, 40, (32,)), in_channels=40)
     x, ws, bs, groups, shuffles, perms, idx = normalized_op_args(p)
-    tt = _tt()
-    args = (tt.to_dev(x, True), [tt.to_dev(w, True) for w in ws], [tt.to_dev(b, True) for b in bs],
-            groups, shuffles, [tt.to_dev(q) for q in perms], tt.to_dev(idx))
+    args = (_dev(x, True), [_dev(w, True) for w in ws], [_dev(b, True) for b in bs],
+            groups, shuffles, [_dev(q) for q in perms], _dev(idx))
     torch.library.opcheck(torch.ops.igc_triton.chain_forward.default, args)
-    gy = tt.to_dev(_gy(p))
+    gy = _dev(_gy(p))
     for mask in ([True, True, True], [False, True, False], [True, False, False]):
         bargs = (gy, args[0].detach(), [w.detach() for w in args[1]],
                  [b.detach() for b in args[2]], groups, shuffles, args[5], mask, args[6])
@@ -282,8 +260,11 @@ def test_tf32_when_allowed():
     torch.backends.cuda.matmul.allow_tf32 = True
     p = build_problem([64, 64, 64], [1, 1], spatial=(8, 8), N=4, dtype=torch.float32,
                       permutations="random", bias=True, seed=4)
-    tt = _tt()
-    y, _ = tt.run_triton(p, _gy(p), dense=1)
+    from igc_kernels.backends.triton import triton_ops
+
+    pd = _on_cuda(p)
+    with triton_ops().K.override_config(dense=1):
+        y = pd.call("triton").detach().cpu()
     y64, _ = oracle(p, _gy(p))
     ymag, _ = magnitudes(p, _gy(p))
     # TF32 rounds each operand to 11 significant bits (u = 2^-11), 2 layers of 64-term sums
