@@ -25,10 +25,7 @@ def _build_cuda() -> bool:
 
 
 def _extension():
-    # chain_kernels_instantiate.cu only serves the nvcc compile test (chain_cuda.cu instantiates
-    # the kernels it launches)
-    cuda_sources = sorted(s for s in glob.glob("csrc/cuda/*.cu")
-                          if not s.endswith("_instantiate.cu"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = _build_cuda() and bool(cuda_sources)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden"]

@@ -15,7 +15,7 @@
 
 #include <vector>
 
-#include "cuda/limits.h"
+#include "cuda/chain_limits.h"
 
 TORCH_LIBRARY(igc, m) {
   m.def(
@@ -35,7 +35,7 @@ namespace {
 
 // cuda_min_smem_bytes(channels, acc_bytes) -> int: shared memory (bytes per block) of the
 // smallest launch plan of the CUDA kernels for a chain of widths channels = [C_0, ..., C_L]
-// (cuda/limits.h).
+// (cuda/chain_limits.h).
 PyObject* cuda_min_smem_bytes(PyObject*, PyObject* args) {
   PyObject* seq = nullptr;
   int acc_bytes = 0;

@@ -1,13 +1,13 @@
 """The CUDA backend's code on a machine without a GPU.
 
-* ``nvcc -c`` compiles the torch-free device code (``csrc/cuda/chain_kernels_instantiate.cu``:
+* ``nvcc -c`` compiles the torch-free device code (``tests/csrc/chain_kernels_instantiate.cu``:
   every kernel and launch function, every dtype) for sm_80 and sm_90; skipped only when nvcc is
   absent.
 * ``nvcc -c`` compiles the launcher ``csrc/cuda/chain_cuda.cu`` against torch's headers (to PTX
   for compute_90: the device code is the same as above); skipped only when nvcc or torch's
   c10/cuda headers are absent. A CPU-only torch lacks the generated header
   ``c10/cuda/impl/cuda_cmake_macros.h``; the test supplies an empty one.
-* The kernels' results, with g++ and ``csrc/cuda/host_emulation.h`` (every CUDA thread of a
+* The kernels' results, with g++ and ``tests/csrc/host_emulation.h`` (every CUDA thread of a
   block runs as a host thread, ``__syncthreads`` is a barrier, shared memory starts as NaN and is
   guarded): the same host plan and launch code as the CUDA launcher, float32 and float64, against
   the float64 reference chain within the rounding bound of the problem (``igc_test_utils``).
@@ -35,6 +35,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"
+TEST_CSRC = ROOT / "tests" / "csrc"  # test-only C++: instantiation unit, host emulation
 NVCC = shutil.which("nvcc")
 CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 
@@ -57,13 +58,13 @@ def _run(cmd, cwd=None):
 def test_nvcc_compiles_device_code_sm80_sm90(tmp_path):
     """Every kernel for float32 / float64 / float16 / bfloat16, through ptxas for sm_80 and
     sm_90 (the two compilations run in parallel)."""
-    src = CUDA_DIR / "chain_kernels_instantiate.cu"
+    src = TEST_CSRC / "chain_kernels_instantiate.cu"
     procs = []
     for arch in ("80", "90"):
         out = tmp_path / f"chain_kernels_sm{arch}.o"
         cmd = [NVCC, "-c", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Werror",
-               "all-warnings", f"-gencode=arch=compute_{arch},code=sm_{arch}", str(src),
-               "-o", str(out)]
+               "all-warnings", f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{CUDA_DIR}",
+               str(src), "-o", str(out)]
         procs.append((cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
                                                  stderr=subprocess.PIPE, text=True)))
     for cmd, out, p in procs:
@@ -138,8 +139,8 @@ def emu(tmp_path_factory):
         pytest.skip("no C++ compiler (g++ / c++) on PATH")
     out = tmp_path_factory.mktemp("emu") / "igc_cuda_emu.so"
     _run([CXX, "-std=c++20", "-O1", "-DIGC_EMULATE", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-          "-shared", "-fPIC", "-pthread", str(CUDA_DIR / "emulation_harness.cpp"), "-o",
-          str(out)])
+          "-shared", "-fPIC", "-pthread", f"-I{CUDA_DIR}", f"-I{TEST_CSRC}",
+          str(TEST_CSRC / "emulation_harness.cpp"), "-o", str(out)])
     lib = ctypes.CDLL(str(out))
     assert lib.igc_emu_sizeof_host_chain() == ctypes.sizeof(HostChain)
     lib.igc_emu_forward.restype = ctypes.c_int
@@ -453,8 +454,9 @@ def test_emulated_recompute_mode_and_small_tiles(emu):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_python_limit_is_the_kernels_planner_threshold(emu, channels, groups, dtype):
     """The CUDA backend refuses a chain when ``igc_kernels._C.cuda_min_smem_bytes`` (the
-    kernels' own limits.h, exported) exceeds the GPU's shared memory. On an emulated device with
-    exactly that much the kernels plan and run; with one byte less they cannot plan."""
+    kernels' own chain_limits.h, exported) exceeds the GPU's shared memory. On an emulated
+    device with exactly that much the kernels plan and run; with one byte less they cannot
+    plan."""
     ext = pytest.importorskip("igc_kernels._C")
     need = ext.cuda_min_smem_bytes(channels, 8 if dtype == torch.float64 else 4)
     c = EmuCase(channels, groups, dtype=dtype, seed=5)

@@ -102,3 +102,28 @@ def test_info_command():
     assert "usable" in lines.get("cpu", ""), text
     assert "usable" in lines.get("reference", ""), text
     assert "unavailable" in lines.get("cuda", "unavailable") or torch.cuda.is_available()
+
+
+_IN_PLACE = textwrap.dedent("""
+    import os, sys
+    # no installed copy of the package: only the source tree, as with PYTHONPATH=<repo>
+    sys.meta_path[:] = [f for f in sys.meta_path
+                        if "editable" not in str(getattr(f, "__module__", ""))]
+    sys.path.insert(0, sys.argv[1])
+    os.environ["TRITON_INTERPRET"] = "1"
+    import igc_kernels
+    from igc_kernels.triton_kernels import chain
+    from igc_kernels import backends
+    root = os.path.realpath(sys.argv[1])
+    assert os.path.realpath(igc_kernels.__file__).startswith(root), igc_kernels.__file__
+    assert os.path.realpath(chain.__file__) == os.path.join(root, "triton_kernels", "chain.py")
+    print("ok", backends.AUTO_ORDER)
+""")
+
+
+def test_source_tree_imports_in_place():
+    """``igc_kernels.triton_kernels`` (the top-level triton_kernels/ folder) imports from the
+    source tree without an install: igc_kernels/triton_kernels is a link to it."""
+    out = subprocess.run([sys.executable, "-c", _IN_PLACE, ROOT], cwd="/", capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.startswith("ok"), out.stdout + out.stderr

@@ -36,7 +36,8 @@
 // fails a device-side assert on an entry outside its range and clamps it to 0, so that unchecked
 // direct calls stay memory safe (the Python front end validates index values first).
 //
-// With IGC_EMULATE defined, this header compiles as plain C++ against host_emulation.h, which
+// With IGC_EMULATE defined, this header compiles as plain C++ against host_emulation.h (a test
+// header, tests/csrc/, on the include path of the tests' emulation build), which
 // runs every CUDA thread of a block as a host thread (tests/test_cuda_compile_nvcc.py uses it to
 // check the kernels' results on a machine without a GPU).
 #pragma once
@@ -45,7 +46,7 @@
 #include <cstdint>
 
 #include "../positions.h"
-#include "limits.h"
+#include "chain_limits.h"
 
 #ifdef IGC_EMULATE
 #include "host_emulation.h"
@@ -62,7 +63,7 @@
 namespace igc {
 namespace cuda {
 
-constexpr int kThreads = 256;      // threads per CTA of the chain kernels (tile limits: limits.h)
+constexpr int kThreads = 256;      // threads per CTA (tile limits: chain_limits.h)
 // Cap of the per-CTA partial-sum buffer of the backward (bytes); fewer CTAs beyond it.
 constexpr int64_t kMaxPartialBytes = int64_t(256) << 20;
 
@@ -643,7 +644,7 @@ __device__ __forceinline__ const int32_t* input_rows(const ChainParams<A>& p, in
 // ---------------------------------------------------------------------------------------------
 // Shared-memory plan
 // ---------------------------------------------------------------------------------------------
-// Backward rows (limits.h) of a chain's parameters.
+// Backward rows (chain_limits.h) of a chain's parameters.
 template <typename A>
 inline int64_t backward_rows(const ChainParams<A>& p, bool store_all) {
   int64_t middle = 0;

@@ -1,5 +1,5 @@
 """The fused CUDA kernels of the extension (csrc/cuda/). Their limits (layers, shared memory)
-come from the extension itself (csrc/cuda/limits.h through ``igc_kernels._C``)."""
+come from the extension itself (csrc/cuda/chain_limits.h through ``igc_kernels._C``)."""
 
 from __future__ import annotations
 

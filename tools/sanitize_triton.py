@@ -12,10 +12,10 @@ multiply the sanitizer's time).
 On a GPU machine:
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck \\
-        python benchmarks/sanitize_triton.py
-    compute-sanitizer --tool racecheck python benchmarks/sanitize_triton.py --quick
-    compute-sanitizer --tool initcheck python benchmarks/sanitize_triton.py --quick
-    compute-sanitizer --tool synccheck python benchmarks/sanitize_triton.py --quick
+        python tools/sanitize_triton.py
+    compute-sanitizer --tool racecheck python tools/sanitize_triton.py --quick
+    compute-sanitizer --tool initcheck python tools/sanitize_triton.py --quick
+    compute-sanitizer --tool synccheck python tools/sanitize_triton.py --quick
 
 (``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` makes every tensor its own allocation, so that memcheck
 sees accesses past a tensor's end instead of landing in the caching allocator's slack.)

@@ -12,7 +12,7 @@
 #   sweep     benchmarks/bench_gpu.py --sweep --no-compile
 #
 # Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing
-# step's. Example: benchmarks/gpu_session.sh build test sanitize
+# step's. Example: tools/gpu_session.sh build test sanitize
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu-session}"
@@ -38,9 +38,9 @@ sanitize_all() {
   local rc=0 tool
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   for tool in memcheck racecheck initcheck; do
-    for script in benchmarks/sanitize_cuda.py benchmarks/sanitize_triton.py; do
+    for script in tools/sanitize_cuda.py tools/sanitize_triton.py; do
       [ -f "$script" ] || { echo "missing $script"; rc=1; continue; }
-      [ "$tool" = initcheck ] && [ "$script" = benchmarks/sanitize_triton.py ] && continue
+      [ "$tool" = initcheck ] && [ "$script" = tools/sanitize_triton.py ] && continue
       echo "--- compute-sanitizer --tool $tool $script"
       compute-sanitizer --tool "$tool" --error-exitcode 99 --print-limit 20 \
         "$PY" "$script" || rc=$?

@@ -1,7 +1,8 @@
 // C entry points that run the chain kernels of chain_kernels.cuh under host emulation
 // (host_emulation.h), for tests/test_cuda_compile_nvcc.py: the same host plan and launch code as
 // the CUDA launcher (chain_cuda.cu), on host memory, for float32 and float64. Built with
-//   g++ -std=c++20 -O1 -DIGC_EMULATE -shared -fPIC -pthread emulation_harness.cpp
+//   g++ -std=c++20 -O1 -DIGC_EMULATE -shared -fPIC -pthread -Icsrc/cuda -Itests/csrc
+//       tests/csrc/emulation_harness.cpp
 // (not part of the extension).
 #include <cstdint>
 #include <vector>

@@ -7,11 +7,11 @@ backward keeps its intermediates in shared memory and one (2048 channels, 3 laye
 recomputes them; output masks. Each result is compared with the reference chain, so the script
 also fails (exit 1) on a wrong result. Run it as
 
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  --error-exitcode 99 python benchmarks/sanitize_cuda.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 99 python benchmarks/sanitize_cuda.py
-    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --error-exitcode 99 python benchmarks/sanitize_cuda.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  --error-exitcode 99 python tools/sanitize_cuda.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 99 python tools/sanitize_cuda.py
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --error-exitcode 99 python tools/sanitize_cuda.py
 
-(``benchmarks/gpu_session.sh sanitize`` runs all three). Sizes are tiny so that a run under
+(``tools/gpu_session.sh sanitize`` runs all three). Sizes are tiny so that a run under
 racecheck takes seconds, not minutes.
 """
 
