@@ -123,8 +123,8 @@ def _host_readable(t: torch.Tensor) -> bool:
     return type(t) is torch.Tensor and t.device.type == "cpu" and not _is_compiling()
 
 
-# Up to this many entries an index is checked through a Python list (about 1 us for 16 entries,
-# against 12 us for the four torch reductions; measured on the 2-core CPU of the benchmarks).
+# Up to this many entries an index is checked through a Python list, which is cheaper than four
+# torch reductions (measured: docs/benchmarks.md, "Per-call cost").
 _SMALL_INDEX = 256
 
 

@@ -76,9 +76,7 @@ namespace {
 // Positions per tile. 64 floats = four AVX-512 registers per row: with OUT_BLOCK = 4 the forward
 // micro-kernel keeps 16 vector accumulators, and the weight-gradient lanes are read and written
 // once per 64 positions. The backward's per-tile working set for C = 256, L = 3 is about 400 KB
-// (L2). Measured single-threaded on the 2-core AMD EPYC (Zen 5) machine, float32, N=8, C=256,
-// 32x32, igcv2(256, 8): TILE 32 -> 64 took the forward from 1.7-1.9 ms to 1.4-1.65 ms and the
-// backward (dx + dW) from 5.2-5.3 ms to 4.2-4.3 ms.
+// (L2). Chosen by measurement (64 against 32: docs/backends.md, "CPU backend").
 constexpr int TILE = 64;
 // Output rows computed together by one micro-kernel call (accumulators in registers).
 constexpr int OUT_BLOCK = 4;
@@ -241,8 +239,8 @@ IGC_INLINE void load_tile(const scalar_t* __restrict src, const int64_t* off, bo
       const scalar_t* s = s0 + c * cs;
       acc_t* r = buf + static_cast<int64_t>(rowmap[c]) * TILE;
       if constexpr (std::is_same_v<scalar_t, acc_t>) {
-        // explicit vector copies: GCC turns the plain loop into a memcpy call per 256-byte row,
-        // which took 27% of the samples in a perf profile of the NCHW float32 backward
+        // explicit vector copies: GCC turns the plain loop into a memcpy call per 256-byte row
+        // (a large share of the NCHW backward's time: docs/backends.md, "CPU backend")
         using S = Simd<acc_t>;
 #pragma GCC unroll 8
         for (int j = 0; j < S::PER_ROW; ++j) S::store(r + j * S::LANES, S::load(s + j * S::LANES));
