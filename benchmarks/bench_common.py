@@ -65,6 +65,10 @@ with warnings.catch_warnings():
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = ("nchw", "channels_last")
 MODES = ("fwd", "fwd+bwd")
+# What is timed per device: the CPU times the training step (forward + backward); on a GPU the
+# backward is timed alone (on a forward made once outside the timed region), so that its
+# bandwidth can be read against the copy's.
+DEVICE_MODES = {"cpu": ("fwd", "fwd+bwd"), "cuda": ("fwd", "bwd")}
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,6 +126,27 @@ def sweep_configs(dtypes=("float32", "bfloat16")) -> list:
     return [Config(dtype=dt, **s) for dt in dtypes for s in shapes]
 
 
+def gpu_target_configs(batch=64, hw=56) -> list:
+    """The GPU targets: bfloat16, x = (64, C, 56, 56) (200704 positions, far past the L2
+    cache), C in {256, 512, 1024}, group width K in {8, 16}, depth L in {2, 3, 4}."""
+    return [Config(channels=C, group_size=K, depth=L, batch=batch, height=hw, width=hw,
+                   dtype="bfloat16")
+            for C in (256, 512, 1024) for K in (8, 16) for L in (2, 3, 4)]
+
+
+def gpu_sweep_configs(dtypes=("float32", "float16", "bfloat16"), batch=64, hw=56) -> list:
+    """float32 / float16 / bfloat16 over C in {64 .. 2048} (K = 8, L = 3), K in {4, 16, 32}
+    (C = 512, L = 3) and L in {1, 2, 4} (C = 512, K = 8)."""
+    shapes = [dict(channels=C, group_size=8, depth=3) for C in (64, 128, 256, 512, 1024, 2048)]
+    shapes += [dict(channels=512, group_size=K, depth=3) for K in (4, 16, 32)]
+    shapes += [dict(channels=512, group_size=8, depth=L) for L in (1, 2, 4)]
+    return [Config(batch=batch, height=hw, width=hw, dtype=dt, **s)
+            for dt in dtypes for s in shapes]
+
+
+TINY = Config(channels=32, group_size=4, depth=2, batch=2, height=5, width=5)  # smoke runs
+
+
 @dataclass
 class Problem:
     config: Config
@@ -147,7 +172,7 @@ class Problem:
         negligible): forward reads x and writes y; forward+backward also reads x and dy and
         writes dx in the backward (intermediates recomputed, never stored)."""
         bx, by = self.act_bytes(self.spec.in_channels), self.act_bytes(self.spec.out_channels)
-        return bx + by if mode == "fwd" else 3 * bx + 2 * by
+        return {"fwd": bx + by, "bwd": 2 * bx + by, "fwd+bwd": 3 * bx + 2 * by}[mode]
 
 
 def make_problem(config: Config, seed: int = 0) -> Problem:
@@ -176,6 +201,20 @@ def make_problem(config: Config, seed: int = 0) -> Problem:
         grad_out=dy.to(dtype),
         dense_weight=dense.to(dtype).reshape(*dense.shape, 1, 1),
         groups=tuple(spec.groups), perms=perms)
+
+
+def problem_on(config: Config, device: str) -> Problem:
+    """:func:`make_problem` with every tensor on ``device``."""
+    p = make_problem(config)
+    if device == "cpu":
+        return p
+    p.x = p.x.to(device)
+    p.weights = [w.to(device) for w in p.weights]
+    p.grad_out = p.grad_out.to(device)
+    p.dense_weight = p.dense_weight.to(device)
+    p.perms = [None if q is None else (q[0], q[1].to(device) if q[0] == "index" else q[1])
+               for q in p.perms]
+    return p
 
 
 def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
@@ -220,14 +259,19 @@ class Case:
         return self.label.replace("[", "-").replace("]", "").replace(" ", "-")
 
 
-def default_cases(backends, compile_chain: bool = False) -> list:
-    """Every case of one config: the fused op per backend and layout, chain and dense in every
-    oneDNN x layout variant, optionally the compiled chain, and the copy floor."""
+def default_cases(backends, compile_chain: bool = False, device: str = "cpu",
+                  compile_layouts=None) -> list:
+    """Every case of one config (the one case table of bench.py and the pytest-benchmark
+    suite): the fused op per backend and layout; the chain and the dense composed conv in every
+    layout (on the CPU also with oneDNN on and off); the compiled chain (``compile_chain``: both
+    layouts, or ``compile_layouts``); the copy floor."""
     cases = [Case("fused", lay, None, b) for b in backends for lay in LAYOUTS]
+    onednn = (True, False) if device == "cpu" else (None,)
     for kind in ("chain", "dense"):
-        cases += [Case(kind, lay, mk) for lay in LAYOUTS for mk in (True, False)]
-    if compile_chain:
-        cases += [Case("compiled", lay) for lay in LAYOUTS]
+        cases += [Case(kind, lay, mk) for lay in LAYOUTS for mk in onednn]
+    if compile_layouts is None:
+        compile_layouts = LAYOUTS if compile_chain else ()
+    cases += [Case("compiled", lay) for lay in compile_layouts]
     cases.append(Case("copy", "nchw"))
     return cases
 
@@ -261,12 +305,20 @@ def forward_fn(case: Case, problem: Problem) -> Callable:
 def build_step(case: Case, problem: Problem, mode: str) -> Callable[[], object]:
     """A zero-argument callable running one ``mode`` step of ``case``; it returns ``y`` (fwd) or
     ``(y, grads)`` (fwd+bwd), grads w.r.t. ``[x, *params]``. Inputs are prepared once here."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if mode not in MODES + ("bwd",):
+        raise ValueError(f"mode must be one of {MODES + ('bwd',)}, got {mode!r}")
     if case.kind == "copy":
         src = problem.x.detach()
         dst = torch.empty_like(src)
         return lambda: dst.copy_(src)
+    if mode == "bwd":  # the backward alone, of a forward made here once
+        x = to_layout(problem.x, case.layout).requires_grad_(True)
+        src_params = [problem.dense_weight] if case.kind == "dense" else problem.weights
+        params = [w.detach().clone().requires_grad_(True) for w in src_params]
+        dy = to_layout(problem.grad_out, case.layout)
+        y = forward_fn(case, problem)(x, params)
+        inputs = [x, *params]
+        return lambda: torch.autograd.grad(y, inputs, dy, retain_graph=True)
 
     train = mode == "fwd+bwd"
     x = to_layout(problem.x, case.layout).requires_grad_(train)
@@ -476,9 +528,51 @@ def measure(fn: Callable, min_time: float = 0.5, min_runs: int = 10, warmup_time
                  min_ms=s[0], mean_ms=sum(s) / len(s), runs=len(s), times_ms=times)
 
 
+class CPUTimer:
+    """:func:`measure` with the given budget (``min_time``, ``min_runs``, warm-up)."""
+
+    def __init__(self, **timing):
+        self.timing = timing
+
+    def __call__(self, fn: Callable) -> Stats:
+        return measure(fn, **self.timing)
+
+
+class CUDATimer:
+    """``triton.testing.do_bench``: CUDA events, the L2 cache flushed before every run; median,
+    p20, p80."""
+
+    def __init__(self, quick: bool = False):
+        self.warmup, self.rep = (10, 30) if quick else (25, 100)
+
+    def __call__(self, fn: Callable) -> Stats:
+        import triton.testing
+
+        ms = triton.testing.do_bench(fn, warmup=self.warmup, rep=self.rep,
+                                     quantiles=[0.5, 0.2, 0.8])
+        med, p20, p80 = (float(v) for v in ms)
+        return Stats(median_ms=med, p20_ms=p20, p80_ms=p80, min_ms=p20, mean_ms=med, runs=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Memory
 # --------------------------------------------------------------------------------------------
+def peak_step_bytes(case: Case, problem: Problem, device: str) -> Optional[int]:
+    """Peak memory of one forward+backward step above what was live before it: the CPU
+    allocator's profile (:func:`peak_alloc_bytes`) or ``torch.cuda.max_memory_allocated``."""
+    step = build_step(case, problem, "fwd+bwd")
+    if device != "cuda":
+        return peak_alloc_bytes(step)
+    step()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = step()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak
+
 def peak_alloc_bytes(step: Callable) -> Optional[int]:
     """Peak bytes allocated during one call of ``step`` above what was live when it started.
 
@@ -623,6 +717,18 @@ def environment() -> dict:
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def device_environment(device: str) -> dict:
+    """:func:`environment`, with the GPU's name, SM count, memory and cuDNN version on CUDA."""
+    env = environment()
+    if device == "cuda":
+        props = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), device_type="cuda",
+                   sm_count=props.multi_processor_count,
+                   gpu_memory_gib=round(props.total_memory / 2**30, 1),
+                   cudnn=torch.backends.cudnn.version())
+    return env
 
 
 def device_slug(name: str) -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""PNG plots of a ``bench_gpu.py`` JSON record: achieved GB/s of every implementation per problem,
-forward and backward, with the measured copy bandwidth as the reference line.
+"""PNG plots of a ``bench.py --device cuda`` JSON record: achieved GB/s of every implementation
+per problem, forward and backward, with the measured copy bandwidth as the reference line.
 
     python benchmarks/plot_gpu.py benchmarks/results/gpu-<device>.json   # writes <json>.png
 

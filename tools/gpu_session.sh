@@ -8,8 +8,8 @@
 #   sanitize  compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
 #             sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
 #             allocation and out-of-bounds accesses are seen)
-#   bench     benchmarks/bench_gpu.py --targets (JSON under the output folder)
-#   sweep     benchmarks/bench_gpu.py --sweep --no-compile
+#   bench     benchmarks/bench.py --device cuda --targets (JSON under the output folder)
+#   sweep     benchmarks/bench.py --device cuda --sweep --no-compile
 #
 # Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing
 # step's. Example: tools/gpu_session.sh build test sanitize
@@ -59,8 +59,8 @@ for step in "${steps[@]}"; do
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
     test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
     sanitize) run_step sanitize sanitize_all ;;
-    bench) run_step bench "$PY" benchmarks/bench_gpu.py --targets --json "$OUT/bench-targets.json" ;;
-    sweep) run_step sweep "$PY" benchmarks/bench_gpu.py --sweep --no-compile --json "$OUT/bench-sweep.json" ;;
+    bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;;
+    sweep) run_step sweep "$PY" benchmarks/bench.py --device cuda --sweep --no-compile --json "$OUT/bench-sweep.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 done

@@ -1,0 +1,65 @@
+"""The benchmark entry point (benchmarks/bench.py) runs end to end on the CPU (one tiny problem),
+checks correctness before timing and writes a JSON record with every field a run reports; the
+GPU job's pieces that run without a GPU (its case table, the backward-alone step) are checked
+here too (the CUDA timer and memory probe need a GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.syspath_prepend(BENCH)
+    import bench as mod
+
+    return mod
+
+
+def test_bench_smoke_on_cpu(bench, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    rc = bench.main(["--tiny", "--quick", "--compile-layouts", "none", "--backends", "cpu",
+                     "--json", str(out)])
+    assert rc == 0
+    rec = json.loads(out.read_text())
+    assert rec["correctness_failures"] == []
+    rows = [r for r in rec["rows"] if r["metric"] == "time"]
+    labels = {(r["label"], r["mode"]) for r in rows}
+    for lbl in ("fused[cpu] nchw", "fused[cpu] channels_last", "chain nchw oneDNN",
+                "chain channels_last no-oneDNN", "dense nchw oneDNN"):
+        assert (lbl, "fwd") in labels and (lbl, "fwd+bwd") in labels
+    for r in rows:
+        if r["kind"] != "fused":
+            continue
+        assert r["median_ms"] > 0 and r["gbps"] > 0 and r["copy_gbps"] > 0
+        assert r["speedup_vs_chain"] > 0 and r["speedup_vs_dense"] > 0
+        assert r["frac_copy_bw"] == pytest.approx(r["gbps"] / r["copy_gbps"])
+        for key in ("torch", "git_commit", "device", "dtype", "layout", "shape", "command"):
+            assert key in r
+    assert any(r["metric"] == "memory" for r in rec["rows"])
+    assert "### float32" in capsys.readouterr().out
+
+
+def test_gpu_case_table_and_backward_step(bench):
+    """The GPU job's case table (no oneDNN variants, compiled chain in channels_last) and its
+    backward-alone step, whose gradients equal those of the training step."""
+    import bench_common as bc
+
+    cases = bc.default_cases(["cpu"], device="cuda", compile_layouts=["channels_last"])
+    labels = [c.label for c in cases]
+    assert labels == ["fused[cpu] nchw", "fused[cpu] channels_last", "chain nchw",
+                      "chain channels_last", "dense nchw", "dense channels_last",
+                      "compiled channels_last", "copy"]
+    p = bc.problem_on(bc.TINY, "cpu")
+    for case in cases[:3]:
+        grads = bc.build_step(case, p, "bwd")()
+        _, ref = bc.build_step(case, p, "fwd+bwd")()
+        for g, r in zip(grads, ref):
+            torch.testing.assert_close(g, r)
+    assert p.io_bytes("bwd") == 2 * p.act_bytes(32) + p.act_bytes(32)
