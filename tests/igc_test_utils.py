@@ -439,6 +439,25 @@ def assert_bitwise_deterministic(problem: Problem, backend: str, grad_y, runs: i
             assert torch.equal(g, ref), f"run {run}: gradient of {name} differs"
 
 
+def draw_chain_shape(draw, max_layers: int, max_width: int) -> tuple:
+    """``(channels, groups)`` of a random chain for a hypothesis strategy: 1..``max_layers``
+    layers of 1..4 groups; every ``C_l`` a multiple of the groups of the layers that produce and
+    consume it, at most about ``max_width``."""
+    from hypothesis import strategies as st
+
+    L = draw(st.integers(1, max_layers))
+    groups = [draw(st.integers(1, 4)) for _ in range(L)]
+    channels = []
+    for l in range(L + 1):
+        unit = 1
+        if l > 0:
+            unit = math.lcm(unit, groups[l - 1])
+        if l < L:
+            unit = math.lcm(unit, groups[l])
+        channels.append(unit * draw(st.integers(1, max(1, max_width // unit))))
+    return channels, groups
+
+
 def build_problem(channels, groups, *, spatial=(), N=2, layout="contiguous", dtype=torch.float64,
                   permutations="default", bias=False, conv_layout=False, seed=0,
                   input_index=None, in_channels=None) -> Problem:

@@ -9,7 +9,6 @@ bitwise determinism, and empty inputs.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -23,6 +22,7 @@ from igc_test_utils import (
     Problem,
     assert_layout_like_contract,
     build_problem,
+    draw_chain_shape,
     check_against_oracle,
     expanded_like,
     make_tensor,
@@ -72,17 +72,8 @@ GRAD_KINDS = ("contiguous", "expanded", "ones_expanded", "channels_last", "slice
 
 @st.composite
 def chains(draw):
-    L = draw(st.integers(1, 6))
-    groups = [draw(st.integers(1, 4)) for _ in range(L)]
-    channels = []
-    for l in range(L + 1):
-        # C_l must be divisible by G_l (its producer) and G_{l+1} (its consumer)
-        unit = 1
-        if l > 0:
-            unit = math.lcm(unit, groups[l - 1])
-        if l < L:
-            unit = math.lcm(unit, groups[l])
-        channels.append(unit * draw(st.integers(1, max(1, 24 // unit))))
+    channels, groups = draw_chain_shape(draw, max_layers=6, max_width=24)
+    L = len(groups)
     perms = []
     for l in range(L):
         kind = draw(st.sampled_from(["none", "interleave", "random", "random_int32"]))

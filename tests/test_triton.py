@@ -16,7 +16,6 @@ forcing the launch configuration.
 
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -33,6 +32,7 @@ from igc_test_utils import (
     assert_bitwise_deterministic,
     assert_within_rounding,
     build_problem,
+    draw_chain_shape,
     check_backend,
     expanded_like,
     magnitudes,
@@ -190,16 +190,8 @@ def test_low_precision_at_most_twice_unfused_error(case, dtype, dense):
 # ---------------------------------------------------------------------------------------------
 @st.composite
 def chains(draw):
-    L = draw(st.integers(1, 4))
-    groups = [draw(st.integers(1, 4)) for _ in range(L)]
-    channels = []
-    for l in range(L + 1):
-        unit = 1
-        if l > 0:
-            unit = math.lcm(unit, groups[l - 1])
-        if l < L:
-            unit = math.lcm(unit, groups[l])
-        channels.append(unit * draw(st.integers(1, max(1, 20 // unit))))
+    channels, groups = draw_chain_shape(draw, max_layers=4, max_width=20)
+    L = len(groups)
     perms = [draw(st.sampled_from(["none", "interleave", "random"])) for _ in range(L)]
     bias = [draw(st.booleans()) for _ in range(L)]
     x_kind = draw(st.sampled_from(sorted(X_KINDS)))
