@@ -16,6 +16,7 @@ forcing the launch configuration.
 
 from __future__ import annotations
 
+import types
 
 import pytest
 import torch
@@ -462,6 +463,41 @@ def test_position_dims_collapse():
     assert K.position_dims(t.shape, [t.stride()]) == ([1, 1, 1, 3], [[0, 0, 0, 1]])
 
 
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_autotuned_launch_path_up_to_the_launch(monkeypatch, direction):
+    """The autotuned branch (the GPU default) through the op bodies up to the kernel launch: the
+    launch gets a dict of meta-parameters with the precision (and the backward's flags) and no
+    fixed tile, and the forward's grid takes the autotuner's BLOCK_P. (The interpreter has no
+    autotuned kernels: sentinels stand in for them; the launch is recorded, not run. Before,
+    the autotuned branch returned meta=None and ``{"PREC": ..., **None}`` raised TypeError on
+    the first call on any GPU.)"""
+    launches = []
+    real_kernels_for = K.kernels_for
+
+    def kernels_for(st):
+        kern = real_kernels_for(st)
+        return types.SimpleNamespace(fwd=kern.fwd, bwd=kern.bwd, fwd_tuned="tuned_fwd",
+                                     bwd_tuned="tuned_bwd", fixed_meta=kern.fixed_meta)
+
+    monkeypatch.setattr(K, "kernels_for", kernels_for)
+    monkeypatch.setattr(T, "_launch", lambda fn, grid, args, meta: launches.append(
+        (fn, grid, args, meta)))
+    monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "1")
+    x = to_dev(torch.randn(2, 8, 5))
+    ws = [to_dev(torch.randn(8, 4)), to_dev(torch.randn(8, 2))]
+    args = (ws, [], [2, 4], [2, 0], [None, None])
+    if direction == "forward":
+        T.chain_forward(x, *args)
+        fn, grid, _, meta = launches[0]
+        assert fn == "tuned_fwd" and "BLOCK_P" not in meta and meta["PREC"] in ("ieee", "tf32")
+        assert grid({"BLOCK_P": 16}) == (2,) and grid({"BLOCK_P": 2}) == (6,)  # 2 x 5 positions
+    else:
+        T.chain_backward(to_dev(torch.randn(2, 8, 5)), x, *args, [True, True, False])
+        fn, _, _, meta = launches[0]
+        assert fn == "tuned_bwd" and "BLOCK_P" not in meta
+        assert meta["NEED_DX"] == 1 and meta["NEED_DW"] == 1 and meta["NEED_DB"] == 0
+
+
 def test_autotune_switch_and_launch_choice(monkeypatch):
     """IGC_TRITON_AUTOTUNE=0, an override or deterministic mode launch a fixed configuration;
     otherwise the autotuned kernel (where one exists: on GPUs) is chosen."""
@@ -474,8 +510,8 @@ def test_autotune_switch_and_launch_choice(monkeypatch):
                                  fixed_meta=lambda cfg, backward: {"BLOCK_P": cfg.block_p})
     monkeypatch.delenv("IGC_TRITON_AUTOTUNE", raising=False)
     assert K.autotune_enabled()
-    assert K.launch_choice(kern, False) == ("tuned", None)
-    assert K.launch_choice(kern, True) == ("tuned_bwd", None)
+    assert K.launch_choice(kern, False) == ("tuned", {})
+    assert K.launch_choice(kern, True) == ("tuned_bwd", {})
     monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "0")
     assert not K.autotune_enabled()
     assert K.launch_choice(kern, True) == ("plain_bwd", {"BLOCK_P": K.DEFAULT_CONFIG.block_p})

@@ -721,15 +721,16 @@ def kernels_for(st: Structure) -> Kernels:
 
 
 def launch_choice(kern: Kernels, backward: bool):
-    """(kernel, fixed meta or None): the autotuned kernel on GPUs, unless an override is active,
-    autotuning is switched off (``IGC_TRITON_AUTOTUNE=0``) or deterministic algorithms are
-    requested (then a fixed configuration, so the result does
-    not depend on which configuration a timing run preferred)."""
+    """(kernel, meta): the autotuned kernel on GPUs with no fixed meta-parameters (``{}``: its
+    configurations supply them), unless an override is active, autotuning is switched off
+    (``IGC_TRITON_AUTOTUNE=0``) or deterministic algorithms are requested (then the plain kernel
+    with a fixed configuration, so the result does not depend on which configuration a timing
+    run preferred)."""
     cfg = getattr(_OVERRIDE, "cfg", None)
     tuned = kern.bwd_tuned if backward else kern.fwd_tuned
     if (cfg is None and tuned is not None and autotune_enabled()
             and not torch.are_deterministic_algorithms_enabled()):
-        return tuned, None
+        return tuned, {}
     plain = kern.bwd if backward else kern.fwd
     return plain, kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)
 
