@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 STAMP := build/.igc-ext-stamp
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 
-.PHONY: install deps test bench bench-pytest info clean
+.PHONY: install deps test bench bench-pytest gpu-static info clean
 
 deps:
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install "$(TORCH_PIN)"
@@ -37,6 +37,12 @@ bench: install
 bench-pytest: install
 	@$(PY) -c "import pytest_benchmark" 2>/dev/null || $(PY) -m pip install pytest-benchmark
 	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only -q
+
+# Static GPU report of the Triton kernels (compiled for sm_90 and sm_80 without a GPU): registers,
+# spills, shared memory, occupancy and SASS classes per kernel and configuration.
+gpu-static: install
+	env -u TRITON_INTERPRET $(PY) tools/gpu_static.py --all-configs \
+		--json benchmarks/out/gpu-static.json
 
 info: install
 	$(PY) -m igc_kernels.info

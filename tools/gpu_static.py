@@ -1,0 +1,299 @@
+"""Static GPU facts of the Triton kernels, without a GPU: compile for sm_80 / sm_90, read
+registers, spills and shared memory off the cubin, count SASS instructions by class.
+
+A chain's kernels are the ones the package would launch: the op bodies of
+``igc_kernels._triton_ops`` run on CPU tensors with the launch itself replaced by a recorder,
+which keeps the kernel, its arguments and its meta-parameters; each launch is then compiled
+with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (the whole
+pipeline, ptxas included; nothing runs). Integer arguments equal to 1 are compile-time
+constants, as the runtime specialises them; divisibility hints are not reproduced (they change
+vectorisation, not the register tile). Triton ships ``cuobjdump``, which reads the resource
+usage (``STACK``: spilled bytes) and the SASS.
+
+Must run with ``TRITON_INTERPRET`` unset (the kernels must be JIT functions, not interpreted):
+``python tools/gpu_static.py --help``. ``tests/test_gpu_static.py`` runs it on a subset in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    raise SystemExit("tools/gpu_static.py compiles the kernels: unset TRITON_INTERPRET")
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+import igc_kernels as igc  # noqa: E402
+from igc_kernels import _chain  # noqa: E402
+from igc_kernels._ops import op_biases  # noqa: E402
+from igc_kernels.backends.triton import triton_ops  # noqa: E402
+
+T = triton_ops()
+K = T.K
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+# Per-SM limits used for occupancy: registers, shared memory (bytes), resident threads, CTAs.
+SM_LIMITS = {80: (65536, 167936, 2048, 32), 90: (65536, 233472, 2048, 32)}
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SIG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+        torch.int32: "i32", torch.int64: "i64"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Structures
+# ---------------------------------------------------------------------------------------------
+def structure_args(name: str):
+    """``(x_channels, weights shapes, groups, permutations, input_index)`` of a named structure:
+    ``igcv2(C,K)``, ``igcv3-expand(C,t,G)``, ``igcv3-reduce(C,t,G)``, ``condense(C,G)``,
+    ``perm(C,K)`` (IGCV2 with explicit random permutations)."""
+    m = re.fullmatch(r"([a-z0-9-]+)\(([\d,]+)\)", name)
+    if not m:
+        raise ValueError(f"unknown structure {name!r}")
+    kind, nums = m.group(1), [int(v) for v in m.group(2).split(",")]
+    gen = torch.Generator().manual_seed(0)
+    if kind in ("igcv2", "perm"):
+        C, Kw = nums
+        spec = igc.ChainSpec.igcv2(C, Kw)
+        perms = list(spec.permutations)
+        if kind == "perm":
+            perms = [torch.randperm(C, generator=gen) for _ in perms]
+        return C, spec, perms, None
+    if kind in ("igcv3-expand", "igcv3-reduce"):
+        C, t, G = nums
+        hidden = C * t
+        if kind == "igcv3-expand":
+            return C, igc.ChainSpec([C, hidden], [G]), ["interleave"], None
+        return hidden, igc.ChainSpec([hidden, C], [G]), [igc.interleave_index(C, C // G)], None
+    if kind == "condense":
+        C, G = nums
+        idx = torch.randint(0, C, (C // 2,), generator=gen)
+        return C, igc.ChainSpec([C // 2, C], [G]), ["interleave"], idx
+    raise ValueError(f"unknown structure {name!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch recording and compilation
+# ---------------------------------------------------------------------------------------------
+def record(structure: str, dtype: str, layout: str, direction: str, config=None) -> list:
+    """The launches (kernel, args, meta) the op bodies make for this problem, with the fixed
+    ``config`` (a dict for ``K.override_config``; default: the default configuration)."""
+    c_x, spec, perms, idx = structure_args(structure)
+    dt = _DTYPES[dtype]
+    x = torch.randn(2, c_x, 8, 8, dtype=dt)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    ws = [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()]
+    chain = _chain.normalize(x, ws, list(spec.groups), perms, input_index=idx)
+    args = (chain.weights, op_biases(chain.biases, x), list(chain.groups), chain.shuffles,
+            chain.perms, chain.input_index)
+    launches = []
+    real = T._launch
+    T._launch = lambda fn, grid, a, meta: launches.append((fn, list(a), dict(meta)))
+    try:
+        with K.override_config(**(config or {})):
+            if direction == "forward":
+                T.chain_forward(x, *args[:5], args[5])
+            else:
+                gy = torch.randn(2, spec.out_channels, 8, 8, dtype=dt)
+                T.chain_backward(gy, x, *args[:5], [True, True, True], args[5])
+    finally:
+        T._launch = real
+    return launches
+
+
+def _signature(fn, args, meta):
+    values = dict(zip(fn.arg_names, args))
+    values.update(meta)
+    num_warps = values.pop("num_warps", 4)
+    signature, constexprs = {}, {}
+    for i, (name, p) in enumerate(zip(fn.arg_names, fn.params)):
+        v = values[name]
+        if p.is_constexpr or v is None or (isinstance(v, int) and not isinstance(v, bool)
+                                           and v == 1):
+            signature[name] = "constexpr"
+            constexprs[(i,)] = v
+        elif isinstance(v, torch.Tensor):
+            signature[name] = "*" + _SIG[v.dtype]
+        elif isinstance(v, bool):
+            signature[name] = "i1"
+        elif isinstance(v, int):
+            signature[name] = "i64" if abs(v) >= 2**31 else "i32"
+        else:
+            raise TypeError(f"{name}: cannot type {type(v).__name__}")
+    return signature, constexprs, num_warps
+
+
+@dataclass
+class Record:
+    structure: str
+    dtype: str
+    layout: str
+    direction: str
+    arch: str
+    toolchain: str
+    kernel: str
+    config: dict
+    compiled: bool = False
+    error: str = ""
+    compile_s: float = 0.0
+    registers: int = 0
+    spill_bytes: int = 0
+    shared_bytes: int = 0
+    num_warps: int = 4
+    ctas_per_sm: int = 0
+    sass: dict = field(default_factory=dict)
+
+
+def _tool(name, *args) -> str:
+    return subprocess.run([os.path.join(BIN, name), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def _sass_classes(sass: str) -> dict:
+    counts = {"FFMA/HFMA": 0, "HMMA/MMA": 0, "LDG/STG": 0, "LDS/STS": 0, "SHFL": 0, "BAR": 0,
+              "other": 0}
+    for line in sass.splitlines():
+        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
+        if not m:
+            continue
+        op = m.group(1)
+        if op.startswith(("FFMA", "HFMA", "DFMA")):
+            counts["FFMA/HFMA"] += 1
+        elif op.startswith(("HMMA", "MMA", "HGMMA", "WGMMA", "IMMA")):
+            counts["HMMA/MMA"] += 1
+        elif op.startswith(("LDG", "STG", "LDGSTS")):
+            counts["LDG/STG"] += 1
+        elif op.startswith(("LDS", "STS", "LDSM")):
+            counts["LDS/STS"] += 1
+        elif op.startswith("SHFL"):
+            counts["SHFL"] += 1
+        elif op.startswith(("BAR", "BSYNC")):
+            counts["BAR"] += 1
+        else:
+            counts["other"] += 1
+    return counts
+
+
+def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
+    regs_sm, smem_sm, threads_sm, ctas_sm = SM_LIMITS[arch]
+    threads = 32 * num_warps
+    by_regs = regs_sm // max(1, registers * threads)
+    by_smem = smem_sm // shared if shared else ctas_sm
+    return max(0, min(by_regs, by_smem, threads_sm // threads, ctas_sm))
+
+
+def compile_launch(fn, args, meta, arch: int, rec: Record) -> Record:
+    signature, constexprs, num_warps = _signature(fn, args, meta)
+    rec.num_warps = num_warps
+    t0 = time.perf_counter()
+    try:
+        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                           target=GPUTarget("cuda", arch, 32),
+                           options={"num_warps": num_warps, "num_stages": 1})
+    except Exception as e:  # report the first lines, as the issue asks
+        rec.error = "\n".join(str(e).strip().splitlines()[:3])
+        rec.compile_s = time.perf_counter() - t0
+        return rec
+    rec.compile_s = time.perf_counter() - t0
+    rec.compiled = True
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        usage = _tool("cuobjdump", "--dump-resource-usage", f.name)
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+        rec.registers, stack, static_shared, local = (int(v) for v in m.groups())
+        rec.spill_bytes = stack + local
+        rec.shared_bytes = int(k.metadata.shared) + static_shared
+        rec.sass = _sass_classes(_tool("cuobjdump", "--dump-sass", f.name))
+    rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes, num_warps, arch)
+    return rec
+
+
+def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
+    """One :class:`Record` per kernel launched for this problem and configuration."""
+    out = []
+    for fn, args, meta in record(structure, dtype, layout, direction, config):
+        rec = Record(structure, dtype, layout, direction, f"sm_{arch}",
+                     f"triton {triton.__version__}", fn.__name__,
+                     {k: v for k, v in meta.items() if k != "PREC"})
+        out.append(compile_launch(fn, args, meta, arch, rec))
+    return out
+
+
+def autotune_configs(structure, dtype, direction) -> list:
+    """The configurations the autotuner may choose for this structure (after its pruning), as
+    ``K.override_config`` arguments."""
+    c_x, spec, perms, idx = structure_args(structure)
+    dt = _DTYPES[dtype]
+    x = torch.randn(2, c_x, 2, 2, dtype=dt)
+    chain = _chain.normalize(x, [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()],
+                             list(spec.groups), perms, input_index=idx)
+    st = K.make_structure(c_x, chain.channels, chain.groups, chain.shuffles,
+                          [p is not None for p in chain.perms], [False] * chain.num_layers,
+                          idx is not None, dt)
+    backward = direction == "backward"
+    configs = K._configs(st, backward)
+    kept = K._prune(st, backward)(configs, {}) if configs else []
+    out = []
+    for c in kept:
+        kw = c.kwargs
+        dense = [v for k, v in kw.items() if k.startswith("DENSE_")]
+        out.append(dict(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
+                        dense=dense[0] if dense else 0, keep=kw.get("KEEP", 1)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+STRUCTURES = ["igcv2(64,4)", "igcv2(128,8)", "igcv2(256,8)", "igcv2(256,16)", "igcv2(512,8)",
+              "igcv2(1024,32)", "igcv3-expand(64,6,2)", "igcv3-reduce(64,6,2)",
+              "condense(128,4)", "perm(256,8)"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Static GPU report of the Triton kernels")
+    p.add_argument("--structures", default=",".join(STRUCTURES).replace("),", ");"),
+                   help="';'-separated structures (default: the report's table)")
+    p.add_argument("--dtypes", default="float32,bfloat16,float16")
+    p.add_argument("--layouts", default="nchw,channels_last")
+    p.add_argument("--directions", default="forward,backward")
+    p.add_argument("--archs", default="90,80")
+    p.add_argument("--all-configs", action="store_true",
+                   help="every configuration the autotuner may choose (default: the default one)")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    rows = []
+    for s in args.structures.split(";"):
+        for dt in args.dtypes.split(","):
+            for lay in args.layouts.split(","):
+                for d in args.directions.split(","):
+                    configs = autotune_configs(s, dt, d) if args.all_configs else [None]
+                    for arch in (int(a) for a in args.archs.split(",")):
+                        for cfg in configs:
+                            for r in analyse(s, dt, lay, d, arch, cfg):
+                                rows.append(asdict(r))
+                                print(f"{s:<22} {dt:<9} {lay:<14} {d:<9} sm_{arch} "
+                                      f"{r.kernel[:28]:<28} {str(r.config):<60} "
+                                      + (f"regs {r.registers:3d} spill {r.spill_bytes:5d} smem "
+                                         f"{r.shared_bytes:6d} ctas/SM {r.ctas_per_sm}"
+                                         if r.compiled else f"FAILED {r.error[:60]}"),
+                                      flush=True)
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"triton": triton.__version__, "torch": torch.__version__, "rows": rows},
+                      f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
