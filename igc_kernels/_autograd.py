@@ -41,17 +41,12 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from ._chain import Chain, interleave_index, to_layout_of
+from ._chain import Chain, has_bias, interleave_index, to_layout_of
 
 
 # ---------------------------------------------------------------------------------------------
 # Op argument helpers
 # ---------------------------------------------------------------------------------------------
-def has_bias(b: torch.Tensor) -> bool:
-    """Whether an entry of the ops' ``biases`` list is a bias (``(0,)`` stands for none)."""
-    return not (b.dim() == 1 and b.shape[0] == 0)
-
-
 def _gather_index(shuffle: int, perm, channels: int, device) -> torch.Tensor:
     """The gather index of the permutation after a layer (identity included), int64."""
     if shuffle > 0:
@@ -552,7 +547,7 @@ def make_family(name: str, forward_op, backward_op, fits) -> Family:
 # ---------------------------------------------------------------------------------------------
 def raw_family(name, forward_op, backward_op, fits) -> Family:
     """The raw ops as a family: their own registered autograd makes them differentiable."""
-    return Family(name, lambda *a: forward_op(*a), lambda *a: backward_op(*a), fits)
+    return Family(name, forward_op, backward_op, fits)
 
 
 def setup_forward_context(ctx, inputs, output):

@@ -50,17 +50,16 @@ class Chain:
 
 
 def is_int(v) -> bool:
-    """An integer that is not a bool: Python ints and numpy integers (as torch accepts them)."""
-    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, _np_bool()))
+    """An integer that is not a bool: Python ints and numpy integers (as torch accepts them;
+    numpy's bool is not an ``Integral``)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
-def _np_bool():
-    np = sys.modules.get("numpy")
-    return np.bool_ if np is not None else bool
-
-
-def _is_int(v) -> bool:
-    return is_int(v)
+def has_bias(b: torch.Tensor) -> bool:
+    """Whether an entry of the ops' ``biases`` argument is a bias: the ops take ``biases``
+    empty or with one entry per layer, ``(0,)``-shaped for "no bias" (a ``Tensor?[]`` holding
+    ``None`` would be one opaque argument to torch.library's autograd)."""
+    return not (b.dim() == 1 and b.shape[0] == 0)
 
 
 def _is_ndarray(v) -> bool:
@@ -187,8 +186,6 @@ def normalize_permutation(p, layer: int, channels: int, groups: int, device, che
         is_identity = groups <= 1 or groups >= channels
         return (0 if is_identity else groups), None
     if isinstance(p, (list, tuple)) or _is_ndarray(p):
-        if isinstance(p, (list, tuple)) and not all(_is_int(v) for v in p):
-            raise TypeError(f"layer {layer}: permutation given as a sequence must hold ints")
         p = as_index_tensor(p, f"layer {layer}: permutation").to(device)
     if not isinstance(p, torch.Tensor):
         raise TypeError(
@@ -226,8 +223,6 @@ def normalize_input_index(idx, in_channels: int, device, check_values=True):
     if idx is None:
         return None
     if isinstance(idx, (list, tuple)) or _is_ndarray(idx):
-        if isinstance(idx, (list, tuple)) and not all(_is_int(v) for v in idx):
-            raise TypeError("input_index given as a sequence must hold ints")
         idx = as_index_tensor(idx, "input_index").to(device)
     if not isinstance(idx, torch.Tensor):
         raise TypeError(
@@ -283,7 +278,7 @@ def _check_layer(layer: int, G, W, b, c_in: int, x: torch.Tensor, has_index: boo
     """Check layer ``layer``'s groups, weight and bias (``None``: no bias) against the ``c_in``
     channels that reach it and ``x``'s dtype and device; return ``(G, W as 2-D, c_out)``."""
     device, dtype = x.device, x.dtype
-    if not _is_int(G):
+    if not is_int(G):
         raise TypeError(f"layer {layer}: groups must be an int, got {type(G).__name__} {G!r}")
     G = int(G)
     if G <= 0:
@@ -398,15 +393,14 @@ def validate_op_args(x, weights, biases, groups, shuffles, perms, input_index=No
     gs, w2d, bs, perm_out = [], [], [], []
     for i in range(L):
         layer = i + 1
-        b = biases[i] if len(biases) and not (biases[i].dim() == 1
-                                               and biases[i].shape[0] == 0) else None
+        b = biases[i] if len(biases) and has_bias(biases[i]) else None
         if isinstance(weights[i], torch.Tensor) and weights[i].dim() != 2:
             raise ValueError(f"layer {layer}: weight must be 2-D (C_{layer}, C_{layer - 1} / "
                              f"groups), got shape {_shape(weights[i])}")
         G, W, c_out = _check_layer(layer, groups[i], weights[i], b, channels[-1], x,
                                    input_index is not None)
         s = shuffles[i]
-        if not _is_int(s) or s < 0 or (s > 0 and c_out % s):
+        if not is_int(s) or s < 0 or (s > 0 and c_out % s):
             raise ValueError(f"layer {layer}: shuffles = {s} must be 0 or divide C_{layer} = "
                              f"{c_out}")
         p = perms[i]

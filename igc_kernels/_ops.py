@@ -31,7 +31,7 @@ import torch
 
 from ._chain import empty_like_layout
 from . import _autograd as A
-from ._autograd import has_bias
+from ._chain import has_bias
 
 
 def _num_weight_elems(weights) -> int:

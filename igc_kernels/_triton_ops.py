@@ -44,7 +44,21 @@ def _inverse(p: torch.Tensor) -> torch.Tensor:
     return torch.argsort(p, stable=True).to(torch.int32)
 
 
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+def channel_limit_reasons(chain) -> list:
+    """The kernels' width limit (every channel count, x's included, at most ``MAX_CHANNELS``:
+    a layer's tile of positions x channels lives in registers), as reasons; the backend's
+    declaration, the direct calls and the higher derivatives all ask this."""
+    widths = [("x", chain.in_channels)] if chain.input_index is not None else []
+    widths += [(f"C_{l}", c) for l, c in enumerate(chain.channels)]
+    return [f"{name} = {c} channels exceeds the Triton backend's limit of {K.MAX_CHANNELS} (a "
+            f"layer's tile of positions x channels is held in registers)"
+            for name, c in widths if c > K.MAX_CHANNELS]
+
+
+def _dtypes() -> tuple:
+    from .backends.triton import BACKEND
+
+    return BACKEND.dtypes
 
 
 def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
@@ -55,14 +69,12 @@ def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=No
     asynchronous device-side assert on GPUs), then against these kernels' own limits; all
     before any launch. The kernels clamp index entries either way."""
     chain = validate_op_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
-    if x.dtype not in _DTYPES:
+    if x.dtype not in _dtypes():
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float32, float16 "
                         f"and bfloat16")
-    for name, c in [("x", chain.in_channels)] + [(f"C_{l}", c)
-                                                  for l, c in enumerate(chain.channels)]:
-        if c > K.MAX_CHANNELS:
-            raise ValueError(f"{name} = {c} channels exceeds the Triton kernels' limit of "
-                             f"{K.MAX_CHANNELS}")
+    reasons = channel_limit_reasons(chain)
+    if reasons:
+        raise ValueError("; ".join(reasons))
     L = chain.num_layers
     bias_present = [b is not None for b in chain.biases]
     perm_present = [p is not None for p in chain.perms]
@@ -218,8 +230,7 @@ else:
 
 def _fits(x, chain) -> bool:
     """Whether these kernels run ``chain`` (the doubled chains of higher derivatives may not)."""
-    widths = [chain.in_channels, *chain.channels]
-    return max(widths) <= K.MAX_CHANNELS and x.dtype in _DTYPES
+    return x.dtype in _dtypes() and not channel_limit_reasons(chain)
 
 
 # The autograd formulas and vmap rules shared with the C++ ops (_ops.py), over this backend's ops.

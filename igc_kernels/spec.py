@@ -27,10 +27,6 @@ import torch
 from ._chain import _is_ndarray, as_index_tensor, interleave_index, is_int, normalize_permutation
 
 
-def _is_int(v) -> bool:
-    return is_int(v)
-
-
 def _positive_int(v, what: str) -> int:
     if not is_int(v) or v <= 0:
         raise ValueError(f"{what} must be a positive int, got {v!r}")
@@ -58,10 +54,10 @@ class ChainSpec:
                 f"got {len(channels)}"
             )
         for i, c in enumerate(channels):
-            if not _is_int(c) or c <= 0:
+            if not is_int(c) or c <= 0:
                 raise ValueError(f"channels[{i}] (C_{i}) must be a positive int, got {c!r}")
         for l, g in enumerate(groups, start=1):
-            if not _is_int(g) or g <= 0:
+            if not is_int(g) or g <= 0:
                 raise ValueError(f"layer {l}: groups must be a positive int, got {g!r}")
             if channels[l - 1] % g or channels[l] % g:
                 raise ValueError(
@@ -94,7 +90,7 @@ class ChainSpec:
         Complementary when ``C`` is a power of ``K``; dense (not complementary) otherwise.
         """
         C, K = channels, group_size
-        if not (_is_int(C) and _is_int(K)) or C <= 0 or K <= 0:
+        if not (is_int(C) and is_int(K)) or C <= 0 or K <= 0:
             raise ValueError(f"channels and group_size must be positive ints, got {C!r}, {K!r}")
         C, K = int(C), int(K)
         if C % K:

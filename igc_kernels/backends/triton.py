@@ -51,12 +51,7 @@ class TritonBackend(Backend):
         return []
 
     def limit_reasons(self, x, chain):
-        limit = triton_ops().K.MAX_CHANNELS
-        widths = [("x", chain.in_channels)] if chain.input_index is not None else []
-        widths += [(f"C_{l}", c) for l, c in enumerate(chain.channels)]
-        return [f"{name} = {c} channels exceeds the Triton backend's limit of {limit} (a "
-                f"layer's tile of positions x channels is held in registers)"
-                for name, c in widths if c > limit]
+        return triton_ops().channel_limit_reasons(chain)
 
     def run(self, x, chain):
         return run_op_family(triton_ops().FAMILY, x, chain)
