@@ -56,3 +56,25 @@ def test_default_forward_configuration_does_not_spill(report):
         assert r["spill_bytes"] == 0, (f"{r['structure']} {r['dtype']} {r['layout']}: "
                                        f"{r['spill_bytes']} bytes spilled, {r['registers']} regs")
         assert r["sass"]["FFMA/HFMA"] + r["sass"]["HMMA/MMA"] > 0
+
+
+def test_autotuner_pruning_drops_every_spilling_configuration():
+    """The autotuner's pruning run on real sm_90 compiles (tools/gpu_static.py --pruning: the
+    spills come from the cubins, the pruning is the package's own ``_prune``): what is kept
+    does not spill, what spills is dropped, and IGCV2(256, 8)'s forward has both kinds (BLOCK_P
+    >= 32 spills in float32), so the rule is exercised."""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_static.py"), "--pruning",
+                        "--structures", "igcv2(256,8)", "--dtypes", "float32", "--layouts",
+                        "nchw", "--directions", "forward", "--archs", "90"],
+                       capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    (line,) = [json.loads(s) for s in r.stdout.splitlines() if s.startswith("{")]
+    configs = line["configs"]
+    assert len(configs) >= 4
+    kept = [(c, s) for c, s, k in configs if k]
+    dropped = [(c, s) for c, s, k in configs if not k]
+    assert kept and all(s == 0 for _, s in kept), configs
+    assert dropped and all(s is None or s > 0 for _, s in dropped), configs
+    assert {"BLOCK_P": 16, "num_warps": 4} in [c for c, _ in kept]

@@ -524,3 +524,39 @@ def test_autotune_switch_and_launch_choice(monkeypatch):
         assert K.launch_choice(kern, False)[0] == "plain"
     finally:
         torch.use_deterministic_algorithms(prev)
+
+
+def test_autotuner_prunes_spilling_configurations(monkeypatch):
+    """The autotuner's pruning: configurations whose tiles clearly cannot fit go first; then,
+    with real GPU tensors, every configuration whose compiled kernel spills (here a stand-in
+    reports the spills; tests/test_gpu_static.py uses real sm_90 compiles); when all spill, the
+    least spilling one alone; a configuration that fails to compile is dropped; under tracing
+    (no real GPU tensors) only the first rule applies."""
+    import triton
+
+    from igc_kernels.triton_kernels import chain as K
+
+    st = K.make_structure(256, [256, 256], [32], [0], [False], [False], False, torch.float32)
+    configs = K._configs(st, False)
+    assert [(c.kwargs["BLOCK_P"], c.num_warps) for c in configs] == list(K.TILE_CONFIGS)
+    spilled = {16: 0, 32: 64, 64: 512, 128: 4096}
+
+    def spills(fn, c, named_args, kwargs):
+        assert fn == "fn" and kwargs == {"PREC": "ieee"} and "x_ptr" in named_args
+        if c.num_warps == 16:
+            raise RuntimeError("does not compile")
+        return spilled[c.kwargs["BLOCK_P"]]
+
+    prune = K._prune(st, False, "fn", spills)
+    args = {"x_ptr": torch.zeros(1)}
+    # on the CPU (and under tracing) the arguments are not real GPU tensors: cost rule only
+    assert prune(configs, args, PREC="ieee") == configs
+    monkeypatch.setattr(K, "_real_gpu_tensors", lambda named_args: True)
+    kept = prune(configs, args, PREC="ieee")
+    assert [(c.kwargs["BLOCK_P"], c.num_warps) for c in kept] == [(16, 4)]
+    spilled[16] = 8  # all spill: the least spilling one alone
+    assert [(c.kwargs["BLOCK_P"], c.num_warps) for c in prune(configs, args, PREC="ieee")] \
+        == [(16, 4)]
+    # none compiles: the list is left to the autotuner, which reports the compiler's error
+    assert K.spill_free(configs, lambda c: 1 / 0) == configs
+    assert K.spill_free([triton.Config({"BLOCK_P": 16})], lambda c: 0) != []

@@ -35,6 +35,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import igc_kernels as igc  # noqa: E402
+import perf_model  # noqa: E402  (tools/perf_model.py, beside this file)
 from igc_kernels import _chain  # noqa: E402
 from igc_kernels._ops import op_biases  # noqa: E402
 from igc_kernels.backends.triton import triton_ops  # noqa: E402
@@ -152,6 +153,15 @@ class Record:
     num_warps: int = 4
     ctas_per_sm: int = 0
     sass: dict = field(default_factory=dict)
+    backend: str = "triton"
+    reachable: bool = True
+    is_default: bool = False
+    per_position: bool = False
+    block_p: int = 0
+    c_x: int = 0
+    c_out: int = 0
+    macs_per_position: int = 0
+    dyn: dict = field(default_factory=dict)
 
 
 def _tool(name, *args) -> str:
@@ -160,27 +170,10 @@ def _tool(name, *args) -> str:
 
 
 def _sass_classes(sass: str) -> dict:
-    counts = {"FFMA/HFMA": 0, "HMMA/MMA": 0, "LDG/STG": 0, "LDS/STS": 0, "SHFL": 0, "BAR": 0,
-              "other": 0}
-    for line in sass.splitlines():
-        m = re.match(r"\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", line)
-        if not m:
-            continue
-        op = m.group(1)
-        if op.startswith(("FFMA", "HFMA", "DFMA")):
-            counts["FFMA/HFMA"] += 1
-        elif op.startswith(("HMMA", "MMA", "HGMMA", "WGMMA", "IMMA")):
-            counts["HMMA/MMA"] += 1
-        elif op.startswith(("LDG", "STG", "LDGSTS")):
-            counts["LDG/STG"] += 1
-        elif op.startswith(("LDS", "STS", "LDSM")):
-            counts["LDS/STS"] += 1
-        elif op.startswith("SHFL"):
-            counts["SHFL"] += 1
-        elif op.startswith(("BAR", "BSYNC")):
-            counts["BAR"] += 1
-        else:
-            counts["other"] += 1
+    """Static instruction counts of the cubin by class."""
+    counts = {c: 0 for c in perf_model.CLASSES}
+    for _, _, op, _ in perf_model.parse_sass(sass):
+        counts[perf_model.classify(op)] += 1
     return counts
 
 
@@ -214,18 +207,35 @@ def compile_launch(fn, args, meta, arch: int, rec: Record) -> Record:
         rec.registers, stack, static_shared, local = (int(v) for v in m.groups())
         rec.spill_bytes = stack + local
         rec.shared_bytes = int(k.metadata.shared) + static_shared
-        rec.sass = _sass_classes(_tool("cuobjdump", "--dump-sass", f.name))
+        sass = _tool("cuobjdump", "--dump-sass", f.name)
+        rec.sass = _sass_classes(sass)
+        if rec.per_position:
+            rec.dyn = perf_model.dynamic_counts(sass, persistent=rec.direction == "backward")
     rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes, num_warps, arch)
     return rec
 
 
+def chain_facts(structure: str) -> dict:
+    """Channels of x and y and multiply-adds per position (sum over layers of C_l n_l)."""
+    c_x, spec, _, _ = structure_args(structure)
+    macs = sum(c * k for c, k in spec.weight_shapes())
+    return {"c_x": c_x, "c_out": spec.out_channels, "macs_per_position": macs}
+
+
 def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
-    """One :class:`Record` per kernel launched for this problem and configuration."""
+    """One :class:`Record` per kernel launched for this problem and configuration (``None``:
+    the default configuration, the one the fixed launch path uses)."""
     out = []
+    facts = chain_facts(structure)
     for fn, args, meta in record(structure, dtype, layout, direction, config):
         rec = Record(structure, dtype, layout, direction, f"sm_{arch}",
                      f"triton {triton.__version__}", fn.__name__,
                      {k: v for k, v in meta.items() if k != "PREC"})
+        rec.is_default = config is None
+        rec.per_position = "BLOCK_P" in meta
+        rec.block_p = int(meta.get("BLOCK_P", 0))
+        rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
+        rec.macs_per_position = facts["macs_per_position"]
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
 
@@ -253,6 +263,50 @@ def autotune_configs(structure, dtype, direction) -> list:
     return out
 
 
+def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) -> list:
+    """The autotuner's pruning (``K._prune``) of this problem's configurations with the spills
+    read off sm_``arch`` cubins compiled here: ``[(config, spill bytes or None, kept)]``."""
+    fn, args, meta = record(structure, dtype, layout, direction)[0]
+    c_x, spec, perms, idx = structure_args(structure)
+    dt = _DTYPES[dtype]
+    x = torch.randn(2, c_x, 2, 2, dtype=dt)
+    chain = _chain.normalize(x, [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()],
+                             list(spec.groups), perms, input_index=idx)
+    st = K.make_structure(c_x, chain.channels, chain.groups, chain.shuffles,
+                          [p is not None for p in chain.perms], [False] * chain.num_layers,
+                          idx is not None, dt)
+    backward = direction == "backward"
+    tuned = {"BLOCK_P", "KEEP", "num_warps", *(k for k in meta if k.startswith("DENSE_"))}
+    named_args = dict(zip(fn.arg_names, args))
+    kwargs = {k: v for k, v in meta.items() if k not in tuned}
+    seen = {}
+
+    def spills(fn_, config, named, kw):
+        m = {**kw, **config.kwargs, "num_warps": config.num_warps}
+        rec = compile_launch(fn_, [named[n] for n in fn_.arg_names if n in named], m, arch,
+                             Record(structure, dtype, layout, direction, f"sm_{arch}", "", "",
+                                    {}))
+        seen[id(config)] = rec.spill_bytes if rec.compiled else None
+        if not rec.compiled:
+            raise RuntimeError(rec.error)
+        return rec.spill_bytes
+
+    configs = K._configs(st, backward)
+    real = K._real_gpu_tensors
+    K._real_gpu_tensors = lambda named: True
+    try:
+        kept = K._prune(st, backward, fn, spills)(configs, named_args, **kwargs)
+    finally:
+        K._real_gpu_tensors = real
+    return [(dict(c.kwargs, num_warps=c.num_warps), seen.get(id(c)), c in kept)
+            for c in configs]
+
+
+def _default_config_kwargs() -> dict:
+    d = K.DEFAULT_CONFIG
+    return dict(block_p=d.block_p, num_warps=d.num_warps, dense=d.dense, keep=d.keep)
+
+
 # ---------------------------------------------------------------------------------------------
 STRUCTURES = ["igcv2(64,4)", "igcv2(128,8)", "igcv2(256,8)", "igcv2(256,16)", "igcv2(512,8)",
               "igcv2(1024,32)", "igcv3-expand(64,6,2)", "igcv3-reduce(64,6,2)",
@@ -270,13 +324,30 @@ def main(argv=None) -> int:
     p.add_argument("--all-configs", action="store_true",
                    help="every configuration the autotuner may choose (default: the default one)")
     p.add_argument("--json", default=None)
+    p.add_argument("--pruning", action="store_true",
+                   help="run the autotuner's pruning on real compiles of each problem instead "
+                        "(one JSON line per problem: configuration, spilled bytes, kept)")
     args = p.parse_args(argv)
+    if args.pruning:
+        for s in args.structures.split(";"):
+            for dt in args.dtypes.split(","):
+                for lay in args.layouts.split(","):
+                    for d in args.directions.split(","):
+                        for arch in (int(a) for a in args.archs.split(",")):
+                            print(json.dumps({"structure": s, "dtype": dt, "layout": lay,
+                                              "direction": d, "arch": f"sm_{arch}",
+                                              "configs": pruning(s, dt, lay, d, arch)}),
+                                  flush=True)
+        return 0
     rows = []
     for s in args.structures.split(";"):
         for dt in args.dtypes.split(","):
             for lay in args.layouts.split(","):
                 for d in args.directions.split(","):
-                    configs = autotune_configs(s, dt, d) if args.all_configs else [None]
+                    configs = [None]
+                    if args.all_configs:  # the default, then what the autotuner may choose
+                        configs += [c for c in autotune_configs(s, dt, d)
+                                    if c != _default_config_kwargs()]
                     for arch in (int(a) for a in args.archs.split(",")):
                         for cfg in configs:
                             for r in analyse(s, dt, lay, d, arch, cfg):
@@ -290,8 +361,10 @@ def main(argv=None) -> int:
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "torch": torch.__version__, "rows": rows},
-                      f, indent=1)
+            json.dump({"triton": triton.__version__, "torch": torch.__version__,
+                       "command": "python tools/gpu_static.py " + " ".join(
+                           argv if argv is not None else sys.argv[1:]),
+                       "rows": rows}, f, indent=1)
     return 0
 
 

@@ -595,15 +595,18 @@ def _jit_from_source(src: str, name: str):
 # the structure (channels, groups, permutation kinds: one autotuner per generated kernel), the
 # tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
 # the batch or spatial sizes.
-#   (BLOCK_P, num_warps)  positions per program and warps: (16, 4), (32, 4), (64, 8), (128, 8)
+#   (BLOCK_P, num_warps)  positions per program and warps: (16, 4), (16, 16), (32, 4), (64, 8),
+#                         (128, 8); (16, 16) spreads the tile over more threads, the backward's
+#                         only spill-free configuration for some chains (docs/backends.md)
 #   DENSE                 every dense-eligible layer on the tl.dot path (1) or all on the FMA
 #                         path (0); only offered when some layer is eligible
 #   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
 #                         or recompute each layer's input from x when needed (0: fewer live
 #                         registers, L (L - 1) / 2 layer applications instead of L - 1)
-# At most 8 forward and 16 backward configurations per structure (each is a compilation on
-# first use). Configurations whose register tiles clearly cannot fit are pruned (_prune).
-TILE_CONFIGS = ((16, 4), (32, 4), (64, 8), (128, 8))
+# At most 10 forward and 20 backward configurations per structure (each is a compilation on
+# first use). _prune drops those whose register tiles clearly cannot fit, then those whose
+# compiled kernel spills (compiled for the GPU at hand before anything launches).
+TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8))
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
 REG_BUDGET = 128
@@ -653,15 +656,57 @@ def _tiles_live(st: Structure, backward: bool, keep: int) -> int:
     return 4 * max(widths)
 
 
-def _prune(st: Structure, backward: bool):
-    def prune(configs, named_args, **kwargs):
-        def cost(c):
-            kw = c.kwargs if hasattr(c, "kwargs") else c.all_kwargs()
-            live = _tiles_live(st, backward, kw.get("KEEP", 1))
-            return kw["BLOCK_P"] * live / (32 * c.num_warps)
+def _cost(st: Structure, backward: bool, config) -> float:
+    """Values per thread the program's live register tiles hold under ``config``."""
+    kw = config.kwargs if hasattr(config, "kwargs") else config.all_kwargs()
+    return kw["BLOCK_P"] * _tiles_live(st, backward, kw.get("KEEP", 1)) / (32 * config.num_warps)
 
-        ok = [c for c in configs if cost(c) <= 4 * REG_BUDGET]
-        return ok or [min(configs, key=cost)]
+
+def _compiled_spills(fn, config, named_args, kwargs):
+    """Bytes of local memory the compiled kernel uses under ``config`` (spills): compiles for
+    the current GPU without launching (``warmup``; the autotuner's timing runs reuse the
+    compiled kernel from Triton's cache)."""
+    k = fn.warmup(grid=(1,), **named_args, **kwargs, **config.all_kwargs())
+    k._init_handles()
+    return 4 * int(k.n_spills)
+
+
+def _real_gpu_tensors(named_args) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    ts = [v for v in named_args.values() if isinstance(v, torch.Tensor)]
+    return bool(ts) and all(t.is_cuda and not isinstance(t, FakeTensor) for t in ts)
+
+
+def spill_free(configs, spills) -> list:
+    """The configurations that do not spill (``spills(config)``: spilled bytes, or an exception
+    when it does not compile); when every configuration spills, the one spilling least, so a
+    launch still happens; when none compiles, ``configs`` unchanged (the autotuner then reports
+    the compiler's error)."""
+    measured = []
+    for c in configs:
+        try:
+            measured.append((spills(c), c))
+        except Exception:  # a configuration that does not compile is not offered
+            continue
+    if not measured:
+        return list(configs)
+    free = [c for s, c in measured if s == 0]
+    return free or [min(measured, key=lambda sc: sc[0])[1]]
+
+
+def _prune(st: Structure, backward: bool, fn=None, spills=_compiled_spills):
+    """The autotuner's ``early_config_prune``: drops configurations whose register tiles clearly
+    cannot fit (more than 4x REG_BUDGET values per thread), then, when the arguments are real
+    GPU tensors, every configuration whose compiled kernel spills (it is compiled, not
+    launched: a GPU never runs a spilling configuration unless all of them spill, and then only
+    the least spilling one). Under tracing (fake tensors) only the first rule applies."""
+    def prune(configs, named_args, **kwargs):
+        ok = [c for c in configs if _cost(st, backward, c) <= 4 * REG_BUDGET]
+        ok = ok or [min(configs, key=lambda c: _cost(st, backward, c))]
+        if fn is not None and len(ok) > 1 and _real_gpu_tensors(named_args):
+            ok = spill_free(ok, lambda c: spills(fn, c, named_args, kwargs))
+        return ok
     return prune
 
 
@@ -691,10 +736,10 @@ class Kernels:
         if not INTERPRETED:
             self.fwd_tuned = triton.autotune(
                 configs=_configs(st, False), key=["layout_key"],
-                prune_configs_by={"early_config_prune": _prune(st, False)})(self.fwd)
+                prune_configs_by={"early_config_prune": _prune(st, False, self.fwd)})(self.fwd)
             self.bwd_tuned = triton.autotune(
                 configs=_configs(st, True), key=["layout_key"],
-                prune_configs_by={"early_config_prune": _prune(st, True)},
+                prune_configs_by={"early_config_prune": _prune(st, True, self.bwd)},
                 reset_to_zero=["part_ptr"])(self.bwd)
 
     def fixed_meta(self, cfg: LaunchConfig, backward: bool) -> dict:

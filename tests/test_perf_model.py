@@ -1,0 +1,135 @@
+"""The performance model (tools/perf_model.py) on synthetic SASS: loop trip counts (element and
+byte counters, a predicate copied from a uniform predicate, a runtime-bounded tile loop), the
+prediction's bounds, and measured-beside-predicted pairing. The model on real cubins is checked
+in tests/test_gpu_static.py (slow): the dynamic FMA count of a compiled forward equals the
+chain's multiply-adds."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                "tools"))
+import perf_model as pm  # noqa: E402
+
+
+def _sass(lines):
+    return "\n".join(f"        /*{a:04x}*/                   {t} ;" for a, t in lines)
+
+
+# Prologue, a counted loop of 8 (element counter, 64-bit compare, predicate copied from a
+# uniform predicate), a loop of 32 counted in bytes (step 4 up to 0x80), an epilogue.
+COUNTED = _sass([
+    (0x0000, "MOV R1, c[0x0][0x28]"),
+    (0x0010, "CS2R R10, SRZ"),
+    (0x0020, "FFMA R2, R3, R4, R2"),        # loop 1 body
+    (0x0030, "SHFL.IDX PT, R5, R6, R7, 0x1f"),
+    (0x0040, "UIADD3 UR4, UP0, UR4, 0x1, URZ"),
+    (0x0050, "UISETP.NE.U32.AND UP0, UPT, UR4, 0x8, UPT"),
+    (0x0060, "UISETP.NE.U32.AND.EX UP0, UPT, UR5, URZ, UPT, UP0"),
+    (0x0070, "PLOP3.LUT P6, PT, PT, PT, UP0, 0x80, 0x0"),
+    (0x0080, "@P6 BRA 0x20"),
+    (0x0090, "FFMA R2, R3, R4, R2"),        # loop 2 body
+    (0x00a0, "LDS.128 R12, [R13]"),
+    (0x00b0, "IADD3 R10, P0, R10, 0x4, RZ"),
+    (0x00c0, "ISETP.NE.U32.AND P0, PT, R10, 0x80, PT"),
+    (0x00d0, "@P0 BRA 0x90"),
+    (0x00e0, "STG.E desc[UR4][R8.64], R2"),
+    (0x00f0, "EXIT"),
+    (0x0100, "BRA 0x100"),
+])
+
+
+def test_counted_loops_are_weighted_by_their_trip_counts():
+    ins = pm.parse_sass(COUNTED)
+    assert [(s, e, t) for s, e, t in pm._loops(ins)] == [(0x20, 0x80, 8), (0x90, 0xD0, 32)]
+    d = pm.dynamic_counts(COUNTED, persistent=False)
+    assert d["counts"]["FFMA/HFMA"] == 8 + 32
+    assert d["counts"]["SHFL"] == 8
+    assert d["counts"]["LDS/STS"] == 32
+    assert d["smem_bytes"] == 32 * 32 * 16  # 32 LDS.128 of 32 lanes x 16 bytes
+    assert d["counts"]["LDG/STG"] == 1
+    assert d["unresolved_loops"] == 0
+
+
+# A persistent kernel: the outer loop over tiles has a runtime bound (register compare).
+PERSISTENT = _sass([
+    (0x0000, "MOV R1, c[0x0][0x28]"),
+    (0x0010, "LDG.E R20, desc[UR4][R8.64]"),  # prologue: amortised over the tiles
+    (0x0020, "FFMA R2, R3, R4, R2"),            # tile loop body
+    (0x0030, "FFMA R2, R3, R4, R2"),            # inner loop of 4
+    (0x0040, "IADD3 R11, R11, 0x1, RZ"),
+    (0x0050, "ISETP.NE.AND P1, PT, R11, 0x4, PT"),
+    (0x0060, "@P1 BRA 0x30"),
+    (0x0070, "IADD3 R9, R9, R12, RZ"),
+    (0x0080, "ISETP.GE.AND P0, PT, R9, R13, PT"),
+    (0x0090, "@!P0 BRA 0x20"),
+    (0x00a0, "EXIT"),
+])
+
+
+def test_persistent_kernels_count_the_tile_loop_body_once_per_tile():
+    d = pm.dynamic_counts(PERSISTENT, persistent=True)
+    assert d["tile_loop"]
+    assert d["counts"]["FFMA/HFMA"] == 1 + 4
+    assert d["counts"]["LDG/STG"] == 0  # prologue
+    assert d["unresolved_loops"] == 0
+    # not persistent: the runtime loop is unresolved and counted once, the prologue counts
+    d2 = pm.dynamic_counts(PERSISTENT, persistent=False)
+    assert d2["unresolved_loops"] == 1 and d2["counts"]["LDG/STG"] == 1
+
+
+def _row(**kw):
+    row = {"dtype": "float32", "direction": "forward", "c_x": 256, "c_out": 256,
+           "block_p": 16, "num_warps": 4, "ctas_per_sm": 4,
+           "dyn": {"counts": {c: 0.0 for c in pm.CLASSES}, "smem_bytes": 0.0,
+                   "mma_fma": 0.0, "tf32_fma": 0.0}}
+    row.update(kw)
+    return row
+
+
+def test_prediction_bounds():
+    dev = pm.DEVICES["h200"]
+    # nothing to compute, enough CTAs: memory bound at the copy bandwidth
+    p = pm.predict(_row(ctas_per_sm=64), dev)
+    assert p["bound"] == "memory" and p["fraction_of_copy"] == pytest.approx(1.0)
+    # one CTA per SM loads, waits, stores: load / (latency + load) of the bandwidth
+    p1 = pm.predict(_row(ctas_per_sm=1), dev)
+    t_mem = 16 * (256 + 256) * 4 / (dev.copy_bytes_per_s / dev.sms)
+    assert p1["bound"] == "latency"
+    assert p1["fraction_of_copy"] == pytest.approx(t_mem / (dev.dram_latency_ns * 1e-9 + t_mem))
+    # shuffles are a quarter of the FMA rate: a shuffle per FMA makes the shuffle pipe bound
+    heavy = _row(ctas_per_sm=64)
+    heavy["dyn"]["counts"].update({"FFMA/HFMA": 2000.0, "SHFL": 2000.0})
+    ph = pm.predict(heavy, dev)
+    assert ph["bound"] == "shuffle" and ph["fraction_of_copy"] < 1.0
+    # more instructions never predict more bandwidth; the backward moves more bytes
+    heavier = _row(ctas_per_sm=64)
+    heavier["dyn"]["counts"].update({"FFMA/HFMA": 2000.0, "SHFL": 4000.0})
+    assert pm.predict(heavier, dev)["fraction_of_copy"] < ph["fraction_of_copy"]
+    assert pm.copy_bytes_per_position(_row(direction="backward")) == (2 * 256 + 256) * 4
+    # a slower copy (H100) makes the same kernel closer to its copy bandwidth
+    assert pm.predict(heavy, pm.DEVICES["h100"])["fraction_of_copy"] > ph["fraction_of_copy"]
+
+
+def test_records_label_predictions_and_pair_measurements():
+    base = dict(structure="igcv2(256,8)", layout="nchw", arch="sm_90", toolchain="triton x",
+                kernel="k", config={"BLOCK_P": 16}, compiled=True, registers=100,
+                spill_bytes=0, shared_bytes=1024, per_position=True, is_default=True)
+    report = {"rows": [{**_row(ctas_per_sm=64), **base},
+                       {**_row(), **base, "per_position": False, "kernel": "reduce"},
+                       {**_row(), **base, "arch": "sm_80"}]}
+    recs = pm.records(report, "h200")
+    assert [r["bound"] for r in recs] == ["memory", "one-off (not per position)",
+                                         "no model for sm_80"]
+    assert all(r["prediction"].startswith("PREDICTED") for r in recs)
+    assert recs[0]["predicted_fraction_of_copy"] == pytest.approx(1.0)
+    assert "PREDICTIONS" in pm.markdown(recs, "cmd")
+    lines = pm.measured_beside_predicted(recs, {"rows": [
+        {"backend": "triton", "direction": "forward", "structure": "igcv2(256,8)",
+         "dtype": "float32", "layout": "nchw", "fraction_of_copy": 0.5}]})
+    assert lines == ["triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100% "
+                     "(best reachable configuration)"]

@@ -1,0 +1,391 @@
+"""Performance model of the GPU kernels: turns the static report of tools/gpu_static.py (compiled
+SASS, registers, shared memory, occupancy) into a predicted time per position on an H100 / H200,
+and the fraction of copy bandwidth that time reaches. PREDICTIONS, not measurements: nothing here
+ran on a GPU. docs/benchmarks.md ("Performance model") states the model and its assumptions.
+
+    python tools/gpu_static.py --json benchmarks/out/gpu-static.json ...
+    python tools/perf_model.py benchmarks/out/gpu-static.json \
+        --json benchmarks/results/predicted-h200.json --markdown benchmarks/results/predicted-h200.md
+    python tools/perf_model.py REPORT --measured benchmarks/out/bench-cuda.json   # calibration
+
+The model, per kernel launch configuration (one CTA processes one tile of BLOCK_P positions;
+a persistent kernel loops over tiles):
+* dynamic SASS per tile: each instruction of the cubin weighted by the trip counts of the loops
+  around it (``dynamic_counts``), times the warps of the CTA;
+* the SM's time per tile is the maximum of the pipes it needs: instruction issue (4 warp
+  instructions per clock), the FP32/FP16 FMA pipe (4 warp FMAs per clock), shuffles (1 warp
+  SHFL per clock), shared memory (128 bytes per clock), tensor cores (``mma.sync`` at
+  ``mma_fma_per_clk`` multiply-adds per clock, half for TF32), and the tile's share of the
+  device-copy bandwidth;
+* latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
+  with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
+  k / (latency + compute time) tiles per second;
+* time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
+  bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
+  backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
+  partial-row reduction) and launch overheads are not per position and are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass
+
+# ---------------------------------------------------------------------------------------------
+# Devices
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    arch: str
+    sms: int
+    clock_hz: float
+    copy_bytes_per_s: float  # device-to-device copy, bytes read + written per second
+    dram_latency_ns: float
+    issue_per_clk: float = 4.0        # warp instructions per clock per SM (4 schedulers)
+    fma_per_clk: float = 4.0          # warp FFMA/HFMA2 per clock per SM (128 FP32 lanes)
+    shfl_per_clk: float = 1.0         # warp shuffles per clock per SM (32 lanes per clock)
+    smem_bytes_per_clk: float = 128.0
+    mma_fma_per_clk: float = 1024.0   # 16-bit mma.sync multiply-adds per clock per SM
+
+
+# Copy bandwidths: the project's device notes (H200 ~4.3 TB/s read+write measured with a
+# device copy) and the issue's H100 figure; clocks are the boost clocks; the mma.sync rate is
+# half of Hopper's dense 16-bit peak (which needs wgmma), the A100 per-SM rate.
+DEVICES = {
+    "h200": Device("H200", "sm_90", 132, 1.98e9, 4.3e12, 700.0),
+    "h100": Device("H100 SXM", "sm_90", 132, 1.98e9, 3.0e12, 700.0),
+}
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+# ---------------------------------------------------------------------------------------------
+# SASS: dynamic instruction counts
+# ---------------------------------------------------------------------------------------------
+_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+CLASSES = ("FFMA/HFMA", "HMMA/MMA", "LDG/STG", "LDS/STS", "SHFL", "BAR", "other")
+
+
+def classify(op: str) -> str:
+    if op.startswith(("FFMA", "HFMA", "DFMA")):
+        return "FFMA/HFMA"
+    if op.startswith(("HMMA", "MMA", "HGMMA", "WGMMA", "IMMA")):
+        return "HMMA/MMA"
+    if op.startswith(("LDG", "STG", "LDGSTS", "RED", "ATOM")):
+        return "LDG/STG"
+    if op.startswith(("LDS", "STS", "LDSM")):
+        return "LDS/STS"
+    if op.startswith("SHFL"):
+        return "SHFL"
+    if op.startswith(("BAR", "BSYNC")):
+        return "BAR"
+    return "other"
+
+
+def parse_sass(sass: str) -> list:
+    """``[(address, predicate, opcode, operands)]`` of every instruction of one kernel."""
+    out = []
+    for line in sass.splitlines():
+        m = _LINE.match(line)
+        if m:
+            out.append((int(m.group(1), 16), (m.group(2) or "").strip(), m.group(3),
+                        m.group(4).strip()))
+    return out
+
+
+def _imm(field: str):
+    return int(field, 0) if re.fullmatch(r"0x[0-9a-f]+|\d+", field) else None
+
+
+def _trip_count(ins: list, start: int, end: int, reg: str, bound: int):
+    """Trip count of a loop whose counter ``reg`` is compared with the immediate ``bound``: the
+    counter's step is the immediate of the add that updates it inside the loop (a counter may
+    count elements or bytes), its first value the immediate it is set to before the loop (0 when
+    it is cleared or not found)."""
+    step = None
+    for a, _, op, args in ins:
+        if start <= a <= end and op.startswith(("IADD3", "UIADD3", "IADD", "VIADD")):
+            f = [x.strip() for x in args.split(",")]
+            operands = [x for x in f[1:] if not x.startswith(("P", "!P", "UP", "!UP"))]
+            if f[0] == reg and reg in operands:
+                imms = [_imm(x) for x in operands if _imm(x) is not None]
+                if imms:
+                    step = imms[0]
+                    break
+    if not step or step <= 0:
+        return None
+    first = 0
+    for a, _, op, args in reversed([i for i in ins if i[0] < start]):
+        f = [x.strip() for x in args.split(",")]
+        if f and f[0] == reg:
+            if op.startswith("MOV") and len(f) > 1 and _imm(f[1]) is not None:
+                first = _imm(f[1])
+            break
+    n = (bound - first) // step
+    return n if n > 0 and (bound - first) % step == 0 else None
+
+
+def _loops(ins: list) -> list:
+    """Backward branches as loops ``(start, end, trip)``: ``trip`` is the immediate the loop's
+    exit predicate is compared with (a counter from 0 in steps of 1, as Triton's and nvcc's
+    counted loops compile), or None when the bound is a register (a runtime trip count)."""
+    loops = []
+    for i, (addr, pred, op, args) in enumerate(ins):
+        if not op.startswith("BRA"):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", args)
+        if not m:
+            continue
+        target = int(m.group(1), 16)
+        if target >= addr:  # forward branch, or the trailing self-loop after EXIT
+            continue
+        p = pred.lstrip("@!")
+        trip = None
+        for a2, _, op2, args2 in reversed(ins[:i]):
+            if a2 < target:
+                break
+            first_field = args2.split(",")[0].strip()
+            if op2.startswith("PLOP3") and first_field == p:
+                # a predicate copied from a uniform predicate: follow the copy
+                src = [f.strip().lstrip("!") for f in args2.split(",")[1:]]
+                src = [f for f in src if re.fullmatch(r"U?P[0-6]", f)]
+                if len(src) == 1:
+                    p = src[0]
+                    continue
+                break
+            if op2.startswith(("ISETP", "UISETP")) and first_field == p:
+                if ".EX" in op2:  # the high word of a 64-bit compare: keep looking
+                    continue
+                fields = [f.strip() for f in args2.split(",")]
+                if len(fields) >= 4 and re.fullmatch(r"0x[0-9a-f]+|\d+", fields[3]):
+                    trip = _trip_count(ins, target, addr, fields[2], int(fields[3], 0))
+                break
+        loops.append((target, addr, trip))
+    return loops
+
+
+def dynamic_counts(sass: str, persistent: bool) -> dict:
+    """Warp instructions one warp executes per tile, by class, with each instruction weighted by
+    the trip counts of the counted loops around it. In a ``persistent`` kernel the outermost
+    loop with a runtime bound is the loop over tiles: its body counts once per tile and what
+    lies outside it (prologue, epilogue) is amortised over the tiles (weight 0). Also returns
+    shared-memory bytes per warp, tensor-core multiply-adds per warp and what the analysis could
+    not resolve (``unresolved_loops``: loops with a runtime bound other than the tile loop,
+    counted once)."""
+    ins = parse_sass(sass)
+    loops = _loops(ins)
+    tile_loop = None
+    if persistent:
+        runtime = [lp for lp in loops if lp[2] is None]
+        if runtime:
+            tile_loop = max(runtime, key=lambda lp: lp[1] - lp[0])
+    unresolved = sum(1 for lp in loops if lp[2] is None and lp is not tile_loop)
+    counts = {c: 0.0 for c in CLASSES}
+    smem_bytes = mma_fma = tf32_fma = 0.0
+    for addr, _, op, args in ins:
+        if op == "EXIT" or (op.startswith("BRA") and f"0x{addr:x}" in args):
+            continue
+        w = 1.0
+        if tile_loop is not None and not (tile_loop[0] <= addr <= tile_loop[1]):
+            w = 0.0
+        for start, end, trip in loops:
+            if start <= addr <= end and trip is not None:
+                w *= trip
+        if w == 0.0:
+            continue
+        cls = classify(op)
+        counts[cls] += w
+        if cls == "LDS/STS":
+            width = re.search(r"\.(32|64|128|U8|S8|U16|S16)\b", op)
+            bits = int(width.group(1)) if width and width.group(1).isdigit() else 32
+            smem_bytes += w * 32 * max(bits, 32) / 8
+        elif cls == "HMMA/MMA":
+            shape = re.match(r"HMMA\.(\d+)", op)  # HMMA.16816: m16 n8 k16
+            if shape:
+                f = {"16816": 2048, "1688": 1024, "1684": 512}.get(shape.group(1), 0)
+                if "TF32" in op:
+                    tf32_fma += w * f
+                else:
+                    mma_fma += w * f
+    return {"counts": counts, "smem_bytes": smem_bytes, "mma_fma": mma_fma,
+            "tf32_fma": tf32_fma, "loops": len(loops), "unresolved_loops": unresolved,
+            "tile_loop": tile_loop is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prediction
+# ---------------------------------------------------------------------------------------------
+def copy_bytes_per_position(row: dict) -> int:
+    """Bytes the operator must move per position: forward x + y, backward x + grad_y + grad_x."""
+    b = _DTYPE_BYTES[row["dtype"]]
+    if row["direction"] == "forward":
+        return (row["c_x"] + row["c_out"]) * b
+    return (2 * row["c_x"] + row["c_out"]) * b
+
+
+def predict(row: dict, dev: Device) -> dict:
+    """Predicted time per position and its bound for one compiled per-position kernel (a row of
+    tools/gpu_static.py with ``dyn``, ``block_p``, ``num_warps``, ``ctas_per_sm``)."""
+    dyn = row["dyn"]
+    warps = row["num_warps"]
+    c = {k: v * warps for k, v in dyn["counts"].items()}  # warp instructions per tile
+    total = sum(c.values())
+    clk = 1.0 / dev.clock_hz
+    pipes = {
+        "issue": total / dev.issue_per_clk * clk,
+        "fma": c["FFMA/HFMA"] / dev.fma_per_clk * clk,
+        "shuffle": c["SHFL"] / dev.shfl_per_clk * clk,
+        "shared": dyn["smem_bytes"] * warps / dev.smem_bytes_per_clk * clk,
+        "tensor": (dyn["mma_fma"] + 2 * dyn["tf32_fma"]) * warps / dev.mma_fma_per_clk * clk,
+    }
+    compute_bound = max(pipes, key=pipes.get)
+    t_compute = pipes[compute_bound]  # seconds per tile on one SM
+    bpp = copy_bytes_per_position(row)
+    t_memory = row["block_p"] * bpp / (dev.copy_bytes_per_s / dev.sms)
+    k = max(1, row["ctas_per_sm"])
+    t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
+    terms = {**pipes, "memory": t_memory, "latency": t_latency}
+    bound = max(terms, key=terms.get)
+    t_tile = terms[bound]
+    t_pos = t_tile / (dev.sms * row["block_p"])
+    t_copy = bpp / dev.copy_bytes_per_s
+    return {"seconds_per_position": t_pos, "fraction_of_copy": t_copy / t_pos, "bound": bound,
+            "terms_per_tile_ns": {k2: v * 1e9 for k2, v in terms.items()},
+            "copy_bytes_per_position": bpp}
+
+
+def _structure_label(row: dict) -> str:
+    return row["structure"]
+
+
+def records(report: dict, device: str = "h200") -> list:
+    """The prediction records of a gpu_static report (the JSON schema in docs/benchmarks.md)."""
+    dev = DEVICES[device]
+    out = []
+    for r in report["rows"]:
+        per_position = r.get("per_position", False)
+        rec = {
+            "backend": r.get("backend", "triton"), "direction": r["direction"],
+            "structure": _structure_label(r), "dtype": r["dtype"], "layout": r["layout"],
+            "arch": r["arch"], "toolchain": r["toolchain"], "kernel": r["kernel"],
+            "config": r["config"], "reachable": r.get("reachable", True),
+            "compiled": r["compiled"], "registers": r["registers"],
+            "spill_bytes": r["spill_bytes"], "shared_bytes": r["shared_bytes"],
+            "ctas_per_sm": r["ctas_per_sm"], "prediction": "PREDICTED (model, no GPU run)",
+            "device_model": dev.name, "predicted_fraction_of_copy": None, "bound": None,
+        }
+        if not r["compiled"]:
+            rec["bound"] = "not compiled"
+        elif not per_position:
+            rec["bound"] = "one-off (not per position)"
+        elif r["arch"] != dev.arch or not r.get("dyn"):
+            rec["bound"] = f"no model for {r['arch']}"
+        else:
+            p = predict(r, dev)
+            rec["predicted_fraction_of_copy"] = round(p["fraction_of_copy"], 4)
+            rec["bound"] = p["bound"]
+            rec["predicted_ns_per_kposition"] = round(p["seconds_per_position"] * 1e12, 3)
+            rec["terms_per_tile_ns"] = {k: round(v, 2) for k, v in p["terms_per_tile_ns"].items()}
+            rec["dynamic_warp_instructions_per_position"] = {
+                k: round(v * r["num_warps"] / r["block_p"], 2)
+                for k, v in r["dyn"]["counts"].items()}
+            rec["unresolved_loops"] = r["dyn"].get("unresolved_loops", 0)
+            if dev.name != "H100 SXM":
+                rec["predicted_fraction_of_copy_h100"] = round(
+                    predict(r, DEVICES["h100"])["fraction_of_copy"], 4)
+        out.append(rec)
+    return out
+
+
+def markdown(recs: list, command: str) -> str:
+    lines = ["# Predicted fraction of copy bandwidth (PREDICTIONS: model, no GPU run)", "",
+             f"Command: `{command}`", "",
+             "Model: tools/perf_model.py, docs/benchmarks.md (\"Performance model\"). Per "
+             "structure, dtype, layout and direction: the best reachable configuration (the "
+             "autotuner would pick it if the model is right) and the default configuration.", "",
+             "| backend | direction | structure | dtype | layout | best config | regs | spill B "
+             "| predicted H200 | bound | default config predicted H200 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {}
+    for r in recs:
+        if r["predicted_fraction_of_copy"] is None or not r["reachable"]:
+            continue
+        key = (r["backend"], r["direction"], r["structure"], r["dtype"], r["layout"], r["arch"])
+        groups.setdefault(key, []).append(r)
+    for key, rs in sorted(groups.items()):
+        best = max(rs, key=lambda r: r["predicted_fraction_of_copy"])
+        default = [r for r in rs if r.get("is_default")]
+        d = f"{default[0]['predicted_fraction_of_copy']:.0%}" if default else "-"
+        cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
+                        if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {cfg} | "
+                     f"{best['registers']} | {best['spill_bytes']} | "
+                     f"{best['predicted_fraction_of_copy']:.0%} | {best['bound']} | {d} |")
+    return "\n".join(lines) + "\n"
+
+
+def measured_beside_predicted(recs: list, measured: dict) -> list:
+    """Lines pairing predicted and measured fractions of copy bandwidth, for the rows of a
+    GPU benchmark JSON (benchmarks/bench.py --device cuda --json) that carry
+    ``fraction_of_copy`` and name a structure, dtype, layout and direction."""
+    out = []
+    rows = measured.get("rows", measured if isinstance(measured, list) else [])
+    for m in rows:
+        if "fraction_of_copy" not in m:
+            continue
+        match = [r for r in recs if r["predicted_fraction_of_copy"] is not None
+                 and r["structure"] == m.get("structure") and r["dtype"] == m.get("dtype")
+                 and r["layout"] == m.get("layout") and r["direction"] == m.get("direction")
+                 and r["backend"] == m.get("backend", r["backend"])]
+        if match:
+            best = max(r["predicted_fraction_of_copy"] for r in match)
+            out.append(f"{m.get('backend', '?')} {m['direction']} {m['structure']} {m['dtype']} "
+                       f"{m['layout']}: measured {m['fraction_of_copy']:.0%}, predicted "
+                       f"{best:.0%} (best reachable configuration)")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description="Predicted GPU performance from a static report")
+    p.add_argument("report", help="JSON written by tools/gpu_static.py --json")
+    p.add_argument("--device", default="h200", choices=sorted(DEVICES))
+    p.add_argument("--json", default=None)
+    p.add_argument("--markdown", default=None)
+    p.add_argument("--measured", default=None,
+                   help="a GPU benchmark JSON: print measured beside predicted")
+    args = p.parse_args(argv)
+    with open(args.report) as f:
+        report = json.load(f)
+    recs = records(report, args.device)
+    command = "python tools/perf_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    meta = {"prediction": "PREDICTED: performance model of tools/perf_model.py, nothing ran on a "
+                          "GPU", "command": command, "report_command": report.get("command"),
+            "triton": report.get("triton"), "torch": report.get("torch"),
+            "device_model": DEVICES[args.device].__dict__}
+    for r in recs:
+        if r["predicted_fraction_of_copy"] is not None:
+            print(f"{r['backend']:<6} {r['direction']:<8} {r['structure']:<22} {r['dtype']:<8} "
+                  f"{r['layout']:<13} {str(r['config']):<70} "
+                  f"{r['predicted_fraction_of_copy']:6.1%} {r['bound']}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({**meta, "records": recs}, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(recs, command))
+    if args.measured:
+        with open(args.measured) as f:
+            for line in measured_beside_predicted(recs, json.load(f)):
+                print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
