@@ -4,6 +4,10 @@
 # Offline machines that already have torch (and triton, pytest, hypothesis) install nothing.
 PY ?= python3
 TORCH_PIN ?= torch==2.13.0
+# The GPU machine's Triton, installed beside the main one for compile-only checks (sm_90 cubins
+# built without a GPU: tests/test_gpu_static.py, make gpu-static).
+TRITON_ALT_PIN ?= triton==3.6.0
+TRITON_ALT := build/triton-3.6.0
 STAMP := build/.igc-ext-stamp
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 
@@ -16,6 +20,9 @@ deps:
 	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install pytest hypothesis
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton || \
 		echo "triton could not be installed: the 'triton' backend will be unavailable"
+	@test -d $(TRITON_ALT)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON_ALT) \
+		"$(TRITON_ALT_PIN)" || echo "$(TRITON_ALT_PIN) could not be installed into \
+		$(TRITON_ALT): the compile checks with the GPU machine's Triton will be skipped"
 
 $(STAMP): $(EXT_SOURCES)
 	MAX_JOBS=$${MAX_JOBS:-2} $(PY) -m pip install --no-build-isolation --no-deps -e .
@@ -38,11 +45,18 @@ bench-pytest: install
 	@$(PY) -c "import pytest_benchmark" 2>/dev/null || $(PY) -m pip install pytest-benchmark
 	$(PY) -m pytest benchmarks/test_bench_cpu.py --benchmark-only -q
 
-# Static GPU report of the Triton kernels (compiled for sm_90 and sm_80 without a GPU): registers,
-# spills, shared memory, occupancy and SASS classes per kernel and configuration.
+# Static GPU report (compiled for sm_90 / sm_80 without a GPU): registers, spills, shared memory,
+# occupancy and SASS classes per kernel and configuration, for the Triton kernels with the CI's
+# Triton and with the GPU machine's, and the CUDA kernels; then the performance model's
+# predictions (H200) from it. Takes long (every configuration): GPU_STATIC_ARGS narrows it.
+GPU_STATIC_ARGS ?= --all-configs --archs 90,80
 gpu-static: install
-	env -u TRITON_INTERPRET $(PY) tools/gpu_static.py --all-configs \
+	env -u TRITON_INTERPRET $(PY) tools/gpu_static.py --cuda $(GPU_STATIC_ARGS) \
 		--json benchmarks/out/gpu-static.json
+	test ! -d $(TRITON_ALT)/triton || env -u TRITON_INTERPRET PYTHONPATH=$(TRITON_ALT) \
+		$(PY) tools/gpu_static.py $(GPU_STATIC_ARGS) --json benchmarks/out/gpu-static-triton-3.6.0.json
+	$(PY) tools/perf_model.py benchmarks/out/gpu-static.json \
+		--json benchmarks/out/predicted-h200.json --markdown benchmarks/out/predicted-h200.md
 
 info: install
 	$(PY) -m igc_kernels.info

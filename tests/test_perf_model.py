@@ -55,6 +55,15 @@ def test_counted_loops_are_weighted_by_their_trip_counts():
     assert d["unresolved_loops"] == 0
 
 
+def test_spilled_registers_count_as_l1_traffic():
+    sass = _sass([(0x0000, "STL.64 [R1], R2"), (0x0010, "LDL R3, [R1+0x8]"), (0x0020, "EXIT")])
+    d = pm.dynamic_counts(sass, persistent=False)
+    assert d["local_bytes"] == 32 * 8 + 32 * 4 and d["smem_bytes"] == 0
+    row = _row(ctas_per_sm=64)
+    row["dyn"]["local_bytes"] = 1e6
+    assert pm.predict(row, pm.DEVICES["h200"])["bound"] == "shared/L1"
+
+
 # A persistent kernel: the outer loop over tiles has a runtime bound (register compare).
 PERSISTENT = _sass([
     (0x0000, "MOV R1, c[0x0][0x28]"),
@@ -128,8 +137,10 @@ def test_records_label_predictions_and_pair_measurements():
     assert all(r["prediction"].startswith("PREDICTED") for r in recs)
     assert recs[0]["predicted_fraction_of_copy"] == pytest.approx(1.0)
     assert "PREDICTIONS" in pm.markdown(recs, "cmd")
+    gpu_row = {"kind": "fused", "metric": "time", "mode": "fwd", "backend": "triton",
+               "config": {"channels": 256, "group_size": 8, "depth": None},
+               "dtype": "float32", "layout": "nchw", "frac_copy_bw": 0.5}
     lines = pm.measured_beside_predicted(recs, {"rows": [
-        {"backend": "triton", "direction": "forward", "structure": "igcv2(256,8)",
-         "dtype": "float32", "layout": "nchw", "fraction_of_copy": 0.5}]})
-    assert lines == ["triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100% "
-                     "(best reachable configuration)"]
+        gpu_row, {**gpu_row, "dtype": "bfloat16"}, {**gpu_row, "kind": "chain"}]})
+    assert lines == ["triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100%",
+                     "triton forward igcv2(256,8) bfloat16 nchw: measured 50%, no prediction"]

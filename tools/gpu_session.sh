@@ -8,7 +8,9 @@
 #   sanitize  compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
 #             sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
 #             allocation and out-of-bounds accesses are seen)
-#   bench     benchmarks/bench.py --device cuda --targets (JSON under the output folder)
+#   bench     benchmarks/bench.py --device cuda --targets (JSON under the output folder), then
+#             each measured fraction of copy bandwidth beside the committed prediction
+#             (tools/perf_model.py --measured, from benchmarks/results/gpu-static-*.json)
 #   sweep     benchmarks/bench.py --device cuda --sweep --no-compile
 #
 # Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing
@@ -59,7 +61,9 @@ for step in "${steps[@]}"; do
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
     test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
     sanitize) run_step sanitize sanitize_all ;;
-    bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;;
+    bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
+      run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
+        --measured "$OUT/bench-targets.json" ;;
     sweep) run_step sweep "$PY" benchmarks/bench.py --device cuda --sweep --no-compile --json "$OUT/bench-sweep.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -35,6 +36,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 import igc_kernels as igc  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import perf_model  # noqa: E402  (tools/perf_model.py, beside this file)
 from igc_kernels import _chain  # noqa: E402
 from igc_kernels._ops import op_biases  # noqa: E402
@@ -156,6 +158,7 @@ class Record:
     backend: str = "triton"
     reachable: bool = True
     is_default: bool = False
+    autotuner_keeps: bool = False  # among what the autotuner times after its pruning
     per_position: bool = False
     block_p: int = 0
     c_x: int = 0
@@ -240,17 +243,22 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
     return out
 
 
-def autotune_configs(structure, dtype, direction) -> list:
-    """The configurations the autotuner may choose for this structure (after its pruning), as
-    ``K.override_config`` arguments."""
+def kernel_structure(structure: str, dtype: str):
+    """The Triton kernels' ``Structure`` of a named structure (what the autotuner keys on)."""
     c_x, spec, perms, idx = structure_args(structure)
     dt = _DTYPES[dtype]
     x = torch.randn(2, c_x, 2, 2, dtype=dt)
     chain = _chain.normalize(x, [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()],
                              list(spec.groups), perms, input_index=idx)
-    st = K.make_structure(c_x, chain.channels, chain.groups, chain.shuffles,
-                          [p is not None for p in chain.perms], [False] * chain.num_layers,
-                          idx is not None, dt)
+    return K.make_structure(c_x, chain.channels, chain.groups, chain.shuffles,
+                            [p is not None for p in chain.perms], [False] * chain.num_layers,
+                            idx is not None, dt)
+
+
+def autotune_configs(structure, dtype, direction) -> list:
+    """The configurations the autotuner may choose for this structure (after its pruning), as
+    ``K.override_config`` arguments."""
+    st = kernel_structure(structure, dtype)
     backward = direction == "backward"
     configs = K._configs(st, backward)
     kept = K._prune(st, backward)(configs, {}) if configs else []
@@ -267,14 +275,7 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     """The autotuner's pruning (``K._prune``) of this problem's configurations with the spills
     read off sm_``arch`` cubins compiled here: ``[(config, spill bytes or None, kept)]``."""
     fn, args, meta = record(structure, dtype, layout, direction)[0]
-    c_x, spec, perms, idx = structure_args(structure)
-    dt = _DTYPES[dtype]
-    x = torch.randn(2, c_x, 2, 2, dtype=dt)
-    chain = _chain.normalize(x, [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()],
-                             list(spec.groups), perms, input_index=idx)
-    st = K.make_structure(c_x, chain.channels, chain.groups, chain.shuffles,
-                          [p is not None for p in chain.perms], [False] * chain.num_layers,
-                          idx is not None, dt)
+    st = kernel_structure(structure, dtype)
     backward = direction == "backward"
     tuned = {"BLOCK_P", "KEEP", "num_warps", *(k for k in meta if k.startswith("DENSE_"))}
     named_args = dict(zip(fn.arg_names, args))
@@ -302,6 +303,85 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
             for c in configs]
 
 
+# ---------------------------------------------------------------------------------------------
+# CUDA kernels: one compilation serves every chain (the chain is a run-time parameter)
+# ---------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CUDA_DTYPES = {"I13__nv_bfloat16f": "bfloat16", "I6__halff": "float16", "Iff": "float32",
+                "Idd": "float64"}
+CUDA_THREADS = 256  # kThreads of csrc/cuda/chain_kernels.cuh
+
+
+def cuda_records(archs) -> list:
+    """Registers, spills (ptxas's spill stores), stack and static shared memory of every CUDA
+    kernel and dtype (``tests/csrc/chain_kernels_instantiate.cu``) for each arch, from
+    ``nvcc -Xptxas -v`` (the compilations run in parallel). The dynamic shared memory is sized
+    per chain at launch (``plan_forward`` / ``plan_backward``); the kernels' loops have
+    run-time trip counts, so the model has no per-position count for them."""
+    import shutil
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        raise SystemExit("--cuda needs nvcc on PATH")
+    version = re.search(r"release ([\d.]+)",
+                        subprocess.run([nvcc, "--version"], capture_output=True,
+                                       text=True).stdout)
+    toolchain = f"nvcc {version.group(1) if version else '?'}"
+    src = os.path.join(ROOT, "tests", "csrc", "chain_kernels_instantiate.cu")
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in archs:
+            cmd = [nvcc, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xptxas",
+                   "-v", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+                   f"-I{os.path.join(ROOT, 'csrc', 'cuda')}", src, "-o",
+                   os.path.join(tmp, f"k{arch}.cubin")]
+            procs.append((arch, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                 stderr=subprocess.PIPE, text=True)))
+        rows = []
+        for arch, p in procs:
+            out, err = p.communicate()
+            if p.returncode != 0:
+                raise SystemExit(f"nvcc failed for sm_{arch}:\n{err[-3000:]}")
+            for k in perf_model.parse_ptxas_verbose(out + err):
+                kind = re.search(r"(chain_forward_kernel|chain_backward_kernel|"
+                                 r"reduce_partials_kernel)", k["mangled"])
+                if kind is None:
+                    continue
+                dtype = next((d for tag, d in _CUDA_DTYPES.items()
+                              if k["mangled"].split(kind.group(1), 1)[1].startswith(tag)), "?")
+                regs = -(-k["registers"] // 8) * 8  # allocated in units of 8 per thread
+                rec = Record("any (run-time chain)", dtype, "any", "forward"
+                             if kind.group(1) == "chain_forward_kernel" else "backward",
+                             k["arch"], toolchain, kind.group(1), {"threads": CUDA_THREADS})
+                rec.backend = "cuda"
+                rec.compiled = True
+                rec.registers, rec.spill_bytes = k["registers"], k["spill_bytes"]
+                rec.shared_bytes = k["shared_bytes"]
+                rec.num_warps = CUDA_THREADS // 32
+                rec.ctas_per_sm = min(65536 // (regs * CUDA_THREADS), 2048 // CUDA_THREADS)
+                rows.append(rec)
+    return rows
+
+
+def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
+    """Marks the autotuner's configurations its spill pruning (``K.spill_free``, the rule the
+    GPU applies to its own compiles) would drop as unreachable; the default configuration stays
+    reachable (the fixed launch path: IGC_TRITON_AUTOTUNE=0, deterministic mode)."""
+    main = [(cfg, r) for cfg, r in problem if r.per_position
+            and (cfg is not None or default_is_tuned)]
+    spills = {id(r): (r.spill_bytes if r.compiled else None) for _, r in main}
+
+    def measured(r):
+        if spills[id(r)] is None:
+            raise RuntimeError("not compiled")
+        return spills[id(r)]
+
+    kept = {id(r) for r in K.spill_free([r for _, r in main], measured)}
+    for cfg, r in main:
+        r.autotuner_keeps = id(r) in kept
+        r.reachable = r.autotuner_keeps or cfg is None
+
+
 def _default_config_kwargs() -> dict:
     d = K.DEFAULT_CONFIG
     return dict(block_p=d.block_p, num_warps=d.num_warps, dense=d.dense, keep=d.keep)
@@ -324,6 +404,9 @@ def main(argv=None) -> int:
     p.add_argument("--all-configs", action="store_true",
                    help="every configuration the autotuner may choose (default: the default one)")
     p.add_argument("--json", default=None)
+    p.add_argument("--cuda", action="store_true",
+                   help="also report the CUDA kernels (nvcc -Xptxas -v for each arch)")
+    p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     p.add_argument("--pruning", action="store_true",
                    help="run the autotuner's pruning on real compiles of each problem instead "
                         "(one JSON line per problem: configuration, spilled bytes, kept)")
@@ -340,29 +423,41 @@ def main(argv=None) -> int:
                                   flush=True)
         return 0
     rows = []
-    for s in args.structures.split(";"):
+    if args.cuda:
+        for r in cuda_records([int(a) for a in args.archs.split(",")]):
+            rows.append(asdict(r))
+            print(f"cuda   {r.kernel:<24} {r.dtype:<9} {r.arch} regs {r.registers:3d} spill "
+                  f"{r.spill_bytes:4d} static smem {r.shared_bytes:5d} ctas/SM {r.ctas_per_sm}",
+                  flush=True)
+    for s in ([] if args.no_triton else args.structures.split(";")):
         for dt in args.dtypes.split(","):
             for lay in args.layouts.split(","):
                 for d in args.directions.split(","):
-                    configs = [None]
+                    configs, tuned = [None], []
                     if args.all_configs:  # the default, then what the autotuner may choose
-                        configs += [c for c in autotune_configs(s, dt, d)
-                                    if c != _default_config_kwargs()]
+                        tuned = autotune_configs(s, dt, d)
+                        configs += [c for c in tuned if c != _default_config_kwargs()]
                     for arch in (int(a) for a in args.archs.split(",")):
+                        problem = []
                         for cfg in configs:
                             for r in analyse(s, dt, lay, d, arch, cfg):
-                                rows.append(asdict(r))
-                                print(f"{s:<22} {dt:<9} {lay:<14} {d:<9} sm_{arch} "
-                                      f"{r.kernel[:28]:<28} {str(r.config):<60} "
-                                      + (f"regs {r.registers:3d} spill {r.spill_bytes:5d} smem "
-                                         f"{r.shared_bytes:6d} ctas/SM {r.ctas_per_sm}"
-                                         if r.compiled else f"FAILED {r.error[:60]}"),
-                                      flush=True)
+                                problem.append((cfg, r))
+                        if tuned:
+                            _mark_reachable(problem, _default_config_kwargs() in tuned)
+                        for _, r in problem:
+                            rows.append(asdict(r))
+                            print(f"{s:<22} {dt:<9} {lay:<14} {d:<9} sm_{arch} "
+                                  f"{r.kernel[:28]:<28} {str(r.config):<60} "
+                                  + (f"regs {r.registers:3d} spill {r.spill_bytes:5d} smem "
+                                     f"{r.shared_bytes:6d} ctas/SM {r.ctas_per_sm}"
+                                     + ("" if r.reachable else " (pruned: spills)")
+                                     if r.compiled else f"FAILED {r.error[:60]}"),
+                                  flush=True)
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"triton": triton.__version__, "torch": torch.__version__,
-                       "command": "python tools/gpu_static.py " + " ".join(
+                       "command": "python tools/gpu_static.py " + shlex.join(
                            argv if argv is not None else sys.argv[1:]),
                        "rows": rows}, f, indent=1)
     return 0

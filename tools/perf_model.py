@@ -6,7 +6,7 @@ ran on a GPU. docs/benchmarks.md ("Performance model") states the model and its 
     python tools/gpu_static.py --json benchmarks/out/gpu-static.json ...
     python tools/perf_model.py benchmarks/out/gpu-static.json \
         --json benchmarks/results/predicted-h200.json --markdown benchmarks/results/predicted-h200.md
-    python tools/perf_model.py REPORT --measured benchmarks/out/bench-cuda.json   # calibration
+    python tools/perf_model.py REPORT --measured GPU_BENCH.json  # bench.py --device cuda --json
 
 The model, per kernel launch configuration (one CTA processes one tile of BLOCK_P positions;
 a persistent kernel loops over tiles):
@@ -14,7 +14,7 @@ a persistent kernel loops over tiles):
   around it (``dynamic_counts``), times the warps of the CTA;
 * the SM's time per tile is the maximum of the pipes it needs: instruction issue (4 warp
   instructions per clock), the FP32/FP16 FMA pipe (4 warp FMAs per clock), shuffles (1 warp
-  SHFL per clock), shared memory (128 bytes per clock), tensor cores (``mma.sync`` at
+  SHFL per clock), shared memory and spilled registers (L1: 128 bytes per clock), tensor cores (``mma.sync`` at
   ``mma_fma_per_clk`` multiply-adds per clock, half for TF32), and the tile's share of the
   device-copy bandwidth;
 * latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from dataclasses import dataclass
 
@@ -187,7 +188,7 @@ def dynamic_counts(sass: str, persistent: bool) -> dict:
             tile_loop = max(runtime, key=lambda lp: lp[1] - lp[0])
     unresolved = sum(1 for lp in loops if lp[2] is None and lp is not tile_loop)
     counts = {c: 0.0 for c in CLASSES}
-    smem_bytes = mma_fma = tf32_fma = 0.0
+    smem_bytes = local_bytes = mma_fma = tf32_fma = 0.0
     for addr, _, op, args in ins:
         if op == "EXIT" or (op.startswith("BRA") and f"0x{addr:x}" in args):
             continue
@@ -201,6 +202,9 @@ def dynamic_counts(sass: str, persistent: bool) -> dict:
             continue
         cls = classify(op)
         counts[cls] += w
+        if op.startswith(("LDL", "STL")):  # spilled registers: local memory through L1
+            width = re.search(r"\.(64|128)\b", op)
+            local_bytes += w * 32 * (int(width.group(1)) if width else 32) / 8
         if cls == "LDS/STS":
             width = re.search(r"\.(32|64|128|U8|S8|U16|S16)\b", op)
             bits = int(width.group(1)) if width and width.group(1).isdigit() else 32
@@ -213,9 +217,40 @@ def dynamic_counts(sass: str, persistent: bool) -> dict:
                     tf32_fma += w * f
                 else:
                     mma_fma += w * f
-    return {"counts": counts, "smem_bytes": smem_bytes, "mma_fma": mma_fma,
+    return {"counts": counts, "smem_bytes": smem_bytes, "local_bytes": local_bytes,
+            "mma_fma": mma_fma,
             "tf32_fma": tf32_fma, "loops": len(loops), "unresolved_loops": unresolved,
             "tile_loop": tile_loop is not None}
+
+
+def parse_ptxas_verbose(text: str) -> list:
+    """Per kernel of an ``nvcc -Xptxas -v`` log: ``{"mangled", "arch", "registers",
+    "stack_bytes", "spill_bytes" (spill stores), "shared_bytes" (static)}``."""
+    out, cur, props = [], None, None
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\w+)' for '(sm_\d+)'", line)
+        if m:
+            cur = {"mangled": m.group(1), "arch": m.group(2), "registers": 0, "stack_bytes": 0,
+                   "spill_bytes": 0, "shared_bytes": 0}
+            out.append(cur)
+            props = None
+            continue
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:  # a kernel's, or a non-inlined device function's (which is not the kernel's)
+            props = cur if cur is not None and m.group(1) == cur["mangled"] else None
+            continue
+        if props is None:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores", line)
+        if m:
+            props["stack_bytes"], props["spill_bytes"] = int(m.group(1)), int(m.group(2))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            props["registers"] = int(m.group(1))
+        m = re.search(r"(\d+) bytes smem", line)
+        if m:
+            props["shared_bytes"] = int(m.group(1))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +276,9 @@ def predict(row: dict, dev: Device) -> dict:
         "issue": total / dev.issue_per_clk * clk,
         "fma": c["FFMA/HFMA"] / dev.fma_per_clk * clk,
         "shuffle": c["SHFL"] / dev.shfl_per_clk * clk,
-        "shared": dyn["smem_bytes"] * warps / dev.smem_bytes_per_clk * clk,
+        # shared memory and spilled registers (local memory, at best L1 hits) share L1's port
+        "shared/L1": (dyn["smem_bytes"] + dyn.get("local_bytes", 0.0)) * warps
+        / dev.smem_bytes_per_clk * clk,
         "tensor": (dyn["mma_fma"] + 2 * dyn["tf32_fma"]) * warps / dev.mma_fma_per_clk * clk,
     }
     compute_bound = max(pipes, key=pipes.get)
@@ -277,11 +314,15 @@ def records(report: dict, device: str = "h200") -> list:
             "config": r["config"], "reachable": r.get("reachable", True),
             "compiled": r["compiled"], "registers": r["registers"],
             "spill_bytes": r["spill_bytes"], "shared_bytes": r["shared_bytes"],
-            "ctas_per_sm": r["ctas_per_sm"], "prediction": "PREDICTED (model, no GPU run)",
+            "ctas_per_sm": r["ctas_per_sm"], "is_default": bool(r.get("is_default")),
+            "autotuner_keeps": bool(r.get("autotuner_keeps")),
+            "prediction": "PREDICTED (model, no GPU run)",
             "device_model": dev.name, "predicted_fraction_of_copy": None, "bound": None,
         }
         if not r["compiled"]:
             rec["bound"] = "not compiled"
+        elif rec["backend"] == "cuda":
+            rec["bound"] = "no per-position model (run-time loop bounds)"
         elif not per_position:
             rec["bound"] = "one-off (not per position)"
         elif r["arch"] != dev.arch or not r.get("dyn"):
@@ -306,67 +347,106 @@ def records(report: dict, device: str = "h200") -> list:
 def markdown(recs: list, command: str) -> str:
     lines = ["# Predicted fraction of copy bandwidth (PREDICTIONS: model, no GPU run)", "",
              f"Command: `{command}`", "",
-             "Model: tools/perf_model.py, docs/benchmarks.md (\"Performance model\"). Per "
-             "structure, dtype, layout and direction: the best reachable configuration (the "
-             "autotuner would pick it if the model is right) and the default configuration.", "",
-             "| backend | direction | structure | dtype | layout | best config | regs | spill B "
-             "| predicted H200 | bound | default config predicted H200 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "Model: tools/perf_model.py, docs/benchmarks.md (\"GPU performance model\"). Per "
+             "structure, dtype, layout and direction: the best configuration the autotuner "
+             "keeps after its spill pruning (it would pick that one if the model is right; "
+             "where only the default configuration was compiled, that one) and the default "
+             "configuration (the fixed launch path: IGC_TRITON_AUTOTUNE=0, deterministic "
+             "mode). H200 and H100 columns.", "",
+             "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
+             "| spill B | H200 | H100 | bound | default config H200 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in recs:
         if r["predicted_fraction_of_copy"] is None or not r["reachable"]:
             continue
-        key = (r["backend"], r["direction"], r["structure"], r["dtype"], r["layout"], r["arch"])
+        key = (r["backend"], r["toolchain"], r["direction"], r["structure"], r["dtype"],
+               r["layout"], r["arch"])
         groups.setdefault(key, []).append(r)
     for key, rs in sorted(groups.items()):
-        best = max(rs, key=lambda r: r["predicted_fraction_of_copy"])
+        tuned = [r for r in rs if r["autotuner_keeps"]] or rs
+        best = max(tuned, key=lambda r: r["predicted_fraction_of_copy"])
         default = [r for r in rs if r.get("is_default")]
         d = f"{default[0]['predicted_fraction_of_copy']:.0%}" if default else "-"
         cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
                         if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {key[4]} | {cfg} | "
-                     f"{best['registers']} | {best['spill_bytes']} | "
-                     f"{best['predicted_fraction_of_copy']:.0%} | {best['bound']} | {d} |")
+        h100 = best.get("predicted_fraction_of_copy_h100")
+        lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
+                     f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "
+                     f"{'-' if h100 is None else format(h100, '.0%')} | {best['bound']} | {d} |")
     return "\n".join(lines) + "\n"
 
 
+def _measured_key(m: dict):
+    """(backend, direction, structure, dtype, layout) of a fused-operator timing row of
+    ``benchmarks/bench.py --device cuda --json`` (IGCV2 problems: depth ``None``), else None."""
+    cfg = m.get("config") or {}
+    direction = {"fwd": "forward", "bwd": "backward"}.get(m.get("mode"))
+    if (m.get("kind") != "fused" or m.get("metric") != "time" or direction is None
+            or cfg.get("depth") is not None or "frac_copy_bw" not in m):
+        return None
+    return (m.get("backend"), direction, f"igcv2({cfg['channels']},{cfg['group_size']})",
+            m.get("dtype"), m.get("layout"))
+
+
 def measured_beside_predicted(recs: list, measured: dict) -> list:
-    """Lines pairing predicted and measured fractions of copy bandwidth, for the rows of a
-    GPU benchmark JSON (benchmarks/bench.py --device cuda --json) that carry
-    ``fraction_of_copy`` and name a structure, dtype, layout and direction."""
+    """Lines pairing each measured fraction of copy bandwidth (the fused-operator rows of a GPU
+    benchmark JSON, ``benchmarks/bench.py --device cuda --json``: same traffic definition) with
+    the prediction for the same backend, direction, structure, dtype and layout (the best
+    reachable configuration's: the autotuner's pick if the model is right)."""
     out = []
-    rows = measured.get("rows", measured if isinstance(measured, list) else [])
-    for m in rows:
-        if "fraction_of_copy" not in m:
+    for m in measured.get("rows", []):
+        key = _measured_key(m)
+        if key is None:
             continue
-        match = [r for r in recs if r["predicted_fraction_of_copy"] is not None
-                 and r["structure"] == m.get("structure") and r["dtype"] == m.get("dtype")
-                 and r["layout"] == m.get("layout") and r["direction"] == m.get("direction")
-                 and r["backend"] == m.get("backend", r["backend"])]
-        if match:
-            best = max(r["predicted_fraction_of_copy"] for r in match)
-            out.append(f"{m.get('backend', '?')} {m['direction']} {m['structure']} {m['dtype']} "
-                       f"{m['layout']}: measured {m['fraction_of_copy']:.0%}, predicted "
-                       f"{best:.0%} (best reachable configuration)")
+        match = [r["predicted_fraction_of_copy"] for r in recs
+                 if r["predicted_fraction_of_copy"] is not None and r["reachable"]
+                 and (r["backend"], r["direction"], r["structure"], r["dtype"],
+                      r["layout"]) == key]
+        pred = f"predicted {max(match):.0%}" if match else "no prediction"
+        out.append(f"{' '.join(key)}: measured {m['frac_copy_bw']:.0%}, {pred}")
     return out
+
+
+def merge_reports(paths) -> dict:
+    """The rows of several gpu_static reports, each (backend, toolchain, structure, dtype,
+    layout, direction, arch, kernel, configuration) once; a default-configuration row keeps
+    its flag when another report lists the same configuration."""
+    rows, seen, commands, torch_versions = [], {}, [], set()
+    for path in paths:
+        with open(path) as f:
+            rep = json.load(f)
+        commands.append(rep.get("command"))
+        torch_versions.add(rep.get("torch"))
+        for r in rep["rows"]:
+            key = (r.get("backend", "triton"), r["toolchain"], r["structure"], r["dtype"],
+                   r["layout"], r["direction"], r["arch"], r["kernel"],
+                   json.dumps(r["config"], sort_keys=True))
+            if key in seen:
+                seen[key]["is_default"] = seen[key].get("is_default") or r.get("is_default")
+                continue
+            seen[key] = r
+            rows.append(r)
+    return {"rows": rows, "commands": commands, "torch": sorted(v for v in torch_versions if v)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Predicted GPU performance from a static report")
-    p.add_argument("report", help="JSON written by tools/gpu_static.py --json")
+    p.add_argument("reports", nargs="+",
+                   help="JSON files written by tools/gpu_static.py --json (merged; a kernel "
+                        "and configuration reported twice counts once)")
     p.add_argument("--device", default="h200", choices=sorted(DEVICES))
     p.add_argument("--json", default=None)
     p.add_argument("--markdown", default=None)
     p.add_argument("--measured", default=None,
                    help="a GPU benchmark JSON: print measured beside predicted")
     args = p.parse_args(argv)
-    with open(args.report) as f:
-        report = json.load(f)
+    report = merge_reports(args.reports)
     recs = records(report, args.device)
-    command = "python tools/perf_model.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/perf_model.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     meta = {"prediction": "PREDICTED: performance model of tools/perf_model.py, nothing ran on a "
-                          "GPU", "command": command, "report_command": report.get("command"),
-            "triton": report.get("triton"), "torch": report.get("torch"),
+                          "GPU", "command": command, "report_commands": report["commands"],
+            "torch": report["torch"],
             "device_model": DEVICES[args.device].__dict__}
     for r in recs:
         if r["predicted_fraction_of_copy"] is not None:
