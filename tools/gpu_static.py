@@ -183,6 +183,7 @@ def _sass_classes(sass: str) -> dict:
 def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
     regs_sm, smem_sm, threads_sm, ctas_sm = SM_LIMITS[arch]
     threads = 32 * num_warps
+    registers = -(-registers // 8) * 8  # allocated in units of 8 per thread
     by_regs = regs_sm // max(1, registers * threads)
     by_smem = smem_sm // shared if shared else ctas_sm
     return max(0, min(by_regs, by_smem, threads_sm // threads, ctas_sm))
@@ -266,8 +267,10 @@ def autotune_configs(structure, dtype, direction) -> list:
     for c in kept:
         kw = c.kwargs
         dense = [v for k, v in kw.items() if k.startswith("DENSE_")]
+        # without dense-eligible layers DENSE does not exist: the default's value stands in
         out.append(dict(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
-                        dense=dense[0] if dense else 0, keep=kw.get("KEEP", 1)))
+                        dense=dense[0] if dense else K.DEFAULT_CONFIG.dense,
+                        keep=kw.get("KEEP", K.DEFAULT_CONFIG.keep)))
     return out
 
 

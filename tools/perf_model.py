@@ -410,8 +410,9 @@ def measured_beside_predicted(recs: list, measured: dict) -> list:
 
 def merge_reports(paths) -> dict:
     """The rows of several gpu_static reports, each (backend, toolchain, structure, dtype,
-    layout, direction, arch, kernel, configuration) once; a default-configuration row keeps
-    its flag when another report lists the same configuration."""
+    layout, direction, arch, kernel, configuration) once: a configuration is the default, kept
+    by the autotuner or reachable when either report says so (a report of the default
+    configuration alone does not know what the autotuner keeps)."""
     rows, seen, commands, torch_versions = [], {}, [], set()
     for path in paths:
         with open(path) as f:
@@ -422,8 +423,9 @@ def merge_reports(paths) -> dict:
             key = (r.get("backend", "triton"), r["toolchain"], r["structure"], r["dtype"],
                    r["layout"], r["direction"], r["arch"], r["kernel"],
                    json.dumps(r["config"], sort_keys=True))
-            if key in seen:
-                seen[key]["is_default"] = seen[key].get("is_default") or r.get("is_default")
+            if key in seen:  # the same compile: a flag set in either report holds
+                for flag in ("is_default", "autotuner_keeps", "reachable"):
+                    seen[key][flag] = bool(seen[key].get(flag) or r.get(flag))
                 continue
             seen[key] = r
             rows.append(r)
