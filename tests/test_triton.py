@@ -123,6 +123,31 @@ def test_paths_and_permutation_kinds(perm_kind, dense, keep):
     check_fp32(p, _gy(p), dense=dense, keep=keep, block_p=32)
 
 
+@pytest.mark.parametrize("keep", [1, 0], ids=["keep", "recompute"])
+@pytest.mark.parametrize("block_p,num_warps", [(8, 8), (8, 16), (16, 16)])
+def test_backward_tiles_of_few_positions(block_p, num_warps, keep):
+    """The backward-only tiles (8 positions, many warps: the autotuner's spill-free choices for
+    several chains), with a dot-eligible chain and dense requested: 8-position tiles take the
+    FMA path (tl.dot needs 16 rows), forward and backward stay within the oracle's bound."""
+    from igc_kernels.triton_kernels import chain as K
+
+    gen = torch.Generator().manual_seed(9)
+    p = build_problem([12, 24, 24, 12], [3, 4, 2], spatial=(5, 7), N=2, dtype=torch.float32,
+                      permutations=["interleave", torch.randperm(24, generator=gen), None],
+                      bias=[True, False, True], seed=10)
+    check_fp32(p, _gy(p), dense=1, keep=keep, block_p=block_p, num_warps=num_warps)
+    st = K.make_structure(12, [12, 24, 24, 12], [3, 4, 2], [2, 0, 0], [False, True, False],
+                          [True, False, True], False, torch.float32)
+    kern = K.Kernels.__new__(K.Kernels)
+    kern.dense_params = K._dense_params(st)
+    assert kern.dense_params  # the chain is dot-eligible
+    meta = kern.fixed_meta(K.LaunchConfig(block_p=block_p, num_warps=num_warps), True)
+    assert all(meta[d] == int(block_p >= K.MIN_DOT_ROWS) for d in kern.dense_params)
+    tiles = {(c.kwargs["BLOCK_P"], c.num_warps, c.kwargs[kern.dense_params[0]])
+             for c in K._configs(st, True)}
+    assert (8, 8, 1) not in tiles and (8, 8, 0) in tiles and (16, 4, 1) in tiles
+
+
 @pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
 def test_group_width_64(dense):
     """Group widths 64 (in) and 32 (out), and 64 -> 64: the widest the backend promises."""

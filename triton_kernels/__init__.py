@@ -18,4 +18,5 @@ def facts() -> str:
     return (f"{mode}; channels <= {chain.MAX_CHANNELS}; permutations and input_index as "
             f"gather indices or folded weights (explicit ones on the same path as interleave); "
             f"tl.dot path for layers <= {chain.DENSE_MAX_SLOTS} channels; autotuned over "
-            f"{len(chain.TILE_CONFIGS)} tile sizes x dot/FMA x keep/recompute")
+            f"{len(chain.TILE_CONFIGS)} forward / {len(chain.BWD_TILE_CONFIGS)} backward tile "
+            f"sizes x dot/FMA x keep/recompute")

@@ -595,9 +595,12 @@ def _jit_from_source(src: str, name: str):
 # the structure (channels, groups, permutation kinds: one autotuner per generated kernel), the
 # tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
 # the batch or spatial sizes.
-#   (BLOCK_P, num_warps)  positions per program and warps: (16, 4), (16, 16), (32, 4), (64, 8),
-#                         (128, 8); (16, 16) spreads the tile over more threads, the backward's
-#                         only spill-free configuration for some chains (docs/backends.md)
+#   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 16), (32, 4),
+#                         (64, 8), (128, 8); backward (8, 8), (8, 16), (16, 4), (16, 16), (32, 4),
+#                         (64, 8). Many warps on few positions spread the backward's live tiles
+#                         over more threads: for several chains the only spill-free
+#                         configurations (docs/backends.md). BLOCK_P 8 takes the FMA path only
+#                         (tl.dot needs 16 rows).
 #   DENSE                 every dense-eligible layer on the tl.dot path (1) or all on the FMA
 #                         path (0); only offered when some layer is eligible
 #   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
@@ -607,6 +610,8 @@ def _jit_from_source(src: str, name: str):
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8))
+BWD_TILE_CONFIGS = ((8, 8), (8, 16), (16, 4), (16, 16), (32, 4), (64, 8))
+MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
 REG_BUDGET = 128
@@ -713,8 +718,8 @@ def _prune(st: Structure, backward: bool, fn=None, spills=_compiled_spills):
 def _configs(st: Structure, backward: bool) -> list:
     dense = _dense_params(st)
     out = []
-    for bp, w in TILE_CONFIGS:
-        for d in ((0, 1) if dense else (0,)):
+    for bp, w in (BWD_TILE_CONFIGS if backward else TILE_CONFIGS):
+        for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
                 kw = {"BLOCK_P": bp, **{p: d for p in dense}}
                 if backward:
@@ -745,7 +750,7 @@ class Kernels:
     def fixed_meta(self, cfg: LaunchConfig, backward: bool) -> dict:
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps}
         for p in self.dense_params:
-            meta[p] = cfg.dense
+            meta[p] = cfg.dense if cfg.block_p >= MIN_DOT_ROWS else 0
         if backward:
             meta["KEEP"] = cfg.keep
         return meta
