@@ -153,14 +153,15 @@ def chain_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
     sizes, (xs, ys) = K.position_dims(x.shape, [x.stride(), y.stride()])
     O0, O1, O2, NI = sizes
     idx = input_index.to(torch.int32) if input_index is not None else None
-    fn, meta = K.launch_choice(kern, backward=False)
+    args = [x, y, idx, *ptrs, NI, O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
+            ys[0], ys[1], ys[2], ys[3], y.stride(1), _layout_key((xs[3], x.stride(1)))]
+    base = {"PREC": K.dot_precision()}
+    fn, meta = K.launch_choice(kern, backward=False, args=args, base_meta=base)
 
     def grid(META):
         return (O0 * O1 * O2 * triton.cdiv(NI, META["BLOCK_P"]),)
 
-    args = [x, y, idx, *ptrs, NI, O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
-            ys[0], ys[1], ys[2], ys[3], y.stride(1), _layout_key((xs[3], x.stride(1)))]
-    _launch(fn, grid, args, {"PREC": K.dot_precision(), **meta})
+    _launch(fn, grid, args, {**base, **meta})
     return y.to(x.dtype)
 
 
@@ -195,13 +196,14 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
         idx, order, start, count = _index_order(input_index, int(x.shape[1]))
     else:
         idx = order = start = count = None
-    fn, meta = K.launch_choice(kern, backward=True)
     args = [grad_y, x, dx, idx, order, start, count, *ptrs, part, row, NI, O0, O1, O2,
             gs[0], gs[1], gs[2], gs[3], grad_y.stride(1), xs[0], xs[1], xs[2], xs[3],
             x.stride(1), ds[0], ds[1], ds[2], ds[3], dx.stride(1) if need_dx else 0,
             _layout_key((xs[3], x.stride(1)))]
-    _launch(fn, (nprog,), args, {"PREC": K.dot_precision(), "NEED_DX": int(need_dx),
-                                 "NEED_DW": int(need_dw), "NEED_DB": int(need_db), **meta})
+    base = {"PREC": K.dot_precision(), "NEED_DX": int(need_dx), "NEED_DW": int(need_dw),
+            "NEED_DB": int(need_db)}
+    fn, meta = K.launch_choice(kern, backward=True, args=args, base_meta=base)
+    _launch(fn, (nprog,), args, {**base, **meta})
     if need_dw or need_db:
         gw_out = gw if need_dw else x.new_empty((st.w_total,), dtype=dtype)
         gb_out = gb if need_db else x.new_empty((st.b_total,), dtype=dtype)

@@ -585,3 +585,59 @@ def test_autotuner_prunes_spilling_configurations(monkeypatch):
     # none compiles: the list is left to the autotuner, which reports the compiler's error
     assert K.spill_free(configs, lambda c: 1 / 0) == configs
     assert K.spill_free([triton.Config({"BLOCK_P": 16})], lambda c: 0) != []
+
+
+def test_fixed_path_avoids_spilling_configurations(monkeypatch):
+    """Autotuning off or deterministic mode: the plain kernel launches the default
+    configuration unless its compile spills; then the first configuration of the autotuner's
+    list that does not (the least spilling one when all do), chosen once per argument signature
+    from compiles (a stand-in here; on GPUs ``warmup`` from the arguments' dtypes, the same
+    compile eager and traced). A configuration that does not compile is skipped; the
+    interpreter keeps the default."""
+    import types
+
+    from igc_kernels.triton_kernels import chain as K
+
+    st = K.make_structure(256, [256, 256, 256], [32, 32], [8, 0], [False, False],
+                          [False, False], False, torch.float32)
+    kern = types.SimpleNamespace(st=st, fwd="plain", bwd="plain_bwd", fwd_tuned=None,
+                                 bwd_tuned=None, dense_params=[],
+                                 fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(
+                                     types.SimpleNamespace(dense_params=[]), cfg, backward))
+    calls = []
+    spilled = {(16, 4): 1000, (8, 8): 64, (8, 16): 0, (16, 16): 0}
+
+    def spills(fn, args, meta):
+        calls.append((meta["BLOCK_P"], meta["num_warps"], meta["KEEP"]))
+        assert fn == "plain_bwd" and meta["PREC"] == "ieee" and args[0].dtype == torch.float32
+        if meta["num_warps"] == 8:
+            raise RuntimeError("does not compile")
+        return spilled.get((meta["BLOCK_P"], meta["num_warps"]), 500)
+
+    monkeypatch.setattr(K, "_FIXED", {})
+    args = [torch.zeros(4), 7, None]
+    choice = K.fixed_config(kern, True, "plain_bwd", args, {"PREC": "ieee"}, spills)
+    # the default (16, 4, keep) spills; (8, 8) does not compile; (8, 16, keep) is the first
+    # spill-free configuration in the autotuner's order
+    assert (choice.block_p, choice.num_warps, choice.keep) == (8, 16, 1)
+    assert calls[0] == (16, 4, 1) and calls[-1] == (8, 16, 1)
+    n = len(calls)
+    assert K.fixed_config(kern, True, "plain_bwd", args, {"PREC": "ieee"}, spills) == choice
+    assert len(calls) == n  # cached per signature
+    # all spill: the least spilling; nothing compiles: the default
+    monkeypatch.setattr(K, "_FIXED", {})
+    assert K.fixed_config(kern, True, "plain_bwd", args, {"PREC": "ieee"},
+                          lambda f, a, m: 100 - m["BLOCK_P"]).block_p == 64
+    monkeypatch.setattr(K, "_FIXED", {})
+    assert K.fixed_config(kern, True, "plain_bwd", args, {"PREC": "ieee"},
+                          lambda f, a, m: 1 / 0) == K.DEFAULT_CONFIG
+    # launch_choice takes it on the fixed path of a compiled (non-interpreted) run
+    monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "0")
+    monkeypatch.setattr(K, "INTERPRETED", False)
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(K, "_dtype_spills", spills)
+    monkeypatch.setattr(K.fixed_config, "__defaults__", (spills,))
+    fn, meta = K.launch_choice(kern, True, args=args, base_meta={"PREC": "ieee"})
+    assert fn == "plain_bwd" and (meta["BLOCK_P"], meta["num_warps"]) == (8, 16)
+    monkeypatch.setattr(K, "INTERPRETED", True)  # the interpreter: the default, no compile
+    assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16

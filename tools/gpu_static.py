@@ -159,6 +159,8 @@ class Record:
     reachable: bool = True
     is_default: bool = False
     autotuner_keeps: bool = False  # among what the autotuner times after its pruning
+    fixed_path: bool = False  # what the fixed launch path takes (K.fixed_config)
+    flags_exact: bool = False  # reachable / autotuner_keeps / fixed_path from every configuration
     per_position: bool = False
     block_p: int = 0
     c_x: int = 0
@@ -235,7 +237,7 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
         rec = Record(structure, dtype, layout, direction, f"sm_{arch}",
                      f"triton {triton.__version__}", fn.__name__,
                      {k: v for k, v in meta.items() if k != "PREC"})
-        rec.is_default = config is None
+        rec.is_default = rec.fixed_path = config is None  # until every configuration is known
         rec.per_position = "BLOCK_P" in meta
         rec.block_p = int(meta.get("BLOCK_P", 0))
         rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
@@ -367,11 +369,12 @@ def cuda_records(archs) -> list:
 
 
 def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
-    """Marks the autotuner's configurations its spill pruning (``K.spill_free``, the rule the
-    GPU applies to its own compiles) would drop as unreachable; the default configuration stays
-    reachable (the fixed launch path: IGC_TRITON_AUTOTUNE=0, deterministic mode)."""
-    main = [(cfg, r) for cfg, r in problem if r.per_position
-            and (cfg is not None or default_is_tuned)]
+    """Marks what the launcher can launch, with the rules the GPU applies to its own compiles:
+    the autotuner keeps the configurations ``K.spill_free`` keeps; the fixed path
+    (``K.fixed_config``: autotuning off, deterministic mode) takes the default unless it
+    spills, else the first spill-free configuration of the autotuner's list, else the least
+    spilling one. Everything else is unreachable."""
+    main = [(cfg, r) for cfg, r in problem if r.per_position]
     spills = {id(r): (r.spill_bytes if r.compiled else None) for _, r in main}
 
     def measured(r):
@@ -379,10 +382,17 @@ def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
             raise RuntimeError("not compiled")
         return spills[id(r)]
 
-    kept = {id(r) for r in K.spill_free([r for _, r in main], measured)}
-    for cfg, r in main:
+    tuned = [r for cfg, r in main if cfg is not None or default_is_tuned]
+    kept = {id(r) for r in K.spill_free(tuned, measured)}
+    ordered = [r for cfg, r in main if cfg is None] + [r for cfg, r in main if cfg is not None]
+    compiled = [r for r in ordered if spills[id(r)] is not None]
+    free = [r for r in compiled if spills[id(r)] == 0]
+    fixed = free[0] if free else min(compiled, key=lambda r: spills[id(r)], default=None)
+    for _, r in main:
         r.autotuner_keeps = id(r) in kept
-        r.reachable = r.autotuner_keeps or cfg is None
+        r.fixed_path = r is fixed
+        r.reachable = r.autotuner_keeps or r.fixed_path
+        r.flags_exact = True
 
 
 def _default_config_kwargs() -> dict:

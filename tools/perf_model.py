@@ -316,6 +316,7 @@ def records(report: dict, device: str = "h200") -> list:
             "spill_bytes": r["spill_bytes"], "shared_bytes": r["shared_bytes"],
             "ctas_per_sm": r["ctas_per_sm"], "is_default": bool(r.get("is_default")),
             "autotuner_keeps": bool(r.get("autotuner_keeps")),
+            "fixed_path": bool(r.get("fixed_path", r.get("is_default"))),
             "prediction": "PREDICTED (model, no GPU run)",
             "device_model": dev.name, "predicted_fraction_of_copy": None, "bound": None,
         }
@@ -350,11 +351,11 @@ def markdown(recs: list, command: str) -> str:
              "Model: tools/perf_model.py, docs/benchmarks.md (\"GPU performance model\"). Per "
              "structure, dtype, layout and direction: the best configuration the autotuner "
              "keeps after its spill pruning (it would pick that one if the model is right; "
-             "where only the default configuration was compiled, that one) and the default "
-             "configuration (the fixed launch path: IGC_TRITON_AUTOTUNE=0, deterministic "
-             "mode). H200 and H100 columns.", "",
+             "where only the default configuration was compiled, that one) and the fixed "
+             "launch path's configuration (IGC_TRITON_AUTOTUNE=0, deterministic mode: the "
+             "default unless it spills). H200 and H100 columns.", "",
              "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
-             "| spill B | H200 | H100 | bound | default config H200 |",
+             "| spill B | H200 | H100 | bound | fixed path H200 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {}
     for r in recs:
@@ -366,7 +367,7 @@ def markdown(recs: list, command: str) -> str:
     for key, rs in sorted(groups.items()):
         tuned = [r for r in rs if r["autotuner_keeps"]] or rs
         best = max(tuned, key=lambda r: r["predicted_fraction_of_copy"])
-        default = [r for r in rs if r.get("is_default")]
+        default = [r for r in rs if r.get("fixed_path")]
         d = f"{default[0]['predicted_fraction_of_copy']:.0%}" if default else "-"
         cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
                         if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
@@ -410,9 +411,10 @@ def measured_beside_predicted(recs: list, measured: dict) -> list:
 
 def merge_reports(paths) -> dict:
     """The rows of several gpu_static reports, each (backend, toolchain, structure, dtype,
-    layout, direction, arch, kernel, configuration) once: a configuration is the default, kept
-    by the autotuner or reachable when either report says so (a report of the default
-    configuration alone does not know what the autotuner keeps)."""
+    layout, direction, arch, kernel, configuration) once. What the launcher can pick
+    (``reachable``, ``autotuner_keeps``) comes from a report of every configuration when there
+    is one (``flags_exact``); a report of the default configuration alone counts it as
+    reachable."""
     rows, seen, commands, torch_versions = [], {}, [], set()
     for path in paths:
         with open(path) as f:
@@ -423,9 +425,13 @@ def merge_reports(paths) -> dict:
             key = (r.get("backend", "triton"), r["toolchain"], r["structure"], r["dtype"],
                    r["layout"], r["direction"], r["arch"], r["kernel"],
                    json.dumps(r["config"], sort_keys=True))
-            if key in seen:  # the same compile: a flag set in either report holds
-                for flag in ("is_default", "autotuner_keeps", "reachable"):
-                    seen[key][flag] = bool(seen[key].get(flag) or r.get(flag))
+            if key in seen:  # the same compile in two reports
+                old = seen[key]
+                old["is_default"] = bool(old.get("is_default") or r.get("is_default"))
+                if r.get("flags_exact") and not old.get("flags_exact"):
+                    # a report of every configuration knows what the launcher picks
+                    for flag in ("autotuner_keeps", "fixed_path", "reachable", "flags_exact"):
+                        old[flag] = r.get(flag)
                 continue
             seen[key] = r
             rows.append(r)

@@ -770,18 +770,77 @@ def kernels_for(st: Structure) -> Kernels:
     return k
 
 
-def launch_choice(kern: Kernels, backward: bool):
+def _dtype_spills(fn, args, meta):
+    """Spilled bytes of ``fn`` compiled for the current GPU with ``meta``, from the arguments'
+    dtypes alone (``warmup`` with tensors replaced by their dtypes: the same compile whether the
+    call is eager or traced with fake tensors)."""
+    wrapped = [a.dtype if isinstance(a, torch.Tensor) else a for a in args]
+    k = fn.warmup(*wrapped, grid=(1,), **meta)
+    k._init_handles()
+    return 4 * int(k.n_spills)
+
+
+def _args_key(args) -> tuple:
+    """What the compiled kernel depends on besides meta: dtypes, absent pointers, and the
+    integer specialisations (== 1, divisible by 16)."""
+    return tuple(str(a.dtype) if isinstance(a, torch.Tensor)
+                 else (type(a).__name__, a == 1, a % 16 == 0) if isinstance(a, int)
+                 else type(a).__name__ for a in args)
+
+
+_FIXED: dict = {}
+
+
+def fixed_config(kern: Kernels, backward: bool, fn, args, base_meta: dict,
+                 spills=_dtype_spills) -> LaunchConfig:
+    """The fixed path's configuration (autotuning off or deterministic mode): the default unless
+    its compiled kernel spills, else the first configuration of the autotuner's list (after its
+    register-tile rule) that does not (the least spilling one when all do). Chosen once per kernel and argument signature
+    from compiles, never from timings, so it is deterministic; the default when nothing can be
+    compiled here (interpreter, or a compile error)."""
+    key = (id(fn), backward, _args_key(args), tuple(sorted(base_meta.items())))
+    hit = _FIXED.get(key)
+    if hit is not None:
+        return hit
+    candidates = [DEFAULT_CONFIG]
+    configs = _configs(kern.st, backward)
+    for c in _prune(kern.st, backward)(configs, {}):  # the register-tile rule only
+        dense = [v for k, v in c.kwargs.items() if k.startswith("DENSE_")]
+        cand = LaunchConfig(block_p=c.kwargs["BLOCK_P"], num_warps=c.num_warps,
+                            dense=dense[0] if dense else DEFAULT_CONFIG.dense,
+                            keep=c.kwargs.get("KEEP", DEFAULT_CONFIG.keep))
+        if cand not in candidates:
+            candidates.append(cand)
+    measured = []
+    for cand in candidates:
+        try:
+            s = spills(fn, args, {**base_meta, **kern.fixed_meta(cand, backward)})
+        except Exception:  # not compilable here: not a candidate
+            continue
+        if s == 0:
+            measured = [(0, cand)]
+            break
+        measured.append((s, cand))
+    choice = min(measured, key=lambda sc: sc[0])[1] if measured else DEFAULT_CONFIG
+    _FIXED[key] = choice
+    return choice
+
+
+def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
     """(kernel, meta): the autotuned kernel on GPUs with no fixed meta-parameters (``{}``: its
     configurations supply them), unless an override is active, autotuning is switched off
     (``IGC_TRITON_AUTOTUNE=0``) or deterministic algorithms are requested (then the plain kernel
     with a fixed configuration, so the result does not depend on which configuration a timing
-    run preferred)."""
+    run preferred: the override's, else ``fixed_config``'s on GPUs when ``args`` are given,
+    else the default)."""
     cfg = getattr(_OVERRIDE, "cfg", None)
     tuned = kern.bwd_tuned if backward else kern.fwd_tuned
     if (cfg is None and tuned is not None and autotune_enabled()
             and not torch.are_deterministic_algorithms_enabled()):
         return tuned, {}
     plain = kern.bwd if backward else kern.fwd
+    if cfg is None and args is not None and not INTERPRETED:
+        cfg = fixed_config(kern, backward, plain, args, base_meta or {})
     return plain, kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)
 
 
