@@ -639,5 +639,8 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
     monkeypatch.setattr(K.fixed_config, "__defaults__", (spills,))
     fn, meta = K.launch_choice(kern, True, args=args, base_meta={"PREC": "ieee"})
     assert fn == "plain_bwd" and (meta["BLOCK_P"], meta["num_warps"]) == (8, 16)
+    monkeypatch.setenv("IGC_TRITON_FIXED", "default")  # no search: one compilation
+    assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16
+    monkeypatch.delenv("IGC_TRITON_FIXED")
     monkeypatch.setattr(K, "INTERPRETED", True)  # the interpreter: the default, no compile
     assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16

@@ -4,7 +4,9 @@
 #
 #   build     pip install --no-build-isolation --no-deps -e . (CUDA kernels included) + info
 #   test      the whole pytest suite (the GPU tests run when a GPU is visible); Triton
-#             autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0)
+#             autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0) and the
+#             fixed path on the default configuration (IGC_TRITON_FIXED=default): one
+#             compilation per structure
 #   sanitize  compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
 #             sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
 #             allocation and out-of-bounds accesses are seen)
@@ -59,7 +61,8 @@ for step in "${steps[@]}"; do
       run_step info "$PY" -m igc_kernels.info ;;
     # the Triton tests compile each chain structure once with the default configuration
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
-    test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
+    test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" \
+      IGC_TRITON_FIXED="${IGC_TRITON_FIXED:-default}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
     sanitize) run_step sanitize sanitize_all ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \

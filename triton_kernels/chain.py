@@ -832,14 +832,16 @@ def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
     (``IGC_TRITON_AUTOTUNE=0``) or deterministic algorithms are requested (then the plain kernel
     with a fixed configuration, so the result does not depend on which configuration a timing
     run preferred: the override's, else ``fixed_config``'s on GPUs when ``args`` are given,
-    else the default)."""
+    else the default; ``IGC_TRITON_FIXED=default`` skips the search, one compilation per
+    structure, for test runs over many structures)."""
     cfg = getattr(_OVERRIDE, "cfg", None)
     tuned = kern.bwd_tuned if backward else kern.fwd_tuned
     if (cfg is None and tuned is not None and autotune_enabled()
             and not torch.are_deterministic_algorithms_enabled()):
         return tuned, {}
     plain = kern.bwd if backward else kern.fwd
-    if cfg is None and args is not None and not INTERPRETED:
+    if (cfg is None and args is not None and not INTERPRETED
+            and os.environ.get("IGC_TRITON_FIXED", "") != "default"):
         cfg = fixed_config(kern, backward, plain, args, base_meta or {})
     return plain, kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)
 
