@@ -7,6 +7,8 @@ TORCH_PIN ?= torch==2.13.0
 # The GPU machine's Triton, installed beside the main one for compile-only checks (sm_90 cubins
 # built without a GPU: tests/test_gpu_static.py, make gpu-static).
 TRITON_ALT_PIN ?= triton==3.6.0
+# Test dependencies of the ONNX export (tests/test_onnx.py)
+ONNX_PINS ?= onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
 TRITON_ALT := build/triton-3.6.0
 STAMP := build/.igc-ext-stamp
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
@@ -20,6 +22,8 @@ deps:
 	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install pytest hypothesis
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton || \
 		echo "triton could not be installed: the 'triton' backend will be unavailable"
+	@$(PY) -c "import onnx, onnxscript, onnxruntime" 2>/dev/null || $(PY) -m pip install -q \
+		$(ONNX_PINS) || echo "$(ONNX_PINS) could not be installed: the ONNX export tests will be skipped"
 	@test -d $(TRITON_ALT)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON_ALT) \
 		"$(TRITON_ALT_PIN)" || echo "$(TRITON_ALT_PIN) could not be installed into \
 		$(TRITON_ALT): the compile checks with the GPU machine's Triton will be skipped"

@@ -28,6 +28,7 @@ from .modules import ChannelGather  # noqa: E402
 from .convert import convert, unfuse  # noqa: E402
 from . import models  # noqa: E402
 from .spec import ChainSpec  # noqa: E402
+from .onnx import onnx_translation_table  # noqa: E402  (imports onnxscript only when called)
 
 __version__ = "0.1.0"
 
@@ -45,4 +46,5 @@ __all__ = [
     "convert",
     "unfuse",
     "models",
+    "onnx_translation_table",
 ]

@@ -39,10 +39,19 @@ def _num_weight_elems(weights) -> int:
 
 
 def op_biases(biases: list, x: torch.Tensor) -> list:
-    """The ops' ``biases`` argument for per-layer entries that are tensors or ``None``."""
-    if all(b is None for b in biases):
+    """The ops' ``biases`` argument for per-layer entries that are tensors or ``None``: empty
+    when no layer has a bias, except in a traced graph (torch.compile, torch.export), which
+    gets one (0,) entry per layer: AOTInductor's packages pass an empty ``Tensor[]`` to the op
+    as None, which the schema refuses."""
+    if all(b is None for b in biases) and not _tracing():
         return []
     return [x.new_empty((0,)) if b is None else b for b in biases]
+
+
+def _tracing() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and (
+        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()))
 
 
 def _num_bias_elems(biases) -> int:
