@@ -132,7 +132,7 @@ def _free_port() -> int:
 def test_fsdp2_deferred_init_one_process():
     """The deferred-init recipe with FSDP2 (gloo, one process): meta construction, fully_shard
     per block and at the root, to_empty, reset_parameters; the loss and the gradients equal an
-    unfused twin's. (Multi-process FSDP2 training is covered by the deployment tests.)"""
+    unfused twin's. (tests/test_fsdp2.py trains with two processes.)"""
     dist = pytest.importorskip("torch.distributed")
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
