@@ -9,6 +9,8 @@ TORCH_PIN ?= torch==2.13.0
 TRITON_ALT_PIN ?= triton==3.6.0
 # Test dependencies of the ONNX export (tests/test_onnx.py)
 ONNX_PINS ?= onnx==1.23.2 onnxscript==0.7.2 onnxruntime==1.32.0
+# Benchmark plots and progress bars (benchmarks/plot.py)
+PLOT_PINS ?= matplotlib==3.11.2 tqdm==4.70.1
 TRITON_ALT := build/triton-3.6.0
 STAMP := build/.igc-ext-stamp
 EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
@@ -22,6 +24,8 @@ deps:
 	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install pytest hypothesis
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton || \
 		echo "triton could not be installed: the 'triton' backend will be unavailable"
+	@$(PY) -c "import matplotlib, tqdm" 2>/dev/null || $(PY) -m pip install -q $(PLOT_PINS) || \
+		echo "$(PLOT_PINS) could not be installed: benchmarks will write no plots or progress bars"
 	@$(PY) -c "import onnx, onnxscript, onnxruntime" 2>/dev/null || $(PY) -m pip install -q \
 		$(ONNX_PINS) || echo "$(ONNX_PINS) could not be installed: the ONNX export tests will be skipped"
 	@test -d $(TRITON_ALT)/triton || $(PY) -m pip install -q --no-deps --target $(TRITON_ALT) \

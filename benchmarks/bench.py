@@ -72,6 +72,7 @@ import time
 import torch
 
 import bench_common as bc
+import plot
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -127,7 +128,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     p.add_argument("--json", type=str, default=None,
                    help="where to write the JSON record (default benchmarks/out/<device>-<time>"
-                        ".json)")
+                        ".json); a PNG plot is written beside it")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are also off when stderr is not a terminal)")
     args = p.parse_args(argv)
     if args.no_compile or args.compile_layouts == "none":
         args.compile_layouts = []
@@ -218,7 +221,7 @@ def run_config(cfg: bc.Config, device: str, backends: list, args, timer, env: di
     results = {}
     plan = [(c, "copy") for c in cases if c.kind == "copy"]
     plan += [(c, m) for m in modes for c in cases if c.kind != "copy"]
-    for i, (case, mode) in enumerate(plan, 1):
+    for i, (case, mode) in enumerate(plot.bar(plan, args.quiet, desc="timing"), 1):
         s = timer(bc.build_step(case, problem, "fwd" if mode == "copy" else mode))
         results[(case, mode)] = s
         progress(f"[{i:2d}/{len(plan)}] {mode:<7} {case.label:<34} median {s.median_ms:9.4f} ms "
@@ -390,7 +393,7 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     rows, failed = [], []
-    for cfg in configs:
+    for cfg in plot.bar(configs, args.quiet or len(configs) == 1, desc="problems"):
         try:
             rows += run_config(cfg, device, backends, args, timer, env)
         except bc.CorrectnessError as e:
@@ -406,6 +409,7 @@ def main(argv=None) -> int:
         json.dump({"environment": env, "timing": timing, "backends": backends, "rows": rows,
                    "correctness_failures": failed}, f, indent=1, default=str)
     progress(f"\nwrote {len(rows)} rows to {path} ({time.perf_counter() - t0:.0f} s)")
+    plot.save_beside(path, progress)
     return 1 if failed else 0
 
 

@@ -31,6 +31,7 @@ import igc_kernels as igc  # noqa: E402
 from bench_common import environment, measure  # noqa: E402
 from igc_kernels._chain import normalize  # noqa: E402
 from igc_kernels._ops import op_biases  # noqa: E402
+import plot  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -42,7 +43,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--backend", default="cpu")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--min-time", type=float, default=1.0)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--json", default=None, help="write the rows here, and a PNG plot beside it")
+    ap.add_argument("--quiet", action="store_true",
+                    help="no progress bar (also off when stderr is not a terminal)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -87,7 +90,7 @@ def main(argv=None) -> dict:
              ("double_backward", penalty), ("jvp", jvp)]
     if args.backend == "cpu":
         cases.insert(0, ("raw_op_forward", raw))
-    for name, fn in cases:
+    for name, fn in plot.bar(cases, args.quiet, desc="call paths"):
         s = measure(fn, min_time=args.min_time, min_runs=50)
         rows[name] = {"median_us": s.median_ms * 1e3, "p20_us": s.p20_ms * 1e3,
                       "p80_us": s.p80_ms * 1e3, "runs": s.runs}
@@ -98,6 +101,7 @@ def main(argv=None) -> dict:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+        plot.save_beside(args.json)
     return out
 
 

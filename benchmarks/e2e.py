@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common as bc  # noqa: E402
+import plot  # noqa: E402
 
 igc = bc.igc
 from igc_kernels.backends import AUTO_ORDER  # noqa: E402
@@ -245,7 +246,7 @@ def run_model(model, args, device, log) -> list:
             net = build(model, impl == "fused", args).to(device).to(memory_format=mf)
             x = x0.to(device).contiguous(memory_format=mf)
             steps = make_steps(net, x, target, args, device)
-            for mode in args.modes:
+            for mode in plot.bar(args.modes, args.quiet, desc=f"{model} {impl} {layout}"):
                 net.train(mode == "train")
                 stats = time_step(steps[mode], device, args)
                 peak = peak_bytes(steps[mode], device)
@@ -313,7 +314,10 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true",
                    help="tiny network and batch, one timed run: checks that everything runs")
-    p.add_argument("--json", default=None, help="write the rows and environment here")
+    p.add_argument("--json", default=None,
+                   help="write the rows and environment here, and a PNG plot beside it")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars (they are also off when stderr is not a terminal)")
     args = p.parse_args(argv)
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -353,7 +357,7 @@ def main(argv=None):
             "reference chain (see `python -m igc_kernels.info`)")
 
     rows = []
-    for m in models:
+    for m in plot.bar(models, args.quiet or len(models) == 1, desc="models"):
         rows += run_model(m, args, device, log)
     summary = summarize(rows)
     log("\nsummary (fastest layout of each):")
@@ -383,6 +387,7 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
         log(f"wrote {args.json}")
+        plot.save_beside(args.json, log)
     return 0 if track["passed"] else 1
 
 

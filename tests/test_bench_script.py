@@ -44,6 +44,29 @@ def test_bench_smoke_on_cpu(bench, tmp_path, capsys):
             assert key in r
     assert any(r["metric"] == "memory" for r in rec["rows"])
     assert "### float32" in capsys.readouterr().out
+    png = out.with_suffix(".png")  # the plot beside the JSON
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_of_every_committed_result_and_the_progress_bar(tmp_path, monkeypatch):
+    """benchmarks/plot.py draws each kind of committed JSON (micro-benchmark, end-to-end,
+    per-call cost); the progress bar is off when quiet or when stderr is not a terminal."""
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (make deps)")
+    monkeypatch.syspath_prepend(BENCH)
+    import plot
+
+    results = os.path.join(BENCH, "results")
+    kinds = set()
+    for name in ("cpu-amd-epyc-zen5-2threads.json", "e2e-cpu-amd-epyc-zen5-2threads.json",
+                 "call-overhead-cpu-amd-epyc-zen5-1thread.json"):
+        with open(os.path.join(results, name)) as f:
+            kinds.add(plot._kind(json.load(f)))
+        png = plot.plot(os.path.join(results, name), str(tmp_path / (name + ".png")))
+        assert open(png, "rb").read()[:4] == b"\x89PNG"
+    assert kinds == {"micro", "e2e", "call_overhead"}
+    items = [1, 2, 3]
+    assert plot.bar(items, quiet=True) is items
+    assert plot.bar(items, quiet=False) is items  # stderr is not a terminal under pytest
 
 
 def test_gpu_case_table_and_backward_step(bench):

@@ -273,3 +273,4 @@ def test_e2e_benchmark_smoke(tmp_path):
     assert track["steps"] >= 6 and track["passed"], track
     # fused and unfused float64 training stay together to float64 rounding, step by step
     assert max(track["float64_rel_diff"]) < 1e-9
+    assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # the plot beside the JSON
