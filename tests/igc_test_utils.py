@@ -494,3 +494,28 @@ def normalized_op_args(problem: Problem):
                    input_index=problem.input_index)
     return (problem.x, ch.weights, op_biases(ch.biases, problem.x), list(ch.groups),
             list(ch.shuffles), ch.perms, ch.input_index)
+
+
+def shufflenet_style_net(channels: int = 48, groups: int = 3, units: int = 2) -> "torch.nn.Module":
+    """A small ShuffleNet-style network (unfused): stem, then units of grouped 1x1 -> channel
+    shuffle -> BN -> ReLU -> depth-wise 3x3 -> BN -> grouped 1x1 -> BN, with a residual add;
+    pooled head. (The shuffle sits right after the grouped convolution, where ShuffleNet's
+    BN + ReLU commute with it.) ``igc_kernels.convert`` fuses each grouped 1x1 + shuffle."""
+    import torch.nn as nn
+
+    class Unit(nn.Module):
+        def __init__(self):
+            super().__init__()
+            mid = channels // 2
+            self.branch = nn.Sequential(
+                nn.Conv2d(channels, mid, 1, groups=groups, bias=False), nn.ChannelShuffle(groups),
+                nn.BatchNorm2d(mid), nn.ReLU(),
+                nn.Conv2d(mid, mid, 3, padding=1, groups=mid, bias=False), nn.BatchNorm2d(mid),
+                nn.Conv2d(mid, channels, 1, groups=groups, bias=False), nn.BatchNorm2d(channels))
+
+        def forward(self, x):
+            return torch.relu(x + self.branch(x))
+
+    return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
+                         *[Unit() for _ in range(units)], nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, 10))

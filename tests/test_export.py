@@ -1,9 +1,9 @@
-"""Deployment without Python model code: converted networks (IGCV2, IGCV3) through
-``torch.export`` (saved, loaded, run with a dynamic batch) and through AOTInductor
+"""Deployment without Python model code: converted networks (IGCV2, IGCV3, ShuffleNet-style)
+through ``torch.export`` (saved, loaded, run with a dynamic batch) and through AOTInductor
 (``aoti_compile_and_package`` + ``aoti_load_package``), outputs equal to eager: on the CPU
-here; on a GPU the same tests cover the CUDA and the Triton backends (skipped without one). The C++ op registration is what makes the
-AOTInductor package run: the package calls ``igc::chain_forward`` through the dispatcher (a
-process that imports igc_kernels has it)."""
+here; on a GPU the same tests cover the CUDA and the Triton backends (skipped without one).
+The C++ op registration is what makes the AOTInductor package run: the package calls
+``igc::chain_forward`` through the dispatcher (a process that imports igc_kernels has it)."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import igc_kernels as igc
+from igc_test_utils import shufflenet_style_net
 
 
 CUDA = torch.cuda.is_available()
@@ -26,6 +27,9 @@ def _net(device="cpu", backend="auto", model="igcv2"):
     if model == "igcv2":
         plain = igc.models.IGCV2CifarNet(width=32, depth=5, group_size=4, fused=False)
         x = torch.randn(4, 3, 16, 16)
+    elif model == "shufflenet":
+        plain = shufflenet_style_net()
+        x = torch.randn(4, 3, 8, 8)
     else:
         plain = igc.models.IGCV3Net(num_classes=10, width_mult=0.25, fused=False)
         x = torch.randn(2, 3, 32, 32)
@@ -42,7 +46,7 @@ def _exported(net, x):
     return torch.export.export(net, (x,), dynamic_shapes=({0: batch},))
 
 
-@pytest.mark.parametrize("model", ["igcv2", "igcv3"])
+@pytest.mark.parametrize("model", ["igcv2", "igcv3", "shufflenet"])
 @pytest.mark.parametrize("device,backend", TARGETS)
 def test_export_save_load_dynamic_batch(tmp_path, device, backend, model):
     net, x = _net(device, backend, model)

@@ -17,6 +17,7 @@ import torch.nn as nn
 
 import igc_kernels as igc
 from igc_kernels.models import blocks
+from igc_test_utils import shufflenet_style_net
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is not installed (make deps)")
 onnx = pytest.importorskip("onnx", reason="onnx is not installed (make deps)")
@@ -65,6 +66,19 @@ def test_converted_igcv2_network_runs_in_onnxruntime(tmp_path):
     with torch.no_grad():
         for batch in (4, 1, 7):  # the exported batch and two others (dynamic)
             xb = torch.randn(batch, 3, 16, 16)
+            ref = fused(xb)
+            torch.testing.assert_close(_run(sess, xb), ref, **_tol(ref))
+
+
+def test_converted_shufflenet_style_network_runs_in_onnxruntime(tmp_path):
+    torch.manual_seed(3)
+    x = torch.randn(3, 3, 8, 8)
+    fused = _calibrate(igc.convert(shufflenet_style_net()), x)
+    assert sum(isinstance(m, igc.InterleavedGroupConv) for m in fused.modules()) == 2
+    _, sess = _export(fused, x, tmp_path / "shufflenet.onnx")
+    with torch.no_grad():
+        for batch in (3, 1):
+            xb = torch.randn(batch, 3, 8, 8)
             ref = fused(xb)
             torch.testing.assert_close(_run(sess, xb), ref, **_tol(ref))
 
