@@ -519,3 +519,51 @@ def shufflenet_style_net(channels: int = 48, groups: int = 3, units: int = 2) ->
     return nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.ReLU(),
                          *[Unit() for _ in range(units)], nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(channels, 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Multi-process runs (gloo on the CPU): DDP and FSDP2 tests
+# ---------------------------------------------------------------------------------------------
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_gloo_workers(worker, out_dir, world: int, deadline_s: float, what: str) -> list:
+    """Runs ``worker(rank, port, out_dir)`` in ``world`` spawned processes (each saves
+    ``rank{r}.pt`` in ``out_dir``); fails after ``deadline_s`` seconds, terminating the workers;
+    returns the loaded per-rank results. Fails (not skips) without torch.distributed + gloo."""
+    import time
+
+    import pytest
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    require_extension()
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.fail("torch.distributed with gloo is required for this test")
+    ctx = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=world,
+                             join=False, start_method="spawn")
+    deadline = time.monotonic() + deadline_s
+    try:
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{what} workers did not finish within {deadline_s} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+    return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(world)]
+
+
+def assert_within_rounding(a, b, k: int, what: str) -> None:
+    """``|a - b| <= 2 k u max(1, |b|)`` in float64 (``k`` roundings of the longer computation)."""
+    u = torch.finfo(torch.float64).eps / 2
+    scale = max(1.0, float(b.abs().max()))
+    err = float((a - b).abs().max())
+    assert err <= 2 * k * u * scale, f"{what}: max difference {err:.3e}"

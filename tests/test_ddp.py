@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 import igc_kernels as igc  # noqa: F401
 from igc_kernels.models import IGCV2CifarNet, parameter_pairs
-from igc_test_utils import require_extension
+from igc_test_utils import assert_within_rounding, run_gloo_workers
 
 # Slow (compilers, subprocesses): run as its own step of `make test` (-m slow).
 pytestmark = pytest.mark.slow
 
 WORLD = 2
-U64 = torch.finfo(torch.float64).eps / 2
 K_ROUND = 4 * 8 * (4 * 16 * 16 + 600)
 DEADLINE_S = 240
 
@@ -73,35 +69,12 @@ def _worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _close(a, b, name):
-    scale = max(1.0, float(b.abs().max()))
-    err = float((a - b).abs().max())
-    assert err <= 2 * K_ROUND * U64 * scale, f"{name}: max difference {err:.3e}"
+    assert_within_rounding(a, b, K_ROUND, name)
 
 
 def test_ddp_fused_gradients_equal_unfused(tmp_path):
-    require_extension()
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.fail("torch.distributed with gloo is required for this test")
-    ctx = mp.start_processes(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD,
-                             join=False, start_method="spawn")
-    deadline = time.monotonic() + DEADLINE_S
-    try:
-        while not ctx.join(timeout=1.0):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"DDP workers did not finish within {DEADLINE_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
-                p.join(5)
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    results = run_gloo_workers(_worker, tmp_path, WORLD, DEADLINE_S, "DDP")
 
     fused, unfused = _model(True), _model(False)
     pairs = parameter_pairs(fused, unfused)

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import os
-import socket
 import threading
 
 import pytest
@@ -19,6 +17,7 @@ import igc_kernels as igc
 from igc_kernels import backends as backends_mod
 from igc_kernels import models as M
 from igc_kernels.modules import ChannelGather, InterleavedGroupConv
+from igc_test_utils import free_port
 
 # name: builder (called with the same seed inside and outside a meta device scope)
 BUILDERS = {
@@ -123,12 +122,6 @@ def test_reference_backend_on_meta_tensors(backend):
     assert y.is_contiguous(memory_format=torch.channels_last)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fsdp2_deferred_init_one_process():
     """The deferred-init recipe with FSDP2 (gloo, one process): meta construction, fully_shard
     per block and at the root, to_empty, reset_parameters; the loss and the gradients equal an
@@ -137,7 +130,7 @@ def test_fsdp2_deferred_init_one_process():
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                             world_size=1, timeout=datetime.timedelta(seconds=60))
     try:
         mesh = init_device_mesh("cpu", (1,))

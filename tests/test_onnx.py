@@ -46,6 +46,15 @@ def _tol(ref):
     return dict(rtol=1e-4, atol=1e-4 * max(1.0, float(ref.abs().max())))
 
 
+def _check_batches(model, sess, sample_shape, batches):
+    """onnxruntime's output equals PyTorch's for fresh inputs of each batch size."""
+    with torch.no_grad():
+        for batch in batches:
+            xb = torch.randn(batch, *sample_shape)
+            ref = model(xb)
+            torch.testing.assert_close(_run(sess, xb), ref, **_tol(ref))
+
+
 def _calibrate(model, x):
     """BatchNorm statistics of trained-like scale (not the initial 0/1), then eval."""
     model.train()
@@ -63,11 +72,7 @@ def test_converted_igcv2_network_runs_in_onnxruntime(tmp_path):
     assert any(isinstance(m, igc.InterleavedGroupConv) for m in fused.modules())
     proto, sess = _export(fused, x, tmp_path / "igcv2.onnx")
     assert not any(n.op_type.startswith("chain") for n in proto.graph.node)
-    with torch.no_grad():
-        for batch in (4, 1, 7):  # the exported batch and two others (dynamic)
-            xb = torch.randn(batch, 3, 16, 16)
-            ref = fused(xb)
-            torch.testing.assert_close(_run(sess, xb), ref, **_tol(ref))
+    _check_batches(fused, sess, (3, 16, 16), (4, 1, 7))
 
 
 def test_converted_shufflenet_style_network_runs_in_onnxruntime(tmp_path):
@@ -76,11 +81,7 @@ def test_converted_shufflenet_style_network_runs_in_onnxruntime(tmp_path):
     fused = _calibrate(igc.convert(shufflenet_style_net()), x)
     assert sum(isinstance(m, igc.InterleavedGroupConv) for m in fused.modules()) == 2
     _, sess = _export(fused, x, tmp_path / "shufflenet.onnx")
-    with torch.no_grad():
-        for batch in (3, 1):
-            xb = torch.randn(batch, 3, 8, 8)
-            ref = fused(xb)
-            torch.testing.assert_close(_run(sess, xb), ref, **_tol(ref))
+    _check_batches(fused, sess, (3, 8, 8), (3, 1))
 
 
 @pytest.mark.slow  # 18 s: 17 blocks of chains exported and compared
@@ -90,11 +91,7 @@ def test_converted_igcv3_network_runs_in_onnxruntime(tmp_path):
     x = torch.randn(2, 3, 32, 32)
     fused = _calibrate(igc.convert(net), x)
     _, sess = _export(fused, x, tmp_path / "igcv3.onnx")
-    with torch.no_grad():
-        for batch in (2, 3):
-            xb = torch.randn(batch, 3, 32, 32)
-            ref = fused(xb)
-            torch.testing.assert_close(_run(sess, xb), ref, **_tol(ref))
+    _check_batches(fused, sess, (3, 32, 32), (2, 3))
 
 
 @pytest.mark.parametrize("opset", [18, 21])
