@@ -561,9 +561,22 @@ def run_gloo_workers(worker, out_dir, world: int, deadline_s: float, what: str) 
     return [torch.load(os.path.join(str(out_dir), f"rank{r}.pt")) for r in range(world)]
 
 
-def assert_within_rounding(a, b, k: int, what: str) -> None:
-    """``|a - b| <= 2 k u max(1, |b|)`` in float64 (``k`` roundings of the longer computation)."""
-    u = torch.finfo(torch.float64).eps / 2
-    scale = max(1.0, float(b.abs().max()))
-    err = float((a - b).abs().max())
-    assert err <= 2 * k * u * scale, f"{what}: max difference {err:.3e}"
+@contextlib.contextmanager
+def gloo_group(rank: int, port: int, world: int, out_dir: str):
+    """A worker's process group (gloo on 127.0.0.1:``port``, one thread, a 60 s timeout).
+    Yields ``save(obj)``, which writes the rank's result where :func:`run_gloo_workers` reads
+    it; the ranks meet at a barrier before the group is destroyed."""
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield lambda obj: torch.save(obj, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
