@@ -22,6 +22,16 @@ unfused layout. ``--dtype bfloat16`` runs under ``torch.autocast`` with float32 
 Modes: ``train``: ``zero_grad``, forward, cross-entropy, backward, SGD step (momentum 0.9);
 ``infer``: ``model.eval()`` forward under ``torch.no_grad()``.
 
+Activations of a trained scale: every network's BatchNorm statistics are calibrated on
+synthetic data before timing (``--no-calibrate-bn`` skips it), and on the CPU denormals are
+flushed (``torch.set_flush_denormal(True)``; ``--no-flush-denormal``): a freshly initialised
+deep network decays into denormals, on which x86 arithmetic is ~10x slower.
+
+ONNX Runtime (CPU, float32, ``infer``; ``--no-onnxruntime`` skips it): the unfused network,
+calibrated the same way, exported with ``torch.onnx.export(dynamo=True)`` and run with
+``ORT_ENABLE_ALL`` on as many threads as torch, in the same run: what a user deploying on a
+CPU would pick instead. Its output is checked against PyTorch's before it is timed.
+
 Procedure: a correctness check first (the fused and unfused networks' eval outputs agree, in
 float64 on CPU; in the run's dtype otherwise, relative to the output's scale); then timing:
 CPU: ``bench_common.measure`` (warm-up, then ``time.perf_counter`` per step until
@@ -172,6 +182,53 @@ def saved_bytes(net, x, target, args, device) -> int:
 # --------------------------------------------------------------------------------------------
 # Correctness and loss tracking
 # --------------------------------------------------------------------------------------------
+def calibrate(net, model, args, device, memory_format=torch.contiguous_format):
+    """BatchNorm running statistics of a trained-like scale: three train-mode forward passes
+    without gradients on synthetic data (the same for every implementation). A freshly
+    initialised deep network otherwise decays into denormal activations at eval time, and x86
+    arithmetic on denormals is ~10x slower: timings would measure that, not the network."""
+    xs = torch.randn(input_shape(model, max(2, min(args.batch, 16))),
+                     generator=torch.Generator().manual_seed(7)).to(device)
+    net.train()
+    with torch.no_grad(), autocast(args, device):
+        for _ in range(3):
+            net(xs.contiguous(memory_format=memory_format))
+    return net
+
+
+def onnxruntime_step(net, x, args):
+    """``infer`` through ONNX Runtime (CPU, ``ORT_ENABLE_ALL``, as many intra-op threads as
+    torch): ``net`` exported with ``torch.onnx.export(dynamo=True)`` (the fused operator as
+    standard ONNX, ``igc.onnx_translation_table``). None when onnxruntime is missing."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import tempfile
+
+    import igc_kernels as igc
+
+    net = net.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(net, (x,), dynamo=True, verbose=False,
+                          custom_translation_table=igc.onnx_translation_table()).save(path)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.intra_op_num_threads = torch.get_num_threads()
+        so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    name = sess.get_inputs()[0].name
+    feed = {name: x.contiguous().numpy()}
+    with torch.no_grad():
+        ref = net(x)
+    got = torch.from_numpy(sess.run(None, feed)[0])
+    err = float((got - ref).abs().max()) / max(1e-30, float(ref.abs().max()))
+    if not err <= 1e-3:
+        raise SystemExit(f"ONNX Runtime output differs from PyTorch's: relative {err:.2e}")
+    return lambda: sess.run(None, feed)
+
+
 def check_models(model, args, device):
     """Eval outputs of the fused and unfused network agree (before anything is timed)."""
     f, u = build(model, True, args), build(model, False, args)
@@ -244,6 +301,8 @@ def run_model(model, args, device, log) -> list:
         for layout in args.layouts:
             mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
             net = build(model, impl == "fused", args).to(device).to(memory_format=mf)
+            if args.calibrate_bn:
+                calibrate(net, model, args, device, mf)
             x = x0.to(device).contiguous(memory_format=mf)
             steps = make_steps(net, x, target, args, device)
             for mode in plot.bar(args.modes, args.quiet, desc=f"{model} {impl} {layout}"):
@@ -267,6 +326,24 @@ def run_model(model, args, device, log) -> list:
                     + (f"  peak {peak / 2**20:8.1f} MiB" if peak is not None else "")
                     + (f"  saved {row['saved_bytes'] / 2**20:8.1f} MiB" if mode == "train" else ""))
             del net, steps
+    if args.onnxruntime and device == "cpu" and args.dtype == "float32" and "infer" in args.modes:
+        net = build(model, False, args)
+        if args.calibrate_bn:
+            calibrate(net, model, args, device)
+        step = onnxruntime_step(net, x0, args)
+        if step is None:
+            log("  onnxruntime is not installed: no ONNX Runtime row (make deps installs it)")
+        else:
+            stats = time_step(step, device, args)
+            rows.append({"model": model, "impl": "onnxruntime", "layout": "nchw", "mode": "infer",
+                         "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
+                         "fused_backend": None, "median_ms": stats.median_ms,
+                         "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
+                         "runs": stats.runs, "peak_bytes": None,
+                         "params": sum(p.numel() for p in net.parameters())})
+            log(f"  {'onnxrt':8s} {'nchw':14s} {'infer':6s} {stats.median_ms:10.2f} ms "
+                f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; the "
+                "unfused network exported to ONNX, ORT_ENABLE_ALL)")
     return rows
 
 
@@ -290,6 +367,10 @@ def summarize(rows) -> list:
                 s["peak_ratio"] = bf["peak_bytes"] / bu["peak_bytes"]
             if mode == "train":
                 s["saved_ratio"] = bf["saved_bytes"] / bu["saved_bytes"]
+            o = [r for r in sel if r["impl"] == "onnxruntime"]
+            if o:
+                s["onnxruntime_ms"] = o[0]["median_ms"]
+                s["speedup_vs_onnxruntime"] = o[0]["median_ms"] / bf["median_ms"]
             out.append(s)
     return out
 
@@ -312,6 +393,13 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--loss-steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-calibrate-bn", dest="calibrate_bn", action="store_false",
+                   help="keep the initial BatchNorm statistics (default: calibrate them on "
+                        "synthetic data first, see calibrate())")
+    p.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false",
+                   help="CPU: keep denormal arithmetic (default: torch.set_flush_denormal(True))")
+    p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
+                   help="CPU, float32, infer: skip the ONNX Runtime row")
     p.add_argument("--smoke", action="store_true",
                    help="tiny network and batch, one timed run: checks that everything runs")
     p.add_argument("--json", default=None,
@@ -337,6 +425,8 @@ def main(argv=None):
     args.modes = [s for s in args.modes.split(",") if s]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if device == "cpu" and args.flush_denormal:
+        torch.set_flush_denormal(True)
     if device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
@@ -367,6 +457,9 @@ def main(argv=None):
             extra += f", peak memory fused/unfused {s['peak_ratio']:.2f}"
         if "saved_ratio" in s:
             extra += f", saved activations fused/unfused {s['saved_ratio']:.2f}"
+        if "onnxruntime_ms" in s:
+            extra += (f"; ONNX Runtime {s['onnxruntime_ms']:.2f} ms, fused "
+                      f"{s['speedup_vs_onnxruntime']:.2f}x")
         log(f"  {s['model']:15s} {s['mode']:6s} fused {s['fused_ms']:.2f} ms ({s['fused_layout']}) "
             f"vs unfused {s['unfused_ms']:.2f} ms ({s['unfused_layout']}): "
             f"{s['speedup']:.2f}x{extra}")

@@ -4,8 +4,8 @@
 - micro-benchmark (``bench.py``): median time of every variant per problem and mode, the fused
   operator's bars marked, with its speed-up over the fastest eager chain in the title; a sweep
   (more than four problems) plots that speed-up per problem instead;
-- end-to-end (``e2e.py``): step time and peak memory, fused vs unfused, per model, mode and
-  layout;
+- end-to-end (``e2e.py``): step time and peak memory, fused vs unfused (and ONNX Runtime's
+  time where the run has it), per model, mode and layout;
 - per-call cost (``call_overhead.py``): median time of every call path.
 
 The benchmarks call :func:`save_beside` after writing their JSON (skipped, with a note, when
@@ -89,16 +89,18 @@ def _e2e(data, plt):
     for (model, mode, batch), (ax_t, ax_m) in zip(keys, axes):
         rs = [r for r in rows if (r["model"], r["mode"], r["batch"]) == (model, mode, batch)]
         layouts = sorted({r["layout"] for r in rs})
-        for i, impl in enumerate(("fused", "unfused")):
+        impls = [i for i in ("fused", "unfused", "onnxruntime") if any(r["impl"] == i for r in rs)]
+        w = 0.8 / len(impls)
+        colors = {"fused": "tab:orange", "unfused": "tab:blue", "onnxruntime": "tab:green"}
+        for i, impl in enumerate(impls):
             by = {r["layout"]: r for r in rs if r["impl"] == impl}
-            xs = [j + 0.4 * i for j in range(len(layouts))]
-            color = "tab:orange" if impl == "fused" else "tab:blue"
+            xs = [j + w * i for j in range(len(layouts))]
             ax_t.bar(xs, [by[lay]["median_ms"] if lay in by else 0 for lay in layouts],
-                     width=0.4, color=color, label=impl)
+                     width=w, color=colors[impl], label=impl)
             ax_m.bar(xs, [(by[lay]["peak_bytes"] or 0) / 2**20 if lay in by else 0
-                          for lay in layouts], width=0.4, color=color, label=impl)
+                          for lay in layouts], width=w, color=colors[impl], label=impl)
         for ax, what in ((ax_t, "median step time (ms)"), (ax_m, "peak memory (MiB)")):
-            ax.set_xticks([j + 0.2 for j in range(len(layouts))], layouts)
+            ax.set_xticks([j + w * (len(impls) - 1) / 2 for j in range(len(layouts))], layouts)
             ax.set_ylabel(what, fontsize=8)
             ax.set_title(f"{model} {mode}, batch {batch}", fontsize=9)
             ax.legend(fontsize=7)

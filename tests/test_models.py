@@ -274,3 +274,12 @@ def test_e2e_benchmark_smoke(tmp_path):
     # fused and unfused float64 training stay together to float64 rounding, step by step
     assert max(track["float64_rel_diff"]) < 1e-9
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"  # the plot beside the JSON
+    assert data["args"]["calibrate_bn"] and data["args"]["flush_denormal"]
+    try:  # ONNX Runtime's row, in the same run, where onnxruntime is installed (make deps)
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    ort_rows = [r for r in rows if r["impl"] == "onnxruntime"]
+    assert len(ort_rows) == 1 and ort_rows[0]["mode"] == "infer" and ort_rows[0]["median_ms"] > 0
+    (infer,) = [s for s in data["summary"] if s["mode"] == "infer"]
+    assert infer["speedup_vs_onnxruntime"] > 0
