@@ -575,8 +575,14 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
       }
     };
     if (K > 0) {
+      // unrolled 16 inputs at a time: K = 32 / 64 unrolled whole held every input's loads in
+      // flight and took the backward kernel past its register budget (spills)
+      constexpr int U = K > 0 && K < 16 ? K : 16;
+#pragma unroll 1
+      for (int k0 = 0; k0 < K; k0 += U) {
 #pragma unroll
-      for (int k = 0; k < (K > 0 ? K : 1); ++k) step(k);
+        for (int k = 0; k < U; ++k) step(k0 + k);
+      }
     } else {
 #pragma unroll 4
       for (int k = 0; k < kc; ++k) step(k);
@@ -681,16 +687,29 @@ struct LaunchPlan {
   int64_t ntiles = 0;
 };
 
+// Register budget of the chain kernels. ptxas compiles a 256-thread CTA for at most 128
+// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (110-116
+// registers, no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64 kernels need
+// more and spilled at 128, so they are compiled for one CTA per SM (255 registers).
+// `min_blocks` is the __launch_bounds__ minimum (0: none given); `ctas` is the CTA count per SM
+// the tile chooser sizes shared memory for. tests/test_cuda_compile_nvcc.py asserts no spills.
+template <typename A>
+struct CtasPerSm {
+  static constexpr int min_blocks = sizeof(A) > 4 ? 1 : 0;
+  static constexpr int ctas = sizeof(A) > 4 ? 1 : 2;
+};
+
 // Tile size choice (not yet tuned on a GPU): the largest TP whose shared memory leaves room for
-// two CTAs per SM, else the largest that fits one; halved (down to 16) while there are fewer
-// tiles than SMs.
+// `ctas` CTAs per SM (1 KB per CTA reserved by the runtime), else the largest that fits one;
+// halved (down to 16) while there are fewer tiles than SMs.
 template <typename F>
-inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min_tp) {
-  const size_t half_sm = static_cast<size_t>(dev.smem_per_sm / 2 > 1024 ? dev.smem_per_sm / 2 - 1024 : 0);
+inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min_tp, int ctas) {
+  const int share = dev.smem_per_sm / ctas;
+  const size_t per_cta = static_cast<size_t>(share > 1024 ? share - 1024 : 0);
   const size_t optin = static_cast<size_t>(dev.smem_optin);
   int best = 0;
   for (int tp = kMaxTile; tp >= min_tp; tp /= 2) {
-    if (bytes_for_tp(tp) <= half_sm) {
+    if (bytes_for_tp(tp) <= per_cta && bytes_for_tp(tp) <= optin) {
       best = tp;
       break;
     }
@@ -719,7 +738,7 @@ inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min
 #endif
 
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
     chain_forward_kernel(const ChainParams<A> p, const TensorArg<const T> x, const TensorArg<T> y,
                          int64_t P, int tp, int ld) {
   IGC_DECLARE_SMEM(smem);
@@ -763,7 +782,7 @@ struct BackwardFlags {
 // dx_starts / dx_order: CSR of the input index (dx channel c sums dh_0 rows
 // dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without an input index.
 template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
     chain_backward_kernel(const ChainParams<A> p, const TensorArg<const T> x,
                           const TensorArg<const T> dy, const TensorArg<T> dx,
                           const int32_t* __restrict__ dx_starts,
@@ -939,7 +958,7 @@ template <typename T, typename A>
 inline cudaError_t plan_forward(const ChainParams<A>& p, int64_t P, const DeviceInfo& dev,
                                 LaunchPlan* plan) {
   plan->tp = choose_tile([&](int tp) { return forward_smem_bytes(p.cmax, tp, sizeof(A)); }, dev,
-                         P, kMinTile);
+                         P, kMinTile, CtasPerSm<A>::ctas);
   if (plan->tp == 0) return cudaSuccess;  // caller reports "does not fit"
   plan->ld = tile_ld(plan->tp);
   plan->smem = forward_smem_bytes(p.cmax, plan->tp, sizeof(A));
@@ -968,16 +987,17 @@ template <typename T, typename A>
 inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_grads_wb,
                                  const DeviceInfo& dev, LaunchPlan* plan) {
   plan->store_all = 1;
-  plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P, 16);
+  plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P, 16,
+                         CtasPerSm<A>::ctas);
   if (plan->tp == 0 && p.L > 1) {
     plan->store_all = 0;
     plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, false, tp); }, dev, P,
-                           kMinTile);
+                           kMinTile, CtasPerSm<A>::ctas);
   }
   if (plan->tp == 0) {  // L == 1 (nothing to recompute) with a tile below 16
     plan->store_all = 1;
     plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P,
-                           kMinTile);
+                           kMinTile, CtasPerSm<A>::ctas);
   }
   if (plan->tp == 0) return cudaSuccess;
   plan->ld = tile_ld(plan->tp);
