@@ -23,6 +23,7 @@ kernels); ``backends.py`` imports it lazily.
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional
 
 import torch
@@ -61,18 +62,22 @@ def _dtypes() -> tuple:
     return BACKEND.dtypes
 
 
-def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
+def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None,
+             needs=(False, False, False)):
     """(structure, per-layer pointer tensors in the generated kernels' argument order).
 
     A direct call's arguments are checked like the public function's (``validate_op_args``:
     the same rules and messages, index values included: a host check under the interpreter, an
     asynchronous device-side assert on GPUs), then against these kernels' own limits; all
-    before any launch. The kernels clamp index entries either way."""
+    before any launch (on GPUs that includes ``spill_reasons`` for the forward and the
+    gradients ``needs`` names). The kernels clamp index entries either way."""
     chain = validate_op_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
     if x.dtype not in _dtypes():
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float32, float16 "
                         f"and bfloat16")
     reasons = channel_limit_reasons(chain)
+    if not reasons and checks_spills(x):
+        reasons = spill_reasons(x, chain, *needs)
     if reasons:
         raise ValueError("; ".join(reasons))
     L = chain.num_layers
@@ -139,6 +144,107 @@ def _launch(kernel, grid, args, meta):
         torch.library.wrap_triton(kernel)[grid](*args, **meta)
 
 
+def _forward_args(x, y, idx, ptrs):
+    """(the forward kernel's arguments, (O0, O1, O2, NI))."""
+    sizes, (xs, ys) = K.position_dims(x.shape, [x.stride(), y.stride()])
+    NI, O1, O2 = sizes[3], sizes[1], sizes[2]
+    args = [x, y, idx, *ptrs, NI, O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
+            ys[0], ys[1], ys[2], ys[3], y.stride(1), _layout_key((xs[3], x.stride(1)))]
+    return args, tuple(sizes)
+
+
+def _backward_args(grad_y, x, dx, need_dx, index, ptrs, part, row):
+    """The backward kernel's arguments (``dx`` unused unless ``need_dx``; ``index`` the input
+    index's (idx, order, start, count), Nones without one)."""
+    dxs = dx.stride() if need_dx else x.stride()
+    sizes, (gs, xs, ds) = K.position_dims(x.shape, [grad_y.stride(), x.stride(), dxs])
+    O0, O1, O2, NI = sizes
+    return [grad_y, x, dx, *index, *ptrs, part, row, NI, O0, O1, O2,
+            gs[0], gs[1], gs[2], gs[3], grad_y.stride(1), xs[0], xs[1], xs[2], xs[3],
+            x.stride(1), ds[0], ds[1], ds[2], ds[3], dx.stride(1) if need_dx else 0,
+            _layout_key((xs[3], x.stride(1)))]
+
+
+def _backward_meta(need_dx, need_dw, need_db) -> dict:
+    return {"PREC": K.dot_precision(), "NEED_DX": int(need_dx), "NEED_DW": int(need_dw),
+            "NEED_DB": int(need_db)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Spilling structures are refused before launch
+# ---------------------------------------------------------------------------------------------
+def checks_spills(x) -> bool:
+    """Whether the backend compiles ``x``'s kernels to look for spills before launching: on
+    GPUs, unless ``IGC_TRITON_FIXED=default`` (test runs over many structures: one compile
+    each, the default configuration, whatever it spills)."""
+    return (not INTERPRETED and x.device.type == "cuda"
+            and os.environ.get("IGC_TRITON_FIXED", "") != "default")
+
+
+def _meta_like(shape, strides, dtype):
+    return torch.empty_strided(tuple(shape), tuple(strides), dtype=dtype, device="meta")
+
+
+def spill_reasons(x, chain, need_dx: bool, need_dw: bool, need_db: bool, spills=None) -> list:
+    """Reasons (empty when none) for which these kernels do not run ``x`` through ``chain``:
+    every launch configuration of its forward (or of the backward it will need: the gradients
+    named) spills registers to local memory when compiled for the GPU at hand. The kernels are
+    compiled, not launched (``K.fixed_choice``, cached per kernel and argument signature; the
+    launch reuses the compile). ``spills``: for tests, spilled bytes of a compile."""
+    key = (chain.in_channels, tuple(chain.channels), tuple(chain.groups), tuple(chain.shuffles),
+           tuple(p is not None for p in chain.perms), tuple(b is not None for b in chain.biases),
+           chain.input_index is not None, x.dtype, tuple(x.shape), tuple(x.stride()),
+           x.device.index, bool(need_dx), bool(need_dw), bool(need_db), K.dot_precision())
+    hit = _SPILL_REASONS.get(key) if spills is None else None
+    if hit is not None:
+        return list(hit)
+    reasons = _spill_reasons(x, chain, need_dx, need_dw, need_db, spills)
+    if spills is None:
+        _SPILL_REASONS[key] = tuple(reasons)
+    return reasons
+
+
+_SPILL_REASONS: dict = {}
+
+
+def _spill_reasons(x, chain, need_dx, need_dw, need_db, spills):
+    bias_present = [b is not None for b in chain.biases]
+    perm_present = [p is not None for p in chain.perms]
+    st = K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
+                          perm_present, bias_present, chain.input_index is not None, x.dtype)
+    kern = K.kernels_for(st)
+    i32 = torch.empty((0,), dtype=torch.int32, device="meta")
+    ptrs = []
+    for l in range(chain.num_layers):
+        ptrs.append(_meta_like((0,), (1,), x.dtype))
+        if bias_present[l]:
+            ptrs.append(_meta_like((0,), (1,), x.dtype))
+    ptrs += [i32, i32] * sum(perm_present)
+    xm = _meta_like(x.shape, x.stride(), x.dtype)
+    ym = empty_like_layout(xm, chain.channels[-1], x.dtype)
+    index = (i32,) * 4 if chain.input_index is not None else (None,) * 4
+    fwd_args, _ = _forward_args(xm, ym, index[0], ptrs)
+    checks = [("forward", kern.fwd, False, fwd_args, {"PREC": K.dot_precision()})]
+    need_db = need_db and any(bias_present)
+    if need_dx or need_dw or need_db:
+        row = st.w_total + st.b_total
+        part = _meta_like((backward_programs(x.device), row), (row, 1), torch.float32)
+        dxm = xm if need_dx else _meta_like((0,), (1,), x.dtype)
+        bwd_args = _backward_args(ym, xm, dxm, need_dx, index, ptrs, part, row)
+        checks.append(("backward", kern.bwd, True, bwd_args,
+                       _backward_meta(need_dx, need_dw, need_db)))
+    reasons = []
+    for direction, fn, backward, args, base in checks:
+        cfg, spilled = K.fixed_choice(kern, backward, fn, args, base, spills)
+        if spilled:
+            reasons.append(
+                f"every launch configuration of the Triton {direction} kernel for this chain "
+                f"spills registers to local memory on this GPU (the least: {spilled} bytes per "
+                f"thread, BLOCK_P={cfg.block_p}, num_warps={cfg.num_warps}); a spilling kernel "
+                f"is not launched")
+    return reasons
+
+
 # ---------------------------------------------------------------------------------------------
 # Operator bodies
 # ---------------------------------------------------------------------------------------------
@@ -150,11 +256,8 @@ def chain_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
     if y.numel() == 0:
         return y.to(x.dtype)
     kern = K.kernels_for(st)
-    sizes, (xs, ys) = K.position_dims(x.shape, [x.stride(), y.stride()])
-    O0, O1, O2, NI = sizes
     idx = input_index.to(torch.int32) if input_index is not None else None
-    args = [x, y, idx, *ptrs, NI, O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
-            ys[0], ys[1], ys[2], ys[3], y.stride(1), _layout_key((xs[3], x.stride(1)))]
+    args, (O0, O1, O2, NI) = _forward_args(x, y, idx, ptrs)
     base = {"PREC": K.dot_precision()}
     fn, meta = K.launch_choice(kern, backward=False, args=args, base_meta=base)
 
@@ -171,7 +274,8 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
                    input_index: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     need_dx, need_dw, need_db = (bool(m) for m in output_mask)
-    st, ptrs = _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
+    st, ptrs = _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y,
+                        (need_dx, need_dw, need_db))
     need_db = need_db and st.b_total > 0
     dtype = _store_dtype(weights[0].dtype)
     dx = empty_like_layout(x, x.shape[1], dtype) if need_dx else x.new_empty((0,), dtype=dtype)
@@ -185,23 +289,16 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
         gb.zero_()
         return dx.to(out_dtype), gw.to(out_dtype), gb.to(out_dtype)
     kern = K.kernels_for(st)
-    dxs = dx.stride() if need_dx else x.stride()
-    sizes, (gs, xs, ds) = K.position_dims(x.shape, [grad_y.stride(), x.stride(), dxs])
-    O0, O1, O2, NI = sizes
     nprog = backward_programs(x.device)
     row = st.w_total + st.b_total
     part = torch.zeros((nprog, row) if (need_dw or need_db) else (1, 1), device=x.device,
                        dtype=torch.float32)
     if input_index is not None:
-        idx, order, start, count = _index_order(input_index, int(x.shape[1]))
+        index = _index_order(input_index, int(x.shape[1]))
     else:
-        idx = order = start = count = None
-    args = [grad_y, x, dx, idx, order, start, count, *ptrs, part, row, NI, O0, O1, O2,
-            gs[0], gs[1], gs[2], gs[3], grad_y.stride(1), xs[0], xs[1], xs[2], xs[3],
-            x.stride(1), ds[0], ds[1], ds[2], ds[3], dx.stride(1) if need_dx else 0,
-            _layout_key((xs[3], x.stride(1)))]
-    base = {"PREC": K.dot_precision(), "NEED_DX": int(need_dx), "NEED_DW": int(need_dw),
-            "NEED_DB": int(need_db)}
+        index = (None,) * 4
+    args = _backward_args(grad_y, x, dx, need_dx, index, ptrs, part, row)
+    base = _backward_meta(need_dx, need_dw, need_db)
     fn, meta = K.launch_choice(kern, backward=True, args=args, base_meta=base)
     _launch(fn, (nprog,), args, {**base, **meta})
     if need_dw or need_db:

@@ -4,9 +4,9 @@ ptxas included) and fits a block's shared memory, with the CI's Triton and with 
 (the GPU machine's); with the CI's Triton the default forward configuration does not spill; the
 autotuner's pruning, run on real compiles, keeps no spilling configuration when a spill-free
 one exists; the performance model's dynamic instruction count matches the chain's arithmetic.
-(The backward spills today at every configuration the autotuner offers for 256-channel
-chains; the report records it, docs/backends.md quotes it, and it is the next kernel issue's
-input: this test pins the facts that hold, and that the backward compiles.)
+The backend's spill check, run on real compiles, launches a spill-free configuration where
+the default spills, with both Tritons. (Structures where every configuration spills are
+refused by that check; benchmarks/results/gpu-static-refusals-*.json lists them.)
 
 Runs the tool in a subprocess with ``TRITON_INTERPRET`` unset (the suite sets it for the
 interpreter tests), in the slow step of ``make test``.
@@ -125,6 +125,35 @@ def _check_pruning(configs):
     dropped = [(c, s) for c, s, k in configs if not k]
     assert kept and all(s == 0 for _, s in kept), configs
     assert dropped and all(s is None or s > 0 for _, s in dropped), configs
+
+
+def _refusals(pythonpath=None):
+    out = _tool("--refusals", "--structures", "igcv2(256,8)", "--dtypes", "float32",
+                "--layouts", "nchw", "--directions", "forward,backward", "--archs", "90",
+                pythonpath=pythonpath)
+    return {r["direction"]: r for r in (json.loads(s) for s in out.splitlines()
+                                        if s.startswith("{"))}
+
+
+def _check_refusals(rows):
+    """IGCV2(256, 8) fp32 runs on both directions; the backward's default configuration spills,
+    so the check compiles on until a spill-free candidate, which is what launches."""
+    for r in rows.values():
+        assert not r["refused"], r
+        assert r["compiled"][-1]["spill_bytes"] == 0 and r["launches"] == r["compiled"][-1][
+            "config"], r
+    bwd = rows["backward"]["compiled"]
+    assert len(bwd) >= 2 and bwd[0]["spill_bytes"] > 0, bwd
+
+
+def test_spill_check_launches_a_spill_free_configuration():
+    pytest.importorskip("triton")
+    _check_refusals(_refusals())
+
+
+def test_spill_check_with_the_gpu_machines_triton():
+    _need_triton_alt()
+    _check_refusals(_refusals(TRITON_ALT))
 
 
 def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):

@@ -644,3 +644,53 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
     monkeypatch.delenv("IGC_TRITON_FIXED")
     monkeypatch.setattr(K, "INTERPRETED", True)  # the interpreter: the default, no compile
     assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16
+
+
+def test_structure_whose_every_configuration_spills_is_refused_before_launch(monkeypatch):
+    """On GPUs the backend compiles (never launches) the fixed path's candidates for the input's
+    forward, and for the backward when gradients are wanted; when every one spills, the Triton
+    backend refuses the input with the reason (an explicit ``backend="triton"`` raises,
+    ``"auto"`` falls back, a direct op call raises before any launch). The compile here is a
+    stand-in with the same interface as ``K._dtype_spills``; on the CPU the check is off."""
+    x = torch.randn(2, 32, 3, device=DEVICE)
+    w = [torch.randn(32, 4, device=DEVICE), torch.randn(32, 4, device=DEVICE)]
+    assert not T.checks_spills(torch.randn(1, device="cpu"))
+    compiled = []
+
+    def spills(fn, args, meta):  # the forward spills everywhere, the backward nowhere
+        compiled.append(fn.__name__.split("_")[1])
+        assert all(not isinstance(a, torch.Tensor) or a.device.type == "meta" for a in args)
+        return 0 if meta.get("NEED_DX") is not None else 24 + meta["BLOCK_P"]
+
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_SPILL_REASONS", {})
+    monkeypatch.setattr(K, "_dtype_spills", spills)
+    chain = normalize(x, w, [8, 8])
+    reasons = T.spill_reasons(x, chain, False, False, False)
+    assert len(reasons) == 1 and "forward" in reasons[0] and "40 bytes" in reasons[0]
+    assert set(compiled) == {"fwd"}  # no gradient wanted: the backward is not compiled
+    assert T.spill_reasons(x, chain, True, True, False) == reasons
+    assert "bwd" in compiled
+    n = len(compiled)
+    assert T.spill_reasons(x, chain, False, False, False) == reasons and len(compiled) == n
+
+    monkeypatch.setattr(T, "checks_spills", lambda t: True)
+    with pytest.raises(igc.BackendUnavailableError, match=r"forward kernel for this chain spills"):
+        igc.interleaved_group_conv(x, w, [8, 8], backend="triton")
+    assert backends.select("auto", x, chain).name != "triton"
+    y = igc.interleaved_group_conv(x, w, [8, 8], backend="auto")
+    torch.testing.assert_close(y, igc.interleaved_group_conv(x, w, [8, 8],
+                                                             backend="reference"))
+    with pytest.raises(ValueError, match=r"spills registers to local memory"):
+        T.chain_forward(x, chain.weights, [], list(chain.groups), chain.shuffles, chain.perms)
+    # a backward that spills everywhere is refused only when gradients are wanted
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_SPILL_REASONS", {})
+    monkeypatch.setattr(K, "_dtype_spills",
+                        lambda fn, a, m: 16 if m.get("NEED_DX") is not None else 0)
+    assert backends.select("triton", x, chain).name == "triton"
+    xg = x.clone().requires_grad_()
+    with pytest.raises(igc.BackendUnavailableError, match=r"backward kernel .* 16 bytes"):
+        igc.interleaved_group_conv(xg, w, [8, 8], backend="triton")
+    with torch.no_grad():
+        igc.interleaved_group_conv(xg, w, [8, 8], backend="triton")

@@ -308,6 +308,42 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
             for c in configs]
 
 
+def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) -> dict:
+    """What the Triton backend decides on a GPU of sm_``arch`` for this problem, with the
+    package's own check (``_triton_ops.spill_reasons``: the fixed path's candidates compiled,
+    the first spill-free one taken) on sm_``arch`` cubins compiled here: ``refused`` with the
+    reason, or the configuration the fixed path launches (spill-free)."""
+    c_x, spec, perms, idx = structure_args(structure)
+    dt = _DTYPES[dtype]
+    x = torch.randn(2, c_x, 8, 8, dtype=dt)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    ws = [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()]
+    chain = _chain.normalize(x, ws, list(spec.groups), perms, input_index=idx)
+    taken = []
+
+    def spills(fn, args, meta):
+        rec = compile_launch(fn, list(args), dict(meta), arch,
+                             Record(structure, dtype, layout, direction, f"sm_{arch}", "", "",
+                                    {}))
+        if not rec.compiled:
+            raise RuntimeError(rec.error)
+        taken.append(({k: v for k, v in meta.items() if k in ("BLOCK_P", "num_warps", "KEEP")
+                       or k.startswith("DENSE_")}, rec.spill_bytes))
+        return rec.spill_bytes
+
+    K._FIXED.clear()
+    backward = direction == "backward"
+    reasons = T.spill_reasons(x, chain, backward, backward, False, spills=spills)
+    mine = [r for r in reasons if f"Triton {direction} kernel" in r]
+    last = [t for t in taken if ("KEEP" in t[0]) == backward]
+    return {"structure": structure, "dtype": dtype, "layout": layout, "direction": direction,
+            "arch": f"sm_{arch}", "toolchain": f"triton {triton.__version__}",
+            "refused": bool(mine), "reason": mine[0] if mine else "",
+            "compiled": [{"config": c, "spill_bytes": b} for c, b in last],
+            "launches": None if mine else (last[-1][0] if last else None)}
+
+
 # ---------------------------------------------------------------------------------------------
 # CUDA kernels: one compilation serves every chain (the chain is a run-time parameter)
 # ---------------------------------------------------------------------------------------------
@@ -423,7 +459,26 @@ def main(argv=None) -> int:
     p.add_argument("--pruning", action="store_true",
                    help="run the autotuner's pruning on real compiles of each problem instead "
                         "(one JSON line per problem: configuration, spilled bytes, kept)")
+    p.add_argument("--refusals", action="store_true",
+                   help="run the backend's spill check (what it launches, or refuses with a "
+                        "reason) on real compiles of each problem instead (one JSON line each)")
     args = p.parse_args(argv)
+    if args.refusals:
+        out = []
+        for s in args.structures.split(";"):
+            for dt in args.dtypes.split(","):
+                for lay in args.layouts.split(","):
+                    for d in args.directions.split(","):
+                        for arch in (int(a) for a in args.archs.split(",")):
+                            out.append(refusal(s, dt, lay, d, arch))
+                            print(json.dumps(out[-1]), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"triton": triton.__version__, "torch": torch.__version__,
+                           "command": "python tools/gpu_static.py " + shlex.join(
+                               argv if argv is not None else sys.argv[1:]),
+                           "rows": out}, f, indent=1)
+        return 0
     if args.pruning:
         for s in args.structures.split(";"):
             for dt in args.dtypes.split(","):

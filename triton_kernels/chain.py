@@ -704,8 +704,10 @@ def _prune(st: Structure, backward: bool, fn=None, spills=_compiled_spills):
     """The autotuner's ``early_config_prune``: drops configurations whose register tiles clearly
     cannot fit (more than 4x REG_BUDGET values per thread), then, when the arguments are real
     GPU tensors, every configuration whose compiled kernel spills (it is compiled, not
-    launched: a GPU never runs a spilling configuration unless all of them spill, and then only
-    the least spilling one). Under tracing (fake tensors) only the first rule applies."""
+    launched). When all of them spill only the least spilling one is kept, but the backend has
+    refused such a structure before (``_triton_ops.spill_reasons``: these configurations are
+    among the fixed path's candidates). Under tracing (fake tensors) only the first rule
+    applies."""
     def prune(configs, named_args, **kwargs):
         ok = [c for c in configs if _cost(st, backward, c) <= 4 * REG_BUDGET]
         ok = ok or [min(configs, key=lambda c: _cost(st, backward, c))]
@@ -791,13 +793,16 @@ def _args_key(args) -> tuple:
 _FIXED: dict = {}
 
 
-def fixed_config(kern: Kernels, backward: bool, fn, args, base_meta: dict,
-                 spills=_dtype_spills) -> LaunchConfig:
-    """The fixed path's configuration (autotuning off or deterministic mode): the default unless
-    its compiled kernel spills, else the first configuration of the autotuner's list (after its
-    register-tile rule) that does not (the least spilling one when all do). Chosen once per kernel and argument signature
-    from compiles, never from timings, so it is deterministic; the default when nothing can be
-    compiled here (interpreter, or a compile error)."""
+def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spills=None):
+    """``(config, spilled bytes)`` of the fixed path (autotuning off or deterministic mode):
+    the default configuration unless its compiled kernel spills, else the first configuration
+    of the autotuner's list (after its register-tile rule) that does not; when every one
+    spills, the least spilling one with its spill, which the backend's check
+    (``_triton_ops.spill_reasons``) refuses before anything launches. Chosen once per kernel
+    and argument signature from compiles, never from timings, so it is deterministic; ``(the
+    default, None)`` when nothing can be compiled here (interpreter, or a compile error).
+    ``spills``: spilled bytes of a compile (default ``_dtype_spills``)."""
+    spills = spills or _dtype_spills
     key = (id(fn), backward, _args_key(args), tuple(sorted(base_meta.items())))
     hit = _FIXED.get(key)
     if hit is not None:
@@ -821,9 +826,16 @@ def fixed_config(kern: Kernels, backward: bool, fn, args, base_meta: dict,
             measured = [(0, cand)]
             break
         measured.append((s, cand))
-    choice = min(measured, key=lambda sc: sc[0])[1] if measured else DEFAULT_CONFIG
+    best = min(measured, key=lambda sc: sc[0]) if measured else (None, DEFAULT_CONFIG)
+    choice = (best[1], best[0])
     _FIXED[key] = choice
     return choice
+
+
+def fixed_config(kern: Kernels, backward: bool, fn, args, base_meta: dict,
+                 spills=None) -> LaunchConfig:
+    """The fixed path's configuration (``fixed_choice`` without the spill)."""
+    return fixed_choice(kern, backward, fn, args, base_meta, spills)[0]
 
 
 def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):

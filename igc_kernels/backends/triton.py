@@ -51,7 +51,17 @@ class TritonBackend(Backend):
         return []
 
     def limit_reasons(self, x, chain):
-        return triton_ops().channel_limit_reasons(chain)
+        """The channel limit; on GPUs also a structure whose every launch configuration spills
+        when compiled for this GPU (forward, and the backward when gradients are wanted)."""
+        mod = triton_ops()
+        reasons = mod.channel_limit_reasons(chain)
+        if not reasons and mod.checks_spills(x):
+            grad = torch.is_grad_enabled()
+            reasons = mod.spill_reasons(
+                x, chain, need_dx=grad and x.requires_grad,
+                need_dw=grad and any(w.requires_grad for w in chain.weights),
+                need_db=grad and any(b is not None and b.requires_grad for b in chain.biases))
+        return reasons
 
     def run(self, x, chain):
         return run_op_family(triton_ops().FAMILY, x, chain)
