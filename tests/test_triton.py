@@ -190,6 +190,67 @@ def test_input_index(case, dense):
 
 
 # ---------------------------------------------------------------------------------------------
+# The packed path (forward: groups packed into 16-wide blocks, batched tensor-core products)
+# ---------------------------------------------------------------------------------------------
+PACK_CASES = {
+    # name: (channels, groups, permutations, bias, dtype, layout, packed layers)
+    "igcv2_64_4_channels_last": ([64, 64, 64, 64], [16, 16, 16], "default", True,
+                                 torch.float32, "channels_last", 3),
+    "nonsquare_then_fma": ([32, 64, 32], [8, 8], "default", [True, False], torch.float32,
+                           "contiguous", 1),
+    "explicit_perms": ([64, 64, 64], [4, 4], "random", False, torch.float32, "contiguous", 2),
+    "width_32": ([64, 64, 64], [2, 2], "default", True, torch.float32, "contiguous", 2),
+    "fp16_split": ([64, 64, 64, 64], [8, 8, 8], "default", True, torch.float16, "contiguous", 3),
+    "bf16": ([32, 32, 32], [4, 4], "random", True, torch.bfloat16, "channels_last", 2),
+}
+
+
+@pytest.mark.parametrize("case", PACK_CASES.values(), ids=list(PACK_CASES))
+def test_packed_path(case, monkeypatch):
+    """The forward's packed path (``_layer_packed``: the permutation applied to the tile, whole
+    groups packed into blocks of 16 inputs or one wider group, one batched ``tl.dot``; 16-bit
+    intermediates split into two 16-bit parts, never rounded) within the oracle's bound, on the
+    layers that can take it (the rest on the FMA path); the backward is unchanged."""
+    channels, groups, perms, bias, dtype, layout, packed = case
+    p = build_problem(channels, groups, spatial=(5, 3), N=2, layout=layout, dtype=dtype,
+                      permutations=perms, bias=bias, seed=13)
+    metas = []
+    real = T._launch
+    monkeypatch.setattr(T, "_launch", lambda fn, grid, a, meta: (metas.append(meta),
+                                                                  real(fn, grid, a, meta)))
+    check_fp32(p, _gy(p, seed=14), pack=1)
+    fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
+    assert fwd and sum(v for k, v in fwd[0].items() if k.startswith("PACK_")) == packed, fwd
+
+
+def test_packed_path_eligibility():
+    """Which layers the packed path takes: channels filling the tile, 16-wide blocks of whole
+    groups (or one group of 16+), a block-diagonal weight within PACK_MAX_WEIGHTS; and the
+    autotuner offers it (forward only) beside the DENSE choices."""
+    from igc_kernels.triton_kernels import chain as K
+
+    def layer(c_in, c_out, g):
+        return K.Layer(c_in, c_out, g, 0, 1, 1, False, 0, -1)
+
+    assert layer(256, 256, 32).pack == (16, 16)  # IGCV2(256, 8): two groups per block
+    assert layer(64, 64, 16).pack == (16, 16)  # four groups of 4
+    assert layer(64, 64, 2).pack == (32, 32)  # one group of 32 per block
+    assert layer(32, 64, 8).pack == (16, 32)  # non-square groups
+    assert layer(64, 32, 8).pack is None  # blocks of 8 outputs: below tl.dot's 16
+    assert layer(48, 48, 6).pack is None  # 48 channels leave padding slots
+    assert layer(512, 512, 64).pack == (16, 16)  # 512 x 16 = PACK_MAX_WEIGHTS
+    assert layer(1024, 1024, 32).pack is None  # 1024 x 32 weights: spilled
+    st = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
+                          False, torch.bfloat16)
+    fwd = K._configs(st, False)
+    packed = [c for c in fwd if c.kwargs.get("PACK_1")]
+    assert len(packed) == len(K.TILE_CONFIGS) and len(fwd) <= 15
+    assert all(c.kwargs["PACK_2"] == c.kwargs["PACK_3"] == 1 for c in packed)
+    assert not any(k.startswith("PACK_") for c in K._configs(st, True) for k in c.kwargs)
+    assert K.DEFAULT_CONFIG.pack == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # Low precision
 # ---------------------------------------------------------------------------------------------
 LP_CASES = {
@@ -562,7 +623,7 @@ def test_autotuner_prunes_spilling_configurations(monkeypatch):
     from igc_kernels.triton_kernels import chain as K
 
     st = K.make_structure(256, [256, 256], [32], [0], [False], [False], False, torch.float32)
-    configs = K._configs(st, False)
+    configs = [c for c in K._configs(st, False) if not c.kwargs.get("PACK_1")]  # FMA path
     assert [(c.kwargs["BLOCK_P"], c.num_warps) for c in configs] == list(K.TILE_CONFIGS)
     spilled = {16: 0, 32: 64, 64: 512, 128: 4096}
 

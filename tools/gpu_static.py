@@ -269,10 +269,12 @@ def autotune_configs(structure, dtype, direction) -> list:
     for c in kept:
         kw = c.kwargs
         dense = [v for k, v in kw.items() if k.startswith("DENSE_")]
+        pack = [v for k, v in kw.items() if k.startswith("PACK_")]
         # without dense-eligible layers DENSE does not exist: the default's value stands in
         out.append(dict(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
                         dense=dense[0] if dense else K.DEFAULT_CONFIG.dense,
-                        keep=kw.get("KEEP", K.DEFAULT_CONFIG.keep)))
+                        keep=kw.get("KEEP", K.DEFAULT_CONFIG.keep),
+                        pack=pack[0] if pack else K.DEFAULT_CONFIG.pack))
     return out
 
 
@@ -282,7 +284,8 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     fn, args, meta = record(structure, dtype, layout, direction)[0]
     st = kernel_structure(structure, dtype)
     backward = direction == "backward"
-    tuned = {"BLOCK_P", "KEEP", "num_warps", *(k for k in meta if k.startswith("DENSE_"))}
+    tuned = {"BLOCK_P", "KEEP", "num_warps",
+             *(k for k in meta if k.startswith(("DENSE_", "PACK_")))}
     named_args = dict(zip(fn.arg_names, args))
     kwargs = {k: v for k, v in meta.items() if k not in tuned}
     seen = {}
@@ -329,7 +332,7 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
         if not rec.compiled:
             raise RuntimeError(rec.error)
         taken.append(({k: v for k, v in meta.items() if k in ("BLOCK_P", "num_warps", "KEEP")
-                       or k.startswith("DENSE_")}, rec.spill_bytes))
+                       or k.startswith(("DENSE_", "PACK_"))}, rec.spill_bytes))
         return rec.spill_bytes
 
     K._FIXED.clear()
@@ -433,7 +436,8 @@ def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
 
 def _default_config_kwargs() -> dict:
     d = K.DEFAULT_CONFIG
-    return dict(block_p=d.block_p, num_warps=d.num_warps, dense=d.dense, keep=d.keep)
+    return dict(block_p=d.block_p, num_warps=d.num_warps, dense=d.dense, keep=d.keep,
+                pack=d.pack)
 
 
 # ---------------------------------------------------------------------------------------------

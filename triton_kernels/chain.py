@@ -66,6 +66,10 @@ MAX_CHANNELS = 1024
 # Largest padded channel count a layer may have on either side to be eligible for the dense
 # tl.dot path: its folded weight tile is S_{l-1} x S_l float32 (64 KiB at 128 x 128).
 DENSE_MAX_SLOTS = 128
+# Largest block-diagonal weight (C_IN x MB values) of the packed path: 8192 is IGCV2(512, 8)'s
+# (512 x 16), which compiles without spills for sm_90 with both Tritons at 4-8 warps; IGCV2(1024,
+# 32)'s 32768 spilled 11 KB (docs/backends.md).
+PACK_MAX_WEIGHTS = 8192
 
 # Permutation kinds (how the channels of one tile feed the next layer).
 PK_IDENTITY, PK_SHUFFLE, PK_EXPLICIT = 0, 1, 2
@@ -218,6 +222,60 @@ def _layer_dot(h, w_ptr, b_ptr, inv_ptr,
 
 
 @triton.jit
+def _split_dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
+    """Batched ``a @ b`` (``[B, P, K] x [B, K, O]``) accumulated in float32. ``b`` holds
+    storage-dtype weights. MODE 0: float32 operands (``PREC``: exact "ieee", or "tf32" when the
+    user allows it for matmul); 1: ``a`` is 16-bit storage values (exact products); 2: ``a`` is
+    float32 and is split into a 16-bit high part and the 16-bit rounding of the rest, two
+    tensor-core products whose sum keeps ~16 more bits than a rounded ``a`` (the intermediate
+    is never rounded to the storage dtype)."""
+    if MODE == 0:
+        acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC,
+                     out_dtype=tl.float32)
+    elif MODE == 1:
+        acc = tl.dot(a, b.to(a.dtype), out_dtype=tl.float32)
+    else:
+        hi = a.to(b.dtype)
+        lo = (a - hi.to(tl.float32)).to(b.dtype)
+        acc = tl.dot(hi, b, out_dtype=tl.float32)
+        acc = tl.dot(lo, b, acc, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
+                  N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
+                  KB: tl.constexpr, MB: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
+                  SM: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The layer as tensor-core products on packed groups: the incoming permutation applied to
+    the tile (a shuffle is a reshape and a transpose of the register tile, an explicit one a
+    single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
+    channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
+    whole groups per block), one batched ``tl.dot``. ``C_IN`` and ``C_OUT`` fill the tile (no
+    padding slots). Returns ``[BLOCK_P, C_OUT]`` float32."""
+    if PK == 1:
+        h = tl.reshape(tl.permute(tl.reshape(h, (BLOCK_P, SG, SM)), (0, 2, 1)), (BLOCK_P, C_IN))
+    elif PK == 2:
+        j = tl.arange(0, C_IN)
+        src = _perm_src(j, j < C_IN, perm_ptr, PK, SG, SM)
+        h = tl.gather(h, tl.broadcast_to(src[None, :], (BLOCK_P, C_IN)), axis=1)
+    NB: tl.constexpr = C_IN // KB
+    hb = tl.permute(tl.reshape(h, (BLOCK_P, NB, KB)), (1, 0, 2))  # [NB, BLOCK_P, KB]
+    b = tl.arange(0, NB)[:, None, None]
+    k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
+    o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
+    g = o // M
+    kk = k - g * N
+    wb = tl.load(w_ptr + o * N + kk, mask=(kk >= 0) & (kk < N), other=0.0)  # [NB, KB, MB]
+    acc = _split_dot(hb, wb, MODE, PREC)  # [NB, BLOCK_P, MB]
+    acc = tl.reshape(tl.permute(acc, (1, 0, 2)), (BLOCK_P, C_OUT))
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + tl.arange(0, C_OUT)).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
 def _rmw_add(ptrs, mask, val):
     """``*ptrs += val`` on this program's private partial row (no other program writes it)."""
     tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + val, mask=mask)
@@ -365,6 +423,24 @@ class Layer:
     def dense_eligible(self):
         return self.s_in <= DENSE_MAX_SLOTS and self.s_out <= DENSE_MAX_SLOTS
 
+    @property
+    def pack(self):
+        """``(KB, MB)``: input and output channels of one block of the packed path (``KB / N``
+        whole groups: 16 inputs, or one group of N >= 16), or None when the layer cannot take
+        it: channels must fill the tile (powers of two), blocks be at least tl.dot's 16 wide,
+        and the block-diagonal weight ``C_IN x MB`` fit PACK_MAX_WEIGHTS registers' worth."""
+        n, m = self.n, self.m
+        kb = max(16, n)
+        if (self.c_in != self.s_in or self.c_out != self.s_out or kb % n or self.c_in % kb
+                or kb & (kb - 1)):
+            return None
+        mb = kb // n * m
+        if mb < 16 or mb & (mb - 1) or self.c_in // kb * mb != self.c_out:
+            return None
+        if self.c_in * mb > PACK_MAX_WEIGHTS:
+            return None
+        return kb, mb
+
 
 @dataclass(frozen=True)
 class Structure:
@@ -449,18 +525,26 @@ def _layer_refs(st: Structure, i: int):
     return b, "None", "None"
 
 
-def _fwd_call(st: Structure, i: int, src: str) -> str:
-    """Generated code computing ``a{i}`` (layer i's output tile) from tile ``src``."""
+def _fwd_call(st: Structure, i: int, src: str, packed: bool = True) -> str:
+    """Generated code computing ``a{i}`` (layer i's output tile) from tile ``src``; ``packed``:
+    offer the packed path (the forward kernel's ``PACK_{i}``)."""
     l = st.layers[i - 1]
     b, p, q = _layer_refs(st, i)
     native = int(i == 1 and st.native16)
     fma = (f"_layer_fma({src}, w{i}_ptr, {b}, {p}, {l.n}, {l.m}, {l.c_out}, {l.s_out}, "
            f"{l.pk}, {l.sg}, {l.sm}, {l.bias}, BLOCK_P)")
-    if not l.dense_eligible:
-        return f"a{i} = {fma}"
-    dot = (f"_layer_dot({src}, w{i}_ptr, {b}, {q}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
-           f"{l.s_in}, {l.s_out}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {native}, PREC)")
-    return f"if DENSE_{i}:\n    a{i} = {dot}\nelse:\n    a{i} = {fma}"
+    code = f"a{i} = {fma}"
+    if l.dense_eligible:
+        dot = (f"_layer_dot({src}, w{i}_ptr, {b}, {q}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
+               f"{l.s_in}, {l.s_out}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {native}, PREC)")
+        code = f"if DENSE_{i}:\n    a{i} = {dot}\nelse:\n" + _indent(code, 4)
+    if packed and l.pack:
+        kb, mb = l.pack
+        mode = 1 if native else (2 if st.native16 else 0)
+        pk = (f"_layer_packed({src}, w{i}_ptr, {b}, {p}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
+              f"{kb}, {mb}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {mode}, PREC, BLOCK_P)")
+        code = f"if PACK_{i}:\n    a{i} = {pk}\nelse:\n" + _indent(code, 4)
+    return code
 
 
 def _bwd_call(st: Structure, i: int) -> str:
@@ -491,11 +575,16 @@ def _dense_params(st: Structure) -> list:
     return [f"DENSE_{i}" for i, l in enumerate(st.layers, 1) if l.dense_eligible]
 
 
+def _pack_params(st: Structure) -> list:
+    """The forward kernel's packed-path switches (the backward recomputes on the other paths)."""
+    return [f"PACK_{i}" for i, l in enumerate(st.layers, 1) if l.pack]
+
+
 def _fwd_source(st: Structure, name: str) -> str:
     L = st.num_layers
     last = st.layers[-1]
     ptrs = ", ".join(_ptr_args(st))
-    consts = "".join(f", {d}: tl.constexpr" for d in _dense_params(st))
+    consts = "".join(f", {d}: tl.constexpr" for d in _dense_params(st) + _pack_params(st))
     body = [
         "t = tl.program_id(0)",
         "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
@@ -532,7 +621,7 @@ def _bwd_source(st: Structure, name: str) -> str:
         f"{first.s_in}, {st.has_index}, {st.c_x})",
     ]
     if L > 1:
-        keep = [_fwd_call(st, i, f"a{i - 1}") for i in range(1, L)]
+        keep = [_fwd_call(st, i, f"a{i - 1}", packed=False) for i in range(1, L)]
         loop.append("if KEEP:\n" + _indent("\n".join(keep), 4))
     loop += [
         f"c = tl.arange(0, {last.s_out})",
@@ -542,7 +631,7 @@ def _bwd_source(st: Structure, name: str) -> str:
     ]
     for i in range(L, 0, -1):
         if i > 1:
-            redo = [_fwd_call(st, k, f"a{k - 1}") for k in range(1, i)]
+            redo = [_fwd_call(st, k, f"a{k - 1}", packed=False) for k in range(1, i)]
             loop.append("if not KEEP:\n" + _indent("\n".join(redo), 4))
         loop.append(_bwd_call(st, i))
     dx = ["doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)"]
@@ -606,7 +695,12 @@ def _jit_from_source(src: str, name: str):
 #   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
 #                         or recompute each layer's input from x when needed (0: fewer live
 #                         registers, L (L - 1) / 2 layer applications instead of L - 1)
-# At most 10 forward and 20 backward configurations per structure (each is a compilation on
+#   PACK                  (forward) every packed-eligible layer (``Layer.pack``) as batched
+#                         tensor-core products on blocks of whole groups (``_layer_packed``),
+#                         the others on the FMA path; offered beside the DENSE choices when
+#                         some layer is eligible. Not the fixed path's default: it has not run
+#                         on a GPU yet, and only the autotuner's timings should pick it.
+# At most 15 forward and 20 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8))
@@ -623,6 +717,7 @@ class LaunchConfig:
     num_warps: int = 4
     dense: int = 1
     keep: int = 1
+    pack: int = 0
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -719,14 +814,18 @@ def _prune(st: Structure, backward: bool, fn=None, spills=_compiled_spills):
 
 def _configs(st: Structure, backward: bool) -> list:
     dense = _dense_params(st)
+    pack = [] if backward else _pack_params(st)
     out = []
     for bp, w in (BWD_TILE_CONFIGS if backward else TILE_CONFIGS):
         for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
-                kw = {"BLOCK_P": bp, **{p: d for p in dense}}
+                kw = {"BLOCK_P": bp, **{p: d for p in dense}, **{p: 0 for p in pack}}
                 if backward:
                     kw["KEEP"] = keep
                 out.append(triton.Config(kw, num_warps=w, num_stages=1))
+        if pack and bp >= MIN_DOT_ROWS:  # every packed-eligible layer packed, the rest FMA
+            kw = {"BLOCK_P": bp, **{p: 0 for p in dense}, **{p: 1 for p in pack}}
+            out.append(triton.Config(kw, num_warps=w, num_stages=1))
     return out
 
 
@@ -739,6 +838,7 @@ class Kernels:
         self.fwd = _jit_from_source(_fwd_source(st, "igc_fwd_" + name), "igc_fwd_" + name)
         self.bwd = _jit_from_source(_bwd_source(st, "igc_bwd_" + name), "igc_bwd_" + name)
         self.dense_params = _dense_params(st)
+        self.pack_params = _pack_params(st)
         self.fwd_tuned = self.bwd_tuned = None
         if not INTERPRETED:
             self.fwd_tuned = triton.autotune(
@@ -753,6 +853,9 @@ class Kernels:
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps}
         for p in self.dense_params:
             meta[p] = cfg.dense if cfg.block_p >= MIN_DOT_ROWS else 0
+        if not backward:
+            for p in self.pack_params:
+                meta[p] = cfg.pack if cfg.block_p >= MIN_DOT_ROWS else 0
         if backward:
             meta["KEEP"] = cfg.keep
         return meta
@@ -811,9 +914,11 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     configs = _configs(kern.st, backward)
     for c in _prune(kern.st, backward)(configs, {}):  # the register-tile rule only
         dense = [v for k, v in c.kwargs.items() if k.startswith("DENSE_")]
+        pack = [v for k, v in c.kwargs.items() if k.startswith("PACK_")]
         cand = LaunchConfig(block_p=c.kwargs["BLOCK_P"], num_warps=c.num_warps,
                             dense=dense[0] if dense else DEFAULT_CONFIG.dense,
-                            keep=c.kwargs.get("KEEP", DEFAULT_CONFIG.keep))
+                            keep=c.kwargs.get("KEEP", DEFAULT_CONFIG.keep),
+                            pack=pack[0] if pack else DEFAULT_CONFIG.pack)
         if cand not in candidates:
             candidates.append(cand)
     measured = []
