@@ -127,6 +127,33 @@ def _check_pruning(configs):
     assert dropped and all(s is None or s > 0 for _, s in dropped), configs
 
 
+def _packed(path, pythonpath=None):
+    _tool("--structures", "igcv2(256,8)", "--dtypes", "bfloat16", "--layouts", "nchw",
+          "--directions", "forward", "--archs", "90", "--config",
+          json.dumps({"block_p": 64, "num_warps": 8, "pack": 1, "dense": 0}), "--json",
+          str(path), pythonpath=pythonpath)
+    (row,) = json.loads(path.read_text())["rows"]
+    return row
+
+
+def _check_packed(r):
+    """The packed forward of IGCV2(256, 8) in bf16 compiles for sm_90 without spills, and its
+    three layers run on tensor cores: HMMA, no shuffles (no per-input gathers)."""
+    assert r["compiled"] and r["config"]["PACK_1"] == 1, r
+    assert r["spill_bytes"] == 0 and r["shared_bytes"] <= MAX_SHARED_SM90, r
+    assert r["sass"]["HMMA/MMA"] > 0 and r["sass"]["SHFL"] == 0, r["sass"]
+
+
+def test_packed_forward_compiles_without_spills(tmp_path):
+    pytest.importorskip("triton")
+    _check_packed(_packed(tmp_path / "p.json"))
+
+
+def test_packed_forward_with_the_gpu_machines_triton(tmp_path):
+    _need_triton_alt()
+    _check_packed(_packed(tmp_path / "p.json", TRITON_ALT))
+
+
 def _refusals(pythonpath=None):
     out = _tool("--refusals", "--structures", "igcv2(256,8)", "--dtypes", "float32",
                 "--layouts", "nchw", "--directions", "forward,backward", "--archs", "90",

@@ -456,6 +456,10 @@ def main(argv=None) -> int:
     p.add_argument("--archs", default="90,80")
     p.add_argument("--all-configs", action="store_true",
                    help="every configuration the autotuner may choose (default: the default one)")
+    p.add_argument("--config", default=None,
+                   help="one launch configuration instead of the default, as JSON for "
+                        "K.override_config, e.g. '{\"block_p\": 64, \"num_warps\": 8, "
+                        "\"pack\": 1}'")
     p.add_argument("--json", default=None)
     p.add_argument("--cuda", action="store_true",
                    help="also report the CUDA kernels (nvcc -Xptxas -v for each arch)")
@@ -505,7 +509,7 @@ def main(argv=None) -> int:
         for dt in args.dtypes.split(","):
             for lay in args.layouts.split(","):
                 for d in args.directions.split(","):
-                    configs, tuned = [None], []
+                    configs, tuned = [json.loads(args.config) if args.config else None], []
                     if args.all_configs:  # the default, then what the autotuner may choose
                         tuned = autotune_configs(s, dt, d)
                         configs += [c for c in tuned if c != _default_config_kwargs()]
