@@ -223,7 +223,7 @@ def test_packed_path(case, monkeypatch):
     assert fwd and sum(v for k, v in fwd[0].items() if k.startswith("PACK_")) == packed, fwd
 
 
-def test_packed_path_eligibility():
+def test_packed_path_eligibility(monkeypatch):
     """Which layers the packed path takes: channels filling the tile, 16-wide blocks of whole
     groups (or one group of 16+), a block-diagonal weight within PACK_MAX_WEIGHTS; and the
     autotuner offers it (forward only) beside the DENSE choices."""
@@ -248,6 +248,15 @@ def test_packed_path_eligibility():
     assert all(c.kwargs["PACK_2"] == c.kwargs["PACK_3"] == 1 for c in packed)
     assert not any(k.startswith("PACK_") for c in K._configs(st, True) for k in c.kwargs)
     assert K.DEFAULT_CONFIG.pack == 0
+    # compiled for a GPU, float32 chains are not offered it (no tensor-core instruction)
+    st32 = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
+                            False, torch.float32)
+    assert K._pack_params(st32) == ["PACK_1", "PACK_2", "PACK_3"]  # the interpreter: all
+    monkeypatch.setattr(K, "INTERPRETED", False)
+    st16 = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
+                            False, torch.float16)
+    assert K._pack_params(st32) == [] and K._pack_params(st16) == ["PACK_1", "PACK_2",
+                                                                     "PACK_3"]
 
 
 # ---------------------------------------------------------------------------------------------
