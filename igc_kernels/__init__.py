@@ -26,6 +26,7 @@ from .functional import interleaved_group_conv  # noqa: E402
 from .modules import InterleavedGroupConv  # noqa: E402
 from .modules import ChannelGather  # noqa: E402
 from .convert import convert, unfuse  # noqa: E402
+from .inference import optimize_for_inference  # noqa: E402
 from . import models  # noqa: E402
 from .spec import ChainSpec  # noqa: E402
 from .onnx import onnx_translation_table  # noqa: E402  (imports onnxscript only when called)
@@ -45,6 +46,7 @@ __all__ = [
     "ChannelGather",
     "convert",
     "unfuse",
+    "optimize_for_inference",
     "models",
     "onnx_translation_table",
 ]

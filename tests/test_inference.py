@@ -1,0 +1,209 @@
+"""``igc_kernels.optimize_for_inference``: eval-mode BatchNorms folded into the convolution or
+fused chain in front of them (through channel shuffles), outputs equal to the original eval
+model's, the original untouched.
+
+Tolerances: in float64 the fold changes each output by a few roundings of the folded
+products (observed ~1e-17 relative); 1e-10 relative to the output's magnitude is far below any
+wrong fold (a missed or misplaced channel changes outputs at order 1) and far above rounding.
+In float32 the fold reorders a product per layer, so the bound is the depth times float32's
+unit roundoff times the magnitude, with a safety factor of 4 (the shared rounding rule of
+``igc_test_utils``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import igc_kernels as igc
+from igc_kernels.models import networks as Nw
+from igc_test_utils import shufflenet_style_net, unit_roundoff
+
+
+def _calibrated(model, shape, dtype=torch.float64, seed=0):
+    """``model`` in ``dtype`` with BatchNorm running statistics from a few synthetic batches
+    (and non-trivial affine parameters), in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    model = model.to(dtype)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            with torch.no_grad():
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=gen, dtype=dtype))
+                m.bias.copy_(torch.randn(m.bias.shape, generator=gen, dtype=dtype) * 0.1)
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(*shape, generator=gen, dtype=dtype))
+    return model.eval()
+
+
+def _count_bn(model) -> int:
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _assert_same_function(a, b, x, rel):
+    with torch.no_grad():
+        ya, yb = a(x), b(x)
+    scale = ya.abs().max().item()
+    assert scale > 0
+    err = (ya - yb).abs().max().item()
+    assert err <= rel * scale, f"max |diff| {err:.3e} > {rel:.1e} x {scale:.3e}"
+
+
+def _mobilenet_v2_style():
+    """Inverted residual blocks built by hand: 1x1 expand (dense) -> BN -> ReLU6 -> depth-wise
+    3x3 (stride 1 and 2) -> BN -> ReLU6 -> 1x1 project -> BN, residual when shapes match."""
+
+    class Block(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            hid = cin * 4
+            self.expand = nn.Conv2d(cin, hid, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(hid)
+            self.dw = nn.Conv2d(hid, hid, 3, stride=stride, padding=1, groups=hid, bias=False)
+            self.bn2 = nn.BatchNorm2d(hid)
+            self.project = nn.Conv2d(hid, cout, 1, bias=False)
+            self.bn3 = nn.BatchNorm2d(cout)
+            self.res = stride == 1 and cin == cout
+
+        def forward(self, x):
+            h = torch.clamp(self.bn1(self.expand(x)), 0, 6)
+            h = nn.functional.relu6(self.bn2(self.dw(h)))
+            h = self.bn3(self.project(h))
+            return x + h if self.res else h
+
+    return nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(8),
+                         nn.ReLU6(), Block(8, 8, 1), Block(8, 16, 2), Block(16, 16, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5))
+
+
+NETS = {
+    "igcv2_fused": (lambda: Nw.IGCV2CifarNet(width=32, depth=8, fused=True), (2, 3, 16, 16)),
+    "igcv2_unfused": (lambda: Nw.IGCV2CifarNet(width=32, depth=8, fused=False), (2, 3, 16, 16)),
+    "igcv3_fused": (lambda: Nw.IGCV3Net(num_classes=10, width_mult=0.35, fused=True),
+                    (2, 3, 32, 32)),
+    "igcv3_unfused": (lambda: Nw.IGCV3Net(num_classes=10, width_mult=0.35, fused=False),
+                      (2, 3, 32, 32)),
+    "igcv3_converted": (lambda: igc.convert(Nw.IGCV3Net(num_classes=10, width_mult=0.35,
+                                                        fused=False)), (2, 3, 32, 32)),
+    "shufflenet_style": (lambda: shufflenet_style_net(), (2, 3, 12, 12)),
+    "shufflenet_style_converted": (lambda: igc.convert(shufflenet_style_net()), (2, 3, 12, 12)),
+    "mobilenet_v2_style": (_mobilenet_v2_style, (2, 3, 16, 16)),
+}
+
+
+@pytest.mark.parametrize("name", list(NETS))
+def test_every_batchnorm_folded_and_the_function_kept(name):
+    make, shape = NETS[name]
+    torch.manual_seed(0)
+    model = _calibrated(make(), shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = igc.optimize_for_inference(model)
+    assert _count_bn(model) > 0 and _count_bn(opt) == 0
+    assert not opt.training
+    x = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _assert_same_function(model, opt, x, 1e-10)
+    # the original is untouched and shares no parameter with the result
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k])
+                                                 for k in before)
+    ids = {id(p) for p in model.parameters()}
+    assert not any(id(p) in ids for p in opt.parameters())
+
+
+@pytest.mark.parametrize("name", ["igcv3_fused", "shufflenet_style_converted"])
+def test_float32_within_rounding(name):
+    make, shape = NETS[name]
+    torch.manual_seed(0)
+    model = _calibrated(make(), shape, dtype=torch.float32)
+    opt = igc.optimize_for_inference(model)
+    depth = sum(isinstance(m, (nn.Conv2d, igc.InterleavedGroupConv, nn.Linear))
+                for m in model.modules())
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(1))
+    _assert_same_function(model, opt, x, 4 * depth * unit_roundoff(torch.float32))
+
+
+def _chain_then_bn(perm_last, bias, input_index=None):
+    C = 12
+    spec = igc.ChainSpec([12, 12, C], [3, 4], ["interleave", perm_last])
+    chain = igc.InterleavedGroupConv(spec, bias=bias, input_index=input_index)
+    return nn.Sequential(chain, nn.BatchNorm2d(C), nn.ReLU())
+
+
+@pytest.mark.parametrize("last", ["interleave", "explicit", None])
+@pytest.mark.parametrize("bias", [False, [True, True]], ids=["no_bias", "bias"])
+def test_fold_into_a_chain_through_its_last_permutation(last, bias):
+    """The chain's last layer takes the BatchNorm through its last permutation (a shuffle with
+    that layer's groups, an explicit index, none), with or without a bias of its own, with an
+    input index in front."""
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(3)) if last == "explicit" \
+        else last
+    idx = torch.tensor([0, 4, 4, 7, 1, 2, 9, 9, 3, 5, 6, 8])
+    model = _calibrated(_chain_then_bn(perm, bias, idx), (2, 10, 3, 3))
+    opt = igc.optimize_for_inference(model)
+    assert _count_bn(opt) == 0
+    chain = [m for m in opt.modules() if isinstance(m, igc.InterleavedGroupConv)][0]
+    assert chain.biases is not None and chain.biases[-1] is not None
+    x = torch.randn(2, 10, 3, 3, dtype=torch.float64)
+    _assert_same_function(model, opt, x, 1e-10)
+
+
+def test_what_is_not_folded():
+    """A BatchNorm without running statistics (it normalises with the batch even in eval
+    mode), one whose producer has another consumer, and one after a non-permutation op stay;
+    the function is kept."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(4, 4, 1)
+            self.bn_batch = nn.BatchNorm2d(4, track_running_stats=False)
+            self.b = nn.Conv2d(4, 4, 1)
+            self.bn_shared = nn.BatchNorm2d(4)
+            self.c = nn.Conv2d(4, 4, 1)
+            self.bn_after_relu = nn.BatchNorm2d(4)
+            self.d = nn.Conv2d(4, 4, 1)
+            self.bn_ok = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            x = self.bn_batch(self.a(x))
+            h = self.b(x)
+            x = self.bn_shared(h) + h
+            x = self.bn_after_relu(torch.relu(self.c(x)))
+            return self.bn_ok(self.d(x))
+
+    model = _calibrated(Net(), (3, 4, 2, 2))
+    opt = igc.optimize_for_inference(model)
+    left = {n for n, m in opt.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert left == {"bn_batch", "bn_shared", "bn_after_relu"}
+    _assert_same_function(model, opt, torch.randn(3, 4, 2, 2, dtype=torch.float64), 1e-10)
+
+
+def test_untraceable_module_keeps_its_children_folded():
+    """A module whose forward cannot be traced (data-dependent branch) is kept; its children
+    are folded one by one."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+        def forward(self, x):
+            if x.sum() > 0:  # data-dependent: torch.fx cannot trace it
+                return self.body(x)
+            return -self.body(x)
+
+    model = _calibrated(Branchy(), (2, 4, 3, 3))
+    opt = igc.optimize_for_inference(model)
+    assert type(opt) is Branchy and _count_bn(opt) == 0
+    for sign in (1, -1):
+        x = sign * torch.rand(2, 4, 3, 3, dtype=torch.float64)
+        _assert_same_function(model, opt, x, 1e-10)
+
+
+def test_training_model_is_refused():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+    with pytest.raises(ValueError, match=r"call model.eval\(\) first"):
+        igc.optimize_for_inference(model)
+    with pytest.raises(TypeError, match="expects an nn.Module"):
+        igc.optimize_for_inference(lambda x: x)
