@@ -269,6 +269,11 @@ def test_e2e_benchmark_smoke(tmp_path):
         ("igcv2_cifar", "infer", "fused"), ("igcv2_cifar", "infer", "unfused")}
     for row in rows:
         assert row["median_ms"] > 0 and row["runs"] >= 1
+    # optimize_for_inference's rows: every layout, output equal to the fused network's within
+    # float32 rounding of a 5-layer-deep network
+    opt = [r for r in rows if r["impl"] == "optimized"]
+    assert {r["layout"] for r in opt} == {"nchw", "channels_last"}
+    assert all(r["mode"] == "infer" and r["max_rel_diff_vs_fused"] < 1e-5 for r in opt), opt
     track = data["loss_tracking"]
     assert track["steps"] >= 6 and track["passed"], track
     # fused and unfused float64 training stay together to float64 rounding, step by step
