@@ -23,6 +23,10 @@ Inference also times ``optimized``: the fused network after
 :func:`igc_kernels.optimize_for_inference` (BatchNorms folded into the convolution or chain in
 front of them), each layout, its output checked against the fused network's.
 
+``compiled`` (inference, ``--no-compile`` skips it): ``torch.compile`` of the unfused network
+(default mode, Inductor), each layout, its compile time recorded and its output checked
+against eager.
+
 Modes: ``train``: ``zero_grad``, forward, cross-entropy, backward, SGD step (momentum 0.9);
 ``infer``: ``model.eval()`` forward under ``torch.no_grad()``.
 
@@ -356,6 +360,34 @@ def run_model(model, args, device, log) -> list:
                 f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; "
                 f"optimize_for_inference of the fused network, output vs it {rel:.1e})")
             del net, opt
+    if args.compile and "infer" in args.modes:  # torch.compile of the unfused network
+        for layout in args.layouts:
+            mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+            net = build(model, False, args).to(device).to(memory_format=mf)
+            if args.calibrate_bn:
+                calibrate(net, model, args, device, mf)
+            net.eval()
+            x = x0.to(device).contiguous(memory_format=mf)
+            comp = torch.compile(net)
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast(args, device):
+                ref, got = net(x).float(), comp(x).float()
+            compile_s = time.perf_counter() - t0
+            rel = float((got - ref).abs().max()) / max(1e-30, float(ref.abs().max()))
+            step = make_steps(comp, x, target, args, device)["infer"]
+            stats = time_step(step, device, args)
+            rows.append({"model": model, "impl": "compiled", "layout": layout, "mode": "infer",
+                         "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
+                         "fused_backend": None, "median_ms": stats.median_ms,
+                         "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
+                         "runs": stats.runs, "peak_bytes": None,
+                         "params": sum(p.numel() for p in net.parameters()),
+                         "compile_s": compile_s, "max_rel_diff_vs_eager": rel})
+            log(f"  {'compiled':8s} {layout:14s} {'infer':6s} {stats.median_ms:10.2f} ms "
+                f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; "
+                f"torch.compile of the unfused network, compiled in {compile_s:.0f} s, output "
+                f"vs eager {rel:.1e})")
+            del net, comp
     if args.onnxruntime and device == "cpu" and args.dtype == "float32" and "infer" in args.modes:
         net = build(model, False, args)
         if args.calibrate_bn:
@@ -401,6 +433,11 @@ def summarize(rows) -> list:
             if o:
                 s["onnxruntime_ms"] = o[0]["median_ms"]
                 s["speedup_vs_onnxruntime"] = o[0]["median_ms"] / bf["median_ms"]
+            c = [r for r in sel if r["impl"] == "compiled"]
+            if c:
+                bc_ = min(c, key=lambda r: r["median_ms"])
+                s["compiled_ms"] = bc_["median_ms"]
+                s["compiled_layout"] = bc_["layout"]
             z = [r for r in sel if r["impl"] == "optimized"]
             if z:
                 bz = min(z, key=lambda r: r["median_ms"])
@@ -409,6 +446,8 @@ def summarize(rows) -> list:
                 s["optimized_speedup"] = bu["median_ms"] / bz["median_ms"]
                 if o:
                     s["optimized_vs_onnxruntime"] = o[0]["median_ms"] / bz["median_ms"]
+                if c:
+                    s["optimized_vs_compiled"] = bc_["median_ms"] / bz["median_ms"]
             out.append(s)
     return out
 
@@ -436,6 +475,8 @@ def main(argv=None):
                         "synthetic data first, see calibrate())")
     p.add_argument("--no-flush-denormal", dest="flush_denormal", action="store_false",
                    help="CPU: keep denormal arithmetic (default: torch.set_flush_denormal(True))")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="infer: skip the torch.compile row (the unfused network compiled)")
     p.add_argument("--no-onnxruntime", dest="onnxruntime", action="store_false",
                    help="CPU, float32, infer: skip the ONNX Runtime row")
     p.add_argument("--smoke", action="store_true",
@@ -498,6 +539,8 @@ def main(argv=None):
         if "onnxruntime_ms" in s:
             extra += (f"; ONNX Runtime {s['onnxruntime_ms']:.2f} ms, fused "
                       f"{s['speedup_vs_onnxruntime']:.2f}x")
+        if "compiled_ms" in s:
+            extra += f"; torch.compile(unfused) {s['compiled_ms']:.2f} ms ({s['compiled_layout']})"
         if "optimized_ms" in s:
             extra += (f"; optimize_for_inference {s['optimized_ms']:.2f} ms "
                       f"({s['optimized_layout']}), {s['optimized_speedup']:.2f}x unfused"

@@ -89,11 +89,11 @@ def _e2e(data, plt):
     for (model, mode, batch), (ax_t, ax_m) in zip(keys, axes):
         rs = [r for r in rows if (r["model"], r["mode"], r["batch"]) == (model, mode, batch)]
         layouts = sorted({r["layout"] for r in rs})
-        impls = [i for i in ("fused", "optimized", "unfused", "onnxruntime")
+        impls = [i for i in ("fused", "optimized", "unfused", "compiled", "onnxruntime")
                  if any(r["impl"] == i for r in rs)]
         w = 0.8 / len(impls)
         colors = {"fused": "tab:orange", "optimized": "tab:red", "unfused": "tab:blue",
-                  "onnxruntime": "tab:green"}
+                  "compiled": "tab:purple", "onnxruntime": "tab:green"}
         for i, impl in enumerate(impls):
             by = {r["layout"]: r for r in rs if r["impl"] == impl}
             xs = [j + w * i for j in range(len(layouts))]

@@ -274,6 +274,10 @@ def test_e2e_benchmark_smoke(tmp_path):
     opt = [r for r in rows if r["impl"] == "optimized"]
     assert {r["layout"] for r in opt} == {"nchw", "channels_last"}
     assert all(r["mode"] == "infer" and r["max_rel_diff_vs_fused"] < 1e-5 for r in opt), opt
+    # torch.compile of the unfused network, in the same run
+    comp = [r for r in rows if r["impl"] == "compiled"]
+    assert {r["layout"] for r in comp} == {"nchw", "channels_last"}
+    assert all(r["max_rel_diff_vs_eager"] < 1e-5 and r["compile_s"] > 0 for r in comp), comp
     track = data["loss_tracking"]
     assert track["steps"] >= 6 and track["passed"], track
     # fused and unfused float64 training stay together to float64 rounding, step by step
