@@ -257,6 +257,9 @@ def test_packed_path_eligibility(monkeypatch):
                             False, torch.float16)
     assert K._pack_params(st32) == [] and K._pack_params(st16) == ["PACK_1", "PACK_2",
                                                                      "PACK_3"]
+    # the generated forward refers to exactly the switches its signature declares
+    assert "PACK_" not in K._fwd_source(st32, "f32")
+    assert K._fwd_source(st16, "f16").count("if PACK_") == 3
 
 
 # ---------------------------------------------------------------------------------------------

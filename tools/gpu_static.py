@@ -343,6 +343,7 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     return {"structure": structure, "dtype": dtype, "layout": layout, "direction": direction,
             "arch": f"sm_{arch}", "toolchain": f"triton {triton.__version__}",
             "refused": bool(mine), "reason": mine[0] if mine else "",
+            "compiles": bool(last),  # False: no candidate compiled (the launch would raise)
             "compiled": [{"config": c, "spill_bytes": b} for c, b in last],
             "launches": None if mine else (last[-1][0] if last else None)}
 

@@ -538,7 +538,7 @@ def _fwd_call(st: Structure, i: int, src: str, packed: bool = True) -> str:
         dot = (f"_layer_dot({src}, w{i}_ptr, {b}, {q}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
                f"{l.s_in}, {l.s_out}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {native}, PREC)")
         code = f"if DENSE_{i}:\n    a{i} = {dot}\nelse:\n" + _indent(code, 4)
-    if packed and l.pack:
+    if packed and f"PACK_{i}" in _pack_params(st):
         kb, mb = l.pack
         mode = 1 if native else (2 if st.native16 else 0)
         pk = (f"_layer_packed({src}, w{i}_ptr, {b}, {p}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
