@@ -334,60 +334,17 @@ def run_model(model, args, device, log) -> list:
                     + (f"  peak {peak / 2**20:8.1f} MiB" if peak is not None else "")
                     + (f"  saved {row['saved_bytes'] / 2**20:8.1f} MiB" if mode == "train" else ""))
             del net, steps
-    if "infer" in args.modes:  # the fused network with its BatchNorms folded
-        for layout in args.layouts:
-            mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            net = build(model, True, args).to(device).to(memory_format=mf)
-            if args.calibrate_bn:
-                calibrate(net, model, args, device, mf)
-            net.eval()
-            opt = igc.optimize_for_inference(net)
-            x = x0.to(device).contiguous(memory_format=mf)
-            with torch.no_grad(), autocast(args, device):
-                ref, got = net(x).float(), opt(x).float()
-            rel = float((got - ref).abs().max()) / max(1e-30, float(ref.abs().max()))
-            step = make_steps(opt, x, target, args, device)["infer"]
-            stats = time_step(step, device, args)
-            peak = peak_bytes(step, device)
-            rows.append({"model": model, "impl": "optimized", "layout": layout, "mode": "infer",
-                         "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
-                         "fused_backend": backend, "median_ms": stats.median_ms,
-                         "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
-                         "runs": stats.runs, "peak_bytes": peak,
-                         "params": sum(p.numel() for p in opt.parameters()),
-                         "max_rel_diff_vs_fused": rel})
-            log(f"  {'optim':8s} {layout:14s} {'infer':6s} {stats.median_ms:10.2f} ms "
-                f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; "
-                f"optimize_for_inference of the fused network, output vs it {rel:.1e})")
-            del net, opt
-    if args.compile and "infer" in args.modes:  # torch.compile of the unfused network
-        for layout in args.layouts:
-            mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-            net = build(model, False, args).to(device).to(memory_format=mf)
-            if args.calibrate_bn:
-                calibrate(net, model, args, device, mf)
-            net.eval()
-            x = x0.to(device).contiguous(memory_format=mf)
-            comp = torch.compile(net)
-            t0 = time.perf_counter()
-            with torch.no_grad(), autocast(args, device):
-                ref, got = net(x).float(), comp(x).float()
-            compile_s = time.perf_counter() - t0
-            rel = float((got - ref).abs().max()) / max(1e-30, float(ref.abs().max()))
-            step = make_steps(comp, x, target, args, device)["infer"]
-            stats = time_step(step, device, args)
-            rows.append({"model": model, "impl": "compiled", "layout": layout, "mode": "infer",
-                         "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
-                         "fused_backend": None, "median_ms": stats.median_ms,
-                         "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
-                         "runs": stats.runs, "peak_bytes": None,
-                         "params": sum(p.numel() for p in net.parameters()),
-                         "compile_s": compile_s, "max_rel_diff_vs_eager": rel})
-            log(f"  {'compiled':8s} {layout:14s} {'infer':6s} {stats.median_ms:10.2f} ms "
-                f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; "
-                f"torch.compile of the unfused network, compiled in {compile_s:.0f} s, output "
-                f"vs eager {rel:.1e})")
-            del net, comp
+    if "infer" in args.modes:
+        # the fused network with its BatchNorms folded, and torch.compile of the unfused one
+        variants = [("optimized", True, igc.optimize_for_inference, "max_rel_diff_vs_fused",
+                     "optimize_for_inference of the fused network")]
+        if args.compile:
+            variants.append(("compiled", False, torch.compile, "max_rel_diff_vs_eager",
+                             "torch.compile of the unfused network"))
+        for impl, fused, transform, diff_key, what in variants:
+            for layout in args.layouts:
+                rows.append(_time_variant(model, impl, fused, transform, diff_key, what, layout,
+                                          x0, target, shape, backend, args, device, log))
     if args.onnxruntime and device == "cpu" and args.dtype == "float32" and "infer" in args.modes:
         net = build(model, False, args)
         if args.calibrate_bn:
@@ -407,6 +364,38 @@ def run_model(model, args, device, log) -> list:
                 f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; the "
                 "unfused network exported to ONNX, ORT_ENABLE_ALL)")
     return rows
+
+
+def _time_variant(model, impl, fused, transform, diff_key, what, layout, x0, target, shape,
+                  backend, args, device, log) -> dict:
+    """An inference row for ``transform(net)`` (``net``: the fused or unfused network,
+    calibrated, in eval mode, in ``layout``): its output checked against ``net``'s, the time
+    of the transform (``transform_s``, for torch.compile its compilation) recorded."""
+    mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    net = build(model, fused, args).to(device).to(memory_format=mf)
+    if args.calibrate_bn:
+        calibrate(net, model, args, device, mf)
+    net.eval()
+    x = x0.to(device).contiguous(memory_format=mf)
+    t0 = time.perf_counter()
+    variant = transform(net)
+    with torch.no_grad(), autocast(args, device):
+        ref, got = net(x).float(), variant(x).float()  # torch.compile compiles here
+    transform_s = time.perf_counter() - t0
+    rel = float((got - ref).abs().max()) / max(1e-30, float(ref.abs().max()))
+    step = make_steps(variant, x, target, args, device)["infer"]
+    stats = time_step(step, device, args)
+    peak = peak_bytes(step, device) if impl == "optimized" else None
+    log(f"  {impl[:8]:8s} {layout:14s} {'infer':6s} {stats.median_ms:10.2f} ms "
+        f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; {what}, made in "
+        f"{transform_s:.1f} s, output vs it {rel:.1e})")
+    return {"model": model, "impl": impl, "layout": layout, "mode": "infer",
+            "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
+            "fused_backend": backend if fused else None, "median_ms": stats.median_ms,
+            "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
+            "runs": stats.runs, "peak_bytes": peak,
+            "params": sum(p.numel() for p in net.parameters()),
+            "transform_s": transform_s, diff_key: rel}
 
 
 def summarize(rows) -> list:

@@ -87,16 +87,22 @@ def structure_args(name: str):
 # ---------------------------------------------------------------------------------------------
 # Launch recording and compilation
 # ---------------------------------------------------------------------------------------------
-def record(structure: str, dtype: str, layout: str, direction: str, config=None) -> list:
-    """The launches (kernel, args, meta) the op bodies make for this problem, with the fixed
-    ``config`` (a dict for ``K.override_config``; default: the default configuration)."""
+def problem_input(structure: str, dtype: str, layout: str):
+    """``(x, normalized chain, spec)`` of a problem: x of shape (2, C, 8, 8) in ``layout``."""
     c_x, spec, perms, idx = structure_args(structure)
     dt = _DTYPES[dtype]
     x = torch.randn(2, c_x, 8, 8, dtype=dt)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     ws = [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()]
-    chain = _chain.normalize(x, ws, list(spec.groups), perms, input_index=idx)
+    return x, _chain.normalize(x, ws, list(spec.groups), perms, input_index=idx), spec
+
+
+def record(structure: str, dtype: str, layout: str, direction: str, config=None) -> list:
+    """The launches (kernel, args, meta) the op bodies make for this problem, with the fixed
+    ``config`` (a dict for ``K.override_config``; default: the default configuration)."""
+    x, chain, spec = problem_input(structure, dtype, layout)
+    dt = x.dtype
     args = (chain.weights, op_biases(chain.biases, x), list(chain.groups), chain.shuffles,
             chain.perms, chain.input_index)
     launches = []
@@ -316,13 +322,7 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     package's own check (``_triton_ops.spill_reasons``: the fixed path's candidates compiled,
     the first spill-free one taken) on sm_``arch`` cubins compiled here: ``refused`` with the
     reason, or the configuration the fixed path launches (spill-free)."""
-    c_x, spec, perms, idx = structure_args(structure)
-    dt = _DTYPES[dtype]
-    x = torch.randn(2, c_x, 8, 8, dtype=dt)
-    if layout == "channels_last":
-        x = x.to(memory_format=torch.channels_last)
-    ws = [torch.randn(c, k, dtype=dt) for c, k in spec.weight_shapes()]
-    chain = _chain.normalize(x, ws, list(spec.groups), perms, input_index=idx)
+    x, chain, _ = problem_input(structure, dtype, layout)
     taken = []
 
     def spills(fn, args, meta):
@@ -482,11 +482,7 @@ def main(argv=None) -> int:
                             out.append(refusal(s, dt, lay, d, arch))
                             print(json.dumps(out[-1]), flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"triton": triton.__version__, "torch": torch.__version__,
-                           "command": "python tools/gpu_static.py " + shlex.join(
-                               argv if argv is not None else sys.argv[1:]),
-                           "rows": out}, f, indent=1)
+            _write_report(args.json, argv, out)
         return 0
     if args.pruning:
         for s in args.structures.split(";"):
@@ -531,13 +527,17 @@ def main(argv=None) -> int:
                                      if r.compiled else f"FAILED {r.error[:60]}"),
                                   flush=True)
     if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"triton": triton.__version__, "torch": torch.__version__,
-                       "command": "python tools/gpu_static.py " + shlex.join(
-                           argv if argv is not None else sys.argv[1:]),
-                       "rows": rows}, f, indent=1)
+        _write_report(args.json, argv, rows)
     return 0
+
+
+def _write_report(path, argv, rows) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({"triton": triton.__version__, "torch": torch.__version__,
+                   "command": "python tools/gpu_static.py " + shlex.join(
+                       argv if argv is not None else sys.argv[1:]),
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
