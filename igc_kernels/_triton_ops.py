@@ -176,9 +176,12 @@ def _backward_meta(need_dx, need_dw, need_db) -> dict:
 def checks_spills(x) -> bool:
     """Whether the backend compiles ``x``'s kernels to look for spills before launching: on
     GPUs, unless ``IGC_TRITON_FIXED=default`` (test runs over many structures: one compile
-    each, the default configuration, whatever it spills)."""
+    each, the default configuration, whatever it spills), and not while a graph with symbolic
+    sizes is traced (the eager calls are checked)."""
     return (not INTERPRETED and x.device.type == "cuda"
-            and os.environ.get("IGC_TRITON_FIXED", "") != "default")
+            and os.environ.get("IGC_TRITON_FIXED", "") != "default"
+            # traced with symbolic sizes (torch.compile dynamic shapes): no concrete compile key
+            and all(type(v) is int for v in (*x.shape, *x.stride())))
 
 
 def _meta_like(shape, strides, dtype):

@@ -52,10 +52,13 @@ class TritonBackend(Backend):
 
     def limit_reasons(self, x, chain):
         """The channel limit; on GPUs also a structure whose every launch configuration spills
-        when compiled for this GPU (forward, and the backward when gradients are wanted)."""
+        when compiled for this GPU (forward, and the backward when gradients are wanted).
+        While torch.compile traces the caller, the spill check is left to the op's body (it
+        compiles kernels: not traceable by Dynamo), where a refusal raises instead of falling
+        back."""
         mod = triton_ops()
         reasons = mod.channel_limit_reasons(chain)
-        if not reasons and mod.checks_spills(x):
+        if not reasons and not torch.compiler.is_compiling() and mod.checks_spills(x):
             grad = torch.is_grad_enabled()
             reasons = mod.spill_reasons(
                 x, chain, need_dx=grad and x.requires_grad,
