@@ -27,10 +27,10 @@ import copy
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ._chain import interleave_index
+from .convert import _SHUFFLE_FNS, _has_hooks, _module_op
 from .modules import ChannelGather, InterleavedGroupConv
 
 __all__ = ["optimize_for_inference"]
@@ -84,36 +84,24 @@ def _fold_module(module: nn.Module) -> nn.Module:
         return module
     if not _fold_graph(module, graph):
         return module
-    gm = torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
-    return gm
+    return torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
 
 
-def _submodule(root: nn.Module, target: str) -> nn.Module:
-    return root.get_submodule(target)
-
-
-def _set_submodule(root: nn.Module, target: str, new: nn.Module) -> None:
-    parent, _, name = target.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, name, new)
-
-
-def _shuffle_index(root: nn.Module, node) -> Optional[torch.Tensor]:
-    """The gather index (``y[:, j] = x[:, idx[j]]``) of a channel-shuffle node, or None. The
-    channel count comes from the producer, so it is filled in later (a callable of C)."""
+def _shuffle_index(root: nn.Module, node):
+    """For a channel-permutation node (a shuffle or a permuting gather, the ops ``convert``
+    recognises), a function of the channel count C giving its gather index
+    (``y[:, j] = x[:, idx[j]]``, None when C does not fit); else None."""
     if node.op == "call_module":
-        m = _submodule(root, node.target)
-        if type(m) is nn.ChannelShuffle:
-            g = int(m.groups)
-            return lambda c: interleave_index(c, g)
-        if type(m) is ChannelGather:
-            try:
-                idx = m.index_values("index")
-            except ValueError:
-                return None
-            if torch.equal(torch.sort(idx).values, torch.arange(idx.numel())):
-                return lambda c: idx if c == idx.numel() else None
-        return None
-    if node.op == "call_function" and node.target in (F.channel_shuffle, torch.channel_shuffle):
+        op = _module_op(root.get_submodule(node.target))
+        if op is None or op[0] == "conv":
+            return None
+        if op[0] == "shuffle":
+            return lambda c, g=op[1]: interleave_index(c, g)
+        idx = op[1]
+        if not torch.equal(torch.sort(idx).values, torch.arange(idx.numel())):
+            return None  # a gather that is not a permutation
+        return lambda c: idx if c == idx.numel() else None
+    if node.op == "call_function" and node.target in _SHUFFLE_FNS:
         g = node.args[1] if len(node.args) > 1 else node.kwargs.get("groups")
         if isinstance(g, int):
             return lambda c: interleave_index(c, g)
@@ -136,24 +124,19 @@ def _bn_affine(bn) -> Optional[tuple]:
     return scale, shift
 
 
-def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
-                or getattr(m, "_backward_pre_hooks", None))
-
-
 def _fold_graph(root: nn.Module, graph) -> bool:
     changed = False
     for node in list(graph.nodes):
-        if node.op != "call_module" or not isinstance(_submodule(root, node.target), _BN):
+        if node.op != "call_module" or not isinstance(root.get_submodule(node.target), _BN):
             continue
-        bn = _submodule(root, node.target)
+        bn = root.get_submodule(node.target)
         affine = _bn_affine(bn)
         if affine is None or len(node.args) != 1 or node.kwargs:
             continue
         # walk back through single-use shuffles to the producer
         src, shuffles = node.args[0], []
         while isinstance(src, torch.fx.Node) and len(src.users) == 1:
-            if src.op == "call_module" and type(_submodule(root, src.target)) is nn.Identity:
+            if src.op == "call_module" and type(root.get_submodule(src.target)) is nn.Identity:
                 src = src.args[0]  # e.g. what convert leaves in place of fused modules
                 continue
             idx = _shuffle_index(root, src)
@@ -164,7 +147,7 @@ def _fold_graph(root: nn.Module, graph) -> bool:
         if not (isinstance(src, torch.fx.Node) and src.op == "call_module"
                 and len(src.users) == 1):
             continue
-        producer = _submodule(root, src.target)
+        producer = root.get_submodule(src.target)
         if _has_hooks(producer) or not isinstance(producer, _CONV + (InterleavedGroupConv,)):
             continue
         C = int(affine[0].numel())
@@ -186,7 +169,7 @@ def _fold_graph(root: nn.Module, graph) -> bool:
                   else _fold_chain(producer, scale, shift))
         if folded is None:
             continue
-        _set_submodule(root, src.target, folded)
+        root.set_submodule(src.target, folded)
         node.replace_all_uses_with(node.args[0])
         graph.erase_node(node)
         changed = True

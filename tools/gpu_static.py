@@ -271,17 +271,7 @@ def autotune_configs(structure, dtype, direction) -> list:
     backward = direction == "backward"
     configs = K._configs(st, backward)
     kept = K._prune(st, backward)(configs, {}) if configs else []
-    out = []
-    for c in kept:
-        kw = c.kwargs
-        dense = [v for k, v in kw.items() if k.startswith("DENSE_")]
-        pack = [v for k, v in kw.items() if k.startswith("PACK_")]
-        # without dense-eligible layers DENSE does not exist: the default's value stands in
-        out.append(dict(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
-                        dense=dense[0] if dense else K.DEFAULT_CONFIG.dense,
-                        keep=kw.get("KEEP", K.DEFAULT_CONFIG.keep),
-                        pack=pack[0] if pack else K.DEFAULT_CONFIG.pack))
-    return out
+    return [dict(K.launch_config(c).__dict__) for c in kept]
 
 
 def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) -> list:
@@ -436,9 +426,7 @@ def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
 
 
 def _default_config_kwargs() -> dict:
-    d = K.DEFAULT_CONFIG
-    return dict(block_p=d.block_p, num_warps=d.num_warps, dense=d.dense, keep=d.keep,
-                pack=d.pack)
+    return dict(K.DEFAULT_CONFIG.__dict__)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -818,6 +818,18 @@ def _prune(st: Structure, backward: bool, fn=None, spills=_compiled_spills):
     return prune
 
 
+def launch_config(c) -> LaunchConfig:
+    """The ``LaunchConfig`` of one of the autotuner's ``triton.Config`` s (a switch the
+    structure does not have takes the default's value)."""
+    kw = c.kwargs
+    dense = [v for k, v in kw.items() if k.startswith("DENSE_")]
+    pack = [v for k, v in kw.items() if k.startswith("PACK_")]
+    return LaunchConfig(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
+                        dense=dense[0] if dense else DEFAULT_CONFIG.dense,
+                        keep=kw.get("KEEP", DEFAULT_CONFIG.keep),
+                        pack=pack[0] if pack else DEFAULT_CONFIG.pack)
+
+
 def _configs(st: Structure, backward: bool) -> list:
     dense = _dense_params(st)
     pack = [] if backward else _pack_params(st)
@@ -859,11 +871,11 @@ class Kernels:
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps}
         for p in self.dense_params:
             meta[p] = cfg.dense if cfg.block_p >= MIN_DOT_ROWS else 0
-        if not backward:
-            for p in self.pack_params:
-                meta[p] = cfg.pack if cfg.block_p >= MIN_DOT_ROWS else 0
         if backward:
             meta["KEEP"] = cfg.keep
+        else:
+            for p in self.pack_params:
+                meta[p] = cfg.pack if cfg.block_p >= MIN_DOT_ROWS else 0
         return meta
 
 
@@ -919,12 +931,7 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     candidates = [DEFAULT_CONFIG]
     configs = _configs(kern.st, backward)
     for c in _prune(kern.st, backward)(configs, {}):  # the register-tile rule only
-        dense = [v for k, v in c.kwargs.items() if k.startswith("DENSE_")]
-        pack = [v for k, v in c.kwargs.items() if k.startswith("PACK_")]
-        cand = LaunchConfig(block_p=c.kwargs["BLOCK_P"], num_warps=c.num_warps,
-                            dense=dense[0] if dense else DEFAULT_CONFIG.dense,
-                            keep=c.kwargs.get("KEEP", DEFAULT_CONFIG.keep),
-                            pack=pack[0] if pack else DEFAULT_CONFIG.pack)
+        cand = launch_config(c)
         if cand not in candidates:
             candidates.append(cand)
     measured = []

@@ -42,6 +42,7 @@
 // check the kernels' results on a machine without a GPU).
 #pragma once
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
@@ -705,11 +706,11 @@ struct CtasPerSm {
 template <typename F>
 inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min_tp, int ctas) {
   const int share = dev.smem_per_sm / ctas;
-  const size_t per_cta = static_cast<size_t>(share > 1024 ? share - 1024 : 0);
   const size_t optin = static_cast<size_t>(dev.smem_optin);
+  const size_t per_cta = std::min(static_cast<size_t>(share > 1024 ? share - 1024 : 0), optin);
   int best = 0;
   for (int tp = kMaxTile; tp >= min_tp; tp /= 2) {
-    if (bytes_for_tp(tp) <= per_cta && bytes_for_tp(tp) <= optin) {
+    if (bytes_for_tp(tp) <= per_cta) {
       best = tp;
       break;
     }
