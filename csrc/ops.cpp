@@ -10,6 +10,10 @@
 // biases: empty (no biases) or one entry per layer, a (0,)-shaped tensor meaning "no bias".
 // input_index (optional): h_0[:, j] = x[:, input_index[j]] before layer 1 (entries may repeat;
 // C_0 = its length); grad_x then has x's channel count and sums the gradients of repeats.
+// igc::block_forward (inference only) runs a chain whose layers may also be spatial (a 4-D
+// weight (C_l, C_{l-1} / G_l, k, k), k odd <= 7, padding k // 2, strides[l] 1 or 2), each
+// followed by an activation (activations[l]: 0 none, 1 relu, 2 relu6, 3 hardswish) before its
+// permutation, and adds x to the output when residual is true (csrc/cpu/block_cpu.cpp).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -25,6 +29,10 @@ TORCH_LIBRARY(igc, m) {
       "chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, Tensor[] biases, int[] groups, "
       "int[] shuffles, Tensor?[] perms, bool[3] output_mask, Tensor? input_index=None) -> "
       "(Tensor, Tensor, Tensor)");
+  m.def(
+      "block_forward(Tensor x, Tensor[] weights, Tensor[] biases, int[] groups, int[] shuffles, "
+      "Tensor?[] perms, int[] strides, int[] activations, bool residual, "
+      "Tensor? input_index=None) -> Tensor");
 }
 
 namespace igc {

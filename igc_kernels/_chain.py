@@ -17,6 +17,11 @@ Canonical form
   (``h_0[:, j] = x[:, input_index[j]]``; entries may repeat) or ``None``. ``channels[0]`` is
   ``C_0``, the chain's first width (the index's length when one is given); ``in_channels`` is
   ``x``'s channel count.
+* Block fields (see :func:`igc_kernels.interleaved_group_conv`): ``kernel_sizes[l]`` is 1 for
+  a pointwise layer (2-D weight) or the odd ``k`` of a ``k x k`` spatial layer (weight kept
+  4-D, ``(C_l, n_l, k, k)``); ``strides[l]`` is 1 or 2 (2 only on spatial layers);
+  ``activations[l]`` is a code of :data:`ACTIVATIONS`; ``residual`` adds ``x`` to the output.
+  A chain without any of them is *plain*: what every backend runs, with gradients.
 """
 
 from __future__ import annotations
@@ -26,6 +31,12 @@ import sys
 from dataclasses import dataclass
 
 import torch
+
+# Activation after a layer (after its bias, before its permutation): name -> the ops' code.
+ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "hardswish": 3}
+ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
+# Spatial layers: odd square kernels up to this size (padding k // 2), stride 1 or 2.
+MAX_KERNEL_SIZE = 7
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _DTYPE_NAMES = "float32, float16, bfloat16, float64"
@@ -43,10 +54,25 @@ class Chain:
     perms: list  # int64 index tensors or None
     input_index: object = None  # int64 gather index of x's channels, or None
     in_channels: int = 0  # channels of x (C_0 unless input_index is given)
+    kernel_sizes: tuple = ()  # per layer, 1 (pointwise) or odd k; () = all pointwise
+    strides: tuple = ()  # per layer, 1 or 2; () = all 1
+    activations: tuple = ()  # per layer, codes of ACTIVATIONS; () = none
+    residual: bool = False  # y = chain(x) + x
 
     @property
     def num_layers(self) -> int:
         return len(self.groups)
+
+    @property
+    def is_plain(self) -> bool:
+        """A chain of grouped 1x1 layers without activations or residual add (what every
+        backend runs, with gradients)."""
+        return (all(k == 1 for k in self.kernel_sizes) and all(s == 1 for s in self.strides)
+                and not any(self.activations) and not self.residual)
+
+    def spatial_layers(self) -> list:
+        """1-based numbers of the layers with a ``k x k`` kernel, ``k > 1``."""
+        return [l + 1 for l, k in enumerate(self.kernel_sizes) if k > 1]
 
 
 def is_int(v) -> bool:
@@ -285,11 +311,22 @@ def _check_layer(layer: int, G, W, b, c_in: int, x: torch.Tensor, has_index: boo
         raise ValueError(f"layer {layer}: groups must be a positive integer, got {G}")
     if not isinstance(W, torch.Tensor):
         raise TypeError(f"layer {layer}: weight must be a torch.Tensor, got {type(W).__name__}")
-    if W.dim() < 2 or any(s != 1 for s in W.shape[2:]):
+    k = 1
+    if W.dim() == 4 and W.shape[2] == W.shape[3] and W.shape[2] > 1:
+        k = int(W.shape[2])
+        if k % 2 == 0 or k > MAX_KERNEL_SIZE:
+            raise ValueError(f"layer {layer}: weight has shape {_shape(W)}: a spatial layer's "
+                             f"kernel must be k x k with k odd, 3 <= k <= {MAX_KERNEL_SIZE} "
+                             f"(padding k // 2)")
+        if x.dim() != 4:
+            raise ValueError(f"layer {layer}: a {k}x{k} spatial layer needs x of shape "
+                             f"(N, C, H, W), got shape {tuple(x.shape)}")
+    elif W.dim() < 2 or any(s != 1 for s in W.shape[2:]):
         raise ValueError(
             f"layer {layer}: weight has shape {_shape(W)}; a grouped 1x1 convolution weight "
             f"must be (C_{layer}, C_{layer - 1} / groups) or "
-            f"(C_{layer}, C_{layer - 1} / groups, 1, ..., 1)")
+            f"(C_{layer}, C_{layer - 1} / groups, 1, ..., 1), and a spatial layer's "
+            f"(C_{layer}, C_{layer - 1} / groups, k, k) with k odd")
     if c_in % G != 0:
         where = f"C_{layer - 1}"
         if layer == 1:
@@ -328,11 +365,81 @@ def _check_layer(layer: int, G, W, b, c_in: int, x: torch.Tensor, has_index: boo
         if b.device != device:
             raise ValueError(f"layer {layer}: bias is on {b.device} but x is on {device}; all "
                              f"tensors must be on the same device")
-    return G, (W.flatten(1) if W.dim() > 2 else W), c_out
+    if k > 1:
+        return G, W, c_out, k
+    return G, (W.flatten(1) if W.dim() > 2 else W), c_out, 1
+
+
+def _activation_code(a, layer: int) -> int:
+    if a is not None and not isinstance(a, str):
+        raise TypeError(f"layer {layer}: activation must be None or one of 'relu', 'relu6', "
+                        f"'hardswish', got {type(a).__name__}")
+    if a not in ACTIVATIONS:
+        raise ValueError(f"layer {layer}: unknown activation {a!r}; expected None, 'relu', "
+                         f"'relu6' or 'hardswish'")
+    return ACTIVATIONS[a]
+
+
+def _block_fields(x, chain: Chain, strides, activations, residual) -> Chain:
+    """Validate and attach the block fields (strides, activations, residual) to ``chain``."""
+    L = chain.num_layers
+    ks = chain.kernel_sizes
+    if strides is not None:
+        strides = _as_list(strides, "strides")
+        if len(strides) != L:
+            raise ValueError(f"strides must have one entry per layer ({L}), got {len(strides)}")
+        for l, s in enumerate(strides, start=1):
+            if not is_int(s) or int(s) not in (1, 2):
+                raise ValueError(f"layer {l}: stride must be 1 or 2, got {s!r}")
+            if int(s) != 1 and ks[l - 1] == 1:
+                raise ValueError(f"layer {l}: stride {s} on a pointwise (1x1) layer; only "
+                                 f"spatial (k x k) layers take a stride")
+        chain.strides = tuple(int(s) for s in strides)
+    else:
+        chain.strides = (1,) * L
+    if activations is not None:
+        activations = _as_list(activations, "activations")
+        if len(activations) != L:
+            raise ValueError(f"activations must have one entry per layer ({L}), got "
+                             f"{len(activations)}")
+        chain.activations = tuple(_activation_code(a, l)
+                                  for l, a in enumerate(activations, start=1))
+    else:
+        chain.activations = (0,) * L
+    if not isinstance(residual, bool):
+        raise TypeError(f"residual must be a bool, got {type(residual).__name__}")
+    if residual:
+        if chain.channels[-1] != chain.in_channels:
+            raise ValueError(f"residual=True adds x to the output: x has {chain.in_channels} "
+                             f"channels but the last layer has C_{L} = {chain.channels[-1]}")
+        if any(s != 1 for s in chain.strides):
+            raise ValueError(f"residual=True needs the output's spatial size to equal x's; "
+                             f"layer {1 + [s != 1 for s in chain.strides].index(True)} has "
+                             f"stride 2")
+    chain.residual = residual
+    return chain
+
+
+def output_shape(x, chain: Chain) -> tuple:
+    """``(N, C_L, *spatial)``: spatial dims divided by the product of the strides (padding
+    ``k // 2`` keeps ``ceil(H / s)`` rows per stride-``s`` layer)."""
+    sp = [int(d) for d in x.shape[2:]]
+    for s in chain.strides:
+        sp = [(d - 1) // s + 1 for d in sp]
+    return (int(x.shape[0]), chain.channels[-1], *sp)
+
+
+def needs_grad(x, chain: Chain) -> bool:
+    """Whether a call with these tensors records gradients (grad mode on and x, a weight or a
+    bias requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = [x, *chain.weights, *(b for b in chain.biases if b is not None)]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def normalize(x, weights, groups, permutations=None, biases=None, *, input_index=None,
-              check_values=True) -> Chain:
+              check_values=True, strides=None, activations=None, residual=False) -> Chain:
     """Validate the operator's arguments against ``x``; return the canonical :class:`Chain`."""
     _check_x(x)
     weights = _as_list(weights, "weights")
@@ -356,18 +463,20 @@ def normalize(x, weights, groups, permutations=None, biases=None, *, input_index
     in_channels = int(x.shape[1])
     input_index = normalize_input_index(input_index, in_channels, x.device, check_values)
     channels = [in_channels if input_index is None else int(input_index.shape[0])]
-    gs, w2d, shuffles, perms = [], [], [], []
+    gs, w2d, shuffles, perms, ks = [], [], [], [], []
     for i in range(L):
-        G, W, c_out = _check_layer(i + 1, groups[i], weights[i], biases[i], channels[-1], x,
-                                   input_index is not None)
+        G, W, c_out, k = _check_layer(i + 1, groups[i], weights[i], biases[i], channels[-1], x,
+                                      input_index is not None)
         s, p = normalize_permutation(permutations[i], i + 1, c_out, G, x.device, check_values)
         channels.append(c_out)
         gs.append(G)
         w2d.append(W)
         shuffles.append(s)
         perms.append(p)
-    return Chain(tuple(channels), tuple(gs), w2d, list(biases), shuffles, perms, input_index,
-                 in_channels)
+        ks.append(k)
+    chain = Chain(tuple(channels), tuple(gs), w2d, list(biases), shuffles, perms, input_index,
+                  in_channels, kernel_sizes=tuple(ks))
+    return _block_fields(x, chain, strides, activations, residual)
 
 
 def validate_op_args(x, weights, biases, groups, shuffles, perms, input_index=None,
@@ -397,8 +506,8 @@ def validate_op_args(x, weights, biases, groups, shuffles, perms, input_index=No
         if isinstance(weights[i], torch.Tensor) and weights[i].dim() != 2:
             raise ValueError(f"layer {layer}: weight must be 2-D (C_{layer}, C_{layer - 1} / "
                              f"groups), got shape {_shape(weights[i])}")
-        G, W, c_out = _check_layer(layer, groups[i], weights[i], b, channels[-1], x,
-                                   input_index is not None)
+        G, W, c_out, _ = _check_layer(layer, groups[i], weights[i], b, channels[-1], x,
+                                      input_index is not None)
         s = shuffles[i]
         if not is_int(s) or s < 0 or (s > 0 and c_out % s):
             raise ValueError(f"layer {layer}: shuffles = {s} must be 0 or divide C_{layer} = "
@@ -441,13 +550,15 @@ def out_is_channels_last(x: torch.Tensor) -> bool:
     return x.stride(1) < min(sp)
 
 
-def empty_like_layout(x: torch.Tensor, channels: int, dtype=None) -> torch.Tensor:
-    """An uninitialised ``(N, channels, *spatial)`` tensor in the memory format of ``x``."""
+def empty_like_layout(x: torch.Tensor, channels: int, dtype=None, spatial=None) -> torch.Tensor:
+    """An uninitialised ``(N, channels, *spatial)`` tensor in the memory format of ``x``
+    (``spatial``: x's spatial sizes unless given)."""
     dtype = x.dtype if dtype is None else dtype
+    spatial = tuple(x.shape[2:]) if spatial is None else tuple(spatial)
     if out_is_channels_last(x):
-        shape = (x.shape[0], *x.shape[2:], channels)
+        shape = (x.shape[0], *spatial, channels)
         return torch.empty(shape, dtype=dtype, device=x.device).movedim(-1, 1)
-    return torch.empty((x.shape[0], channels, *x.shape[2:]), dtype=dtype, device=x.device)
+    return torch.empty((x.shape[0], channels, *spatial), dtype=dtype, device=x.device)
 
 
 def to_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

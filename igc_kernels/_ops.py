@@ -71,6 +71,29 @@ def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_m
     return gx, gw, gb
 
 
+def _fake_block_forward(x, weights, biases, groups, shuffles, perms, strides, activations,
+                        residual, input_index=None):
+    sp = list(x.shape[2:])
+    for s in strides:
+        sp = [(d - 1) // s + 1 for d in sp]
+    return empty_like_layout(x, weights[-1].shape[0], spatial=sp)
+
+
+def _block_no_grad(ctx, grad):
+    raise RuntimeError("igc::block_forward is inference only: it has no backward (spatial layers "
+                       "have no gradients in this version; activations and residual adds with "
+                       "gradients run through igc_kernels.interleaved_group_conv)")
+
+
+def block_forward(x, chain):
+    """One fused pass of a chain with spatial layers, activations or a residual add (no
+    gradients): ``igc::block_forward``."""
+    return torch.ops.igc.block_forward(
+        x, chain.weights, op_biases(chain.biases, x), list(chain.groups), list(chain.shuffles),
+        chain.perms, list(chain.strides), list(chain.activations), bool(chain.residual),
+        chain.input_index)
+
+
 def register_ops(forward_op, backward_op, fits, name: str):
     """Register the autograd formulas (first and second order) and the vmap rules of one
     ``chain_forward``/``chain_backward`` pair; return its differentiable family (the
@@ -103,5 +126,7 @@ def register() -> None:
     global FAMILY
     torch.library.register_fake("igc::chain_forward")(_fake_forward)
     torch.library.register_fake("igc::chain_backward")(_fake_backward)
+    torch.library.register_fake("igc::block_forward")(_fake_block_forward)
+    torch.library.register_autograd("igc::block_forward", _block_no_grad)
     FAMILY = register_ops(torch.ops.igc.chain_forward.default,
                           torch.ops.igc.chain_backward.default, _cxx_fits, "igc")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
+from ._block import inference_only_check
 from ._chain import normalize
 
 
@@ -34,13 +35,18 @@ def _autocast_args(x, weights, biases):
 
 
 def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *,
-                           input_index=None, backend: str = "auto") -> torch.Tensor:
-    r"""Fused interleaved group convolution ``y = P_L W_L ... P_1 W_1 x`` (1x1, per position).
+                           input_index=None, strides=None, activations=None,
+                           residual: bool = False, backend: str = "auto") -> torch.Tensor:
+    r"""Fused interleaved group convolution ``y = P_L a_L(W_L ... P_1 a_1(W_1 x))``, optionally
+    ``+ x``: a chain of grouped 1x1 layers (per position), or a whole block with spatial layers.
 
     Args:
         x: ``(N, C_0)`` or ``(N, C_0, *spatial)`` with 1 to 3 spatial dims, any strides.
         weights: ``L`` tensors, ``W_l`` of shape ``(C_l, C_{l-1} // G_l)`` or the conv layout
-            ``(C_l, C_{l-1} // G_l, 1, ..., 1)``.
+            ``(C_l, C_{l-1} // G_l, 1, ..., 1)``; or ``(C_l, C_{l-1} // G_l, k, k)`` with ``k``
+            odd, ``3 <= k <= 7``, for a spatial layer (a grouped or depth-wise ``k x k``
+            convolution with padding ``k // 2``; ``x`` must then be 4-D). Spatial layers run
+            in inference only: a call that needs gradients through one raises.
         groups: ``L`` ints ``G_l``.
         permutations: ``L`` entries, each ``None`` (identity), ``"interleave"`` (the channel
             shuffle with ``G_l`` groups) or a 1-D integer gather index of length ``C_l``
@@ -51,15 +57,26 @@ def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *
             1 (``h_0[:, j] = x[:, input_index[j]]``, CondenseNet's index layer): any length
             ``C_0 >= 1``, entries in ``[0, x.shape[1])``, repeats allowed. The gradient of
             ``x`` sums over repeated entries; channels never selected get zero.
-        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        strides: ``None`` (all 1) or ``L`` ints, each 1 or 2; 2 only on spatial layers.
+        activations: ``None`` or ``L`` entries, each ``None``, ``"relu"``, ``"relu6"`` or
+            ``"hardswish"``, applied after layer ``l``'s bias (before its permutation, which
+            commutes with it).
+        residual: add ``x`` to the output (needs ``C_L`` = x's channels and stride 1).
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``. Chains with
+            spatial layers, activations or a residual add run on ``"cpu"`` (one fused pass in
+            inference; with gradients, activations and the add run as PyTorch ops between fused
+            chains) and ``"reference"``; the GPU backends refuse them (``"auto"`` falls back).
 
     Returns:
-        ``y`` with ``x``'s shape but ``C_L`` channels, in ``x``'s memory format (channels-last
-        in, channels-last out). Differentiable in ``x``, every weight and every bias.
+        ``y`` with ``x``'s shape but ``C_L`` channels (spatial sizes divided by the strides,
+        rounded up), in ``x``'s memory format (channels-last in, channels-last out).
+        Differentiable in ``x``, every weight and every bias, except through spatial layers.
     """
     if torch.jit.is_tracing() or torch.jit.is_scripting():
         raise TypeError(_JIT_UNSUPPORTED)
     x, weights, biases = _autocast_args(x, weights, biases)
     backends.check_backend_name(backend)
-    chain = normalize(x, weights, groups, permutations, biases, input_index=input_index)
+    chain = normalize(x, weights, groups, permutations, biases, input_index=input_index,
+                      strides=strides, activations=activations, residual=residual)
+    inference_only_check(x, chain)
     return backends.select(backend, x, chain).run(x, chain)

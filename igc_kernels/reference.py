@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._block import apply_activation, inference_only_check
 from ._chain import Chain, normalize, to_layout_of
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -31,20 +32,32 @@ def run_chain(x: torch.Tensor, chain: Chain) -> torch.Tensor:
         h = h.index_select(1, chain.input_index)
     conv = _CONV[h.dim() - 2]
     ones = (1,) * (h.dim() - 2)
-    for l in range(chain.num_layers):
+    L = chain.num_layers
+    ks = chain.kernel_sizes or (1,) * L
+    strides = chain.strides or (1,) * L
+    acts = chain.activations or (0,) * L
+    for l in range(L):
         W = chain.weights[l]
-        h = conv(h, W.reshape(*W.shape, *ones), chain.biases[l], groups=chain.groups[l])
+        if ks[l] > 1:  # k x k spatial layer (x is 4-D), padding k // 2
+            h = F.conv2d(h, W, chain.biases[l], stride=strides[l], padding=ks[l] // 2,
+                         groups=chain.groups[l])
+        else:
+            h = conv(h, W.reshape(*W.shape, *ones), chain.biases[l], groups=chain.groups[l])
+        h = apply_activation(h, acts[l])
         if chain.shuffles[l] > 0:
             h = F.channel_shuffle(h, chain.shuffles[l])
         elif chain.perms[l] is not None:
             h = h.index_select(1, chain.perms[l])
     if tokens:
         h = h.squeeze(-1)
+    if chain.residual:
+        h = h + x
     return to_layout_of(h, x)
 
 
 def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *,
-                           input_index=None, backend="reference"):
+                           input_index=None, strides=None, activations=None, residual=False,
+                           backend="reference"):
     """Reference (unfused) interleaved group convolution; same arguments as the fused operator.
 
     ``backend`` exists for signature parity only and must be ``"reference"`` or ``"auto"``.
@@ -54,5 +67,7 @@ def interleaved_group_conv(x, weights, groups, permutations=None, biases=None, *
             f"igc_kernels.reference.interleaved_group_conv only runs the reference chain, "
             f"got backend={backend!r}"
         )
-    chain = normalize(x, weights, groups, permutations, biases, input_index=input_index)
+    chain = normalize(x, weights, groups, permutations, biases, input_index=input_index,
+                      strides=strides, activations=activations, residual=residual)
+    inference_only_check(x, chain)
     return run_chain(x, chain)

@@ -31,6 +31,8 @@ class Backend:
     dtypes: tuple = ALL_FLOAT
     deterministic: str = ""
     device_note: str = ""
+    # Whether run() takes chains with spatial layers, activations or a residual add.
+    runs_blocks: bool = False
 
     def __init__(self):
         self._cached = None
@@ -69,7 +71,13 @@ class Backend:
         if x.dtype not in self.dtypes:
             names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
             out.append(f"dtype {x.dtype} is not supported (supported: {names})")
-        if not self.unavailable_reasons():
+        if not chain.is_plain and not self.runs_blocks:
+            what = [w for w, has in (("spatial layers", chain.spatial_layers()),
+                                     ("activations", any(chain.activations)),
+                                     ("a residual add", chain.residual)) if has]
+            out.append(f"this backend runs chains of grouped 1x1 layers only, not "
+                       f"{' or '.join(what)} (the cpu and reference backends run them)")
+        elif not self.unavailable_reasons():
             out.extend(self.limit_reasons(x, chain))
         return out
 

@@ -10,6 +10,7 @@ class ReferenceBackend(Backend):
     summary = "unfused PyTorch chain (grouped conv + shuffle per layer)"
     priority = 90
     deterministic = "as deterministic as the underlying convolutions"
+    runs_blocks = True
 
     @property
     def devices(self):

@@ -1,0 +1,494 @@
+// Fused CPU kernel of a whole block (igc::block_forward, inference only): a chain of grouped
+// layers, each pointwise (1x1) or spatial (grouped / depth-wise k x k, k odd <= 7, stride 1 or
+// 2, padding k // 2), each with an optional bias and activation (relu, relu6, hardswish) and the
+// permutation after it, and an optional residual add of x. x is read once and y written once.
+//
+// Algorithm. Pointwise layers run on tiles of TILE positions held [channel][position] (tiles.h,
+// the chain kernel's micro-kernel), activations applied to the tile in place. A block has at most
+// one spatial layer s (more are refused). Layers 1 .. s-1 (the prefix) map x's positions to the
+// spatial layer's input h_{s-1}; layers s+1 .. L (the suffix) map the spatial layer's output
+// positions to y. The prefix's output is scattered into a zero-padded scratch plane per channel
+// ([channel][row][column phase][column / stride]: stride-2 columns are de-interleaved, so every
+// tap of a row of outputs is a contiguous run); the spatial layer reads it back as runs of
+// consecutive outputs (one per output row a tile touches) and writes its output tile, which
+// the suffix layers and the store consume as usual.
+//
+// Work split. Few images (fewer than threads): the scratch holds every image's whole padded
+// plane (it lives in the cache for the small spatial sizes of such calls); phase 1 fills it tile
+// by tile in parallel, phase 2 computes the spatial layer and the suffix tile by tile in
+// parallel. Otherwise each unit of work is one image's band of output rows, run start to end by
+// one thread with a private scratch of the band's input rows (bands are sized to keep the
+// scratch near L2; the k - stride halo rows between bands are computed twice).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <vector>
+
+#include "chain_args.h"
+#include "tiles.h"
+
+namespace igc {
+namespace {
+
+constexpr int64_t kMaxKernel = 7;
+// Scratch of one band of rows (banded work split): about this many bytes.
+constexpr int64_t kBandScratchBytes = int64_t(512) << 10;
+
+enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3 };
+
+template <typename acc_t>
+IGC_INLINE void activate(acc_t* __restrict v, int64_t n, int act) {
+  switch (act) {
+    case kRelu:
+      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > acc_t(0) ? v[i] : acc_t(0);
+      break;
+    case kRelu6:
+      for (int64_t i = 0; i < n; ++i) v[i] = std::min(std::max(v[i], acc_t(0)), acc_t(6));
+      break;
+    case kHardswish:
+      for (int64_t i = 0; i < n; ++i)
+        v[i] = v[i] * std::min(std::max(v[i] + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);
+      break;
+    default:
+      break;
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct BlockCtx {
+  int64_t L = 0;
+  const int64_t* C = nullptr;
+  const int64_t* G = nullptr;
+  const int64_t* n = nullptr;
+  const int64_t* m = nullptr;
+  int64_t cin = 0, cmax = 0;
+  const int32_t* in_rows0 = nullptr;  // layer 1's input rows: the input index, or iota
+  const int32_t* iota = nullptr;
+  std::vector<const acc_t*> W, b;
+  std::vector<const int32_t*> gather;
+  std::vector<int> act;
+  bool residual = false;
+  const scalar_t* x = nullptr;
+  TensorIndexer x_ix;
+  scalar_t* y = nullptr;
+  TensorIndexer y_ix;
+  int64_t P_out = 0;  // output positions
+  // spatial layer (sl < 0: none)
+  int64_t sl = -1, k = 1, s = 1, pad = 0;
+  int64_t H = 1, Wd = 1, Ho = 1, Wo = 1;
+  int64_t wph = 0, row_len = 0;  // padded columns per phase, s * wph
+};
+
+// Layers [l0, l1) on the tile in buf[cur]; returns the buffer holding the result.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE int pointwise_layers(const BlockCtx<scalar_t, acc_t>& k, int64_t l0, int64_t l1,
+                                acc_t* const* buf, int cur) {
+  for (int64_t l = l0; l < l1; ++l) {
+    const int32_t* in_rows = l == 0 ? k.in_rows0 : k.gather[l - 1];
+    grouped_layer(buf[cur], in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l], int64_t(1),
+                  buf[cur ^ 1], k.iota);
+    cur ^= 1;
+    activate(buf[cur], k.C[l + 1] * TILE, k.act[l]);
+  }
+  return cur;
+}
+
+// The last layer's result in buf[cur] (+ x), stored to y at output positions q0 .. q0+tvalid-1.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void finish_tile(const BlockCtx<scalar_t, acc_t>& k, int64_t q0, int tvalid,
+                            acc_t* const* buf, int cur) {
+  const int64_t CL = k.C[k.L];
+  const int32_t* rows = k.gather[k.L - 1];
+  int64_t off[TILE];
+  if (k.residual) {  // x at the same positions (stride 1), row rows[j] <- x channel j
+    const bool cx = tile_offsets(k.x_ix, q0, tvalid, off);
+    load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, rows, buf[cur ^ 1]);
+    acc_t* __restrict a = buf[cur];
+    const acc_t* __restrict r = buf[cur ^ 1];
+    for (int64_t i = 0; i < CL * TILE; ++i) a[i] += r[i];
+  }
+  const bool cy = tile_offsets(k.y_ix, q0, tvalid, off);
+  store_tile(k.y, off, cy, tvalid, CL, k.y_ix.chan_stride, rows, buf[cur]);
+}
+
+// A block without a spatial layer: tiles over positions.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void pointwise_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, int64_t te) {
+  std::vector<acc_t> storage(static_cast<size_t>(2 * k.cmax * TILE));
+  acc_t* buf[2] = {storage.data(), storage.data() + k.cmax * TILE};
+  int64_t off[TILE];
+  for (int64_t t = tb; t < te; ++t) {
+    const int64_t p0 = t * TILE;
+    const int tvalid = static_cast<int>(std::min<int64_t>(TILE, k.P_out - p0));
+    const bool cx = tile_offsets(k.x_ix, p0, tvalid, off);
+    load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
+    const int cur = pointwise_layers(k, 0, k.L, buf, 0);
+    finish_tile(k, p0, tvalid, buf, cur);
+  }
+}
+
+// Phase 1 for input positions p_begin .. p_end - 1 of image img (flat within the image, whole
+// or partial rows): the prefix layers, scattered into the scratch of a band starting at row0.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t p_begin,
+                             int64_t p_end, int64_t row0, int64_t plane, acc_t* scratch,
+                             acc_t* const* buf) {
+  const int64_t cs = k.C[k.sl];  // the spatial layer's input channels
+  const int32_t* src_rows = k.sl == 0 ? k.in_rows0 : k.gather[k.sl - 1];
+  int64_t off[TILE], dst[TILE];
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += TILE) {
+    const int tvalid = static_cast<int>(std::min<int64_t>(TILE, p_end - p0));
+    const int64_t g0 = img * k.H * k.Wd + p0;
+    const bool cx = tile_offsets(k.x_ix, g0, tvalid, off);
+    load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
+    const int cur = pointwise_layers(k, 0, k.sl, buf, 0);
+    for (int t = 0; t < tvalid; ++t) {
+      const int64_t iy = (p0 + t) / k.Wd, ix = (p0 + t) - iy * k.Wd;
+      const int64_t cp = ix + k.pad;
+      dst[t] = (iy - row0) * k.row_len + (cp % k.s) * k.wph + cp / k.s;
+    }
+    for (int64_t j = 0; j < cs; ++j) {
+      const acc_t* __restrict r = buf[cur] + static_cast<int64_t>(src_rows[j]) * TILE;
+      acc_t* __restrict d = scratch + j * plane;
+      for (int t = 0; t < tvalid; ++t) d[dst[t]] = r[t];
+    }
+  }
+}
+
+// Zero the padding of the scratch rows [r_begin, r_end) (relative rows): rows outside the image
+// entirely, columns outside it in the others.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void zero_padding(const BlockCtx<scalar_t, acc_t>& k, int64_t row0, int64_t r_begin,
+                             int64_t r_end, int64_t plane, acc_t* scratch) {
+  const int64_t cs = k.C[k.sl];
+  for (int64_t j = 0; j < cs; ++j) {
+    acc_t* pl = scratch + j * plane;
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      acc_t* row = pl + r * k.row_len;
+      const int64_t iy = row0 + r;
+      if (iy < 0 || iy >= k.H) {
+        std::fill(row, row + k.row_len, acc_t(0));
+        continue;
+      }
+      for (int64_t ph = 0; ph < k.s; ++ph) {
+        acc_t* pr = row + ph * k.wph;
+        for (int64_t i = 0; i < k.wph; ++i) {
+          const int64_t cp = i * k.s + ph;
+          if (cp < k.pad || cp >= k.pad + k.Wd) pr[i] = acc_t(0);
+        }
+      }
+    }
+  }
+}
+
+// Phase 2 for output positions q_begin .. q_end - 1 of image img (flat within the image): the
+// spatial layer from the scratch of a band starting at input row row0, the suffix, the store.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t q_begin,
+                              int64_t q_end, int64_t row0, int64_t plane, const acc_t* scratch,
+                              acc_t* const* buf) {
+  const int64_t l = k.sl, ns = k.n[l], ms = k.m[l], K = k.k, KK = K * K;
+  const int64_t cout = k.C[l + 1];
+  const acc_t* W = k.W[l];
+  const acc_t* bias = k.b[l];
+  // runs of consecutive outputs within one output row: tile start, length, scratch offset of
+  // tap (0, 0)
+  int seg_t[TILE + 1], seg_n[TILE + 1];
+  int64_t seg_off[TILE + 1];
+  int64_t tap_off[kMaxKernel * kMaxKernel];
+  for (int64_t ky = 0; ky < K; ++ky)
+    for (int64_t kx = 0; kx < K; ++kx)
+      tap_off[ky * K + kx] = ky * k.row_len + (kx % k.s) * k.wph + kx / k.s;
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += TILE) {
+    const int tvalid = static_cast<int>(std::min<int64_t>(TILE, q_end - q0));
+    int nseg = 0;
+    for (int t = 0; t < tvalid;) {
+      const int64_t oy = (q0 + t) / k.Wo, ox = (q0 + t) - oy * k.Wo;
+      const int len = static_cast<int>(std::min<int64_t>(tvalid - t, k.Wo - ox));
+      seg_t[nseg] = t;
+      seg_n[nseg] = len;
+      seg_off[nseg] = (oy * k.s - k.pad - row0) * k.row_len + ox;
+      ++nseg;
+      t += len;
+    }
+    acc_t* out = buf[0];
+    for (int64_t o = 0; o < cout; ++o) {
+      acc_t* __restrict a = out + o * TILE;
+      const acc_t b0 = bias ? bias[o] : acc_t(0);
+      for (int t = 0; t < TILE; ++t) a[t] = b0;
+      const int64_t g = o / ms;
+      for (int64_t i = 0; i < ns; ++i) {
+        const acc_t* __restrict pl = scratch + (g * ns + i) * plane;
+        const acc_t* w = W + (o * ns + i) * KK;
+        for (int64_t tap = 0; tap < KK; ++tap) {
+          const acc_t wv = w[tap];
+          const int64_t to = tap_off[tap];
+          for (int sg = 0; sg < nseg; ++sg) {
+            acc_t* __restrict as = a + seg_t[sg];
+            const acc_t* __restrict src = pl + seg_off[sg] + to;
+            const int len = seg_n[sg];
+            for (int t = 0; t < len; ++t) as[t] += wv * src[t];
+          }
+        }
+      }
+    }
+    activate(out, cout * TILE, k.act[l]);
+    const int cur = pointwise_layers(k, l + 1, k.L, buf, 0);
+    finish_tile(k, img * k.Ho * k.Wo + q0, tvalid, buf, cur);
+  }
+}
+
+// Whole padded planes of every image (few images): scratch of image img at img * C_s * plane.
+template <typename scalar_t, typename acc_t>
+void run_global(const BlockCtx<scalar_t, acc_t>& k, int64_t N, acc_t* scratch, int64_t plane,
+                int64_t row0, int64_t nrows);
+template <typename scalar_t, typename acc_t>
+void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows);
+
+// The entry points compiled for each ISA (target_clones): phase 1 / phase 2 of a range of
+// tiles, a range of (image, band) units, the pointwise-only tiles.
+#define IGC_DEFINE_BLOCK_FNS(scalar_t, acc_t, suffix)                                          \
+  IGC_TARGET_CLONES void pointwise_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t b,    \
+                                            int64_t e) {                                      \
+    pointwise_tiles<scalar_t, acc_t>(k, b, e);                                                \
+  }                                                                                           \
+  IGC_TARGET_CLONES void global_fill_##suffix(const BlockCtx<scalar_t, acc_t>& k,             \
+                                              int64_t u0, int64_t u1, int64_t per_img,        \
+                                              acc_t* scratch, int64_t plane, int64_t row0,    \
+                                              int64_t nrows) {                                \
+    std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
+    acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
+    const int64_t HW = k.H * k.Wd, img_elems = k.C[k.sl] * plane;                             \
+    for (int64_t u = u0; u < u1; ++u) {                                                       \
+      const int64_t img = u / per_img, t = u % per_img;                                       \
+      acc_t* sc = scratch + img * img_elems;                                                  \
+      if (t == 0) zero_padding(k, row0, 0, nrows, plane, sc);                                 \
+      fill_scratch(k, img, t * TILE, std::min(HW, (t + 1) * TILE), row0, plane, sc, buf);     \
+    }                                                                                         \
+  }                                                                                           \
+  IGC_TARGET_CLONES void global_spatial_##suffix(const BlockCtx<scalar_t, acc_t>& k,          \
+                                                 int64_t u0, int64_t u1, int64_t per_img,     \
+                                                 const acc_t* scratch, int64_t plane,         \
+                                                 int64_t row0) {                              \
+    std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
+    acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
+    const int64_t HWo = k.Ho * k.Wo, img_elems = k.C[k.sl] * plane;                           \
+    for (int64_t u = u0; u < u1; ++u) {                                                       \
+      const int64_t img = u / per_img, t = u % per_img;                                       \
+      spatial_tiles(k, img, t * TILE, std::min(HWo, (t + 1) * TILE), row0, plane,             \
+                    scratch + img * img_elems, buf);                                          \
+    }                                                                                         \
+  }                                                                                           \
+  IGC_TARGET_CLONES void bands_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t u0,       \
+                                        int64_t u1, int64_t nbands, int64_t band_rows) {      \
+    std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
+    acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
+    const int64_t max_rows = (band_rows - 1) * k.s + k.k;                                     \
+    const int64_t plane = max_rows * k.row_len;                                               \
+    std::vector<acc_t> sc(static_cast<size_t>(k.C[k.sl] * plane));                           \
+    for (int64_t u = u0; u < u1; ++u) {                                                       \
+      const int64_t img = u / nbands, band = u % nbands;                                      \
+      const int64_t oy0 = band * band_rows, oy1 = std::min(k.Ho, oy0 + band_rows);            \
+      const int64_t row0 = oy0 * k.s - k.pad, nrows = (oy1 - 1 - oy0) * k.s + k.k;            \
+      const int64_t iy0 = std::max<int64_t>(0, row0);                                         \
+      const int64_t iy1 = std::min<int64_t>(k.H, row0 + nrows);                               \
+      zero_padding(k, row0, 0, nrows, plane, sc.data());                                      \
+      fill_scratch(k, img, iy0 * k.Wd, iy1 * k.Wd, row0, plane, sc.data(), buf);              \
+      spatial_tiles(k, img, oy0 * k.Wo, oy1 * k.Wo, row0, plane, sc.data(), buf);             \
+    }                                                                                         \
+  }                                                                                           \
+  void run_pointwise(const BlockCtx<scalar_t, acc_t>& k, int64_t b, int64_t e) {              \
+    pointwise_##suffix(k, b, e);                                                              \
+  }                                                                                           \
+  template <>                                                                                 \
+  void run_global<scalar_t, acc_t>(const BlockCtx<scalar_t, acc_t>& k, int64_t N,             \
+                                   acc_t* scratch, int64_t plane, int64_t row0,               \
+                                   int64_t nrows) {                                           \
+    const int64_t in_tiles = (k.H * k.Wd + TILE - 1) / TILE;                                  \
+    const int64_t out_tiles = (k.Ho * k.Wo + TILE - 1) / TILE;                                \
+    at::parallel_for(0, N * in_tiles, 1, [&](int64_t b, int64_t e) {                          \
+      global_fill_##suffix(k, b, e, in_tiles, scratch, plane, row0, nrows);                   \
+    });                                                                                       \
+    at::parallel_for(0, N * out_tiles, 1, [&](int64_t b, int64_t e) {                         \
+      global_spatial_##suffix(k, b, e, out_tiles, scratch, plane, row0);                      \
+    });                                                                                       \
+  }                                                                                           \
+  template <>                                                                                 \
+  void run_bands<scalar_t, acc_t>(const BlockCtx<scalar_t, acc_t>& k, int64_t N,              \
+                                  int64_t band_rows) {                                        \
+    const int64_t nbands = (k.Ho + band_rows - 1) / band_rows;                                \
+    at::parallel_for(0, N * nbands, 1, [&](int64_t b, int64_t e) {                            \
+      bands_##suffix(k, b, e, nbands, band_rows);                                             \
+    });                                                                                       \
+  }
+
+IGC_DEFINE_BLOCK_FNS(float, float, f32)
+IGC_DEFINE_BLOCK_FNS(double, double, f64)
+IGC_DEFINE_BLOCK_FNS(c10::Half, float, f16)
+IGC_DEFINE_BLOCK_FNS(c10::BFloat16, float, bf16)
+#undef IGC_DEFINE_BLOCK_FNS
+
+// Checks of the block fields (the chain's own are check_chain's, on 2-D views of the weights).
+struct BlockDesc {
+  ChainDesc d;
+  int64_t sl = -1, k = 1, s = 1;
+};
+
+BlockDesc check_block(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                      at::IntArrayRef groups, at::IntArrayRef shuffles, const OptTensorList& perms,
+                      at::IntArrayRef strides, at::IntArrayRef activations, bool residual,
+                      const std::optional<at::Tensor>& input_index) {
+  const char* op = "igc::block_forward";
+  const int64_t L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(static_cast<int64_t>(strides.size()) == L &&
+                  static_cast<int64_t>(activations.size()) == L,
+              op, ": strides and activations must have one entry per layer (", L, "), got ",
+              strides.size(), " and ", activations.size());
+  BlockDesc bd;
+  std::vector<at::Tensor> w2d;
+  for (int64_t l = 0; l < L; ++l) {
+    const at::Tensor& W = weights[l];
+    if (W.dim() == 4) {
+      const int64_t k = W.size(2);
+      TORCH_CHECK(W.size(3) == k && k % 2 == 1 && k >= 3 && k <= kMaxKernel, op, ": layer ",
+                  l + 1, ": a spatial weight must be (C_out, C_in / groups, k, k) with k odd, 3 "
+                  "<= k <= 7, got shape ", W.sizes());
+      TORCH_CHECK(bd.sl < 0, op, ": layer ", l + 1, ": at most one spatial layer per block "
+                  "(layer ", bd.sl + 1, " is one)");
+      TORCH_CHECK(x.dim() == 4, op, ": a spatial layer needs x of shape (N, C, H, W), got ",
+                  x.sizes());
+      bd.sl = l;
+      bd.k = k;
+      bd.s = strides[l];
+      w2d.push_back(W.select(3, 0).select(2, 0));
+    } else {
+      TORCH_CHECK(strides[l] == 1, op, ": layer ", l + 1, ": a pointwise layer has stride 1, got ",
+                  strides[l]);
+      w2d.push_back(W);
+    }
+    TORCH_CHECK(strides[l] == 1 || strides[l] == 2, op, ": layer ", l + 1,
+                ": stride must be 1 or 2, got ", strides[l]);
+    TORCH_CHECK(activations[l] >= kNone && activations[l] <= kHardswish, op, ": layer ", l + 1,
+                ": unknown activation code ", activations[l], " (0 none, 1 relu, 2 relu6, 3 "
+                "hardswish)");
+  }
+  bd.d = check_chain(op, x, w2d, biases, groups, shuffles, perms, input_index,
+                     /*read_perms=*/true);
+  if (residual) {
+    TORCH_CHECK(bd.d.C.back() == bd.d.C_in, op, ": residual adds x: x has ", bd.d.C_in,
+                " channels but C_L = ", bd.d.C.back());
+    TORCH_CHECK(bd.s == 1, op, ": residual needs stride 1 (the output's size must be x's)");
+  }
+  return bd;
+}
+
+at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
+                             at::IntArrayRef groups, at::IntArrayRef shuffles,
+                             const OptTensorList& perms, at::IntArrayRef strides,
+                             at::IntArrayRef activations, bool residual,
+                             const std::optional<at::Tensor>& input_index) {
+  TORCH_CHECK(x.device().is_cpu(), "igc::block_forward (cpu): x must be a CPU tensor");
+  BlockDesc bd = check_block(x, weights, biases, groups, shuffles, perms, strides, activations,
+                             residual, input_index);
+  const ChainDesc& d = bd.d;
+  const bool spatial = bd.sl >= 0;
+  const int64_t pad = bd.k / 2;
+  int64_t H = 1, Wd = 1, Ho = 1, Wo = 1;
+  at::Tensor y;
+  if (spatial) {
+    H = x.size(2);
+    Wd = x.size(3);
+    Ho = (H - 1) / bd.s + 1;
+    Wo = (Wd - 1) / bd.s + 1;
+    std::vector<int64_t> sz{x.size(0), d.C.back(), Ho, Wo};
+    if (out_is_channels_last(x))
+      y = at::empty({x.size(0), Ho, Wo, d.C.back()}, x.options()).permute({0, 3, 1, 2});
+    else
+      y = at::empty(sz, x.options());
+  } else {
+    y = empty_layout(x, d.C.back());
+  }
+  if (y.numel() == 0 || x.numel() == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_block_forward", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
+    BlockCtx<scalar_t, acc_t> k;
+    std::vector<at::Tensor> keep;
+    k.L = d.L;
+    k.C = d.C.data();
+    k.G = d.G.data();
+    k.n = d.n.data();
+    k.m = d.m.data();
+    k.cin = d.C_in;
+    k.cmax = std::max(d.C_in, *std::max_element(d.C.begin(), d.C.end()));
+    std::vector<int32_t> iota(static_cast<size_t>(k.cmax));
+    for (int64_t i = 0; i < k.cmax; ++i) iota[i] = static_cast<int32_t>(i);
+    k.iota = iota.data();
+    k.in_rows0 = d.has_index ? d.input_gather.data() : k.iota;
+    for (int64_t l = 0; l < d.L; ++l) {
+      at::Tensor w = weights[l].to(acc_type).contiguous();
+      keep.push_back(w);
+      k.W.push_back(w.data_ptr<acc_t>());
+      if (d.has_bias[l]) {
+        at::Tensor bc = biases[l].to(acc_type).contiguous();
+        keep.push_back(bc);
+        k.b.push_back(bc.data_ptr<acc_t>());
+      } else {
+        k.b.push_back(nullptr);
+      }
+      k.gather.push_back(d.gather[l].data());
+      k.act.push_back(static_cast<int>(activations[l]));
+    }
+    k.residual = residual;
+    k.x = x.data_ptr<scalar_t>();
+    k.x_ix = make_indexer(x);
+    k.y = y.data_ptr<scalar_t>();
+    k.y_ix = make_indexer(y);
+    k.P_out = y.numel() / std::max<int64_t>(1, y.size(1));
+    if (!spatial) {
+      const int64_t ntiles = (k.P_out + TILE - 1) / TILE;
+      at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) { run_pointwise(k, b, e); });
+      return;
+    }
+    k.sl = bd.sl;
+    k.k = bd.k;
+    k.s = bd.s;
+    k.pad = pad;
+    k.H = H;
+    k.Wd = Wd;
+    k.Ho = Ho;
+    k.Wo = Wo;
+    k.wph = (Wd + 2 * pad + bd.s - 1) / bd.s;
+    k.row_len = bd.s * k.wph;
+    const int64_t N = x.size(0);
+    const int64_t cs = d.C[bd.sl];
+    const int64_t threads = at::get_num_threads();
+    const int64_t full_rows = (Ho - 1) * bd.s + bd.k;
+    const int64_t full_plane = full_rows * k.row_len;
+    const int64_t elem = static_cast<int64_t>(sizeof(acc_t));
+    if (N < threads && N * cs * full_plane * elem <= (int64_t(64) << 20)) {
+      std::vector<acc_t> scratch(static_cast<size_t>(N * cs * full_plane));
+      run_global(k, N, scratch.data(), full_plane, -pad, full_rows);
+      return;
+    }
+    // bands: as many output rows as keep the scratch near kBandScratchBytes (at least one)
+    const int64_t row_bytes = cs * k.row_len * elem;
+    int64_t band = (kBandScratchBytes / std::max<int64_t>(1, row_bytes) - bd.k) / bd.s + 1;
+    band = std::max<int64_t>(1, std::min(band, Ho));
+    run_bands(k, N, band);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(igc, CPU, m) { m.impl("block_forward", &block_forward_cpu); }
+
+}  // namespace igc
