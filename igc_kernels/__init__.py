@@ -26,7 +26,7 @@ from .functional import interleaved_group_conv  # noqa: E402
 from .modules import InterleavedGroupConv  # noqa: E402
 from .modules import ChannelGather  # noqa: E402
 from .convert import convert, unfuse  # noqa: E402
-from .inference import optimize_for_inference  # noqa: E402
+from .inference import FusedBlock, optimize_for_inference  # noqa: E402
 from . import models  # noqa: E402
 from .spec import ChainSpec  # noqa: E402
 from .onnx import onnx_translation_table  # noqa: E402  (imports onnxscript only when called)
@@ -47,6 +47,7 @@ __all__ = [
     "convert",
     "unfuse",
     "optimize_for_inference",
+    "FusedBlock",
     "models",
     "onnx_translation_table",
 ]

@@ -1,4 +1,5 @@
-"""``optimize_for_inference``: an eval-only copy of a model with its BatchNorms folded away.
+"""``optimize_for_inference``: an eval-only copy of a model with its BatchNorms folded away and
+each block run as one call of the operator.
 
 Every eval-mode BatchNorm (``nn.BatchNorm1d/2d/3d`` with running statistics) whose input comes
 from a convolution (``nn.Conv1d/2d/3d``, any groups, stride, padding or dilation) or from a
@@ -13,6 +14,21 @@ fused chain (:class:`~igc_kernels.InterleavedGroupConv`), possibly through chann
   layer gets a bias;
 * a shuffle between the two moves the BatchNorm's parameters to the producer's channel order
   (``nn.Identity`` modules between them, which ``convert`` leaves behind, are skipped).
+
+Then every run of single-use layers becomes one :class:`FusedBlock` (one call of
+:func:`~igc_kernels.interleaved_group_conv`, one pass over memory on the CPU):
+
+* layers: fused chains, 1x1 ``nn.Conv2d`` (any groups) and ``k x k`` ``nn.Conv2d`` with ``k``
+  odd <= 7, padding ``k // 2``, stride 1 or 2, no dilation and at most 8 inputs per group
+  (depth-wise and narrow grouped convolutions; dense ones stay with oneDNN);
+* after a layer: ReLU / ReLU6 (also ``Hardtanh(0, 6)`` and ``clamp(0, 6)``) / Hardswish (one per
+  layer), channel shuffles and permuting gathers (composed into the layer's permutation),
+  ``nn.Identity``;
+* ``x + block(x)`` ends the block as its residual add (stride 1, same widths).
+
+A block holds at most one spatial layer: between two of them the run is cut where the fewest
+channels pass (for an inverted residual network: after the reduction, so the expanded tensor
+never goes through memory). A lone module with nothing to fuse is left as it is.
 
 The model is traced with ``torch.fx`` (torch's modules and the fused chain stay leaves); a
 module that cannot be traced is left as it is and its children are tried one by one. What
@@ -29,11 +45,16 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ._chain import interleave_index
+import operator
+
+import torch.nn.functional as F
+
+from ._chain import MAX_KERNEL_SIZE, interleave_index
 from .convert import _SHUFFLE_FNS, _has_hooks, _module_op
+from .functional import interleaved_group_conv
 from .modules import ChannelGather, InterleavedGroupConv
 
-__all__ = ["optimize_for_inference"]
+__all__ = ["optimize_for_inference", "FusedBlock"]
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -43,8 +64,76 @@ class _Tracer(torch.fx.Tracer):
     """torch's own modules and the fused chain are leaves (their parameters stay theirs)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (InterleavedGroupConv, ChannelGather)) or super().is_leaf_module(
-            m, qualname)
+        return isinstance(m, (InterleavedGroupConv, ChannelGather, FusedBlock)) or \
+            super().is_leaf_module(m, qualname)
+
+
+class FusedBlock(nn.Module):
+    """A whole block as one call of the operator (what :func:`optimize_for_inference` puts in
+    place of a run of fused layers): ``L`` layers, each pointwise or spatial, with optional
+    bias, activation and permutation, and an optional residual add of the input (see
+    :func:`igc_kernels.interleaved_group_conv`). Inference only: the weights are buffers.
+
+    Args:
+        weights: ``L`` tensors, ``(C_l, C_{l-1} / G_l)`` (pointwise) or
+            ``(C_l, C_{l-1} / G_l, k, k)`` (spatial).
+        groups, permutations, biases, strides, activations, residual, input_index: as the
+            operator's arguments (permutations: ``None``, ``"interleave"`` or index tensors).
+    """
+
+    def __init__(self, weights, groups, permutations, biases, strides, activations,
+                 residual=False, input_index=None, backend: str = "auto"):
+        super().__init__()
+        L = len(weights)
+        self.groups = [int(g) for g in groups]
+        self.strides = [int(s) for s in strides]
+        self.activations = list(activations)
+        self.residual = bool(residual)
+        self.backend = backend
+        self._perms = []
+        for l in range(L):
+            self.register_buffer(f"weight_{l}", weights[l].detach().clone())
+            b = biases[l]
+            self.register_buffer(f"bias_{l}", None if b is None else b.detach().clone())
+            p = permutations[l]
+            if isinstance(p, torch.Tensor):
+                self.register_buffer(f"perm_{l}", p.detach().to(torch.int64).clone())
+                self._perms.append(f"perm_{l}")
+            else:
+                self._perms.append(p)
+        self.register_buffer("input_index", None if input_index is None
+                             else input_index.detach().to(torch.int64).clone())
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        L = self.num_layers
+        perms = [getattr(self, p) if isinstance(p, str) and p.startswith("perm_") else p
+                 for p in self._perms]
+        return interleaved_group_conv(
+            x, [getattr(self, f"weight_{l}") for l in range(L)], self.groups, perms,
+            [getattr(self, f"bias_{l}") for l in range(L)], input_index=self.input_index,
+            strides=self.strides, activations=self.activations, residual=self.residual,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        layers = []
+        for l in range(self.num_layers):
+            w = getattr(self, f"weight_{l}")
+            k = f"{w.shape[2]}x{w.shape[3]}" if w.dim() == 4 else "1x1"
+            desc = f"{k} {w.shape[1] * self.groups[l]}->{w.shape[0]} g={self.groups[l]}"
+            if self.strides[l] != 1:
+                desc += f" s={self.strides[l]}"
+            if getattr(self, f"bias_{l}") is not None:
+                desc += " +b"
+            if self.activations[l]:
+                desc += f" {self.activations[l]}"
+            if self._perms[l] is not None:
+                desc += " perm"
+            layers.append(desc)
+        return "; ".join(layers) + (", residual" if self.residual else "")
 
 
 def optimize_for_inference(model: nn.Module) -> nn.Module:
@@ -55,7 +144,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
     which is what an eval-mode BatchNorm computes with. The returned model is in eval mode,
     computes the same function within floating-point rounding, and has no parameters shared
     with ``model``; ``model`` itself is untouched. Training the result is not supported (its
-    BatchNorms are gone)."""
+    BatchNorms are gone; the fused blocks hold their weights as buffers, and a call that needs
+    gradients through a spatial layer raises)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"optimize_for_inference expects an nn.Module, got {type(model).__name__}")
     training = [n or type(model).__name__ for n, m in model.named_modules() if m.training]
@@ -72,7 +162,8 @@ def optimize_for_inference(model: nn.Module) -> nn.Module:
 def _fold_module(module: nn.Module) -> nn.Module:
     """``module`` with its foldable BatchNorms folded (traced whole when it can be, else its
     children one by one)."""
-    if isinstance(module, (InterleavedGroupConv, ChannelGather)) or not list(module.children()):
+    if isinstance(module, (InterleavedGroupConv, ChannelGather, FusedBlock)) or \
+            not list(module.children()):
         return module
     try:
         graph = _Tracer().trace(module)
@@ -82,7 +173,9 @@ def _fold_module(module: nn.Module) -> nn.Module:
         for name, child in list(module.named_children()):
             setattr(module, name, _fold_module(child))
         return module
-    if not _fold_graph(module, graph):
+    folded = _fold_graph(module, graph)
+    fused = _fuse_blocks(module, graph)
+    if not (folded or fused):
         return module
     return torch.fx.GraphModule(module, graph, class_name=type(module).__name__)
 
@@ -224,3 +317,194 @@ def _fold_chain(chain: InterleavedGroupConv, scale, shift) -> Optional[nn.Module
     biases[L - 1] = bias
     new.biases = nn.ParameterList(biases)
     return new
+
+
+# --- fusing runs of layers into blocks --------------------------------------------------------
+# A spatial convolution joins a block when each of its groups has at most this many inputs
+# (depth-wise and narrow grouped k x k: the block kernel computes them tap by tap; a dense k x k
+# convolution stays with oneDNN).
+_MAX_SPATIAL_GROUP_INPUTS = 8
+_ACT_MODULES = {nn.ReLU: "relu", nn.ReLU6: "relu6", nn.Hardswish: "hardswish"}
+_ACT_FNS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
+            F.hardswish: "hardswish"}
+_ADD_FNS = {operator.add, torch.add, operator.iadd}
+
+
+def _activation(root: nn.Module, node) -> Optional[str]:
+    """The activation a node applies to its first argument, or None."""
+    if node.op == "call_module":
+        m = root.get_submodule(node.target)
+        if _has_hooks(m):
+            return None
+        if type(m) in _ACT_MODULES:
+            return _ACT_MODULES[type(m)]
+        if type(m) is nn.Hardtanh and m.min_val == 0.0 and m.max_val == 6.0:
+            return "relu6"
+        return None
+    if node.op == "call_function" and node.target in _ACT_FNS:
+        extra = [a for a in list(node.args[1:]) + list(node.kwargs.values())
+                 if isinstance(a, torch.fx.Node)]
+        return None if extra else _ACT_FNS[node.target]
+    if node.op == "call_method" and node.target in ("relu", "relu_") and len(node.args) == 1:
+        return "relu"
+    clamp = (node.op == "call_function" and node.target is torch.clamp) or (
+        node.op == "call_method" and node.target in ("clamp", "clamp_"))
+    if clamp:  # clamp(x, 0, 6) is relu6
+        lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min")
+        hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max")
+        if (type(lo) in (int, float) and type(hi) in (int, float) and lo == 0 and hi == 6
+                and len(node.args) + len(node.kwargs) == 3):
+            return "relu6"
+    return None
+
+
+def _layers_of(root: nn.Module, node) -> Optional[tuple]:
+    """``(layers, input_index)`` of a convolution or fused-chain node that can join a block
+    (each layer a dict: w, b, g, k, s, act, perm), or None."""
+    if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+        return None
+    m = root.get_submodule(node.target)
+    if _has_hooks(m):
+        return None
+    if type(m) is nn.Conv2d:
+        if m.dilation != (1, 1) or m.padding_mode != "zeros" or isinstance(m.padding, str):
+            return None
+        kh, kw = m.kernel_size
+        w, b = m.weight.detach(), None if m.bias is None else m.bias.detach()
+        if (kh, kw) == (1, 1):
+            if m.stride != (1, 1) or m.padding != (0, 0):
+                return None
+            return [dict(w=w.flatten(1), b=b, g=m.groups, k=1, s=1, act=None, perm=None)], None
+        s = m.stride[0]
+        if (kh != kw or kh % 2 == 0 or kh > MAX_KERNEL_SIZE or m.padding != (kh // 2, kh // 2)
+                or m.stride != (s, s) or s not in (1, 2)
+                or m.in_channels // m.groups > _MAX_SPATIAL_GROUP_INPUTS):
+            return None
+        return [dict(w=w, b=b, g=m.groups, k=kh, s=s, act=None, perm=None)], None
+    if isinstance(m, InterleavedGroupConv):
+        spec = m.spec
+        layers = []
+        for l, p in enumerate(m.permutations()):
+            C = spec.channels[l + 1]
+            if isinstance(p, str):
+                p = interleave_index(C, spec.groups[l])
+            elif isinstance(p, torch.Tensor):
+                p = p.detach().cpu().long()
+            b = None if m.biases is None or m.biases[l] is None else m.biases[l].detach()
+            layers.append(dict(w=m.weights[l].detach().flatten(1), b=b, g=spec.groups[l], k=1,
+                               s=1, act=None, perm=p))
+        return layers, m.input_index
+    return None
+
+
+def _compose(perm, shuffle) -> torch.Tensor:
+    """The gather index of ``shuffle`` applied after ``perm`` (None: identity)."""
+    return shuffle if perm is None else perm[shuffle]
+
+
+def _walk(root, start):
+    """The run of single-use nodes from the layer node ``start``: ``(groups, residual)``:
+    ``groups`` a list of ``(node_list, layers)``, one per layer node with the activations and
+    shuffles that follow it; ``residual`` the add node of ``start``'s input, or None."""
+    first = _layers_of(root, start)
+    src = start.args[0]
+    groups = [([start], first[0])]
+    input_index = first[1]
+    cur, residual = start, None
+    while len(cur.users) == 1:
+        u = next(iter(cur.users))
+        last = groups[-1][1][-1]
+        if not u.args or u.args[0] is not cur:
+            if (u.op == "call_function" and u.target in _ADD_FNS and len(u.args) == 2
+                    and not u.kwargs and u.args[1] is cur and u.args[0] is src):
+                residual = u  # src + block
+            break
+        if u.op == "call_module" and type(root.get_submodule(u.target)) is nn.Identity:
+            groups[-1][0].append(u)
+        elif (got := _layers_of(root, u)) is not None:
+            if got[1] is not None:  # an input index mid-block is not a permutation
+                break
+            groups.append(([u], got[0]))
+        elif (act := _activation(root, u)) is not None:
+            if last["act"] is not None:
+                break
+            last["act"] = act
+            groups[-1][0].append(u)
+        elif (make := _shuffle_index(root, u)) is not None:
+            idx = make(int(last["w"].shape[0]))
+            if idx is None:
+                break
+            last["perm"] = _compose(last["perm"], idx.cpu().long())
+            groups[-1][0].append(u)
+        elif (u.op == "call_function" and u.target in _ADD_FNS and len(u.args) == 2
+              and not u.kwargs and u.args[1] is src):
+            residual = u  # block + src
+            break
+        else:
+            break
+        cur = u
+    return groups, input_index, residual
+
+
+def _cuts(groups) -> list:
+    """Start indices (into ``groups``) of the blocks: at most one spatial layer per block; between
+    two spatial layers the cut goes where the fewest channels pass (the latest such place)."""
+    spatial = [i for i, (_, layers) in enumerate(groups) if any(L["k"] > 1 for L in layers)]
+    starts = [0]
+    for a, b in zip(spatial, spatial[1:]):
+        best = min(range(a + 1, b + 1), key=lambda j: (groups[j - 1][1][-1]["w"].shape[0], -j))
+        starts.append(best)
+    return starts
+
+
+def _fuse_blocks(root: nn.Module, graph) -> bool:
+    """Replace every run of layers, activations, shuffles and a residual add that forms a block
+    (at most one spatial layer) by one :class:`FusedBlock`."""
+    changed = False
+    done = set()
+    for node in list(graph.nodes):
+        if node in done or node.op != "call_module" or _layers_of(root, node) is None:
+            continue
+        if not isinstance(node.args[0], torch.fx.Node):
+            continue
+        groups, input_index, residual = _walk(root, node)
+        for nodes, _ in groups:
+            done.update(nodes)
+        starts = _cuts(groups) + [len(groups)]
+        blocks = [groups[a:b] for a, b in zip(starts, starts[1:])]
+        for i, block in enumerate(blocks):
+            nodes = [n for ns, _ in block for n in ns]
+            layers = [L for _, ls in block for L in ls]
+            res = None
+            if residual is not None and len(blocks) == 1:
+                c_in = layers[0]["w"].shape[1] * layers[0]["g"] if input_index is None \
+                    else None
+                if (c_in is not None and c_in == layers[-1]["w"].shape[0]
+                        and all(L["s"] == 1 for L in layers)):
+                    res = residual
+            if res is None and len(nodes) == 1:
+                continue  # a lone module: nothing to fuse
+            if res is not None:
+                nodes.append(res)
+            changed = True
+            _replace(root, graph, nodes, layers, input_index if i == 0 else None, res is not None)
+    if changed:
+        graph.lint()
+    return changed
+
+
+def _replace(root, graph, nodes, layers, input_index, residual) -> None:
+    block = FusedBlock([L["w"] for L in layers], [L["g"] for L in layers],
+                       [L["perm"] for L in layers], [L["b"] for L in layers],
+                       [L["s"] for L in layers], [L["act"] for L in layers], residual,
+                       input_index)
+    k = 0
+    while hasattr(root, f"igc_block_{k}"):
+        k += 1
+    name = f"igc_block_{k}"
+    root.add_module(name, block)
+    with graph.inserting_after(nodes[-1]):
+        new = graph.call_module(name, (nodes[0].args[0],))
+    nodes[-1].replace_all_uses_with(new)
+    for n in reversed(nodes):
+        graph.erase_node(n)

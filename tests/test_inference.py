@@ -142,8 +142,10 @@ def test_fold_into_a_chain_through_its_last_permutation(last, bias):
     model = _calibrated(_chain_then_bn(perm, bias, idx), (2, 10, 3, 3))
     opt = igc.optimize_for_inference(model)
     assert _count_bn(opt) == 0
-    chain = [m for m in opt.modules() if isinstance(m, igc.InterleavedGroupConv)][0]
-    assert chain.biases is not None and chain.biases[-1] is not None
+    # the chain, its folded BatchNorm and the ReLU are one block; its last layer has a bias
+    (block,) = [m for m in opt.modules() if isinstance(m, igc.FusedBlock)]
+    assert block.num_layers == 2 and block.activations == [None, "relu"]
+    assert block.bias_1 is not None
     x = torch.randn(2, 10, 3, 3, dtype=torch.float64)
     _assert_same_function(model, opt, x, 1e-10)
 
@@ -207,3 +209,105 @@ def test_training_model_is_refused():
         igc.optimize_for_inference(model)
     with pytest.raises(TypeError, match="expects an nn.Module"):
         igc.optimize_for_inference(lambda x: x)
+
+
+# --- blocks fused into one call --------------------------------------------------------------
+
+
+def _blocks(model):
+    return [m for m in model.modules() if isinstance(m, igc.FusedBlock)]
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_igcv3_blocks_become_one_call_each(fused):
+    """Every IGCV3 block (expand chain + shuffle, depth-wise 3x3 + ReLU6, reduce chain, residual
+    add) is one FusedBlock with one spatial layer; no activation, depth-wise convolution or
+    residual add is left outside the blocks."""
+    torch.manual_seed(0)
+    model = _calibrated(Nw.IGCV3Net(num_classes=10, width_mult=0.35, fused=fused), (2, 3, 32, 32))
+    opt = igc.optimize_for_inference(model)
+    blocks = _blocks(opt)
+    n_res = sum(b.residual for b in model.blocks)
+    assert sum(b.residual for b in blocks) == n_res > 0
+    for b in blocks:
+        ks = [getattr(b, f"weight_{l}").dim() for l in range(b.num_layers)]
+        assert ks.count(4) <= 1
+    left = [m for m in opt.modules()
+            if isinstance(m, (nn.ReLU6, igc.InterleavedGroupConv, nn.ChannelShuffle))
+            or (isinstance(m, nn.Conv2d) and m.groups > 1)]
+    assert not left
+    add_nodes = [n for n in opt.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
+    assert not add_nodes
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    _assert_same_function(model, opt, x, 1e-10)
+    _assert_same_function(model, opt, x.to(memory_format=torch.channels_last), 1e-10)
+
+
+def test_igcv2_block_is_one_call():
+    """Channel-wise 3x3 -> chain -> (folded BN) -> ReLU: one block per IGCV2 block, the cut
+    between two blocks right before the next depth-wise convolution."""
+    torch.manual_seed(0)
+    model = _calibrated(Nw.IGCV2CifarNet(width=32, depth=8), (2, 3, 16, 16))
+    opt = igc.optimize_for_inference(model)
+    blocks = _blocks(opt)
+    assert len(blocks) == len(model.blocks) + 1  # + the stem's conv and ReLU
+    for b in blocks[1:]:
+        assert b.weight_0.dim() == 4 and b.activations[-1] == "relu"
+        assert all(getattr(b, f"weight_{l}").dim() == 2 for l in range(1, b.num_layers))
+    x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
+    _assert_same_function(model, opt, x, 1e-10)
+
+
+def test_optimized_model_runs_without_no_grad():
+    """The blocks hold buffers, so a plain eval call (grad mode on) runs; an input that requires
+    grad through a spatial layer is refused with the layer named."""
+    model = _calibrated(Nw.IGCV3Net(num_classes=10, width_mult=0.35), (2, 3, 32, 32),
+                        dtype=torch.float32)
+    opt = igc.optimize_for_inference(model)
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ref = model(x)
+    y = opt(x)
+    assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
+    with pytest.raises(ValueError, match=r"layer \d+ is a 3x3 spatial layer"):
+        opt(x.requires_grad_())
+
+
+def test_what_is_not_fused():
+    """A dense 3x3 convolution (more than 8 inputs per group), a dilated one, an activation whose
+    input has another consumer, a module with a hook and two activations in a row keep their
+    modules; the function is kept."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dense = nn.Conv2d(16, 16, 3, padding=1)
+            self.dil = nn.Conv2d(16, 16, 3, padding=2, dilation=2, groups=16)
+            self.pw = nn.Conv2d(16, 16, 1)
+            self.hooked = nn.ReLU()
+            self.hooked.register_forward_hook(lambda m, i, o: None)
+            self.pw2 = nn.Conv2d(16, 16, 1, groups=4)
+
+        def forward(self, x):
+            h = torch.relu(self.dense(x))
+            h = torch.relu(self.dil(h))
+            p = self.pw(h)
+            h = torch.relu(p) + p
+            h = self.hooked(self.pw2(h))
+            return h
+
+    model = Net().double().eval()
+    opt = igc.optimize_for_inference(model)
+    names = {n for n, m in opt.named_modules()}
+    assert {"dense", "dil", "pw", "hooked", "pw2"} <= names
+    _assert_same_function(model, opt, torch.randn(2, 16, 6, 6, dtype=torch.float64), 1e-10)
+
+
+def test_two_activations_and_clamp():
+    """clamp(0, 6) is read as ReLU6; a second activation on the same layer ends the block."""
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Hardtanh(0.0, 6.0),
+                          nn.ReLU(), nn.Conv2d(8, 16, 1, groups=2), nn.Hardswish()).double()
+    opt = igc.optimize_for_inference(model.eval())
+    blocks = _blocks(opt)
+    assert [b.activations for b in blocks] == [["relu6"], ["hardswish"]]
+    _assert_same_function(model, opt, torch.randn(2, 8, 5, 5, dtype=torch.float64), 1e-10)
