@@ -562,11 +562,12 @@ def empty_like_layout(x: torch.Tensor, channels: int, dtype=None, spatial=None) 
 
 
 def to_layout_of(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``y`` (shaped like ``x`` up to channels) in the memory format :func:`empty_like_layout` gives."""
+    """``y`` (shaped like ``x`` up to channels and, after strided layers, spatial sizes) in the
+    memory format :func:`empty_like_layout` gives for ``x``."""
     if out_is_channels_last(x):
         if y.movedim(1, -1).is_contiguous():
             return y
-        out = empty_like_layout(x, y.shape[1], y.dtype)
+        out = empty_like_layout(x, y.shape[1], y.dtype, spatial=y.shape[2:])
         out.copy_(y)
         return out
     return y.contiguous()

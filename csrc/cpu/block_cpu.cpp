@@ -61,6 +61,27 @@ IGC_INLINE void activate(acc_t* __restrict v, int64_t n, int act) {
   }
 }
 
+template <typename V>
+IGC_INLINE V activate_vec(V v, int act) {
+  const V zero{}, six = zero + 6, three = zero + 3;
+  switch (act) {
+    case kRelu:
+      return v > zero ? v : zero;
+    case kRelu6: {
+      const V r = v > zero ? v : zero;
+      return r < six ? r : six;
+    }
+    case kHardswish: {
+      V r = v + three;
+      r = r > zero ? r : zero;
+      r = r < six ? r : six;
+      return v * r / six;
+    }
+    default:
+      return v;
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 struct BlockCtx {
   int64_t L = 0;
@@ -83,7 +104,16 @@ struct BlockCtx {
   // spatial layer (sl < 0: none)
   int64_t sl = -1, k = 1, s = 1, pad = 0;
   int64_t H = 1, Wd = 1, Ho = 1, Wo = 1;
-  int64_t wph = 0, row_len = 0;  // padded columns per phase, s * wph
+  int64_t wph = 0, row_len = 0;  // planar: padded columns per phase, s * wph
+  // Depth-wise layers (one input per group; C_s outputs, m per input) use a channels-last
+  // scratch: [row][padded column][cp channels], channel o holding input channel o / m (so a
+  // channel multiplier is a plain depth-wise product), computed 16 channels per vector.
+  bool cl = false;
+  int64_t cp = 0;                // channels per scratch position (C_s rounded up to LANES)
+  int64_t scr_ch = 0;            // planar: C_{s-1} channel planes; channels-last: 1
+  const int32_t* exp_rows = nullptr;  // channels-last: buffer row of scratch channel o
+  const acc_t* wt = nullptr;     // channels-last: weights [tap][cp], bias [cp] (zero padded)
+  const acc_t* bt = nullptr;
 };
 
 // Layers [l0, l1) on the tile in buf[cur]; returns the buffer holding the result.
@@ -149,6 +179,14 @@ IGC_INLINE void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, in
     const bool cx = tile_offsets(k.x_ix, g0, tvalid, off);
     load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
     const int cur = pointwise_layers(k, 0, k.sl, buf, 0);
+    if (k.cl) {  // channels-last scratch: a transposed store of the tile
+      for (int t = 0; t < tvalid; ++t) {
+        const int64_t iy = (p0 + t) / k.Wd, ix = (p0 + t) - iy * k.Wd;
+        dst[t] = (iy - row0) * k.row_len + (ix + k.pad) * k.cp;
+      }
+      store_tile(scratch, dst, false, tvalid, k.C[k.sl + 1], int64_t(1), k.exp_rows, buf[cur]);
+      continue;
+    }
     for (int t = 0; t < tvalid; ++t) {
       const int64_t iy = (p0 + t) / k.Wd, ix = (p0 + t) - iy * k.Wd;
       const int64_t cp = ix + k.pad;
@@ -167,6 +205,19 @@ IGC_INLINE void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, in
 template <typename scalar_t, typename acc_t>
 IGC_INLINE void zero_padding(const BlockCtx<scalar_t, acc_t>& k, int64_t row0, int64_t r_begin,
                              int64_t r_end, int64_t plane, acc_t* scratch) {
+  if (k.cl) {
+    for (int64_t r = r_begin; r < r_end; ++r) {
+      acc_t* row = scratch + r * k.row_len;
+      const int64_t iy = row0 + r;
+      if (iy < 0 || iy >= k.H) {
+        std::fill(row, row + k.row_len, acc_t(0));
+      } else {
+        std::fill(row, row + k.pad * k.cp, acc_t(0));
+        std::fill(row + (k.pad + k.Wd) * k.cp, row + k.row_len, acc_t(0));
+      }
+    }
+    return;
+  }
   const int64_t cs = k.C[k.sl];
   for (int64_t j = 0; j < cs; ++j) {
     acc_t* pl = scratch + j * plane;
@@ -188,12 +239,43 @@ IGC_INLINE void zero_padding(const BlockCtx<scalar_t, acc_t>& k, int64_t row0, i
   }
 }
 
+// The depth-wise layer on one tile of outputs from the channels-last scratch: for every block of
+// LANES channels, the K*K tap weights stay in registers and each output position is K*K vector
+// FMAs; the channels-last result goes to the [channel][position] buffer by a transposed load.
+template <int K, typename scalar_t, typename acc_t>
+IGC_INLINE void depthwise_tile(const BlockCtx<scalar_t, acc_t>& k, const int64_t* base, int tvalid,
+                               const acc_t* scratch, acc_t* tmp, acc_t* out) {
+  using S = Simd<acc_t>;
+  using V = typename S::V;
+  constexpr int KK = K * K;
+  int64_t tap[KK];
+  for (int ky = 0; ky < K; ++ky)
+    for (int kx = 0; kx < K; ++kx) tap[ky * K + kx] = ky * k.row_len + kx * k.cp;
+  const int act = k.act[k.sl];
+  for (int64_t c0 = 0; c0 < k.cp; c0 += S::LANES) {
+    V w[KK];
+#pragma GCC unroll 49
+    for (int i = 0; i < KK; ++i) w[i] = S::load(k.wt + i * k.cp + c0);
+    const V b = S::load(k.bt + c0);
+    for (int t = 0; t < tvalid; ++t) {
+      const acc_t* src = scratch + base[t] + c0;
+      V a = b;
+#pragma GCC unroll 49
+      for (int i = 0; i < KK; ++i) a += w[i] * S::load(src + tap[i]);
+      S::store(tmp + t * k.cp + c0, activate_vec(a, act));
+    }
+  }
+  int64_t off[TILE];
+  for (int t = 0; t < tvalid; ++t) off[t] = t * k.cp;
+  load_tile(tmp, off, false, tvalid, k.C[k.sl + 1], int64_t(1), k.iota, out);
+}
+
 // Phase 2 for output positions q_begin .. q_end - 1 of image img (flat within the image): the
 // spatial layer from the scratch of a band starting at input row row0, the suffix, the store.
 template <typename scalar_t, typename acc_t>
 IGC_INLINE void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t q_begin,
                               int64_t q_end, int64_t row0, int64_t plane, const acc_t* scratch,
-                              acc_t* const* buf) {
+                              acc_t* const* buf, acc_t* tmp) {
   const int64_t l = k.sl, ns = k.n[l], ms = k.m[l], K = k.k, KK = K * K;
   const int64_t cout = k.C[l + 1];
   const acc_t* W = k.W[l];
@@ -208,6 +290,21 @@ IGC_INLINE void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, i
       tap_off[ky * K + kx] = ky * k.row_len + (kx % k.s) * k.wph + kx / k.s;
   for (int64_t q0 = q_begin; q0 < q_end; q0 += TILE) {
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, q_end - q0));
+    if (k.cl) {
+      int64_t base[TILE];
+      for (int t = 0; t < tvalid; ++t) {
+        const int64_t oy = (q0 + t) / k.Wo, ox = (q0 + t) - oy * k.Wo;
+        base[t] = (oy * k.s - k.pad - row0) * k.row_len + ox * k.s * k.cp;
+      }
+      switch (K) {
+        case 3: depthwise_tile<3>(k, base, tvalid, scratch, tmp, buf[0]); break;
+        case 5: depthwise_tile<5>(k, base, tvalid, scratch, tmp, buf[0]); break;
+        default: depthwise_tile<7>(k, base, tvalid, scratch, tmp, buf[0]); break;
+      }
+      const int cur = pointwise_layers(k, l + 1, k.L, buf, 0);
+      finish_tile(k, img * k.Ho * k.Wo + q0, tvalid, buf, cur);
+      continue;
+    }
     int nseg = 0;
     for (int t = 0; t < tvalid;) {
       const int64_t oy = (q0 + t) / k.Wo, ox = (q0 + t) - oy * k.Wo;
@@ -265,7 +362,7 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
                                               int64_t nrows) {                                \
     std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
     acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
-    const int64_t HW = k.H * k.Wd, img_elems = k.C[k.sl] * plane;                             \
+    const int64_t HW = k.H * k.Wd, img_elems = k.scr_ch * plane;                              \
     for (int64_t u = u0; u < u1; ++u) {                                                       \
       const int64_t img = u / per_img, t = u % per_img;                                       \
       acc_t* sc = scratch + img * img_elems;                                                  \
@@ -279,11 +376,12 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
                                                  int64_t row0) {                              \
     std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
     acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
-    const int64_t HWo = k.Ho * k.Wo, img_elems = k.C[k.sl] * plane;                           \
+    const int64_t HWo = k.Ho * k.Wo, img_elems = k.scr_ch * plane;                            \
+    std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));                      \
     for (int64_t u = u0; u < u1; ++u) {                                                       \
       const int64_t img = u / per_img, t = u % per_img;                                       \
       spatial_tiles(k, img, t * TILE, std::min(HWo, (t + 1) * TILE), row0, plane,             \
-                    scratch + img * img_elems, buf);                                          \
+                    scratch + img * img_elems, buf, tmp.data());                              \
     }                                                                                         \
   }                                                                                           \
   IGC_TARGET_CLONES void bands_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t u0,       \
@@ -292,7 +390,8 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
     acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
     const int64_t max_rows = (band_rows - 1) * k.s + k.k;                                     \
     const int64_t plane = max_rows * k.row_len;                                               \
-    std::vector<acc_t> sc(static_cast<size_t>(k.C[k.sl] * plane));                           \
+    std::vector<acc_t> sc(static_cast<size_t>(k.scr_ch * plane));                             \
+    std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));                      \
     for (int64_t u = u0; u < u1; ++u) {                                                       \
       const int64_t img = u / nbands, band = u % nbands;                                      \
       const int64_t oy0 = band * band_rows, oy1 = std::min(k.Ho, oy0 + band_rows);            \
@@ -301,7 +400,7 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
       const int64_t iy1 = std::min<int64_t>(k.H, row0 + nrows);                               \
       zero_padding(k, row0, 0, nrows, plane, sc.data());                                      \
       fill_scratch(k, img, iy0 * k.Wd, iy1 * k.Wd, row0, plane, sc.data(), buf);              \
-      spatial_tiles(k, img, oy0 * k.Wo, oy1 * k.Wo, row0, plane, sc.data(), buf);             \
+      spatial_tiles(k, img, oy0 * k.Wo, oy1 * k.Wo, row0, plane, sc.data(), buf, tmp.data()); \
     }                                                                                         \
   }                                                                                           \
   void run_pointwise(const BlockCtx<scalar_t, acc_t>& k, int64_t b, int64_t e) {              \
@@ -405,8 +504,8 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
   if (spatial) {
     H = x.size(2);
     Wd = x.size(3);
-    Ho = (H - 1) / bd.s + 1;
-    Wo = (Wd - 1) / bd.s + 1;
+    Ho = H == 0 ? 0 : (H - 1) / bd.s + 1;  // ceil(H / s): padding k // 2
+    Wo = Wd == 0 ? 0 : (Wd - 1) / bd.s + 1;
     std::vector<int64_t> sz{x.size(0), d.C.back(), Ho, Wo};
     if (out_is_channels_last(x))
       y = at::empty({x.size(0), Ho, Wo, d.C.back()}, x.options()).permute({0, 3, 1, 2});
@@ -465,10 +564,34 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
     k.Wd = Wd;
     k.Ho = Ho;
     k.Wo = Wo;
-    k.wph = (Wd + 2 * pad + bd.s - 1) / bd.s;
-    k.row_len = bd.s * k.wph;
+    const int64_t sl = bd.sl, cs_out = d.C[sl + 1], ms = d.m[sl], KK = bd.k * bd.k;
+    std::vector<int32_t> exp_rows;
+    std::vector<acc_t> wt, bt;
+    k.cl = d.n[sl] == 1;
+    if (k.cl) {
+      constexpr int64_t LN = Simd<acc_t>::LANES;
+      k.cp = (cs_out + LN - 1) / LN * LN;
+      k.row_len = (Wd + 2 * pad) * k.cp;
+      k.scr_ch = 1;
+      const int32_t* src_rows = sl == 0 ? k.in_rows0 : k.gather[sl - 1];
+      exp_rows.resize(static_cast<size_t>(cs_out));
+      for (int64_t o = 0; o < cs_out; ++o) exp_rows[o] = src_rows[o / ms];
+      wt.assign(static_cast<size_t>(KK * k.cp), acc_t(0));
+      bt.assign(static_cast<size_t>(k.cp), acc_t(0));
+      for (int64_t o = 0; o < cs_out; ++o) {
+        for (int64_t t = 0; t < KK; ++t) wt[t * k.cp + o] = k.W[sl][o * KK + t];
+        if (k.b[sl] != nullptr) bt[o] = k.b[sl][o];
+      }
+      k.exp_rows = exp_rows.data();
+      k.wt = wt.data();
+      k.bt = bt.data();
+    } else {
+      k.wph = (Wd + 2 * pad + bd.s - 1) / bd.s;
+      k.row_len = bd.s * k.wph;
+      k.scr_ch = d.C[sl];
+    }
     const int64_t N = x.size(0);
-    const int64_t cs = d.C[bd.sl];
+    const int64_t cs = k.scr_ch;
     const int64_t threads = at::get_num_threads();
     const int64_t full_rows = (Ho - 1) * bd.s + bd.k;
     const int64_t full_plane = full_rows * k.row_len;
