@@ -109,6 +109,8 @@ def test_every_batchnorm_folded_and_the_function_kept(name):
                                                  for k in before)
     ids = {id(p) for p in model.parameters()}
     assert not any(id(p) in ids for p in opt.parameters())
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any(p.requires_grad for p in opt.parameters())
 
 
 @pytest.mark.parametrize("name", ["igcv3_fused", "shufflenet_style_converted"])
@@ -232,10 +234,10 @@ def test_igcv3_blocks_become_one_call_each(fused):
     for b in blocks:
         ks = [getattr(b, f"weight_{l}").dim() for l in range(b.num_layers)]
         assert ks.count(4) <= 1
-    left = [m for m in opt.modules()
+    left = [n for n, m in opt.named_modules()
             if isinstance(m, (nn.ReLU6, igc.InterleavedGroupConv, nn.ChannelShuffle))
             or (isinstance(m, nn.Conv2d) and m.groups > 1)]
-    assert not left
+    assert left == ["stem.2"]  # the ReLU6 after the dense stem convolution (not fused)
     add_nodes = [n for n in opt.graph.nodes if n.op == "call_function" and "add" in str(n.target)]
     assert not add_nodes
     x = torch.randn(2, 3, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -250,8 +252,8 @@ def test_igcv2_block_is_one_call():
     model = _calibrated(Nw.IGCV2CifarNet(width=32, depth=8), (2, 3, 16, 16))
     opt = igc.optimize_for_inference(model)
     blocks = _blocks(opt)
-    assert len(blocks) == len(model.blocks) + 1  # + the stem's conv and ReLU
-    for b in blocks[1:]:
+    assert len(blocks) == len(model.blocks)  # the dense stem convolution is not fused
+    for b in blocks:
         assert b.weight_0.dim() == 4 and b.activations[-1] == "relu"
         assert all(getattr(b, f"weight_{l}").dim() == 2 for l in range(1, b.num_layers))
     x = torch.randn(3, 3, 16, 16, dtype=torch.float64)
@@ -259,8 +261,9 @@ def test_igcv2_block_is_one_call():
 
 
 def test_optimized_model_runs_without_no_grad():
-    """The blocks hold buffers, so a plain eval call (grad mode on) runs; an input that requires
-    grad through a spatial layer is refused with the layer named."""
+    """The blocks hold buffers and the other parameters do not require grad, so a plain eval
+    call (grad mode on) runs; an input that requires grad through a spatial layer is refused
+    with the layer named."""
     model = _calibrated(Nw.IGCV3Net(num_classes=10, width_mult=0.35), (2, 3, 32, 32),
                         dtype=torch.float32)
     opt = igc.optimize_for_inference(model)
