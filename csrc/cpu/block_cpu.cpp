@@ -82,6 +82,19 @@ IGC_INLINE V activate_vec(V v, int act) {
   }
 }
 
+// Positions per tile: TILE, or (float tiles, when the images' tiles are fewer than the threads)
+// the multiple of LANES that gives every thread a part of every image: at batch 1 and 7x7, two
+// tiles of 32 positions computed on two vectors each instead of one of 64 on four.
+template <typename acc_t>
+int64_t tile_width(int64_t positions, int64_t images, int64_t threads) {
+  constexpr int64_t LN = Simd<acc_t>::LANES;
+  if (Simd<acc_t>::PER_ROW != 4 || images * ((positions + TILE - 1) / TILE) >= threads)
+    return TILE;
+  const int64_t parts = (threads + images - 1) / images;
+  const int64_t per = (positions + parts - 1) / parts;
+  return std::min<int64_t>(TILE, std::max<int64_t>(LN, (per + LN - 1) / LN * LN));
+}
+
 template <typename scalar_t, typename acc_t>
 struct BlockCtx {
   int64_t L = 0;
@@ -101,6 +114,8 @@ struct BlockCtx {
   scalar_t* y = nullptr;
   TensorIndexer y_ix;
   int64_t P_out = 0;  // output positions
+  int64_t tw = TILE;  // positions per tile (<= TILE; fewer when there are fewer tiles than threads)
+  int nv = Simd<acc_t>::PER_ROW;  // vectors of positions computed per tile row
   // spatial layer (sl < 0: none)
   int64_t sl = -1, k = 1, s = 1, pad = 0;
   int64_t H = 1, Wd = 1, Ho = 1, Wo = 1;
@@ -123,7 +138,7 @@ IGC_INLINE int pointwise_layers(const BlockCtx<scalar_t, acc_t>& k, int64_t l0, 
   for (int64_t l = l0; l < l1; ++l) {
     const int32_t* in_rows = l == 0 ? k.in_rows0 : k.gather[l - 1];
     grouped_layer(buf[cur], in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l], int64_t(1),
-                  buf[cur ^ 1], k.iota);
+                  buf[cur ^ 1], k.iota, k.nv);
     cur ^= 1;
     activate(buf[cur], k.C[l + 1] * TILE, k.act[l]);
   }
@@ -155,8 +170,8 @@ IGC_INLINE void pointwise_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, 
   acc_t* buf[2] = {storage.data(), storage.data() + k.cmax * TILE};
   int64_t off[TILE];
   for (int64_t t = tb; t < te; ++t) {
-    const int64_t p0 = t * TILE;
-    const int tvalid = static_cast<int>(std::min<int64_t>(TILE, k.P_out - p0));
+    const int64_t p0 = t * k.tw;
+    const int tvalid = static_cast<int>(std::min<int64_t>(k.tw, k.P_out - p0));
     const bool cx = tile_offsets(k.x_ix, p0, tvalid, off);
     load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
     const int cur = pointwise_layers(k, 0, k.L, buf, 0);
@@ -173,8 +188,8 @@ IGC_INLINE void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, in
   const int64_t cs = k.C[k.sl];  // the spatial layer's input channels
   const int32_t* src_rows = k.sl == 0 ? k.in_rows0 : k.gather[k.sl - 1];
   int64_t off[TILE], dst[TILE];
-  for (int64_t p0 = p_begin; p0 < p_end; p0 += TILE) {
-    const int tvalid = static_cast<int>(std::min<int64_t>(TILE, p_end - p0));
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += k.tw) {
+    const int tvalid = static_cast<int>(std::min<int64_t>(k.tw, p_end - p0));
     const int64_t g0 = img * k.H * k.Wd + p0;
     const bool cx = tile_offsets(k.x_ix, g0, tvalid, off);
     load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
@@ -288,8 +303,8 @@ IGC_INLINE void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, i
   for (int64_t ky = 0; ky < K; ++ky)
     for (int64_t kx = 0; kx < K; ++kx)
       tap_off[ky * K + kx] = ky * k.row_len + (kx % k.s) * k.wph + kx / k.s;
-  for (int64_t q0 = q_begin; q0 < q_end; q0 += TILE) {
-    const int tvalid = static_cast<int>(std::min<int64_t>(TILE, q_end - q0));
+  for (int64_t q0 = q_begin; q0 < q_end; q0 += k.tw) {
+    const int tvalid = static_cast<int>(std::min<int64_t>(k.tw, q_end - q0));
     if (k.cl) {
       int64_t base[TILE];
       for (int t = 0; t < tvalid; ++t) {
@@ -367,7 +382,7 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
       const int64_t img = u / per_img, t = u % per_img;                                       \
       acc_t* sc = scratch + img * img_elems;                                                  \
       if (t == 0) zero_padding(k, row0, 0, nrows, plane, sc);                                 \
-      fill_scratch(k, img, t * TILE, std::min(HW, (t + 1) * TILE), row0, plane, sc, buf);     \
+      fill_scratch(k, img, t * k.tw, std::min(HW, (t + 1) * k.tw), row0, plane, sc, buf);     \
     }                                                                                         \
   }                                                                                           \
   IGC_TARGET_CLONES void global_spatial_##suffix(const BlockCtx<scalar_t, acc_t>& k,          \
@@ -380,7 +395,7 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
     std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));                      \
     for (int64_t u = u0; u < u1; ++u) {                                                       \
       const int64_t img = u / per_img, t = u % per_img;                                       \
-      spatial_tiles(k, img, t * TILE, std::min(HWo, (t + 1) * TILE), row0, plane,             \
+      spatial_tiles(k, img, t * k.tw, std::min(HWo, (t + 1) * k.tw), row0, plane,             \
                     scratch + img * img_elems, buf, tmp.data());                              \
     }                                                                                         \
   }                                                                                           \
@@ -410,8 +425,8 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
   void run_global<scalar_t, acc_t>(const BlockCtx<scalar_t, acc_t>& k, int64_t N,             \
                                    acc_t* scratch, int64_t plane, int64_t row0,               \
                                    int64_t nrows) {                                           \
-    const int64_t in_tiles = (k.H * k.Wd + TILE - 1) / TILE;                                  \
-    const int64_t out_tiles = (k.Ho * k.Wo + TILE - 1) / TILE;                                \
+    const int64_t in_tiles = (k.H * k.Wd + k.tw - 1) / k.tw;                                  \
+    const int64_t out_tiles = (k.Ho * k.Wo + k.tw - 1) / k.tw;                                \
     at::parallel_for(0, N * in_tiles, 1, [&](int64_t b, int64_t e) {                          \
       global_fill_##suffix(k, b, e, in_tiles, scratch, plane, row0, nrows);                   \
     });                                                                                       \
@@ -552,7 +567,9 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
     k.y_ix = make_indexer(y);
     k.P_out = y.numel() / std::max<int64_t>(1, y.size(1));
     if (!spatial) {
-      const int64_t ntiles = (k.P_out + TILE - 1) / TILE;
+      k.tw = tile_width<acc_t>(k.P_out, 1, at::get_num_threads());
+      k.nv = static_cast<int>(k.tw / Simd<acc_t>::LANES);
+      const int64_t ntiles = (k.P_out + k.tw - 1) / k.tw;
       at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) { run_pointwise(k, b, e); });
       return;
     }
@@ -597,6 +614,8 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
     const int64_t full_plane = full_rows * k.row_len;
     const int64_t elem = static_cast<int64_t>(sizeof(acc_t));
     if (N < threads && N * cs * full_plane * elem <= (int64_t(64) << 20)) {
+      k.tw = tile_width<acc_t>(Ho * Wo, N, threads);
+      k.nv = static_cast<int>(k.tw / Simd<acc_t>::LANES);
       std::vector<acc_t> scratch(static_cast<size_t>(N * cs * full_plane));
       run_global(k, N, scratch.data(), full_plane, -pad, full_rows);
       return;

@@ -246,14 +246,14 @@ IGC_INLINE void store_tile(scalar_t* __restrict dst, const int64_t* off, bool co
 }
 
 // OB output rows: out[out_rows[k]][t] = bias[k] + sum_{i < nin} w[k * wk + i * wi] * in[in_rows[i]][t].
-template <typename acc_t, int OB>
+// OB output rows of a group over the first NV vectors of the tile's positions.
+template <typename acc_t, int OB, int NV = Simd<acc_t>::PER_ROW>
 IGC_INLINE void micro_rows(const acc_t* __restrict in, const int32_t* in_rows, int64_t nin,
                            const acc_t* __restrict w, int64_t wk, int64_t wi,
                            const acc_t* __restrict bias, acc_t* __restrict out,
                            const int32_t* out_rows) {
   using S = Simd<acc_t>;
   using V = typename S::V;
-  constexpr int NV = S::PER_ROW;
   V acc[OB][NV];
 #pragma GCC unroll 8
   for (int k = 0; k < OB; ++k) {
@@ -281,35 +281,54 @@ IGC_INLINE void micro_rows(const acc_t* __restrict in, const int32_t* in_rows, i
   }
 }
 
-// One grouped layer over a tile. For group g, output row q (0 <= q < rows) is
-//   out[out_rows[g*rows + q]] = bias[g*rows + q] + sum_i w[(g*rows + q) * wk' ...]
-// expressed through (w_group, wk, wi): the forward uses rows = m (outputs), nin = n,
-// w_group = m * n, wk = n, wi = 1; the input-gradient pass uses rows = n, nin = m, w_group = m * n,
-// wk = 1, wi = n (the transposed block).
-template <typename acc_t>
-IGC_INLINE void grouped_layer(const acc_t* in, const int32_t* in_rows, const acc_t* w,
-                              const acc_t* bias, int64_t G, int64_t rows, int64_t nin,
-                              int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows) {
+template <typename acc_t, int NV>
+IGC_INLINE void grouped_layer_nv(const acc_t* in, const int32_t* in_rows, const acc_t* w,
+                                 const acc_t* bias, int64_t G, int64_t rows, int64_t nin,
+                                 int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows) {
   const int64_t w_group = rows * nin;
   for (int64_t g = 0; g < G; ++g) {
     const acc_t* wg = w + g * w_group;
     const int32_t* ir = in_rows + g * nin;
     int64_t q = 0;
     for (; q + OUT_BLOCK <= rows; q += OUT_BLOCK)
-      micro_rows<acc_t, OUT_BLOCK>(in, ir, nin, wg + q * wk, wk, wi,
-                                   bias ? bias + g * rows + q : nullptr, out,
-                                   out_rows + g * rows + q);
+      micro_rows<acc_t, OUT_BLOCK, NV>(in, ir, nin, wg + q * wk, wk, wi,
+                                       bias ? bias + g * rows + q : nullptr, out,
+                                       out_rows + g * rows + q);
     for (; q + 2 <= rows; q += 2)
-      micro_rows<acc_t, 2>(in, ir, nin, wg + q * wk, wk, wi, bias ? bias + g * rows + q : nullptr,
-                           out, out_rows + g * rows + q);
+      micro_rows<acc_t, 2, NV>(in, ir, nin, wg + q * wk, wk, wi,
+                               bias ? bias + g * rows + q : nullptr, out, out_rows + g * rows + q);
     for (; q < rows; ++q)
-      micro_rows<acc_t, 1>(in, ir, nin, wg + q * wk, wk, wi, bias ? bias + g * rows + q : nullptr,
-                           out, out_rows + g * rows + q);
+      micro_rows<acc_t, 1, NV>(in, ir, nin, wg + q * wk, wk, wi,
+                               bias ? bias + g * rows + q : nullptr, out, out_rows + g * rows + q);
   }
 }
 
-// Lane accumulation of dW_l: lanes[o * n + i] += sum_j du[o][vector j] * h[i][vector j], one
-// SIMD vector of partial sums per weight (no horizontal reduction inside the tile loop). OB
-// output rows share each load of an input row.
+// One grouped layer on a tile: out row out_rows[g * rows + q] = bias + sum_i W[g, q, i] * in row
+// in_rows[g * nin + i] (W[g, q, i] at w + g * rows * nin + q * wk + i * wi). nv: vectors of
+// positions computed (the tile's first nv * LANES positions; float tiles only, others whole).
+template <typename acc_t>
+IGC_INLINE void grouped_layer(const acc_t* in, const int32_t* in_rows, const acc_t* w,
+                              const acc_t* bias, int64_t G, int64_t rows, int64_t nin,
+                              int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows,
+                              int nv = Simd<acc_t>::PER_ROW) {
+  if constexpr (Simd<acc_t>::PER_ROW == 4) {
+    switch (nv) {
+      case 1:
+        return grouped_layer_nv<acc_t, 1>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                          out_rows);
+      case 2:
+        return grouped_layer_nv<acc_t, 2>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                          out_rows);
+      case 3:
+        return grouped_layer_nv<acc_t, 3>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                          out_rows);
+      default:
+        break;
+    }
+  }
+  grouped_layer_nv<acc_t, Simd<acc_t>::PER_ROW>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                                out_rows);
+}
+
 }  // namespace
 }  // namespace igc
