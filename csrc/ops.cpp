@@ -37,6 +37,8 @@ TORCH_LIBRARY(igc, m) {
 
 namespace igc {
 const char* cpu_kernel_isa();  // csrc/cpu/chain_cpu.cpp
+size_t cpu_output_cache_bytes();  // csrc/cpu/output_cache.cpp
+void cpu_output_cache_clear();
 }
 
 namespace {
@@ -69,7 +71,20 @@ PyObject* cuda_min_smem_bytes(PyObject*, PyObject* args) {
                                                      static_cast<size_t>(acc_bytes)));
 }
 
+PyObject* cache_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(igc::cpu_output_cache_bytes());
+}
+
+PyObject* cache_clear(PyObject*, PyObject*) {
+  igc::cpu_output_cache_clear();
+  Py_RETURN_NONE;
+}
+
 PyMethodDef methods[] = {
+    {"cpu_output_cache_bytes", cache_bytes, METH_NOARGS,
+     "cpu_output_cache_bytes() -> int: bytes of freed CPU outputs the cache holds for reuse."},
+    {"cpu_output_cache_clear", cache_clear, METH_NOARGS,
+     "cpu_output_cache_clear(): return the cached CPU output buffers to the system."},
     {"cuda_min_smem_bytes", cuda_min_smem_bytes, METH_VARARGS,
      "cuda_min_smem_bytes(channels, acc_bytes) -> int: shared memory of the CUDA kernels' "
      "smallest plan for widths [C_0, ..., C_L] and an accumulation type of acc_bytes."},

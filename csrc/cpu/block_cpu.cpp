@@ -32,6 +32,7 @@
 #include <vector>
 
 #include "chain_args.h"
+#include "output_cache.h"
 #include "tiles.h"
 
 namespace igc {
@@ -521,13 +522,9 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
     Wd = x.size(3);
     Ho = H == 0 ? 0 : (H - 1) / bd.s + 1;  // ceil(H / s): padding k // 2
     Wo = Wd == 0 ? 0 : (Wd - 1) / bd.s + 1;
-    std::vector<int64_t> sz{x.size(0), d.C.back(), Ho, Wo};
-    if (out_is_channels_last(x))
-      y = at::empty({x.size(0), Ho, Wo, d.C.back()}, x.options()).permute({0, 3, 1, 2});
-    else
-      y = at::empty(sz, x.options());
+    y = cached_output(x, d.C.back(), {Ho, Wo});
   } else {
-    y = empty_layout(x, d.C.back());
+    y = cached_output(x, d.C.back(), std::vector<int64_t>(x.sizes().begin() + 2, x.sizes().end()));
   }
   if (y.numel() == 0 || x.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_block_forward", [&] {

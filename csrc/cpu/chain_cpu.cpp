@@ -48,6 +48,7 @@
 #include <vector>
 
 #include "chain_args.h"
+#include "cpu/output_cache.h"
 #include "positions.h"
 
 #include "tiles.h"
@@ -342,7 +343,8 @@ at::Tensor chain_forward_cpu(const at::Tensor& x, at::TensorList weights,
   TORCH_CHECK(x.device().is_cpu(), "igc::chain_forward (cpu): x must be a CPU tensor");
   ChainDesc d = check_chain("igc::chain_forward", x, weights, biases, groups, shuffles, perms,
                             input_index, /*read_perms=*/true);
-  at::Tensor y = empty_layout(x, d.C.back());
+  at::Tensor y = cached_output(x, d.C.back(),
+                               std::vector<int64_t>(x.sizes().begin() + 2, x.sizes().end()));
   if (y.numel() == 0) return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_forward", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
