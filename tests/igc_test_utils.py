@@ -580,3 +580,17 @@ def gloo_group(rank: int, port: int, world: int, out_dir: str):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def case_maker(good):
+    """``case(**changes)`` -> a function building ``good()``'s arguments with ``changes``
+    applied (a callable change receives the arguments and returns the new value): the bad-input
+    tables of the error tests."""
+    def case(**changes):
+        def make():
+            args = good()
+            for key, value in changes.items():
+                args[key] = value(args) if callable(value) else value
+            return args
+        return make
+    return case

@@ -36,7 +36,7 @@ from igc_kernels import reference as R
 from igc_kernels._chain import empty_like_layout, normalize, out_is_channels_last
 from igc_kernels.backends import BACKENDS, BackendUnavailableError, select
 
-from igc_test_utils import FUSED, require_extension, unit_roundoff
+from igc_test_utils import FUSED, case_maker, require_extension, unit_roundoff
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -576,13 +576,7 @@ def _good():
                 strides=[2, 1], activations=["relu", None], residual=False, input_index=None)
 
 
-def _case(**changes):
-    def make():
-        args = _good()
-        for key, value in changes.items():
-            args[key] = value(args) if callable(value) else value
-        return args
-    return make
+_case = case_maker(_good)
 
 
 def _weight(i, w):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import igc_kernels as igc
-from igc_test_utils import FUSED
+from igc_test_utils import FUSED, case_maker
 
 BACKENDS = ["reference", FUSED, "auto"]
 
@@ -27,13 +27,7 @@ def _good():
     )
 
 
-def _case(**changes):
-    def make():
-        args = _good()
-        for key, value in changes.items():
-            args[key] = value(args) if callable(value) else value
-        return args
-    return make
+_case = case_maker(_good)
 
 
 def _set(key, index, value):

@@ -314,3 +314,26 @@ def test_two_activations_and_clamp():
     blocks = _blocks(opt)
     assert [b.activations for b in blocks] == [["relu6"], ["hardswish"]]
     _assert_same_function(model, opt, torch.randn(2, 8, 5, 5, dtype=torch.float64), 1e-10)
+
+
+def test_fused_block_direct_call_equals_the_functional_path():
+    """A FusedBlock sends an ordinary CPU tensor straight to the block op (which validates its
+    arguments itself); other inputs (a use_backend scope, an input requiring grad) take the
+    functional path. Both give the same values."""
+    torch.manual_seed(0)
+    model = _calibrated(Nw.IGCV3Net(num_classes=10, width_mult=0.35), (2, 3, 32, 32),
+                        dtype=torch.float32)
+    opt = igc.optimize_for_inference(model)
+    block = next(b for b in _blocks(opt) if b.residual)
+    x = torch.randn(2, block.weight_0.shape[1] * block.groups[0], 8, 8)
+    assert block._direct_args(x) is not None
+    with torch.no_grad():
+        direct = block(x)
+        with igc.use_backend("reference"):
+            assert block._direct_args(x) is None
+            ref = block(x)
+    assert block._direct_args(x.double()) is None  # dtype mismatch: the functional path's error
+    torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-5)
+    # a bad input still gets the operator's own error through the direct path
+    with pytest.raises(RuntimeError, match="igc::block_forward"):
+        block(torch.randn(2, 3, 8, 8))

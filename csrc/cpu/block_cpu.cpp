@@ -3,22 +3,29 @@
 // 2, padding k // 2), each with an optional bias and activation (relu, relu6, hardswish) and the
 // permutation after it, and an optional residual add of x. x is read once and y written once.
 //
-// Algorithm. Pointwise layers run on tiles of TILE positions held [channel][position] (tiles.h,
-// the chain kernel's micro-kernel), activations applied to the tile in place. A block has at most
+// Algorithm. Pointwise layers run on tiles of positions held [channel][position] (tiles.h, the
+// chain kernel's micro-kernel), activations applied to the tile in place. A block has at most
 // one spatial layer s (more are refused). Layers 1 .. s-1 (the prefix) map x's positions to the
 // spatial layer's input h_{s-1}; layers s+1 .. L (the suffix) map the spatial layer's output
-// positions to y. The prefix's output is scattered into a zero-padded scratch plane per channel
-// ([channel][row][column phase][column / stride]: stride-2 columns are de-interleaved, so every
-// tap of a row of outputs is a contiguous run); the spatial layer reads it back as runs of
-// consecutive outputs (one per output row a tile touches) and writes its output tile, which
-// the suffix layers and the store consume as usual.
+// positions to y. The prefix's output goes into a zero-padded scratch, which the spatial layer
+// reads back:
+// - depth-wise layers (one input per group): a channels-last scratch [row][column][channel],
+//   channel o holding input channel o / m (m: the channel multiplier), written by the
+//   transposed tile store; each output position is K*K vector FMAs per 16 channels with the
+//   tap weights in registers, and the channels-last result enters the tile by a transposed load;
+// - other grouped layers: a planar scratch [channel][row][column phase][column / stride]
+//   (stride-2 columns de-interleaved), read tap by tap as contiguous runs of each output row.
+// The suffix layers, the residual add (x reloaded at the tile's positions) and the store follow
+// on the same tile.
 //
 // Work split. Few images (fewer than threads): the scratch holds every image's whole padded
-// plane (it lives in the cache for the small spatial sizes of such calls); phase 1 fills it tile
-// by tile in parallel, phase 2 computes the spatial layer and the suffix tile by tile in
-// parallel. Otherwise each unit of work is one image's band of output rows, run start to end by
-// one thread with a private scratch of the band's input rows (bands are sized to keep the
-// scratch near L2; the k - stride halo rows between bands are computed twice).
+// plane (small for the spatial sizes of such calls); phase 1 fills it tile by tile in parallel,
+// phase 2 computes the spatial layer and the suffix tile by tile in parallel, with tiles
+// narrowed (tile_width) so that every thread gets a part of each image. Otherwise each unit of
+// work is one image's band of output rows, run start to end by one thread with a private
+// scratch of the band's input rows (bands are sized to keep the scratch near 512 KiB; the
+// k - stride halo rows between bands are computed twice). Outputs come from the output cache
+// (output_cache.h).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
