@@ -141,17 +141,35 @@ struct BlockCtx {
 
 // Layers [l0, l1) on the tile in buf[cur]; returns the buffer holding the result.
 template <typename scalar_t, typename acc_t>
-IGC_INLINE int pointwise_layers(const BlockCtx<scalar_t, acc_t>& k, int64_t l0, int64_t l1,
-                                acc_t* const* buf, int cur) {
+IGC_INLINE int pointwise_layers_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t l0, int64_t l1,
+                                     acc_t* const* buf, int cur) {
   for (int64_t l = l0; l < l1; ++l) {
     const int32_t* in_rows = l == 0 ? k.in_rows0 : k.gather[l - 1];
-    grouped_layer(buf[cur], in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l], int64_t(1),
-                  buf[cur ^ 1], k.iota, k.nv);
+    grouped_layer_narrow(buf[cur], in_rows, k.W[l], k.b[l], k.G[l], k.m[l], k.n[l], k.n[l],
+                         int64_t(1), buf[cur ^ 1], k.iota, k.nv);
     cur ^= 1;
     activate(buf[cur], k.C[l + 1] * TILE, k.act[l]);
   }
   return cur;
 }
+
+// One compiled copy of the layers per dtype and ISA (target_clones), called from every tile
+// loop: inlining the micro-kernels' variants (4 widths x 3 row blocks) at each call site made
+// this file take minutes to compile.
+#define IGC_DEFINE_LAYERS(scalar_t, acc_t, suffix)                                            \
+  IGC_TARGET_CLONES int layers_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t l0,       \
+                                        int64_t l1, acc_t* const* buf, int cur) {             \
+    return pointwise_layers_impl(k, l0, l1, buf, cur);                                        \
+  }                                                                                           \
+  inline int pointwise_layers(const BlockCtx<scalar_t, acc_t>& k, int64_t l0, int64_t l1,     \
+                              acc_t* const* buf, int cur) {                                   \
+    return layers_##suffix(k, l0, l1, buf, cur);                                              \
+  }
+IGC_DEFINE_LAYERS(float, float, f32)
+IGC_DEFINE_LAYERS(double, double, f64)
+IGC_DEFINE_LAYERS(c10::Half, float, f16)
+IGC_DEFINE_LAYERS(c10::BFloat16, float, bf16)
+#undef IGC_DEFINE_LAYERS
 
 // The last layer's result in buf[cur] (+ x), stored to y at output positions q0 .. q0+tvalid-1.
 template <typename scalar_t, typename acc_t>
@@ -190,7 +208,7 @@ IGC_INLINE void pointwise_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, 
 // Phase 1 for input positions p_begin .. p_end - 1 of image img (flat within the image, whole
 // or partial rows): the prefix layers, scattered into the scratch of a band starting at row0.
 template <typename scalar_t, typename acc_t>
-IGC_INLINE void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t p_begin,
+IGC_INLINE void fill_scratch_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t p_begin,
                              int64_t p_end, int64_t row0, int64_t plane, acc_t* scratch,
                              acc_t* const* buf) {
   const int64_t cs = k.C[k.sl];  // the spatial layer's input channels
@@ -277,13 +295,13 @@ IGC_INLINE void depthwise_tile(const BlockCtx<scalar_t, acc_t>& k, const int64_t
   const int act = k.act[k.sl];
   for (int64_t c0 = 0; c0 < k.cp; c0 += S::LANES) {
     V w[KK];
-#pragma GCC unroll 49
+#pragma GCC unroll 9
     for (int i = 0; i < KK; ++i) w[i] = S::load(k.wt + i * k.cp + c0);
     const V b = S::load(k.bt + c0);
     for (int t = 0; t < tvalid; ++t) {
       const acc_t* src = scratch + base[t] + c0;
       V a = b;
-#pragma GCC unroll 49
+#pragma GCC unroll 9
       for (int i = 0; i < KK; ++i) a += w[i] * S::load(src + tap[i]);
       S::store(tmp + t * k.cp + c0, activate_vec(a, act));
     }
@@ -296,7 +314,7 @@ IGC_INLINE void depthwise_tile(const BlockCtx<scalar_t, acc_t>& k, const int64_t
 // Phase 2 for output positions q_begin .. q_end - 1 of image img (flat within the image): the
 // spatial layer from the scratch of a band starting at input row row0, the suffix, the store.
 template <typename scalar_t, typename acc_t>
-IGC_INLINE void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t q_begin,
+IGC_INLINE void spatial_tiles_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t q_begin,
                               int64_t q_end, int64_t row0, int64_t plane, const acc_t* scratch,
                               acc_t* const* buf, acc_t* tmp) {
   const int64_t l = k.sl, ns = k.n[l], ms = k.m[l], K = k.k, KK = K * K;
@@ -364,6 +382,35 @@ IGC_INLINE void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, i
     finish_tile(k, img * k.Ho * k.Wo + q0, tvalid, buf, cur);
   }
 }
+
+// Phases 1 and 2 compiled once per dtype and ISA (see IGC_DEFINE_LAYERS).
+#define IGC_DEFINE_PHASES(scalar_t, acc_t, suffix)                                            \
+  IGC_TARGET_CLONES void fill_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t img,       \
+                                       int64_t p_begin, int64_t p_end, int64_t row0,          \
+                                       int64_t plane, acc_t* scratch, acc_t* const* buf) {    \
+    fill_scratch_impl(k, img, p_begin, p_end, row0, plane, scratch, buf);                     \
+  }                                                                                           \
+  IGC_TARGET_CLONES void spatial_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t img,    \
+                                          int64_t q_begin, int64_t q_end, int64_t row0,       \
+                                          int64_t plane, const acc_t* scratch,                \
+                                          acc_t* const* buf, acc_t* tmp) {                    \
+    spatial_tiles_impl(k, img, q_begin, q_end, row0, plane, scratch, buf, tmp);               \
+  }                                                                                           \
+  inline void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t p_begin,  \
+                           int64_t p_end, int64_t row0, int64_t plane, acc_t* scratch,        \
+                           acc_t* const* buf) {                                               \
+    fill_##suffix(k, img, p_begin, p_end, row0, plane, scratch, buf);                         \
+  }                                                                                           \
+  inline void spatial_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t q_begin, \
+                            int64_t q_end, int64_t row0, int64_t plane, const acc_t* scratch, \
+                            acc_t* const* buf, acc_t* tmp) {                                  \
+    spatial_##suffix(k, img, q_begin, q_end, row0, plane, scratch, buf, tmp);                 \
+  }
+IGC_DEFINE_PHASES(float, float, f32)
+IGC_DEFINE_PHASES(double, double, f64)
+IGC_DEFINE_PHASES(c10::Half, float, f16)
+IGC_DEFINE_PHASES(c10::BFloat16, float, bf16)
+#undef IGC_DEFINE_PHASES
 
 // Whole padded planes of every image (few images): scratch of image img at img * C_s * plane.
 template <typename scalar_t, typename acc_t>

@@ -304,13 +304,22 @@ IGC_INLINE void grouped_layer_nv(const acc_t* in, const int32_t* in_rows, const 
 }
 
 // One grouped layer on a tile: out row out_rows[g * rows + q] = bias + sum_i W[g, q, i] * in row
-// in_rows[g * nin + i] (W[g, q, i] at w + g * rows * nin + q * wk + i * wi). nv: vectors of
-// positions computed (the tile's first nv * LANES positions; float tiles only, others whole).
+// in_rows[g * nin + i] (W[g, q, i] at w + g * rows * nin + q * wk + i * wi), every position.
 template <typename acc_t>
 IGC_INLINE void grouped_layer(const acc_t* in, const int32_t* in_rows, const acc_t* w,
                               const acc_t* bias, int64_t G, int64_t rows, int64_t nin,
-                              int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows,
-                              int nv = Simd<acc_t>::PER_ROW) {
+                              int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows) {
+  grouped_layer_nv<acc_t, Simd<acc_t>::PER_ROW>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                                out_rows);
+}
+
+// grouped_layer on the tile's first nv * LANES positions only (float tiles; others whole):
+// narrow tiles cost what they hold.
+template <typename acc_t>
+IGC_INLINE void grouped_layer_narrow(const acc_t* in, const int32_t* in_rows, const acc_t* w,
+                                     const acc_t* bias, int64_t G, int64_t rows, int64_t nin,
+                                     int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows,
+                                     int nv) {
   if constexpr (Simd<acc_t>::PER_ROW == 4) {
     switch (nv) {
       case 1:
