@@ -49,7 +49,9 @@ import operator
 
 import torch.nn.functional as F
 
+from . import _loader
 from ._chain import ACTIVATIONS, MAX_KERNEL_SIZE, interleave_index
+from .backends import scope_stack
 from .convert import _SHUFFLE_FNS, _has_hooks, _module_op
 from .functional import interleaved_group_conv
 from .modules import ChannelGather, InterleavedGroupConv
@@ -66,6 +68,9 @@ class _Tracer(torch.fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, (InterleavedGroupConv, ChannelGather, FusedBlock)) or \
             super().is_leaf_module(m, qualname)
+
+
+_DIRECT_BACKENDS = ("auto", "cpu")
 
 
 class FusedBlock(nn.Module):
@@ -112,22 +117,18 @@ class FusedBlock(nn.Module):
         """The ``igc::block_forward`` arguments when ``x`` can go straight to the CPU kernel
         (which validates every argument itself, index values included), else None: the
         checks of the functional path cost more than the kernel at batch 1."""
+        bufs = self._buffers  # plain dict lookups: nn.Module.__getattr__ costs more
+        L = len(self.groups)
+        ws = [bufs[f"weight_{l}"] for l in range(L)]
         if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4
-                or self.backend not in ("auto", "cpu") or x.dtype != self.weight_0.dtype
+                or self.backend not in _DIRECT_BACKENDS or x.dtype != ws[0].dtype
                 or (x.requires_grad and torch.is_grad_enabled())
-                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")):
+                or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or not _loader.ext_loaded()
+                or any(n not in _DIRECT_BACKENDS for n in scope_stack())
+                or sum(w.dim() == 4 for w in ws) > 1):
             return None
-        from . import _loader
-        from .backends import scope_stack
-
-        if not _loader.ext_loaded() or any(n not in ("auto", "cpu") for n in scope_stack()):
-            return None
-        spatial = [l for l in range(self.num_layers) if getattr(self, f"weight_{l}").dim() == 4]
-        if len(spatial) > 1:
-            return None
-        L = self.num_layers
-        ws = [getattr(self, f"weight_{l}") for l in range(L)]
-        bs = [getattr(self, f"bias_{l}") for l in range(L)]
+        bs = [bufs[f"bias_{l}"] for l in range(L)]
         biases = [] if all(b is None for b in bs) else [
             x.new_empty((0,)) if b is None else b for b in bs]
         shuffles, perms = [], []
@@ -138,9 +139,9 @@ class FusedBlock(nn.Module):
                 perms.append(None)
             else:
                 shuffles.append(0)
-                perms.append(None if p is None else getattr(self, p))
+                perms.append(None if p is None else bufs[p])
         return (x, ws, biases, self.groups, shuffles, perms, self.strides,
-                [ACTIVATIONS[a] for a in self.activations], self.residual, self.input_index)
+                [ACTIVATIONS[a] for a in self.activations], self.residual, bufs["input_index"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = self._direct_args(x)
