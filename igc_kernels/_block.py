@@ -21,11 +21,18 @@ def apply_activation(h: torch.Tensor, code: int) -> torch.Tensor:
     return _ACT_FNS[code](h) if code else h
 
 
+def needs_grad(x, chain: Chain) -> bool:
+    """Whether a call with these tensors records gradients (grad mode on and x, a weight or a
+    bias requires grad)."""
+    if not torch.is_grad_enabled():
+        return False
+    ts = [x, *chain.weights, *(b for b in chain.biases if b is not None)]
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
 def inference_only_check(x: torch.Tensor, chain: Chain) -> None:
     """Raise when gradients are wanted through a spatial layer (spatial layers are inference
     only in this version)."""
-    from ._chain import needs_grad
-
     spatial = chain.spatial_layers()
     if spatial and needs_grad(x, chain):
         l = spatial[0]

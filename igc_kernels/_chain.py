@@ -34,7 +34,6 @@ import torch
 
 # Activation after a layer (after its bias, before its permutation): name -> the ops' code.
 ACTIVATIONS = {None: 0, "relu": 1, "relu6": 2, "hardswish": 3}
-ACTIVATION_NAMES = {v: k for k, v in ACTIVATIONS.items()}
 # Spatial layers: odd square kernels up to this size (padding k // 2), stride 1 or 2.
 MAX_KERNEL_SIZE = 7
 
@@ -420,22 +419,14 @@ def _block_fields(x, chain: Chain, strides, activations, residual) -> Chain:
     return chain
 
 
-def output_shape(x, chain: Chain) -> tuple:
-    """``(N, C_L, *spatial)``: spatial dims divided by the product of the strides (padding
-    ``k // 2`` keeps ``ceil(H / s)`` rows per stride-``s`` layer)."""
-    sp = [int(d) for d in x.shape[2:]]
-    for s in chain.strides:
+def strided_spatial(spatial, strides) -> list:
+    """Spatial sizes after layers of these strides (padding ``k // 2`` keeps ``ceil(H / s)``
+    rows per stride-``s`` layer; 0 stays 0)."""
+    sp = list(spatial)
+    for s in strides:
         sp = [(d - 1) // s + 1 for d in sp]
-    return (int(x.shape[0]), chain.channels[-1], *sp)
+    return sp
 
-
-def needs_grad(x, chain: Chain) -> bool:
-    """Whether a call with these tensors records gradients (grad mode on and x, a weight or a
-    bias requires grad)."""
-    if not torch.is_grad_enabled():
-        return False
-    ts = [x, *chain.weights, *(b for b in chain.biases if b is not None)]
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
 
 def normalize(x, weights, groups, permutations=None, biases=None, *, input_index=None,

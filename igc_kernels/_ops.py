@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from ._chain import empty_like_layout
+from ._chain import empty_like_layout, strided_spatial
 from . import _autograd as A
 from ._chain import has_bias
 
@@ -73,10 +73,8 @@ def _fake_backward(grad_y, x, weights, biases, groups, shuffles, perms, output_m
 
 def _fake_block_forward(x, weights, biases, groups, shuffles, perms, strides, activations,
                         residual, input_index=None):
-    sp = list(x.shape[2:])
-    for s in strides:
-        sp = [(d - 1) // s + 1 for d in sp]
-    return empty_like_layout(x, weights[-1].shape[0], spatial=sp)
+    return empty_like_layout(x, weights[-1].shape[0],
+                             spatial=strided_spatial(x.shape[2:], strides))
 
 
 def _block_no_grad(ctx, grad):

@@ -50,7 +50,8 @@ import operator
 import torch.nn.functional as F
 
 from . import _loader
-from ._chain import ACTIVATIONS, MAX_KERNEL_SIZE, interleave_index
+from ._chain import ACTIVATIONS, MAX_KERNEL_SIZE, interleave_index, normalize_permutation
+from ._ops import op_biases
 from .backends import scope_stack
 from .convert import _SHUFFLE_FNS, _has_hooks, _module_op
 from .functional import interleaved_group_conv
@@ -95,7 +96,8 @@ class FusedBlock(nn.Module):
         self.activations = list(activations)
         self.residual = bool(residual)
         self.backend = backend
-        self._perms = []
+        self._perms = []  # None, "interleave" or the name of an index buffer
+        self._shuffles = []  # the ops' shuffle groups of each "interleave" (else 0)
         for l in range(L):
             self.register_buffer(f"weight_{l}", weights[l].detach().clone())
             b = biases[l]
@@ -103,9 +105,11 @@ class FusedBlock(nn.Module):
             p = permutations[l]
             if isinstance(p, torch.Tensor):
                 self.register_buffer(f"perm_{l}", p.detach().to(torch.int64).clone())
-                self._perms.append(f"perm_{l}")
-            else:
-                self._perms.append(p)
+                p = f"perm_{l}"
+            self._perms.append(p)
+            self._shuffles.append(normalize_permutation(
+                p, l + 1, int(weights[l].shape[0]), self.groups[l], None)[0]
+                if p == "interleave" else 0)
         self.register_buffer("input_index", None if input_index is None
                              else input_index.detach().to(torch.int64).clone())
 
@@ -128,19 +132,9 @@ class FusedBlock(nn.Module):
                 or any(n not in _DIRECT_BACKENDS for n in scope_stack())
                 or sum(w.dim() == 4 for w in ws) > 1):
             return None
-        bs = [bufs[f"bias_{l}"] for l in range(L)]
-        biases = [] if all(b is None for b in bs) else [
-            x.new_empty((0,)) if b is None else b for b in bs]
-        shuffles, perms = [], []
-        for l, p in enumerate(self._perms):
-            if p == "interleave":
-                C, G = int(ws[l].shape[0]), self.groups[l]
-                shuffles.append(0 if G <= 1 or G >= C else G)
-                perms.append(None)
-            else:
-                shuffles.append(0)
-                perms.append(None if p is None else bufs[p])
-        return (x, ws, biases, self.groups, shuffles, perms, self.strides,
+        biases = op_biases([bufs[f"bias_{l}"] for l in range(L)], x)
+        perms = [None if p is None or p == "interleave" else bufs[p] for p in self._perms]
+        return (x, ws, biases, self.groups, self._shuffles, perms, self.strides,
                 [ACTIVATIONS[a] for a in self.activations], self.residual, bufs["input_index"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -148,8 +142,7 @@ class FusedBlock(nn.Module):
         if args is not None:
             return torch.ops.igc.block_forward(*args)
         L = self.num_layers
-        perms = [getattr(self, p) if isinstance(p, str) and p.startswith("perm_") else p
-                 for p in self._perms]
+        perms = [p if p is None or p == "interleave" else getattr(self, p) for p in self._perms]
         return interleaved_group_conv(
             x, [getattr(self, f"weight_{l}") for l in range(L)], self.groups, perms,
             [getattr(self, f"bias_{l}") for l in range(L)], input_index=self.input_index,
@@ -445,11 +438,12 @@ def _compose(perm, shuffle) -> torch.Tensor:
     return shuffle if perm is None else perm[shuffle]
 
 
-def _walk(root, start):
-    """The run of single-use nodes from the layer node ``start``: ``(groups, residual)``:
-    ``groups`` a list of ``(node_list, layers)``, one per layer node with the activations and
-    shuffles that follow it; ``residual`` the add node of ``start``'s input, or None."""
-    first = _layers_of(root, start)
+def _walk(root, start, first):
+    """The run of single-use nodes from the layer node ``start`` (``first``: its
+    :func:`_layers_of`): ``(groups, input_index, residual)``: ``groups`` a list of
+    ``(node_list, layers)``, one per layer node with the activations and shuffles that follow
+    it; ``input_index`` that of ``start``; ``residual`` the add node of ``start``'s input, or
+    None."""
     src = start.args[0]
     groups = [([start], first[0])]
     input_index = first[1]
@@ -506,11 +500,12 @@ def _fuse_blocks(root: nn.Module, graph) -> bool:
     changed = False
     done = set()
     for node in list(graph.nodes):
-        if node in done or node.op != "call_module" or _layers_of(root, node) is None:
+        if node in done or node.op != "call_module":
             continue
-        if not isinstance(node.args[0], torch.fx.Node):
+        first = _layers_of(root, node)
+        if first is None or not isinstance(node.args[0], torch.fx.Node):
             continue
-        groups, input_index, residual = _walk(root, node)
+        groups, input_index, residual = _walk(root, node, first)
         for nodes, _ in groups:
             done.update(nodes)
         starts = _cuts(groups) + [len(groups)]

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ._block import apply_activation, inference_only_check
-from ._chain import Chain, empty_like_layout, normalize, output_shape, to_layout_of
+from ._chain import Chain, empty_like_layout, normalize, strided_spatial, to_layout_of
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -23,7 +23,8 @@ def run_chain(x: torch.Tensor, chain: Chain) -> torch.Tensor:
     """Apply a normalised chain to ``x`` with one PyTorch op per layer and per permutation."""
     if x.dim() > 2 and x.numel() == 0 and chain.spatial_layers():
         # nothing to compute: an empty output of the strided spatial size
-        return empty_like_layout(x, chain.channels[-1], spatial=output_shape(x, chain)[2:])
+        return empty_like_layout(x, chain.channels[-1],
+                                 spatial=strided_spatial(x.shape[2:], chain.strides))
     if x.dim() > 2 and x.numel() == 0 and x.shape[0] > 0:
         # A spatial size of zero: F.conv*d refuses an empty spatial extent, so run the chain on
         # the (zero) positions as tokens and give the result x's shape and memory format.

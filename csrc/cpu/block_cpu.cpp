@@ -51,24 +51,6 @@ constexpr int64_t kBandScratchBytes = int64_t(512) << 10;
 
 enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3 };
 
-template <typename acc_t>
-IGC_INLINE void activate(acc_t* __restrict v, int64_t n, int act) {
-  switch (act) {
-    case kRelu:
-      for (int64_t i = 0; i < n; ++i) v[i] = v[i] > acc_t(0) ? v[i] : acc_t(0);
-      break;
-    case kRelu6:
-      for (int64_t i = 0; i < n; ++i) v[i] = std::min(std::max(v[i], acc_t(0)), acc_t(6));
-      break;
-    case kHardswish:
-      for (int64_t i = 0; i < n; ++i)
-        v[i] = v[i] * std::min(std::max(v[i] + acc_t(3), acc_t(0)), acc_t(6)) / acc_t(6);
-      break;
-    default:
-      break;
-  }
-}
-
 template <typename V>
 IGC_INLINE V activate_vec(V v, int act) {
   const V zero{}, six = zero + 6, three = zero + 3;
@@ -88,6 +70,14 @@ IGC_INLINE V activate_vec(V v, int act) {
     default:
       return v;
   }
+}
+
+// The activation on n elements of a tile buffer (n a multiple of LANES: whole tile rows).
+template <typename acc_t>
+IGC_INLINE void activate(acc_t* v, int64_t n, int act) {
+  using S = Simd<acc_t>;
+  if (act == kNone) return;
+  for (int64_t i = 0; i < n; i += S::LANES) S::store(v + i, activate_vec(S::load(v + i), act));
 }
 
 // Positions per tile: TILE, or (float tiles, when the images' tiles are fewer than the threads)
@@ -189,11 +179,22 @@ IGC_INLINE void finish_tile(const BlockCtx<scalar_t, acc_t>& k, int64_t q0, int 
   store_tile(k.y, off, cy, tvalid, CL, k.y_ix.chan_stride, rows, buf[cur]);
 }
 
+// Two tile buffers of a thread.
+template <typename acc_t>
+struct TileBuffers {
+  std::vector<acc_t> storage;
+  acc_t* buf[2];
+  explicit TileBuffers(int64_t cmax) : storage(static_cast<size_t>(2 * cmax * TILE)) {
+    buf[0] = storage.data();
+    buf[1] = storage.data() + cmax * TILE;
+  }
+};
+
 // A block without a spatial layer: tiles over positions.
 template <typename scalar_t, typename acc_t>
-IGC_INLINE void pointwise_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, int64_t te) {
-  std::vector<acc_t> storage(static_cast<size_t>(2 * k.cmax * TILE));
-  acc_t* buf[2] = {storage.data(), storage.data() + k.cmax * TILE};
+IGC_INLINE void pointwise_tiles_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, int64_t te) {
+  TileBuffers<acc_t> b(k.cmax);
+  acc_t* const* buf = b.buf;
   int64_t off[TILE];
   for (int64_t t = tb; t < te; ++t) {
     const int64_t p0 = t * k.tw;
@@ -383,7 +384,8 @@ IGC_INLINE void spatial_tiles_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t i
   }
 }
 
-// Phases 1 and 2 compiled once per dtype and ISA (see IGC_DEFINE_LAYERS).
+// The tile loops compiled once per dtype and ISA (see IGC_DEFINE_LAYERS): phase 1, phase 2,
+// and the tiles of a block without a spatial layer. The work splits below only call them.
 #define IGC_DEFINE_PHASES(scalar_t, acc_t, suffix)                                            \
   IGC_TARGET_CLONES void fill_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t img,       \
                                        int64_t p_begin, int64_t p_end, int64_t row0,          \
@@ -396,6 +398,10 @@ IGC_INLINE void spatial_tiles_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t i
                                           acc_t* const* buf, acc_t* tmp) {                    \
     spatial_tiles_impl(k, img, q_begin, q_end, row0, plane, scratch, buf, tmp);               \
   }                                                                                           \
+  IGC_TARGET_CLONES void pointwise_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t tb,   \
+                                            int64_t te) {                                     \
+    pointwise_tiles_impl(k, tb, te);                                                          \
+  }                                                                                           \
   inline void fill_scratch(const BlockCtx<scalar_t, acc_t>& k, int64_t img, int64_t p_begin,  \
                            int64_t p_end, int64_t row0, int64_t plane, acc_t* scratch,        \
                            acc_t* const* buf) {                                               \
@@ -405,6 +411,9 @@ IGC_INLINE void spatial_tiles_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t i
                             int64_t q_end, int64_t row0, int64_t plane, const acc_t* scratch, \
                             acc_t* const* buf, acc_t* tmp) {                                  \
     spatial_##suffix(k, img, q_begin, q_end, row0, plane, scratch, buf, tmp);                 \
+  }                                                                                           \
+  inline void pointwise_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, int64_t te) {   \
+    pointwise_##suffix(k, tb, te);                                                            \
   }
 IGC_DEFINE_PHASES(float, float, f32)
 IGC_DEFINE_PHASES(double, double, f64)
@@ -412,97 +421,55 @@ IGC_DEFINE_PHASES(c10::Half, float, f16)
 IGC_DEFINE_PHASES(c10::BFloat16, float, bf16)
 #undef IGC_DEFINE_PHASES
 
-// Whole padded planes of every image (few images): scratch of image img at img * C_s * plane.
+// Whole padded planes of every image (few images): the scratch of image img at
+// img * scr_ch * plane; phase 1 over every image's input tiles, then phase 2 over their output
+// tiles.
 template <typename scalar_t, typename acc_t>
 void run_global(const BlockCtx<scalar_t, acc_t>& k, int64_t N, acc_t* scratch, int64_t plane,
-                int64_t row0, int64_t nrows);
+                int64_t row0, int64_t nrows) {
+  const int64_t HW = k.H * k.Wd, HWo = k.Ho * k.Wo, img_elems = k.scr_ch * plane;
+  const int64_t in_tiles = (HW + k.tw - 1) / k.tw, out_tiles = (HWo + k.tw - 1) / k.tw;
+  at::parallel_for(0, N * in_tiles, 1, [&](int64_t u0, int64_t u1) {
+    TileBuffers<acc_t> tb(k.cmax);
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t img = u / in_tiles, t = u % in_tiles;
+      acc_t* sc = scratch + img * img_elems;
+      if (t == 0) zero_padding(k, row0, 0, nrows, plane, sc);
+      fill_scratch(k, img, t * k.tw, std::min(HW, (t + 1) * k.tw), row0, plane, sc, tb.buf);
+    }
+  });
+  at::parallel_for(0, N * out_tiles, 1, [&](int64_t u0, int64_t u1) {
+    TileBuffers<acc_t> tb(k.cmax);
+    std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t img = u / out_tiles, t = u % out_tiles;
+      spatial_tiles(k, img, t * k.tw, std::min(HWo, (t + 1) * k.tw), row0, plane,
+                    scratch + img * img_elems, tb.buf, tmp.data());
+    }
+  });
+}
+
+// Bands of band_rows output rows, each run start to end by one thread with a private scratch.
 template <typename scalar_t, typename acc_t>
-void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows);
-
-// The entry points compiled for each ISA (target_clones): phase 1 / phase 2 of a range of
-// tiles, a range of (image, band) units, the pointwise-only tiles.
-#define IGC_DEFINE_BLOCK_FNS(scalar_t, acc_t, suffix)                                          \
-  IGC_TARGET_CLONES void pointwise_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t b,    \
-                                            int64_t e) {                                      \
-    pointwise_tiles<scalar_t, acc_t>(k, b, e);                                                \
-  }                                                                                           \
-  IGC_TARGET_CLONES void global_fill_##suffix(const BlockCtx<scalar_t, acc_t>& k,             \
-                                              int64_t u0, int64_t u1, int64_t per_img,        \
-                                              acc_t* scratch, int64_t plane, int64_t row0,    \
-                                              int64_t nrows) {                                \
-    std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
-    acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
-    const int64_t HW = k.H * k.Wd, img_elems = k.scr_ch * plane;                              \
-    for (int64_t u = u0; u < u1; ++u) {                                                       \
-      const int64_t img = u / per_img, t = u % per_img;                                       \
-      acc_t* sc = scratch + img * img_elems;                                                  \
-      if (t == 0) zero_padding(k, row0, 0, nrows, plane, sc);                                 \
-      fill_scratch(k, img, t * k.tw, std::min(HW, (t + 1) * k.tw), row0, plane, sc, buf);     \
-    }                                                                                         \
-  }                                                                                           \
-  IGC_TARGET_CLONES void global_spatial_##suffix(const BlockCtx<scalar_t, acc_t>& k,          \
-                                                 int64_t u0, int64_t u1, int64_t per_img,     \
-                                                 const acc_t* scratch, int64_t plane,         \
-                                                 int64_t row0) {                              \
-    std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
-    acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
-    const int64_t HWo = k.Ho * k.Wo, img_elems = k.scr_ch * plane;                            \
-    std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));                      \
-    for (int64_t u = u0; u < u1; ++u) {                                                       \
-      const int64_t img = u / per_img, t = u % per_img;                                       \
-      spatial_tiles(k, img, t * k.tw, std::min(HWo, (t + 1) * k.tw), row0, plane,             \
-                    scratch + img * img_elems, buf, tmp.data());                              \
-    }                                                                                         \
-  }                                                                                           \
-  IGC_TARGET_CLONES void bands_##suffix(const BlockCtx<scalar_t, acc_t>& k, int64_t u0,       \
-                                        int64_t u1, int64_t nbands, int64_t band_rows) {      \
-    std::vector<acc_t> st(static_cast<size_t>(2 * k.cmax * TILE));                           \
-    acc_t* buf[2] = {st.data(), st.data() + k.cmax * TILE};                                   \
-    const int64_t max_rows = (band_rows - 1) * k.s + k.k;                                     \
-    const int64_t plane = max_rows * k.row_len;                                               \
-    std::vector<acc_t> sc(static_cast<size_t>(k.scr_ch * plane));                             \
-    std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));                      \
-    for (int64_t u = u0; u < u1; ++u) {                                                       \
-      const int64_t img = u / nbands, band = u % nbands;                                      \
-      const int64_t oy0 = band * band_rows, oy1 = std::min(k.Ho, oy0 + band_rows);            \
-      const int64_t row0 = oy0 * k.s - k.pad, nrows = (oy1 - 1 - oy0) * k.s + k.k;            \
-      const int64_t iy0 = std::max<int64_t>(0, row0);                                         \
-      const int64_t iy1 = std::min<int64_t>(k.H, row0 + nrows);                               \
-      zero_padding(k, row0, 0, nrows, plane, sc.data());                                      \
-      fill_scratch(k, img, iy0 * k.Wd, iy1 * k.Wd, row0, plane, sc.data(), buf);              \
-      spatial_tiles(k, img, oy0 * k.Wo, oy1 * k.Wo, row0, plane, sc.data(), buf, tmp.data()); \
-    }                                                                                         \
-  }                                                                                           \
-  void run_pointwise(const BlockCtx<scalar_t, acc_t>& k, int64_t b, int64_t e) {              \
-    pointwise_##suffix(k, b, e);                                                              \
-  }                                                                                           \
-  template <>                                                                                 \
-  void run_global<scalar_t, acc_t>(const BlockCtx<scalar_t, acc_t>& k, int64_t N,             \
-                                   acc_t* scratch, int64_t plane, int64_t row0,               \
-                                   int64_t nrows) {                                           \
-    const int64_t in_tiles = (k.H * k.Wd + k.tw - 1) / k.tw;                                  \
-    const int64_t out_tiles = (k.Ho * k.Wo + k.tw - 1) / k.tw;                                \
-    at::parallel_for(0, N * in_tiles, 1, [&](int64_t b, int64_t e) {                          \
-      global_fill_##suffix(k, b, e, in_tiles, scratch, plane, row0, nrows);                   \
-    });                                                                                       \
-    at::parallel_for(0, N * out_tiles, 1, [&](int64_t b, int64_t e) {                         \
-      global_spatial_##suffix(k, b, e, out_tiles, scratch, plane, row0);                      \
-    });                                                                                       \
-  }                                                                                           \
-  template <>                                                                                 \
-  void run_bands<scalar_t, acc_t>(const BlockCtx<scalar_t, acc_t>& k, int64_t N,              \
-                                  int64_t band_rows) {                                        \
-    const int64_t nbands = (k.Ho + band_rows - 1) / band_rows;                                \
-    at::parallel_for(0, N * nbands, 1, [&](int64_t b, int64_t e) {                            \
-      bands_##suffix(k, b, e, nbands, band_rows);                                             \
-    });                                                                                       \
-  }
-
-IGC_DEFINE_BLOCK_FNS(float, float, f32)
-IGC_DEFINE_BLOCK_FNS(double, double, f64)
-IGC_DEFINE_BLOCK_FNS(c10::Half, float, f16)
-IGC_DEFINE_BLOCK_FNS(c10::BFloat16, float, bf16)
-#undef IGC_DEFINE_BLOCK_FNS
+void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows) {
+  const int64_t nbands = (k.Ho + band_rows - 1) / band_rows;
+  at::parallel_for(0, N * nbands, 1, [&](int64_t u0, int64_t u1) {
+    TileBuffers<acc_t> tb(k.cmax);
+    const int64_t plane = ((band_rows - 1) * k.s + k.k) * k.row_len;
+    std::vector<acc_t> sc(static_cast<size_t>(k.scr_ch * plane));
+    std::vector<acc_t> tmp(static_cast<size_t>(k.cl ? TILE * k.cp : 0));
+    for (int64_t u = u0; u < u1; ++u) {
+      const int64_t img = u / nbands, band = u % nbands;
+      const int64_t oy0 = band * band_rows, oy1 = std::min(k.Ho, oy0 + band_rows);
+      const int64_t row0 = oy0 * k.s - k.pad, nrows = (oy1 - 1 - oy0) * k.s + k.k;
+      const int64_t iy0 = std::max<int64_t>(0, row0);
+      const int64_t iy1 = std::min<int64_t>(k.H, row0 + nrows);
+      zero_padding(k, row0, 0, nrows, plane, sc.data());
+      fill_scratch(k, img, iy0 * k.Wd, iy1 * k.Wd, row0, plane, sc.data(), tb.buf);
+      spatial_tiles(k, img, oy0 * k.Wo, oy1 * k.Wo, row0, plane, sc.data(), tb.buf, tmp.data());
+    }
+  });
+}
 
 // Checks of the block fields (the chain's own are check_chain's, on 2-D views of the weights).
 struct BlockDesc {
@@ -621,7 +588,7 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
       k.tw = tile_width<acc_t>(k.P_out, 1, at::get_num_threads());
       k.nv = static_cast<int>(k.tw / Simd<acc_t>::LANES);
       const int64_t ntiles = (k.P_out + k.tw - 1) / k.tw;
-      at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) { run_pointwise(k, b, e); });
+      at::parallel_for(0, ntiles, 1, [&](int64_t b, int64_t e) { pointwise_tiles(k, b, e); });
       return;
     }
     k.sl = bd.sl;

@@ -25,8 +25,7 @@ class CPUBackend(Backend):
 
     def run(self, x, chain):
         from .. import _ops
-        from .._block import run_segments
-        from .._chain import needs_grad
+        from .._block import needs_grad, run_segments
 
         if chain.is_plain:
             return run_op_family(_ops.FAMILY, x, chain)
