@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ._autograd import _needs_autograd
 from ._chain import Chain, to_layout_of
 
 _ACT_FNS = {1: F.relu, 2: F.relu6, 3: F.hardswish}
@@ -22,16 +23,14 @@ def apply_activation(h: torch.Tensor, code: int) -> torch.Tensor:
 
 
 def needs_grad(x, chain: Chain) -> bool:
-    """Whether a call with these tensors records gradients (grad mode on and x, a weight or a
-    bias requires grad)."""
-    if not torch.is_grad_enabled():
-        return False
-    ts = [x, *chain.weights, *(b for b in chain.biases if b is not None)]
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+    """Whether a call with these tensors needs derivatives: reverse mode (grad mode on and x, a
+    weight or a bias requires grad), forward mode or a torch.func transform (the rule of the
+    chain ops' autograd wrappers). The block op has none of them."""
+    return _needs_autograd(x, chain.weights, [b for b in chain.biases if b is not None])
 
 
 def inference_only_check(x: torch.Tensor, chain: Chain) -> None:
-    """Raise when gradients are wanted through a spatial layer (spatial layers are inference
+    """Raise when derivatives are wanted through a spatial layer (spatial layers are inference
     only in this version)."""
     spatial = chain.spatial_layers()
     if spatial and needs_grad(x, chain):

@@ -50,6 +50,7 @@ import operator
 import torch.nn.functional as F
 
 from . import _loader
+from ._autograd import _needs_autograd
 from ._chain import ACTIVATIONS, MAX_KERNEL_SIZE, interleave_index, normalize_permutation
 from ._ops import op_biases
 from .backends import scope_stack
@@ -126,7 +127,7 @@ class FusedBlock(nn.Module):
         ws = [bufs[f"weight_{l}"] for l in range(L)]
         if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4
                 or self.backend not in _DIRECT_BACKENDS or x.dtype != ws[0].dtype
-                or (x.requires_grad and torch.is_grad_enabled())
+                or _needs_autograd(x, (), ())
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
                 or not _loader.ext_loaded()
                 or any(n not in _DIRECT_BACKENDS for n in scope_stack())

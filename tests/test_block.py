@@ -529,6 +529,33 @@ def test_pointwise_block_gradcheck(chain):
         assert torch.autograd.gradcheck(f, ts, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_forward_mode_and_transforms():
+    """torch.func.jvp and vmap through activations and a residual add on the fused backend
+    equal the reference's (they take the segmented path: the block op has no forward-mode or
+    vmap rule), and a jvp through a spatial layer is refused like a gradient."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=g)
+    w = [torch.randn(8, 4, dtype=torch.float64, generator=g),
+         torch.randn(8, 4, dtype=torch.float64, generator=g)]
+    t = torch.randn(x.shape, dtype=torch.float64, generator=g)
+    kw = dict(activations=["relu", "hardswish"], residual=True)
+
+    def f(x):
+        return igc.interleaved_group_conv(x, w, [2, 2], backend=FUSED, **kw)
+
+    def r(x):
+        return R.interleaved_group_conv(x, w, [2, 2], **kw)
+
+    for a, b in zip(torch.func.jvp(f, (x,), (t,)), torch.func.jvp(r, (x,), (t,))):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(torch.vmap(f)(x.unsqueeze(1)), torch.vmap(r)(x.unsqueeze(1)),
+                               rtol=1e-10, atol=1e-10)
+    wd = torch.randn(8, 1, 3, 3, dtype=torch.float64, generator=g)
+    with pytest.raises(ValueError, match=r"layer 1 is a 3x3 spatial layer"):
+        torch.func.jvp(lambda x: igc.interleaved_group_conv(x, [wd], [8], backend=FUSED),
+                       (x,), (t,))
+
+
 def test_pointwise_block_input_index_grads():
     """input_index with repeats + activations + residual, with gradients: dx sums over the
     repeated channels and adds the residual's identity."""

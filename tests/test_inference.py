@@ -273,6 +273,8 @@ def test_optimized_model_runs_without_no_grad():
     y = opt(x)
     assert (y - ref).abs().max() <= 1e-4 * ref.abs().max()
     with pytest.raises(ValueError, match=r"layer \d+ is a 3x3 spatial layer"):
+        torch.func.jvp(opt, (x,), (torch.randn_like(x),))  # forward mode: refused too
+    with pytest.raises(ValueError, match=r"layer \d+ is a 3x3 spatial layer"):
         opt(x.requires_grad_())
 
 
