@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import torch
 
 import igc_kernels as igc
 from igc_kernels._chain import empty_like_layout
-from igc_test_utils import assert_within_rounding, expanded_like, make_tensor
+from igc_test_utils import assert_within_rounding, expanded_like, make_tensor, two_x_failure
 
 # Slow (compilers, subprocesses): run as its own step of `make test` (-m slow).
 pytestmark = pytest.mark.slow
@@ -82,11 +83,52 @@ def test_nvcc_compiles_device_code_sm80_sm90(tmp_path):
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
+        # the tensor-core forward: 2 formats x 3 tiles, and its weight packing per format
+        assert sum("chain_forward_mma_kernel" in n for n in names) == 6, names
+        assert sum("pack_mma_weights_kernel" in n for n in names) == 2, names
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["registers"] * 256 <= 65536, k
             assert k["spill_bytes"] == 0, k
             if "chain_" in k["mangled"] and "Idd" not in k["mangled"]:
                 assert k["registers"] <= 128, k
+
+
+def _cuobjdump():
+    try:
+        import triton
+    except ImportError:
+        return shutil.which("cuobjdump")
+    path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(path) if path.exists() else shutil.which("cuobjdump")
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
+def test_mma_kernel_sass_uses_tensor_cores_uniformly(tmp_path):
+    """The sm_80 / sm_90 SASS of every tensor-core forward: HMMA (m16n8k16 and m16n8k8, bf16 or
+    f16 inputs, fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans), and none of them
+    predicated: ldmatrix / mma.sync are .aligned, every lane of a warp must execute the same
+    instruction, which the host emulation cannot see."""
+    src = TEST_CSRC / "chain_kernels_instantiate.cu"
+    for arch in ("80", "90"):
+        cubin = tmp_path / f"k{arch}.cubin"
+        _run([NVCC, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
+              f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{CUDA_DIR}", str(src), "-o",
+              str(cubin)])
+        sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
+        funcs = sass.split("Function : ")[1:]
+        mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
+        assert len(mma) == 6, [f.split()[0] for f in funcs]
+        for f in mma:
+            name = f.split()[0]
+            fmt = ".BF16" if "MmaBf16" in name else ""  # f16 inputs carry no suffix
+            instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
+            ops = [op for _, op in instrs]
+            assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
+            assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
+            predicated = [op for pred, op in instrs if pred and op.split(".")[0] in ("HMMA",
+                                                                                      "LDSM")]
+            assert not predicated, (arch, name, predicated)
 
 
 def _torch_cuda_headers():
@@ -161,6 +203,7 @@ def emu(tmp_path_factory):
     assert lib.igc_emu_sizeof_host_chain() == ctypes.sizeof(HostChain)
     lib.igc_emu_forward.restype = ctypes.c_int
     lib.igc_emu_backward.restype = ctypes.c_int
+    lib.igc_emu_forward_mma.restype = ctypes.c_int
     return lib
 
 
@@ -245,6 +288,41 @@ class EmuCase:
         assert rc == 0, f"emulated forward failed with code {rc} (plan {list(plan)})"
         guard()
         return y, list(plan)
+
+    def emu_forward_mma(self, lib, x, device=H100, occupancy=1):
+        """The tensor-core forward (float16 / bfloat16; weights and biases passed in float32,
+        as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid)."""
+        assert self.dtype in (torch.float16, torch.bfloat16)
+        h = self.host_chain()
+        W, B = (t.float() for t in self._flat())
+        y, guard = _guarded_like(empty_like_layout(x, self.channels[-1]))
+        plan = (ctypes.c_int64 * 2)()
+        rc = lib.igc_emu_forward_mma(int(self.dtype == torch.bfloat16), ctypes.byref(h),
+                                     ctypes.c_void_p(W.data_ptr()), ctypes.c_void_p(B.data_ptr()),
+                                     ctypes.byref(_etensor(x)), ctypes.byref(_etensor(y)),
+                                     ctypes.byref(EmuDevice(*device, occupancy)), plan)
+        assert rc == 0, f"emulated tensor-core forward failed with code {rc} (plan {list(plan)})"
+        guard()
+        return y, list(plan)
+
+    def unfused(self, x):
+        """The unfused chain in the case's dtype (every layer's output rounded to it)."""
+        h0 = x if self.index is None else x.index_select(1, self.index.long())
+        return igc.reference.interleaved_group_conv(h0, self.weights, self.groups, self.perms,
+                                                    self.biases)
+
+    def check_mma(self, lib, x, device=H100, occupancy=1):
+        """The tensor-core forward against the float64 oracle: within twice the error of the
+        unfused chain in the same dtype (the rule of every 16-bit result), finite, and in the
+        output layout of the contract."""
+        y, plan = self.emu_forward_mma(lib, x, device, occupancy)
+        y64, _ = self.reference(x, torch.zeros(empty_like_layout(x, self.channels[-1]).shape,
+                                               dtype=self.dtype))
+        msg = two_x_failure("output", y, y64, self.unfused(x))
+        assert msg is None, msg
+        assert bool(torch.isfinite(y).all())
+        assert y.stride() == empty_like_layout(x, self.channels[-1]).stride()
+        return y, plan
 
     def emu_backward(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
         h = self.host_chain()
@@ -520,3 +598,127 @@ def test_emulated_gradients_are_deterministic(emu):
         again = c.emu_backward(emu, x, gy, device=TWO_SM)
         for a, b in zip(first[:3], again[:3]):
             assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core forward (chain_mma.cuh) under emulation: mma.sync / ldmatrix fragment layouts
+# ---------------------------------------------------------------------------------------------
+LOW = {"bf16": torch.bfloat16, "f16": torch.float16}
+
+# (channels, groups): m16n8k8 (n <= 8: 8, 4, 1, 3), m16n8k16 with one and several k-steps
+# (16, 32, 64, 24 padded to 32), output blocks of 8 and partial ones (m = 12, 5, 2), non-square
+# groups, a dense layer
+MMA_WIDTHS = {
+    "igcv2_w8": ([64, 64, 64, 64], [8, 8, 8]),
+    "w16_w32": ([32, 64, 32], [2, 2]),
+    "w64_dense": ([64, 64, 64], [1, 4]),
+    "w4_w1": ([16, 16, 16], [4, 16]),
+    "w24_m12": ([48, 24, 48], [2, 2]),
+    "odd_3_5": ([9, 15, 10], [3, 5]),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("case", MMA_WIDTHS.values(), ids=MMA_WIDTHS.keys())
+def test_emulated_mma_group_widths(emu, case, dtype):
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=len(channels))
+    x = _x((2, channels[0], 5, 7), "contiguous", dtype, 1)
+    _, plan = c.check_mma(emu, x)
+    assert plan[0] in (16, 32, 64), plan
+
+
+MMA_LAYOUTS = {
+    "tokens": ((70,), "contiguous"),
+    "nchw_full_tiles": ((2, 8, 8), "contiguous"),   # 64-position runs: the 16-byte path
+    "nchw_tail": ((3, 5, 7), "contiguous"),
+    "channels_last": ((2, 6, 5), "channels_last"),
+    "sliced": ((2, 4, 5), "sliced"),
+    "sliced_channels_last": ((2, 3, 6), "sliced_channels_last"),
+    "permuted": ((2, 4, 3), "permuted"),
+    "ncdhw_channels_last": ((2, 2, 3, 4), "channels_last"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
+def test_emulated_mma_layouts(emu, layout):
+    """Every load / store path of the 16-bit tiles: 16-byte rows (NCHW runs), 8-channel vectors
+    (channels-last, C % 8 == 0: 16 -> 32 channels) and the scalar path (C = 12, strided views),
+    tile tails, several tiles per CTA (two SMs)."""
+    sp, xl = layout
+    N, spatial = sp[0], sp[1:]
+    gen = torch.Generator().manual_seed(5)
+    for channels, groups in (([16, 32, 16], [2, 4]), ([12, 24, 10], [4, 2])):
+        c = EmuCase(channels, groups, perms=["interleave", torch.randperm(channels[-1],
+                                                                          generator=gen)],
+                    bias=[True, False], dtype=torch.bfloat16, seed=3)
+        x = _x((N, channels[0], *spatial), xl, torch.bfloat16, 6)
+        c.check_mma(emu, x)
+        c.check_mma(emu, x, device=TWO_SM)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+def test_emulated_mma_input_index_and_permutations(emu, dtype):
+    """An input index with repeats and unused channels and explicit permutations after every
+    layer (int64 and int32): the permutations are the ldmatrix row addresses."""
+    gen = torch.Generator().manual_seed(9)
+    index = torch.tensor([3, 0, 3, 5, 7, 7, 7, 1] * 2, dtype=torch.int32)
+    perms = [torch.randperm(32, generator=gen), torch.randperm(16, generator=gen).to(torch.int32)]
+    c = EmuCase([16, 32, 16], [2, 4], perms=perms, bias=[True, True], index=index, c_in=9,
+                dtype=dtype, seed=4)
+    for layout in ("contiguous", "channels_last"):
+        c.check_mma(emu, _x((2, 9, 4, 5), layout, dtype, 8))
+
+
+@needs_cxx
+def test_emulated_mma_tiles_and_shared_memory(emu):
+    """The tile follows the shared memory: 64 positions when two CTAs fit, 32 and 16 on devices
+    with less; a chain that does not fit a 16-position tile is refused (code 4)."""
+    c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
+    x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
+    smem = lambda tp: (2 * 128 + 1) * tp * 2 + 2 * tp * 8  # noqa: E731 (mma_forward_smem_bytes)
+    for tp in (64, 32, 16):
+        per_sm = 2 * (smem(tp) + 1024)
+        y, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))
+        assert plan[0] == tp, (tp, plan)
+    h, (W, B) = c.host_chain(), c._flat()
+    y = torch.empty(2, 64, 9, 11, dtype=torch.bfloat16)
+    plan = (ctypes.c_int64 * 2)()
+    rc = emu.igc_emu_forward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.float().data_ptr()),
+                                 ctypes.c_void_p(B.float().data_ptr()), ctypes.byref(_etensor(x)),
+                                 ctypes.byref(_etensor(y)),
+                                 ctypes.byref(EmuDevice(2, smem(16) - 1, smem(16) - 1, 1)), plan)
+    assert rc == 4, rc
+
+
+@needs_cxx
+def test_emulated_mma_keeps_groups_apart(emu):
+    """Groups are never packed into one product: an infinite input of one group leaves the
+    other groups' outputs finite and equal to those of the finite input (a block-diagonal
+    16 x 16 packing would turn them into NaN through 0 * inf)."""
+    c = EmuCase([32, 32], [4], perms=[None], dtype=torch.bfloat16, seed=2)
+    x = _x((1, 32, 4, 4), "contiguous", torch.bfloat16, 1)
+    y, _ = c.emu_forward_mma(emu, x)
+    x_inf = x.clone()
+    x_inf[:, 3] = float("inf")  # group 0 (inputs 0..7)
+    y_inf, _ = c.emu_forward_mma(emu, x_inf)
+    assert torch.equal(y_inf[:, 8:], y[:, 8:])
+    assert not bool(torch.isfinite(y_inf[:, :8]).all())
+
+
+@needs_cxx
+def test_emulated_mma_rounds_like_the_unfused_chain(emu):
+    """Intermediates are rounded to the storage dtype between layers, as the unfused chain does:
+    with exactly representable products and sums (small integers) both give the same bits."""
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, True], dtype=torch.bfloat16, seed=1)
+    gen = torch.Generator().manual_seed(1)
+    c.weights = [torch.randint(-2, 3, w.shape, generator=gen).to(torch.bfloat16)
+                 for w in c.weights]
+    c.biases = [torch.randint(-3, 4, b.shape, generator=gen).to(torch.bfloat16)
+                for b in c.biases]
+    x = torch.randint(-3, 4, (2, 16, 3, 5), generator=gen).to(torch.bfloat16)
+    y, _ = c.emu_forward_mma(emu, x)
+    assert torch.equal(y, c.unfused(x))

@@ -9,6 +9,10 @@
 // (input index, then the gather index after every layer: shuffles computed, explicit
 // permutations copied). The backward with an input index builds its CSR list (dx channel c <- dh_0
 // rows j with input_index[j] == c, in increasing j) with a stable sort and a searchsorted.
+//
+// float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh
+// (one more small kernel packs the weights into mma fragments first); IGC_CUDA_TENSOR_CORES=0 in
+// the environment selects the CUDA-core kernel instead. Backwards run the CUDA-core kernel.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
@@ -26,6 +30,8 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <tuple>
 #include <type_traits>
@@ -33,6 +39,7 @@
 
 #include "chain_args.h"
 #include "chain_kernels.cuh"
+#include "chain_mma.cuh"
 
 namespace igc {
 namespace {
@@ -129,6 +136,44 @@ kc::TensorArg<T> tensor_arg(const at::Tensor& t) {
               " positions; use backend='cpu' or 'reference' for this chain");
 }
 
+// The tensor-core forward is used unless IGC_CUDA_TENSOR_CORES=0 (read once).
+bool tensor_cores_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("IGC_CUDA_TENSOR_CORES");
+    return v == nullptr || std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// The forward of a float16 / bfloat16 chain on tensor cores (chain_mma.cuh). False when the
+// device has none for it (sm < 80) or the tile does not fit; the caller then runs the CUDA-core
+// kernel.
+template <class Fmt>
+bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
+                 at::TensorList biases, const at::Tensor& x, at::Tensor& y, int64_t P,
+                 const kc::DeviceInfo& info, cudaStream_t stream) {
+  if (info.cc_major < 8 || !tensor_cores_enabled()) return false;
+  kc::MmaPlan plan;
+  {
+    const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr, nullptr);
+    C10_CUDA_CHECK(kc::plan_forward_mma<Fmt>(probe, P, info, &plan));
+    if (plan.mt == 0) return false;
+  }
+  at::Tensor W = flat_params(weights, nullptr, at::kFloat);
+  at::Tensor B = d.num_bias_elems > 0 ? flat_params(biases, &d.has_bias, at::kFloat) : at::Tensor();
+  at::Tensor table = at::empty({kc::index_table_size(h)}, x.options().dtype(at::kInt));
+  kc::MmaParams mp = kc::make_mma_params(h, W.data_ptr<float>(),
+                                         B.defined() ? B.data_ptr<float>() : nullptr,
+                                         table.data_ptr<int32_t>(), nullptr);
+  at::Tensor frag = at::empty({2 * mp.num_frag}, x.options().dtype(at::kInt));
+  mp.frag = reinterpret_cast<const uint2*>(frag.data_ptr<int32_t>());
+  C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
+  C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
+      mp, reinterpret_cast<uint2*>(frag.data_ptr<int32_t>()),
+      tensor_arg<const uint16_t>(x), tensor_arg<uint16_t>(y), P, plan, stream));
+  return true;
+}
+
 at::Tensor chain_forward_cuda(const at::Tensor& x, at::TensorList weights, at::TensorList biases,
                               at::IntArrayRef groups, at::IntArrayRef shuffles,
                               const OptTensorList& perms,
@@ -146,6 +191,12 @@ at::Tensor chain_forward_cuda(const at::Tensor& x, at::TensorList weights, at::T
   const kc::DeviceInfo info = device_info(x.get_device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
 
+  if (x.scalar_type() == at::kBFloat16 &&
+      forward_mma<kc::MmaBf16>(h, d, weights, biases, x, y, P, info, stream))
+    return y;
+  if (x.scalar_type() == at::kHalf &&
+      forward_mma<kc::MmaF16>(h, d, weights, biases, x, y, P, info, stream))
+    return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_forward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     using A = typename kc::Cvt<T>::acc;

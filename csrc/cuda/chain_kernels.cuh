@@ -668,10 +668,13 @@ struct DeviceInfo {
   int sm_count;
   int smem_optin;   // max dynamic shared memory per block (opt-in)
   int smem_per_sm;  // shared memory per multiprocessor
+  int cc_major;     // compute capability (major)
 };
 
 inline cudaError_t query_device(int device, DeviceInfo* info) {
   cudaError_t e = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&info->cc_major, cudaDevAttrComputeCapabilityMajor, device);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
   if (e != cudaSuccess) return e;

@@ -3,6 +3,7 @@
 // `nvcc -c` for sm_80 and sm_90 on machines without a GPU. Not part of the extension build
 // (chain_cuda.cu instantiates what it launches).
 #include "chain_kernels.cuh"
+#include "chain_mma.cuh"
 
 namespace igc {
 namespace cuda {
@@ -34,6 +35,26 @@ IGC_INSTANTIATE(double, double)
 IGC_INSTANTIATE(__half, float)
 IGC_INSTANTIATE(__nv_bfloat16, float)
 #undef IGC_INSTANTIATE
+
+// the tensor-core forward: every element format and tile
+#define IGC_INSTANTIATE_MMA(F)                                                                  \
+  template __global__ void pack_mma_weights_kernel<F>(const MmaParams, uint2*);                 \
+  template __global__ void chain_forward_mma_kernel<F, 1>(                                      \
+      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);    \
+  template __global__ void chain_forward_mma_kernel<F, 2>(                                      \
+      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);    \
+  template __global__ void chain_forward_mma_kernel<F, 4>(                                      \
+      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);    \
+  template cudaError_t plan_forward_mma<F>(const MmaParams&, int64_t, const DeviceInfo&,        \
+                                           MmaPlan*);                                           \
+  template cudaError_t launch_forward_mma<F>(const MmaParams&, uint2*,                          \
+                                             const TensorArg<const uint16_t>&,                  \
+                                             const TensorArg<uint16_t>&, int64_t,               \
+                                             const MmaPlan&, cudaStream_t);
+
+IGC_INSTANTIATE_MMA(MmaBf16)
+IGC_INSTANTIATE_MMA(MmaF16)
+#undef IGC_INSTANTIATE_MMA
 
 }  // namespace cuda
 }  // namespace igc

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "chain_kernels.cuh"
+#include "chain_mma.cuh"
 
 namespace {
 
@@ -117,9 +118,47 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
   return 0;
 }
 
+// The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain; W and B in float32 (as
+// the CUDA launcher passes them). plan_out: tile positions, grid.
+template <class Fmt>
+int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
+                const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
+  if (h->L < 1 || h->L > kMaxLayers) return 1;
+  set_device(dev);
+  std::vector<int32_t> table(static_cast<size_t>(index_table_size(*h)));
+  if (launch_build_index_table(*h, table.data(), nullptr) != cudaSuccess) return 2;
+  MmaParams mp = make_mma_params(*h, static_cast<const float*>(W), static_cast<const float*>(B),
+                                 table.data(), nullptr);
+  const int64_t P = num_positions(static_cast<int>(x->dim), x->sizes);
+  if (P == 0) return 0;
+  DeviceInfo info;
+  query_device(0, &info);
+  MmaPlan pl;
+  if (plan_forward_mma<Fmt>(mp, P, info, &pl) != cudaSuccess) return 3;
+  if (plan_out != nullptr) {
+    plan_out[0] = 16 * pl.mt;
+    plan_out[1] = pl.grid;
+  }
+  if (pl.mt == 0) return 4;
+  std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
+  mp.frag = frag.data();
+  if (launch_forward_mma<Fmt>(mp, frag.data(), arg<const uint16_t>(x), arg<uint16_t>(y), P, pl,
+                              nullptr) != cudaSuccess)
+    return 5;
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
+
+int igc_emu_forward_mma(int is_bf16, const HostChain* h, const void* W, const void* B,
+                        const EmuTensor* x, const EmuTensor* y, const EmuDevice* dev,
+                        int64_t* plan_out) {
+  return is_bf16 ? forward_mma<MmaBf16>(h, W, B, x, y, dev, plan_out)
+                 : forward_mma<MmaF16>(h, W, B, x, y, dev, plan_out);
+}
+
 
 int igc_emu_forward(int is_double, const HostChain* h, const void* W, const void* B,
                     const EmuTensor* x, const EmuTensor* y, const EmuDevice* dev,

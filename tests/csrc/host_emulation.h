@@ -7,11 +7,17 @@
 // buffer per block filled with 0xFF bytes (NaN as float or double, so a read of a location that
 // was never written shows up in the results) and surrounded by guard bytes that are checked
 // after the block (an out-of-range shared-memory write makes cudaGetLastError() fail).
-// Only what the kernels use is emulated: no warp intrinsics, atomics or streams.
+// Warp-level instructions of the tensor-core kernel (ldmatrix, mma.sync) are collective over the
+// 32 threads of a warp: every lane deposits its operands, the warp meets at a barrier, each lane
+// computes its own results from all deposits with the PTX ISA's fragment layouts (written from
+// the ISA's tables, independently of the kernel), and the warp meets again before the deposits
+// are reused. float16 / bfloat16 values are raw 16-bit patterns, converted with
+// round-to-nearest-even. Nothing else is emulated: no other warp intrinsics, atomics or streams.
 #pragma once
 
 #include <atomic>
 #include <barrier>
+#include <memory>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -38,6 +44,9 @@ struct alignas(16) double2 {
 struct alignas(16) uint4 {
   unsigned x, y, z, w;
 };
+struct alignas(8) uint2 {
+  unsigned x, y;
+};
 
 typedef int cudaError_t;
 typedef void* cudaStream_t;
@@ -47,6 +56,7 @@ constexpr cudaError_t cudaErrorIllegalAddress = 700;
 constexpr cudaError_t cudaErrorAssert = 710;
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
+  cudaDevAttrComputeCapabilityMajor,
   cudaDevAttrMaxSharedMemoryPerBlockOptin,
   cudaDevAttrMaxSharedMemoryPerMultiprocessor
 };
@@ -76,10 +86,18 @@ inline std::atomic<bool>& assert_raised() {
 }
 inline void device_assert_fail(const char*) { assert_raised() = true; }
 
+// The exchange area of one warp's collective instructions.
+struct Warp {
+  std::barrier<> barrier{32};
+  const void* addr[32];
+  uint32_t regs[32][6];
+};
+
 struct ThreadState {
   dim3 thread_idx, block_idx;
   unsigned char* smem = nullptr;
   std::barrier<>* barrier = nullptr;
+  Warp* warp = nullptr;
 };
 inline ThreadState& state() {
   thread_local ThreadState s;
@@ -109,6 +127,8 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
     std::memset(raw + kGuard, 0xFF, smem_bytes);
     std::memset(raw + kGuard + smem_bytes, kGuardByte, kGuard);
     std::barrier<> bar(static_cast<std::ptrdiff_t>(block.x));
+    std::vector<std::unique_ptr<Warp>> warps;
+    for (unsigned w = 0; w < (block.x + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
     std::vector<std::thread> threads;
     threads.reserve(block.x);
     for (unsigned t = 0; t < block.x; ++t) {
@@ -118,6 +138,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
         s.block_idx = dim3(b);
         s.smem = raw + kGuard;
         s.barrier = &bar;
+        s.warp = warps[t / 32].get();
         kernel(args...);
       });
     }
@@ -128,6 +149,93 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
     }
     if (assert_raised().exchange(false)) last_error() = cudaErrorAssert;
   }
+}
+
+// ---- 16-bit floating-point formats (raw bit patterns) ----------------------------------------
+inline float bits_to_float(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+inline float bf16_to_float(uint16_t v) { return bits_to_float(static_cast<uint32_t>(v) << 16); }
+inline uint16_t float_to_bf16(float f) {
+  const uint32_t b = float_to_bits(f);
+  if ((b & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((b >> 16) | 0x40);  // NaN
+  return static_cast<uint16_t>((b + 0x7fffu + ((b >> 16) & 1u)) >> 16);  // nearest, ties even
+}
+inline float f16_to_float(uint16_t v) {
+  _Float16 h;
+  std::memcpy(&h, &v, 2);
+  return static_cast<float>(h);
+}
+inline uint16_t float_to_f16(float f) {
+  const _Float16 h = static_cast<_Float16>(f);  // IEEE conversion: nearest, ties even
+  uint16_t v;
+  std::memcpy(&v, &h, 2);
+  return v;
+}
+
+// ---- warp-level instructions -------------------------------------------------------------
+inline int lane_id() { return static_cast<int>(state().thread_idx.x & 31u); }
+
+// ldmatrix.sync.aligned.m8n8.x{nm}[.trans].shared.b16: lanes 8 j .. 8 j + 7 give the addresses
+// of rows 0..7 of matrix j (8 consecutive 16-bit values each). Without .trans, lane i receives
+// elements (row i / 4, columns 2 (i % 4), 2 (i % 4) + 1) of each matrix; with .trans, elements
+// (rows 2 (i % 4), 2 (i % 4) + 1, column i / 4), the lower index in the low half.
+inline void warp_ldmatrix(uint32_t* r, const uint16_t* row, int nm, bool trans) {
+  Warp& w = *state().warp;
+  const int lane = lane_id();
+  w.addr[lane] = row;
+  w.barrier.arrive_and_wait();
+  for (int j = 0; j < nm; ++j) {
+    uint16_t e[2];
+    for (int h = 0; h < 2; ++h) {
+      const int a = lane / 4, b = 2 * (lane % 4) + h;  // (row, column) of the fragment element
+      const int srow = trans ? b : a, scol = trans ? a : b;
+      e[h] = static_cast<const uint16_t*>(w.addr[8 * j + srow])[scol];
+    }
+    r[j] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
+  }
+  w.barrier.arrive_and_wait();
+}
+
+// mma.sync.aligned.m16n8k{K}.row.col.f32.{bf16,f16}.{bf16,f16}.f32, d = A B + d, with
+// groupID = lane / 4 and t = lane % 4:
+//   A (16 x K): register q holds (row groupID + 8 (q % 2), columns 2 t + 8 (q / 2) + {0, 1});
+//   B (K x 8):  register q holds (rows 2 t + 8 q + {0, 1}, column groupID);
+//   D (16 x 8): d[q] is (row groupID + 8 (q / 2), column 2 t + q % 2).
+// Products of 16-bit values are exact in fp32; the sum is taken in fp32 in k order.
+inline void warp_mma(float* d, const uint32_t* a, const uint32_t* b, int K, bool bf16) {
+  Warp& w = *state().warp;
+  const int lane = lane_id();
+  const int na = K / 4, nb = K / 8;
+  for (int q = 0; q < na; ++q) w.regs[lane][q] = a[q];
+  for (int q = 0; q < nb; ++q) w.regs[lane][4 + q] = b[q];
+  w.barrier.arrive_and_wait();
+  auto val = [&](uint32_t reg, int h) {
+    const uint16_t v = static_cast<uint16_t>(h ? reg >> 16 : reg & 0xffffu);
+    return bf16 ? bf16_to_float(v) : f16_to_float(v);
+  };
+  auto A = [&](int row, int k) {
+    const int src = (row % 8) * 4 + (k % 8) / 2;
+    return val(w.regs[src][(row / 8) + 2 * (k / 8)], k % 2);
+  };
+  auto B = [&](int k, int col) {
+    const int src = col * 4 + (k % 8) / 2;
+    return val(w.regs[src][4 + k / 8], k % 2);
+  };
+  for (int q = 0; q < 4; ++q) {
+    const int row = lane / 4 + 8 * (q / 2), col = 2 * (lane % 4) + q % 2;
+    float s = d[q];
+    for (int k = 0; k < K; ++k) s += A(row, k) * B(k, col);
+    d[q] = s;
+  }
+  w.barrier.arrive_and_wait();
 }
 
 }  // namespace igc_emu
@@ -146,7 +254,8 @@ inline cudaError_t cudaGetLastError() {
 }
 inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   const igc_emu::Device& d = igc_emu::device();
-  *v = a == cudaDevAttrMultiProcessorCount ? d.sm_count
+  *v = a == cudaDevAttrMultiProcessorCount      ? d.sm_count
+       : a == cudaDevAttrComputeCapabilityMajor ? 9
        : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? d.smem_optin
                                                       : d.smem_per_sm;
   return cudaSuccess;

@@ -1,0 +1,557 @@
+// Tensor-core forward of the chain for float16 / bfloat16 (sm_80 and newer): the group products
+// as warp-level mma.sync, the permutations as the row addresses of the ldmatrix reads.
+//
+// Tile. A CTA takes TP = 16 * MT positions (MT in {1, 2, 4}) and keeps two [channel][TP] tiles
+// of the storage dtype in shared memory (ping-pong) plus one row of zeros. Intermediates are
+// rounded to the storage dtype between layers, as the unfused chain of the same dtype rounds
+// each layer's output; products accumulate in fp32. Rows are TP elements long, in 16-byte
+// chunks of 8 positions; chunk c of row r sits at chunk c ^ swizzle(r) of that row (below), so
+// that the 8 rows an ldmatrix phase reads (consecutive rows, or the rows g * m + k of a shuffle)
+// fall in different banks.
+//
+// Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs); a warp
+// takes an item and computes D[position][output] = H[position][k] W_g^T[k][output] for every
+// 16-position row block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or
+// m16n8k8 (n <= 8): A = the activations, B = the weights, D = fp32 accumulators initialised with
+// the bias. Groups are never mixed in one product (a non-finite input cannot leak into another
+// group's outputs); inputs beyond n read the zero row and weights beyond n / m are zero. A is
+// loaded with ldmatrix.trans from the channel-major tile: lane i gives the address of one
+// 8-position row piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is
+// gather_{l-1}[g * n + k] of the previous layer's output: a permutation costs nothing. B comes
+// from fragments packed once per call by pack_mma_weights_kernel (a 64-bit load per lane and
+// k-step, reused by the MT row blocks). D is rounded and stored to the other tile in natural
+// output order. The store of y reads row gather_L[j] for output channel j.
+//
+// Under IGC_EMULATE the warp-level instructions (ldmatrix, mma.sync) come from
+// tests/csrc/host_emulation.h, which implements the PTX ISA's fragment layouts: the tests check
+// this kernel's results on a machine without a GPU.
+#pragma once
+
+#include "chain_kernels.cuh"
+
+namespace igc {
+namespace cuda {
+
+constexpr int kMmaMaxMt = 4;  // largest tile: 64 positions
+
+// ---------------------------------------------------------------------------------------------
+// Element formats of the tensor-core path (tiles hold raw 16-bit values)
+// ---------------------------------------------------------------------------------------------
+struct MmaBf16 {
+  static constexpr bool is_bf16 = true;
+};
+struct MmaF16 {
+  static constexpr bool is_bf16 = false;
+};
+
+template <class Fmt>
+__host__ __device__ __forceinline__ float mma_to_float(uint16_t v) {
+#ifdef IGC_EMULATE
+  return Fmt::is_bf16 ? igc_emu::bf16_to_float(v) : igc_emu::f16_to_float(v);
+#else
+  if constexpr (Fmt::is_bf16) return __bfloat162float(__ushort_as_bfloat16(v));
+  else return __half2float(__ushort_as_half(v));
+#endif
+}
+template <class Fmt>
+__host__ __device__ __forceinline__ uint16_t mma_from_float(float v) {
+#ifdef IGC_EMULATE
+  return Fmt::is_bf16 ? igc_emu::float_to_bf16(v) : igc_emu::float_to_f16(v);
+#else
+  if constexpr (Fmt::is_bf16) return __bfloat16_as_ushort(__float2bfloat16_rn(v));
+  else return __half_as_ushort(__float2half_rn(v));
+#endif
+}
+// Two values in one 32-bit register, the lower index in the low half (mma operand order).
+template <class Fmt>
+__host__ __device__ __forceinline__ uint32_t mma_pack(float lo, float hi) {
+  return static_cast<uint32_t>(mma_from_float<Fmt>(lo)) |
+         (static_cast<uint32_t>(mma_from_float<Fmt>(hi)) << 16);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Warp-level instructions
+// ---------------------------------------------------------------------------------------------
+// ldmatrix .trans of NM 8x8 matrices of 16-bit values; lane i gives the address of row i % 8 of
+// matrix i / 8 (lanes 8 * NM and up: ignored), element `elem` of the shared array `base`.
+// r[j] receives matrix j's fragment.
+template <int NM>
+__device__ __forceinline__ void ldmatrix_trans(uint32_t* r, const uint16_t* base, int elem) {
+#ifdef IGC_EMULATE
+  igc_emu::warp_ldmatrix(r, base + elem, NM, /*trans=*/true);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  // a 32-bit shared-window address (the conversion of `base` is loop-invariant)
+  const unsigned a =
+      static_cast<unsigned>(__cvta_generic_to_shared(base)) + 2u * static_cast<unsigned>(elem);
+  if constexpr (NM == 4) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    static_assert(NM == 2, "x2 or x4");
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+  }
+#else
+  (void)r;
+  (void)base;
+  (void)elem;
+  __trap();
+#endif
+}
+
+// d += A (16 x K) * B (K x 8), K = 16 (a: 4 registers, b: 2) or 8 (a: 2, b: 1), fp32 d.
+template <class Fmt, int K>
+__device__ __forceinline__ void mma_sync(float* d, const uint32_t* a, const uint32_t* b) {
+#ifdef IGC_EMULATE
+  igc_emu::warp_mma(d, a, b, K, Fmt::is_bf16);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (K == 16) {
+    if constexpr (Fmt::is_bf16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+  } else {
+    static_assert(K == 8, "k16 or k8");
+    if constexpr (Fmt::is_bf16) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+          "{%4, %5}, {%6}, {%0, %1, %2, %3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+    }
+  }
+#else
+  (void)d;
+  (void)a;
+  (void)b;
+  __trap();
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chain as the tensor-core kernel sees it
+// ---------------------------------------------------------------------------------------------
+struct MmaLayer {
+  int nblk;      // blocks of 8 outputs per group: ceil(m / 8)
+  int ksteps;    // k-steps per item: 1 (m16n8k8, n <= 8) or ceil(n / 16) (m16n8k16)
+  int k8;        // n <= 8: one m16n8k8 step
+  int shift;     // swizzle shift of this layer's output tile (see mma_swizzle)
+  int64_t f_off; // first fragment (uint2 units) of this layer
+};
+
+struct MmaParams {
+  ChainParams<float> c;  // the chain; W: fp32 weights (packing input), B: fp32 biases
+  const uint2* frag;     // packed weight fragments: [layer][group][block][kstep][lane]
+  int64_t num_frag;
+  int x_shift;           // swizzle shift of the x tile
+  MmaLayer layer[kMaxLayers];
+};
+
+inline int log2_if_pow2(int64_t v) {
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return (int64_t(1) << s) == v ? s : -1;
+}
+
+// The swizzle shift of the tile that layer l's output goes to: with a shuffle of s groups after
+// it, layer l + 1 reads rows q * (C / s) + k for consecutive q together, so the shift is
+// log2(C / s) when that is a power of two; 3 otherwise (consecutive rows spread by their low
+// bits).
+inline int mma_shift_after(const HostChain& h, int l) {
+  if (h.shuffle[l] > 0 && h.perm[l] == nullptr) {
+    const int s = log2_if_pow2(h.C[l + 1] / h.shuffle[l]);
+    if (s > 0) return s;
+  }
+  return 3;
+}
+
+inline MmaParams make_mma_params(const HostChain& h, const float* W, const float* B,
+                                 const int32_t* table, const uint2* frag) {
+  MmaParams mp;
+  mp.c = make_params<float>(h, W, B, table);
+  mp.frag = frag;
+  mp.x_shift = 3;
+  int64_t off = 0;
+  for (int l = 0; l < kMaxLayers; ++l) {
+    MmaLayer& ml = mp.layer[l];
+    if (l >= h.L) {
+      ml = MmaLayer{0, 0, 0, 3, off};
+      continue;
+    }
+    const LayerDesc& d = mp.c.layer[l];
+    ml.nblk = (d.m + 7) / 8;
+    ml.k8 = d.n <= 8 ? 1 : 0;
+    ml.ksteps = ml.k8 ? 1 : (d.n + 15) / 16;
+    ml.shift = mma_shift_after(h, l);
+    ml.f_off = off;
+    off += static_cast<int64_t>(d.groups) * ml.nblk * ml.ksteps * 32;
+  }
+  mp.num_frag = off;
+  return mp;
+}
+
+// Physical element of (row r, position t) in a tile of TP positions with swizzle shift s.
+template <int TP>
+__host__ __device__ __forceinline__ int mma_elem(int r, int t, int s) {
+  constexpr int CPR = TP / 8;                                  // 16-byte chunks per row
+  constexpr int LOW = CPR >= 8 ? 0 : (CPR == 4 ? 1 : 2);       // rows per 128-byte line: 2^LOW
+  const int sw = ((r ^ (r >> s)) >> LOW) & (CPR - 1);
+  return r * TP + ((((t >> 3) ^ sw) & (CPR - 1)) << 3) + (t & 7);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight fragments
+// ---------------------------------------------------------------------------------------------
+// Entry (layer l, group g, block b, k-step s, lane i): the lane's B registers of that product:
+// k16: {W[o][k], W[o][k+1]}, {W[o][k+8], W[o][k+9]} with o = g m + 8 b + i / 4 and
+// k = 16 s + 2 (i % 4); k8: {W[o][k], W[o][k+1]}, 0 with k = 2 (i % 4). Zero beyond n and m.
+template <class Fmt>
+__global__ void __launch_bounds__(kThreads)
+    pack_mma_weights_kernel(const MmaParams mp, uint2* __restrict__ frag) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < mp.num_frag;
+       e += stride) {
+    int l = 0;
+    while (l + 1 < mp.c.L && e >= mp.layer[l + 1].f_off) ++l;
+    const MmaLayer& ml = mp.layer[l];
+    const LayerDesc& d = mp.c.layer[l];
+    int64_t t = e - ml.f_off;
+    const int lane = static_cast<int>(t % 32);
+    t /= 32;
+    const int ks = static_cast<int>(t % ml.ksteps);
+    t /= ml.ksteps;
+    const int b = static_cast<int>(t % ml.nblk);
+    const int g = static_cast<int>(t / ml.nblk);
+    const int o = 8 * b + lane / 4;
+    const int k = 16 * ks + 2 * (lane % 4);
+    const float* w = mp.c.W + d.w_off + (static_cast<int64_t>(g) * d.m + o) * d.n;
+    auto at = [&](int kk) { return (o < d.m && kk < d.n) ? w[kk] : 0.0f; };
+    uint2 v;
+    v.x = mma_pack<Fmt>(at(k), at(k + 1));
+    v.y = ml.k8 ? 0u : mma_pack<Fmt>(at(k + 8), at(k + 9));
+    frag[e] = v;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tile movement (raw 16-bit values, swizzled rows)
+// ---------------------------------------------------------------------------------------------
+// tile(row c, t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for tvalid <= t < TP.
+template <int TP>
+__device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int64_t cs,
+                                           const int64_t* pos_off, bool contig, int tvalid, int C,
+                                           const int32_t* __restrict__ src_chan, uint16_t* tile,
+                                           int s) {
+  const int tid = threadIdx.x;
+  if (contig && tvalid == TP) {  // NCHW-like: a row of TP consecutive elements per channel
+    constexpr int NV = TP / 8;
+    const int64_t base = pos_off[0];
+    for (int it = tid; it < C * NV; it += kThreads) {
+      const int c = it / NV, v = it - c * NV;
+      const int64_t chan = src_chan ? src_chan[c] : c;
+      const uint16_t* sp = src + base + chan * cs + v * 8;
+      uint16_t* dp = tile + mma_elem<TP>(c, v * 8, s);
+      if (aligned16(sp)) {
+        *reinterpret_cast<uint4*>(dp) = *reinterpret_cast<const uint4*>(sp);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dp[k] = sp[k];
+      }
+    }
+    return;
+  }
+  if (cs == 1 && src_chan == nullptr && C % 8 == 0) {  // channels-last: 8 channels per vector
+    const int nv = C / 8;
+    for (int it = tid; it < TP * nv; it += kThreads) {
+      const int t = it / nv, c0 = (it - t * nv) * 8;
+      uint16_t e[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+      if (t < tvalid) {
+        const uint16_t* sp = src + pos_off[t] + c0;
+        if (aligned16(sp)) {
+          const uint4 u = *reinterpret_cast<const uint4*>(sp);
+          const uint16_t* ue = reinterpret_cast<const uint16_t*>(&u);
+#pragma unroll
+          for (int k = 0; k < 8; ++k) e[k] = ue[k];
+        } else {
+#pragma unroll
+          for (int k = 0; k < 8; ++k) e[k] = sp[k];
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 8; ++k) tile[mma_elem<TP>(c0 + k, t, s)] = e[k];
+    }
+    return;
+  }
+  // any other layout (and tile tails): scalar, positions fastest
+  for (int it = tid; it < C * TP; it += kThreads) {
+    const int c = it / TP, t = it - c * TP;
+    const int64_t chan = src_chan ? src_chan[c] : c;
+    tile[mma_elem<TP>(c, t, s)] = t < tvalid ? src[pos_off[t] + chan * cs] : uint16_t(0);
+  }
+}
+
+// y[pos t, channel j] = tile(row src_row(j), t) for j < C, t < tvalid.
+template <int TP>
+__device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t cs,
+                                            const int64_t* pos_off, bool contig, int tvalid,
+                                            int C, const int32_t* __restrict__ src_row,
+                                            const uint16_t* tile, int s) {
+  const int tid = threadIdx.x;
+  if (contig && tvalid == TP) {
+    constexpr int NV = TP / 8;
+    const int64_t base = pos_off[0];
+    for (int it = tid; it < C * NV; it += kThreads) {
+      const int j = it / NV, v = it - j * NV;
+      const int r = src_row ? src_row[j] : j;
+      const uint16_t* sp = tile + mma_elem<TP>(r, v * 8, s);
+      uint16_t* dp = dst + base + static_cast<int64_t>(j) * cs + v * 8;
+      if (aligned16(dp)) {
+        *reinterpret_cast<uint4*>(dp) = *reinterpret_cast<const uint4*>(sp);
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dp[k] = sp[k];
+      }
+    }
+    return;
+  }
+  if (cs == 1 && C % 8 == 0) {
+    const int nv = C / 8;
+    for (int it = tid; it < tvalid * nv; it += kThreads) {
+      const int t = it / nv, j0 = (it - t * nv) * 8;
+      uint4 u;
+      uint16_t* e = reinterpret_cast<uint16_t*>(&u);
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        e[k] = tile[mma_elem<TP>(src_row ? src_row[j0 + k] : j0 + k, t, s)];
+      uint16_t* dp = dst + pos_off[t] + j0;
+      if (aligned16(dp)) {
+        *reinterpret_cast<uint4*>(dp) = u;
+      } else {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) dp[k] = e[k];
+      }
+    }
+    return;
+  }
+  for (int it = tid; it < C * TP; it += kThreads) {
+    const int j = it / TP, t = it - j * TP;
+    if (t < tvalid)
+      dst[pos_off[t] + static_cast<int64_t>(j) * cs] =
+          tile[mma_elem<TP>(src_row ? src_row[j] : j, t, s)];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One layer on tensor cores
+// ---------------------------------------------------------------------------------------------
+// out (shift s_out) = layer l of in (shift s_in), in natural output order; in_rows: the rows of
+// the layer's inputs in `in` (gather of the previous layer; null: identity).
+// (Descriptors by value: a reference into the kernel's parameters would copy them all to local
+// memory.)
+template <class Fmt, int MT, int K>
+__device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
+                                            const float* __restrict__ B,
+                                            const uint2* __restrict__ frag, const uint16_t* in,
+                                            int s_in, const int32_t* __restrict__ in_rows,
+                                            uint16_t* out, int s_out, const uint16_t* zero) {
+  constexpr int TP = MT * 16;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  const int items = d.groups * ml.nblk;
+  const float* bias = d.has_bias ? B + d.b_off : nullptr;
+  // the ldmatrix piece this lane addresses: input k_lane of the k-step, positions +pos_lane
+  const int mat = K == 16 ? lane >> 3 : (lane >> 3) & 1;
+  const int k_lane = (K == 16 ? (mat >> 1) * 8 : 0) + (lane & 7);
+  const int pos_lane = (mat & 1) * 8;
+  for (int item = warp; item < items; item += kThreads / 32) {
+    const int g = item / ml.nblk, b = item - g * ml.nblk;
+    const int o = 8 * b + 2 * tig;  // this lane's first output column within the group
+    float acc[MT][4];
+    {
+      const float b0 = (bias && o < d.m) ? bias[g * d.m + o] : 0.0f;
+      const float b1 = (bias && o + 1 < d.m) ? bias[g * d.m + o + 1] : 0.0f;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        acc[mt][0] = b0;
+        acc[mt][1] = b1;
+        acc[mt][2] = b0;
+        acc[mt][3] = b1;
+      }
+    }
+    const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * ml.ksteps) * 32 + lane;
+    for (int ks = 0; ks < ml.ksteps; ++ks) {
+      const uint2 bw = fp[ks * 32];
+      const uint32_t breg[2] = {bw.x, bw.y};
+      const int kk = ks * 16 + k_lane;
+      int row = -1;
+      if (kk < d.n) {
+        const int j = g * d.n + kk;
+        row = in_rows ? in_rows[j] : j;
+      }
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const int t = mt * 16 + pos_lane;
+        // one ldmatrix for the whole warp (.aligned: no lane may take another instruction),
+        // the padding lanes pointing at the zero row
+        uint32_t a[4];
+        ldmatrix_trans<K == 16 ? 4 : 2>(a, row >= 0 ? in : zero,
+                                        row >= 0 ? mma_elem<TP>(row, t, s_in) : t);
+        mma_sync<Fmt, K>(acc[mt], a, breg);
+      }
+    }
+    // D[position][output]: acc[mt] = (p, o), (p, o + 1), (p + 8, o), (p + 8, o + 1)
+    const int r0 = g * d.m + o;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const int p = mt * 16 + gid;
+      if (o < d.m) {
+        out[mma_elem<TP>(r0, p, s_out)] = mma_from_float<Fmt>(acc[mt][0]);
+        out[mma_elem<TP>(r0, p + 8, s_out)] = mma_from_float<Fmt>(acc[mt][2]);
+      }
+      if (o + 1 < d.m) {
+        out[mma_elem<TP>(r0 + 1, p, s_out)] = mma_from_float<Fmt>(acc[mt][1]);
+        out[mma_elem<TP>(r0 + 1, p + 8, s_out)] = mma_from_float<Fmt>(acc[mt][3]);
+      }
+    }
+  }
+}
+
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
+                                       const uint2* frag, const uint16_t* in, int s_in,
+                                       const int32_t* in_rows, uint16_t* out, int s_out,
+                                       const uint16_t* zero) {
+  if (ml.k8)
+    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero);
+  else
+    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero);
+}
+
+// Shared memory of a tile of TP positions: two tiles of cmax rows, the zero row, two offset
+// arrays.
+inline size_t mma_forward_smem_bytes(int64_t cmax, int tp) {
+  return static_cast<size_t>(2 * cmax + 1) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
+}
+
+template <class Fmt, int MT>
+__global__ void __launch_bounds__(kThreads)
+    chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,
+                             const TensorArg<uint16_t> y, int64_t P) {
+  constexpr int TP = MT * 16;
+  IGC_DECLARE_SMEM(smem);
+  const ChainParams<float>& p = mp.c;
+  uint16_t* buf[2];
+  buf[0] = reinterpret_cast<uint16_t*>(smem);
+  buf[1] = buf[0] + static_cast<int64_t>(p.cmax) * TP;
+  uint16_t* zero = buf[1] + static_cast<int64_t>(p.cmax) * TP;
+  int64_t* off_x = reinterpret_cast<int64_t*>(zero + TP);  // TP * 2 bytes: 8-byte aligned
+  int64_t* off_y = off_x + TP;
+  for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
+  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
+  const LayerDesc& last = p.layer[p.L - 1];
+  const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+  const int64_t ntiles = (P + TP - 1) / TP;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t p0 = tile * TP;
+    const int tvalid = static_cast<int>(min64(TP, P - p0));
+    __syncthreads();  // the previous tile's store has read the tile and the offsets
+    tile_offsets(x.ix, p0, tvalid, off_x);
+    tile_offsets(y.ix, p0, tvalid, off_y);
+    __syncthreads();
+    mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, p.c0,
+                      index, buf[0], mp.x_shift);
+    __syncthreads();
+    int cur = 0, s_cur = mp.x_shift;
+    for (int l = 0; l < p.L; ++l) {
+      mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, buf[cur], s_cur,
+                         input_rows(p, l), buf[cur ^ 1], mp.layer[l].shift, zero);
+      __syncthreads();
+      cur ^= 1;
+      s_cur = mp.layer[l].shift;
+    }
+    mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, last.cout,
+                       out_rows, buf[cur], s_cur);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host: plan and launch
+// ---------------------------------------------------------------------------------------------
+struct MmaPlan {
+  int mt = 0;  // tile of 16 * mt positions (0: does not fit)
+  size_t smem = 0;
+  int grid = 0;
+  int64_t ntiles = 0;
+};
+
+// The tile: the largest (64, 32, 16 positions) that leaves room for two CTAs per SM, else the
+// largest that fits one; halved (down to 16) while there are fewer tiles than SMs.
+inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P) {
+  const int tp = choose_tile([&](int t) { return mma_forward_smem_bytes(cmax, t); }, dev, P, 16,
+                             2);
+  return tp >= 64 ? 4 : tp / 16;
+}
+
+template <class Fmt, int MT>
+inline cudaError_t mma_configure(size_t smem, int* occ) {
+  return configure(chain_forward_mma_kernel<Fmt, MT>, smem, occ);
+}
+
+template <class Fmt>
+inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const DeviceInfo& dev,
+                                    MmaPlan* plan) {
+  plan->mt = mma_choose_mt(mp.c.cmax, dev, P);
+  if (plan->mt == 0) return cudaSuccess;
+  const int tp = 16 * plan->mt;
+  plan->smem = mma_forward_smem_bytes(mp.c.cmax, tp);
+  plan->ntiles = (P + tp - 1) / tp;
+  int occ = 0;
+  cudaError_t e = plan->mt == 4   ? mma_configure<Fmt, 4>(plan->smem, &occ)
+                  : plan->mt == 2 ? mma_configure<Fmt, 2>(plan->smem, &occ)
+                                  : mma_configure<Fmt, 1>(plan->smem, &occ);
+  if (e != cudaSuccess) return e;
+  if (occ < 1) occ = 1;
+  plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
+  return cudaSuccess;
+}
+
+// frag: mp.num_frag entries of device memory; mp.frag must point to it. Packs the weights, then
+// runs the chain.
+template <class Fmt>
+inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag,
+                                      const TensorArg<const uint16_t>& x,
+                                      const TensorArg<uint16_t>& y, int64_t P,
+                                      const MmaPlan& plan, cudaStream_t stream) {
+  if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
+  if (plan.grid < 1 || mp.frag != frag || frag == nullptr) return cudaErrorInvalidValue;
+  IGC_LAUNCH((pack_mma_weights_kernel<Fmt>), blocks_for(mp.num_frag, 1024), 0, stream, mp, frag);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  if (plan.mt == 4)
+    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, mp, x, y, P);
+  else if (plan.mt == 2)
+    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 2>), plan.grid, plan.smem, stream, mp, x, y, P);
+  else
+    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 1>), plan.grid, plan.smem, stream, mp, x, y, P);
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace igc
