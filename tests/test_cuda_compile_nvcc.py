@@ -106,8 +106,8 @@ def _cuobjdump():
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
 def test_mma_kernel_sass_uses_tensor_cores_uniformly(tmp_path):
     """The sm_80 / sm_90 SASS of every tensor-core forward: HMMA (m16n8k16 and m16n8k8, bf16 or
-    f16 inputs, fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans), and none of them
-    predicated: ldmatrix / mma.sync are .aligned, every lane of a warp must execute the same
+    f16 inputs, fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans), results transposed by
+    MOVM (movmatrix), and none of them predicated: ldmatrix / movmatrix / mma.sync are .aligned, every lane of a warp must execute the same
     instruction, which the host emulation cannot see."""
     src = TEST_CSRC / "chain_kernels_instantiate.cu"
     for arch in ("80", "90"):
@@ -126,8 +126,9 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(tmp_path):
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
-            predicated = [op for pred, op in instrs if pred and op.split(".")[0] in ("HMMA",
-                                                                                      "LDSM")]
+            assert any(op.startswith("MOVM") for op in ops), (arch, name)  # movmatrix
+            predicated = [op for pred, op in instrs
+                          if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM")]
             assert not predicated, (arch, name, predicated)
 
 

@@ -347,6 +347,9 @@ _CUDA_DTYPES = {"I13__nv_bfloat16f": "bfloat16", "I6__halff": "float16", "Iff": 
 CUDA_THREADS = 256  # kThreads of csrc/cuda/chain_kernels.cuh
 
 
+_CUDA_SASS = {}  # arch -> (toolchain, ptxas log, SASS of every kernel), filled by cuda_records
+
+
 def cuda_records(archs) -> list:
     """Registers, spills (ptxas's spill stores), stack and static shared memory of every CUDA
     kernel and dtype (``tests/csrc/chain_kernels_instantiate.cu``) for each arch, from
@@ -377,6 +380,9 @@ def cuda_records(archs) -> list:
             out, err = p.communicate()
             if p.returncode != 0:
                 raise SystemExit(f"nvcc failed for sm_{arch}:\n{err[-3000:]}")
+            _CUDA_SASS[arch] = (toolchain, out + err,
+                                _tool("cuobjdump", "--dump-sass",
+                                      os.path.join(tmp, f"k{arch}.cubin")))
             for k in perf_model.parse_ptxas_verbose(out + err):
                 kind = re.search(r"(chain_forward_kernel|chain_backward_kernel|"
                                  r"reduce_partials_kernel)", k["mangled"])
@@ -395,6 +401,168 @@ def cuda_records(archs) -> list:
                 rec.num_warps = CUDA_THREADS // 32
                 rec.ctas_per_sm = min(65536 // (regs * CUDA_THREADS), 2048 // CUDA_THREADS)
                 rows.append(rec)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA tensor-core forward (csrc/cuda/chain_mma.cuh): per-position counts for one chain
+# ---------------------------------------------------------------------------------------------
+def _sass_functions(sass: str) -> dict:
+    return {f.split()[0]: f for f in sass.split("Function : ")[1:]}
+
+
+def _region_counts(ins, lo, hi) -> dict:
+    """Warp instructions by class, shared bytes and tensor multiply-adds of the SASS in
+    [lo, hi] (each instruction once)."""
+    c = {k: 0.0 for k in perf_model.CLASSES}
+    smem = mma = 0.0
+    for a, _, op, _ in ins:
+        if lo <= a <= hi:
+            cls = perf_model.classify(op)
+            c[cls] += 1
+            if cls == "LDS/STS":
+                smem += perf_model.shared_bytes_of(op)
+            elif cls == "HMMA/MMA":
+                mma += perf_model.mma_fma_of(op)
+    return {"counts": c, "smem_bytes": smem, "mma_fma": mma}
+
+
+def _combine(*terms) -> dict:
+    """sum of weight * counts over (weight, counts) terms"""
+    out = {"counts": {k: 0.0 for k in perf_model.CLASSES}, "smem_bytes": 0.0, "mma_fma": 0.0}
+    for w, t in terms:
+        for k in perf_model.CLASSES:
+            out["counts"][k] += w * t["counts"][k]
+        out["smem_bytes"] += w * t["smem_bytes"]
+        out["mma_fma"] += w * t["mma_fma"]
+    return out
+
+
+def _smallest_loop(ins, loops, *needles):
+    """The smallest loop whose body holds an opcode starting with each of ``needles``."""
+    best = None
+    for a, b, _ in loops:
+        ops = [op for ad, _, op, _ in ins if a <= ad <= b]
+        if all(any(o.startswith(n) for o in ops) for n in needles):
+            if best is None or b - a < best[1] - best[0]:
+                best = (a, b)
+    return best
+
+
+def mma_kernel_model(sass: str, mt: int) -> dict:
+    """Executed warp instructions of chain_forward_mma_kernel<Fmt, mt>, read from its SASS:
+    per k-step of a k16 / k8 item (the innermost loop holding that HMMA, divided by its unroll
+    factor: the number of HMMAs over mt), per item besides its k-steps (the enclosing loop minus
+    the k-step loop and its remainder copies), and per thread-iteration of the tile load and store
+    loops (16-byte NCHW rows; channels-last 8-channel vectors)."""
+    ins = perf_model.parse_sass(sass)
+    loops = perf_model._loops(ins)
+    out = {}
+    for name, needle in (("k16", "HMMA.16816"), ("k8", "HMMA.1688")):
+        kl = _smallest_loop(ins, loops, needle)
+        item = None
+        for a, b, _ in loops:  # the smallest loop strictly around the k-step loop
+            if a <= kl[0] and kl[1] <= b and (a, b) != kl:
+                if item is None or b - a < item[1] - item[0]:
+                    item = (a, b)
+        kc = _region_counts(ins, *kl)
+        unroll = max(1, round(kc["counts"]["HMMA/MMA"] / mt))
+        step = _combine((1.0 / unroll, kc))
+        whole = _region_counts(ins, *item)
+        base = _combine((1.0, whole), (-1.0, kc), (-(unroll - 1), step))
+        out[name] = {"step": step, "item": base, "unroll": unroll}
+    for name, needles, per_iter in (("load_nchw", ("LDG.E.128", "STS.128"), "LDG.E.128"),
+                                    ("load_cl", ("LDG.E.128", "STS.U16"), "LDG.E.128"),
+                                    ("store_nchw", ("LDS.128", "STG.E.128"), "STG.E.128"),
+                                    ("store_cl", ("LDS.U16", "STG.E.128"), "STG.E.128")):
+        lp = _smallest_loop(ins, loops, *needles)
+        body = _region_counts(ins, *lp)
+        n = sum(1 for a, _, op, _ in ins if lp[0] <= a <= lp[1] and op.startswith(per_iter))
+        out[name] = _combine((1.0 / max(1, n), body))
+    return out
+
+
+def mma_smem_bytes(cmax: int, tp: int) -> int:
+    return (2 * cmax + 1) * tp * 2 + 2 * tp * 8  # mma_forward_smem_bytes of chain_mma.cuh
+
+
+def mma_tile(cmax: int, arch: int) -> int:
+    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile that leaves room
+    for two CTAs per SM, else the largest that fits one."""
+    _, smem_sm, _, _ = SM_LIMITS[arch]
+    optin = smem_sm - 1024
+    for budget in (min(smem_sm // 2 - 1024, optin), optin):
+        for tp in (128, 64, 32, 16):
+            if mma_smem_bytes(cmax, tp) <= budget:
+                return min(tp, 64)
+    return 0
+
+
+def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
+    """One forward record per structure, 16-bit dtype, layout and arch for the tensor-core
+    kernel, with per-position counts: the chain's items and k-steps per layer times the SASS
+    costs of ``mma_kernel_model`` (needs cuda_records first, for the SASS)."""
+    rows = []
+    for arch in archs:
+        if arch not in _CUDA_SASS:
+            continue
+        toolchain, log, sass = _CUDA_SASS[arch]
+        funcs = _sass_functions(sass)
+        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
+        for dtype in dtypes:
+            if dtype not in ("bfloat16", "float16"):
+                continue
+            fmt = "MmaBf16" if dtype == "bfloat16" else "MmaF16"
+            for s in structures:
+                c_x, spec, _, idx = structure_args(s)
+                chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
+                cmax = max(chans)
+                tp = mma_tile(cmax, arch)
+                if tp == 0:
+                    continue
+                mt = tp // 16
+                name = next(n for n in funcs if "chain_forward_mma_kernel" in n
+                            and f"{fmt}ELi{mt}E" in n)
+                model = mma_kernel_model(funcs[name], mt)
+                terms = []
+                for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
+                    m = cout // g
+                    items = g * -(-m // 8)
+                    k = model["k8"] if n <= 8 else model["k16"]
+                    steps = 1 if n <= 8 else -(-n // 16)
+                    terms += [(items, k["item"]), (items * steps, k["step"])]
+                for layout in layouts:
+                    cl = layout == "channels_last"
+                    ld = model["load_cl" if cl else "load_nchw"]
+                    st = model["store_cl" if cl else "store_nchw"]
+                    vec_in, vec_out = chans[0] * tp / 8, spec.out_channels * tp / 8
+                    total = _combine(*terms, (vec_in / 32, ld), (vec_out / 32, st))
+                    warps = CUDA_THREADS // 32
+                    rec = Record(s, dtype, layout, "forward", f"sm_{arch}", toolchain,
+                                 "chain_forward_mma_kernel", {"threads": CUDA_THREADS, "TP": tp})
+                    rec.backend = "cuda"
+                    rec.compiled = True
+                    k = ptxas[name]
+                    rec.registers, rec.spill_bytes = k["registers"], k["spill_bytes"]
+                    rec.shared_bytes = mma_smem_bytes(cmax, tp)
+                    rec.num_warps = warps
+                    rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes + 1024, warps,
+                                                  arch)
+                    rec.per_position = True
+                    rec.block_p = tp
+                    facts = chain_facts(s)
+                    rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
+                    rec.macs_per_position = facts["macs_per_position"]
+                    rec.is_default = rec.fixed_path = rec.autotuner_keeps = True
+                    rec.dyn = {"counts": {c: v / warps for c, v in total["counts"].items()},
+                               "smem_bytes": total["smem_bytes"] / warps,
+                               "mma_fma": total["mma_fma"] / warps, "tf32_fma": 0.0,
+                               "local_bytes": 0.0, "unresolved_loops": 0,
+                               "model": "per layer: items x item cost + items x k-steps x "
+                                        "k-step cost; tile load/store per 16-byte vector "
+                                        "(SASS loop bodies of the kernel; the per-tile "
+                                        "offsets and barriers are left out)"}
+                    rows.append(rec)
     return rows
 
 
@@ -485,11 +653,18 @@ def main(argv=None) -> int:
         return 0
     rows = []
     if args.cuda:
-        for r in cuda_records([int(a) for a in args.archs.split(",")]):
+        archs = [int(a) for a in args.archs.split(",")]
+        for r in cuda_records(archs):
             rows.append(asdict(r))
             print(f"cuda   {r.kernel:<24} {r.dtype:<9} {r.arch} regs {r.registers:3d} spill "
                   f"{r.spill_bytes:4d} static smem {r.shared_bytes:5d} ctas/SM {r.ctas_per_sm}",
                   flush=True)
+        for r in cuda_mma_records(args.structures.split(";"), args.dtypes.split(","),
+                                  args.layouts.split(","), archs):
+            rows.append(asdict(r))
+            print(f"cuda   {r.kernel:<24} {r.structure:<22} {r.dtype:<9} {r.layout:<14} "
+                  f"{r.arch} TP {r.block_p} regs {r.registers:3d} spill {r.spill_bytes} smem "
+                  f"{r.shared_bytes:6d} ctas/SM {r.ctas_per_sm}", flush=True)
     for s in ([] if args.no_triton else args.structures.split(";")):
         for dt in args.dtypes.split(","):
             for lay in args.layouts.split(","):

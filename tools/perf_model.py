@@ -171,6 +171,23 @@ def _loops(ins: list) -> list:
     return loops
 
 
+def shared_bytes_of(op: str) -> float:
+    """Shared-memory bytes one warp instruction costs (in 128-byte wavefronts): LDSM moves
+    128 bytes per 8x8 matrix (.x1 / .x2 / .x4); other accesses 32 lanes x max(width, 32 bits)."""
+    if op.startswith("LDSM"):
+        m = re.search(r"\.(\d)$", op)
+        return 128.0 * (int(m.group(1)) if m else 1)
+    width = re.search(r"\.(32|64|128|U8|S8|U16|S16)\b", op)
+    bits = int(width.group(1)) if width and width.group(1).isdigit() else 32
+    return 32 * max(bits, 32) / 8
+
+
+def mma_fma_of(op: str) -> float:
+    """Multiply-adds of one warp-level HMMA (HMMA.16816: m16 n8 k16)."""
+    shape = re.match(r"HMMA\.(\d+)", op)
+    return {"16816": 2048, "1688": 1024, "1684": 512}.get(shape.group(1), 0) if shape else 0
+
+
 def dynamic_counts(sass: str, persistent: bool) -> dict:
     """Warp instructions one warp executes per tile, by class, with each instruction weighted by
     the trip counts of the counted loops around it. In a ``persistent`` kernel the outermost
@@ -206,17 +223,13 @@ def dynamic_counts(sass: str, persistent: bool) -> dict:
             width = re.search(r"\.(64|128)\b", op)
             local_bytes += w * 32 * (int(width.group(1)) if width else 32) / 8
         if cls == "LDS/STS":
-            width = re.search(r"\.(32|64|128|U8|S8|U16|S16)\b", op)
-            bits = int(width.group(1)) if width and width.group(1).isdigit() else 32
-            smem_bytes += w * 32 * max(bits, 32) / 8
+            smem_bytes += w * shared_bytes_of(op)
         elif cls == "HMMA/MMA":
-            shape = re.match(r"HMMA\.(\d+)", op)  # HMMA.16816: m16 n8 k16
-            if shape:
-                f = {"16816": 2048, "1688": 1024, "1684": 512}.get(shape.group(1), 0)
-                if "TF32" in op:
-                    tf32_fma += w * f
-                else:
-                    mma_fma += w * f
+            f = mma_fma_of(op)
+            if "TF32" in op:
+                tf32_fma += w * f
+            else:
+                mma_fma += w * f
     return {"counts": counts, "smem_bytes": smem_bytes, "local_bytes": local_bytes,
             "mma_fma": mma_fma,
             "tf32_fma": tf32_fma, "loops": len(loops), "unresolved_loops": unresolved,
@@ -322,7 +335,7 @@ def records(report: dict, device: str = "h200") -> list:
         }
         if not r["compiled"]:
             rec["bound"] = "not compiled"
-        elif rec["backend"] == "cuda":
+        elif rec["backend"] == "cuda" and not (per_position and r.get("dyn")):
             rec["bound"] = "no per-position model (run-time loop bounds)"
         elif not per_position:
             rec["bound"] = "one-off (not per position)"
@@ -338,6 +351,8 @@ def records(report: dict, device: str = "h200") -> list:
                 k: round(v * r["num_warps"] / r["block_p"], 2)
                 for k, v in r["dyn"]["counts"].items()}
             rec["unresolved_loops"] = r["dyn"].get("unresolved_loops", 0)
+            if r["dyn"].get("model"):
+                rec["count_model"] = r["dyn"]["model"]
             if dev.name != "H100 SXM":
                 rec["predicted_fraction_of_copy_h100"] = round(
                     predict(r, DEVICES["h100"])["fraction_of_copy"], 4)

@@ -13,7 +13,7 @@
 // takes an item and computes D[position][output] = H[position][k] W_g^T[k][output] for every
 // 16-position row block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or
 // m16n8k8 (n <= 8): A = the activations, B = the weights, D = fp32 accumulators initialised with
-// the bias. Groups are never mixed in one product (a non-finite input cannot leak into another
+// the bias, transposed per 8x8 block with movmatrix before 32-bit stores. Groups are never mixed in one product (a non-finite input cannot leak into another
 // group's outputs); inputs beyond n read the zero row and weights beyond n / m are zero. A is
 // loaded with ldmatrix.trans from the channel-major tile: lane i gives the address of one
 // 8-position row piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is
@@ -98,6 +98,23 @@ __device__ __forceinline__ void ldmatrix_trans(uint32_t* r, const uint16_t* base
   (void)base;
   (void)elem;
   __trap();
+#endif
+}
+
+// movmatrix .trans: r holds this lane's pair of an 8x8 matrix of 16-bit values in the mma
+// fragment layout (row lane / 4, columns 2 (lane % 4) + {0, 1}); returns its pair of the
+// transposed matrix in the same layout.
+__device__ __forceinline__ uint32_t movmatrix_trans(uint32_t r) {
+#ifdef IGC_EMULATE
+  return igc_emu::warp_movmatrix_trans(r);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  uint32_t t;
+  asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;\n" : "=r"(t) : "r"(r));
+  return t;
+#else
+  (void)r;
+  __trap();
+  return 0;
 #endif
 }
 
@@ -380,8 +397,11 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   const int mat = K == 16 ? lane >> 3 : (lane >> 3) & 1;
   const int k_lane = (K == 16 ? (mat >> 1) * 8 : 0) + (lane & 7);
   const int pos_lane = (mat & 1) * 8;
-  for (int item = warp; item < items; item += kThreads / 32) {
-    const int g = item / ml.nblk, b = item - g * ml.nblk;
+  constexpr int kWarps = kThreads / 32;
+  // item = g * nblk + b, stepped by kWarps without a division per item
+  int g = warp / ml.nblk, b = warp - g * ml.nblk;
+  const int gstep = kWarps / ml.nblk, bstep = kWarps - gstep * ml.nblk;
+  for (int item = warp; item < items; item += kWarps) {
     const int o = 8 * b + 2 * tig;  // this lane's first output column within the group
     float acc[MT][4];
     {
@@ -416,19 +436,32 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         mma_sync<Fmt, K>(acc[mt], a, breg);
       }
     }
-    // D[position][output]: acc[mt] = (p, o), (p, o + 1), (p + 8, o), (p + 8, o + 1)
-    const int r0 = g * d.m + o;
+    // D[position][output]: acc[mt] = (p, o), (p, o + 1), (p + 8, o), (p + 8, o + 1) with
+    // p = 16 mt + gid: per 8 positions, an 8x8 [position][output] matrix in the fragment
+    // layout. movmatrix transposes it, and lane (gid, tig) then holds output 8 b + gid at
+    // positions 2 tig, 2 tig + 1 of the 8: one 32-bit store into that output's row. The row
+    // start and its swizzle are computed once per item.
+    const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
+    const int r = g * d.m + orow;
+    const int e = mma_elem<TP>(r, 0, s_out);
+    const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
+    uint16_t* row = out + (e - sw) + 2 * tig;
+    const bool ok = orow < d.m;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
-      const int p = mt * 16 + gid;
-      if (o < d.m) {
-        out[mma_elem<TP>(r0, p, s_out)] = mma_from_float<Fmt>(acc[mt][0]);
-        out[mma_elem<TP>(r0, p + 8, s_out)] = mma_from_float<Fmt>(acc[mt][2]);
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // positions p (h = 0) and p + 8 (h = 1): chunk 2 mt + h
+        const uint32_t v = movmatrix_trans(
+            static_cast<uint32_t>(mma_from_float<Fmt>(acc[mt][2 * h])) |
+            (static_cast<uint32_t>(mma_from_float<Fmt>(acc[mt][2 * h + 1])) << 16));
+        if (ok) *reinterpret_cast<uint32_t*>(row + (((2 * mt + h) << 3) ^ sw)) = v;
       }
-      if (o + 1 < d.m) {
-        out[mma_elem<TP>(r0 + 1, p, s_out)] = mma_from_float<Fmt>(acc[mt][1]);
-        out[mma_elem<TP>(r0 + 1, p + 8, s_out)] = mma_from_float<Fmt>(acc[mt][3]);
-      }
+    }
+    b += bstep;
+    g += gstep;
+    if (b >= ml.nblk) {
+      b -= ml.nblk;
+      ++g;
     }
   }
 }
@@ -457,10 +490,11 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int TP = MT * 16;
   IGC_DECLARE_SMEM(smem);
   const ChainParams<float>& p = mp.c;
-  uint16_t* buf[2];
-  buf[0] = reinterpret_cast<uint16_t*>(smem);
-  buf[1] = buf[0] + static_cast<int64_t>(p.cmax) * TP;
-  uint16_t* zero = buf[1] + static_cast<int64_t>(p.cmax) * TP;
+  // two named tiles, not an array indexed at run time: the compiler then keeps every access
+  // to them a shared-memory instruction (LDS / STS / LDSM, not generic LD / ST)
+  uint16_t* const tile0 = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* const tile1 = tile0 + static_cast<int64_t>(p.cmax) * TP;
+  uint16_t* zero = tile1 + static_cast<int64_t>(p.cmax) * TP;
   int64_t* off_x = reinterpret_cast<int64_t*>(zero + TP);  // TP * 2 bytes: 8-byte aligned
   int64_t* off_y = off_x + TP;
   for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
@@ -476,18 +510,18 @@ __global__ void __launch_bounds__(kThreads)
     tile_offsets(y.ix, p0, tvalid, off_y);
     __syncthreads();
     mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, p.c0,
-                      index, buf[0], mp.x_shift);
+                      index, tile0, mp.x_shift);
     __syncthreads();
-    int cur = 0, s_cur = mp.x_shift;
+    int s_cur = mp.x_shift;
     for (int l = 0; l < p.L; ++l) {
-      mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, buf[cur], s_cur,
-                         input_rows(p, l), buf[cur ^ 1], mp.layer[l].shift, zero);
+      const bool odd = (l & 1) != 0;
+      mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, s_cur,
+                         input_rows(p, l), odd ? tile0 : tile1, mp.layer[l].shift, zero);
       __syncthreads();
-      cur ^= 1;
       s_cur = mp.layer[l].shift;
     }
     mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, last.cout,
-                       out_rows, buf[cur], s_cur);
+                       out_rows, (p.L & 1) ? tile1 : tile0, s_cur);
   }
 }
 

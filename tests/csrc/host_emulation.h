@@ -7,7 +7,7 @@
 // buffer per block filled with 0xFF bytes (NaN as float or double, so a read of a location that
 // was never written shows up in the results) and surrounded by guard bytes that are checked
 // after the block (an out-of-range shared-memory write makes cudaGetLastError() fail).
-// Warp-level instructions of the tensor-core kernel (ldmatrix, mma.sync) are collective over the
+// Warp-level instructions of the tensor-core kernel (ldmatrix, movmatrix, mma.sync) are collective over the
 // 32 threads of a warp: every lane deposits its operands, the warp meets at a barrier, each lane
 // computes its own results from all deposits with the PTX ISA's fragment layouts (written from
 // the ISA's tables, independently of the kernel), and the warp meets again before the deposits
@@ -202,6 +202,26 @@ inline void warp_ldmatrix(uint32_t* r, const uint16_t* row, int nm, bool trans) 
     r[j] = static_cast<uint32_t>(e[0]) | (static_cast<uint32_t>(e[1]) << 16);
   }
   w.barrier.arrive_and_wait();
+}
+
+// movmatrix.sync.aligned.m8n8.trans.b16: lane i holds elements (row i / 4, columns 2 (i % 4),
+// 2 (i % 4) + 1) of an 8x8 matrix and receives the same elements of its transpose.
+inline uint32_t warp_movmatrix_trans(uint32_t r) {
+  Warp& w = *state().warp;
+  const int lane = lane_id();
+  w.regs[lane][0] = r;
+  w.barrier.arrive_and_wait();
+  uint32_t out = 0;
+  for (int h = 0; h < 2; ++h) {
+    // element (lane / 4, 2 (lane % 4) + h) of the transpose = element (2 (lane % 4) + h,
+    // lane / 4) of the matrix, held by lane 4 row + column / 2, in half column % 2
+    const int row = 2 * (lane % 4) + h, col = lane / 4;
+    const uint32_t src = w.regs[4 * row + col / 2][0];
+    const uint32_t v = (col % 2) ? src >> 16 : src & 0xffffu;
+    out |= v << (16 * h);
+  }
+  w.barrier.arrive_and_wait();
+  return out;
 }
 
 // mma.sync.aligned.m16n8k{K}.row.col.f32.{bf16,f16}.{bf16,f16}.f32, d = A B + d, with
