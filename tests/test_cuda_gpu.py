@@ -337,3 +337,41 @@ def test_empty_inputs():
         assert y.shape == shape
         gx, gw = torch.autograd.grad(y.sum(), [x, w])
         assert gx.shape == x.shape and bool((gw == 0).all())
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core forward (float16 / bfloat16, sm_80 and newer)
+# ---------------------------------------------------------------------------------------------
+_KERNELS_SCRIPT = """
+import sys, torch, igc_kernels as igc
+x = torch.randn(2, 256, 16, 16, device="cuda", dtype=torch.bfloat16)
+ws = [torch.randn(256, 8, device="cuda", dtype=torch.bfloat16) for _ in range(3)]
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    y = igc.interleaved_group_conv(x, ws, [32, 32, 32], backend="cuda")
+    torch.cuda.synchronize()
+ref = igc.reference.interleaved_group_conv(x.double(), [w.double() for w in ws], [32, 32, 32])
+print(sorted({e.name for e in prof.events() if "chain_forward" in e.name}))
+print(float((y.double() - ref).abs().max()), float(ref.abs().max()))
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="tensor cores for bf16 need sm_80")
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+def test_tensor_core_forward_is_used_unless_turned_off(tensor_cores):
+    """bfloat16 forwards run chain_forward_mma_kernel on sm_80+, and the CUDA-core kernel with
+    IGC_CUDA_TENSOR_CORES=0 (read once per process: a subprocess each); both results are close
+    to the float64 chain (the 2x rule of every case above runs with the default, tensor cores)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IGC_CUDA_TENSOR_CORES=tensor_cores)
+    r = subprocess.run([sys.executable, "-c", _KERNELS_SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names, errs = r.stdout.strip().splitlines()[-2:]
+    mma = "chain_forward_mma_kernel" in names
+    assert mma == (tensor_cores == "1"), names
+    err, scale = (float(v) for v in errs.split())
+    assert err <= 0.05 * scale, (err, scale)

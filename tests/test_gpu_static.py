@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -195,3 +196,46 @@ def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):
         ffma = r["dyn"]["counts"]["FFMA/HFMA"] * r["num_warps"] / r["block_p"]
         assert ffma == pytest.approx(r["macs_per_position"] / 32, rel=0.02), r["dyn"]
         assert r["dyn"]["unresolved_loops"] == 0
+
+
+def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
+    """The static model of the CUDA tensor-core forward (``--cuda``: nvcc for sm_90, the
+    kernel's SASS loop bodies times the chain's items and k-steps): per position it counts
+    exactly the multiply-adds of the padded products (groups of n <= 8 inputs as m16n8k8, wider
+    ones in k-steps of 16, outputs in blocks of 8), the kernel does not spill, and
+    tools/perf_model.py turns every record into a labelled prediction."""
+    pytest.importorskip("triton")
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc is not on PATH")
+    out = tmp_path / "cuda.json"
+    structures = {"igcv2(256,8)": None, "igcv2(64,4)": None, "igcv3-reduce(64,6,2)": None}
+    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes",
+          "bfloat16,float16", "--layouts", "nchw,channels_last", "--archs", "90", "--json",
+          str(out))
+    report = json.loads(out.read_text())
+    rows = [r for r in report["rows"] if r["kernel"] == "chain_forward_mma_kernel"]
+    assert len(rows) == 3 * 2 * 2
+    import igc_kernels as igc
+
+    specs = {"igcv2(256,8)": igc.ChainSpec.igcv2(256, 8), "igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
+             "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2])}
+    for r in rows:
+        what = f"{r['structure']} {r['dtype']} {r['layout']}"
+        spec = specs[r["structure"]]
+        padded = 0
+        for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
+            kpad = 8 if n <= 8 else 16 * -(-n // 16)
+            padded += g * 8 * -(-(cout // g) // 8) * kpad
+        per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
+        assert per_position == pytest.approx(padded, rel=1e-9), what
+        assert r["compiled"] and r["spill_bytes"] == 0 and r["ctas_per_sm"] >= 1, what
+        assert r["block_p"] in (16, 32, 64), what
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import perf_model
+
+    preds = [p for p in perf_model.records(report)
+             if p["kernel"] == "chain_forward_mma_kernel"]
+    assert len(preds) == len(rows)
+    for p in preds:
+        assert p["prediction"].startswith("PREDICTED")
+        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p

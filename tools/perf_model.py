@@ -439,6 +439,8 @@ def merge_reports(paths) -> dict:
         commands.append(rep.get("command"))
         torch_versions.add(rep.get("torch"))
         for r in rep["rows"]:
+            if "kernel" not in r:  # a spill-check report (--refusals): no compile records
+                continue
             key = (r.get("backend", "triton"), r["toolchain"], r["structure"], r["dtype"],
                    r["layout"], r["direction"], r["arch"], r["kernel"],
                    json.dumps(r["config"], sort_keys=True))
