@@ -661,6 +661,21 @@ def test_emulated_mma_layouts(emu, layout):
 
 
 @needs_cxx
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_mma_unaligned_tensors(emu, layout):
+    """Tensors whose rows of 8 are not 16-byte aligned (storage offset of one element) take the
+    scalar paths; the same values at an aligned address take the vector paths: equal results."""
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=8)
+    x = _x((2, 16, 8, 8), layout, torch.bfloat16, 9)
+    flat = torch.empty(x.numel() + 1, dtype=torch.bfloat16)
+    shifted = flat.as_strided(x.shape, x.stride(), 1)
+    shifted.copy_(x)
+    y, _ = c.check_mma(emu, x)
+    y_shifted, _ = c.check_mma(emu, shifted)
+    assert torch.equal(y, y_shifted)
+
+
+@needs_cxx
 @pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
 def test_emulated_mma_input_index_and_permutations(emu, dtype):
     """An input index with repeats and unused channels and explicit permutations after every

@@ -453,13 +453,22 @@ def mma_kernel_model(sass: str, mt: int) -> dict:
     """Executed warp instructions of chain_forward_mma_kernel<Fmt, mt>, read from its SASS:
     per k-step of a k16 / k8 item (the innermost loop holding that HMMA, divided by its unroll
     factor: the number of HMMAs over mt), per item besides its k-steps (the enclosing loop minus
-    the k-step loop and its remainder copies), and per thread-iteration of the tile load and store
+    the k-step loop and its remainder copies; a straight-line item, whose innermost loop already
+    holds the result stores, is that loop), and per thread-iteration of the tile load and store
     loops (16-byte NCHW rows; channels-last 8-channel vectors)."""
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
     out = {}
     for name, needle in (("k16", "HMMA.16816"), ("k8", "HMMA.1688")):
         kl = _smallest_loop(ins, loops, needle)
+        if any(op.startswith("STS") for a, _, op, _ in ins if kl[0] <= a <= kl[1]):
+            # no k-step loop (the k8 item is straight-line): the loop is the item loop, with
+            # as many items per iteration as it holds HMMAs over mt (the compiler's unrolling)
+            whole = _region_counts(ins, *kl)
+            per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / mt))
+            out[name] = {"step": _combine(), "item": _combine((1.0 / per_iter, whole)),
+                         "unroll": per_iter}
+            continue
         item = None
         for a, b, _ in loops:  # the smallest loop strictly around the k-step loop
             if a <= kl[0] and kl[1] <= b and (a, b) != kl:

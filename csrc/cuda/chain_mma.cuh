@@ -270,47 +270,44 @@ __global__ void __launch_bounds__(kThreads)
 // ---------------------------------------------------------------------------------------------
 // Tile movement (raw 16-bit values, swizzled rows)
 // ---------------------------------------------------------------------------------------------
+// Whether every position of a tensor starts a 16-byte aligned run of 8 elements when its
+// channel stride is 1: the base is aligned and every position stride is a multiple of 8.
+template <typename T>
+__device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
+  bool ok = aligned16(a.ptr);
+  for (int d = 0; d < a.ix.nd; ++d) ok = ok && a.ix.stride[d] % 8 == 0;
+  return ok;
+}
+
 // tile(row c, t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for tvalid <= t < TP.
+// The vector paths are separate loops, chosen once per tile (no alignment test per vector).
 template <int TP>
 __device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int64_t cs,
-                                           const int64_t* pos_off, bool contig, int tvalid, int C,
+                                           const int64_t* pos_off, bool contig, bool cl_vec,
+                                           int tvalid, int C,
                                            const int32_t* __restrict__ src_chan, uint16_t* tile,
                                            int s) {
   const int tid = threadIdx.x;
-  if (contig && tvalid == TP) {  // NCHW-like: a row of TP consecutive elements per channel
+  if (contig && tvalid == TP && aligned16(src + pos_off[0]) && cs % 8 == 0) {
+    // NCHW-like, aligned: a row of TP consecutive elements per channel, 16-byte vectors
     constexpr int NV = TP / 8;
-    const int64_t base = pos_off[0];
+    const uint16_t* base = src + pos_off[0];
     for (int it = tid; it < C * NV; it += kThreads) {
       const int c = it / NV, v = it - c * NV;
       const int64_t chan = src_chan ? src_chan[c] : c;
-      const uint16_t* sp = src + base + chan * cs + v * 8;
-      uint16_t* dp = tile + mma_elem<TP>(c, v * 8, s);
-      if (aligned16(sp)) {
-        *reinterpret_cast<uint4*>(dp) = *reinterpret_cast<const uint4*>(sp);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) dp[k] = sp[k];
-      }
+      *reinterpret_cast<uint4*>(tile + mma_elem<TP>(c, v * 8, s)) =
+          *reinterpret_cast<const uint4*>(base + chan * cs + v * 8);
     }
     return;
   }
-  if (cs == 1 && src_chan == nullptr && C % 8 == 0) {  // channels-last: 8 channels per vector
+  if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
+    // channels-last, aligned: 8 channels of one position per 16-byte vector
     const int nv = C / 8;
     for (int it = tid; it < TP * nv; it += kThreads) {
       const int t = it / nv, c0 = (it - t * nv) * 8;
-      uint16_t e[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-      if (t < tvalid) {
-        const uint16_t* sp = src + pos_off[t] + c0;
-        if (aligned16(sp)) {
-          const uint4 u = *reinterpret_cast<const uint4*>(sp);
-          const uint16_t* ue = reinterpret_cast<const uint16_t*>(&u);
-#pragma unroll
-          for (int k = 0; k < 8; ++k) e[k] = ue[k];
-        } else {
-#pragma unroll
-          for (int k = 0; k < 8; ++k) e[k] = sp[k];
-        }
-      }
+      uint4 u = {0u, 0u, 0u, 0u};
+      if (t < tvalid) u = *reinterpret_cast<const uint4*>(src + pos_off[t] + c0);
+      const uint16_t* e = reinterpret_cast<const uint16_t*>(&u);
 #pragma unroll
       for (int k = 0; k < 8; ++k) tile[mma_elem<TP>(c0 + k, t, s)] = e[k];
     }
@@ -327,28 +324,23 @@ __device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int
 // y[pos t, channel j] = tile(row src_row(j), t) for j < C, t < tvalid.
 template <int TP>
 __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t cs,
-                                            const int64_t* pos_off, bool contig, int tvalid,
-                                            int C, const int32_t* __restrict__ src_row,
+                                            const int64_t* pos_off, bool contig, bool cl_vec,
+                                            int tvalid, int C,
+                                            const int32_t* __restrict__ src_row,
                                             const uint16_t* tile, int s) {
   const int tid = threadIdx.x;
-  if (contig && tvalid == TP) {
+  if (contig && tvalid == TP && aligned16(dst + pos_off[0]) && cs % 8 == 0) {
     constexpr int NV = TP / 8;
-    const int64_t base = pos_off[0];
+    uint16_t* base = dst + pos_off[0];
     for (int it = tid; it < C * NV; it += kThreads) {
       const int j = it / NV, v = it - j * NV;
       const int r = src_row ? src_row[j] : j;
-      const uint16_t* sp = tile + mma_elem<TP>(r, v * 8, s);
-      uint16_t* dp = dst + base + static_cast<int64_t>(j) * cs + v * 8;
-      if (aligned16(dp)) {
-        *reinterpret_cast<uint4*>(dp) = *reinterpret_cast<const uint4*>(sp);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) dp[k] = sp[k];
-      }
+      *reinterpret_cast<uint4*>(base + static_cast<int64_t>(j) * cs + v * 8) =
+          *reinterpret_cast<const uint4*>(tile + mma_elem<TP>(r, v * 8, s));
     }
     return;
   }
-  if (cs == 1 && C % 8 == 0) {
+  if (cl_vec && cs == 1 && C % 8 == 0) {
     const int nv = C / 8;
     for (int it = tid; it < tvalid * nv; it += kThreads) {
       const int t = it / nv, j0 = (it - t * nv) * 8;
@@ -357,13 +349,7 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
 #pragma unroll
       for (int k = 0; k < 8; ++k)
         e[k] = tile[mma_elem<TP>(src_row ? src_row[j0 + k] : j0 + k, t, s)];
-      uint16_t* dp = dst + pos_off[t] + j0;
-      if (aligned16(dp)) {
-        *reinterpret_cast<uint4*>(dp) = u;
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) dp[k] = e[k];
-      }
+      *reinterpret_cast<uint4*>(dst + pos_off[t] + j0) = u;
     }
     return;
   }
@@ -415,8 +401,12 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         acc[mt][3] = b1;
       }
     }
-    const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * ml.ksteps) * 32 + lane;
-    for (int ks = 0; ks < ml.ksteps; ++ks) {
+    // k8 layers have one k-step: a compile-time trip count, straight-line code; k16 layers a
+    // loop that is not unrolled (unrolling only duplicated the accumulator set-up)
+    const int ksteps = K == 8 ? 1 : ml.ksteps;
+    const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * ksteps) * 32 + lane;
+#pragma unroll 1
+    for (int ks = 0; ks < ksteps; ++ks) {
       const uint2 bw = fp[ks * 32];
       const uint32_t breg[2] = {bw.x, bw.y};
       const int kk = ks * 16 + k_lane;
@@ -501,6 +491,7 @@ __global__ void __launch_bounds__(kThreads)
   const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
   const LayerDesc& last = p.layer[p.L - 1];
   const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+  const bool x_cl_vec = rows_of_8_aligned(x), y_cl_vec = rows_of_8_aligned(y);
   const int64_t ntiles = (P + TP - 1) / TP;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int64_t p0 = tile * TP;
@@ -509,8 +500,8 @@ __global__ void __launch_bounds__(kThreads)
     tile_offsets(x.ix, p0, tvalid, off_x);
     tile_offsets(y.ix, p0, tvalid, off_y);
     __syncthreads();
-    mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, p.c0,
-                      index, tile0, mp.x_shift);
+    mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec, tvalid,
+                      p.c0, index, tile0, mp.x_shift);
     __syncthreads();
     int s_cur = mp.x_shift;
     for (int l = 0; l < p.L; ++l) {
@@ -520,8 +511,8 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       s_cur = mp.layer[l].shift;
     }
-    mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, last.cout,
-                       out_rows, (p.L & 1) ? tile1 : tile0, s_cur);
+    mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), y_cl_vec, tvalid,
+                       last.cout, out_rows, (p.L & 1) ? tile1 : tile0, s_cur);
   }
 }
 
