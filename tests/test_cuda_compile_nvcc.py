@@ -277,16 +277,20 @@ class EmuCase:
         return W, B
 
     def emu_forward(self, lib, x, device=H100, occupancy=1):
-        h = self.host_chain()
         W, B = self._flat()
-        y_shape = empty_like_layout(x, self.channels[-1])
-        y, guard = _guarded_like(y_shape)
-        plan = (ctypes.c_int64 * 4)()
-        rc = lib.igc_emu_forward(int(self.dtype == torch.float64), ctypes.byref(h),
-                                 ctypes.c_void_p(W.data_ptr()), ctypes.c_void_p(B.data_ptr()),
-                                 ctypes.byref(_etensor(x)), ctypes.byref(_etensor(y)),
-                                 ctypes.byref(EmuDevice(*device, occupancy)), plan)
-        assert rc == 0, f"emulated forward failed with code {rc} (plan {list(plan)})"
+        return self._forward(lib.igc_emu_forward, int(self.dtype == torch.float64), W, B, x,
+                             device, occupancy, 4, "forward")
+
+    def _forward(self, fn, flag, W, B, x, device, occupancy, plan_len, what):
+        """One emulated forward entry point ``fn`` into a guarded output; returns ``y`` and the
+        plan it reports."""
+        h = self.host_chain()
+        y, guard = _guarded_like(empty_like_layout(x, self.channels[-1]))
+        plan = (ctypes.c_int64 * plan_len)()
+        rc = fn(flag, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+                ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
+                ctypes.byref(_etensor(y)), ctypes.byref(EmuDevice(*device, occupancy)), plan)
+        assert rc == 0, f"emulated {what} failed with code {rc} (plan {list(plan)})"
         guard()
         return y, list(plan)
 
@@ -294,17 +298,9 @@ class EmuCase:
         """The tensor-core forward (float16 / bfloat16; weights and biases passed in float32,
         as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid)."""
         assert self.dtype in (torch.float16, torch.bfloat16)
-        h = self.host_chain()
         W, B = (t.float() for t in self._flat())
-        y, guard = _guarded_like(empty_like_layout(x, self.channels[-1]))
-        plan = (ctypes.c_int64 * 2)()
-        rc = lib.igc_emu_forward_mma(int(self.dtype == torch.bfloat16), ctypes.byref(h),
-                                     ctypes.c_void_p(W.data_ptr()), ctypes.c_void_p(B.data_ptr()),
-                                     ctypes.byref(_etensor(x)), ctypes.byref(_etensor(y)),
-                                     ctypes.byref(EmuDevice(*device, occupancy)), plan)
-        assert rc == 0, f"emulated tensor-core forward failed with code {rc} (plan {list(plan)})"
-        guard()
-        return y, list(plan)
+        return self._forward(lib.igc_emu_forward_mma, int(self.dtype == torch.bfloat16), W, B,
+                             x, device, occupancy, 2, "tensor-core forward")
 
     def unfused(self, x):
         """The unfused chain in the case's dtype (every layer's output rounded to it)."""

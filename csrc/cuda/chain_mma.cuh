@@ -45,15 +45,6 @@ struct MmaF16 {
 };
 
 template <class Fmt>
-__host__ __device__ __forceinline__ float mma_to_float(uint16_t v) {
-#ifdef IGC_EMULATE
-  return Fmt::is_bf16 ? igc_emu::bf16_to_float(v) : igc_emu::f16_to_float(v);
-#else
-  if constexpr (Fmt::is_bf16) return __bfloat162float(__ushort_as_bfloat16(v));
-  else return __half2float(__ushort_as_half(v));
-#endif
-}
-template <class Fmt>
 __host__ __device__ __forceinline__ uint16_t mma_from_float(float v) {
 #ifdef IGC_EMULATE
   return Fmt::is_bf16 ? igc_emu::float_to_bf16(v) : igc_emu::float_to_f16(v);
