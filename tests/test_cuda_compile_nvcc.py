@@ -641,13 +641,15 @@ MMA_LAYOUTS = {
 @needs_cxx
 @pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
 def test_emulated_mma_layouts(emu, layout):
-    """Every load / store path of the 16-bit tiles: 16-byte rows (NCHW runs), 8-channel vectors
-    (channels-last, C % 8 == 0: 16 -> 32 channels) and the scalar path (C = 12, strided views),
-    tile tails, several tiles per CTA (two SMs)."""
+    """Every load / store path of the 16-bit tiles: 16-byte rows (NCHW runs), 8x8 blocks
+    through movmatrix (channels-last, C % 8 == 0: one block per warp step at 16 channels, four
+    at 32 and 64) and the scalar path (C = 12, strided views), tile tails, several tiles per CTA
+    (two SMs)."""
     sp, xl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
-    for channels, groups in (([16, 32, 16], [2, 4]), ([12, 24, 10], [4, 2])):
+    for channels, groups in (([16, 32, 16], [2, 4]), ([32, 32, 64], [4, 4]),
+                             ([12, 24, 10], [4, 2])):
         c = EmuCase(channels, groups, perms=["interleave", torch.randperm(channels[-1],
                                                                           generator=gen)],
                     bias=[True, False], dtype=torch.bfloat16, seed=3)

@@ -438,12 +438,14 @@ def _combine(*terms) -> dict:
     return out
 
 
-def _smallest_loop(ins, loops, *needles):
-    """The smallest loop whose body holds an opcode starting with each of ``needles``."""
+def _smallest_loop(ins, loops, *needles, without=()):
+    """The smallest loop whose body holds an opcode starting with each of ``needles`` and none
+    starting with one of ``without``."""
     best = None
     for a, b, _ in loops:
         ops = [op for ad, _, op, _ in ins if a <= ad <= b]
-        if all(any(o.startswith(n) for o in ops) for n in needles):
+        has_all = all(any(o.startswith(n) for o in ops) for n in needles)
+        if has_all and not (without and any(o.startswith(tuple(without)) for o in ops)):
             if best is None or b - a < best[1] - best[0]:
                 best = (a, b)
     return best
@@ -454,8 +456,8 @@ def mma_kernel_model(sass: str, mt: int) -> dict:
     per k-step of a k16 / k8 item (the innermost loop holding that HMMA, divided by its unroll
     factor: the number of HMMAs over mt), per item besides its k-steps (the enclosing loop minus
     the k-step loop and its remainder copies; a straight-line item, whose innermost loop already
-    holds the result stores, is that loop), and per thread-iteration of the tile load and store
-    loops (16-byte NCHW rows; channels-last 8-channel vectors)."""
+    holds the result stores, is that loop), and per iteration of the tile load and store loops
+    (NCHW: a 16-byte vector per lane; channels-last: an 8x8 block per warp)."""
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
     out = {}
@@ -480,14 +482,25 @@ def mma_kernel_model(sass: str, mt: int) -> dict:
         whole = _region_counts(ins, *item)
         base = _combine((1.0, whole), (-1.0, kc), (-(unroll - 1), step))
         out[name] = {"step": step, "item": base, "unroll": unroll}
+    # tile movement, per 16-byte vector (NCHW rows: one per lane and iteration) or per 8x8
+    # block (channels-last: a 32-bit load, a movmatrix and a 32-bit store per lane; loops of
+    # 1 and of 4 blocks per warp step, "_cl1" / "_cl4")
     for name, needles, per_iter in (("load_nchw", ("LDG.E.128", "STS.128"), "LDG.E.128"),
-                                    ("load_cl", ("LDG.E.128", "STS.U16"), "LDG.E.128"),
+                                    ("load_scalar", ("LDG.E.U16", "STS.U16"), "STS.U16"),
+                                    ("load_cl", ("LDG.E", "MOVM", "STS"), "MOVM"),
                                     ("store_nchw", ("LDS.128", "STG.E.128"), "STG.E.128"),
-                                    ("store_cl", ("LDS.U16", "STG.E.128"), "STG.E.128")):
-        lp = _smallest_loop(ins, loops, *needles)
-        body = _region_counts(ins, *lp)
-        n = sum(1 for a, _, op, _ in ins if lp[0] <= a <= lp[1] and op.startswith(per_iter))
-        out[name] = _combine((1.0 / max(1, n), body))
+                                    ("store_cl", ("LDS", "MOVM", "STG.E"), "MOVM")):
+        for a, b, _ in loops:
+            ops = [op for ad, _, op, _ in ins if a <= ad <= b]
+            if any(o.startswith("HMMA") for o in ops) or not all(
+                    any(o.startswith(n) for o in ops) for n in needles):
+                continue
+            n = sum(1 for o in ops if o.startswith(per_iter))
+            key = name if name.endswith(("nchw", "scalar")) else f"{name}{n}"
+            if key in out and out[key]["span"] <= b - a:
+                continue  # keep the innermost loop of each kind
+            out[key] = _combine((1.0 / max(1, n), _region_counts(ins, a, b)))
+            out[key]["span"] = b - a
     return out
 
 
@@ -542,10 +555,20 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                     terms += [(items, k["item"]), (items * steps, k["step"])]
                 for layout in layouts:
                     cl = layout == "channels_last"
-                    ld = model["load_cl" if cl else "load_nchw"]
-                    st = model["store_cl" if cl else "store_nchw"]
-                    vec_in, vec_out = chans[0] * tp / 8, spec.out_channels * tp / 8
-                    total = _combine(*terms, (vec_in / 32, ld), (vec_out / 32, st))
+                    def cl_cost(kind, c):  # 4 blocks per warp step where C % 32 == 0
+                        return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
+                    # per counted unit: a 16-byte vector per lane of a warp (NCHW: 256
+                    # elements), an 8x8 block (channels-last: 64), an element per lane (the
+                    # scalar load of a channels-last tile through an input index: 32)
+                    if not cl:
+                        ld, ld_elems = model["load_nchw"], 256
+                    elif idx is None:
+                        ld, ld_elems = cl_cost("load", chans[0]), 64
+                    else:
+                        ld, ld_elems = model["load_scalar"], 32
+                    st = cl_cost("store", spec.out_channels) if cl else model["store_nchw"]
+                    total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
+                                     (spec.out_channels * tp / (64 if cl else 256), st))
                     warps = CUDA_THREADS // 32
                     rec = Record(s, dtype, layout, "forward", f"sm_{arch}", toolchain,
                                  "chain_forward_mma_kernel", {"threads": CUDA_THREADS, "TP": tp})

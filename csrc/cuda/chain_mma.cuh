@@ -270,6 +270,61 @@ __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
   return ok;
 }
 
+// Channels-last tiles, aligned, through 8x8 blocks (8 positions x 8 channels) and movmatrix.
+// A warp takes NB blocks of the same 8 positions and neighbouring channels per iteration.
+// Loading, lane (gid, tig) reads channels 2 tig, 2 tig + 1 of position gid of each block (the
+// mma fragment layout of the [position][channel] block), movmatrix transposes it, and the lane
+// writes positions 2 tig, 2 tig + 1 of channel gid into that channel's row: 32-bit accesses on
+// both sides. Storing runs the same steps backwards. The loop bound is the same for every lane
+// of a warp (movmatrix is warp-collective).
+template <int TP, int NB>
+__device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
+                                               const int64_t* pos_off, int tvalid, int C,
+                                               uint16_t* tile, int s) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  constexpr int TB = TP / 8;  // blocks of 8 positions
+  const int nit = TB * (C / (8 * NB));
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, c0 = (it / TB) * 8 * NB;
+    const int t = 8 * tb + gid;
+    uint32_t v[NB];
+    const uint16_t* sp = src + (t < tvalid ? pos_off[t] : 0) + c0 + 2 * tig;
+#pragma unroll
+    for (int k = 0; k < NB; ++k)
+      v[k] = t < tvalid ? *reinterpret_cast<const uint32_t*>(sp + 8 * k) : 0u;
+#pragma unroll
+    for (int k = 0; k < NB; ++k)
+      *reinterpret_cast<uint32_t*>(tile + mma_elem<TP>(c0 + 8 * k + gid, 8 * tb + 2 * tig, s)) =
+          movmatrix_trans(v[k]);
+  }
+}
+
+template <int TP, int NB>
+__device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
+                                                const int64_t* pos_off, int tvalid, int C,
+                                                const int32_t* __restrict__ src_row,
+                                                const uint16_t* tile, int s) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  constexpr int TB = TP / 8;
+  const int nit = TB * (C / (8 * NB));
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, j0 = (it / TB) * 8 * NB;
+    const int t = 8 * tb + gid;
+    uint32_t v[NB];
+#pragma unroll
+    for (int k = 0; k < NB; ++k) {
+      const int j = j0 + 8 * k + gid;  // output channel; its row: src_row(j)
+      v[k] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(
+          tile + mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb + 2 * tig, s)));
+    }
+    if (t < tvalid) {
+      uint16_t* dp = dst + pos_off[t] + j0 + 2 * tig;
+#pragma unroll
+      for (int k = 0; k < NB; ++k) *reinterpret_cast<uint32_t*>(dp + 8 * k) = v[k];
+    }
+  }
+}
+
 // tile(row c, t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for tvalid <= t < TP.
 // The vector paths are separate loops, chosen once per tile (no alignment test per vector).
 template <int TP>
@@ -292,16 +347,10 @@ __device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
-    // channels-last, aligned: 8 channels of one position per 16-byte vector
-    const int nv = C / 8;
-    for (int it = tid; it < TP * nv; it += kThreads) {
-      const int t = it / nv, c0 = (it - t * nv) * 8;
-      uint4 u = {0u, 0u, 0u, 0u};
-      if (t < tvalid) u = *reinterpret_cast<const uint4*>(src + pos_off[t] + c0);
-      const uint16_t* e = reinterpret_cast<const uint16_t*>(&u);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) tile[mma_elem<TP>(c0 + k, t, s)] = e[k];
-    }
+    if (C % 32 == 0)
+      cl_load_blocks<TP, 4>(src, pos_off, tvalid, C, tile, s);
+    else
+      cl_load_blocks<TP, 1>(src, pos_off, tvalid, C, tile, s);
     return;
   }
   // any other layout (and tile tails): scalar, positions fastest
@@ -332,16 +381,10 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
     return;
   }
   if (cl_vec && cs == 1 && C % 8 == 0) {
-    const int nv = C / 8;
-    for (int it = tid; it < tvalid * nv; it += kThreads) {
-      const int t = it / nv, j0 = (it - t * nv) * 8;
-      uint4 u;
-      uint16_t* e = reinterpret_cast<uint16_t*>(&u);
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        e[k] = tile[mma_elem<TP>(src_row ? src_row[j0 + k] : j0 + k, t, s)];
-      *reinterpret_cast<uint4*>(dst + pos_off[t] + j0) = u;
-    }
+    if (C % 32 == 0)
+      cl_store_blocks<TP, 4>(dst, pos_off, tvalid, C, src_row, tile, s);
+    else
+      cl_store_blocks<TP, 1>(dst, pos_off, tvalid, C, src_row, tile, s);
     return;
   }
   for (int it = tid; it < C * TP; it += kThreads) {
