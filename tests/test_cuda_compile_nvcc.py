@@ -1,8 +1,8 @@
 """The CUDA backend's code on a machine without a GPU.
 
-* ``nvcc -c`` compiles the torch-free device code (``tests/csrc/chain_kernels_instantiate.cu``:
-  every kernel and launch function, every dtype) for sm_80 and sm_90; skipped only when nvcc is
-  absent.
+* ``nvcc -cubin`` compiles the torch-free device code (``tests/csrc/chain_kernels_instantiate.cu``:
+  every kernel and launch function, every dtype) for sm_80 and sm_90, once for the resource
+  checks and the SASS checks of the tensor-core forward; skipped only when nvcc is absent.
 * ``nvcc -c`` compiles the launcher ``csrc/cuda/chain_cuda.cu`` against torch's headers (to PTX
   for compute_90: the device code is the same as above); skipped only when nvcc or torch's
   c10/cuda headers are absent. A CPU-only torch lacks the generated header
@@ -10,7 +10,9 @@
 * The kernels' results, with g++ and ``tests/csrc/host_emulation.h`` (every CUDA thread of a
   block runs as a host thread, ``__syncthreads`` is a barrier, shared memory starts as NaN and is
   guarded): the same host plan and launch code as the CUDA launcher, float32 and float64, against
-  the float64 reference chain within the rounding bound of the problem (``igc_test_utils``).
+  the float64 reference chain within the rounding bound of the problem (``igc_test_utils``);
+  the tensor-core forward in float16 / bfloat16 (warp-level ldmatrix / movmatrix / mma.sync
+  emulated from the PTX fragment layouts) within twice the unfused chain's error.
 """
 
 from __future__ import annotations
@@ -56,30 +58,42 @@ def _run(cmd, cwd=None):
 # ---------------------------------------------------------------------------------------------
 # nvcc
 # ---------------------------------------------------------------------------------------------
-@needs_nvcc
-def test_nvcc_compiles_device_code_sm80_sm90(tmp_path):
-    """Every kernel for float32 / float64 / float16 / bfloat16, through ptxas for sm_80 and
-    sm_90 (the two compilations run in parallel), with ptxas's resource report: every kernel
-    fits a CTA of 256 threads (registers), no kernel spills, and the float32 / 16-bit chain
-    kernels fit two CTAs per SM (at most 128 registers), as ``CtasPerSm`` in chain_kernels.cuh
-    promises the tile chooser."""
-    sys.path.insert(0, str(ROOT / "tools"))
-    import perf_model
-
+@pytest.fixture(scope="module")
+def device_cubins(tmp_path_factory):
+    """``{arch: (cubin path, nvcc command, ptxas log)}`` of the torch-free device code for sm_80
+    and sm_90 (the two compilations run in parallel; one compile serves every test below)."""
+    if NVCC is None:
+        pytest.skip("nvcc is not on PATH")
+    tmp = tmp_path_factory.mktemp("cubins")
     src = TEST_CSRC / "chain_kernels_instantiate.cu"
     procs = []
     for arch in ("80", "90"):
-        out = tmp_path / f"chain_kernels_sm{arch}.o"
-        cmd = [NVCC, "-c", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Werror",
+        out = tmp / f"chain_kernels_sm{arch}.cubin"
+        cmd = [NVCC, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Werror",
                "all-warnings", "-Xptxas", "-v", f"-gencode=arch=compute_{arch},code=sm_{arch}",
                f"-I{CUDA_DIR}", str(src), "-o", str(out)]
-        procs.append((cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.PIPE, text=True)))
-    for cmd, out, p in procs:
+        procs.append((arch, cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.PIPE, text=True)))
+    result = {}
+    for arch, cmd, out, p in procs:
         stdout, stderr = p.communicate()
         assert p.returncode == 0, f"{' '.join(cmd)}\n{stdout[-4000:]}\n{stderr[-8000:]}"
+        result[arch] = (out, cmd, stdout + stderr)
+    return result
+
+
+@needs_nvcc
+def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
+    """Every kernel for float32 / float64 / float16 / bfloat16, through ptxas for sm_80 and
+    sm_90, with ptxas's resource report: every kernel fits a CTA of 256 threads (registers), no
+    kernel spills, and the float32 / 16-bit chain kernels fit two CTAs per SM (at most 128
+    registers), as ``CtasPerSm`` in chain_kernels.cuh promises the tile chooser."""
+    sys.path.insert(0, str(ROOT / "tools"))
+    import perf_model
+
+    for arch, (out, cmd, log) in device_cubins.items():
         assert out.stat().st_size > 0
-        kernels = perf_model.parse_ptxas_verbose(stdout + stderr)
+        kernels = perf_model.parse_ptxas_verbose(log)
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
@@ -104,17 +118,13 @@ def _cuobjdump():
 
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
-def test_mma_kernel_sass_uses_tensor_cores_uniformly(tmp_path):
+def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
     """The sm_80 / sm_90 SASS of every tensor-core forward: HMMA (m16n8k16 and m16n8k8, bf16 or
     f16 inputs, fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans), results transposed by
-    MOVM (movmatrix), and none of them predicated: ldmatrix / movmatrix / mma.sync are .aligned, every lane of a warp must execute the same
-    instruction, which the host emulation cannot see."""
-    src = TEST_CSRC / "chain_kernels_instantiate.cu"
-    for arch in ("80", "90"):
-        cubin = tmp_path / f"k{arch}.cubin"
-        _run([NVCC, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr",
-              f"-gencode=arch=compute_{arch},code=sm_{arch}", f"-I{CUDA_DIR}", str(src), "-o",
-              str(cubin)])
+    MOVM (movmatrix), and none of them predicated: ldmatrix / movmatrix / mma.sync are .aligned,
+    every lane of a warp must execute the same instruction, which the host emulation cannot
+    see."""
+    for arch, (cubin, _, _) in device_cubins.items():
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
         mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
