@@ -13,16 +13,20 @@
 // takes an item and computes D[position][output] = H[position][k] W_g^T[k][output] for every
 // 16-position row block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or
 // m16n8k8 (n <= 8): A = the activations, B = the weights, D = fp32 accumulators initialised with
-// the bias, transposed per 8x8 block with movmatrix before 32-bit stores. Groups are never mixed in one product (a non-finite input cannot leak into another
+// the bias. Groups are never mixed in one product (a non-finite input cannot leak into another
 // group's outputs); inputs beyond n read the zero row and weights beyond n / m are zero. A is
 // loaded with ldmatrix.trans from the channel-major tile: lane i gives the address of one
 // 8-position row piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is
 // gather_{l-1}[g * n + k] of the previous layer's output: a permutation costs nothing. B comes
 // from fragments packed once per call by pack_mma_weights_kernel (a 64-bit load per lane and
-// k-step, reused by the MT row blocks). D is rounded and stored to the other tile in natural
-// output order. The store of y reads row gather_L[j] for output channel j.
+// k-step, reused by the MT row blocks). D is rounded, transposed per 8x8 block with movmatrix
+// and stored with 32-bit stores to the other tile, in natural output order. The store of y
+// reads row gather_L[j] for output channel j.
 //
-// Under IGC_EMULATE the warp-level instructions (ldmatrix, mma.sync) come from
+// Tile loads and stores: NCHW rows as 16-byte vectors; channels-last tiles as 8x8 blocks
+// through movmatrix (32-bit accesses); anything else (and unaligned tensors) element by element.
+//
+// Under IGC_EMULATE the warp-level instructions (ldmatrix, movmatrix, mma.sync) come from
 // tests/csrc/host_emulation.h, which implements the PTX ISA's fragment layouts: the tests check
 // this kernel's results on a machine without a GPU.
 #pragma once
