@@ -312,20 +312,21 @@ class EmuCase:
         return self._forward(lib.igc_emu_forward_mma, int(self.dtype == torch.bfloat16), W, B,
                              x, device, occupancy, 2, "tensor-core forward")
 
-    def unfused(self, x):
-        """The unfused chain in the case's dtype (every layer's output rounded to it)."""
-        h0 = x if self.index is None else x.index_select(1, self.index.long())
-        return igc.reference.interleaved_group_conv(h0, self.weights, self.groups, self.perms,
-                                                    self.biases)
+    def unfused(self, x, dtype=None):
+        """The unfused chain in ``dtype`` (default: the case's; every layer's output rounded to
+        it)."""
+        cast = (lambda t: t) if dtype is None else (lambda t: None if t is None else t.to(dtype))
+        h0 = cast(x) if self.index is None else cast(x).index_select(1, self.index.long())
+        return igc.reference.interleaved_group_conv(h0, [cast(w) for w in self.weights],
+                                                    self.groups, self.perms,
+                                                    [cast(b) for b in self.biases])
 
     def check_mma(self, lib, x, device=H100, occupancy=1):
         """The tensor-core forward against the float64 oracle: within twice the error of the
         unfused chain in the same dtype (the rule of every 16-bit result), finite, and in the
         output layout of the contract."""
         y, plan = self.emu_forward_mma(lib, x, device, occupancy)
-        y64, _ = self.reference(x, torch.zeros(empty_like_layout(x, self.channels[-1]).shape,
-                                               dtype=self.dtype))
-        msg = two_x_failure("output", y, y64, self.unfused(x))
+        msg = two_x_failure("output", y, self.unfused(x, torch.float64), self.unfused(x))
         assert msg is None, msg
         assert bool(torch.isfinite(y).all())
         assert y.stride() == empty_like_layout(x, self.channels[-1]).stride()

@@ -438,14 +438,12 @@ def _combine(*terms) -> dict:
     return out
 
 
-def _smallest_loop(ins, loops, *needles, without=()):
-    """The smallest loop whose body holds an opcode starting with each of ``needles`` and none
-    starting with one of ``without``."""
+def _smallest_loop(ins, loops, *needles):
+    """The smallest loop whose body holds an opcode starting with each of ``needles``."""
     best = None
     for a, b, _ in loops:
         ops = [op for ad, _, op, _ in ins if a <= ad <= b]
-        has_all = all(any(o.startswith(n) for o in ops) for n in needles)
-        if has_all and not (without and any(o.startswith(tuple(without)) for o in ops)):
+        if all(any(o.startswith(n) for o in ops) for n in needles):
             if best is None or b - a < best[1] - best[0]:
                 best = (a, b)
     return best

@@ -155,10 +155,7 @@ IGC_INLINE int pointwise_layers_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t
                               acc_t* const* buf, int cur) {                                   \
     return layers_##suffix(k, l0, l1, buf, cur);                                              \
   }
-IGC_DEFINE_LAYERS(float, float, f32)
-IGC_DEFINE_LAYERS(double, double, f64)
-IGC_DEFINE_LAYERS(c10::Half, float, f16)
-IGC_DEFINE_LAYERS(c10::BFloat16, float, bf16)
+IGC_FOR_EACH_CPU_DTYPE(IGC_DEFINE_LAYERS)
 #undef IGC_DEFINE_LAYERS
 
 // The last layer's result in buf[cur] (+ x), stored to y at output positions q0 .. q0+tvalid-1.
@@ -415,10 +412,7 @@ IGC_INLINE void spatial_tiles_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t i
   inline void pointwise_tiles(const BlockCtx<scalar_t, acc_t>& k, int64_t tb, int64_t te) {   \
     pointwise_##suffix(k, tb, te);                                                            \
   }
-IGC_DEFINE_PHASES(float, float, f32)
-IGC_DEFINE_PHASES(double, double, f64)
-IGC_DEFINE_PHASES(c10::Half, float, f16)
-IGC_DEFINE_PHASES(c10::BFloat16, float, bf16)
+IGC_FOR_EACH_CPU_DTYPE(IGC_DEFINE_PHASES)
 #undef IGC_DEFINE_PHASES
 
 // Whole padded planes of every image (few images): the scratch of image img at

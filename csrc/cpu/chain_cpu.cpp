@@ -277,10 +277,7 @@ IGC_INLINE void backward_tiles(const ChainCtx<scalar_t, acc_t>& k, int64_t tile_
     backward_tiles_##suffix(k, b, e, pw, pb);                                               \
   }
 
-IGC_DEFINE_TILE_FNS(float, float, f32)
-IGC_DEFINE_TILE_FNS(double, double, f64)
-IGC_DEFINE_TILE_FNS(c10::Half, float, f16)
-IGC_DEFINE_TILE_FNS(c10::BFloat16, float, bf16)
+IGC_FOR_EACH_CPU_DTYPE(IGC_DEFINE_TILE_FNS)
 #undef IGC_DEFINE_TILE_FNS
 
 // Holds the acc_t copies of weights and biases and the index tables for one call.

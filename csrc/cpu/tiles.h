@@ -20,6 +20,13 @@
 #define IGC_TARGET_CLONES
 #endif
 #define IGC_INLINE inline __attribute__((always_inline))
+// M(scalar_t, acc_t, suffix) for every dtype the CPU kernels instantiate their per-ISA
+// functions for.
+#define IGC_FOR_EACH_CPU_DTYPE(M) \
+  M(float, float, f32)            \
+  M(double, double, f64)          \
+  M(c10::Half, float, f16)        \
+  M(c10::BFloat16, float, bf16)
 
 namespace igc {
 namespace {

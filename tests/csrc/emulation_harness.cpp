@@ -123,18 +123,14 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
 template <class Fmt>
 int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                 const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
-  if (h->L < 1 || h->L > kMaxLayers) return 1;
-  set_device(dev);
-  std::vector<int32_t> table(static_cast<size_t>(index_table_size(*h)));
-  if (launch_build_index_table(*h, table.data(), nullptr) != cudaSuccess) return 2;
+  Setup<float> su;
+  if (const int rc = setup(h, W, B, x, dev, &su)) return rc;
   MmaParams mp = make_mma_params(*h, static_cast<const float*>(W), static_cast<const float*>(B),
-                                 table.data(), nullptr);
-  const int64_t P = num_positions(static_cast<int>(x->dim), x->sizes);
+                                 su.table.data(), nullptr);
+  const int64_t P = su.P;
   if (P == 0) return 0;
-  DeviceInfo info;
-  query_device(0, &info);
   MmaPlan pl;
-  if (plan_forward_mma<Fmt>(mp, P, info, &pl) != cudaSuccess) return 3;
+  if (plan_forward_mma<Fmt>(mp, P, su.info, &pl) != cudaSuccess) return 3;
   if (plan_out != nullptr) {
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
