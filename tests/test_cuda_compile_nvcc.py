@@ -97,9 +97,12 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
-        # the tensor-core forward: 2 formats x 3 tiles, and its weight packing per format
+        # the tensor-core forward and backward: 2 formats x 3 tiles each, the weight packing
+        # (plain and transposed) and the backward's reduction per format
         assert sum("chain_forward_mma_kernel" in n for n in names) == 6, names
-        assert sum("pack_mma_weights_kernel" in n for n in names) == 2, names
+        assert sum("chain_backward_mma_kernel" in n for n in names) == 6, names
+        assert sum("pack_mma_weights_kernel" in n for n in names) == 4, names
+        assert sum("reduce_partials_mma_kernel" in n for n in names) == 2, names
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["registers"] * 256 <= 65536, k
             assert k["spill_bytes"] == 0, k
@@ -137,6 +140,33 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
             assert any(op.startswith("MOVM") for op in ops), (arch, name)  # movmatrix
+            predicated = [op for pred, op in instrs
+                          if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM")]
+            assert not predicated, (arch, name, predicated)
+
+
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
+def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
+    """The sm_80 / sm_90 SASS of every tensor-core backward: HMMA m16n8k16 (dW over positions,
+    dh and the forward recompute) and m16n8k8 (narrow groups), LDSM.16.M88 (ldmatrix without
+    .trans: dW's operands, both channel-major rows) and LDSM.16.MT88 (.trans: du and the
+    activations as the A of dh and of the recompute), MOVM (epilogues); no HMMA / LDSM / MOVM
+    predicated (every lane of a warp executes them)."""
+    for arch, (cubin, _, _) in device_cubins.items():
+        sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
+        funcs = sass.split("Function : ")[1:]
+        bwd = [f for f in funcs if "chain_backward_mma_kernel" in f.split()[0]]
+        assert len(bwd) == 6, [f.split()[0] for f in funcs]
+        for f in bwd:
+            name = f.split()[0]
+            fmt = ".BF16" if "MmaBf16" in name else ""
+            instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
+            ops = [op for _, op in instrs]
+            assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
+            assert "LDSM.16.M88.4" in ops and "LDSM.16.M88.2" in ops, (arch, name)
+            assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
+            assert any(op.startswith("MOVM") for op in ops), (arch, name)
             predicated = [op for pred, op in instrs
                           if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM")]
             assert not predicated, (arch, name, predicated)
@@ -215,6 +245,7 @@ def emu(tmp_path_factory):
     lib.igc_emu_forward.restype = ctypes.c_int
     lib.igc_emu_backward.restype = ctypes.c_int
     lib.igc_emu_forward_mma.restype = ctypes.c_int
+    lib.igc_emu_backward_mma.restype = ctypes.c_int
     return lib
 
 
@@ -333,8 +364,21 @@ class EmuCase:
         return y, plan
 
     def emu_backward(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
+        return self._backward(lib.igc_emu_backward, int(self.dtype == torch.float64),
+                              self._flat(), x, gy, mask, device, occupancy, 4, "backward")
+
+    def emu_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
+        """The tensor-core backward (float16 / bfloat16; weights and biases passed in float32, as
+        the CUDA launcher passes them). Returns ``dx, dW, db`` (flattened, in the dtype) and the
+        plan (tile positions, grid)."""
+        assert self.dtype in (torch.float16, torch.bfloat16)
+        W, B = (t.float() for t in self._flat())
+        return self._backward(lib.igc_emu_backward_mma, int(self.dtype == torch.bfloat16), (W, B),
+                              x, gy, mask, device, occupancy, 2, "tensor-core backward")
+
+    def _backward(self, fn, flag, flat, x, gy, mask, device, occupancy, plan_len, what):
         h = self.host_chain()
-        W, B = self._flat()
+        W, B = flat
         need_x, need_w, need_b = mask
         dx = dx_guard = None
         if need_x:
@@ -348,9 +392,9 @@ class EmuCase:
             sv, order = torch.sort(self.index.long(), stable=True)
             starts = torch.searchsorted(sv, torch.arange(self.c_in + 1)).to(torch.int32)
             order = order.to(torch.int32)
-        plan = (ctypes.c_int64 * 4)()
-        rc = lib.igc_emu_backward(
-            int(self.dtype == torch.float64), ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+        plan = (ctypes.c_int64 * plan_len)()
+        rc = fn(
+            flag, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
             ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)), ctypes.byref(_etensor(gy)),
             ctypes.byref(_etensor(dx)) if dx is not None else None,
             ctypes.c_void_p(starts.data_ptr()) if starts is not None else None,
@@ -358,24 +402,49 @@ class EmuCase:
             ctypes.c_void_p(gw.data_ptr()), ctypes.c_void_p(gb.data_ptr()),
             int(need_x), int(need_w), int(need_b), ctypes.byref(EmuDevice(*device, occupancy)),
             plan)
-        assert rc == 0, f"emulated backward failed with code {rc} (plan {list(plan)})"
+        assert rc == 0, f"emulated {what} failed with code {rc} (plan {list(plan)})"
         if dx_guard is not None:
             dx_guard()
         return dx, gw[:nw], gb[:nb], list(plan)
 
     # --- the float64 oracle --------------------------------------------------------------
-    def reference(self, x, gy, absolute=False):
+    def reference(self, x, gy, absolute=False, dtype=torch.float64):
         """Output and gradients (x, weights, present biases) in float64; with ``absolute``
-        every input is replaced by its absolute value (the magnitudes of the rounding bound)."""
+        every input is replaced by its absolute value (the magnitudes of the rounding bound).
+        With another ``dtype``: the unfused chain and its autograd in that dtype."""
         f = (lambda t: t.abs()) if absolute else (lambda t: t)
-        x64 = f(x.detach().double()).requires_grad_()
-        ws = [f(w.double()).requires_grad_() for w in self.weights]
-        bs = [None if b is None else f(b.double()).requires_grad_() for b in self.biases]
+        x64 = f(x.detach().to(dtype)).requires_grad_()
+        ws = [f(w.to(dtype)).requires_grad_() for w in self.weights]
+        bs = [None if b is None else f(b.to(dtype)).requires_grad_() for b in self.biases]
         h0 = x64 if self.index is None else x64.index_select(1, self.index.long())
         y = igc.reference.interleaved_group_conv(h0, ws, self.groups, self.perms, bs)
         leaves = [x64, *ws, *[b for b in bs if b is not None]]
-        grads = torch.autograd.grad(y, leaves, f(gy.double()))
+        grads = torch.autograd.grad(y, leaves, f(gy.to(dtype)))
         return y.detach(), [g.detach() for g in grads]
+
+    def check_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100,
+                           occupancy=1):
+        """The tensor-core backward against the float64 oracle: every requested gradient within
+        twice the error of the unfused chain's autograd in the same dtype, finite, dx in the
+        layout of the contract. Returns ``dx, dW, db, plan``."""
+        dx, gw, gb, plan = self.emu_backward_mma(lib, x, gy, mask, device, occupancy)
+        _, g64 = self.reference(x, gy)
+        _, glo = self.reference(x, gy, dtype=self.dtype)
+        L = len(self.weights)
+        flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
+        checks = []
+        if mask[0]:
+            checks.append(("grad of x", dx, g64[0], glo[0]))
+            assert dx.stride() == empty_like_layout(x, self.c_in).stride()
+        if mask[1]:
+            checks.append(("grad of weights", gw, flat(g64[1:1 + L]), flat(glo[1:1 + L])))
+        if mask[2] and any(b is not None for b in self.biases):
+            checks.append(("grad of biases", gb, flat(g64[1 + L:]), flat(glo[1 + L:])))
+        for name, actual, expected, unfused in checks:
+            msg = two_x_failure(name, actual, expected, unfused)
+            assert msg is None, msg
+            assert bool(torch.isfinite(actual).all()), name
+        return dx, gw, gb, plan
 
     def k(self, positions):
         k = sum(self.channels[l] // g + self.channels[l + 1] // g + 2
@@ -747,3 +816,180 @@ def test_emulated_mma_rounds_like_the_unfused_chain(emu):
     x = torch.randint(-3, 4, (2, 16, 3, 5), generator=gen).to(torch.bfloat16)
     y, _ = c.emu_forward_mma(emu, x)
     assert torch.equal(y, c.unfused(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The tensor-core backward (chain_mma_backward.cuh) under emulation
+# ---------------------------------------------------------------------------------------------
+# (channels, groups): the forward's widths (m16n8k8 and m16n8k16 products, partial blocks of 8,
+# non-square groups, a dense layer) and the backward's own shapes: dW blocks with the outputs
+# (m >= n) or the inputs (n > m) as the 16-row side, widths 1, 3, 8, 16, 24, 32
+MMA_BACKWARD_WIDTHS = {
+    **MMA_WIDTHS,
+    "w1_w3": ([12, 12, 12], [12, 4]),
+    "w16_m8_m32": ([32, 16, 64], [2, 2]),  # n 16 -> m 8 (A = inputs), n 8 -> m 32
+    "w24_w32": ([48, 48, 64], [2, 2]),     # n 24 -> m 24, n 24 -> m 32
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("case", MMA_BACKWARD_WIDTHS.values(), ids=MMA_BACKWARD_WIDTHS.keys())
+def test_emulated_mma_backward_group_widths(emu, case, dtype):
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=len(channels))
+    x = _x((2, channels[0], 5, 7), "contiguous", dtype, 1)
+    gy = _x((2, channels[-1], 5, 7), "contiguous", dtype, 2)
+    *_, plan = c.check_backward_mma(emu, x, gy)
+    assert plan[0] in (16, 32, 64), plan
+
+
+MMA_BACKWARD_LAYOUTS = {
+    # name: (shape of x without channels, layout of x, layout of grad_y)
+    "tokens": ((70,), "contiguous", "contiguous"),
+    "nchw_full_tiles": ((2, 8, 8), "contiguous", "contiguous"),
+    "nchw_tail": ((3, 5, 7), "contiguous", "channels_last"),
+    "channels_last": ((2, 6, 5), "channels_last", "channels_last"),
+    "sliced": ((2, 4, 5), "sliced", "sliced"),
+    "sliced_channels_last": ((2, 3, 6), "sliced_channels_last", "expanded"),
+    "permuted": ((2, 4, 3), "permuted", "contiguous"),
+    "ncdhw_channels_last": ((2, 2, 3, 4), "channels_last", "contiguous"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", MMA_BACKWARD_LAYOUTS.values(), ids=MMA_BACKWARD_LAYOUTS.keys())
+def test_emulated_mma_backward_layouts(emu, layout):
+    """Every load path of x and dy (dy scattered through the last permutation: 16-byte rows,
+    movmatrix blocks, scalar), every store path of dx, stride-0 grad_y, tile tails, several
+    tiles per CTA (two SMs)."""
+    sp, xl, gl = layout
+    N, spatial = sp[0], sp[1:]
+    gen = torch.Generator().manual_seed(5)
+    for channels, groups in (([16, 32, 16], [2, 4]), ([32, 32, 64], [4, 4]),
+                             ([12, 24, 10], [4, 2])):
+        c = EmuCase(channels, groups, perms=["interleave", torch.randperm(channels[-1],
+                                                                          generator=gen)],
+                    bias=[True, False], dtype=torch.bfloat16, seed=3)
+        x = _x((N, channels[0], *spatial), xl, torch.bfloat16, 6)
+        shape = (N, channels[-1], *spatial)
+        gy = (expanded_like(shape, torch.bfloat16, gen) if gl == "expanded"
+              else _x(shape, gl, torch.bfloat16, 7))
+        c.check_backward_mma(emu, x, gy)
+        c.check_backward_mma(emu, x, gy, device=TWO_SM)
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_mma_backward_unaligned_tensors(emu, layout):
+    """x, grad_y and dx whose rows of 8 are not 16-byte aligned take the scalar paths; the same
+    values at aligned addresses take the vector paths: bitwise equal gradients."""
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=8)
+    x = _x((2, 16, 8, 8), layout, torch.bfloat16, 9)
+    gy = _x((2, 16, 8, 8), layout, torch.bfloat16, 10)
+
+    def shifted(t):
+        flat = torch.empty(t.numel() + 1, dtype=t.dtype)
+        s = flat.as_strided(t.shape, t.stride(), 1)
+        s.copy_(t)
+        return s
+
+    a = c.check_backward_mma(emu, x, gy)
+    b = c.check_backward_mma(emu, shifted(x), shifted(gy))
+    for u, v in zip(a[:3], b[:3]):
+        assert torch.equal(u, v)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("perm_dtype", [torch.int64, torch.int32])
+def test_emulated_mma_backward_input_index_and_permutations(emu, dtype, perm_dtype):
+    """An input index with repeats and unused channels (their dx is exactly 0; the others sum
+    the rows that read them) and explicit permutations after every layer: dh is stored through
+    the gather index, dy loaded through the last one."""
+    gen = torch.Generator().manual_seed(9)
+    index = torch.tensor([3, 0, 3, 5, 7, 7, 7, 1] * 2, dtype=perm_dtype)
+    perms = [torch.randperm(32, generator=gen).to(perm_dtype),
+             torch.randperm(16, generator=gen).to(perm_dtype)]
+    c = EmuCase([16, 32, 16], [2, 4], perms=perms, bias=[True, True], index=index, c_in=9,
+                dtype=dtype, seed=4)
+    for layout in ("contiguous", "channels_last"):
+        x = _x((2, 9, 4, 5), layout, dtype, 8)
+        gy = _x((2, 16, 4, 5), "contiguous", dtype, 9)
+        dx, *_ = c.check_backward_mma(emu, x, gy)
+        assert bool((dx[:, [2, 4, 6, 8]] == 0).all())
+
+
+@needs_cxx
+@pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
+                                  (False, False, True), (False, True, True), (True, True, False)])
+def test_emulated_mma_backward_output_mask(emu, mask):
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=21)
+    x = _x((2, 16, 3, 7), "channels_last", torch.bfloat16, 22)
+    gy = _x((2, 16, 3, 7), "contiguous", torch.bfloat16, 23)
+    c.check_backward_mma(emu, x, gy, mask=mask)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+def test_emulated_mma_backward_is_deterministic(emu, dtype):
+    """Two CTAs, each over many tiles: weight and bias gradients from the fixed-order reduction
+    of the per-CTA rows, bitwise equal over runs."""
+    c = EmuCase([32, 32, 32], [4, 2], bias=[True, True], dtype=dtype, seed=31)
+    x = _x((4, 32, 9, 9), "contiguous", dtype, 32)
+    gy = _x((4, 32, 9, 9), "contiguous", dtype, 33)
+    first = c.check_backward_mma(emu, x, gy, device=TWO_SM)
+    assert first[3][1] == 2, first[3]
+    again = c.emu_backward_mma(emu, x, gy, device=TWO_SM)
+    for a, b in zip(first[:3], again[:3]):
+        assert torch.equal(a, b)
+
+
+@needs_cxx
+@pytest.mark.parametrize("where", ["x", "grad_y"])
+def test_emulated_mma_backward_keeps_groups_apart(emu, where):
+    """An infinite value in one group (in x, or in grad_y) leaves every gradient of the other
+    groups finite and bitwise equal to those of the finite inputs: no product mixes groups
+    (block-diagonal packing, or a dW block reaching past its group, would spread NaN)."""
+    c = EmuCase([32, 32], [4], perms=[None], bias=[True], dtype=torch.bfloat16, seed=2)
+    x = _x((1, 32, 4, 4), "contiguous", torch.bfloat16, 1)
+    gy = _x((1, 32, 4, 4), "contiguous", torch.bfloat16, 3)
+    dx, gw, gb, _ = c.emu_backward_mma(emu, x, gy)
+    x_inf, gy_inf = x.clone(), gy.clone()
+    (x_inf if where == "x" else gy_inf)[:, 3] = float("inf")  # group 0 (channels 0..7)
+    dx_inf, gw_inf, gb_inf, _ = c.emu_backward_mma(emu, x_inf, gy_inf)
+    w, w_inf = gw.view(32, 8), gw_inf.view(32, 8)
+    assert torch.equal(w_inf[8:], w[8:]) and torch.equal(dx_inf[:, 8:], dx[:, 8:])
+    assert torch.equal(gb_inf[8:], gb[8:])
+    assert not bool(torch.isfinite(w_inf[:8]).all())
+    if where == "grad_y":
+        assert not bool(torch.isfinite(dx_inf[:, :8]).all())
+
+
+@needs_cxx
+def test_emulated_mma_backward_tiles_and_shared_memory(emu):
+    """Store-all tiles follow the shared memory (64, 32, 16 positions); a chain whose
+    intermediates do not fit a 16-position tile is refused (code 4: the launcher then runs the
+    CUDA-core backward)."""
+    c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
+    x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
+    gy = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 4)
+    smem = lambda tp: (64 + 128 + 2 * 128 + 1) * tp * 2 + 3 * tp * 8  # noqa: E731
+    for tp in (64, 32, 16):
+        per_sm = 2 * (smem(tp) + 1024)
+        *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm, per_sm))
+        assert plan[0] == tp, (tp, plan)
+    h, (W, B) = c.host_chain(), c._flat()
+    dx = torch.empty_like(x)
+    gw = torch.empty(sum(w.numel() for w in c.weights), dtype=torch.bfloat16)
+    gb = torch.empty(128, dtype=torch.bfloat16)
+    plan = (ctypes.c_int64 * 2)()
+    rc = emu.igc_emu_backward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.float().data_ptr()),
+                                  ctypes.c_void_p(B.float().data_ptr()),
+                                  ctypes.byref(_etensor(x)), ctypes.byref(_etensor(gy)),
+                                  ctypes.byref(_etensor(dx)), None, None,
+                                  ctypes.c_void_p(gw.data_ptr()), ctypes.c_void_p(gb.data_ptr()),
+                                  1, 1, 1,
+                                  ctypes.byref(EmuDevice(2, smem(16) - 1, smem(16) - 1, 1)),
+                                  plan)
+    assert rc == 4, rc

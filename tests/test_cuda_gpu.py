@@ -375,3 +375,44 @@ def test_tensor_core_forward_is_used_unless_turned_off(tensor_cores):
     assert mma == (tensor_cores == "1"), names
     err, scale = (float(v) for v in errs.split())
     assert err <= 0.05 * scale, (err, scale)
+
+
+_BACKWARD_KERNELS_SCRIPT = """
+import sys, torch, igc_kernels as igc
+x = torch.randn(2, 256, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+ws = [torch.randn(256, 8, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+      for _ in range(3)]
+gy = torch.randn(2, 256, 16, 16, device="cuda", dtype=torch.bfloat16)
+y = igc.interleaved_group_conv(x, ws, [32, 32, 32], backend="cuda")
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    grads = torch.autograd.grad(y, [x, *ws], gy)
+    torch.cuda.synchronize()
+x64 = x.detach().double().requires_grad_()
+w64 = [w.detach().double().requires_grad_() for w in ws]
+ref = torch.autograd.grad(igc.reference.interleaved_group_conv(x64, w64, [32, 32, 32]),
+                          [x64, *w64], gy.double())
+print(sorted({e.name for e in prof.events() if "chain_backward" in e.name}))
+print(max(float((g.double() - r).abs().max() / r.abs().max()) for g, r in zip(grads, ref)))
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="tensor cores for bf16 need sm_80")
+@pytest.mark.parametrize("tensor_cores", ["1", "0"])
+def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
+    """bfloat16 backwards run chain_backward_mma_kernel on sm_80+, and the CUDA-core kernel
+    with IGC_CUDA_TENSOR_CORES=0 (a subprocess each); dx and every dW close to the float64
+    chain's."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IGC_CUDA_TENSOR_CORES=tensor_cores)
+    r = subprocess.run([sys.executable, "-c", _BACKWARD_KERNELS_SCRIPT], capture_output=True,
+                       text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    names, err = r.stdout.strip().splitlines()[-2:]
+    mma = "chain_backward_mma_kernel" in names
+    assert mma == (tensor_cores == "1"), names
+    assert "chain_backward_kernel" in names or mma, names
+    assert float(err) <= 0.05, err

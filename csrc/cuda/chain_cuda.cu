@@ -11,8 +11,10 @@
 // rows j with input_index[j] == c, in increasing j) with a stable sort and a searchsorted.
 //
 // float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh
-// (one more small kernel packs the weights into mma fragments first); IGC_CUDA_TENSOR_CORES=0 in
-// the environment selects the CUDA-core kernel instead. Backwards run the CUDA-core kernel.
+// (one more small kernel packs the weights into mma fragments first), and their backwards the
+// tensor-core backward of chain_mma_backward.cuh (weights packed twice: as they are, for the
+// recompute, and transposed, for dh) when its store-all tiles fit; IGC_CUDA_TENSOR_CORES=0 in
+// the environment selects the CUDA-core kernels instead.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
@@ -34,12 +36,14 @@
 #include <cstring>
 #include <mutex>
 #include <tuple>
+#include <utility>
 #include <type_traits>
 #include <vector>
 
 #include "chain_args.h"
 #include "chain_kernels.cuh"
 #include "chain_mma.cuh"
+#include "chain_mma_backward.cuh"
 
 namespace igc {
 namespace {
@@ -136,7 +140,7 @@ kc::TensorArg<T> tensor_arg(const at::Tensor& t) {
               " positions; use backend='cpu' or 'reference' for this chain");
 }
 
-// The tensor-core forward is used unless IGC_CUDA_TENSOR_CORES=0 (read once).
+// The tensor-core kernels are used unless IGC_CUDA_TENSOR_CORES=0 (read once).
 bool tensor_cores_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("IGC_CUDA_TENSOR_CORES");
@@ -171,6 +175,69 @@ bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weig
   C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
       mp, reinterpret_cast<uint2*>(frag.data_ptr<int32_t>()),
       tensor_arg<const uint16_t>(x), tensor_arg<uint16_t>(y), P, plan, stream));
+  return true;
+}
+
+// The CSR list of an input index for dx: dx channel c sums dh_0 rows order[starts[c] ..
+// starts[c+1]-1], in increasing row order.
+std::pair<at::Tensor, at::Tensor> dx_csr(const ChainDesc& d,
+                                         const std::optional<at::Tensor>& input_index) {
+  // entries outside [0, C_in) were rejected by the Python front end; clamped here only so that
+  // a direct call with bad values cannot address memory outside dx
+  at::Tensor idx = at::clamp(input_index->to(at::kLong), 0, d.C_in - 1);
+  auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
+  at::Tensor order = std::get<1>(sorted).to(at::kInt).contiguous();
+  at::Tensor starts = at::searchsorted(std::get<0>(sorted), at::arange(d.C_in + 1, idx.options()),
+                                       /*out_int32=*/true, /*right=*/false)
+                          .contiguous();
+  return {starts, order};
+}
+
+// The backward of a float16 / bfloat16 chain on tensor cores (chain_mma_backward.cuh). False
+// when the device has none for it (sm < 80) or the store-all tiles do not fit; the caller then
+// runs the CUDA-core kernel.
+template <class Fmt>
+bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
+                  at::TensorList biases, const at::Tensor& x, const at::Tensor& grad_y,
+                  at::Tensor& gx, at::Tensor& gw, at::Tensor& gb, bool need_x, bool need_w,
+                  bool need_b, const std::optional<at::Tensor>& input_index, int64_t P,
+                  const kc::DeviceInfo& info, cudaStream_t stream) {
+  if (info.cc_major < 8 || !tensor_cores_enabled()) return false;
+  const bool wb = need_w || need_b;
+  kc::MmaPlan plan;
+  {
+    const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr, nullptr);
+    C10_CUDA_CHECK(kc::plan_backward_mma<Fmt>(probe, P, wb, info, &plan));
+    if (plan.mt == 0) return false;
+  }
+  at::Tensor W = flat_params(weights, nullptr, at::kFloat);
+  at::Tensor B = d.num_bias_elems > 0 ? flat_params(biases, &d.has_bias, at::kFloat) : at::Tensor();
+  at::Tensor table = at::empty({kc::index_table_size(h)}, x.options().dtype(at::kInt));
+  const float* Wp = W.data_ptr<float>();
+  kc::MmaParams mp = kc::make_mma_params(h, Wp, B.defined() ? B.data_ptr<float>() : nullptr,
+                                         table.data_ptr<int32_t>(), nullptr);
+  kc::MmaParams mt = kc::make_mma_transposed_params(h, Wp, table.data_ptr<int32_t>(), nullptr);
+  at::Tensor frag = at::empty({2 * (mp.num_frag + mt.num_frag)}, x.options().dtype(at::kInt));
+  uint2* fp = reinterpret_cast<uint2*>(frag.data_ptr<int32_t>());
+  mp.frag = fp;
+  mt.frag = fp + mp.num_frag;
+  at::Tensor starts, order;
+  if (d.has_index && need_x) std::tie(starts, order) = dx_csr(d, input_index);
+  at::Tensor partial;
+  if (wb)
+    partial = at::empty({plan.grid, d.num_weight_elems + d.num_bias_elems},
+                        x.options().dtype(at::kFloat));
+  C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
+  const kc::BackwardFlags f{need_x ? 1 : 0, need_w ? 1 : 0, need_b ? 1 : 0, 1};
+  const kc::TensorArg<uint16_t> dxa = need_x ? tensor_arg<uint16_t>(gx) : kc::TensorArg<uint16_t>{};
+  C10_CUDA_CHECK(kc::launch_backward_mma<Fmt>(
+      mp, fp, mt, fp + mp.num_frag, tensor_arg<const uint16_t>(x),
+      tensor_arg<const uint16_t>(grad_y), dxa,
+      starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
+      order.defined() ? order.data_ptr<int32_t>() : nullptr,
+      partial.defined() ? partial.data_ptr<float>() : nullptr,
+      need_w ? reinterpret_cast<uint16_t*>(gw.data_ptr()) : nullptr,
+      need_b ? reinterpret_cast<uint16_t*>(gb.data_ptr()) : nullptr, f, P, plan, stream));
   return true;
 }
 
@@ -246,6 +313,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cuda(
   const kc::DeviceInfo info = device_info(x.get_device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
 
+  if (x.scalar_type() == at::kBFloat16 &&
+      backward_mma<kc::MmaBf16>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
+                                need_b, input_index, P, info, stream))
+    return {gx, gw, gb};
+  if (x.scalar_type() == at::kHalf &&
+      backward_mma<kc::MmaF16>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
+                               need_b, input_index, P, info, stream))
+    return {gx, gw, gb};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_backward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
     using A = typename kc::Cvt<T>::acc;
@@ -263,16 +338,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cuda(
     const kc::ChainParams<A> p = kc::make_params<A>(
         h, W.data_ptr<A>(), B.defined() ? B.data_ptr<A>() : nullptr, table.data_ptr<int32_t>());
     at::Tensor starts, order;
-    if (d.has_index && need_x) {
-      // entries outside [0, C_in) were rejected by the Python front end; clamped here only so
-      // that a direct call with bad values cannot address memory outside dx
-      at::Tensor idx = at::clamp(input_index->to(at::kLong), 0, d.C_in - 1);
-      auto sorted = at::sort(idx, /*stable=*/true, /*dim=*/0, /*descending=*/false);
-      order = std::get<1>(sorted).to(at::kInt).contiguous();
-      starts = at::searchsorted(std::get<0>(sorted), at::arange(d.C_in + 1, idx.options()),
-                                /*out_int32=*/true, /*right=*/false)
-                   .contiguous();
-    }
+    if (d.has_index && need_x) std::tie(starts, order) = dx_csr(d, input_index);
     at::Tensor partial;
     if (wb)
       partial = at::empty({plan.grid, d.num_weight_elems + d.num_bias_elems},

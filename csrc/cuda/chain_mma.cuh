@@ -234,7 +234,9 @@ __host__ __device__ __forceinline__ int mma_elem(int r, int t, int s) {
 // Entry (layer l, group g, block b, k-step s, lane i): the lane's B registers of that product:
 // k16: {W[o][k], W[o][k+1]}, {W[o][k+8], W[o][k+9]} with o = g m + 8 b + i / 4 and
 // k = 16 s + 2 (i % 4); k8: {W[o][k], W[o][k+1]}, 0 with k = 2 (i % 4). Zero beyond n and m.
-template <class Fmt>
+// Transposed (the backward's dh = W^T du, chain_mma_backward.cuh): mp's layers describe W_l^T
+// (n and m swapped), and W[o][k] reads the stored weight W_l[g m_l + k][o].
+template <class Fmt, bool Transposed = false>
 __global__ void __launch_bounds__(kThreads)
     pack_mma_weights_kernel(const MmaParams mp, uint2* __restrict__ frag) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
@@ -253,8 +255,11 @@ __global__ void __launch_bounds__(kThreads)
     const int g = static_cast<int>(t / ml.nblk);
     const int o = 8 * b + lane / 4;
     const int k = 16 * ks + 2 * (lane % 4);
-    const float* w = mp.c.W + d.w_off + (static_cast<int64_t>(g) * d.m + o) * d.n;
-    auto at = [&](int kk) { return (o < d.m && kk < d.n) ? w[kk] : 0.0f; };
+    const float* wg = mp.c.W + d.w_off + static_cast<int64_t>(g) * d.m * d.n;
+    auto at = [&](int kk) {
+      if (o >= d.m || kk >= d.n) return 0.0f;
+      return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
+    };
     uint2 v;
     v.x = mma_pack<Fmt>(at(k), at(k + 1));
     v.y = ml.k8 ? 0u : mma_pack<Fmt>(at(k + 8), at(k + 9));
@@ -281,10 +286,11 @@ __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
 // writes positions 2 tig, 2 tig + 1 of channel gid into that channel's row: 32-bit accesses on
 // both sides. Storing runs the same steps backwards. The loop bound is the same for every lane
 // of a warp (movmatrix is warp-collective).
-template <int TP, int NB>
+template <int TP, int NB, bool kDstRows>
 __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
                                                const int64_t* pos_off, int tvalid, int C,
-                                               uint16_t* tile, int s) {
+                                               uint16_t* tile, int s,
+                                               const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   constexpr int TB = TP / 8;  // blocks of 8 positions
   const int nit = TB * (C / (8 * NB));
@@ -297,9 +303,12 @@ __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
     for (int k = 0; k < NB; ++k)
       v[k] = t < tvalid ? *reinterpret_cast<const uint32_t*>(sp + 8 * k) : 0u;
 #pragma unroll
-    for (int k = 0; k < NB; ++k)
-      *reinterpret_cast<uint32_t*>(tile + mma_elem<TP>(c0 + 8 * k + gid, 8 * tb + 2 * tig, s)) =
+    for (int k = 0; k < NB; ++k) {
+      const int c = c0 + 8 * k + gid;
+      *reinterpret_cast<uint32_t*>(
+          tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig, s)) =
           movmatrix_trans(v[k]);
+    }
   }
 }
 
@@ -329,14 +338,15 @@ __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
   }
 }
 
-// tile(row c, t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for tvalid <= t < TP.
+// tile(row row(c), t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
+// tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c, row(c) = kDstRows ? dst_row[c] : c
+// (the backward scatters dy through the last gather index).
 // The vector paths are separate loops, chosen once per tile (no alignment test per vector).
-template <int TP>
-__device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int64_t cs,
-                                           const int64_t* pos_off, bool contig, bool cl_vec,
-                                           int tvalid, int C,
-                                           const int32_t* __restrict__ src_chan, uint16_t* tile,
-                                           int s) {
+template <int TP, bool kDstRows = false>
+__device__ __forceinline__ void mma_load_tile_inline(
+    const uint16_t* __restrict__ src, int64_t cs, const int64_t* pos_off, bool contig,
+    bool cl_vec, int tvalid, int C, const int32_t* __restrict__ src_chan, uint16_t* tile, int s,
+    const int32_t* __restrict__ dst_row = nullptr) {
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(src + pos_off[0]) && cs % 8 == 0) {
     // NCHW-like, aligned: a row of TP consecutive elements per channel, 16-byte vectors
@@ -345,33 +355,45 @@ __device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int
     for (int it = tid; it < C * NV; it += kThreads) {
       const int c = it / NV, v = it - c * NV;
       const int64_t chan = src_chan ? src_chan[c] : c;
-      *reinterpret_cast<uint4*>(tile + mma_elem<TP>(c, v * 8, s)) =
+      *reinterpret_cast<uint4*>(tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, v * 8, s)) =
           *reinterpret_cast<const uint4*>(base + chan * cs + v * 8);
     }
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
     if (C % 32 == 0)
-      cl_load_blocks<TP, 4>(src, pos_off, tvalid, C, tile, s);
+      cl_load_blocks<TP, 4, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
     else
-      cl_load_blocks<TP, 1>(src, pos_off, tvalid, C, tile, s);
+      cl_load_blocks<TP, 1, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
     return;
   }
   // any other layout (and tile tails): scalar, positions fastest
   for (int it = tid; it < C * TP; it += kThreads) {
     const int c = it / TP, t = it - c * TP;
     const int64_t chan = src_chan ? src_chan[c] : c;
-    tile[mma_elem<TP>(c, t, s)] = t < tvalid ? src[pos_off[t] + chan * cs] : uint16_t(0);
+    tile[mma_elem<TP>(kDstRows ? dst_row[c] : c, t, s)] =
+        t < tvalid ? src[pos_off[t] + chan * cs] : uint16_t(0);
   }
+}
+
+// Not inlined: one copy per tile size serves the forward's call sites (the inline form is for
+// kernels whose state across a call would spill: the tensor-core backward).
+template <int TP>
+__device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int64_t cs,
+                                           const int64_t* pos_off, bool contig, bool cl_vec,
+                                           int tvalid, int C,
+                                           const int32_t* __restrict__ src_chan, uint16_t* tile,
+                                           int s) {
+  mma_load_tile_inline<TP>(src, cs, pos_off, contig, cl_vec, tvalid, C, src_chan, tile, s);
 }
 
 // y[pos t, channel j] = tile(row src_row(j), t) for j < C, t < tvalid.
 template <int TP>
-__device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t cs,
-                                            const int64_t* pos_off, bool contig, bool cl_vec,
-                                            int tvalid, int C,
-                                            const int32_t* __restrict__ src_row,
-                                            const uint16_t* tile, int s) {
+__device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst, int64_t cs,
+                                                      const int64_t* pos_off, bool contig,
+                                                      bool cl_vec, int tvalid, int C,
+                                                      const int32_t* __restrict__ src_row,
+                                                      const uint16_t* tile, int s) {
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(dst + pos_off[0]) && cs % 8 == 0) {
     constexpr int NV = TP / 8;
@@ -399,11 +421,21 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
   }
 }
 
+template <int TP>
+__device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t cs,
+                                            const int64_t* pos_off, bool contig, bool cl_vec,
+                                            int tvalid, int C,
+                                            const int32_t* __restrict__ src_row,
+                                            const uint16_t* tile, int s) {
+  mma_store_tile_inline<TP>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile, s);
+}
+
 // ---------------------------------------------------------------------------------------------
 // One layer on tensor cores
 // ---------------------------------------------------------------------------------------------
-// out (shift s_out) = layer l of in (shift s_in), in natural output order; in_rows: the rows of
-// the layer's inputs in `in` (gather of the previous layer; null: identity).
+// out (shift s_out) = layer l of in (shift s_in), in natural output order (out_rows null) or
+// output o in row out_rows[o] (the backward's scatter of dh through a gather index); in_rows:
+// the rows of the layer's inputs in `in` (gather of the previous layer; null: identity).
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
 template <class Fmt, int MT, int K>
@@ -411,7 +443,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
                                             int s_in, const int32_t* __restrict__ in_rows,
-                                            uint16_t* out, int s_out, const uint16_t* zero) {
+                                            uint16_t* out, int s_out, const uint16_t* zero,
+                                            const int32_t* __restrict__ out_rows) {
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
@@ -470,11 +503,11 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
     // positions 2 tig, 2 tig + 1 of the 8: one 32-bit store into that output's row. The row
     // start and its swizzle are computed once per item.
     const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
+    const bool ok = orow < d.m;
     const int r = g * d.m + orow;
-    const int e = mma_elem<TP>(r, 0, s_out);
+    const int e = mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0, s_out);
     const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
     uint16_t* row = out + (e - sw) + 2 * tig;
-    const bool ok = orow < d.m;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -498,11 +531,12 @@ template <class Fmt, int MT>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in, int s_in,
                                        const int32_t* in_rows, uint16_t* out, int s_out,
-                                       const uint16_t* zero) {
+                                       const uint16_t* zero,
+                                       const int32_t* out_rows = nullptr) {
   if (ml.k8)
-    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero);
+    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
   else
-    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero);
+    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
 }
 
 // Shared memory of a tile of TP positions: two tiles of cmax rows, the zero row, two offset

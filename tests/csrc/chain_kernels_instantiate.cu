@@ -4,6 +4,7 @@
 // (chain_cuda.cu instantiates what it launches).
 #include "chain_kernels.cuh"
 #include "chain_mma.cuh"
+#include "chain_mma_backward.cuh"
 
 namespace igc {
 namespace cuda {
@@ -55,6 +56,36 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
 IGC_INSTANTIATE_MMA(MmaBf16)
 IGC_INSTANTIATE_MMA(MmaF16)
 #undef IGC_INSTANTIATE_MMA
+
+// the tensor-core backward: every element format and tile, the transposed weight packing and
+// the reduction of the partial rows
+#define IGC_INSTANTIATE_MMA_BACKWARD(F)                                                         \
+  template __global__ void pack_mma_weights_kernel<F, true>(const MmaParams, uint2*);           \
+  template __global__ void chain_backward_mma_kernel<F, 1>(                                     \
+      const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
+      const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
+      const int32_t*, float*, const BackwardFlags, int64_t);                                    \
+  template __global__ void chain_backward_mma_kernel<F, 2>(                                     \
+      const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
+      const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
+      const int32_t*, float*, const BackwardFlags, int64_t);                                    \
+  template __global__ void chain_backward_mma_kernel<F, 4>(                                     \
+      const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
+      const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
+      const int32_t*, float*, const BackwardFlags, int64_t);                                    \
+  template __global__ void reduce_partials_mma_kernel<F>(const float*, int64_t, int64_t,        \
+                                                         int64_t, uint16_t*, uint16_t*);        \
+  template cudaError_t plan_backward_mma<F>(const MmaParams&, int64_t, bool, const DeviceInfo&, \
+                                            MmaPlan*);                                          \
+  template cudaError_t launch_backward_mma<F>(                                                  \
+      const MmaParams&, uint2*, const MmaParams&, uint2*, const TensorArg<const uint16_t>&,     \
+      const TensorArg<const uint16_t>&, const TensorArg<uint16_t>&, const int32_t*,             \
+      const int32_t*, float*, uint16_t*, uint16_t*, BackwardFlags, int64_t, const MmaPlan&,     \
+      cudaStream_t);
+
+IGC_INSTANTIATE_MMA_BACKWARD(MmaBf16)
+IGC_INSTANTIATE_MMA_BACKWARD(MmaF16)
+#undef IGC_INSTANTIATE_MMA_BACKWARD
 
 }  // namespace cuda
 }  // namespace igc

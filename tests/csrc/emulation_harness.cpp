@@ -9,6 +9,7 @@
 
 #include "chain_kernels.cuh"
 #include "chain_mma.cuh"
+#include "chain_mma_backward.cuh"
 
 namespace {
 
@@ -144,9 +145,58 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
   return 0;
 }
 
+// The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain: W and B in
+// float32, dx / gw / gb in the 16-bit dtype. plan_out: tile positions, grid.
+template <class Fmt>
+int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
+                 const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
+                 const int32_t* order, void* gw, void* gb, int need_x, int need_w, int need_b,
+                 const EmuDevice* dev, int64_t* plan_out) {
+  Setup<float> su;
+  if (const int rc = setup(h, W, B, x, dev, &su)) return rc;
+  const int64_t P = su.P;
+  if (P == 0) return 0;
+  MmaParams mp = make_mma_params(*h, static_cast<const float*>(W), static_cast<const float*>(B),
+                                 su.table.data(), nullptr);
+  MmaParams mt = make_mma_transposed_params(*h, static_cast<const float*>(W), su.table.data(),
+                                            nullptr);
+  const bool nb = need_b && mp.c.num_b > 0;
+  const bool wb = need_w || nb;
+  MmaPlan pl;
+  if (plan_backward_mma<Fmt>(mp, P, wb, su.info, &pl) != cudaSuccess) return 3;
+  if (plan_out != nullptr) {
+    plan_out[0] = 16 * pl.mt;
+    plan_out[1] = pl.grid;
+  }
+  if (pl.mt == 0) return 4;
+  std::vector<uint2> frag(static_cast<size_t>(mp.num_frag)), frag_t(static_cast<size_t>(mt.num_frag));
+  mp.frag = frag.data();
+  mt.frag = frag_t.data();
+  std::vector<float> partial(wb ? static_cast<size_t>(pl.grid * (mp.c.num_w + mp.c.num_b)) : 0);
+  BackwardFlags f{need_x, need_w, nb ? 1 : 0, 1};
+  TensorArg<uint16_t> dxa = need_x ? arg<uint16_t>(dx) : TensorArg<uint16_t>{};
+  if (launch_backward_mma<Fmt>(mp, frag.data(), mt, frag_t.data(), arg<const uint16_t>(x),
+                               arg<const uint16_t>(dy), dxa, starts, order,
+                               wb ? partial.data() : nullptr, static_cast<uint16_t*>(gw),
+                               static_cast<uint16_t*>(gb), f, P, pl, nullptr) != cudaSuccess)
+    return 5;
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
+
+int igc_emu_backward_mma(int is_bf16, const HostChain* h, const void* W, const void* B,
+                         const EmuTensor* x, const EmuTensor* dy, const EmuTensor* dx,
+                         const int32_t* starts, const int32_t* order, void* gw, void* gb,
+                         int need_x, int need_w, int need_b, const EmuDevice* dev,
+                         int64_t* plan_out) {
+  return is_bf16 ? backward_mma<MmaBf16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
+                                         need_w, need_b, dev, plan_out)
+                 : backward_mma<MmaF16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
+                                        need_w, need_b, dev, plan_out);
+}
 
 int igc_emu_forward_mma(int is_bf16, const HostChain* h, const void* W, const void* B,
                         const EmuTensor* x, const EmuTensor* y, const EmuDevice* dev,

@@ -1,0 +1,445 @@
+// Tensor-core backward of the chain for float16 / bfloat16 (sm_80 and newer): the same contract
+// as chain_backward_kernel (chain_kernels.cuh: dx, dW, db, the output mask, an input index with
+// repeats, deterministic weight and bias gradients), built from the tensor-core forward's pieces
+// (chain_mma.cuh: swizzled [channel][TP] 16-bit tiles, ldmatrix / movmatrix / mma.sync).
+//
+// Tile. A CTA takes TP = 16 * MT positions and keeps in shared memory, as 16-bit swizzled tiles:
+// the x tile (C_0 rows, gathered by the input index), every intermediate u_1 .. u_{L-1}
+// ("store-all"; the planner refuses chains whose intermediates do not fit, and the launcher
+// then runs the CUDA-core backward), two gradient tiles of cmax rows (ping-pong), one row of
+// zeros and the position offsets of x, dy and dx. Intermediates and gradients are rounded to the
+// storage dtype between layers, as the unfused chain in that dtype rounds every layer's output
+// and every gradient; products accumulate in fp32.
+//
+// Per tile: load x and dy (dy channel j goes to row gather_{L-1}[j]: du_L in natural output
+// order), recompute u_1 .. u_{L-1} with the forward's mma_layer, then for l = L-1 .. 0:
+// - db_l[o] += sum over the tile's positions of du[o] (fp32, positions in order; a thread per o);
+// - dW_l[g][o][i] += sum_p du[g m + o][p] h_l[in_row(g n + i)][p]: mma.sync m16n8k16 with
+//   K = positions. Both operands are channel-major rows of 16-bit tiles, read by ldmatrix
+//   without .trans: a row of the tile is a row of A (16 channels of the wider side of the group,
+//   n or m) or a column of B (8 channels of the other side). A warp item is (group, block of 16,
+//   block of 8) with MT k-steps; rows beyond the group read the zero row, so groups are never
+//   mixed in one product (a non-finite value cannot reach another group's gradients). The fp32
+//   results are added to the CTA's private row of the partial buffer (each element owned by one
+//   lane; no atomics);
+// - dh_l = W_l^T du_l with the forward's mma_layer on W_l^T (fragments packed per call by
+//   pack_mma_weights_kernel<Fmt, true>): A = du by ldmatrix.trans from the natural-order gradient
+//   tile, and output j (input j of layer l) stored to row gather_{l-1}[j] of the other gradient
+//   tile, i.e. du_{l-1} in natural order. gather_{l-1} is a permutation, so every row receives
+//   exactly one output: the inverse permutation of the gradient is a pure re-addressing of the
+//   epilogue's stores. For l = 0 the output rows are the x tile's rows.
+// Then dx: channel c of dx is row c of dh_0, or with an input index the fp32 sum of the rows j
+// with input_index[j] == c (a CSR list built by the launcher, summed in increasing j).
+// A second kernel sums the per-CTA rows in CTA order (fp32) and rounds once: the weight and bias
+// gradients are bitwise reproducible for a given device (grid) and problem.
+//
+// Bytes: x and dy read once, dx written once, plus the partial rows (num_w + num_b fp32 per CTA
+// and tile, read and written: L2 traffic). FLOPs on tensor cores: the forward recompute
+// (layers 1 .. L-1), dh (every layer, layer 1 only with dx) and dW, each padded to the mma shapes.
+#pragma once
+
+#include "chain_mma.cuh"
+
+namespace igc {
+namespace cuda {
+
+constexpr int kGradShift = 3;  // swizzle shift of the gradient tiles (rows read in natural order)
+
+// ldmatrix without .trans of NM 8x8 matrices of 16-bit values: lane i gives the address of row
+// i % 8 of matrix i / 8; lane l receives elements (row l / 4, columns 2 (l % 4) + {0, 1}) of each.
+template <int NM>
+__device__ __forceinline__ void ldmatrix_rows(uint32_t* r, const uint16_t* base, int elem) {
+#ifdef IGC_EMULATE
+  igc_emu::warp_ldmatrix(r, base + elem, NM, /*trans=*/false);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned a =
+      static_cast<unsigned>(__cvta_generic_to_shared(base)) + 2u * static_cast<unsigned>(elem);
+  if constexpr (NM == 4) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else {
+    static_assert(NM == 2, "x2 or x4");
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+  }
+#else
+  (void)r;
+  (void)base;
+  (void)elem;
+  __trap();
+#endif
+}
+
+template <class Fmt>
+__device__ __forceinline__ float mma_to_float(uint32_t v16) {
+#ifdef IGC_EMULATE
+  return Fmt::is_bf16 ? igc_emu::bf16_to_float(static_cast<uint16_t>(v16))
+                      : igc_emu::f16_to_float(static_cast<uint16_t>(v16));
+#else
+  if constexpr (Fmt::is_bf16) return __uint_as_float(v16 << 16);
+  else return __half2float(__ushort_as_half(static_cast<unsigned short>(v16)));
+#endif
+}
+
+// The transposed chain: layer l of the result is W_l^T (n and m swapped, no bias), fragments
+// packed by pack_mma_weights_kernel<Fmt, true>, output tiles with the gradient swizzle.
+inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
+                                            const int32_t* table, const uint2* frag) {
+  MmaParams mp;
+  mp.c = make_params<float>(h, W, nullptr, table);
+  mp.frag = frag;
+  mp.x_shift = kGradShift;
+  int64_t off = 0;
+  for (int l = 0; l < kMaxLayers; ++l) {
+    MmaLayer& ml = mp.layer[l];
+    if (l >= h.L) {
+      ml = MmaLayer{0, 0, 0, kGradShift, off};
+      continue;
+    }
+    LayerDesc& d = mp.c.layer[l];
+    std::swap(d.cin, d.cout);
+    std::swap(d.n, d.m);
+    d.has_bias = 0;
+    d.b_off = -1;
+    ml.nblk = (d.m + 7) / 8;
+    ml.k8 = d.n <= 8 ? 1 : 0;
+    ml.ksteps = ml.k8 ? 1 : (d.n + 15) / 16;
+    ml.shift = kGradShift;
+    ml.f_off = off;
+    off += static_cast<int64_t>(d.groups) * ml.nblk * ml.ksteps * 32;
+  }
+  mp.num_frag = off;
+  return mp;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Weight and bias gradients of one layer over one tile
+// ---------------------------------------------------------------------------------------------
+// pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
+// the natural-order gradient tile (kGradShift), h: the layer's input tile (shift s_h) read
+// through h_rows (null: identity).
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
+                                                 const uint16_t* h, int s_h,
+                                                 const int32_t* __restrict__ h_rows,
+                                                 float* __restrict__ pw, const uint16_t* zero) {
+  constexpr int TP = MT * 16;
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  // A (16 rows per block) is the wider side of the group, B (8) the other
+  const bool swap = d.n > d.m;
+  const int ca = swap ? d.n : d.m, cb = swap ? d.m : d.n;
+  const int na = (ca + 15) / 16, nb = (cb + 7) / 8;
+  const int per_group = na * nb;
+  const int items = d.groups * per_group;
+  // ldmatrix x4 (A): lanes 8 j .. 8 j + 7 address rows 8 (j % 2) + 0..7 at positions 8 (j / 2);
+  // x2 (B): lanes 0..15 address rows 0..7 at positions 0 and 8 (lanes 16..31 ignored)
+  const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
+  const int b_r = lane & 7, b_t = ((lane >> 3) & 1) * 8;
+  const uint16_t* ta = swap ? h : du;
+  const uint16_t* tb = swap ? du : h;
+  const int sa = swap ? s_h : kGradShift, sb = swap ? kGradShift : s_h;
+  for (int item = warp; item < items; item += kWarps) {
+    const int g = item / per_group, rem = item - g * per_group;
+    const int ia = rem / nb, ib = rem - ia * nb;
+    // this lane's ldmatrix rows (-1: the zero row)
+    const int ra = ia * 16 + a_r, rb = ib * 8 + b_r;
+    int row_a = -1, row_b = -1;
+    if (ra < ca) {
+      const int j = swap ? g * d.n + ra : g * d.m + ra;
+      row_a = (swap && h_rows) ? h_rows[j] : j;
+    }
+    if (rb < cb) {
+      const int j = swap ? g * d.m + rb : g * d.n + rb;
+      row_b = (!swap && h_rows) ? h_rows[j] : j;
+    }
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int ks = 0; ks < MT; ++ks) {
+      // every lane executes both ldmatrix and the mma (.aligned); padding lanes read zeros
+      uint32_t a[4], b[2];
+      ldmatrix_rows<4>(a, row_a >= 0 ? ta : zero,
+                       row_a >= 0 ? mma_elem<TP>(row_a, 16 * ks + a_t, sa) : 16 * ks + a_t);
+      ldmatrix_rows<2>(b, row_b >= 0 ? tb : zero,
+                       row_b >= 0 ? mma_elem<TP>(row_b, 16 * ks + b_t, sb) : 16 * ks + b_t);
+      mma_sync<Fmt, 16>(acc, a, b);
+    }
+    // acc[q]: A row 16 ia + gid + 8 (q / 2), B row 8 ib + 2 tig + q % 2
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int r_a = ia * 16 + gid + 8 * (q >> 1), r_b = ib * 8 + 2 * tig + (q & 1);
+      if (r_a < ca && r_b < cb) {
+        const int o = swap ? r_b : r_a, i = swap ? r_a : r_b;
+        pw[static_cast<int64_t>(g * d.m + o) * d.n + i] += acc[q];
+      }
+    }
+  }
+}
+
+// pb[o] += sum over the tile's positions of du[o] (fp32, in position order).
+template <class Fmt, int TP>
+__device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du,
+                                               float* __restrict__ pb) {
+  for (int o = threadIdx.x; o < d.cout; o += kThreads) {
+    float s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < TP / 8; ++c) {
+      const uint4 v = *reinterpret_cast<const uint4*>(du + mma_elem<TP>(o, 8 * c, kGradShift));
+      const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        s += mma_to_float<Fmt>(w[k] & 0xffffu);
+        s += mma_to_float<Fmt>(w[k] >> 16);
+      }
+    }
+    pb[o] += s;
+  }
+}
+
+// dx[pos t, channel c] = sum of tile rows order[starts[c] .. starts[c + 1] - 1] (fp32, in that
+// order; 0 for a channel no row maps to), for c < C, t < tvalid.
+template <class Fmt, int TP>
+__device__ __forceinline__ void mma_store_tile_csr(uint16_t* __restrict__ dst, int64_t cs,
+                                                const int64_t* pos_off, int tvalid, int C,
+                                                const int32_t* __restrict__ starts,
+                                                const int32_t* __restrict__ order,
+                                                const uint16_t* tile, int s) {
+  for (int it = threadIdx.x; it < C * TP; it += kThreads) {
+    const int c = it / TP, t = it - c * TP;
+    if (t >= tvalid) continue;
+    float v = 0.0f;
+    const int e = starts[c + 1];
+    for (int k = starts[c]; k < e; ++k) v += mma_to_float<Fmt>(tile[mma_elem<TP>(order[k], t, s)]);
+    dst[pos_off[t] + static_cast<int64_t>(c) * cs] = mma_from_float<Fmt>(v);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernel
+// ---------------------------------------------------------------------------------------------
+// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, two gradient tiles.
+inline int64_t mma_backward_rows(const ChainParams<float>& p) {
+  int64_t middle = 0;
+  for (int l = 1; l < p.L; ++l) middle += p.layer[l].cin;
+  return p.c0 + middle + 2 * static_cast<int64_t>(p.cmax);
+}
+
+// Shared memory of a tile of TP positions: the rows above, the zero row, three offset arrays.
+inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
+  return static_cast<size_t>(rows + 1) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
+}
+
+// mp: the chain (forward fragments, for the recompute); mt: its transpose
+// (make_mma_transposed_params). partial: [gridDim.x, num_w + num_b] fp32 (null when neither
+// weight nor bias gradients are needed); dx_starts / dx_order: CSR of the input index (dx
+// channel c sums dh_0 rows dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without one.
+template <class Fmt, int MT>
+__global__ void __launch_bounds__(kThreads)
+    chain_backward_mma_kernel(const MmaParams mp, const MmaParams mt,
+                              const TensorArg<const uint16_t> x,
+                              const TensorArg<const uint16_t> dy, const TensorArg<uint16_t> dx,
+                              const int32_t* __restrict__ dx_starts,
+                              const int32_t* __restrict__ dx_order, float* __restrict__ partial,
+                              const BackwardFlags f, int64_t P) {
+  constexpr int TP = MT * 16;
+  IGC_DECLARE_SMEM(smem);
+  const ChainParams<float>& p = mp.c;
+  const int L = p.L;
+  int64_t middle = 0;
+  for (int l = 1; l < L; ++l) middle += p.layer[l].cin;
+  // named tiles (see chain_forward_mma_kernel): every access stays a shared-memory instruction
+  uint16_t* const X = reinterpret_cast<uint16_t*>(smem);
+  uint16_t* const U = X + static_cast<int64_t>(p.c0) * TP;
+  uint16_t* const D0 = U + middle * TP;
+  uint16_t* const D1 = D0 + static_cast<int64_t>(p.cmax) * TP;
+  uint16_t* const zero = D1 + static_cast<int64_t>(p.cmax) * TP;
+  int64_t* off_x = reinterpret_cast<int64_t*>(zero + TP);  // TP * 2 bytes: 8-byte aligned
+  int64_t* off_dy = off_x + TP;
+  int64_t* off_dx = off_dy + TP;
+  for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
+
+  const int64_t row_len = p.num_w + p.num_b;
+  float* part = partial ? partial + static_cast<int64_t>(blockIdx.x) * row_len : nullptr;
+  if (part != nullptr)
+    for (int64_t e = threadIdx.x; e < row_len; e += kThreads) part[e] = 0.0f;
+
+  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
+  const LayerDesc& last = p.layer[L - 1];
+  const int32_t* dy_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+  const bool x_cl_vec = rows_of_8_aligned(x), dy_cl_vec = rows_of_8_aligned(dy);
+  const bool dx_cl_vec = f.need_x ? rows_of_8_aligned(dx) : false;
+  const int64_t ntiles = (P + TP - 1) / TP;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t p0 = tile * TP;
+    const int tvalid = static_cast<int>(min64(TP, P - p0));
+    __syncthreads();  // the previous tile is done with every tile and offset (part zeroed)
+    tile_offsets(x.ix, p0, tvalid, off_x);
+    tile_offsets(dy.ix, p0, tvalid, off_dy);
+    if (f.need_x) tile_offsets(dx.ix, p0, tvalid, off_dx);
+    __syncthreads();
+    mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec,
+                             tvalid, p.c0, index, X, mp.x_shift);
+    // du_L in natural output order: dy channel j to row gather_{L-1}[j]
+    if (dy_rows != nullptr)
+      mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
+                              dy_cl_vec, tvalid, last.cout, nullptr, D0, kGradShift, dy_rows);
+    else
+      mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
+                               dy_cl_vec, tvalid, last.cout, nullptr, D0, kGradShift);
+    __syncthreads();
+    {  // u_1 .. u_{L-1}, back to back
+      const uint16_t* in = X;
+      int s_in = mp.x_shift;
+      int64_t uo = 0;
+      for (int l = 0; l + 1 < L; ++l) {
+        uint16_t* out = U + uo * TP;
+        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, s_in, input_rows(p, l),
+                           out, mp.layer[l].shift, zero);
+        __syncthreads();
+        in = out;
+        s_in = mp.layer[l].shift;
+        uo += p.layer[l].cout;
+      }
+    }
+    bool cur = false;  // the gradient tile holding du: D0 (false) or D1
+    int64_t ho = middle;
+    for (int l = L - 1; l >= 0; --l) {
+      const LayerDesc d = p.layer[l];
+      if (l > 0) ho -= d.cin;
+      const uint16_t* h = l > 0 ? U + ho * TP : X;
+      const int s_h = l > 0 ? mp.layer[l - 1].shift : mp.x_shift;
+      const int32_t* h_rows = input_rows(p, l);
+      const uint16_t* du = cur ? D1 : D0;
+      uint16_t* dn = cur ? D0 : D1;
+      if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off);
+      if (f.need_w) mma_weight_grads<Fmt, MT>(d, du, h, s_h, h_rows, part + d.w_off, zero);
+      if (l > 0 || f.need_x) {
+        // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
+        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, kGradShift,
+                           nullptr, dn, kGradShift, zero, h_rows);
+        cur = !cur;
+      }
+      __syncthreads();
+    }
+    if (f.need_x) {
+      const uint16_t* dh = cur ? D1 : D0;
+      if (dx_starts != nullptr)
+        mma_store_tile_csr<Fmt, TP>(dx.ptr, dx.cs, off_dx, tvalid, p.c_in, dx_starts, dx_order,
+                                    dh, kGradShift);
+      else
+        mma_store_tile_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
+                                  dx_cl_vec, tvalid, p.c0, nullptr, dh, kGradShift);
+    }
+  }
+}
+
+// out[e] = sum over CTA rows r = 0, 1, ... of partial[r][e] in that order, rounded once.
+template <class Fmt>
+__global__ void __launch_bounds__(kThreads)
+    reduce_partials_mma_kernel(const float* __restrict__ partial, int64_t rows, int64_t row_len,
+                               int64_t num_w, uint16_t* __restrict__ gw,
+                               uint16_t* __restrict__ gb) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < row_len;
+       e += stride) {
+    float s = 0.0f;
+    for (int64_t r = 0; r < rows; ++r) s += partial[r * row_len + e];
+    if (e < num_w) {
+      if (gw != nullptr) gw[e] = mma_from_float<Fmt>(s);
+    } else if (gb != nullptr) {
+      gb[e - num_w] = mma_from_float<Fmt>(s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host: plan and launch
+// ---------------------------------------------------------------------------------------------
+template <class Fmt, int MT>
+inline cudaError_t mma_backward_configure(size_t smem, int* occ) {
+  return configure(chain_backward_mma_kernel<Fmt, MT>, smem, occ);
+}
+
+// The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit); mt = 0 when
+// the store-all tiles do not fit a 16-position tile (the caller falls back to the CUDA-core
+// backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
+template <class Fmt>
+inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
+                                     const DeviceInfo& dev, MmaPlan* plan) {
+  const int64_t rows = mma_backward_rows(mp.c);
+  const int tp =
+      choose_tile([&](int t) { return mma_backward_smem_bytes(rows, t); }, dev, P, 16, 2);
+  plan->mt = tp >= 64 ? 4 : tp / 16;
+  if (plan->mt == 0) return cudaSuccess;
+  plan->smem = mma_backward_smem_bytes(rows, 16 * plan->mt);
+  plan->ntiles = (P + 16 * plan->mt - 1) / (16 * plan->mt);
+  int occ = 0;
+  cudaError_t e = plan->mt == 4   ? mma_backward_configure<Fmt, 4>(plan->smem, &occ)
+                  : plan->mt == 2 ? mma_backward_configure<Fmt, 2>(plan->smem, &occ)
+                                  : mma_backward_configure<Fmt, 1>(plan->smem, &occ);
+  if (e != cudaSuccess) return e;
+  if (occ < 1) occ = 1;
+  int64_t grid = min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ);
+  if (need_grads_wb) {
+    const int64_t row_bytes = (mp.c.num_w + mp.c.num_b) * static_cast<int64_t>(sizeof(float));
+    const int64_t cap = row_bytes > 0 ? kMaxPartialBytes / row_bytes : grid;
+    grid = min64(grid, cap < 1 ? 1 : cap);
+  }
+  plan->grid = static_cast<int>(grid);
+  return cudaSuccess;
+}
+
+// frag / frag_t: mp.num_frag / mt.num_frag entries of device memory (mp.frag, mt.frag point to
+// them); partial: plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null);
+// gw / gb: the 16-bit outputs, or null when not needed. Packs the fragments, runs the backward,
+// then reduces the partial rows.
+template <class Fmt>
+inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const MmaParams& mt,
+                                       uint2* frag_t, const TensorArg<const uint16_t>& x,
+                                       const TensorArg<const uint16_t>& dy,
+                                       const TensorArg<uint16_t>& dx, const int32_t* dx_starts,
+                                       const int32_t* dx_order, float* partial, uint16_t* gw,
+                                       uint16_t* gb, BackwardFlags f, int64_t P,
+                                       const MmaPlan& plan, cudaStream_t stream) {
+  if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
+  if (plan.grid < 1 || mp.frag != frag || mt.frag != frag_t || frag == nullptr ||
+      frag_t == nullptr)
+    return cudaErrorInvalidValue;
+  const bool wb = f.need_w || f.need_b;
+  if (wb && partial == nullptr) return cudaErrorInvalidValue;
+  if (mp.c.has_index && f.need_x && (dx_starts == nullptr || dx_order == nullptr))
+    return cudaErrorInvalidValue;
+  IGC_LAUNCH((pack_mma_weights_kernel<Fmt, false>), blocks_for(mp.num_frag, 1024), 0, stream,
+             mp, frag);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  IGC_LAUNCH((pack_mma_weights_kernel<Fmt, true>), blocks_for(mt.num_frag, 1024), 0, stream, mt,
+             frag_t);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  float* part = wb ? partial : nullptr;
+  if (!mp.c.has_index) dx_starts = dx_order = nullptr;
+  if (plan.mt == 4)
+    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, mp, mt, x, dy,
+               dx, dx_starts, dx_order, part, f, P);
+  else if (plan.mt == 2)
+    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 2>), plan.grid, plan.smem, stream, mp, mt, x, dy,
+               dx, dx_starts, dx_order, part, f, P);
+  else
+    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 1>), plan.grid, plan.smem, stream, mp, mt, x, dy,
+               dx, dx_starts, dx_order, part, f, P);
+  e = cudaGetLastError();
+  if (e != cudaSuccess || !wb) return e;
+  const int64_t row_len = mp.c.num_w + mp.c.num_b;
+  IGC_LAUNCH((reduce_partials_mma_kernel<Fmt>), blocks_for(row_len, 4096), 0, stream,
+             static_cast<const float*>(partial), static_cast<int64_t>(plan.grid), row_len,
+             mp.c.num_w, f.need_w ? gw : static_cast<uint16_t*>(nullptr),
+             f.need_b ? gb : static_cast<uint16_t*>(nullptr));
+  return cudaGetLastError();
+}
+
+}  // namespace cuda
+}  // namespace igc
