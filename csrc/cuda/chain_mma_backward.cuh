@@ -34,8 +34,10 @@
 // gradients are bitwise reproducible for a given device (grid) and problem.
 //
 // Bytes: x and dy read once, dx written once, plus the partial rows (num_w + num_b fp32 per CTA
-// and tile, read and written: L2 traffic). FLOPs on tensor cores: the forward recompute
-// (layers 1 .. L-1), dh (every layer, layer 1 only with dx) and dW, each padded to the mma shapes.
+// and tile, read and written: L2 traffic). FLOPs on tensor cores: the forward recompute (every
+// layer but the last), dh (every layer; the first only when dx is wanted) and dW, each padded
+// to the mma shapes. The tile loads and stores are the forward's, inlined (called, they left
+// the kernel's state across the calls in spilled registers).
 #pragma once
 
 #include "chain_mma.cuh"
@@ -133,8 +135,7 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   const bool swap = d.n > d.m;
   const int ca = swap ? d.n : d.m, cb = swap ? d.m : d.n;
   const int na = (ca + 15) / 16, nb = (cb + 7) / 8;
-  const int per_group = na * nb;
-  const int items = d.groups * per_group;
+  const int items = d.groups * na * nb;
   // ldmatrix x4 (A): lanes 8 j .. 8 j + 7 address rows 8 (j % 2) + 0..7 at positions 8 (j / 2);
   // x2 (B): lanes 0..15 address rows 0..7 at positions 0 and 8 (lanes 16..31 ignored)
   const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
@@ -142,40 +143,60 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   const uint16_t* ta = swap ? h : du;
   const uint16_t* tb = swap ? du : h;
   const int sa = swap ? s_h : kGradShift, sb = swap ? kGradShift : s_h;
+  const int32_t* rows_a = swap ? h_rows : nullptr;
+  const int32_t* rows_b = swap ? nullptr : h_rows;
+  // dW element (A row r_a, B row r_b) of group g: pw[g m n + r_a * stride_a + r_b * stride_b]
+  const int stride_a = swap ? 1 : d.n, stride_b = swap ? d.n : 1;
+  // item = (g * na + ia) * nb + ib, stepped by kWarps with carries (no division per item)
+  int g = warp / (na * nb), ia = (warp / nb) % na, ib = warp % nb;
+  const int sg = kWarps / (na * nb), sa_ = (kWarps / nb) % na, sb_ = kWarps % nb;
   for (int item = warp; item < items; item += kWarps) {
-    const int g = item / per_group, rem = item - g * per_group;
-    const int ia = rem / nb, ib = rem - ia * nb;
-    // this lane's ldmatrix rows (-1: the zero row)
+    // this lane's ldmatrix rows: the row start and its swizzle (the zero row: 0 and 0), so a
+    // k-step's address is one XOR
     const int ra = ia * 16 + a_r, rb = ib * 8 + b_r;
-    int row_a = -1, row_b = -1;
+    const uint16_t* pa = zero;
+    const uint16_t* pb = zero;
+    int swa = 0, swb = 0;
     if (ra < ca) {
-      const int j = swap ? g * d.n + ra : g * d.m + ra;
-      row_a = (swap && h_rows) ? h_rows[j] : j;
+      const int j = g * ca + ra;
+      const int e = mma_elem<TP>(rows_a ? rows_a[j] : j, 0, sa);
+      swa = e & ((TP / 8 - 1) << 3);
+      pa = ta + (e - swa);
     }
     if (rb < cb) {
-      const int j = swap ? g * d.m + rb : g * d.n + rb;
-      row_b = (!swap && h_rows) ? h_rows[j] : j;
+      const int j = g * cb + rb;
+      const int e = mma_elem<TP>(rows_b ? rows_b[j] : j, 0, sb);
+      swb = e & ((TP / 8 - 1) << 3);
+      pb = tb + (e - swb);
     }
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
     for (int ks = 0; ks < MT; ++ks) {
       // every lane executes both ldmatrix and the mma (.aligned); padding lanes read zeros
       uint32_t a[4], b[2];
-      ldmatrix_rows<4>(a, row_a >= 0 ? ta : zero,
-                       row_a >= 0 ? mma_elem<TP>(row_a, 16 * ks + a_t, sa) : 16 * ks + a_t);
-      ldmatrix_rows<2>(b, row_b >= 0 ? tb : zero,
-                       row_b >= 0 ? mma_elem<TP>(row_b, 16 * ks + b_t, sb) : 16 * ks + b_t);
+      ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
+      ldmatrix_rows<2>(b, pb, (16 * ks + b_t) ^ swb);
       mma_sync<Fmt, 16>(acc, a, b);
     }
     // acc[q]: A row 16 ia + gid + 8 (q / 2), B row 8 ib + 2 tig + q % 2
+    const int r_a = ia * 16 + gid, r_b = ib * 8 + 2 * tig;
+    float* out = pw + static_cast<int64_t>(g) * d.m * d.n + r_a * stride_a + r_b * stride_b;
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
-      const int r_a = ia * 16 + gid + 8 * (q >> 1), r_b = ib * 8 + 2 * tig + (q & 1);
-      if (r_a < ca && r_b < cb) {
-        const int o = swap ? r_b : r_a, i = swap ? r_a : r_b;
-        pw[static_cast<int64_t>(g * d.m + o) * d.n + i] += acc[q];
-      }
+      if (r_a + 8 * (q >> 1) < ca && r_b + (q & 1) < cb)
+        out[8 * (q >> 1) * stride_a + (q & 1) * stride_b] += acc[q];
     }
+    ib += sb_;
+    if (ib >= nb) {
+      ib -= nb;
+      ++ia;
+    }
+    ia += sa_;
+    if (ia >= na) {
+      ia -= na;
+      ++g;
+    }
+    g += sg;
   }
 }
 
