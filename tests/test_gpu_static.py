@@ -199,11 +199,13 @@ def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):
 
 
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
-    """The static model of the CUDA tensor-core forward (``--cuda``: nvcc for sm_90, the
-    kernel's SASS loop bodies times the chain's items and k-steps): per position it counts
-    exactly the multiply-adds of the padded products (groups of n <= 8 inputs as m16n8k8, wider
-    ones in k-steps of 16, outputs in blocks of 8), the kernel does not spill, and
-    tools/perf_model.py turns every record into a labelled prediction."""
+    """The static model of the CUDA tensor-core forward and backward (``--cuda``: nvcc for
+    sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it
+    counts exactly the multiply-adds of the padded products (forward: groups of n <= 8 inputs
+    as m16n8k8, wider ones in k-steps of 16, outputs in blocks of 8; backward: the recompute of
+    layers 1 .. L-1, dh = W^T du with n and m swapped, dW in 16 x 8 blocks of the group with
+    the tile's positions as K), the kernels do not spill, and tools/perf_model.py turns every
+    record into a labelled prediction."""
     pytest.importorskip("triton")
     if not shutil.which("nvcc"):
         pytest.skip("nvcc is not on PATH")
@@ -233,9 +235,27 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import perf_model
 
+    kpad = lambda k: 8 if k <= 8 else 16 * -(-k // 16)  # noqa: E731
+    back = [r for r in report["rows"] if r["kernel"] == "chain_backward_mma_kernel"]
+    assert len(back) == 3 * 2 * 2
+    for r in back:
+        what = f"{r['structure']} {r['dtype']} {r['layout']} backward"
+        spec = specs[r["structure"]]
+        shapes = spec.weight_shapes()
+        padded = 0
+        for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
+            m = cout // g
+            if l + 1 < len(shapes):
+                padded += g * 8 * -(-m // 8) * kpad(n)  # the recompute
+            padded += g * 8 * -(-n // 8) * kpad(m)  # dh = W^T du
+            padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)  # dW
+        per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
+        assert per_position == pytest.approx(padded, rel=1e-9), what
+        assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what
+        assert r["block_p"] in (16, 32, 64), what
     preds = [p for p in perf_model.records(report)
-             if p["kernel"] == "chain_forward_mma_kernel"]
-    assert len(preds) == len(rows)
+             if p["kernel"] in ("chain_forward_mma_kernel", "chain_backward_mma_kernel")]
+    assert len(preds) == len(rows) + len(back)
     for p in preds:
         assert p["prediction"].startswith("PREDICTED")
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p

@@ -449,18 +449,15 @@ def _smallest_loop(ins, loops, *needles):
     return best
 
 
-def mma_kernel_model(sass: str, mt: int) -> dict:
-    """Executed warp instructions of chain_forward_mma_kernel<Fmt, mt>, read from its SASS:
-    per k-step of a k16 / k8 item (the innermost loop holding that HMMA, divided by its unroll
-    factor: the number of HMMAs over mt), per item besides its k-steps (the enclosing loop minus
-    the k-step loop and its remainder copies; a straight-line item, whose innermost loop already
-    holds the result stores, is that loop), and per iteration of the tile load and store loops
-    (NCHW: a 16-byte vector per lane; channels-last: an 8x8 block per warp)."""
-    ins = perf_model.parse_sass(sass)
-    loops = perf_model._loops(ins)
+def _layer_model(ins, loops, mt: int) -> dict:
+    """k16 / k8 costs of one inlined mma_layer among ``loops``: per k-step of a k16 / k8 item
+    (the innermost loop holding that HMMA, divided by its unroll factor: the number of HMMAs
+    over mt), per item besides its k-steps (the enclosing loop minus the k-step loop and its
+    remainder copies; a straight-line item, whose innermost loop already holds the result
+    stores, is that loop)."""
     out = {}
     for name, needle in (("k16", "HMMA.16816"), ("k8", "HMMA.1688")):
-        kl = _smallest_loop(ins, loops, needle)
+        kl = _smallest_loop(ins, loops, needle, "LDSM.16.MT88")
         if any(op.startswith("STS") for a, _, op, _ in ins if kl[0] <= a <= kl[1]):
             # no k-step loop (the k8 item is straight-line): the loop is the item loop, with
             # as many items per iteration as it holds HMMAs over mt (the compiler's unrolling)
@@ -480,9 +477,16 @@ def mma_kernel_model(sass: str, mt: int) -> dict:
         whole = _region_counts(ins, *item)
         base = _combine((1.0, whole), (-1.0, kc), (-(unroll - 1), step))
         out[name] = {"step": step, "item": base, "unroll": unroll}
-    # tile movement, per 16-byte vector (NCHW rows: one per lane and iteration) or per 8x8
-    # block (channels-last: a 32-bit load, a movmatrix and a 32-bit store per lane; loops of
-    # 1 and of 4 blocks per warp step, "_cl1" / "_cl4")
+    return out
+
+
+def _tile_move_model(ins, loops, largest: bool = False) -> dict:
+    """Tile movement, per 16-byte vector (NCHW rows: one per lane and iteration) or per 8x8
+    block (channels-last: a 32-bit load, a movmatrix and a 32-bit store per lane; loops of 1
+    and of 4 blocks per warp step, "_cl1" / "_cl4"): the innermost loop of each kind, or with
+    ``largest`` the costliest of the kernel's loops of that kind (the backward has several,
+    e.g. dy loaded through the last gather index)."""
+    out = {}
     for name, needles, per_iter in (("load_nchw", ("LDG.E.128", "STS.128"), "LDG.E.128"),
                                     ("load_scalar", ("LDG.E.U16", "STS.U16"), "STS.U16"),
                                     ("load_cl", ("LDG.E", "MOVM", "STS"), "MOVM"),
@@ -495,10 +499,61 @@ def mma_kernel_model(sass: str, mt: int) -> dict:
                 continue
             n = sum(1 for o in ops if o.startswith(per_iter))
             key = name if name.endswith(("nchw", "scalar")) else f"{name}{n}"
-            if key in out and out[key]["span"] <= b - a:
-                continue  # keep the innermost loop of each kind
-            out[key] = _combine((1.0 / max(1, n), _region_counts(ins, a, b)))
+            cost = _combine((1.0 / max(1, n), _region_counts(ins, a, b)))
+            if key in out:
+                if largest:
+                    if sum(out[key]["counts"].values()) >= sum(cost["counts"].values()):
+                        continue
+                elif out[key]["span"] <= b - a:
+                    continue  # keep the innermost loop of each kind
+            out[key] = cost
             out[key]["span"] = b - a
+    return out
+
+
+def mma_kernel_model(sass: str, mt: int) -> dict:
+    """Executed warp instructions of chain_forward_mma_kernel<Fmt, mt>, read from its SASS: the
+    k16 / k8 item and k-step costs of its layer (``_layer_model``) and the tile load and store
+    loops (``_tile_move_model``)."""
+    ins = perf_model.parse_sass(sass)
+    loops = perf_model._loops(ins)
+    return {**_layer_model(ins, loops, mt), **_tile_move_model(ins, loops)}
+
+
+def mma_backward_kernel_model(sass: str, mt: int) -> dict:
+    """Executed warp instructions of chain_backward_mma_kernel<Fmt, mt>, read from its SASS.
+    The forward recompute is the loop over layers that holds the tensor-core layer and no
+    ldmatrix without .trans; the walk back is the loop that holds the weight-gradient product
+    (LDSM.16.M88: ldmatrix without .trans). Inside them: the recompute's layer costs ("fwd"), the
+    transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
+    per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSMs, mt k-steps and
+    the read-modify-write of the CTA's fp32 row), and the tile loads and stores (the costliest
+    loop of each kind)."""
+    ins = perf_model.parse_sass(sass)
+    loops = perf_model._loops(ins)
+
+    def ops_in(a, b):
+        return [op for ad, _, op, _ in ins if a <= ad <= b]
+
+    def inside(outer):
+        return [l for l in loops if outer[0] <= l[0] and l[1] <= outer[1] and l[:2] != outer[:2]]
+
+    def smallest(cands):
+        return min(cands, key=lambda l: l[1] - l[0])
+
+    with_layer = [l for l in loops if any(o.startswith("HMMA") for o in ops_in(l[0], l[1]))
+                  and any(o.startswith("BAR") for o in ops_in(l[0], l[1]))]
+    recompute = smallest([l for l in with_layer
+                          if not any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
+    walk = smallest([l for l in with_layer
+                     if any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
+    dw = _smallest_loop(ins, inside(walk), "HMMA.16816", "LDSM.16.M88")
+    dw_cost = _region_counts(ins, *dw)
+    per_iter = max(1, round(dw_cost["counts"]["HMMA/MMA"] / mt))
+    out = {"fwd": _layer_model(ins, inside(recompute), mt),
+           "dh": _layer_model(ins, [l for l in inside(walk) if l[:2] != dw[:2]], mt),
+           "dw_item": _combine((1.0 / per_iter, dw_cost))}
+    out.update(_tile_move_model(ins, loops, largest=True))
     return out
 
 
@@ -516,6 +571,123 @@ def mma_tile(cmax: int, arch: int) -> int:
             if mma_smem_bytes(cmax, tp) <= budget:
                 return min(tp, 64)
     return 0
+
+
+def mma_backward_smem_bytes(rows: int, tp: int) -> int:
+    return (rows + 1) * tp * 2 + 3 * tp * 8  # mma_backward_smem_bytes of chain_mma_backward.cuh
+
+
+def mma_backward_tile(rows: int, arch: int) -> int:
+    """plan_backward_mma's tile for many positions (0: the CUDA-core backward runs instead)."""
+    _, smem_sm, _, _ = SM_LIMITS[arch]
+    optin = smem_sm - 1024
+    for budget in (min(smem_sm // 2 - 1024, optin), optin):
+        for tp in (128, 64, 32, 16):
+            if mma_backward_smem_bytes(rows, tp) <= budget:
+                return min(tp, 64)
+    return 0
+
+
+def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, smem):
+    """A per-position record of a tensor-core kernel (ptxas facts ``k``, dynamic shared memory
+    ``smem``); the caller adds its counts."""
+    warps = CUDA_THREADS // 32
+    rec = Record(s, dtype, layout, direction, f"sm_{arch}", toolchain, kernel,
+                 {"threads": CUDA_THREADS, "TP": tp})
+    rec.backend = "cuda"
+    rec.compiled = True
+    rec.registers, rec.spill_bytes = k["registers"], k["spill_bytes"]
+    rec.shared_bytes = smem
+    rec.num_warps = warps
+    rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes + 1024, warps, arch)
+    rec.per_position = True
+    rec.block_p = tp
+    facts = chain_facts(s)
+    rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
+    rec.macs_per_position = facts["macs_per_position"]
+    rec.is_default = rec.fixed_path = rec.autotuner_keeps = True
+    return rec
+
+
+def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
+    """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
+    the tensor-core backward, with per-position counts: the chain's recompute items and k-steps
+    (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items, and
+    the tile loads of x and dy and the store of dx, times the SASS costs of
+    ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS). Chains whose
+    store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
+    rows = []
+    for arch in archs:
+        if arch not in _CUDA_SASS:
+            continue
+        toolchain, log, sass = _CUDA_SASS[arch]
+        funcs = _sass_functions(sass)
+        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
+        for dtype in dtypes:
+            if dtype not in ("bfloat16", "float16"):
+                continue
+            fmt = "MmaBf16" if dtype == "bfloat16" else "MmaF16"
+            for s in structures:
+                c_x, spec, _, idx = structure_args(s)
+                c0 = c_x if idx is None else len(idx)
+                shapes = spec.weight_shapes()
+                chans = [c0] + [c for c, _ in shapes]
+                rows_ = c0 + sum(chans[1:-1]) + 2 * max(chans)
+                tp = mma_backward_tile(rows_, arch)
+                if tp == 0:
+                    continue
+                mt = tp // 16
+                name = next(n for n in funcs if "chain_backward_mma_kernel" in n
+                            and f"{fmt}ELi{mt}E" in n)
+                model = mma_backward_kernel_model(funcs[name], mt)
+                terms = []
+                for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
+                    m = cout // g
+                    if l + 1 < len(shapes):  # recomputed u_{l+1}
+                        k = model["fwd"]["k8" if n <= 8 else "k16"]
+                        items = g * -(-m // 8)
+                        terms += [(items, k["item"]), (items * (1 if n <= 8 else -(-n // 16)),
+                                                       k["step"])]
+                    k = model["dh"]["k8" if m <= 8 else "k16"]  # dh = W^T du
+                    items = g * -(-n // 8)
+                    terms += [(items, k["item"]), (items * (1 if m <= 8 else -(-m // 16)),
+                                                   k["step"])]
+                    wide, narrow = max(m, n), min(m, n)  # dW items: 16 x 8 blocks
+                    terms.append((g * -(-wide // 16) * -(-narrow // 8), model["dw_item"]))
+                for layout in layouts:
+                    cl = layout == "channels_last"
+
+                    def cl_cost(kind, c):
+                        return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
+                    if not cl:
+                        ldx, ldx_elems = model["load_nchw"], 256
+                        ldy, st = model["load_nchw"], model["store_nchw"]
+                        ldy_elems = st_elems = 256
+                    else:
+                        ldx, ldx_elems = ((cl_cost("load", c0), 64) if idx is None
+                                          else (model["load_scalar"], 32))
+                        ldy, ldy_elems = cl_cost("load", spec.out_channels), 64
+                        st, st_elems = cl_cost("store", c_x), 64
+                    total = _combine(*terms, (c0 * tp / ldx_elems, ldx),
+                                     (spec.out_channels * tp / ldy_elems, ldy),
+                                     (c_x * tp / st_elems, st))
+                    rec = _mma_record(s, dtype, layout, "backward", arch, toolchain,
+                                      "chain_backward_mma_kernel", tp, ptxas[name],
+                                      mma_backward_smem_bytes(rows_, tp))
+                    warps = rec.num_warps
+                    rec.dyn = {"counts": {c: v / warps for c, v in total["counts"].items()},
+                               "smem_bytes": total["smem_bytes"] / warps,
+                               "mma_fma": total["mma_fma"] / warps, "tf32_fma": 0.0,
+                               "local_bytes": 0.0, "unresolved_loops": 0,
+                               "model": "per layer: recompute and dh items x item cost + items "
+                                        "x k-steps x k-step cost, dW items x item cost (its "
+                                        "mt k-steps and the fp32 row update); tile loads of x "
+                                        "and dy and store of dx per 16-byte vector or 8x8 block "
+                                        "(SASS loop bodies of the kernel; per-tile offsets, "
+                                        "barriers, bias gradients and the reduction kernel are "
+                                        "left out)"}
+                    rows.append(rec)
+    return rows
 
 
 def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
@@ -567,23 +739,10 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                     st = cl_cost("store", spec.out_channels) if cl else model["store_nchw"]
                     total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
                                      (spec.out_channels * tp / (64 if cl else 256), st))
-                    warps = CUDA_THREADS // 32
-                    rec = Record(s, dtype, layout, "forward", f"sm_{arch}", toolchain,
-                                 "chain_forward_mma_kernel", {"threads": CUDA_THREADS, "TP": tp})
-                    rec.backend = "cuda"
-                    rec.compiled = True
-                    k = ptxas[name]
-                    rec.registers, rec.spill_bytes = k["registers"], k["spill_bytes"]
-                    rec.shared_bytes = mma_smem_bytes(cmax, tp)
-                    rec.num_warps = warps
-                    rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes + 1024, warps,
-                                                  arch)
-                    rec.per_position = True
-                    rec.block_p = tp
-                    facts = chain_facts(s)
-                    rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
-                    rec.macs_per_position = facts["macs_per_position"]
-                    rec.is_default = rec.fixed_path = rec.autotuner_keeps = True
+                    rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
+                                      "chain_forward_mma_kernel", tp, ptxas[name],
+                                      mma_smem_bytes(cmax, tp))
+                    warps = rec.num_warps
                     rec.dyn = {"counts": {c: v / warps for c, v in total["counts"].items()},
                                "smem_bytes": total["smem_bytes"] / warps,
                                "mma_fma": total["mma_fma"] / warps, "tf32_fma": 0.0,
@@ -689,8 +848,13 @@ def main(argv=None) -> int:
             print(f"cuda   {r.kernel:<24} {r.dtype:<9} {r.arch} regs {r.registers:3d} spill "
                   f"{r.spill_bytes:4d} static smem {r.shared_bytes:5d} ctas/SM {r.ctas_per_sm}",
                   flush=True)
-        for r in cuda_mma_records(args.structures.split(";"), args.dtypes.split(","),
-                                  args.layouts.split(","), archs):
+        mma_rows = cuda_mma_records(args.structures.split(";"), args.dtypes.split(","),
+                                    args.layouts.split(","), archs)
+        if "backward" in args.directions.split(","):
+            mma_rows += cuda_mma_backward_records(args.structures.split(";"),
+                                                  args.dtypes.split(","),
+                                                  args.layouts.split(","), archs)
+        for r in mma_rows:
             rows.append(asdict(r))
             print(f"cuda   {r.kernel:<24} {r.structure:<22} {r.dtype:<9} {r.layout:<14} "
                   f"{r.arch} TP {r.block_p} regs {r.registers:3d} spill {r.spill_bytes} smem "
