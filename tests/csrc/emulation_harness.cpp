@@ -169,7 +169,8 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
     plan_out[1] = pl.grid;
   }
   if (pl.mt == 0) return 4;
-  std::vector<uint2> frag(static_cast<size_t>(mp.num_frag)), frag_t(static_cast<size_t>(mt.num_frag));
+  std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
+  std::vector<uint2> frag_t(static_cast<size_t>(mt.num_frag));
   mp.frag = frag.data();
   mt.frag = frag_t.data();
   std::vector<float> partial(wb ? static_cast<size_t>(pl.grid * (mp.c.num_w + mp.c.num_b)) : 0);
