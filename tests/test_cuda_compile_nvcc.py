@@ -974,7 +974,8 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
     x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
     gy = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 4)
-    smem = lambda tp: (64 + 128 + 2 * 128 + 1) * tp * 2 + 3 * tp * 8  # noqa: E731
+    # mma_backward_smem_bytes: the x tile, u_1, the dy tile, the zero row; three offset arrays
+    smem = lambda tp: (64 + 128 + 64 + 1) * tp * 2 + 3 * tp * 8  # noqa: E731
     for tp in (64, 32, 16):
         per_sm = 2 * (smem(tp) + 1024)
         *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm, per_sm))

@@ -632,7 +632,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                 c0 = c_x if idx is None else len(idx)
                 shapes = spec.weight_shapes()
                 chans = [c0] + [c for c, _ in shapes]
-                rows_ = c0 + sum(chans[1:-1]) + 2 * max(chans)
+                rows_ = c0 + sum(chans[1:-1]) + chans[-1]  # x, u_1 .. u_{L-1}, dy
                 tp = mma_backward_tile(rows_, arch)
                 if tp == 0:
                     continue

@@ -6,10 +6,11 @@
 // Tile. A CTA takes TP = 16 * MT positions and keeps in shared memory, as 16-bit swizzled tiles:
 // the x tile (C_0 rows, gathered by the input index), every intermediate u_1 .. u_{L-1}
 // ("store-all"; the planner refuses chains whose intermediates do not fit, and the launcher
-// then runs the CUDA-core backward), two gradient tiles of cmax rows (ping-pong), one row of
-// zeros and the position offsets of x, dy and dx. Intermediates and gradients are rounded to the
-// storage dtype between layers, as the unfused chain in that dtype rounds every layer's output
-// and every gradient; products accumulate in fp32.
+// then runs the CUDA-core backward), the dy tile (C_L rows), one row of zeros and the position
+// offsets of x, dy and dx. The gradients need no tiles of their own: du_l is written over u_l
+// once layer l's weight gradient has read it (below). Intermediates and gradients are rounded to
+// the storage dtype between layers, as the unfused chain in that dtype rounds every layer's
+// output and every gradient; products accumulate in fp32.
 //
 // Per tile: load x and dy (dy channel j goes to row gather_{L-1}[j]: du_L in natural output
 // order), recompute u_1 .. u_{L-1} with the forward's mma_layer, then for l = L-1 .. 0:
@@ -22,14 +23,15 @@
 //   mixed in one product (a non-finite value cannot reach another group's gradients). The fp32
 //   results are added to the CTA's private row of the partial buffer (each element owned by one
 //   lane; no atomics);
-// - dh_l = W_l^T du_l with the forward's mma_layer on W_l^T (fragments packed per call by
-//   pack_mma_weights_kernel<Fmt, true>): A = du by ldmatrix.trans from the natural-order gradient
-//   tile, and output j (input j of layer l) stored to row gather_{l-1}[j] of the other gradient
-//   tile, i.e. du_{l-1} in natural order. gather_{l-1} is a permutation, so every row receives
-//   exactly one output: the inverse permutation of the gradient is a pure re-addressing of the
-//   epilogue's stores. For l = 0 the output rows are the x tile's rows.
-// Then dx: channel c of dx is row c of dh_0, or with an input index the fp32 sum of the rows j
-// with input_index[j] == c (a CSR list built by the launcher, summed in increasing j).
+// - (a barrier: h_l is dead) dh_l = W_l^T du_l with the forward's mma_layer on W_l^T (fragments
+//   packed per call by pack_mma_weights_kernel<Fmt, true>): A = du by ldmatrix.trans from the
+//   natural-order gradient, and output j (input j of layer l) stored to row gather_{l-1}[j] of
+//   the tile that held u_l, i.e. du_l in natural order (the tile keeps its swizzle).
+//   gather_{l-1} is a permutation, so every row receives exactly one output: the inverse
+//   permutation of the gradient is a pure re-addressing of the epilogue's stores. For l = 0 the
+//   output goes to the x tile's rows.
+// Then dx: channel c of dx is row c of dh_0 (in the x tile), or with an input index the fp32 sum
+// of the rows j with input_index[j] == c (a CSR list built by the launcher, in increasing j).
 // A second kernel sums the per-CTA rows in CTA order (fp32) and rounds once: the weight and bias
 // gradients are bitwise reproducible for a given device (grid) and problem.
 //
@@ -45,7 +47,7 @@
 namespace igc {
 namespace cuda {
 
-constexpr int kGradShift = 3;  // swizzle shift of the gradient tiles (rows read in natural order)
+constexpr int kGradShift = 3;  // swizzle shift of the dy tile (rows read in natural order)
 
 // ldmatrix without .trans of NM 8x8 matrices of 16-bit values: lane i gives the address of row
 // i % 8 of matrix i / 8; lane l receives elements (row l / 4, columns 2 (l % 4) + {0, 1}) of each.
@@ -120,11 +122,11 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
 // Weight and bias gradients of one layer over one tile
 // ---------------------------------------------------------------------------------------------
 // pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
-// the natural-order gradient tile (kGradShift), h: the layer's input tile (shift s_h) read
+// the natural-order gradient tile (shift s_du), h: the layer's input tile (shift s_h) read
 // through h_rows (null: identity).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
-                                                 const uint16_t* h, int s_h,
+                                                 int s_du, const uint16_t* h, int s_h,
                                                  const int32_t* __restrict__ h_rows,
                                                  float* __restrict__ pw, const uint16_t* zero) {
   constexpr int TP = MT * 16;
@@ -142,7 +144,7 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   const int b_r = lane & 7, b_t = ((lane >> 3) & 1) * 8;
   const uint16_t* ta = swap ? h : du;
   const uint16_t* tb = swap ? du : h;
-  const int sa = swap ? s_h : kGradShift, sb = swap ? kGradShift : s_h;
+  const int sa = swap ? s_h : s_du, sb = swap ? s_du : s_h;
   const int32_t* rows_a = swap ? h_rows : nullptr;
   const int32_t* rows_b = swap ? nullptr : h_rows;
   // dW element (A row r_a, B row r_b) of group g: pw[g m n + r_a * stride_a + r_b * stride_b]
@@ -200,15 +202,15 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   }
 }
 
-// pb[o] += sum over the tile's positions of du[o] (fp32, in position order).
+// pb[o] += sum over the tile's positions of du[o] (fp32, in position order); du: shift s_du.
 template <class Fmt, int TP>
-__device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du,
+__device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du, int s_du,
                                                float* __restrict__ pb) {
   for (int o = threadIdx.x; o < d.cout; o += kThreads) {
     float s = 0.0f;
 #pragma unroll
     for (int c = 0; c < TP / 8; ++c) {
-      const uint4 v = *reinterpret_cast<const uint4*>(du + mma_elem<TP>(o, 8 * c, kGradShift));
+      const uint4 v = *reinterpret_cast<const uint4*>(du + mma_elem<TP>(o, 8 * c, s_du));
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -241,11 +243,11 @@ __device__ __forceinline__ void mma_store_tile_csr(uint16_t* __restrict__ dst, i
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
-// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, two gradient tiles.
+// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, dy.
 inline int64_t mma_backward_rows(const ChainParams<float>& p) {
   int64_t middle = 0;
   for (int l = 1; l < p.L; ++l) middle += p.layer[l].cin;
-  return p.c0 + middle + 2 * static_cast<int64_t>(p.cmax);
+  return p.c0 + middle + p.layer[p.L - 1].cout;
 }
 
 // Shared memory of a tile of TP positions: the rows above, the zero row, three offset arrays.
@@ -274,9 +276,8 @@ __global__ void __launch_bounds__(kThreads)
   // named tiles (see chain_forward_mma_kernel): every access stays a shared-memory instruction
   uint16_t* const X = reinterpret_cast<uint16_t*>(smem);
   uint16_t* const U = X + static_cast<int64_t>(p.c0) * TP;
-  uint16_t* const D0 = U + middle * TP;
-  uint16_t* const D1 = D0 + static_cast<int64_t>(p.cmax) * TP;
-  uint16_t* const zero = D1 + static_cast<int64_t>(p.cmax) * TP;
+  uint16_t* const DY = U + middle * TP;
+  uint16_t* const zero = DY + static_cast<int64_t>(p.layer[L - 1].cout) * TP;
   int64_t* off_x = reinterpret_cast<int64_t*>(zero + TP);  // TP * 2 bytes: 8-byte aligned
   int64_t* off_dy = off_x + TP;
   int64_t* off_dx = off_dy + TP;
@@ -306,10 +307,10 @@ __global__ void __launch_bounds__(kThreads)
     // du_L in natural output order: dy channel j to row gather_{L-1}[j]
     if (dy_rows != nullptr)
       mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                              dy_cl_vec, tvalid, last.cout, nullptr, D0, kGradShift, dy_rows);
+                              dy_cl_vec, tvalid, last.cout, nullptr, DY, kGradShift, dy_rows);
     else
       mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                               dy_cl_vec, tvalid, last.cout, nullptr, D0, kGradShift);
+                               dy_cl_vec, tvalid, last.cout, nullptr, DY, kGradShift);
     __syncthreads();
     {  // u_1 .. u_{L-1}, back to back
       const uint16_t* in = X;
@@ -325,34 +326,35 @@ __global__ void __launch_bounds__(kThreads)
         uo += p.layer[l].cout;
       }
     }
-    bool cur = false;  // the gradient tile holding du: D0 (false) or D1
+    // du_{l+1}: the dy tile, then the tile that held u_{l+1} (its swizzle kept)
+    const uint16_t* du = DY;
+    int s_du = kGradShift;
     int64_t ho = middle;
     for (int l = L - 1; l >= 0; --l) {
       const LayerDesc d = p.layer[l];
       if (l > 0) ho -= d.cin;
-      const uint16_t* h = l > 0 ? U + ho * TP : X;
+      uint16_t* h = l > 0 ? U + ho * TP : X;
       const int s_h = l > 0 ? mp.layer[l - 1].shift : mp.x_shift;
       const int32_t* h_rows = input_rows(p, l);
-      const uint16_t* du = cur ? D1 : D0;
-      uint16_t* dn = cur ? D0 : D1;
-      if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off);
-      if (f.need_w) mma_weight_grads<Fmt, MT>(d, du, h, s_h, h_rows, part + d.w_off, zero);
+      if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, s_du, part + p.num_w + d.b_off);
+      if (f.need_w) mma_weight_grads<Fmt, MT>(d, du, s_du, h, s_h, h_rows, part + d.w_off, zero);
       if (l > 0 || f.need_x) {
+        __syncthreads();  // h_l has been read: du_l goes there
         // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
-        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, kGradShift,
-                           nullptr, dn, kGradShift, zero, h_rows);
-        cur = !cur;
+        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, s_du, nullptr, h,
+                           s_h, zero, h_rows);
+        __syncthreads();
+        du = h;
+        s_du = s_h;
       }
-      __syncthreads();
     }
-    if (f.need_x) {
-      const uint16_t* dh = cur ? D1 : D0;
+    if (f.need_x) {  // dh_0, in the x tile
       if (dx_starts != nullptr)
         mma_store_tile_csr<Fmt, TP>(dx.ptr, dx.cs, off_dx, tvalid, p.c_in, dx_starts, dx_order,
-                                    dh, kGradShift);
+                                    X, mp.x_shift);
       else
         mma_store_tile_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
-                                  dx_cl_vec, tvalid, p.c0, nullptr, dh, kGradShift);
+                                  dx_cl_vec, tvalid, p.c0, nullptr, X, mp.x_shift);
     }
   }
 }
