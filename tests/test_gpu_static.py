@@ -203,9 +203,10 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
     sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it
     counts exactly the multiply-adds of the padded products (forward: groups of n <= 8 inputs
     as m16n8k8, wider ones in k-steps of 16, outputs in blocks of 8; backward: the recompute of
-    layers 1 .. L-1, dh = W^T du with n and m swapped, dW in 16 x 8 blocks of the group with
-    the tile's positions as K), the kernels do not spill, and tools/perf_model.py turns every
-    record into a labelled prediction."""
+    layers 1 .. L-1, dh = W^T du with n and m swapped, dW in 16 x 8 blocks of the group, or
+    two 16 x 8 products per pair of groups of at most 8 x 8, with the tile's positions as K),
+    the kernels do not spill, and tools/perf_model.py turns every record into a labelled
+    prediction."""
     pytest.importorskip("triton")
     if not shutil.which("nvcc"):
         pytest.skip("nvcc is not on PATH")
@@ -248,7 +249,10 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
             if l + 1 < len(shapes):
                 padded += g * 8 * -(-m // 8) * kpad(n)  # the recompute
             padded += g * 8 * -(-n // 8) * kpad(m)  # dh = W^T du
-            padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)  # dW
+            if max(m, n) <= 8:  # dW: two groups per item, two 16 x 8 products
+                padded += -(-g // 2) * 2 * 16 * 8
+            else:  # dW: 16 x 8 blocks of a group
+                padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
         assert per_position == pytest.approx(padded, rel=1e-9), what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what

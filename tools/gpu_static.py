@@ -523,12 +523,14 @@ def mma_kernel_model(sass: str, mt: int) -> dict:
 def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     """Executed warp instructions of chain_backward_mma_kernel<Fmt, mt>, read from its SASS.
     The forward recompute is the loop over layers that holds the tensor-core layer and no
-    ldmatrix without .trans; the walk back is the loop that holds the weight-gradient product
+    ldmatrix without .trans; the walk back is the loop that holds the weight-gradient products
     (LDSM.16.M88: ldmatrix without .trans). Inside them: the recompute's layer costs ("fwd"), the
     transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
     per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSMs, mt k-steps and
-    the read-modify-write of the CTA's fp32 row), and the tile loads and stores (the costliest
-    loop of each kind)."""
+    the read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 8 block of a group, B loaded
+    by LDSM.16.M88.2; "dw_pair_item", two groups of at most 8 x 8, both operands by
+    LDSM.16.M88.4, 2 mt HMMAs), and the tile loads and stores (the costliest loop of each
+    kind)."""
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
 
@@ -547,12 +549,18 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
                           if not any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
     walk = smallest([l for l in with_layer
                      if any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
-    dw = _smallest_loop(ins, inside(walk), "HMMA.16816", "LDSM.16.M88")
-    dw_cost = _region_counts(ins, *dw)
+    dw = _smallest_loop(ins, inside(walk), "HMMA.16816", "LDSM.16.M88.2")
+    pair = smallest([l for l in inside(walk)
+                     if any(o.startswith("LDSM.16.M88.4") for o in ops_in(l[0], l[1]))
+                     and not any(o.startswith("LDSM.16.M88.2") for o in ops_in(l[0], l[1]))])
+    dw_cost, pair_cost = _region_counts(ins, *dw), _region_counts(ins, pair[0], pair[1])
     per_iter = max(1, round(dw_cost["counts"]["HMMA/MMA"] / mt))
+    pair_per_iter = max(1, round(pair_cost["counts"]["HMMA/MMA"] / (2 * mt)))
     out = {"fwd": _layer_model(ins, inside(recompute), mt),
-           "dh": _layer_model(ins, [l for l in inside(walk) if l[:2] != dw[:2]], mt),
-           "dw_item": _combine((1.0 / per_iter, dw_cost))}
+           "dh": _layer_model(ins, [l for l in inside(walk) if l[:2] not in (dw[:2], pair[:2])],
+                              mt),
+           "dw_item": _combine((1.0 / per_iter, dw_cost)),
+           "dw_pair_item": _combine((1.0 / pair_per_iter, pair_cost))}
     out.update(_tile_move_model(ins, loops, largest=True))
     return out
 
@@ -612,7 +620,8 @@ def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, sme
 def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
     the tensor-core backward, with per-position counts: the chain's recompute items and k-steps
-    (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items, and
+    (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items (pairs
+    of groups where a group has at most 8 outputs and inputs, else 16 x 8 blocks), and
     the tile loads of x and dy and the store of dx, times the SASS costs of
     ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS). Chains whose
     store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
@@ -652,8 +661,11 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                     items = g * -(-n // 8)
                     terms += [(items, k["item"]), (items * (1 if m <= 8 else -(-m // 16)),
                                                    k["step"])]
-                    wide, narrow = max(m, n), min(m, n)  # dW items: 16 x 8 blocks
-                    terms.append((g * -(-wide // 16) * -(-narrow // 8), model["dw_item"]))
+                    wide, narrow = max(m, n), min(m, n)
+                    if wide <= 8:  # dW items: pairs of groups
+                        terms.append((-(-g // 2), model["dw_pair_item"]))
+                    else:  # 16 x 8 blocks of a group
+                        terms.append((g * -(-wide // 16) * -(-narrow // 8), model["dw_item"]))
                 for layout in layouts:
                     cl = layout == "channels_last"
 

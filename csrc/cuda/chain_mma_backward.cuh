@@ -19,10 +19,12 @@
 //   K = positions. Both operands are channel-major rows of 16-bit tiles, read by ldmatrix
 //   without .trans: a row of the tile is a row of A (16 channels of the wider side of the group,
 //   n or m) or a column of B (8 channels of the other side). A warp item is (group, block of 16,
-//   block of 8) with MT k-steps; rows beyond the group read the zero row, so groups are never
-//   mixed in one product (a non-finite value cannot reach another group's gradients). The fp32
-//   results are added to the CTA's private row of the partial buffer (each element owned by one
-//   lane; no atomics);
+//   block of 8) with MT k-steps; rows beyond the group read the zero row. Groups of at most 8
+//   outputs and 8 inputs go two to an item (A: the outputs of both, B: the inputs of each, one
+//   product each, the cross-group halves discarded). Every kept dW element is the dot product
+//   of one du row and one h row of its own group, so a non-finite value cannot reach another
+//   group's gradients. The fp32 results are added to the CTA's private row of the partial
+//   buffer (each element owned by one lane; no atomics);
 // - (a barrier: h_l is dead) dh_l = W_l^T du_l with the forward's mma_layer on W_l^T (fragments
 //   packed per call by pack_mma_weights_kernel<Fmt, true>): A = du by ldmatrix.trans from the
 //   natural-order gradient, and output j (input j of layer l) stored to row gather_{l-1}[j] of
@@ -202,6 +204,68 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   }
 }
 
+// The weight gradients of a layer whose groups have at most 8 outputs and 8 inputs (same
+// contract as mma_weight_grads): an item takes two groups g, g + 1. A's 16 rows are the outputs
+// of g (rows 0..7) and of g + 1 (rows 8..15); B's two 8-row blocks are the inputs of g and of
+// g + 1, one product each. Every dW element kept is the dot product of one output row and one
+// input row of the same group: the other half of each product (outputs of one group against
+// inputs of the other) is discarded, so no value crosses groups. One ldmatrix x4 per operand
+// and two HMMAs per k-step serve two groups (a 16 x 8 block per group wastes half its rows).
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const uint16_t* du,
+                                                       int s_du, const uint16_t* h, int s_h,
+                                                       const int32_t* __restrict__ h_rows,
+                                                       float* __restrict__ pw,
+                                                       const uint16_t* zero) {
+  constexpr int TP = MT * 16;
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  // ldmatrix x4, lane -> (group of the pair, row, positions): A: matrices (g, t 0..7),
+  // (g + 1, t 0..7), (g, t 8..15), (g + 1, t 8..15); B: (g, t 0..7), (g, t 8..15),
+  // (g + 1, t 0..7), (g + 1, t 8..15)
+  const int a_g = (lane >> 3) & 1, a_t = (lane >> 4) * 8;
+  const int b_g = lane >> 4, b_t = ((lane >> 3) & 1) * 8;
+  const int r = lane & 7;
+  for (int g0 = 2 * warp; g0 < d.groups; g0 += 2 * kWarps) {
+    const uint16_t* pa = zero;
+    const uint16_t* pb = zero;
+    int swa = 0, swb = 0;
+    if (g0 + a_g < d.groups && r < d.m) {
+      const int e = mma_elem<TP>((g0 + a_g) * d.m + r, 0, s_du);
+      swa = e & ((TP / 8 - 1) << 3);
+      pa = du + (e - swa);
+    }
+    if (g0 + b_g < d.groups && r < d.n) {
+      const int j = (g0 + b_g) * d.n + r;
+      const int e = mma_elem<TP>(h_rows ? h_rows[j] : j, 0, s_h);
+      swb = e & ((TP / 8 - 1) << 3);
+      pb = h + (e - swb);
+    }
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int ks = 0; ks < MT; ++ks) {
+      // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
+      uint32_t a[4], b[4];
+      ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
+      ldmatrix_rows<4>(b, pb, (16 * ks + b_t) ^ swb);
+      mma_sync<Fmt, 16>(acc[0], a, b);
+      mma_sync<Fmt, 16>(acc[1], a, b + 2);
+    }
+    // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
+    // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int g = g0 + k;
+      if (g < d.groups && gid < d.m) {
+        float* out = pw + static_cast<int64_t>(g * d.m + gid) * d.n + 2 * tig;
+        if (2 * tig < d.n) out[0] += acc[k][2 * k];
+        if (2 * tig + 1 < d.n) out[1] += acc[k][2 * k + 1];
+      }
+    }
+  }
+}
+
 // pb[o] += sum over the tile's positions of du[o] (fp32, in position order); du: shift s_du.
 template <class Fmt, int TP>
 __device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du, int s_du,
@@ -337,7 +401,12 @@ __global__ void __launch_bounds__(kThreads)
       const int s_h = l > 0 ? mp.layer[l - 1].shift : mp.x_shift;
       const int32_t* h_rows = input_rows(p, l);
       if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, s_du, part + p.num_w + d.b_off);
-      if (f.need_w) mma_weight_grads<Fmt, MT>(d, du, s_du, h, s_h, h_rows, part + d.w_off, zero);
+      if (f.need_w) {
+        if (d.m <= 8 && d.n <= 8)
+          mma_weight_grads_pairs<Fmt, MT>(d, du, s_du, h, s_h, h_rows, part + d.w_off, zero);
+        else
+          mma_weight_grads<Fmt, MT>(d, du, s_du, h, s_h, h_rows, part + d.w_off, zero);
+      }
       if (l > 0 || f.need_x) {
         __syncthreads();  // h_l has been read: du_l goes there
         // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
