@@ -304,6 +304,52 @@ def test_block_large_bands(case, threads):
     assert_matches_reference(args, y)
 
 
+# Fewer images than threads (N, size, threads): bands narrowed so that every thread gets an
+# equal share (40x40, 3x3 stride 1: 2 or 4 bands of 20 or 10 rows; 41x40 stride 2), or, where
+# such bands would recompute too much of the prefix, whole planes with one range of positions per
+# thread, longer than a tile (14x14: 112 + 84 positions on 2 threads, 80 + 80 + 36 on 3) or
+# shorter (7x7: 32 + 17). Channel counts that are not a multiple of the vector width.
+BELOW_THREADS = [(1, (40, 40), 2), (1, (40, 40), 4), (1, (41, 40), 2), (2, (41, 40), 3),
+                 (1, (14, 14), 2), (1, (14, 14), 3), (1, (7, 7), 2), (2, (7, 7), 3)]
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("N,size,threads", BELOW_THREADS)
+def test_block_fewer_images_than_threads(N, size, threads, layout):
+    for stride in (1, 2):
+        layers = [(60, 2, 1, 1, "relu6", "interleave", True),
+                  (60, 60, 3, stride, "relu6", None, True),
+                  (24, 2, 1, 1, None, "interleave", True)]
+        args = make_block(N, 24, size, layers, residual=stride == 1,
+                          channels_last=layout == "channels_last", seed=stride)
+        with num_threads(threads), torch.no_grad():
+            y = call(args)
+        assert_matches_reference(args, y)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_block_reused_buffers_hold_nothing_stale(threads):
+    """The tile, depth-wise and scratch buffers are reused from call to call: a call on
+    non-finite values, then one with other channel counts (not multiples of the vector width:
+    padding lanes) and one with the first's shapes on finite values, give exactly what fresh
+    buffers give."""
+    big = [(60, 2, 1, 1, "relu6", "interleave", True), (60, 60, 3, 1, "relu6", None, True),
+           (24, 2, 1, 1, None, "interleave", True)]
+    small = [(36, 2, 1, 1, "relu", None, True), (36, 36, 3, 1, None, None, True),
+             (12, 4, 1, 1, None, "interleave", True)]
+    with num_threads(threads), torch.no_grad():
+        for size in [(7, 7), (40, 40)]:
+            first = make_block(1, 24, size, big, residual=True, channels_last=True)
+            second = make_block(1, 12, size, small, channels_last=True, seed=1)
+            third = make_block(1, 24, size, big, residual=True, channels_last=True, seed=2)
+            clean = [call(second), call(third)]
+            poisoned = {**first, "x": torch.full_like(first["x"], float("nan"))}
+            poisoned["x"][..., 0] = float("inf")
+            assert not torch.isfinite(call(poisoned)).all()
+            assert torch.equal(call(second), clean[0])
+            assert torch.equal(call(third), clean[1])
+
+
 DTYPE_BLOCKS = ["igcv2_s2", "igcv3_residual", "k5_hardswish_s2", "dw_multiplier2_s1",
                 "spatial_last_k7_s2"]
 
