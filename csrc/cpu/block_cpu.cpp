@@ -71,17 +71,6 @@ IGC_INLINE V activate_vec(V v) {
   }
 }
 
-// f(std::integral_constant<int, act>{}): loops specialised per activation, the choice made once
-// outside them.
-template <typename F>
-IGC_INLINE void with_activation(int act, F&& f) {
-  switch (act) {
-    case kRelu: return f(std::integral_constant<int, kRelu>{});
-    case kRelu6: return f(std::integral_constant<int, kRelu6>{});
-    case kHardswish: return f(std::integral_constant<int, kHardswish>{});
-    default: return f(std::integral_constant<int, kNone>{});
-  }
-}
 
 // Vectors of positions a tile of tvalid positions is computed on: the valid ones rounded up to
 // whole vectors (float tiles; double tiles are always computed whole, see grouped_layer_narrow).
@@ -91,18 +80,27 @@ IGC_INLINE int tile_vectors(int tvalid) {
   return Simd<acc_t>::PER_ROW == 4 ? (tvalid + LN - 1) / LN : Simd<acc_t>::PER_ROW;
 }
 
-// The activation on the first nv vectors of `rows` tile rows.
+// The activation on the first nv vectors of `rows` tile rows. (Loops are specialised per
+// activation by switches, not lambdas: a lambda's body would not inherit the target_clones ISA
+// of its caller and compile for the baseline ISA.)
+template <int ACT, typename acc_t>
+IGC_INLINE void activate_rows(acc_t* v, int64_t rows, int nv) {
+  using S = Simd<acc_t>;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < nv; ++j) {
+      acc_t* p = v + r * TILE + j * S::LANES;
+      S::store(p, activate_vec<ACT>(S::load(p)));
+    }
+}
+
 template <typename acc_t>
 IGC_INLINE void activate(acc_t* v, int64_t rows, int nv, int act) {
-  using S = Simd<acc_t>;
-  if (act == kNone) return;
-  with_activation(act, [&](auto a) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int j = 0; j < nv; ++j) {
-        acc_t* p = v + r * TILE + j * S::LANES;
-        S::store(p, activate_vec<decltype(a)::value>(S::load(p)));
-      }
-  });
+  switch (act) {
+    case kRelu: return activate_rows<kRelu>(v, rows, nv);
+    case kRelu6: return activate_rows<kRelu6>(v, rows, nv);
+    case kHardswish: return activate_rows<kHardswish>(v, rows, nv);
+    default: return;
+  }
 }
 
 // Positions per unit of parallel work over `positions` positions of each of `images` images:
@@ -386,6 +384,16 @@ IGC_INLINE void depthwise_rows(const BlockCtx<scalar_t, acc_t>& k, const int64_t
   }
 }
 
+template <int ACT, typename scalar_t, typename acc_t>
+IGC_INLINE void depthwise_k(const BlockCtx<scalar_t, acc_t>& k, const int64_t* base, int tvalid,
+                            const acc_t* scratch, acc_t* tmp) {
+  switch (k.k) {
+    case 3: return depthwise_rows<3, ACT>(k, base, tvalid, scratch, tmp);
+    case 5: return depthwise_rows<5, ACT>(k, base, tvalid, scratch, tmp);
+    default: return depthwise_rows<7, ACT>(k, base, tvalid, scratch, tmp);
+  }
+}
+
 // The spatial layer for output positions q0 .. q0+tvalid-1 (flat within the image) from the
 // scratch of a band starting at input row row0, activated, into the tile out: channels-last
 // (depth-wise), through tmp ([position][cp]) and a transposed load; planar, directly.
@@ -399,14 +407,12 @@ IGC_INLINE void spatial_layer(const BlockCtx<scalar_t, acc_t>& k, int64_t q0, in
       const int64_t oy = (q0 + t) / k.Wo, ox = (q0 + t) - oy * k.Wo;
       base[t] = (oy * k.s - k.pad - row0) * k.row_len + ox * k.s * k.cp;
     }
-    with_activation(k.act[k.sl], [&](auto a) {
-      constexpr int A = decltype(a)::value;
-      switch (k.k) {
-        case 3: return depthwise_rows<3, A>(k, base, tvalid, scratch, tmp);
-        case 5: return depthwise_rows<5, A>(k, base, tvalid, scratch, tmp);
-        default: return depthwise_rows<7, A>(k, base, tvalid, scratch, tmp);
-      }
-    });
+    switch (k.act[k.sl]) {
+      case kRelu: depthwise_k<kRelu>(k, base, tvalid, scratch, tmp); break;
+      case kRelu6: depthwise_k<kRelu6>(k, base, tvalid, scratch, tmp); break;
+      case kHardswish: depthwise_k<kHardswish>(k, base, tvalid, scratch, tmp); break;
+      default: depthwise_k<kNone>(k, base, tvalid, scratch, tmp); break;
+    }
     int64_t off[TILE];
     for (int t = 0; t < tvalid; ++t) off[t] = t * k.cp;
     load_tile(tmp, off, false, tvalid, k.C[k.sl + 1], int64_t(1), k.iota, out);
