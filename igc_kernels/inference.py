@@ -44,6 +44,7 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 import operator
 
@@ -121,7 +122,9 @@ class FusedBlock(nn.Module):
     def _direct_args(self, x):
         """The ``igc::block_forward`` arguments when ``x`` can go straight to the CPU kernel
         (which validates every argument itself, index values included), else None: the
-        checks of the functional path cost more than the kernel at batch 1."""
+        checks of the functional path, and the dispatcher's boxing of the arguments, cost more
+        than the kernel at batch 1. Not with autograd, tracing, autocast, tensor subclasses or
+        torch function / dispatch modes, which must see the op."""
         bufs = self._buffers  # plain dict lookups: nn.Module.__getattr__ costs more
         L = len(self.groups)
         ws = [bufs[f"weight_{l}"] for l in range(L)]
@@ -129,6 +132,8 @@ class FusedBlock(nn.Module):
                 or self.backend not in _DIRECT_BACKENDS or x.dtype != ws[0].dtype
                 or _needs_autograd(x, (), ())
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
+                or torch._C._is_torch_function_mode_enabled()
+                or _get_current_dispatch_mode() is not None
                 or not _loader.ext_loaded()
                 or any(n not in _DIRECT_BACKENDS for n in scope_stack())
                 or sum(w.dim() == 4 for w in ws) > 1):
@@ -141,7 +146,7 @@ class FusedBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = self._direct_args(x)
         if args is not None:
-            return torch.ops.igc.block_forward(*args)
+            return _loader.ext().cpu_block_forward(*args)
         L = self.num_layers
         perms = [p if p is None or p == "interleave" else getattr(self, p) for p in self._perms]
         return interleaved_group_conv(

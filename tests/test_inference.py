@@ -339,3 +339,51 @@ def test_fused_block_direct_call_equals_the_functional_path():
     # a bad input still gets the operator's own error through the direct path
     with pytest.raises(RuntimeError, match="igc::block_forward"):
         block(torch.randn(2, 3, 8, 8))
+
+
+def test_fused_block_direct_call_is_seen_by_modes_and_profiler():
+    """The direct call skips the dispatcher: under a torch dispatch mode the block takes the op
+    (the mode sees igc::block_forward), and a profile of a direct call still names the op."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(0)
+    model = _calibrated(Nw.IGCV3Net(num_classes=10, width_mult=0.35), (2, 3, 32, 32),
+                        dtype=torch.float32)
+    block = next(b for b in _blocks(igc.optimize_for_inference(model)) if b.residual)
+    x = torch.randn(1, block.weight_0.shape[1] * block.groups[0], 7, 7)
+
+    seen = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        direct = block(x)
+        with Record():
+            assert block._direct_args(x) is None
+            moded = block(x)
+        with torch.profiler.profile() as prof:
+            block(x)
+    assert any("igc.block_forward" in s for s in seen), seen
+    assert torch.equal(direct, moded)
+    assert any(e.name == "igc::block_forward" for e in prof.events())
+
+
+def test_direct_block_entry_checks_its_argument_types():
+    ext = igc._loader.ext()
+    x = torch.randn(1, 8, 4, 4)
+    w = torch.randn(8, 4)
+    good = (x, [w], [], [2], [0], [None], [1], [0], False, None)
+    assert ext.cpu_block_forward(*good).shape == (1, 8, 4, 4)
+    with pytest.raises(TypeError, match="x must be a tensor"):
+        ext.cpu_block_forward(None, *good[1:])
+    with pytest.raises(TypeError, match="weights must be a tensor"):
+        ext.cpu_block_forward(x, [None], *good[2:])
+    with pytest.raises(TypeError, match="groups must be a list"):
+        ext.cpu_block_forward(x, [w], [], 2, *good[4:])
+    with pytest.raises(TypeError):
+        ext.cpu_block_forward(x, [w], [], ["a"], *good[4:])
+    with pytest.raises(RuntimeError, match="igc::block_forward"):  # the kernel's own checks
+        ext.cpu_block_forward(x, [w], [], [3], *good[4:])

@@ -759,6 +759,15 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
 
 }  // namespace
 
+at::Tensor block_forward_cpu_direct(const at::Tensor& x, at::TensorList weights,
+                                    at::TensorList biases, at::IntArrayRef groups,
+                                    at::IntArrayRef shuffles, const OptTensorList& perms,
+                                    at::IntArrayRef strides, at::IntArrayRef activations,
+                                    bool residual, const std::optional<at::Tensor>& input_index) {
+  return block_forward_cpu(x, weights, biases, groups, shuffles, perms, strides, activations,
+                           residual, input_index);
+}
+
 TORCH_LIBRARY_IMPL(igc, CPU, m) { m.impl("block_forward", &block_forward_cpu); }
 
 }  // namespace igc
