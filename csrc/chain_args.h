@@ -46,11 +46,14 @@ inline bool has_bias_entry(const at::Tensor& b) { return !(b.dim() == 1 && b.siz
 
 // Validates the chain against x; with read_perms, reads permutation and input index tensors
 // (which must then be on the CPU) and fills desc.gather / desc.input_gather, checking that each
-// permutation is a permutation of 0..C_l-1 and every index entry lies in [0, C_in).
+// permutation is a permutation of 0..C_l-1 and every index entry lies in [0, C_in). With
+// spatial_weights, a 4-D weight (C_l, C_{l-1} / G_l, k, k) is accepted as its first two
+// dimensions (the caller checks the others).
 inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList weights,
                              at::TensorList biases, at::IntArrayRef groups,
                              at::IntArrayRef shuffles, const OptTensorList& perms,
-                             const std::optional<at::Tensor>& input_index, bool read_perms) {
+                             const std::optional<at::Tensor>& input_index, bool read_perms,
+                             bool spatial_weights = false) {
   ChainDesc d;
   d.L = static_cast<int64_t>(weights.size());
   TORCH_CHECK(d.L >= 1, op, ": weights is empty; the chain needs at least one layer");
@@ -104,7 +107,8 @@ inline ChainDesc check_chain(const char* op, const at::Tensor& x, at::TensorList
     TORCH_CHECK(G > 0, op, ": layer ", layer, ": groups must be positive, got ", G);
     TORCH_CHECK(cin % G == 0, op, ": layer ", layer, ": in_channels C_", l, " = ", cin,
                 " must be divisible by groups = ", G);
-    TORCH_CHECK(W.dim() == 2, op, ": layer ", layer, ": weight must be 2-D (C_", layer,
+    TORCH_CHECK(W.dim() == 2 || (spatial_weights && W.dim() == 4), op, ": layer ", layer,
+                ": weight must be 2-D (C_", layer,
                 ", C_", l, " / groups), got shape ", W.sizes());
     const int64_t cout = W.size(0);
     TORCH_CHECK(cout <= INT32_MAX, op, ": layer ", layer, ": C_", layer, " = ", cout,

@@ -565,7 +565,7 @@ void run_bands(const BlockCtx<scalar_t, acc_t>& k, int64_t N, int64_t band_rows)
   });
 }
 
-// Checks of the block fields (the chain's own are check_chain's, on 2-D views of the weights).
+// Checks of the block fields (the chain's own are check_chain's, spatial weights included).
 struct BlockDesc {
   ChainDesc d;
   int64_t sl = -1, k = 1, s = 1;
@@ -582,7 +582,6 @@ BlockDesc check_block(const at::Tensor& x, at::TensorList weights, at::TensorLis
               op, ": strides and activations must have one entry per layer (", L, "), got ",
               strides.size(), " and ", activations.size());
   BlockDesc bd;
-  std::vector<at::Tensor> w2d;
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor& W = weights[l];
     if (W.dim() == 4) {
@@ -597,11 +596,9 @@ BlockDesc check_block(const at::Tensor& x, at::TensorList weights, at::TensorLis
       bd.sl = l;
       bd.k = k;
       bd.s = strides[l];
-      w2d.push_back(W.select(3, 0).select(2, 0));
     } else {
       TORCH_CHECK(strides[l] == 1, op, ": layer ", l + 1, ": a pointwise layer has stride 1, got ",
                   strides[l]);
-      w2d.push_back(W);
     }
     TORCH_CHECK(strides[l] == 1 || strides[l] == 2, op, ": layer ", l + 1,
                 ": stride must be 1 or 2, got ", strides[l]);
@@ -609,8 +606,8 @@ BlockDesc check_block(const at::Tensor& x, at::TensorList weights, at::TensorLis
                 ": unknown activation code ", activations[l], " (0 none, 1 relu, 2 relu6, 3 "
                 "hardswish)");
   }
-  bd.d = check_chain(op, x, w2d, biases, groups, shuffles, perms, input_index,
-                     /*read_perms=*/true);
+  bd.d = check_chain(op, x, weights, biases, groups, shuffles, perms, input_index,
+                     /*read_perms=*/true, /*spatial_weights=*/true);
   if (residual) {
     TORCH_CHECK(bd.d.C.back() == bd.d.C_in, op, ": residual adds x: x has ", bd.d.C_in,
                 " channels but C_L = ", bd.d.C.back());
@@ -659,11 +656,16 @@ at::Tensor block_forward_cpu(const at::Tensor& x, at::TensorList weights, at::Te
     k.iota = iota.data();
     k.in_rows0 = d.has_index ? d.input_gather.data() : k.iota;
     for (int64_t l = 0; l < d.L; ++l) {
-      at::Tensor w = weights[l].to(acc_type).contiguous();
+      // (no conversion op when the dtype already is the accumulation type: each op through
+      // the dispatcher costs microseconds, a fair part of a small block's call)
+      at::Tensor w = weights[l].scalar_type() == acc_type ? weights[l].contiguous()
+                                                           : weights[l].to(acc_type).contiguous();
       keep.push_back(w);
       k.W.push_back(w.data_ptr<acc_t>());
       if (d.has_bias[l]) {
-        at::Tensor bc = biases[l].to(acc_type).contiguous();
+        at::Tensor bc = biases[l].scalar_type() == acc_type
+                            ? biases[l].contiguous()
+                            : biases[l].to(acc_type).contiguous();
         keep.push_back(bc);
         k.b.push_back(bc.data_ptr<acc_t>());
       } else {
