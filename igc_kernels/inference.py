@@ -114,10 +114,37 @@ class FusedBlock(nn.Module):
                 if p == "interleave" else 0)
         self.register_buffer("input_index", None if input_index is None
                              else input_index.detach().to(torch.int64).clone())
+        self._direct_cache = None  # _static_args
 
     @property
     def num_layers(self) -> int:
         return len(self.groups)
+
+    def _static_args(self):
+        """The ``igc::block_forward`` arguments other than ``x`` for the direct call, built
+        once and rebuilt when a buffer is replaced (``.to()``, assignment; an in-place change
+        keeps the objects and needs nothing): building them took most of a call's Python time.
+        """
+        bufs = self._buffers  # plain dict lookups: nn.Module.__getattr__ costs more
+        key = tuple(map(id, bufs.values()))
+        cached = self._direct_cache
+        if cached is not None and cached[0] == key:  # the cache holds the keyed tensors alive
+            return cached[1]
+        L = len(self.groups)
+        ws = [bufs[f"weight_{l}"] for l in range(L)]
+        bs = [bufs[f"bias_{l}"] for l in range(L)]
+        biases = [] if all(b is None for b in bs) else [
+            ws[0].new_empty((0,)) if b is None else b for b in bs]
+        perms = [None if p is None or p == "interleave" else bufs[p] for p in self._perms]
+        static = (ws, biases, list(self.groups), list(self._shuffles), perms, list(self.strides),
+                  [ACTIVATIONS[a] for a in self.activations], self.residual, bufs["input_index"])
+        self._direct_cache = (key, static)
+        return static
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_direct_cache"] = None
+        return state
 
     def _direct_args(self, x):
         """The ``igc::block_forward`` arguments when ``x`` can go straight to the CPU kernel
@@ -125,23 +152,20 @@ class FusedBlock(nn.Module):
         checks of the functional path, and the dispatcher's boxing of the arguments, cost more
         than the kernel at batch 1. Not with autograd, tracing, autocast, tensor subclasses or
         torch function / dispatch modes, which must see the op."""
-        bufs = self._buffers  # plain dict lookups: nn.Module.__getattr__ costs more
-        L = len(self.groups)
-        ws = [bufs[f"weight_{l}"] for l in range(L)]
         if (type(x) is not torch.Tensor or x.device.type != "cpu" or x.dim() != 4
-                or self.backend not in _DIRECT_BACKENDS or x.dtype != ws[0].dtype
+                or self.backend not in _DIRECT_BACKENDS
                 or _needs_autograd(x, (), ())
                 or torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu")
                 or torch._C._is_torch_function_mode_enabled()
                 or _get_current_dispatch_mode() is not None
                 or not _loader.ext_loaded()
-                or any(n not in _DIRECT_BACKENDS for n in scope_stack())
-                or sum(w.dim() == 4 for w in ws) > 1):
+                or any(n not in _DIRECT_BACKENDS for n in scope_stack())):
             return None
-        biases = op_biases([bufs[f"bias_{l}"] for l in range(L)], x)
-        perms = [None if p is None or p == "interleave" else bufs[p] for p in self._perms]
-        return (x, ws, biases, self.groups, self._shuffles, perms, self.strides,
-                [ACTIVATIONS[a] for a in self.activations], self.residual, bufs["input_index"])
+        static = self._static_args()
+        ws = static[0]
+        if x.dtype != ws[0].dtype or sum(w.dim() == 4 for w in ws) > 1:
+            return None
+        return (x, *static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         args = self._direct_args(x)

@@ -387,3 +387,37 @@ def test_direct_block_entry_checks_its_argument_types():
         ext.cpu_block_forward(x, [w], [], ["a"], *good[4:])
     with pytest.raises(RuntimeError, match="igc::block_forward"):  # the kernel's own checks
         ext.cpu_block_forward(x, [w], [], [3], *good[4:])
+
+
+def test_fused_block_direct_arguments_follow_buffer_changes():
+    """The direct call's arguments are built once per set of buffers: in-place changes, replaced
+    buffers, dtype conversions and copies give the functional path's values."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _calibrated(Nw.IGCV3Net(num_classes=10, width_mult=0.35), (2, 3, 32, 32),
+                        dtype=torch.float32)
+    block = next(b for b in _blocks(igc.optimize_for_inference(model)) if b.residual)
+    x = torch.randn(1, block.weight_0.shape[1] * block.groups[0], 6, 6)
+
+    def check(b, x):
+        assert b._direct_args(x) is not None
+        with torch.no_grad():
+            direct = b(x)
+            with igc.use_backend("reference"):
+                ref = b(x)
+        torch.testing.assert_close(direct, ref, rtol=1e-5, atol=1e-5)
+        return direct
+
+    y0 = check(block, x)
+    with torch.no_grad():
+        block.weight_0.mul_(2.0)
+    assert not torch.equal(check(block, x), y0)
+    block.weight_2 = block.weight_2 * 0.5  # a replaced buffer
+    check(block, x)
+    twin = copy.deepcopy(block)
+    with torch.no_grad():
+        twin.weight_0.zero_()
+    assert not torch.equal(check(twin, x), check(block, x))
+    block.double()
+    check(block, x.double())

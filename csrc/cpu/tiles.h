@@ -288,7 +288,9 @@ IGC_INLINE void micro_rows(const acc_t* __restrict in, const int32_t* in_rows, i
   }
 }
 
-template <typename acc_t, int NV>
+// OB output rows per micro-kernel call (OUT_BLOCK unless given: narrow tiles take more rows,
+// OB * NV accumulators).
+template <typename acc_t, int NV, int OB = OUT_BLOCK>
 IGC_INLINE void grouped_layer_nv(const acc_t* in, const int32_t* in_rows, const acc_t* w,
                                  const acc_t* bias, int64_t G, int64_t rows, int64_t nin,
                                  int64_t wk, int64_t wi, acc_t* out, const int32_t* out_rows) {
@@ -297,10 +299,14 @@ IGC_INLINE void grouped_layer_nv(const acc_t* in, const int32_t* in_rows, const 
     const acc_t* wg = w + g * w_group;
     const int32_t* ir = in_rows + g * nin;
     int64_t q = 0;
-    for (; q + OUT_BLOCK <= rows; q += OUT_BLOCK)
-      micro_rows<acc_t, OUT_BLOCK, NV>(in, ir, nin, wg + q * wk, wk, wi,
-                                       bias ? bias + g * rows + q : nullptr, out,
-                                       out_rows + g * rows + q);
+    for (; q + OB <= rows; q += OB)
+      micro_rows<acc_t, OB, NV>(in, ir, nin, wg + q * wk, wk, wi,
+                                bias ? bias + g * rows + q : nullptr, out, out_rows + g * rows + q);
+    if constexpr (OB > OUT_BLOCK)
+      for (; q + OUT_BLOCK <= rows; q += OUT_BLOCK)
+        micro_rows<acc_t, OUT_BLOCK, NV>(in, ir, nin, wg + q * wk, wk, wi,
+                                         bias ? bias + g * rows + q : nullptr, out,
+                                         out_rows + g * rows + q);
     for (; q + 2 <= rows; q += 2)
       micro_rows<acc_t, 2, NV>(in, ir, nin, wg + q * wk, wk, wi,
                                bias ? bias + g * rows + q : nullptr, out, out_rows + g * rows + q);
@@ -329,12 +335,12 @@ IGC_INLINE void grouped_layer_narrow(const acc_t* in, const int32_t* in_rows, co
                                      int nv) {
   if constexpr (Simd<acc_t>::PER_ROW == 4) {
     switch (nv) {
-      case 1:
-        return grouped_layer_nv<acc_t, 1>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
-                                          out_rows);
+      case 1:  // 16 rows x 1 vector, 8 x 2: 16 accumulators as in the 4 x 4 kernel
+        return grouped_layer_nv<acc_t, 1, 16>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                              out_rows);
       case 2:
-        return grouped_layer_nv<acc_t, 2>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
-                                          out_rows);
+        return grouped_layer_nv<acc_t, 2, 8>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
+                                             out_rows);
       case 3:
         return grouped_layer_nv<acc_t, 3>(in, in_rows, w, bias, G, rows, nin, wk, wi, out,
                                           out_rows);
