@@ -617,6 +617,32 @@ def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, sme
     return rec
 
 
+def _mma_problems(structures, dtypes, archs):
+    """(arch, toolchain, SASS functions, ptxas records, dtype, Fmt name, structure) for every
+    compiled arch, 16-bit dtype and structure of the tensor-core kernels' records."""
+    for arch in archs:
+        if arch not in _CUDA_SASS:
+            continue
+        toolchain, log, sass = _CUDA_SASS[arch]
+        funcs = _sass_functions(sass)
+        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
+        for dtype in dtypes:
+            if dtype not in ("bfloat16", "float16"):
+                continue
+            fmt = "MmaBf16" if dtype == "bfloat16" else "MmaF16"
+            for s in structures:
+                yield arch, toolchain, funcs, ptxas, dtype, fmt, s
+
+
+def _set_mma_dyn(rec, total: dict, model: str) -> None:
+    """The per-warp dynamic counts of a tensor-core record from the per-CTA ``total``."""
+    warps = rec.num_warps
+    rec.dyn = {"counts": {c: v / warps for c, v in total["counts"].items()},
+               "smem_bytes": total["smem_bytes"] / warps,
+               "mma_fma": total["mma_fma"] / warps, "tf32_fma": 0.0,
+               "local_bytes": 0.0, "unresolved_loops": 0, "model": model}
+
+
 def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
     the tensor-core backward, with per-position counts: the chain's recompute items and k-steps
@@ -626,79 +652,65 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS). Chains whose
     store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
     rows = []
-    for arch in archs:
-        if arch not in _CUDA_SASS:
+    for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
+        c_x, spec, _, idx = structure_args(s)
+        c0 = c_x if idx is None else len(idx)
+        shapes = spec.weight_shapes()
+        chans = [c0] + [c for c, _ in shapes]
+        rows_ = c0 + sum(chans[1:-1]) + chans[-1]  # x, u_1 .. u_{L-1}, dy
+        tp = mma_backward_tile(rows_, arch)
+        if tp == 0:
             continue
-        toolchain, log, sass = _CUDA_SASS[arch]
-        funcs = _sass_functions(sass)
-        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
-        for dtype in dtypes:
-            if dtype not in ("bfloat16", "float16"):
-                continue
-            fmt = "MmaBf16" if dtype == "bfloat16" else "MmaF16"
-            for s in structures:
-                c_x, spec, _, idx = structure_args(s)
-                c0 = c_x if idx is None else len(idx)
-                shapes = spec.weight_shapes()
-                chans = [c0] + [c for c, _ in shapes]
-                rows_ = c0 + sum(chans[1:-1]) + chans[-1]  # x, u_1 .. u_{L-1}, dy
-                tp = mma_backward_tile(rows_, arch)
-                if tp == 0:
-                    continue
-                mt = tp // 16
-                name = next(n for n in funcs if "chain_backward_mma_kernel" in n
-                            and f"{fmt}ELi{mt}E" in n)
-                model = mma_backward_kernel_model(funcs[name], mt)
-                terms = []
-                for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
-                    m = cout // g
-                    if l + 1 < len(shapes):  # recomputed u_{l+1}
-                        k = model["fwd"]["k8" if n <= 8 else "k16"]
-                        items = g * -(-m // 8)
-                        terms += [(items, k["item"]), (items * (1 if n <= 8 else -(-n // 16)),
-                                                       k["step"])]
-                    k = model["dh"]["k8" if m <= 8 else "k16"]  # dh = W^T du
-                    items = g * -(-n // 8)
-                    terms += [(items, k["item"]), (items * (1 if m <= 8 else -(-m // 16)),
-                                                   k["step"])]
-                    wide, narrow = max(m, n), min(m, n)
-                    if wide <= 8:  # dW items: pairs of groups
-                        terms.append((-(-g // 2), model["dw_pair_item"]))
-                    else:  # 16 x 8 blocks of a group
-                        terms.append((g * -(-wide // 16) * -(-narrow // 8), model["dw_item"]))
-                for layout in layouts:
-                    cl = layout == "channels_last"
+        mt = tp // 16
+        name = next(n for n in funcs if "chain_backward_mma_kernel" in n
+                    and f"{fmt}ELi{mt}E" in n)
+        model = mma_backward_kernel_model(funcs[name], mt)
+        terms = []
+        for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
+            m = cout // g
+            if l + 1 < len(shapes):  # recomputed u_{l+1}
+                k = model["fwd"]["k8" if n <= 8 else "k16"]
+                items = g * -(-m // 8)
+                terms += [(items, k["item"]), (items * (1 if n <= 8 else -(-n // 16)),
+                                               k["step"])]
+            k = model["dh"]["k8" if m <= 8 else "k16"]  # dh = W^T du
+            items = g * -(-n // 8)
+            terms += [(items, k["item"]), (items * (1 if m <= 8 else -(-m // 16)),
+                                           k["step"])]
+            wide, narrow = max(m, n), min(m, n)
+            if wide <= 8:  # dW items: pairs of groups
+                terms.append((-(-g // 2), model["dw_pair_item"]))
+            else:  # 16 x 8 blocks of a group
+                terms.append((g * -(-wide // 16) * -(-narrow // 8), model["dw_item"]))
+        for layout in layouts:
+            cl = layout == "channels_last"
 
-                    def cl_cost(kind, c):
-                        return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
-                    if not cl:
-                        ldx, ldx_elems = model["load_nchw"], 256
-                        ldy, st = model["load_nchw"], model["store_nchw"]
-                        ldy_elems = st_elems = 256
-                    else:
-                        ldx, ldx_elems = ((cl_cost("load", c0), 64) if idx is None
-                                          else (model["load_scalar"], 32))
-                        ldy, ldy_elems = cl_cost("load", spec.out_channels), 64
-                        st, st_elems = cl_cost("store", c_x), 64
-                    total = _combine(*terms, (c0 * tp / ldx_elems, ldx),
-                                     (spec.out_channels * tp / ldy_elems, ldy),
-                                     (c_x * tp / st_elems, st))
-                    rec = _mma_record(s, dtype, layout, "backward", arch, toolchain,
-                                      "chain_backward_mma_kernel", tp, ptxas[name],
-                                      mma_backward_smem_bytes(rows_, tp))
-                    warps = rec.num_warps
-                    rec.dyn = {"counts": {c: v / warps for c, v in total["counts"].items()},
-                               "smem_bytes": total["smem_bytes"] / warps,
-                               "mma_fma": total["mma_fma"] / warps, "tf32_fma": 0.0,
-                               "local_bytes": 0.0, "unresolved_loops": 0,
-                               "model": "per layer: recompute and dh items x item cost + items "
-                                        "x k-steps x k-step cost, dW items x item cost (its "
-                                        "mt k-steps and the fp32 row update); tile loads of x "
-                                        "and dy and store of dx per 16-byte vector or 8x8 block "
-                                        "(SASS loop bodies of the kernel; per-tile offsets, "
-                                        "barriers, bias gradients and the reduction kernel are "
-                                        "left out)"}
-                    rows.append(rec)
+            def cl_cost(kind, c):
+                return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
+            if not cl:
+                ldx, ldx_elems = model["load_nchw"], 256
+                ldy, st = model["load_nchw"], model["store_nchw"]
+                ldy_elems = st_elems = 256
+            else:
+                ldx, ldx_elems = ((cl_cost("load", c0), 64) if idx is None
+                                  else (model["load_scalar"], 32))
+                ldy, ldy_elems = cl_cost("load", spec.out_channels), 64
+                st, st_elems = cl_cost("store", c_x), 64
+            total = _combine(*terms, (c0 * tp / ldx_elems, ldx),
+                             (spec.out_channels * tp / ldy_elems, ldy),
+                             (c_x * tp / st_elems, st))
+            rec = _mma_record(s, dtype, layout, "backward", arch, toolchain,
+                              "chain_backward_mma_kernel", tp, ptxas[name],
+                              mma_backward_smem_bytes(rows_, tp))
+            _set_mma_dyn(rec, total,
+                         "per layer: recompute and dh items x item cost + items "
+                         "x k-steps x k-step cost, dW items x item cost (its "
+                         "mt k-steps and the fp32 row update); tile loads of x "
+                         "and dy and store of dx per 16-byte vector or 8x8 block "
+                         "(SASS loop bodies of the kernel; per-tile offsets, "
+                         "barriers, bias gradients and the reduction kernel are "
+                         "left out)")
+            rows.append(rec)
     return rows
 
 
@@ -707,63 +719,49 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     kernel, with per-position counts: the chain's items and k-steps per layer times the SASS
     costs of ``mma_kernel_model`` (needs cuda_records first, for the SASS)."""
     rows = []
-    for arch in archs:
-        if arch not in _CUDA_SASS:
+    for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
+        c_x, spec, _, idx = structure_args(s)
+        chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
+        cmax = max(chans)
+        tp = mma_tile(cmax, arch)
+        if tp == 0:
             continue
-        toolchain, log, sass = _CUDA_SASS[arch]
-        funcs = _sass_functions(sass)
-        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
-        for dtype in dtypes:
-            if dtype not in ("bfloat16", "float16"):
-                continue
-            fmt = "MmaBf16" if dtype == "bfloat16" else "MmaF16"
-            for s in structures:
-                c_x, spec, _, idx = structure_args(s)
-                chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
-                cmax = max(chans)
-                tp = mma_tile(cmax, arch)
-                if tp == 0:
-                    continue
-                mt = tp // 16
-                name = next(n for n in funcs if "chain_forward_mma_kernel" in n
-                            and f"{fmt}ELi{mt}E" in n)
-                model = mma_kernel_model(funcs[name], mt)
-                terms = []
-                for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
-                    m = cout // g
-                    items = g * -(-m // 8)
-                    k = model["k8"] if n <= 8 else model["k16"]
-                    steps = 1 if n <= 8 else -(-n // 16)
-                    terms += [(items, k["item"]), (items * steps, k["step"])]
-                for layout in layouts:
-                    cl = layout == "channels_last"
-                    def cl_cost(kind, c):  # 4 blocks per warp step where C % 32 == 0
-                        return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
-                    # per counted unit: a 16-byte vector per lane of a warp (NCHW: 256
-                    # elements), an 8x8 block (channels-last: 64), an element per lane (the
-                    # scalar load of a channels-last tile through an input index: 32)
-                    if not cl:
-                        ld, ld_elems = model["load_nchw"], 256
-                    elif idx is None:
-                        ld, ld_elems = cl_cost("load", chans[0]), 64
-                    else:
-                        ld, ld_elems = model["load_scalar"], 32
-                    st = cl_cost("store", spec.out_channels) if cl else model["store_nchw"]
-                    total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
-                                     (spec.out_channels * tp / (64 if cl else 256), st))
-                    rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
-                                      "chain_forward_mma_kernel", tp, ptxas[name],
-                                      mma_smem_bytes(cmax, tp))
-                    warps = rec.num_warps
-                    rec.dyn = {"counts": {c: v / warps for c, v in total["counts"].items()},
-                               "smem_bytes": total["smem_bytes"] / warps,
-                               "mma_fma": total["mma_fma"] / warps, "tf32_fma": 0.0,
-                               "local_bytes": 0.0, "unresolved_loops": 0,
-                               "model": "per layer: items x item cost + items x k-steps x "
-                                        "k-step cost; tile load/store per 16-byte vector "
-                                        "(SASS loop bodies of the kernel; the per-tile "
-                                        "offsets and barriers are left out)"}
-                    rows.append(rec)
+        mt = tp // 16
+        name = next(n for n in funcs if "chain_forward_mma_kernel" in n
+                    and f"{fmt}ELi{mt}E" in n)
+        model = mma_kernel_model(funcs[name], mt)
+        terms = []
+        for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
+            m = cout // g
+            items = g * -(-m // 8)
+            k = model["k8"] if n <= 8 else model["k16"]
+            steps = 1 if n <= 8 else -(-n // 16)
+            terms += [(items, k["item"]), (items * steps, k["step"])]
+        for layout in layouts:
+            cl = layout == "channels_last"
+            def cl_cost(kind, c):  # 4 blocks per warp step where C % 32 == 0
+                return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
+            # per counted unit: a 16-byte vector per lane of a warp (NCHW: 256
+            # elements), an 8x8 block (channels-last: 64), an element per lane (the
+            # scalar load of a channels-last tile through an input index: 32)
+            if not cl:
+                ld, ld_elems = model["load_nchw"], 256
+            elif idx is None:
+                ld, ld_elems = cl_cost("load", chans[0]), 64
+            else:
+                ld, ld_elems = model["load_scalar"], 32
+            st = cl_cost("store", spec.out_channels) if cl else model["store_nchw"]
+            total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
+                             (spec.out_channels * tp / (64 if cl else 256), st))
+            rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
+                              "chain_forward_mma_kernel", tp, ptxas[name],
+                              mma_smem_bytes(cmax, tp))
+            _set_mma_dyn(rec, total,
+                         "per layer: items x item cost + items x k-steps x "
+                         "k-step cost; tile load/store per 16-byte vector "
+                         "(SASS loop bodies of the kernel; the per-tile "
+                         "offsets and barriers are left out)")
+            rows.append(rec)
     return rows
 
 
