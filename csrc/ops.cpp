@@ -55,6 +55,55 @@ void cpu_output_cache_clear();
 
 namespace {
 
+// Arguments from Python objects (false with a Python error set); fn names the function in errors.
+bool tensor_arg(PyObject* o, const char* fn, const char* what, at::Tensor* t) {
+  if (!THPVariable_Check(o)) {
+    PyErr_Format(PyExc_TypeError, "%s: %s must be a tensor", fn, what);
+    return false;
+  }
+  *t = THPVariable_Unpack(o);
+  return true;
+}
+
+// Calls f(item) for every item of the sequence o (false as soon as f returns false).
+template <typename F>
+bool for_each_item(PyObject* o, const char* fn, const char* what, F&& f) {
+  PyObject* fast = PySequence_Fast(o, "");
+  if (fast == nullptr) {
+    PyErr_Format(PyExc_TypeError, "%s: %s must be a sequence", fn, what);
+    return false;
+  }
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+  PyObject** items = PySequence_Fast_ITEMS(fast);
+  bool ok = true;
+  for (Py_ssize_t i = 0; i < n && ok; ++i) ok = f(items[i]);
+  Py_DECREF(fast);
+  return ok;
+}
+
+bool tensor_list_arg(PyObject* o, const char* fn, const char* what, bool optional,
+                     std::vector<std::optional<at::Tensor>>* out) {
+  return for_each_item(o, fn, what, [&](PyObject* item) {
+    if (optional && item == Py_None) {
+      out->emplace_back(std::nullopt);
+      return true;
+    }
+    at::Tensor t;
+    if (!tensor_arg(item, fn, what, &t)) return false;
+    out->emplace_back(std::move(t));
+    return true;
+  });
+}
+
+bool int_list_arg(PyObject* o, const char* fn, const char* what, std::vector<int64_t>* out) {
+  return for_each_item(o, fn, what, [&](PyObject* item) {
+    const long long v = PyLong_AsLongLong(item);
+    if (v == -1 && PyErr_Occurred()) return false;
+    out->push_back(static_cast<int64_t>(v));
+    return true;
+  });
+}
+
 // cuda_min_smem_bytes(channels, acc_bytes) -> int: shared memory (bytes per block) of the
 // smallest launch plan of the CUDA kernels for a chain of widths channels = [C_0, ..., C_L]
 // (cuda/chain_limits.h).
@@ -62,70 +111,14 @@ PyObject* cuda_min_smem_bytes(PyObject*, PyObject* args) {
   PyObject* seq = nullptr;
   int acc_bytes = 0;
   if (!PyArg_ParseTuple(args, "Oi", &seq, &acc_bytes)) return nullptr;
-  PyObject* fast = PySequence_Fast(seq, "channels must be a sequence of ints");
-  if (fast == nullptr) return nullptr;
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
   std::vector<int64_t> C;
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
-    if (v == -1 && PyErr_Occurred()) {
-      Py_DECREF(fast);
-      return nullptr;
-    }
-    C.push_back(static_cast<int64_t>(v));
-  }
-  Py_DECREF(fast);
-  if (n < 2 || acc_bytes <= 0) {
+  if (!int_list_arg(seq, "cuda_min_smem_bytes", "channels", &C)) return nullptr;
+  if (C.size() < 2 || acc_bytes <= 0) {
     PyErr_SetString(PyExc_ValueError, "channels needs C_0 and at least one layer; acc_bytes > 0");
     return nullptr;
   }
-  return PyLong_FromSize_t(igc::cuda::min_smem_bytes(C.data(), static_cast<int>(n - 1),
+  return PyLong_FromSize_t(igc::cuda::min_smem_bytes(C.data(), static_cast<int>(C.size() - 1),
                                                      static_cast<size_t>(acc_bytes)));
-}
-
-// Arguments of block_forward_cpu from Python objects (false with a Python error set).
-bool tensor_arg(PyObject* o, const char* what, at::Tensor* t) {
-  if (!THPVariable_Check(o)) {
-    PyErr_Format(PyExc_TypeError, "cpu_block_forward: %s must be a tensor", what);
-    return false;
-  }
-  *t = THPVariable_Unpack(o);
-  return true;
-}
-
-bool tensor_list_arg(PyObject* o, const char* what, bool optional,
-                     std::vector<std::optional<at::Tensor>>* out) {
-  if (!PyList_Check(o) && !PyTuple_Check(o)) {
-    PyErr_Format(PyExc_TypeError, "cpu_block_forward: %s must be a list", what);
-    return false;
-  }
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (optional && items[i] == Py_None) {
-      out->emplace_back(std::nullopt);
-      continue;
-    }
-    at::Tensor t;
-    if (!tensor_arg(items[i], what, &t)) return false;
-    out->emplace_back(std::move(t));
-  }
-  return true;
-}
-
-bool int_list_arg(PyObject* o, const char* what, std::vector<int64_t>* out) {
-  if (!PyList_Check(o) && !PyTuple_Check(o)) {
-    PyErr_Format(PyExc_TypeError, "cpu_block_forward: %s must be a list of ints", what);
-    return false;
-  }
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(o);
-  PyObject** items = PySequence_Fast_ITEMS(o);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    const long long v = PyLong_AsLongLong(items[i]);
-    if (v == -1 && PyErr_Occurred()) return false;
-    out->push_back(static_cast<int64_t>(v));
-  }
-  return true;
 }
 
 // cpu_block_forward(x, weights, biases, groups, shuffles, perms, strides, activations,
@@ -140,19 +133,20 @@ PyObject* cpu_block_forward(PyObject*, PyObject* args) {
   if (!PyArg_ParseTuple(args, "OOOOOOOOpO", &ox, &ow, &ob, &og, &osh, &op, &ost, &oa,
                         &residual, &oi))
     return nullptr;
+  const char* fn = "cpu_block_forward";
   at::Tensor x;
   std::vector<std::optional<at::Tensor>> w_opt, b_opt, perm_opt;
   std::vector<int64_t> groups, shuffles, strides, acts;
   std::optional<at::Tensor> index;
-  if (!tensor_arg(ox, "x", &x) || !tensor_list_arg(ow, "weights", false, &w_opt) ||
-      !tensor_list_arg(ob, "biases", false, &b_opt) || !int_list_arg(og, "groups", &groups) ||
-      !int_list_arg(osh, "shuffles", &shuffles) ||
-      !tensor_list_arg(op, "perms", true, &perm_opt) || !int_list_arg(ost, "strides", &strides) ||
-      !int_list_arg(oa, "activations", &acts))
+  if (!tensor_arg(ox, fn, "x", &x) || !tensor_list_arg(ow, fn, "weights", false, &w_opt) ||
+      !tensor_list_arg(ob, fn, "biases", false, &b_opt) ||
+      !int_list_arg(og, fn, "groups", &groups) || !int_list_arg(osh, fn, "shuffles", &shuffles) ||
+      !tensor_list_arg(op, fn, "perms", true, &perm_opt) ||
+      !int_list_arg(ost, fn, "strides", &strides) || !int_list_arg(oa, fn, "activations", &acts))
     return nullptr;
   if (oi != Py_None) {
     at::Tensor t;
-    if (!tensor_arg(oi, "input_index", &t)) return nullptr;
+    if (!tensor_arg(oi, fn, "input_index", &t)) return nullptr;
     index = std::move(t);
   }
   std::vector<at::Tensor> weights, biases;

@@ -381,7 +381,7 @@ def test_direct_block_entry_checks_its_argument_types():
         ext.cpu_block_forward(None, *good[1:])
     with pytest.raises(TypeError, match="weights must be a tensor"):
         ext.cpu_block_forward(x, [None], *good[2:])
-    with pytest.raises(TypeError, match="groups must be a list"):
+    with pytest.raises(TypeError, match="groups must be a sequence"):
         ext.cpu_block_forward(x, [w], [], 2, *good[4:])
     with pytest.raises(TypeError):
         ext.cpu_block_forward(x, [w], [], ["a"], *good[4:])
