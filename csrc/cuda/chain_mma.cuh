@@ -67,24 +67,33 @@ __host__ __device__ __forceinline__ uint32_t mma_pack(float lo, float hi) {
 // ---------------------------------------------------------------------------------------------
 // Warp-level instructions
 // ---------------------------------------------------------------------------------------------
-// ldmatrix .trans of NM 8x8 matrices of 16-bit values; lane i gives the address of row i % 8 of
-// matrix i / 8 (lanes 8 * NM and up: ignored), element `elem` of the shared array `base`.
-// r[j] receives matrix j's fragment.
-template <int NM>
-__device__ __forceinline__ void ldmatrix_trans(uint32_t* r, const uint16_t* base, int elem) {
+// ldmatrix of NM 8x8 matrices of 16-bit values (Trans: .trans); lane i gives the address of
+// row i % 8 of matrix i / 8 (lanes 8 * NM and up: ignored), element `elem` of the shared array
+// `base`. r[j] receives matrix j's fragment: without .trans, lane l holds elements (row l / 4,
+// columns 2 (l % 4) + {0, 1}); with .trans, the transposed matrix's.
+template <int NM, bool Trans>
+__device__ __forceinline__ void ldmatrix(uint32_t* r, const uint16_t* base, int elem) {
+  static_assert(NM == 2 || NM == 4, "x2 or x4");
 #ifdef IGC_EMULATE
-  igc_emu::warp_ldmatrix(r, base + elem, NM, /*trans=*/true);
+  igc_emu::warp_ldmatrix(r, base + elem, NM, Trans);
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   // a 32-bit shared-window address (the conversion of `base` is loop-invariant)
   const unsigned a =
       static_cast<unsigned>(__cvta_generic_to_shared(base)) + 2u * static_cast<unsigned>(elem);
-  if constexpr (NM == 4) {
+  if constexpr (NM == 4 && Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
-  } else {
-    static_assert(NM == 2, "x2 or x4");
+  } else if constexpr (NM == 4) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(a));
+  } else if constexpr (Trans) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+                 : "=r"(r[0]), "=r"(r[1])
+                 : "r"(a));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
                  : "=r"(r[0]), "=r"(r[1])
                  : "r"(a));
   }
@@ -94,6 +103,10 @@ __device__ __forceinline__ void ldmatrix_trans(uint32_t* r, const uint16_t* base
   (void)elem;
   __trap();
 #endif
+}
+template <int NM>
+__device__ __forceinline__ void ldmatrix_trans(uint32_t* r, const uint16_t* base, int elem) {
+  ldmatrix<NM, true>(r, base, elem);
 }
 
 // movmatrix .trans: r holds this lane's pair of an 8x8 matrix of 16-bit values in the mma

@@ -51,31 +51,11 @@ namespace cuda {
 
 constexpr int kGradShift = 3;  // swizzle shift of the dy tile (rows read in natural order)
 
-// ldmatrix without .trans of NM 8x8 matrices of 16-bit values: lane i gives the address of row
-// i % 8 of matrix i / 8; lane l receives elements (row l / 4, columns 2 (l % 4) + {0, 1}) of each.
+// ldmatrix without .trans (chain_mma.cuh): lane l receives elements (row l / 4, columns
+// 2 (l % 4) + {0, 1}) of each matrix.
 template <int NM>
 __device__ __forceinline__ void ldmatrix_rows(uint32_t* r, const uint16_t* base, int elem) {
-#ifdef IGC_EMULATE
-  igc_emu::warp_ldmatrix(r, base + elem, NM, /*trans=*/false);
-#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  const unsigned a =
-      static_cast<unsigned>(__cvta_generic_to_shared(base)) + 2u * static_cast<unsigned>(elem);
-  if constexpr (NM == 4) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-                 : "r"(a));
-  } else {
-    static_assert(NM == 2, "x2 or x4");
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n"
-                 : "=r"(r[0]), "=r"(r[1])
-                 : "r"(a));
-  }
-#else
-  (void)r;
-  (void)base;
-  (void)elem;
-  __trap();
-#endif
+  ldmatrix<NM, false>(r, base, elem);
 }
 
 template <class Fmt>
