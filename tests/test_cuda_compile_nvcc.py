@@ -164,7 +164,8 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
             instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
-            assert "LDSM.16.M88.4" in ops and "LDSM.16.M88.2" in ops, (arch, name)
+            # dW: both operands of its 16 x 16 items (and of the pair items) by ldmatrix x4
+            assert "LDSM.16.M88.4" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
             assert any(op.startswith("MOVM") for op in ops), (arch, name)
             predicated = [op for pred, op in instrs
@@ -829,6 +830,9 @@ MMA_BACKWARD_WIDTHS = {
     "w1_w3": ([12, 12, 12], [12, 4]),
     "w16_m8_m32": ([32, 16, 64], [2, 2]),  # n 16 -> m 8 (A = inputs), n 8 -> m 32
     "w24_w32": ([48, 48, 64], [2, 2]),     # n 24 -> m 24, n 24 -> m 32
+    # 16 x 16 dW items cut by the group on both sides: n 40 -> m 24 (A = 40 inputs, B = 24
+    # outputs: a half-empty second B block), then n 24 -> m 40
+    "w40_m24": ([80, 48, 80], [2, 2]),
 }
 
 

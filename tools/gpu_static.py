@@ -526,11 +526,11 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     ldmatrix without .trans; the walk back is the loop that holds the weight-gradient products
     (LDSM.16.M88: ldmatrix without .trans). Inside them: the recompute's layer costs ("fwd"), the
     transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
-    per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSMs, mt k-steps and
-    the read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 8 block of a group, B loaded
-    by LDSM.16.M88.2; "dw_pair_item", two groups of at most 8 x 8, both operands by
-    LDSM.16.M88.4, 2 mt HMMAs), and the tile loads and stores (the costliest loop of each
-    kind)."""
+    per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSM.x4s, mt k-steps,
+    2 HMMAs each, counted mt times where the k-steps are a rolled loop, and the
+    read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 16 block of a group, 8 values
+    stored per lane; "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
+    tile loads and stores (the costliest loop of each kind)."""
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
 
@@ -549,18 +549,38 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
                           if not any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
     walk = smallest([l for l in with_layer
                      if any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
-    dw = _smallest_loop(ins, inside(walk), "HMMA.16816", "LDSM.16.M88.2")
-    pair = smallest([l for l in inside(walk)
-                     if any(o.startswith("LDSM.16.M88.4") for o in ops_in(l[0], l[1]))
-                     and not any(o.startswith("LDSM.16.M88.2") for o in ops_in(l[0], l[1]))])
-    dw_cost, pair_cost = _region_counts(ins, *dw), _region_counts(ins, pair[0], pair[1])
-    per_iter = max(1, round(dw_cost["counts"]["HMMA/MMA"] / mt))
-    pair_per_iter = max(1, round(pair_cost["counts"]["HMMA/MMA"] / (2 * mt)))
+    # weight-gradient item loops: HMMA.16816 and non-trans LDSM.x4, the fp32 row updates (the
+    # general 16 x 16 item stores 8 values per lane, the pair item 4), no trans LDSM (dh)
+    def stores(lp):
+        return sum(1 for o in ops_in(lp[0], lp[1]) if o.startswith(("STG", "STS", "RED")))
+    items = [l for l in inside(walk)
+             if all(any(o.startswith(n) for o in ops_in(l[0], l[1]))
+                    for n in ("HMMA.16816", "LDSM.16.M88.4"))
+             and not any(o.startswith("LDSM.16.MT88") for o in ops_in(l[0], l[1]))
+             and stores(l) > 0]
+    items = [l for l in items if not any(o is not l and l[0] <= o[0] and o[1] <= l[1]
+                                         for o in items)]
+    by_stores = {stores(l): l for l in items}
+    if sorted(by_stores) != [4, 8]:
+        raise SystemExit(f"weight-gradient item loops not found (stores per loop: "
+                         f"{sorted(stores(l) for l in items)})")
+
+    def item_cost(lp):
+        """one item: the loop body, its k-step loop (when not unrolled) MT times"""
+        kloops = [l for l in inside(lp) if any(o.startswith("HMMA")
+                                               for o in ops_in(l[0], l[1]))]
+        whole = _region_counts(ins, lp[0], lp[1])
+        if kloops:
+            k = smallest(kloops)
+            return _combine((1.0, whole), (mt - 1, _region_counts(ins, k[0], k[1])))
+        per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (2 * mt)))
+        return _combine((1.0 / per_iter, whole))
+
+    dw, pair = by_stores[8], by_stores[4]
     out = {"fwd": _layer_model(ins, inside(recompute), mt),
            "dh": _layer_model(ins, [l for l in inside(walk) if l[:2] not in (dw[:2], pair[:2])],
                               mt),
-           "dw_item": _combine((1.0 / per_iter, dw_cost)),
-           "dw_pair_item": _combine((1.0 / pair_per_iter, pair_cost))}
+           "dw_item": item_cost(dw), "dw_pair_item": item_cost(pair)}
     out.update(_tile_move_model(ins, loops, largest=True))
     return out
 
@@ -647,7 +667,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
     the tensor-core backward, with per-position counts: the chain's recompute items and k-steps
     (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items (pairs
-    of groups where a group has at most 8 outputs and inputs, else 16 x 8 blocks), and
+    of groups where a group has at most 8 outputs and inputs, else 16 x 16 blocks), and
     the tile loads of x and dy and the store of dx, times the SASS costs of
     ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS). Chains whose
     store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
@@ -681,7 +701,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
             if wide <= 8:  # dW items: pairs of groups
                 terms.append((-(-g // 2), model["dw_pair_item"]))
             else:  # 16 x 8 blocks of a group
-                terms.append((g * -(-wide // 16) * -(-narrow // 8), model["dw_item"]))
+                terms.append((g * -(-wide // 16) * -(-narrow // 16), model["dw_item"]))
         for layout in layouts:
             cl = layout == "channels_last"
 

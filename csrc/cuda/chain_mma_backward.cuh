@@ -18,13 +18,13 @@
 // - dW_l[g][o][i] += sum_p du[g m + o][p] h_l[in_row(g n + i)][p]: mma.sync m16n8k16 with
 //   K = positions. Both operands are channel-major rows of 16-bit tiles, read by ldmatrix
 //   without .trans: a row of the tile is a row of A (16 channels of the wider side of the group,
-//   n or m) or a column of B (8 channels of the other side). A warp item is (group, block of 16,
-//   block of 8) with MT k-steps; rows beyond the group read the zero row. Groups of at most 8
-//   outputs and 8 inputs go two to an item (A: the outputs of both, B: the inputs of each, one
-//   product each, the cross-group halves discarded). Every kept dW element is the dot product
-//   of one du row and one h row of its own group, so a non-finite value cannot reach another
-//   group's gradients. The fp32 results are added to the CTA's private row of the partial
-//   buffer (each element owned by one lane; no atomics);
+//   n or m) or a column of B (16 channels of the other side, two 8-wide products). A warp item
+//   is (group, block of 16, block of 16) with MT k-steps; rows beyond the group read the zero
+//   row. Groups of at most 8 outputs and 8 inputs go two to an item (A: the outputs of both,
+//   B: the inputs of each, one product each, the cross-group halves discarded). Every kept dW
+//   element is the dot product of one du row and one h row of its own group, so a non-finite
+//   value cannot reach another group's gradients. The fp32 results are added to the CTA's
+//   private row of the partial buffer (each element owned by one lane; no atomics);
 // - (a barrier: h_l is dead) dh_l = W_l^T du_l with the forward's mma_layer on W_l^T (fragments
 //   packed per call by pack_mma_weights_kernel<Fmt, true>): A = du by ldmatrix.trans from the
 //   natural-order gradient, and output j (input j of layer l) stored to row gather_{l-1}[j] of
@@ -106,6 +106,9 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
 // pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
 // the natural-order gradient tile (shift s_du), h: the layer's input tile (shift s_h) read
 // through h_rows (null: identity).
+// A warp item is a 16 x 16 block of a group's dW (A: 16 rows of the wider side, B: two 8-row
+// blocks of the other, one ldmatrix x4 each per k-step, two HMMAs): the item's row addresses,
+// output offsets and loop step serve 2 HMMAs per k-step instead of 1 (16 x 8 items).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
                                                  int s_du, const uint16_t* h, int s_h,
@@ -115,15 +118,16 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  // A (16 rows per block) is the wider side of the group, B (8) the other
+  // A (16 rows per block) is the wider side of the group, B (two blocks of 8) the other
   const bool swap = d.n > d.m;
   const int ca = swap ? d.n : d.m, cb = swap ? d.m : d.n;
-  const int na = (ca + 15) / 16, nb = (cb + 7) / 8;
+  const int na = (ca + 15) / 16, nb = (cb + 15) / 16;
   const int items = d.groups * na * nb;
-  // ldmatrix x4 (A): lanes 8 j .. 8 j + 7 address rows 8 (j % 2) + 0..7 at positions 8 (j / 2);
-  // x2 (B): lanes 0..15 address rows 0..7 at positions 0 and 8 (lanes 16..31 ignored)
+  // ldmatrix x4, lanes 8 j .. 8 j + 7: A: rows 8 (j % 2) + 0..7 at positions 8 (j / 2);
+  // B: rows 8 (j / 2) + 0..7 at positions 8 (j % 2), so b[0..1] is B's first 8-row block and
+  // b[2..3] its second
   const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
-  const int b_r = lane & 7, b_t = ((lane >> 3) & 1) * 8;
+  const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
   const uint16_t* ta = swap ? h : du;
   const uint16_t* tb = swap ? du : h;
   const int sa = swap ? s_h : s_du, sb = swap ? s_du : s_h;
@@ -137,7 +141,7 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   for (int item = warp; item < items; item += kWarps) {
     // this lane's ldmatrix rows: the row start and its swizzle (the zero row: 0 and 0), so a
     // k-step's address is one XOR
-    const int ra = ia * 16 + a_r, rb = ib * 8 + b_r;
+    const int ra = ia * 16 + a_r, rb = ib * 16 + b_r;
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
     int swa = 0, swb = 0;
@@ -153,22 +157,27 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
       swb = e & ((TP / 8 - 1) << 3);
       pb = tb + (e - swb);
     }
-    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    // a rolled loop: unrolled, the item's k-steps push the kernel past 128 registers (spills)
+#pragma unroll 1
     for (int ks = 0; ks < MT; ++ks) {
-      // every lane executes both ldmatrix and the mma (.aligned); padding lanes read zeros
-      uint32_t a[4], b[2];
+      // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
+      uint32_t a[4], b[4];
       ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
-      ldmatrix_rows<2>(b, pb, (16 * ks + b_t) ^ swb);
-      mma_sync<Fmt, 16>(acc, a, b);
+      ldmatrix_rows<4>(b, pb, (16 * ks + b_t) ^ swb);
+      mma_sync<Fmt, 16>(acc[0], a, b);
+      mma_sync<Fmt, 16>(acc[1], a, b + 2);
     }
-    // acc[q]: A row 16 ia + gid + 8 (q / 2), B row 8 ib + 2 tig + q % 2
-    const int r_a = ia * 16 + gid, r_b = ib * 8 + 2 * tig;
+    // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2
+    const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + static_cast<int64_t>(g) * d.m * d.n + r_a * stride_a + r_b * stride_b;
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      if (r_a + 8 * (q >> 1) < ca && r_b + (q & 1) < cb)
-        out[8 * (q >> 1) * stride_a + (q & 1) * stride_b] += acc[q];
+    for (int k = 0; k < 2; ++k) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        if (r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb)
+          out[8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b] += acc[k][q];
+      }
     }
     ib += sb_;
     if (ib >= nb) {
@@ -223,7 +232,8 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
       pb = h + (e - swb);
     }
     float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-#pragma unroll
+    // a rolled loop: unrolled, the item's k-steps push the kernel past 128 registers (spills)
+#pragma unroll 1
     for (int ks = 0; ks < MT; ++ks) {
       // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
       uint32_t a[4], b[4];
