@@ -47,7 +47,10 @@ at::Tensor block_forward_cpu_direct(const at::Tensor& x, at::TensorList weights,
                                     at::TensorList biases, at::IntArrayRef groups,
                                     at::IntArrayRef shuffles, const OptTensorList& perms,
                                     at::IntArrayRef strides, at::IntArrayRef activations,
-                                    bool residual, const std::optional<at::Tensor>& input_index);
+                                    bool residual, const std::optional<at::Tensor>& input_index,
+                                    const std::vector<at::Tensor>* packed);
+std::vector<at::Tensor> block_pack_cpu(at::TensorList weights, at::TensorList biases,
+                                       at::IntArrayRef groups);
 const char* cpu_kernel_isa();  // csrc/cpu/chain_cpu.cpp
 size_t cpu_output_cache_bytes();  // csrc/cpu/output_cache.cpp
 void cpu_output_cache_clear();
@@ -121,17 +124,36 @@ PyObject* cuda_min_smem_bytes(PyObject*, PyObject* args) {
                                                      static_cast<size_t>(acc_bytes)));
 }
 
+// Sets a Python exception from the C++ exception being handled.
+void set_python_error(const std::exception_ptr& err) {
+  try {
+    std::rethrow_exception(err);
+  } catch (const c10::IndexError& e) {
+    PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
+  } catch (const c10::ValueError& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+  } catch (const c10::TypeError& e) {
+    PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+}
+
 // cpu_block_forward(x, weights, biases, groups, shuffles, perms, strides, activations,
-// residual, input_index) -> Tensor: igc::block_forward's CPU kernel called directly, without
-// the dispatcher's argument boxing (about 15 us of a call at batch 1, where a whole block can
-// take 100 us). The kernel validates every argument itself. For inference callers that have
-// ruled out autograd, tracing, subclasses and dispatch modes (FusedBlock); it shows in profiles
-// as igc::block_forward.
+// residual, input_index, packed=None) -> Tensor: igc::block_forward's CPU kernel called
+// directly, without the dispatcher's argument boxing (about 15 us of a call at batch 1, where a
+// whole block can take 100 us). The kernel validates every argument itself. packed: what
+// cpu_block_pack returned for these weights and biases (the caller keeps it in step with
+// them); it enables the channels-last tiles. For inference callers that have ruled out
+// autograd, tracing, subclasses and dispatch modes (FusedBlock); it shows in profiles as
+// igc::block_forward.
 PyObject* cpu_block_forward(PyObject*, PyObject* args) {
-  PyObject *ox, *ow, *ob, *og, *osh, *op, *ost, *oa, *oi;
+  PyObject *ox, *ow, *ob, *og, *osh, *op, *ost, *oa, *oi, *opk = Py_None;
   int residual = 0;
-  if (!PyArg_ParseTuple(args, "OOOOOOOOpO", &ox, &ow, &ob, &og, &osh, &op, &ost, &oa,
-                        &residual, &oi))
+  if (!PyArg_ParseTuple(args, "OOOOOOOOpO|O", &ox, &ow, &ob, &og, &osh, &op, &ost, &oa,
+                        &residual, &oi, &opk))
     return nullptr;
   const char* fn = "cpu_block_forward";
   at::Tensor x;
@@ -154,34 +176,71 @@ PyObject* cpu_block_forward(PyObject*, PyObject* args) {
   for (auto& t : b_opt) biases.push_back(std::move(*t));
   igc::OptTensorList perms;
   for (auto& t : perm_opt) perms.push_back(std::move(t));
+  std::vector<at::Tensor> packed;
+  if (opk != Py_None) {
+    std::vector<std::optional<at::Tensor>> pk_opt;
+    if (!tensor_list_arg(opk, fn, "packed", true, &pk_opt)) return nullptr;
+    for (auto& t : pk_opt) packed.push_back(t.has_value() ? std::move(*t) : at::Tensor());
+  }
   at::Tensor y;
   std::exception_ptr err;
   Py_BEGIN_ALLOW_THREADS
   try {
     RECORD_FUNCTION("igc::block_forward", std::vector<c10::IValue>({x}));
     y = igc::block_forward_cpu_direct(x, weights, biases, groups, shuffles, perms, strides, acts,
-                                      residual != 0, index);
+                                      residual != 0, index, opk == Py_None ? nullptr : &packed);
   } catch (...) {
     err = std::current_exception();
   }
   Py_END_ALLOW_THREADS
   if (err) {
-    try {
-      std::rethrow_exception(err);
-    } catch (const c10::IndexError& e) {
-      PyErr_SetString(PyExc_IndexError, e.what_without_backtrace());
-    } catch (const c10::ValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
-    } catch (const c10::TypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what_without_backtrace());
-    } catch (const c10::Error& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    } catch (const std::exception& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
-    }
+    set_python_error(err);
     return nullptr;
   }
   return THPVariable_Wrap(std::move(y));
+}
+
+// cpu_block_pack(weights, biases, groups) -> list: the packed weights of cpu_block_forward's
+// channels-last tiles, one entry per layer (None for a spatial layer or a layer that is not
+// float32). biases: as the op's (an empty list, or one entry per layer, (0,)-shaped for none).
+PyObject* cpu_block_pack(PyObject*, PyObject* args) {
+  PyObject *ow, *ob, *og;
+  if (!PyArg_ParseTuple(args, "OOO", &ow, &ob, &og)) return nullptr;
+  const char* fn = "cpu_block_pack";
+  std::vector<std::optional<at::Tensor>> w_opt, b_opt;
+  std::vector<int64_t> groups;
+  if (!tensor_list_arg(ow, fn, "weights", false, &w_opt) ||
+      !tensor_list_arg(ob, fn, "biases", false, &b_opt) ||
+      !int_list_arg(og, fn, "groups", &groups))
+    return nullptr;
+  std::vector<at::Tensor> weights, biases, out;
+  for (auto& t : w_opt) weights.push_back(std::move(*t));
+  for (auto& t : b_opt) biases.push_back(std::move(*t));
+  std::exception_ptr err;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    out = igc::block_pack_cpu(weights, biases, groups);
+  } catch (...) {
+    err = std::current_exception();
+  }
+  Py_END_ALLOW_THREADS
+  if (err) {
+    set_python_error(err);
+    return nullptr;
+  }
+  PyObject* list = PyList_New(static_cast<Py_ssize_t>(out.size()));
+  if (list == nullptr) return nullptr;
+  for (size_t i = 0; i < out.size(); ++i) {
+    PyObject* item = nullptr;
+    if (out[i].defined()) {
+      item = THPVariable_Wrap(std::move(out[i]));
+    } else {
+      Py_INCREF(Py_None);
+      item = Py_None;
+    }
+    PyList_SET_ITEM(list, static_cast<Py_ssize_t>(i), item);
+  }
+  return list;
 }
 
 PyObject* cache_bytes(PyObject*, PyObject*) {
@@ -196,8 +255,11 @@ PyObject* cache_clear(PyObject*, PyObject*) {
 PyMethodDef methods[] = {
     {"cpu_block_forward", cpu_block_forward, METH_VARARGS,
      "cpu_block_forward(x, weights, biases, groups, shuffles, perms, strides, activations, "
-     "residual, input_index) -> Tensor: igc::block_forward's CPU kernel without the "
+     "residual, input_index, packed=None) -> Tensor: igc::block_forward's CPU kernel without the "
      "dispatcher (inference callers that have ruled out autograd, tracing and modes)."},
+    {"cpu_block_pack", cpu_block_pack, METH_VARARGS,
+     "cpu_block_pack(weights, biases, groups) -> list: packed weights for cpu_block_forward's "
+     "channels-last tiles (None for layers they do not take)."},
     {"cpu_output_cache_bytes", cache_bytes, METH_NOARGS,
      "cpu_output_cache_bytes() -> int: bytes of freed CPU outputs the cache holds for reuse."},
     {"cpu_output_cache_clear", cache_clear, METH_NOARGS,

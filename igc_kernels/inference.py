@@ -115,6 +115,7 @@ class FusedBlock(nn.Module):
         self.register_buffer("input_index", None if input_index is None
                              else input_index.detach().to(torch.int64).clone())
         self._direct_cache = None  # _static_args
+        self._packed = None  # _packed_weights
 
     @property
     def num_layers(self) -> int:
@@ -139,11 +140,31 @@ class FusedBlock(nn.Module):
         static = (ws, biases, list(self.groups), list(self._shuffles), perms, list(self.strides),
                   [ACTIVATIONS[a] for a in self.activations], self.residual, bufs["input_index"])
         self._direct_cache = (key, static)
+        self._packed = None
         return static
+
+    def _packed_weights(self, ws, biases):
+        """The weights packed for the CPU kernel's channels-last tiles (``cpu_block_pack``),
+        made at the first channels-last call and made again when a weight or bias has changed
+        since: their version counters, which every in-place operation advances
+        (``load_state_dict``, ``copy_``), are compared at each call. Writes that bypass them
+        (through ``.data`` or raw memory) are not seen. None for inference tensors, which have
+        no version counter: the kernel then takes its other tiles."""
+        try:
+            versions = tuple(t._version for t in ws) + tuple(t._version for t in biases)
+        except RuntimeError:
+            return None
+        cached = self._packed
+        if cached is not None and cached[0] == versions:
+            return cached[1]
+        packed = _loader.ext().cpu_block_pack(ws, biases, self.groups)
+        self._packed = (versions, packed)
+        return packed
 
     def __getstate__(self):
         state = super().__getstate__()
         state["_direct_cache"] = None
+        state["_packed"] = None
         return state
 
     def _direct_args(self, x):
@@ -165,6 +186,10 @@ class FusedBlock(nn.Module):
         ws = static[0]
         if x.dtype != ws[0].dtype or sum(w.dim() == 4 for w in ws) > 1:
             return None
+        if x.dtype == torch.float32 and x.stride(1) == 1 and x.shape[1] > 1:
+            packed = self._packed_weights(ws, static[1])
+            if packed is not None:
+                return (x, *static, packed)
         return (x, *static)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

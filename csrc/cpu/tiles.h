@@ -352,5 +352,28 @@ IGC_INLINE void grouped_layer_narrow(const acc_t* in, const int32_t* in_rows, co
                                                 out_rows);
 }
 
+// Activation codes of igc::block_forward.
+enum Act : int { kNone = 0, kRelu = 1, kRelu6 = 2, kHardswish = 3 };
+
+// An activation on a vector, NaN in NaN out as torch.relu / relu6 / hardswish (written so that
+// the comparisons are false for NaN, which then passes through unchanged).
+template <int ACT, typename V>
+IGC_INLINE V activate_vec(V v) {
+  const V zero{}, six = zero + 6, three = zero + 3;
+  if constexpr (ACT == kRelu) {
+    return v < zero ? zero : v;
+  } else if constexpr (ACT == kRelu6) {
+    const V r = v < zero ? zero : v;
+    return r > six ? six : r;
+  } else if constexpr (ACT == kHardswish) {
+    V r = v + three;
+    r = r < zero ? zero : r;
+    r = r > six ? six : r;
+    return v * r / six;
+  } else {
+    return v;
+  }
+}
+
 }  // namespace
 }  // namespace igc
