@@ -12,7 +12,7 @@ addresses and the depth-wise layer commuted past them.
 * The packed weights are what the tiles use (wrong packed weights change the result), and
   blocks the tiles do not take (NCHW x, channel multiplier, grouped k x k, float64) ignore them.
   ``IGC_CPU_BLOCK_TILES=channels_last`` (set for every test here) takes them wherever they
-  apply; the kernel's own rule (unset) takes them only where their vectors are fuller.
+  apply; the kernel's own rule (unset) unless their vectors are much emptier.
 * Non-finite values stay in the outputs that depend on them; buffers reused across calls hold
   nothing stale.
 * ``FusedBlock`` re-packs after an in-place change of its weights, does not pack inference
@@ -296,10 +296,10 @@ def test_fused_block_inference_tensors_not_packed():
 
 
 def test_tiles_rule(monkeypatch):
-    """Unset, the kernel takes the channels-last tiles only where their vectors of outputs are
-    fuller than vectors of positions: a 7x7 image (49 positions in 64 lanes) with 32- and
-    16-output groups takes them, a 40x40 one with 8-output groups does not; "channel_major"
-    never takes them."""
+    """Unset, the kernel takes the channels-last tiles unless their vectors of outputs are less
+    than 4/5 as full as vectors of positions: a 7x7 image (49 positions in 64 lanes) with 32-
+    and 16-output groups takes them, a 40x40 one whose layers fill 64% of their output vectors
+    (100 and 8 outputs per group) does not; "channel_major" never takes them."""
     monkeypatch.delenv("IGC_CPU_BLOCK_TILES")
 
     blocks = {**CL_BLOCKS, "full_vectors": (32, [(64, 2, 1, 1, "relu6", "interleave", True),

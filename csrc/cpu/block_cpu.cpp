@@ -796,8 +796,8 @@ BlockDesc check_block(const at::Tensor& x, at::TensorList weights, at::TensorLis
 
 // Sets up the channels-last tiles (gemm_cl.h) when they apply: float32 x with contiguous
 // channels, packed weights (pack_cl_layer) for every pointwise layer, a spatial layer, if any,
-// depth-wise with one output per input, and vectors of output channels at least as full as
-// the other tiles' vectors of positions would be. Else false: [channel][position] tiles.
+// depth-wise with one output per input, and vectors of output channels at least 4/5 as full
+// as the other tiles' vectors of positions would be. Else false: [channel][position] tiles.
 // out_positions: output positions per image (images of them).
 template <typename scalar_t, typename acc_t>
 bool setup_cl(BlockCtx<scalar_t, acc_t>&, const ChainDesc&, int64_t, const at::Tensor&,
@@ -817,9 +817,11 @@ bool setup_cl(ClCtx& k, const ChainDesc& d, int64_t sl, const at::Tensor& x,
   // Filled lanes: of the channels-last vectors, the pointwise multiply-adds over those
   // computed (a group of m outputs takes m rounded up to LANES); of the [channel][position]
   // tiles, a thread's share of positions over the whole vectors it computes. Channels-last
-  // tiles when theirs are fuller by a twentieth (measured at batch 1 on two threads: IGCV3's
-  // 7x7 and 14x14 blocks 1.1-1.25x faster on them, its 28x28 blocks, 98% against 100%, 0.94-
-  // 0.98x, its 112x112 block with 8-output groups, 75% against 100%, 0.8x).
+  // tiles unless theirs are less than 4/5 as full: they need no transposes, which pays for
+  // some empty lanes (benchmarks/blocks.py, IGCV3Net at batch 1 on two threads, per block:
+  // 7x7 and 14x14 blocks 1.06-1.3x faster on them (filled 100% against 77-88%), the 112x112
+  // and 56x56 stride-2 blocks (83% and 95% against 100%) 1.05-1.08x, the 56x56 stride-1 block
+  // (82%) even, the 112x112 block with 8-output groups (75%) 0.9x).
   int64_t real = 0, computed = 0;
   for (int64_t l = 0; l < L; ++l) {
     if (l == sl) continue;
@@ -836,7 +838,7 @@ bool setup_cl(ClCtx& k, const ChainDesc& d, int64_t sl, const at::Tensor& x,
   const int64_t share = (out_positions + TILE - 1) / TILE >= 8 * parts
                             ? TILE
                             : std::max<int64_t>(1, (out_positions + parts - 1) / parts);
-  if (choice != "channels_last" && 20 * real * cl_round_up(share) < 21 * computed * share)
+  if (choice != "channels_last" && 5 * real * cl_round_up(share) < 4 * computed * share)
     return false;
   k.cl_packed.assign(static_cast<size_t>(L), nullptr);
   k.cl_cols.assign(static_cast<size_t>(L), {});
