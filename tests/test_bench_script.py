@@ -86,3 +86,26 @@ def test_gpu_case_table_and_backward_step(bench):
         for g, r in zip(grads, ref):
             torch.testing.assert_close(g, r)
     assert p.io_bytes("bwd") == 2 * p.act_bytes(32) + p.act_bytes(32)
+
+
+def test_blocks_script_smoke(tmp_path, monkeypatch):
+    """benchmarks/blocks.py on IGCV3Net with width multiplier 0.25 at batch 1: one row per
+    distinct block, the three tile settings timed, their results equal within rounding, the
+    totals weighted by the call counts, and the environment variable restored."""
+    monkeypatch.syspath_prepend(BENCH)
+    monkeypatch.delenv("IGC_CPU_BLOCK_TILES", raising=False)
+    import blocks
+
+    out = tmp_path / "b.json"
+    rec = blocks.main(["--model", "igcv3_imagenet", "--width-mult", "0.25", "--threads", "1",
+                       "--rounds", "1", "--calls", "1", "--json", str(out)])
+    assert json.loads(out.read_text())["totals_us"] == rec["totals_us"]
+    rows = rec["rows"]
+    assert len(rows) >= 5 and sum(r["calls"] for r in rows) > len(rows)
+    for r in rows:
+        for v in blocks.VARIANTS:
+            assert r[f"{v}_us"] > 0
+        assert r["max_abs_diff"] <= 1e-4 * max(1.0, r["output_scale"])
+    for v in blocks.VARIANTS:
+        assert rec["totals_us"][v] == pytest.approx(sum(r[f"{v}_us"] * r["calls"] for r in rows))
+    assert "IGC_CPU_BLOCK_TILES" not in os.environ

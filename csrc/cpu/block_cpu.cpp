@@ -848,7 +848,9 @@ bool setup_cl(ClCtx& k, const ChainDesc& d, int64_t sl, const at::Tensor& x,
     std::vector<int32_t>& cols = k.cl_cols[l];
     cols.resize(static_cast<size_t>(d.C[l]));
     for (int64_t i = 0; i < d.C[l]; ++i)
-      cols[i] = l == 0 ? (l == sl ? static_cast<int32_t>(i) : k.in_rows0[i]) : pos[k.gather[l - 1][i]];
+      cols[i] = l > 0     ? pos[k.gather[l - 1][i]]
+                : l == sl ? static_cast<int32_t>(i)  // x through the index into the scratch
+                          : k.in_rows0[i];
     if (l == sl) {  // output o in the column of input o (without a prefix: x through the index)
       pos = cols;
       continue;

@@ -79,7 +79,8 @@ IGC_INLINE void cl_micro(const float* __restrict in, int64_t ldi, const int32_t*
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r)
 #pragma GCC unroll 8
-    for (int j = 0; j < NB; ++j) S::store(out + r * ldo + j * kClLanes, activate_vec<ACT>(acc[r][j]));
+    for (int j = 0; j < NB; ++j)
+      S::store(out + r * ldo + j * kClLanes, activate_vec<ACT>(acc[r][j]));
 }
 
 // Positions per micro-kernel call for NB vectors (about 24 accumulators), and the tail calls.
