@@ -124,7 +124,7 @@ PyObject* cuda_min_smem_bytes(PyObject*, PyObject* args) {
                                                      static_cast<size_t>(acc_bytes)));
 }
 
-// Sets a Python exception from the C++ exception being handled.
+// Sets a Python exception from a C++ exception.
 void set_python_error(const std::exception_ptr& err) {
   try {
     std::rethrow_exception(err);
@@ -139,6 +139,21 @@ void set_python_error(const std::exception_ptr& err) {
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_RuntimeError, e.what());
   }
+}
+
+// Runs f() with the GIL released; false (with the Python error set) when it threw.
+template <typename F>
+bool run_without_gil(F&& f) {
+  std::exception_ptr err;
+  Py_BEGIN_ALLOW_THREADS
+  try {
+    f();
+  } catch (...) {
+    err = std::current_exception();
+  }
+  Py_END_ALLOW_THREADS
+  if (err) set_python_error(err);
+  return !err;
 }
 
 // cpu_block_forward(x, weights, biases, groups, shuffles, perms, strides, activations,
@@ -183,20 +198,13 @@ PyObject* cpu_block_forward(PyObject*, PyObject* args) {
     for (auto& t : pk_opt) packed.push_back(t.has_value() ? std::move(*t) : at::Tensor());
   }
   at::Tensor y;
-  std::exception_ptr err;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    RECORD_FUNCTION("igc::block_forward", std::vector<c10::IValue>({x}));
-    y = igc::block_forward_cpu_direct(x, weights, biases, groups, shuffles, perms, strides, acts,
-                                      residual != 0, index, opk == Py_None ? nullptr : &packed);
-  } catch (...) {
-    err = std::current_exception();
-  }
-  Py_END_ALLOW_THREADS
-  if (err) {
-    set_python_error(err);
+  if (!run_without_gil([&] {
+        RECORD_FUNCTION("igc::block_forward", std::vector<c10::IValue>({x}));
+        y = igc::block_forward_cpu_direct(x, weights, biases, groups, shuffles, perms, strides,
+                                          acts, residual != 0, index,
+                                          opk == Py_None ? nullptr : &packed);
+      }))
     return nullptr;
-  }
   return THPVariable_Wrap(std::move(y));
 }
 
@@ -216,18 +224,8 @@ PyObject* cpu_block_pack(PyObject*, PyObject* args) {
   std::vector<at::Tensor> weights, biases, out;
   for (auto& t : w_opt) weights.push_back(std::move(*t));
   for (auto& t : b_opt) biases.push_back(std::move(*t));
-  std::exception_ptr err;
-  Py_BEGIN_ALLOW_THREADS
-  try {
-    out = igc::block_pack_cpu(weights, biases, groups);
-  } catch (...) {
-    err = std::current_exception();
-  }
-  Py_END_ALLOW_THREADS
-  if (err) {
-    set_python_error(err);
+  if (!run_without_gil([&] { out = igc::block_pack_cpu(weights, biases, groups); }))
     return nullptr;
-  }
   PyObject* list = PyList_New(static_cast<Py_ssize_t>(out.size()));
   if (list == nullptr) return nullptr;
   for (size_t i = 0; i < out.size(); ++i) {
