@@ -689,14 +689,8 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
             m = cout // g
             if l + 1 < len(shapes):  # recomputed u_{l+1}
-                k = model["fwd"]["k8" if n <= 8 else "k16"]
-                items = g * -(-m // 8)
-                terms += [(items, k["item"]), (items * (1 if n <= 8 else -(-n // 16)),
-                                               k["step"])]
-            k = model["dh"]["k8" if m <= 8 else "k16"]  # dh = W^T du
-            items = g * -(-n // 8)
-            terms += [(items, k["item"]), (items * (1 if m <= 8 else -(-m // 16)),
-                                           k["step"])]
+                terms += _mma_layer_terms(model["fwd"], g, m, n)
+            terms += _mma_layer_terms(model["dh"], g, n, m)  # dh = W^T du
             wide, narrow = max(m, n), min(m, n)
             if wide <= 8:  # dW items: pairs of groups
                 terms.append((-(-g // 2), model["dw_pair_item"]))
@@ -734,6 +728,15 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
+def _mma_layer_terms(costs, groups, outs, ins) -> list:
+    """(count, cost) terms of one tensor-core layer pass per tile: groups x ceil(outs / 8)
+    items, each ceil(ins / 16) k-steps (one for at most 8 inputs), with the item and k-step
+    costs of ``costs["k8"]`` or ``costs["k16"]`` (by the inputs per group)."""
+    items = groups * -(-outs // 8)
+    k = costs["k8" if ins <= 8 else "k16"]
+    return [(items, k["item"]), (items * (1 if ins <= 8 else -(-ins // 16)), k["step"])]
+
+
 def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     """One forward record per structure, 16-bit dtype, layout and arch for the tensor-core
     kernel, with per-position counts: the chain's items and k-steps per layer times the SASS
@@ -752,11 +755,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
         model = mma_kernel_model(funcs[name], mt)
         terms = []
         for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
-            m = cout // g
-            items = g * -(-m // 8)
-            k = model["k8"] if n <= 8 else model["k16"]
-            steps = 1 if n <= 8 else -(-n // 16)
-            terms += [(items, k["item"]), (items * steps, k["step"])]
+            terms += _mma_layer_terms(model, g, cout // g, n)
         for layout in layouts:
             cl = layout == "channels_last"
             def cl_cost(kind, c):  # 4 blocks per warp step where C % 32 == 0

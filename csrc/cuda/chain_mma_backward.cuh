@@ -103,6 +103,28 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
 // ---------------------------------------------------------------------------------------------
 // Weight and bias gradients of one layer over one tile
 // ---------------------------------------------------------------------------------------------
+// A dW work item's products over the tile's MT k-steps: A (16 rows) and B (two 8-row blocks)
+// by ldmatrix x4 from the rows at pa / pb (this lane's row start; a_t / b_t its position
+// offset, sw its swizzle), acc[k] += A B_k. A rolled loop: unrolled, the item's k-steps push
+// the kernel past 128 registers (spills).
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* pa, int a_t,
+                                            int swa, const uint16_t* pb, int b_t, int swb) {
+#pragma unroll
+  for (int k = 0; k < 2; ++k)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) acc[k][q] = 0.0f;
+#pragma unroll 1
+  for (int ks = 0; ks < MT; ++ks) {
+    // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
+    uint32_t a[4], b[4];
+    ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
+    ldmatrix_rows<4>(b, pb, (16 * ks + b_t) ^ swb);
+    mma_sync<Fmt, 16>(acc[0], a, b);
+    mma_sync<Fmt, 16>(acc[1], a, b + 2);
+  }
+}
+
 // pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
 // the natural-order gradient tile (shift s_du), h: the layer's input tile (shift s_h) read
 // through h_rows (null: identity).
@@ -157,17 +179,8 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
       swb = e & ((TP / 8 - 1) << 3);
       pb = tb + (e - swb);
     }
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    // a rolled loop: unrolled, the item's k-steps push the kernel past 128 registers (spills)
-#pragma unroll 1
-    for (int ks = 0; ks < MT; ++ks) {
-      // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
-      uint32_t a[4], b[4];
-      ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
-      ldmatrix_rows<4>(b, pb, (16 * ks + b_t) ^ swb);
-      mma_sync<Fmt, 16>(acc[0], a, b);
-      mma_sync<Fmt, 16>(acc[1], a, b + 2);
-    }
+    float acc[2][4];
+    mma_dw_item<Fmt, MT>(acc, pa, a_t, swa, pb, b_t, swb);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + static_cast<int64_t>(g) * d.m * d.n + r_a * stride_a + r_b * stride_b;
@@ -231,17 +244,8 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
       swb = e & ((TP / 8 - 1) << 3);
       pb = h + (e - swb);
     }
-    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
-    // a rolled loop: unrolled, the item's k-steps push the kernel past 128 registers (spills)
-#pragma unroll 1
-    for (int ks = 0; ks < MT; ++ks) {
-      // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
-      uint32_t a[4], b[4];
-      ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
-      ldmatrix_rows<4>(b, pb, (16 * ks + b_t) ^ swb);
-      mma_sync<Fmt, 16>(acc[0], a, b);
-      mma_sync<Fmt, 16>(acc[1], a, b + 2);
-    }
+    float acc[2][4];
+    mma_dw_item<Fmt, MT>(acc, pa, a_t, swa, pb, b_t, swb);
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
 #pragma unroll
