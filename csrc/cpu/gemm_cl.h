@@ -85,7 +85,7 @@ IGC_INLINE void cl_micro(const float* __restrict in, int64_t ldi, const int32_t*
 
 // Positions per micro-kernel call for NB vectors (about 24 accumulators), and the tail calls.
 template <int NB>
-constexpr int kClRows = NB >= 3 ? 6 : (NB == 2 ? 12 : 12);
+constexpr int kClRows = NB >= 3 ? 6 : 12;
 
 template <int NB, int ACT>
 IGC_INLINE void cl_positions(const float* in, int64_t ldi, const int32_t* cols, int64_t n,
