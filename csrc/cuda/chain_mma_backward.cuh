@@ -105,16 +105,16 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
 // ---------------------------------------------------------------------------------------------
 // A dW work item's products over the tile's MT k-steps: A (16 rows) and B (two 8-row blocks)
 // by ldmatrix x4 from the rows at pa / pb (this lane's row start; a_t / b_t its position
-// offset, sw its swizzle), acc[k] += A B_k. A rolled loop: unrolled, the item's k-steps push
-// the kernel past 128 registers (spills).
-template <class Fmt, int MT>
+// offset, sw its swizzle), acc[k] += A B_k. The loop is unrolled kUnroll times: fully
+// unrolled, the item's k-steps push the kernel past 128 registers (spills).
+template <class Fmt, int MT, int kUnroll>
 __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* pa, int a_t,
                                             int swa, const uint16_t* pb, int b_t, int swb) {
 #pragma unroll
   for (int k = 0; k < 2; ++k)
 #pragma unroll
     for (int q = 0; q < 4; ++q) acc[k][q] = 0.0f;
-#pragma unroll 1
+#pragma unroll kUnroll
   for (int ks = 0; ks < MT; ++ks) {
     // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
     uint32_t a[4], b[4];
@@ -180,7 +180,9 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
       pb = tb + (e - swb);
     }
     float acc[2][4];
-    mma_dw_item<Fmt, MT>(acc, pa, a_t, swa, pb, b_t, swb);
+    // rolled: two k-steps per iteration cost the 16 x 16 items more than they save (sm_90 SASS,
+    // tools/gpu_static.py: IGCV2(256, 16) backward predicted 81% -> 77% of copy bandwidth)
+    mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, swa, pb, b_t, swb);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + static_cast<int64_t>(g) * d.m * d.n + r_a * stride_a + r_b * stride_b;
@@ -245,7 +247,9 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
       pb = h + (e - swb);
     }
     float acc[2][4];
-    mma_dw_item<Fmt, MT>(acc, pa, a_t, swa, pb, b_t, swb);
+    // two k-steps per iteration: the pair items' loop step is a larger share of their short
+    // body (IGCV2(256, 8) backward predicted 46% -> 48% of copy bandwidth), no spills
+    mma_dw_item<Fmt, MT, 2>(acc, pa, a_t, swa, pb, b_t, swb);
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
 #pragma unroll
