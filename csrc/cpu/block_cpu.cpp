@@ -299,10 +299,25 @@ IGC_INLINE void fill_scratch_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t im
                              int64_t p_end, int64_t row0, int64_t plane, acc_t* scratch,
                              acc_t* const* buf) {
   int64_t off[TILE], dst[TILE];
+  // Without a prefix, a channels-last scratch whose channel o is x's channel o (no input
+  // index, no channel multiplier) and x's channels contiguous: x's positions are copied straight
+  // into the scratch's position slots, not through the tile and two transposes.
+  const int64_t cs = k.C[k.sl + 1];
+  bool copy = k.sl == 0 && k.cl && k.x_ix.chan_stride == 1 && cs == k.cin;
+  for (int64_t o = 0; copy && o < cs; ++o) copy = k.exp_rows[o] == o;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += TILE) {
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, p_end - p0));
     const int64_t g0 = img * k.H * k.Wd + p0;
     const bool cx = tile_offsets(k.x_ix, g0, tvalid, off);
+    if (copy) {
+      scratch_offsets(k, p0, tvalid, row0, dst);
+      for (int t = 0; t < tvalid; ++t) {
+        const scalar_t* __restrict xr = k.x + off[t];
+        acc_t* __restrict d = scratch + dst[t];
+        for (int64_t o = 0; o < cs; ++o) d[o] = static_cast<acc_t>(xr[o]);
+      }
+      continue;
+    }
     load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
     const int cur = pointwise_layers(k, 0, k.sl, buf, 0, tile_vectors<acc_t>(tvalid));
     scratch_offsets(k, p0, tvalid, row0, dst);
