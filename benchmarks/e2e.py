@@ -44,7 +44,12 @@ Procedure: a correctness check first (the fused and unfused networks' eval outpu
 float64 on CPU; in the run's dtype otherwise, relative to the output's scale); then timing:
 CPU: ``bench_common.measure`` (warm-up, then ``time.perf_counter`` per step until
 ``--min-time`` and ``--min-runs``; median, p20, p80); GPU: CUDA events around every step after
-warm-up, synchronised, same statistics. Memory of one step (not timed): CPU: peak of PyTorch's
+warm-up, synchronised, same statistics. Inference variants (every layout of fused, unfused,
+optimized, compiled, and ONNX Runtime) are built first and then timed in ``--rounds`` rounds,
+each round timing every variant in turn (in reverse order every other round) for
+``--min-time / --rounds`` s after its own warm-up; a row's statistics pool its rounds. On a
+shared machine whose speed drifts by 2x within minutes, this gives every variant the same
+conditions, so the ratios of one run hold even when the absolute times do not. Memory of one step (not timed): CPU: peak of PyTorch's
 allocator above the live set at the step's start (``torch.profiler``, ``profile_memory``); GPU:
 ``torch.cuda.max_memory_allocated`` above the live set. ``saved_MiB`` (train): bytes of the
 distinct storages autograd saves for the backward, parameters and the input excluded
@@ -298,6 +303,7 @@ def loss_tracking(steps: int, device: str, smoke: bool) -> dict:
 # --------------------------------------------------------------------------------------------
 def run_model(model, args, device, log) -> list:
     rows = []
+    pending = []  # inference rows and their steps, timed together at the end
     err = check_models(model, args, device)
     log(f"{model}: fused vs unfused eval outputs agree (relative max difference {err:.2e})")
     shape = input_shape(model, args.batch)
@@ -315,24 +321,22 @@ def run_model(model, args, device, log) -> list:
             steps = make_steps(net, x, target, args, device)
             for mode in plot.bar(args.modes, args.quiet, desc=f"{model} {impl} {layout}"):
                 net.train(mode == "train")
-                stats = time_step(steps[mode], device, args)
                 peak = peak_bytes(steps[mode], device)
                 row = {
                     "model": model, "impl": impl, "layout": layout, "mode": mode,
                     "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
                     "fused_backend": backend if impl == "fused" else None,
-                    "median_ms": stats.median_ms, "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms,
-                    "min_ms": stats.min_ms, "runs": stats.runs,
                     "peak_bytes": peak,
                     "params": sum(p.numel() for p in net.parameters()),
                 }
-                if mode == "train":
-                    row["saved_bytes"] = saved_bytes(net, x, target, args, device)
+                note = f"  peak {peak / 2**20:8.1f} MiB" if peak is not None else ""
                 rows.append(row)
-                log(f"  {impl:8s} {layout:14s} {mode:6s} {stats.median_ms:10.2f} ms "
-                    f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs)"
-                    + (f"  peak {peak / 2**20:8.1f} MiB" if peak is not None else "")
-                    + (f"  saved {row['saved_bytes'] / 2**20:8.1f} MiB" if mode == "train" else ""))
+                if mode == "infer":  # timed with the other inference variants, below
+                    pending.append((row, steps[mode], note))
+                    continue
+                row["saved_bytes"] = saved_bytes(net, x, target, args, device)
+                note += f"  saved {row['saved_bytes'] / 2**20:8.1f} MiB"
+                timed(row, time_step(steps[mode], device, args), note, log)
             del net, steps
     if "infer" in args.modes:
         # the fused network with its BatchNorms folded, and torch.compile of the unfused one
@@ -343,8 +347,11 @@ def run_model(model, args, device, log) -> list:
                              "torch.compile of the unfused network"))
         for impl, fused, transform, diff_key, what in variants:
             for layout in args.layouts:
-                rows.append(_time_variant(model, impl, fused, transform, diff_key, what, layout,
-                                          x0, target, shape, backend, args, device, log))
+                row, step, note = _infer_variant(model, impl, fused, transform, diff_key, what,
+                                                 layout, x0, target, shape, backend, args,
+                                                 device, log)
+                rows.append(row)
+                pending.append((row, step, note))
     if args.onnxruntime and device == "cpu" and args.dtype == "float32" and "infer" in args.modes:
         net = build(model, False, args)
         if args.calibrate_bn:
@@ -353,24 +360,53 @@ def run_model(model, args, device, log) -> list:
         if step is None:
             log("  onnxruntime is not installed: no ONNX Runtime row (make deps installs it)")
         else:
-            stats = time_step(step, device, args)
-            rows.append({"model": model, "impl": "onnxruntime", "layout": "nchw", "mode": "infer",
-                         "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
-                         "fused_backend": None, "median_ms": stats.median_ms,
-                         "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
-                         "runs": stats.runs, "peak_bytes": None,
-                         "params": sum(p.numel() for p in net.parameters())})
-            log(f"  {'onnxrt':8s} {'nchw':14s} {'infer':6s} {stats.median_ms:10.2f} ms "
-                f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; the "
-                "unfused network exported to ONNX, ORT_ENABLE_ALL)")
+            row = {"model": model, "impl": "onnxruntime", "layout": "nchw", "mode": "infer",
+                   "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
+                   "fused_backend": None, "peak_bytes": None,
+                   "params": sum(p.numel() for p in net.parameters())}
+            rows.append(row)
+            pending.append((row, step, "; the unfused network exported to ONNX, ORT_ENABLE_ALL"))
+    time_interleaved(pending, device, args, log)
     return rows
 
 
-def _time_variant(model, impl, fused, transform, diff_key, what, layout, x0, target, shape,
-                  backend, args, device, log) -> dict:
+def timed(row: dict, stats: bc.Stats, note: str, log) -> None:
+    """``row`` gets ``stats``' figures; one log line."""
+    row.update(median_ms=stats.median_ms, p20_ms=stats.p20_ms, p80_ms=stats.p80_ms,
+               min_ms=stats.min_ms, runs=stats.runs)
+    log(f"  {row['impl'][:8]:8s} {row['layout']:14s} {row['mode']:6s} {stats.median_ms:10.2f} ms "
+        f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs{note})")
+
+
+def time_interleaved(pending: list, device: str, args, log) -> None:
+    """Times the (row, step, note) entries in ``args.rounds`` rounds: each round runs every
+    step in turn (reversed every other round) for ``min_time / rounds`` after its own warm-up
+    (at least ``ceil(min_runs / rounds)`` runs); each row gets the statistics of its pooled
+    times and ``rounds``."""
+    if not pending:
+        return
+    rounds = max(1, args.rounds)
+    sub = argparse.Namespace(**{**vars(args), "min_time": args.min_time / rounds,
+                                "min_runs": -(-args.min_runs // rounds)})
+    times: list = [[] for _ in pending]
+    for r in plot.bar(range(rounds), args.quiet, desc="inference rounds"):
+        order = range(len(pending)) if r % 2 == 0 else reversed(range(len(pending)))
+        for i in order:
+            times[i] += time_step(pending[i][1], device, sub).times_ms
+    for (row, _, note), ts in zip(pending, times):
+        s = sorted(ts)
+        q = bc._quantile
+        row["rounds"] = rounds
+        timed(row, bc.Stats(median_ms=q(s, 0.5), p20_ms=q(s, 0.2), p80_ms=q(s, 0.8),
+                            min_ms=s[0], mean_ms=statistics.fmean(s), runs=len(s)), note, log)
+
+
+def _infer_variant(model, impl, fused, transform, diff_key, what, layout, x0, target, shape,
+                   backend, args, device, log) -> tuple:
     """An inference row for ``transform(net)`` (``net``: the fused or unfused network,
-    calibrated, in eval mode, in ``layout``): its output checked against ``net``'s, the time
-    of the transform (``transform_s``, for torch.compile its compilation) recorded."""
+    calibrated, in eval mode, in ``layout``), its step and log note: its output checked against
+    ``net``'s, the time of the transform (``transform_s``, for torch.compile its compilation)
+    recorded; timed later (time_interleaved)."""
     mf = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     net = build(model, fused, args).to(device).to(memory_format=mf)
     if args.calibrate_bn:
@@ -384,18 +420,15 @@ def _time_variant(model, impl, fused, transform, diff_key, what, layout, x0, tar
     transform_s = time.perf_counter() - t0
     rel = float((got - ref).abs().max()) / max(1e-30, float(ref.abs().max()))
     step = make_steps(variant, x, target, args, device)["infer"]
-    stats = time_step(step, device, args)
     peak = peak_bytes(step, device) if impl == "optimized" else None
-    log(f"  {impl[:8]:8s} {layout:14s} {'infer':6s} {stats.median_ms:10.2f} ms "
-        f"(p20 {stats.p20_ms:.2f}, p80 {stats.p80_ms:.2f}, {stats.runs} runs; {what}, made in "
-        f"{transform_s:.1f} s, output vs it {rel:.1e})")
-    return {"model": model, "impl": impl, "layout": layout, "mode": "infer",
-            "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
-            "fused_backend": backend if fused else None, "median_ms": stats.median_ms,
-            "p20_ms": stats.p20_ms, "p80_ms": stats.p80_ms, "min_ms": stats.min_ms,
-            "runs": stats.runs, "peak_bytes": peak,
-            "params": sum(p.numel() for p in net.parameters()),
-            "transform_s": transform_s, diff_key: rel}
+    row = {"model": model, "impl": impl, "layout": layout, "mode": "infer",
+           "dtype": args.dtype, "batch": args.batch, "input_shape": list(shape),
+           "fused_backend": backend if fused else None, "peak_bytes": peak,
+           "params": sum(p.numel() for p in net.parameters()),
+           "transform_s": transform_s, diff_key: rel}
+    note = (f"; {what}, made in {transform_s:.1f} s, output vs it {rel:.1e}"
+            + (f"  peak {peak / 2**20:8.1f} MiB" if peak is not None else ""))
+    return row, step, note
 
 
 def summarize(rows) -> list:
@@ -456,6 +489,8 @@ def main(argv=None):
     p.add_argument("--min-time", type=float, default=2.0)
     p.add_argument("--min-runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=4,
+                   help="inference: rounds in which every variant is timed in turn (see above)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--loss-steps", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
@@ -486,7 +521,7 @@ def main(argv=None):
             p.error(f"unknown model {m!r}; choose from {', '.join(MODELS)}")
     if args.smoke:
         args.batch, args.width, args.depth, args.group_size = 8, 16, 8, 4
-        args.min_time, args.min_runs, args.warmup = 0.0, 1, 1
+        args.min_time, args.min_runs, args.warmup, args.rounds = 0.0, 1, 1, min(args.rounds, 2)
         args.loss_steps = min(args.loss_steps, 6)
         models = [m for m in models if m == "igcv2_cifar"] or ["igcv2_cifar"]
     args.layouts = [s for s in args.layouts.split(",") if s]

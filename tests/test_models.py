@@ -269,6 +269,9 @@ def test_e2e_benchmark_smoke(tmp_path):
         ("igcv2_cifar", "infer", "fused"), ("igcv2_cifar", "infer", "unfused")}
     for row in rows:
         assert row["median_ms"] > 0 and row["runs"] >= 1
+    # inference variants timed in turn, in rounds (smoke: 2), each round at least one run
+    infer_rows = [r for r in rows if r["mode"] == "infer"]
+    assert all(r["rounds"] == 2 and r["runs"] >= 2 for r in infer_rows), infer_rows
     # optimize_for_inference's rows: every layout, output equal to the fused network's within
     # float32 rounding of a 5-layer-deep network
     opt = [r for r in rows if r["impl"] == "optimized"]
