@@ -527,7 +527,7 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     (LDSM.16.M88: ldmatrix without .trans). Inside them: the recompute's layer costs ("fwd"), the
     transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
     per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSM.x4s, mt k-steps,
-    2 HMMAs each, counted mt times where the k-steps are a rolled loop, and the
+    2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
     read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 16 block of a group, 8 values
     stored per lane; "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
     tile loads and stores (the costliest loop of each kind)."""
@@ -566,13 +566,16 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
                          f"{sorted(stores(l) for l in items)})")
 
     def item_cost(lp):
-        """one item: the loop body, its k-step loop (when not unrolled) MT times"""
+        """one item: the loop body, its k-step loop (when not fully unrolled) once per
+        iteration: mt over the k-steps (2 HMMAs each) one iteration holds"""
         kloops = [l for l in inside(lp) if any(o.startswith("HMMA")
                                                for o in ops_in(l[0], l[1]))]
         whole = _region_counts(ins, lp[0], lp[1])
         if kloops:
             k = smallest(kloops)
-            return _combine((1.0, whole), (mt - 1, _region_counts(ins, k[0], k[1])))
+            body = _region_counts(ins, k[0], k[1])
+            steps = max(1, round(body["counts"]["HMMA/MMA"] / 2))
+            return _combine((1.0, whole), (max(1, mt // steps) - 1, body))
         per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (2 * mt)))
         return _combine((1.0 / per_iter, whole))
 
