@@ -49,11 +49,11 @@ optimized, compiled, and ONNX Runtime) are built first and then timed in ``--rou
 each round timing every variant in turn (in reverse order every other round) for
 ``--min-time / --rounds`` s after its own warm-up; a row's statistics pool its rounds. On a
 shared machine whose speed drifts by 2x within minutes, this gives every variant the same
-conditions, so the ratios of one run hold even when the absolute times do not. Memory of one step (not timed): CPU: peak of PyTorch's
-allocator above the live set at the step's start (``torch.profiler``, ``profile_memory``); GPU:
-``torch.cuda.max_memory_allocated`` above the live set. ``saved_MiB`` (train): bytes of the
-distinct storages autograd saves for the backward, parameters and the input excluded
-(``saved_tensors_hooks``): the activation memory.
+conditions, so the ratios of one run hold even when the absolute times do not. Memory of one
+step (not timed): CPU: peak of PyTorch's allocator above the live set at the step's start
+(``torch.profiler``, ``profile_memory``); GPU: ``torch.cuda.max_memory_allocated`` above the
+live set. ``saved_MiB`` (train): bytes of the distinct storages autograd saves for the
+backward, parameters and the input excluded (``saved_tensors_hooks``): the activation memory.
 
 Loss tracking: ``--loss-steps`` SGD steps (0: none) of a small IGCV2 network on synthetic data
 (fixed batches), fused and unfused from the same initial parameters, in float64 and float32;

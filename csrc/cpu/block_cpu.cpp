@@ -12,8 +12,9 @@
 // - depth-wise layers (one input per group): a channels-last scratch [row][column][channel],
 //   channel o holding input channel o / m (m: the channel multiplier), written by the
 //   transposed tile store (or, without a prefix, input index or multiplier, copied from a
-//   channels-last x position by position); each output position is K*K vector FMAs per 16 channels with the
-//   tap weights in registers, and the channels-last result enters the tile by a transposed load;
+//   channels-last x position by position); each output position is K*K vector FMAs per 16
+//   channels with the tap weights in registers, and the channels-last result enters the tile
+//   by a transposed load;
 // - other grouped layers: a planar scratch [channel][row][column phase][column / stride]
 //   (stride-2 columns de-interleaved), read tap by tap as contiguous runs of each output row.
 // The suffix layers, the residual add (x reloaded at the tile's positions) and the store follow
