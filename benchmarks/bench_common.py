@@ -504,6 +504,13 @@ def _quantile(sorted_v: list, q: float) -> float:
     return sorted_v[lo] + (sorted_v[hi] - sorted_v[lo]) * (pos - lo)
 
 
+def stats_of(times_ms: list) -> Stats:
+    """The statistics of run times in ms (in the order measured): median, p20, p80, min, mean."""
+    s = sorted(times_ms)
+    return Stats(median_ms=_quantile(s, 0.5), p20_ms=_quantile(s, 0.2), p80_ms=_quantile(s, 0.8),
+                 min_ms=s[0], mean_ms=sum(s) / len(s), runs=len(s), times_ms=list(times_ms))
+
+
 def measure(fn: Callable, min_time: float = 0.5, min_runs: int = 10, warmup_time: float = 0.1,
             warmup_runs: int = 2, max_runs: int = 100_000) -> Stats:
     """Time ``fn`` on the CPU: warm-up (at least ``warmup_runs`` runs and ``warmup_time`` s),
@@ -523,9 +530,7 @@ def measure(fn: Callable, min_time: float = 0.5, min_runs: int = 10, warmup_time
         dt = time.perf_counter() - t0
         times.append(dt * 1e3)
         total += dt
-    s = sorted(times)
-    return Stats(median_ms=_quantile(s, 0.5), p20_ms=_quantile(s, 0.2), p80_ms=_quantile(s, 0.8),
-                 min_ms=s[0], mean_ms=sum(s) / len(s), runs=len(s), times_ms=times)
+    return stats_of(times)
 
 
 class CPUTimer:

@@ -71,7 +71,6 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -158,10 +157,7 @@ def time_step(fn, device, args) -> bc.Stats:
         b.synchronize()
         times.append(a.elapsed_time(b))
         total += times[-1]
-    s = sorted(times)
-    q = bc._quantile
-    return bc.Stats(median_ms=q(s, 0.5), p20_ms=q(s, 0.2), p80_ms=q(s, 0.8), min_ms=s[0],
-                    mean_ms=statistics.fmean(s), runs=len(s), times_ms=times)
+    return bc.stats_of(times)
 
 
 def peak_bytes(fn, device):
@@ -394,11 +390,8 @@ def time_interleaved(pending: list, device: str, args, log) -> None:
         for i in order:
             times[i] += time_step(pending[i][1], device, sub).times_ms
     for (row, _, note), ts in zip(pending, times):
-        s = sorted(ts)
-        q = bc._quantile
         row["rounds"] = rounds
-        timed(row, bc.Stats(median_ms=q(s, 0.5), p20_ms=q(s, 0.2), p80_ms=q(s, 0.8),
-                            min_ms=s[0], mean_ms=statistics.fmean(s), runs=len(s)), note, log)
+        timed(row, bc.stats_of(ts), note, log)
 
 
 def _infer_variant(model, impl, fused, transform, diff_key, what, layout, x0, target, shape,

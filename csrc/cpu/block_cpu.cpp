@@ -132,6 +132,9 @@ struct BlockCtx {
   int64_t cp = 0;                // channels per scratch position (C_s rounded up to LANES)
   int64_t scr_ch = 0;            // planar: C_{s-1} channel planes; channels-last: 1
   const int32_t* exp_rows = nullptr;  // channels-last: buffer row of scratch channel o
+  // channels-last, no prefix: scratch channel o is x's channel o (no input index or channel
+  // multiplier) and x's channels are contiguous, so phase 1 copies x (copy_x_to_scratch)
+  bool x_copy = false;
   const acc_t* wt = nullptr;     // channels-last: weights [tap][cp], bias [cp] (zero padded)
   const acc_t* bt = nullptr;
   // Channels-last tiles (float32 x with contiguous channels and packed weights: gemm_cl.h).
@@ -294,6 +297,21 @@ IGC_INLINE void scatter_to_scratch(const BlockCtx<scalar_t, acc_t>& k, const int
   }
 }
 
+// x's channels-last rows at offsets off into the channels-last scratch at offsets dst: scratch
+// channel o of position t is x channel rows[o] (rows null: o), for o < C.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void copy_x_to_scratch(const scalar_t* x, const int64_t* off, const int64_t* dst,
+                                  int tvalid, int64_t C, const int32_t* rows, acc_t* scratch) {
+  for (int t = 0; t < tvalid; ++t) {
+    const scalar_t* __restrict xr = x + off[t];
+    acc_t* __restrict d = scratch + dst[t];
+    if (rows == nullptr)
+      for (int64_t o = 0; o < C; ++o) d[o] = static_cast<acc_t>(xr[o]);
+    else
+      for (int64_t o = 0; o < C; ++o) d[o] = static_cast<acc_t>(xr[rows[o]]);
+  }
+}
+
 // Phase 1 for input positions p_begin .. p_end - 1 of image img (flat within the image, whole
 // or partial rows): the prefix layers, scattered into the scratch of a band starting at row0.
 template <typename scalar_t, typename acc_t>
@@ -301,23 +319,13 @@ IGC_INLINE void fill_scratch_impl(const BlockCtx<scalar_t, acc_t>& k, int64_t im
                              int64_t p_end, int64_t row0, int64_t plane, acc_t* scratch,
                              acc_t* const* buf) {
   int64_t off[TILE], dst[TILE];
-  // Without a prefix, a channels-last scratch whose channel o is x's channel o (no input
-  // index, no channel multiplier) and x's channels contiguous: x's positions are copied straight
-  // into the scratch's position slots, not through the tile and two transposes.
-  const int64_t cs = k.C[k.sl + 1];
-  bool copy = k.sl == 0 && k.cl && k.x_ix.chan_stride == 1 && cs == k.cin;
-  for (int64_t o = 0; copy && o < cs; ++o) copy = k.exp_rows[o] == o;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += TILE) {
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, p_end - p0));
     const int64_t g0 = img * k.H * k.Wd + p0;
     const bool cx = tile_offsets(k.x_ix, g0, tvalid, off);
-    if (copy) {
+    if (k.x_copy) {  // x straight into the scratch, not through the tile and two transposes
       scratch_offsets(k, p0, tvalid, row0, dst);
-      for (int t = 0; t < tvalid; ++t) {
-        const scalar_t* __restrict xr = k.x + off[t];
-        acc_t* __restrict d = scratch + dst[t];
-        for (int64_t o = 0; o < cs; ++o) d[o] = static_cast<acc_t>(xr[o]);
-      }
+      copy_x_to_scratch(k.x, off, dst, tvalid, k.cin, nullptr, scratch);
       continue;
     }
     load_tile(k.x, off, cx, tvalid, k.cin, k.x_ix.chan_stride, k.iota, buf[0]);
@@ -571,14 +579,8 @@ IGC_INLINE void cl_fill_impl(const ClCtx& k, int64_t img, int64_t p_begin, int64
     scratch_offsets(k, p0, tvalid, row0, dst);
     if (k.sl == 0) {
       tile_offsets(k.x_ix, g0, tvalid, off);
-      for (int t = 0; t < tvalid; ++t) {
-        const float* __restrict xr = k.x + off[t];
-        float* __restrict d = scratch + dst[t];
-        if (k.in_rows0 == k.iota)
-          std::copy(xr, xr + C, d);
-        else
-          for (int64_t c = 0; c < C; ++c) d[c] = xr[k.in_rows0[c]];
-      }
+      copy_x_to_scratch(k.x, off, dst, tvalid, C, k.in_rows0 == k.iota ? nullptr : k.in_rows0,
+                        scratch);
       continue;
     }
     int64_t ldi = 0;
@@ -994,6 +996,8 @@ at::Tensor block_forward_impl(const at::Tensor& x, at::TensorList weights, at::T
         if (k.b[sl] != nullptr) bt[col] = k.b[sl][o];
       }
       k.exp_rows = exp_rows.data();
+      k.x_copy = sl == 0 && k.x_ix.chan_stride == 1 && cs_out == k.cin;
+      for (int64_t o = 0; k.x_copy && o < cs_out; ++o) k.x_copy = exp_rows[o] == o;
       k.wt = wt.data();
       k.bt = bt.data();
     } else {
