@@ -124,9 +124,11 @@ def _cuobjdump():
 def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
     """The sm_80 / sm_90 SASS of every tensor-core forward: HMMA (m16n8k16 and m16n8k8, bf16 or
     f16 inputs, fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans), results transposed by
-    MOVM (movmatrix), and none of them predicated: ldmatrix / movmatrix / mma.sync are .aligned,
-    every lane of a warp must execute the same instruction, which the host emulation cannot
-    see."""
+    MOVM (movmatrix; tiles of 16 positions, channels-last tile moves) and on sm_90 stored by
+    STSM.16.MT88.4 (stmatrix .trans: the layer results of tiles of 32 and 64 positions, the
+    channels-last tile loads), and none of them predicated: ldmatrix /
+    movmatrix / stmatrix / mma.sync are .aligned, every lane of a warp must execute the same
+    instruction, which the host emulation cannot see."""
     for arch, (cubin, _, _) in device_cubins.items():
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
@@ -140,8 +142,10 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
             assert any(op.startswith("MOVM") for op in ops), (arch, name)  # movmatrix
+            stsm = {op for op in ops if op.startswith("STSM")}
+            assert stsm == ({"STSM.16.MT88.4"} if arch == "90" else set()), (arch, name, stsm)
             predicated = [op for pred, op in instrs
-                          if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM")]
+                          if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM", "STSM")]
             assert not predicated, (arch, name, predicated)
 
 
@@ -151,7 +155,8 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
     """The sm_80 / sm_90 SASS of every tensor-core backward: HMMA m16n8k16 (dW over positions,
     dh and the forward recompute) and m16n8k8 (narrow groups), LDSM.16.M88 (ldmatrix without
     .trans: dW's operands, both channel-major rows) and LDSM.16.MT88 (.trans: du and the
-    activations as the A of dh and of the recompute), MOVM (epilogues); no HMMA / LDSM / MOVM
+    activations as the A of dh and of the recompute), MOVM (epilogues), STSM on sm_90 (the
+    recompute's and dh's epilogues, channels-last tile loads); no HMMA / LDSM / MOVM / STSM
     predicated (every lane of a warp executes them)."""
     for arch, (cubin, _, _) in device_cubins.items():
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
@@ -168,8 +173,10 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
             assert "LDSM.16.M88.4" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
             assert any(op.startswith("MOVM") for op in ops), (arch, name)
+            stsm = {op for op in ops if op.startswith("STSM")}
+            assert stsm == ({"STSM.16.MT88.4"} if arch == "90" else set()), (arch, name, stsm)
             predicated = [op for pred, op in instrs
-                          if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM")]
+                          if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM", "STSM")]
             assert not predicated, (arch, name, predicated)
 
 
@@ -696,10 +703,19 @@ MMA_WIDTHS = {
 }
 
 
+@pytest.fixture(params=[90, 80], ids=["sm90", "sm80"])
+def mma_arch(request, emu):
+    """The emulated device with sm_90's stmatrix (the layer results stored by stmatrix.trans)
+    or without (sm_80: movmatrix and 32-bit stores)."""
+    emu.igc_emu_set_stmatrix(int(request.param >= 90))
+    yield request.param
+    emu.igc_emu_set_stmatrix(1)
+
+
 @needs_cxx
 @pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
 @pytest.mark.parametrize("case", MMA_WIDTHS.values(), ids=MMA_WIDTHS.keys())
-def test_emulated_mma_group_widths(emu, case, dtype):
+def test_emulated_mma_group_widths(emu, mma_arch, case, dtype):
     channels, groups = case
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=len(channels))
     x = _x((2, channels[0], 5, 7), "contiguous", dtype, 1)
@@ -721,11 +737,12 @@ MMA_LAYOUTS = {
 
 @needs_cxx
 @pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
-def test_emulated_mma_layouts(emu, layout):
-    """Every load / store path of the 16-bit tiles: 16-byte rows (NCHW runs), 8x8 blocks
-    through movmatrix (channels-last, C % 8 == 0: one block per warp step at 16 channels, four
-    at 32 and 64) and the scalar path (C = 12, strided views), tile tails, several tiles per CTA
-    (two SMs)."""
+def test_emulated_mma_layouts(emu, mma_arch, layout):
+    """Every load / store path of the 16-bit tiles: 16-byte rows (NCHW runs); channels-last
+    with C % 32 == 0 (32 and 64 channels): 16-byte accesses through stmatrix.trans (the load,
+    sm_90) or four 8x8 movmatrix blocks per warp step (the load, sm_80) and ldmatrix.trans (the
+    store); C = 16: one movmatrix block per warp step; the scalar path (C = 12, strided views);
+    tile tails, several tiles per CTA (two SMs)."""
     sp, xl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
@@ -756,7 +773,7 @@ def test_emulated_mma_unaligned_tensors(emu, layout):
 
 @needs_cxx
 @pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
-def test_emulated_mma_input_index_and_permutations(emu, dtype):
+def test_emulated_mma_input_index_and_permutations(emu, mma_arch, dtype):
     """An input index with repeats and unused channels and explicit permutations after every
     layer (int64 and int32): the permutations are the ldmatrix row addresses."""
     gen = torch.Generator().manual_seed(9)
@@ -769,12 +786,40 @@ def test_emulated_mma_input_index_and_permutations(emu, dtype):
 
 
 @needs_cxx
+@pytest.mark.parametrize("case", [MMA_WIDTHS["igcv2_w8"], MMA_WIDTHS["w16_w32"],
+                                  MMA_WIDTHS["odd_3_5"]], ids=["w8", "w16_w32", "odd"])
+def test_emulated_mma_stmatrix_and_movmatrix_store_the_same_bits(emu, case):
+    """The two epilogues of a layer (sm_90: stmatrix.trans of four 8x8 blocks; sm_80: movmatrix
+    and 32-bit stores; partial blocks of 8 outputs always the latter) store the same rounded
+    values: forward outputs and every gradient are bitwise equal, in each tile size."""
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.bfloat16, seed=11)
+    x = _x((2, channels[0], 5, 7), "contiguous", torch.bfloat16, 12)
+    gy = _x((2, channels[-1], 5, 7), "contiguous", torch.bfloat16, 13)
+    smem = lambda tp: (2 * max(channels) + 2) * tp * 2 + 2 * tp * 8  # noqa: E731
+    try:
+        for tp in (64, 32, 16):
+            per_sm = 2 * (smem(tp) + 1024)
+            dev = (2, per_sm, per_sm)
+            out = []
+            for on in (1, 0):
+                emu.igc_emu_set_stmatrix(on)
+                y, plan = c.emu_forward_mma(emu, x, device=dev)
+                assert plan[0] == tp, (tp, plan)
+                out.append((y, *c.emu_backward_mma(emu, x, gy, device=dev)[:3]))
+            for a, b in zip(*out):  # y, dx, dW, db
+                assert torch.equal(a, b), tp
+    finally:
+        emu.igc_emu_set_stmatrix(1)
+
+
+@needs_cxx
 def test_emulated_mma_tiles_and_shared_memory(emu):
     """The tile follows the shared memory: 64 positions when two CTAs fit, 32 and 16 on devices
     with less; a chain that does not fit a 16-position tile is refused (code 4)."""
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
     x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
-    smem = lambda tp: (2 * 128 + 1) * tp * 2 + 2 * tp * 8  # noqa: E731 (mma_forward_smem_bytes)
+    smem = lambda tp: (2 * 128 + 2) * tp * 2 + 2 * tp * 8  # noqa: E731 (mma_forward_smem_bytes)
     for tp in (64, 32, 16):
         per_sm = 2 * (smem(tp) + 1024)
         y, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))
@@ -839,7 +884,7 @@ MMA_BACKWARD_WIDTHS = {
 @needs_cxx
 @pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
 @pytest.mark.parametrize("case", MMA_BACKWARD_WIDTHS.values(), ids=MMA_BACKWARD_WIDTHS.keys())
-def test_emulated_mma_backward_group_widths(emu, case, dtype):
+def test_emulated_mma_backward_group_widths(emu, mma_arch, case, dtype):
     channels, groups = case
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=len(channels))
     x = _x((2, channels[0], 5, 7), "contiguous", dtype, 1)
@@ -863,10 +908,11 @@ MMA_BACKWARD_LAYOUTS = {
 
 @needs_cxx
 @pytest.mark.parametrize("layout", MMA_BACKWARD_LAYOUTS.values(), ids=MMA_BACKWARD_LAYOUTS.keys())
-def test_emulated_mma_backward_layouts(emu, layout):
+def test_emulated_mma_backward_layouts(emu, mma_arch, layout):
     """Every load path of x and dy (dy scattered through the last permutation: 16-byte rows,
-    movmatrix blocks, scalar), every store path of dx, stride-0 grad_y, tile tails, several
-    tiles per CTA (two SMs)."""
+    16-byte channels-last accesses through stmatrix (sm_90), movmatrix blocks, scalar), every
+    store path of dx (channels-last 16-byte stores after ldmatrix.trans), stride-0 grad_y, tile
+    tails, several tiles per CTA (two SMs), with and without sm_90's stmatrix."""
     sp, xl, gl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
@@ -907,7 +953,7 @@ def test_emulated_mma_backward_unaligned_tensors(emu, layout):
 @needs_cxx
 @pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
 @pytest.mark.parametrize("perm_dtype", [torch.int64, torch.int32])
-def test_emulated_mma_backward_input_index_and_permutations(emu, dtype, perm_dtype):
+def test_emulated_mma_backward_input_index_and_permutations(emu, mma_arch, dtype, perm_dtype):
     """An input index with repeats and unused channels (their dx is exactly 0; the others sum
     the rows that read them) and explicit permutations after every layer: dh is stored through
     the gather index, dy loaded through the last one."""
@@ -978,8 +1024,9 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
     x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
     gy = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 4)
-    # mma_backward_smem_bytes: the x tile, u_1, the dy tile, the zero row; three offset arrays
-    smem = lambda tp: (64 + 128 + 64 + 1) * tp * 2 + 3 * tp * 8  # noqa: E731
+    # mma_backward_smem_bytes: the x tile, u_1, the dy tile, the zero and scratch rows; three
+    # offset arrays
+    smem = lambda tp: (64 + 128 + 64 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
     for tp in (64, 32, 16):
         per_sm = 2 * (smem(tp) + 1024)
         *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm, per_sm))

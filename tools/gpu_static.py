@@ -490,15 +490,17 @@ def _tile_move_model(ins, loops, largest: bool = False) -> dict:
     for name, needles, per_iter in (("load_nchw", ("LDG.E.128", "STS.128"), "LDG.E.128"),
                                     ("load_scalar", ("LDG.E.U16", "STS.U16"), "STS.U16"),
                                     ("load_cl", ("LDG.E", "MOVM", "STS"), "MOVM"),
+                                    ("load_clw", ("LDG.E.128", "STSM.16.MT88.4"), "STSM"),
                                     ("store_nchw", ("LDS.128", "STG.E.128"), "STG.E.128"),
-                                    ("store_cl", ("LDS", "MOVM", "STG.E"), "MOVM")):
+                                    ("store_cl", ("LDS", "MOVM", "STG.E"), "MOVM"),
+                                    ("store_clw", ("LDSM.16.MT88.4", "STG.E.128"), "STG.E.128")):
         for a, b, _ in loops:
             ops = [op for ad, _, op, _ in ins if a <= ad <= b]
             if any(o.startswith("HMMA") for o in ops) or not all(
                     any(o.startswith(n) for o in ops) for n in needles):
                 continue
             n = sum(1 for o in ops if o.startswith(per_iter))
-            key = name if name.endswith(("nchw", "scalar")) else f"{name}{n}"
+            key = name if name.endswith(("nchw", "scalar", "clw")) else f"{name}{n}"
             cost = _combine((1.0 / max(1, n), _region_counts(ins, a, b)))
             if key in out:
                 if largest:
@@ -589,7 +591,7 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
 
 
 def mma_smem_bytes(cmax: int, tp: int) -> int:
-    return (2 * cmax + 1) * tp * 2 + 2 * tp * 8  # mma_forward_smem_bytes of chain_mma.cuh
+    return (2 * cmax + 2) * tp * 2 + 2 * tp * 8  # mma_forward_smem_bytes of chain_mma.cuh
 
 
 def mma_tile(cmax: int, arch: int) -> int:
@@ -605,7 +607,7 @@ def mma_tile(cmax: int, arch: int) -> int:
 
 
 def mma_backward_smem_bytes(rows: int, tp: int) -> int:
-    return (rows + 1) * tp * 2 + 3 * tp * 8  # mma_backward_smem_bytes of chain_mma_backward.cuh
+    return (rows + 2) * tp * 2 + 3 * tp * 8  # mma_backward_smem_bytes of chain_mma_backward.cuh
 
 
 def mma_backward_tile(rows: int, arch: int) -> int:
@@ -702,17 +704,15 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         for layout in layouts:
             cl = layout == "channels_last"
 
-            def cl_cost(kind, c):
-                return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
             if not cl:
                 ldx, ldx_elems = model["load_nchw"], 256
                 ldy, st = model["load_nchw"], model["store_nchw"]
                 ldy_elems = st_elems = 256
             else:
-                ldx, ldx_elems = ((cl_cost("load", c0), 64) if idx is None
+                ldx, ldx_elems = (_cl_cost(model, "load", c0) if idx is None
                                   else (model["load_scalar"], 32))
-                ldy, ldy_elems = cl_cost("load", spec.out_channels), 64
-                st, st_elems = cl_cost("store", c_x), 64
+                ldy, ldy_elems = _cl_cost(model, "load", spec.out_channels)
+                st, st_elems = _cl_cost(model, "store", c_x)
             total = _combine(*terms, (c0 * tp / ldx_elems, ldx),
                              (spec.out_channels * tp / ldy_elems, ldy),
                              (c_x * tp / st_elems, st))
@@ -729,6 +729,16 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                          "left out)")
             rows.append(rec)
     return rows
+
+
+def _cl_cost(model, kind, c):
+    """(cost, elements per counted unit) of a channels-last tile load or store of c channels:
+    where c % 32 == 0, the 16-byte loop (``load_clw`` / ``store_clw``: 256 elements per warp
+    step; the load only on sm_90, through stmatrix) if the kernel has it, else four 8x8
+    movmatrix blocks per warp step; one block per step otherwise (64 elements per block)."""
+    if c % 32 == 0 and f"{kind}_clw" in model:
+        return model[f"{kind}_clw"], 256
+    return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"], 64
 
 
 def _mma_layer_terms(costs, groups, outs, ins) -> list:
@@ -761,20 +771,20 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
             terms += _mma_layer_terms(model, g, cout // g, n)
         for layout in layouts:
             cl = layout == "channels_last"
-            def cl_cost(kind, c):  # 4 blocks per warp step where C % 32 == 0
-                return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"]
-            # per counted unit: a 16-byte vector per lane of a warp (NCHW: 256
-            # elements), an 8x8 block (channels-last: 64), an element per lane (the
-            # scalar load of a channels-last tile through an input index: 32)
+            # per counted unit: a 16-byte vector per lane of a warp (NCHW, and
+            # channels-last where C % 32 == 0 and the loop exists: 256 elements), an
+            # 8x8 block (channels-last: 64), an element per lane (the scalar load of a
+            # channels-last tile through an input index: 32)
             if not cl:
                 ld, ld_elems = model["load_nchw"], 256
             elif idx is None:
-                ld, ld_elems = cl_cost("load", chans[0]), 64
+                ld, ld_elems = _cl_cost(model, "load", chans[0])
             else:
                 ld, ld_elems = model["load_scalar"], 32
-            st = cl_cost("store", spec.out_channels) if cl else model["store_nchw"]
+            st, st_elems = (_cl_cost(model, "store", spec.out_channels) if cl
+                            else (model["store_nchw"], 256))
             total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
-                             (spec.out_channels * tp / (64 if cl else 256), st))
+                             (spec.out_channels * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
                               "chain_forward_mma_kernel", tp, ptxas[name],
                               mma_smem_bytes(cmax, tp))

@@ -2,7 +2,8 @@
 // as warp-level mma.sync, the permutations as the row addresses of the ldmatrix reads.
 //
 // Tile. A CTA takes TP = 16 * MT positions (MT in {1, 2, 4}) and keeps two [channel][TP] tiles
-// of the storage dtype in shared memory (ping-pong) plus one row of zeros. Intermediates are
+// of the storage dtype in shared memory (ping-pong), one row of zeros and one scratch row (where
+// sm_90's stmatrix puts the padding outputs of a partial block of 8). Intermediates are
 // rounded to the storage dtype between layers, as the unfused chain of the same dtype rounds
 // each layer's output; products accumulate in fp32. Rows are TP elements long, in 16-byte
 // chunks of 8 positions; chunk c of row r sits at chunk c ^ swizzle(r) of that row (below), so
@@ -19,9 +20,10 @@
 // 8-position row piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is
 // gather_{l-1}[g * n + k] of the previous layer's output: a permutation costs nothing. B comes
 // from fragments packed once per call by pack_mma_weights_kernel (a 64-bit load per lane and
-// k-step, reused by the MT row blocks). D is rounded, transposed per 8x8 block with movmatrix
-// and stored with 32-bit stores to the other tile, in natural output order. The store of y
-// reads row gather_L[j] for output channel j.
+// k-step, reused by the MT row blocks). D is rounded and stored transposed to the other tile,
+// in natural output order: on sm_90 (tiles of 32 and 64 positions) four 8x8 blocks per
+// stmatrix.trans, otherwise per 8x8 block a movmatrix and 32-bit stores. The store of y reads
+// row gather_L[j] for output channel j.
 //
 // Tile loads and stores: NCHW rows as 16-byte vectors; channels-last tiles as 8x8 blocks
 // through movmatrix (32-bit accesses); anything else (and unaligned tensors) element by element.
@@ -126,46 +128,93 @@ __device__ __forceinline__ uint32_t movmatrix_trans(uint32_t r) {
 #endif
 }
 
-// d += A (16 x K) * B (K x 8), K = 16 (a: 4 registers, b: 2) or 8 (a: 2, b: 1), fp32 d.
+// d = A (16 x K) * B (K x 8) + c, K = 16 (a: 4 registers, b: 2) or 8 (a: 2, b: 1), fp32 c
+// and d (c may be d: an accumulation). A separate c costs no register copies: the first k-step
+// of an item takes the bias as c.
 template <class Fmt, int K>
-__device__ __forceinline__ void mma_sync(float* d, const uint32_t* a, const uint32_t* b) {
+__device__ __forceinline__ void mma_sync(float* d, const uint32_t* a, const uint32_t* b,
+                                         const float* c) {
 #ifdef IGC_EMULATE
-  igc_emu::warp_mma(d, a, b, K, Fmt::is_bf16);
+  float t[4] = {c[0], c[1], c[2], c[3]};
+  igc_emu::warp_mma(t, a, b, K, Fmt::is_bf16);
+  for (int q = 0; q < 4; ++q) d[q] = t[q];
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   if constexpr (K == 16) {
     if constexpr (Fmt::is_bf16) {
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+          "{%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+            "f"(c[1]), "f"(c[2]), "f"(c[3]));
     } else {
       asm volatile(
           "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-          "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+          "{%4, %5, %6, %7}, {%8, %9}, {%10, %11, %12, %13};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]),
+            "f"(c[1]), "f"(c[2]), "f"(c[3]));
     }
   } else {
     static_assert(K == 8, "k16 or k8");
     if constexpr (Fmt::is_bf16) {
       asm volatile(
           "mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-          "{%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+          "{%4, %5}, {%6}, {%7, %8, %9, %10};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(b[0]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
     } else {
       asm volatile(
           "mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-          "{%4, %5}, {%6}, {%0, %1, %2, %3};\n"
-          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-          : "r"(a[0]), "r"(a[1]), "r"(b[0]));
+          "{%4, %5}, {%6}, {%7, %8, %9, %10};\n"
+          : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+          : "r"(a[0]), "r"(a[1]), "r"(b[0]), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));
     }
   }
 #else
   (void)d;
   (void)a;
   (void)b;
+  (void)c;
+  __trap();
+#endif
+}
+// d += A B
+template <class Fmt, int K>
+__device__ __forceinline__ void mma_sync(float* d, const uint32_t* a, const uint32_t* b) {
+  mma_sync<Fmt, K>(d, a, b, d);
+}
+
+// Whether the device has stmatrix (sm_90 and newer; under emulation, a switch of the emulated
+// device, so that the tests run both epilogues).
+__device__ __forceinline__ bool mma_has_stmatrix() {
+#ifdef IGC_EMULATE
+  return igc_emu::device().stmatrix != 0;
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return true;
+#else
+  return false;
+#endif
+}
+
+// stmatrix.trans of four 8x8 matrices of 16-bit values: r[j] holds this lane's pair of matrix j
+// in the mma fragment layout (row lane / 4, columns 2 (lane % 4) + {0, 1}); lane i gives the
+// address of row i % 8 of matrix i / 8's transpose (8 consecutive values), element `elem` of
+// the shared array `base`.
+__device__ __forceinline__ void stmatrix_trans_x4(uint16_t* base, int elem, const uint32_t* r) {
+#ifdef IGC_EMULATE
+  igc_emu::warp_stmatrix_trans(base + elem, r, 4);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned a =
+      static_cast<unsigned>(__cvta_generic_to_shared(base)) + 2u * static_cast<unsigned>(elem);
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};\n"
+               :
+               : "r"(a), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3])
+               : "memory");
+#else
+  (void)base;
+  (void)elem;
+  (void)r;
   __trap();
 #endif
 }
@@ -351,6 +400,58 @@ __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
   }
 }
 
+// Channels-last tiles, aligned, C % 32 == 0: 8 positions x 32 channels per warp step, one
+// 16-byte access per lane on the tensor side. Lane (gid, tig) = (lane / 4, lane % 4) takes
+// channels 8 tig .. 8 tig + 7 of position gid: its four 32-bit words are its fragments of four
+// 8x8 matrices, matrix k holding channels 8 q + 2 k + {0, 1} (q = 0..3) of the 8 positions.
+// Transposed, row i of matrix k is channel c(i, k) = 8 (i / 2) + 2 k + i % 2 at the 8
+// positions: one 16-byte chunk of that channel's tile row, whose address lane 8 k + i gives.
+// Loading (sm_90): a 16-byte load, then stmatrix.trans; storing (sm_80 and newer):
+// ldmatrix.trans from those rows, then a 16-byte store.
+__device__ __forceinline__ int cl_wide_channel(int lane) {
+  return 8 * ((lane & 7) >> 1) + 2 * (lane >> 3) + (lane & 1);
+}
+
+template <int TP, bool kDstRows>
+__device__ __forceinline__ void cl_load_wide(const uint16_t* __restrict__ src,
+                                             const int64_t* pos_off, int tvalid, int C,
+                                             uint16_t* tile, int s,
+                                             const int32_t* __restrict__ dst_row) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int ci = cl_wide_channel(lane);
+  constexpr int TB = TP / 8;  // blocks of 8 positions
+  const int nit = TB * (C / 32);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, c0 = (it / TB) * 32;
+    const int t = 8 * tb + gid;
+    uint4 v = {0u, 0u, 0u, 0u};
+    if (t < tvalid) v = *reinterpret_cast<const uint4*>(src + pos_off[t] + c0 + 8 * tig);
+    const uint32_t r[4] = {v.x, v.y, v.z, v.w};
+    const int c = c0 + ci;
+    stmatrix_trans_x4(tile, mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb, s), r);
+  }
+}
+
+template <int TP>
+__device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const int64_t* pos_off,
+                                              int tvalid, int C,
+                                              const int32_t* __restrict__ src_row,
+                                              const uint16_t* tile, int s) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int ci = cl_wide_channel(lane);
+  constexpr int TB = TP / 8;
+  const int nit = TB * (C / 32);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, j0 = (it / TB) * 32;
+    const int j = j0 + ci;  // output channel; its row: src_row(j)
+    uint32_t r[4];
+    ldmatrix_trans<4>(r, tile, mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb, s));
+    const int t = 8 * tb + gid;
+    if (t < tvalid)
+      *reinterpret_cast<uint4*>(dst + pos_off[t] + j0 + 8 * tig) = uint4{r[0], r[1], r[2], r[3]};
+  }
+}
+
 // tile(row row(c), t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
 // tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c, row(c) = kDstRows ? dst_row[c] : c
 // (the backward scatters dy through the last gather index).
@@ -374,7 +475,9 @@ __device__ __forceinline__ void mma_load_tile_inline(
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
-    if (C % 32 == 0)
+    if (C % 32 == 0 && mma_has_stmatrix())
+      cl_load_wide<TP, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
+    else if (C % 32 == 0)
       cl_load_blocks<TP, 4, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
     else
       cl_load_blocks<TP, 1, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
@@ -421,7 +524,7 @@ __device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst
   }
   if (cl_vec && cs == 1 && C % 8 == 0) {
     if (C % 32 == 0)
-      cl_store_blocks<TP, 4>(dst, pos_off, tvalid, C, src_row, tile, s);
+      cl_store_wide<TP>(dst, pos_off, tvalid, C, src_row, tile, s);
     else
       cl_store_blocks<TP, 1>(dst, pos_off, tvalid, C, src_row, tile, s);
     return;
@@ -456,7 +559,7 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
                                             int s_in, const int32_t* __restrict__ in_rows,
-                                            uint16_t* out, int s_out, const uint16_t* zero,
+                                            uint16_t* out, int s_out, uint16_t* zero,
                                             const int32_t* __restrict__ out_rows) {
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -473,20 +576,20 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   const int gstep = kWarps / ml.nblk, bstep = kWarps - gstep * ml.nblk;
   for (int item = warp; item < items; item += kWarps) {
     const int o = 8 * b + 2 * tig;  // this lane's first output column within the group
+    const float b0 = (bias && o < d.m) ? bias[g * d.m + o] : 0.0f;
+    const float b1 = (bias && o + 1 < d.m) ? bias[g * d.m + o + 1] : 0.0f;
+    const float binit[4] = {b0, b1, b0, b1};
+    // The accumulators start at the bias: a k8 item's one k-step takes it as its c operand
+    // (no register copies); a k16 item sets them first.
     float acc[MT][4];
-    {
-      const float b0 = (bias && o < d.m) ? bias[g * d.m + o] : 0.0f;
-      const float b1 = (bias && o + 1 < d.m) ? bias[g * d.m + o + 1] : 0.0f;
+    if constexpr (K == 16) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        acc[mt][0] = b0;
-        acc[mt][1] = b1;
-        acc[mt][2] = b0;
-        acc[mt][3] = b1;
-      }
+      for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[mt][q] = binit[q];
     }
     // k8 layers have one k-step: a compile-time trip count, straight-line code; k16 layers a
-    // loop that is not unrolled (unrolling only duplicated the accumulator set-up)
+    // loop that is not unrolled (unrolling only duplicated the addresses)
     const int ksteps = K == 8 ? 1 : ml.ksteps;
     const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * ksteps) * 32 + lane;
 #pragma unroll 1
@@ -507,28 +610,53 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         uint32_t a[4];
         ldmatrix_trans<K == 16 ? 4 : 2>(a, row >= 0 ? in : zero,
                                         row >= 0 ? mma_elem<TP>(row, t, s_in) : t);
-        mma_sync<Fmt, K>(acc[mt], a, breg);
+        mma_sync<Fmt, K>(acc[mt], a, breg, K == 8 ? binit : acc[mt]);
       }
     }
     // D[position][output]: acc[mt] = (p, o), (p, o + 1), (p + 8, o), (p + 8, o + 1) with
     // p = 16 mt + gid: per 8 positions, an 8x8 [position][output] matrix in the fragment
-    // layout. movmatrix transposes it, and lane (gid, tig) then holds output 8 b + gid at
-    // positions 2 tig, 2 tig + 1 of the 8: one 32-bit store into that output's row. The row
-    // start and its swizzle are computed once per item.
-    const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
-    const bool ok = orow < d.m;
-    const int r = g * d.m + orow;
-    const int e = mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0, s_out);
-    const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
-    uint16_t* row = out + (e - sw) + 2 * tig;
+    // layout, rounded to the storage dtype. Stored transposed, in natural output order: an 8x8
+    // block is output rows 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
+    if (MT > 1 && mma_has_stmatrix()) {
+      // sm_90: stmatrix.trans, four blocks per instruction; lane i addresses row i % 8 of block
+      // i / 8 (the row start and its swizzle computed once per item). The rows of a partial
+      // block's padding outputs (zero weights and bias, but NaN from a non-finite input) go to
+      // the scratch row after the zero row. (A 16-position tile has two blocks: the x2 form
+      // counted no fewer instructions in the SASS than the movmatrix path.)
+      const int i = lane & 7, j = lane >> 3;
+      const int r = g * d.m + 8 * b + i;
+      int e = 0;
+      uint16_t* base = zero + TP;
+      if (8 * b + i < d.m) {
+        e = mma_elem<TP>(out_rows ? out_rows[r] : r, 0, s_out);
+        base = out;
+      }
+      const int sw = e & ((TP / 8 - 1) << 3);
+      uint16_t* row = base + (e - sw);
 #pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
+      for (int q = 0; q < MT / 2; ++q) {  // blocks (mt, h) = (2 q + j / 2, j % 2): chunk 4 q + j
+        const uint32_t v[4] = {mma_pack<Fmt>(acc[2 * q][0], acc[2 * q][1]),
+                               mma_pack<Fmt>(acc[2 * q][2], acc[2 * q][3]),
+                               mma_pack<Fmt>(acc[2 * q + 1][0], acc[2 * q + 1][1]),
+                               mma_pack<Fmt>(acc[2 * q + 1][2], acc[2 * q + 1][3])};
+        stmatrix_trans_x4(row, ((4 * q + j) << 3) ^ sw, v);
+      }
+    } else {
+      // movmatrix transposes a block, and lane (gid, tig) then holds output 8 b + gid at
+      // positions 2 tig, 2 tig + 1 of the 8: one 32-bit store into that output's row
+      const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
+      const bool ok = orow < d.m;
+      const int r = g * d.m + orow;
+      const int e = mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0, s_out);
+      const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
+      uint16_t* row = out + (e - sw) + 2 * tig;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {  // positions p (h = 0) and p + 8 (h = 1): chunk 2 mt + h
-        const uint32_t v = movmatrix_trans(
-            static_cast<uint32_t>(mma_from_float<Fmt>(acc[mt][2 * h])) |
-            (static_cast<uint32_t>(mma_from_float<Fmt>(acc[mt][2 * h + 1])) << 16));
-        if (ok) *reinterpret_cast<uint32_t*>(row + (((2 * mt + h) << 3) ^ sw)) = v;
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {  // positions p (h = 0) and p + 8 (h = 1): chunk 2 mt + h
+          const uint32_t v = movmatrix_trans(mma_pack<Fmt>(acc[mt][2 * h], acc[mt][2 * h + 1]));
+          if (ok) *reinterpret_cast<uint32_t*>(row + (((2 * mt + h) << 3) ^ sw)) = v;
+        }
       }
     }
     b += bstep;
@@ -544,7 +672,7 @@ template <class Fmt, int MT>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in, int s_in,
                                        const int32_t* in_rows, uint16_t* out, int s_out,
-                                       const uint16_t* zero,
+                                       uint16_t* zero,
                                        const int32_t* out_rows = nullptr) {
   if (ml.k8)
     mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
@@ -552,10 +680,10 @@ __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, 
     mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
 }
 
-// Shared memory of a tile of TP positions: two tiles of cmax rows, the zero row, two offset
-// arrays.
+// Shared memory of a tile of TP positions: two tiles of cmax rows, the zero row and the scratch
+// row, two offset arrays.
 inline size_t mma_forward_smem_bytes(int64_t cmax, int tp) {
-  return static_cast<size_t>(2 * cmax + 1) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
+  return static_cast<size_t>(2 * cmax + 2) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
 }
 
 template <class Fmt, int MT>
@@ -570,13 +698,13 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* const tile0 = reinterpret_cast<uint16_t*>(smem);
   uint16_t* const tile1 = tile0 + static_cast<int64_t>(p.cmax) * TP;
   uint16_t* zero = tile1 + static_cast<int64_t>(p.cmax) * TP;
-  int64_t* off_x = reinterpret_cast<int64_t*>(zero + TP);  // TP * 2 bytes: 8-byte aligned
+  // zero + TP: the scratch row (mma_layer_k)
+  int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
   int64_t* off_y = off_x + TP;
   for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
-  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
-  const LayerDesc& last = p.layer[p.L - 1];
-  const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
-  const bool x_cl_vec = rows_of_8_aligned(x), y_cl_vec = rows_of_8_aligned(y);
+  // The tile loads' and stores' arguments (index, layouts, the last gather) are computed at
+  // each call from the parameters, not kept live across the calls: values live across a call
+  // beyond the callee-saved registers are spilled.
   const int64_t ntiles = (P + TP - 1) / TP;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int64_t p0 = tile * TP;
@@ -585,8 +713,9 @@ __global__ void __launch_bounds__(kThreads)
     tile_offsets(x.ix, p0, tvalid, off_x);
     tile_offsets(y.ix, p0, tvalid, off_y);
     __syncthreads();
-    mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec, tvalid,
-                      p.c0, index, tile0, mp.x_shift);
+    mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                      rows_of_8_aligned(x), tvalid, p.c0,
+                      p.has_index ? p.table + p.index_off : nullptr, tile0, mp.x_shift);
     __syncthreads();
     int s_cur = mp.x_shift;
     for (int l = 0; l < p.L; ++l) {
@@ -596,8 +725,11 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
       s_cur = mp.layer[l].shift;
     }
-    mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), y_cl_vec, tvalid,
-                       last.cout, out_rows, (p.L & 1) ? tile1 : tile0, s_cur);
+    const LayerDesc& last = p.layer[p.L - 1];
+    mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
+                       rows_of_8_aligned(y), tvalid, last.cout,
+                       last.gather_identity ? nullptr : p.table + last.g_off,
+                       (p.L & 1) ? tile1 : tile0, s_cur);
   }
 }
 

@@ -312,9 +312,10 @@ inline int64_t mma_backward_rows(const ChainParams<float>& p) {
   return p.c0 + middle + p.layer[p.L - 1].cout;
 }
 
-// Shared memory of a tile of TP positions: the rows above, the zero row, three offset arrays.
+// Shared memory of a tile of TP positions: the rows above, the zero row, the scratch row, three
+// offset arrays.
 inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
-  return static_cast<size_t>(rows + 1) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
+  return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
 }
 
 // mp: the chain (forward fragments, for the recompute); mt: its transpose
@@ -340,7 +341,8 @@ __global__ void __launch_bounds__(kThreads)
   uint16_t* const U = X + static_cast<int64_t>(p.c0) * TP;
   uint16_t* const DY = U + middle * TP;
   uint16_t* const zero = DY + static_cast<int64_t>(p.layer[L - 1].cout) * TP;
-  int64_t* off_x = reinterpret_cast<int64_t*>(zero + TP);  // TP * 2 bytes: 8-byte aligned
+  // zero + TP: the scratch row of mma_layer_k's stmatrix epilogue
+  int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
   int64_t* off_dy = off_x + TP;
   int64_t* off_dx = off_dy + TP;
   for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;

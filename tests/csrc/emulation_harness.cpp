@@ -227,4 +227,7 @@ int igc_emu_backward(int is_double, const HostChain* h, const void* W, const voi
 
 int igc_emu_sizeof_host_chain() { return static_cast<int>(sizeof(HostChain)); }
 
+// 1: the emulated device has sm_90's stmatrix (the default); 0: the sm_80 code paths.
+void igc_emu_set_stmatrix(int on) { igc_emu::device().stmatrix = on; }
+
 }  // extern "C"

@@ -7,12 +7,14 @@
 // buffer per block filled with 0xFF bytes (NaN as float or double, so a read of a location that
 // was never written shows up in the results) and surrounded by guard bytes that are checked
 // after the block (an out-of-range shared-memory write makes cudaGetLastError() fail).
-// Warp-level instructions of the tensor-core kernel (ldmatrix, movmatrix, mma.sync) are collective over the
-// 32 threads of a warp: every lane deposits its operands, the warp meets at a barrier, each lane
-// computes its own results from all deposits with the PTX ISA's fragment layouts (written from
-// the ISA's tables, independently of the kernel), and the warp meets again before the deposits
-// are reused. float16 / bfloat16 values are raw 16-bit patterns, converted with
-// round-to-nearest-even. Nothing else is emulated: no other warp intrinsics, atomics or streams.
+// Warp-level instructions of the tensor-core kernel (ldmatrix, movmatrix, stmatrix, mma.sync) are
+// collective over the 32 threads of a warp: every lane deposits its operands, the warp meets at
+// a barrier, each lane computes its own results from all deposits with the PTX ISA's fragment
+// layouts (written from the ISA's tables, independently of the kernel), and the warp meets again
+// before the deposits are reused. stmatrix (sm_90) is used where Device::stmatrix is set: the
+// tests run the kernels both ways. float16 / bfloat16 values are raw 16-bit patterns, converted
+// with round-to-nearest-even. Nothing else is emulated: no other warp intrinsics, atomics or
+// streams.
 #pragma once
 
 #include <atomic>
@@ -69,6 +71,7 @@ struct Device {
   int smem_optin = 232448;   // H100
   int smem_per_sm = 233472;
   int occupancy = 1;
+  int stmatrix = 1;  // sm_90's stmatrix (0: the sm_80 code paths)
 };
 inline Device& device() {
   static Device d;
@@ -222,6 +225,28 @@ inline uint32_t warp_movmatrix_trans(uint32_t r) {
   }
   w.barrier.arrive_and_wait();
   return out;
+}
+
+// stmatrix.sync.aligned.m8n8.x{nm}.trans.shared.b16: lane i holds elements (row i / 4, columns
+// 2 (i % 4), 2 (i % 4) + 1) of each matrix j (r[j]); lanes 8 j .. 8 j + 7 give the addresses of
+// rows 0..7 of matrix j's transpose, each 8 consecutive 16-bit values. Row c of the transpose is
+// column c of the matrix: element (c, q) = matrix element (q, c), held by lane 4 q + c / 2 in
+// half c % 2. Each lane writes the row it addressed.
+inline void warp_stmatrix_trans(uint16_t* row, const uint32_t* r, int nm) {
+  Warp& w = *state().warp;
+  const int lane = lane_id();
+  w.addr[lane] = row;
+  for (int j = 0; j < nm; ++j) w.regs[lane][j] = r[j];
+  w.barrier.arrive_and_wait();
+  if (lane < 8 * nm) {
+    const int j = lane / 8, c = lane % 8;
+    uint16_t* dst = static_cast<uint16_t*>(const_cast<void*>(w.addr[lane]));
+    for (int q = 0; q < 8; ++q) {
+      const uint32_t src = w.regs[4 * q + c / 2][j];
+      dst[q] = static_cast<uint16_t>((c % 2) ? src >> 16 : src & 0xffffu);
+    }
+  }
+  w.barrier.arrive_and_wait();
 }
 
 // mma.sync.aligned.m16n8k{K}.row.col.f32.{bf16,f16}.{bf16,f16}.f32, d = A B + d, with
