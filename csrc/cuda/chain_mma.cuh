@@ -597,20 +597,34 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       const uint2 bw = fp[ks * 32];
       const uint32_t breg[2] = {bw.x, bw.y};
       const int kk = ks * 16 + k_lane;
-      int row = -1;
-      if (kk < d.n) {
+      // this lane's row (the padding lanes: the zero row), without a divergent branch: the
+      // look-up reads a valid entry (the group's last) and its result is then discarded
+      // this lane's row; the padding lanes read the zero row
+      const bool valid = kk < d.n;
+      int row = 0;
+      if (valid) {
         const int j = g * d.n + kk;
         row = in_rows ? in_rows[j] : j;
       }
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const int t = mt * 16 + pos_lane;
-        // one ldmatrix for the whole warp (.aligned: no lane may take another instruction),
-        // the padding lanes pointing at the zero row
+      // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
+      // instruction). With several row blocks, the row start and its swizzle are computed
+      // once, then one chunk of 8 positions per block (for a single block that counted more
+      // instructions in the SASS).
+      if constexpr (MT == 1) {
         uint32_t a[4];
-        ldmatrix_trans<K == 16 ? 4 : 2>(a, row >= 0 ? in : zero,
-                                        row >= 0 ? mma_elem<TP>(row, t, s_in) : t);
-        mma_sync<Fmt, K>(acc[mt], a, breg, K == 8 ? binit : acc[mt]);
+        ldmatrix_trans<K == 16 ? 4 : 2>(a, valid ? in : zero,
+                                        valid ? mma_elem<TP>(row, pos_lane, s_in) : pos_lane);
+        mma_sync<Fmt, K>(acc[0], a, breg, K == 8 ? binit : acc[0]);
+      } else {
+        const int e = valid ? mma_elem<TP>(row, 0, s_in) : 0;
+        const int sw = e & ((TP / 8 - 1) << 3);
+        const uint16_t* rp = (valid ? in : zero) + (e - sw);
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          uint32_t a[4];
+          ldmatrix_trans<K == 16 ? 4 : 2>(a, rp, (mt * 16 + pos_lane) ^ sw);
+          mma_sync<Fmt, K>(acc[mt], a, breg, K == 8 ? binit : acc[mt]);
+        }
       }
     }
     // D[position][output]: acc[mt] = (p, o), (p, o + 1), (p + 8, o), (p + 8, o + 1) with
