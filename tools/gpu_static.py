@@ -451,32 +451,45 @@ def _smallest_loop(ins, loops, *needles):
 
 def _layer_model(ins, loops, mt: int) -> dict:
     """k16 / k8 costs of one inlined mma_layer among ``loops``: per k-step of a k16 / k8 item
-    (the innermost loop holding that HMMA, divided by its unroll factor: the number of HMMAs
-    over mt), per item besides its k-steps (the enclosing loop minus the k-step loop and its
-    remainder copies; a straight-line item, whose innermost loop already holds the result
-    stores, is that loop)."""
+    (the innermost loop holding that HMMA and ldmatrix.trans, divided by its unroll factor: the
+    number of ldmatrix.trans over mt), per item besides its k-steps (the enclosing loop minus
+    the k-step loop and its remainder copies; a straight-line item, whose innermost loop
+    already holds the result stores, is that loop). Items of two output blocks (two HMMAs per
+    ldmatrix: the forward's pair items) are "k16p" / "k8p"."""
+    def ops(lp):
+        return [op for ad, _, op, _ in ins if lp[0] <= ad <= lp[1]]
+
     out = {}
     for name, needle in (("k16", "HMMA.16816"), ("k8", "HMMA.1688")):
-        kl = _smallest_loop(ins, loops, needle, "LDSM.16.MT88")
-        if any(op.startswith("STS") for a, _, op, _ in ins if kl[0] <= a <= kl[1]):
-            # no k-step loop (the k8 item is straight-line): the loop is the item loop, with
-            # as many items per iteration as it holds HMMAs over mt (the compiler's unrolling)
-            whole = _region_counts(ins, *kl)
-            per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / mt))
-            out[name] = {"step": _combine(), "item": _combine((1.0 / per_iter, whole)),
-                         "unroll": per_iter}
-            continue
-        item = None
-        for a, b, _ in loops:  # the smallest loop strictly around the k-step loop
-            if a <= kl[0] and kl[1] <= b and (a, b) != kl:
-                if item is None or b - a < item[1] - item[0]:
-                    item = (a, b)
-        kc = _region_counts(ins, *kl)
-        unroll = max(1, round(kc["counts"]["HMMA/MMA"] / mt))
-        step = _combine((1.0 / unroll, kc))
-        whole = _region_counts(ins, *item)
-        base = _combine((1.0, whole), (-1.0, kc), (-(unroll - 1), step))
-        out[name] = {"step": step, "item": base, "unroll": unroll}
+        cands = [lp for lp in loops if any(o.startswith(needle) for o in ops(lp))
+                 and any(o.startswith("LDSM.16.MT88") for o in ops(lp))]
+        inner = [lp for lp in cands
+                 if not any(o is not lp and lp[0] <= o[0] and o[1] <= lp[1] for o in cands)]
+        for kl in sorted(inner, key=lambda lp: lp[1] - lp[0]):
+            body = ops(kl)
+            lds = sum(1 for o in body if o.startswith("LDSM.16.MT88"))
+            nb = max(1, round(sum(1 for o in body if o.startswith(needle)) / lds))
+            key = name if nb == 1 else f"{name}p"
+            if key in out:
+                continue  # the smallest loop of each kind
+            unroll = max(1, round(lds / mt))
+            if any(op.startswith("STS") for op in body):
+                # no k-step loop (the k8 item is straight-line): the loop is the item loop, with
+                # as many items per iteration as it holds ldmatrix.trans over mt (unrolling)
+                whole = _region_counts(ins, kl[0], kl[1])
+                out[key] = {"step": _combine(), "item": _combine((1.0 / unroll, whole)),
+                            "unroll": unroll}
+                continue
+            item = None
+            for a, b, _ in loops:  # the smallest loop strictly around the k-step loop
+                if a <= kl[0] and kl[1] <= b and (a, b) != kl[:2]:
+                    if item is None or b - a < item[1] - item[0]:
+                        item = (a, b)
+            kc = _region_counts(ins, kl[0], kl[1])
+            step = _combine((1.0 / unroll, kc))
+            whole = _region_counts(ins, *item)
+            base = _combine((1.0, whole), (-1.0, kc), (-(unroll - 1), step))
+            out[key] = {"step": step, "item": base, "unroll": unroll}
     return out
 
 
@@ -741,12 +754,26 @@ def _cl_cost(model, kind, c):
     return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"], 64
 
 
+def _mma_item_kind(costs, outs, ins):
+    """(cost key, items per group) of a tensor-core layer of groups of ``ins`` inputs and
+    ``outs`` outputs: "k8" (at most 8 inputs) or "k16"; the pair items ("k8p" / "k16p", two
+    blocks of 8 outputs each) where the kernel has them and the blocks pair up."""
+    blocks = -(-outs // 8)
+    kind = "k8" if ins <= 8 else "k16"
+    if blocks % 2 == 0 and f"{kind}p" in costs:
+        return f"{kind}p", blocks // 2
+    return kind, blocks
+
+
 def _mma_layer_terms(costs, groups, outs, ins) -> list:
     """(count, cost) terms of one tensor-core layer pass per tile: groups x ceil(outs / 8)
     items, each ceil(ins / 16) k-steps (one for at most 8 inputs), with the item and k-step
-    costs of ``costs["k8"]`` or ``costs["k16"]`` (by the inputs per group)."""
-    items = groups * -(-outs // 8)
-    k = costs["k8" if ins <= 8 else "k16"]
+    costs of ``costs["k8"]`` or ``costs["k16"]`` (by the inputs per group); where the kernel
+    has pair items ("k8p" / "k16p") and a group's blocks of 8 outputs pair up, half as many
+    items with the pair costs."""
+    kind, blocks = _mma_item_kind(costs, outs, ins)
+    items = groups * blocks
+    k = costs[kind]
     return [(items, k["item"]), (items * (1 if ins <= 8 else -(-ins // 16)), k["step"])]
 
 
@@ -767,8 +794,10 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                     and f"{fmt}ELi{mt}E" in n)
         model = mma_kernel_model(funcs[name], mt)
         terms = []
+        pair_layers = 0
         for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
             terms += _mma_layer_terms(model, g, cout // g, n)
+            pair_layers += _mma_item_kind(model, cout // g, n)[0].endswith("p")
         for layout in layouts:
             cl = layout == "channels_last"
             # per counted unit: a 16-byte vector per lane of a warp (NCHW, and
@@ -793,6 +822,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                          "k-step cost; tile load/store per 16-byte vector "
                          "(SASS loop bodies of the kernel; the per-tile "
                          "offsets and barriers are left out)")
+            rec.dyn["pair_item_layers"] = pair_layers
             rows.append(rec)
     return rows
 

@@ -549,12 +549,72 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
 // ---------------------------------------------------------------------------------------------
 // One layer on tensor cores
 // ---------------------------------------------------------------------------------------------
+// The results of one 8-output block of an item (acc[mt]: its MT fragments, outputs 8 b .. 8 b + 7
+// of group g) stored transposed to `out`: D[position][output]: acc[mt] = (p, o), (p, o + 1),
+// (p + 8, o), (p + 8, o + 1) with p = 16 mt + gid, o = 8 b + 2 tig: per 8 positions, an 8x8
+// [position][output] matrix in the fragment layout, rounded to the storage dtype. Stored in
+// natural output order (or output r in row out_rows[r]): an 8x8 block is output rows
+// 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g, int b,
+                                                const LayerDesc& d, uint16_t* out, int s_out,
+                                                uint16_t* zero,
+                                                const int32_t* __restrict__ out_rows) {
+  constexpr int TP = MT * 16;
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  if (MT > 1 && mma_has_stmatrix()) {
+    // sm_90: stmatrix.trans, four blocks per instruction; lane i addresses row i % 8 of block
+    // i / 8 (the row start and its swizzle computed once). The rows of a partial block's
+    // padding outputs (zero weights and bias, but NaN from a non-finite input) go to the
+    // scratch row after the zero row. (A 16-position tile has two blocks: the x2 form counted
+    // no fewer instructions in the SASS than the movmatrix path.)
+    const int i = lane & 7, j = lane >> 3;
+    const int r = g * d.m + 8 * b + i;
+    int e = 0;
+    uint16_t* base = zero + TP;
+    if (8 * b + i < d.m) {
+      e = mma_elem<TP>(out_rows ? out_rows[r] : r, 0, s_out);
+      base = out;
+    }
+    const int sw = e & ((TP / 8 - 1) << 3);
+    uint16_t* row = base + (e - sw);
+#pragma unroll
+    for (int q = 0; q < MT / 2; ++q) {  // blocks (mt, h) = (2 q + j / 2, j % 2): chunk 4 q + j
+      const uint32_t v[4] = {mma_pack<Fmt>(acc[2 * q][0], acc[2 * q][1]),
+                             mma_pack<Fmt>(acc[2 * q][2], acc[2 * q][3]),
+                             mma_pack<Fmt>(acc[2 * q + 1][0], acc[2 * q + 1][1]),
+                             mma_pack<Fmt>(acc[2 * q + 1][2], acc[2 * q + 1][3])};
+      stmatrix_trans_x4(row, ((4 * q + j) << 3) ^ sw, v);
+    }
+  } else {
+    // movmatrix transposes a block, and lane (gid, tig) then holds output 8 b + gid at
+    // positions 2 tig, 2 tig + 1 of the 8: one 32-bit store into that output's row
+    const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
+    const bool ok = orow < d.m;
+    const int r = g * d.m + orow;
+    const int e = mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0, s_out);
+    const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
+    uint16_t* row = out + (e - sw) + 2 * tig;
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {  // positions p (h = 0) and p + 8 (h = 1): chunk 2 mt + h
+        const uint32_t v = movmatrix_trans(mma_pack<Fmt>(acc[mt][2 * h], acc[mt][2 * h + 1]));
+        if (ok) *reinterpret_cast<uint32_t*>(row + (((2 * mt + h) << 3) ^ sw)) = v;
+      }
+    }
+  }
+}
+
 // out (shift s_out) = layer l of in (shift s_in), in natural output order (out_rows null) or
 // output o in row out_rows[o] (the backward's scatter of dh through a gather index); in_rows:
 // the rows of the layer's inputs in `in` (gather of the previous layer; null: identity).
+// A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
+// activation fragments, row look-ups and loop step between two blocks (the forward, where a
+// group's blocks pair up); the caller guarantees ml.nblk % NB == 0.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
-template <class Fmt, int MT, int K>
+template <class Fmt, int MT, int K, int NB = 1>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
@@ -563,42 +623,57 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
                                             const int32_t* __restrict__ out_rows) {
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  const int gid = lane >> 2, tig = lane & 3;
-  const int items = d.groups * ml.nblk;
+  const int tig = lane & 3;
+  const int nsb = ml.nblk / NB;  // items per group
+  const int items = d.groups * nsb;
   const float* bias = d.has_bias ? B + d.b_off : nullptr;
   // the ldmatrix piece this lane addresses: input k_lane of the k-step, positions +pos_lane
   const int mat = K == 16 ? lane >> 3 : (lane >> 3) & 1;
   const int k_lane = (K == 16 ? (mat >> 1) * 8 : 0) + (lane & 7);
   const int pos_lane = (mat & 1) * 8;
   constexpr int kWarps = kThreads / 32;
-  // item = g * nblk + b, stepped by kWarps without a division per item
-  int g = warp / ml.nblk, b = warp - g * ml.nblk;
-  const int gstep = kWarps / ml.nblk, bstep = kWarps - gstep * ml.nblk;
+  // item = g * nsb + sb, stepped by kWarps without a division per item
+  int g = warp / nsb, sb = warp - g * nsb;
+  const int gstep = kWarps / nsb, sbstep = kWarps - gstep * nsb;
   for (int item = warp; item < items; item += kWarps) {
-    const int o = 8 * b + 2 * tig;  // this lane's first output column within the group
-    const float b0 = (bias && o < d.m) ? bias[g * d.m + o] : 0.0f;
-    const float b1 = (bias && o + 1 < d.m) ? bias[g * d.m + o + 1] : 0.0f;
-    const float binit[4] = {b0, b1, b0, b1};
+    const int b = sb * NB;  // the item's first block
     // The accumulators start at the bias: a k8 item's one k-step takes it as its c operand
     // (no register copies); a k16 item sets them first.
-    float acc[MT][4];
+    float binit[NB][4];
+#pragma unroll
+    for (int nb = 0; nb < NB; ++nb) {
+      const int o = 8 * (b + nb) + 2 * tig;  // this lane's first output column in the group
+      const float b0 = (bias && o < d.m) ? bias[g * d.m + o] : 0.0f;
+      const float b1 = (bias && o + 1 < d.m) ? bias[g * d.m + o + 1] : 0.0f;
+      binit[nb][0] = b0;
+      binit[nb][1] = b1;
+      binit[nb][2] = b0;
+      binit[nb][3] = b1;
+    }
+    float acc[NB][MT][4];
     if constexpr (K == 16) {
 #pragma unroll
-      for (int mt = 0; mt < MT; ++mt)
+      for (int nb = 0; nb < NB; ++nb)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[mt][q] = binit[q];
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[nb][mt][q] = binit[nb][q];
     }
     // k8 layers have one k-step: a compile-time trip count, straight-line code; k16 layers a
-    // loop that is not unrolled (unrolling only duplicated the addresses)
+    // loop that is not unrolled (unrolling only duplicated the addresses). Fragments:
+    // [group][block][k-step][lane], so block b + 1's follow block b's k-steps.
     const int ksteps = K == 8 ? 1 : ml.ksteps;
-    const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * ksteps) * 32 + lane;
+    const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * NB * ksteps) * 32 + lane;
 #pragma unroll 1
     for (int ks = 0; ks < ksteps; ++ks) {
-      const uint2 bw = fp[ks * 32];
-      const uint32_t breg[2] = {bw.x, bw.y};
+      uint32_t breg[NB][2];
+#pragma unroll
+      for (int nb = 0; nb < NB; ++nb) {
+        const uint2 bw = fp[(nb * ksteps + ks) * 32];
+        breg[nb][0] = bw.x;
+        breg[nb][1] = bw.y;
+      }
       const int kk = ks * 16 + k_lane;
-      // this lane's row (the padding lanes: the zero row), without a divergent branch: the
-      // look-up reads a valid entry (the group's last) and its result is then discarded
       // this lane's row; the padding lanes read the zero row
       const bool valid = kk < d.n;
       int row = 0;
@@ -607,14 +682,16 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         row = in_rows ? in_rows[j] : j;
       }
       // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
-      // instruction). With several row blocks, the row start and its swizzle are computed
-      // once, then one chunk of 8 positions per block (for a single block that counted more
-      // instructions in the SASS).
+      // instruction), shared by the item's NB products. With several row blocks, the row
+      // start and its swizzle are computed once, then one chunk of 8 positions per block (for
+      // a single block that counted more instructions in the SASS).
       if constexpr (MT == 1) {
         uint32_t a[4];
         ldmatrix_trans<K == 16 ? 4 : 2>(a, valid ? in : zero,
                                         valid ? mma_elem<TP>(row, pos_lane, s_in) : pos_lane);
-        mma_sync<Fmt, K>(acc[0], a, breg, K == 8 ? binit : acc[0]);
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb)
+          mma_sync<Fmt, K>(acc[nb][0], a, breg[nb], K == 8 ? binit[nb] : acc[nb][0]);
       } else {
         const int e = valid ? mma_elem<TP>(row, 0, s_in) : 0;
         const int sw = e & ((TP / 8 - 1) << 3);
@@ -623,75 +700,43 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         for (int mt = 0; mt < MT; ++mt) {
           uint32_t a[4];
           ldmatrix_trans<K == 16 ? 4 : 2>(a, rp, (mt * 16 + pos_lane) ^ sw);
-          mma_sync<Fmt, K>(acc[mt], a, breg, K == 8 ? binit : acc[mt]);
+#pragma unroll
+          for (int nb = 0; nb < NB; ++nb)
+            mma_sync<Fmt, K>(acc[nb][mt], a, breg[nb], K == 8 ? binit[nb] : acc[nb][mt]);
         }
       }
     }
-    // D[position][output]: acc[mt] = (p, o), (p, o + 1), (p + 8, o), (p + 8, o + 1) with
-    // p = 16 mt + gid: per 8 positions, an 8x8 [position][output] matrix in the fragment
-    // layout, rounded to the storage dtype. Stored transposed, in natural output order: an 8x8
-    // block is output rows 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
-    if (MT > 1 && mma_has_stmatrix()) {
-      // sm_90: stmatrix.trans, four blocks per instruction; lane i addresses row i % 8 of block
-      // i / 8 (the row start and its swizzle computed once per item). The rows of a partial
-      // block's padding outputs (zero weights and bias, but NaN from a non-finite input) go to
-      // the scratch row after the zero row. (A 16-position tile has two blocks: the x2 form
-      // counted no fewer instructions in the SASS than the movmatrix path.)
-      const int i = lane & 7, j = lane >> 3;
-      const int r = g * d.m + 8 * b + i;
-      int e = 0;
-      uint16_t* base = zero + TP;
-      if (8 * b + i < d.m) {
-        e = mma_elem<TP>(out_rows ? out_rows[r] : r, 0, s_out);
-        base = out;
-      }
-      const int sw = e & ((TP / 8 - 1) << 3);
-      uint16_t* row = base + (e - sw);
 #pragma unroll
-      for (int q = 0; q < MT / 2; ++q) {  // blocks (mt, h) = (2 q + j / 2, j % 2): chunk 4 q + j
-        const uint32_t v[4] = {mma_pack<Fmt>(acc[2 * q][0], acc[2 * q][1]),
-                               mma_pack<Fmt>(acc[2 * q][2], acc[2 * q][3]),
-                               mma_pack<Fmt>(acc[2 * q + 1][0], acc[2 * q + 1][1]),
-                               mma_pack<Fmt>(acc[2 * q + 1][2], acc[2 * q + 1][3])};
-        stmatrix_trans_x4(row, ((4 * q + j) << 3) ^ sw, v);
-      }
-    } else {
-      // movmatrix transposes a block, and lane (gid, tig) then holds output 8 b + gid at
-      // positions 2 tig, 2 tig + 1 of the 8: one 32-bit store into that output's row
-      const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
-      const bool ok = orow < d.m;
-      const int r = g * d.m + orow;
-      const int e = mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0, s_out);
-      const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
-      uint16_t* row = out + (e - sw) + 2 * tig;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {  // positions p (h = 0) and p + 8 (h = 1): chunk 2 mt + h
-          const uint32_t v = movmatrix_trans(mma_pack<Fmt>(acc[mt][2 * h], acc[mt][2 * h + 1]));
-          if (ok) *reinterpret_cast<uint32_t*>(row + (((2 * mt + h) << 3) ^ sw)) = v;
-        }
-      }
-    }
-    b += bstep;
+    for (int nb = 0; nb < NB; ++nb)
+      mma_store_block<Fmt, MT>(acc[nb], g, b + nb, d, out, s_out, zero, out_rows);
+    sb += sbstep;
     g += gstep;
-    if (b >= ml.nblk) {
-      b -= ml.nblk;
+    if (sb >= nsb) {
+      sb -= nsb;
       ++g;
     }
   }
 }
 
-template <class Fmt, int MT>
+// kPairs (the forward with tiles of 16 or 32 positions): NB = 2 where the group's blocks of 8
+// outputs pair up. (With 64 positions the pair items' accumulators would take the kernel past
+// the registers of three CTAs per SM.)
+template <class Fmt, int MT, bool kPairs = false>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in, int s_in,
                                        const int32_t* in_rows, uint16_t* out, int s_out,
                                        uint16_t* zero,
                                        const int32_t* out_rows = nullptr) {
-  if (ml.k8)
+  if (kPairs && MT <= 2 && ml.nblk % 2 == 0) {
+    if (ml.k8)
+      mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+    else
+      mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+  } else if (ml.k8) {
     mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
-  else
+  } else {
     mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+  }
 }
 
 // Shared memory of a tile of TP positions: two tiles of cmax rows, the zero row and the scratch
@@ -700,8 +745,11 @@ inline size_t mma_forward_smem_bytes(int64_t cmax, int tp) {
   return static_cast<size_t>(2 * cmax + 2) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
 }
 
+// Launch bounds of two CTAs per SM (at most 128 registers, which the tile chooser assumes):
+// without a minimum, ptxas kept the kernel near 40-48 registers and spilled around its calls
+// once the layers had pair items.
 template <class Fmt, int MT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,
                              const TensorArg<uint16_t> y, int64_t P) {
   constexpr int TP = MT * 16;
@@ -734,8 +782,9 @@ __global__ void __launch_bounds__(kThreads)
     int s_cur = mp.x_shift;
     for (int l = 0; l < p.L; ++l) {
       const bool odd = (l & 1) != 0;
-      mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, s_cur,
-                         input_rows(p, l), odd ? tile0 : tile1, mp.layer[l].shift, zero);
+      mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0,
+                               s_cur, input_rows(p, l), odd ? tile0 : tile1, mp.layer[l].shift,
+                               zero);
       __syncthreads();
       s_cur = mp.layer[l].shift;
     }
