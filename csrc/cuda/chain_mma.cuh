@@ -10,12 +10,14 @@
 // that the 8 rows an ldmatrix phase reads (consecutive rows, or the rows g * m + k of a shuffle)
 // fall in different banks.
 //
-// Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs); a warp
-// takes an item and computes D[position][output] = H[position][k] W_g^T[k][output] for every
-// 16-position row block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or
-// m16n8k8 (n <= 8): A = the activations, B = the weights, D = fp32 accumulators initialised with
-// the bias. Groups are never mixed in one product (a non-finite input cannot leak into another
-// group's outputs); inputs beyond n read the zero row and weights beyond n / m are zero. A is
+// Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs), or, in
+// the forward with tiles of 16 and 32 positions, two blocks of a group where they pair up (one
+// ldmatrix then feeds two products); a warp takes an item and computes D[position][output] =
+// H[position][k] W_g^T[k][output] for every 16-position row block of the tile with mma.sync
+// m16n8k16 (n > 8: ceil(n / 16) k-steps) or m16n8k8 (n <= 8): A = the activations, B = the
+// weights, D = fp32 accumulators initialised with the bias. Groups are never mixed in one
+// product (a non-finite input cannot leak into another group's outputs); inputs beyond n read
+// the zero row and weights beyond n / m are zero. A is
 // loaded with ldmatrix.trans from the channel-major tile: lane i gives the address of one
 // 8-position row piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is
 // gather_{l-1}[g * n + k] of the previous layer's output: a permutation costs nothing. B comes
@@ -25,12 +27,14 @@
 // stmatrix.trans, otherwise per 8x8 block a movmatrix and 32-bit stores. The store of y reads
 // row gather_L[j] for output channel j.
 //
-// Tile loads and stores: NCHW rows as 16-byte vectors; channels-last tiles as 8x8 blocks
-// through movmatrix (32-bit accesses); anything else (and unaligned tensors) element by element.
+// Tile loads and stores: NCHW rows as 16-byte vectors; channels-last tiles with C % 32 == 0 as
+// 16-byte vectors through ldmatrix.trans (store) and stmatrix.trans (load, sm_90), other
+// channels-last tiles as 8x8 blocks through movmatrix (32-bit accesses); anything else (and
+// unaligned tensors) element by element.
 //
-// Under IGC_EMULATE the warp-level instructions (ldmatrix, movmatrix, mma.sync) come from
-// tests/csrc/host_emulation.h, which implements the PTX ISA's fragment layouts: the tests check
-// this kernel's results on a machine without a GPU.
+// Under IGC_EMULATE the warp-level instructions (ldmatrix, movmatrix, stmatrix, mma.sync) come
+// from tests/csrc/host_emulation.h, which implements the PTX ISA's fragment layouts: the tests
+// check this kernel's results on a machine without a GPU.
 #pragma once
 
 #include "chain_kernels.cuh"
