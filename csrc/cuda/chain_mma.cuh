@@ -10,9 +10,9 @@
 // that the 8 rows an ldmatrix phase reads (consecutive rows, or the rows g * m + k of a shuffle)
 // fall in different banks.
 //
-// Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs), or, in
-// the forward with tiles of 16 and 32 positions, two blocks of a group where they pair up (one
-// ldmatrix then feeds two products); a warp takes an item and computes D[position][output] =
+// Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs), or, with
+// tiles of 16 and 32 positions, two blocks of a group where they pair up (one ldmatrix then
+// feeds two products); a warp takes an item and computes D[position][output] =
 // H[position][k] W_g^T[k][output] for every 16-position row block of the tile with mma.sync
 // m16n8k16 (n > 8: ceil(n / 16) k-steps) or m16n8k8 (n <= 8): A = the activations, B = the
 // weights, D = fp32 accumulators initialised with the bias. Groups are never mixed in one
@@ -614,8 +614,8 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // output o in row out_rows[o] (the backward's scatter of dh through a gather index); in_rows:
 // the rows of the layer's inputs in `in` (gather of the previous layer; null: identity).
 // A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
-// activation fragments, row look-ups and loop step between two blocks (the forward, where a
-// group's blocks pair up); the caller guarantees ml.nblk % NB == 0.
+// activation fragments, row look-ups and loop step between two blocks (tiles of 16 and 32
+// positions, where a group's blocks pair up); the caller guarantees ml.nblk % NB == 0.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
 template <class Fmt, int MT, int K, int NB = 1>
@@ -722,16 +722,16 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   }
 }
 
-// kPairs (the forward with tiles of 16 or 32 positions): NB = 2 where the group's blocks of 8
-// outputs pair up. (With 64 positions the pair items' accumulators would take the kernel past
-// the registers of three CTAs per SM.)
-template <class Fmt, int MT, bool kPairs = false>
+// Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up. (With 64
+// positions the pair items' accumulators took the forward to 97 registers, past the 85 of three
+// CTAs per SM.)
+template <class Fmt, int MT>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in, int s_in,
                                        const int32_t* in_rows, uint16_t* out, int s_out,
                                        uint16_t* zero,
                                        const int32_t* out_rows = nullptr) {
-  if (kPairs && MT <= 2 && ml.nblk % 2 == 0) {
+  if (MT <= 2 && ml.nblk % 2 == 0) {
     if (ml.k8)
       mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
     else
@@ -786,9 +786,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     int s_cur = mp.x_shift;
     for (int l = 0; l < p.L; ++l) {
       const bool odd = (l & 1) != 0;
-      mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0,
-                               s_cur, input_rows(p, l), odd ? tile0 : tile1, mp.layer[l].shift,
-                               zero);
+      mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, s_cur,
+                         input_rows(p, l), odd ? tile0 : tile1, mp.layer[l].shift, zero);
       __syncthreads();
       s_cur = mp.layer[l].shift;
     }
