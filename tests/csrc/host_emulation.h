@@ -6,7 +6,8 @@
 // __syncthreads() is a std::barrier over the block's threads. Dynamic shared memory is a fresh
 // buffer per block filled with 0xFF bytes (NaN as float or double, so a read of a location that
 // was never written shows up in the results) and surrounded by guard bytes that are checked
-// after the block (an out-of-range shared-memory write makes cudaGetLastError() fail).
+// after the block (an out-of-range shared-memory write makes cudaGetLastError() fail; so does
+// an ldmatrix / stmatrix row address that is not 16-byte aligned).
 // Warp-level instructions of the tensor-core kernel (ldmatrix, movmatrix, stmatrix, mma.sync) are
 // collective over the 32 threads of a warp: every lane deposits its operands, the warp meets at
 // a barrier, each lane computes its own results from all deposits with the PTX ISA's fragment
@@ -55,6 +56,7 @@ typedef void* cudaStream_t;
 constexpr cudaError_t cudaSuccess = 0;
 constexpr cudaError_t cudaErrorInvalidValue = 1;
 constexpr cudaError_t cudaErrorIllegalAddress = 700;
+constexpr cudaError_t cudaErrorMisalignedAddress = 716;
 constexpr cudaError_t cudaErrorAssert = 710;
 enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
@@ -88,6 +90,15 @@ inline std::atomic<bool>& assert_raised() {
   return a;
 }
 inline void device_assert_fail(const char*) { assert_raised() = true; }
+// A row address of ldmatrix / stmatrix that is not 16-byte aligned (a fault on a GPU): the
+// launch reports cudaErrorMisalignedAddress.
+inline std::atomic<bool>& misaligned() {
+  static std::atomic<bool> a{false};
+  return a;
+}
+inline void check_row_aligned(const void* row) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) misaligned() = true;
+}
 
 // The exchange area of one warp's collective instructions.
 struct Warp {
@@ -151,6 +162,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
         last_error() = cudaErrorIllegalAddress;
     }
     if (assert_raised().exchange(false)) last_error() = cudaErrorAssert;
+    if (misaligned().exchange(false)) last_error() = cudaErrorMisalignedAddress;
   }
 }
 
@@ -194,6 +206,7 @@ inline void warp_ldmatrix(uint32_t* r, const uint16_t* row, int nm, bool trans) 
   Warp& w = *state().warp;
   const int lane = lane_id();
   w.addr[lane] = row;
+  if (lane < 8 * nm) check_row_aligned(row);
   w.barrier.arrive_and_wait();
   for (int j = 0; j < nm; ++j) {
     uint16_t e[2];
@@ -237,6 +250,7 @@ inline void warp_stmatrix_trans(uint16_t* row, const uint32_t* r, int nm) {
   const int lane = lane_id();
   w.addr[lane] = row;
   for (int j = 0; j < nm; ++j) w.regs[lane][j] = r[j];
+  if (lane < 8 * nm) check_row_aligned(row);
   w.barrier.arrive_and_wait();
   if (lane < 8 * nm) {
     const int j = lane / 8, c = lane % 8;
