@@ -451,11 +451,11 @@ def _smallest_loop(ins, loops, *needles):
 
 def _layer_model(ins, loops, mt: int) -> dict:
     """k16 / k8 costs of one inlined mma_layer among ``loops``: per k-step of a k16 / k8 item
-    (the innermost loop holding that HMMA and ldmatrix.trans, divided by its unroll factor: the
-    number of ldmatrix.trans over mt), per item besides its k-steps (the enclosing loop minus
-    the k-step loop and its remainder copies; a straight-line item, whose innermost loop
-    already holds the result stores, is that loop). Items of two output blocks (two HMMAs per
-    ldmatrix: the forward's pair items) are "k16p" / "k8p"."""
+    (the innermost loop holding that HMMA and ldmatrix.trans), per item besides its k-steps
+    (the enclosing loop minus the k-step loop; a straight-line item, whose innermost loop
+    already holds the result stores, is that loop). The kernel's item loops are not unrolled.
+    Items of two output blocks (two HMMAs per ldmatrix: pair items) are "k16p" / "k8p"; items
+    of two groups of one block each (two ldmatrix per row block) are "k8g"."""
     def ops(lp):
         return [op for ad, _, op, _ in ins if lp[0] <= ad <= lp[1]]
 
@@ -469,13 +469,15 @@ def _layer_model(ins, loops, mt: int) -> dict:
             body = ops(kl)
             lds = sum(1 for o in body if o.startswith("LDSM.16.MT88"))
             nb = max(1, round(sum(1 for o in body if o.startswith(needle)) / lds))
-            key = name if nb == 1 else f"{name}p"
+            # the item loops are not unrolled (#pragma unroll 1): two ldmatrix.trans per
+            # row block are the items of two groups ("k8g": own activations each)
+            groups2 = nb == 1 and lds == 2 * mt
+            key = name if nb == 1 and not groups2 else f"{name}{'g' if groups2 else 'p'}"
             if key in out:
                 continue  # the smallest loop of each kind
-            unroll = max(1, round(lds / mt))
+            unroll = 1
             if any(op.startswith("STS") for op in body):
-                # no k-step loop (the k8 item is straight-line): the loop is the item loop, with
-                # as many items per iteration as it holds ldmatrix.trans over mt (unrolling)
+                # no k-step loop (the k8 item is straight-line): the loop is the item loop
                 whole = _region_counts(ins, kl[0], kl[1])
                 out[key] = {"step": _combine(), "item": _combine((1.0 / unroll, whole)),
                             "unroll": unroll}
@@ -754,14 +756,17 @@ def _cl_cost(model, kind, c):
     return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"], 64
 
 
-def _mma_item_kind(costs, outs, ins):
-    """(cost key, items per group) of a tensor-core layer of groups of ``ins`` inputs and
-    ``outs`` outputs: "k8" (at most 8 inputs) or "k16"; the pair items ("k8p" / "k16p", two
-    blocks of 8 outputs each) where the kernel has them and the blocks pair up."""
+def _mma_item_kind(costs, groups, outs, ins):
+    """(cost key, items per group) of a tensor-core layer of ``groups`` groups of ``ins``
+    inputs and ``outs`` outputs: "k8" (at most 8 inputs) or "k16"; the pair items ("k8p" /
+    "k16p", two blocks of 8 outputs each) where the kernel has them and the blocks pair up; the
+    items of two groups ("k8g", half an item per group) for k8 groups of one block."""
     blocks = -(-outs // 8)
     kind = "k8" if ins <= 8 else "k16"
     if blocks % 2 == 0 and f"{kind}p" in costs:
         return f"{kind}p", blocks // 2
+    if kind == "k8" and blocks == 1 and groups % 2 == 0 and "k8g" in costs:
+        return "k8g", 0.5
     return kind, blocks
 
 
@@ -770,8 +775,8 @@ def _mma_layer_terms(costs, groups, outs, ins) -> list:
     items, each ceil(ins / 16) k-steps (one for at most 8 inputs), with the item and k-step
     costs of ``costs["k8"]`` or ``costs["k16"]`` (by the inputs per group); where the kernel
     has pair items ("k8p" / "k16p") and a group's blocks of 8 outputs pair up, half as many
-    items with the pair costs."""
-    kind, blocks = _mma_item_kind(costs, outs, ins)
+    items with the pair costs; likewise half as many "k8g" items (two groups each)."""
+    kind, blocks = _mma_item_kind(costs, groups, outs, ins)
     items = groups * blocks
     k = costs[kind]
     return [(items, k["item"]), (items * (1 if ins <= 8 else -(-ins // 16)), k["step"])]
@@ -797,7 +802,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
         pair_layers = 0
         for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
             terms += _mma_layer_terms(model, g, cout // g, n)
-            pair_layers += _mma_item_kind(model, cout // g, n)[0].endswith("p")
+            pair_layers += _mma_item_kind(model, g, cout // g, n)[0][-1] in "pg"
         for layout in layouts:
             cl = layout == "channels_last"
             # per counted unit: a 16-byte vector per lane of a warp (NCHW, and

@@ -615,10 +615,12 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // the rows of the layer's inputs in `in` (gather of the previous layer; null: identity).
 // A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
 // activation fragments, row look-ups and loop step between two blocks (tiles of 16 and 32
-// positions, where a group's blocks pair up); the caller guarantees ml.nblk % NB == 0.
+// positions, where a group's blocks pair up); the caller guarantees ml.nblk % NB == 0. With
+// kGroups, an item is NB consecutive groups of one block each (ml.nblk == 1, d.groups % NB ==
+// 0): each has its own activations, and they share the loop step and the set-up.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
-template <class Fmt, int MT, int K, int NB = 1>
+template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
@@ -628,8 +630,9 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tig = lane & 3;
-  const int nsb = ml.nblk / NB;  // items per group
-  const int items = d.groups * nsb;
+  constexpr int NA = kGroups ? NB : 1;  // activation operands per item
+  const int nsb = kGroups ? 1 : ml.nblk / NB;  // items per group (kGroups: per NB groups)
+  const int items = kGroups ? d.groups / NB : d.groups * nsb;
   const float* bias = d.has_bias ? B + d.b_off : nullptr;
   // the ldmatrix piece this lane addresses: input k_lane of the k-step, positions +pos_lane
   const int mat = K == 16 ? lane >> 3 : (lane >> 3) & 1;
@@ -639,16 +642,21 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   // item = g * nsb + sb, stepped by kWarps without a division per item
   int g = warp / nsb, sb = warp - g * nsb;
   const int gstep = kWarps / nsb, sbstep = kWarps - gstep * nsb;
+  // not unrolled: tools/gpu_static.py tells the items of two groups from single ones by
+  // their two ldmatrix per row block, which an unrolled loop of single items would also show
+#pragma unroll 1
   for (int item = warp; item < items; item += kWarps) {
-    const int b = sb * NB;  // the item's first block
+    const int g0 = kGroups ? g * NB : g;  // the item's first group
+    const int b = kGroups ? 0 : sb * NB;  // and its first block
     // The accumulators start at the bias: a k8 item's one k-step takes it as its c operand
     // (no register copies); a k16 item sets them first.
     float binit[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
-      const int o = 8 * (b + nb) + 2 * tig;  // this lane's first output column in the group
-      const float b0 = (bias && o < d.m) ? bias[g * d.m + o] : 0.0f;
-      const float b1 = (bias && o + 1 < d.m) ? bias[g * d.m + o + 1] : 0.0f;
+      const int gg = kGroups ? g0 + nb : g0, bb = kGroups ? b : b + nb;
+      const int o = 8 * bb + 2 * tig;  // this lane's first output column in the group
+      const float b0 = (bias && o < d.m) ? bias[gg * d.m + o] : 0.0f;
+      const float b1 = (bias && o + 1 < d.m) ? bias[gg * d.m + o + 1] : 0.0f;
       binit[nb][0] = b0;
       binit[nb][1] = b1;
       binit[nb][2] = b0;
@@ -678,41 +686,57 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         breg[nb][1] = bw.y;
       }
       const int kk = ks * 16 + k_lane;
-      // this lane's row; the padding lanes read the zero row
+      // this lane's row (per activation operand); the padding lanes read the zero row
       const bool valid = kk < d.n;
-      int row = 0;
-      if (valid) {
-        const int j = g * d.n + kk;
-        row = in_rows ? in_rows[j] : j;
+      int row[NA];
+#pragma unroll
+      for (int na = 0; na < NA; ++na) {
+        row[na] = 0;
+        if (valid) {
+          const int j = (g0 + na) * d.n + kk;
+          row[na] = in_rows ? in_rows[j] : j;
+        }
       }
-      // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
-      // instruction), shared by the item's NB products. With several row blocks, the row
-      // start and its swizzle are computed once, then one chunk of 8 positions per block (for
-      // a single block that counted more instructions in the SASS).
+      // one ldmatrix for the whole warp per row block and operand (.aligned: no lane may take
+      // another instruction), shared by the item's products of that operand. With several row
+      // blocks, the row start and its swizzle are computed once, then one chunk of 8 positions
+      // per block (for a single block that counted more instructions in the SASS).
       if constexpr (MT == 1) {
-        uint32_t a[4];
-        ldmatrix_trans<K == 16 ? 4 : 2>(a, valid ? in : zero,
-                                        valid ? mma_elem<TP>(row, pos_lane, s_in) : pos_lane);
+        uint32_t a[NA][4];
+#pragma unroll
+        for (int na = 0; na < NA; ++na)
+          ldmatrix_trans<K == 16 ? 4 : 2>(
+              a[na], valid ? in : zero, valid ? mma_elem<TP>(row[na], pos_lane, s_in) : pos_lane);
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb)
-          mma_sync<Fmt, K>(acc[nb][0], a, breg[nb], K == 8 ? binit[nb] : acc[nb][0]);
+          mma_sync<Fmt, K>(acc[nb][0], a[kGroups ? nb : 0], breg[nb],
+                           K == 8 ? binit[nb] : acc[nb][0]);
       } else {
-        const int e = valid ? mma_elem<TP>(row, 0, s_in) : 0;
-        const int sw = e & ((TP / 8 - 1) << 3);
-        const uint16_t* rp = (valid ? in : zero) + (e - sw);
+        const uint16_t* rp[NA];
+        int sw[NA];
+#pragma unroll
+        for (int na = 0; na < NA; ++na) {
+          const int e = valid ? mma_elem<TP>(row[na], 0, s_in) : 0;
+          sw[na] = e & ((TP / 8 - 1) << 3);
+          rp[na] = (valid ? in : zero) + (e - sw[na]);
+        }
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          uint32_t a[4];
-          ldmatrix_trans<K == 16 ? 4 : 2>(a, rp, (mt * 16 + pos_lane) ^ sw);
+          uint32_t a[NA][4];
+#pragma unroll
+          for (int na = 0; na < NA; ++na)
+            ldmatrix_trans<K == 16 ? 4 : 2>(a[na], rp[na], (mt * 16 + pos_lane) ^ sw[na]);
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb)
-            mma_sync<Fmt, K>(acc[nb][mt], a, breg[nb], K == 8 ? binit[nb] : acc[nb][mt]);
+            mma_sync<Fmt, K>(acc[nb][mt], a[kGroups ? nb : 0], breg[nb],
+                             K == 8 ? binit[nb] : acc[nb][mt]);
         }
       }
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
-      mma_store_block<Fmt, MT>(acc[nb], g, b + nb, d, out, s_out, zero, out_rows);
+      mma_store_block<Fmt, MT>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d, out,
+                               s_out, zero, out_rows);
     sb += sbstep;
     g += gstep;
     if (sb >= nsb) {
@@ -722,9 +746,9 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   }
 }
 
-// Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up. (With 64
-// positions the pair items' accumulators took the forward to 97 registers, past the 85 of three
-// CTAs per SM.)
+// Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up, else,
+// for k8 groups of one block, items of two groups. (With 64 positions the pair items'
+// accumulators took the forward to 97 registers, past the 85 of three CTAs per SM.)
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in, int s_in,
@@ -736,6 +760,9 @@ __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, 
       mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
     else
       mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+  } else if (MT <= 2 && ml.k8 && ml.nblk == 1 && d.groups % 2 == 0) {
+    mma_layer_k<Fmt, MT, 8, 2, true>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero,
+                                     out_rows);
   } else if (ml.k8) {
     mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
   } else {
