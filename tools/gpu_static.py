@@ -451,11 +451,12 @@ def _smallest_loop(ins, loops, *needles):
 
 def _layer_model(ins, loops, mt: int) -> dict:
     """k16 / k8 costs of one inlined mma_layer among ``loops``: per k-step of a k16 / k8 item
-    (the innermost loop holding that HMMA and ldmatrix.trans), per item besides its k-steps
-    (the enclosing loop minus the k-step loop; a straight-line item, whose innermost loop
-    already holds the result stores, is that loop). The kernel's item loops are not unrolled.
-    Items of two output blocks (two HMMAs per ldmatrix: pair items) are "k16p" / "k8p"; items
-    of two groups of one block each (two ldmatrix per row block) are "k8g"."""
+    (the innermost loop holding that HMMA and ldmatrix.trans, divided by its unroll factor: the
+    number of ldmatrix.trans over mt), per item besides its k-steps (the enclosing loop minus
+    the k-step loop and its remainder copies; a straight-line item, whose innermost loop
+    already holds the result stores, is that loop). Items of two output blocks (two HMMAs per
+    ldmatrix: pair items) are "k16p" / "k8p"; k8 items of two groups of one block each (one
+    ldmatrix x4 for both groups' activations) are "k8g"."""
     def ops(lp):
         return [op for ad, _, op, _ in ins if lp[0] <= ad <= lp[1]]
 
@@ -469,15 +470,18 @@ def _layer_model(ins, loops, mt: int) -> dict:
             body = ops(kl)
             lds = sum(1 for o in body if o.startswith("LDSM.16.MT88"))
             nb = max(1, round(sum(1 for o in body if o.startswith(needle)) / lds))
-            # the item loops are not unrolled (#pragma unroll 1): two ldmatrix.trans per
-            # row block are the items of two groups ("k8g": own activations each)
-            groups2 = nb == 1 and lds == 2 * mt
+            # k8 items of two groups load both groups' activations with one ldmatrix x4
+            # (single k8 items: x2) and feed two HMMAs from it, like the pair items
+            groups2 = name == "k8" and any(o.startswith("LDSM.16.MT88.4") for o in body)
+            if groups2:
+                nb = 1
             key = name if nb == 1 and not groups2 else f"{name}{'g' if groups2 else 'p'}"
             if key in out:
                 continue  # the smallest loop of each kind
-            unroll = 1
+            unroll = max(1, round(lds / mt))
             if any(op.startswith("STS") for op in body):
-                # no k-step loop (the k8 item is straight-line): the loop is the item loop
+                # no k-step loop (the k8 item is straight-line): the loop is the item loop, with
+                # as many items per iteration as it holds ldmatrix.trans over mt (unrolling)
                 whole = _region_counts(ins, kl[0], kl[1])
                 out[key] = {"step": _combine(), "item": _combine((1.0 / unroll, whole)),
                             "unroll": unroll}

@@ -616,8 +616,9 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
 // activation fragments, row look-ups and loop step between two blocks (tiles of 16 and 32
 // positions, where a group's blocks pair up); the caller guarantees ml.nblk % NB == 0. With
-// kGroups, an item is NB consecutive groups of one block each (ml.nblk == 1, d.groups % NB ==
-// 0): each has its own activations, and they share the loop step and the set-up.
+// kGroups (k8, NB = 2), an item is two consecutive groups of one block each (ml.nblk == 1,
+// d.groups even): one ldmatrix x4 loads both groups' activations, and they share the loop step
+// and the set-up.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
 template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false>
@@ -630,7 +631,6 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tig = lane & 3;
-  constexpr int NA = kGroups ? NB : 1;  // activation operands per item
   const int nsb = kGroups ? 1 : ml.nblk / NB;  // items per group (kGroups: per NB groups)
   const int items = kGroups ? d.groups / NB : d.groups * nsb;
   const float* bias = d.has_bias ? B + d.b_off : nullptr;
@@ -642,9 +642,6 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   // item = g * nsb + sb, stepped by kWarps without a division per item
   int g = warp / nsb, sb = warp - g * nsb;
   const int gstep = kWarps / nsb, sbstep = kWarps - gstep * nsb;
-  // not unrolled: tools/gpu_static.py tells the items of two groups from single ones by
-  // their two ldmatrix per row block, which an unrolled loop of single items would also show
-#pragma unroll 1
   for (int item = warp; item < items; item += kWarps) {
     const int g0 = kGroups ? g * NB : g;  // the item's first group
     const int b = kGroups ? 0 : sb * NB;  // and its first block
@@ -686,49 +683,38 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         breg[nb][1] = bw.y;
       }
       const int kk = ks * 16 + k_lane;
-      // this lane's row (per activation operand); the padding lanes read the zero row
+      // this lane's row; the padding lanes read the zero row. With kGroups (k8), lanes 16..31
+      // address the second group's rows, so that one ldmatrix x4 loads both operands.
       const bool valid = kk < d.n;
-      int row[NA];
-#pragma unroll
-      for (int na = 0; na < NA; ++na) {
-        row[na] = 0;
-        if (valid) {
-          const int j = (g0 + na) * d.n + kk;
-          row[na] = in_rows ? in_rows[j] : j;
-        }
+      int row = 0;
+      if (valid) {
+        const int j = (g0 + (kGroups ? lane >> 4 : 0)) * d.n + kk;
+        row = in_rows ? in_rows[j] : j;
       }
-      // one ldmatrix for the whole warp per row block and operand (.aligned: no lane may take
-      // another instruction), shared by the item's products of that operand. With several row
-      // blocks, the row start and its swizzle are computed once, then one chunk of 8 positions
-      // per block (for a single block that counted more instructions in the SASS).
+      // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
+      // instruction), shared by the item's products. With several row blocks, the row start
+      // and its swizzle are computed once, then one chunk of 8 positions per block (for a
+      // single block that counted more instructions in the SASS).
+      constexpr int NM = (K == 16 || kGroups) ? 4 : 2;  // 8x8 matrices per ldmatrix
       if constexpr (MT == 1) {
-        uint32_t a[NA][4];
-#pragma unroll
-        for (int na = 0; na < NA; ++na)
-          ldmatrix_trans<K == 16 ? 4 : 2>(
-              a[na], valid ? in : zero, valid ? mma_elem<TP>(row[na], pos_lane, s_in) : pos_lane);
+        uint32_t a[4];
+        ldmatrix_trans<NM>(a, valid ? in : zero,
+                           valid ? mma_elem<TP>(row, pos_lane, s_in) : pos_lane);
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb)
-          mma_sync<Fmt, K>(acc[nb][0], a[kGroups ? nb : 0], breg[nb],
+          mma_sync<Fmt, K>(acc[nb][0], a + (kGroups ? 2 * nb : 0), breg[nb],
                            K == 8 ? binit[nb] : acc[nb][0]);
       } else {
-        const uint16_t* rp[NA];
-        int sw[NA];
-#pragma unroll
-        for (int na = 0; na < NA; ++na) {
-          const int e = valid ? mma_elem<TP>(row[na], 0, s_in) : 0;
-          sw[na] = e & ((TP / 8 - 1) << 3);
-          rp[na] = (valid ? in : zero) + (e - sw[na]);
-        }
+        const int e = valid ? mma_elem<TP>(row, 0, s_in) : 0;
+        const int sw = e & ((TP / 8 - 1) << 3);
+        const uint16_t* rp = (valid ? in : zero) + (e - sw);
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt) {
-          uint32_t a[NA][4];
-#pragma unroll
-          for (int na = 0; na < NA; ++na)
-            ldmatrix_trans<K == 16 ? 4 : 2>(a[na], rp[na], (mt * 16 + pos_lane) ^ sw[na]);
+          uint32_t a[4];
+          ldmatrix_trans<NM>(a, rp, (mt * 16 + pos_lane) ^ sw);
 #pragma unroll
           for (int nb = 0; nb < NB; ++nb)
-            mma_sync<Fmt, K>(acc[nb][mt], a[kGroups ? nb : 0], breg[nb],
+            mma_sync<Fmt, K>(acc[nb][mt], a + (kGroups ? 2 * nb : 0), breg[nb],
                              K == 8 ? binit[nb] : acc[nb][mt]);
         }
       }
