@@ -438,17 +438,6 @@ def _combine(*terms) -> dict:
     return out
 
 
-def _smallest_loop(ins, loops, *needles):
-    """The smallest loop whose body holds an opcode starting with each of ``needles``."""
-    best = None
-    for a, b, _ in loops:
-        ops = [op for ad, _, op, _ in ins if a <= ad <= b]
-        if all(any(o.startswith(n) for o in ops) for n in needles):
-            if best is None or b - a < best[1] - best[0]:
-                best = (a, b)
-    return best
-
-
 def _layer_model(ins, loops, mt: int) -> dict:
     """k16 / k8 costs of one inlined mma_layer among ``loops``: per k-step of a k16 / k8 item
     (the innermost loop holding that HMMA and ldmatrix.trans, divided by its unroll factor: the
@@ -469,13 +458,15 @@ def _layer_model(ins, loops, mt: int) -> dict:
         for kl in sorted(inner, key=lambda lp: lp[1] - lp[0]):
             body = ops(kl)
             lds = sum(1 for o in body if o.startswith("LDSM.16.MT88"))
-            nb = max(1, round(sum(1 for o in body if o.startswith(needle)) / lds))
-            # k8 items of two groups load both groups' activations with one ldmatrix x4
-            # (single k8 items: x2) and feed two HMMAs from it, like the pair items
-            groups2 = name == "k8" and any(o.startswith("LDSM.16.MT88.4") for o in body)
-            if groups2:
-                nb = 1
-            key = name if nb == 1 and not groups2 else f"{name}{'g' if groups2 else 'p'}"
+            hmma = sum(1 for o in body if o.startswith(needle))
+            if name == "k8" and any(o.startswith("LDSM.16.MT88.4") for o in body):
+                # k8 items of two groups: one ldmatrix x4 loads both groups' activations (single
+                # k8 items: x2) and feeds two HMMAs, like the pair items
+                key = "k8g"
+            elif hmma >= 2 * lds:
+                key = f"{name}p"  # two HMMAs per ldmatrix: an item of two output blocks
+            else:
+                key = name
             if key in out:
                 continue  # the smallest loop of each kind
             unroll = max(1, round(lds / mt))

@@ -639,7 +639,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   const int k_lane = (K == 16 ? (mat >> 1) * 8 : 0) + (lane & 7);
   const int pos_lane = (mat & 1) * 8;
   constexpr int kWarps = kThreads / 32;
-  // item = g * nsb + sb, stepped by kWarps without a division per item
+  // item = g * nsb + sb, stepped by kWarps without a division per item (kGroups: g counts
+  // pairs of groups, sb stays 0)
   int g = warp / nsb, sb = warp - g * nsb;
   const int gstep = kWarps / nsb, sbstep = kWarps - gstep * nsb;
   for (int item = warp; item < items; item += kWarps) {
@@ -782,8 +783,9 @@ __global__ void __launch_bounds__(kThreads, 2)
   int64_t* off_y = off_x + TP;
   for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
   // The tile loads' and stores' arguments (index, layouts, the last gather) are computed at
-  // each call from the parameters, not kept live across the calls: values live across a call
-  // beyond the callee-saved registers are spilled.
+  // each call from the parameters, not kept live across the calls (sm_90, 64-position tile:
+  // 77 registers, three CTAs per SM; hoisted out of the tile loop: 82, two CTAs. Before the
+  // launch bounds, the sm_80 build spilled with them hoisted).
   const int64_t ntiles = (P + TP - 1) / TP;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int64_t p0 = tile * TP;
