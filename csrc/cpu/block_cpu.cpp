@@ -40,6 +40,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -129,7 +130,8 @@ struct BlockCtx {
   // scratch: [row][padded column][cp channels], channel o holding input channel o / m (so a
   // channel multiplier is a plain depth-wise product), computed 16 channels per vector.
   bool cl = false;
-  int64_t cp = 0;                // channels per scratch position (C_s rounded up to LANES)
+  int64_t cp = 0;                // channels computed per position (C_s rounded up to LANES)
+  int64_t cps = 0;               // floats per scratch position (cp, or more: see cl_fill_impl)
   int64_t scr_ch = 0;            // planar: C_{s-1} channel planes; channels-last: 1
   const int32_t* exp_rows = nullptr;  // channels-last: buffer row of scratch channel o
   // channels-last, no prefix: scratch channel o is x's channel o (no input index or channel
@@ -147,6 +149,9 @@ struct BlockCtx {
   std::vector<const float*> cl_packed;
   std::vector<std::vector<int32_t>> cl_cols;
   std::vector<int32_t> cl_ymap;
+  // The store's vectors of y channels (cl_store_plan): y channels 16 v .. 16 v + 15 are lanes
+  // cl_ysel[16 v ..] of the 32 tile columns from cl_ybase[v]; -1: stored channel by channel.
+  std::vector<int32_t> cl_ybase, cl_ysel;
 };
 
 // unit_length's grain for the block's tiles; 0 for tiles that are always computed whole
@@ -271,7 +276,7 @@ IGC_INLINE void scratch_offsets(const BlockCtx<scalar_t, acc_t>& k, int64_t p0, 
   for (int t = 0; t < tvalid; ++t) {
     const int64_t iy = (p0 + t) / k.Wd, ix = (p0 + t) - iy * k.Wd;
     if (k.cl) {
-      dst[t] = (iy - row0) * k.row_len + (ix + k.pad) * k.cp;
+      dst[t] = (iy - row0) * k.row_len + (ix + k.pad) * k.cps;
     } else {
       const int64_t cp = ix + k.pad;
       dst[t] = (iy - row0) * k.row_len + (cp % k.s) * k.wph + cp / k.s;
@@ -347,13 +352,13 @@ IGC_INLINE void zero_padding(const BlockCtx<scalar_t, acc_t>& k, int64_t row0, i
       if (iy < 0 || iy >= k.H) {
         std::fill(row, row + k.row_len, acc_t(0));
       } else {
-        std::fill(row, row + k.pad * k.cp, acc_t(0));
-        std::fill(row + (k.pad + k.Wd) * k.cp, row + k.row_len, acc_t(0));
-        // channels past C_s of the image's columns (never written; reused memory)
+        std::fill(row, row + k.pad * k.cps, acc_t(0));
+        std::fill(row + (k.pad + k.Wd) * k.cps, row + k.row_len, acc_t(0));
+        // channels past C_s of the image's columns (not all written; reused memory)
         const int64_t cs_out = k.C[k.sl + 1];
-        if (cs_out < k.cp)
+        if (cs_out < k.cps)
           for (int64_t c = k.pad; c < k.pad + k.Wd; ++c)
-            std::fill(row + c * k.cp + cs_out, row + (c + 1) * k.cp, acc_t(0));
+            std::fill(row + c * k.cps + cs_out, row + (c + 1) * k.cps, acc_t(0));
       }
     }
     return;
@@ -380,31 +385,54 @@ IGC_INLINE void zero_padding(const BlockCtx<scalar_t, acc_t>& k, int64_t row0, i
 }
 
 // The depth-wise layer on one tile of outputs from the channels-last scratch: for every block of
-// LANES channels, the K*K tap weights stay in registers (K = 3) and each output position is K*K
-// vector FMAs, addressed per kernel row (row pointer + kx * cp), the activation specialised;
-// results to tmp, [position][cp].
-template <int K, int ACT, typename scalar_t, typename acc_t>
+// LANES channels, the K*K tap weights stay in registers and each output position is K*K vector
+// FMAs, the activation specialised; results to tmp, [position][cp]. Runs of P positions of one
+// output row (stride ST) are computed together: each kernel row's (P - 1) ST + K input columns
+// are loaded once and shared by the P positions (P K K FMAs on (P - 1) ST + K loads per kernel
+// row, against one load per FMA a position at a time), and the P chains of dependent FMAs
+// overlap. Positions of shorter runs go one at a time.
+template <int K, int ST, int ACT, typename scalar_t, typename acc_t>
 IGC_INLINE void depthwise_rows(const BlockCtx<scalar_t, acc_t>& k, const int64_t* base,
                                int tvalid, const acc_t* scratch, acc_t* tmp) {
   using S = Simd<acc_t>;
   using V = typename S::V;
-  constexpr int KK = K * K;
-  const int64_t cp = k.cp, row_len = k.row_len;
+  constexpr int KK = K * K, P = 4, NC = (P - 1) * ST + K;
+  const int64_t cp = k.cp, cps = k.cps, row_len = k.row_len;
   for (int64_t c0 = 0; c0 < cp; c0 += S::LANES) {
     V w[KK];
-#pragma GCC unroll 9
+#pragma GCC unroll 49
     for (int i = 0; i < KK; ++i) w[i] = S::load(k.wt + i * cp + c0);
     const V b = S::load(k.bt + c0);
-    for (int t = 0; t < tvalid; ++t) {
+    for (int t = 0; t < tvalid;) {
+      if (t + P <= tvalid && base[t + P - 1] - base[t] == (P - 1) * ST * cps) {
+        const acc_t* src = scratch + base[t] + c0;
+        V a[P];
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) a[p] = b;
+#pragma GCC unroll 7
+        for (int ky = 0; ky < K; ++ky) {
+          const acc_t* r = src + ky * row_len;
+          V col[NC];
+#pragma GCC unroll 16
+          for (int j = 0; j < NC; ++j) col[j] = S::load(r + j * cps);
+#pragma GCC unroll 7
+          for (int kx = 0; kx < K; ++kx)
+#pragma GCC unroll 4
+            for (int p = 0; p < P; ++p) a[p] += w[ky * K + kx] * col[p * ST + kx];
+        }
+#pragma GCC unroll 4
+        for (int p = 0; p < P; ++p) S::store(tmp + (t + p) * cp + c0, activate_vec<ACT>(a[p]));
+        t += P;
+        continue;
+      }
       const acc_t* src = scratch + base[t] + c0;
       V a = b;
 #pragma GCC unroll 7
-      for (int ky = 0; ky < K; ++ky) {
-        const acc_t* r = src + ky * row_len;
+      for (int ky = 0; ky < K; ++ky)
 #pragma GCC unroll 7
-        for (int kx = 0; kx < K; ++kx) a += w[ky * K + kx] * S::load(r + kx * cp);
-      }
+        for (int kx = 0; kx < K; ++kx) a += w[ky * K + kx] * S::load(src + ky * row_len + kx * cps);
       S::store(tmp + t * cp + c0, activate_vec<ACT>(a));
+      ++t;
     }
   }
 }
@@ -412,16 +440,20 @@ IGC_INLINE void depthwise_rows(const BlockCtx<scalar_t, acc_t>& k, const int64_t
 template <int ACT, typename scalar_t, typename acc_t>
 IGC_INLINE void depthwise_k(const BlockCtx<scalar_t, acc_t>& k, const int64_t* base, int tvalid,
                             const acc_t* scratch, acc_t* tmp) {
+  const bool s2 = k.s == 2;
   switch (k.k) {
-    case 3: return depthwise_rows<3, ACT>(k, base, tvalid, scratch, tmp);
-    case 5: return depthwise_rows<5, ACT>(k, base, tvalid, scratch, tmp);
-    default: return depthwise_rows<7, ACT>(k, base, tvalid, scratch, tmp);
+    case 3:
+      return s2 ? depthwise_rows<3, 2, ACT>(k, base, tvalid, scratch, tmp)
+                : depthwise_rows<3, 1, ACT>(k, base, tvalid, scratch, tmp);
+    case 5:
+      return s2 ? depthwise_rows<5, 2, ACT>(k, base, tvalid, scratch, tmp)
+                : depthwise_rows<5, 1, ACT>(k, base, tvalid, scratch, tmp);
+    default:
+      return s2 ? depthwise_rows<7, 2, ACT>(k, base, tvalid, scratch, tmp)
+                : depthwise_rows<7, 1, ACT>(k, base, tvalid, scratch, tmp);
   }
 }
 
-// The spatial layer for output positions q0 .. q0+tvalid-1 (flat within the image) from the
-// scratch of a band starting at input row row0, activated, into the tile out: channels-last
-// (depth-wise), through tmp ([position][cp]) and a transposed load; planar, directly.
 // The depth-wise layer (channels-last scratch) for output positions q0 .. q0+tvalid-1 (flat
 // within the image), activated, into tmp ([position][cp]).
 template <typename scalar_t, typename acc_t>
@@ -430,7 +462,7 @@ IGC_INLINE void depthwise_tile(const BlockCtx<scalar_t, acc_t>& k, int64_t q0, i
   int64_t base[TILE];
   for (int t = 0; t < tvalid; ++t) {
     const int64_t oy = (q0 + t) / k.Wo, ox = (q0 + t) - oy * k.Wo;
-    base[t] = (oy * k.s - k.pad - row0) * k.row_len + ox * k.s * k.cp;
+    base[t] = (oy * k.s - k.pad - row0) * k.row_len + ox * k.s * k.cps;
   }
   switch (k.act[k.sl]) {
     case kRelu: return depthwise_k<kRelu>(k, base, tvalid, scratch, tmp);
@@ -440,6 +472,9 @@ IGC_INLINE void depthwise_tile(const BlockCtx<scalar_t, acc_t>& k, int64_t q0, i
   }
 }
 
+// The spatial layer for output positions q0 .. q0+tvalid-1 (flat within the image) from the
+// scratch of a band starting at input row row0, activated, into the tile out: channels-last
+// (depth-wise), through tmp ([position][cp]) and a transposed load; planar, directly.
 template <typename scalar_t, typename acc_t>
 IGC_INLINE void spatial_layer(const BlockCtx<scalar_t, acc_t>& k, int64_t q0, int tvalid,
                               int64_t row0, int64_t plane, const acc_t* scratch, acc_t* tmp,
@@ -531,14 +566,20 @@ IGC_INLINE const float* cl_x_rows(const ClCtx& k, int64_t g0, int tvalid, float*
   return buf;
 }
 
+// Layer l on T positions from the rows (in, ldi) to rows (out, ldo), or to out + oofs[t]. One
+// compiled copy per ISA, called by the tile loops (see IGC_DEFINE_LAYERS).
+IGC_TARGET_CLONES void cl_layer_of(const ClCtx& k, int64_t l, const float* in, int64_t ldi,
+                                   float* out, int64_t ldo, const int64_t* oofs, int T) {
+  cl_layer(in, ldi, k.cl_cols[l].data(), k.cl_packed[l], k.G[l], k.n[l], k.m[l], out, ldo, oofs,
+           T, k.act[l]);
+}
+
 // Layers [l0, l1) on T positions from the rows (in, ldi), results alternately in buf[cur] and
-// buf[cur ^ 1]; returns the buffer holding the last one. One compiled copy per ISA, called by
-// the three tile loops (see IGC_DEFINE_LAYERS).
-IGC_TARGET_CLONES int cl_layers(const ClCtx& k, int64_t l0, int64_t l1, const float* in,
-                                int64_t ldi, float* const* buf, int cur, int T) {
+// buf[cur ^ 1]; returns the buffer holding the last one.
+inline int cl_layers(const ClCtx& k, int64_t l0, int64_t l1, const float* in, int64_t ldi,
+                     float* const* buf, int cur, int T) {
   for (int64_t l = l0; l < l1; ++l) {
-    cl_layer(in, ldi, k.cl_cols[l].data(), k.cl_packed[l], k.G[l], k.n[l], k.m[l], buf[cur],
-             k.cl_ld, T, k.act[l]);
+    cl_layer_of(k, l, in, ldi, buf[cur], k.cl_ld, nullptr, T);
     in = buf[cur];
     ldi = k.cl_ld;
     cur ^= 1;
@@ -546,33 +587,82 @@ IGC_TARGET_CLONES int cl_layers(const ClCtx& k, int64_t l0, int64_t l1, const fl
   return cur ^ 1;
 }
 
+// The vector store's plan for tiles of row stride ld (see BlockCtx::cl_ybase): a vector of 16
+// y channels is one two-source shuffle of the 32 columns from the smallest one it takes (or
+// from ld - 32, so that the loads stay in the row), when they span fewer than 32 columns, as
+// they do after a shuffle of a few groups; else, and for the last partial vector, channel by
+// channel.
+inline void cl_store_plan(ClCtx& k, int64_t ld) {
+  const int64_t CL = k.C[k.L], nvec = CL / kClLanes;
+  k.cl_ybase.assign(static_cast<size_t>(nvec), -1);
+  k.cl_ysel.assign(static_cast<size_t>(nvec * kClLanes), 0);
+  if (ld < 2 * kClLanes) return;
+  for (int64_t v = 0; v < nvec; ++v) {
+    const int32_t* ym = k.cl_ymap.data() + v * kClLanes;
+    const int64_t lo = *std::min_element(ym, ym + kClLanes);
+    const int64_t hi = *std::max_element(ym, ym + kClLanes);
+    const int64_t base = std::min(lo, ld - 2 * kClLanes);
+    if (hi - base >= 2 * kClLanes) continue;
+    k.cl_ybase[v] = static_cast<int32_t>(base);
+    for (int i = 0; i < kClLanes; ++i)
+      k.cl_ysel[v * kClLanes + i] = static_cast<int32_t>(ym[i] - base);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void plan_cl_store(BlockCtx<scalar_t, acc_t>&, int64_t) {}
+inline void plan_cl_store(ClCtx& k, int64_t ld) {
+  if (k.gemm) cl_store_plan(k, ld);
+}
+
 // y at global output positions q0 .. q0+tvalid-1: channel j is column cl_ymap[j] of the tile
-// (+ x channel j).
+// (+ x channel j). Channels-last y: vectors of 16 channels as planned by cl_store_plan.
 IGC_INLINE void cl_store(const ClCtx& k, int64_t q0, int tvalid, const float* tile, int64_t ld) {
   int64_t offy[TILE], offx[TILE];
   tile_offsets(k.y_ix, q0, tvalid, offy);
   if (k.residual) tile_offsets(k.x_ix, q0, tvalid, offx);
   const int64_t CL = k.C[k.L], cs = k.y_ix.chan_stride;
   const int32_t* __restrict ym = k.cl_ymap.data();
+#ifdef IGC_HAVE_SIMD_TRANSPOSE
+  using S = Simd<float>;
+  using M = SimdIndex<float>::M;
+  const int64_t nvec = cs == 1 ? CL / kClLanes : 0;
+#else
+  const int64_t nvec = 0;
+#endif
   for (int t = 0; t < tvalid; ++t) {
     const float* __restrict r = tile + t * ld;
     float* __restrict yd = k.y + offy[t];
-    if (k.residual) {
-      const float* __restrict xr = k.x + offx[t];
-      for (int64_t j = 0; j < CL; ++j) yd[j * cs] = r[ym[j]] + xr[j];
-    } else {
-      for (int64_t j = 0; j < CL; ++j) yd[j * cs] = r[ym[j]];
+    const float* __restrict xr = k.residual ? k.x + offx[t] : nullptr;
+    int64_t j = 0;
+#ifdef IGC_HAVE_SIMD_TRANSPOSE
+    for (int64_t v = 0; v < nvec; ++v) {
+      const int32_t base = k.cl_ybase[v];
+      if (base < 0) continue;
+      M sel;
+      std::memcpy(&sel, k.cl_ysel.data() + v * kClLanes, sizeof sel);
+      S::V o = __builtin_shuffle(S::load(r + base), S::load(r + base + kClLanes), sel);
+      if (xr != nullptr) o += S::load(xr + v * kClLanes);
+      S::store(yd + v * kClLanes, o);
     }
+    for (int64_t v = 0; v < nvec; ++v)  // vectors without a plan
+      if (k.cl_ybase[v] < 0)
+        for (int64_t c = v * kClLanes; c < (v + 1) * kClLanes; ++c)
+          yd[c] = xr != nullptr ? r[ym[c]] + xr[c] : r[ym[c]];
+    j = nvec * kClLanes;
+#endif
+    for (; j < CL; ++j) yd[j * cs] = xr != nullptr ? r[ym[j]] + xr[j] : r[ym[j]];
   }
 }
 
-// Phase 1 (see fill_scratch_impl): the prefix's result rows copied into the scratch's position
-// slots; without a prefix, x's channels (through the input index) straight into them.
+// Phase 1 (see fill_scratch_impl): the prefix, its last layer writing straight into the
+// scratch's position slots (cps floats each, room for the layer's whole row extent; the lanes
+// past C_s hold zeros: zero weights and bias); without a prefix, x's channels (through the
+// input index) copied into them.
 IGC_INLINE void cl_fill_impl(const ClCtx& k, int64_t img, int64_t p_begin, int64_t p_end,
                              int64_t row0, float* scratch, float* const* buf) {
-  using S = Simd<float>;
   int64_t dst[TILE], off[TILE];
-  const int64_t C = k.C[k.sl];
+  const int64_t C = k.C[k.sl], last = k.sl - 1;
   for (int64_t p0 = p_begin; p0 < p_end; p0 += TILE) {
     const int tvalid = static_cast<int>(std::min<int64_t>(TILE, p_end - p0));
     const int64_t g0 = img * k.H * k.Wd + p0;
@@ -585,12 +675,11 @@ IGC_INLINE void cl_fill_impl(const ClCtx& k, int64_t img, int64_t p_begin, int64
     }
     int64_t ldi = 0;
     const float* in = cl_x_rows(k, g0, tvalid, buf[0], &ldi);
-    const float* tl = buf[cl_layers(k, 0, k.sl, in, ldi, buf, in == buf[0] ? 1 : 0, tvalid)];
-    for (int t = 0; t < tvalid; ++t) {
-      const float* __restrict r = tl + t * k.cl_ld;
-      float* __restrict d = scratch + dst[t];
-      for (int64_t c = 0; c < C; c += S::LANES) S::store(d + c, S::load(r + c));
+    if (last > 0) {
+      in = buf[cl_layers(k, 0, last, in, ldi, buf, in == buf[0] ? 1 : 0, tvalid)];
+      ldi = k.cl_ld;
     }
+    cl_layer_of(k, last, in, ldi, scratch, 0, dst, tvalid);
   }
 }
 
@@ -857,7 +946,7 @@ bool setup_cl(ClCtx& k, const ChainDesc& d, int64_t sl, const at::Tensor& x,
   const int64_t share = (out_positions + TILE - 1) / TILE >= 8 * parts
                             ? TILE
                             : std::max<int64_t>(1, (out_positions + parts - 1) / parts);
-  if (choice != "channels_last" && 5 * real * cl_round_up(share) < 4 * computed * share)
+  if (choice != "channels_last" && 4 * real * cl_round_up(share) < 3 * computed * share)
     return false;
   k.cl_packed.assign(static_cast<size_t>(L), nullptr);
   k.cl_cols.assign(static_cast<size_t>(L), {});
@@ -960,6 +1049,7 @@ at::Tensor block_forward_impl(const at::Tensor& x, at::TensorList weights, at::T
     k.P_out = y.numel() / std::max<int64_t>(1, y.size(1));
     setup_cl(k, d, bd.sl, x, packed, spatial ? Ho * Wo : k.P_out, spatial ? x.size(0) : 1);
     if (!spatial) {
+      plan_cl_store(k, k.cl_ld);
       const int64_t grain = unit_grain(k);
       const int64_t unit = grain ? unit_length(k.P_out, 1, at::get_num_threads(), grain) : TILE;
       const int64_t units = (k.P_out + unit - 1) / unit;
@@ -983,7 +1073,10 @@ at::Tensor block_forward_impl(const at::Tensor& x, at::TensorList weights, at::T
     if (k.cl) {
       constexpr int64_t LN = Simd<acc_t>::LANES;
       k.cp = (cs_out + LN - 1) / LN * LN;
-      k.row_len = (Wd + 2 * pad) * k.cp;
+      k.cps = k.cp;
+      if (k.gemm && sl > 0)  // room for the prefix's last layer's row (cl_fill_impl)
+        k.cps = std::max(k.cp, cl_round_up(cl_row_extent(d.G[sl - 1], d.m[sl - 1])));
+      k.row_len = (Wd + 2 * pad) * k.cps;
       k.scr_ch = 1;
       const int32_t* src_rows = sl == 0 ? k.in_rows0 : k.gather[sl - 1];
       exp_rows.resize(static_cast<size_t>(cs_out));
@@ -1030,6 +1123,7 @@ at::Tensor block_forward_impl(const at::Tensor& x, at::TensorList weights, at::T
         bands = true;
       }
     }
+    plan_cl_store(k, sl == d.L - 1 ? k.cp : k.cl_ld);
     if (!bands && N * cs * full_plane * elem <= (int64_t(64) << 20)) {
       // from the output cache: no page faults of a fresh multi-megabyte buffer on every call
       at::Tensor scratch = cached_empty_strided({N * cs * full_plane}, {1},
