@@ -297,7 +297,7 @@ def test_fused_block_inference_tensors_not_packed():
 
 def test_tiles_rule(monkeypatch):
     """Unset, the kernel takes the channels-last tiles unless their vectors of outputs are less
-    than 4/5 as full as vectors of positions: a 7x7 image (49 positions in 64 lanes) with 32-
+    than 3/4 as full as vectors of positions: a 7x7 image (49 positions in 64 lanes) with 32-
     and 16-output groups takes them, a 40x40 one whose layers fill 64% of their output vectors
     (100 and 8 outputs per group) does not; "channel_major" never takes them."""
     monkeypatch.delenv("IGC_CPU_BLOCK_TILES")

@@ -904,7 +904,7 @@ BlockDesc check_block(const at::Tensor& x, at::TensorList weights, at::TensorLis
 
 // Sets up the channels-last tiles (gemm_cl.h) when they apply: float32 x with contiguous
 // channels, packed weights (pack_cl_layer) for every pointwise layer, a spatial layer, if any,
-// depth-wise with one output per input, and vectors of output channels at least 4/5 as full
+// depth-wise with one output per input, and vectors of output channels at least 3/4 as full
 // as the other tiles' vectors of positions would be. Else false: [channel][position] tiles.
 // out_positions: output positions per image (images of them).
 template <typename scalar_t, typename acc_t>
@@ -925,11 +925,12 @@ bool setup_cl(ClCtx& k, const ChainDesc& d, int64_t sl, const at::Tensor& x,
   // Filled lanes: of the channels-last vectors, the pointwise multiply-adds over those
   // computed (a group of m outputs takes m rounded up to LANES); of the [channel][position]
   // tiles, a thread's share of positions over the whole vectors it computes. Channels-last
-  // tiles unless theirs are less than 4/5 as full: they need no transposes, which pays for
+  // tiles unless theirs are less than 3/4 as full: they need no transposes, which pays for
   // some empty lanes (benchmarks/blocks.py, IGCV3Net at batch 1 on two threads, per block:
-  // 7x7 and 14x14 blocks 1.06-1.3x faster on them (filled 100% against 77-88%), the 112x112
-  // and 56x56 stride-2 blocks (83% and 95% against 100%) 1.05-1.08x, the 56x56 stride-1 block
-  // (82%) even, the 112x112 block with 8-output groups (75%) 0.9x).
+  // 7x7 and 14x14 blocks 1.3-1.4x faster on them (filled 100% against 77-88%), the 112x112
+  // and 56x56 stride-2 blocks (83% and 95% against 100%) 1.6x, the 56x56 stride-1 block (82%)
+  // 1.1x, the 112x112 block with 8-output groups (75%) 1.1x; IGCV2's 8-output groups (50%)
+  // stay on the other tiles).
   int64_t real = 0, computed = 0;
   for (int64_t l = 0; l < L; ++l) {
     if (l == sl) continue;

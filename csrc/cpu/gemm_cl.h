@@ -85,15 +85,19 @@ IGC_INLINE void cl_micro(const float* __restrict in, int64_t ldi, const int32_t*
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) acc[r][j] = b;
   }
+  // the rows' addresses, so that each broadcast is one address mode (row + column * 4)
+  const float* rows[R];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) rows[r] = in + r * ldi;
   for (int64_t i = 0; i < n; ++i) {
-    const float* __restrict a = in + cols[i];
+    const int64_t c = cols[i];
     V wv[NB];
 #pragma GCC unroll 8
     for (int j = 0; j < NB; ++j) wv[j] = S::load(w + i * ldw + j * kClLanes);
 #pragma GCC unroll 16
     for (int r = 0; r < R; ++r) {
       // scalar * vector: one broadcast load (S::splat would add a zero vector first)
-      const float av = a[r * ldi];
+      const float av = rows[r][c];
 #pragma GCC unroll 8
       for (int j = 0; j < NB; ++j) acc[r][j] += av * wv[j];
     }
