@@ -7,13 +7,13 @@
 // transposes from and to channels-last tensors.
 //
 // Weights are packed once per layer (pack_cl_layer): per group, mp = m rounded up to LANES
-// outputs (zero padded) in the blocks of NB vectors the layer computes together (cl_block_vectors),
-// each block [n][NB LANES], so that a block's weights are one contiguous stream, read in order;
-// then the bias [G][mp], zero padded. A group's last vector may extend past the
-// group (m not a multiple of LANES): its extra lanes are computed with zero weights and stored
-// over the next group's first outputs, which that group then overwrites (groups are computed in
-// order); past the last group they land in the row's padding. A tile's rows are therefore
-// cl_row_extent() floats wide at least. Input columns are given per layer (cols[g * n + i]: the
+// outputs (zero padded) in the blocks of NB vectors the layer computes together
+// (cl_block_vectors), each block [n][NB LANES], so that a block's weights are one contiguous
+// stream, read in order; then the bias [G][mp], zero padded. A group's last vector may extend
+// past the group (m not a multiple of LANES): its extra lanes are computed with zero weights and
+// stored over the next group's first outputs, which that group then overwrites (groups are
+// computed in order); past the last group they land in the row's padding. A tile's rows are
+// therefore cl_row_extent() floats wide at least. Input columns are given per layer (cols[g * n + i]: the
 // tile column holding input i of group g), which is how permutations are applied: as the
 // addresses of the broadcasts, moving no data.
 #pragma once
