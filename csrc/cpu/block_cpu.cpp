@@ -127,7 +127,7 @@ struct BlockCtx {
   int64_t H = 1, Wd = 1, Ho = 1, Wo = 1;
   int64_t wph = 0, row_len = 0;  // planar: padded columns per phase, s * wph
   // Depth-wise layers (one input per group; C_s outputs, m per input) use a channels-last
-  // scratch: [row][padded column][cp channels], channel o holding input channel o / m (so a
+  // scratch: [row][padded column][cps floats], channel o holding input channel o / m (so a
   // channel multiplier is a plain depth-wise product), computed 16 channels per vector.
   bool cl = false;
   int64_t cp = 0;                // channels computed per position (C_s rounded up to LANES)
@@ -149,7 +149,7 @@ struct BlockCtx {
   std::vector<const float*> cl_packed;
   std::vector<std::vector<int32_t>> cl_cols;
   std::vector<int32_t> cl_ymap;
-  // The store's vectors of y channels (cl_store_plan): y channels 16 v .. 16 v + 15 are lanes
+  // The store's vectors of y channels (plan_cl_store): y channels 16 v .. 16 v + 15 are lanes
   // cl_ysel[16 v ..] of the 32 tile columns from cl_ybase[v]; -1: stored channel by channel.
   std::vector<int32_t> cl_ybase, cl_ysel;
 };
@@ -591,8 +591,11 @@ inline int cl_layers(const ClCtx& k, int64_t l0, int64_t l1, const float* in, in
 // y channels is one two-source shuffle of the 32 columns from the smallest one it takes (or
 // from ld - 32, so that the loads stay in the row), when they span fewer than 32 columns, as
 // they do after a shuffle of a few groups; else, and for the last partial vector, channel by
-// channel.
-inline void cl_store_plan(ClCtx& k, int64_t ld) {
+// channel. Nothing without the channels-last tiles.
+template <typename scalar_t, typename acc_t>
+IGC_INLINE void plan_cl_store(BlockCtx<scalar_t, acc_t>&, int64_t) {}
+inline void plan_cl_store(ClCtx& k, int64_t ld) {
+  if (!k.gemm) return;
   const int64_t CL = k.C[k.L], nvec = CL / kClLanes;
   k.cl_ybase.assign(static_cast<size_t>(nvec), -1);
   k.cl_ysel.assign(static_cast<size_t>(nvec * kClLanes), 0);
@@ -609,21 +612,16 @@ inline void cl_store_plan(ClCtx& k, int64_t ld) {
   }
 }
 
-template <typename scalar_t, typename acc_t>
-IGC_INLINE void plan_cl_store(BlockCtx<scalar_t, acc_t>&, int64_t) {}
-inline void plan_cl_store(ClCtx& k, int64_t ld) {
-  if (k.gemm) cl_store_plan(k, ld);
-}
-
 // y at global output positions q0 .. q0+tvalid-1: channel j is column cl_ymap[j] of the tile
-// (+ x channel j). Channels-last y: vectors of 16 channels as planned by cl_store_plan.
+// (+ x channel j). Channels-last y: vectors of 16 channels as planned by plan_cl_store.
 IGC_INLINE void cl_store(const ClCtx& k, int64_t q0, int tvalid, const float* tile, int64_t ld) {
   int64_t offy[TILE], offx[TILE];
   tile_offsets(k.y_ix, q0, tvalid, offy);
   if (k.residual) tile_offsets(k.x_ix, q0, tvalid, offx);
   const int64_t CL = k.C[k.L], cs = k.y_ix.chan_stride;
   const int32_t* __restrict ym = k.cl_ymap.data();
-#ifdef IGC_HAVE_SIMD_TRANSPOSE
+  // vectors of 16 channels: GCC's __builtin_shuffle with a variable mask, as the transposes
+#if IGC_HAVE_SIMD_TRANSPOSE
   using S = Simd<float>;
   using M = SimdIndex<float>::M;
   const int64_t nvec = cs == 1 ? CL / kClLanes : 0;
@@ -635,21 +633,20 @@ IGC_INLINE void cl_store(const ClCtx& k, int64_t q0, int tvalid, const float* ti
     float* __restrict yd = k.y + offy[t];
     const float* __restrict xr = k.residual ? k.x + offx[t] : nullptr;
     int64_t j = 0;
-#ifdef IGC_HAVE_SIMD_TRANSPOSE
-    for (int64_t v = 0; v < nvec; ++v) {
+#if IGC_HAVE_SIMD_TRANSPOSE
+    for (int64_t v = 0; v < nvec; ++v, j += kClLanes) {
       const int32_t base = k.cl_ybase[v];
-      if (base < 0) continue;
-      M sel;
-      std::memcpy(&sel, k.cl_ysel.data() + v * kClLanes, sizeof sel);
-      S::V o = __builtin_shuffle(S::load(r + base), S::load(r + base + kClLanes), sel);
-      if (xr != nullptr) o += S::load(xr + v * kClLanes);
-      S::store(yd + v * kClLanes, o);
-    }
-    for (int64_t v = 0; v < nvec; ++v)  // vectors without a plan
-      if (k.cl_ybase[v] < 0)
-        for (int64_t c = v * kClLanes; c < (v + 1) * kClLanes; ++c)
+      if (base < 0) {  // no plan: channel by channel
+        for (int64_t c = j; c < j + kClLanes; ++c)
           yd[c] = xr != nullptr ? r[ym[c]] + xr[c] : r[ym[c]];
-    j = nvec * kClLanes;
+        continue;
+      }
+      M sel;
+      std::memcpy(&sel, k.cl_ysel.data() + j, sizeof sel);
+      S::V o = __builtin_shuffle(S::load(r + base), S::load(r + base + kClLanes), sel);
+      if (xr != nullptr) o += S::load(xr + j);
+      S::store(yd + j, o);
+    }
 #endif
     for (; j < CL; ++j) yd[j * cs] = xr != nullptr ? r[ym[j]] + xr[j] : r[ym[j]];
   }
