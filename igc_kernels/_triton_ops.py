@@ -64,7 +64,7 @@ def _dtypes() -> tuple:
 
 def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None,
              needs=(False, False, False)):
-    """(structure, per-layer pointer tensors in the generated kernels' argument order).
+    """(structure, the kernels' pointer arguments ``w0..w7, b0..b7, perm_ptr``).
 
     A direct call's arguments are checked like the public function's (``validate_op_args``:
     the same rules and messages, index values included: a host check under the interpreter, an
@@ -80,19 +80,12 @@ def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=No
         reasons = spill_reasons(x, chain, *needs)
     if reasons:
         raise ValueError("; ".join(reasons))
-    L = chain.num_layers
     bias_present = [b is not None for b in chain.biases]
     perm_present = [p is not None for p in chain.perms]
     st = K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
                           perm_present, bias_present, chain.input_index is not None, x.dtype)
-    ptrs = []
-    for l in range(L):
-        ptrs.append(chain.weights[l].contiguous())
-        if bias_present[l]:
-            ptrs.append(chain.biases[l].contiguous())
-    for l in range(L):
-        if perm_present[l]:
-            ptrs += [chain.perms[l].to(torch.int32), _inverse(chain.perms[l])]
+    ptrs = K.pointer_args(st, chain.weights, chain.biases,
+                          K.permutation_buffer(st, chain.perms, _inverse))
     return st, ptrs
 
 
@@ -217,12 +210,12 @@ def _spill_reasons(x, chain, need_dx, need_dw, need_db, spills):
                           perm_present, bias_present, chain.input_index is not None, x.dtype)
     kern = K.kernels_for(st)
     i32 = torch.empty((0,), dtype=torch.int32, device="meta")
-    ptrs = []
-    for l in range(chain.num_layers):
-        ptrs.append(_meta_like((0,), (1,), x.dtype))
-        if bias_present[l]:
-            ptrs.append(_meta_like((0,), (1,), x.dtype))
-    ptrs += [i32, i32] * sum(perm_present)
+    weights = [_meta_like(w.shape, w.stride(), w.dtype) for w in chain.weights]
+    biases = [_meta_like(b.shape, b.stride(), b.dtype) if b is not None else None
+              for b in chain.biases]
+    perms = [_meta_like(p.shape, (1,), p.dtype) if p is not None else None
+             for p in chain.perms]
+    ptrs = K.pointer_args(st, weights, biases, K.permutation_buffer(st, perms, lambda p: i32))
     xm = _meta_like(x.shape, x.stride(), x.dtype)
     ym = empty_like_layout(xm, chain.channels[-1], x.dtype)
     index = (i32,) * 4 if chain.input_index is not None else (None,) * 4

@@ -123,6 +123,40 @@ def test_paths_and_permutation_kinds(perm_kind, dense, keep):
     check_fp32(p, _gy(p), dense=dense, keep=keep, block_p=32)
 
 
+@pytest.mark.parametrize("depth", [K.POINTER_SLOTS, K.POINTER_SLOTS + 2])
+def test_depth_and_pointer_slots(depth, monkeypatch):
+    """Chains of up to POINTER_SLOTS layers pass one weight / bias argument per layer; deeper
+    ones pass them concatenated in slot 0 with each layer's offset (``LAYERS``), and the
+    explicit permutations share one buffer either way. Biases on some layers, every
+    permutation kind, both backward variants."""
+    gen = torch.Generator().manual_seed(21)
+    C = [6] + [12, 6] * (depth // 2)
+    groups = [3, 2] * (depth // 2)
+    kinds = [torch.randperm(c, generator=gen) if l % 3 == 0 else
+             ("interleave" if l % 3 == 1 else None) for l, c in enumerate(C[1:])]
+    bias = [l % 4 != 1 for l in range(depth)]
+    p = build_problem(C, groups, spatial=(3, 5), N=2, dtype=torch.float32, permutations=kinds,
+                      bias=bias, seed=22)
+    launches = []
+    real = T._launch
+    monkeypatch.setattr(T, "_launch", lambda fn, grid, a, meta: (launches.append((a, meta)),
+                                                                  real(fn, grid, a, meta)))
+    for keep in (1, 0):
+        check_fp32(p, _gy(p, seed=23), keep=keep)
+    args, meta = launches[0]
+    w_slots = args[3:3 + K.POINTER_SLOTS]
+    at = K.LAYER_FIELDS.index("w_at")
+    if depth > K.POINTER_SLOTS:  # one concatenated weight buffer, layers at their offsets
+        assert w_slots[0].numel() == sum(w.numel() for w in p.weights)
+        assert all(w is None for w in w_slots[1:])
+        assert [row[at] for row in meta["LAYERS"]][1] == p.weights[0].numel()
+    else:
+        assert all(w is not None for w in w_slots)
+        assert all(row[at] == 0 for row in meta["LAYERS"])
+    perm_buffer = args[3 + 2 * K.POINTER_SLOTS]
+    assert perm_buffer.numel() == 2 * sum(c for l, c in enumerate(C[1:]) if l % 3 == 0)
+
+
 @pytest.mark.parametrize("keep", [1, 0], ids=["keep", "recompute"])
 @pytest.mark.parametrize("block_p,num_warps", [(8, 8), (8, 16), (16, 16)])
 def test_backward_tiles_of_few_positions(block_p, num_warps, keep):
@@ -138,12 +172,11 @@ def test_backward_tiles_of_few_positions(block_p, num_warps, keep):
     check_fp32(p, _gy(p), dense=1, keep=keep, block_p=block_p, num_warps=num_warps)
     st = K.make_structure(12, [12, 24, 24, 12], [3, 4, 2], [2, 0, 0], [False, True, False],
                           [True, False, True], False, torch.float32)
-    kern = K.Kernels.__new__(K.Kernels)
-    kern.dense_params = K._dense_params(st)
-    assert kern.dense_params  # the chain is dot-eligible
+    kern = K.Kernels(st)
+    assert st.dense_layers == [0, 1, 2]  # the chain is dot-eligible
     meta = kern.fixed_meta(K.LaunchConfig(block_p=block_p, num_warps=num_warps), True)
-    assert all(meta[d] == int(block_p >= K.MIN_DOT_ROWS) for d in kern.dense_params)
-    tiles = {(c.kwargs["BLOCK_P"], c.num_warps, c.kwargs[kern.dense_params[0]])
+    assert meta["DENSE"] == int(block_p >= K.MIN_DOT_ROWS)
+    tiles = {(c.kwargs["BLOCK_P"], c.num_warps, c.kwargs["DENSE"])
              for c in K._configs(st, True)}
     assert (8, 8, 1) not in tiles and (8, 8, 0) in tiles and (16, 4, 1) in tiles
 
@@ -220,7 +253,9 @@ def test_packed_path(case, monkeypatch):
                                                                   real(fn, grid, a, meta)))
     check_fp32(p, _gy(p, seed=14), pack=1)
     fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
-    assert fwd and sum(v for k, v in fwd[0].items() if k.startswith("PACK_")) == packed, fwd
+    kb = K.LAYER_FIELDS.index("kb")
+    assert fwd and fwd[0]["PACK"] == 1, fwd
+    assert sum(row[kb] > 0 for row in fwd[0]["LAYERS"]) == packed, fwd
 
 
 def test_packed_path_eligibility(monkeypatch):
@@ -243,23 +278,24 @@ def test_packed_path_eligibility(monkeypatch):
     st = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                           False, torch.bfloat16)
     fwd = K._configs(st, False)
-    packed = [c for c in fwd if c.kwargs.get("PACK_1")]
+    packed = [c for c in fwd if c.kwargs["PACK"]]
     assert len(packed) == len(K.TILE_CONFIGS) and len(fwd) <= 15
-    assert all(c.kwargs["PACK_2"] == c.kwargs["PACK_3"] == 1 for c in packed)
-    assert not any(k.startswith("PACK_") for c in K._configs(st, True) for k in c.kwargs)
+    assert all(c.kwargs["DENSE"] == 0 for c in packed)
+    assert not any("PACK" in c.kwargs for c in K._configs(st, True))
     assert K.DEFAULT_CONFIG.pack == 0
+    kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
+    assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3
     # compiled for a GPU, float32 chains are not offered it (no tensor-core instruction)
     st32 = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                             False, torch.float32)
-    assert K._pack_params(st32) == ["PACK_1", "PACK_2", "PACK_3"]  # the interpreter: all
+    assert st32.packed_layers == [0, 1, 2]  # the interpreter: every dtype
     monkeypatch.setattr(K, "INTERPRETED", False)
     st16 = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                             False, torch.float16)
-    assert K._pack_params(st32) == [] and K._pack_params(st16) == ["PACK_1", "PACK_2",
-                                                                     "PACK_3"]
-    # the generated forward refers to exactly the switches its signature declares
-    assert "PACK_" not in K._fwd_source(st32, "f32")
-    assert K._fwd_source(st16, "f16").count("if PACK_") == 3
+    assert st32.packed_layers == [] and st16.packed_layers == [0, 1, 2]
+    # a structure without packed layers compiles no packed block, and never varies PACK
+    assert [row[kb] for row in st32.meta()["LAYERS"]] == [0, 0, 0]
+    assert not any(c.kwargs["PACK"] for c in K._configs(st32, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +611,8 @@ def test_autotuned_launch_path_up_to_the_launch(monkeypatch, direction):
     def kernels_for(st):
         kern = real_kernels_for(st)
         return types.SimpleNamespace(fwd=kern.fwd, bwd=kern.bwd, fwd_tuned="tuned_fwd",
-                                     bwd_tuned="tuned_bwd", fixed_meta=kern.fixed_meta)
+                                     bwd_tuned="tuned_bwd", fixed_meta=kern.fixed_meta,
+                                     meta=kern.meta)
 
     monkeypatch.setattr(K, "kernels_for", kernels_for)
     monkeypatch.setattr(T, "_launch", lambda fn, grid, args, meta: launches.append(
@@ -588,11 +625,13 @@ def test_autotuned_launch_path_up_to_the_launch(monkeypatch, direction):
         T.chain_forward(x, *args)
         fn, grid, _, meta = launches[0]
         assert fn == "tuned_fwd" and "BLOCK_P" not in meta and meta["PREC"] in ("ieee", "tf32")
+        assert "DENSE" not in meta and meta["NL"] == 2  # the structure's compile-time arguments
         assert grid({"BLOCK_P": 16}) == (2,) and grid({"BLOCK_P": 2}) == (6,)  # 2 x 5 positions
     else:
         T.chain_backward(to_dev(torch.randn(2, 8, 5)), x, *args, [True, True, False])
         fn, _, _, meta = launches[0]
-        assert fn == "tuned_bwd" and "BLOCK_P" not in meta
+        assert fn == "tuned_bwd" and "BLOCK_P" not in meta and "KEEP" not in meta
+        assert meta["NL"] == 2 and meta["W_TOTAL"] == 8 * 4 + 8 * 2
         assert meta["NEED_DX"] == 1 and meta["NEED_DW"] == 1 and meta["NEED_DB"] == 0
 
 
@@ -604,18 +643,20 @@ def test_autotune_switch_and_launch_choice(monkeypatch):
     from igc_kernels.triton_kernels import chain as K
 
     kern = types.SimpleNamespace(fwd="plain", bwd="plain_bwd", fwd_tuned="tuned",
-                                 bwd_tuned="tuned_bwd",
+                                 bwd_tuned="tuned_bwd", meta={"NL": 3},
                                  fixed_meta=lambda cfg, backward: {"BLOCK_P": cfg.block_p})
     monkeypatch.delenv("IGC_TRITON_AUTOTUNE", raising=False)
     assert K.autotune_enabled()
-    assert K.launch_choice(kern, False) == ("tuned", {})
-    assert K.launch_choice(kern, True) == ("tuned_bwd", {})
+    # the structure's compile-time arguments go with every launch
+    assert K.launch_choice(kern, False) == ("tuned", {"NL": 3})
+    assert K.launch_choice(kern, True) == ("tuned_bwd", {"NL": 3})
     monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "0")
     assert not K.autotune_enabled()
-    assert K.launch_choice(kern, True) == ("plain_bwd", {"BLOCK_P": K.DEFAULT_CONFIG.block_p})
+    assert K.launch_choice(kern, True) == ("plain_bwd", {"NL": 3,
+                                                         "BLOCK_P": K.DEFAULT_CONFIG.block_p})
     monkeypatch.setenv("IGC_TRITON_AUTOTUNE", "1")
     with K.override_config(block_p=64):
-        assert K.launch_choice(kern, False) == ("plain", {"BLOCK_P": 64})
+        assert K.launch_choice(kern, False) == ("plain", {"NL": 3, "BLOCK_P": 64})
     prev = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
@@ -635,7 +676,7 @@ def test_autotuner_prunes_spilling_configurations(monkeypatch):
     from igc_kernels.triton_kernels import chain as K
 
     st = K.make_structure(256, [256, 256], [32], [0], [False], [False], False, torch.float32)
-    configs = [c for c in K._configs(st, False) if not c.kwargs.get("PACK_1")]  # FMA path
+    configs = [c for c in K._configs(st, False) if not c.kwargs["PACK"]]  # FMA path
     assert [(c.kwargs["BLOCK_P"], c.num_warps) for c in configs] == list(K.TILE_CONFIGS)
     spilled = {16: 0, 32: 64, 64: 512, 128: 4096}
 
@@ -674,9 +715,9 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
     st = K.make_structure(256, [256, 256, 256], [32, 32], [8, 0], [False, False],
                           [False, False], False, torch.float32)
     kern = types.SimpleNamespace(st=st, fwd="plain", bwd="plain_bwd", fwd_tuned=None,
-                                 bwd_tuned=None, dense_params=[],
+                                 bwd_tuned=None, meta=st.meta(),
                                  fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(
-                                     types.SimpleNamespace(dense_params=[]), cfg, backward))
+                                     types.SimpleNamespace(st=st), cfg, backward))
     calls = []
     spilled = {(16, 4): 1000, (8, 8): 64, (8, 16): 0, (16, 16): 0}
 
@@ -731,7 +772,7 @@ def test_structure_whose_every_configuration_spills_is_refused_before_launch(mon
     compiled = []
 
     def spills(fn, args, meta):  # the forward spills everywhere, the backward nowhere
-        compiled.append(fn.__name__.split("_")[1])
+        compiled.append(fn.__name__.split("_")[-1])
         assert all(not isinstance(a, torch.Tensor) or a.device.type == "meta" for a in args)
         return 0 if meta.get("NEED_DX") is not None else 24 + meta["BLOCK_P"]
 

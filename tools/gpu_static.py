@@ -58,7 +58,8 @@ _SIG = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
 def structure_args(name: str):
     """``(x_channels, weights shapes, groups, permutations, input_index)`` of a named structure:
     ``igcv2(C,K)``, ``igcv3-expand(C,t,G)``, ``igcv3-reduce(C,t,G)``, ``condense(C,G)``,
-    ``perm(C,K)`` (IGCV2 with explicit random permutations)."""
+    ``perm(C,K)`` (IGCV2 with explicit random permutations), ``deep(C,G,L)`` (L layers of G
+    groups on C channels, interleaved: deeper than the kernels' pointer slots from L = 9)."""
     m = re.fullmatch(r"([a-z0-9-]+)\(([\d,]+)\)", name)
     if not m:
         raise ValueError(f"unknown structure {name!r}")
@@ -81,6 +82,9 @@ def structure_args(name: str):
         C, G = nums
         idx = torch.randint(0, C, (C // 2,), generator=gen)
         return C, igc.ChainSpec([C // 2, C], [G]), ["interleave"], idx
+    if kind == "deep":
+        C, G, L = nums
+        return C, igc.ChainSpec([C] * (L + 1), [G] * L), ["interleave"] * L, None
     raise ValueError(f"unknown structure {name!r}")
 
 
@@ -197,14 +201,37 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
     return max(0, min(by_regs, by_smem, threads_sm // threads, ctas_sm))
 
 
+# --launch-path: compile through the JIT's own argument binding (below) instead of _signature.
+LAUNCH_PATH = [False]
+
+
+def launch_path_source(fn, args, meta, arch: int):
+    """``(ASTSource, options)`` of a launch as ``JITFunction.run`` builds them on a GPU of
+    sm_``arch``: Triton's own argument binder and specialisation (constexpr tuples, None
+    pointers, divisibility hints of the CPU tensors' addresses and of the integers), stopping
+    before the launcher. Checks, without a GPU, that the launch path accepts the arguments."""
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    kw = {"num_stages": 1, **meta}
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, spec, options = binder(*args, **kw)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kw, bound, spec, options)
+    return ASTSource(fn, signature, constexprs, attrs), options.__dict__
+
+
 def compile_launch(fn, args, meta, arch: int, rec: Record) -> Record:
     signature, constexprs, num_warps = _signature(fn, args, meta)
     rec.num_warps = num_warps
     t0 = time.perf_counter()
     try:
-        k = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
-                           target=GPUTarget("cuda", arch, 32),
-                           options={"num_warps": num_warps, "num_stages": 1})
+        if LAUNCH_PATH[0]:
+            src, options = launch_path_source(fn, args, meta, arch)
+        else:
+            src = ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+            options = {"num_warps": num_warps, "num_stages": 1}
+        k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as e:  # report the first lines, as the issue asks
         rec.error = "\n".join(str(e).strip().splitlines()[:3])
         rec.compile_s = time.perf_counter() - t0
@@ -242,7 +269,8 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
     for fn, args, meta in record(structure, dtype, layout, direction, config):
         rec = Record(structure, dtype, layout, direction, f"sm_{arch}",
                      f"triton {triton.__version__}", fn.__name__,
-                     {k: v for k, v in meta.items() if k != "PREC"})
+                     {k: v for k, v in meta.items()
+                      if k != "PREC" and k not in K.STRUCTURE_KEYS})
         rec.is_default = rec.fixed_path = config is None  # until every configuration is known
         rec.per_position = "BLOCK_P" in meta
         rec.block_p = int(meta.get("BLOCK_P", 0))
@@ -280,8 +308,7 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     fn, args, meta = record(structure, dtype, layout, direction)[0]
     st = kernel_structure(structure, dtype)
     backward = direction == "backward"
-    tuned = {"BLOCK_P", "KEEP", "num_warps",
-             *(k for k in meta if k.startswith(("DENSE_", "PACK_")))}
+    tuned = {"BLOCK_P", "KEEP", "num_warps", "DENSE", "PACK"}
     named_args = dict(zip(fn.arg_names, args))
     kwargs = {k: v for k, v in meta.items() if k not in tuned}
     seen = {}
@@ -321,8 +348,9 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
                                     {}))
         if not rec.compiled:
             raise RuntimeError(rec.error)
-        taken.append(({k: v for k, v in meta.items() if k in ("BLOCK_P", "num_warps", "KEEP")
-                       or k.startswith(("DENSE_", "PACK_"))}, rec.spill_bytes))
+        taken.append(({k: v for k, v in meta.items()
+                       if k in ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK")},
+                      rec.spill_bytes))
         return rec.spill_bytes
 
     K._FIXED.clear()
@@ -882,6 +910,10 @@ def main(argv=None) -> int:
     p.add_argument("--cuda", action="store_true",
                    help="also report the CUDA kernels (nvcc -Xptxas -v for each arch)")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    p.add_argument("--launch-path", action="store_true",
+                   help="compile each launch through Triton's own argument binding (what "
+                        "JITFunction.run does on a GPU, divisibility hints included) instead "
+                        "of a signature built here")
     p.add_argument("--pruning", action="store_true",
                    help="run the autotuner's pruning on real compiles of each problem instead "
                         "(one JSON line per problem: configuration, spilled bytes, kept)")
@@ -889,6 +921,7 @@ def main(argv=None) -> int:
                    help="run the backend's spill check (what it launches, or refuses with a "
                         "reason) on real compiles of each problem instead (one JSON line each)")
     args = p.parse_args(argv)
+    LAUNCH_PATH[0] = args.launch_path
     if args.refusals:
         out = []
         for s in args.structures.split(";"):

@@ -386,7 +386,7 @@ def markdown(recs: list, command: str) -> str:
         d = f"{default[0]['predicted_fraction_of_copy']:.0%}" if default else "-"
         cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
                         if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
-        if any(v for k, v in best["config"].items() if k.startswith("PACK_")):
+        if any(v for k, v in best["config"].items() if k.startswith("PACK")):
             cfg += ", PACK=1"  # the packed path on every eligible layer
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "

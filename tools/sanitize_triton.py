@@ -1,6 +1,6 @@
 """Run the Triton backend's kernels once per structure class, for compute-sanitizer.
 
-Small problems that together reach every code path of the generated kernels: both layer
+Small problems that together reach every code path of the kernels: both layer
 implementations (FMA and dense tl.dot), both backward variants (intermediates kept and
 recomputed), every permutation kind, biases on some layers, input_index with repeats, padded
 channel counts (odd sizes), tails of the position tiles, NCHW / channels-last / sliced / token

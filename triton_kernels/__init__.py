@@ -1,9 +1,9 @@
 """Fused Triton kernels of igc_kernels (installed as ``igc_kernels.triton_kernels``).
 
-``chain``: the forward / backward kernels of the whole chain, their code generation per chain
-structure, launch configurations and autotuning (see its docstring). Importing ``chain``
-imports Triton and decorates the kernels: set ``TRITON_INTERPRET=1`` before that to run them on
-CPU tensors. This package itself imports nothing heavy.
+``chain``: the forward / backward kernels of the whole chain (specialised per chain structure
+by constexpr tuples), launch configurations and autotuning (see its docstring). Importing
+``chain`` imports Triton and decorates the kernels: set ``TRITON_INTERPRET=1`` before that to
+run them on CPU tensors. This package itself imports nothing heavy.
 """
 
 

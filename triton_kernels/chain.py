@@ -45,15 +45,16 @@ Limits: every channel count (``x``'s included) at most ``MAX_CHANNELS`` = 1024 (
 layer lives in registers); larger chains are refused by the backend with a reason, so
 ``backend="auto"`` falls back.
 
-Kernels are generated per chain *structure* (depth; per layer ``C``, ``G``, the kind of
-permutation in front of it, bias or not; ``input_index`` or not): a short straight-line kernel
-that calls the ``@triton.jit`` helpers below with literal sizes. The batch size, the spatial
+Two ``@triton.jit`` kernels serve every chain, ``igc_chain_fwd`` and ``igc_chain_bwd``. A
+chain's *structure* (depth; per layer ``C``, ``G``, the kind of permutation in front of it,
+bias or not; ``input_index`` or not) reaches them as compile-time arguments: constexpr tuples,
+one per layer, over which ``tl.static_range`` unrolls the layers, so Triton compiles one
+straight-line specialisation per structure with literal sizes. The batch size, the spatial
 sizes and the strides are run-time arguments, never part of the structure.
 """
 
 from __future__ import annotations
 
-import linecache
 import os
 import threading
 from dataclasses import dataclass
@@ -375,16 +376,225 @@ def _reduce_partials(part_ptr, gw_ptr, gb_ptr, R, WT, BT, ROW, BLOCK: tl.constex
     tl.store(gb_ptr + (e - WT), acc.to(gb_ptr.dtype.element_ty), mask=m & (e >= WT))
 
 
-# The kernels' helpers, by name, for the generated code.
-_HELPERS = {name: obj for name, obj in dict(globals()).items()
-            if name.startswith("_") and type(obj).__name__ in ("JITFunction",
-                                                               "InterpretedFunction")}
-
 INTERPRETED = type(_reduce_partials).__name__ == "InterpretedFunction"
 
 
 # =============================================================================================
-# Chain structure and code generation
+# The chain kernels
+# =============================================================================================
+# A chain's structure reaches the kernels as compile-time constants (``Structure.meta``): one
+# tuple per layer in ``LAYERS`` (fields in the order of ``LAYER_FIELDS``, unpacked by the
+# ``_fwd_layer`` / ``_bwd_layer`` helpers) and a few chain-wide values. ``tl.static_range``
+# unrolls the layers, so each layer's tile keeps its own static shape and the code is the
+# straight line that the structure implies. Pointers are plain arguments, never tuples of
+# tensors (``torch.library.wrap_triton`` keeps tuple arguments as constants, which is right for
+# the constexpr tuples and wrong for tensors): the weights and biases of chains of at most
+# ``POINTER_SLOTS`` layers take one argument each (``w0``.., ``b0``..), deeper chains pass all of
+# them concatenated in slot 0 with each layer's offset; every explicit permutation and its
+# inverse share one int32 buffer, ``perm_ptr``.
+POINTER_SLOTS = 8
+LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "bias",
+                "w_slot", "w_at", "b_slot", "b_at", "p_at", "q_at", "dense_ok", "kb", "mb",
+                "np", "w_off", "b_off")
+
+
+@triton.jit
+def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
+               NATIVE16: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
+               PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Layer ``I`` of the chain: ``u_I`` from tile ``h`` on the packed path (``PACK`` and the
+    layer packs), the dot path (``DENSE`` and the layer is eligible) or the FMA path."""
+    C_IN: tl.constexpr = LAYERS[I][0]
+    C_OUT: tl.constexpr = LAYERS[I][1]
+    N: tl.constexpr = LAYERS[I][2]
+    M: tl.constexpr = LAYERS[I][3]
+    S_IN: tl.constexpr = LAYERS[I][4]
+    S_OUT: tl.constexpr = LAYERS[I][5]
+    PK: tl.constexpr = LAYERS[I][6]
+    SG: tl.constexpr = LAYERS[I][7]
+    SM: tl.constexpr = LAYERS[I][8]
+    HB: tl.constexpr = LAYERS[I][9]
+    W_SLOT: tl.constexpr = LAYERS[I][10]
+    W_AT: tl.constexpr = LAYERS[I][11]
+    B_SLOT: tl.constexpr = LAYERS[I][12]
+    B_AT: tl.constexpr = LAYERS[I][13]
+    P_AT: tl.constexpr = LAYERS[I][14]
+    Q_AT: tl.constexpr = LAYERS[I][15]
+    DENSE_OK: tl.constexpr = LAYERS[I][16]
+    KB: tl.constexpr = LAYERS[I][17]
+    MB: tl.constexpr = LAYERS[I][18]
+    w_ptr = WP[W_SLOT] + W_AT
+    if HB:
+        b_ptr = BP[B_SLOT] + B_AT
+    else:
+        b_ptr = None
+    if PK == 2:
+        p_ptr = perm_ptr + P_AT
+        q_ptr = perm_ptr + Q_AT
+    else:
+        p_ptr = None
+        q_ptr = None
+    # 16-bit storage: layer 1 multiplies the storage values (exact products); later layers
+    # of the packed path split their float32 input in two 16-bit parts
+    NATIVE: tl.constexpr = NATIVE16 and I == 0
+    if PACK and KB > 0:
+        MODE: tl.constexpr = 1 if NATIVE else (2 if NATIVE16 else 0)
+        u = _layer_packed(h, w_ptr, b_ptr, p_ptr, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, HB,
+                          MODE, PREC, BLOCK_P)
+    elif DENSE and DENSE_OK:
+        u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, HB,
+                       NATIVE, PREC)
+    else:
+        u = _layer_fma(h, w_ptr, b_ptr, p_ptr, N, M, C_OUT, S_OUT, PK, SG, SM, HB, BLOCK_P)
+    return u
+
+
+@triton.jit
+def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
+               W_TOTAL: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+               NEED_DB: tl.constexpr, DENSE: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_P: tl.constexpr):
+    """Backward of layer ``I``: ``g`` the gradient of its output, ``h`` its input tile; adds its
+    dW / db to the partial row ``prow`` and returns the gradient of ``h`` (not computed for the
+    first layer unless ``NEED_DX``)."""
+    C_IN: tl.constexpr = LAYERS[I][0]
+    C_OUT: tl.constexpr = LAYERS[I][1]
+    N: tl.constexpr = LAYERS[I][2]
+    M: tl.constexpr = LAYERS[I][3]
+    S_IN: tl.constexpr = LAYERS[I][4]
+    S_OUT: tl.constexpr = LAYERS[I][5]
+    PK: tl.constexpr = LAYERS[I][6]
+    SG: tl.constexpr = LAYERS[I][7]
+    SM: tl.constexpr = LAYERS[I][8]
+    HB: tl.constexpr = LAYERS[I][9]
+    W_SLOT: tl.constexpr = LAYERS[I][10]
+    W_AT: tl.constexpr = LAYERS[I][11]
+    P_AT: tl.constexpr = LAYERS[I][14]
+    Q_AT: tl.constexpr = LAYERS[I][15]
+    DENSE_OK: tl.constexpr = LAYERS[I][16]
+    NP: tl.constexpr = LAYERS[I][19]
+    W_OFF: tl.constexpr = LAYERS[I][20]
+    B_OFF: tl.constexpr = LAYERS[I][21]
+    w_ptr = WP[W_SLOT] + W_AT
+    if PK == 2:
+        p_ptr = perm_ptr + P_AT
+        q_ptr = perm_ptr + Q_AT
+    else:
+        p_ptr = None
+        q_ptr = None
+    if HB:
+        pb_ptr = prow + (W_TOTAL + B_OFF)
+    else:
+        pb_ptr = None
+    NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
+    DB: tl.constexpr = NEED_DB if HB else 0
+    if DENSE and DENSE_OK:
+        dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
+                            S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
+    else:
+        dh = _layer_fma_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
+                            S_IN, S_OUT, PK, SG, SM, HB, NEED_DH, NEED_DW, DB, BLOCK_P)
+    return dh
+
+
+@triton.jit
+def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
+                  b0, b1, b2, b3, b4, b5, b6, b7, perm_ptr,
+                  NI, O1, O2, xs0, xs1, xs2, xsi, xsc, ys0, ys1, ys2, ysi, ysc, layout_key,
+                  LAYERS: tl.constexpr, NL: tl.constexpr, C_X: tl.constexpr,
+                  S_X: tl.constexpr, HAS_INDEX: tl.constexpr, NATIVE16: tl.constexpr,
+                  OUT_PK: tl.constexpr, OUT_SG: tl.constexpr, OUT_SM: tl.constexpr,
+                  OUT_Q_AT: tl.constexpr,
+                  W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+                  DENSE: tl.constexpr, PACK: tl.constexpr):
+    """Forward of the chain: one program per tile of BLOCK_P positions; ``x`` read once,
+    every layer on chip, ``y`` written once."""
+    WP = (w0, w1, w2, w3, w4, w5, w6, w7)
+    BP = (b0, b1, b2, b3, b4, b5, b6, b7)
+    t = tl.program_id(0)
+    xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+    yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
+    C0: tl.constexpr = LAYERS[0][0]
+    S0: tl.constexpr = LAYERS[0][4]
+    h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+    for i in tl.static_range(NL):
+        h = _fwd_layer(h, WP, BP, perm_ptr, LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P)
+    CL: tl.constexpr = LAYERS[NL - 1][1]
+    SL: tl.constexpr = LAYERS[NL - 1][5]
+    c = tl.arange(0, SL)
+    cm = c < CL
+    if OUT_PK == 2:
+        chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
+    else:
+        chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
+    _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, h)
+
+
+@triton.jit
+def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
+                  w0, w1, w2, w3, w4, w5, w6, w7, b0, b1, b2, b3, b4, b5, b6, b7, perm_ptr,
+                  part_ptr, PROW, NI, O0, O1, O2, gs0, gs1, gs2, gsi, gsc, xs0, xs1, xs2, xsi,
+                  xsc, ds0, ds1, ds2, dsi, dsc, layout_key,
+                  LAYERS: tl.constexpr, NL: tl.constexpr, C_X: tl.constexpr,
+                  S_X: tl.constexpr, HAS_INDEX: tl.constexpr, NATIVE16: tl.constexpr,
+                  OUT_PK: tl.constexpr, OUT_SG: tl.constexpr, OUT_SM: tl.constexpr,
+                  OUT_Q_AT: tl.constexpr,
+                  W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
+                  KEEP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
+                  NEED_DB: tl.constexpr, DENSE: tl.constexpr):
+    """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
+    (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
+    needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
+    partial row."""
+    WP = (w0, w1, w2, w3, w4, w5, w6, w7)
+    BP = (b0, b1, b2, b3, b4, b5, b6, b7)
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    prow = part_ptr + pid.to(tl.int64) * PROW
+    ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
+    C0: tl.constexpr = LAYERS[0][0]
+    S0: tl.constexpr = LAYERS[0][4]
+    CL: tl.constexpr = LAYERS[NL - 1][1]
+    SL: tl.constexpr = LAYERS[NL - 1][5]
+    for t in range(pid, ntiles, nprog):
+        xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+        goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+        a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+        acts = (a0,)
+        if KEEP:
+            for i in tl.static_range(NL - 1):
+                acts = acts + (_fwd_layer(acts[i], WP, BP, perm_ptr, LAYERS, i, NATIVE16,
+                                          DENSE, 0, PREC, BLOCK_P),)
+        c = tl.arange(0, SL)
+        cm = c < CL
+        if OUT_PK == 2:
+            chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
+        else:
+            chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
+        g = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm).to(tl.float32)
+        for i in tl.static_range(NL - 1, -1, -1):
+            if KEEP:
+                h = acts[i]
+            else:
+                h = a0
+                for k in tl.static_range(i):
+                    h = _fwd_layer(h, WP, BP, perm_ptr, LAYERS, k, NATIVE16, DENSE, 0, PREC,
+                                   BLOCK_P)
+            g = _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS, i, W_TOTAL, NEED_DX, NEED_DW,
+                           NEED_DB, DENSE, PREC, BLOCK_P)
+        if NEED_DX:
+            doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)
+            if HAS_INDEX:
+                gx = _index_grad(g, ord_ptr, start_ptr, count_ptr, C_X, S_X, BLOCK_P)
+                cx = tl.arange(0, S_X)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < C_X, gx)
+            else:
+                cx = tl.arange(0, S0)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < C0, g)
+
+
+# =============================================================================================
+# Chain structure
 # =============================================================================================
 def slots(c: int) -> int:
     """Register width of a tile of ``c`` channels (a power of two, >= 16 for tl.dot)."""
@@ -402,6 +612,8 @@ class Layer:
     bias: bool
     w_off: int  # offset of dW in the partial row
     b_off: int  # offset of db (after all dW) or -1
+    p_at: int = -1  # an explicit permutation in front: its offset in the permutation buffer
+    q_at: int = -1  # and its inverse's
 
     @property
     def n(self):
@@ -444,7 +656,7 @@ class Layer:
 
 @dataclass(frozen=True)
 class Structure:
-    """Everything about a call that is compiled into the kernels."""
+    """Everything about a call that is compiled into the kernels (``meta``)."""
 
     layers: tuple
     c_x: int  # channels of x
@@ -453,6 +665,7 @@ class Structure:
     out_sg: int
     out_sm: int
     native16: bool  # storage dtype is 16-bit (layer 1's dense dot may run on it directly)
+    out_q_at: int = -1  # an explicit last permutation: its inverse's offset in the buffer
 
     @property
     def num_layers(self):
@@ -466,18 +679,74 @@ class Structure:
     def b_total(self):
         return sum(l.c_out for l in self.layers if l.bias)
 
+    @property
+    def deep(self):
+        """More layers than pointer slots: weights and biases are passed concatenated."""
+        return self.num_layers > POINTER_SLOTS
+
+    @property
+    def offers_pack(self):
+        """Whether the forward offers the packed path (``PACK``). Compiled, only 16-bit chains
+        get it: float32 operands take no tensor-core instruction under
+        ``input_precision="ieee"``, and the float32 packed kernels collapsed to 32 registers
+        and spilled 3-7 KB for sm_90. Under the interpreter every dtype does, so the CPU tests
+        check the path's indexing in float32 too."""
+        return self.native16 or INTERPRETED
+
+    @property
+    def packed_layers(self) -> list:
+        """The layers (0-based) the packed path takes when it is on."""
+        if not self.offers_pack:
+            return []
+        return [i for i, l in enumerate(self.layers) if l.pack]
+
+    @property
+    def dense_layers(self) -> list:
+        """The layers (0-based) the dot path takes when it is on (``DENSE``)."""
+        return [i for i, l in enumerate(self.layers) if l.dense_eligible]
+
     def name(self) -> str:
         parts = [f"x{self.c_x}{'i' if self.has_index else ''}"]
         for l in self.layers:
             parts.append(f"{l.c_in}g{l.groups}o{l.c_out}p{l.pk}{'b' if l.bias else ''}")
         return "_".join(parts) + f"_p{self.out_pk}"
 
+    def meta(self) -> dict:
+        """The kernels' compile-time arguments for this structure (``LAYERS``: one tuple per
+        layer, fields in the order of ``LAYER_FIELDS``)."""
+        packed = set(self.packed_layers)
+        rows = []
+        for i, l in enumerate(self.layers):
+            kb, mb = l.pack if i in packed else (0, 0)
+            b_at = max(l.b_off, 0)
+            rows.append((l.c_in, l.c_out, l.n, l.m, l.s_in, l.s_out, l.pk, l.sg, l.sm,
+                         int(l.bias), 0 if self.deep else i, l.w_off if self.deep else 0,
+                         0 if self.deep else i, b_at if self.deep else 0, max(l.p_at, 0),
+                         max(l.q_at, 0), int(l.dense_eligible), kb, mb,
+                         triton.next_power_of_2(l.n), l.w_off, b_at))
+        return {"LAYERS": tuple(rows), "NL": self.num_layers, "C_X": self.c_x,
+                "S_X": slots(self.c_x), "HAS_INDEX": int(self.has_index),
+                "NATIVE16": int(self.native16), "OUT_PK": self.out_pk, "OUT_SG": self.out_sg,
+                "OUT_SM": self.out_sm, "OUT_Q_AT": max(self.out_q_at, 0),
+                "W_TOTAL": self.w_total}
+
+
+# The names of ``Structure.meta`` (reports leave them out of a launch's configuration).
+STRUCTURE_KEYS = ("LAYERS", "NL", "C_X", "S_X", "HAS_INDEX", "NATIVE16", "OUT_PK", "OUT_SG",
+                  "OUT_SM", "OUT_Q_AT", "W_TOTAL")
+
 
 def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, has_index,
                    dtype) -> Structure:
     """The Structure of a chain. ``shuffles[l] > 0``: shuffle with that many groups after layer
-    l; else ``perm_present[l]``: an explicit permutation; else identity."""
+    l; else ``perm_present[l]``: an explicit permutation; else identity. Explicit permutations
+    and their inverses are laid out in layer order in one buffer (``permutation_buffer``)."""
     L = len(groups)
+    at, p_at = 0, []
+    for l in range(L):
+        explicit = shuffles[l] <= 0 and perm_present[l]
+        p_at.append(at if explicit else -1)
+        at += 2 * int(channels[l + 1]) if explicit else 0
 
     def kind(l):  # the permutation after layer l (0-based)
         if shuffles[l] > 0:
@@ -486,208 +755,59 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
             return PK_EXPLICIT, int(channels[l + 1]), 1
         return PK_IDENTITY, 1, 1
 
+    def q_at(l):  # the inverse of the explicit permutation after layer l, or -1
+        return p_at[l] + int(channels[l + 1]) if p_at[l] >= 0 else -1
+
     layers, w_off, b_off = [], 0, 0
     for l in range(L):
         pk, sg, sm = kind(l - 1) if l > 0 else (PK_IDENTITY, 1, 1)
         c_in, c_out, g = int(channels[l]), int(channels[l + 1]), int(groups[l])
         layers.append(Layer(c_in, c_out, g, pk, sg, sm, bool(bias_present[l]), w_off,
-                            b_off if bias_present[l] else -1))
+                            b_off if bias_present[l] else -1,
+                            p_at[l - 1] if l > 0 else -1, q_at(l - 1) if l > 0 else -1))
         w_off += c_out * (c_in // g)
         b_off += c_out if bias_present[l] else 0
     opk, osg, osm = kind(L - 1)
     # 16-bit storage: layer 1's dense dot runs on the storage values (exact products). Not for
     # bfloat16 under the interpreter, which has no bfloat16 arithmetic (numpy has no bfloat16).
     native16 = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
-    return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16)
+    return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16,
+                     q_at(L - 1))
 
 
-def _ptr_args(st: Structure) -> list:
-    """Names of the per-layer pointer arguments: weights, biases, perms and their inverses.
-    ``p{l}``/``q{l}``: the explicit permutation after layer l (l = 1..L) and its inverse."""
-    args = []
-    for i, l in enumerate(st.layers, 1):
-        args.append(f"w{i}_ptr")
-        if l.bias:
-            args.append(f"b{i}_ptr")
-    for i in range(1, st.num_layers + 1):
-        nxt_pk = st.layers[i].pk if i < st.num_layers else st.out_pk
-        if nxt_pk == PK_EXPLICIT:
-            args += [f"p{i}_ptr", f"q{i}_ptr"]
-    return args
-
-
-def _layer_refs(st: Structure, i: int):
-    """(bias ptr, perm ptr, inverse ptr) expressions for layer i (1-based) in generated code."""
-    l = st.layers[i - 1]
-    b = f"b{i}_ptr" if l.bias else "None"
-    if l.pk == PK_EXPLICIT:
-        return b, f"p{i - 1}_ptr", f"q{i - 1}_ptr"
-    return b, "None", "None"
-
-
-def _fwd_call(st: Structure, i: int, src: str, packed: bool = True) -> str:
-    """Generated code computing ``a{i}`` (layer i's output tile) from tile ``src``; ``packed``:
-    offer the packed path (the forward kernel's ``PACK_{i}``)."""
-    l = st.layers[i - 1]
-    b, p, q = _layer_refs(st, i)
-    native = int(i == 1 and st.native16)
-    fma = (f"_layer_fma({src}, w{i}_ptr, {b}, {p}, {l.n}, {l.m}, {l.c_out}, {l.s_out}, "
-           f"{l.pk}, {l.sg}, {l.sm}, {l.bias}, BLOCK_P)")
-    code = f"a{i} = {fma}"
-    if l.dense_eligible:
-        dot = (f"_layer_dot({src}, w{i}_ptr, {b}, {q}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
-               f"{l.s_in}, {l.s_out}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {native}, PREC)")
-        code = f"if DENSE_{i}:\n    a{i} = {dot}\nelse:\n" + _indent(code, 4)
-    if packed and f"PACK_{i}" in _pack_params(st):
-        kb, mb = l.pack
-        mode = 1 if native else (2 if st.native16 else 0)
-        pk = (f"_layer_packed({src}, w{i}_ptr, {b}, {p}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, "
-              f"{kb}, {mb}, {l.pk}, {l.sg}, {l.sm}, {l.bias}, {mode}, PREC, BLOCK_P)")
-        code = f"if PACK_{i}:\n    a{i} = {pk}\nelse:\n" + _indent(code, 4)
-    return code
-
-
-def _bwd_call(st: Structure, i: int) -> str:
-    """Generated code: gradient ``g`` of layer i's output -> gradient of its input tile."""
-    l = st.layers[i - 1]
-    _, p, q = _layer_refs(st, i)
-    need_dh = "1" if i > 1 else "NEED_DX"
-    pb = f"prow + {st.w_total + l.b_off}" if l.bias else "None"
-    db = "NEED_DB" if l.bias else "0"
-    common = (f"prow + {l.w_off}, {pb}, {l.n}, {l.m}, {l.c_in}, {l.c_out}, {l.s_in}, "
-              f"{l.s_out}")
-    fma = (f"_layer_fma_bwd(g, a{i - 1}, w{i}_ptr, {p}, {q}, {common}, {l.pk}, {l.sg}, "
-           f"{l.sm}, {l.bias}, {need_dh}, NEED_DW, {db}, BLOCK_P)")
-    if not l.dense_eligible:
-        return f"g = {fma}"
-    np_ = triton.next_power_of_2(l.n)
-    dot = (f"_layer_dot_bwd(g, a{i - 1}, w{i}_ptr, {p}, {q}, {common}, {np_}, {l.pk}, "
-           f"{l.sg}, {l.sm}, {need_dh}, NEED_DW, {db}, PREC, BLOCK_P)")
-    return f"if DENSE_{i}:\n    g = {dot}\nelse:\n    g = {fma}"
-
-
-def _indent(code: str, n: int) -> str:
-    pad = " " * n
-    return "\n".join(pad + line if line else line for line in code.splitlines())
-
-
-def _dense_params(st: Structure) -> list:
-    return [f"DENSE_{i}" for i, l in enumerate(st.layers, 1) if l.dense_eligible]
-
-
-def _pack_params(st: Structure) -> list:
-    """The forward kernel's packed-path switches (the backward recomputes on the other paths).
-    Compiled, only 16-bit chains get them: float32 operands take no tensor-core instruction
-    under ``input_precision="ieee"``, and the float32 packed kernels collapsed to 32 registers
-    and spilled 3-7 KB for sm_90. Under the interpreter every dtype does, so the CPU tests check
-    the path's indexing in float32 too."""
-    if not (st.native16 or INTERPRETED):
-        return []
-    return [f"PACK_{i}" for i, l in enumerate(st.layers, 1) if l.pack]
-
-
-def _fwd_source(st: Structure, name: str) -> str:
-    L = st.num_layers
-    last = st.layers[-1]
-    ptrs = ", ".join(_ptr_args(st))
-    consts = "".join(f", {d}: tl.constexpr" for d in _dense_params(st) + _pack_params(st))
-    body = [
-        "t = tl.program_id(0)",
-        "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
-        "yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)",
-        f"a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, {st.layers[0].c_in}, "
-        f"{st.layers[0].s_in}, {st.has_index}, {st.c_x})",
-    ]
-    for i in range(1, L + 1):
-        body.append(_fwd_call(st, i, f"a{i - 1}"))
-    qL = f"q{L}_ptr" if st.out_pk == PK_EXPLICIT else "None"
-    body += [
-        f"c = tl.arange(0, {last.s_out})",
-        f"cm = c < {last.c_out}",
-        f"chan = _perm_inv(c, cm, {qL}, {st.out_pk}, {st.out_sg}, {st.out_sm})",
-        f"_store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, a{L})",
-    ]
-    return (
-        f"def {name}(x_ptr, y_ptr, idx_ptr, {ptrs}, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,\n"
-        f"        ys0, ys1, ys2, ysi, ysc, layout_key, BLOCK_P: tl.constexpr,\n"
-        f"        PREC: tl.constexpr{consts}):\n" + _indent("\n".join(body), 4) + "\n")
-
-
-def _bwd_source(st: Structure, name: str) -> str:
-    L = st.num_layers
-    last = st.layers[-1]
-    first = st.layers[0]
-    ptrs = ", ".join(_ptr_args(st))
-    consts = "".join(f", {d}: tl.constexpr" for d in _dense_params(st))
-    qL = f"q{L}_ptr" if st.out_pk == PK_EXPLICIT else "None"
-    loop = [
-        "xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)",
-        "goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)",
-        f"a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, {first.c_in}, "
-        f"{first.s_in}, {st.has_index}, {st.c_x})",
-    ]
-    if L > 1:
-        keep = [_fwd_call(st, i, f"a{i - 1}", packed=False) for i in range(1, L)]
-        loop.append("if KEEP:\n" + _indent("\n".join(keep), 4))
-    loop += [
-        f"c = tl.arange(0, {last.s_out})",
-        f"cm = c < {last.c_out}",
-        f"chan = _perm_inv(c, cm, {qL}, {st.out_pk}, {st.out_sg}, {st.out_sm})",
-        "g = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm).to(tl.float32)",
-    ]
-    for i in range(L, 0, -1):
-        if i > 1:
-            redo = [_fwd_call(st, k, f"a{k - 1}", packed=False) for k in range(1, i)]
-            loop.append("if not KEEP:\n" + _indent("\n".join(redo), 4))
-        loop.append(_bwd_call(st, i))
-    dx = ["doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)"]
-    if st.has_index:
-        sx = slots(st.c_x)
-        dx += [f"gx = _index_grad(g, ord_ptr, start_ptr, count_ptr, {st.c_x}, {sx}, BLOCK_P)",
-               f"cx = tl.arange(0, {sx})",
-               f"_store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < {st.c_x}, gx)"]
+def pointer_args(st: Structure, weights, biases, perm_buffer) -> list:
+    """The kernels' pointer arguments ``w0..w7, b0..b7, perm_ptr``: one weight and one bias (or
+    None) per layer, or, for chains deeper than POINTER_SLOTS, all weights and all biases
+    concatenated in slot 0 (``Structure.meta`` says where each layer's start); then the
+    permutation buffer or None."""
+    if st.deep:
+        ws = [torch.cat([w.reshape(-1) for w in weights])]
+        present = [b.reshape(-1) for b in biases if b is not None]
+        bs = [torch.cat(present) if present else None]
     else:
-        dx += [f"cx = tl.arange(0, {first.s_in})",
-               f"_store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < {first.c_in}, g)"]
-    loop.append("if NEED_DX:\n" + _indent("\n".join(dx), 4))
-    body = [
-        "pid = tl.program_id(0)",
-        "nprog = tl.num_programs(0)",
-        "prow = part_ptr + pid.to(tl.int64) * PROW",
-        "ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)",
-        "for t in range(pid, ntiles, nprog):\n" + _indent("\n".join(loop), 4),
-    ]
-    return (
-        f"def {name}(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr, {ptrs},\n"
-        f"        part_ptr, PROW, NI, O0, O1, O2, gs0, gs1, gs2, gsi, gsc, xs0, xs1, xs2, xsi,\n"
-        f"        xsc, ds0, ds1, ds2, dsi, dsc, layout_key, BLOCK_P: tl.constexpr,\n"
-        f"        PREC: tl.constexpr, KEEP: tl.constexpr, NEED_DX: tl.constexpr,\n"
-        f"        NEED_DW: tl.constexpr, NEED_DB: tl.constexpr{consts}):\n"
-        + _indent("\n".join(body), 4) + "\n")
+        ws = [w.contiguous() for w in weights]
+        bs = [b.contiguous() if b is not None else None for b in biases]
+    pad = [None] * POINTER_SLOTS
+    return (ws + pad)[:POINTER_SLOTS] + (bs + pad)[:POINTER_SLOTS] + [perm_buffer]
 
 
-_GEN_LOCK = threading.Lock()
-_GEN_COUNT = [0]
-
-
-def _jit_from_source(src: str, name: str):
-    """``triton.jit`` of generated source. The source is registered with ``linecache`` so that
-    Triton (and tracebacks) can read it back like a file."""
-    with _GEN_LOCK:
-        _GEN_COUNT[0] += 1
-        fname = f"<igc_kernels.triton_kernels generated #{_GEN_COUNT[0]}: {name}>"
-    full = "@triton.jit\n" + src
-    linecache.cache[fname] = (len(full), None, full.splitlines(True), fname)
-    ns = {"triton": triton, "tl": tl, **_HELPERS}
-    exec(compile(full, fname, "exec"), ns)
-    return ns[name]
+def permutation_buffer(st: Structure, perms, inverse):
+    """The explicit permutations of the structure and their inverses, ``[p, inverse(p)]`` in
+    layer order (``perms[l]``: the one after layer l), as one int32 buffer (None when there is
+    none)."""
+    after = [l.pk for l in st.layers[1:]] + [st.out_pk]
+    parts = []
+    for p, pk in zip(perms, after):
+        if pk == PK_EXPLICIT:
+            parts += [p.to(torch.int32), inverse(p)]
+    return torch.cat(parts) if parts else None
 
 
 # =============================================================================================
 # Launch configurations and autotuning
 # =============================================================================================
 # Search space of the autotuner (GPU only; the interpreter launches DEFAULT_CONFIG). Keyed on
-# the structure (channels, groups, permutation kinds: one autotuner per generated kernel), the
+# the structure (channels, groups, permutation kinds: one autotuner per structure), the
 # tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
 # the batch or spatial sizes.
 #   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 16), (32, 4),
@@ -697,14 +817,14 @@ def _jit_from_source(src: str, name: str):
 #                         configurations (docs/backends.md). BLOCK_P 8 takes the FMA path only
 #                         (tl.dot needs 16 rows).
 #   DENSE                 every dense-eligible layer on the tl.dot path (1) or all on the FMA
-#                         path (0); only offered when some layer is eligible
+#                         path (0); only varied when some layer is eligible (else 0)
 #   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
 #                         or recompute each layer's input from x when needed (0: fewer live
 #                         registers, L (L - 1) / 2 layer applications instead of L - 1)
 #   PACK                  (forward) every packed-eligible layer (``Layer.pack``) as batched
 #                         tensor-core products on blocks of whole groups (``_layer_packed``),
 #                         the others on the FMA path; offered beside the DENSE choices when
-#                         some layer is eligible. Not the fixed path's default: it has not run
+#                         some layer is eligible (else 0). Not the fixed path's default: it has not run
 #                         on a GPU yet, and only the autotuner's timings should pick it.
 # At most 15 forward and 20 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
@@ -822,41 +942,44 @@ def launch_config(c) -> LaunchConfig:
     """The ``LaunchConfig`` of one of the autotuner's ``triton.Config`` s (a switch the
     structure does not have takes the default's value)."""
     kw = c.kwargs
-    dense = [v for k, v in kw.items() if k.startswith("DENSE_")]
-    pack = [v for k, v in kw.items() if k.startswith("PACK_")]
     return LaunchConfig(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
-                        dense=dense[0] if dense else DEFAULT_CONFIG.dense,
+                        dense=kw.get("DENSE", DEFAULT_CONFIG.dense),
                         keep=kw.get("KEEP", DEFAULT_CONFIG.keep),
-                        pack=pack[0] if pack else DEFAULT_CONFIG.pack)
+                        pack=kw.get("PACK", DEFAULT_CONFIG.pack))
 
 
 def _configs(st: Structure, backward: bool) -> list:
-    dense = _dense_params(st)
-    pack = [] if backward else _pack_params(st)
+    """The autotuner's configurations: ``DENSE`` (every dense-eligible layer on the dot path,
+    or none) and ``PACK`` (forward: every packed layer packed, the rest on the FMA path) are
+    only varied where the structure has such layers; otherwise they are 0."""
+    dense = bool(st.dense_layers)
+    pack = not backward and bool(st.packed_layers)
     out = []
     for bp, w in (BWD_TILE_CONFIGS if backward else TILE_CONFIGS):
         for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
-                kw = {"BLOCK_P": bp, **{p: d for p in dense}, **{p: 0 for p in pack}}
+                kw = {"BLOCK_P": bp, "DENSE": d}
                 if backward:
                     kw["KEEP"] = keep
+                else:
+                    kw["PACK"] = 0
                 out.append(triton.Config(kw, num_warps=w, num_stages=1))
-        if pack and bp >= MIN_DOT_ROWS:  # every packed-eligible layer packed, the rest FMA
-            kw = {"BLOCK_P": bp, **{p: 0 for p in dense}, **{p: 1 for p in pack}}
+        if pack and bp >= MIN_DOT_ROWS:
+            kw = {"BLOCK_P": bp, "DENSE": 0, "PACK": 1}
             out.append(triton.Config(kw, num_warps=w, num_stages=1))
     return out
 
 
 class Kernels:
-    """The generated forward and backward kernels of one structure (plain and autotuned)."""
+    """The forward and backward kernels of one structure: the shared ``igc_chain_fwd`` /
+    ``igc_chain_bwd`` with the structure's compile-time arguments (``meta``), plain and
+    autotuned (one autotuner per structure, so its cache is per structure)."""
 
     def __init__(self, st: Structure):
         self.st = st
-        name = st.name()
-        self.fwd = _jit_from_source(_fwd_source(st, "igc_fwd_" + name), "igc_fwd_" + name)
-        self.bwd = _jit_from_source(_bwd_source(st, "igc_bwd_" + name), "igc_bwd_" + name)
-        self.dense_params = _dense_params(st)
-        self.pack_params = _pack_params(st)
+        self.fwd = igc_chain_fwd
+        self.bwd = igc_chain_bwd
+        self.meta = st.meta()
         self.fwd_tuned = self.bwd_tuned = None
         if not INTERPRETED:
             self.fwd_tuned = triton.autotune(
@@ -868,28 +991,29 @@ class Kernels:
                 reset_to_zero=["part_ptr"])(self.bwd)
 
     def fixed_meta(self, cfg: LaunchConfig, backward: bool) -> dict:
-        meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps}
-        for p in self.dense_params:
-            meta[p] = cfg.dense if cfg.block_p >= MIN_DOT_ROWS else 0
+        """The meta-parameters of a launch with ``cfg`` (the structure's ``meta`` excluded)."""
+        dot_rows = cfg.block_p >= MIN_DOT_ROWS
+        meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps,
+                "DENSE": cfg.dense if dot_rows and self.st.dense_layers else 0}
         if backward:
             meta["KEEP"] = cfg.keep
         else:
-            for p in self.pack_params:
-                meta[p] = cfg.pack if cfg.block_p >= MIN_DOT_ROWS else 0
+            meta["PACK"] = cfg.pack if dot_rows and self.st.packed_layers else 0
         return meta
 
 
 _KERNELS: dict = {}
+_KERNELS_LOCK = threading.Lock()
 
 
 def kernels_for(st: Structure) -> Kernels:
     k = _KERNELS.get(st)
     if k is None:
-        with _GEN_LOCK:
+        with _KERNELS_LOCK:
             k = _KERNELS.get(st)
-        if k is None:
-            k = Kernels(st)
-            _KERNELS[st] = k
+            if k is None:
+                k = Kernels(st)
+                _KERNELS[st] = k
     return k
 
 
@@ -924,6 +1048,7 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     default, None)`` when nothing can be compiled here (interpreter, or a compile error).
     ``spills``: spilled bytes of a compile (default ``_dtype_spills``)."""
     spills = spills or _dtype_spills
+    base_meta = {**kern.meta, **base_meta}
     key = (id(fn), backward, _args_key(args), tuple(sorted(base_meta.items())))
     hit = _FIXED.get(key)
     if hit is not None:
@@ -957,8 +1082,8 @@ def fixed_config(kern: Kernels, backward: bool, fn, args, base_meta: dict,
 
 
 def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
-    """(kernel, meta): the autotuned kernel on GPUs with no fixed meta-parameters (``{}``: its
-    configurations supply them), unless an override is active, autotuning is switched off
+    """(kernel, meta): the autotuned kernel on GPUs with the structure's meta only (its
+    configurations supply the rest), unless an override is active, autotuning is switched off
     (``IGC_TRITON_AUTOTUNE=0``) or deterministic algorithms are requested (then the plain kernel
     with a fixed configuration, so the result does not depend on which configuration a timing
     run preferred: the override's, else ``fixed_config``'s on GPUs when ``args`` are given,
@@ -968,12 +1093,12 @@ def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
     tuned = kern.bwd_tuned if backward else kern.fwd_tuned
     if (cfg is None and tuned is not None and autotune_enabled()
             and not torch.are_deterministic_algorithms_enabled()):
-        return tuned, {}
+        return tuned, dict(kern.meta)
     plain = kern.bwd if backward else kern.fwd
     if (cfg is None and args is not None and not INTERPRETED
             and os.environ.get("IGC_TRITON_FIXED", "") != "default"):
         cfg = fixed_config(kern, backward, plain, args, base_meta or {})
-    return plain, kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)
+    return plain, {**kern.meta, **kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)}
 
 
 def dot_precision() -> str:
