@@ -240,10 +240,12 @@ PACK_CASES = {
 
 @pytest.mark.parametrize("case", PACK_CASES.values(), ids=list(PACK_CASES))
 def test_packed_path(case, monkeypatch):
-    """The forward's packed path (``_layer_packed``: the permutation applied to the tile, whole
-    groups packed into blocks of 16 inputs or one wider group, one batched ``tl.dot``; 16-bit
+    """The packed path (``_layer_packed``: the permutation applied to the tile, whole groups
+    packed into blocks of 16 inputs or one wider group, one batched ``tl.dot``; 16-bit
     intermediates split into two 16-bit parts, never rounded) within the oracle's bound, on the
-    layers that can take it (the rest on the FMA path); the backward is unchanged."""
+    layers that can take it (the rest on the FMA path), forward and backward
+    (``_layer_packed_bwd``: dW and dh as batched products on the same blocks, the permutation
+    undone on the tile)."""
     channels, groups, perms, bias, dtype, layout, packed = case
     p = build_problem(channels, groups, spatial=(5, 3), N=2, layout=layout, dtype=dtype,
                       permutations=perms, bias=bias, seed=13)
@@ -253,8 +255,9 @@ def test_packed_path(case, monkeypatch):
                                                                   real(fn, grid, a, meta)))
     check_fp32(p, _gy(p, seed=14), pack=1)
     fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
+    bwd = [m for m in metas if "KEEP" in m]
     kb = K.LAYER_FIELDS.index("kb")
-    assert fwd and fwd[0]["PACK"] == 1, fwd
+    assert fwd and fwd[0]["PACK"] == 1 and bwd and bwd[0]["PACK"] == 1, metas
     assert sum(row[kb] > 0 for row in fwd[0]["LAYERS"]) == packed, fwd
 
 
@@ -281,7 +284,11 @@ def test_packed_path_eligibility(monkeypatch):
     packed = [c for c in fwd if c.kwargs["PACK"]]
     assert len(packed) == len(K.TILE_CONFIGS) and len(fwd) <= 15
     assert all(c.kwargs["DENSE"] == 0 for c in packed)
-    assert not any("PACK" in c.kwargs for c in K._configs(st, True))
+    bwd = K._configs(st, True)
+    packed_bwd = [c for c in bwd if c.kwargs["PACK"]]  # the backward keeps its intermediates
+    assert len(packed_bwd) == sum(bp >= K.MIN_DOT_ROWS for bp, _ in K.BWD_TILE_CONFIGS)
+    assert all(c.kwargs["KEEP"] == 1 and c.kwargs["DENSE"] == 0 for c in packed_bwd)
+    assert len(bwd) <= 24
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
     assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3

@@ -243,6 +243,57 @@ def _split_dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
     return acc
 
 
+# The packed backward's blocks and weight offsets (``_layer_packed`` keeps its own copy of the
+# same code: routed through these helpers, its sm_90 build of IGCV2(512, 8) in bf16 went from
+# 247 registers to 255 and spilled 24 bytes).
+@triton.jit
+def _packed_blocks(h, perm_ptr, C_IN: tl.constexpr, KB: tl.constexpr, PK: tl.constexpr,
+                   SG: tl.constexpr, SM: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The packed path's input: the incoming permutation applied to the ``[BLOCK_P, C_IN]``
+    tile (a shuffle is a reshape and a transpose, an explicit one a single gather), viewed as
+    ``[C_IN / KB, BLOCK_P, KB]`` blocks."""
+    if PK == 1:
+        h = tl.reshape(tl.permute(tl.reshape(h, (BLOCK_P, SG, SM)), (0, 2, 1)), (BLOCK_P, C_IN))
+    elif PK == 2:
+        j = tl.arange(0, C_IN)
+        src = _perm_src(j, j < C_IN, perm_ptr, PK, SG, SM)
+        h = tl.gather(h, tl.broadcast_to(src[None, :], (BLOCK_P, C_IN)), axis=1)
+    NB: tl.constexpr = C_IN // KB
+    return tl.permute(tl.reshape(h, (BLOCK_P, NB, KB)), (1, 0, 2))
+
+
+@triton.jit
+def _packed_weight_offsets(N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
+                           KB: tl.constexpr, MB: tl.constexpr):
+    """``(o * N + kk, in-group mask)`` of the ``[C_IN / KB, KB, MB]`` block-diagonal weight
+    blocks: block b holds inputs ``b KB ..`` and outputs ``b MB ..``; ``W[o, kk]`` sits at
+    input ``g(o) N + kk``."""
+    NB: tl.constexpr = C_IN // KB
+    b = tl.arange(0, NB)[:, None, None]
+    k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
+    o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
+    kk = k - (o // M) * N
+    return o * N + kk, (kk >= 0) & (kk < N)
+
+
+@triton.jit
+def _split2_dot(a, b, DT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """Batched ``a @ b`` of two float32 operands accumulated in float32. SPLIT: each operand
+    split into a ``DT`` high part and the ``DT`` rounding of the rest, three tensor-core
+    products (the small ``lo x lo`` term dropped); else float32 operands (``PREC``)."""
+    if SPLIT:
+        ah = a.to(DT)
+        al = (a - ah.to(tl.float32)).to(DT)
+        bh = b.to(DT)
+        bl = (b - bh.to(tl.float32)).to(DT)
+        acc = tl.dot(ah, bh, out_dtype=tl.float32)
+        acc = tl.dot(ah, bl, acc, out_dtype=tl.float32)
+        acc = tl.dot(al, bh, acc, out_dtype=tl.float32)
+    else:
+        acc = tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
+    return acc
+
+
 @triton.jit
 def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
@@ -274,6 +325,44 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
     if HAS_BIAS:
         acc += tl.load(b_ptr + tl.arange(0, C_OUT)).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr,
+                      N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
+                      C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
+                      PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
+                      NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+                      SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
+    du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
+    shuffle's inverse reshape / transpose, an explicit one's inverse gather). SPLIT (16-bit
+    chains): float32 operands split into 16-bit parts (``_split2_dot``), never rounded to the
+    storage dtype. ``du`` is 0 in no slot (C_IN, C_OUT fill the tile)."""
+    NB: tl.constexpr = C_IN // KB
+    dub = tl.permute(tl.reshape(du, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
+    woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB)
+    DT: tl.constexpr = w_ptr.dtype.element_ty
+    if NEED_DW:
+        hb = _packed_blocks(h.to(tl.float32), perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
+        dwb = _split2_dot(tl.permute(hb, (0, 2, 1)), dub, DT, SPLIT, PREC)  # [NB, KB, MB]
+        _rmw_add(pw_ptr + woff, wmask, dwb)
+    if NEED_DB:
+        c = tl.arange(0, C_OUT)
+        _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(du, axis=0))
+    dh = tl.zeros((BLOCK_P, C_IN), dtype=tl.float32)
+    if NEED_DH:
+        wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
+        dhb = _split_dot(dub, tl.permute(wb, (0, 2, 1)), 2 if SPLIT else 0, PREC)
+        dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
+        if PK == 1:  # undo the shuffle: the forward's reshape / transpose inverted
+            dh = tl.reshape(tl.permute(tl.reshape(dh, (BLOCK_P, SM, SG)), (0, 2, 1)),
+                            (BLOCK_P, C_IN))
+        elif PK == 2:  # dh[:, s] = d(permuted)[:, perm^-1(s)]
+            s = tl.arange(0, C_IN)
+            j = _perm_inv(s, s < C_IN, inv_ptr, PK, SG, SM)
+            dh = tl.gather(dh, tl.broadcast_to(j[None, :], (BLOCK_P, C_IN)), axis=1)
+    return dh
 
 
 @triton.jit
@@ -451,12 +540,12 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
 
 @triton.jit
 def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
-               W_TOTAL: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-               NEED_DB: tl.constexpr, DENSE: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_P: tl.constexpr):
-    """Backward of layer ``I``: ``g`` the gradient of its output, ``h`` its input tile; adds its
-    dW / db to the partial row ``prow`` and returns the gradient of ``h`` (not computed for the
-    first layer unless ``NEED_DX``)."""
+               W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr, NEED_DX: tl.constexpr,
+               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DENSE: tl.constexpr,
+               PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Backward of layer ``I`` on the path its forward took (packed, dot or FMA): ``g`` the
+    gradient of its output, ``h`` its input tile; adds its dW / db to the partial row ``prow``
+    and returns the gradient of ``h`` (not computed for the first layer unless ``NEED_DX``)."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
     N: tl.constexpr = LAYERS[I][2]
@@ -472,6 +561,8 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
     P_AT: tl.constexpr = LAYERS[I][14]
     Q_AT: tl.constexpr = LAYERS[I][15]
     DENSE_OK: tl.constexpr = LAYERS[I][16]
+    KB: tl.constexpr = LAYERS[I][17]
+    MB: tl.constexpr = LAYERS[I][18]
     NP: tl.constexpr = LAYERS[I][19]
     W_OFF: tl.constexpr = LAYERS[I][20]
     B_OFF: tl.constexpr = LAYERS[I][21]
@@ -488,7 +579,11 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
         pb_ptr = None
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
     DB: tl.constexpr = NEED_DB if HB else 0
-    if DENSE and DENSE_OK:
+    if PACK and KB > 0:
+        dh = _layer_packed_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN,
+                               C_OUT, KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16, PREC,
+                               BLOCK_P)
+    elif DENSE and DENSE_OK:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
     else:
@@ -541,7 +636,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                   OUT_Q_AT: tl.constexpr,
                   W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
                   KEEP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-                  NEED_DB: tl.constexpr, DENSE: tl.constexpr):
+                  NEED_DB: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr):
     """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
     (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
     needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
@@ -564,7 +659,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         if KEEP:
             for i in tl.static_range(NL - 1):
                 acts = acts + (_fwd_layer(acts[i], WP, BP, perm_ptr, LAYERS, i, NATIVE16,
-                                          DENSE, 0, PREC, BLOCK_P),)
+                                          DENSE, PACK, PREC, BLOCK_P),)
         c = tl.arange(0, SL)
         cm = c < CL
         if OUT_PK == 2:
@@ -578,10 +673,10 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             else:
                 h = a0
                 for k in tl.static_range(i):
-                    h = _fwd_layer(h, WP, BP, perm_ptr, LAYERS, k, NATIVE16, DENSE, 0, PREC,
-                                   BLOCK_P)
-            g = _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS, i, W_TOTAL, NEED_DX, NEED_DW,
-                           NEED_DB, DENSE, PREC, BLOCK_P)
+                    h = _fwd_layer(h, WP, BP, perm_ptr, LAYERS, k, NATIVE16, DENSE, PACK,
+                                   PREC, BLOCK_P)
+            g = _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
+                           NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
         if NEED_DX:
             doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)
             if HAS_INDEX:
@@ -686,7 +781,7 @@ class Structure:
 
     @property
     def offers_pack(self):
-        """Whether the forward offers the packed path (``PACK``). Compiled, only 16-bit chains
+        """Whether the kernels offer the packed path (``PACK``). Compiled, only 16-bit chains
         get it: float32 operands take no tensor-core instruction under
         ``input_precision="ieee"``, and the float32 packed kernels collapsed to 32 registers
         and spilled 3-7 KB for sm_90. Under the interpreter every dtype does, so the CPU tests
@@ -821,12 +916,13 @@ def permutation_buffer(st: Structure, perms, inverse):
 #   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
 #                         or recompute each layer's input from x when needed (0: fewer live
 #                         registers, L (L - 1) / 2 layer applications instead of L - 1)
-#   PACK                  (forward) every packed-eligible layer (``Layer.pack``) as batched
-#                         tensor-core products on blocks of whole groups (``_layer_packed``),
-#                         the others on the FMA path; offered beside the DENSE choices when
-#                         some layer is eligible (else 0). Not the fixed path's default: it has not run
-#                         on a GPU yet, and only the autotuner's timings should pick it.
-# At most 15 forward and 20 backward configurations per structure (each is a compilation on
+#   PACK                  every packed-eligible layer (``Layer.pack``) as batched tensor-core
+#                         products on blocks of whole groups (``_layer_packed``, backward
+#                         ``_layer_packed_bwd`` with KEEP=1), the others on the FMA path;
+#                         offered beside the DENSE choices when some layer is eligible (else
+#                         0). Not the fixed path's default: it has not run on a GPU yet, and
+#                         only the autotuner's timings should pick it.
+# At most 15 forward and 24 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8))
@@ -950,22 +1046,23 @@ def launch_config(c) -> LaunchConfig:
 
 def _configs(st: Structure, backward: bool) -> list:
     """The autotuner's configurations: ``DENSE`` (every dense-eligible layer on the dot path,
-    or none) and ``PACK`` (forward: every packed layer packed, the rest on the FMA path) are
-    only varied where the structure has such layers; otherwise they are 0."""
+    or none) and ``PACK`` (every packed layer packed, the rest on the FMA path; the backward
+    then keeps its intermediates) are only varied where the structure has such layers;
+    otherwise they are 0."""
     dense = bool(st.dense_layers)
-    pack = not backward and bool(st.packed_layers)
+    pack = bool(st.packed_layers)
     out = []
     for bp, w in (BWD_TILE_CONFIGS if backward else TILE_CONFIGS):
         for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
-                kw = {"BLOCK_P": bp, "DENSE": d}
+                kw = {"BLOCK_P": bp, "DENSE": d, "PACK": 0}
                 if backward:
                     kw["KEEP"] = keep
-                else:
-                    kw["PACK"] = 0
                 out.append(triton.Config(kw, num_warps=w, num_stages=1))
-        if pack and bp >= MIN_DOT_ROWS:
+        if pack and bp >= MIN_DOT_ROWS:  # the backward keeps its intermediates
             kw = {"BLOCK_P": bp, "DENSE": 0, "PACK": 1}
+            if backward:
+                kw["KEEP"] = 1
             out.append(triton.Config(kw, num_warps=w, num_stages=1))
     return out
 
@@ -994,11 +1091,10 @@ class Kernels:
         """The meta-parameters of a launch with ``cfg`` (the structure's ``meta`` excluded)."""
         dot_rows = cfg.block_p >= MIN_DOT_ROWS
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps,
-                "DENSE": cfg.dense if dot_rows and self.st.dense_layers else 0}
+                "DENSE": cfg.dense if dot_rows and self.st.dense_layers else 0,
+                "PACK": cfg.pack if dot_rows and self.st.packed_layers else 0}
         if backward:
             meta["KEEP"] = cfg.keep
-        else:
-            meta["PACK"] = cfg.pack if dot_rows and self.st.packed_layers else 0
         return meta
 
 
