@@ -107,6 +107,63 @@ def test_launch_path_binds_and_compiles(tmp_path, alt):
         assert r["compiled"], f"{r['structure']} {r['direction']} {r['kernel']}: {r['error']}"
 
 
+_MUTATIONS = r"""
+import json, os, torch
+import triton.runtime as tr
+from triton.backends.compiler import GPUTarget
+
+class _Target:  # the one driver call TTIR generation makes, answered without a GPU
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+tr.driver.set_active(_Target())
+os.environ.update(IGC_TRITON_AUTOTUNE="0", IGC_TRITON_FIXED="default")
+from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
+import igc_kernels._triton_ops as T
+
+launches = []
+T._launch = lambda fn, grid, args, meta: launches.append((fn, args, meta))
+g = torch.Generator().manual_seed(0)
+L = 10  # deeper than the pointer slots
+x = torch.randn(2, 16, 3, 3, generator=g)
+ws = [torch.randn(16, 4, generator=g) for _ in range(L)]
+bs = [torch.randn(16, generator=g) if l % 2 else None for l in range(L)]
+explicit = [l % 3 == 0 and l < L - 1 for l in range(L)]  # the last one: see the test
+perms = [torch.randperm(16, generator=g) if e else None for e in explicit]
+shuffles = [0 if e else 4 for e in explicit]
+idx = torch.randint(0, 16, (16,), generator=g)
+args = (ws, [b if b is not None else torch.empty(0) for b in bs], [4] * L, shuffles, perms)
+T.chain_forward(x, *args, idx)
+T.chain_backward(torch.randn(2, 16, 3, 3, generator=g), x, *args, [True, True, True], idx)
+out = []
+for fn, a, meta in launches:
+    kw = dict(zip(fn.arg_names, a))
+    kw.update({k: v for k, v in meta.items() if k != "num_warps"})
+    acc = identify_accessed_tensors(fn, kw, {})
+    out.append([fn.__name__, sorted(d.name for d in acc.read_writes.writes)])
+print(json.dumps(out))
+"""
+
+
+def test_torch_compile_sees_what_the_kernels_write():
+    """``torch.compile`` (Inductor) traces the Triton op bodies and reads each kernel's TTIR
+    (generated for sm_90 here) to find the tensors it writes, so that it clones exactly those:
+    for the kernels with their constexpr tuples and None pointer slots (a chain deeper than
+    the slots, explicit permutations, biases on some layers, an input index) the analysis finds
+    y in the forward, dx and the partial rows in the backward, the gradients in the reduction,
+    and nothing else. (An explicit permutation after the last layer makes it also name
+    ``perm_ptr`` in the forward, whose loaded values address the stores of y: Inductor then
+    clones that small buffer, which costs a copy and changes no result.)"""
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _MUTATIONS], capture_output=True, text=True,
+                       env=env, cwd=ROOT, timeout=600)
+    assert r.returncode == 0, r.stderr[-5000:]
+    writes = json.loads(r.stdout.strip().splitlines()[-1])
+    assert writes == [["igc_chain_fwd", ["y_ptr"]], ["igc_chain_bwd", ["dx_ptr", "part_ptr"]],
+                      ["_reduce_partials", ["gb_ptr", "gw_ptr"]]], writes
+
+
 def test_default_forward_configuration_does_not_spill(report):
     fwd = [r for r in report if r["direction"] == "forward"]
     assert fwd
