@@ -157,6 +157,29 @@ def test_depth_and_pointer_slots(depth, monkeypatch):
     assert perm_buffer.numel() == 2 * sum(c for l, c in enumerate(C[1:]) if l % 3 == 0)
 
 
+def test_layer_fields_match_the_kernels_unpacking():
+    """``Structure.meta`` writes each layer's tuple in ``LAYER_FIELDS`` order and the layer
+    helpers read it back by position (``NAME: tl.constexpr = LAYERS[I][k]``): every position
+    they read names the field stored there, and the tuples hold one value per field."""
+    import inspect
+    import re
+
+    for helper in (K._fwd_layer, K._bwd_layer):
+        src = inspect.getsource(helper.fn if hasattr(helper, "fn") else helper)
+        reads = re.findall(r"(\w+): tl\.constexpr = LAYERS\[I\]\[(\d+)\]", src)
+        assert len(reads) >= 15, helper
+        for name, k in reads:
+            assert name.lower() == K.LAYER_FIELDS[int(k)], (helper, name, k)
+    st = K.make_structure(6, [6, 12, 6], [3, 2], [0, 0], [True, False], [True, False], False,
+                          torch.float32)
+    rows = st.meta()["LAYERS"]
+    assert all(len(r) == len(K.LAYER_FIELDS) for r in rows)
+    f = {name: i for i, name in enumerate(K.LAYER_FIELDS)}
+    assert [(r[f["c_in"]], r[f["c_out"]], r[f["n"]], r[f["m"]]) for r in rows] == \
+        [(6, 12, 2, 4), (12, 6, 6, 3)]
+    assert rows[1][f["pk"]] == K.PK_EXPLICIT and rows[1][f["q_at"]] == 12  # after [p, inv(p)]
+
+
 @pytest.mark.parametrize("keep", [1, 0], ids=["keep", "recompute"])
 @pytest.mark.parametrize("block_p,num_warps", [(8, 8), (8, 16), (16, 16)])
 def test_backward_tiles_of_few_positions(block_p, num_warps, keep):

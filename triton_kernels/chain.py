@@ -502,7 +502,7 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
     PK: tl.constexpr = LAYERS[I][6]
     SG: tl.constexpr = LAYERS[I][7]
     SM: tl.constexpr = LAYERS[I][8]
-    HB: tl.constexpr = LAYERS[I][9]
+    BIAS: tl.constexpr = LAYERS[I][9]
     W_SLOT: tl.constexpr = LAYERS[I][10]
     W_AT: tl.constexpr = LAYERS[I][11]
     B_SLOT: tl.constexpr = LAYERS[I][12]
@@ -513,7 +513,7 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
     w_ptr = WP[W_SLOT] + W_AT
-    if HB:
+    if BIAS:
         b_ptr = BP[B_SLOT] + B_AT
     else:
         b_ptr = None
@@ -528,13 +528,13 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
     NATIVE: tl.constexpr = NATIVE16 and I == 0
     if PACK and KB > 0:
         MODE: tl.constexpr = 1 if NATIVE else (2 if NATIVE16 else 0)
-        u = _layer_packed(h, w_ptr, b_ptr, p_ptr, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, HB,
+        u = _layer_packed(h, w_ptr, b_ptr, p_ptr, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, BIAS,
                           MODE, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
-        u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, HB,
+        u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
                        NATIVE, PREC)
     else:
-        u = _layer_fma(h, w_ptr, b_ptr, p_ptr, N, M, C_OUT, S_OUT, PK, SG, SM, HB, BLOCK_P)
+        u = _layer_fma(h, w_ptr, b_ptr, p_ptr, N, M, C_OUT, S_OUT, PK, SG, SM, BIAS, BLOCK_P)
     return u
 
 
@@ -555,7 +555,7 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
     PK: tl.constexpr = LAYERS[I][6]
     SG: tl.constexpr = LAYERS[I][7]
     SM: tl.constexpr = LAYERS[I][8]
-    HB: tl.constexpr = LAYERS[I][9]
+    BIAS: tl.constexpr = LAYERS[I][9]
     W_SLOT: tl.constexpr = LAYERS[I][10]
     W_AT: tl.constexpr = LAYERS[I][11]
     P_AT: tl.constexpr = LAYERS[I][14]
@@ -573,12 +573,12 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
     else:
         p_ptr = None
         q_ptr = None
-    if HB:
+    if BIAS:
         pb_ptr = prow + (W_TOTAL + B_OFF)
     else:
         pb_ptr = None
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
-    DB: tl.constexpr = NEED_DB if HB else 0
+    DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
         dh = _layer_packed_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN,
                                C_OUT, KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16, PREC,
@@ -588,7 +588,7 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
     else:
         dh = _layer_fma_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
-                            S_IN, S_OUT, PK, SG, SM, HB, NEED_DH, NEED_DW, DB, BLOCK_P)
+                            S_IN, S_OUT, PK, SG, SM, BIAS, NEED_DH, NEED_DW, DB, BLOCK_P)
     return dh
 
 
