@@ -246,7 +246,7 @@ def test_input_index(case, dense):
 
 
 # ---------------------------------------------------------------------------------------------
-# The packed path (forward: groups packed into 16-wide blocks, batched tensor-core products)
+# The packed path (groups packed into 16-wide blocks, batched tensor-core products)
 # ---------------------------------------------------------------------------------------------
 PACK_CASES = {
     # name: (channels, groups, permutations, bias, dtype, layout, packed layers)
@@ -287,7 +287,7 @@ def test_packed_path(case, monkeypatch):
 def test_packed_path_eligibility(monkeypatch):
     """Which layers the packed path takes: channels filling the tile, 16-wide blocks of whole
     groups (or one group of 16+), a block-diagonal weight within PACK_MAX_WEIGHTS; and the
-    autotuner offers it (forward only) beside the DENSE choices."""
+    autotuner offers it beside the DENSE choices (the backward with KEEP=1)."""
     from igc_kernels.triton_kernels import chain as K
 
     def layer(c_in, c_out, g):
