@@ -256,7 +256,9 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     for (int k = 0; k < 2; ++k) {
       const int g = g0 + k;
       if (g < d.groups && gid < d.m) {
-        float* out = pw + static_cast<int64_t>(g * d.m + gid) * d.n + 2 * tig;
+        // a 32-bit offset within the layer (its weights number far less than 2^31: its
+        // channels fit shared memory): 8 fewer instructions per item than a 64-bit one
+        float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
         if (2 * tig < d.n) out[0] += acc[k][2 * k];
         if (2 * tig + 1 < d.n) out[1] += acc[k][2 * k + 1];
       }
