@@ -215,7 +215,7 @@ def _spill_reasons(x, chain, need_dx, need_dw, need_db, spills):
               for b in chain.biases]
     perms = [_meta_like(p.shape, (1,), p.dtype) if p is not None else None
              for p in chain.perms]
-    ptrs = K.pointer_args(st, weights, biases, K.permutation_buffer(st, perms, lambda p: i32))
+    ptrs = K.pointer_args(st, weights, biases, K.permutation_buffer(st, perms, _inverse))
     xm = _meta_like(x.shape, x.stride(), x.dtype)
     ym = empty_like_layout(xm, chain.channels[-1], x.dtype)
     index = (i32,) * 4 if chain.input_index is not None else (None,) * 4

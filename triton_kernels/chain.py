@@ -837,11 +837,6 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
     l; else ``perm_present[l]``: an explicit permutation; else identity. Explicit permutations
     and their inverses are laid out in layer order in one buffer (``permutation_buffer``)."""
     L = len(groups)
-    at, p_at = 0, []
-    for l in range(L):
-        explicit = shuffles[l] <= 0 and perm_present[l]
-        p_at.append(at if explicit else -1)
-        at += 2 * int(channels[l + 1]) if explicit else 0
 
     def kind(l):  # the permutation after layer l (0-based)
         if shuffles[l] > 0:
@@ -850,7 +845,15 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
             return PK_EXPLICIT, int(channels[l + 1]), 1
         return PK_IDENTITY, 1, 1
 
-    def q_at(l):  # the inverse of the explicit permutation after layer l, or -1
+    # offset of the explicit permutation after layer l in the buffer, or -1 (its inverse
+    # follows it: q_at)
+    at, p_at = 0, []
+    for l in range(L):
+        explicit = kind(l)[0] == PK_EXPLICIT
+        p_at.append(at if explicit else -1)
+        at += 2 * int(channels[l + 1]) if explicit else 0
+
+    def q_at(l):
         return p_at[l] + int(channels[l + 1]) if p_at[l] >= 0 else -1
 
     layers, w_off, b_off = [], 0, 0
