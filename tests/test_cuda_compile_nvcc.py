@@ -97,9 +97,10 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
-        # the tensor-core forward and backward: 2 formats x 3 tiles each, the weight packing
-        # (plain and transposed) and the backward's reduction per format
-        assert sum("chain_forward_mma_kernel" in n for n in names) == 6, names
+        # the tensor-core forward: 2 formats x 3 tiles x (two tiles, in-place layers); the
+        # backward: 2 formats x 3 tiles; the weight packing (plain and transposed) and the
+        # backward's reduction per format
+        assert sum("chain_forward_mma_kernel" in n for n in names) == 12, names
         assert sum("chain_backward_mma_kernel" in n for n in names) == 6, names
         assert sum("pack_mma_weights_kernel" in n for n in names) == 4, names
         assert sum("reduce_partials_mma_kernel" in n for n in names) == 2, names
@@ -133,7 +134,7 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
         mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
-        assert len(mma) == 6, [f.split()[0] for f in funcs]
+        assert len(mma) == 12, [f.split()[0] for f in funcs]
         for f in mma:
             name = f.split()[0]
             fmt = ".BF16" if "MmaBf16" in name else ""  # f16 inputs carry no suffix
@@ -345,11 +346,12 @@ class EmuCase:
 
     def emu_forward_mma(self, lib, x, device=H100, occupancy=1):
         """The tensor-core forward (float16 / bfloat16; weights and biases passed in float32,
-        as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid)."""
+        as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid, 1 for
+        in-place layers)."""
         assert self.dtype in (torch.float16, torch.bfloat16)
         W, B = (t.float() for t in self._flat())
         return self._forward(lib.igc_emu_forward_mma, int(self.dtype == torch.bfloat16), W, B,
-                             x, device, occupancy, 2, "tensor-core forward")
+                             x, device, occupancy, 3, "tensor-core forward")
 
     def unfused(self, x, dtype=None):
         """The unfused chain in ``dtype`` (default: the case's; every layer's output rounded to
@@ -785,6 +787,11 @@ def test_emulated_mma_input_index_and_permutations(emu, mma_arch, dtype):
         c.check_mma(emu, _x((2, 9, 4, 5), layout, dtype, 8))
 
 
+def _tile_rows(c: int) -> int:
+    """mma_tile_rows of chain_mma.cuh: a shared-memory tile buffer holds a multiple of 4 rows"""
+    return -(-c // 4) * 4
+
+
 @needs_cxx
 @pytest.mark.parametrize("case", [MMA_WIDTHS["igcv2_w8"], MMA_WIDTHS["w16_w32"],
                                   MMA_WIDTHS["odd_3_5"]], ids=["w8", "w16_w32", "odd"])
@@ -796,7 +803,7 @@ def test_emulated_mma_stmatrix_and_movmatrix_store_the_same_bits(emu, case):
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.bfloat16, seed=11)
     x = _x((2, channels[0], 5, 7), "contiguous", torch.bfloat16, 12)
     gy = _x((2, channels[-1], 5, 7), "contiguous", torch.bfloat16, 13)
-    smem = lambda tp: (2 * max(channels) + 2) * tp * 2 + 2 * tp * 8  # noqa: E731
+    smem = lambda tp: (2 * _tile_rows(max(channels)) + 2) * tp * 2 + 2 * tp * 8  # noqa: E731
     try:
         for tp in (64, 32, 16):
             per_sm = 2 * (smem(tp) + 1024)
@@ -826,12 +833,74 @@ def test_emulated_mma_tiles_and_shared_memory(emu):
         assert plan[0] == tp, (tp, plan)
     h, (W, B) = c.host_chain(), c._flat()
     y = torch.empty(2, 64, 9, 11, dtype=torch.bfloat16)
-    plan = (ctypes.c_int64 * 2)()
+    plan = (ctypes.c_int64 * 3)()
     rc = emu.igc_emu_forward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.float().data_ptr()),
                                  ctypes.c_void_p(B.float().data_ptr()), ctypes.byref(_etensor(x)),
                                  ctypes.byref(_etensor(y)),
                                  ctypes.byref(EmuDevice(2, smem(16) - 1, smem(16) - 1, 1)), plan)
     assert rc == 4, rc
+
+
+def _in_place_smem(cmax: int, tp: int) -> int:
+    """mma_forward_smem_bytes of chain_mma.cuh with in-place layers: one tile"""
+    return (_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
+
+
+IN_PLACE_CASES = {
+    # (channels, groups, perms, input index, c_in, tiles that in-place layers may take)
+    "igcv2_w8": ([64] * 4, [8, 8, 8], ["interleave", "interleave", None], None, None,
+                 (64, 32, 16)),
+    "w16": ([64, 64, 64], [4, 4], ["interleave", None], None, None, (32, 16)),
+    "odd_square": ([15, 15, 15], [5, 3], ["perm64", "perm32"], None, None, (64, 32, 16)),
+    "identity_then_perm": ([32] * 4, [4, 8, 4], [None, "perm64", None], None, None,
+                           (64, 32, 16)),
+    "input_index": ([16, 16, 16], [2, 4], ["interleave", "perm32"],
+                    [3, 0, 3, 5, 7, 7, 7, 1, 8, 2, 2, 4, 6, 0, 1, 5], 9, (64, 32, 16)),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("case", IN_PLACE_CASES.values(), ids=IN_PLACE_CASES.keys())
+def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
+    """Square groups of at most 16 take in-place layers (one tile, the rows of each layer's
+    outputs those of its inputs, the permutations composed) where that gives a larger tile
+    than two tiles: on a device sized for the in-place tile of each size (at 16 positions, two
+    tiles do not fit at all). Their outputs equal
+    the two-tile kernel's bit for bit (same products, same rounding, any tile) and pass the
+    oracle check; the tile stays within the items' limit (32 positions with groups of 16)."""
+    channels, groups, perms, index, c_in, tiles = case
+    gen = torch.Generator().manual_seed(len(channels))
+    perms = [torch.randperm(channels[l + 1], generator=gen).to(
+        torch.int32 if p == "perm32" else torch.int64) if str(p).startswith("perm") else p
+        for l, p in enumerate(perms)]
+    idx = None if index is None else torch.tensor(index, dtype=torch.int64)
+    c = EmuCase(channels, groups, perms=perms, bias=[l % 2 == 0 for l in range(len(groups))],
+                index=idx, c_in=c_in, dtype=torch.bfloat16, seed=21)
+    x = _x((2, c_in or channels[0], 5, 7), layout, torch.bfloat16, 22)
+    y_two, plan = c.check_mma(emu, x)  # H100: room for the largest tile with two tiles
+    assert plan[2] == 0, plan
+    for tp in tiles:
+        # two CTAs of the in-place tile fit; two tiles of it do not even fit one CTA
+        need = _in_place_smem(max(channels), tp)
+        y, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
+        assert plan[0] == tp and plan[2] == 1, (tp, plan)
+        assert torch.equal(y, y_two), tp
+    if 64 not in tiles:  # room for 64 positions in place: the items' limit keeps 32
+        per_sm = 2 * (_in_place_smem(max(channels), 64) + 1024)
+        _, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))
+        assert plan[0] == 32, plan
+
+
+@needs_cxx
+def test_emulated_mma_in_place_needs_square_groups(emu):
+    """Groups that change width (n != m) keep two tiles, however little shared memory there
+    is: the forward then takes a smaller tile."""
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=3)
+    x = _x((2, 16, 5, 7), "contiguous", torch.bfloat16, 4)
+    per_sm = 2 * (_in_place_smem(32, 32) + 1024)
+    _, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))
+    assert plan[2] == 0 and plan[0] == 16, plan
 
 
 @needs_cxx
@@ -1024,8 +1093,8 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
     x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
     gy = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 4)
-    # mma_backward_smem_bytes: the x tile, u_1, the dy tile, the zero and scratch rows; three
-    # offset arrays
+    # mma_backward_smem_bytes: the x tile, u_1, the dy tile (rows: multiples of 4), the zero and
+    # scratch rows; three offset arrays
     smem = lambda tp: (64 + 128 + 64 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
     for tp in (64, 32, 16):
         per_sm = 2 * (smem(tp) + 1024)

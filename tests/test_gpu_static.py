@@ -313,20 +313,22 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         pytest.skip("nvcc is not on PATH")
     out = tmp_path / "cuda.json"
     # igcv2(512,16): a 32-position tile, whose forward takes the pair items (two blocks of 8
-    # outputs per item)
+    # outputs per item); igcv2(1024,8): in-place layers (one tile of 32 positions instead of two
+    # of 16), items of two groups
     structures = {"igcv2(256,8)": None, "igcv2(64,4)": None, "igcv3-reduce(64,6,2)": None,
-                  "igcv2(512,16)": None}
+                  "igcv2(512,16)": None, "igcv2(1024,8)": None}
     _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes",
           "bfloat16,float16", "--layouts", "nchw,channels_last", "--archs", "90", "--json",
           str(out))
     report = json.loads(out.read_text())
     rows = [r for r in report["rows"] if r["kernel"] == "chain_forward_mma_kernel"]
-    assert len(rows) == 4 * 2 * 2
+    assert len(rows) == 5 * 2 * 2
     import igc_kernels as igc
 
     specs = {"igcv2(256,8)": igc.ChainSpec.igcv2(256, 8), "igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
              "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2]),
-             "igcv2(512,16)": igc.ChainSpec.igcv2(512, 16)}
+             "igcv2(512,16)": igc.ChainSpec.igcv2(512, 16),
+             "igcv2(1024,8)": igc.ChainSpec.igcv2(1024, 8)}
     for r in rows:
         what = f"{r['structure']} {r['dtype']} {r['layout']}"
         spec = specs[r["structure"]]
@@ -339,15 +341,19 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         assert r["compiled"] and r["spill_bytes"] == 0 and r["ctas_per_sm"] >= 1, what
         assert r["block_p"] in (16, 32, 64), what
         # the pair items: tiles of 16 or 32 positions, groups of 16 or more outputs in pairs
-        # of blocks of 8
-        pairs = r["block_p"] <= 32 and r["structure"] == "igcv2(512,16)"
+        # of blocks of 8, or items of two groups of at most 8
+        pairs = r["block_p"] <= 32 and r["structure"] in ("igcv2(512,16)", "igcv2(1024,8)")
         assert r["dyn"]["pair_item_layers"] == (len(spec.groups) if pairs else 0), what
+        in_place = r["structure"] == "igcv2(1024,8)"
+        assert r["config"]["in_place"] == in_place, what
+        if in_place:  # two tiles of 32 positions would not leave room for two CTAs
+            assert r["block_p"] == 32 and r["shared_bytes"] == (1024 + 2) * 32 * 2 + 32 * 16, what
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import perf_model
 
     kpad = lambda k: 8 if k <= 8 else 16 * -(-k // 16)  # noqa: E731
     back = [r for r in report["rows"] if r["kernel"] == "chain_backward_mma_kernel"]
-    assert len(back) == 4 * 2 * 2
+    assert len(back) == 5 * 2 * 2
     for r in back:
         what = f"{r['structure']} {r['dtype']} {r['layout']} backward"
         spec = specs[r["structure"]]

@@ -628,20 +628,47 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     return out
 
 
+def mma_tile_rows(c: int) -> int:
+    """mma_tile_rows of chain_mma.cuh: a tile buffer's rows, a multiple of 4"""
+    return -(-c // 4) * 4
+
+
 def mma_smem_bytes(cmax: int, tp: int) -> int:
-    return (2 * cmax + 2) * tp * 2 + 2 * tp * 8  # mma_forward_smem_bytes of chain_mma.cuh
+    # mma_forward_smem_bytes of chain_mma.cuh
+    return (2 * mma_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
 
 
-def mma_tile(cmax: int, arch: int) -> int:
-    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile that leaves room
-    for two CTAs per SM, else the largest that fits one."""
+def mma_in_place_smem_bytes(cmax: int, tp: int) -> int:
+    # mma_forward_smem_bytes of chain_mma.cuh with in-place layers: one tile
+    return (mma_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
+
+
+def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes, max_tp: int = 64) -> int:
+    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile (at most
+    ``max_tp``) that leaves room for two CTAs per SM, else the largest that fits one."""
     _, smem_sm, _, _ = SM_LIMITS[arch]
     optin = smem_sm - 1024
     for budget in (min(smem_sm // 2 - 1024, optin), optin):
         for tp in (128, 64, 32, 16):
-            if mma_smem_bytes(cmax, tp) <= budget:
+            if tp <= max_tp and smem(cmax, tp) <= budget:
                 return min(tp, 64)
     return 0
+
+
+def mma_forward_plan(spec, cmax: int, c0: int, arch: int) -> tuple:
+    """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_max_tp: every
+    group square, at most 16 wide; tiles of at most 32 positions with groups wider than 8)
+    where they give a larger tile than two tiles do."""
+    tp = mma_tile(cmax, arch)
+    ins = [c0] + [c for c, _ in spec.weight_shapes()][:-1]
+    widths = [(cout // g, cin // g) for (cout, _), g, cin in
+              zip(spec.weight_shapes(), spec.groups, ins)]
+    if all(m == n <= 16 for m, n in widths):
+        max_tp = 32 if any(m > 8 for m, _ in widths) else 64
+        tp_ip = mma_tile(cmax, arch, mma_in_place_smem_bytes, max_tp)
+        if tp_ip > tp:
+            return tp_ip, True
+    return tp, False
 
 
 def mma_backward_smem_bytes(rows: int, tp: int) -> int:
@@ -720,7 +747,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         c0 = c_x if idx is None else len(idx)
         shapes = spec.weight_shapes()
         chans = [c0] + [c for c, _ in shapes]
-        rows_ = c0 + sum(chans[1:-1]) + chans[-1]  # x, u_1 .. u_{L-1}, dy
+        rows_ = sum(mma_tile_rows(c) for c in [c0] + chans[1:-1] + [chans[-1]])  # x, u, dy
         tp = mma_backward_tile(rows_, arch)
         if tp == 0:
             continue
@@ -807,19 +834,20 @@ def _mma_layer_terms(costs, groups, outs, ins) -> list:
 
 def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     """One forward record per structure, 16-bit dtype, layout and arch for the tensor-core
-    kernel, with per-position counts: the chain's items and k-steps per layer times the SASS
-    costs of ``mma_kernel_model`` (needs cuda_records first, for the SASS)."""
+    kernel the planner launches (two tiles or in-place layers: ``mma_forward_plan``), with
+    per-position counts: the chain's items and k-steps per layer times the SASS costs of
+    ``mma_kernel_model`` (needs cuda_records first, for the SASS)."""
     rows = []
     for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
         c_x, spec, _, idx = structure_args(s)
         chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
         cmax = max(chans)
-        tp = mma_tile(cmax, arch)
+        tp, in_place = mma_forward_plan(spec, cmax, chans[0], arch)
         if tp == 0:
             continue
         mt = tp // 16
         name = next(n for n in funcs if "chain_forward_mma_kernel" in n
-                    and f"{fmt}ELi{mt}E" in n)
+                    and f"{fmt}ELi{mt}ELb{int(in_place)}E" in n)
         model = mma_kernel_model(funcs[name], mt)
         terms = []
         pair_layers = 0
@@ -844,7 +872,8 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                              (spec.out_channels * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
                               "chain_forward_mma_kernel", tp, ptxas[name],
-                              mma_smem_bytes(cmax, tp))
+                              (mma_in_place_smem_bytes if in_place else mma_smem_bytes)(cmax, tp))
+            rec.config["in_place"] = in_place
             _set_mma_dyn(rec, total,
                          "per layer: items x item cost + items x k-steps x "
                          "k-step cost; tile load/store per 16-byte vector "

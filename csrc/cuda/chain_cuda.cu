@@ -171,10 +171,13 @@ bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weig
                                          table.data_ptr<int32_t>(), nullptr);
   at::Tensor frag = at::empty({2 * mp.num_frag}, x.options().dtype(at::kInt));
   mp.frag = reinterpret_cast<const uint2*>(frag.data_ptr<int32_t>());
+  // the forward's tables: rows (composed with in-place layers) and the rows' elements
+  at::Tensor tables = at::empty({kc::mma_forward_table_size(mp)}, table.options());
   C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
   C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
       mp, reinterpret_cast<uint2*>(frag.data_ptr<int32_t>()),
-      tensor_arg<const uint16_t>(x), tensor_arg<uint16_t>(y), P, plan, stream));
+      tables.data_ptr<int32_t>(), tensor_arg<const uint16_t>(x),
+      tensor_arg<uint16_t>(y), P, plan, stream));
   return true;
 }
 

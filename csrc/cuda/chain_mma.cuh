@@ -6,9 +6,9 @@
 // sm_90's stmatrix puts the padding outputs of a partial block of 8). Intermediates are
 // rounded to the storage dtype between layers, as the unfused chain of the same dtype rounds
 // each layer's output; products accumulate in fp32. Rows are TP elements long, in 16-byte
-// chunks of 8 positions; chunk c of row r sits at chunk c ^ swizzle(r) of that row (below), so
-// that the 8 rows an ldmatrix phase reads (consecutive rows, or the rows g * m + k of a shuffle)
-// fall in different banks.
+// chunks of 8 positions, swizzled within 128-byte lines (mma_elem) so that the 8 rows an
+// ldmatrix phase reads (consecutive rows, or rows a power of two apart: a shuffle's) fall in
+// different banks.
 //
 // Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs), or, with
 // tiles of 16 and 32 positions, two blocks of a group where they pair up (one ldmatrix then
@@ -230,68 +230,70 @@ struct MmaLayer {
   int nblk;      // blocks of 8 outputs per group: ceil(m / 8)
   int ksteps;    // k-steps per item: 1 (m16n8k8, n <= 8) or ceil(n / 16) (m16n8k16)
   int k8;        // n <= 8: one m16n8k8 step
-  int shift;     // swizzle shift of this layer's output tile (see mma_swizzle)
   int64_t f_off; // first fragment (uint2 units) of this layer
+  int64_t e_off; // the forward's element table of this layer's inputs: its first entry
 };
 
 struct MmaParams {
   ChainParams<float> c;  // the chain; W: fp32 weights (packing input), B: fp32 biases
   const uint2* frag;     // packed weight fragments: [layer][group][block][kstep][lane]
   int64_t num_frag;
-  int x_shift;           // swizzle shift of the x tile
+  // the forward's element tables (mma_forward_tables_kernel): layer l's input rows at
+  // elem + layer[l].e_off, its output rows at elem_out (in place: at the input rows)
+  const int32_t* elem;
+  const int32_t* elem_out;
   MmaLayer layer[kMaxLayers];
 };
-
-inline int log2_if_pow2(int64_t v) {
-  int s = 0;
-  while ((int64_t(1) << s) < v) ++s;
-  return (int64_t(1) << s) == v ? s : -1;
-}
-
-// The swizzle shift of the tile that layer l's output goes to: with a shuffle of s groups after
-// it, layer l + 1 reads rows q * (C / s) + k for consecutive q together, so the shift is
-// log2(C / s) when that is a power of two; 3 otherwise (consecutive rows spread by their low
-// bits).
-inline int mma_shift_after(const HostChain& h, int l) {
-  if (h.shuffle[l] > 0 && h.perm[l] == nullptr) {
-    const int s = log2_if_pow2(h.C[l + 1] / h.shuffle[l]);
-    if (s > 0) return s;
-  }
-  return 3;
-}
 
 inline MmaParams make_mma_params(const HostChain& h, const float* W, const float* B,
                                  const int32_t* table, const uint2* frag) {
   MmaParams mp;
   mp.c = make_params<float>(h, W, B, table);
   mp.frag = frag;
-  mp.x_shift = 3;
-  int64_t off = 0;
+  mp.elem = mp.elem_out = nullptr;
+  int64_t off = 0, eo = 0;
   for (int l = 0; l < kMaxLayers; ++l) {
     MmaLayer& ml = mp.layer[l];
     if (l >= h.L) {
-      ml = MmaLayer{0, 0, 0, 3, off};
+      ml = MmaLayer{0, 0, 0, off, eo};
       continue;
     }
     const LayerDesc& d = mp.c.layer[l];
     ml.nblk = (d.m + 7) / 8;
     ml.k8 = d.n <= 8 ? 1 : 0;
     ml.ksteps = ml.k8 ? 1 : (d.n + 15) / 16;
-    ml.shift = mma_shift_after(h, l);
     ml.f_off = off;
     off += static_cast<int64_t>(d.groups) * ml.nblk * ml.ksteps * 32;
+    ml.e_off = eo;
+    eo += d.cin;
   }
   mp.num_frag = off;
   return mp;
 }
 
-// Physical element of (row r, position t) in a tile of TP positions with swizzle shift s.
+// Physical element of (row r, position t) in a tile of TP positions. A row is TP / 8 chunks of
+// 8 positions (16 bytes); a 128-byte line (8 chunks: the 8 bank groups) holds 2^LOW rows, and
+// chunk k of line q (k = (r mod 2^LOW) * TP / 8 + t / 8, q = r >> LOW) is stored at chunk
+// k ^ h(q) of that line, h(q) the XOR of q's 3-bit digits. Rows whose numbers differ only in 3
+// consecutive bits (8 consecutive rows, or 8 rows a power of two apart: a shuffle's stride, or
+// a product of shuffles') then lie in 8 different bank groups at every position, so ldmatrix,
+// stmatrix and 16-byte vector accesses of such rows are free of bank conflicts whatever the
+// permutations' strides. Rows move within their line: a tile buffer holds a multiple of 4 rows
+// (mma_tile_rows). With c = t / 8 < TP / 8, mma_elem(r, t) = base + ((c << 3) ^ sw) + t % 8,
+// where sw = mma_elem(r, 0) & ((TP / 8 - 1) << 3) and base = mma_elem(r, 0) - sw: the kernels
+// compute a row's base and swizzle once and then address its chunks.
 template <int TP>
-__host__ __device__ __forceinline__ int mma_elem(int r, int t, int s) {
-  constexpr int CPR = TP / 8;                                  // 16-byte chunks per row
-  constexpr int LOW = CPR >= 8 ? 0 : (CPR == 4 ? 1 : 2);       // rows per 128-byte line: 2^LOW
-  const int sw = ((r ^ (r >> s)) >> LOW) & (CPR - 1);
-  return r * TP + ((((t >> 3) ^ sw) & (CPR - 1)) << 3) + (t & 7);
+__host__ __device__ __forceinline__ int mma_elem(int r, int t) {
+  constexpr int CPR = TP / 8;                             // 16-byte chunks per row
+  constexpr int LOW = CPR >= 8 ? 0 : (CPR == 4 ? 1 : 2);  // rows per 128-byte line: 2^LOW
+  const int q = r >> LOW;
+  const int h = (q ^ (q >> 3) ^ (q >> 6) ^ (q >> 9)) & 7;
+  return (((r * CPR + (t >> 3)) ^ h) << 3) + (t & 7);
+}
+
+// Rows of a tile buffer for c channels: a multiple of 4, the most rows a line holds (mma_elem).
+__host__ __device__ __forceinline__ int64_t mma_tile_rows(int64_t c) {
+  return (c + 3) & ~int64_t(3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -355,7 +357,7 @@ __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
 template <int TP, int NB, bool kDstRows>
 __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
                                                const int64_t* pos_off, int tvalid, int C,
-                                               uint16_t* tile, int s,
+                                               uint16_t* tile,
                                                const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   constexpr int TB = TP / 8;  // blocks of 8 positions
@@ -372,7 +374,7 @@ __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
     for (int k = 0; k < NB; ++k) {
       const int c = c0 + 8 * k + gid;
       *reinterpret_cast<uint32_t*>(
-          tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig, s)) =
+          tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig)) =
           movmatrix_trans(v[k]);
     }
   }
@@ -382,7 +384,7 @@ template <int TP, int NB>
 __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
                                                 const int64_t* pos_off, int tvalid, int C,
                                                 const int32_t* __restrict__ src_row,
-                                                const uint16_t* tile, int s) {
+                                                const uint16_t* tile) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   constexpr int TB = TP / 8;
   const int nit = TB * (C / (8 * NB));
@@ -394,7 +396,7 @@ __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
     for (int k = 0; k < NB; ++k) {
       const int j = j0 + 8 * k + gid;  // output channel; its row: src_row(j)
       v[k] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(
-          tile + mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb + 2 * tig, s)));
+          tile + mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb + 2 * tig)));
     }
     if (t < tvalid) {
       uint16_t* dp = dst + pos_off[t] + j0 + 2 * tig;
@@ -419,7 +421,7 @@ __device__ __forceinline__ int cl_wide_channel(int lane) {
 template <int TP, bool kDstRows>
 __device__ __forceinline__ void cl_load_wide(const uint16_t* __restrict__ src,
                                              const int64_t* pos_off, int tvalid, int C,
-                                             uint16_t* tile, int s,
+                                             uint16_t* tile,
                                              const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
@@ -432,7 +434,7 @@ __device__ __forceinline__ void cl_load_wide(const uint16_t* __restrict__ src,
     if (t < tvalid) v = *reinterpret_cast<const uint4*>(src + pos_off[t] + c0 + 8 * tig);
     const uint32_t r[4] = {v.x, v.y, v.z, v.w};
     const int c = c0 + ci;
-    stmatrix_trans_x4(tile, mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb, s), r);
+    stmatrix_trans_x4(tile, mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb), r);
   }
 }
 
@@ -440,7 +442,7 @@ template <int TP>
 __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const int64_t* pos_off,
                                               int tvalid, int C,
                                               const int32_t* __restrict__ src_row,
-                                              const uint16_t* tile, int s) {
+                                              const uint16_t* tile) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
   constexpr int TB = TP / 8;
@@ -449,7 +451,7 @@ __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const 
     const int tb = it % TB, j0 = (it / TB) * 32;
     const int j = j0 + ci;  // output channel; its row: src_row(j)
     uint32_t r[4];
-    ldmatrix_trans<4>(r, tile, mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb, s));
+    ldmatrix_trans<4>(r, tile, mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb));
     const int t = 8 * tb + gid;
     if (t < tvalid)
       *reinterpret_cast<uint4*>(dst + pos_off[t] + j0 + 8 * tig) = uint4{r[0], r[1], r[2], r[3]};
@@ -463,7 +465,7 @@ __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const 
 template <int TP, bool kDstRows = false>
 __device__ __forceinline__ void mma_load_tile_inline(
     const uint16_t* __restrict__ src, int64_t cs, const int64_t* pos_off, bool contig,
-    bool cl_vec, int tvalid, int C, const int32_t* __restrict__ src_chan, uint16_t* tile, int s,
+    bool cl_vec, int tvalid, int C, const int32_t* __restrict__ src_chan, uint16_t* tile,
     const int32_t* __restrict__ dst_row = nullptr) {
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(src + pos_off[0]) && cs % 8 == 0) {
@@ -473,25 +475,25 @@ __device__ __forceinline__ void mma_load_tile_inline(
     for (int it = tid; it < C * NV; it += kThreads) {
       const int c = it / NV, v = it - c * NV;
       const int64_t chan = src_chan ? src_chan[c] : c;
-      *reinterpret_cast<uint4*>(tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, v * 8, s)) =
+      *reinterpret_cast<uint4*>(tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, v * 8)) =
           *reinterpret_cast<const uint4*>(base + chan * cs + v * 8);
     }
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
     if (C % 32 == 0 && mma_has_stmatrix())
-      cl_load_wide<TP, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
+      cl_load_wide<TP, kDstRows>(src, pos_off, tvalid, C, tile, dst_row);
     else if (C % 32 == 0)
-      cl_load_blocks<TP, 4, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
+      cl_load_blocks<TP, 4, kDstRows>(src, pos_off, tvalid, C, tile, dst_row);
     else
-      cl_load_blocks<TP, 1, kDstRows>(src, pos_off, tvalid, C, tile, s, dst_row);
+      cl_load_blocks<TP, 1, kDstRows>(src, pos_off, tvalid, C, tile, dst_row);
     return;
   }
   // any other layout (and tile tails): scalar, positions fastest
   for (int it = tid; it < C * TP; it += kThreads) {
     const int c = it / TP, t = it - c * TP;
     const int64_t chan = src_chan ? src_chan[c] : c;
-    tile[mma_elem<TP>(kDstRows ? dst_row[c] : c, t, s)] =
+    tile[mma_elem<TP>(kDstRows ? dst_row[c] : c, t)] =
         t < tvalid ? src[pos_off[t] + chan * cs] : uint16_t(0);
   }
 }
@@ -502,9 +504,9 @@ template <int TP>
 __device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int64_t cs,
                                            const int64_t* pos_off, bool contig, bool cl_vec,
                                            int tvalid, int C,
-                                           const int32_t* __restrict__ src_chan, uint16_t* tile,
-                                           int s) {
-  mma_load_tile_inline<TP>(src, cs, pos_off, contig, cl_vec, tvalid, C, src_chan, tile, s);
+                                           const int32_t* __restrict__ src_chan,
+                                           uint16_t* tile) {
+  mma_load_tile_inline<TP>(src, cs, pos_off, contig, cl_vec, tvalid, C, src_chan, tile);
 }
 
 // y[pos t, channel j] = tile(row src_row(j), t) for j < C, t < tvalid.
@@ -513,7 +515,7 @@ __device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst
                                                       const int64_t* pos_off, bool contig,
                                                       bool cl_vec, int tvalid, int C,
                                                       const int32_t* __restrict__ src_row,
-                                                      const uint16_t* tile, int s) {
+                                                      const uint16_t* tile) {
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(dst + pos_off[0]) && cs % 8 == 0) {
     constexpr int NV = TP / 8;
@@ -522,22 +524,22 @@ __device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst
       const int j = it / NV, v = it - j * NV;
       const int r = src_row ? src_row[j] : j;
       *reinterpret_cast<uint4*>(base + static_cast<int64_t>(j) * cs + v * 8) =
-          *reinterpret_cast<const uint4*>(tile + mma_elem<TP>(r, v * 8, s));
+          *reinterpret_cast<const uint4*>(tile + mma_elem<TP>(r, v * 8));
     }
     return;
   }
   if (cl_vec && cs == 1 && C % 8 == 0) {
     if (C % 32 == 0)
-      cl_store_wide<TP>(dst, pos_off, tvalid, C, src_row, tile, s);
+      cl_store_wide<TP>(dst, pos_off, tvalid, C, src_row, tile);
     else
-      cl_store_blocks<TP, 1>(dst, pos_off, tvalid, C, src_row, tile, s);
+      cl_store_blocks<TP, 1>(dst, pos_off, tvalid, C, src_row, tile);
     return;
   }
   for (int it = tid; it < C * TP; it += kThreads) {
     const int j = it / TP, t = it - j * TP;
     if (t < tvalid)
       dst[pos_off[t] + static_cast<int64_t>(j) * cs] =
-          tile[mma_elem<TP>(src_row ? src_row[j] : j, t, s)];
+          tile[mma_elem<TP>(src_row ? src_row[j] : j, t)];
   }
 }
 
@@ -546,8 +548,8 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
                                             const int64_t* pos_off, bool contig, bool cl_vec,
                                             int tvalid, int C,
                                             const int32_t* __restrict__ src_row,
-                                            const uint16_t* tile, int s) {
-  mma_store_tile_inline<TP>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile, s);
+                                            const uint16_t* tile) {
+  mma_store_tile_inline<TP>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -559,9 +561,10 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
 // [position][output] matrix in the fragment layout, rounded to the storage dtype. Stored in
 // natural output order (or output r in row out_rows[r]): an 8x8 block is output rows
 // 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
-template <class Fmt, int MT>
+// kElem: out_rows holds the rows' elements mma_elem(row, 0) instead of the rows.
+template <class Fmt, int MT, bool kElem = false>
 __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g, int b,
-                                                const LayerDesc& d, uint16_t* out, int s_out,
+                                                const LayerDesc& d, uint16_t* out,
                                                 uint16_t* zero,
                                                 const int32_t* __restrict__ out_rows) {
   constexpr int TP = MT * 16;
@@ -577,7 +580,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     int e = 0;
     uint16_t* base = zero + TP;
     if (8 * b + i < d.m) {
-      e = mma_elem<TP>(out_rows ? out_rows[r] : r, 0, s_out);
+      e = kElem ? out_rows[r] : mma_elem<TP>(out_rows ? out_rows[r] : r, 0);
       base = out;
     }
     const int sw = e & ((TP / 8 - 1) << 3);
@@ -596,7 +599,8 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
     const bool ok = orow < d.m;
     const int r = g * d.m + orow;
-    const int e = mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0, s_out);
+    const int e = kElem ? (ok ? out_rows[r] : 0)
+                        : mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0);
     const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
     uint16_t* row = out + (e - sw) + 2 * tig;
 #pragma unroll
@@ -610,9 +614,11 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
   }
 }
 
-// out (shift s_out) = layer l of in (shift s_in), in natural output order (out_rows null) or
+// out = layer l of in, in natural output order (out_rows null) or
 // output o in row out_rows[o] (the backward's scatter of dh through a gather index); in_rows:
-// the rows of the layer's inputs in `in` (gather of the previous layer; null: identity).
+// the rows of the layer's inputs in `in` (gather of the previous layer; null: identity). With
+// kElem (in-place layers), in_rows and out_rows hold the rows' elements mma_elem(row, 0), and
+// neither is null: an item then looks its addresses up instead of computing the swizzle.
 // A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
 // activation fragments, row look-ups and loop step between two blocks (tiles of 16 and 32
 // positions, where a group's blocks pair up); the caller guarantees ml.nblk % NB == 0. With
@@ -621,12 +627,12 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // and the set-up.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
-template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false>
+template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false, bool kElem = false>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
-                                            int s_in, const int32_t* __restrict__ in_rows,
-                                            uint16_t* out, int s_out, uint16_t* zero,
+                                            const int32_t* __restrict__ in_rows,
+                                            uint16_t* out, uint16_t* zero,
                                             const int32_t* __restrict__ out_rows) {
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -687,10 +693,10 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       // this lane's row; the padding lanes read the zero row. With kGroups (k8), lanes 16..31
       // address the second group's rows, so that one ldmatrix x4 loads both operands.
       const bool valid = kk < d.n;
-      int row = 0;
+      int row = 0;  // kElem: the row's element mma_elem(row, 0)
       if (valid) {
         const int j = (g0 + (kGroups ? lane >> 4 : 0)) * d.n + kk;
-        row = in_rows ? in_rows[j] : j;
+        row = (kElem || in_rows) ? in_rows[j] : j;
       }
       // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
       // instruction), shared by the item's products. With several row blocks, the row start
@@ -699,14 +705,22 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       constexpr int NM = (K == 16 || kGroups) ? 4 : 2;  // 8x8 matrices per ldmatrix
       if constexpr (MT == 1) {
         uint32_t a[4];
-        ldmatrix_trans<NM>(a, valid ? in : zero,
-                           valid ? mma_elem<TP>(row, pos_lane, s_in) : pos_lane);
+        int el = pos_lane;
+        if (valid) {
+          if constexpr (kElem) {
+            const int sw = row & ((TP / 8 - 1) << 3);
+            el = (row - sw) + (pos_lane ^ sw);
+          } else {
+            el = mma_elem<TP>(row, pos_lane);
+          }
+        }
+        ldmatrix_trans<NM>(a, valid ? in : zero, el);
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb)
           mma_sync<Fmt, K>(acc[nb][0], a + (kGroups ? 2 * nb : 0), breg[nb],
                            K == 8 ? binit[nb] : acc[nb][0]);
       } else {
-        const int e = valid ? mma_elem<TP>(row, 0, s_in) : 0;
+        const int e = valid ? (kElem ? row : mma_elem<TP>(row, 0)) : 0;
         const int sw = e & ((TP / 8 - 1) << 3);
         const uint16_t* rp = (valid ? in : zero) + (e - sw);
 #pragma unroll
@@ -722,8 +736,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
-      mma_store_block<Fmt, MT>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d, out,
-                               s_out, zero, out_rows);
+      mma_store_block<Fmt, MT, kElem>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d,
+                                      out, zero, out_rows);
     sb += sbstep;
     g += gstep;
     if (sb >= nsb) {
@@ -736,37 +750,120 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 // Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up, else,
 // for k8 groups of one block, items of two groups. (With 64 positions the pair items'
 // accumulators took the forward to 97 registers, past the 85 of three CTAs per SM.)
-template <class Fmt, int MT>
+template <class Fmt, int MT, bool kElem = false>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
-                                       const uint2* frag, const uint16_t* in, int s_in,
-                                       const int32_t* in_rows, uint16_t* out, int s_out,
+                                       const uint2* frag, const uint16_t* in,
+                                       const int32_t* in_rows, uint16_t* out,
                                        uint16_t* zero,
                                        const int32_t* out_rows = nullptr) {
   if (MT <= 2 && ml.nblk % 2 == 0) {
     if (ml.k8)
-      mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+      mma_layer_k<Fmt, MT, 8, 2, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
+                                               out_rows);
     else
-      mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+      mma_layer_k<Fmt, MT, 16, 2, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
+                                                out_rows);
   } else if (MT <= 2 && ml.k8 && ml.nblk == 1 && d.groups % 2 == 0) {
-    mma_layer_k<Fmt, MT, 8, 2, true>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero,
-                                     out_rows);
+    mma_layer_k<Fmt, MT, 8, 2, true, kElem>(d, ml, B, frag, in, in_rows, out, zero,
+                                            out_rows);
   } else if (ml.k8) {
-    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+    mma_layer_k<Fmt, MT, 8, 1, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
+                                             out_rows);
   } else {
-    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, s_in, in_rows, out, s_out, zero, out_rows);
+    mma_layer_k<Fmt, MT, 16, 1, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
+                                              out_rows);
   }
 }
 
-// Shared memory of a tile of TP positions: two tiles of cmax rows, the zero row and the scratch
-// row, two offset arrays.
-inline size_t mma_forward_smem_bytes(int64_t cmax, int tp) {
-  return static_cast<size_t>(2 * cmax + 2) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
+// Shared memory of a tile of TP positions: two tiles of mma_tile_rows(cmax) rows (one with
+// in-place layers), the zero row and the scratch row, two offset arrays.
+inline size_t mma_forward_smem_bytes(int64_t cmax, int tp, bool in_place = false) {
+  return static_cast<size_t>((in_place ? 1 : 2) * mma_tile_rows(cmax) + 2) * tp *
+             sizeof(uint16_t) +
+         2 * tp * sizeof(int64_t);
+}
+
+// In-place layers: one tile instead of two. Layer l writes output o of group g into the row it
+// read input o of that group from, so the rows of a layer's output are those of its input:
+// the input of layer l sits in rows R_l = gather_0 o gather_1 o ... o gather_{l-1} (R_0 the
+// identity; input j of layer l in row R_l[j]) and the output y_j in row R_L[j]. The kernel
+// looks these composed gathers up in the forward's tables (mma_forward_tables_kernel), so a
+// permutation still costs nothing. It needs square groups (n == m: outputs and inputs share
+// rows) and work items that cover whole groups (no other warp may still read a row an item
+// overwrites): groups of at most 8 (one block of outputs), or of at most 16 with tiles of 16
+// or 32 positions (pair items). It is chosen where it gives a larger tile than two tiles do
+// (otherwise two tiles: composed shuffles are not always rows a power of two apart, whose
+// reads the swizzle keeps free of bank conflicts).
+inline int mma_in_place_max_tp(const MmaParams& mp) {
+  int max_tp = 16 * kMmaMaxMt;
+  for (int l = 0; l < mp.c.L; ++l) {
+    const LayerDesc& d = mp.c.layer[l];
+    if (d.n != d.m || d.m > 16) return 0;
+    if (d.m > 8) max_tp = 32;
+  }
+  return max_tp;
+}
+
+// The forward's tables (mma_forward_tables_kernel), int32: [rows | inputs | outputs]. rows:
+// the index table's layout, the input index and then, with in-place layers, the composed
+// gathers R_1 .. R_L (two tiles: the gathers, as they are); inputs: layer l's input j as the
+// element mma_elem(row, 0) of its row (in place: R_l[j]; two tiles: gather_{l-1}[j], j for
+// layer 0), from entry layer[l].e_off; outputs: mma_elem(o, 0) for o < cmax (two tiles: every
+// layer's output in natural order). A work item looks its row addresses up instead of
+// computing the swizzle.
+inline int64_t mma_forward_table_size(const MmaParams& mp) {
+  const ChainParams<float>& p = mp.c;
+  const LayerDesc& last = p.layer[p.L - 1];
+  return last.g_off + last.cout + mp.layer[p.L - 1].e_off + last.cin + p.cmax;
+}
+
+// Builds the forward's tables (above) from the index table mp.c.table (entries already checked
+// against their ranges; with in-place layers every C_l is equal).
+template <int TP>
+__global__ void __launch_bounds__(kThreads)
+    mma_forward_tables_kernel(const MmaParams mp, int in_place, int32_t* __restrict__ out) {
+  const ChainParams<float>& p = mp.c;
+  const LayerDesc& last = p.layer[p.L - 1];
+  const int64_t nrows = last.g_off + last.cout;
+  const int64_t nin = mp.layer[p.L - 1].e_off + last.cin;
+  const int64_t total = nrows + nin + p.cmax;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += stride) {
+    if (e >= nrows + nin) {  // outputs, natural order
+      out[e] = mma_elem<TP>(static_cast<int>(e - nrows - nin), 0);
+      continue;
+    }
+    if (e < nrows && (!in_place || e < p.layer[0].g_off)) {  // as it is
+      out[e] = p.table[e];
+      continue;
+    }
+    int l = 0;  // composed rows: R_{l+1}[v]; inputs: layer l's input v
+    int64_t v;
+    if (e < nrows) {
+      while (l + 1 < p.L && e >= p.layer[l + 1].g_off) ++l;
+      v = e - p.layer[l].g_off;
+      for (int k = l; k >= 0; --k)
+        if (!p.layer[k].gather_identity) v = p.table[p.layer[k].g_off + v];
+      out[e] = static_cast<int32_t>(v);
+      continue;
+    }
+    const int64_t f = e - nrows;
+    while (l + 1 < p.L && f >= mp.layer[l + 1].e_off) ++l;
+    v = f - mp.layer[l].e_off;
+    // in place: R_l = gather_0 o ... o gather_{l-1}; two tiles: gather_{l-1}
+    for (int k = l - 1; k >= (in_place ? 0 : l - 1) && k >= 0; --k)
+      if (!p.layer[k].gather_identity) v = p.table[p.layer[k].g_off + v];
+    out[e] = mma_elem<TP>(static_cast<int>(v), 0);
+  }
 }
 
 // Launch bounds of two CTAs per SM (at most 128 registers, which the tile chooser assumes):
 // without a minimum, ptxas kept the kernel near 40-48 registers and spilled around its calls
-// once the layers had pair items.
-template <class Fmt, int MT>
+// once the layers had pair items. mp.elem / elem_out: the element tables
+// (mma_forward_tables_kernel). kInPlace: one tile, the layers in place (above); mp's table and
+// identity flags are then the composed gathers'.
+template <class Fmt, int MT, bool kInPlace>
 __global__ void __launch_bounds__(kThreads, 2)
     chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,
                              const TensorArg<uint16_t> y, int64_t P) {
@@ -776,8 +873,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // two named tiles, not an array indexed at run time: the compiler then keeps every access
   // to them a shared-memory instruction (LDS / STS / LDSM, not generic LD / ST)
   uint16_t* const tile0 = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* const tile1 = tile0 + static_cast<int64_t>(p.cmax) * TP;
-  uint16_t* zero = tile1 + static_cast<int64_t>(p.cmax) * TP;
+  uint16_t* const tile1 = kInPlace ? tile0 : tile0 + mma_tile_rows(p.cmax) * TP;
+  uint16_t* zero = tile1 + mma_tile_rows(p.cmax) * TP;
   // zero + TP: the scratch row (mma_layer_k)
   int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
   int64_t* off_y = off_x + TP;
@@ -796,21 +893,25 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
                       rows_of_8_aligned(x), tvalid, p.c0,
-                      p.has_index ? p.table + p.index_off : nullptr, tile0, mp.x_shift);
+                      p.has_index ? p.table + p.index_off : nullptr, tile0);
     __syncthreads();
-    int s_cur = mp.x_shift;
     for (int l = 0; l < p.L; ++l) {
-      const bool odd = (l & 1) != 0;
-      mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, s_cur,
-                         input_rows(p, l), odd ? tile0 : tile1, mp.layer[l].shift, zero);
+      const int32_t* in_elems = mp.elem + mp.layer[l].e_off;
+      if constexpr (kInPlace) {
+        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
+                                 zero, in_elems);
+      } else {
+        const bool odd = (l & 1) != 0;
+        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0,
+                                 in_elems, odd ? tile0 : tile1, zero, mp.elem_out);
+      }
       __syncthreads();
-      s_cur = mp.layer[l].shift;
     }
     const LayerDesc& last = p.layer[p.L - 1];
     mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
                        rows_of_8_aligned(y), tvalid, last.cout,
                        last.gather_identity ? nullptr : p.table + last.g_off,
-                       (p.L & 1) ? tile1 : tile0, s_cur);
+                       (p.L & 1) ? tile1 : tile0);
   }
 }
 
@@ -819,60 +920,121 @@ __global__ void __launch_bounds__(kThreads, 2)
 // ---------------------------------------------------------------------------------------------
 struct MmaPlan {
   int mt = 0;  // tile of 16 * mt positions (0: does not fit)
+  bool in_place = false;  // the forward's layers in place (one tile)
   size_t smem = 0;
   int grid = 0;
   int64_t ntiles = 0;
 };
 
 // The tile: the largest (64, 32, 16 positions) that leaves room for two CTAs per SM, else the
-// largest that fits one; halved (down to 16) while there are fewer tiles than SMs.
-inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P) {
-  const int tp = choose_tile([&](int t) { return mma_forward_smem_bytes(cmax, t); }, dev, P, 16,
-                             2);
+// largest that fits one; halved (down to 16) while there are fewer tiles than SMs. max_tp
+// (in-place layers): no larger tile.
+inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in_place = false,
+                         int max_tp = 16 * kMmaMaxMt) {
+  const int tp = choose_tile(
+      [&](int t) {
+        return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(cmax, t, in_place);
+      },
+      dev, P, 16, 2);
   return tp >= 64 ? 4 : tp / 16;
 }
 
-template <class Fmt, int MT>
+template <class Fmt, int MT, bool kInPlace>
 inline cudaError_t mma_configure(size_t smem, int* occ) {
-  return configure(chain_forward_mma_kernel<Fmt, MT>, smem, occ);
+  return configure(chain_forward_mma_kernel<Fmt, MT, kInPlace>, smem, occ);
 }
 
 template <class Fmt>
 inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const DeviceInfo& dev,
                                     MmaPlan* plan) {
   plan->mt = mma_choose_mt(mp.c.cmax, dev, P);
+  plan->in_place = false;
+  const int max_tp = mma_in_place_max_tp(mp);
+  if (max_tp > 0) {
+    const int mt = mma_choose_mt(mp.c.cmax, dev, P, true, max_tp);
+    if (mt > plan->mt) {
+      plan->mt = mt;
+      plan->in_place = true;
+    }
+  }
   if (plan->mt == 0) return cudaSuccess;
   const int tp = 16 * plan->mt;
-  plan->smem = mma_forward_smem_bytes(mp.c.cmax, tp);
+  plan->smem = mma_forward_smem_bytes(mp.c.cmax, tp, plan->in_place);
   plan->ntiles = (P + tp - 1) / tp;
   int occ = 0;
-  cudaError_t e = plan->mt == 4   ? mma_configure<Fmt, 4>(plan->smem, &occ)
-                  : plan->mt == 2 ? mma_configure<Fmt, 2>(plan->smem, &occ)
-                                  : mma_configure<Fmt, 1>(plan->smem, &occ);
+  cudaError_t e;
+  if (plan->in_place)
+    e = plan->mt == 4   ? mma_configure<Fmt, 4, true>(plan->smem, &occ)
+        : plan->mt == 2 ? mma_configure<Fmt, 2, true>(plan->smem, &occ)
+                        : mma_configure<Fmt, 1, true>(plan->smem, &occ);
+  else
+    e = plan->mt == 4   ? mma_configure<Fmt, 4, false>(plan->smem, &occ)
+        : plan->mt == 2 ? mma_configure<Fmt, 2, false>(plan->smem, &occ)
+                        : mma_configure<Fmt, 1, false>(plan->smem, &occ);
   if (e != cudaSuccess) return e;
   if (occ < 1) occ = 1;
   plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
   return cudaSuccess;
 }
 
-// frag: mp.num_frag entries of device memory; mp.frag must point to it. Packs the weights, then
-// runs the chain.
+// frag: mp.num_frag entries of device memory; mp.frag must point to it. tables:
+// mma_forward_table_size entries of device memory for the forward's tables, built here from
+// mp.c.table. Packs the weights, builds the tables, then runs the chain.
 template <class Fmt>
-inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag,
+inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t* tables,
                                       const TensorArg<const uint16_t>& x,
                                       const TensorArg<uint16_t>& y, int64_t P,
                                       const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
   if (plan.grid < 1 || mp.frag != frag || frag == nullptr) return cudaErrorInvalidValue;
+  if (tables == nullptr || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
+    return cudaErrorInvalidValue;
   IGC_LAUNCH((pack_mma_weights_kernel<Fmt>), blocks_for(mp.num_frag, 1024), 0, stream, mp, frag);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  const ChainParams<float>& p = mp.c;
+  const int blocks = blocks_for(mma_forward_table_size(mp), 1024);
+  const int in_place = plan.in_place ? 1 : 0;
   if (plan.mt == 4)
-    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, mp, x, y, P);
+    IGC_LAUNCH(mma_forward_tables_kernel<64>, blocks, 0, stream, mp, in_place, tables);
   else if (plan.mt == 2)
-    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 2>), plan.grid, plan.smem, stream, mp, x, y, P);
+    IGC_LAUNCH(mma_forward_tables_kernel<32>, blocks, 0, stream, mp, in_place, tables);
   else
-    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 1>), plan.grid, plan.smem, stream, mp, x, y, P);
+    IGC_LAUNCH(mma_forward_tables_kernel<16>, blocks, 0, stream, mp, in_place, tables);
+  e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  MmaParams tp = mp;
+  const LayerDesc& last = p.layer[p.L - 1];
+  tp.elem = tables + last.g_off + last.cout;
+  tp.elem_out = tp.elem + mp.layer[p.L - 1].e_off + last.cin;
+  if (plan.in_place) {
+    // the composed gathers: identity while every gather so far is
+    tp.c.table = tables;
+    bool identity = true;
+    for (int l = 0; l < p.L; ++l) {
+      identity = identity && p.layer[l].gather_identity;
+      tp.c.layer[l].gather_identity = identity ? 1 : 0;
+    }
+    if (plan.mt == 4)
+      IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4, true>), plan.grid, plan.smem, stream, tp, x,
+                 y, P);
+    else if (plan.mt == 2)
+      IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 2, true>), plan.grid, plan.smem, stream, tp, x,
+                 y, P);
+    else
+      IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 1, true>), plan.grid, plan.smem, stream, tp, x,
+                 y, P);
+    return cudaGetLastError();
+  }
+  if (plan.mt == 4)
+    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4, false>), plan.grid, plan.smem, stream, tp, x,
+               y, P);
+  else if (plan.mt == 2)
+    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 2, false>), plan.grid, plan.smem, stream, tp, x,
+               y, P);
+  else
+    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 1, false>), plan.grid, plan.smem, stream, tp, x,
+               y, P);
   return cudaGetLastError();
 }
 

@@ -49,8 +49,6 @@
 namespace igc {
 namespace cuda {
 
-constexpr int kGradShift = 3;  // swizzle shift of the dy tile (rows read in natural order)
-
 // ldmatrix without .trans (chain_mma.cuh): lane l receives elements (row l / 4, columns
 // 2 (l % 4) + {0, 1}) of each matrix.
 template <int NM>
@@ -70,18 +68,18 @@ __device__ __forceinline__ float mma_to_float(uint32_t v16) {
 }
 
 // The transposed chain: layer l of the result is W_l^T (n and m swapped, no bias), fragments
-// packed by pack_mma_weights_kernel<Fmt, true>, output tiles with the gradient swizzle.
+// packed by pack_mma_weights_kernel<Fmt, true>.
 inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
                                             const int32_t* table, const uint2* frag) {
   MmaParams mp;
   mp.c = make_params<float>(h, W, nullptr, table);
   mp.frag = frag;
-  mp.x_shift = kGradShift;
+  mp.elem = nullptr;
   int64_t off = 0;
   for (int l = 0; l < kMaxLayers; ++l) {
     MmaLayer& ml = mp.layer[l];
     if (l >= h.L) {
-      ml = MmaLayer{0, 0, 0, kGradShift, off};
+      ml = MmaLayer{0, 0, 0, off};
       continue;
     }
     LayerDesc& d = mp.c.layer[l];
@@ -92,7 +90,6 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
     ml.nblk = (d.m + 7) / 8;
     ml.k8 = d.n <= 8 ? 1 : 0;
     ml.ksteps = ml.k8 ? 1 : (d.n + 15) / 16;
-    ml.shift = kGradShift;
     ml.f_off = off;
     off += static_cast<int64_t>(d.groups) * ml.nblk * ml.ksteps * 32;
   }
@@ -126,14 +123,14 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
 }
 
 // pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
-// the natural-order gradient tile (shift s_du), h: the layer's input tile (shift s_h) read
-// through h_rows (null: identity).
+// the natural-order gradient tile, h: the layer's input tile read through h_rows (null:
+// identity).
 // A warp item is a 16 x 16 block of a group's dW (A: 16 rows of the wider side, B: two 8-row
 // blocks of the other, one ldmatrix x4 each per k-step, two HMMAs): the item's row addresses,
 // output offsets and loop step serve 2 HMMAs per k-step instead of 1 (16 x 8 items).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
-                                                 int s_du, const uint16_t* h, int s_h,
+                                                 const uint16_t* h,
                                                  const int32_t* __restrict__ h_rows,
                                                  float* __restrict__ pw, const uint16_t* zero) {
   constexpr int TP = MT * 16;
@@ -152,7 +149,6 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
   const uint16_t* ta = swap ? h : du;
   const uint16_t* tb = swap ? du : h;
-  const int sa = swap ? s_h : s_du, sb = swap ? s_du : s_h;
   const int32_t* rows_a = swap ? h_rows : nullptr;
   const int32_t* rows_b = swap ? nullptr : h_rows;
   // dW element (A row r_a, B row r_b) of group g: pw[g m n + r_a * stride_a + r_b * stride_b]
@@ -169,13 +165,13 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
     int swa = 0, swb = 0;
     if (ra < ca) {
       const int j = g * ca + ra;
-      const int e = mma_elem<TP>(rows_a ? rows_a[j] : j, 0, sa);
+      const int e = mma_elem<TP>(rows_a ? rows_a[j] : j, 0);
       swa = e & ((TP / 8 - 1) << 3);
       pa = ta + (e - swa);
     }
     if (rb < cb) {
       const int j = g * cb + rb;
-      const int e = mma_elem<TP>(rows_b ? rows_b[j] : j, 0, sb);
+      const int e = mma_elem<TP>(rows_b ? rows_b[j] : j, 0);
       swb = e & ((TP / 8 - 1) << 3);
       pb = tb + (e - swb);
     }
@@ -217,7 +213,7 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
 // and two HMMAs per k-step serve two groups (a 16 x 8 block per group wastes half its rows).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const uint16_t* du,
-                                                       int s_du, const uint16_t* h, int s_h,
+                                                       const uint16_t* h,
                                                        const int32_t* __restrict__ h_rows,
                                                        float* __restrict__ pw,
                                                        const uint16_t* zero) {
@@ -236,13 +232,13 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     const uint16_t* pb = zero;
     int swa = 0, swb = 0;
     if (g0 + a_g < d.groups && r < d.m) {
-      const int e = mma_elem<TP>((g0 + a_g) * d.m + r, 0, s_du);
+      const int e = mma_elem<TP>((g0 + a_g) * d.m + r, 0);
       swa = e & ((TP / 8 - 1) << 3);
       pa = du + (e - swa);
     }
     if (g0 + b_g < d.groups && r < d.n) {
       const int j = (g0 + b_g) * d.n + r;
-      const int e = mma_elem<TP>(h_rows ? h_rows[j] : j, 0, s_h);
+      const int e = mma_elem<TP>(h_rows ? h_rows[j] : j, 0);
       swb = e & ((TP / 8 - 1) << 3);
       pb = h + (e - swb);
     }
@@ -266,15 +262,15 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   }
 }
 
-// pb[o] += sum over the tile's positions of du[o] (fp32, in position order); du: shift s_du.
+// pb[o] += sum over the tile's positions of du[o] (fp32, in position order).
 template <class Fmt, int TP>
-__device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du, int s_du,
+__device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du,
                                                float* __restrict__ pb) {
   for (int o = threadIdx.x; o < d.cout; o += kThreads) {
     float s = 0.0f;
 #pragma unroll
     for (int c = 0; c < TP / 8; ++c) {
-      const uint4 v = *reinterpret_cast<const uint4*>(du + mma_elem<TP>(o, 8 * c, s_du));
+      const uint4 v = *reinterpret_cast<const uint4*>(du + mma_elem<TP>(o, 8 * c));
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
@@ -293,13 +289,13 @@ __device__ __forceinline__ void mma_store_tile_csr(uint16_t* __restrict__ dst, i
                                                 const int64_t* pos_off, int tvalid, int C,
                                                 const int32_t* __restrict__ starts,
                                                 const int32_t* __restrict__ order,
-                                                const uint16_t* tile, int s) {
+                                                const uint16_t* tile) {
   for (int it = threadIdx.x; it < C * TP; it += kThreads) {
     const int c = it / TP, t = it - c * TP;
     if (t >= tvalid) continue;
     float v = 0.0f;
     const int e = starts[c + 1];
-    for (int k = starts[c]; k < e; ++k) v += mma_to_float<Fmt>(tile[mma_elem<TP>(order[k], t, s)]);
+    for (int k = starts[c]; k < e; ++k) v += mma_to_float<Fmt>(tile[mma_elem<TP>(order[k], t)]);
     dst[pos_off[t] + static_cast<int64_t>(c) * cs] = mma_from_float<Fmt>(v);
   }
 }
@@ -307,11 +303,11 @@ __device__ __forceinline__ void mma_store_tile_csr(uint16_t* __restrict__ dst, i
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
-// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, dy.
+// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, dy (each a multiple of 4).
 inline int64_t mma_backward_rows(const ChainParams<float>& p) {
   int64_t middle = 0;
-  for (int l = 1; l < p.L; ++l) middle += p.layer[l].cin;
-  return p.c0 + middle + p.layer[p.L - 1].cout;
+  for (int l = 1; l < p.L; ++l) middle += mma_tile_rows(p.layer[l].cin);
+  return mma_tile_rows(p.c0) + middle + mma_tile_rows(p.layer[p.L - 1].cout);
 }
 
 // Shared memory of a tile of TP positions: the rows above, the zero row, the scratch row, three
@@ -336,13 +332,13 @@ __global__ void __launch_bounds__(kThreads)
   IGC_DECLARE_SMEM(smem);
   const ChainParams<float>& p = mp.c;
   const int L = p.L;
-  int64_t middle = 0;
-  for (int l = 1; l < L; ++l) middle += p.layer[l].cin;
+  int64_t middle = 0;  // rows of u_1 .. u_{L-1}, each a multiple of 4 (mma_tile_rows)
+  for (int l = 1; l < L; ++l) middle += mma_tile_rows(p.layer[l].cin);
   // named tiles (see chain_forward_mma_kernel): every access stays a shared-memory instruction
   uint16_t* const X = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* const U = X + static_cast<int64_t>(p.c0) * TP;
+  uint16_t* const U = X + mma_tile_rows(p.c0) * TP;
   uint16_t* const DY = U + middle * TP;
-  uint16_t* const zero = DY + static_cast<int64_t>(p.layer[L - 1].cout) * TP;
+  uint16_t* const zero = DY + mma_tile_rows(p.layer[L - 1].cout) * TP;
   // zero + TP: the scratch row of mma_layer_k's stmatrix epilogue
   int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
   int64_t* off_dy = off_x + TP;
@@ -369,63 +365,58 @@ __global__ void __launch_bounds__(kThreads)
     if (f.need_x) tile_offsets(dx.ix, p0, tvalid, off_dx);
     __syncthreads();
     mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec,
-                             tvalid, p.c0, index, X, mp.x_shift);
+                             tvalid, p.c0, index, X);
     // du_L in natural output order: dy channel j to row gather_{L-1}[j]
     if (dy_rows != nullptr)
       mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                              dy_cl_vec, tvalid, last.cout, nullptr, DY, kGradShift, dy_rows);
+                              dy_cl_vec, tvalid, last.cout, nullptr, DY, dy_rows);
     else
       mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                               dy_cl_vec, tvalid, last.cout, nullptr, DY, kGradShift);
+                               dy_cl_vec, tvalid, last.cout, nullptr, DY);
     __syncthreads();
     {  // u_1 .. u_{L-1}, back to back
       const uint16_t* in = X;
-      int s_in = mp.x_shift;
       int64_t uo = 0;
       for (int l = 0; l + 1 < L; ++l) {
         uint16_t* out = U + uo * TP;
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, s_in, input_rows(p, l),
-                           out, mp.layer[l].shift, zero);
+        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, input_rows(p, l), out,
+                           zero);
         __syncthreads();
         in = out;
-        s_in = mp.layer[l].shift;
-        uo += p.layer[l].cout;
+        uo += mma_tile_rows(p.layer[l].cout);
       }
     }
     // du_{l+1}: the dy tile, then the tile that held u_{l+1} (its swizzle kept)
     const uint16_t* du = DY;
-    int s_du = kGradShift;
     int64_t ho = middle;
     for (int l = L - 1; l >= 0; --l) {
       const LayerDesc d = p.layer[l];
-      if (l > 0) ho -= d.cin;
+      if (l > 0) ho -= mma_tile_rows(d.cin);
       uint16_t* h = l > 0 ? U + ho * TP : X;
-      const int s_h = l > 0 ? mp.layer[l - 1].shift : mp.x_shift;
       const int32_t* h_rows = input_rows(p, l);
-      if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, s_du, part + p.num_w + d.b_off);
+      if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off);
       if (f.need_w) {
         if (d.m <= 8 && d.n <= 8)
-          mma_weight_grads_pairs<Fmt, MT>(d, du, s_du, h, s_h, h_rows, part + d.w_off, zero);
+          mma_weight_grads_pairs<Fmt, MT>(d, du, h, h_rows, part + d.w_off, zero);
         else
-          mma_weight_grads<Fmt, MT>(d, du, s_du, h, s_h, h_rows, part + d.w_off, zero);
+          mma_weight_grads<Fmt, MT>(d, du, h, h_rows, part + d.w_off, zero);
       }
       if (l > 0 || f.need_x) {
         __syncthreads();  // h_l has been read: du_l goes there
         // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
-        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, s_du, nullptr, h,
-                           s_h, zero, h_rows);
+        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, nullptr, h, zero,
+                           h_rows);
         __syncthreads();
         du = h;
-        s_du = s_h;
       }
     }
     if (f.need_x) {  // dh_0, in the x tile
       if (dx_starts != nullptr)
         mma_store_tile_csr<Fmt, TP>(dx.ptr, dx.cs, off_dx, tvalid, p.c_in, dx_starts, dx_order,
-                                    X, mp.x_shift);
+                                    X);
       else
         mma_store_tile_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
-                                  dx_cl_vec, tvalid, p.c0, nullptr, X, mp.x_shift);
+                                  dx_cl_vec, tvalid, p.c0, nullptr, X);
     }
   }
 }

@@ -37,18 +37,21 @@ IGC_INSTANTIATE(__half, float)
 IGC_INSTANTIATE(__nv_bfloat16, float)
 #undef IGC_INSTANTIATE
 
-// the tensor-core forward: every element format and tile
+// the tensor-core forward: every element format and tile, two tiles and in place
+#define IGC_FORWARD_MMA(F, MT, IP)                                                              \
+  template __global__ void chain_forward_mma_kernel<F, MT, IP>(                                 \
+      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);
 #define IGC_INSTANTIATE_MMA(F)                                                                  \
   template __global__ void pack_mma_weights_kernel<F>(const MmaParams, uint2*);                 \
-  template __global__ void chain_forward_mma_kernel<F, 1>(                                      \
-      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);    \
-  template __global__ void chain_forward_mma_kernel<F, 2>(                                      \
-      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);    \
-  template __global__ void chain_forward_mma_kernel<F, 4>(                                      \
-      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);    \
+  IGC_FORWARD_MMA(F, 1, false)                                                                  \
+  IGC_FORWARD_MMA(F, 2, false)                                                                  \
+  IGC_FORWARD_MMA(F, 4, false)                                                                  \
+  IGC_FORWARD_MMA(F, 1, true)                                                                   \
+  IGC_FORWARD_MMA(F, 2, true)                                                                   \
+  IGC_FORWARD_MMA(F, 4, true)                                                                   \
   template cudaError_t plan_forward_mma<F>(const MmaParams&, int64_t, const DeviceInfo&,        \
                                            MmaPlan*);                                           \
-  template cudaError_t launch_forward_mma<F>(const MmaParams&, uint2*,                          \
+  template cudaError_t launch_forward_mma<F>(const MmaParams&, uint2*, int32_t*,                \
                                              const TensorArg<const uint16_t>&,                  \
                                              const TensorArg<uint16_t>&, int64_t,               \
                                              const MmaPlan&, cudaStream_t);
@@ -56,6 +59,7 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
 IGC_INSTANTIATE_MMA(MmaBf16)
 IGC_INSTANTIATE_MMA(MmaF16)
 #undef IGC_INSTANTIATE_MMA
+#undef IGC_FORWARD_MMA
 
 // the tensor-core backward: every element format and tile, the transposed weight packing and
 // the reduction of the partial rows

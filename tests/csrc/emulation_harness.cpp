@@ -120,7 +120,7 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
 }
 
 // The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain; W and B in float32 (as
-// the CUDA launcher passes them). plan_out: tile positions, grid.
+// the CUDA launcher passes them). plan_out: tile positions, grid, in-place layers (0 / 1).
 template <class Fmt>
 int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                 const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
@@ -135,12 +135,14 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
   if (plan_out != nullptr) {
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
+    plan_out[2] = pl.in_place ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
   std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
   mp.frag = frag.data();
-  if (launch_forward_mma<Fmt>(mp, frag.data(), arg<const uint16_t>(x), arg<uint16_t>(y), P, pl,
-                              nullptr) != cudaSuccess)
+  std::vector<int32_t> tables(static_cast<size_t>(mma_forward_table_size(mp)));
+  if (launch_forward_mma<Fmt>(mp, frag.data(), tables.data(), arg<const uint16_t>(x),
+                              arg<uint16_t>(y), P, pl, nullptr) != cudaSuccess)
     return 5;
   return 0;
 }
