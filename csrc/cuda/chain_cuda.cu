@@ -171,8 +171,8 @@ bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weig
                                          table.data_ptr<int32_t>(), nullptr);
   at::Tensor frag = at::empty({2 * mp.num_frag}, x.options().dtype(at::kInt));
   mp.frag = reinterpret_cast<const uint2*>(frag.data_ptr<int32_t>());
-  // the forward's tables: rows (composed with in-place layers) and the rows' elements
-  at::Tensor tables = at::empty({kc::mma_forward_table_size(mp)}, table.options());
+  // the row tables: rows (composed with in-place layers) and the rows' elements
+  at::Tensor tables = at::empty({kc::mma_row_table_size(mp)}, table.options());
   C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
   C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
       mp, reinterpret_cast<uint2*>(frag.data_ptr<int32_t>()),
@@ -233,8 +233,9 @@ bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList wei
   C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
   const kc::BackwardFlags f{need_x ? 1 : 0, need_w ? 1 : 0, need_b ? 1 : 0, 1};
   const kc::TensorArg<uint16_t> dxa = need_x ? tensor_arg<uint16_t>(gx) : kc::TensorArg<uint16_t>{};
+  at::Tensor tables = at::empty({kc::mma_row_table_size(mp)}, table.options());
   C10_CUDA_CHECK(kc::launch_backward_mma<Fmt>(
-      mp, fp, mt, fp + mp.num_frag, tensor_arg<const uint16_t>(x),
+      mp, fp, mt, fp + mp.num_frag, tables.data_ptr<int32_t>(), tensor_arg<const uint16_t>(x),
       tensor_arg<const uint16_t>(grad_y), dxa,
       starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
       order.defined() ? order.data_ptr<int32_t>() : nullptr,

@@ -231,15 +231,15 @@ struct MmaLayer {
   int ksteps;    // k-steps per item: 1 (m16n8k8, n <= 8) or ceil(n / 16) (m16n8k16)
   int k8;        // n <= 8: one m16n8k8 step
   int64_t f_off; // first fragment (uint2 units) of this layer
-  int64_t e_off; // the forward's element table of this layer's inputs: its first entry
+  int64_t e_off; // the element table of this layer's input rows: its first entry
 };
 
 struct MmaParams {
   ChainParams<float> c;  // the chain; W: fp32 weights (packing input), B: fp32 biases
   const uint2* frag;     // packed weight fragments: [layer][group][block][kstep][lane]
   int64_t num_frag;
-  // the forward's element tables (mma_forward_tables_kernel): layer l's input rows at
-  // elem + layer[l].e_off, its output rows at elem_out (in place: at the input rows)
+  // the element tables (mma_row_tables_kernel): layer l's input rows at elem + layer[l].e_off,
+  // rows in natural order at elem_out
   const int32_t* elem;
   const int32_t* elem_out;
   MmaLayer layer[kMaxLayers];
@@ -787,7 +787,7 @@ inline size_t mma_forward_smem_bytes(int64_t cmax, int tp, bool in_place = false
 // read input o of that group from, so the rows of a layer's output are those of its input:
 // the input of layer l sits in rows R_l = gather_0 o gather_1 o ... o gather_{l-1} (R_0 the
 // identity; input j of layer l in row R_l[j]) and the output y_j in row R_L[j]. The kernel
-// looks these composed gathers up in the forward's tables (mma_forward_tables_kernel), so a
+// looks these composed gathers up in the row tables (mma_row_tables_kernel), so a
 // permutation still costs nothing. It needs square groups (n == m: outputs and inputs share
 // rows) and work items that cover whole groups (no other warp may still read a row an item
 // overwrites): groups of at most 8 (one block of outputs), or of at most 16 with tiles of 16
@@ -804,24 +804,24 @@ inline int mma_in_place_max_tp(const MmaParams& mp) {
   return max_tp;
 }
 
-// The forward's tables (mma_forward_tables_kernel), int32: [rows | inputs | outputs]. rows:
+// The row tables (mma_row_tables_kernel), int32: [rows | inputs | natural]. rows:
 // the index table's layout, the input index and then, with in-place layers, the composed
 // gathers R_1 .. R_L (two tiles: the gathers, as they are); inputs: layer l's input j as the
 // element mma_elem(row, 0) of its row (in place: R_l[j]; two tiles: gather_{l-1}[j], j for
-// layer 0), from entry layer[l].e_off; outputs: mma_elem(o, 0) for o < cmax (two tiles: every
-// layer's output in natural order). A work item looks its row addresses up instead of
-// computing the swizzle.
-inline int64_t mma_forward_table_size(const MmaParams& mp) {
+// layer 0), from entry layer[l].e_off; natural: mma_elem(o, 0) for o < cmax (rows in natural
+// order: the two-tile forward's layer outputs, the backward's gradient tiles). A work item
+// looks its row addresses up instead of computing the swizzle.
+inline int64_t mma_row_table_size(const MmaParams& mp) {
   const ChainParams<float>& p = mp.c;
   const LayerDesc& last = p.layer[p.L - 1];
   return last.g_off + last.cout + mp.layer[p.L - 1].e_off + last.cin + p.cmax;
 }
 
-// Builds the forward's tables (above) from the index table mp.c.table (entries already checked
+// Builds the row tables (above) from the index table mp.c.table (entries already checked
 // against their ranges; with in-place layers every C_l is equal).
 template <int TP>
 __global__ void __launch_bounds__(kThreads)
-    mma_forward_tables_kernel(const MmaParams mp, int in_place, int32_t* __restrict__ out) {
+    mma_row_tables_kernel(const MmaParams mp, int in_place, int32_t* __restrict__ out) {
   const ChainParams<float>& p = mp.c;
   const LayerDesc& last = p.layer[p.L - 1];
   const int64_t nrows = last.g_off + last.cout;
@@ -830,7 +830,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
        e += stride) {
-    if (e >= nrows + nin) {  // outputs, natural order
+    if (e >= nrows + nin) {  // natural order
       out[e] = mma_elem<TP>(static_cast<int>(e - nrows - nin), 0);
       continue;
     }
@@ -858,10 +858,39 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Builds the row tables of tiles of 16 * mt positions into `tables` (mma_row_table_size
+// entries of device memory) and returns mp pointing at them (elem, elem_out; with in-place
+// layers also the composed gathers as its index table, identity while every gather so far is).
+inline cudaError_t launch_row_tables(const MmaParams& mp, int mt, bool in_place,
+                                     int32_t* tables, cudaStream_t stream, MmaParams* out) {
+  const ChainParams<float>& p = mp.c;
+  const int blocks = blocks_for(mma_row_table_size(mp), 1024);
+  const int ip = in_place ? 1 : 0;
+  if (mt == 4)
+    IGC_LAUNCH(mma_row_tables_kernel<64>, blocks, 0, stream, mp, ip, tables);
+  else if (mt == 2)
+    IGC_LAUNCH(mma_row_tables_kernel<32>, blocks, 0, stream, mp, ip, tables);
+  else
+    IGC_LAUNCH(mma_row_tables_kernel<16>, blocks, 0, stream, mp, ip, tables);
+  *out = mp;
+  const LayerDesc& last = p.layer[p.L - 1];
+  out->elem = tables + last.g_off + last.cout;
+  out->elem_out = out->elem + mp.layer[p.L - 1].e_off + last.cin;
+  if (in_place) {
+    out->c.table = tables;
+    bool identity = true;
+    for (int l = 0; l < p.L; ++l) {
+      identity = identity && p.layer[l].gather_identity;
+      out->c.layer[l].gather_identity = identity ? 1 : 0;
+    }
+  }
+  return cudaGetLastError();
+}
+
 // Launch bounds of two CTAs per SM (at most 128 registers, which the tile chooser assumes):
 // without a minimum, ptxas kept the kernel near 40-48 registers and spilled around its calls
 // once the layers had pair items. mp.elem / elem_out: the element tables
-// (mma_forward_tables_kernel). kInPlace: one tile, the layers in place (above); mp's table and
+// (mma_row_tables_kernel). kInPlace: one tile, the layers in place (above); mp's table and
 // identity flags are then the composed gathers'.
 template <class Fmt, int MT, bool kInPlace>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -978,7 +1007,7 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
 }
 
 // frag: mp.num_frag entries of device memory; mp.frag must point to it. tables:
-// mma_forward_table_size entries of device memory for the forward's tables, built here from
+// mma_row_table_size entries of device memory for the row tables, built here from
 // mp.c.table. Packs the weights, builds the tables, then runs the chain.
 template <class Fmt>
 inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t* tables,
@@ -992,29 +1021,10 @@ inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t*
   IGC_LAUNCH((pack_mma_weights_kernel<Fmt>), blocks_for(mp.num_frag, 1024), 0, stream, mp, frag);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
-  const ChainParams<float>& p = mp.c;
-  const int blocks = blocks_for(mma_forward_table_size(mp), 1024);
-  const int in_place = plan.in_place ? 1 : 0;
-  if (plan.mt == 4)
-    IGC_LAUNCH(mma_forward_tables_kernel<64>, blocks, 0, stream, mp, in_place, tables);
-  else if (plan.mt == 2)
-    IGC_LAUNCH(mma_forward_tables_kernel<32>, blocks, 0, stream, mp, in_place, tables);
-  else
-    IGC_LAUNCH(mma_forward_tables_kernel<16>, blocks, 0, stream, mp, in_place, tables);
-  e = cudaGetLastError();
+  MmaParams tp;
+  e = launch_row_tables(mp, plan.mt, plan.in_place, tables, stream, &tp);
   if (e != cudaSuccess) return e;
-  MmaParams tp = mp;
-  const LayerDesc& last = p.layer[p.L - 1];
-  tp.elem = tables + last.g_off + last.cout;
-  tp.elem_out = tp.elem + mp.layer[p.L - 1].e_off + last.cin;
   if (plan.in_place) {
-    // the composed gathers: identity while every gather so far is
-    tp.c.table = tables;
-    bool identity = true;
-    for (int l = 0; l < p.L; ++l) {
-      identity = identity && p.layer[l].gather_identity;
-      tp.c.layer[l].gather_identity = identity ? 1 : 0;
-    }
     if (plan.mt == 4)
       IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4, true>), plan.grid, plan.smem, stream, tp, x,
                  y, P);

@@ -123,15 +123,16 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
 }
 
 // pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
-// the natural-order gradient tile, h: the layer's input tile read through h_rows (null:
-// identity).
+// the natural-order gradient tile, h: the layer's input tile; du_elem / h_elem: their rows'
+// elements (mma_row_tables_kernel: natural order; the layer's input rows).
 // A warp item is a 16 x 16 block of a group's dW (A: 16 rows of the wider side, B: two 8-row
 // blocks of the other, one ldmatrix x4 each per k-step, two HMMAs): the item's row addresses,
 // output offsets and loop step serve 2 HMMAs per k-step instead of 1 (16 x 8 items).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
+                                                 const int32_t* __restrict__ du_elem,
                                                  const uint16_t* h,
-                                                 const int32_t* __restrict__ h_rows,
+                                                 const int32_t* __restrict__ h_elem,
                                                  float* __restrict__ pw, const uint16_t* zero) {
   constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
@@ -149,8 +150,8 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
   const uint16_t* ta = swap ? h : du;
   const uint16_t* tb = swap ? du : h;
-  const int32_t* rows_a = swap ? h_rows : nullptr;
-  const int32_t* rows_b = swap ? nullptr : h_rows;
+  const int32_t* elem_a = swap ? h_elem : du_elem;
+  const int32_t* elem_b = swap ? du_elem : h_elem;
   // dW element (A row r_a, B row r_b) of group g: pw[g m n + r_a * stride_a + r_b * stride_b]
   const int stride_a = swap ? 1 : d.n, stride_b = swap ? d.n : 1;
   // item = (g * na + ia) * nb + ib, stepped by kWarps with carries (no division per item)
@@ -165,13 +166,13 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
     int swa = 0, swb = 0;
     if (ra < ca) {
       const int j = g * ca + ra;
-      const int e = mma_elem<TP>(rows_a ? rows_a[j] : j, 0);
+      const int e = elem_a[j];
       swa = e & ((TP / 8 - 1) << 3);
       pa = ta + (e - swa);
     }
     if (rb < cb) {
       const int j = g * cb + rb;
-      const int e = mma_elem<TP>(rows_b ? rows_b[j] : j, 0);
+      const int e = elem_b[j];
       swb = e & ((TP / 8 - 1) << 3);
       pb = tb + (e - swb);
     }
@@ -213,8 +214,9 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
 // and two HMMAs per k-step serve two groups (a 16 x 8 block per group wastes half its rows).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const uint16_t* du,
+                                                       const int32_t* __restrict__ du_elem,
                                                        const uint16_t* h,
-                                                       const int32_t* __restrict__ h_rows,
+                                                       const int32_t* __restrict__ h_elem,
                                                        float* __restrict__ pw,
                                                        const uint16_t* zero) {
   constexpr int TP = MT * 16;
@@ -227,18 +229,20 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   const int a_g = (lane >> 3) & 1, a_t = (lane >> 4) * 8;
   const int b_g = lane >> 4, b_t = ((lane >> 3) & 1) * 8;
   const int r = lane & 7;
+  // one item per iteration: unrolled by two it gains nothing, and tools/gpu_static.py reads an
+  // item's cost from this loop's body
+#pragma unroll 1
   for (int g0 = 2 * warp; g0 < d.groups; g0 += 2 * kWarps) {
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
     int swa = 0, swb = 0;
     if (g0 + a_g < d.groups && r < d.m) {
-      const int e = mma_elem<TP>((g0 + a_g) * d.m + r, 0);
+      const int e = du_elem[(g0 + a_g) * d.m + r];
       swa = e & ((TP / 8 - 1) << 3);
       pa = du + (e - swa);
     }
     if (g0 + b_g < d.groups && r < d.n) {
-      const int j = (g0 + b_g) * d.n + r;
-      const int e = mma_elem<TP>(h_rows ? h_rows[j] : j, 0);
+      const int e = h_elem[(g0 + b_g) * d.n + r];
       swb = e & ((TP / 8 - 1) << 3);
       pb = h + (e - swb);
     }
@@ -316,12 +320,14 @@ inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
   return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
 }
 
-// mp: the chain (forward fragments, for the recompute); mt: its transpose
-// (make_mma_transposed_params). partial: [gridDim.x, num_w + num_b] fp32 (null when neither
+// mp: the chain (forward fragments, for the recompute; its row tables, launch_row_tables); mt:
+// its transpose (make_mma_transposed_params). partial: [gridDim.x, num_w + num_b] fp32 (null when neither
 // weight nor bias gradients are needed); dx_starts / dx_order: CSR of the input index (dx
 // channel c sums dh_0 rows dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without one.
+// Launch bounds of two CTAs per SM (at most 128 registers): without a minimum, ptxas gave the
+// 32-position kernel 80 registers and spilled once the items looked their rows up in tables.
 template <class Fmt, int MT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, 2)
     chain_backward_mma_kernel(const MmaParams mp, const MmaParams mt,
                               const TensorArg<const uint16_t> x,
                               const TensorArg<const uint16_t> dy, const TensorArg<uint16_t> dx,
@@ -379,8 +385,8 @@ __global__ void __launch_bounds__(kThreads)
       int64_t uo = 0;
       for (int l = 0; l + 1 < L; ++l) {
         uint16_t* out = U + uo * TP;
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, input_rows(p, l), out,
-                           zero);
+        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, in,
+                                 mp.elem + mp.layer[l].e_off, out, zero, mp.elem_out);
         __syncthreads();
         in = out;
         uo += mma_tile_rows(p.layer[l].cout);
@@ -393,19 +399,20 @@ __global__ void __launch_bounds__(kThreads)
       const LayerDesc d = p.layer[l];
       if (l > 0) ho -= mma_tile_rows(d.cin);
       uint16_t* h = l > 0 ? U + ho * TP : X;
-      const int32_t* h_rows = input_rows(p, l);
+      // h's rows as elements (the input rows of layer l: gather_{l-1}); du's in natural order
+      const int32_t* h_elem = mp.elem + mp.layer[l].e_off;
       if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off);
       if (f.need_w) {
         if (d.m <= 8 && d.n <= 8)
-          mma_weight_grads_pairs<Fmt, MT>(d, du, h, h_rows, part + d.w_off, zero);
+          mma_weight_grads_pairs<Fmt, MT>(d, du, mp.elem_out, h, h_elem, part + d.w_off, zero);
         else
-          mma_weight_grads<Fmt, MT>(d, du, h, h_rows, part + d.w_off, zero);
+          mma_weight_grads<Fmt, MT>(d, du, mp.elem_out, h, h_elem, part + d.w_off, zero);
       }
       if (l > 0 || f.need_x) {
         __syncthreads();  // h_l has been read: du_l goes there
         // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
-        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, nullptr, h, zero,
-                           h_rows);
+        mma_layer<Fmt, MT, true>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, mp.elem_out,
+                                 h, zero, h_elem);
         __syncthreads();
         du = h;
       }
@@ -478,12 +485,13 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
 }
 
 // frag / frag_t: mp.num_frag / mt.num_frag entries of device memory (mp.frag, mt.frag point to
-// them); partial: plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null);
-// gw / gb: the 16-bit outputs, or null when not needed. Packs the fragments, runs the backward,
-// then reduces the partial rows.
+// them); tables: mma_row_table_size(mp) entries of device memory (the row tables); partial: plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null);
+// gw / gb: the 16-bit outputs, or null when not needed. Packs the fragments, builds the row
+// tables, runs the backward, then reduces the partial rows.
 template <class Fmt>
 inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const MmaParams& mt,
-                                       uint2* frag_t, const TensorArg<const uint16_t>& x,
+                                       uint2* frag_t, int32_t* tables,
+                                       const TensorArg<const uint16_t>& x,
                                        const TensorArg<const uint16_t>& dy,
                                        const TensorArg<uint16_t>& dx, const int32_t* dx_starts,
                                        const int32_t* dx_order, float* partial, uint16_t* gw,
@@ -491,7 +499,7 @@ inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const M
                                        const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
   if (plan.grid < 1 || mp.frag != frag || mt.frag != frag_t || frag == nullptr ||
-      frag_t == nullptr)
+      frag_t == nullptr || tables == nullptr)
     return cudaErrorInvalidValue;
   const bool wb = f.need_w || f.need_b;
   if (wb && partial == nullptr) return cudaErrorInvalidValue;
@@ -505,16 +513,19 @@ inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const M
              frag_t);
   e = cudaGetLastError();
   if (e != cudaSuccess) return e;
+  MmaParams tp;
+  e = launch_row_tables(mp, plan.mt, false, tables, stream, &tp);
+  if (e != cudaSuccess) return e;
   float* part = wb ? partial : nullptr;
   if (!mp.c.has_index) dx_starts = dx_order = nullptr;
   if (plan.mt == 4)
-    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, mp, mt, x, dy,
+    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, tp, mt, x, dy,
                dx, dx_starts, dx_order, part, f, P);
   else if (plan.mt == 2)
-    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 2>), plan.grid, plan.smem, stream, mp, mt, x, dy,
+    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 2>), plan.grid, plan.smem, stream, tp, mt, x, dy,
                dx, dx_starts, dx_order, part, f, P);
   else
-    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 1>), plan.grid, plan.smem, stream, mp, mt, x, dy,
+    IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 1>), plan.grid, plan.smem, stream, tp, mt, x, dy,
                dx, dx_starts, dx_order, part, f, P);
   e = cudaGetLastError();
   if (e != cudaSuccess || !wb) return e;

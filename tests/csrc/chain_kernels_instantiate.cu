@@ -82,7 +82,8 @@ IGC_INSTANTIATE_MMA(MmaF16)
   template cudaError_t plan_backward_mma<F>(const MmaParams&, int64_t, bool, const DeviceInfo&, \
                                             MmaPlan*);                                          \
   template cudaError_t launch_backward_mma<F>(                                                  \
-      const MmaParams&, uint2*, const MmaParams&, uint2*, const TensorArg<const uint16_t>&,     \
+      const MmaParams&, uint2*, const MmaParams&, uint2*, int32_t*,                             \
+      const TensorArg<const uint16_t>&,                                                         \
       const TensorArg<const uint16_t>&, const TensorArg<uint16_t>&, const int32_t*,             \
       const int32_t*, float*, uint16_t*, uint16_t*, BackwardFlags, int64_t, const MmaPlan&,     \
       cudaStream_t);

@@ -140,7 +140,7 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
   if (pl.mt == 0) return 4;
   std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
   mp.frag = frag.data();
-  std::vector<int32_t> tables(static_cast<size_t>(mma_forward_table_size(mp)));
+  std::vector<int32_t> tables(static_cast<size_t>(mma_row_table_size(mp)));
   if (launch_forward_mma<Fmt>(mp, frag.data(), tables.data(), arg<const uint16_t>(x),
                               arg<uint16_t>(y), P, pl, nullptr) != cudaSuccess)
     return 5;
@@ -178,7 +178,9 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
   std::vector<float> partial(wb ? static_cast<size_t>(pl.grid * (mp.c.num_w + mp.c.num_b)) : 0);
   BackwardFlags f{need_x, need_w, nb ? 1 : 0, 1};
   TensorArg<uint16_t> dxa = need_x ? arg<uint16_t>(dx) : TensorArg<uint16_t>{};
-  if (launch_backward_mma<Fmt>(mp, frag.data(), mt, frag_t.data(), arg<const uint16_t>(x),
+  std::vector<int32_t> tables(static_cast<size_t>(mma_row_table_size(mp)));
+  if (launch_backward_mma<Fmt>(mp, frag.data(), mt, frag_t.data(), tables.data(),
+                               arg<const uint16_t>(x),
                                arg<const uint16_t>(dy), dxa, starts, order,
                                wb ? partial.data() : nullptr, static_cast<uint16_t*>(gw),
                                static_cast<uint16_t*>(gb), f, P, pl, nullptr) != cudaSuccess)
