@@ -968,9 +968,17 @@ inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in
   return tp >= 64 ? 4 : tp / 16;
 }
 
-template <class Fmt, int MT, bool kInPlace>
-inline cudaError_t mma_configure(size_t smem, int* occ) {
-  return configure(chain_forward_mma_kernel<Fmt, MT, kInPlace>, smem, occ);
+// f(chain_forward_mma_kernel<Fmt, mt, in_place>) for a run-time tile mt (1, 2 or 4)
+template <class Fmt, class F>
+inline cudaError_t with_forward_mma_kernel(int mt, bool in_place, F f) {
+  if (in_place) {
+    if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true>);
+    if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, true>);
+    return f(chain_forward_mma_kernel<Fmt, 1, true>);
+  }
+  if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, false>);
+  if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, false>);
+  return f(chain_forward_mma_kernel<Fmt, 1, false>);
 }
 
 template <class Fmt>
@@ -991,15 +999,8 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
   plan->smem = mma_forward_smem_bytes(mp.c.cmax, tp, plan->in_place);
   plan->ntiles = (P + tp - 1) / tp;
   int occ = 0;
-  cudaError_t e;
-  if (plan->in_place)
-    e = plan->mt == 4   ? mma_configure<Fmt, 4, true>(plan->smem, &occ)
-        : plan->mt == 2 ? mma_configure<Fmt, 2, true>(plan->smem, &occ)
-                        : mma_configure<Fmt, 1, true>(plan->smem, &occ);
-  else
-    e = plan->mt == 4   ? mma_configure<Fmt, 4, false>(plan->smem, &occ)
-        : plan->mt == 2 ? mma_configure<Fmt, 2, false>(plan->smem, &occ)
-                        : mma_configure<Fmt, 1, false>(plan->smem, &occ);
+  const cudaError_t e = with_forward_mma_kernel<Fmt>(
+      plan->mt, plan->in_place, [&](auto kernel) { return configure(kernel, plan->smem, &occ); });
   if (e != cudaSuccess) return e;
   if (occ < 1) occ = 1;
   plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
@@ -1024,28 +1025,10 @@ inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t*
   MmaParams tp;
   e = launch_row_tables(mp, plan.mt, plan.in_place, tables, stream, &tp);
   if (e != cudaSuccess) return e;
-  if (plan.in_place) {
-    if (plan.mt == 4)
-      IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4, true>), plan.grid, plan.smem, stream, tp, x,
-                 y, P);
-    else if (plan.mt == 2)
-      IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 2, true>), plan.grid, plan.smem, stream, tp, x,
-                 y, P);
-    else
-      IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 1, true>), plan.grid, plan.smem, stream, tp, x,
-                 y, P);
+  return with_forward_mma_kernel<Fmt>(plan.mt, plan.in_place, [&](auto kernel) {
+    IGC_LAUNCH(kernel, plan.grid, plan.smem, stream, tp, x, y, P);
     return cudaGetLastError();
-  }
-  if (plan.mt == 4)
-    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 4, false>), plan.grid, plan.smem, stream, tp, x,
-               y, P);
-  else if (plan.mt == 2)
-    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 2, false>), plan.grid, plan.smem, stream, tp, x,
-               y, P);
-  else
-    IGC_LAUNCH((chain_forward_mma_kernel<Fmt, 1, false>), plan.grid, plan.smem, stream, tp, x,
-               y, P);
-  return cudaGetLastError();
+  });
 }
 
 }  // namespace cuda
