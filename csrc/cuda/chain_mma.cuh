@@ -559,14 +559,13 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
 // of group g) stored transposed to `out`: D[position][output]: acc[mt] = (p, o), (p, o + 1),
 // (p + 8, o), (p + 8, o + 1) with p = 16 mt + gid, o = 8 b + 2 tig: per 8 positions, an 8x8
 // [position][output] matrix in the fragment layout, rounded to the storage dtype. Stored in
-// natural output order (or output r in row out_rows[r]): an 8x8 block is output rows
-// 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
-// kElem: out_rows holds the rows' elements mma_elem(row, 0) instead of the rows.
-template <class Fmt, int MT, bool kElem = false>
+// the rows out_elem gives (output r of the layer: the element mma_elem(row, 0) of its row): an
+// 8x8 block is output rows 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
+template <class Fmt, int MT>
 __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g, int b,
                                                 const LayerDesc& d, uint16_t* out,
                                                 uint16_t* zero,
-                                                const int32_t* __restrict__ out_rows) {
+                                                const int32_t* __restrict__ out_elem) {
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   if (MT > 1 && mma_has_stmatrix()) {
@@ -580,7 +579,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     int e = 0;
     uint16_t* base = zero + TP;
     if (8 * b + i < d.m) {
-      e = kElem ? out_rows[r] : mma_elem<TP>(out_rows ? out_rows[r] : r, 0);
+      e = out_elem[r];
       base = out;
     }
     const int sw = e & ((TP / 8 - 1) << 3);
@@ -599,8 +598,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     const int orow = 8 * b + gid;  // this lane's output (within the group) after the transpose
     const bool ok = orow < d.m;
     const int r = g * d.m + orow;
-    const int e = kElem ? (ok ? out_rows[r] : 0)
-                        : mma_elem<TP>(out_rows ? (ok ? out_rows[r] : 0) : r, 0);
+    const int e = ok ? out_elem[r] : 0;
     const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
     uint16_t* row = out + (e - sw) + 2 * tig;
 #pragma unroll
@@ -614,11 +612,11 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
   }
 }
 
-// out = layer l of in, in natural output order (out_rows null) or
-// output o in row out_rows[o] (the backward's scatter of dh through a gather index); in_rows:
-// the rows of the layer's inputs in `in` (gather of the previous layer; null: identity). With
-// kElem (in-place layers), in_rows and out_rows hold the rows' elements mma_elem(row, 0), and
-// neither is null: an item then looks its addresses up instead of computing the swizzle.
+// out = layer l of in. in_elem[j]: the row of the layer's input j in `in` (the previous layer's
+// gather), out_elem[o]: the row of its output o in `out` (natural order; with in-place layers
+// the input rows; the backward's dh: the layer's input rows), each as the element
+// mma_elem(row, 0) from the row tables (mma_row_tables_kernel): an item looks its addresses up
+// instead of computing the swizzle.
 // A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
 // activation fragments, row look-ups and loop step between two blocks (tiles of 16 and 32
 // positions, where a group's blocks pair up); the caller guarantees ml.nblk % NB == 0. With
@@ -627,13 +625,13 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // and the set-up.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
-template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false, bool kElem = false>
+template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
-                                            const int32_t* __restrict__ in_rows,
+                                            const int32_t* __restrict__ in_elem,
                                             uint16_t* out, uint16_t* zero,
-                                            const int32_t* __restrict__ out_rows) {
+                                            const int32_t* __restrict__ out_elem) {
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tig = lane & 3;
@@ -693,34 +691,21 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       // this lane's row; the padding lanes read the zero row. With kGroups (k8), lanes 16..31
       // address the second group's rows, so that one ldmatrix x4 loads both operands.
       const bool valid = kk < d.n;
-      int row = 0;  // kElem: the row's element mma_elem(row, 0)
-      if (valid) {
-        const int j = (g0 + (kGroups ? lane >> 4 : 0)) * d.n + kk;
-        row = (kElem || in_rows) ? in_rows[j] : j;
-      }
+      int e = 0;  // the row's element mma_elem(row, 0)
+      if (valid) e = in_elem[(g0 + (kGroups ? lane >> 4 : 0)) * d.n + kk];
       // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
-      // instruction), shared by the item's products. With several row blocks, the row start
-      // and its swizzle are computed once, then one chunk of 8 positions per block (for a
-      // single block that counted more instructions in the SASS).
+      // instruction), shared by the item's products: the row start and its swizzle from the
+      // element, then one chunk of 8 positions per block.
       constexpr int NM = (K == 16 || kGroups) ? 4 : 2;  // 8x8 matrices per ldmatrix
       if constexpr (MT == 1) {
         uint32_t a[4];
-        int el = pos_lane;
-        if (valid) {
-          if constexpr (kElem) {
-            const int sw = row & ((TP / 8 - 1) << 3);
-            el = (row - sw) + (pos_lane ^ sw);
-          } else {
-            el = mma_elem<TP>(row, pos_lane);
-          }
-        }
-        ldmatrix_trans<NM>(a, valid ? in : zero, el);
+        const int sw = e & ((TP / 8 - 1) << 3);
+        ldmatrix_trans<NM>(a, valid ? in : zero, valid ? (e - sw) + (pos_lane ^ sw) : pos_lane);
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb)
           mma_sync<Fmt, K>(acc[nb][0], a + (kGroups ? 2 * nb : 0), breg[nb],
                            K == 8 ? binit[nb] : acc[nb][0]);
       } else {
-        const int e = valid ? (kElem ? row : mma_elem<TP>(row, 0)) : 0;
         const int sw = e & ((TP / 8 - 1) << 3);
         const uint16_t* rp = (valid ? in : zero) + (e - sw);
 #pragma unroll
@@ -736,8 +721,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
     }
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
-      mma_store_block<Fmt, MT, kElem>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d,
-                                      out, zero, out_rows);
+      mma_store_block<Fmt, MT>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d, out,
+                               zero, out_elem);
     sb += sbstep;
     g += gstep;
     if (sb >= nsb) {
@@ -750,28 +735,22 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 // Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up, else,
 // for k8 groups of one block, items of two groups. (With 64 positions the pair items'
 // accumulators took the forward to 97 registers, past the 85 of three CTAs per SM.)
-template <class Fmt, int MT, bool kElem = false>
+template <class Fmt, int MT>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in,
-                                       const int32_t* in_rows, uint16_t* out,
-                                       uint16_t* zero,
-                                       const int32_t* out_rows = nullptr) {
+                                       const int32_t* in_elem, uint16_t* out, uint16_t* zero,
+                                       const int32_t* out_elem) {
   if (MT <= 2 && ml.nblk % 2 == 0) {
     if (ml.k8)
-      mma_layer_k<Fmt, MT, 8, 2, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
-                                               out_rows);
+      mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
     else
-      mma_layer_k<Fmt, MT, 16, 2, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
-                                                out_rows);
+      mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
   } else if (MT <= 2 && ml.k8 && ml.nblk == 1 && d.groups % 2 == 0) {
-    mma_layer_k<Fmt, MT, 8, 2, true, kElem>(d, ml, B, frag, in, in_rows, out, zero,
-                                            out_rows);
+    mma_layer_k<Fmt, MT, 8, 2, true>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
   } else if (ml.k8) {
-    mma_layer_k<Fmt, MT, 8, 1, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
-                                             out_rows);
+    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
   } else {
-    mma_layer_k<Fmt, MT, 16, 1, false, kElem>(d, ml, B, frag, in, in_rows, out, zero,
-                                              out_rows);
+    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
   }
 }
 
@@ -927,11 +906,11 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int l = 0; l < p.L; ++l) {
       const int32_t* in_elems = mp.elem + mp.layer[l].e_off;
       if constexpr (kInPlace) {
-        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
+        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
                                  zero, in_elems);
       } else {
         const bool odd = (l & 1) != 0;
-        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0,
+        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0,
                                  in_elems, odd ? tile0 : tile1, zero, mp.elem_out);
       }
       __syncthreads();
