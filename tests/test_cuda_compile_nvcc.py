@@ -841,6 +841,34 @@ def test_emulated_mma_tiles_and_shared_memory(emu):
     assert rc == 4, rc
 
 
+@needs_cxx
+def test_mma_tile_swizzle_spreads_power_of_two_row_sets_over_the_banks(emu):
+    """The tensor-core tiles' layout (mma_elem): in a buffer of a multiple of 4 rows every
+    (row, position) has its own element; a row's chunk c is its start plus ((c * 8) ^ sw), sw
+    the row's swizzle (how the kernels address a row once and then its chunks); and 8 rows
+    whose numbers differ only in 3 consecutive bits (8 consecutive rows, or 8 rows a power of
+    two apart, as after a shuffle) lie in 8 different 16-byte bank groups of a 128-byte line at
+    every position: an ldmatrix / stmatrix phase over them is free of bank conflicts."""
+    emu.igc_emu_mma_elem.restype = ctypes.c_int
+    elem = emu.igc_emu_mma_elem
+    rows = 2048
+    for tp in (16, 32, 64):
+        table = [[elem(tp, r, t) for t in range(0, tp, 8)] for r in range(rows)]
+        flat = [elem(tp, r, t) for r in range(rows) for t in range(tp)]
+        assert sorted(flat) == list(range(rows * tp)), tp
+        for r in range(rows):
+            e0 = table[r][0]
+            sw = e0 & ((tp // 8 - 1) << 3)
+            assert table[r] == [e0 - sw + ((c * 8) ^ sw) for c in range(tp // 8)], (tp, r)
+        for a in range(9):  # strides 1 .. 256
+            for base in range(0, rows, 8 << a):
+                for low in (0, (1 << a) - 1):  # the bits below the varying ones
+                    group = [base + low + (k << a) for k in range(8)]
+                    for c in range(tp // 8):
+                        banks = {(table[r][c] // 8) % 8 for r in group}
+                        assert len(banks) == 8, (tp, a, base, low, c)
+
+
 def _in_place_smem(cmax: int, tp: int) -> int:
     """mma_forward_smem_bytes of chain_mma.cuh with in-place layers: one tile"""
     return (_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8

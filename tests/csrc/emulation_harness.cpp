@@ -234,4 +234,14 @@ int igc_emu_sizeof_host_chain() { return static_cast<int>(sizeof(HostChain)); }
 // 1: the emulated device has sm_90's stmatrix (the default); 0: the sm_80 code paths.
 void igc_emu_set_stmatrix(int on) { igc_emu::device().stmatrix = on; }
 
+// mma_elem<tp>(r, t) of the tensor-core tiles (tp: 16, 32 or 64; -1 otherwise).
+int igc_emu_mma_elem(int tp, int r, int t) {
+  switch (tp) {
+    case 16: return mma_elem<16>(r, t);
+    case 32: return mma_elem<32>(r, t);
+    case 64: return mma_elem<64>(r, t);
+    default: return -1;
+  }
+}
+
 }  // extern "C"
