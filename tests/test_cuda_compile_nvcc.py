@@ -878,7 +878,7 @@ IN_PLACE_CASES = {
     # (channels, groups, perms, input index, c_in, tiles that in-place layers may take)
     "igcv2_w8": ([64] * 4, [8, 8, 8], ["interleave", "interleave", None], None, None,
                  (64, 32, 16)),
-    "w16": ([64, 64, 64], [4, 4], ["interleave", None], None, None, (32, 16)),
+    "w16": ([64, 64, 64], [4, 4], ["interleave", None], None, None, (64, 32, 16)),
     "odd_square": ([15, 15, 15], [5, 3], ["perm64", "perm32"], None, None, (64, 32, 16)),
     "identity_then_perm": ([32] * 4, [4, 8, 4], [None, "perm64", None], None, None,
                            (64, 32, 16)),
@@ -896,7 +896,7 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
     than two tiles: on a device sized for the in-place tile of each size (at 16 positions, two
     tiles do not fit at all). Their outputs equal
     the two-tile kernel's bit for bit (same products, same rounding, any tile) and pass the
-    oracle check; the tile stays within the items' limit (32 positions with groups of 16)."""
+    oracle check. (Groups of 16 take items of both blocks of 8 outputs, at every tile size.)"""
     channels, groups, perms, index, c_in, tiles = case
     gen = torch.Generator().manual_seed(len(channels))
     perms = [torch.randperm(channels[l + 1], generator=gen).to(
@@ -914,10 +914,6 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
         y, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
         assert plan[0] == tp and plan[2] == 1, (tp, plan)
         assert torch.equal(y, y_two), tp
-    if 64 not in tiles:  # room for 64 positions in place: the items' limit keeps 32
-        per_sm = 2 * (_in_place_smem(max(channels), 64) + 1024)
-        _, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))
-        assert plan[0] == 32, plan
 
 
 @needs_cxx

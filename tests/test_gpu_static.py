@@ -313,8 +313,8 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         pytest.skip("nvcc is not on PATH")
     out = tmp_path / "cuda.json"
     # igcv2(512,16): a 32-position tile, whose forward takes the pair items (two blocks of 8
-    # outputs per item); igcv2(1024,8): in-place layers (one tile of 32 positions instead of two
-    # of 16), items of two groups
+    # outputs per item) in place (one tile of 64 positions instead of two of 32); igcv2(1024,8):
+    # in-place layers (one tile of 32 positions instead of two of 16), items of two groups
     structures = {"igcv2(256,8)": None, "igcv2(64,4)": None, "igcv3-reduce(64,6,2)": None,
                   "igcv2(512,16)": None, "igcv2(1024,8)": None}
     _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes",
@@ -340,14 +340,18 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         assert per_position == pytest.approx(padded, rel=1e-9), what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["ctas_per_sm"] >= 1, what
         assert r["block_p"] in (16, 32, 64), what
-        # the pair items: tiles of 16 or 32 positions, groups of 16 or more outputs in pairs
-        # of blocks of 8, or items of two groups of at most 8
-        pairs = r["block_p"] <= 32 and r["structure"] in ("igcv2(512,16)", "igcv2(1024,8)")
-        assert r["dyn"]["pair_item_layers"] == (len(spec.groups) if pairs else 0), what
-        in_place = r["structure"] == "igcv2(1024,8)"
+        # in-place layers where two tiles would not leave room for two CTAs: one tile of
+        # C + 2 rows (and the offsets)
+        tiles = {"igcv2(1024,8)": (1024, 32), "igcv2(512,16)": (512, 64)}
+        in_place = r["structure"] in tiles
         assert r["config"]["in_place"] == in_place, what
-        if in_place:  # two tiles of 32 positions would not leave room for two CTAs
-            assert r["block_p"] == 32 and r["shared_bytes"] == (1024 + 2) * 32 * 2 + 32 * 16, what
+        if in_place:
+            c, tp = tiles[r["structure"]]
+            assert r["block_p"] == tp and r["shared_bytes"] == (c + 2) * tp * 2 + tp * 16, what
+        # items of two blocks of 8 outputs of a group of 16 (tiles of 16 or 32 positions, any
+        # tile in place) or of two groups of at most 8 (16 or 32 positions): here, the in-place
+        # chains; the others have 64-position tiles
+        assert r["dyn"]["pair_item_layers"] == (len(spec.groups) if in_place else 0), what
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import perf_model
 

@@ -657,15 +657,13 @@ def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes, max_tp: int = 64) -> int
 
 def mma_forward_plan(spec, cmax: int, c0: int, arch: int) -> tuple:
     """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_max_tp: every
-    group square, at most 16 wide; tiles of at most 32 positions with groups wider than 8)
-    where they give a larger tile than two tiles do."""
+    group square, at most 16 wide) where they give a larger tile than two tiles do."""
     tp = mma_tile(cmax, arch)
     ins = [c0] + [c for c, _ in spec.weight_shapes()][:-1]
     widths = [(cout // g, cin // g) for (cout, _), g, cin in
               zip(spec.weight_shapes(), spec.groups, ins)]
     if all(m == n <= 16 for m, n in widths):
-        max_tp = 32 if any(m > 8 for m, _ in widths) else 64
-        tp_ip = mma_tile(cmax, arch, mma_in_place_smem_bytes, max_tp)
+        tp_ip = mma_tile(cmax, arch, mma_in_place_smem_bytes)
         if tp_ip > tp:
             return tp_ip, True
     return tp, False

@@ -733,14 +733,15 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 }
 
 // Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up, else,
-// for k8 groups of one block, items of two groups. (With 64 positions the pair items'
-// accumulators took the forward to 97 registers, past the 85 of three CTAs per SM.)
-template <class Fmt, int MT>
+// for k8 groups of one block, items of two groups. With 64 positions, only where kPairs64 (the
+// in-place forward, whose items must cover whole groups): the pair items' accumulators take a
+// kernel to about 97 registers, past the 85 of three CTAs per SM.
+template <class Fmt, int MT, bool kPairs64 = false>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in,
                                        const int32_t* in_elem, uint16_t* out, uint16_t* zero,
                                        const int32_t* out_elem) {
-  if (MT <= 2 && ml.nblk % 2 == 0) {
+  if ((MT <= 2 || kPairs64) && ml.nblk % 2 == 0) {
     if (ml.k8)
       mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
     else
@@ -769,8 +770,9 @@ inline size_t mma_forward_smem_bytes(int64_t cmax, int tp, bool in_place = false
 // looks these composed gathers up in the row tables (mma_row_tables_kernel), so a
 // permutation still costs nothing. It needs square groups (n == m: outputs and inputs share
 // rows) and work items that cover whole groups (no other warp may still read a row an item
-// overwrites): groups of at most 8 (one block of outputs), or of at most 16 with tiles of 16
-// or 32 positions (pair items). It is chosen where it gives a larger tile than two tiles do
+// overwrites): groups of at most 8 (one block of outputs), or of at most 16 (pair items, at
+// every tile size: mma_layer's kPairs64). It is chosen where it gives a larger tile than two
+// tiles do
 // (otherwise two tiles: composed shuffles are not always rows a power of two apart, whose
 // reads the swizzle keeps free of bank conflicts).
 inline int mma_in_place_max_tp(const MmaParams& mp) {
@@ -778,7 +780,6 @@ inline int mma_in_place_max_tp(const MmaParams& mp) {
   for (int l = 0; l < mp.c.L; ++l) {
     const LayerDesc& d = mp.c.layer[l];
     if (d.n != d.m || d.m > 16) return 0;
-    if (d.m > 8) max_tp = 32;
   }
   return max_tp;
 }
@@ -906,7 +907,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     for (int l = 0; l < p.L; ++l) {
       const int32_t* in_elems = mp.elem + mp.layer[l].e_off;
       if constexpr (kInPlace) {
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
+        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
                                  zero, in_elems);
       } else {
         const bool odd = (l & 1) != 0;
