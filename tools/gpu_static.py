@@ -643,20 +643,20 @@ def mma_in_place_smem_bytes(cmax: int, tp: int) -> int:
     return (mma_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
 
 
-def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes, max_tp: int = 64) -> int:
-    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile (at most
-    ``max_tp``) that leaves room for two CTAs per SM, else the largest that fits one."""
+def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes) -> int:
+    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile that leaves room
+    for two CTAs per SM, else the largest that fits one (``smem``: bytes of a tile)."""
     _, smem_sm, _, _ = SM_LIMITS[arch]
     optin = smem_sm - 1024
     for budget in (min(smem_sm // 2 - 1024, optin), optin):
         for tp in (128, 64, 32, 16):
-            if tp <= max_tp and smem(cmax, tp) <= budget:
+            if smem(cmax, tp) <= budget:
                 return min(tp, 64)
     return 0
 
 
 def mma_forward_plan(spec, cmax: int, c0: int, arch: int) -> tuple:
-    """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_max_tp: every
+    """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_ok: every
     group square, at most 16 wide) where they give a larger tile than two tiles do."""
     tp = mma_tile(cmax, arch)
     ins = [c0] + [c for c, _ in spec.weight_shapes()][:-1]

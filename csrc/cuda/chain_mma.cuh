@@ -772,16 +772,14 @@ inline size_t mma_forward_smem_bytes(int64_t cmax, int tp, bool in_place = false
 // rows) and work items that cover whole groups (no other warp may still read a row an item
 // overwrites): groups of at most 8 (one block of outputs), or of at most 16 (pair items, at
 // every tile size: mma_layer's kPairs64). It is chosen where it gives a larger tile than two
-// tiles do
-// (otherwise two tiles: composed shuffles are not always rows a power of two apart, whose
-// reads the swizzle keeps free of bank conflicts).
-inline int mma_in_place_max_tp(const MmaParams& mp) {
-  int max_tp = 16 * kMmaMaxMt;
+// tiles do (otherwise two tiles: composed shuffles are not always rows a power of two apart,
+// whose reads the swizzle keeps free of bank conflicts).
+inline bool mma_in_place_ok(const MmaParams& mp) {
   for (int l = 0; l < mp.c.L; ++l) {
     const LayerDesc& d = mp.c.layer[l];
-    if (d.n != d.m || d.m > 16) return 0;
+    if (d.n != d.m || d.m > 16) return false;
   }
-  return max_tp;
+  return true;
 }
 
 // The row tables (mma_row_tables_kernel), int32: [rows | inputs | natural]. rows:
@@ -936,15 +934,10 @@ struct MmaPlan {
 };
 
 // The tile: the largest (64, 32, 16 positions) that leaves room for two CTAs per SM, else the
-// largest that fits one; halved (down to 16) while there are fewer tiles than SMs. max_tp
-// (in-place layers): no larger tile.
-inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in_place = false,
-                         int max_tp = 16 * kMmaMaxMt) {
-  const int tp = choose_tile(
-      [&](int t) {
-        return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(cmax, t, in_place);
-      },
-      dev, P, 16, 2);
+// largest that fits one; halved (down to 16) while there are fewer tiles than SMs.
+inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in_place = false) {
+  const int tp = choose_tile([&](int t) { return mma_forward_smem_bytes(cmax, t, in_place); },
+                             dev, P, 16, 2);
   return tp >= 64 ? 4 : tp / 16;
 }
 
@@ -966,9 +959,8 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
                                     MmaPlan* plan) {
   plan->mt = mma_choose_mt(mp.c.cmax, dev, P);
   plan->in_place = false;
-  const int max_tp = mma_in_place_max_tp(mp);
-  if (max_tp > 0) {
-    const int mt = mma_choose_mt(mp.c.cmax, dev, P, true, max_tp);
+  if (mma_in_place_ok(mp)) {
+    const int mt = mma_choose_mt(mp.c.cmax, dev, P, true);
     if (mt > plan->mt) {
       plan->mt = mt;
       plan->in_place = true;
@@ -997,8 +989,7 @@ inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t*
                                       const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
   if (plan.grid < 1 || mp.frag != frag || frag == nullptr) return cudaErrorInvalidValue;
-  if (tables == nullptr || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
-    return cudaErrorInvalidValue;
+  if (tables == nullptr || (plan.in_place && !mma_in_place_ok(mp))) return cudaErrorInvalidValue;
   IGC_LAUNCH((pack_mma_weights_kernel<Fmt>), blocks_for(mp.num_frag, 1024), 0, stream, mp, frag);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
