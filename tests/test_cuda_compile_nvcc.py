@@ -879,6 +879,8 @@ IN_PLACE_CASES = {
     "igcv2_w8": ([64] * 4, [8, 8, 8], ["interleave", "interleave", None], None, None,
                  (64, 32, 16)),
     "w16": ([64, 64, 64], [4, 4], ["interleave", None], None, None, (64, 32, 16)),
+    "w32": ([64, 64, 64], [2, 2], ["perm64", None], None, None, (32, 16)),
+    "w30_w5": ([30, 30, 30], [1, 6], ["interleave", "perm32"], None, None, (32, 16)),
     "odd_square": ([15, 15, 15], [5, 3], ["perm64", "perm32"], None, None, (64, 32, 16)),
     "identity_then_perm": ([32] * 4, [4, 8, 4], [None, "perm64", None], None, None,
                            (64, 32, 16)),
@@ -896,7 +898,8 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
     than two tiles: on a device sized for the in-place tile of each size (at 16 positions, two
     tiles do not fit at all). Their outputs equal
     the two-tile kernel's bit for bit (same products, same rounding, any tile) and pass the
-    oracle check. (Groups of 16 take items of both blocks of 8 outputs, at every tile size.)"""
+    oracle check. (Groups of 16 take items of both blocks of 8 outputs at every tile size;
+    groups of 25 to 32 items of all four blocks, in tiles of at most 32 positions.)"""
     channels, groups, perms, index, c_in, tiles = case
     gen = torch.Generator().manual_seed(len(channels))
     perms = [torch.randperm(channels[l + 1], generator=gen).to(
@@ -914,15 +917,23 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
         y, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
         assert plan[0] == tp and plan[2] == 1, (tp, plan)
         assert torch.equal(y, y_two), tp
+    if 64 not in tiles:  # room for 64 positions in place: groups of 32 keep 32 (two tiles)
+        need = _in_place_smem(max(channels), 64)
+        _, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
+        assert plan[0] == 32, plan
 
 
 @needs_cxx
-def test_emulated_mma_in_place_needs_square_groups(emu):
-    """Groups that change width (n != m) keep two tiles, however little shared memory there
-    is: the forward then takes a smaller tile."""
-    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=3)
-    x = _x((2, 16, 5, 7), "contiguous", torch.bfloat16, 4)
-    per_sm = 2 * (_in_place_smem(32, 32) + 1024)
+@pytest.mark.parametrize("case", [([16, 32, 16], [2, 4]), ([48, 48, 48], [2, 2])],
+                         ids=["not_square", "w24"])
+def test_emulated_mma_in_place_needs_whole_group_items(emu, case):
+    """Groups that change width (n != m), or whose outputs make three blocks of 8 (17 to 24:
+    no item covers them), keep two tiles, however little shared memory there is: the forward
+    then takes a smaller tile."""
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True, False], dtype=torch.bfloat16, seed=3)
+    x = _x((2, channels[0], 5, 7), "contiguous", torch.bfloat16, 4)
+    per_sm = 2 * (_in_place_smem(max(channels), 32) + 1024)
     _, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))
     assert plan[2] == 0 and plan[0] == 16, plan
 

@@ -472,8 +472,9 @@ def _layer_model(ins, loops, mt: int) -> dict:
     number of ldmatrix.trans over mt), per item besides its k-steps (the enclosing loop minus
     the k-step loop and its remainder copies; a straight-line item, whose innermost loop
     already holds the result stores, is that loop). Items of two output blocks (two HMMAs per
-    ldmatrix: pair items) are "k16p" / "k8p"; k8 items of two groups of one block each (one
-    ldmatrix x4 for both groups' activations) are "k8g"."""
+    ldmatrix: pair items) are "k16p" / "k8p", items of four (the in-place forward's groups of
+    32) "k16q"; k8 items of two groups of one block each (one ldmatrix x4 for both groups'
+    activations) are "k8g"."""
     def ops(lp):
         return [op for ad, _, op, _ in ins if lp[0] <= ad <= lp[1]]
 
@@ -491,6 +492,8 @@ def _layer_model(ins, loops, mt: int) -> dict:
                 # k8 items of two groups: one ldmatrix x4 loads both groups' activations (single
                 # k8 items: x2) and feeds two HMMAs, like the pair items
                 key = "k8g"
+            elif hmma >= 4 * lds:
+                key = f"{name}q"  # four HMMAs per ldmatrix: an item of four output blocks
             elif hmma >= 2 * lds:
                 key = f"{name}p"  # two HMMAs per ldmatrix: an item of two output blocks
             else:
@@ -643,27 +646,30 @@ def mma_in_place_smem_bytes(cmax: int, tp: int) -> int:
     return (mma_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
 
 
-def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes) -> int:
-    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile that leaves room
-    for two CTAs per SM, else the largest that fits one (``smem``: bytes of a tile)."""
+def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes, max_tp: int = 64) -> int:
+    """mma_choose_mt of chain_mma.cuh for many positions: the largest tile (at most
+    ``max_tp``) that leaves room for two CTAs per SM, else the largest that fits one
+    (``smem``: bytes of a tile)."""
     _, smem_sm, _, _ = SM_LIMITS[arch]
     optin = smem_sm - 1024
     for budget in (min(smem_sm // 2 - 1024, optin), optin):
         for tp in (128, 64, 32, 16):
-            if smem(cmax, tp) <= budget:
+            if tp <= max_tp and smem(cmax, tp) <= budget:
                 return min(tp, 64)
     return 0
 
 
 def mma_forward_plan(spec, cmax: int, c0: int, arch: int) -> tuple:
-    """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_ok: every
-    group square, at most 16 wide) where they give a larger tile than two tiles do."""
+    """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_max_tp:
+    every group square, at most 16 wide, or 25 to 32 wide with tiles of at most 32 positions)
+    where they give a larger tile than two tiles do."""
     tp = mma_tile(cmax, arch)
     ins = [c0] + [c for c, _ in spec.weight_shapes()][:-1]
     widths = [(cout // g, cin // g) for (cout, _), g, cin in
               zip(spec.weight_shapes(), spec.groups, ins)]
-    if all(m == n <= 16 for m, n in widths):
-        tp_ip = mma_tile(cmax, arch, mma_in_place_smem_bytes)
+    if all(m == n and (m <= 16 or 24 < m <= 32) for m, n in widths):
+        max_tp = 32 if any(m > 16 for m, _ in widths) else 64
+        tp_ip = mma_tile(cmax, arch, mma_in_place_smem_bytes, max_tp)
         if tp_ip > tp:
             return tp_ip, True
     return tp, False
@@ -807,10 +813,13 @@ def _cl_cost(model, kind, c):
 def _mma_item_kind(costs, groups, outs, ins):
     """(cost key, items per group) of a tensor-core layer of ``groups`` groups of ``ins``
     inputs and ``outs`` outputs: "k8" (at most 8 inputs) or "k16"; the pair items ("k8p" /
-    "k16p", two blocks of 8 outputs each) where the kernel has them and the blocks pair up; the
-    items of two groups ("k8g", half an item per group) for k8 groups of one block."""
+    "k16p", two blocks of 8 outputs each) where the kernel has them and the blocks pair up
+    (items of four blocks, "k16q", where the kernel has them and a group has four); the items
+    of two groups ("k8g", half an item per group) for k8 groups of one block."""
     blocks = -(-outs // 8)
     kind = "k8" if ins <= 8 else "k16"
+    if blocks == 4 and f"{kind}q" in costs:
+        return f"{kind}q", 1
     if blocks % 2 == 0 and f"{kind}p" in costs:
         return f"{kind}p", blocks // 2
     if kind == "k8" and blocks == 1 and groups % 2 == 0 and "k8g" in costs:
@@ -851,7 +860,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
         pair_layers = 0
         for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
             terms += _mma_layer_terms(model, g, cout // g, n)
-            pair_layers += _mma_item_kind(model, g, cout // g, n)[0][-1] in "pg"
+            pair_layers += _mma_item_kind(model, g, cout // g, n)[0][-1] in "pgq"
         for layout in layouts:
             cl = layout == "channels_last"
             # per counted unit: a 16-byte vector per lane of a warp (NCHW, and

@@ -4,7 +4,8 @@ Every kernel and load/store path runs at least once on small inputs: float32 / f
 bfloat16 / float64; NCHW (row-aligned and not), channels_last, sliced views with a storage
 offset, tokens, a stride-0 grad_output; input index with repeats; permutations; a chain whose
 backward keeps its intermediates in shared memory and one (2048 channels, 3 layers) that
-recomputes them; output masks. Each result is compared with the reference chain, so the script
+recomputes them; output masks; the tensor-core forward's in-place layers (IGCV2 with C = 512
+and 1024). Each result is compared with the reference chain, so the script
 also fails (exit 1) on a wrong result. Run it as
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  --error-exitcode 99 python tools/sanitize_cuda.py
@@ -115,6 +116,13 @@ def main() -> int:
               index=torch.tensor([10, 0, 3, 3, 4, 9, 9, 2], dtype=torch.int32))
     ok &= run("odd_widths", [9, 15, 10], [3, 5], spatial=(7,), bias=True)
     ok &= run("recompute_c2048", [2048] * 4, [32, 32, 32], spatial=(2, 3), N=1)
+    # bfloat16 forwards with in-place layers (one tile; racecheck: no warp overwrites a row
+    # another still reads), groups of 8 (32 positions), 16 (64) and 32 (32)
+    for name, c, g, sp in (("in_place_w8", 1024, 128, (4, 8)), ("in_place_w16", 512, 32, (8, 8)),
+                           ("in_place_w32", 1024, 32, (4, 8))):
+        L = {8: 4, 16: 3, 32: 2}[c // g]
+        ok &= run(name, [c] * (L + 1), [g] * L, spatial=sp, N=1, dtype=torch.bfloat16,
+                  perms=["interleave"] * (L - 1) + [None], bias=True)
     ok &= run("mask_weights_only", [16, 16, 16], [4, 4], bias=True, mask=(False, True, False))
     ok &= run("mask_x_only", [16, 16, 16], [4, 4], bias=True, mask=(True, False, False))
     print("all ok" if ok else "FAILURES")

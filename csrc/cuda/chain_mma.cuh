@@ -733,15 +733,18 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 }
 
 // Tiles of 16 or 32 positions: NB = 2 where the group's blocks of 8 outputs pair up, else,
-// for k8 groups of one block, items of two groups. With 64 positions, only where kPairs64 (the
-// in-place forward, whose items must cover whole groups): the pair items' accumulators take a
-// kernel to about 97 registers, past the 85 of three CTAs per SM.
-template <class Fmt, int MT, bool kPairs64 = false>
+// for k8 groups of one block, items of two groups. kWhole (the in-place forward, whose items
+// must cover whole groups): pair items with 64 positions too (their accumulators take that
+// kernel to 94 registers, past the 85 of three CTAs per SM, which is why the two-tile kernels
+// do without), and items of four blocks for groups of 25 to 32 outputs with 16 or 32.
+template <class Fmt, int MT, bool kWhole = false>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in,
                                        const int32_t* in_elem, uint16_t* out, uint16_t* zero,
                                        const int32_t* out_elem) {
-  if ((MT <= 2 || kPairs64) && ml.nblk % 2 == 0) {
+  if (kWhole && MT <= 2 && ml.nblk == 4 && !ml.k8) {
+    mma_layer_k<Fmt, MT, 16, 4>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+  } else if ((MT <= 2 || kWhole) && ml.nblk % 2 == 0) {
     if (ml.k8)
       mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
     else
@@ -770,16 +773,20 @@ inline size_t mma_forward_smem_bytes(int64_t cmax, int tp, bool in_place = false
 // looks these composed gathers up in the row tables (mma_row_tables_kernel), so a
 // permutation still costs nothing. It needs square groups (n == m: outputs and inputs share
 // rows) and work items that cover whole groups (no other warp may still read a row an item
-// overwrites): groups of at most 8 (one block of outputs), or of at most 16 (pair items, at
-// every tile size: mma_layer's kPairs64). It is chosen where it gives a larger tile than two
-// tiles do (otherwise two tiles: composed shuffles are not always rows a power of two apart,
-// whose reads the swizzle keeps free of bank conflicts).
-inline bool mma_in_place_ok(const MmaParams& mp) {
+// overwrites): groups of at most 8 (one block of outputs), of at most 16 (pair items, at
+// every tile size), or of 25 to 32 (items of four blocks, tiles of 16 or 32 positions): see
+// mma_layer's kWhole. Returns the largest tile in positions those items allow (0: none). It
+// is chosen where it gives a larger tile than two tiles do (otherwise two tiles: composed
+// shuffles are not always rows a power of two apart, whose reads the swizzle keeps free of
+// bank conflicts).
+inline int mma_in_place_max_tp(const MmaParams& mp) {
+  int max_tp = 16 * kMmaMaxMt;
   for (int l = 0; l < mp.c.L; ++l) {
     const LayerDesc& d = mp.c.layer[l];
-    if (d.n != d.m || d.m > 16) return false;
+    if (d.n != d.m || d.m > 32 || (d.m > 16 && d.m <= 24)) return 0;
+    if (d.m > 16) max_tp = 32;
   }
-  return true;
+  return max_tp;
 }
 
 // The row tables (mma_row_tables_kernel), int32: [rows | inputs | natural]. rows:
@@ -933,11 +940,16 @@ struct MmaPlan {
   int64_t ntiles = 0;
 };
 
-// The tile: the largest (64, 32, 16 positions) that leaves room for two CTAs per SM, else the
-// largest that fits one; halved (down to 16) while there are fewer tiles than SMs.
-inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in_place = false) {
-  const int tp = choose_tile([&](int t) { return mma_forward_smem_bytes(cmax, t, in_place); },
-                             dev, P, 16, 2);
+// The tile: the largest (64, 32, 16 positions; at most max_tp) that leaves room for two CTAs
+// per SM, else the largest that fits one; halved (down to 16) while there are fewer tiles than
+// SMs.
+inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in_place = false,
+                         int max_tp = 16 * kMmaMaxMt) {
+  const int tp = choose_tile(
+      [&](int t) {
+        return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(cmax, t, in_place);
+      },
+      dev, P, 16, 2);
   return tp >= 64 ? 4 : tp / 16;
 }
 
@@ -959,8 +971,9 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
                                     MmaPlan* plan) {
   plan->mt = mma_choose_mt(mp.c.cmax, dev, P);
   plan->in_place = false;
-  if (mma_in_place_ok(mp)) {
-    const int mt = mma_choose_mt(mp.c.cmax, dev, P, true);
+  const int max_tp = mma_in_place_max_tp(mp);
+  if (max_tp > 0) {
+    const int mt = mma_choose_mt(mp.c.cmax, dev, P, true, max_tp);
     if (mt > plan->mt) {
       plan->mt = mt;
       plan->in_place = true;
@@ -989,7 +1002,8 @@ inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t*
                                       const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
   if (plan.grid < 1 || mp.frag != frag || frag == nullptr) return cudaErrorInvalidValue;
-  if (tables == nullptr || (plan.in_place && !mma_in_place_ok(mp))) return cudaErrorInvalidValue;
+  if (tables == nullptr || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
+    return cudaErrorInvalidValue;
   IGC_LAUNCH((pack_mma_weights_kernel<Fmt>), blocks_for(mp.num_frag, 1024), 0, stream, mp, frag);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
