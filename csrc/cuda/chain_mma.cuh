@@ -2,8 +2,9 @@
 // as warp-level mma.sync, the permutations as the row addresses of the ldmatrix reads.
 //
 // Tile. A CTA takes TP = 16 * MT positions (MT in {1, 2, 4}) and keeps two [channel][TP] tiles
-// of the storage dtype in shared memory (ping-pong), one row of zeros and one scratch row (where
-// sm_90's stmatrix puts the padding outputs of a partial block of 8). Intermediates are
+// of the storage dtype in shared memory (ping-pong; one tile with in-place layers, below), one
+// row of zeros and one scratch row (where sm_90's stmatrix puts the padding outputs of a
+// partial block of 8). Intermediates are
 // rounded to the storage dtype between layers, as the unfused chain of the same dtype rounds
 // each layer's output; products accumulate in fp32. Rows are TP elements long, in 16-byte
 // chunks of 8 positions, swizzled within 128-byte lines (mma_elem) so that the 8 rows an
@@ -11,21 +12,22 @@
 // different banks.
 //
 // Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs), or, with
-// tiles of 16 and 32 positions, two blocks of a group where they pair up (one ldmatrix then
-// feeds two products); a warp takes an item and computes D[position][output] =
-// H[position][k] W_g^T[k][output] for every 16-position row block of the tile with mma.sync
-// m16n8k16 (n > 8: ceil(n / 16) k-steps) or m16n8k8 (n <= 8): A = the activations, B = the
-// weights, D = fp32 accumulators initialised with the bias. Groups are never mixed in one
-// product (a non-finite input cannot leak into another group's outputs); inputs beyond n read
-// the zero row and weights beyond n / m are zero. A is
-// loaded with ldmatrix.trans from the channel-major tile: lane i gives the address of one
-// 8-position row piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is
-// gather_{l-1}[g * n + k] of the previous layer's output: a permutation costs nothing. B comes
-// from fragments packed once per call by pack_mma_weights_kernel (a 64-bit load per lane and
-// k-step, reused by the MT row blocks). D is rounded and stored transposed to the other tile,
-// in natural output order: on sm_90 (tiles of 32 and 64 positions) four 8x8 blocks per
-// stmatrix.trans, otherwise per 8x8 block a movmatrix and 32-bit stores. The store of y reads
-// row gather_L[j] for output channel j.
+// tiles of 16 and 32 positions (in place: any), two blocks of a group where they pair up (one
+// ldmatrix then feeds two products; in place, groups of 25 to 32 take four); a warp takes an item
+// and computes D[position][output] = H[position][k] W_g^T[k][output] for every 16-position row
+// block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or m16n8k8 (n <= 8): A =
+// the activations, B = the weights, D = fp32 accumulators initialised with the bias. Groups are
+// never mixed in one product (a non-finite input cannot leak into another group's outputs); inputs
+// beyond n read the zero row and weights beyond n / m are zero. A is loaded with ldmatrix.trans
+// from the channel-major tile: lane i gives the address of one 8-position row piece of input k =
+// kstep * 16 + (i / 16) * 8 + i % 8, and that row is gather_{l-1}[g * n + k] of the previous
+// layer's output: a permutation costs nothing (the lane looks the row's swizzled start up in the
+// row tables, built once per call). B comes from fragments packed once per call by
+// pack_mma_weights_kernel (a 64-bit load per lane and k-step, reused by the MT row blocks). D is
+// rounded and stored transposed to the other tile, in natural output order (in place: to the rows
+// of the group's inputs): on sm_90 (tiles of 32 and 64 positions) four 8x8 blocks per
+// stmatrix.trans, otherwise per 8x8 block a movmatrix and 32-bit stores. The store of y reads row
+// gather_L[j] for output channel j (in place: the composed gathers' row).
 //
 // Tile loads and stores: NCHW rows as 16-byte vectors; channels-last tiles with C % 32 == 0 as
 // 16-byte vectors through ldmatrix.trans (store) and stmatrix.trans (load, sm_90), other

@@ -13,7 +13,8 @@
 // output and every gradient; products accumulate in fp32.
 //
 // Per tile: load x and dy (dy channel j goes to row gather_{L-1}[j]: du_L in natural output
-// order), recompute u_1 .. u_{L-1} with the forward's mma_layer, then for l = L-1 .. 0:
+// order), recompute u_1 .. u_{L-1} with the forward's mma_layer (every item, here too, looks
+// its rows' swizzled starts up in the row tables), then for l = L-1 .. 0:
 // - db_l[o] += sum over the tile's positions of du[o] (fp32, positions in order; a thread per o);
 // - dW_l[g][o][i] += sum_p du[g m + o][p] h_l[in_row(g n + i)][p]: mma.sync m16n8k16 with
 //   K = positions. Both operands are channel-major rows of 16-bit tiles, read by ldmatrix
@@ -320,9 +321,9 @@ inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
   return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
 }
 
-// mp: the chain (forward fragments, for the recompute; its row tables, launch_row_tables); mt:
-// its transpose (make_mma_transposed_params). partial: [gridDim.x, num_w + num_b] fp32 (null when neither
-// weight nor bias gradients are needed); dx_starts / dx_order: CSR of the input index (dx
+// mp: the chain (forward fragments, for the recompute; its row tables, launch_row_tables); mt: its
+// transpose (make_mma_transposed_params). partial: [gridDim.x, num_w + num_b] fp32 (null when
+// neither weight nor bias gradients are needed); dx_starts / dx_order: CSR of the input index (dx
 // channel c sums dh_0 rows dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without one.
 // Launch bounds of two CTAs per SM (at most 128 registers): without a minimum, ptxas gave the
 // 32-position kernel 80 registers and spilled once the items looked their rows up in tables.
@@ -485,9 +486,10 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
 }
 
 // frag / frag_t: mp.num_frag / mt.num_frag entries of device memory (mp.frag, mt.frag point to
-// them); tables: mma_row_table_size(mp) entries of device memory (the row tables); partial: plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null);
-// gw / gb: the 16-bit outputs, or null when not needed. Packs the fragments, builds the row
-// tables, runs the backward, then reduces the partial rows.
+// them); tables: mma_row_table_size(mp) entries of device memory (the row tables); partial:
+// plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null); gw / gb: the 16-bit
+// outputs, or null when not needed. Packs the fragments, builds the row tables, runs the backward,
+// then reduces the partial rows.
 template <class Fmt>
 inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const MmaParams& mt,
                                        uint2* frag_t, int32_t* tables,
