@@ -792,6 +792,13 @@ def _tile_rows(c: int) -> int:
     return -(-c // 4) * 4
 
 
+def _two_tile_smem(channels, tp: int) -> int:
+    """mma_forward_smem_bytes of chain_mma.cuh: a tile of the widest of C_0, C_2, ..., one of
+    the widest of C_1, C_3, ..., the zero and scratch rows, two offset arrays"""
+    rows = _tile_rows(max(channels[0::2])) + _tile_rows(max(channels[1::2]))
+    return (rows + 2) * tp * 2 + 2 * tp * 8
+
+
 @needs_cxx
 @pytest.mark.parametrize("case", [MMA_WIDTHS["igcv2_w8"], MMA_WIDTHS["w16_w32"],
                                   MMA_WIDTHS["odd_3_5"]], ids=["w8", "w16_w32", "odd"])
@@ -803,7 +810,7 @@ def test_emulated_mma_stmatrix_and_movmatrix_store_the_same_bits(emu, case):
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.bfloat16, seed=11)
     x = _x((2, channels[0], 5, 7), "contiguous", torch.bfloat16, 12)
     gy = _x((2, channels[-1], 5, 7), "contiguous", torch.bfloat16, 13)
-    smem = lambda tp: (2 * _tile_rows(max(channels)) + 2) * tp * 2 + 2 * tp * 8  # noqa: E731
+    smem = lambda tp: _two_tile_smem(channels, tp)  # noqa: E731
     try:
         for tp in (64, 32, 16):
             per_sm = 2 * (smem(tp) + 1024)
@@ -823,10 +830,11 @@ def test_emulated_mma_stmatrix_and_movmatrix_store_the_same_bits(emu, case):
 @needs_cxx
 def test_emulated_mma_tiles_and_shared_memory(emu):
     """The tile follows the shared memory: 64 positions when two CTAs fit, 32 and 16 on devices
-    with less; a chain that does not fit a 16-position tile is refused (code 4)."""
+    with less; a chain that does not fit a 16-position tile is refused (code 4). (The two tiles
+    are as high as the widest of C_0, C_2, ... and of C_1, C_3, ...: 64 and 128 rows here.)"""
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
     x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
-    smem = lambda tp: (2 * 128 + 2) * tp * 2 + 2 * tp * 8  # noqa: E731 (mma_forward_smem_bytes)
+    smem = lambda tp: (64 + 128 + 2) * tp * 2 + 2 * tp * 8  # noqa: E731 (mma_forward_smem_bytes)
     for tp in (64, 32, 16):
         per_sm = 2 * (smem(tp) + 1024)
         y, plan = c.check_mma(emu, x, device=(2, per_sm, per_sm))

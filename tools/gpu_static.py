@@ -636,40 +636,38 @@ def mma_tile_rows(c: int) -> int:
     return -(-c // 4) * 4
 
 
-def mma_smem_bytes(cmax: int, tp: int) -> int:
-    # mma_forward_smem_bytes of chain_mma.cuh
-    return (2 * mma_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
+def mma_smem_bytes(chans, tp: int, in_place: bool = False) -> int:
+    """mma_forward_smem_bytes of chain_mma.cuh for channels C_0 .. C_L: a tile of the widest
+    of C_0, C_2, ... and one of the widest of C_1, C_3, ... (with in-place layers, one of the
+    widest), the zero and scratch rows, two offset arrays"""
+    rows = (mma_tile_rows(max(chans)) if in_place
+            else mma_tile_rows(max(chans[0::2])) + mma_tile_rows(max(chans[1::2])))
+    return (rows + 2) * tp * 2 + 2 * tp * 8
 
 
-def mma_in_place_smem_bytes(cmax: int, tp: int) -> int:
-    # mma_forward_smem_bytes of chain_mma.cuh with in-place layers: one tile
-    return (mma_tile_rows(cmax) + 2) * tp * 2 + 2 * tp * 8
-
-
-def mma_tile(cmax: int, arch: int, smem=mma_smem_bytes, max_tp: int = 64) -> int:
+def mma_tile(arch: int, smem, max_tp: int = 64) -> int:
     """mma_choose_mt of chain_mma.cuh for many positions: the largest tile (at most
     ``max_tp``) that leaves room for two CTAs per SM, else the largest that fits one
-    (``smem``: bytes of a tile)."""
+    (``smem(tp)``: bytes of a tile)."""
     _, smem_sm, _, _ = SM_LIMITS[arch]
     optin = smem_sm - 1024
     for budget in (min(smem_sm // 2 - 1024, optin), optin):
         for tp in (128, 64, 32, 16):
-            if tp <= max_tp and smem(cmax, tp) <= budget:
+            if tp <= max_tp and smem(tp) <= budget:
                 return min(tp, 64)
     return 0
 
 
-def mma_forward_plan(spec, cmax: int, c0: int, arch: int) -> tuple:
-    """(tile, in-place layers) of plan_forward_mma: in-place layers (mma_in_place_max_tp:
-    every group square, at most 16 wide, or 25 to 32 wide with tiles of at most 32 positions)
-    where they give a larger tile than two tiles do."""
-    tp = mma_tile(cmax, arch)
-    ins = [c0] + [c for c, _ in spec.weight_shapes()][:-1]
+def mma_forward_plan(spec, chans, arch: int) -> tuple:
+    """(tile, in-place layers) of plan_forward_mma for channels ``chans`` (C_0 .. C_L):
+    in-place layers (mma_in_place_max_tp: every group square, at most 16 wide, or 25 to 32
+    wide with tiles of at most 32 positions) where they give a larger tile than two tiles do."""
+    tp = mma_tile(arch, lambda t: mma_smem_bytes(chans, t))
     widths = [(cout // g, cin // g) for (cout, _), g, cin in
-              zip(spec.weight_shapes(), spec.groups, ins)]
+              zip(spec.weight_shapes(), spec.groups, chans[:-1])]
     if all(m == n and (m <= 16 or 24 < m <= 32) for m, n in widths):
         max_tp = 32 if any(m > 16 for m, _ in widths) else 64
-        tp_ip = mma_tile(cmax, arch, mma_in_place_smem_bytes, max_tp)
+        tp_ip = mma_tile(arch, lambda t: mma_smem_bytes(chans, t, True), max_tp)
         if tp_ip > tp:
             return tp_ip, True
     return tp, False
@@ -848,8 +846,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
         c_x, spec, _, idx = structure_args(s)
         chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
-        cmax = max(chans)
-        tp, in_place = mma_forward_plan(spec, cmax, chans[0], arch)
+        tp, in_place = mma_forward_plan(spec, chans, arch)
         if tp == 0:
             continue
         mt = tp // 16
@@ -879,7 +876,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                              (spec.out_channels * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
                               "chain_forward_mma_kernel", tp, ptxas[name],
-                              (mma_in_place_smem_bytes if in_place else mma_smem_bytes)(cmax, tp))
+                              mma_smem_bytes(chans, tp, in_place))
             rec.config["in_place"] = in_place
             _set_mma_dyn(rec, total,
                          "per layer: items x item cost + items x k-steps x "

@@ -1,15 +1,14 @@
 // Tensor-core forward of the chain for float16 / bfloat16 (sm_80 and newer): the group products
 // as warp-level mma.sync, the permutations as the row addresses of the ldmatrix reads.
 //
-// Tile. A CTA takes TP = 16 * MT positions (MT in {1, 2, 4}) and keeps two [channel][TP] tiles
-// of the storage dtype in shared memory (ping-pong; one tile with in-place layers, below), one
-// row of zeros and one scratch row (where sm_90's stmatrix puts the padding outputs of a
-// partial block of 8). Intermediates are
-// rounded to the storage dtype between layers, as the unfused chain of the same dtype rounds
-// each layer's output; products accumulate in fp32. Rows are TP elements long, in 16-byte
-// chunks of 8 positions, swizzled within 128-byte lines (mma_elem) so that the 8 rows an
-// ldmatrix phase reads (consecutive rows, or rows a power of two apart: a shuffle's) fall in
-// different banks.
+// Tile. A CTA takes TP = 16 * MT positions (MT in {1, 2, 4}) and keeps two [channel][TP] tiles of
+// the storage dtype in shared memory (ping-pong, as high as the widest of C_0, C_2, ... and of C_1,
+// C_3, ...; one tile with in-place layers, below), one row of zeros and one scratch row (where
+// sm_90's stmatrix puts the padding outputs of a partial block of 8). Intermediates are rounded to
+// the storage dtype between layers, as the unfused chain of the same dtype rounds each layer's
+// output; products accumulate in fp32. Rows are TP elements long, in 16-byte chunks of 8 positions,
+// swizzled within 128-byte lines (mma_elem) so that the 8 rows an ldmatrix phase reads (consecutive
+// rows, or rows a power of two apart: a shuffle's) fall in different banks.
 //
 // Layer l (n inputs, m outputs per group). Work items are (group g, block of 8 outputs), or, with
 // tiles of 16 and 32 positions (in place: any), two blocks of a group where they pair up (one
@@ -244,6 +243,7 @@ struct MmaParams {
   // rows in natural order at elem_out
   const int32_t* elem;
   const int32_t* elem_out;
+  int64_t tile_rows[2];  // the two-tile forward's tiles (mma_forward_smem_bytes)
   MmaLayer layer[kMaxLayers];
 };
 
@@ -270,6 +270,12 @@ inline MmaParams make_mma_params(const HostChain& h, const float* W, const float
     eo += d.cin;
   }
   mp.num_frag = off;
+  // the two-tile forward's tiles: the widest of C_0, C_2, ... and of C_1, C_3, ..., each
+  // rounded up to a multiple of 4 rows (mma_tile_rows)
+  int64_t r[2] = {h.C[0], 0};
+  for (int l = 1; l <= h.L; ++l) r[l & 1] = h.C[l] > r[l & 1] ? h.C[l] : r[l & 1];
+  mp.tile_rows[0] = (r[0] + 3) & ~int64_t(3);
+  mp.tile_rows[1] = (r[1] + 3) & ~int64_t(3);
   return mp;
 }
 
@@ -760,12 +766,14 @@ __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, 
   }
 }
 
-// Shared memory of a tile of TP positions: two tiles of mma_tile_rows(cmax) rows (one with
-// in-place layers), the zero row and the scratch row, two offset arrays.
-inline size_t mma_forward_smem_bytes(int64_t cmax, int tp, bool in_place = false) {
-  return static_cast<size_t>((in_place ? 1 : 2) * mma_tile_rows(cmax) + 2) * tp *
-             sizeof(uint16_t) +
-         2 * tp * sizeof(int64_t);
+// Shared memory of a tile of TP positions: the two tiles (mp.tile_rows: the first holds x and
+// the inputs of layers 2, 4, ..., the second those of layers 1, 3, ..., so that an expanding or
+// reducing layer takes two tiles of different heights, not two of the widest; with in-place
+// layers one tile of the widest), the zero row and the scratch row, two offset arrays.
+inline size_t mma_forward_smem_bytes(const MmaParams& mp, int tp, bool in_place = false) {
+  const int64_t rows =
+      in_place ? mma_tile_rows(mp.c.cmax) : mp.tile_rows[0] + mp.tile_rows[1];
+  return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
 }
 
 // In-place layers: one tile instead of two. Layer l writes output o of group g into the row it
@@ -889,8 +897,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   // two named tiles, not an array indexed at run time: the compiler then keeps every access
   // to them a shared-memory instruction (LDS / STS / LDSM, not generic LD / ST)
   uint16_t* const tile0 = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* const tile1 = kInPlace ? tile0 : tile0 + mma_tile_rows(p.cmax) * TP;
-  uint16_t* zero = tile1 + mma_tile_rows(p.cmax) * TP;
+  uint16_t* const tile1 = kInPlace ? tile0 : tile0 + mp.tile_rows[0] * TP;
+  uint16_t* zero = kInPlace ? tile0 + mma_tile_rows(p.cmax) * TP : tile1 + mp.tile_rows[1] * TP;
   // zero + TP: the scratch row (mma_layer_k)
   int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
   int64_t* off_y = off_x + TP;
@@ -945,12 +953,10 @@ struct MmaPlan {
 // The tile: the largest (64, 32, 16 positions; at most max_tp) that leaves room for two CTAs
 // per SM, else the largest that fits one; halved (down to 16) while there are fewer tiles than
 // SMs.
-inline int mma_choose_mt(int64_t cmax, const DeviceInfo& dev, int64_t P, bool in_place = false,
-                         int max_tp = 16 * kMmaMaxMt) {
+inline int mma_choose_mt(const MmaParams& mp, const DeviceInfo& dev, int64_t P,
+                         bool in_place = false, int max_tp = 16 * kMmaMaxMt) {
   const int tp = choose_tile(
-      [&](int t) {
-        return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(cmax, t, in_place);
-      },
+      [&](int t) { return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(mp, t, in_place); },
       dev, P, 16, 2);
   return tp >= 64 ? 4 : tp / 16;
 }
@@ -971,11 +977,11 @@ inline cudaError_t with_forward_mma_kernel(int mt, bool in_place, F f) {
 template <class Fmt>
 inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const DeviceInfo& dev,
                                     MmaPlan* plan) {
-  plan->mt = mma_choose_mt(mp.c.cmax, dev, P);
+  plan->mt = mma_choose_mt(mp, dev, P);
   plan->in_place = false;
   const int max_tp = mma_in_place_max_tp(mp);
   if (max_tp > 0) {
-    const int mt = mma_choose_mt(mp.c.cmax, dev, P, true, max_tp);
+    const int mt = mma_choose_mt(mp, dev, P, true, max_tp);
     if (mt > plan->mt) {
       plan->mt = mt;
       plan->in_place = true;
@@ -983,7 +989,7 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
   }
   if (plan->mt == 0) return cudaSuccess;
   const int tp = 16 * plan->mt;
-  plan->smem = mma_forward_smem_bytes(mp.c.cmax, tp, plan->in_place);
+  plan->smem = mma_forward_smem_bytes(mp, tp, plan->in_place);
   plan->ntiles = (P + tp - 1) / tp;
   int occ = 0;
   const cudaError_t e = with_forward_mma_kernel<Fmt>(

@@ -75,7 +75,8 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
   MmaParams mp;
   mp.c = make_params<float>(h, W, nullptr, table);
   mp.frag = frag;
-  mp.elem = nullptr;
+  mp.elem = mp.elem_out = nullptr;
+  mp.tile_rows[0] = mp.tile_rows[1] = 0;  // (the forward's)
   int64_t off = 0;
   for (int l = 0; l < kMaxLayers; ++l) {
     MmaLayer& ml = mp.layer[l];
