@@ -678,14 +678,9 @@ def mma_backward_smem_bytes(rows: int, tp: int) -> int:
 
 
 def mma_backward_tile(rows: int, arch: int) -> int:
-    """plan_backward_mma's tile for many positions (0: the CUDA-core backward runs instead)."""
-    _, smem_sm, _, _ = SM_LIMITS[arch]
-    optin = smem_sm - 1024
-    for budget in (min(smem_sm // 2 - 1024, optin), optin):
-        for tp in (128, 64, 32, 16):
-            if mma_backward_smem_bytes(rows, tp) <= budget:
-                return min(tp, 64)
-    return 0
+    """plan_backward_mma's tile for many positions (0: the CUDA-core backward runs instead):
+    the forward's rule (``mma_tile``) on the store-all tiles' bytes."""
+    return mma_tile(arch, lambda t: mma_backward_smem_bytes(rows, t))
 
 
 def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, smem):

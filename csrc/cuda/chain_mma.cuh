@@ -227,6 +227,11 @@ __device__ __forceinline__ void stmatrix_trans_x4(uint16_t* base, int elem, cons
 // ---------------------------------------------------------------------------------------------
 // The chain as the tensor-core kernel sees it
 // ---------------------------------------------------------------------------------------------
+// Rows of a tile buffer for c channels: a multiple of 4, the most rows a line holds (mma_elem).
+__host__ __device__ __forceinline__ int64_t mma_tile_rows(int64_t c) {
+  return (c + 3) & ~int64_t(3);
+}
+
 struct MmaLayer {
   int nblk;      // blocks of 8 outputs per group: ceil(m / 8)
   int ksteps;    // k-steps per item: 1 (m16n8k8, n <= 8) or ceil(n / 16) (m16n8k16)
@@ -274,8 +279,8 @@ inline MmaParams make_mma_params(const HostChain& h, const float* W, const float
   // rounded up to a multiple of 4 rows (mma_tile_rows)
   int64_t r[2] = {h.C[0], 0};
   for (int l = 1; l <= h.L; ++l) r[l & 1] = h.C[l] > r[l & 1] ? h.C[l] : r[l & 1];
-  mp.tile_rows[0] = (r[0] + 3) & ~int64_t(3);
-  mp.tile_rows[1] = (r[1] + 3) & ~int64_t(3);
+  mp.tile_rows[0] = mma_tile_rows(r[0]);
+  mp.tile_rows[1] = mma_tile_rows(r[1]);
   return mp;
 }
 
@@ -297,11 +302,6 @@ __host__ __device__ __forceinline__ int mma_elem(int r, int t) {
   const int q = r >> LOW;
   const int h = (q ^ (q >> 3) ^ (q >> 6) ^ (q >> 9)) & 7;
   return (((r * CPR + (t >> 3)) ^ h) << 3) + (t & 7);
-}
-
-// Rows of a tile buffer for c channels: a multiple of 4, the most rows a line holds (mma_elem).
-__host__ __device__ __forceinline__ int64_t mma_tile_rows(int64_t c) {
-  return (c + 3) & ~int64_t(3);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -799,9 +799,9 @@ inline int mma_in_place_max_tp(const MmaParams& mp) {
   return max_tp;
 }
 
-// The row tables (mma_row_tables_kernel), int32: [rows | inputs | natural]. rows:
-// the index table's layout, the input index and then, with in-place layers, the composed
-// gathers R_1 .. R_L (two tiles: the gathers, as they are); inputs: layer l's input j as the
+// The row tables (mma_row_tables_kernel), int32: [rows | inputs | natural]. rows (filled only
+// with in-place layers; two tiles read the index table itself): the index table's layout, the
+// input index and then the composed gathers R_1 .. R_L; inputs: layer l's input j as the
 // element mma_elem(row, 0) of its row (in place: R_l[j]; two tiles: gather_{l-1}[j], j for
 // layer 0), from entry layer[l].e_off; natural: mma_elem(o, 0) for o < cmax (rows in natural
 // order: the two-tile forward's layer outputs, the backward's gradient tiles). A work item
@@ -823,13 +823,14 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nin = mp.layer[p.L - 1].e_off + last.cin;
   const int64_t total = nrows + nin + p.cmax;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
-       e += stride) {
+  for (int64_t e = (in_place ? 0 : nrows) + static_cast<int64_t>(blockIdx.x) * kThreads +
+                   threadIdx.x;
+       e < total; e += stride) {
     if (e >= nrows + nin) {  // natural order
       out[e] = mma_elem<TP>(static_cast<int>(e - nrows - nin), 0);
       continue;
     }
-    if (e < nrows && (!in_place || e < p.layer[0].g_off)) {  // as it is
+    if (e < p.layer[0].g_off) {  // the input index, as it is
       out[e] = p.table[e];
       continue;
     }
@@ -926,8 +927,8 @@ __global__ void __launch_bounds__(kThreads, 2)
                                  zero, in_elems);
       } else {
         const bool odd = (l & 1) != 0;
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0,
-                                 in_elems, odd ? tile0 : tile1, zero, mp.elem_out);
+        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, in_elems,
+                           odd ? tile0 : tile1, zero, mp.elem_out);
       }
       __syncthreads();
     }

@@ -387,14 +387,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       int64_t uo = 0;
       for (int l = 0; l + 1 < L; ++l) {
         uint16_t* out = U + uo * TP;
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in,
-                                 mp.elem + mp.layer[l].e_off, out, zero, mp.elem_out);
+        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, mp.elem + mp.layer[l].e_off,
+                           out, zero, mp.elem_out);
         __syncthreads();
         in = out;
         uo += mma_tile_rows(p.layer[l].cout);
       }
     }
-    // du_{l+1}: the dy tile, then the tile that held u_{l+1} (its swizzle kept)
+    // du_{l+1}: the dy tile, then the tile that held u_{l+1}
     const uint16_t* du = DY;
     int64_t ho = middle;
     for (int l = L - 1; l >= 0; --l) {
@@ -413,8 +413,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (l > 0 || f.need_x) {
         __syncthreads();  // h_l has been read: du_l goes there
         // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
-        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, mp.elem_out,
-                                 h, zero, h_elem);
+        mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, mp.elem_out, h,
+                           zero, h_elem);
         __syncthreads();
         du = h;
       }
