@@ -98,6 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--targets", action="store_true",
                    help="CUDA: the target problems (the default there)")
     p.add_argument("--tiny", action="store_true", help="one tiny problem (smoke runs)")
+    p.add_argument("--only", type=str, default=None,
+                   help="CUDA: only these problems, comma-separated C:K:L (or C:K for the "
+                        "IGCV2 depth), in each of --dtypes (default bfloat16), instead of the "
+                        "targets / sweep")
     p.add_argument("--dtypes", type=str, default=None,
                    help="comma-separated dtypes (float32, bfloat16, float16); default float32 for "
                         "the CPU headline, float32,bfloat16 for the CPU sweep")
@@ -160,6 +164,9 @@ def configs_from_args(args) -> list:
     except ValueError:
         raise SystemExit(f"--size must look like 32x32, got {size!r}")
     batch = args.batch or (64 if cuda else bc.HEADLINE.batch)
+    if cuda and args.only:
+        return [bc.Config(batch=batch, height=h, width=w, dtype=dt, **shape)
+                for dt in (dtypes or ["bfloat16"]) for shape in parse_only(args.only)]
     if cuda:
         configs = []
         if args.targets or not args.sweep:
@@ -180,6 +187,27 @@ def configs_from_args(args) -> list:
         configs += [c for c in bc.sweep_configs(tuple(dtypes or ("float32", "bfloat16")))
                     if c not in configs]
     return configs
+
+
+def parse_only(text: str) -> list:
+    """``"256:8:3,512:16"`` -> ``[dict(channels=256, group_size=8, depth=3), ...]`` (no depth:
+    the IGCV2 depth), each checked by building its chain."""
+    shapes = []
+    for item in (t for t in text.split(",") if t.strip()):
+        try:
+            nums = [int(v) for v in item.split(":")]
+        except ValueError:
+            nums = []
+        if len(nums) not in (2, 3):
+            raise SystemExit(f"--only: expected C:K:L or C:K, got {item!r}")
+        shape = dict(channels=nums[0], group_size=nums[1],
+                     depth=nums[2] if len(nums) == 3 else None)
+        try:
+            bc.Config(**shape).spec()
+        except ValueError as e:
+            raise SystemExit(f"--only: invalid problem {item!r}: {e}")
+        shapes.append(shape)
+    return shapes
 
 
 def backends_from_args(args, device: str) -> list:
@@ -393,6 +421,9 @@ def main(argv=None) -> int:
 
     t0 = time.perf_counter()
     rows, failed = [], []
+    path = args.json or os.path.join(
+        HERE, "out", f"{bc.device_slug(env['device'])}-{time.strftime('%Y%m%d-%H%M%S')}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     for cfg in plot.bar(configs, args.quiet or len(configs) == 1, desc="problems"):
         try:
             rows += run_config(cfg, device, backends, args, timer, env)
@@ -401,13 +432,10 @@ def main(argv=None) -> int:
             failed.append(str(e))
         if device == "cuda":
             torch.cuda.empty_cache()
-
-    path = args.json or os.path.join(
-        HERE, "out", f"{bc.device_slug(env['device'])}-{time.strftime('%Y%m%d-%H%M%S')}.json")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        json.dump({"environment": env, "timing": timing, "backends": backends, "rows": rows,
-                   "correctness_failures": failed}, f, indent=1, default=str)
+        # rewritten after every problem: a run stopped part-way keeps what it measured
+        with open(path, "w") as f:
+            json.dump({"environment": env, "timing": timing, "backends": backends, "rows": rows,
+                       "correctness_failures": failed}, f, indent=1, default=str)
     progress(f"\nwrote {len(rows)} rows to {path} ({time.perf_counter() - t0:.0f} s)")
     plot.save_beside(path, progress)
     return 1 if failed else 0

@@ -1,36 +1,48 @@
 #!/usr/bin/env bash
 # A GPU validation pass on a machine with a CUDA GPU, torch with CUDA, nvcc and (for the
-# sanitize step) compute-sanitizer. Steps run in the order given (default: build test sanitize):
+# sanitize steps) compute-sanitizer. Steps run in the order given (default: build test sanitize);
+# STEP=SECONDS stops a step after that many seconds (timeout), e.g. `test-cuda=120`:
 #
-#   build     pip install --no-build-isolation --no-deps -e . (CUDA kernels included) + info
-#   test      the whole pytest suite (the GPU tests run when a GPU is visible); Triton
-#             autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0) and the
-#             fixed path on the default configuration (IGC_TRITON_FIXED=default): one
-#             compilation per structure
-#   sanitize  compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
-#             sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
-#             allocation and out-of-bounds accesses are seen)
-#   bench     benchmarks/bench.py --device cuda --targets (JSON under the output folder), then
-#             each measured fraction of copy bandwidth beside the committed prediction
-#             (tools/perf_model.py --measured, from benchmarks/results/gpu-static-*.json)
-#   sweep     benchmarks/bench.py --device cuda --sweep --no-compile
+#   build        pip install --no-build-isolation --no-deps -e . (CUDA kernels included) + info
+#   test         the whole pytest suite (the GPU tests run when a GPU is visible); Triton
+#                autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0) and the
+#                fixed path on the default configuration (IGC_TRITON_FIXED=default): one
+#                compilation per structure
+#   test-cuda    the CUDA backend's GPU tests alone (tests/test_cuda_gpu.py,
+#                tests/test_gpu_derivatives_and_indices.py)
+#   test-triton  the Triton backend's GPU tests alone (tests/test_triton_gpu.py), as `test`
+#   sanitize     compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
+#                sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
+#                allocation and out-of-bounds accesses are seen)
+#   race         compute-sanitizer racecheck over tools/sanitize_cuda.py alone
+#   bench        benchmarks/bench.py --device cuda --targets (JSON under the output folder), then
+#                each measured fraction of copy bandwidth beside the committed prediction
+#                (tools/perf_model.py --measured, from benchmarks/results/gpu-static-*.json)
+#   bench-quick  benchmarks/bench.py --device cuda --only "$BENCH_ONLY" (default: the IGCV2
+#                targets with K = 8 and 16) --backends "$BENCH_BACKENDS" (default cuda),
+#                no torch.compile, no memory measurements, then the same comparison
+#   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #
 # Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing
-# step's. Example: tools/gpu_session.sh build test sanitize
+# step's. Example: tools/gpu_session.sh build=300 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu-session}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-PY="${PY:-python3}"
+export PY="${PY:-python3}"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize)
 status=0
 
+limit=0  # seconds of the step being run (0: none)
 run_step() {
   local name="$1"; shift
   local t0=$SECONDS
   echo "=== $name: $*"
+  # a shell function runs under timeout in a child shell that defines it
+  [ "$(type -t "$1")" = function ] && set -- bash -c "$(declare -f "$1"); $1"
+  if [ "$limit" -gt 0 ]; then set -- timeout --signal=INT --kill-after=10 "$limit" "$@"; fi
   "$@" 2>&1 | tee "$OUT/$name.log"
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
@@ -53,7 +65,10 @@ sanitize_all() {
   return $rc
 }
 
-for step in "${steps[@]}"; do
+for arg in "${steps[@]}"; do
+  step="${arg%%=*}"
+  limit=0
+  [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
     build)
       run_step build env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
@@ -63,7 +78,19 @@ for step in "${steps[@]}"; do
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
     test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" \
       IGC_TRITON_FIXED="${IGC_TRITON_FIXED:-default}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
+    test-cuda) run_step test-cuda "$PY" -m pytest tests/test_cuda_gpu.py \
+      tests/test_gpu_derivatives_and_indices.py -q -ra --maxfail=25 ;;
+    test-triton) run_step test-triton env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" \
+      IGC_TRITON_FIXED="${IGC_TRITON_FIXED:-default}" "$PY" -m pytest tests/test_triton_gpu.py \
+      -q -ra --maxfail=25 ;;
     sanitize) run_step sanitize sanitize_all ;;
+    race) run_step race env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
+      --error-exitcode 99 --print-limit 20 "$PY" tools/sanitize_cuda.py ;;
+    bench-quick) run_step bench-quick "$PY" benchmarks/bench.py --device cuda --no-compile \
+      --no-memory --quiet --only "${BENCH_ONLY:-256:8:3,256:16:2,512:8:3,512:16:3,1024:8:4,1024:16:3}" \
+      --backends "${BENCH_BACKENDS:-cuda}" --json "$OUT/bench-quick.json" ;
+      run_step predicted-quick "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
+        --measured "$OUT/bench-quick.json" ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;
