@@ -1,4 +1,4 @@
-// Grouped 1x1 layers on channels-last float tiles (block_cpu.cpp's channels-last path): a tile
+// Grouped 1x1 layers on channels-last float tiles (block_kernels.h's channels-last path): a tile
 // holds position t's channels contiguously at row t (row stride ld), and a layer's outputs are
 // computed as vectors of LANES consecutive output channels of one group, R positions at once:
 // each input value is one broadcast, each step of the sum R x NB vector FMAs on NB weight vectors.

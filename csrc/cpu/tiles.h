@@ -1,4 +1,4 @@
-// Tile primitives shared by the CPU kernels (chain_cpu.cpp, block_cpu.cpp): tiles of TILE
+// Tile primitives shared by the CPU kernels (chain_cpu.cpp, block_kernels.h): tiles of TILE
 // positions held [channel][position] in the accumulation type, loaded from and stored to any
 // strided layout (channels-last through in-register transposes), and the grouped-layer
 // micro-kernel (OUT_BLOCK output rows at once, accumulators in registers). Everything is in an

@@ -1,4 +1,5 @@
-"""The fused C++ CPU kernels of the extension (csrc/cpu/chain_cpu.cpp, csrc/cpu/block_cpu.cpp)."""
+"""The fused C++ CPU kernels of the extension (csrc/cpu/chain_cpu.cpp; csrc/cpu/block_cpu.cpp,
+whose kernels are csrc/cpu/block_kernels.h)."""
 
 from __future__ import annotations
 
