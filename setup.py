@@ -4,6 +4,10 @@ The CPU kernels are always built. The CUDA kernels (csrc/cuda/*.cu) are built wh
 CUDA and nvcc is found, or when IGC_FORCE_CUDA=1; without a visible GPU TORCH_CUDA_ARCH_LIST
 defaults to sm_80 and sm_90. Install with `pip install --no-build-isolation -e .`.
 The folder triton_kernels/ is installed as igc_kernels.triton_kernels.
+IGC_CPU_TARGET_CLONES=0 compiles the CPU kernels for the default x86-64 ISA only instead of
+AVX-512 / AVX2 / default clones picked at run time (the largest file: 71 s instead of 128 s on
+one core), with slower CPU kernels, for machines that test the GPU backends
+(tools/gpu_session.sh sets it).
 """
 
 import glob
@@ -36,6 +40,8 @@ def _extension():
         # loaded (a second runtime would bring a second, competing thread pool).
         cxx.append("-fopenmp")
     macros = [("IGC_BUILT_WITH_CUDA", "1" if with_cuda else "0")]
+    if os.environ.get("IGC_CPU_TARGET_CLONES", "1") == "0":
+        macros.append(("IGC_NO_TARGET_CLONES", "1"))
     if not with_cuda:
         return CppExtension("igc_kernels._C", sources, extra_compile_args={"cxx": cxx},
                             define_macros=macros, include_dirs=[os.path.join(ROOT, "csrc")])

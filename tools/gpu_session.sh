@@ -3,7 +3,9 @@
 # sanitize steps) compute-sanitizer. Steps run in the order given (default: build test sanitize);
 # STEP=SECONDS stops a step after that many seconds (timeout), e.g. `test-cuda=120`:
 #
-#   build        pip install --no-build-isolation --no-deps -e . (CUDA kernels included) + info
+#   build        pip install --no-build-isolation --no-deps -e . (CUDA kernels included, for
+#                $TORCH_CUDA_ARCH_LIST, default 9.0; CPU kernels without per-ISA clones,
+#                IGC_CPU_TARGET_CLONES=0 by default here: a faster build) + info
 #   test         the whole pytest suite (the GPU tests run when a GPU is visible); Triton
 #                autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0) and the
 #                fixed path on the default configuration (IGC_TRITON_FIXED=default): one
@@ -23,6 +25,9 @@
 #                no torch.compile, no memory measurements, then the same comparison
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #
+# The test steps run on $PYTEST_WORKERS pytest-xdist workers (default 8 where xdist is installed,
+# 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
+#
 # Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing
 # step's. Example: tools/gpu_session.sh build=300 test-cuda=120 race=60
 set -uo pipefail
@@ -35,6 +40,10 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize)
 status=0
 
+workers=()
+if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" != 0 ]; then
+  workers=(-n "${PYTEST_WORKERS:-8}")
+fi
 limit=0  # seconds of the step being run (0: none)
 run_step() {
   local name="$1"; shift
@@ -72,17 +81,19 @@ for arg in "${steps[@]}"; do
   case "$step" in
     build)
       run_step build env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+        IGC_CPU_TARGET_CLONES="${IGC_CPU_TARGET_CLONES:-0}" \
         "$PY" -m pip install --no-build-isolation --no-deps -e . ;
       run_step info "$PY" -m igc_kernels.info ;;
     # the Triton tests compile each chain structure once with the default configuration
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
     test) run_step test env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" \
-      IGC_TRITON_FIXED="${IGC_TRITON_FIXED:-default}" "$PY" -m pytest tests -q -ra --maxfail=25 ;;
+      IGC_TRITON_FIXED="${IGC_TRITON_FIXED:-default}" "$PY" -m pytest tests -q -ra --maxfail=25 \
+      "${workers[@]}" ;;
     test-cuda) run_step test-cuda "$PY" -m pytest tests/test_cuda_gpu.py \
-      tests/test_gpu_derivatives_and_indices.py -q -ra --maxfail=25 ;;
+      tests/test_gpu_derivatives_and_indices.py -q -ra --maxfail=25 "${workers[@]}" ;;
     test-triton) run_step test-triton env IGC_TRITON_AUTOTUNE="${IGC_TRITON_AUTOTUNE:-0}" \
       IGC_TRITON_FIXED="${IGC_TRITON_FIXED:-default}" "$PY" -m pytest tests/test_triton_gpu.py \
-      -q -ra --maxfail=25 ;;
+      -q -ra --maxfail=25 "${workers[@]}" ;;
     sanitize) run_step sanitize sanitize_all ;;
     race) run_step race env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
       --error-exitcode 99 --print-limit 20 "$PY" tools/sanitize_cuda.py ;;

@@ -13,7 +13,9 @@
 
 #include "../positions.h"
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+// (IGC_NO_TARGET_CLONES: the default ISA alone, a faster build: setup.py, IGC_CPU_TARGET_CLONES=0)
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && \
+    !defined(IGC_NO_TARGET_CLONES)
 #define IGC_TARGET_CLONES \
   __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
