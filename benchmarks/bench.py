@@ -136,6 +136,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true",
                    help="no progress bars (they are also off when stderr is not a terminal)")
     args = p.parse_args(argv)
+    if args.only and args.device != "cuda":
+        p.error("--only picks CUDA problems; on the CPU use --channels, --group-size, --depth")
     if args.no_compile or args.compile_layouts == "none":
         args.compile_layouts = []
     elif args.compile:

@@ -109,3 +109,25 @@ def test_blocks_script_smoke(tmp_path, monkeypatch):
     for v in blocks.VARIANTS:
         assert rec["totals_us"][v] == pytest.approx(sum(r[f"{v}_us"] * r["calls"] for r in rows))
     assert "IGC_CPU_BLOCK_TILES" not in os.environ
+
+
+def test_only_picks_the_gpu_problems(bench):
+    """``--only C:K[:L],...`` replaces the GPU targets by these problems, in every ``--dtypes``
+    (bfloat16 by default), at the GPU job's shape; a malformed or impossible problem is refused
+    by name."""
+    args = bench.parse_args(["--device", "cuda", "--only", "256:8:3,512:16"])
+    cfgs = bench.configs_from_args(args)
+    assert [(c.channels, c.group_size, c.depth, c.dtype) for c in cfgs] == [
+        (256, 8, 3, "bfloat16"), (512, 16, None, "bfloat16")]
+    assert all(c.shape == (64, c.channels, 56, 56) for c in cfgs)
+    assert cfgs[1].spec().num_layers == 3  # the IGCV2 depth: 16^2 < 512
+    args = bench.parse_args(["--device", "cuda", "--only", "1024:32", "--dtypes",
+                             "float32,bfloat16", "--batch", "8", "--size", "28x28"])
+    assert [(c.dtype, c.shape) for c in bench.configs_from_args(args)] == [
+        ("float32", (8, 1024, 28, 28)), ("bfloat16", (8, 1024, 28, 28))]
+    for bad, words in (("256:8:3:1", "C:K:L or C:K"), ("256:x", "C:K:L or C:K"),
+                       ("256:7", "256:7")):
+        with pytest.raises(SystemExit, match=words):
+            bench.parse_only(bad)
+    with pytest.raises(SystemExit):  # argparse's error: not silently ignored on the CPU
+        bench.parse_args(["--only", "256:8"])
