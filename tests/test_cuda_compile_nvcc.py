@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import math
 import os
 import re
@@ -380,11 +381,11 @@ class EmuCase:
     def emu_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
         """The tensor-core backward (float16 / bfloat16; weights and biases passed in float32, as
         the CUDA launcher passes them). Returns ``dx, dW, db`` (flattened, in the dtype) and the
-        plan (tile positions, grid)."""
+        plan (tile positions, grid, 1 where x and dy share a tile: reload x)."""
         assert self.dtype in (torch.float16, torch.bfloat16)
         W, B = (t.float() for t in self._flat())
         return self._backward(lib.igc_emu_backward_mma, int(self.dtype == torch.bfloat16), (W, B),
-                              x, gy, mask, device, occupancy, 2, "tensor-core backward")
+                              x, gy, mask, device, occupancy, 3, "tensor-core backward")
 
     def _backward(self, fn, flag, flat, x, gy, mask, device, occupancy, plan_len, what):
         h = self.host_chain()
@@ -1130,9 +1131,9 @@ def test_emulated_mma_backward_keeps_groups_apart(emu, where):
 
 @needs_cxx
 def test_emulated_mma_backward_tiles_and_shared_memory(emu):
-    """Store-all tiles follow the shared memory (64, 32, 16 positions); a chain whose
-    intermediates do not fit a 16-position tile is refused (code 4: the launcher then runs the
-    CUDA-core backward)."""
+    """Store-all tiles follow the shared memory (64, 32, 16 positions), x and dy in one tile
+    (reload x) where only that fits; a chain whose tiles do not fit 16 positions even so is
+    refused (code 4: the launcher then runs the CUDA-core backward)."""
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=7)
     x = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 3)
     gy = _x((2, 64, 9, 11), "contiguous", torch.bfloat16, 4)
@@ -1142,18 +1143,94 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
     for tp in (64, 32, 16):
         per_sm = 2 * (smem(tp) + 1024)
         *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm, per_sm))
-        assert plan[0] == tp, (tp, plan)
+        assert plan[0] == tp and plan[2] == 0, (tp, plan)
+    # one tile of max(C_0, C_L) = 64 rows for x and dy: fits where the three tiles do not
+    smem_r = lambda tp: (64 + 128 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
+    *_, plan = c.check_backward_mma(emu, x, gy, device=(2, smem(16) - 1, smem(16) - 1))
+    assert plan[0] == 16 and plan[2] == 1, plan
     h, (W, B) = c.host_chain(), c._flat()
     dx = torch.empty_like(x)
     gw = torch.empty(sum(w.numel() for w in c.weights), dtype=torch.bfloat16)
     gb = torch.empty(128, dtype=torch.bfloat16)
-    plan = (ctypes.c_int64 * 2)()
+    plan = (ctypes.c_int64 * 3)()
     rc = emu.igc_emu_backward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.float().data_ptr()),
                                   ctypes.c_void_p(B.float().data_ptr()),
                                   ctypes.byref(_etensor(x)), ctypes.byref(_etensor(gy)),
                                   ctypes.byref(_etensor(dx)), None, None,
                                   ctypes.c_void_p(gw.data_ptr()), ctypes.c_void_p(gb.data_ptr()),
                                   1, 1, 1,
-                                  ctypes.byref(EmuDevice(2, smem(16) - 1, smem(16) - 1, 1)),
+                                  ctypes.byref(EmuDevice(2, smem_r(16) - 1, smem_r(16) - 1, 1)),
                                   plan)
     assert rc == 4, rc
+
+
+MMA_RELOAD_CASES = {
+    # name: (channels, groups, input index length / None, permutations)
+    "pairs_c0_eq_cl": ([64, 64, 64], [8, 8], None, None),
+    "c0_wider_3_layers": ([48, 96, 96, 32], [6, 12, 4], None, None),
+    "cl_wider_nonsquare": ([32, 64, 64, 80], [4, 8, 8], None, None),
+    "index_with_repeats": ([40, 40, 40], [5, 5], 29, None),
+    "explicit_perm": ([32, 32, 32], [2, 2], None, "random"),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", MMA_RELOAD_CASES.values(), ids=MMA_RELOAD_CASES.keys())
+def test_emulated_mma_backward_reload_x(emu, mma_arch, case):
+    """x and dy in one tile (reload x: dy loaded after the recompute, x again for layer 1's
+    weight gradient), chosen where it gives a larger tile: every gradient against the float64
+    oracle, dx bitwise equal to the three-tile layout's (per position the same arithmetic), for
+    every output mask (without dW the x tile is not reloaded)."""
+    channels, groups, n_index, perms = case
+    index = c_in = None
+    gen = torch.Generator().manual_seed(5)
+    if n_index is not None:
+        c_in = n_index
+        index = torch.cat([torch.randperm(c_in, generator=gen),
+                           torch.randint(0, c_in, (channels[0] - c_in,), generator=gen)])
+    if perms == "random":
+        perms = [torch.randperm(channels[1], generator=gen), None]
+    c = EmuCase(channels, groups, perms=perms, bias=[True] * len(groups), index=index,
+                c_in=c_in, dtype=torch.bfloat16, seed=len(channels))
+    x = _x((2, c.c_in, 5, 7), "contiguous", torch.bfloat16, 1)
+    gy = _x((2, channels[-1], 5, 7), "channels_last", torch.bfloat16, 2)
+    r4 = lambda v: -(-v // 4) * 4  # noqa: E731
+    mid = sum(r4(v) for v in channels[1:-1])
+    smem_r = lambda tp: (max(r4(channels[0]), r4(channels[-1])) + mid + 2) * tp * 2 + 3 * tp * 8  # noqa: E731,E501
+    per_sm = 2 * (smem_r(32) + 1024)  # reload: 32 positions, two CTAs; three tiles: 16
+    for mask in ((True, True, True), (True, False, True), (False, True, False)):
+        dx_r, *_, plan = c.check_backward_mma(emu, x, gy, mask=mask, device=(2, per_sm, per_sm))
+        assert plan[0] == 32 and plan[2] == 1, (mask, plan)
+        dx_k, *_, plan_k = c.check_backward_mma(emu, x, gy, mask=mask)
+        assert plan_k[2] == 0, plan_k
+        if mask[0]:
+            assert torch.equal(dx_r, dx_k)
+
+
+@needs_cxx
+def test_static_model_mirrors_the_backward_planner(emu):
+    """tools/gpu_static.py's mma_backward_plan (the tile and layout its predictions assume) is
+    plan_backward_mma's choice: IGCV2(256, 8) and (512, 16) put x and dy in one tile (64 and 32
+    positions instead of 32 and 16), IGCV2(1024, 8) cannot gain from it (16 positions, one CTA
+    per SM either way), IGCV2(64, 4) has room for 64 positions without it."""
+    pytest.importorskip("triton")
+    expect = {(256, 8): (64, True), (512, 16): (32, True), (1024, 8): (16, False),
+              (64, 4): (64, False)}
+    chains = {ck: [ck[0]] * (len(igc.ChainSpec.igcv2(*ck).groups) + 1) for ck in expect}
+    # (in a process of its own: the tool refuses TRITON_INTERPRET, which this suite sets)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, 'tools'); import gpu_static; print(json.dumps("
+            f"[gpu_static.mma_backward_plan(c, 90)[:2] for c in {list(chains.values())}]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    static = json.loads(r.stdout.strip().splitlines()[-1])
+    for ((C, K), want), got in zip(expect.items(), static):
+        chans = chains[(C, K)]
+        assert tuple(got) == want, (C, K, got)
+        spec = igc.ChainSpec.igcv2(C, K)
+        c = EmuCase(chans, list(spec.groups), dtype=torch.bfloat16, seed=C + K)
+        x = _x((1, C, 8, 16), "contiguous", torch.bfloat16, 1)  # 128 positions: 2 tiles of 64
+        gy = _x((1, C, 8, 16), "contiguous", torch.bfloat16, 2)
+        *_, plan = c.emu_backward_mma(emu, x, gy, device=TWO_SM)
+        assert (plan[0], bool(plan[2])) == want, (C, K, plan)

@@ -134,6 +134,8 @@ LARGE = {
     # channel counts up to 2048: store-all and (for 2048, several layers) recompute backward,
     # small tiles
     "c1024_k32": ([1024, 1024, 1024], [32, 32], (4, 4), 2),
+    # bf16: the tensor-core backward with x and dy in one tile (two CTAs per SM instead of one)
+    "c1024_k16_igcv2": ([1024] * 4, [64] * 3, (4, 8), 2),
     "c2048_k64_3layers": ([2048] * 4, [32, 32, 32], (3, 3), 2),
     "c2048_dense_layer_k2048": ([2048, 2048], [1], (2, 3), 1),
     "c2048_to_256": ([2048, 512, 256], [64, 16], (4, 4), 2),

@@ -376,6 +376,14 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         assert per_position == pytest.approx(padded, rel=1e-9), what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what
         assert r["block_p"] in (16, 32, 64), what
+        # x and dy in one tile where that gives more positions per SM: IGCV2(256, 8) 64
+        # positions instead of 32, (512, 16) 32 instead of 16
+        chans = [spec.in_channels] + [c for c, _ in shapes]
+        reload = r["structure"] in ("igcv2(256,8)", "igcv2(512,16)")
+        assert r["config"]["reload_x"] == reload, what
+        x_dy = [max(chans[0], chans[-1])] if reload else [chans[0], chans[-1]]
+        n_rows = sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
+        assert r["shared_bytes"] == (n_rows + 2) * r["block_p"] * 2 + 3 * r["block_p"] * 8, what
     preds = [p for p in perf_model.records(report)
              if p["kernel"] in ("chain_forward_mma_kernel", "chain_backward_mma_kernel")]
     assert len(preds) == len(rows) + len(back)

@@ -683,6 +683,28 @@ def mma_backward_tile(rows: int, arch: int) -> int:
     return mma_tile(arch, lambda t: mma_backward_smem_bytes(rows, t))
 
 
+def mma_backward_plan(chans, arch: int) -> tuple:
+    """(tile, reload x, tile rows) of plan_backward_mma for channels ``chans`` (C_0 .. C_L):
+    the store-all tiles x | u_1 .. u_{L-1} | dy, or with L >= 2 x and dy in one tile where that
+    gives more positions per SM (tile x CTAs per SM by shared memory, 2 or 1)."""
+    _, smem_sm, _, _ = SM_LIMITS[arch]
+    mid = sum(mma_tile_rows(c) for c in chans[1:-1])
+    xr, dyr = mma_tile_rows(chans[0]), mma_tile_rows(chans[-1])
+
+    def pick(rows):
+        tp = mma_backward_tile(rows, arch)
+        two = tp and 2 * (mma_backward_smem_bytes(rows, tp) + 1024) <= smem_sm
+        return tp, tp * (2 if two else 1)
+
+    keep = xr + mid + dyr
+    tp, per_sm = pick(keep)
+    if len(chans) >= 3:
+        tp_r, per_sm_r = pick(max(xr, dyr) + mid)
+        if per_sm_r > per_sm:
+            return tp_r, True, max(xr, dyr) + mid
+    return tp, False, keep
+
+
 def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, smem):
     """A per-position record of a tensor-core kernel (ptxas facts ``k``, dynamic shared memory
     ``smem``); the caller adds its counts."""
@@ -735,17 +757,16 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     the tensor-core backward, with per-position counts: the chain's recompute items and k-steps
     (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items (pairs
     of groups where a group has at most 8 outputs and inputs, else 16 x 16 blocks), and
-    the tile loads of x and dy and the store of dx, times the SASS costs of
-    ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS). Chains whose
-    store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
+    the tile loads of x (twice where x and dy share a tile) and dy and the store of dx, times
+    the SASS costs of ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS).
+    Chains whose store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
     rows = []
     for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
         c_x, spec, _, idx = structure_args(s)
         c0 = c_x if idx is None else len(idx)
         shapes = spec.weight_shapes()
         chans = [c0] + [c for c, _ in shapes]
-        rows_ = sum(mma_tile_rows(c) for c in [c0] + chans[1:-1] + [chans[-1]])  # x, u, dy
-        tp = mma_backward_tile(rows_, arch)
+        tp, reload, rows_ = mma_backward_plan(chans, arch)
         if tp == 0:
             continue
         mt = tp // 16
@@ -775,12 +796,14 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                                   else (model["load_scalar"], 32))
                 ldy, ldy_elems = _cl_cost(model, "load", spec.out_channels)
                 st, st_elems = _cl_cost(model, "store", c_x)
-            total = _combine(*terms, (c0 * tp / ldx_elems, ldx),
+            # with reload, x is loaded twice (the second time for layer 1's dW)
+            total = _combine(*terms, ((2 if reload else 1) * c0 * tp / ldx_elems, ldx),
                              (spec.out_channels * tp / ldy_elems, ldy),
                              (c_x * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "backward", arch, toolchain,
                               "chain_backward_mma_kernel", tp, ptxas[name],
                               mma_backward_smem_bytes(rows_, tp))
+            rec.config["reload_x"] = reload
             _set_mma_dyn(rec, total,
                          "per layer: recompute and dh items x item cost + items "
                          "x k-steps x k-step cost, dW items x item cost (its "

@@ -5,8 +5,8 @@ bfloat16 / float64; NCHW (row-aligned and not), channels_last, sliced views with
 offset, tokens, a stride-0 grad_output; input index with repeats; permutations; a chain whose
 backward keeps its intermediates in shared memory and one (2048 channels, 3 layers) that
 recomputes them; output masks; the tensor-core forward's in-place layers (IGCV2 with C = 512
-and 1024). Each result is compared with the reference chain, so the script
-also fails (exit 1) on a wrong result. Run it as
+and 1024) and the tensor-core backward with x and dy in one tile (IGCV2(1024, 16)). Each result
+is compared with the reference chain, so the script also fails (exit 1) on a wrong result. Run it as
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck  --error-exitcode 99 python tools/sanitize_cuda.py
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 99 python tools/sanitize_cuda.py
@@ -123,6 +123,10 @@ def main() -> int:
         L = {8: 4, 16: 3, 32: 2}[c // g]
         ok &= run(name, [c] * (L + 1), [g] * L, spatial=sp, N=1, dtype=torch.bfloat16,
                   perms=["interleave"] * (L - 1) + [None], bias=True)
+    # the tensor-core backward with x and dy in one tile (IGCV2(1024, 16): two CTAs per SM
+    # instead of one at any size; racecheck: dy loaded over x, x reloaded over dy)
+    ok &= run("backward_reload_x", [1024] * 4, [64] * 3, spatial=(4, 8), N=1,
+              dtype=torch.bfloat16, perms=["interleave", "interleave", None], bias=True)
     ok &= run("mask_weights_only", [16, 16, 16], [4, 4], bias=True, mask=(False, True, False))
     ok &= run("mask_x_only", [16, 16, 16], [4, 4], bias=True, mask=(True, False, False))
     print("all ok" if ok else "FAILURES")

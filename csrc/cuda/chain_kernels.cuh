@@ -780,6 +780,9 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
 struct BackwardFlags {
   int need_x, need_w, need_b;
   int store_all;
+  // tensor-core backward (chain_mma_backward.cuh): x and dy share one tile, x reloaded for
+  // layer 1's weight gradient (set by launch_backward_mma from its plan)
+  int reload_x = 0;
 };
 
 // partial: [gridDim.x, num_w + num_b] accumulation-type partial sums (weights, then biases);

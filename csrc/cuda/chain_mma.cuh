@@ -946,6 +946,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 struct MmaPlan {
   int mt = 0;  // tile of 16 * mt positions (0: does not fit)
   bool in_place = false;  // the forward's layers in place (one tile)
+  bool reload_x = false;  // the backward's x and dy in one tile (chain_mma_backward.cuh)
   size_t smem = 0;
   int grid = 0;
   int64_t ntiles = 0;

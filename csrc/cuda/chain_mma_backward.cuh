@@ -7,8 +7,12 @@
 // the x tile (C_0 rows, gathered by the input index), every intermediate u_1 .. u_{L-1}
 // ("store-all"; the planner refuses chains whose intermediates do not fit, and the launcher
 // then runs the CUDA-core backward), the dy tile (C_L rows), one row of zeros and the position
-// offsets of x, dy and dx. The gradients need no tiles of their own: du_l is written over u_l
-// once layer l's weight gradient has read it (below). Intermediates and gradients are rounded to
+// offsets of x, dy and dx. Where it gives a larger tile or two CTAs per SM instead of one, and
+// L >= 2, x and dy share one tile of max(C_0, C_L) rows ("reload x", MmaPlan::reload_x): dy is
+// loaded once the recompute has read x, and x again (from L2, read a moment before) for layer
+// 1's weight gradient, when dy is dead; IGCV2(512, K) then takes 32 positions instead of 16.
+// The gradients need no tiles of their own: du_l is written over u_l once layer l's weight
+// gradient has read it (below). Intermediates and gradients are rounded to
 // the storage dtype between layers, as the unfused chain in that dtype rounds every layer's
 // output and every gradient; products accumulate in fp32.
 //
@@ -306,14 +310,30 @@ __device__ __forceinline__ void mma_store_tile_csr(uint16_t* __restrict__ dst, i
   }
 }
 
+// The dy tile: dy channel j to row rows[j] (du_L in natural output order; rows null: row j).
+template <int TP>
+__device__ __forceinline__ void mma_load_dy(const TensorArg<const uint16_t>& dy,
+                                            const int64_t* off_dy, int64_t p0, int tvalid,
+                                            bool cl_vec, int cout, const int32_t* rows,
+                                            uint16_t* DY) {
+  if (rows != nullptr)
+    mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
+                                   cl_vec, tvalid, cout, nullptr, DY, rows);
+  else
+    mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid), cl_vec,
+                             tvalid, cout, nullptr, DY);
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
-// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, dy (each a multiple of 4).
-inline int64_t mma_backward_rows(const ChainParams<float>& p) {
+// Rows of the backward's 16-bit tiles: x, u_1 .. u_{L-1}, dy (each a multiple of 4); with
+// reload (x and dy in one tile) the larger of x and dy instead of both.
+inline int64_t mma_backward_rows(const ChainParams<float>& p, bool reload = false) {
   int64_t middle = 0;
   for (int l = 1; l < p.L; ++l) middle += mma_tile_rows(p.layer[l].cin);
-  return mma_tile_rows(p.c0) + middle + mma_tile_rows(p.layer[p.L - 1].cout);
+  const int64_t xr = mma_tile_rows(p.c0), dyr = mma_tile_rows(p.layer[p.L - 1].cout);
+  return (reload ? (xr > dyr ? xr : dyr) : xr + dyr) + middle;
 }
 
 // Shared memory of a tile of TP positions: the rows above, the zero row, the scratch row, three
@@ -342,11 +362,14 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int L = p.L;
   int64_t middle = 0;  // rows of u_1 .. u_{L-1}, each a multiple of 4 (mma_tile_rows)
   for (int l = 1; l < L; ++l) middle += mma_tile_rows(p.layer[l].cin);
-  // named tiles (see chain_forward_mma_kernel): every access stays a shared-memory instruction
+  const bool reload = f.reload_x != 0;
+  const int64_t x_rows = mma_tile_rows(p.c0), dy_rows_n = mma_tile_rows(p.layer[L - 1].cout);
+  // named tiles (see chain_forward_mma_kernel): every access stays a shared-memory instruction;
+  // x | u_1 .. u_{L-1} | dy, or with reload x and dy in the first tile
   uint16_t* const X = reinterpret_cast<uint16_t*>(smem);
-  uint16_t* const U = X + mma_tile_rows(p.c0) * TP;
-  uint16_t* const DY = U + middle * TP;
-  uint16_t* const zero = DY + mma_tile_rows(p.layer[L - 1].cout) * TP;
+  uint16_t* const U = X + (reload && dy_rows_n > x_rows ? dy_rows_n : x_rows) * TP;
+  uint16_t* const DY = reload ? X : U + middle * TP;
+  uint16_t* const zero = U + (middle + (reload ? 0 : dy_rows_n)) * TP;
   // zero + TP: the scratch row of mma_layer_k's stmatrix epilogue
   int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
   int64_t* off_dy = off_x + TP;
@@ -374,13 +397,9 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec,
                              tvalid, p.c0, index, X);
-    // du_L in natural output order: dy channel j to row gather_{L-1}[j]
-    if (dy_rows != nullptr)
-      mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                              dy_cl_vec, tvalid, last.cout, nullptr, DY, dy_rows);
-    else
-      mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                               dy_cl_vec, tvalid, last.cout, nullptr, DY);
+    // du_L in natural output order: dy channel j to row gather_{L-1}[j] (with reload once the
+    // recompute has read x)
+    if (!reload) mma_load_dy<TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY);
     __syncthreads();
     {  // u_1 .. u_{L-1}, back to back
       const uint16_t* in = X;
@@ -394,6 +413,10 @@ __global__ void __launch_bounds__(kThreads, 2)
         uo += mma_tile_rows(p.layer[l].cout);
       }
     }
+    if (reload) {  // (L >= 2: the barrier after u_1 ends every read of x)
+      mma_load_dy<TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY);
+      __syncthreads();
+    }
     // du_{l+1}: the dy tile, then the tile that held u_{l+1}
     const uint16_t* du = DY;
     int64_t ho = middle;
@@ -401,6 +424,11 @@ __global__ void __launch_bounds__(kThreads, 2)
       const LayerDesc d = p.layer[l];
       if (l > 0) ho -= mma_tile_rows(d.cin);
       uint16_t* h = l > 0 ? U + ho * TP : X;
+      if (l == 0 && reload && f.need_w) {  // x again, over dy (dead: du_1 is in u_1's tile)
+        mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                                 x_cl_vec, tvalid, p.c0, index, X);
+        __syncthreads();
+      }
       // h's rows as elements (the input rows of layer l: gather_{l-1}); du's in natural order
       const int32_t* h_elem = mp.elem + mp.layer[l].e_off;
       if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off);
@@ -463,12 +491,28 @@ inline cudaError_t mma_backward_configure(size_t smem, int* occ) {
 template <class Fmt>
 inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
                                      const DeviceInfo& dev, MmaPlan* plan) {
-  const int64_t rows = mma_backward_rows(mp.c);
-  const int tp =
-      choose_tile([&](int t) { return mma_backward_smem_bytes(rows, t); }, dev, P, 16, 2);
-  plan->mt = tp >= 64 ? 4 : tp / 16;
+  // (tile of 16 mt positions, CTAs per SM by shared memory: 2 or 1) of a layout
+  const auto pick = [&](bool reload, int* ctas) {
+    const int64_t rows = mma_backward_rows(mp.c, reload);
+    const int tp =
+        choose_tile([&](int t) { return mma_backward_smem_bytes(rows, t); }, dev, P, 16, 2);
+    const int mt = tp >= 64 ? 4 : tp / 16;
+    *ctas = mt > 0 && 2 * (mma_backward_smem_bytes(rows, 16 * mt) + 1024) <=
+                          static_cast<size_t>(dev.smem_per_sm) ? 2 : 1;
+    return mt;
+  };
+  int ctas = 0, ctas_r = 0;
+  plan->mt = pick(false, &ctas);
+  plan->reload_x = false;
+  if (mp.c.L >= 2) {  // x and dy in one tile where that gives more positions per SM
+    const int mt_r = pick(true, &ctas_r);
+    if (mt_r * ctas_r > plan->mt * ctas) {
+      plan->mt = mt_r;
+      plan->reload_x = true;
+    }
+  }
   if (plan->mt == 0) return cudaSuccess;
-  plan->smem = mma_backward_smem_bytes(rows, 16 * plan->mt);
+  plan->smem = mma_backward_smem_bytes(mma_backward_rows(mp.c, plan->reload_x), 16 * plan->mt);
   plan->ntiles = (P + 16 * plan->mt - 1) / (16 * plan->mt);
   int occ = 0;
   cudaError_t e = plan->mt == 4   ? mma_backward_configure<Fmt, 4>(plan->smem, &occ)
@@ -521,6 +565,7 @@ inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const M
   if (e != cudaSuccess) return e;
   float* part = wb ? partial : nullptr;
   if (!mp.c.has_index) dx_starts = dx_order = nullptr;
+  f.reload_x = plan.reload_x ? 1 : 0;
   if (plan.mt == 4)
     IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, tp, mt, x, dy,
                dx, dx_starts, dx_order, part, f, P);

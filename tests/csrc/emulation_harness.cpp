@@ -148,7 +148,8 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
 }
 
 // The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain: W and B in
-// float32, dx / gw / gb in the 16-bit dtype. plan_out: tile positions, grid.
+// float32, dx / gw / gb in the 16-bit dtype. plan_out: tile positions, grid, x and dy in one
+// tile (reload x).
 template <class Fmt>
 int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                  const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
@@ -169,6 +170,7 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
   if (plan_out != nullptr) {
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
+    plan_out[2] = pl.reload_x ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
   std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
