@@ -3,7 +3,7 @@
 # sanitize steps) compute-sanitizer. Steps run in the order given (default: build test sanitize);
 # STEP=SECONDS stops a step after that many seconds (timeout), e.g. `test-cuda=120`:
 #
-#   build        pip install --no-build-isolation --no-deps -e . (CUDA kernels included, for
+#   build        pip install -v --no-build-isolation --no-deps -e . (CUDA kernels included, for
 #                $TORCH_CUDA_ARCH_LIST, default 9.0; CPU kernels without per-ISA clones,
 #                IGC_CPU_TARGET_CLONES=0 by default here: a faster build) + info
 #   test         the whole pytest suite (the GPU tests run when a GPU is visible); Triton
@@ -82,7 +82,7 @@ for arg in "${steps[@]}"; do
     build)
       run_step build env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
         IGC_CPU_TARGET_CLONES="${IGC_CPU_TARGET_CLONES:-0}" \
-        "$PY" -m pip install --no-build-isolation --no-deps -e . ;
+        "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;
       run_step info "$PY" -m igc_kernels.info ;;
     # the Triton tests compile each chain structure once with the default configuration
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
