@@ -28,8 +28,9 @@
 # The test steps run on $PYTEST_WORKERS pytest-xdist workers (default 8 where xdist is installed,
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
-# Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing
-# step's. Example: tools/gpu_session.sh build=300 test-cuda=120 race=60
+# After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
+# sweep) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
+# the first failing step's. Example: tools/gpu_session.sh build=300 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu-session}"
@@ -45,6 +46,7 @@ if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" != 0 ]; then
   workers=(-n "${PYTEST_WORKERS:-8}")
 fi
 limit=0  # seconds of the step being run (0: none)
+last_rc=0
 run_step() {
   local name="$1"; shift
   local t0=$SECONDS
@@ -56,8 +58,10 @@ run_step() {
   local rc=${PIPESTATUS[0]}
   echo "=== $name: exit $rc after $((SECONDS - t0)) s"
   [ $rc -ne 0 ] && [ $status -eq 0 ] && status=$rc
+  last_rc=$rc
   return 0
 }
+built=1  # 0 after a failed build: the steps that need the CUDA extension are skipped
 
 sanitize_all() {
   local rc=0 tool
@@ -79,10 +83,15 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
+    test-cuda|sanitize|race|bench-quick|bench|sweep)
+      if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
+  esac
+  case "$step" in
     build)
       run_step build env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
         IGC_CPU_TARGET_CLONES="${IGC_CPU_TARGET_CLONES:-0}" \
         "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;
+      [ "$last_rc" -ne 0 ] && built=0
       run_step info "$PY" -m igc_kernels.info ;;
     # the Triton tests compile each chain structure once with the default configuration
     # (IGC_TRITON_AUTOTUNE=0; the determinism test still autotunes) instead of up to 24 times
