@@ -10,7 +10,7 @@ GPU: one entry point, one case table (``bench_common.default_cases``), a timer p
     python benchmarks/bench.py --device cuda --sweep --no-compile
 
 On a GPU (``--device cuda``) the problems are the targets (bfloat16, x = (64, C, 56, 56), C in
-{256, 512, 1024}, group width 8 and 16, depth 2 to 4; ``--sweep`` adds fp32 / fp16 / bf16 over
+{256, 512, 1024}, group width 8, 16 and 32, depth 2 to 4; ``--sweep`` adds fp32 / fp16 / bf16 over
 C 64..2048, widths 4..32, depths 1..4); timing is ``triton.testing.do_bench`` (CUDA events, L2
 flushed before every run); the backward is timed alone (``bwd``: the gradients of a forward
 made once outside the timed region) so that its GB/s reads against the copy's; the chain and

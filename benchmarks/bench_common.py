@@ -128,10 +128,10 @@ def sweep_configs(dtypes=("float32", "bfloat16")) -> list:
 
 def gpu_target_configs(batch=64, hw=56) -> list:
     """The GPU targets: bfloat16, x = (64, C, 56, 56) (200704 positions, far past the L2
-    cache), C in {256, 512, 1024}, group width K in {8, 16}, depth L in {2, 3, 4}."""
+    cache), C in {256, 512, 1024}, group width K in {8, 16, 32}, depth L in {2, 3, 4}."""
     return [Config(channels=C, group_size=K, depth=L, batch=batch, height=hw, width=hw,
                    dtype="bfloat16")
-            for C in (256, 512, 1024) for K in (8, 16) for L in (2, 3, 4)]
+            for C in (256, 512, 1024) for K in (8, 16, 32) for L in (2, 3, 4)]
 
 
 def gpu_sweep_configs(dtypes=("float32", "float16", "bfloat16"), batch=64, hw=56) -> list:

@@ -140,7 +140,15 @@ def test_records_label_predictions_and_pair_measurements():
     gpu_row = {"kind": "fused", "metric": "time", "mode": "fwd", "backend": "triton",
                "config": {"channels": 256, "group_size": 8, "depth": None},
                "dtype": "float32", "layout": "nchw", "frac_copy_bw": 0.5}
+    # the IGCV2 depth given explicitly (bench.py's targets) is the same structure; another
+    # depth is not
+    explicit = {**gpu_row, "config": {**gpu_row["config"], "depth": 3}}
+    other = {**gpu_row, "config": {**gpu_row["config"], "depth": 4}}
     lines = pm.measured_beside_predicted(recs, {"rows": [
-        gpu_row, {**gpu_row, "dtype": "bfloat16"}, {**gpu_row, "kind": "chain"}]})
+        gpu_row, {**gpu_row, "dtype": "bfloat16"}, {**gpu_row, "kind": "chain"}, explicit,
+        other]})
     assert lines == ["triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100%",
-                     "triton forward igcv2(256,8) bfloat16 nchw: measured 50%, no prediction"]
+                     "triton forward igcv2(256,8) bfloat16 nchw: measured 50%, no prediction",
+                     "triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100%"]
+    assert [pm._igcv2_depth(c, k) for c, k in ((256, 8), (1024, 8), (1024, 32), (512, 16),
+                                                (8, 8), (9, 8))] == [3, 4, 2, 3, 1, 2]

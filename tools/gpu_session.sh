@@ -20,8 +20,8 @@
 #   bench        benchmarks/bench.py --device cuda --targets (JSON under the output folder), then
 #                each measured fraction of copy bandwidth beside the committed prediction
 #                (tools/perf_model.py --measured, from benchmarks/results/gpu-static-*.json)
-#   bench-quick  benchmarks/bench.py --device cuda --only "$BENCH_ONLY" (default: the IGCV2
-#                targets with K = 8 and 16) --backends "$BENCH_BACKENDS" (default cuda),
+#   bench-quick  benchmarks/bench.py --device cuda --only "$BENCH_ONLY" (default: the nine
+#                IGCV2 targets, IGCV2_TARGETS) --backends "$BENCH_BACKENDS" (default cuda),
 #                no torch.compile, no memory measurements, then the same comparison
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #
@@ -41,6 +41,8 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize)
 status=0
 
+# the IGCV2 targets (C:K:L, L the IGCV2 depth): C in {256, 512, 1024}, K in {8, 16, 32}
+IGCV2_TARGETS=256:8:3,256:16:2,256:32:2,512:8:3,512:16:3,512:32:2,1024:8:4,1024:16:3,1024:32:2
 workers=()
 if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" != 0 ]; then
   workers=(-n "${PYTEST_WORKERS:-8}")
@@ -107,7 +109,7 @@ for arg in "${steps[@]}"; do
     race) run_step race env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
       --error-exitcode 99 --print-limit 20 "$PY" tools/sanitize_cuda.py ;;
     bench-quick) run_step bench-quick "$PY" benchmarks/bench.py --device cuda --no-compile \
-      --no-memory --quiet --only "${BENCH_ONLY:-256:8:3,256:16:2,512:8:3,512:16:3,1024:8:4,1024:16:3}" \
+      --no-memory --quiet --only "${BENCH_ONLY:-$IGCV2_TARGETS}" \
       --backends "${BENCH_BACKENDS:-cuda}" --json "$OUT/bench-quick.json" ;
       run_step predicted-quick "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-quick.json" ;;

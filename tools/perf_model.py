@@ -395,13 +395,25 @@ def markdown(recs: list, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _igcv2_depth(channels: int, width: int) -> int:
+    """ceil(log_K C) (ChainSpec.igcv2's depth), in integers."""
+    depth, reach = 1, width
+    while reach < channels:
+        depth, reach = depth + 1, reach * width
+    return depth
+
+
 def _measured_key(m: dict):
     """(backend, direction, structure, dtype, layout) of a fused-operator timing row of
-    ``benchmarks/bench.py --device cuda --json`` (IGCV2 problems: depth ``None``), else None."""
+    ``benchmarks/bench.py --device cuda --json`` (IGCV2 problems: depth ``None`` or the IGCV2
+    depth), else None."""
     cfg = m.get("config") or {}
     direction = {"fwd": "forward", "bwd": "backward"}.get(m.get("mode"))
     if (m.get("kind") != "fused" or m.get("metric") != "time" or direction is None
-            or cfg.get("depth") is not None or "frac_copy_bw" not in m):
+            or "frac_copy_bw" not in m):
+        return None
+    depth = cfg.get("depth")
+    if depth is not None and depth != _igcv2_depth(cfg["channels"], cfg["group_size"]):
         return None
     return (m.get("backend"), direction, f"igcv2({cfg['channels']},{cfg['group_size']})",
             m.get("dtype"), m.get("layout"))
