@@ -30,7 +30,7 @@
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
 # sweep) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
-# the first failing step's. Example: tools/gpu_session.sh build=300 test-cuda=120 race=60
+# the first failing step's. Example: tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu-session}"
