@@ -645,13 +645,18 @@ def mma_smem_bytes(chans, tp: int, in_place: bool = False) -> int:
     return (rows + 2) * tp * 2 + 2 * tp * 8
 
 
+def _two_cta_budget(arch: int) -> int:
+    """cta_smem_budget of chain_kernels.cuh for two CTAs per SM (below the opt-in limit, the
+    SM's shared memory less 1 KB)."""
+    return SM_LIMITS[arch][1] // 2 - 1024
+
+
 def mma_tile(arch: int, smem, max_tp: int = 64) -> int:
     """mma_choose_mt of chain_mma.cuh for many positions: the largest tile (at most
     ``max_tp``) that leaves room for two CTAs per SM, else the largest that fits one
     (``smem(tp)``: bytes of a tile)."""
-    _, smem_sm, _, _ = SM_LIMITS[arch]
-    optin = smem_sm - 1024
-    for budget in (min(smem_sm // 2 - 1024, optin), optin):
+    optin = SM_LIMITS[arch][1] - 1024
+    for budget in (_two_cta_budget(arch), optin):
         for tp in (128, 64, 32, 16):
             if tp <= max_tp and smem(tp) <= budget:
                 return min(tp, 64)
@@ -687,13 +692,12 @@ def mma_backward_plan(chans, arch: int) -> tuple:
     """(tile, reload x, tile rows) of plan_backward_mma for channels ``chans`` (C_0 .. C_L):
     the store-all tiles x | u_1 .. u_{L-1} | dy, or with L >= 2 x and dy in one tile where that
     gives more positions per SM (tile x CTAs per SM by shared memory, 2 or 1)."""
-    _, smem_sm, _, _ = SM_LIMITS[arch]
     mid = sum(mma_tile_rows(c) for c in chans[1:-1])
     xr, dyr = mma_tile_rows(chans[0]), mma_tile_rows(chans[-1])
 
     def pick(rows):
         tp = mma_backward_tile(rows, arch)
-        two = tp and 2 * (mma_backward_smem_bytes(rows, tp) + 1024) <= smem_sm
+        two = tp and mma_backward_smem_bytes(rows, tp) <= _two_cta_budget(arch)
         return tp, tp * (2 if two else 1)
 
     keep = xr + mid + dyr

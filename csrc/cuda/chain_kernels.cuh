@@ -703,14 +703,21 @@ struct CtasPerSm {
   static constexpr int ctas = sizeof(A) > 4 ? 1 : 2;
 };
 
+// Dynamic shared memory a CTA may take so that `ctas` CTAs fit on an SM (1 KB per CTA reserved
+// by the runtime; at most the opt-in limit).
+inline size_t cta_smem_budget(const DeviceInfo& dev, int ctas) {
+  const int share = dev.smem_per_sm / ctas;
+  return std::min(static_cast<size_t>(share > 1024 ? share - 1024 : 0),
+                  static_cast<size_t>(dev.smem_optin));
+}
+
 // Tile size choice (not yet tuned on a GPU): the largest TP whose shared memory leaves room for
-// `ctas` CTAs per SM (1 KB per CTA reserved by the runtime), else the largest that fits one;
-// halved (down to 16) while there are fewer tiles than SMs.
+// `ctas` CTAs per SM (cta_smem_budget), else the largest that fits one; halved (down to 16)
+// while there are fewer tiles than SMs.
 template <typename F>
 inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min_tp, int ctas) {
-  const int share = dev.smem_per_sm / ctas;
   const size_t optin = static_cast<size_t>(dev.smem_optin);
-  const size_t per_cta = std::min(static_cast<size_t>(share > 1024 ? share - 1024 : 0), optin);
+  const size_t per_cta = cta_smem_budget(dev, ctas);
   int best = 0;
   for (int tp = kMaxTile; tp >= min_tp; tp /= 2) {
     if (bytes_for_tp(tp) <= per_cta) {

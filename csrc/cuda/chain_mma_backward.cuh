@@ -395,8 +395,12 @@ __global__ void __launch_bounds__(kThreads, 2)
     tile_offsets(dy.ix, p0, tvalid, off_dy);
     if (f.need_x) tile_offsets(dx.ix, p0, tvalid, off_dx);
     __syncthreads();
-    mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec,
-                             tvalid, p.c0, index, X);
+    // the x tile (gathered by the input index); with reload loaded again for layer 1's dW
+    const auto load_x = [&] {
+      mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec,
+                               tvalid, p.c0, index, X);
+    };
+    load_x();
     // du_L in natural output order: dy channel j to row gather_{L-1}[j] (with reload once the
     // recompute has read x)
     if (!reload) mma_load_dy<TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY);
@@ -425,8 +429,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       if (l > 0) ho -= mma_tile_rows(d.cin);
       uint16_t* h = l > 0 ? U + ho * TP : X;
       if (l == 0 && reload && f.need_w) {  // x again, over dy (dead: du_1 is in u_1's tile)
-        mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                                 x_cl_vec, tvalid, p.c0, index, X);
+        load_x();
         __syncthreads();
       }
       // h's rows as elements (the input rows of layer l: gather_{l-1}); du's in natural order
@@ -497,8 +500,7 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
     const int tp =
         choose_tile([&](int t) { return mma_backward_smem_bytes(rows, t); }, dev, P, 16, 2);
     const int mt = tp >= 64 ? 4 : tp / 16;
-    *ctas = mt > 0 && 2 * (mma_backward_smem_bytes(rows, 16 * mt) + 1024) <=
-                          static_cast<size_t>(dev.smem_per_sm) ? 2 : 1;
+    *ctas = mt > 0 && mma_backward_smem_bytes(rows, 16 * mt) <= cta_smem_budget(dev, 2) ? 2 : 1;
     return mt;
   };
   int ctas = 0, ctas_r = 0;
