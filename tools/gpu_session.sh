@@ -3,9 +3,13 @@
 # sanitize steps) compute-sanitizer. Steps run in the order given (default: build test sanitize);
 # STEP=SECONDS stops a step after that many seconds (timeout), e.g. `test-cuda=120`:
 #
-#   build        pip install -v --no-build-isolation --no-deps -e . (CUDA kernels included, for
-#                $TORCH_CUDA_ARCH_LIST, default 9.0; CPU kernels without per-ISA clones,
-#                IGC_CPU_TARGET_CLONES=0 by default here: a faster build) + info
+#   build        setup.py build_ext --inplace (CUDA kernels included, for $TORCH_CUDA_ARCH_LIST,
+#                default 9.0; CPU kernels without per-ISA clones, IGC_CPU_TARGET_CLONES=0 by
+#                default here: a faster build; ninja's progress is in the log, its per-file times
+#                in $OUT/ninja_log) + info. With IGC_PREBUILT=FILE, a compiled igc_kernels._C
+#                built elsewhere for this machine's python and torch, that file is used instead
+#                when it imports with its CUDA kernels; otherwise the step builds.
+#                The package is used from this checkout (PYTHONPATH), not installed.
 #   test         the whole pytest suite (the GPU tests run when a GPU is visible); Triton
 #                autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0) and the
 #                fixed path on the default configuration (IGC_TRITON_FIXED=default): one
@@ -36,6 +40,7 @@ cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu-session}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PY="${PY:-python3}"
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(build test sanitize)
@@ -65,6 +70,17 @@ run_step() {
 }
 built=1  # 0 after a failed build: the steps that need the CUDA extension are skipped
 
+# the prebuilt extension in place, kept only when it imports with its CUDA kernels
+use_prebuilt() {
+  local so="igc_kernels/_C$("$PY" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')"
+  cp "$IGC_PREBUILT" "$so" || return 1
+  "$PY" -c 'import sys, igc_kernels, igc_kernels._loader as l
+sys.exit(0 if l.ext_built_with_cuda() else 1)' && return 0
+  "$PY" -c 'import torch, igc_kernels._C'  # the reason it did not load
+  rm -f "$so"
+  return 1
+}
+
 sanitize_all() {
   local rc=0 tool
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
@@ -90,9 +106,17 @@ for arg in "${steps[@]}"; do
   esac
   case "$step" in
     build)
-      run_step build env MAX_JOBS="${MAX_JOBS:-16}" TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
-        IGC_CPU_TARGET_CLONES="${IGC_CPU_TARGET_CLONES:-0}" \
-        "$PY" -m pip install -v --no-build-isolation --no-deps -e . ;
+      last_rc=1
+      if [ -n "${IGC_PREBUILT:-}" ]; then
+        run_step prebuilt use_prebuilt
+      fi
+      if [ "$last_rc" -ne 0 ]; then
+        run_step build env MAX_JOBS="${MAX_JOBS:-16}" \
+          TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}" \
+          IGC_CPU_TARGET_CLONES="${IGC_CPU_TARGET_CLONES:-0}" \
+          "$PY" setup.py build_ext --inplace ;
+        find build -name .ninja_log -exec cp {} "$OUT/ninja_log" \; 2>/dev/null
+      fi
       [ "$last_rc" -ne 0 ] && built=0
       run_step info "$PY" -m igc_kernels.info ;;
     # the Triton tests compile each chain structure once with the default configuration
