@@ -85,7 +85,7 @@ CASES = {
     "k1_k2_k4_deep": ([16, 16, 32, 32, 16, 16], [16, 8, 8, 4, 8], "default", True, (9,), 3,
                       "contiguous"),
     "k16_k32_nonsquare": ([64, 128, 64], [4, 2], "default", True, (6, 6), 2, "contiguous"),
-    "odd_widths_3_7_9": ([21, 27, 21], [7, 3], "random", [True, False], (7, 7), 3,
+    "odd_widths_3_7_9": ([21, 63, 21], [7, 3], "random", [True, False], (7, 7), 3,
                          "channels_last"),
     "odd_widths_17_33": ([34, 66, 34], [2, 2], "default", True, (1, 7), 3, "sliced"),
     "tokens": ([48, 96, 48], [6, 12], "default", True, (), 37, "contiguous"),

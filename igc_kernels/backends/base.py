@@ -14,6 +14,20 @@ from .._chain import Chain
 
 ALL_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
+_BY_NAME: dict = {}  # name -> the Backend instance (each registers itself)
+
+
+@torch.compiler.assume_constant_result
+def _availability(name: str) -> tuple:
+    """The reasons backend ``name`` cannot run anything in this process. Its checks (imports,
+    the extension's attributes, the CUDA driver) are not traceable by Dynamo; marked as a
+    constant of the process, it runs eagerly even when the first call comes while
+    torch.compile traces the caller."""
+    be = _BY_NAME[name]
+    if be._cached is None:
+        be._cached = list(be.availability_reasons())
+    return tuple(be._cached)
+
 
 class Backend:
     """One implementation of the operator.
@@ -36,6 +50,7 @@ class Backend:
 
     def __init__(self):
         self._cached = None
+        _BY_NAME[self.name] = self
 
     # --- declared by the backend ------------------------------------------------------------
     @property
@@ -58,9 +73,7 @@ class Backend:
     def unavailable_reasons(self) -> list:
         """:meth:`availability_reasons`, computed once (what was built and what the process can
         use do not change)."""
-        if self._cached is None:
-            self._cached = list(self.availability_reasons())
-        return list(self._cached)
+        return list(_availability(self.name))
 
     def reasons(self, x: torch.Tensor, chain: Chain) -> list:
         """Every reason this backend cannot run ``x`` through ``chain`` (empty: it can)."""

@@ -14,8 +14,6 @@ _SMEM_OPTIN: dict = {}  # device index -> max dynamic shared memory per block (o
 def _smem_optin(device: torch.device):
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SMEM_OPTIN:
-        if torch.compiler.is_compiling():
-            return None  # not queried while tracing; the op itself raises if it does not fit
         props = torch.cuda.get_device_properties(idx)
         _SMEM_OPTIN[idx] = int(getattr(props, "shared_memory_per_block_optin", 0) or 49152)
     return _SMEM_OPTIN[idx]
@@ -49,7 +47,8 @@ class CUDABackend(Backend):
         if chain.num_layers > ext.CUDA_MAX_LAYERS:
             out.append(f"the chain has {chain.num_layers} layers; the CUDA kernels support at "
                        f"most {ext.CUDA_MAX_LAYERS} layers")
-        elif x.device.type == "cuda":
+        elif x.device.type == "cuda" and not torch.compiler.is_compiling():
+            # while torch.compile traces the caller the op itself checks (and raises)
             optin = _smem_optin(x.device)
             acc = 8 if x.dtype == torch.float64 else 4
             need = ext.cuda_min_smem_bytes(list(chain.channels), acc)
