@@ -784,7 +784,26 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
     fn, meta = K.launch_choice(kern, True, args=args, base_meta={"PREC": "ieee"})
     assert fn == "plain_bwd" and (meta["BLOCK_P"], meta["num_warps"]) == (8, 16)
     monkeypatch.setenv("IGC_TRITON_FIXED", "default")  # no search: one compilation
-    assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16
+    assert K.launch_choice(kern, True, args=args,
+                           base_meta={"PREC": "ieee"})[1]["BLOCK_P"] == 16
+    assert K.fixed_choice(kern, True, "plain_bwd", args, {"PREC": "ieee"},
+                          accept_spills=True) == (
+        K.DEFAULT_CONFIG, 1000)  # taken although it spills
+
+    class OutOfResources(Exception):  # the name Triton's shared-memory refusal carries
+        pass
+
+    def too_big_default(fn, args, meta):
+        if (meta["BLOCK_P"], meta["num_warps"]) == (16, 4):
+            raise OutOfResources("shared memory")
+        return spills(fn, args, meta)
+
+    # ... unless it does not fit the GPU: the next candidate that fits, spilling or not
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(K, "_dtype_spills", too_big_default)
+    meta = K.launch_choice(kern, True, args=args, base_meta={"PREC": "ieee"})[1]
+    assert (meta["BLOCK_P"], meta["num_warps"]) != (16, 4)
+    assert (meta["BLOCK_P"], meta["num_warps"]) in [c[:2] for c in calls]
     monkeypatch.delenv("IGC_TRITON_FIXED")
     monkeypatch.setattr(K, "INTERPRETED", True)  # the interpreter: the default, no compile
     assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16

@@ -1137,7 +1137,13 @@ def _args_key(args) -> tuple:
 _FIXED: dict = {}
 
 
-def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spills=None):
+def _out_of_resources(e: Exception) -> bool:
+    """Whether a compile failed because the kernel does not fit the GPU (shared memory)."""
+    return type(e).__name__ == "OutOfResources"
+
+
+def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spills=None,
+                 accept_spills: bool = False):
     """``(config, spilled bytes)`` of the fixed path (autotuning off or deterministic mode):
     the default configuration unless its compiled kernel spills, else the first configuration
     of the autotuner's list (after its register-tile rule) that does not; when every one
@@ -1145,10 +1151,13 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     (``_triton_ops.spill_reasons``) refuses before anything launches. Chosen once per kernel
     and argument signature from compiles, never from timings, so it is deterministic; ``(the
     default, None)`` when nothing can be compiled here (interpreter, or a compile error).
-    ``spills``: spilled bytes of a compile (default ``_dtype_spills``)."""
+    ``spills``: spilled bytes of a compile (default ``_dtype_spills``). ``accept_spills``
+    (``IGC_TRITON_FIXED=default``): the first candidate that fits the GPU, spilling or not,
+    so normally the default with its one compile; a candidate whose compile fails otherwise
+    than by not fitting is taken as it is (its launch reports the error)."""
     spills = spills or _dtype_spills
     base_meta = {**kern.meta, **base_meta}
-    key = (id(fn), backward, _args_key(args), tuple(sorted(base_meta.items())))
+    key = (id(fn), backward, _args_key(args), tuple(sorted(base_meta.items())), accept_spills)
     hit = _FIXED.get(key)
     if hit is not None:
         return hit
@@ -1162,13 +1171,17 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     for cand in candidates:
         try:
             s = spills(fn, args, {**base_meta, **kern.fixed_meta(cand, backward)})
-        except Exception:  # not compilable here: not a candidate
+        except Exception as e:  # not compilable here: not a candidate
+            if accept_spills and not _out_of_resources(e):
+                measured = [(None, cand)]
+                break
             continue
-        if s == 0:
-            measured = [(0, cand)]
+        if s == 0 or accept_spills:
+            measured = [(s, cand)]
             break
         measured.append((s, cand))
-    best = min(measured, key=lambda sc: sc[0]) if measured else (None, DEFAULT_CONFIG)
+    best = (min(measured, key=lambda sc: -1 if sc[0] is None else sc[0]) if measured
+            else (None, DEFAULT_CONFIG))
     choice = (best[1], best[0])
     _FIXED[key] = choice
     return choice
@@ -1187,16 +1200,18 @@ def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
     with a fixed configuration, so the result does not depend on which configuration a timing
     run preferred: the override's, else ``fixed_config``'s on GPUs when ``args`` are given,
     else the default; ``IGC_TRITON_FIXED=default`` skips the search, one compilation per
-    structure, for test runs over many structures)."""
+    structure, for test runs over many structures: the default unless it does not fit the GPU,
+    spilling or not)."""
     cfg = getattr(_OVERRIDE, "cfg", None)
     tuned = kern.bwd_tuned if backward else kern.fwd_tuned
     if (cfg is None and tuned is not None and autotune_enabled()
             and not torch.are_deterministic_algorithms_enabled()):
         return tuned, dict(kern.meta)
     plain = kern.bwd if backward else kern.fwd
-    if (cfg is None and args is not None and not INTERPRETED
-            and os.environ.get("IGC_TRITON_FIXED", "") != "default"):
-        cfg = fixed_config(kern, backward, plain, args, base_meta or {})
+    if cfg is None and args is not None and not INTERPRETED:
+        quick = os.environ.get("IGC_TRITON_FIXED", "") == "default"
+        cfg = fixed_choice(kern, backward, plain, args, base_meta or {},
+                           accept_spills=quick)[0]
     return plain, {**kern.meta, **kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)}
 
 
