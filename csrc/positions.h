@@ -23,19 +23,42 @@ struct PosIndexer {
   int64_t size[kMaxPosDims] = {1, 1, 1, 1};
   int64_t stride[kMaxPosDims] = {0, 0, 0, 0};
 
+  // The innermost dim's size and stride (= size[nd - 1], stride[nd - 1]), kept apart.
+  int64_t inner_size = 1;
+  int64_t inner_stride = 0;
+
+  // Every access below uses constant indices (a case per dim count): indexing size / stride
+  // with a run-time value makes the CUDA compiler copy the whole indexer, a kernel argument,
+  // into local memory and read it from there.
   IGC_POS_FN int64_t offset(int64_t p) const {
     int64_t off = 0;
-    for (int d = nd - 1; d > 0; --d) {
-      const int64_t q = p / size[d];
-      off += (p - q * size[d]) * stride[d];
-      p = q;
+    switch (nd) {
+      case 4: {
+        const int64_t q = p / size[3];
+        off += (p - q * size[3]) * stride[3];
+        p = q;
+      }
+        [[fallthrough]];
+      case 3: {
+        const int64_t q = p / size[2];
+        off += (p - q * size[2]) * stride[2];
+        p = q;
+      }
+        [[fallthrough]];
+      case 2: {
+        const int64_t q = p / size[1];
+        off += (p - q * size[1]) * stride[1];
+        p = q;
+      }
+        [[fallthrough]];
+      default:
+        break;
     }
     return off + p * stride[0];
   }
   // Whether positions p0 .. p0 + count - 1 are consecutive elements (stride 1).
   IGC_POS_FN bool run_is_contiguous(int64_t p0, int count) const {
-    const int64_t inner = size[nd - 1];
-    return stride[nd - 1] == 1 && (p0 % inner) + count <= inner;
+    return inner_stride == 1 && (p0 % inner_size) + count <= inner_size;
   }
 };
 
@@ -71,6 +94,8 @@ inline PosIndexer make_pos_indexer(int dim, const int64_t* sizes, const int64_t*
     ix.size[d] = sz[d];
     ix.stride[d] = st[d];
   }
+  ix.inner_size = sz[ix.nd - 1];
+  ix.inner_stride = st[ix.nd - 1];
   return ix;
 }
 

@@ -339,6 +339,8 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
         assert per_position == pytest.approx(padded, rel=1e-9), what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["ctas_per_sm"] >= 1, what
+        # no local memory at all (a kernel argument indexed at run time is copied there)
+        assert r["stack_bytes"] == 0, what
         assert r["block_p"] in (16, 32, 64), what
         # in-place layers where two tiles would not leave room for two CTAs: one tile of
         # C + 2 rows (and the offsets)
@@ -375,6 +377,7 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
         assert per_position == pytest.approx(padded, rel=1e-9), what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what
+        assert r["stack_bytes"] == 0, what
         assert r["block_p"] in (16, 32, 64), what
         # x and dy in one tile where that gives more positions per SM: IGCV2(256, 8) 64
         # positions instead of 32, (512, 16) 32 instead of 16

@@ -161,6 +161,7 @@ class Record:
     compile_s: float = 0.0
     registers: int = 0
     spill_bytes: int = 0
+    stack_bytes: int = 0  # ptxas's stack frame (local memory: spills and indexed copies)
     shared_bytes: int = 0
     num_warps: int = 4
     ctas_per_sm: int = 0
@@ -425,6 +426,7 @@ def cuda_records(archs) -> list:
                 rec.backend = "cuda"
                 rec.compiled = True
                 rec.registers, rec.spill_bytes = k["registers"], k["spill_bytes"]
+                rec.stack_bytes = k["stack_bytes"]
                 rec.shared_bytes = k["shared_bytes"]
                 rec.num_warps = CUDA_THREADS // 32
                 rec.ctas_per_sm = min(65536 // (regs * CUDA_THREADS), 2048 // CUDA_THREADS)
@@ -718,6 +720,7 @@ def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, sme
     rec.backend = "cuda"
     rec.compiled = True
     rec.registers, rec.spill_bytes = k["registers"], k["spill_bytes"]
+    rec.stack_bytes = k["stack_bytes"]
     rec.shared_bytes = smem
     rec.num_warps = warps
     rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes + 1024, warps, arch)

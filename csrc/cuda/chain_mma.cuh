@@ -351,7 +351,8 @@ __global__ void __launch_bounds__(kThreads)
 template <typename T>
 __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
   bool ok = aligned16(a.ptr);
-  for (int d = 0; d < a.ix.nd; ++d) ok = ok && a.ix.stride[d] % 8 == 0;
+#pragma unroll
+  for (int d = 0; d < kMaxPosDims; ++d) ok = ok && (d >= a.ix.nd || a.ix.stride[d] % 8 == 0);
   return ok;
 }
 
