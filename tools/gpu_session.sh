@@ -7,8 +7,9 @@
 #                default 9.0; CPU kernels without per-ISA clones, IGC_CPU_TARGET_CLONES=0 by
 #                default here: a faster build; ninja's progress is in the log, its per-file times
 #                in $OUT/ninja_log) + info. With IGC_PREBUILT=FILE, a compiled igc_kernels._C
-#                built elsewhere for this machine's python and torch, that file is used instead
-#                when it imports with its CUDA kernels; otherwise the step builds.
+#                built elsewhere for this machine's python and torch (tools/prebuild_cuda_ext.sh),
+#                that file is used instead when it imports with its CUDA kernels; otherwise the
+#                step builds.
 #                The package is used from this checkout (PYTHONPATH), not installed.
 #   test         the whole pytest suite (the GPU tests run when a GPU is visible); Triton
 #                autotuning off except where a test asks for it (IGC_TRITON_AUTOTUNE=0) and the

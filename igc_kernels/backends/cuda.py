@@ -52,7 +52,7 @@ class CUDABackend(Backend):
             optin = _smem_optin(x.device)
             acc = 8 if x.dtype == torch.float64 else 4
             need = ext.cuda_min_smem_bytes(list(chain.channels), acc)
-            if optin is not None and need > optin:
+            if need > optin:
                 out.append(f"the widest layer ({max(chain.channels)} channels, {x.dtype}) needs "
                            f"{need} bytes of shared memory per block even with tiles of "
                            f"{ext.CUDA_MIN_TILE} positions; this GPU allows {optin}")
