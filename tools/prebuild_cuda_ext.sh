@@ -9,9 +9,10 @@
 # Needs here: a python of PYTHON_VERSION (pyenv or on PATH), nvcc (compiler only), g++, ninja, and
 # pip access to the torch wheel of that version (its headers and libraries are linked against;
 # torch is never imported, so no CUDA libraries are needed here). Output:
-# build/prebuilt/_C.cpython-<py>-x86_64-linux-gnu.so (build/ is ignored by git: pass it to the GPU
-# machine as a carried path). The flags are those torch.utils.cpp_extension and setup.py use
-# (CPU kernels without per-ISA clones, as tools/gpu_session.sh builds them).
+# build/gpu-ext/_C.cpython-<py>-x86_64-linux-gnu.so (build/ is ignored by git: carry the folder
+# build/gpu-ext to the GPU machine; build/prebuilt holds the wheel and objects). The flags are
+# those torch.utils.cpp_extension and setup.py use (CPU kernels without per-ISA clones, as
+# tools/gpu_session.sh builds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${1:-2.11.0}"
@@ -80,4 +81,7 @@ gencode="$gencode -gencode=arch=compute_$last,code=compute_$last"
   echo "build _C$EXT: link$objs"
 } > "$WORK/build.ninja"
 ninja -C "$WORK" -j "${MAX_JOBS:-2}"
-echo "built $WORK/_C$EXT (torch $TORCH_VERSION, python $PYV, sm_${ARCHS//,/ sm_})"
+# alone in its folder, the one path to carry to the GPU machine (the wheel and torch stay here)
+mkdir -p build/gpu-ext
+cp "$WORK/_C$EXT" "build/gpu-ext/_C$EXT"
+echo "built build/gpu-ext/_C$EXT (torch $TORCH_VERSION, python $PYV, sm_${ARCHS//,/ sm_})"
