@@ -11,6 +11,7 @@ one core), with slower CPU kernels, for machines that test the GPU backends
 """
 
 import glob
+import importlib.util
 import os
 import sys
 
@@ -20,6 +21,11 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# the flags (csrc/build_flags.py, shared with tools/prebuild_cuda_ext.sh), loaded from their file
+_spec = importlib.util.spec_from_file_location("build_flags", os.path.join(ROOT, "csrc",
+                                                                           "build_flags.py"))
+flags = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(flags)
 
 
 def _build_cuda() -> bool:
@@ -32,25 +38,18 @@ def _extension():
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
     with_cuda = _build_cuda() and bool(cuda_sources)
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fvisibility=hidden"]
+    cxx = list(flags.CXX)
     if torch.backends.openmp.is_available() and sys.platform.startswith("linux"):
-        # at::parallel_for is a header template whose `#pragma omp parallel` is compiled into
-        # this extension: without -fopenmp it silently runs on one thread. Not linked with
-        # -fopenmp on purpose: the GOMP symbols then resolve to the OpenMP runtime torch already
-        # loaded (a second runtime would bring a second, competing thread pool).
-        cxx.append("-fopenmp")
-    macros = [("IGC_BUILT_WITH_CUDA", "1" if with_cuda else "0")]
-    if os.environ.get("IGC_CPU_TARGET_CLONES", "1") == "0":
-        macros.append(("IGC_NO_TARGET_CLONES", "1"))
+        cxx.append(flags.OPENMP)
+    macros = flags.macros(with_cuda)
     if not with_cuda:
         return CppExtension("igc_kernels._C", sources, extra_compile_args={"cxx": cxx},
                             define_macros=macros, include_dirs=[os.path.join(ROOT, "csrc")])
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
-    # -lineinfo: source lines in compute-sanitizer and Nsight reports, no effect on the code
-    nvcc = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
     return CUDAExtension("igc_kernels._C", sources + cuda_sources,
-                         extra_compile_args={"cxx": cxx, "nvcc": nvcc}, define_macros=macros,
+                         extra_compile_args={"cxx": cxx, "nvcc": list(flags.NVCC)},
+                         define_macros=macros,
                          include_dirs=[os.path.join(ROOT, "csrc")])
 
 

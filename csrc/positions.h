@@ -56,6 +56,13 @@ struct PosIndexer {
     }
     return off + p * stride[0];
   }
+  // Whether every position stride is a multiple of m.
+  IGC_POS_FN bool strides_multiple_of(int64_t m) const {
+    bool ok = true;
+#pragma unroll
+    for (int d = 0; d < kMaxPosDims; ++d) ok = ok && (d >= nd || stride[d] % m == 0);
+    return ok;
+  }
   // Whether positions p0 .. p0 + count - 1 are consecutive elements (stride 1).
   IGC_POS_FN bool run_is_contiguous(int64_t p0, int count) const {
     return inner_stride == 1 && (p0 % inner_size) + count <= inner_size;

@@ -14,14 +14,21 @@ import test_triton_gpu as tgpu
 from igc_test_utils import FUSED, build_problem, check_against_oracle, make_tensor
 
 
+def _run_on_the_cpu(case, seed, spatial=None, N=None):
+    """A case ``(channels, groups, permutations, bias, spatial, N, layout)`` built and run through
+    the CPU backend against the float64 oracle (``spatial`` / ``N``: smaller ones instead)."""
+    channels, groups, perms, bias, case_spatial, case_n, layout = case
+    p = build_problem(channels, groups, spatial=spatial or case_spatial, N=N or case_n,
+                      layout=layout, dtype=torch.float32, permutations=perms, bias=bias,
+                      seed=seed)
+    gy = make_tensor((p.x.shape[0], p.channels[-1], *p.x.shape[2:]), "contiguous",
+                     p.x.dtype, torch.Generator().manual_seed(seed + 1))
+    check_against_oracle(p, FUSED, gy)
+
+
 @pytest.mark.parametrize("case", gpu.CASES.values(), ids=gpu.CASES.keys())
 def test_cuda_gpu_cases_build_and_run_on_the_cpu(case):
-    channels, groups, perms, bias, spatial, N, layout = case
-    p = build_problem(channels, groups, spatial=spatial, N=N, layout=layout,
-                      dtype=torch.float32, permutations=perms, bias=bias, seed=3)
-    gy = make_tensor((p.x.shape[0], p.channels[-1], *p.x.shape[2:]), "contiguous",
-                     p.x.dtype, torch.Generator().manual_seed(4))
-    check_against_oracle(p, FUSED, gy)
+    _run_on_the_cpu(case, seed=3)
 
 
 @pytest.mark.parametrize("case", gpu.LARGE.values(), ids=gpu.LARGE.keys())
@@ -42,13 +49,9 @@ def test_cuda_gpu_opcheck_cases_build(case):
 # the Triton GPU cases are run by the CPU backend too (the largest ones on fewer positions)
 @pytest.mark.parametrize("case", tgpu.FP32_CASES.values(), ids=tgpu.FP32_CASES.keys())
 def test_triton_gpu_cases_build_and_run_on_the_cpu(case):
-    channels, groups, perms, bias, spatial, N, layout = case
-    spatial = tuple(min(s, 4) for s in spatial)
-    p = build_problem(channels, groups, spatial=spatial, N=min(N, 2), layout=layout,
-                      dtype=torch.float32, permutations=perms, bias=bias, seed=len(channels))
-    gy = make_tensor((p.x.shape[0], p.channels[-1], *p.x.shape[2:]), "contiguous",
-                     p.x.dtype, torch.Generator().manual_seed(5))
-    check_against_oracle(p, FUSED, gy)
+    spatial, N = case[4], case[5]
+    _run_on_the_cpu(case, seed=len(case[0]), spatial=tuple(min(s, 4) for s in spatial),
+                    N=min(N, 2))
 
 
 def test_triton_gpu_low_precision_cases_exist():

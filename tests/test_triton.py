@@ -790,12 +790,11 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
                           accept_spills=True) == (
         K.DEFAULT_CONFIG, 1000)  # taken although it spills
 
-    class OutOfResources(Exception):  # the name Triton's shared-memory refusal carries
-        pass
+    from triton.runtime.errors import OutOfResources
 
     def too_big_default(fn, args, meta):
         if (meta["BLOCK_P"], meta["num_warps"]) == (16, 4):
-            raise OutOfResources("shared memory")
+            raise OutOfResources(450560, 232448, "shared memory")
         return spills(fn, args, meta)
 
     # ... unless it does not fit the GPU: the next candidate that fits, spilling or not

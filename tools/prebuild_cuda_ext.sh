@@ -11,8 +11,9 @@
 # torch is never imported, so no CUDA libraries are needed here). Output:
 # build/gpu-ext/_C.cpython-<py>-x86_64-linux-gnu.so (build/ is ignored by git: carry the folder
 # build/gpu-ext to the GPU machine; build/prebuilt holds the wheel and objects). The flags are
-# those torch.utils.cpp_extension and setup.py use (CPU kernels without per-ISA clones, as
-# tools/gpu_session.sh builds them).
+# setup.py's (csrc/build_flags.py; CPU kernels without per-ISA clones unless
+# IGC_CPU_TARGET_CLONES=1, as tools/gpu_session.sh builds them) and those
+# torch.utils.cpp_extension adds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_VERSION="${1:-2.11.0}"
@@ -49,16 +50,19 @@ fi
 [ -f "$CUDA_HOME/include/cuda_runtime.h" ] || { echo "set CUDA_HOME (no cuda_runtime.h found)"; exit 1; }
 S="$(pwd)/csrc"
 
+# the project's flags: C++, nvcc, macros (csrc/build_flags.py, as setup.py uses them)
+mapfile -t F < <(IGC_CPU_TARGET_CLONES="${IGC_CPU_TARGET_CLONES:-0}" python3 csrc/build_flags.py)
 gencode=""
 for a in ${ARCHS//,/ }; do gencode="$gencode -gencode=arch=compute_$a,code=sm_$a"; done
 last="${ARCHS##*,}"
 gencode="$gencode -gencode=arch=compute_$last,code=compute_$last"
 
 {
-  echo "defs = -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1 -DIGC_BUILT_WITH_CUDA=1 -DIGC_NO_TARGET_CLONES=1"
+  # torch.utils.cpp_extension's own: the extension's name, the ABI, and nvcc's half/bf16 rules
+  echo "defs = -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D_GLIBCXX_USE_CXX11_ABI=1 ${F[2]}"
   echo "incs = -I$S -I$T/include -I$T/include/torch/csrc/api/include -I$CUDA_HOME/include -I$PYINC"
-  echo "cflags = -fPIC -std=c++17 -O3 -ffp-contract=fast -fvisibility=hidden -fopenmp"
-  echo "nvflags = -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr --compiler-options '-fPIC' -O3 -std=c++17 -lineinfo$gencode"
+  echo "cflags = -fPIC ${F[0]}"
+  echo "nvflags = -D__CUDA_NO_HALF_OPERATORS__ -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__ --expt-relaxed-constexpr --compiler-options '-fPIC' ${F[1]}$gencode"
   echo "rule cxx"
   echo "  command = g++ -MMD -MF \$out.d \$defs \$incs \$cflags -c \$in -o \$out"
   echo "  depfile = \$out.d"

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.errors import OutOfResources
 
 MAX_CHANNELS = 1024
 # Largest padded channel count a layer may have on either side to be eligible for the dense
@@ -1137,11 +1138,6 @@ def _args_key(args) -> tuple:
 _FIXED: dict = {}
 
 
-def _out_of_resources(e: Exception) -> bool:
-    """Whether a compile failed because the kernel does not fit the GPU (shared memory)."""
-    return type(e).__name__ == "OutOfResources"
-
-
 def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spills=None,
                  accept_spills: bool = False):
     """``(config, spilled bytes)`` of the fixed path (autotuning off or deterministic mode):
@@ -1172,7 +1168,8 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
         try:
             s = spills(fn, args, {**base_meta, **kern.fixed_meta(cand, backward)})
         except Exception as e:  # not compilable here: not a candidate
-            if accept_spills and not _out_of_resources(e):
+            # (OutOfResources: the kernel does not fit the GPU, e.g. its shared memory)
+            if accept_spills and not isinstance(e, OutOfResources):
                 measured = [(None, cand)]
                 break
             continue
@@ -1180,8 +1177,7 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
             measured = [(s, cand)]
             break
         measured.append((s, cand))
-    best = (min(measured, key=lambda sc: -1 if sc[0] is None else sc[0]) if measured
-            else (None, DEFAULT_CONFIG))
+    best = min(measured, key=lambda sc: sc[0]) if measured else (None, DEFAULT_CONFIG)
     choice = (best[1], best[0])
     _FIXED[key] = choice
     return choice

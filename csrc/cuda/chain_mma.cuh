@@ -350,10 +350,7 @@ __global__ void __launch_bounds__(kThreads)
 // channel stride is 1: the base is aligned and every position stride is a multiple of 8.
 template <typename T>
 __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
-  bool ok = aligned16(a.ptr);
-#pragma unroll
-  for (int d = 0; d < kMaxPosDims; ++d) ok = ok && (d >= a.ix.nd || a.ix.stride[d] % 8 == 0);
-  return ok;
+  return aligned16(a.ptr) && a.ix.strides_multiple_of(8);
 }
 
 // Channels-last tiles, aligned, through 8x8 blocks (8 positions x 8 channels) and movmatrix.

@@ -14,16 +14,15 @@ from .._chain import Chain
 
 ALL_FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
-_BY_NAME: dict = {}  # name -> the Backend instance (each registers itself)
-
-
 @torch.compiler.assume_constant_result
 def _availability(name: str) -> tuple:
     """The reasons backend ``name`` cannot run anything in this process. Its checks (imports,
     the extension's attributes, the CUDA driver) are not traceable by Dynamo; marked as a
     constant of the process, it runs eagerly even when the first call comes while
     torch.compile traces the caller."""
-    be = _BY_NAME[name]
+    from . import BACKENDS  # the registry (backends/__init__.py imports this module first)
+
+    be = BACKENDS[name]
     if be._cached is None:
         be._cached = list(be.availability_reasons())
     return tuple(be._cached)
@@ -50,7 +49,6 @@ class Backend:
 
     def __init__(self):
         self._cached = None
-        _BY_NAME[self.name] = self
 
     # --- declared by the backend ------------------------------------------------------------
     @property
