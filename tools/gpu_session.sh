@@ -29,12 +29,14 @@
 #                IGCV2 targets, IGCV2_TARGETS) --backends "$BENCH_BACKENDS" (default cuda),
 #                no torch.compile, no memory measurements, then the same comparison
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
+#   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
+#                per call (enqueue) against wall time, and torch.profiler's table of the launches
 #
 # The test steps run on $PYTEST_WORKERS pytest-xdist workers (default 8 where xdist is installed,
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
-# sweep) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
+# sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
 # the first failing step's. Example: tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -102,7 +104,7 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
-    test-cuda|sanitize|race|bench-quick|bench|sweep)
+    test-cuda|sanitize|race|bench-quick|bench|sweep|timeline)
       if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
   esac
   case "$step" in
@@ -141,6 +143,8 @@ for arg in "${steps[@]}"; do
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;
+    timeline) run_step timeline "$PY" tools/profile_cuda.py --timeline --reps 30 256:8:3 \
+      1024:16:3 ;;
     sweep) run_step sweep "$PY" benchmarks/bench.py --device cuda --sweep --no-compile --json "$OUT/bench-sweep.json" ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
