@@ -103,11 +103,11 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
         # the tensor-core forward: 2 formats x 3 tiles x (two tiles, in-place layers); the
-        # backward: 2 formats x 3 tiles; the weight packing (plain and transposed) and the
-        # backward's reduction per format
+        # backward: 2 formats x 3 tiles; the backward's reduction per format; the per-call
+        # preparation (tables and weight fragments) per tile
         assert sum("chain_forward_mma_kernel" in n for n in names) == 12, names
         assert sum("chain_backward_mma_kernel" in n for n in names) == 6, names
-        assert sum("pack_mma_weights_kernel" in n for n in names) == 4, names
+        assert sum("mma_prepare_kernel" in n for n in names) == 3, names
         assert sum("reduce_partials_mma_kernel" in n for n in names) == 2, names
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["registers"] * 256 <= 65536, k
@@ -354,11 +354,11 @@ class EmuCase:
         return y, list(plan)
 
     def emu_forward_mma(self, lib, x, device=H100, occupancy=1):
-        """The tensor-core forward (float16 / bfloat16; weights and biases passed in float32,
-        as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid, 1 for
-        in-place layers)."""
+        """The tensor-core forward (float16 / bfloat16; weights and biases passed in their dtype,
+        as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid, 1
+        for in-place layers)."""
         assert self.dtype in (torch.float16, torch.bfloat16)
-        W, B = (t.float() for t in self._flat())
+        W, B = self._flat()
         return self._forward(lib.igc_emu_forward_mma, int(self.dtype == torch.bfloat16), W, B,
                              x, device, occupancy, 3, "tensor-core forward")
 
@@ -387,11 +387,11 @@ class EmuCase:
                               self._flat(), x, gy, mask, device, occupancy, 4, "backward")
 
     def emu_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
-        """The tensor-core backward (float16 / bfloat16; weights and biases passed in float32, as
-        the CUDA launcher passes them). Returns ``dx, dW, db`` (flattened, in the dtype) and the
-        plan (tile positions, grid, 1 where x and dy share a tile: reload x)."""
+        """The tensor-core backward (float16 / bfloat16; weights and biases passed in their
+        dtype, as the CUDA launcher passes them). Returns ``dx, dW, db`` (flattened, in the
+        dtype) and the plan (tile positions, grid, 1 where x and dy share a tile: reload x)."""
         assert self.dtype in (torch.float16, torch.bfloat16)
-        W, B = (t.float() for t in self._flat())
+        W, B = self._flat()
         return self._backward(lib.igc_emu_backward_mma, int(self.dtype == torch.bfloat16), (W, B),
                               x, gy, mask, device, occupancy, 3, "tensor-core backward")
 
@@ -851,8 +851,8 @@ def test_emulated_mma_tiles_and_shared_memory(emu):
     h, (W, B) = c.host_chain(), c._flat()
     y = torch.empty(2, 64, 9, 11, dtype=torch.bfloat16)
     plan = (ctypes.c_int64 * 3)()
-    rc = emu.igc_emu_forward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.float().data_ptr()),
-                                 ctypes.c_void_p(B.float().data_ptr()), ctypes.byref(_etensor(x)),
+    rc = emu.igc_emu_forward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+                                 ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
                                  ctypes.byref(_etensor(y)),
                                  ctypes.byref(EmuDevice(2, smem(16) - 1, smem(16) - 1, 1)), plan)
     assert rc == 4, rc
@@ -1161,8 +1161,8 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
     gw = torch.empty(sum(w.numel() for w in c.weights), dtype=torch.bfloat16)
     gb = torch.empty(128, dtype=torch.bfloat16)
     plan = (ctypes.c_int64 * 3)()
-    rc = emu.igc_emu_backward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.float().data_ptr()),
-                                  ctypes.c_void_p(B.float().data_ptr()),
+    rc = emu.igc_emu_backward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
+                                  ctypes.c_void_p(B.data_ptr()),
                                   ctypes.byref(_etensor(x)), ctypes.byref(_etensor(gy)),
                                   ctypes.byref(_etensor(dx)), None, None,
                                   ctypes.c_void_p(gw.data_ptr()), ctypes.c_void_p(gb.data_ptr()),

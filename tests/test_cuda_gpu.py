@@ -354,6 +354,7 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) a
 ref = igc.reference.interleaved_group_conv(x.double(), [w.double() for w in ws], [32, 32, 32])
 print(sorted({e.name for e in prof.events() if "chain_forward" in e.name}))
 print(float((y.double() - ref).abs().max()), float(ref.abs().max()))
+print(sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()))
 """
 
 
@@ -363,7 +364,9 @@ print(float((y.double() - ref).abs().max()), float(ref.abs().max()))
 def test_tensor_core_forward_is_used_unless_turned_off(tensor_cores):
     """bfloat16 forwards run chain_forward_mma_kernel on sm_80+, and the CUDA-core kernel with
     IGC_CUDA_TENSOR_CORES=0 (read once per process: a subprocess each); both results are close
-    to the float64 chain (the 2x rule of every case above runs with the default, tensor cores)."""
+    to the float64 chain (the 2x rule of every case above runs with the default, tensor cores).
+    The tensor-core forward is two launches: the per-call preparation (tables and weight
+    fragments, from the weights as they are) and the chain."""
     import os
     import subprocess
     import sys
@@ -372,11 +375,13 @@ def test_tensor_core_forward_is_used_unless_turned_off(tensor_cores):
     r = subprocess.run([sys.executable, "-c", _KERNELS_SCRIPT], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    names, errs = r.stdout.strip().splitlines()[-2:]
+    names, errs, launches = r.stdout.strip().splitlines()[-3:]
     mma = "chain_forward_mma_kernel" in names
     assert mma == (tensor_cores == "1"), names
     err, scale = (float(v) for v in errs.split())
     assert err <= 0.05 * scale, (err, scale)
+    if mma:
+        assert int(launches) == 2, launches
 
 
 _BACKWARD_KERNELS_SCRIPT = """
@@ -395,6 +400,7 @@ ref = torch.autograd.grad(igc.reference.interleaved_group_conv(x64, w64, [32, 32
                           [x64, *w64], gy.double())
 print(sorted({e.name for e in prof.events() if "chain_backward" in e.name}))
 print(max(float((g.double() - r).abs().max() / r.abs().max()) for g, r in zip(grads, ref)))
+print(sum(e.device_type == torch.autograd.DeviceType.CUDA for e in prof.events()))
 """
 
 
@@ -404,7 +410,8 @@ print(max(float((g.double() - r).abs().max() / r.abs().max()) for g, r in zip(gr
 def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
     """bfloat16 backwards run chain_backward_mma_kernel on sm_80+, and the CUDA-core kernel
     with IGC_CUDA_TENSOR_CORES=0 (a subprocess each); dx and every dW close to the float64
-    chain's."""
+    chain's. The tensor-core backward is three launches: the preparation, the chain, the
+    reduction of the weight gradients."""
     import os
     import subprocess
     import sys
@@ -413,8 +420,10 @@ def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
     r = subprocess.run([sys.executable, "-c", _BACKWARD_KERNELS_SCRIPT], capture_output=True,
                        text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    names, err = r.stdout.strip().splitlines()[-2:]
+    names, err, launches = r.stdout.strip().splitlines()[-3:]
     mma = "chain_backward_mma_kernel" in names
     assert mma == (tensor_cores == "1"), names
     assert "chain_backward_kernel" in names or mma, names
     assert float(err) <= 0.05, err
+    if mma:
+        assert int(launches) == 3, launches

@@ -4,17 +4,19 @@
 // tables, allocates the outputs through ATen and launches on the current stream: no host
 // synchronisation, so the ops can be captured in CUDA graphs.
 //
-// Per call, before the chain kernels: the weights (and biases) are converted to the accumulation
-// type and concatenated (one ATen op each), and one small kernel builds the int32 index table
-// (input index, then the gather index after every layer: shuffles computed, explicit
-// permutations copied). The backward with an input index builds its CSR list (dx channel c <- dh_0
-// rows j with input_index[j] == c, in increasing j) with a stable sort and a searchsorted.
+// Per call, before the CUDA-core chain kernels: the weights (and biases) are converted to the
+// accumulation type and concatenated (one ATen op each), and one small kernel builds the int32
+// index table (input index, then the gather index after every layer: shuffles computed, explicit
+// permutations copied). The backward with an input index builds its CSR list (dx channel c <-
+// dh_0 rows j with input_index[j] == c, in increasing j) with a stable sort and a searchsorted.
 //
-// float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh
-// (one more small kernel packs the weights into mma fragments first), and their backwards the
-// tensor-core backward of chain_mma_backward.cuh (weights packed twice: as they are, for the
-// recompute, and transposed, for dh) when its store-all tiles fit; IGC_CUDA_TENSOR_CORES=0 in
-// the environment selects the CUDA-core kernels instead.
+// float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh,
+// and their backwards the tensor-core backward of chain_mma_backward.cuh when its store-all
+// tiles fit; IGC_CUDA_TENSOR_CORES=0 in the environment selects the CUDA-core kernels instead.
+// Their per-call preparation is one kernel (mma_prepare_kernel) that reads the weights and
+// biases in their own dtype and writes the index table, the row tables, the weight fragments
+// (the backward's also transposed, for dh) and the fp32 biases into one int32 allocation: no
+// ATen op runs on the weights.
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
@@ -149,35 +151,68 @@ bool tensor_cores_enabled() {
   return on;
 }
 
+// The weights and biases of a float16 / bfloat16 chain as the tensor-core kernels' preparation
+// reads them (contiguous, in their own dtype; copies of non-contiguous ones are kept alive in
+// keep).
+kc::MmaWeights mma_weights(at::TensorList weights, at::TensorList biases, const ChainDesc& d,
+                           bool is_bf16, std::vector<at::Tensor>& keep) {
+  kc::MmaWeights w{};
+  w.is_bf16 = is_bf16 ? 1 : 0;
+  const auto ptr = [&](const at::Tensor& t) {
+    at::Tensor c = t.contiguous();
+    const auto* p = reinterpret_cast<const uint16_t*>(c.data_ptr());
+    keep.push_back(std::move(c));
+    return p;
+  };
+  for (size_t l = 0; l < weights.size(); ++l) {
+    w.w[l] = ptr(weights[l]);
+    if (d.has_bias[l]) w.b[l] = ptr(biases[l]);
+  }
+  return w;
+}
+
+// The per-call tables of the tensor-core kernels in one int32 allocation: the weight fragments
+// (frag_entries uint2, first: 8-byte aligned), the fp32 biases, the index table, the row tables.
+struct MmaBuffers {
+  at::Tensor buf;
+  uint2* frag;
+  float* bias;  // null without biases
+  int32_t* table;
+  int32_t* rows;
+};
+
+MmaBuffers mma_buffers(const kc::HostChain& h, const kc::MmaParams& mp, int64_t frag_entries,
+                       const at::TensorOptions& opts) {
+  const int64_t n_table = kc::index_table_size(h);
+  const int64_t n_bias = mp.c.num_b;
+  MmaBuffers b;
+  b.buf = at::empty({2 * frag_entries + n_bias + n_table + kc::mma_row_table_size(mp)},
+                    opts.dtype(at::kInt));
+  int32_t* base = b.buf.data_ptr<int32_t>();
+  b.frag = reinterpret_cast<uint2*>(base);
+  b.bias = n_bias > 0 ? reinterpret_cast<float*>(base + 2 * frag_entries) : nullptr;
+  b.table = base + 2 * frag_entries + n_bias;
+  b.rows = b.table + n_table;
+  return b;
+}
+
 // The forward of a float16 / bfloat16 chain on tensor cores (chain_mma.cuh). False when the
 // device has none for it (sm < 80) or the tile does not fit; the caller then runs the CUDA-core
-// kernel.
+// kernel. Launches: one for the tables, fragments and biases, one for the chain.
 template <class Fmt>
 bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
                  at::TensorList biases, const at::Tensor& x, at::Tensor& y, int64_t P,
-                 const kc::DeviceInfo& info, cudaStream_t stream) {
+                 const kc::DeviceInfo& info, cudaStream_t stream, std::vector<at::Tensor>& keep) {
   if (info.cc_major < 8 || !tensor_cores_enabled()) return false;
   kc::MmaPlan plan;
-  {
-    const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr, nullptr);
-    C10_CUDA_CHECK(kc::plan_forward_mma<Fmt>(probe, P, info, &plan));
-    if (plan.mt == 0) return false;
-  }
-  at::Tensor W = flat_params(weights, nullptr, at::kFloat);
-  at::Tensor B = d.num_bias_elems > 0 ? flat_params(biases, &d.has_bias, at::kFloat) : at::Tensor();
-  at::Tensor table = at::empty({kc::index_table_size(h)}, x.options().dtype(at::kInt));
-  kc::MmaParams mp = kc::make_mma_params(h, W.data_ptr<float>(),
-                                         B.defined() ? B.data_ptr<float>() : nullptr,
-                                         table.data_ptr<int32_t>(), nullptr);
-  at::Tensor frag = at::empty({2 * mp.num_frag}, x.options().dtype(at::kInt));
-  mp.frag = reinterpret_cast<const uint2*>(frag.data_ptr<int32_t>());
-  // the row tables: rows (composed with in-place layers) and the rows' elements
-  at::Tensor tables = at::empty({kc::mma_row_table_size(mp)}, table.options());
-  C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
+  const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr);
+  C10_CUDA_CHECK(kc::plan_forward_mma<Fmt>(probe, P, info, &plan));
+  if (plan.mt == 0) return false;
+  const MmaBuffers buf = mma_buffers(h, probe, probe.num_frag, x.options());
+  const kc::MmaParams mp = kc::make_mma_params(h, buf.bias, buf.table, buf.frag);
   C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
-      mp, reinterpret_cast<uint2*>(frag.data_ptr<int32_t>()),
-      tables.data_ptr<int32_t>(), tensor_arg<const uint16_t>(x),
-      tensor_arg<uint16_t>(y), P, plan, stream));
+      h, mp, mma_weights(weights, biases, d, Fmt::is_bf16, keep), buf.table, buf.frag, buf.rows,
+      tensor_arg<const uint16_t>(x), tensor_arg<uint16_t>(y), P, plan, stream));
   return true;
 }
 
@@ -198,45 +233,37 @@ std::pair<at::Tensor, at::Tensor> dx_csr(const ChainDesc& d,
 
 // The backward of a float16 / bfloat16 chain on tensor cores (chain_mma_backward.cuh). False
 // when the device has none for it (sm < 80) or the store-all tiles do not fit; the caller then
-// runs the CUDA-core kernel.
+// runs the CUDA-core kernel. Launches: one for the tables, both fragment sets and the biases,
+// one for the chain, one for the weight-gradient reduction.
 template <class Fmt>
 bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
                   at::TensorList biases, const at::Tensor& x, const at::Tensor& grad_y,
                   at::Tensor& gx, at::Tensor& gw, at::Tensor& gb, bool need_x, bool need_w,
                   bool need_b, const std::optional<at::Tensor>& input_index, int64_t P,
-                  const kc::DeviceInfo& info, cudaStream_t stream) {
+                  const kc::DeviceInfo& info, cudaStream_t stream, std::vector<at::Tensor>& keep) {
   if (info.cc_major < 8 || !tensor_cores_enabled()) return false;
   const bool wb = need_w || need_b;
   kc::MmaPlan plan;
-  {
-    const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr, nullptr);
-    C10_CUDA_CHECK(kc::plan_backward_mma<Fmt>(probe, P, wb, info, &plan));
-    if (plan.mt == 0) return false;
-  }
-  at::Tensor W = flat_params(weights, nullptr, at::kFloat);
-  at::Tensor B = d.num_bias_elems > 0 ? flat_params(biases, &d.has_bias, at::kFloat) : at::Tensor();
-  at::Tensor table = at::empty({kc::index_table_size(h)}, x.options().dtype(at::kInt));
-  const float* Wp = W.data_ptr<float>();
-  kc::MmaParams mp = kc::make_mma_params(h, Wp, B.defined() ? B.data_ptr<float>() : nullptr,
-                                         table.data_ptr<int32_t>(), nullptr);
-  kc::MmaParams mt = kc::make_mma_transposed_params(h, Wp, table.data_ptr<int32_t>(), nullptr);
-  at::Tensor frag = at::empty({2 * (mp.num_frag + mt.num_frag)}, x.options().dtype(at::kInt));
-  uint2* fp = reinterpret_cast<uint2*>(frag.data_ptr<int32_t>());
-  mp.frag = fp;
-  mt.frag = fp + mp.num_frag;
+  const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr);
+  C10_CUDA_CHECK(kc::plan_backward_mma<Fmt>(probe, P, wb, info, &plan));
+  if (plan.mt == 0) return false;
+  const int64_t n_frag_t = kc::make_mma_transposed_params(h, nullptr, nullptr).num_frag;
+  const MmaBuffers buf = mma_buffers(h, probe, probe.num_frag + n_frag_t, x.options());
+  uint2* frag_t = buf.frag + probe.num_frag;
+  const kc::MmaParams mp = kc::make_mma_params(h, buf.bias, buf.table, buf.frag);
+  const kc::MmaParams mt = kc::make_mma_transposed_params(h, buf.table, frag_t);
   at::Tensor starts, order;
   if (d.has_index && need_x) std::tie(starts, order) = dx_csr(d, input_index);
   at::Tensor partial;
   if (wb)
     partial = at::empty({plan.grid, d.num_weight_elems + d.num_bias_elems},
                         x.options().dtype(at::kFloat));
-  C10_CUDA_CHECK(kc::launch_build_index_table(h, table.data_ptr<int32_t>(), stream));
   const kc::BackwardFlags f{need_x ? 1 : 0, need_w ? 1 : 0, need_b ? 1 : 0, 1};
   const kc::TensorArg<uint16_t> dxa = need_x ? tensor_arg<uint16_t>(gx) : kc::TensorArg<uint16_t>{};
-  at::Tensor tables = at::empty({kc::mma_row_table_size(mp)}, table.options());
   C10_CUDA_CHECK(kc::launch_backward_mma<Fmt>(
-      mp, fp, mt, fp + mp.num_frag, tables.data_ptr<int32_t>(), tensor_arg<const uint16_t>(x),
-      tensor_arg<const uint16_t>(grad_y), dxa,
+      h, mp, mt, mma_weights(weights, biases, d, Fmt::is_bf16, keep), buf.table, buf.frag,
+      frag_t, buf.rows,
+      tensor_arg<const uint16_t>(x), tensor_arg<const uint16_t>(grad_y), dxa,
       starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
       order.defined() ? order.data_ptr<int32_t>() : nullptr,
       partial.defined() ? partial.data_ptr<float>() : nullptr,
@@ -263,10 +290,10 @@ at::Tensor chain_forward_cuda(const at::Tensor& x, at::TensorList weights, at::T
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream(x.get_device()).stream();
 
   if (x.scalar_type() == at::kBFloat16 &&
-      forward_mma<kc::MmaBf16>(h, d, weights, biases, x, y, P, info, stream))
+      forward_mma<kc::MmaBf16>(h, d, weights, biases, x, y, P, info, stream, keep))
     return y;
   if (x.scalar_type() == at::kHalf &&
-      forward_mma<kc::MmaF16>(h, d, weights, biases, x, y, P, info, stream))
+      forward_mma<kc::MmaF16>(h, d, weights, biases, x, y, P, info, stream, keep))
     return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_forward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
@@ -319,11 +346,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cuda(
 
   if (x.scalar_type() == at::kBFloat16 &&
       backward_mma<kc::MmaBf16>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
-                                need_b, input_index, P, info, stream))
+                                need_b, input_index, P, info, stream, keep))
     return {gx, gw, gb};
   if (x.scalar_type() == at::kHalf &&
       backward_mma<kc::MmaF16>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
-                               need_b, input_index, P, info, stream))
+                               need_b, input_index, P, info, stream, keep))
     return {gx, gw, gb};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_backward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;

@@ -279,37 +279,41 @@ struct IndexTableArgs {
   IndexSegment seg[kMaxLayers + 1];
 };
 
+// Entry e of the index table (the table's layout: the segments of a, in order).
+__device__ __forceinline__ int32_t index_entry(const IndexTableArgs& a, int64_t e) {
+  int s = 0;
+  while (s + 1 < a.count && e >= a.seg[s + 1].offset) ++s;
+  const IndexSegment& sg = a.seg[s];
+  const int64_t j = e - sg.offset;
+  int64_t v;
+  if (sg.p64 != nullptr) {
+    v = sg.p64[j];
+  } else if (sg.p32 != nullptr) {
+    v = sg.p32[j];
+  } else if (sg.shuffle > 0) {
+    // perm[k * s + q] = q * (C / s) + k
+    const int64_t k = j / sg.shuffle, q = j - k * sg.shuffle;
+    v = q * (sg.length / sg.shuffle) + k;
+  } else {
+    v = j;
+  }
+  if (v < 0 || v >= sg.range) {
+    // A direct call with an entry outside its range: a device-side assert (the launch fails
+    // with cudaErrorAssert, as ATen's index kernels do), and the entry is clamped so that
+    // nothing reads outside its tensor even where asserts are compiled out. The Python front
+    // end checks values (duplicates included) before it gets here.
+    IGC_DEVICE_ASSERT_FAIL("igc: a permutation or input_index entry is outside its range");
+    v = 0;
+  }
+  return static_cast<int32_t>(v);
+}
+
 __global__ void __launch_bounds__(kThreads)
     build_index_table_kernel(IndexTableArgs a, int32_t* __restrict__ table, int64_t total) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
-       e += stride) {
-    int s = 0;
-    while (s + 1 < a.count && e >= a.seg[s + 1].offset) ++s;
-    const IndexSegment& sg = a.seg[s];
-    const int64_t j = e - sg.offset;
-    int64_t v;
-    if (sg.p64 != nullptr) {
-      v = sg.p64[j];
-    } else if (sg.p32 != nullptr) {
-      v = sg.p32[j];
-    } else if (sg.shuffle > 0) {
-      // perm[k * s + q] = q * (C / s) + k
-      const int64_t k = j / sg.shuffle, q = j - k * sg.shuffle;
-      v = q * (sg.length / sg.shuffle) + k;
-    } else {
-      v = j;
-    }
-    if (v < 0 || v >= sg.range) {
-      // A direct call with an entry outside its range: a device-side assert (the launch fails
-      // with cudaErrorAssert, as ATen's index kernels do), and the entry is clamped so that
-      // nothing reads outside its tensor even where asserts are compiled out. The Python front
-      // end checks values (duplicates included) before it gets here.
-      IGC_DEVICE_ASSERT_FAIL("igc: a permutation or input_index entry is outside its range");
-      v = 0;
-    }
-    table[e] = static_cast<int32_t>(v);
-  }
+       e += stride)
+    table[e] = index_entry(a, e);
 }
 
 inline IndexTableArgs make_index_table_args(const HostChain& h) {

@@ -22,7 +22,7 @@
 // kstep * 16 + (i / 16) * 8 + i % 8, and that row is gather_{l-1}[g * n + k] of the previous
 // layer's output: a permutation costs nothing (the lane looks the row's swizzled start up in the
 // row tables, built once per call). B comes from fragments packed once per call by
-// pack_mma_weights_kernel (a 64-bit load per lane and k-step, reused by the MT row blocks). D is
+// mma_prepare_kernel (a 64-bit load per lane and k-step, reused by the MT row blocks). D is
 // rounded and stored transposed to the other tile, in natural output order (in place: to the rows
 // of the group's inputs): on sm_90 (tiles of 32 and 64 positions) four 8x8 blocks per
 // stmatrix.trans, otherwise per 8x8 block a movmatrix and 32-bit stores. The store of y reads row
@@ -69,6 +69,17 @@ template <class Fmt>
 __host__ __device__ __forceinline__ uint32_t mma_pack(float lo, float hi) {
   return static_cast<uint32_t>(mma_from_float<Fmt>(lo)) |
          (static_cast<uint32_t>(mma_from_float<Fmt>(hi)) << 16);
+}
+
+// The value of 16-bit storage bits v16 (bf16: bfloat16, else float16).
+__device__ __forceinline__ float mma_bits_to_float(uint32_t v16, bool bf16) {
+#ifdef IGC_EMULATE
+  return bf16 ? igc_emu::bf16_to_float(static_cast<uint16_t>(v16))
+              : igc_emu::f16_to_float(static_cast<uint16_t>(v16));
+#else
+  if (bf16) return __uint_as_float(v16 << 16);
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(v16)));
+#endif
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -241,10 +252,10 @@ struct MmaLayer {
 };
 
 struct MmaParams {
-  ChainParams<float> c;  // the chain; W: fp32 weights (packing input), B: fp32 biases
+  ChainParams<float> c;  // the chain; B: fp32 biases (mma_prepare_kernel); W: unused
   const uint2* frag;     // packed weight fragments: [layer][group][block][kstep][lane]
   int64_t num_frag;
-  // the element tables (mma_row_tables_kernel): layer l's input rows at elem + layer[l].e_off,
+  // the element tables (mma_prepare_kernel): layer l's input rows at elem + layer[l].e_off,
   // rows in natural order at elem_out
   const int32_t* elem;
   const int32_t* elem_out;
@@ -252,10 +263,19 @@ struct MmaParams {
   MmaLayer layer[kMaxLayers];
 };
 
-inline MmaParams make_mma_params(const HostChain& h, const float* W, const float* B,
-                                 const int32_t* table, const uint2* frag) {
+// The weights and biases as the per-call preparation reads them, in the chain's 16-bit dtype:
+// layer l's (C_{l+1} x n_l) weight, row-major (its bits go into the fragments as they are), and
+// its bias (C_{l+1} values, null for none; converted to the fp32 the kernels add).
+struct MmaWeights {
+  const uint16_t* w[kMaxLayers];
+  const uint16_t* b[kMaxLayers];
+  int is_bf16;
+};
+
+inline MmaParams make_mma_params(const HostChain& h, const float* B, const int32_t* table,
+                                 const uint2* frag) {
   MmaParams mp;
-  mp.c = make_params<float>(h, W, B, table);
+  mp.c = make_params<float>(h, static_cast<const float*>(nullptr), B, table);
   mp.frag = frag;
   mp.elem = mp.elem_out = nullptr;
   int64_t off = 0, eo = 0;
@@ -307,40 +327,37 @@ __host__ __device__ __forceinline__ int mma_elem(int r, int t) {
 // ---------------------------------------------------------------------------------------------
 // Weight fragments
 // ---------------------------------------------------------------------------------------------
-// Entry (layer l, group g, block b, k-step s, lane i): the lane's B registers of that product:
-// k16: {W[o][k], W[o][k+1]}, {W[o][k+8], W[o][k+9]} with o = g m + 8 b + i / 4 and
-// k = 16 s + 2 (i % 4); k8: {W[o][k], W[o][k+1]}, 0 with k = 2 (i % 4). Zero beyond n and m.
-// Transposed (the backward's dh = W^T du, chain_mma_backward.cuh): mp's layers describe W_l^T
-// (n and m swapped), and W[o][k] reads the stored weight W_l[g m_l + k][o].
-template <class Fmt, bool Transposed = false>
-__global__ void __launch_bounds__(kThreads)
-    pack_mma_weights_kernel(const MmaParams mp, uint2* __restrict__ frag) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < mp.num_frag;
-       e += stride) {
-    int l = 0;
-    while (l + 1 < mp.c.L && e >= mp.layer[l + 1].f_off) ++l;
-    const MmaLayer& ml = mp.layer[l];
-    const LayerDesc& d = mp.c.layer[l];
-    int64_t t = e - ml.f_off;
-    const int lane = static_cast<int>(t % 32);
-    t /= 32;
-    const int ks = static_cast<int>(t % ml.ksteps);
-    t /= ml.ksteps;
-    const int b = static_cast<int>(t % ml.nblk);
-    const int g = static_cast<int>(t / ml.nblk);
-    const int o = 8 * b + lane / 4;
-    const int k = 16 * ks + 2 * (lane % 4);
-    const float* wg = mp.c.W + d.w_off + static_cast<int64_t>(g) * d.m * d.n;
-    auto at = [&](int kk) {
-      if (o >= d.m || kk >= d.n) return 0.0f;
-      return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
-    };
-    uint2 v;
-    v.x = mma_pack<Fmt>(at(k), at(k + 1));
-    v.y = ml.k8 ? 0u : mma_pack<Fmt>(at(k + 8), at(k + 9));
-    frag[e] = v;
-  }
+// Entry e = (layer l, group g, block b, k-step s, lane i): the lane's B registers of that
+// product: k16: {W[o][k], W[o][k+1]}, {W[o][k+8], W[o][k+9]} with o = g m + 8 b + i / 4 and
+// k = 16 s + 2 (i % 4); k8: {W[o][k], W[o][k+1]}, 0 with k = 2 (i % 4). Zero beyond n and m (the
+// bits of +0 in both formats). Transposed (the backward's dh = W^T du, chain_mma_backward.cuh):
+// mp's layers describe W_l^T (n and m swapped), and W[o][k] reads the stored weight
+// W_l[g m_l + k][o].
+template <bool Transposed>
+__device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const MmaWeights& w,
+                                                     int64_t e) {
+  int l = 0;
+  while (l + 1 < mp.c.L && e >= mp.layer[l + 1].f_off) ++l;
+  const MmaLayer& ml = mp.layer[l];
+  const LayerDesc& d = mp.c.layer[l];
+  int64_t t = e - ml.f_off;
+  const int lane = static_cast<int>(t % 32);
+  t /= 32;
+  const int ks = static_cast<int>(t % ml.ksteps);
+  t /= ml.ksteps;
+  const int b = static_cast<int>(t % ml.nblk);
+  const int g = static_cast<int>(t / ml.nblk);
+  const int o = 8 * b + lane / 4;
+  const int k = 16 * ks + 2 * (lane % 4);
+  const uint16_t* wg = w.w[l] + static_cast<int64_t>(g) * d.m * d.n;
+  auto at = [&](int kk) -> uint32_t {
+    if (o >= d.m || kk >= d.n) return 0u;
+    return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
+  };
+  uint2 v;
+  v.x = at(k) | (at(k + 1) << 16);
+  v.y = ml.k8 ? 0u : (at(k + 8) | (at(k + 9) << 16));
+  return v;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -621,7 +638,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // out = layer l of in. in_elem[j]: the row of the layer's input j in `in` (the previous layer's
 // gather), out_elem[o]: the row of its output o in `out` (natural order; with in-place layers
 // the input rows; the backward's dh: the layer's input rows), each as the element
-// mma_elem(row, 0) from the row tables (mma_row_tables_kernel): an item looks its addresses up
+// mma_elem(row, 0) from the row tables (mma_prepare_kernel): an item looks its addresses up
 // instead of computing the swizzle.
 // A work item is (group g, NB consecutive blocks of 8 outputs): NB = 2 shares the item's
 // activation fragments, row look-ups and loop step between two blocks (tiles of 16 and 32
@@ -778,7 +795,7 @@ inline size_t mma_forward_smem_bytes(const MmaParams& mp, int tp, bool in_place 
 // read input o of that group from, so the rows of a layer's output are those of its input:
 // the input of layer l sits in rows R_l = gather_0 o gather_1 o ... o gather_{l-1} (R_0 the
 // identity; input j of layer l in row R_l[j]) and the output y_j in row R_L[j]. The kernel
-// looks these composed gathers up in the row tables (mma_row_tables_kernel), so a
+// looks these composed gathers up in the row tables (mma_prepare_kernel), so a
 // permutation still costs nothing. It needs square groups (n == m: outputs and inputs share
 // rows) and work items that cover whole groups (no other warp may still read a row an item
 // overwrites): groups of at most 8 (one block of outputs), of at most 16 (pair items, at
@@ -797,81 +814,143 @@ inline int mma_in_place_max_tp(const MmaParams& mp) {
   return max_tp;
 }
 
-// The row tables (mma_row_tables_kernel), int32: [rows | inputs | natural]. rows (filled only
-// with in-place layers; two tiles read the index table itself): the index table's layout, the
-// input index and then the composed gathers R_1 .. R_L; inputs: layer l's input j as the
-// element mma_elem(row, 0) of its row (in place: R_l[j]; two tiles: gather_{l-1}[j], j for
-// layer 0), from entry layer[l].e_off; natural: mma_elem(o, 0) for o < cmax (rows in natural
-// order: the two-tile forward's layer outputs, the backward's gradient tiles). A work item
-// looks its row addresses up instead of computing the swizzle.
-inline int64_t mma_row_table_size(const MmaParams& mp) {
+// The row tables, int32: [rows | inputs | natural]. rows (filled only with in-place layers; two
+// tiles read the index table itself): the index table's layout, the input index and then the
+// composed gathers R_1 .. R_L; inputs: layer l's input j as the element mma_elem(row, 0) of its
+// row (in place: R_l[j]; two tiles: gather_{l-1}[j], j for layer 0), from entry
+// layer[l].e_off; natural: mma_elem(o, 0) for o < cmax (rows in natural order: the two-tile
+// forward's layer outputs, the backward's gradient tiles). A work item looks its row addresses
+// up instead of computing the swizzle.
+__host__ __device__ __forceinline__ int64_t mma_row_table_size(const MmaParams& mp) {
   const ChainParams<float>& p = mp.c;
   const LayerDesc& last = p.layer[p.L - 1];
   return last.g_off + last.cout + mp.layer[p.L - 1].e_off + last.cin + p.cmax;
 }
 
-// Builds the row tables (above) from the index table mp.c.table (entries already checked
-// against their ranges; with in-place layers every C_l is equal).
+// The first row-table entry that is filled (the composed gathers only with in-place layers).
+__host__ __device__ __forceinline__ int64_t mma_row_table_first(const MmaParams& mp,
+                                                                bool in_place) {
+  const LayerDesc& last = mp.c.layer[mp.c.L - 1];
+  return in_place ? 0 : last.g_off + last.cout;
+}
+
+// Row-table entry e (above) for tiles of TP positions, from the index table's definition a
+// (entries are computed, not read back: the table is built in the same launch).
 template <int TP>
-__global__ void __launch_bounds__(kThreads)
-    mma_row_tables_kernel(const MmaParams mp, int in_place, int32_t* __restrict__ out) {
+__device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
+                                                       const IndexTableArgs& a, bool in_place,
+                                                       int64_t e) {
   const ChainParams<float>& p = mp.c;
   const LayerDesc& last = p.layer[p.L - 1];
   const int64_t nrows = last.g_off + last.cout;
   const int64_t nin = mp.layer[p.L - 1].e_off + last.cin;
-  const int64_t total = nrows + nin + p.cmax;
+  if (e >= nrows + nin)  // natural order
+    return mma_elem<TP>(static_cast<int>(e - nrows - nin), 0);
+  if (e < p.layer[0].g_off)  // the input index, as it is
+    return index_entry(a, e);
+  int l = 0;  // composed rows: R_{l+1}[v]; inputs: layer l's input v
+  int64_t v;
+  if (e < nrows) {
+    while (l + 1 < p.L && e >= p.layer[l + 1].g_off) ++l;
+    v = e - p.layer[l].g_off;
+    for (int k = l; k >= 0; --k)
+      if (!p.layer[k].gather_identity) v = index_entry(a, p.layer[k].g_off + v);
+    return static_cast<int32_t>(v);
+  }
+  const int64_t f = e - nrows;
+  while (l + 1 < p.L && f >= mp.layer[l + 1].e_off) ++l;
+  v = f - mp.layer[l].e_off;
+  // in place: R_l = gather_0 o ... o gather_{l-1}; two tiles: gather_{l-1}
+  for (int k = l - 1; k >= (in_place ? 0 : l - 1) && k >= 0; --k)
+    if (!p.layer[k].gather_identity) v = index_entry(a, p.layer[k].g_off + v);
+  return mma_elem<TP>(static_cast<int>(v), 0);
+}
+
+// Everything the tensor-core kernels read besides the tensors, in one launch: the index table
+// (table: index_table_size entries, the segments of a), the row tables of tiles of TP positions
+// (rows: mma_row_table_size(mp) entries; in place: also the composed gathers), the weight
+// fragments of mp (frag) and of mt, the transposed chain of the backward (frag_t; mt.num_frag =
+// 0 in the forward), and the biases in fp32 (bias: mp.c.num_b entries, in layer order). Every
+// entry is computed from a and w directly, so no part waits for another.
+template <int TP>
+__global__ void __launch_bounds__(kThreads)
+    mma_prepare_kernel(const IndexTableArgs a, const MmaParams mp, const MmaParams mt,
+                       const MmaWeights w, int in_place, int32_t* __restrict__ table,
+                       int32_t* __restrict__ rows, uint2* __restrict__ frag,
+                       uint2* __restrict__ frag_t, float* __restrict__ bias) {
+  const IndexSegment& last = a.seg[a.count - 1];
+  const int64_t n_table = last.offset + last.length;
+  const int64_t r0 = mma_row_table_first(mp, in_place != 0);
+  const int64_t n_rows = mma_row_table_size(mp) - r0;
+  const int64_t n_frag = mp.num_frag + mt.num_frag;
+  const int64_t total = n_table + n_rows + n_frag + mp.c.num_b;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
-  for (int64_t e = (in_place ? 0 : nrows) + static_cast<int64_t>(blockIdx.x) * kThreads +
-                   threadIdx.x;
-       e < total; e += stride) {
-    if (e >= nrows + nin) {  // natural order
-      out[e] = mma_elem<TP>(static_cast<int>(e - nrows - nin), 0);
+  for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
+       e += stride) {
+    int64_t i = e;
+    if (i < n_table) {
+      table[i] = index_entry(a, i);
       continue;
     }
-    if (e < p.layer[0].g_off) {  // the input index, as it is
-      out[e] = p.table[e];
+    i -= n_table;
+    if (i < n_rows) {
+      rows[r0 + i] = mma_row_table_entry<TP>(mp, a, in_place != 0, r0 + i);
       continue;
     }
-    int l = 0;  // composed rows: R_{l+1}[v]; inputs: layer l's input v
-    int64_t v;
-    if (e < nrows) {
-      while (l + 1 < p.L && e >= p.layer[l + 1].g_off) ++l;
-      v = e - p.layer[l].g_off;
-      for (int k = l; k >= 0; --k)
-        if (!p.layer[k].gather_identity) v = p.table[p.layer[k].g_off + v];
-      out[e] = static_cast<int32_t>(v);
+    i -= n_rows;
+    if (i < mp.num_frag) {
+      frag[i] = mma_weight_fragment<false>(mp, w, i);
       continue;
     }
-    const int64_t f = e - nrows;
-    while (l + 1 < p.L && f >= mp.layer[l + 1].e_off) ++l;
-    v = f - mp.layer[l].e_off;
-    // in place: R_l = gather_0 o ... o gather_{l-1}; two tiles: gather_{l-1}
-    for (int k = l - 1; k >= (in_place ? 0 : l - 1) && k >= 0; --k)
-      if (!p.layer[k].gather_identity) v = p.table[p.layer[k].g_off + v];
-    out[e] = mma_elem<TP>(static_cast<int>(v), 0);
+    if (i < n_frag) {
+      frag_t[i - mp.num_frag] = mma_weight_fragment<true>(mt, w, i - mp.num_frag);
+      continue;
+    }
+    i -= n_frag;
+    int l = 0;  // the layer whose bias holds entry i
+    while (mp.c.layer[l].b_off < 0 || i >= mp.c.layer[l].b_off + mp.c.layer[l].cout) ++l;
+    bias[i] = mma_bits_to_float(w.b[l][i - mp.c.layer[l].b_off], w.is_bf16 != 0);
   }
 }
 
-// Builds the row tables of tiles of 16 * mt positions into `tables` (mma_row_table_size
-// entries of device memory) and returns mp pointing at them (elem, elem_out; with in-place
-// layers also the composed gathers as its index table, identity while every gather so far is).
-inline cudaError_t launch_row_tables(const MmaParams& mp, int mt, bool in_place,
-                                     int32_t* tables, cudaStream_t stream, MmaParams* out) {
-  const ChainParams<float>& p = mp.c;
-  const int blocks = blocks_for(mma_row_table_size(mp), 1024);
+// Launches mma_prepare_kernel for tiles of 16 * mt_tile positions: table, rows, frag, frag_t and
+// the biases as above (mp.c.table == table, mp.frag == frag, mp.c.B the biases' mp.c.num_b
+// floats; mt null in the forward, else mt->frag == frag_t), and returns mp pointing at the row
+// tables (elem, elem_out; with in-place layers also
+// the composed gathers as its index table, identity while every gather so far is).
+inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
+                                      const MmaParams* mt, const MmaWeights& w, int mt_tile,
+                                      bool in_place, int32_t* table, int32_t* rows, uint2* frag,
+                                      uint2* frag_t, cudaStream_t stream, MmaParams* out) {
+  if (mp.c.table != table || mp.frag != frag || table == nullptr || rows == nullptr ||
+      frag == nullptr || (mt != nullptr && (mt->frag != frag_t || frag_t == nullptr)) ||
+      (mp.c.num_b > 0 && mp.c.B == nullptr))
+    return cudaErrorInvalidValue;
+  MmaParams none{};  // the forward: no transposed fragments
+  const MmaParams& t = mt != nullptr ? *mt : none;
+  const IndexTableArgs a = make_index_table_args(h);
+  const int64_t total = index_table_size(h) + mma_row_table_size(mp) -
+                        mma_row_table_first(mp, in_place) + mp.num_frag + t.num_frag +
+                        mp.c.num_b;
+  const int blocks = blocks_for(total, 1024);
   const int ip = in_place ? 1 : 0;
-  if (mt == 4)
-    IGC_LAUNCH(mma_row_tables_kernel<64>, blocks, 0, stream, mp, ip, tables);
-  else if (mt == 2)
-    IGC_LAUNCH(mma_row_tables_kernel<32>, blocks, 0, stream, mp, ip, tables);
+  float* bias = const_cast<float*>(mp.c.B);
+  if (mt_tile == 4)
+    IGC_LAUNCH(mma_prepare_kernel<64>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
+               frag_t, bias);
+  else if (mt_tile == 2)
+    IGC_LAUNCH(mma_prepare_kernel<32>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
+               frag_t, bias);
   else
-    IGC_LAUNCH(mma_row_tables_kernel<16>, blocks, 0, stream, mp, ip, tables);
+    IGC_LAUNCH(mma_prepare_kernel<16>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
+               frag_t, bias);
+  const ChainParams<float>& p = mp.c;
   *out = mp;
   const LayerDesc& last = p.layer[p.L - 1];
-  out->elem = tables + last.g_off + last.cout;
+  out->elem = rows + last.g_off + last.cout;
   out->elem_out = out->elem + mp.layer[p.L - 1].e_off + last.cin;
   if (in_place) {
-    out->c.table = tables;
+    out->c.table = rows;
     bool identity = true;
     for (int l = 0; l < p.L; ++l) {
       identity = identity && p.layer[l].gather_identity;
@@ -881,10 +960,12 @@ inline cudaError_t launch_row_tables(const MmaParams& mp, int mt, bool in_place,
   return cudaGetLastError();
 }
 
+
+
 // Launch bounds of two CTAs per SM (at most 128 registers, which the tile chooser assumes):
 // without a minimum, ptxas kept the kernel near 40-48 registers and spilled around its calls
 // once the layers had pair items. mp.elem / elem_out: the element tables
-// (mma_row_tables_kernel). kInPlace: one tile, the layers in place (above); mp's table and
+// (mma_prepare_kernel). kInPlace: one tile, the layers in place (above); mp's table and
 // identity flags are then the composed gathers'.
 template <class Fmt, int MT, bool kInPlace>
 __global__ void __launch_bounds__(kThreads, 2)
@@ -1000,23 +1081,22 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
   return cudaSuccess;
 }
 
-// frag: mp.num_frag entries of device memory; mp.frag must point to it. tables:
-// mma_row_table_size entries of device memory for the row tables, built here from
-// mp.c.table. Packs the weights, builds the tables, then runs the chain.
+// table: index_table_size(h) entries of device memory, mp.c.table must point to it; frag:
+// mp.num_frag entries, mp.frag must point to it; tables: mma_row_table_size(mp) entries for the
+// row tables. w: the weights (MmaWeights). Builds the tables and packs the weights in one
+// launch, then runs the chain.
 template <class Fmt>
-inline cudaError_t launch_forward_mma(const MmaParams& mp, uint2* frag, int32_t* tables,
-                                      const TensorArg<const uint16_t>& x,
+inline cudaError_t launch_forward_mma(const HostChain& h, const MmaParams& mp,
+                                      const MmaWeights& w, int32_t* table, uint2* frag,
+                                      int32_t* tables, const TensorArg<const uint16_t>& x,
                                       const TensorArg<uint16_t>& y, int64_t P,
                                       const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
-  if (plan.grid < 1 || mp.frag != frag || frag == nullptr) return cudaErrorInvalidValue;
-  if (tables == nullptr || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
+  if (plan.grid < 1 || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
     return cudaErrorInvalidValue;
-  IGC_LAUNCH((pack_mma_weights_kernel<Fmt>), blocks_for(mp.num_frag, 1024), 0, stream, mp, frag);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
   MmaParams tp;
-  e = launch_row_tables(mp, plan.mt, plan.in_place, tables, stream, &tp);
+  const cudaError_t e = launch_mma_prepare(h, mp, nullptr, w, plan.mt, plan.in_place, table,
+                                           tables, frag, nullptr, stream, &tp);
   if (e != cudaSuccess) return e;
   return with_forward_mma_kernel<Fmt>(plan.mt, plan.in_place, [&](auto kernel) {
     IGC_LAUNCH(kernel, plan.grid, plan.smem, stream, tp, x, y, P);

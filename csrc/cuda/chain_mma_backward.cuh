@@ -31,7 +31,7 @@
 //   value cannot reach another group's gradients. The fp32 results are added to the CTA's
 //   private row of the partial buffer (each element owned by one lane; no atomics);
 // - (a barrier: h_l is dead) dh_l = W_l^T du_l with the forward's mma_layer on W_l^T (fragments
-//   packed per call by pack_mma_weights_kernel<Fmt, true>): A = du by ldmatrix.trans from the
+//   packed per call by mma_prepare_kernel): A = du by ldmatrix.trans from the
 //   natural-order gradient, and output j (input j of layer l) stored to row gather_{l-1}[j] of
 //   the tile that held u_l, i.e. du_l in natural order (the tile keeps its swizzle).
 //   gather_{l-1} is a permutation, so every row receives exactly one output: the inverse
@@ -63,21 +63,15 @@ __device__ __forceinline__ void ldmatrix_rows(uint32_t* r, const uint16_t* base,
 
 template <class Fmt>
 __device__ __forceinline__ float mma_to_float(uint32_t v16) {
-#ifdef IGC_EMULATE
-  return Fmt::is_bf16 ? igc_emu::bf16_to_float(static_cast<uint16_t>(v16))
-                      : igc_emu::f16_to_float(static_cast<uint16_t>(v16));
-#else
-  if constexpr (Fmt::is_bf16) return __uint_as_float(v16 << 16);
-  else return __half2float(__ushort_as_half(static_cast<unsigned short>(v16)));
-#endif
+  return mma_bits_to_float(v16, Fmt::is_bf16);
 }
 
 // The transposed chain: layer l of the result is W_l^T (n and m swapped, no bias), fragments
-// packed by pack_mma_weights_kernel<Fmt, true>.
-inline MmaParams make_mma_transposed_params(const HostChain& h, const float* W,
-                                            const int32_t* table, const uint2* frag) {
+// packed by mma_prepare_kernel.
+inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* table,
+                                            const uint2* frag) {
   MmaParams mp;
-  mp.c = make_params<float>(h, W, nullptr, table);
+  mp.c = make_params<float>(h, static_cast<const float*>(nullptr), nullptr, table);
   mp.frag = frag;
   mp.elem = mp.elem_out = nullptr;
   mp.tile_rows[0] = mp.tile_rows[1] = 0;  // (the forward's)
@@ -130,7 +124,7 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
 
 // pw[(g m + o) n + i] += sum_t du[g m + o][t] * h[h_row(g n + i)][t] over the TP positions; du:
 // the natural-order gradient tile, h: the layer's input tile; du_elem / h_elem: their rows'
-// elements (mma_row_tables_kernel: natural order; the layer's input rows).
+// elements (mma_prepare_kernel: natural order; the layer's input rows).
 // A warp item is a 16 x 16 block of a group's dW (A: 16 rows of the wider side, B: two 8-row
 // blocks of the other, one ldmatrix x4 each per k-step, two HMMAs): the item's row addresses,
 // output offsets and loop step serve 2 HMMAs per k-step instead of 1 (16 x 8 items).
@@ -342,7 +336,7 @@ inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
   return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
 }
 
-// mp: the chain (forward fragments, for the recompute; its row tables, launch_row_tables); mt: its
+// mp: the chain (forward fragments, for the recompute; its row tables, launch_mma_prepare); mt: its
 // transpose (make_mma_transposed_params). partial: [gridDim.x, num_w + num_b] fp32 (null when
 // neither weight nor bias gradients are needed); dx_starts / dx_order: CSR of the input index (dx
 // channel c sums dh_0 rows dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without one.
@@ -532,14 +526,16 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
   return cudaSuccess;
 }
 
-// frag / frag_t: mp.num_frag / mt.num_frag entries of device memory (mp.frag, mt.frag point to
-// them); tables: mma_row_table_size(mp) entries of device memory (the row tables); partial:
+// table: index_table_size(h) entries of device memory (mp.c.table and mt.c.table point to it);
+// frag / frag_t: mp.num_frag / mt.num_frag entries (mp.frag, mt.frag point to them); tables:
+// mma_row_table_size(mp) entries (the row tables); w: the weights (MmaWeights); partial:
 // plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null); gw / gb: the 16-bit
-// outputs, or null when not needed. Packs the fragments, builds the row tables, runs the backward,
-// then reduces the partial rows.
+// outputs, or null when not needed. Builds the tables and packs both fragment sets in one launch,
+// runs the backward, then reduces the partial rows.
 template <class Fmt>
-inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const MmaParams& mt,
-                                       uint2* frag_t, int32_t* tables,
+inline cudaError_t launch_backward_mma(const HostChain& h, const MmaParams& mp,
+                                       const MmaParams& mt, const MmaWeights& w, int32_t* table,
+                                       uint2* frag, uint2* frag_t, int32_t* tables,
                                        const TensorArg<const uint16_t>& x,
                                        const TensorArg<const uint16_t>& dy,
                                        const TensorArg<uint16_t>& dx, const int32_t* dx_starts,
@@ -547,23 +543,14 @@ inline cudaError_t launch_backward_mma(const MmaParams& mp, uint2* frag, const M
                                        uint16_t* gb, BackwardFlags f, int64_t P,
                                        const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
-  if (plan.grid < 1 || mp.frag != frag || mt.frag != frag_t || frag == nullptr ||
-      frag_t == nullptr || tables == nullptr)
-    return cudaErrorInvalidValue;
+  if (plan.grid < 1 || mt.c.table != table) return cudaErrorInvalidValue;
   const bool wb = f.need_w || f.need_b;
   if (wb && partial == nullptr) return cudaErrorInvalidValue;
   if (mp.c.has_index && f.need_x && (dx_starts == nullptr || dx_order == nullptr))
     return cudaErrorInvalidValue;
-  IGC_LAUNCH((pack_mma_weights_kernel<Fmt, false>), blocks_for(mp.num_frag, 1024), 0, stream,
-             mp, frag);
-  cudaError_t e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
-  IGC_LAUNCH((pack_mma_weights_kernel<Fmt, true>), blocks_for(mt.num_frag, 1024), 0, stream, mt,
-             frag_t);
-  e = cudaGetLastError();
-  if (e != cudaSuccess) return e;
   MmaParams tp;
-  e = launch_row_tables(mp, plan.mt, false, tables, stream, &tp);
+  cudaError_t e = launch_mma_prepare(h, mp, &mt, w, plan.mt, false, table, tables, frag, frag_t,
+                                     stream, &tp);
   if (e != cudaSuccess) return e;
   float* part = wb ? partial : nullptr;
   if (!mp.c.has_index) dx_starts = dx_order = nullptr;

@@ -42,7 +42,6 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
   template __global__ void chain_forward_mma_kernel<F, MT, IP>(                                 \
       const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);
 #define IGC_INSTANTIATE_MMA(F)                                                                  \
-  template __global__ void pack_mma_weights_kernel<F>(const MmaParams, uint2*);                 \
   IGC_FORWARD_MMA(F, 1, false)                                                                  \
   IGC_FORWARD_MMA(F, 2, false)                                                                  \
   IGC_FORWARD_MMA(F, 4, false)                                                                  \
@@ -51,7 +50,8 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
   IGC_FORWARD_MMA(F, 4, true)                                                                   \
   template cudaError_t plan_forward_mma<F>(const MmaParams&, int64_t, const DeviceInfo&,        \
                                            MmaPlan*);                                           \
-  template cudaError_t launch_forward_mma<F>(const MmaParams&, uint2*, int32_t*,                \
+  template cudaError_t launch_forward_mma<F>(const HostChain&, const MmaParams&,                \
+                                             const MmaWeights&, int32_t*, uint2*, int32_t*,     \
                                              const TensorArg<const uint16_t>&,                  \
                                              const TensorArg<uint16_t>&, int64_t,               \
                                              const MmaPlan&, cudaStream_t);
@@ -64,7 +64,6 @@ IGC_INSTANTIATE_MMA(MmaF16)
 // the tensor-core backward: every element format and tile, the transposed weight packing and
 // the reduction of the partial rows
 #define IGC_INSTANTIATE_MMA_BACKWARD(F)                                                         \
-  template __global__ void pack_mma_weights_kernel<F, true>(const MmaParams, uint2*);           \
   template __global__ void chain_backward_mma_kernel<F, 1>(                                     \
       const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
       const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
@@ -82,8 +81,8 @@ IGC_INSTANTIATE_MMA(MmaF16)
   template cudaError_t plan_backward_mma<F>(const MmaParams&, int64_t, bool, const DeviceInfo&, \
                                             MmaPlan*);                                          \
   template cudaError_t launch_backward_mma<F>(                                                  \
-      const MmaParams&, uint2*, const MmaParams&, uint2*, int32_t*,                             \
-      const TensorArg<const uint16_t>&,                                                         \
+      const HostChain&, const MmaParams&, const MmaParams&, const MmaWeights&, int32_t*, uint2*,\
+      uint2*, int32_t*, const TensorArg<const uint16_t>&,                                       \
       const TensorArg<const uint16_t>&, const TensorArg<uint16_t>&, const int32_t*,             \
       const int32_t*, float*, uint16_t*, uint16_t*, BackwardFlags, int64_t, const MmaPlan&,     \
       cudaStream_t);

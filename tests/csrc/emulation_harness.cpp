@@ -4,6 +4,7 @@
 //   g++ -std=c++20 -O1 -DIGC_EMULATE -shared -fPIC -pthread -Icsrc/cuda -Itests/csrc
 //       tests/csrc/emulation_harness.cpp
 // (not part of the extension).
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -119,70 +120,94 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
   return 0;
 }
 
-// The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain; W and B in float32 (as
-// the CUDA launcher passes them). plan_out: tile positions, grid, in-place layers (0 / 1).
+// The weights and biases as the tensor-core launchers take them, from the flat 16-bit weights W
+// and biases B (every W_l, every present b_l, in layer order: chain_cuda.cu's per-layer tensors
+// laid out one after the other).
+MmaWeights mma_weights(const ChainParams<float>& p, const void* W, const void* B, bool bf16) {
+  MmaWeights w{};
+  w.is_bf16 = bf16 ? 1 : 0;
+  for (int l = 0; l < p.L; ++l) {
+    w.w[l] = static_cast<const uint16_t*>(W) + p.layer[l].w_off;
+    if (p.layer[l].has_bias) w.b[l] = static_cast<const uint16_t*>(B) + p.layer[l].b_off;
+  }
+  return w;
+}
+
+// The per-call tables of the tensor-core kernels, filled with -1 (NaN for the biases) before the
+// launch so that an entry the preparation kernel misses shows.
+struct MmaTables {
+  std::vector<int32_t> table, rows;
+  std::vector<uint2> frag, frag_t;
+  std::vector<float> bias;
+  MmaTables(const HostChain& h, const MmaParams& mp, int64_t n_frag_t)
+      : table(static_cast<size_t>(index_table_size(h)), -1),
+        rows(static_cast<size_t>(mma_row_table_size(mp)), -1),
+        frag(static_cast<size_t>(mp.num_frag), uint2{~0u, ~0u}),
+        frag_t(static_cast<size_t>(n_frag_t), uint2{~0u, ~0u}),
+        bias(static_cast<size_t>(mp.c.num_b), std::nanf("")) {}
+  float* bias_ptr() { return bias.empty() ? nullptr : bias.data(); }
+};
+
+// The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain; W, B: the weights and
+// biases in the 16-bit dtype. plan_out: tile positions, grid, in-place layers (0 / 1).
 template <class Fmt>
 int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                 const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
   Setup<float> su;
-  if (const int rc = setup(h, W, B, x, dev, &su)) return rc;
-  MmaParams mp = make_mma_params(*h, static_cast<const float*>(W), static_cast<const float*>(B),
-                                 su.table.data(), nullptr);
+  if (const int rc = setup(h, nullptr, nullptr, x, dev, &su)) return rc;
+  const MmaParams probe = make_mma_params(*h, nullptr, nullptr, nullptr);
   const int64_t P = su.P;
   if (P == 0) return 0;
   MmaPlan pl;
-  if (plan_forward_mma<Fmt>(mp, P, su.info, &pl) != cudaSuccess) return 3;
+  if (plan_forward_mma<Fmt>(probe, P, su.info, &pl) != cudaSuccess) return 3;
   if (plan_out != nullptr) {
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
     plan_out[2] = pl.in_place ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
-  std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
-  mp.frag = frag.data();
-  std::vector<int32_t> tables(static_cast<size_t>(mma_row_table_size(mp)));
-  if (launch_forward_mma<Fmt>(mp, frag.data(), tables.data(), arg<const uint16_t>(x),
-                              arg<uint16_t>(y), P, pl, nullptr) != cudaSuccess)
+  MmaTables t(*h, probe, 0);
+  const MmaParams mp = make_mma_params(*h, t.bias_ptr(), t.table.data(), t.frag.data());
+  if (launch_forward_mma<Fmt>(*h, mp, mma_weights(mp.c, W, B, Fmt::is_bf16), t.table.data(),
+                              t.frag.data(),
+                              t.rows.data(), arg<const uint16_t>(x), arg<uint16_t>(y), P, pl,
+                              nullptr) != cudaSuccess)
     return 5;
   return 0;
 }
 
-// The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain: W and B in
-// float32, dx / gw / gb in the 16-bit dtype. plan_out: tile positions, grid, x and dy in one
-// tile (reload x).
+// The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain: W, B and dx /
+// gw / gb in the 16-bit dtype. plan_out: tile positions, grid,
+// x and dy in one tile (reload x).
 template <class Fmt>
 int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                  const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
                  const int32_t* order, void* gw, void* gb, int need_x, int need_w, int need_b,
                  const EmuDevice* dev, int64_t* plan_out) {
   Setup<float> su;
-  if (const int rc = setup(h, W, B, x, dev, &su)) return rc;
+  if (const int rc = setup(h, nullptr, nullptr, x, dev, &su)) return rc;
   const int64_t P = su.P;
   if (P == 0) return 0;
-  MmaParams mp = make_mma_params(*h, static_cast<const float*>(W), static_cast<const float*>(B),
-                                 su.table.data(), nullptr);
-  MmaParams mt = make_mma_transposed_params(*h, static_cast<const float*>(W), su.table.data(),
-                                            nullptr);
-  const bool nb = need_b && mp.c.num_b > 0;
+  const MmaParams probe = make_mma_params(*h, nullptr, nullptr, nullptr);
+  const bool nb = need_b && probe.c.num_b > 0;
   const bool wb = need_w || nb;
   MmaPlan pl;
-  if (plan_backward_mma<Fmt>(mp, P, wb, su.info, &pl) != cudaSuccess) return 3;
+  if (plan_backward_mma<Fmt>(probe, P, wb, su.info, &pl) != cudaSuccess) return 3;
   if (plan_out != nullptr) {
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
     plan_out[2] = pl.reload_x ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
-  std::vector<uint2> frag(static_cast<size_t>(mp.num_frag));
-  std::vector<uint2> frag_t(static_cast<size_t>(mt.num_frag));
-  mp.frag = frag.data();
-  mt.frag = frag_t.data();
+  MmaTables t(*h, probe, make_mma_transposed_params(*h, nullptr, nullptr).num_frag);
+  const MmaParams mp = make_mma_params(*h, t.bias_ptr(), t.table.data(), t.frag.data());
+  const MmaParams mt = make_mma_transposed_params(*h, t.table.data(), t.frag_t.data());
   std::vector<float> partial(wb ? static_cast<size_t>(pl.grid * (mp.c.num_w + mp.c.num_b)) : 0);
   BackwardFlags f{need_x, need_w, nb ? 1 : 0, 1};
   TensorArg<uint16_t> dxa = need_x ? arg<uint16_t>(dx) : TensorArg<uint16_t>{};
-  std::vector<int32_t> tables(static_cast<size_t>(mma_row_table_size(mp)));
-  if (launch_backward_mma<Fmt>(mp, frag.data(), mt, frag_t.data(), tables.data(),
-                               arg<const uint16_t>(x),
+  if (launch_backward_mma<Fmt>(*h, mp, mt, mma_weights(mp.c, W, B, Fmt::is_bf16),
+                               t.table.data(), t.frag.data(),
+                               t.frag_t.data(), t.rows.data(), arg<const uint16_t>(x),
                                arg<const uint16_t>(dy), dxa, starts, order,
                                wb ? partial.data() : nullptr, static_cast<uint16_t*>(gw),
                                static_cast<uint16_t*>(gb), f, P, pl, nullptr) != cudaSuccess)
