@@ -391,18 +391,36 @@ def _present_biases(meta: Meta) -> int:
     return 0 if meta.bias_mask is None else sum(meta.bias_mask)
 
 
+def _transforms_active() -> bool:
+    """Whether a torch.func transform or a forward-mode level is active."""
+    return bool(torch._C._are_functorch_transforms_active()
+                or torch.autograd.forward_ad._current_level >= 0)
+
+
 def _needs_autograd(x, weights, biases) -> bool:
     """Whether a call must go through the ``autograd.Function`` (a gradient to record, a
     forward-mode level or a torch.func transform active); otherwise the op is called directly
     (the Function costs ~35 us per call on the benchmark CPU)."""
-    if torch._C._are_functorch_transforms_active():
-        return True
-    if torch.autograd.forward_ad._current_level >= 0:
+    if _transforms_active():
         return True
     if not torch.is_grad_enabled():
         return False
     return x.requires_grad or any(w.requires_grad for w in weights) \
         or any(b.requires_grad for b in biases)
+
+
+_BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
+
+
+def _call_below_autograd(op, *args):
+    """``op(*args)`` dispatched past the autograd keys, as the op's registered autograd kernel
+    does itself when grad mode is off (that Python kernel in between cost ~10 us per call on the
+    benchmark CPU). Only for calls that record nothing: grad mode off or nothing requiring
+    grad, no forward-mode level, no torch.func transform, not while torch.compile traces."""
+    if _BELOW_AUTOGRAD is None:
+        return op(*args)
+    with _BELOW_AUTOGRAD():
+        return op(*args)
 
 
 def make_family(name: str, forward_op, backward_op, fits) -> Family:
@@ -417,8 +435,10 @@ def make_family(name: str, forward_op, backward_op, fits) -> Family:
         @staticmethod
         def forward(meta, x, idx, *tensors):
             weights, biases, perms = unpack(meta, tensors, x)
-            return forward_op(x, weights, biases, list(meta.groups), list(meta.shuffles),
-                              perms, idx)
+            args = (x, weights, biases, list(meta.groups), list(meta.shuffles), perms, idx)
+            if _transforms_active():
+                return forward_op(*args)
+            return _call_below_autograd(forward_op, *args)  # (grad mode is off in here)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -525,14 +545,17 @@ def make_family(name: str, forward_op, backward_op, fits) -> Family:
             return forward_op(x, list(weights), list(biases), list(groups), list(shuffles),
                               list(perms), idx)
         if not _needs_autograd(x, weights, biases):
-            return forward_op(x, weights, biases, list(groups), list(shuffles), perms, idx)
+            return _call_below_autograd(forward_op, x, weights, biases, list(groups),
+                                        list(shuffles), perms, idx)
         meta, tensors = pack(x, weights, biases, groups, shuffles, perms)
         return ChainForward.apply(meta, x, idx, *tensors)
 
     def backward(dy, x, weights, biases, groups, shuffles, perms, mask, idx):
         if not torch.is_grad_enabled():
-            return backward_op(dy, x, weights, biases, list(groups), list(shuffles), perms,
-                               list(mask), idx)
+            args = (dy, x, weights, biases, list(groups), list(shuffles), perms, list(mask), idx)
+            if torch.compiler.is_compiling() or _transforms_active():
+                return backward_op(*args)
+            return _call_below_autograd(backward_op, *args)
         meta, tensors = pack(x, weights, biases, groups, shuffles, perms)
         return ChainBackward.apply(meta, Mask(*(bool(m) for m in mask)), dy, x, idx, *tensors)
 
