@@ -1117,6 +1117,22 @@ def test_emulated_mma_backward_is_deterministic(emu, dtype):
 
 
 @needs_cxx
+def test_emulated_mma_backward_full_block_row_updates(emu):
+    """The weight-gradient items of full 16 x 16 blocks (n <= m, both multiples of 16) add to
+    the CTA's fp32 row as float2 pairs when the layer's part of the row is 8-byte aligned, and
+    element by element when not: 65 bias elements make the rows odd-sized, so the second CTA's
+    row takes the general loop for the same layer. Both within the 2x rule, on two CTAs."""
+    c = EmuCase([16, 32, 33], [1, 1], perms=[None, None], bias=[True, True],
+                dtype=torch.bfloat16, seed=41)
+    x = _x((4, 16, 9, 9), "contiguous", torch.bfloat16, 42)
+    gy = _x((4, 33, 9, 9), "channels_last", torch.bfloat16, 43)
+    *_, plan = c.check_backward_mma(emu, x, gy, device=TWO_SM)
+    assert plan[1] == 2, plan
+    nw = sum(w.numel() for w in c.weights)
+    assert (nw + 65) % 2 == 1
+
+
+@needs_cxx
 @pytest.mark.parametrize("where", ["x", "grad_y"])
 def test_emulated_mma_backward_keeps_groups_apart(emu, where):
     """An infinite value in one group (in x, or in grad_y) leaves every gradient of the other

@@ -574,7 +574,8 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSM.x4s, mt k-steps,
     2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
     read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 16 block of a group, 8 values
-    stored per lane; "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
+    stored per lane; "dw_full_item", the same where every block is full, 4 float2 per lane;
+    "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
     tile loads and stores (the costliest loop of each kind)."""
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
@@ -595,9 +596,13 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     walk = smallest([l for l in with_layer
                      if any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
     # weight-gradient item loops: HMMA.16816 and non-trans LDSM.x4, the fp32 row updates (the
-    # general 16 x 16 item stores 8 values per lane, the pair item 4), no trans LDSM (dh)
+    # general 16 x 16 item stores 8 values per lane, its full-block variant 4 pairs (STG.E.64),
+    # the pair item 4 values), no trans LDSM (dh)
     def stores(lp):
         return sum(1 for o in ops_in(lp[0], lp[1]) if o.startswith(("STG", "STS", "RED")))
+
+    def wide_stores(lp):
+        return sum(1 for o in ops_in(lp[0], lp[1]) if o.startswith("STG.E.64"))
     items = [l for l in inside(walk)
              if all(any(o.startswith(n) for o in ops_in(l[0], l[1]))
                     for n in ("HMMA.16816", "LDSM.16.M88.4"))
@@ -605,10 +610,11 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
              and stores(l) > 0]
     items = [l for l in items if not any(o is not l and l[0] <= o[0] and o[1] <= l[1]
                                          for o in items)]
-    by_stores = {stores(l): l for l in items}
-    if sorted(by_stores) != [4, 8]:
-        raise SystemExit(f"weight-gradient item loops not found (stores per loop: "
-                         f"{sorted(stores(l) for l in items)})")
+    # (a loop may hold two items: item_cost divides by the items per iteration)
+    kinds = {("full" if wide_stores(l) else stores(l)): l for l in items}
+    if sorted(kinds, key=str) != [4, 8, "full"]:
+        raise SystemExit(f"weight-gradient item loops not found (stores, 64-bit stores per "
+                         f"loop: {sorted((stores(l), wide_stores(l)) for l in items)})")
 
     def item_cost(lp):
         """one item: the loop body, its k-step loop (when not fully unrolled) once per
@@ -624,11 +630,12 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
         per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (2 * mt)))
         return _combine((1.0 / per_iter, whole))
 
-    dw, pair = by_stores[8], by_stores[4]
+    dw, dw_full, pair = kinds[8], kinds["full"], kinds[4]
     out = {"fwd": _layer_model(ins, inside(recompute), mt),
-           "dh": _layer_model(ins, [l for l in inside(walk) if l[:2] not in (dw[:2], pair[:2])],
-                              mt),
-           "dw_item": item_cost(dw), "dw_pair_item": item_cost(pair)}
+           "dh": _layer_model(ins, [l for l in inside(walk)
+                                    if l[:2] not in (dw[:2], dw_full[:2], pair[:2])], mt),
+           "dw_item": item_cost(dw), "dw_full_item": item_cost(dw_full),
+           "dw_pair_item": item_cost(pair)}
     out.update(_tile_move_model(ins, loops, largest=True))
     return out
 
@@ -789,8 +796,11 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
             wide, narrow = max(m, n), min(m, n)
             if wide <= 8:  # dW items: pairs of groups
                 terms.append((-(-g // 2), model["dw_pair_item"]))
-            else:  # 16 x 8 blocks of a group
-                terms.append((g * -(-wide // 16) * -(-narrow // 16), model["dw_item"]))
+            else:  # 16 x 16 blocks of a group (mma_weight_grads: full blocks with n <= m
+                # take the float2 loop; the layer's offset in the fp32 row is even here)
+                full = n <= m and n % 16 == 0 and m % 16 == 0
+                terms.append((g * -(-wide // 16) * -(-narrow // 16),
+                              model["dw_full_item" if full else "dw_item"]))
         for layout in layouts:
             cl = layout == "channels_last"
 

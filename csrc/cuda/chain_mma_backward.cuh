@@ -128,12 +128,15 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
 // A warp item is a 16 x 16 block of a group's dW (A: 16 rows of the wider side, B: two 8-row
 // blocks of the other, one ldmatrix x4 each per k-step, two HMMAs): the item's row addresses,
 // output offsets and loop step serve 2 HMMAs per k-step instead of 1 (16 x 8 items).
-template <class Fmt, int MT>
-__device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
-                                                 const int32_t* __restrict__ du_elem,
-                                                 const uint16_t* h,
-                                                 const int32_t* __restrict__ h_elem,
-                                                 float* __restrict__ pw, const uint16_t* zero) {
+// kPairs: every 16 x 16 block full, B's neighbours adjacent (stride_b 1) and pw 8-byte aligned:
+// the row updates as float2 pairs without bounds checks (mma_weight_grads decides).
+template <class Fmt, int MT, bool kPairs>
+__device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const uint16_t* du,
+                                                      const int32_t* __restrict__ du_elem,
+                                                      const uint16_t* h,
+                                                      const int32_t* __restrict__ h_elem,
+                                                      float* __restrict__ pw,
+                                                      const uint16_t* zero) {
   constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -180,15 +183,38 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
     // rolled: two k-steps per iteration cost the 16 x 16 items more than they save (sm_90 SASS,
     // tools/gpu_static.py: IGCV2(256, 16) backward predicted 81% -> 77% of copy bandwidth)
     mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, swa, pb, b_t, swb);
-    // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2
+    // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2; 32-bit
+    // offsets within the layer (its weights number far less than 2^31: its channels fit shared
+    // memory). The values of the CTA's fp32 row are all read before any is written: the
+    // compiler cannot tell the addresses apart, and a read-add-write per value made each read
+    // wait for the previous write (8 L2 round trips in a row per item, sm_90 SASS).
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
-    float* out = pw + static_cast<int64_t>(g) * d.m * d.n + r_a * stride_a + r_b * stride_b;
+    float* out = pw + ((g * d.m * d.n) + r_a * stride_a + r_b * stride_b);
+    if (kPairs) {  // (q, q + 1) adjacent and 8-byte aligned: 4 float2 per lane, no bounds
+      float2* o0 = reinterpret_cast<float2*>(out);               // A row r_a
+      float2* o1 = reinterpret_cast<float2*>(out + 8 * stride_a);  // A row r_a + 8
+      const float2 v00 = o0[0], v01 = o0[4], v10 = o1[0], v11 = o1[4];  // B rows +0, +8
+      o0[0] = float2{v00.x + acc[0][0], v00.y + acc[0][1]};
+      o0[4] = float2{v01.x + acc[1][0], v01.y + acc[1][1]};
+      o1[0] = float2{v10.x + acc[0][2], v10.y + acc[0][3]};
+      o1[4] = float2{v11.x + acc[1][2], v11.y + acc[1][3]};
+    } else {
+      float old[2][4];
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
+      for (int k = 0; k < 2; ++k) {
 #pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        if (r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb)
-          out[8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b] += acc[k][q];
+        for (int q = 0; q < 4; ++q) {
+          const bool ok = r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb;
+          old[k][q] = ok ? out[8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b] : 0.0f;
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          if (r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb)
+            out[8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b] = old[k][q] + acc[k][q];
+        }
       }
     }
     ib += sb_;
@@ -203,6 +229,21 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
     }
     g += sg;
   }
+}
+
+// The weight gradients of a layer (above): the float2 item loop where every 16 x 16 block is
+// full, the group's outputs are A (n <= m: B's neighbours adjacent) and pw is 8-byte aligned,
+// else the general one. Two loops rather than a branch per item: each keeps its own registers.
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
+                                                 const int32_t* __restrict__ du_elem,
+                                                 const uint16_t* h,
+                                                 const int32_t* __restrict__ h_elem,
+                                                 float* __restrict__ pw, const uint16_t* zero) {
+  if (d.n <= d.m && d.n % 16 == 0 && d.m % 16 == 0 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
+    mma_weight_grad_items<Fmt, MT, true>(d, du, du_elem, h, h_elem, pw, zero);
+  else
+    mma_weight_grad_items<Fmt, MT, false>(d, du, du_elem, h, h_elem, pw, zero);
 }
 
 // The weight gradients of a layer whose groups have at most 8 outputs and 8 inputs (same
@@ -252,15 +293,25 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     mma_dw_item<Fmt, MT, 2>(acc, pa, a_t, swa, pb, b_t, swb);
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
+    // a 32-bit offset within the layer (its weights number far less than 2^31: its channels
+    // fit shared memory): 8 fewer instructions per item than a 64-bit one. The 4 values are read
+    // before any is written (as in mma_weight_grads).
+    float old[2][2];
+#pragma unroll
+    for (int k = 0; k < 2; ++k) {
+      const int g = g0 + k;
+      const float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
+      const bool row = g < d.groups && gid < d.m;
+      old[k][0] = row && 2 * tig < d.n ? out[0] : 0.0f;
+      old[k][1] = row && 2 * tig + 1 < d.n ? out[1] : 0.0f;
+    }
 #pragma unroll
     for (int k = 0; k < 2; ++k) {
       const int g = g0 + k;
       if (g < d.groups && gid < d.m) {
-        // a 32-bit offset within the layer (its weights number far less than 2^31: its
-        // channels fit shared memory): 8 fewer instructions per item than a 64-bit one
         float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
-        if (2 * tig < d.n) out[0] += acc[k][2 * k];
-        if (2 * tig + 1 < d.n) out[1] += acc[k][2 * k + 1];
+        if (2 * tig < d.n) out[0] = old[k][0] + acc[k][2 * k];
+        if (2 * tig + 1 < d.n) out[1] = old[k][1] + acc[k][2 * k + 1];
       }
     }
   }
