@@ -102,10 +102,10 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
-        # the tensor-core forward: 2 formats x 3 tiles x (two tiles, in-place layers); the
-        # backward: 2 formats x 3 tiles; the backward's reduction per format; the per-call
-        # preparation (tables and weight fragments) per tile
-        assert sum("chain_forward_mma_kernel" in n for n in names) == 12, names
+        # the tensor-core forward: 2 formats x 3 tiles x (two tiles, in-place layers in the
+        # plain and in the kWrap layout); the backward: 2 formats x 3 tiles; the backward's
+        # reduction per format; the per-call preparation (tables and weight fragments) per tile
+        assert sum("chain_forward_mma_kernel" in n for n in names) == 18, names
         assert sum("chain_backward_mma_kernel" in n for n in names) == 6, names
         assert sum("mma_prepare_kernel" in n for n in names) == 3, names
         assert sum("reduce_partials_mma_kernel" in n for n in names) == 2, names
@@ -143,7 +143,7 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
         mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
-        assert len(mma) == 12, [f.split()[0] for f in funcs]
+        assert len(mma) == 18, [f.split()[0] for f in funcs]
         for f in mma:
             name = f.split()[0]
             fmt = ".BF16" if "MmaBf16" in name else ""  # f16 inputs carry no suffix
@@ -356,11 +356,11 @@ class EmuCase:
     def emu_forward_mma(self, lib, x, device=H100, occupancy=1):
         """The tensor-core forward (float16 / bfloat16; weights and biases passed in their dtype,
         as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid, 1
-        for in-place layers)."""
+        for in-place layers, 1 for the kWrap tile layout)."""
         assert self.dtype in (torch.float16, torch.bfloat16)
         W, B = self._flat()
         return self._forward(lib.igc_emu_forward_mma, int(self.dtype == torch.bfloat16), W, B,
-                             x, device, occupancy, 3, "tensor-core forward")
+                             x, device, occupancy, 4, "tensor-core forward")
 
     def unfused(self, x, dtype=None):
         """The unfused chain in ``dtype`` (default: the case's; every layer's output rounded to
@@ -850,7 +850,7 @@ def test_emulated_mma_tiles_and_shared_memory(emu):
         assert plan[0] == tp, (tp, plan)
     h, (W, B) = c.host_chain(), c._flat()
     y = torch.empty(2, 64, 9, 11, dtype=torch.bfloat16)
-    plan = (ctypes.c_int64 * 3)()
+    plan = (ctypes.c_int64 * 4)()
     rc = emu.igc_emu_forward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                                  ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
                                  ctypes.byref(_etensor(y)),
@@ -860,30 +860,45 @@ def test_emulated_mma_tiles_and_shared_memory(emu):
 
 @needs_cxx
 def test_mma_tile_swizzle_spreads_power_of_two_row_sets_over_the_banks(emu):
-    """The tensor-core tiles' layout (mma_elem): in a buffer of a multiple of 4 rows every
-    (row, position) has its own element; a row's chunk c is its start plus ((c * 8) ^ sw), sw
-    the row's swizzle (how the kernels address a row once and then its chunks); and 8 rows
-    whose numbers differ only in 3 consecutive bits (8 consecutive rows, or 8 rows a power of
-    two apart, as after a shuffle) lie in 8 different 16-byte bank groups of a 128-byte line at
-    every position: an ldmatrix / stmatrix phase over them is free of bank conflicts."""
-    emu.igc_emu_mma_elem.restype = ctypes.c_int
-    elem = emu.igc_emu_mma_elem
+    """The tensor-core tiles' layouts (mma_elem, and its in-place variant): in a buffer of a
+    multiple of 4 rows every (row, position) has its own element; a row's chunk c is its start
+    plus ((c * 8) ^ sw), sw the row's swizzle (how the kernels address a row once and then its
+    chunks); and 8 rows whose numbers differ only in 3 consecutive bits (8 consecutive rows, or
+    8 rows a power of two apart, as after a shuffle) lie in 8 different 16-byte bank groups of
+    a 128-byte line at every position: an ldmatrix / stmatrix phase over them is free of bank
+    conflicts. The in-place variant also spreads, in a tile of 2^nb rows (32 to 2048), the 8
+    rows j0 .. j0 + 7 (j0 a multiple of 8) with their numbers' bits rotated: a group's input
+    rows after composed shuffles of power-of-two channel counts, whose 3 varying bits wrap
+    around. The plain layout does not (IGCV2(1024, 16)'s third layer: 2-way conflicts)."""
+    for fn in (emu.igc_emu_mma_elem, emu.igc_emu_mma_elem_wrap):
+        fn.restype = ctypes.c_int
     rows = 2048
-    for tp in (16, 32, 64):
-        table = [[elem(tp, r, t) for t in range(0, tp, 8)] for r in range(rows)]
-        flat = [elem(tp, r, t) for r in range(rows) for t in range(tp)]
-        assert sorted(flat) == list(range(rows * tp)), tp
-        for r in range(rows):
-            e0 = table[r][0]
-            sw = e0 & ((tp // 8 - 1) << 3)
-            assert table[r] == [e0 - sw + ((c * 8) ^ sw) for c in range(tp // 8)], (tp, r)
-        for a in range(9):  # strides 1 .. 256
-            for base in range(0, rows, 8 << a):
-                for low in (0, (1 << a) - 1):  # the bits below the varying ones
-                    group = [base + low + (k << a) for k in range(8)]
-                    for c in range(tp // 8):
-                        banks = {(table[r][c] // 8) % 8 for r in group}
-                        assert len(banks) == 8, (tp, a, base, low, c)
+    for wrap, elem in ((False, emu.igc_emu_mma_elem), (True, emu.igc_emu_mma_elem_wrap)):
+        for tp in (16, 32, 64):
+            table = [[elem(tp, r, t) for t in range(0, tp, 8)] for r in range(rows)]
+            flat = [elem(tp, r, t) for r in range(rows) for t in range(tp)]
+            assert sorted(flat) == list(range(rows * tp)), tp
+            for r in range(rows):
+                e0 = table[r][0]
+                sw = e0 & ((tp // 8 - 1) << 3)
+                assert table[r] == [e0 - sw + ((c * 8) ^ sw) for c in range(tp // 8)], (tp, r)
+            for a in range(9):  # strides 1 .. 256
+                for base in range(0, rows, 8 << a):
+                    for low in (0, (1 << a) - 1):  # the bits below the varying ones
+                        group = [base + low + (k << a) for k in range(8)]
+                        for c in range(tp // 8):
+                            banks = {(table[r][c] // 8) % 8 for r in group}
+                            assert len(banks) == 8, (wrap, tp, a, base, low, c)
+            worst = 1
+            for nb in range(5, 12):
+                size = 1 << nb
+                for rot in range(nb):
+                    for j0 in range(0, size, 8):
+                        group = [((j >> rot) | (j << (nb - rot))) & (size - 1)
+                                 for j in range(j0, j0 + 8)]
+                        banks = [(table[r][0] // 8) % 8 for r in group]
+                        worst = max(worst, max(banks.count(b) for b in banks))
+            assert worst == (1 if wrap else 2), (wrap, tp, worst)
 
 
 def _in_place_smem(cmax: int, tp: int) -> int:
@@ -901,6 +916,8 @@ IN_PLACE_CASES = {
     "odd_square": ([15, 15, 15], [5, 3], ["perm64", "perm32"], None, None, (64, 32, 16)),
     "identity_then_perm": ([32] * 4, [4, 8, 4], [None, "perm64", None], None, None,
                            (64, 32, 16)),
+    "igcv2_c128_w8": ([128] * 4, [16, 16, 16], ["interleave", "interleave", None], None, None,
+                      (64, 32, 16)),
     "input_index": ([16, 16, 16], [2, 4], ["interleave", "perm32"],
                     [3, 0, 3, 5, 7, 7, 7, 1, 8, 2, 2, 4, 6, 0, 1, 5], 9, (64, 32, 16)),
 }
@@ -916,7 +933,9 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
     tiles do not fit at all). Their outputs equal
     the two-tile kernel's bit for bit (same products, same rounding, any tile) and pass the
     oracle check. (Groups of 16 take items of both blocks of 8 outputs at every tile size;
-    groups of 25 to 32 items of all four blocks, in tiles of at most 32 positions.)"""
+    groups of 25 to 32 items of all four blocks, in tiles of at most 32 positions.) Chains of
+    2^nb channels, nb % 3 != 0, with 3 or more layers take the kWrap tile layout (32 and 128
+    channels here)."""
     channels, groups, perms, index, c_in, tiles = case
     gen = torch.Generator().manual_seed(len(channels))
     perms = [torch.randperm(channels[l + 1], generator=gen).to(
@@ -933,6 +952,7 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
         need = _in_place_smem(max(channels), tp)
         y, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
         assert plan[0] == tp and plan[2] == 1, (tp, plan)
+        assert plan[3] == int(max(channels) in (32, 128) and len(groups) >= 3), plan
         assert torch.equal(y, y_two), tp
     if 64 not in tiles:  # room for 64 positions in place: groups of 32 keep 32 (two tiles)
         need = _in_place_smem(max(channels), 64)

@@ -645,6 +645,13 @@ def mma_tile_rows(c: int) -> int:
     return -(-c // 4) * 4
 
 
+def mma_wrap_layout(chans, layers: int) -> bool:
+    """mma_wrap_layout of chain_mma.cuh: the in-place forward of 2^nb channels, nb % 3 != 0,
+    with at least 3 layers takes mma_elem's kWrap tile layout"""
+    c = max(chans)
+    return layers >= 3 and c >= 32 and c & (c - 1) == 0 and (c.bit_length() - 1) % 3 != 0
+
+
 def mma_smem_bytes(chans, tp: int, in_place: bool = False) -> int:
     """mma_forward_smem_bytes of chain_mma.cuh for channels C_0 .. C_L: a tile of the widest
     of C_0, C_2, ... and one of the widest of C_1, C_3, ... (with in-place layers, one of the
@@ -885,8 +892,9 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
         if tp == 0:
             continue
         mt = tp // 16
+        wrap = in_place and mma_wrap_layout(chans, len(chans) - 1)
         name = next(n for n in funcs if "chain_forward_mma_kernel" in n
-                    and f"{fmt}ELi{mt}ELb{int(in_place)}E" in n)
+                    and f"{fmt}ELi{mt}ELb{int(in_place)}ELb{int(wrap)}E" in n)
         model = mma_kernel_model(funcs[name], mt)
         terms = []
         pair_layers = 0
@@ -913,6 +921,8 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                               "chain_forward_mma_kernel", tp, ptxas[name],
                               mma_smem_bytes(chans, tp, in_place))
             rec.config["in_place"] = in_place
+            if wrap:
+                rec.config["wrap_layout"] = True
             _set_mma_dyn(rec, total,
                          "per layer: items x item cost + items x k-steps x "
                          "k-step cost; tile load/store per 16-byte vector "

@@ -304,23 +304,53 @@ inline MmaParams make_mma_params(const HostChain& h, const float* B, const int32
   return mp;
 }
 
+// Parity of the set bits of v (0 or 1).
+__host__ __device__ __forceinline__ int mma_parity(unsigned v) {
+#ifdef __CUDA_ARCH__
+  return __popc(v) & 1;
+#else
+  return __builtin_popcount(v) & 1;
+#endif
+}
+
 // Physical element of (row r, position t) in a tile of TP positions. A row is TP / 8 chunks of
 // 8 positions (16 bytes); a 128-byte line (8 chunks: the 8 bank groups) holds 2^LOW rows, and
 // chunk k of line q (k = (r mod 2^LOW) * TP / 8 + t / 8, q = r >> LOW) is stored at chunk
 // k ^ h(q) of that line, h(q) the XOR of q's 3-bit digits. Rows whose numbers differ only in 3
-// consecutive bits (8 consecutive rows, or 8 rows a power of two apart: a shuffle's stride, or
-// a product of shuffles') then lie in 8 different bank groups at every position, so ldmatrix,
-// stmatrix and 16-byte vector accesses of such rows are free of bank conflicts whatever the
-// permutations' strides. Rows move within their line: a tile buffer holds a multiple of 4 rows
-// (mma_tile_rows). With c = t / 8 < TP / 8, mma_elem(r, t) = base + ((c << 3) ^ sw) + t % 8,
-// where sw = mma_elem(r, 0) & ((TP / 8 - 1) << 3) and base = mma_elem(r, 0) - sw: the kernels
-// compute a row's base and swizzle once and then address its chunks.
-template <int TP>
+// consecutive bits (8 consecutive rows, or 8 rows a power of two apart: a shuffle's stride)
+// then lie in 8 different bank groups at every position, so ldmatrix, stmatrix and 16-byte
+// vector accesses of such rows are free of bank conflicts. Rows move within their line: a tile
+// buffer holds a multiple of 4 rows (mma_tile_rows). With c = t / 8 < TP / 8, mma_elem(r, t) =
+// base + ((c << 3) ^ sw) + t % 8, where sw = mma_elem(r, 0) & ((TP / 8 - 1) << 3) and base =
+// mma_elem(r, 0) - sw: the kernels compute a row's base and swizzle once and then address its
+// chunks.
+// kWrap (the forward with in-place layers): h is another linear map of the bits, where bit i of
+// r moves a row's chunks by F[i] (a nonzero 3-bit vector; for the LOW bits below the line, the
+// chunk offset itself), F found by an exhaustive search so that any three bits consecutive
+// modulo nb, 5 <= nb <= 12, have independent F. Then also, in a tile of 2^nb rows, 8 rows whose
+// numbers differ in 3 bits consecutive modulo nb lie in 8 different bank groups: the rows of a
+// group's inputs after composed shuffles of power-of-two channel counts, which rotate the row
+// numbers' bits (with the digit XOR, IGCV2(1024, 16)'s third in-place layer read and wrote
+// rows differing in bits 0, 8 and 9 with 2-way bank conflicts). Bit k of h(q) is the parity of
+// q & mask_k; it costs more instructions and registers than the digit XOR (the backward, at
+// its register limit, spilled with it), so only the in-place forward, which needs it, uses it.
+template <int TP, bool kWrap = false>
 __host__ __device__ __forceinline__ int mma_elem(int r, int t) {
   constexpr int CPR = TP / 8;                             // 16-byte chunks per row
   constexpr int LOW = CPR >= 8 ? 0 : (CPR == 4 ? 1 : 2);  // rows per 128-byte line: 2^LOW
-  const int q = r >> LOW;
-  const int h = (q ^ (q >> 3) ^ (q >> 6) ^ (q >> 9)) & 7;
+  int h;
+  if constexpr (kWrap) {
+    // F over r's bits from bit LOW on, one mask per bit of h: TP 64: F = 1 2 4 3 5 7 4 6 5 7 4
+    // 6 1; TP 32: (4) 1 2 5 3 2 7 6 3 2 7 6 2; TP 16: (2 4) 1 3 5 1 7 3 5 1 7 3 1
+    constexpr unsigned m0 = TP >= 64 ? 0x1339u : (TP == 32 ? 0x2adu : 0x7ffu);
+    constexpr unsigned m1 = TP >= 64 ? 0xaaau : (TP == 32 ? 0xffau : 0x332u);
+    constexpr unsigned m2 = TP >= 64 ? 0xff4u : (TP == 32 ? 0x664u : 0x154u);
+    const unsigned q = static_cast<unsigned>(r) >> LOW;
+    h = mma_parity(q & m0) | (mma_parity(q & m1) << 1) | (mma_parity(q & m2) << 2);
+  } else {
+    const int q = r >> LOW;
+    h = (q ^ (q >> 3) ^ (q >> 6) ^ (q >> 9)) & 7;
+  }
   return (((r * CPR + (t >> 3)) ^ h) << 3) + (t & 7);
 }
 
@@ -377,7 +407,7 @@ __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
 // writes positions 2 tig, 2 tig + 1 of channel gid into that channel's row: 32-bit accesses on
 // both sides. Storing runs the same steps backwards. The loop bound is the same for every lane
 // of a warp (movmatrix is warp-collective).
-template <int TP, int NB, bool kDstRows>
+template <int TP, int NB, bool kDstRows, bool kWrap = false>
 __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
                                                const int64_t* pos_off, int tvalid, int C,
                                                uint16_t* tile,
@@ -397,13 +427,13 @@ __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
     for (int k = 0; k < NB; ++k) {
       const int c = c0 + 8 * k + gid;
       *reinterpret_cast<uint32_t*>(
-          tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig)) =
+          tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig)) =
           movmatrix_trans(v[k]);
     }
   }
 }
 
-template <int TP, int NB>
+template <int TP, int NB, bool kWrap = false>
 __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
                                                 const int64_t* pos_off, int tvalid, int C,
                                                 const int32_t* __restrict__ src_row,
@@ -419,7 +449,7 @@ __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
     for (int k = 0; k < NB; ++k) {
       const int j = j0 + 8 * k + gid;  // output channel; its row: src_row(j)
       v[k] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(
-          tile + mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb + 2 * tig)));
+          tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb + 2 * tig)));
     }
     if (t < tvalid) {
       uint16_t* dp = dst + pos_off[t] + j0 + 2 * tig;
@@ -441,7 +471,7 @@ __device__ __forceinline__ int cl_wide_channel(int lane) {
   return 8 * ((lane & 7) >> 1) + 2 * (lane >> 3) + (lane & 1);
 }
 
-template <int TP, bool kDstRows>
+template <int TP, bool kDstRows, bool kWrap = false>
 __device__ __forceinline__ void cl_load_wide(const uint16_t* __restrict__ src,
                                              const int64_t* pos_off, int tvalid, int C,
                                              uint16_t* tile,
@@ -457,11 +487,11 @@ __device__ __forceinline__ void cl_load_wide(const uint16_t* __restrict__ src,
     if (t < tvalid) v = *reinterpret_cast<const uint4*>(src + pos_off[t] + c0 + 8 * tig);
     const uint32_t r[4] = {v.x, v.y, v.z, v.w};
     const int c = c0 + ci;
-    stmatrix_trans_x4(tile, mma_elem<TP>(kDstRows ? dst_row[c] : c, 8 * tb), r);
+    stmatrix_trans_x4(tile, mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb), r);
   }
 }
 
-template <int TP>
+template <int TP, bool kWrap = false>
 __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const int64_t* pos_off,
                                               int tvalid, int C,
                                               const int32_t* __restrict__ src_row,
@@ -474,7 +504,7 @@ __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const 
     const int tb = it % TB, j0 = (it / TB) * 32;
     const int j = j0 + ci;  // output channel; its row: src_row(j)
     uint32_t r[4];
-    ldmatrix_trans<4>(r, tile, mma_elem<TP>(src_row ? src_row[j] : j, 8 * tb));
+    ldmatrix_trans<4>(r, tile, mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb));
     const int t = 8 * tb + gid;
     if (t < tvalid)
       *reinterpret_cast<uint4*>(dst + pos_off[t] + j0 + 8 * tig) = uint4{r[0], r[1], r[2], r[3]};
@@ -485,7 +515,7 @@ __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const 
 // tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c, row(c) = kDstRows ? dst_row[c] : c
 // (the backward scatters dy through the last gather index).
 // The vector paths are separate loops, chosen once per tile (no alignment test per vector).
-template <int TP, bool kDstRows = false>
+template <int TP, bool kDstRows = false, bool kWrap = false>
 __device__ __forceinline__ void mma_load_tile_inline(
     const uint16_t* __restrict__ src, int64_t cs, const int64_t* pos_off, bool contig,
     bool cl_vec, int tvalid, int C, const int32_t* __restrict__ src_chan, uint16_t* tile,
@@ -498,42 +528,43 @@ __device__ __forceinline__ void mma_load_tile_inline(
     for (int it = tid; it < C * NV; it += kThreads) {
       const int c = it / NV, v = it - c * NV;
       const int64_t chan = src_chan ? src_chan[c] : c;
-      *reinterpret_cast<uint4*>(tile + mma_elem<TP>(kDstRows ? dst_row[c] : c, v * 8)) =
+      *reinterpret_cast<uint4*>(tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, v * 8)) =
           *reinterpret_cast<const uint4*>(base + chan * cs + v * 8);
     }
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
     if (C % 32 == 0 && mma_has_stmatrix())
-      cl_load_wide<TP, kDstRows>(src, pos_off, tvalid, C, tile, dst_row);
+      cl_load_wide<TP, kDstRows, kWrap>(src, pos_off, tvalid, C, tile, dst_row);
     else if (C % 32 == 0)
-      cl_load_blocks<TP, 4, kDstRows>(src, pos_off, tvalid, C, tile, dst_row);
+      cl_load_blocks<TP, 4, kDstRows, kWrap>(src, pos_off, tvalid, C, tile, dst_row);
     else
-      cl_load_blocks<TP, 1, kDstRows>(src, pos_off, tvalid, C, tile, dst_row);
+      cl_load_blocks<TP, 1, kDstRows, kWrap>(src, pos_off, tvalid, C, tile, dst_row);
     return;
   }
   // any other layout (and tile tails): scalar, positions fastest
   for (int it = tid; it < C * TP; it += kThreads) {
     const int c = it / TP, t = it - c * TP;
     const int64_t chan = src_chan ? src_chan[c] : c;
-    tile[mma_elem<TP>(kDstRows ? dst_row[c] : c, t)] =
+    tile[mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, t)] =
         t < tvalid ? src[pos_off[t] + chan * cs] : uint16_t(0);
   }
 }
 
 // Not inlined: one copy per tile size serves the forward's call sites (the inline form is for
 // kernels whose state across a call would spill: the tensor-core backward).
-template <int TP>
+template <int TP, bool kWrap = false>
 __device__ __noinline__ void mma_load_tile(const uint16_t* __restrict__ src, int64_t cs,
                                            const int64_t* pos_off, bool contig, bool cl_vec,
                                            int tvalid, int C,
                                            const int32_t* __restrict__ src_chan,
                                            uint16_t* tile) {
-  mma_load_tile_inline<TP>(src, cs, pos_off, contig, cl_vec, tvalid, C, src_chan, tile);
+  mma_load_tile_inline<TP, false, kWrap>(src, cs, pos_off, contig, cl_vec, tvalid, C, src_chan,
+                                         tile);
 }
 
 // y[pos t, channel j] = tile(row src_row(j), t) for j < C, t < tvalid.
-template <int TP>
+template <int TP, bool kWrap = false>
 __device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst, int64_t cs,
                                                       const int64_t* pos_off, bool contig,
                                                       bool cl_vec, int tvalid, int C,
@@ -547,32 +578,32 @@ __device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst
       const int j = it / NV, v = it - j * NV;
       const int r = src_row ? src_row[j] : j;
       *reinterpret_cast<uint4*>(base + static_cast<int64_t>(j) * cs + v * 8) =
-          *reinterpret_cast<const uint4*>(tile + mma_elem<TP>(r, v * 8));
+          *reinterpret_cast<const uint4*>(tile + mma_elem<TP, kWrap>(r, v * 8));
     }
     return;
   }
   if (cl_vec && cs == 1 && C % 8 == 0) {
     if (C % 32 == 0)
-      cl_store_wide<TP>(dst, pos_off, tvalid, C, src_row, tile);
+      cl_store_wide<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile);
     else
-      cl_store_blocks<TP, 1>(dst, pos_off, tvalid, C, src_row, tile);
+      cl_store_blocks<TP, 1, kWrap>(dst, pos_off, tvalid, C, src_row, tile);
     return;
   }
   for (int it = tid; it < C * TP; it += kThreads) {
     const int j = it / TP, t = it - j * TP;
     if (t < tvalid)
       dst[pos_off[t] + static_cast<int64_t>(j) * cs] =
-          tile[mma_elem<TP>(src_row ? src_row[j] : j, t)];
+          tile[mma_elem<TP, kWrap>(src_row ? src_row[j] : j, t)];
   }
 }
 
-template <int TP>
+template <int TP, bool kWrap = false>
 __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t cs,
                                             const int64_t* pos_off, bool contig, bool cl_vec,
                                             int tvalid, int C,
                                             const int32_t* __restrict__ src_row,
                                             const uint16_t* tile) {
-  mma_store_tile_inline<TP>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile);
+  mma_store_tile_inline<TP, kWrap>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -839,13 +870,15 @@ __host__ __device__ __forceinline__ int64_t mma_row_table_first(const MmaParams&
 template <int TP>
 __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
                                                        const IndexTableArgs& a, bool in_place,
-                                                       int64_t e) {
+                                                       bool wrap, int64_t e) {
   const ChainParams<float>& p = mp.c;
   const LayerDesc& last = p.layer[p.L - 1];
   const int64_t nrows = last.g_off + last.cout;
   const int64_t nin = mp.layer[p.L - 1].e_off + last.cin;
-  if (e >= nrows + nin)  // natural order
-    return mma_elem<TP>(static_cast<int>(e - nrows - nin), 0);
+  if (e >= nrows + nin) {  // natural order
+    const int o = static_cast<int>(e - nrows - nin);
+    return wrap ? mma_elem<TP, true>(o, 0) : mma_elem<TP>(o, 0);
+  }
   if (e < p.layer[0].g_off)  // the input index, as it is
     return index_entry(a, e);
   int l = 0;  // composed rows: R_{l+1}[v]; inputs: layer l's input v
@@ -863,7 +896,8 @@ __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
   // in place: R_l = gather_0 o ... o gather_{l-1}; two tiles: gather_{l-1}
   for (int k = l - 1; k >= (in_place ? 0 : l - 1) && k >= 0; --k)
     if (!p.layer[k].gather_identity) v = index_entry(a, p.layer[k].g_off + v);
-  return mma_elem<TP>(static_cast<int>(v), 0);
+  const int row = static_cast<int>(v);
+  return wrap ? mma_elem<TP, true>(row, 0) : mma_elem<TP>(row, 0);
 }
 
 // Everything the tensor-core kernels read besides the tensors, in one launch: the index table
@@ -875,12 +909,13 @@ __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
 template <int TP>
 __global__ void __launch_bounds__(kThreads)
     mma_prepare_kernel(const IndexTableArgs a, const MmaParams mp, const MmaParams mt,
-                       const MmaWeights w, int in_place, int32_t* __restrict__ table,
+                       const MmaWeights w, int mode, int32_t* __restrict__ table,
                        int32_t* __restrict__ rows, uint2* __restrict__ frag,
                        uint2* __restrict__ frag_t, float* __restrict__ bias) {
   const IndexSegment& last = a.seg[a.count - 1];
   const int64_t n_table = last.offset + last.length;
-  const int64_t r0 = mma_row_table_first(mp, in_place != 0);
+  const bool in_place = (mode & 1) != 0, wrap = (mode & 2) != 0;
+  const int64_t r0 = mma_row_table_first(mp, in_place);
   const int64_t n_rows = mma_row_table_size(mp) - r0;
   const int64_t n_frag = mp.num_frag + mt.num_frag;
   const int64_t total = n_table + n_rows + n_frag + mp.c.num_b;
@@ -894,7 +929,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     i -= n_table;
     if (i < n_rows) {
-      rows[r0 + i] = mma_row_table_entry<TP>(mp, a, in_place != 0, r0 + i);
+      rows[r0 + i] = mma_row_table_entry<TP>(mp, a, in_place, wrap, r0 + i);
       continue;
     }
     i -= n_rows;
@@ -916,12 +951,13 @@ __global__ void __launch_bounds__(kThreads)
 // Launches mma_prepare_kernel for tiles of 16 * mt_tile positions: table, rows, frag, frag_t and
 // the biases as above (mp.c.table == table, mp.frag == frag, mp.c.B the biases' mp.c.num_b
 // floats; mt null in the forward, else mt->frag == frag_t), and returns mp pointing at the row
-// tables (elem, elem_out; with in-place layers also
-// the composed gathers as its index table, identity while every gather so far is).
+// tables (elem, elem_out; with in-place layers also the composed gathers as its index table,
+// identity while every gather so far is). wrap: the row elements in mma_elem's kWrap layout.
 inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
                                       const MmaParams* mt, const MmaWeights& w, int mt_tile,
-                                      bool in_place, int32_t* table, int32_t* rows, uint2* frag,
-                                      uint2* frag_t, cudaStream_t stream, MmaParams* out) {
+                                      bool in_place, bool wrap, int32_t* table, int32_t* rows,
+                                      uint2* frag, uint2* frag_t, cudaStream_t stream,
+                                      MmaParams* out) {
   if (mp.c.table != table || mp.frag != frag || table == nullptr || rows == nullptr ||
       frag == nullptr || (mt != nullptr && (mt->frag != frag_t || frag_t == nullptr)) ||
       (mp.c.num_b > 0 && mp.c.B == nullptr))
@@ -933,7 +969,7 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
                         mma_row_table_first(mp, in_place) + mp.num_frag + t.num_frag +
                         mp.c.num_b;
   const int blocks = blocks_for(total, 1024);
-  const int ip = in_place ? 1 : 0;
+  const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0);  // mma_prepare_kernel's mode
   float* bias = const_cast<float*>(mp.c.B);
   if (mt_tile == 4)
     IGC_LAUNCH(mma_prepare_kernel<64>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
@@ -966,8 +1002,9 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
 // without a minimum, ptxas kept the kernel near 40-48 registers and spilled around its calls
 // once the layers had pair items. mp.elem / elem_out: the element tables
 // (mma_prepare_kernel). kInPlace: one tile, the layers in place (above); mp's table and
-// identity flags are then the composed gathers'.
-template <class Fmt, int MT, bool kInPlace>
+// identity flags are then the composed gathers'. kWrap (in place only): the tile in mma_elem's
+// kWrap layout (mma_wrap_layout decides).
+template <class Fmt, int MT, bool kInPlace, bool kWrap = false>
 __global__ void __launch_bounds__(kThreads, 2)
     chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,
                              const TensorArg<uint16_t> y, int64_t P) {
@@ -995,7 +1032,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     tile_offsets(x.ix, p0, tvalid, off_x);
     tile_offsets(y.ix, p0, tvalid, off_y);
     __syncthreads();
-    mma_load_tile<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+    mma_load_tile<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
                       rows_of_8_aligned(x), tvalid, p.c0,
                       p.has_index ? p.table + p.index_off : nullptr, tile0);
     __syncthreads();
@@ -1012,7 +1049,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       __syncthreads();
     }
     const LayerDesc& last = p.layer[p.L - 1];
-    mma_store_tile<TP>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
+    mma_store_tile<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
                        rows_of_8_aligned(y), tvalid, last.cout,
                        last.gather_identity ? nullptr : p.table + last.g_off,
                        (p.L & 1) ? tile1 : tile0);
@@ -1025,6 +1062,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 struct MmaPlan {
   int mt = 0;  // tile of 16 * mt positions (0: does not fit)
   bool in_place = false;  // the forward's layers in place (one tile)
+  bool wrap = false;      // in place, the tile in mma_elem's kWrap layout
   bool reload_x = false;  // the backward's x and dy in one tile (chain_mma_backward.cuh)
   size_t smem = 0;
   int grid = 0;
@@ -1042,9 +1080,14 @@ inline int mma_choose_mt(const MmaParams& mp, const DeviceInfo& dev, int64_t P,
   return tp >= 64 ? 4 : tp / 16;
 }
 
-// f(chain_forward_mma_kernel<Fmt, mt, in_place>) for a run-time tile mt (1, 2 or 4)
+// f(chain_forward_mma_kernel<Fmt, mt, in_place, wrap>) for a run-time tile mt (1, 2 or 4)
 template <class Fmt, class F>
-inline cudaError_t with_forward_mma_kernel(int mt, bool in_place, F f) {
+inline cudaError_t with_forward_mma_kernel(int mt, bool in_place, bool wrap, F f) {
+  if (in_place && wrap) {
+    if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true, true>);
+    if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, true, true>);
+    return f(chain_forward_mma_kernel<Fmt, 1, true, true>);
+  }
   if (in_place) {
     if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true>);
     if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, true>);
@@ -1053,6 +1096,20 @@ inline cudaError_t with_forward_mma_kernel(int mt, bool in_place, F f) {
   if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, false>);
   if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, false>);
   return f(chain_forward_mma_kernel<Fmt, 1, false>);
+}
+
+// Whether the in-place forward takes mma_elem's kWrap layout: its rows are 2^nb channels with
+// nb % 3 != 0 (nb % 3 == 0: the digit XOR already spreads bits consecutive modulo nb) and at
+// least two gathers compose before a layer (L >= 3): a group's input rows after two or more
+// power-of-two shuffles can differ in bits that wrap around (IGCV2(1024, 8), (1024, 16)). The
+// layout costs a few instructions per row address in the tile loads and stores, so chains that
+// cannot need it keep the plain one.
+inline bool mma_wrap_layout(const MmaParams& mp) {
+  const int c = mp.c.cmax;
+  if (mp.c.L < 3 || c < 32 || (c & (c - 1)) != 0) return false;
+  int nb = 0;
+  while ((1 << nb) < c) ++nb;
+  return nb % 3 != 0;
 }
 
 template <class Fmt>
@@ -1066,6 +1123,7 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
     if (mt > plan->mt) {
       plan->mt = mt;
       plan->in_place = true;
+      plan->wrap = mma_wrap_layout(mp);
     }
   }
   if (plan->mt == 0) return cudaSuccess;
@@ -1074,7 +1132,8 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
   plan->ntiles = (P + tp - 1) / tp;
   int occ = 0;
   const cudaError_t e = with_forward_mma_kernel<Fmt>(
-      plan->mt, plan->in_place, [&](auto kernel) { return configure(kernel, plan->smem, &occ); });
+      plan->mt, plan->in_place, plan->wrap,
+      [&](auto kernel) { return configure(kernel, plan->smem, &occ); });
   if (e != cudaSuccess) return e;
   if (occ < 1) occ = 1;
   plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
@@ -1095,10 +1154,11 @@ inline cudaError_t launch_forward_mma(const HostChain& h, const MmaParams& mp,
   if (plan.grid < 1 || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
     return cudaErrorInvalidValue;
   MmaParams tp;
-  const cudaError_t e = launch_mma_prepare(h, mp, nullptr, w, plan.mt, plan.in_place, table,
+  const cudaError_t e = launch_mma_prepare(h, mp, nullptr, w, plan.mt, plan.in_place,
+                                           plan.in_place && plan.wrap, table,
                                            tables, frag, nullptr, stream, &tp);
   if (e != cudaSuccess) return e;
-  return with_forward_mma_kernel<Fmt>(plan.mt, plan.in_place, [&](auto kernel) {
+  return with_forward_mma_kernel<Fmt>(plan.mt, plan.in_place, plan.wrap, [&](auto kernel) {
     IGC_LAUNCH(kernel, plan.grid, plan.smem, stream, tp, x, y, P);
     return cudaGetLastError();
   });

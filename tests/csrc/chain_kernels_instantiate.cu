@@ -37,17 +37,21 @@ IGC_INSTANTIATE(__half, float)
 IGC_INSTANTIATE(__nv_bfloat16, float)
 #undef IGC_INSTANTIATE
 
-// the tensor-core forward: every element format and tile, two tiles and in place
-#define IGC_FORWARD_MMA(F, MT, IP)                                                              \
-  template __global__ void chain_forward_mma_kernel<F, MT, IP>(                                 \
+// the tensor-core forward: every element format and tile, two tiles, in place, and in place in
+// the kWrap layout
+#define IGC_FORWARD_MMA(F, MT, IP, W)                                                           \
+  template __global__ void chain_forward_mma_kernel<F, MT, IP, W>(                              \
       const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);
 #define IGC_INSTANTIATE_MMA(F)                                                                  \
-  IGC_FORWARD_MMA(F, 1, false)                                                                  \
-  IGC_FORWARD_MMA(F, 2, false)                                                                  \
-  IGC_FORWARD_MMA(F, 4, false)                                                                  \
-  IGC_FORWARD_MMA(F, 1, true)                                                                   \
-  IGC_FORWARD_MMA(F, 2, true)                                                                   \
-  IGC_FORWARD_MMA(F, 4, true)                                                                   \
+  IGC_FORWARD_MMA(F, 1, false, false)                                                           \
+  IGC_FORWARD_MMA(F, 2, false, false)                                                           \
+  IGC_FORWARD_MMA(F, 4, false, false)                                                           \
+  IGC_FORWARD_MMA(F, 1, true, false)                                                            \
+  IGC_FORWARD_MMA(F, 2, true, false)                                                            \
+  IGC_FORWARD_MMA(F, 4, true, false)                                                            \
+  IGC_FORWARD_MMA(F, 1, true, true)                                                             \
+  IGC_FORWARD_MMA(F, 2, true, true)                                                             \
+  IGC_FORWARD_MMA(F, 4, true, true)                                                             \
   template cudaError_t plan_forward_mma<F>(const MmaParams&, int64_t, const DeviceInfo&,        \
                                            MmaPlan*);                                           \
   template cudaError_t launch_forward_mma<F>(const HostChain&, const MmaParams&,                \

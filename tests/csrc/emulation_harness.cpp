@@ -149,7 +149,8 @@ struct MmaTables {
 };
 
 // The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain; W, B: the weights and
-// biases in the 16-bit dtype. plan_out: tile positions, grid, in-place layers (0 / 1).
+// biases in the 16-bit dtype. plan_out: tile positions, grid, in-place layers (0 / 1), the
+// kWrap tile layout (0 / 1).
 template <class Fmt>
 int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                 const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
@@ -164,6 +165,7 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
     plan_out[2] = pl.in_place ? 1 : 0;
+    plan_out[3] = pl.in_place && pl.wrap ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
   MmaTables t(*h, probe, 0);
@@ -267,6 +269,16 @@ int igc_emu_mma_elem(int tp, int r, int t) {
     case 16: return mma_elem<16>(r, t);
     case 32: return mma_elem<32>(r, t);
     case 64: return mma_elem<64>(r, t);
+    default: return -1;
+  }
+}
+
+// mma_elem<tp, true>: the in-place forward's layout
+int igc_emu_mma_elem_wrap(int tp, int r, int t) {
+  switch (tp) {
+    case 16: return mma_elem<16, true>(r, t);
+    case 32: return mma_elem<32, true>(r, t);
+    case 64: return mma_elem<64, true>(r, t);
     default: return -1;
   }
 }
