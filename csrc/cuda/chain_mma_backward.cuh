@@ -128,9 +128,9 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
 // A warp item is a 16 x 16 block of a group's dW (A: 16 rows of the wider side, B: two 8-row
 // blocks of the other, one ldmatrix x4 each per k-step, two HMMAs): the item's row addresses,
 // output offsets and loop step serve 2 HMMAs per k-step instead of 1 (16 x 8 items).
-// kPairs: every 16 x 16 block full, B's neighbours adjacent (stride_b 1) and pw 8-byte aligned:
-// the row updates as float2 pairs without bounds checks (mma_weight_grads decides).
-template <class Fmt, int MT, bool kPairs>
+// kFullBlocks: every 16 x 16 block full, B's neighbours adjacent (stride_b 1) and pw 8-byte
+// aligned: the row updates as float2 pairs without bounds checks (mma_weight_grads decides).
+template <class Fmt, int MT, bool kFullBlocks>
 __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const uint16_t* du,
                                                       const int32_t* __restrict__ du_elem,
                                                       const uint16_t* h,
@@ -190,7 +190,7 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
     // wait for the previous write (8 L2 round trips in a row per item, sm_90 SASS).
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + ((g * d.m * d.n) + r_a * stride_a + r_b * stride_b);
-    if (kPairs) {  // (q, q + 1) adjacent and 8-byte aligned: 4 float2 per lane, no bounds
+    if (kFullBlocks) {  // (q, q + 1) adjacent and 8-byte aligned: 4 float2 per lane, no bounds
       float2* o0 = reinterpret_cast<float2*>(out);               // A row r_a
       float2* o1 = reinterpret_cast<float2*>(out + 8 * stride_a);  // A row r_a + 8
       const float2 v00 = o0[0], v01 = o0[4], v10 = o1[0], v11 = o1[4];  // B rows +0, +8
