@@ -124,6 +124,24 @@ def test_prediction_bounds():
     assert pm.predict(heavy, pm.DEVICES["h100"])["fraction_of_copy"] > ph["fraction_of_copy"]
 
 
+def test_backward_partial_rows_beyond_l2_count_as_memory_traffic():
+    """The CUDA backward's per-CTA fp32 dW rows: within L2 they cost nothing in the model; when
+    the rows of every resident CTA exceed the L2, each tile's read and write of its row joins
+    the memory term (IGCV2(1024, 16): 49152 weights, 196 KB a row, 2 CTAs on 132 SMs: 52 MB)."""
+    dev = pm.DEVICES["h200"]
+    small = _row(direction="backward", backend="cuda", ctas_per_sm=2, macs_per_position=6144)
+    assert pm.partial_row_bytes(small, dev) == 0.0  # 264 rows of 24 KB: 6.5 MB
+    big = _row(direction="backward", backend="cuda", ctas_per_sm=2, macs_per_position=49152)
+    assert pm.partial_row_bytes(big, dev) == 2 * 4 * 49152
+    fits = dict(big, ctas_per_sm=1)
+    assert pm.partial_row_bytes(fits, dev) == 0.0  # 132 rows: 26 MB
+    p_big, p_none = pm.predict(big, dev), pm.predict(dict(big, macs_per_position=0), dev)
+    assert p_big["fraction_of_copy"] < p_none["fraction_of_copy"]
+    assert p_big["partial_row_bytes_per_tile"] == 2 * 4 * 49152
+    assert pm.partial_row_bytes(dict(big, backend="triton"), dev) == 0.0
+    assert pm.partial_row_bytes(dict(big, direction="forward"), dev) == 0.0
+
+
 def test_records_label_predictions_and_pair_measurements():
     base = dict(structure="igcv2(256,8)", layout="nchw", arch="sm_90", toolchain="triton x",
                 kernel="k", config={"BLOCK_P": 16}, compiled=True, registers=100,

@@ -20,6 +20,10 @@ a persistent kernel loops over tiles):
 * latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
   with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
   k / (latency + compute time) tiles per second;
+* the CUDA backward's per-CTA fp32 weight-gradient rows (``partial_row_bytes``): every tile
+  reads and writes its CTA's row; where the rows of all resident CTAs do not fit in L2, that
+  traffic is counted with the tile's own at the copy bandwidth (rows that fit in L2 are not
+  counted: an optimistic choice, L2 bandwidth is not modelled);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
@@ -54,6 +58,7 @@ class Device:
     shfl_per_clk: float = 1.0         # warp shuffles per clock per SM (32 lanes per clock)
     smem_bytes_per_clk: float = 128.0
     mma_fma_per_clk: float = 1024.0   # 16-bit mma.sync multiply-adds per clock per SM
+    l2_bytes: float = 50e6            # L2 cache (GH100: 50 MB)
 
 
 # Copy bandwidths: the project's device notes (H200 ~4.3 TB/s read+write measured with a
@@ -277,6 +282,20 @@ def copy_bytes_per_position(row: dict) -> int:
     return (2 * row["c_x"] + row["c_out"]) * b
 
 
+def partial_row_bytes(row: dict, dev: Device) -> float:
+    """Bytes per tile of the CUDA backward's fp32 weight-gradient row (read and written: the
+    CTA adds its tile's dW to it) that reach DRAM: all of them when the rows of every resident
+    CTA (SMs x CTAs per SM rows of num_w fp32, num_w = the chain's multiply-adds per position)
+    exceed the L2, else none. Forwards, other backends and rows without the chain's size: 0."""
+    if row["direction"] != "backward" or row.get("backend") != "cuda":
+        return 0.0
+    num_w = row.get("macs_per_position") or 0
+    row_bytes = 4.0 * num_w
+    if dev.sms * max(1, row["ctas_per_sm"]) * row_bytes <= dev.l2_bytes:
+        return 0.0
+    return 2.0 * row_bytes
+
+
 def predict(row: dict, dev: Device) -> dict:
     """Predicted time per position and its bound for one compiled per-position kernel (a row of
     tools/gpu_static.py with ``dyn``, ``block_p``, ``num_warps``, ``ctas_per_sm``)."""
@@ -297,7 +316,8 @@ def predict(row: dict, dev: Device) -> dict:
     compute_bound = max(pipes, key=pipes.get)
     t_compute = pipes[compute_bound]  # seconds per tile on one SM
     bpp = copy_bytes_per_position(row)
-    t_memory = row["block_p"] * bpp / (dev.copy_bytes_per_s / dev.sms)
+    partial = partial_row_bytes(row, dev)
+    t_memory = (row["block_p"] * bpp + partial) / (dev.copy_bytes_per_s / dev.sms)
     k = max(1, row["ctas_per_sm"])
     t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
     terms = {**pipes, "memory": t_memory, "latency": t_latency}
@@ -307,7 +327,7 @@ def predict(row: dict, dev: Device) -> dict:
     t_copy = bpp / dev.copy_bytes_per_s
     return {"seconds_per_position": t_pos, "fraction_of_copy": t_copy / t_pos, "bound": bound,
             "terms_per_tile_ns": {k2: v * 1e9 for k2, v in terms.items()},
-            "copy_bytes_per_position": bpp}
+            "copy_bytes_per_position": bpp, "partial_row_bytes_per_tile": partial}
 
 
 def _structure_label(row: dict) -> str:
