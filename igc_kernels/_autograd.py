@@ -415,9 +415,10 @@ _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
 def _call_below_autograd(op, *args):
     """``op(*args)`` dispatched past the autograd keys, as the op's registered autograd kernel
     does itself when grad mode is off (that Python kernel in between cost ~10 us per call on the
-    benchmark CPU). Only for calls that record nothing: grad mode off or nothing requiring
-    grad, no forward-mode level, no torch.func transform, not while torch.compile traces."""
-    if _BELOW_AUTOGRAD is None:
+    benchmark CPU). For calls that record nothing (the caller's part: grad mode off, or nothing
+    requiring grad); with a forward-mode level or a torch.func transform active, or while
+    torch.compile traces, the op is called as usual."""
+    if _BELOW_AUTOGRAD is None or _transforms_active() or torch.compiler.is_compiling():
         return op(*args)
     with _BELOW_AUTOGRAD():
         return op(*args)
@@ -435,10 +436,9 @@ def make_family(name: str, forward_op, backward_op, fits) -> Family:
         @staticmethod
         def forward(meta, x, idx, *tensors):
             weights, biases, perms = unpack(meta, tensors, x)
-            args = (x, weights, biases, list(meta.groups), list(meta.shuffles), perms, idx)
-            if _transforms_active():
-                return forward_op(*args)
-            return _call_below_autograd(forward_op, *args)  # (grad mode is off in here)
+            # (grad mode is off in here)
+            return _call_below_autograd(forward_op, x, weights, biases, list(meta.groups),
+                                        list(meta.shuffles), perms, idx)
 
         @staticmethod
         def setup_context(ctx, inputs, output):
@@ -552,10 +552,8 @@ def make_family(name: str, forward_op, backward_op, fits) -> Family:
 
     def backward(dy, x, weights, biases, groups, shuffles, perms, mask, idx):
         if not torch.is_grad_enabled():
-            args = (dy, x, weights, biases, list(groups), list(shuffles), perms, list(mask), idx)
-            if torch.compiler.is_compiling() or _transforms_active():
-                return backward_op(*args)
-            return _call_below_autograd(backward_op, *args)
+            return _call_below_autograd(backward_op, dy, x, weights, biases, list(groups),
+                                        list(shuffles), perms, list(mask), idx)
         meta, tensors = pack(x, weights, biases, groups, shuffles, perms)
         return ChainBackward.apply(meta, Mask(*(bool(m) for m in mask)), dy, x, idx, *tensors)
 

@@ -155,9 +155,8 @@ bool tensor_cores_enabled() {
 // reads them (contiguous, in their own dtype; copies of non-contiguous ones are kept alive in
 // keep).
 kc::MmaWeights mma_weights(at::TensorList weights, at::TensorList biases, const ChainDesc& d,
-                           bool is_bf16, std::vector<at::Tensor>& keep) {
+                           std::vector<at::Tensor>& keep) {
   kc::MmaWeights w{};
-  w.is_bf16 = is_bf16 ? 1 : 0;
   const auto ptr = [&](const at::Tensor& t) {
     at::Tensor c = t.contiguous();
     const auto* p = reinterpret_cast<const uint16_t*>(c.data_ptr());
@@ -211,7 +210,7 @@ bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weig
   const MmaBuffers buf = mma_buffers(h, probe, probe.num_frag, x.options());
   const kc::MmaParams mp = kc::make_mma_params(h, buf.bias, buf.table, buf.frag);
   C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
-      h, mp, mma_weights(weights, biases, d, Fmt::is_bf16, keep), buf.table, buf.frag, buf.rows,
+      h, mp, mma_weights(weights, biases, d, keep), buf.table, buf.frag, buf.rows,
       tensor_arg<const uint16_t>(x), tensor_arg<uint16_t>(y), P, plan, stream));
   return true;
 }
@@ -261,8 +260,7 @@ bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList wei
   const kc::BackwardFlags f{need_x ? 1 : 0, need_w ? 1 : 0, need_b ? 1 : 0, 1};
   const kc::TensorArg<uint16_t> dxa = need_x ? tensor_arg<uint16_t>(gx) : kc::TensorArg<uint16_t>{};
   C10_CUDA_CHECK(kc::launch_backward_mma<Fmt>(
-      h, mp, mt, mma_weights(weights, biases, d, Fmt::is_bf16, keep), buf.table, buf.frag,
-      frag_t, buf.rows,
+      h, mp, mt, mma_weights(weights, biases, d, keep), buf.table, buf.frag, frag_t, buf.rows,
       tensor_arg<const uint16_t>(x), tensor_arg<const uint16_t>(grad_y), dxa,
       starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
       order.defined() ? order.data_ptr<int32_t>() : nullptr,

@@ -269,7 +269,6 @@ struct MmaParams {
 struct MmaWeights {
   const uint16_t* w[kMaxLayers];
   const uint16_t* b[kMaxLayers];
-  int is_bf16;
 };
 
 inline MmaParams make_mma_params(const HostChain& h, const float* B, const int32_t* table,
@@ -905,7 +904,8 @@ __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
 // (rows: mma_row_table_size(mp) entries; in place: also the composed gathers), the weight
 // fragments of mp (frag) and of mt, the transposed chain of the backward (frag_t; mt.num_frag =
 // 0 in the forward), and the biases in fp32 (bias: mp.c.num_b entries, in layer order). Every
-// entry is computed from a and w directly, so no part waits for another.
+// entry is computed from a and w directly, so no part waits for another. mode: 1 in-place
+// layers, 2 the kWrap layout, 4 bfloat16 weights and biases (else float16).
 template <int TP>
 __global__ void __launch_bounds__(kThreads)
     mma_prepare_kernel(const IndexTableArgs a, const MmaParams mp, const MmaParams mt,
@@ -914,7 +914,7 @@ __global__ void __launch_bounds__(kThreads)
                        uint2* __restrict__ frag_t, float* __restrict__ bias) {
   const IndexSegment& last = a.seg[a.count - 1];
   const int64_t n_table = last.offset + last.length;
-  const bool in_place = (mode & 1) != 0, wrap = (mode & 2) != 0;
+  const bool in_place = (mode & 1) != 0, wrap = (mode & 2) != 0, bf16 = (mode & 4) != 0;
   const int64_t r0 = mma_row_table_first(mp, in_place);
   const int64_t n_rows = mma_row_table_size(mp) - r0;
   const int64_t n_frag = mp.num_frag + mt.num_frag;
@@ -944,7 +944,7 @@ __global__ void __launch_bounds__(kThreads)
     i -= n_frag;
     int l = 0;  // the layer whose bias holds entry i
     while (mp.c.layer[l].b_off < 0 || i >= mp.c.layer[l].b_off + mp.c.layer[l].cout) ++l;
-    bias[i] = mma_bits_to_float(w.b[l][i - mp.c.layer[l].b_off], w.is_bf16 != 0);
+    bias[i] = mma_bits_to_float(w.b[l][i - mp.c.layer[l].b_off], bf16);
   }
 }
 
@@ -953,6 +953,8 @@ __global__ void __launch_bounds__(kThreads)
 // floats; mt null in the forward, else mt->frag == frag_t), and returns mp pointing at the row
 // tables (elem, elem_out; with in-place layers also the composed gathers as its index table,
 // identity while every gather so far is). wrap: the row elements in mma_elem's kWrap layout.
+// Fmt: the 16-bit format of the weights and biases.
+template <class Fmt>
 inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
                                       const MmaParams* mt, const MmaWeights& w, int mt_tile,
                                       bool in_place, bool wrap, int32_t* table, int32_t* rows,
@@ -969,7 +971,8 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
                         mma_row_table_first(mp, in_place) + mp.num_frag + t.num_frag +
                         mp.c.num_b;
   const int blocks = blocks_for(total, 1024);
-  const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0);  // mma_prepare_kernel's mode
+  // mma_prepare_kernel's mode
+  const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0) | (Fmt::is_bf16 ? 4 : 0);
   float* bias = const_cast<float*>(mp.c.B);
   if (mt_tile == 4)
     IGC_LAUNCH(mma_prepare_kernel<64>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
@@ -1154,7 +1157,7 @@ inline cudaError_t launch_forward_mma(const HostChain& h, const MmaParams& mp,
   if (plan.grid < 1 || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
     return cudaErrorInvalidValue;
   MmaParams tp;
-  const cudaError_t e = launch_mma_prepare(h, mp, nullptr, w, plan.mt, plan.in_place,
+  const cudaError_t e = launch_mma_prepare<Fmt>(h, mp, nullptr, w, plan.mt, plan.in_place,
                                            plan.in_place && plan.wrap, table,
                                            tables, frag, nullptr, stream, &tp);
   if (e != cudaSuccess) return e;

@@ -600,8 +600,8 @@ inline cudaError_t launch_backward_mma(const HostChain& h, const MmaParams& mp,
   if (mp.c.has_index && f.need_x && (dx_starts == nullptr || dx_order == nullptr))
     return cudaErrorInvalidValue;
   MmaParams tp;
-  cudaError_t e = launch_mma_prepare(h, mp, &mt, w, plan.mt, false, false, table, tables, frag,
-                                     frag_t, stream, &tp);
+  cudaError_t e = launch_mma_prepare<Fmt>(h, mp, &mt, w, plan.mt, false, false, table, tables,
+                                          frag, frag_t, stream, &tp);
   if (e != cudaSuccess) return e;
   float* part = wb ? partial : nullptr;
   if (!mp.c.has_index) dx_starts = dx_order = nullptr;

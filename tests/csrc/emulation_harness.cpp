@@ -123,9 +123,8 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
 // The weights and biases as the tensor-core launchers take them, from the flat 16-bit weights W
 // and biases B (every W_l, every present b_l, in layer order: chain_cuda.cu's per-layer tensors
 // laid out one after the other).
-MmaWeights mma_weights(const ChainParams<float>& p, const void* W, const void* B, bool bf16) {
+MmaWeights mma_weights(const ChainParams<float>& p, const void* W, const void* B) {
   MmaWeights w{};
-  w.is_bf16 = bf16 ? 1 : 0;
   for (int l = 0; l < p.L; ++l) {
     w.w[l] = static_cast<const uint16_t*>(W) + p.layer[l].w_off;
     if (p.layer[l].has_bias) w.b[l] = static_cast<const uint16_t*>(B) + p.layer[l].b_off;
@@ -170,8 +169,7 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
   if (pl.mt == 0) return 4;
   MmaTables t(*h, probe, 0);
   const MmaParams mp = make_mma_params(*h, t.bias_ptr(), t.table.data(), t.frag.data());
-  if (launch_forward_mma<Fmt>(*h, mp, mma_weights(mp.c, W, B, Fmt::is_bf16), t.table.data(),
-                              t.frag.data(),
+  if (launch_forward_mma<Fmt>(*h, mp, mma_weights(mp.c, W, B), t.table.data(), t.frag.data(),
                               t.rows.data(), arg<const uint16_t>(x), arg<uint16_t>(y), P, pl,
                               nullptr) != cudaSuccess)
     return 5;
@@ -207,10 +205,9 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
   std::vector<float> partial(wb ? static_cast<size_t>(pl.grid * (mp.c.num_w + mp.c.num_b)) : 0);
   BackwardFlags f{need_x, need_w, nb ? 1 : 0, 1};
   TensorArg<uint16_t> dxa = need_x ? arg<uint16_t>(dx) : TensorArg<uint16_t>{};
-  if (launch_backward_mma<Fmt>(*h, mp, mt, mma_weights(mp.c, W, B, Fmt::is_bf16),
-                               t.table.data(), t.frag.data(),
-                               t.frag_t.data(), t.rows.data(), arg<const uint16_t>(x),
-                               arg<const uint16_t>(dy), dxa, starts, order,
+  if (launch_backward_mma<Fmt>(*h, mp, mt, mma_weights(mp.c, W, B), t.table.data(),
+                               t.frag.data(), t.frag_t.data(), t.rows.data(),
+                               arg<const uint16_t>(x), arg<const uint16_t>(dy), dxa, starts, order,
                                wb ? partial.data() : nullptr, static_cast<uint16_t*>(gw),
                                static_cast<uint16_t*>(gb), f, P, pl, nullptr) != cudaSuccess)
     return 5;
