@@ -242,10 +242,19 @@ class EmuTensor(ctypes.Structure):
 
 class EmuDevice(ctypes.Structure):
     _fields_ = [("sm_count", ctypes.c_int), ("smem_optin", ctypes.c_int),
-                ("smem_per_sm", ctypes.c_int), ("occupancy", ctypes.c_int)]
+                ("smem_per_sm", ctypes.c_int), ("occupancy", ctypes.c_int),
+                ("l2_bytes", ctypes.c_int)]
+
+
+def _emu_device(device, occupancy):
+    """EmuDevice of a device tuple (SMs, opt-in shared memory per block, shared memory per SM
+    [, L2 bytes: 0 or absent, unknown])"""
+    sms, optin, per_sm, *l2 = device
+    return EmuDevice(sms, optin, per_sm, occupancy, *l2)
 
 
 H100 = (132, 232448, 233472)
+H100_L2 = 50 << 20  # the L2 bytes an H100 / H200 reports
 # two SMs with H100 shared memory: few CTAs, so every CTA loops over several tiles
 TWO_SM = (2, 232448, 233472)
 
@@ -348,7 +357,7 @@ class EmuCase:
         plan = (ctypes.c_int64 * plan_len)()
         rc = fn(flag, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                 ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
-                ctypes.byref(_etensor(y)), ctypes.byref(EmuDevice(*device, occupancy)), plan)
+                ctypes.byref(_etensor(y)), ctypes.byref(_emu_device(device, occupancy)), plan)
         assert rc == 0, f"emulated {what} failed with code {rc} (plan {list(plan)})"
         guard()
         return y, list(plan)
@@ -419,7 +428,7 @@ class EmuCase:
             ctypes.c_void_p(starts.data_ptr()) if starts is not None else None,
             ctypes.c_void_p(order.data_ptr()) if order is not None else None,
             ctypes.c_void_p(gw.data_ptr()), ctypes.c_void_p(gb.data_ptr()),
-            int(need_x), int(need_w), int(need_b), ctypes.byref(EmuDevice(*device, occupancy)),
+            int(need_x), int(need_w), int(need_b), ctypes.byref(_emu_device(device, occupancy)),
             plan)
         assert rc == 0, f"emulated {what} failed with code {rc} (plan {list(plan)})"
         if dx_guard is not None:
@@ -1255,19 +1264,60 @@ def test_emulated_mma_backward_reload_x(emu, mma_arch, case):
 
 
 @needs_cxx
+@pytest.mark.parametrize("tp", [16, 32])
+@pytest.mark.parametrize("case", ["pairs_c0_eq_cl", "c0_wider_3_layers"])
+def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp):
+    """mma_backward_wide_tile: where the fp32 weight-gradient rows of two CTAs per SM exceed
+    three quarters of the L2, one CTA per SM with a tile twice as long (16 -> 32 and 32 -> 64
+    positions): every gradient against the float64 oracle, dx bitwise equal to the two-CTA
+    plan's (per position the same arithmetic); not without weight gradients, not where the long
+    tiles would leave an SM without one, not with the L2 unknown (0)."""
+    channels, groups, *_ = MMA_RELOAD_CASES[case]
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.bfloat16, seed=tp)
+    x = _x((2, channels[0], 8, 8), "contiguous", torch.bfloat16, 1)  # 128 positions
+    gy = _x((2, channels[-1], 8, 8), "channels_last", torch.bfloat16, 2)
+    r4 = lambda v: -(-v // 4) * 4  # noqa: E731
+    mid = sum(r4(v) for v in channels[1:-1])
+    smem_r = lambda t: (max(r4(channels[0]), r4(channels[-1])) + mid + 2) * t * 2 + 3 * t * 8  # noqa: E731,E501
+    per_sm = 2 * (smem_r(tp) + 1024)  # x and dy in one tile: tp positions, two CTAs
+    row = 4 * (sum(w.numel() for w in c.weights) + sum(channels[1:]))  # fp32 weights, biases
+    below, beyond = 6 * row, 5 * row  # two SMs x two rows = 4 rows against 3/4 of the L2
+    dev = lambda l2: (2, per_sm - 1024, per_sm, l2)  # noqa: E731  (opt-in as on an H100)
+    dx_n, *_, plan_n = c.check_backward_mma(emu, x, gy, device=dev(below), occupancy=2)
+    assert list(plan_n) == [tp, 4, 1], plan_n  # (grid: CTAs, at most 2 per SM)
+    dx_w, *_, plan_w = c.check_backward_mma(emu, x, gy, device=dev(beyond), occupancy=2)
+    assert list(plan_w) == [2 * tp, 2, 1], plan_w
+    assert torch.equal(dx_w, dx_n)
+    *_, plan = c.emu_backward_mma(emu, x, gy, mask=(True, False, False), device=dev(beyond))
+    assert plan[0] == tp, plan
+    *_, plan = c.emu_backward_mma(emu, x, gy, device=dev(0))
+    assert plan[0] == tp, plan
+    few = 2 * tp - 8  # one long tile for two SMs: the two-CTA plan stays
+    xf = _x((1, channels[0], 1, few), "contiguous", torch.bfloat16, 3)
+    gyf = _x((1, channels[-1], 1, few), "contiguous", torch.bfloat16, 4)
+    *_, plan = c.check_backward_mma(emu, xf, gyf, device=dev(beyond))
+    assert plan[0] == tp, plan
+
+
+@needs_cxx
 def test_static_model_mirrors_the_backward_planner(emu):
     """tools/gpu_static.py's mma_backward_plan (the tile and layout its predictions assume) is
     plan_backward_mma's choice: IGCV2(256, 8) and (512, 16) put x and dy in one tile (64 and 32
     positions instead of 32 and 16), IGCV2(1024, 8) cannot gain from it (16 positions, one CTA
-    per SM either way), IGCV2(64, 4) has room for 64 positions without it."""
+    per SM either way), IGCV2(64, 4) has room for 64 positions without it; IGCV2(1024, 16) and
+    (1024, 32), whose weight-gradient rows at two CTAs per SM exceed three quarters of the L2,
+    take one CTA per SM with 32 positions (the emulated device: two SMs with the L2 share of
+    two of the 132)."""
     pytest.importorskip("triton")
     expect = {(256, 8): (64, True), (512, 16): (32, True), (1024, 8): (16, False),
-              (64, 4): (64, False)}
+              (64, 4): (64, False), (1024, 16): (32, True), (1024, 32): (32, False)}
     chains = {ck: [ck[0]] * (len(igc.ChainSpec.igcv2(*ck).groups) + 1) for ck in expect}
+    floats = [sum(c * k for c, k in igc.ChainSpec.igcv2(*ck).weight_shapes()) for ck in expect]
     # (in a process of its own: the tool refuses TRITON_INTERPRET, which this suite sets)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'tools'); import gpu_static; print(json.dumps("
-            f"[gpu_static.mma_backward_plan(c, 90)[:2] for c in {list(chains.values())}]))")
+            f"[gpu_static.mma_backward_plan(c, 90, f)[:2] for c, f in "
+            f"zip({list(chains.values())}, {floats})]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -1279,5 +1329,5 @@ def test_static_model_mirrors_the_backward_planner(emu):
         c = EmuCase(chans, list(spec.groups), dtype=torch.bfloat16, seed=C + K)
         x = _x((1, C, 8, 16), "contiguous", torch.bfloat16, 1)  # 128 positions: 2 tiles of 64
         gy = _x((1, C, 8, 16), "contiguous", torch.bfloat16, 2)
-        *_, plan = c.emu_backward_mma(emu, x, gy, device=TWO_SM)
+        *_, plan = c.emu_backward_mma(emu, x, gy, device=(*TWO_SM, H100_L2 * 2 // 132))
         assert (plan[0], bool(plan[2])) == want, (C, K, plan)

@@ -427,3 +427,69 @@ def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
     assert float(err) <= 0.05, err
     if mma:
         assert int(launches) == 3, launches
+
+
+_WIDE_TILE_SCRIPT = """
+import sys, torch, igc_kernels as igc
+g = torch.Generator(device="cuda").manual_seed(0)
+x = torch.randn(2, 1024, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+ws = [(0.25 * torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16, generator=g))
+      for _ in range(3)]
+gy = torch.randn(2, 1024, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+x.requires_grad_()
+for w in ws:
+    w.requires_grad_()
+groups = [64, 64, 64]
+y = igc.interleaved_group_conv(x, ws, groups, backend="cuda")
+with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    grads = torch.autograd.grad(y, [x, *ws], gy)
+    torch.cuda.synchronize()
+torch.save([t.cpu() for t in grads], sys.argv[1])
+print(sorted({e.name for e in prof.events() if "chain_backward_mma" in e.name}))
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="tensor cores for bf16 need sm_80")
+def test_tensor_core_backward_wide_tile_beyond_l2(tmp_path):
+    """IGCV2(1024, 16)-shaped bf16 chain, 4608 positions: where the fp32 gradient rows of two
+    CTAs per SM exceed three quarters of the L2 (an H100 / H200: 264 rows of 192 KiB, 50 MiB),
+    the backward takes one CTA per SM with tiles of 32 positions (kernel <MmaBf16, 2>), and
+    with IGC_CUDA_PLAN_L2_BYTES=0 two of 16 (<MmaBf16, 1>). dx is bitwise equal between the two
+    (per position the same arithmetic), every dW close to the float64 chain's in both."""
+    import os
+    import subprocess
+    import sys
+
+    props = torch.cuda.get_device_properties(0)
+    rows = 2 * props.multi_processor_count * 4 * 3 * 1024 * 16  # fp32 rows at two CTAs per SM
+    tile16 = (3 * 1024 + 2) * 16 * 2 + 3 * 16 * 8  # x / dy, u_1, u_2, zero rows; offsets
+    two_ctas = props.shared_memory_per_multiprocessor >= 2 * (tile16 + 1024)
+    wide = two_ctas and 4 * rows > 3 * props.L2_cache_size
+    out = {}
+    for l2 in (None, "0"):
+        env = {k: v for k, v in os.environ.items() if k != "IGC_CUDA_PLAN_L2_BYTES"}
+        if l2 is not None:
+            env["IGC_CUDA_PLAN_L2_BYTES"] = l2
+        path = tmp_path / f"grads_{l2}.pt"
+        r = subprocess.run([sys.executable, "-c", _WIDE_TILE_SCRIPT, str(path)],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[l2] = (torch.load(path), r.stdout.strip().splitlines()[-1])
+    (g_rule, names_rule), (g_off, names_off) = out[None], out["0"]
+    assert "MmaBf16, 1>" in names_off, names_off
+    assert ("MmaBf16, 2>" if wide else "MmaBf16, 1>") in names_rule, (names_rule, wide)
+    assert torch.equal(g_rule[0], g_off[0])
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(2, 1024, 48, 48, device="cuda", dtype=torch.bfloat16, generator=gen)
+    ws = [(0.25 * torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16, generator=gen))
+          for _ in range(3)]
+    gy = torch.randn(2, 1024, 48, 48, device="cuda", dtype=torch.bfloat16, generator=gen)
+    x64 = x.double().requires_grad_()
+    w64 = [w.double().requires_grad_() for w in ws]
+    ref = torch.autograd.grad(igc.reference.interleaved_group_conv(x64, w64, [64, 64, 64]),
+                              [x64, *w64], gy.double())
+    for grads in (g_rule, g_off):
+        for g, r in zip(grads, ref):
+            r = r.cpu()
+            assert float((g.double() - r).abs().max() / r.abs().max()) <= 0.05

@@ -125,12 +125,16 @@ def test_prediction_bounds():
 
 
 def test_backward_partial_rows_beyond_l2_count_as_memory_traffic():
-    """The CUDA backward's per-CTA fp32 dW rows: within L2 they cost nothing in the model; when
-    the rows of every resident CTA exceed the L2, each tile's read and write of its row joins
-    the memory term (IGCV2(1024, 16): 49152 weights, 196 KB a row, 2 CTAs on 132 SMs: 52 MB)."""
+    """The CUDA backward's per-CTA fp32 dW rows: within three quarters of the L2 (the planner's
+    margin) they cost nothing in the model; beyond it, each tile's read and write of its row
+    joins the memory term (IGCV2(1024, 16): 49152 weights, 192 KiB a row, 2 CTAs on 132 SMs:
+    49.5 of the 50 MiB)."""
     dev = pm.DEVICES["h200"]
     small = _row(direction="backward", backend="cuda", ctas_per_sm=2, macs_per_position=6144)
     assert pm.partial_row_bytes(small, dev) == 0.0  # 264 rows of 24 KB: 6.5 MB
+    # the margin: 264 rows of 128 KiB (IGCV2(512, 32)) are 33 MiB, within 37.5; of 152 KiB, 39
+    assert pm.partial_row_bytes(dict(small, macs_per_position=32768), dev) == 0.0
+    assert pm.partial_row_bytes(dict(small, macs_per_position=38912), dev) == 2 * 4 * 38912
     big = _row(direction="backward", backend="cuda", ctas_per_sm=2, macs_per_position=49152)
     assert pm.partial_row_bytes(big, dev) == 2 * 4 * 49152
     fits = dict(big, ctas_per_sm=1)

@@ -28,6 +28,9 @@
 #   bench-quick  benchmarks/bench.py --device cuda --only "$BENCH_ONLY" (default: the nine
 #                IGCV2 targets, IGCV2_TARGETS) --backends "$BENCH_BACKENDS" (default cuda),
 #                no torch.compile, no memory measurements, then the same comparison
+#   wide-off     bench-quick's measurement of IGCV2(1024, 16) and (1024, 32) with
+#                IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs of 16 positions
+#                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -36,7 +39,7 @@
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
-# sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
+# wide-off, sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
 # the first failing step's. Example: tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -104,7 +107,7 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
-    test-cuda|sanitize|race|bench-quick|bench|sweep|timeline)
+    test-cuda|sanitize|race|bench-quick|wide-off|bench|sweep|timeline)
       if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
   esac
   case "$step" in
@@ -140,6 +143,9 @@ for arg in "${steps[@]}"; do
       --backends "${BENCH_BACKENDS:-cuda}" --json "$OUT/bench-quick.json" ;
       run_step predicted-quick "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-quick.json" ;;
+    wide-off) run_step wide-off env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
+      --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \
+      --backends cuda --json "$OUT/bench-wide-off.json" ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;

@@ -704,25 +704,38 @@ def mma_backward_tile(rows: int, arch: int) -> int:
     return mma_tile(arch, lambda t: mma_backward_smem_bytes(rows, t))
 
 
-def mma_backward_plan(chans, arch: int) -> tuple:
-    """(tile, reload x, tile rows) of plan_backward_mma for channels ``chans`` (C_0 .. C_L):
-    the store-all tiles x | u_1 .. u_{L-1} | dy, or with L >= 2 x and dy in one tile where that
-    gives more positions per SM (tile x CTAs per SM by shared memory, 2 or 1)."""
+# SMs and L2 bytes of the device the tile rules are mirrored for (sm_80: A100; sm_90: H100 and
+# H200, which report 50 MiB of L2)
+PLAN_DEVICE = {80: (108, 40 << 20), 90: (132, 50 << 20)}
+
+
+def mma_backward_plan(chans, arch: int, row_floats: int = 0) -> tuple:
+    """(tile, reload x, tile rows) of plan_backward_mma for channels ``chans`` (C_0 .. C_L), for
+    many positions: the store-all tiles x | u_1 .. u_{L-1} | dy, or with L >= 2 x and dy in one
+    tile where that gives more positions per SM (tile x CTAs per SM by shared memory, 2 or 1);
+    then mma_backward_wide_tile: where two CTAs per SM fit and their fp32 gradient rows
+    (``row_floats`` weights and biases each; 0: not counted) exceed three quarters of the L2 of
+    ``PLAN_DEVICE[arch]``, one CTA per SM with a tile twice as long, where it fits one CTA."""
     mid = sum(mma_tile_rows(c) for c in chans[1:-1])
     xr, dyr = mma_tile_rows(chans[0]), mma_tile_rows(chans[-1])
 
     def pick(rows):
         tp = mma_backward_tile(rows, arch)
-        two = tp and mma_backward_smem_bytes(rows, tp) <= _two_cta_budget(arch)
-        return tp, tp * (2 if two else 1)
+        two = bool(tp) and mma_backward_smem_bytes(rows, tp) <= _two_cta_budget(arch)
+        return tp, tp * (2 if two else 1), two
 
     keep = xr + mid + dyr
-    tp, per_sm = pick(keep)
+    tp, per_sm, two = pick(keep)
+    reload, rows = False, keep
     if len(chans) >= 3:
-        tp_r, per_sm_r = pick(max(xr, dyr) + mid)
+        tp_r, per_sm_r, two_r = pick(max(xr, dyr) + mid)
         if per_sm_r > per_sm:
-            return tp_r, True, max(xr, dyr) + mid
-    return tp, False, keep
+            tp, two, reload, rows = tp_r, two_r, True, max(xr, dyr) + mid
+    sms, l2 = PLAN_DEVICE[arch]
+    if (two and 16 <= tp < 64 and 4 * (2 * sms * 4 * row_floats) > 3 * l2
+            and mma_backward_smem_bytes(rows, 2 * tp) <= SM_LIMITS[arch][1] - 1024):
+        tp *= 2
+    return tp, reload, rows
 
 
 def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, smem):
@@ -787,7 +800,8 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         c0 = c_x if idx is None else len(idx)
         shapes = spec.weight_shapes()
         chans = [c0] + [c for c, _ in shapes]
-        tp, reload, rows_ = mma_backward_plan(chans, arch)
+        # the fp32 gradient row: the weights (the static structures have no biases)
+        tp, reload, rows_ = mma_backward_plan(chans, arch, sum(c * k for c, k in shapes))
         if tp == 0:
             continue
         mt = tp // 16

@@ -21,9 +21,10 @@ a persistent kernel loops over tiles):
   with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
   k / (latency + compute time) tiles per second;
 * the CUDA backward's per-CTA fp32 weight-gradient rows (``partial_row_bytes``): every tile
-  reads and writes its CTA's row; where the rows of all resident CTAs do not fit in L2, that
-  traffic is counted with the tile's own at the copy bandwidth (rows that fit in L2 are not
-  counted: an optimistic choice, L2 bandwidth is not modelled);
+  reads and writes its CTA's row; where the rows of all resident CTAs exceed three quarters of
+  the L2 (the planner's margin for the tiles' streams), that traffic is counted with the tile's
+  own at the copy bandwidth (rows within it are not counted: an optimistic choice, L2
+  bandwidth is not modelled);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
@@ -58,7 +59,7 @@ class Device:
     shfl_per_clk: float = 1.0         # warp shuffles per clock per SM (32 lanes per clock)
     smem_bytes_per_clk: float = 128.0
     mma_fma_per_clk: float = 1024.0   # 16-bit mma.sync multiply-adds per clock per SM
-    l2_bytes: float = 50e6            # L2 cache (GH100: 50 MB)
+    l2_bytes: float = 50 * 2 ** 20    # L2 cache (GH100: 50 MiB, as the device reports it)
 
 
 # Copy bandwidths: the project's device notes (H200 ~4.3 TB/s read+write measured with a
@@ -286,12 +287,13 @@ def partial_row_bytes(row: dict, dev: Device) -> float:
     """Bytes per tile of the CUDA backward's fp32 weight-gradient row (read and written: the
     CTA adds its tile's dW to it) that reach DRAM: all of them when the rows of every resident
     CTA (SMs x CTAs per SM rows of num_w fp32, num_w = the chain's multiply-adds per position)
-    exceed the L2, else none. Forwards, other backends and rows without the chain's size: 0."""
+    exceed three quarters of the L2 (plan_backward_mma's margin, mma_backward_wide_tile), else
+    none. Forwards, other backends and rows without the chain's size: 0."""
     if row["direction"] != "backward" or row.get("backend") != "cuda":
         return 0.0
     num_w = row.get("macs_per_position") or 0
     row_bytes = 4.0 * num_w
-    if dev.sms * max(1, row["ctas_per_sm"]) * row_bytes <= dev.l2_bytes:
+    if dev.sms * max(1, row["ctas_per_sm"]) * row_bytes <= 0.75 * dev.l2_bytes:
         return 0.0
     return 2.0 * row_bytes
 

@@ -34,6 +34,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <climits>
 #include <cstdlib>
 #include <cstring>
 #include <mutex>
@@ -71,7 +72,23 @@ struct DevType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// Multiprocessor count and shared-memory limits, queried once per device.
+// IGC_CUDA_PLAN_L2_BYTES: the L2 size the tensor-core backward's tile rule assumes
+// (mma_backward_wide_tile) instead of the device's; 0 turns the rule off. Read once.
+int plan_l2_bytes(int device_l2) {
+  static const int64_t v = [] {
+    const char* s = std::getenv("IGC_CUDA_PLAN_L2_BYTES");
+    if (s == nullptr || *s == '\0') return int64_t{-1};
+    char* end = nullptr;
+    const long long n = std::strtoll(s, &end, 10);
+    TORCH_CHECK(*end == '\0' && n >= 0 && n <= INT_MAX,
+                "IGC_CUDA_PLAN_L2_BYTES must be a number of bytes from 0 to ", INT_MAX,
+                ", got '", s, "'");
+    return static_cast<int64_t>(n);
+  }();
+  return v < 0 ? device_l2 : static_cast<int>(v);
+}
+
+// Multiprocessor count, shared-memory limits and L2 size, queried once per device.
 kc::DeviceInfo device_info(int device) {
   static std::mutex mu;
   static std::vector<std::pair<int, kc::DeviceInfo>> cache;
@@ -80,6 +97,7 @@ kc::DeviceInfo device_info(int device) {
     if (e.first == device) return e.second;
   kc::DeviceInfo info;
   C10_CUDA_CHECK(kc::query_device(device, &info));
+  info.l2_bytes = plan_l2_bytes(info.l2_bytes);
   cache.emplace_back(device, info);
   return info;
 }

@@ -673,6 +673,7 @@ struct DeviceInfo {
   int smem_optin;   // max dynamic shared memory per block (opt-in)
   int smem_per_sm;  // shared memory per multiprocessor
   int cc_major;     // compute capability (major)
+  int l2_bytes;     // L2 cache size (0: unknown; the backward's tile rule then ignores it)
 };
 
 inline cudaError_t query_device(int device, DeviceInfo* info) {
@@ -681,6 +682,8 @@ inline cudaError_t query_device(int device, DeviceInfo* info) {
   e = cudaDeviceGetAttribute(&info->cc_major, cudaDevAttrComputeCapabilityMajor, device);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  if (e != cudaSuccess) return e;
+  e = cudaDeviceGetAttribute(&info->l2_bytes, cudaDevAttrL2CacheSize, device);
   if (e != cudaSuccess) return e;
   return cudaDeviceGetAttribute(&info->smem_per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor,
                                 device);

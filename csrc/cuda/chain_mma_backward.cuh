@@ -533,9 +533,32 @@ inline cudaError_t mma_backward_configure(size_t smem, int* occ) {
   return configure(chain_backward_mma_kernel<Fmt, MT>, smem, occ);
 }
 
+// Every tile reads and writes its CTA's whole fp32 row of weight and bias gradients (in L2), so
+// the rows of all resident CTAs are the backward's working set beside its tiles' streams. The
+// H200 profile of IGCV2(1024, 16) (tiles of 16 positions, two CTAs per SM: 264 rows of 192 KiB,
+// 99% of the L2) moved 3.4 GB through DRAM where x, dy and dx are 0.8 GB, and the reduction
+// that reads the rows next found 1.3% of them in L2. Where the rows of two CTAs per SM exceed
+// three quarters of the L2 (a margin for the streams, not tuned), one CTA per SM with a tile of
+// 32 mt positions keeps the positions per SM, halves the rows and the row traffic per position,
+// and shares each item's set-up between twice the positions, for half the resident warps.
+// True where that tile exists (mt of 1 or 2), fits one CTA's shared memory and still gives
+// every SM a tile. dev.l2_bytes == 0 (unknown, or IGC_CUDA_PLAN_L2_BYTES=0): never.
+inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool reload, int64_t P,
+                                   const DeviceInfo& dev) {
+  if (dev.l2_bytes <= 0 || mt < 1 || mt >= kMmaMaxMt) return false;
+  const int64_t row_bytes = (c.num_w + c.num_b) * static_cast<int64_t>(sizeof(float));
+  if (4 * (2 * static_cast<int64_t>(dev.sm_count) * row_bytes) <= 3 * int64_t{dev.l2_bytes})
+    return false;
+  const int tp = 32 * mt;
+  return mma_backward_smem_bytes(mma_backward_rows(c, reload), tp) <= cta_smem_budget(dev, 1) &&
+         (P + tp - 1) / tp >= dev.sm_count;
+}
+
 // The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit); mt = 0 when
 // the store-all tiles do not fit a 16-position tile (the caller falls back to the CUDA-core
 // backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
+// Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take one
+// CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile).
 template <class Fmt>
 inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
                                      const DeviceInfo& dev, MmaPlan* plan) {
@@ -559,6 +582,9 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
     }
   }
   if (plan->mt == 0) return cudaSuccess;
+  if (need_grads_wb && (plan->reload_x ? ctas_r : ctas) == 2 &&
+      mma_backward_wide_tile(mp.c, plan->mt, plan->reload_x, P, dev))
+    plan->mt *= 2;
   plan->smem = mma_backward_smem_bytes(mma_backward_rows(mp.c, plan->reload_x), 16 * plan->mt);
   plan->ntiles = (P + 16 * plan->mt - 1) / (16 * plan->mt);
   int occ = 0;

@@ -28,6 +28,7 @@ struct EmuDevice {
   int smem_optin;
   int smem_per_sm;
   int occupancy;
+  int l2_bytes;  // 0: unknown
 };
 
 // plan_out: tp, ld, store_all, grid
@@ -45,6 +46,7 @@ void set_device(const EmuDevice* d) {
   dev.smem_optin = d->smem_optin;
   dev.smem_per_sm = d->smem_per_sm;
   dev.occupancy = d->occupancy;
+  dev.l2_bytes = d->l2_bytes;
 }
 
 template <typename T>

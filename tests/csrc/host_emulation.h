@@ -65,7 +65,8 @@ enum cudaDeviceAttr {
   cudaDevAttrMultiProcessorCount,
   cudaDevAttrComputeCapabilityMajor,
   cudaDevAttrMaxSharedMemoryPerBlockOptin,
-  cudaDevAttrMaxSharedMemoryPerMultiprocessor
+  cudaDevAttrMaxSharedMemoryPerMultiprocessor,
+  cudaDevAttrL2CacheSize
 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize };
 
@@ -76,6 +77,7 @@ struct Device {
   int smem_optin = 232448;   // H100
   int smem_per_sm = 233472;
   int occupancy = 1;
+  int l2_bytes = 0;  // 0: unknown (the backward's tile rule ignores the L2)
   int stmatrix = 1;  // sm_90's stmatrix (0: the sm_80 code paths)
 };
 inline Device& device() {
@@ -319,6 +321,7 @@ inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   *v = a == cudaDevAttrMultiProcessorCount      ? d.sm_count
        : a == cudaDevAttrComputeCapabilityMajor ? 9
        : a == cudaDevAttrMaxSharedMemoryPerBlockOptin ? d.smem_optin
+       : a == cudaDevAttrL2CacheSize                  ? d.l2_bytes
                                                       : d.smem_per_sm;
   return cudaSuccess;
 }
@@ -327,7 +330,12 @@ inline cudaError_t cudaFuncSetAttribute(K, cudaFuncAttribute, int v) {
   return v <= igc_emu::device().smem_optin ? cudaSuccess : cudaErrorInvalidValue;
 }
 template <typename K>
-inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
-  *n = igc_emu::device().occupancy;
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int,
+                                                                 size_t smem) {
+  // the device's occupancy (registers are not emulated), at most the CTAs whose shared memory
+  // (and 1 KB reserved per CTA) fits the SM's
+  const igc_emu::Device& d = igc_emu::device();
+  const size_t by_smem = static_cast<size_t>(d.smem_per_sm) / (smem + 1024);
+  *n = static_cast<size_t>(d.occupancy) < by_smem ? d.occupancy : static_cast<int>(by_smem);
   return cudaSuccess;
 }
