@@ -473,7 +473,9 @@ def _layer_model(ins, loops, mt: int) -> dict:
     (the innermost loop holding that HMMA and ldmatrix.trans, divided by its unroll factor: the
     number of ldmatrix.trans over mt), per item besides its k-steps (the enclosing loop minus
     the k-step loop and its remainder copies; a straight-line item, whose innermost loop
-    already holds the result stores, is that loop). Items of two output blocks (two HMMAs per
+    already holds the result stores, is that loop). Where the item's first k-step is peeled off
+    the loop (HMMAs in the item outside it: "peeled"), the item's cost includes that k-step and
+    the loop counts the others (``_mma_layer_terms``). Items of two output blocks (two HMMAs per
     ldmatrix: pair items) are "k16p" / "k8p", items of four (the in-place forward's groups of
     32) "k16q"; k8 items of two groups of one block each (one ldmatrix x4 for both groups'
     activations) are "k8g"."""
@@ -519,7 +521,10 @@ def _layer_model(ins, loops, mt: int) -> dict:
             step = _combine((1.0 / unroll, kc))
             whole = _region_counts(ins, *item)
             base = _combine((1.0, whole), (-1.0, kc), (-(unroll - 1), step))
-            out[key] = {"step": step, "item": base, "unroll": unroll}
+            # the item's first k-step peeled off the loop (it takes the bias as the products'
+            # c operand): the item holds HMMAs of its own and the loop runs the other k-steps
+            out[key] = {"step": step, "item": base, "unroll": unroll,
+                        "peeled": base["counts"]["HMMA/MMA"] > 0}
     return out
 
 
@@ -883,14 +888,16 @@ def _mma_item_kind(costs, groups, outs, ins):
 
 def _mma_layer_terms(costs, groups, outs, ins) -> list:
     """(count, cost) terms of one tensor-core layer pass per tile: groups x ceil(outs / 8)
-    items, each ceil(ins / 16) k-steps (one for at most 8 inputs), with the item and k-step
+    items, each ceil(ins / 16) k-steps (one for at most 8 inputs; one fewer in the loop where
+    the item holds the first, "peeled"), with the item and k-step
     costs of ``costs["k8"]`` or ``costs["k16"]`` (by the inputs per group); where the kernel
     has pair items ("k8p" / "k16p") and a group's blocks of 8 outputs pair up, half as many
     items with the pair costs; likewise half as many "k8g" items (two groups each)."""
     kind, blocks = _mma_item_kind(costs, groups, outs, ins)
     items = groups * blocks
     k = costs[kind]
-    return [(items, k["item"]), (items * (1 if ins <= 8 else -(-ins // 16)), k["step"])]
+    steps = (1 if ins <= 8 else -(-ins // 16)) - (1 if k.get("peeled") else 0)
+    return [(items, k["item"]), (items * steps, k["step"])]
 
 
 def cuda_mma_records(structures, dtypes, layouts, archs) -> list:

@@ -38,6 +38,8 @@
 // check this kernel's results on a machine without a GPU.
 #pragma once
 
+#include <type_traits>
+
 #include "chain_kernels.cuh"
 
 namespace igc {
@@ -703,8 +705,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   for (int item = warp; item < items; item += kWarps) {
     const int g0 = kGroups ? g * NB : g;  // the item's first group
     const int b = kGroups ? 0 : sb * NB;  // and its first block
-    // The accumulators start at the bias: a k8 item's one k-step takes it as its c operand
-    // (no register copies); a k16 item sets them first.
+    // The accumulators start at the bias: an item's first k-step takes it as its c operand
+    // (no register copies).
     float binit[NB][4];
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb) {
@@ -718,21 +720,13 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       binit[nb][3] = b1;
     }
     float acc[NB][MT][4];
-    if constexpr (K == 16) {
-#pragma unroll
-      for (int nb = 0; nb < NB; ++nb)
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[nb][mt][q] = binit[nb][q];
-    }
-    // k8 layers have one k-step: a compile-time trip count, straight-line code; k16 layers a
-    // loop that is not unrolled (unrolling only duplicated the addresses). Fragments:
-    // [group][block][k-step][lane], so block b + 1's follow block b's k-steps.
+    // Fragments: [group][block][k-step][lane], so block b + 1's follow block b's k-steps.
     const int ksteps = K == 8 ? 1 : ml.ksteps;
     const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * NB * ksteps) * 32 + lane;
-#pragma unroll 1
-    for (int ks = 0; ks < ksteps; ++ks) {
+    // One k-step. The first takes the bias as the products' c operand (no copies into the
+    // accumulators); k8 layers have only that one: straight-line code. The other k-steps of
+    // k16 layers are a loop that is not unrolled (unrolling only duplicated the addresses).
+    const auto kstep = [&](int ks, auto first) {
       uint32_t breg[NB][2];
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
@@ -750,28 +744,21 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       // instruction), shared by the item's products: the row start and its swizzle from the
       // element, then one chunk of 8 positions per block.
       constexpr int NM = (K == 16 || kGroups) ? 4 : 2;  // 8x8 matrices per ldmatrix
-      if constexpr (MT == 1) {
+      const int sw = e & ((TP / 8 - 1) << 3);
+      const uint16_t* rp = (valid ? in : zero) + (e - sw);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
         uint32_t a[4];
-        const int sw = e & ((TP / 8 - 1) << 3);
-        ldmatrix_trans<NM>(a, valid ? in : zero, valid ? (e - sw) + (pos_lane ^ sw) : pos_lane);
+        ldmatrix_trans<NM>(a, rp, (mt * 16 + pos_lane) ^ sw);
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb)
-          mma_sync<Fmt, K>(acc[nb][0], a + (kGroups ? 2 * nb : 0), breg[nb],
-                           K == 8 ? binit[nb] : acc[nb][0]);
-      } else {
-        const int sw = e & ((TP / 8 - 1) << 3);
-        const uint16_t* rp = (valid ? in : zero) + (e - sw);
-#pragma unroll
-        for (int mt = 0; mt < MT; ++mt) {
-          uint32_t a[4];
-          ldmatrix_trans<NM>(a, rp, (mt * 16 + pos_lane) ^ sw);
-#pragma unroll
-          for (int nb = 0; nb < NB; ++nb)
-            mma_sync<Fmt, K>(acc[nb][mt], a + (kGroups ? 2 * nb : 0), breg[nb],
-                             K == 8 ? binit[nb] : acc[nb][mt]);
-        }
+          mma_sync<Fmt, K>(acc[nb][mt], a + (kGroups ? 2 * nb : 0), breg[nb],
+                           decltype(first)::value ? binit[nb] : acc[nb][mt]);
       }
-    }
+    };
+    kstep(0, std::true_type{});
+#pragma unroll 1
+    for (int ks = 1; ks < ksteps; ++ks) kstep(ks, std::false_type{});
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
       mma_store_block<Fmt, MT>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d, out,
