@@ -803,6 +803,9 @@ def test_emulated_mma_input_index_and_permutations(emu, mma_arch, dtype):
                 dtype=dtype, seed=4)
     for layout in ("contiguous", "channels_last"):
         c.check_mma(emu, _x((2, 9, 4, 5), layout, dtype, 8))
+    # whole tiles of 16-byte aligned rows: x's 16-byte vector loads through the index, y's
+    # stores through the last permutation
+    c.check_mma(emu, _x((1, 9, 8, 16), "contiguous", dtype, 10))
 
 
 def _tile_rows(c: int) -> int:
@@ -1113,9 +1116,11 @@ def test_emulated_mma_backward_input_index_and_permutations(emu, mma_arch, dtype
              torch.randperm(16, generator=gen).to(perm_dtype)]
     c = EmuCase([16, 32, 16], [2, 4], perms=perms, bias=[True, True], index=index, c_in=9,
                 dtype=dtype, seed=4)
-    for layout in ("contiguous", "channels_last"):
-        x = _x((2, 9, 4, 5), layout, dtype, 8)
-        gy = _x((2, 16, 4, 5), "contiguous", dtype, 9)
+    for shape, layout in (((2, 9, 4, 5), "contiguous"), ((2, 9, 4, 5), "channels_last"),
+                          ((1, 9, 8, 16), "contiguous")):  # (the last: whole aligned tiles,
+        # x's 16-byte vector loads through the index, dy's through the last gather)
+        x = _x(shape, layout, dtype, 8)
+        gy = _x((shape[0], 16, *shape[2:]), "contiguous", dtype, 9)
         dx, *_ = c.check_backward_mma(emu, x, gy)
         assert bool((dx[:, [2, 4, 6, 8]] == 0).all())
 

@@ -523,14 +523,26 @@ __device__ __forceinline__ void mma_load_tile_inline(
     const int32_t* __restrict__ dst_row = nullptr) {
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(src + pos_off[0]) && cs % 8 == 0) {
-    // NCHW-like, aligned: a row of TP consecutive elements per channel, 16-byte vectors
+    // NCHW-like, aligned: a row of TP consecutive elements per channel, 16-byte vectors. A
+    // thread keeps one vector v of every row it moves (kThreads is a multiple of the NV vectors
+    // of a row), so only the row changes from one iteration to the next: a warp still reads
+    // whole rows.
     constexpr int NV = TP / 8;
-    const uint16_t* base = src + pos_off[0];
-    for (int it = tid; it < C * NV; it += kThreads) {
-      const int c = it / NV, v = it - c * NV;
-      const int64_t chan = src_chan ? src_chan[c] : c;
-      *reinterpret_cast<uint4*>(tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, v * 8)) =
-          *reinterpret_cast<const uint4*>(base + chan * cs + v * 8);
+    static_assert(kThreads % NV == 0, "a pass covers whole rows");
+    const int v = tid % NV;
+    const uint16_t* base = src + pos_off[0] + v * 8;
+    if (src_chan == nullptr) {  // channel c: the source pointer steps by a pass's rows
+      const int64_t step = static_cast<int64_t>(kThreads / NV) * cs;
+      const uint16_t* sp = base + static_cast<int64_t>(tid / NV) * cs;
+      for (int c = tid / NV; c < C; c += kThreads / NV, sp += step)
+        *reinterpret_cast<uint4*>(tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, v * 8)) =
+            *reinterpret_cast<const uint4*>(sp);
+    } else {
+      for (int c = tid / NV; c < C; c += kThreads / NV) {
+        const int64_t chan = src_chan[c];
+        *reinterpret_cast<uint4*>(tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, v * 8)) =
+            *reinterpret_cast<const uint4*>(base + chan * cs);
+      }
     }
     return;
   }
@@ -573,12 +585,14 @@ __device__ __forceinline__ void mma_store_tile_inline(uint16_t* __restrict__ dst
                                                       const uint16_t* tile) {
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(dst + pos_off[0]) && cs % 8 == 0) {
-    constexpr int NV = TP / 8;
-    uint16_t* base = dst + pos_off[0];
-    for (int it = tid; it < C * NV; it += kThreads) {
-      const int j = it / NV, v = it - j * NV;
+    constexpr int NV = TP / 8;  // (one vector v of every row per thread, as in the load)
+    static_assert(kThreads % NV == 0, "a pass covers whole rows");
+    const int v = tid % NV;
+    const int64_t step = static_cast<int64_t>(kThreads / NV) * cs;
+    uint16_t* dp = dst + pos_off[0] + v * 8 + static_cast<int64_t>(tid / NV) * cs;
+    for (int j = tid / NV; j < C; j += kThreads / NV, dp += step) {
       const int r = src_row ? src_row[j] : j;
-      *reinterpret_cast<uint4*>(base + static_cast<int64_t>(j) * cs + v * 8) =
+      *reinterpret_cast<uint4*>(dp) =
           *reinterpret_cast<const uint4*>(tile + mma_elem<TP, kWrap>(r, v * 8));
     }
     return;
