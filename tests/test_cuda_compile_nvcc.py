@@ -243,14 +243,14 @@ class EmuTensor(ctypes.Structure):
 class EmuDevice(ctypes.Structure):
     _fields_ = [("sm_count", ctypes.c_int), ("smem_optin", ctypes.c_int),
                 ("smem_per_sm", ctypes.c_int), ("occupancy", ctypes.c_int),
-                ("l2_bytes", ctypes.c_int)]
+                ("l2_bytes", ctypes.c_int), ("max_ctas", ctypes.c_int)]
 
 
 def _emu_device(device, occupancy):
     """EmuDevice of a device tuple (SMs, opt-in shared memory per block, shared memory per SM
-    [, L2 bytes: 0 or absent, unknown])"""
-    sms, optin, per_sm, *l2 = device
-    return EmuDevice(sms, optin, per_sm, occupancy, *l2)
+    [, L2 bytes: 0 or absent, unknown [, the forward's cap of CTAs per SM: 0 or absent, none]])"""
+    sms, optin, per_sm, *rest = device
+    return EmuDevice(sms, optin, per_sm, occupancy, *rest)
 
 
 H100 = (132, 232448, 233472)
@@ -846,6 +846,19 @@ def test_emulated_mma_stmatrix_and_movmatrix_store_the_same_bits(emu, case):
                 assert torch.equal(a, b), tp
     finally:
         emu.igc_emu_set_stmatrix(1)
+
+
+@needs_cxx
+def test_emulated_mma_forward_ctas_per_sm_cap(emu):
+    """The grid of the tensor-core forward is the SMs times the CTAs per SM the occupancy query
+    gives (three here), or times DeviceInfo::max_ctas where that is lower
+    (IGC_CUDA_MAX_CTAS_PER_SM in the extension); the result is the same bits either way."""
+    c = EmuCase([64, 64, 64], [8, 8], bias=[True, False], dtype=torch.bfloat16, seed=21)
+    x = _x((1, 64, 16, 32), "contiguous", torch.bfloat16, 3)  # 512 positions: 8 tiles of 64
+    y3, plan3 = c.check_mma(emu, x, device=(*TWO_SM, 0, 0), occupancy=3)
+    y2, plan2 = c.check_mma(emu, x, device=(*TWO_SM, 0, 2), occupancy=3)
+    assert plan3[:2] == [64, 6] and plan2[:2] == [64, 4], (plan3, plan2)
+    assert torch.equal(y2, y3)
 
 
 @needs_cxx

@@ -31,6 +31,9 @@
 #   wide-off     bench-quick's measurement of IGCV2(1024, 16) and (1024, 32) with
 #                IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs of 16 positions
 #                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json)
+#   ctas2        bench-quick's measurement of IGCV2(256, 8), (256, 32), (1024, 8) and (1024, 16)
+#                with IGC_CUDA_MAX_CTAS_PER_SM=2: the tensor-core forward at two CTAs per SM,
+#                to set beside bench-quick's three (bench-ctas2.json)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -39,7 +42,7 @@
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
-# wide-off, sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
+# wide-off, ctas2, sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
 # the first failing step's. Example: tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -107,7 +110,7 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
-    test-cuda|sanitize|race|bench-quick|wide-off|bench|sweep|timeline)
+    test-cuda|sanitize|race|bench-quick|wide-off|ctas2|bench|sweep|timeline)
       if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
   esac
   case "$step" in
@@ -146,6 +149,9 @@ for arg in "${steps[@]}"; do
     wide-off) run_step wide-off env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \
       --backends cuda --json "$OUT/bench-wide-off.json" ;;
+    ctas2) run_step ctas2 env IGC_CUDA_MAX_CTAS_PER_SM=2 "$PY" benchmarks/bench.py \
+      --device cuda --no-compile --no-memory --quiet --only 256:8:3,256:32:2,1024:8:4,1024:16:3 \
+      --backends cuda --json "$OUT/bench-ctas2.json" ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;

@@ -72,23 +72,20 @@ struct DevType<c10::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-// IGC_CUDA_PLAN_L2_BYTES: the L2 size the tensor-core backward's tile rule assumes
-// (mma_backward_wide_tile) instead of the device's; 0 turns the rule off. Read once.
-int plan_l2_bytes(int device_l2) {
-  static const int64_t v = [] {
-    const char* s = std::getenv("IGC_CUDA_PLAN_L2_BYTES");
-    if (s == nullptr || *s == '\0') return int64_t{-1};
-    char* end = nullptr;
-    const long long n = std::strtoll(s, &end, 10);
-    TORCH_CHECK(*end == '\0' && n >= 0 && n <= INT_MAX,
-                "IGC_CUDA_PLAN_L2_BYTES must be a number of bytes from 0 to ", INT_MAX,
-                ", got '", s, "'");
-    return static_cast<int64_t>(n);
-  }();
-  return v < 0 ? device_l2 : static_cast<int>(v);
+// A non-negative integer from the environment variable `name` (-1 when it is unset or empty),
+// at most `max`; anything else is an error naming the variable.
+int64_t env_count(const char* name, int64_t max) {
+  const char* s = std::getenv(name);
+  if (s == nullptr || *s == '\0') return -1;
+  char* end = nullptr;
+  const long long n = std::strtoll(s, &end, 10);
+  TORCH_CHECK(*end == '\0' && n >= 0 && n <= max, name, " must be a number from 0 to ", max,
+              ", got '", s, "'");
+  return n;
 }
 
-// Multiprocessor count, shared-memory limits and L2 size, queried once per device.
+// Multiprocessor count, shared-memory limits and L2 size, queried once per device, with the
+// planning overrides of the environment.
 kc::DeviceInfo device_info(int device) {
   static std::mutex mu;
   static std::vector<std::pair<int, kc::DeviceInfo>> cache;
@@ -97,7 +94,14 @@ kc::DeviceInfo device_info(int device) {
     if (e.first == device) return e.second;
   kc::DeviceInfo info;
   C10_CUDA_CHECK(kc::query_device(device, &info));
-  info.l2_bytes = plan_l2_bytes(info.l2_bytes);
+  // IGC_CUDA_PLAN_L2_BYTES: the L2 size the tensor-core backward's tile rule assumes
+  // (mma_backward_wide_tile) instead of the device's, 0 turning the rule off;
+  // IGC_CUDA_MAX_CTAS_PER_SM: a cap of the tensor-core forward's CTAs per SM (0: none). For
+  // timing one plan against another on a GPU; read with the device's facts, once.
+  const int64_t l2 = env_count("IGC_CUDA_PLAN_L2_BYTES", INT_MAX);
+  if (l2 >= 0) info.l2_bytes = static_cast<int>(l2);
+  const int64_t ctas = env_count("IGC_CUDA_MAX_CTAS_PER_SM", 32);
+  if (ctas >= 0) info.max_ctas = static_cast<int>(ctas);
   cache.emplace_back(device, info);
   return info;
 }

@@ -674,9 +674,11 @@ struct DeviceInfo {
   int smem_per_sm;  // shared memory per multiprocessor
   int cc_major;     // compute capability (major)
   int l2_bytes;     // L2 cache size (0: unknown; the backward's tile rule then ignores it)
+  int max_ctas;     // cap of the tensor-core forward's CTAs per SM (0: none)
 };
 
 inline cudaError_t query_device(int device, DeviceInfo* info) {
+  info->max_ctas = 0;
   cudaError_t e = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->cc_major, cudaDevAttrComputeCapabilityMajor, device);

@@ -1002,14 +1002,20 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
 
 
 
-// Launch bounds of two CTAs per SM (at most 128 registers, which the tile chooser assumes):
-// without a minimum, ptxas kept the kernel near 40-48 registers and spilled around its calls
-// once the layers had pair items. mp.elem / elem_out: the element tables
+// The forward kernel's launch-bounds minimum of CTAs per SM (below).
+constexpr int mma_forward_min_ctas(int mt, bool in_place) { return in_place && mt == 4 ? 2 : 3; }
+
+// Launch bounds of three CTAs per SM (at most 80 registers; the in-place 64-position kernel,
+// whose pair items spilled 24 bytes at 80, two: at most 128). Without a minimum, ptxas kept the
+// kernel near 40-48 registers and spilled around its calls once the layers had pair items. The
+// tile chooser sizes tiles for two CTAs per SM; where three tiles fit the SM's shared memory
+// (IGCV2(256, *) at 64 positions, (512, 32) and (1024, *) at 32: about 67 KB each), the
+// occupancy query and so the grid count three (DeviceInfo::max_ctas may cap it). mp.elem / elem_out: the element tables
 // (mma_prepare_kernel). kInPlace: one tile, the layers in place (above); mp's table and
 // identity flags are then the composed gathers'. kWrap (in place only): the tile in mma_elem's
 // kWrap layout (mma_wrap_layout decides).
 template <class Fmt, int MT, bool kInPlace, bool kWrap = false>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace))
     chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,
                              const TensorArg<uint16_t> y, int64_t P) {
   constexpr int TP = MT * 16;
@@ -1139,6 +1145,7 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
       plan->mt, plan->in_place, plan->wrap,
       [&](auto kernel) { return configure(kernel, plan->smem, &occ); });
   if (e != cudaSuccess) return e;
+  if (dev.max_ctas > 0 && occ > dev.max_ctas) occ = dev.max_ctas;
   if (occ < 1) occ = 1;
   plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
   return cudaSuccess;

@@ -29,6 +29,7 @@ struct EmuDevice {
   int smem_per_sm;
   int occupancy;
   int l2_bytes;  // 0: unknown
+  int max_ctas;  // DeviceInfo::max_ctas (IGC_CUDA_MAX_CTAS_PER_SM in the extension)
 };
 
 // plan_out: tp, ld, store_all, grid
@@ -76,6 +77,7 @@ int setup(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                          su->table.data());
   su->P = num_positions(static_cast<int>(x->dim), x->sizes);
   query_device(0, &su->info);
+  su->info.max_ctas = dev->max_ctas;
   return 0;
 }
 
