@@ -1180,6 +1180,21 @@ def test_emulated_mma_backward_full_block_row_updates(emu):
 
 
 @needs_cxx
+@pytest.mark.parametrize("bias", [False, True])
+def test_emulated_mma_backward_wide_row_updates(emu, bias):
+    """The 16 x 32 weight-gradient items (full blocks, n a multiple of 32, n <= m: one A block
+    against two B blocks, 8 float2 per lane): groups of 32 -> 32 and 32 -> 48 (three A blocks
+    per pair of B blocks), on two CTAs whose rows (even-sized, with or without the 160 biases)
+    both take them; every gradient within the 2x rule."""
+    c = EmuCase([64, 64, 96], [2, 2], perms=[None, None], bias=[bias, bias],
+                dtype=torch.bfloat16, seed=45)
+    x = _x((4, 64, 9, 9), "contiguous", torch.bfloat16, 46)
+    gy = _x((4, 96, 9, 9), "channels_last", torch.bfloat16, 47)
+    *_, plan = c.check_backward_mma(emu, x, gy, device=TWO_SM)
+    assert plan[1] == 2, plan
+
+
+@needs_cxx
 @pytest.mark.parametrize("where", ["x", "grad_y"])
 def test_emulated_mma_backward_keeps_groups_apart(emu, where):
     """An infinite value in one group (in x, or in grad_y) leaves every gradient of the other

@@ -580,6 +580,7 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
     read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 16 block of a group, 8 values
     stored per lane; "dw_full_item", the same where every block is full, 4 float2 per lane;
+    "dw_wide_item", 16 x 32 of full blocks, 8 float2 per lane and 4 HMMAs per k-step;
     "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
     tile loads and stores (the costliest loop of each kind)."""
     ins = perf_model.parse_sass(sass)
@@ -616,31 +617,41 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     items = [l for l in items if not any(o is not l and l[0] <= o[0] and o[1] <= l[1]
                                          for o in items)]
     # (a loop may hold two items: item_cost divides by the items per iteration)
-    kinds = {("full" if wide_stores(l) else stores(l)): l for l in items}
-    if sorted(kinds, key=str) != [4, 8, "full"]:
+    def kind(lp):
+        """8 / 4: stores per item of the general / pair items; the float2 items: "wide" (16 x
+        32: three ldmatrix feed four HMMAs per k-step) or "full" (two feed two)"""
+        if not wide_stores(lp):
+            return stores(lp)
+        body = ops_in(lp[0], lp[1])
+        hmma = sum(1 for o in body if o.startswith("HMMA.16816"))
+        ldsm = sum(1 for o in body if o.startswith("LDSM.16.M88.4"))
+        return "wide" if hmma > 1.2 * ldsm else "full"
+    kinds = {kind(l): l for l in items}
+    if sorted(kinds, key=str) != [4, 8, "full", "wide"]:
         raise SystemExit(f"weight-gradient item loops not found (stores, 64-bit stores per "
                          f"loop: {sorted((stores(l), wide_stores(l)) for l in items)})")
 
-    def item_cost(lp):
+    def item_cost(lp, per_step=2):
         """one item: the loop body, its k-step loop (when not fully unrolled) once per
-        iteration: mt over the k-steps (2 HMMAs each) one iteration holds"""
+        iteration: mt over the k-steps (``per_step`` HMMAs each) one iteration holds"""
         kloops = [l for l in inside(lp) if any(o.startswith("HMMA")
                                                for o in ops_in(l[0], l[1]))]
         whole = _region_counts(ins, lp[0], lp[1])
         if kloops:
             k = smallest(kloops)
             body = _region_counts(ins, k[0], k[1])
-            steps = max(1, round(body["counts"]["HMMA/MMA"] / 2))
+            steps = max(1, round(body["counts"]["HMMA/MMA"] / per_step))
             return _combine((1.0, whole), (max(1, mt // steps) - 1, body))
-        per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (2 * mt)))
+        per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (per_step * mt)))
         return _combine((1.0 / per_iter, whole))
 
-    dw, dw_full, pair = kinds[8], kinds["full"], kinds[4]
+    dw, dw_full, dw_wide, pair = kinds[8], kinds["full"], kinds["wide"], kinds[4]
     out = {"fwd": _layer_model(ins, inside(recompute), mt),
            "dh": _layer_model(ins, [l for l in inside(walk)
-                                    if l[:2] not in (dw[:2], dw_full[:2], pair[:2])], mt),
+                                    if l[:2] not in (dw[:2], dw_full[:2], dw_wide[:2],
+                                                     pair[:2])], mt),
            "dw_item": item_cost(dw), "dw_full_item": item_cost(dw_full),
-           "dw_pair_item": item_cost(pair)}
+           "dw_wide_item": item_cost(dw_wide, 4), "dw_pair_item": item_cost(pair)}
     out.update(_tile_move_model(ins, loops, largest=True))
     return out
 
@@ -822,8 +833,11 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
             wide, narrow = max(m, n), min(m, n)
             if wide <= 8:  # dW items: pairs of groups
                 terms.append((-(-g // 2), model["dw_pair_item"]))
+            elif n <= m and n % 32 == 0 and m % 16 == 0:  # 16 x 32 blocks (mma_weight_grads:
+                # full blocks with B in pairs; the layer's offset in the fp32 row is even here)
+                terms.append((g * (m // 16) * (n // 32), model["dw_wide_item"]))
             else:  # 16 x 16 blocks of a group (mma_weight_grads: full blocks with n <= m
-                # take the float2 loop; the layer's offset in the fp32 row is even here)
+                # take the float2 loop)
                 full = n <= m and n % 16 == 0 and m % 16 == 0
                 terms.append((g * -(-wide // 16) * -(-narrow // 16),
                               model["dw_full_item" if full else "dw_item"]))

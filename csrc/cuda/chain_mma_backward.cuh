@@ -231,6 +231,83 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
   }
 }
 
+// Full 16 x 16 blocks (the float2 contract of mma_weight_grad_items' kFullBlocks) whose B side
+// has an even number of them (IGCV2 with K = 32): an item is a 16 x 32 block, A against two B
+// blocks, so each k-step's A fragment, and the item's row look-ups, offsets and loop step,
+// serve four HMMAs instead of two.
+template <class Fmt, int MT>
+__device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, const uint16_t* du,
+                                                           const int32_t* __restrict__ du_elem,
+                                                           const uint16_t* h,
+                                                           const int32_t* __restrict__ h_elem,
+                                                           float* __restrict__ pw) {
+  constexpr int TP = MT * 16;
+  constexpr int kWarps = kThreads / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int gid = lane >> 2, tig = lane & 3;
+  // A: the group's m outputs (du), B: its n inputs (h), n <= m, both multiples of 16
+  const int na = d.m / 16, nb2 = d.n / 32;  // A blocks, pairs of B blocks
+  const int items = d.groups * na * nb2;
+  const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
+  const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
+  const auto row = [&](const uint16_t* t, const int32_t* elem, int j, int* sw) {
+    const int e = elem[j];
+    *sw = e & ((TP / 8 - 1) << 3);
+    return t + (e - *sw);
+  };
+  int g = warp / (na * nb2), ia = (warp / nb2) % na, ib = warp % nb2;
+  const int sg = kWarps / (na * nb2), sa_ = (kWarps / nb2) % na, sb_ = kWarps % nb2;
+  for (int item = warp; item < items; item += kWarps) {
+    int swa, swb0, swb1;
+    const uint16_t* pa = row(du, du_elem, g * d.m + ia * 16 + a_r, &swa);
+    const uint16_t* pb0 = row(h, h_elem, g * d.n + ib * 32 + b_r, &swb0);
+    const uint16_t* pb1 = row(h, h_elem, g * d.n + ib * 32 + 16 + b_r, &swb1);
+    float acc[4][4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[k][q] = 0.0f;
+#pragma unroll 1
+    for (int ks = 0; ks < MT; ++ks) {
+      uint32_t a[4], b0[4], b1[4];
+      ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
+      ldmatrix_rows<4>(b0, pb0, (16 * ks + b_t) ^ swb0);
+      ldmatrix_rows<4>(b1, pb1, (16 * ks + b_t) ^ swb1);
+      mma_sync<Fmt, 16>(acc[0], a, b0);
+      mma_sync<Fmt, 16>(acc[1], a, b0 + 2);
+      mma_sync<Fmt, 16>(acc[2], a, b1);
+      mma_sync<Fmt, 16>(acc[3], a, b1 + 2);
+    }
+    // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 32 ib + 8 k + 2 tig + q % 2: per A row,
+    // four float2 8 apart; every value read before any is written (mma_weight_grad_items)
+    float* out = pw + (g * d.m * d.n + (ia * 16 + gid) * d.n + ib * 32 + 2 * tig);
+    float2* o0 = reinterpret_cast<float2*>(out);              // A row r_a
+    float2* o1 = reinterpret_cast<float2*>(out + 8 * d.n);    // A row r_a + 8
+    float2 v0[4], v1[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v0[k] = o0[4 * k];
+      v1[k] = o1[4 * k];
+    }
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      o0[4 * k] = float2{v0[k].x + acc[k][0], v0[k].y + acc[k][1]};
+      o1[4 * k] = float2{v1[k].x + acc[k][2], v1[k].y + acc[k][3]};
+    }
+    ib += sb_;
+    if (ib >= nb2) {
+      ib -= nb2;
+      ++ia;
+    }
+    ia += sa_;
+    if (ia >= na) {
+      ia -= na;
+      ++g;
+    }
+    g += sg;
+  }
+}
+
 // The weight gradients of a layer (above): the float2 item loop where every 16 x 16 block is
 // full, the group's outputs are A (n <= m: B's neighbours adjacent) and pw is 8-byte aligned,
 // else the general one. Two loops rather than a branch per item: each keeps its own registers.
@@ -240,7 +317,10 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
                                                  const uint16_t* h,
                                                  const int32_t* __restrict__ h_elem,
                                                  float* __restrict__ pw, const uint16_t* zero) {
-  if (d.n <= d.m && d.n % 16 == 0 && d.m % 16 == 0 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
+  if (d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
+    mma_weight_grad_wide_items<Fmt, MT>(d, du, du_elem, h, h_elem, pw);
+  else if (d.n <= d.m && d.n % 16 == 0 && d.m % 16 == 0 &&
+           (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
     mma_weight_grad_items<Fmt, MT, true>(d, du, du_elem, h, h_elem, pw, zero);
   else
     mma_weight_grad_items<Fmt, MT, false>(d, du, du_elem, h, h_elem, pw, zero);
