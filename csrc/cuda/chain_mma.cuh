@@ -1010,10 +1010,10 @@ constexpr int mma_forward_min_ctas(int mt, bool in_place) { return in_place && m
 // kernel near 40-48 registers and spilled around its calls once the layers had pair items. The
 // tile chooser sizes tiles for two CTAs per SM; where three tiles fit the SM's shared memory
 // (IGCV2(256, *) at 64 positions, (512, 32) and (1024, *) at 32: about 67 KB each), the
-// occupancy query and so the grid count three (DeviceInfo::max_ctas may cap it). mp.elem / elem_out: the element tables
-// (mma_prepare_kernel). kInPlace: one tile, the layers in place (above); mp's table and
-// identity flags are then the composed gathers'. kWrap (in place only): the tile in mma_elem's
-// kWrap layout (mma_wrap_layout decides).
+// occupancy query and so the grid count three (DeviceInfo::max_ctas may cap it).
+// mp.elem / elem_out: the element tables (mma_prepare_kernel). kInPlace: one tile, the layers
+// in place (above); mp's table and identity flags are then the composed gathers'. kWrap (in
+// place only): the tile in mma_elem's kWrap layout (mma_wrap_layout decides).
 template <class Fmt, int MT, bool kInPlace, bool kWrap = false>
 __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace))
     chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,

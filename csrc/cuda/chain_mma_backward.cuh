@@ -245,7 +245,7 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
-  // A: the group's m outputs (du), B: its n inputs (h), n <= m, both multiples of 16
+  // A: the group's m outputs (du), B: its n inputs (h); n <= m, m a multiple of 16, n of 32
   const int na = d.m / 16, nb2 = d.n / 32;  // A blocks, pairs of B blocks
   const int items = d.groups * na * nb2;
   const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
@@ -637,8 +637,8 @@ inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool rel
 // The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit); mt = 0 when
 // the store-all tiles do not fit a 16-position tile (the caller falls back to the CUDA-core
 // backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
-// Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take one
-// CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile).
+// Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take
+// one CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile).
 template <class Fmt>
 inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
                                      const DeviceInfo& dev, MmaPlan* plan) {
