@@ -720,9 +720,10 @@ def mma_backward_tile(rows: int, arch: int) -> int:
     return mma_tile(arch, lambda t: mma_backward_smem_bytes(rows, t))
 
 
-# SMs and L2 bytes of the device the tile rules are mirrored for (sm_80: A100; sm_90: H100 and
-# H200, which report 50 MiB of L2)
-PLAN_DEVICE = {80: (108, 40 << 20), 90: (132, 50 << 20)}
+# SMs and L2 bytes of the device the tile rules are mirrored for (sm_80: A100; sm_90: the
+# model's H200, whose L2 the H100 shares)
+PLAN_DEVICE = {80: (108, 40 << 20),
+               90: (perf_model.DEVICES["h200"].sms, int(perf_model.DEVICES["h200"].l2_bytes))}
 
 
 def mma_backward_plan(chans, arch: int, row_floats: int = 0) -> tuple:
