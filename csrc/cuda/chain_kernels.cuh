@@ -45,6 +45,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <type_traits>
 
 #include "../positions.h"
 #include "chain_limits.h"
@@ -59,6 +60,14 @@
 #include <cuda_runtime.h>
 // A device-side assert that NDEBUG does not remove (ATen's CUDA_KERNEL_ASSERT does the same).
 #define IGC_DEVICE_ASSERT_FAIL(msg) __assert_fail(msg, __FILE__, __LINE__, __func__)
+#endif
+
+// Tells the compiler that a generic pointer points to shared memory (a callee that is not
+// inlined cannot see it), so that its loads and stores are 32-bit shared ones.
+#if defined(__CUDA_ARCH__)
+#define IGC_ASSUME_SHARED(p) __builtin_assume(__isShared(p))
+#else
+#define IGC_ASSUME_SHARED(p) ((void)0)
 #endif
 
 namespace igc {
@@ -112,18 +121,32 @@ __device__ __forceinline__ V4<float> lds4(const float* p) {
   const float4 v = *reinterpret_cast<const float4*>(p);
   return {v.x, v.y, v.z, v.w};
 }
+// 16 bytes of read-only global memory (p 16-byte aligned).
+__device__ __forceinline__ float4 ldg4(const float* p) {
+  return *reinterpret_cast<const float4*>(p);
+}
 __device__ __forceinline__ V4<double> lds4(const double* p) {
   const double2 a = reinterpret_cast<const double2*>(p)[0];
   const double2 b = reinterpret_cast<const double2*>(p)[1];
   return {a.x, a.y, b.x, b.y};
 }
+// p: shared memory (one 128-bit store; written as a C++ float4 store, the compiler split the
+// stores to rows it addressed as a previous row plus the row stride into four scalar ones)
 __device__ __forceinline__ void sts4(float* p, float a, float b, float c, float d) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4};\n"
+               :
+               : "r"(static_cast<unsigned>(__cvta_generic_to_shared(p))), "f"(a), "f"(b),
+                 "f"(c), "f"(d)
+               : "memory");
+#else
   float4 v;
   v.x = a;
   v.y = b;
   v.z = c;
   v.w = d;
   *reinterpret_cast<float4*>(p) = v;
+#endif
 }
 __device__ __forceinline__ void sts4(double* p, double a, double b, double c, double d) {
   double2 u, v;
@@ -540,24 +563,48 @@ __device__ __forceinline__ void tile_offsets(const PosIndexer& ix, int64_t p0, i
 // For every group g < rows_total / R and row r < R (o = g * R + r):
 //   out[orow(o)][t] = bias[o] + sum_{k < K} w[g * R * K + r * wk + k * wi] * in[irow(g * K + k)][t]
 // irow(i) = in_rows ? in_rows[i] : i, orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile
-// positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du):
-// R = n, K = m, wk = 1, wi = n. Each item is OUTS rows x 4 positions.
-template <int K, int OUTS, typename A>
+// positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du,
+// TRANS): R = n, K = m, wk = 1, wi = n = R. Each item is OUTS rows x 4 positions.
+// Addressing: in and out are shared memory (the noinline caller loses that, so it is asserted
+// to the compiler: 32-bit shared loads and stores instead of generic ones); per item the weight
+// pointer of its first row and the group's input-row entries are set once, so that with K known
+// at compile time every weight of a k-step is an immediate offset of one pointer (forward: all
+// of them; transposed: the pointer steps by R per k-step).
+template <int K, int OUTS, bool TRANS, bool VW, typename A>
 __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
                                                   const int32_t* __restrict__ in_rows,
                                                   const A* __restrict__ w, int wk, int wi,
                                                   const A* __restrict__ bias, int rows_total,
                                                   int R, int k_dyn, A* out,
                                                   const int32_t* __restrict__ out_rows, int tp) {
+  IGC_ASSUME_SHARED(in);
+  IGC_ASSUME_SHARED(out);
   const int kc = K > 0 ? K : k_dyn;
+  // compile-time strides where K is known: forward wk = K, wi = 1; transposed wk = 1, wi = R
+  const int sk = K > 0 ? (TRANS ? 1 : K) : wk;
+  // Item it (it = threadIdx.x, + kThreads, ...) is output block it / nq at the positions of
+  // vector it % nq. Tiles are powers of two of at most kMaxTile positions (plan_forward,
+  // plan_backward), so nq divides kThreads: a thread keeps its vector q and steps its block by
+  // bstep, and the block's group and row within it step by (dg, dr), without a division per
+  // item.
   const int nq = tp / 4;
   const int nblk = rows_total / OUTS;
-  for (int it = threadIdx.x; it < nblk * nq; it += kThreads) {
-    const int blk = it / nq, q = it - blk * nq;
+  const int q = threadIdx.x % nq;
+  const int bstep = kThreads / nq;
+  const int dg = bstep * OUTS / R, dr = bstep * OUTS - dg * R;
+  const A* in_q = in + 4 * q;
+  int blk = threadIdx.x / nq;
+  int g = blk * OUTS / R;
+  int r0 = blk * OUTS - g * R;
+  for (; blk < nblk; blk += bstep, g += dg, r0 += dr) {
+    if (r0 >= R) {
+      r0 -= R;
+      ++g;
+    }
     const int o0 = blk * OUTS;
-    const int g = o0 / R, r0 = o0 - g * R;
-    const A* wg = w + static_cast<int64_t>(g) * R * kc + static_cast<int64_t>(r0) * wk;
+    const A* wg = w + static_cast<int64_t>(g) * R * kc + static_cast<int64_t>(r0) * sk;
     const int i0 = g * kc;
+    const int32_t* irow = in_rows ? in_rows + i0 : nullptr;
     A acc[OUTS][4];
 #pragma unroll
     for (int j = 0; j < OUTS; ++j) {
@@ -567,70 +614,123 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
       acc[j][2] = b;
       acc[j][3] = b;
     }
-    auto step = [&](int k) {
-      const int row = in_rows ? in_rows[i0 + k] : i0 + k;
-      const V4<A> v = lds4(in + static_cast<int64_t>(row) * ld + 4 * q);
+    // k-step k with the weights wv[j] of its rows
+    auto fma_step = [&](int k, const A (&wv)[OUTS]) {
+      const int row = irow ? irow[k] : i0 + k;
+      const V4<A> v = lds4(in_q + row * ld);
 #pragma unroll
       for (int j = 0; j < OUTS; ++j) {
-        const A wv = wg[j * wk + k * wi];
-        acc[j][0] += wv * v.x;
-        acc[j][1] += wv * v.y;
-        acc[j][2] += wv * v.z;
-        acc[j][3] += wv * v.w;
+        acc[j][0] += wv[j] * v.x;
+        acc[j][1] += wv[j] * v.y;
+        acc[j][2] += wv[j] * v.z;
+        acc[j][3] += wv[j] * v.w;
       }
     };
-    if (K > 0) {
-      // unrolled 16 inputs at a time: K = 32 / 64 unrolled whole held every input's loads in
-      // flight and took the backward kernel past its register budget (spills)
-      constexpr int U = K > 0 && K < 16 ? K : 16;
+    // wk_ptr: the weights of k-step k, row j at wk_ptr[j * sk]
+    auto step = [&](int k, const A* __restrict__ wk_ptr) {
+      A wv[OUTS];
+#pragma unroll
+      for (int j = 0; j < OUTS; ++j) wv[j] = wk_ptr[j * sk];
+      fma_step(k, wv);
+    };
+    // unrolled 16 inputs at a time: K = 32 / 64 unrolled whole held every input's loads in
+    // flight and took the backward kernel past its register budget (spills)
+    constexpr int U = K > 0 && K < 16 ? K : 16;
+    if constexpr (VW) {
+      // 16-byte weight loads: forward, 4 k-steps of one row; transposed, the 4 rows of one
+      // k-step (grouped_rows_k: A = float, K % 4 == 0, OUTS == 4, w 16-byte aligned)
 #pragma unroll 1
       for (int k0 = 0; k0 < K; k0 += U) {
 #pragma unroll
-        for (int k = 0; k < U; ++k) step(k0 + k);
+        for (int k = k0; k < k0 + U; k += 4) {
+          A wv[4][OUTS];
+#pragma unroll
+          for (int t = 0; t < 4; ++t) {
+            const float4 f = TRANS ? ldg4(wg + static_cast<int64_t>(k + t) * R)
+                                   : ldg4(wg + t * K + k);
+            if (TRANS) {
+              wv[t][0] = f.x;
+              wv[t][1] = f.y;
+              wv[t][2] = f.z;
+              wv[t][3] = f.w;
+            } else {
+              wv[0][t] = f.x;
+              wv[1][t] = f.y;
+              wv[2][t] = f.z;
+              wv[3][t] = f.w;
+            }
+          }
+#pragma unroll
+          for (int t = 0; t < 4; ++t) fma_step(k + t, wv[t]);
+        }
+      }
+    } else if (K > 0) {
+#pragma unroll 1
+      for (int k0 = 0; k0 < K; k0 += U) {
+        const A* w0 = TRANS ? wg + static_cast<int64_t>(k0) * R : wg + k0;
+#pragma unroll
+        for (int k = 0; k < U; ++k) step(k0 + k, TRANS ? w0 + k * R : w0 + k);
       }
     } else {
 #pragma unroll 4
-      for (int k = 0; k < kc; ++k) step(k);
+      for (int k = 0; k < kc; ++k) step(k, wg + static_cast<int64_t>(k) * wi);
     }
 #pragma unroll
     for (int j = 0; j < OUTS; ++j) {
       const int orow = out_rows ? out_rows[o0 + j] : o0 + j;
-      sts4(out + static_cast<int64_t>(orow) * ld + 4 * q, acc[j][0], acc[j][1], acc[j][2],
-           acc[j][3]);
+      sts4(out + orow * ld + 4 * q, acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
     }
   }
 }
 
-template <int OUTS, typename A>
+template <int OUTS, bool TRANS, typename A>
 __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_t* in_rows,
                                                const A* w, int wk, int wi, const A* bias,
                                                int rows_total, int R, int K, A* out,
                                                const int32_t* out_rows, int tp) {
+  // 16-byte weight loads (VW) for float with 4 rows per item and K a multiple of 4
+  constexpr bool kVec = OUTS == 4 && std::is_same<A, float>::value;
+  const bool vw = kVec && aligned16(w);
+#define IGC_ROWS_CASE(KK, V)                                                                      \
+  grouped_rows_impl<KK, OUTS, TRANS, V>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,  \
+                                        out_rows, tp)
+#define IGC_ROWS_CASE_VW(KK)    \
+  if (vw)                       \
+    IGC_ROWS_CASE(KK, kVec);    \
+  else                          \
+    IGC_ROWS_CASE(KK, false);
   switch (K) {
-    case 1: grouped_rows_impl<1, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    case 2: grouped_rows_impl<2, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    case 4: grouped_rows_impl<4, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    case 8: grouped_rows_impl<8, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    case 16: grouped_rows_impl<16, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    case 32: grouped_rows_impl<32, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    case 64: grouped_rows_impl<64, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
-    default: grouped_rows_impl<0, OUTS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp); break;
+    case 1: IGC_ROWS_CASE(1, false); break;
+    case 2: IGC_ROWS_CASE(2, false); break;
+    case 4: IGC_ROWS_CASE_VW(4) break;
+    case 8: IGC_ROWS_CASE_VW(8) break;
+    case 16: IGC_ROWS_CASE_VW(16) break;
+    case 32: IGC_ROWS_CASE_VW(32) break;
+    case 64: IGC_ROWS_CASE_VW(64) break;
+    default: IGC_ROWS_CASE(0, false); break;
   }
+#undef IGC_ROWS_CASE_VW
+#undef IGC_ROWS_CASE
 }
 
-// Not inlined: one copy per accumulation type serves every kernel and call site (inlined into
-// each of them, the unrolled variants multiplied the device compile time several times over).
-template <typename A>
+// Not inlined: one copy per accumulation type and direction serves every kernel and call site
+// (inlined into each of them, the unrolled variants multiplied the device compile time several
+// times over). TRANS: the transposed product (wk == 1, wi == R), else the forward's (wi == 1,
+// wk == K).
+template <bool TRANS, typename A>
 __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in_rows,
                                              const A* w, int wk, int wi, const A* bias,
                                              int rows_total, int R, int K, A* out,
                                              const int32_t* out_rows, int tp) {
   if (R % 4 == 0)
-    grouped_rows_k<4>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp);
+    grouped_rows_k<4, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
+                             tp);
   else if (R % 2 == 0)
-    grouped_rows_k<2>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp);
+    grouped_rows_k<2, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
+                             tp);
   else
-    grouped_rows_k<1>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows, tp);
+    grouped_rows_k<1, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
+                             tp);
 }
 
 // Forward of layer l: out[o] = b_l[o] + W_l[o] . h_l, h_l[j] = in[in_rows(j)].
@@ -639,7 +739,7 @@ __device__ __forceinline__ void forward_layer(const ChainParams<A>& p, int l, co
                                               const int32_t* in_rows, A* out, int tp, int ld) {
   const LayerDesc& d = p.layer[l];
   const A* bias = d.has_bias ? p.B + d.b_off : nullptr;
-  grouped_rows(in, ld, in_rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n, out,
+  grouped_rows<false>(in, ld, in_rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n, out,
                static_cast<const int32_t*>(nullptr), tp);
 }
 
@@ -912,7 +1012,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
       if (l > 0 || f.need_x) {
         // dh_l = W_l^T du_l; entry j lands in row gather_{l-1}[j] (du of the layer below, in
         // natural order), or row j for l == 0
-        grouped_rows(du, ld, static_cast<const int32_t*>(nullptr), p.W + d.w_off, 1, d.n,
+        grouped_rows<true>(du, ld, static_cast<const int32_t*>(nullptr), p.W + d.w_off, 1, d.n,
                      static_cast<const A*>(nullptr), d.cin, d.n, d.m, D[cur ^ 1], h_rows, tp);
         cur ^= 1;
       }
