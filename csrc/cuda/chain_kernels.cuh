@@ -125,6 +125,15 @@ __device__ __forceinline__ V4<float> lds4(const float* p) {
 __device__ __forceinline__ float4 ldg4(const float* p) {
   return *reinterpret_cast<const float4*>(p);
 }
+// 16 bytes of a tensor the kernel only reads (p 16-byte aligned): one 128-bit load (a plain
+// uint4 load of a float row was split into four 32-bit ones).
+__device__ __forceinline__ uint4 ldg16(const void* p) {
+#if defined(__CUDA_ARCH__)
+  return __ldg(reinterpret_cast<const uint4*>(p));
+#else
+  return *reinterpret_cast<const uint4*>(p);
+#endif
+}
 __device__ __forceinline__ V4<double> lds4(const double* p) {
   const double2 a = reinterpret_cast<const double2*>(p)[0];
   const double2 b = reinterpret_cast<const double2*>(p)[1];
@@ -371,6 +380,44 @@ inline IndexTableArgs make_index_table_args(const HostChain& h) {
 // ---------------------------------------------------------------------------------------------
 // Tile movement between global memory and the [channel][ld] shared-memory tile
 // ---------------------------------------------------------------------------------------------
+// One 16-byte vector of T (VEC elements) to / from VEC consecutive elements of a shared-memory
+// row of the accumulation type A, 16-byte aligned there too (tile_ld is a multiple of 4 and
+// vectors start at multiples of VEC >= 2): 128-bit shared accesses for float rows.
+template <typename T, typename A>
+__device__ __forceinline__ void row_from_vec(A* d, const uint4& u) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  const T* e = reinterpret_cast<const T*>(&u);
+  if constexpr (std::is_same<A, float>::value && VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4)
+      sts4(d + k, Cvt<T>::load(e[k]), Cvt<T>::load(e[k + 1]), Cvt<T>::load(e[k + 2]),
+           Cvt<T>::load(e[k + 3]));
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) d[k] = Cvt<T>::load(e[k]);
+  }
+}
+template <typename T, typename A>
+__device__ __forceinline__ uint4 vec_from_row(const A* s) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  uint4 u;
+  T* e = reinterpret_cast<T*>(&u);
+  if constexpr (std::is_same<A, float>::value && VEC % 4 == 0) {
+#pragma unroll
+    for (int k = 0; k < VEC; k += 4) {
+      const V4<float> v = lds4(s + k);
+      e[k] = Cvt<T>::store(v.x);
+      e[k + 1] = Cvt<T>::store(v.y);
+      e[k + 2] = Cvt<T>::store(v.z);
+      e[k + 3] = Cvt<T>::store(v.w);
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) e[k] = Cvt<T>::store(s[k]);
+  }
+  return u;
+}
+
 // buf[row(c) * ld + t] = src[pos_off[t] + chan(c) * cs] for c < C and t < tvalid, 0 for
 // tvalid <= t < tp; row(c) = dst_row ? dst_row[c] : c, chan(c) = src_chan ? src_chan[c] : c.
 // load_tile / store_tile are not inlined: one copy per element type serves every call site
@@ -382,10 +429,28 @@ __device__ __noinline__ void load_tile(const T* __restrict__ src, int64_t cs,
                                           const int32_t* __restrict__ dst_row, A* buf, int ld) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
   static_assert(16 % sizeof(T) == 0, "element size must divide 16 bytes");
+  IGC_ASSUME_SHARED(buf);
   const int tid = threadIdx.x;
   if (contig) {  // (a) the tile's positions are consecutive elements
     const int64_t base = pos_off[0];
-    if (tvalid == tp && tp % VEC == 0) {
+    if (tvalid == tp && tp % VEC == 0 && cs % VEC == 0 && aligned16(src + base)) {
+      // every row 16-byte aligned: a thread keeps one vector v of every row it moves (tiles
+      // are powers of two, so the nv vectors of a row divide kThreads) and steps its channel
+      // by a pass's rows; a warp still reads whole rows
+      const int nv = tp / VEC;
+      const int v = tid % nv, cstep = kThreads / nv;
+      const T* sv = src + base + v * VEC;
+      if (src_chan == nullptr) {  // channel c: the source pointer steps by a pass's rows
+        const int64_t step = static_cast<int64_t>(cstep) * cs;
+        const T* sp = sv + static_cast<int64_t>(tid / nv) * cs;
+        for (int c = tid / nv; c < C; c += cstep, sp += step)
+          row_from_vec<T>(buf + (dst_row ? dst_row[c] : c) * ld + v * VEC, ldg16(sp));
+      } else {
+        for (int c = tid / nv; c < C; c += cstep)
+          row_from_vec<T>(buf + (dst_row ? dst_row[c] : c) * ld + v * VEC,
+                          ldg16(sv + static_cast<int64_t>(src_chan[c]) * cs));
+      }
+    } else if (tvalid == tp && tp % VEC == 0) {
       const int nv = tp / VEC;
       for (int it = tid; it < C * nv; it += kThreads) {
         const int c = it / nv, v = it - c * nv;
@@ -485,10 +550,22 @@ __device__ __noinline__ void store_tile(T* __restrict__ dst, int64_t cs, const i
                                            const int32_t* __restrict__ order, const A* buf,
                                            int ld) {
   constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  IGC_ASSUME_SHARED(buf);
   const int tid = threadIdx.x;
   if (contig) {  // (a)
     const int64_t base = pos_off[0];
-    if (tvalid == tp && tp % VEC == 0) {
+    if (starts == nullptr && tvalid == tp && tp % VEC == 0 && cs % VEC == 0 &&
+        aligned16(dst + base)) {
+      // every row 16-byte aligned, no input-index sums: one vector v of every row per thread,
+      // as in load_tile, the destination pointer stepping by a pass's rows
+      const int nv = tp / VEC;
+      const int v = tid % nv, cstep = kThreads / nv;
+      const int64_t step = static_cast<int64_t>(cstep) * cs;
+      T* dp = dst + base + v * VEC + static_cast<int64_t>(tid / nv) * cs;
+      for (int c = tid / nv; c < C; c += cstep, dp += step)
+        *reinterpret_cast<uint4*>(dp) =
+            vec_from_row<T>(buf + (src_row ? src_row[c] : c) * ld + v * VEC);
+    } else if (tvalid == tp && tp % VEC == 0) {
       const int nv = tp / VEC;
       for (int it = tid; it < C * nv; it += kThreads) {
         const int c = it / nv, t0 = (it - c * nv) * VEC;
