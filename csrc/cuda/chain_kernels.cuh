@@ -479,28 +479,38 @@ __device__ __noinline__ void load_tile(const T* __restrict__ src, int64_t cs,
     return;
   }
   if (cs == 1 && src_chan == nullptr && C % VEC == 0) {  // (b) channels-last, vectors of VEC
-    const int nv = C / VEC;
-    for (int it = tid; it < tp * nv; it += kThreads) {
-      const int t = it / nv, c0 = (it - t * nv) * VEC;
-      if (t >= tvalid) {
+    // A warp moves CV vectors (CV * VEC consecutive channels) of each of 32 / CV positions per
+    // step: its lanes' tile stores hit distinct banks for float tiles of 16 or more positions
+    // (CV = 2; with a position per lane, rows 4 apart shared two banks: 16-way conflicts), and
+    // each position's CV * 16 bytes are one sector. A warp takes channel groups warp, warp + 8,
+    // ... and walks the tile's positions for each.
+    constexpr int CV = (std::is_same<A, float>::value && VEC == 4) ? 2 : 1;
+    constexpr int PB = 32 / CV;
+    const int lane = tid & 31, tl = lane % PB, cv = lane / PB;
+    const int nvc = C / VEC, ncg = (nvc + CV - 1) / CV;
+    for (int cg = tid >> 5; cg < ncg; cg += kThreads / 32) {
+      const int vi = cg * CV + cv;
+      if (vi >= nvc) continue;
+      const int c0 = vi * VEC;
+      int rows[VEC];
 #pragma unroll
-        for (int k = 0; k < VEC; ++k)
-          buf[static_cast<int64_t>(dst_row ? dst_row[c0 + k] : c0 + k) * ld + t] = A(0);
-        continue;
-      }
-      const T* s = src + pos_off[t] + c0;
-      if (aligned16(s)) {
-        const uint4 u = *reinterpret_cast<const uint4*>(s);
-        const T* e = reinterpret_cast<const T*>(&u);
+      for (int k = 0; k < VEC; ++k) rows[k] = (dst_row ? dst_row[c0 + k] : c0 + k) * ld;
+      for (int t = tl; t < tp; t += PB) {
+        if (t >= tvalid) {
 #pragma unroll
-        for (int k = 0; k < VEC; ++k)
-          buf[static_cast<int64_t>(dst_row ? dst_row[c0 + k] : c0 + k) * ld + t] =
-              Cvt<T>::load(e[k]);
-      } else {
+          for (int k = 0; k < VEC; ++k) buf[rows[k] + t] = A(0);
+          continue;
+        }
+        const T* s = src + pos_off[t] + c0;
+        if (aligned16(s)) {
+          const uint4 u = ldg16(s);
+          const T* e = reinterpret_cast<const T*>(&u);
 #pragma unroll
-        for (int k = 0; k < VEC; ++k)
-          buf[static_cast<int64_t>(dst_row ? dst_row[c0 + k] : c0 + k) * ld + t] =
-              Cvt<T>::load(s[k]);
+          for (int k = 0; k < VEC; ++k) buf[rows[k] + t] = Cvt<T>::load(e[k]);
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) buf[rows[k] + t] = Cvt<T>::load(s[k]);
+        }
       }
     }
     return;
@@ -593,7 +603,35 @@ __device__ __noinline__ void store_tile(T* __restrict__ dst, int64_t cs, const i
     }
     return;
   }
-  if (cs == 1 && C % VEC == 0) {  // (b) channels-last
+  if (cs == 1 && C % VEC == 0 && starts == nullptr) {  // (b) channels-last, as load_tile's
+    constexpr int CV = (std::is_same<A, float>::value && VEC == 4) ? 2 : 1;
+    constexpr int PB = 32 / CV;
+    const int lane = tid & 31, tl = lane % PB, cv = lane / PB;
+    const int nvc = C / VEC, ncg = (nvc + CV - 1) / CV;
+    for (int cg = tid >> 5; cg < ncg; cg += kThreads / 32) {
+      const int vi = cg * CV + cv;
+      if (vi >= nvc) continue;
+      const int c0 = vi * VEC;
+      int rows[VEC];
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) rows[k] = (src_row ? src_row[c0 + k] : c0 + k) * ld;
+      for (int t = tl; t < tvalid; t += PB) {
+        T* d = dst + pos_off[t] + c0;
+        uint4 u;
+        T* e = reinterpret_cast<T*>(&u);
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) e[k] = Cvt<T>::store(buf[rows[k] + t]);
+        if (aligned16(d)) {
+          *reinterpret_cast<uint4*>(d) = u;
+        } else {
+#pragma unroll
+          for (int k = 0; k < VEC; ++k) d[k] = e[k];
+        }
+      }
+    }
+    return;
+  }
+  if (cs == 1 && C % VEC == 0) {  // (b) channels-last, with input-index sums
     const int nv = C / VEC;
     for (int it = tid; it < tvalid * nv; it += kThreads) {
       const int t = it / nv, c0 = (it - t * nv) * VEC;
