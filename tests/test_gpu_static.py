@@ -299,6 +299,47 @@ def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):
         assert r["dyn"]["unresolved_loops"] == 0
 
 
+def test_cuda_core_float32_forward_model_counts_the_multiply_adds(tmp_path):
+    """The static model of the CUDA-core float32 forward (``--cuda``: the SASS of its layer
+    items and tile loops times the chain's items and vectors): per position one warp FFMA per
+    32 of the chain's multiply-adds, for items with 16-byte weight loads (K = 4, 8, 16), with
+    a loop over 16 k-steps (K = 32) and with a run-time K (192), each of 4 output rows; the
+    kernel does not spill, the tile is the planner's, and every record becomes a labelled
+    prediction."""
+    pytest.importorskip("triton")
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc is not on PATH")
+    out = tmp_path / "cuda.json"
+    structures = ["igcv2(64,4)", "igcv2(256,8)", "igcv2(256,32)", "igcv3-reduce(64,6,2)",
+                  "condense(128,4)"]
+    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes", "float32",
+          "--directions", "forward", "--layouts", "nchw,channels_last", "--archs", "90",
+          "--json", str(out))
+    report = json.loads(out.read_text())
+    rows = [r for r in report["rows"] if r["kernel"] == "chain_forward_kernel"
+            and r.get("per_position")]
+    assert len(rows) == len(structures) * 2
+    for r in rows:
+        what = f"{r['structure']} {r['layout']}"
+        ffma = r["dyn"]["counts"]["FFMA/HFMA"] * r["num_warps"] / r["block_p"]
+        # a few FFMAs per item beside its products (index arithmetic): within 3%
+        assert ffma == pytest.approx(r["macs_per_position"] / 32, rel=0.03), what
+        assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what
+        # plan_forward: two fp32 [C][TP + 4] buffers of the widest layer fit two CTAs per SM
+        tp, cmax = r["block_p"], max(r["c_x"], r["c_out"], 64 * 6 if "igcv3" in what else 0)
+        assert r["shared_bytes"] == 2 * cmax * (tp + 4) * 4 + 16 * tp, what
+        assert r["shared_bytes"] <= 233472 // 2 - 1024 < 2 * cmax * (2 * tp + 4) * 4, what
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import perf_model
+
+    preds = [p for p in perf_model.records(report) if p["kernel"] == "chain_forward_kernel"
+             and p["predicted_fraction_of_copy"] is not None]
+    assert len(preds) == len(rows)
+    for p in preds:
+        assert p["prediction"].startswith("PREDICTED")
+        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
+
+
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
     """The static model of the CUDA tensor-core forward and backward (``--cuda``: nvcc for
     sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it

@@ -969,6 +969,152 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
+# ---------------------------------------------------------------------------------------------
+# The CUDA-core float32 forward (chain_forward_kernel<float, float>): per-position counts
+# ---------------------------------------------------------------------------------------------
+_FMA_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # grouped_rows_k's compile-time group widths
+
+
+def fma_kernel_model(sass: str) -> dict:
+    """Executed warp instructions of the CUDA-core forward's pieces, read from its SASS (the
+    layer items of grouped_rows, not inlined, and the tile loops of load_tile / store_tile):
+    - per item of OUTS rows x 4 positions with K inputs known at compile time, K <= 16
+      (straight-line items): the loop holding the item's K 16-byte activation loads (LDS.128),
+      4 OUTS K FFMAs and its OUTS result stores (STS.128), keyed (K, OUTS, VW); VW: the weights
+      loaded 16 bytes at a time (LDG.E.128 in the loop);
+    - items whose inputs run in a loop (K = 32 and 64: 16 k-steps per iteration; run-time K: 4,
+      plus up to 3 peeled): ("loop", U, OUTS, VW) with the enclosing item minus the k-loop
+      ("item") and the k-loop's body ("steps", U k-steps);
+    - the tile moves per 16-byte vector of 4 elements per lane: "load_nchw" / "store_nchw"
+      (a channel's run of positions, LDG.E.128 / STG.E.128) and "load_cl" / "store_cl"
+      (channels-last, the same with the position's offset read from shared memory, LDS.64)."""
+    ins = perf_model.parse_sass(sass)
+    loops = perf_model._loops(ins)
+
+    def ops(a, b):
+        return [op for ad, _, op, _ in ins if a <= ad <= b]
+
+    def n(o, *prefixes):
+        return sum(x.startswith(prefixes) for x in o)
+
+    out = {}
+    ffma = {(a, b): n(ops(a, b), "FFMA") for a, b, _ in loops}
+    for a, b, _ in sorted(loops, key=lambda lp: lp[1] - lp[0]):  # innermost first
+        o = ops(a, b)
+        f, lds, vec, sts = ffma[(a, b)], n(o, "LDS.128"), n(o, "LDG.E.128"), n(o, "STS.128")
+        inner = [lp for lp in loops if a <= lp[0] and lp[1] <= b and (lp[0], lp[1]) != (a, b)
+                 and ffma[(lp[0], lp[1])]]
+        if f and sts and not inner:
+            if f == 4 * sts * lds:
+                out.setdefault((lds, sts, vec > 0), _region_counts(ins, a, b))
+        elif f and sts and inner:
+            c, d = min(((lp[0], lp[1]) for lp in inner), key=lambda lp: lp[1] - lp[0])
+            u = n(ops(c, d), "LDS.128")
+            outs = sts
+            key = ("loop", u, outs, n(ops(c, d), "LDG.E.128") > 0)
+            if key not in out:
+                body = _region_counts(ins, c, d)
+                out[key] = {"item": _combine((1.0, _region_counts(ins, a, b)), (-1.0, body)),
+                            "steps": body}
+        elif not f and (vec or n(o, "STG.E.128")):
+            cl = n(o, "LDS.64") > 0
+            if vec and n(o, "STS"):
+                key = "load_cl" if cl else "load_nchw"
+                per = vec
+            elif n(o, "STG.E.128"):
+                key = "store_cl" if cl else "store_nchw"
+                per = n(o, "STG.E.128")
+            else:
+                continue
+            out.setdefault(key, _combine((1.0 / per, _region_counts(ins, a, b))))
+    return out
+
+
+def fma_forward_plan(chans, arch: int) -> int:
+    """plan_forward's tile for float32 (forward_smem_bytes: two [C][tile_ld] fp32 buffers of
+    the widest layer and two offset arrays; choose_tile with two CTAs per SM, tiles of 4 to
+    128 positions) for many positions."""
+    cmax = max(chans)
+
+    def smem(tp):
+        return 2 * cmax * (tp + 4 if tp >= 8 else tp) * 4 + 2 * tp * 8
+
+    optin = SM_LIMITS[arch][1] - 1024
+    for budget in (_two_cta_budget(arch), optin):
+        for tp in (128, 64, 32, 16, 8, 4):
+            if smem(tp) <= budget:
+                return tp
+    return 0
+
+
+def fma_layer_terms(model: dict, groups: int, outs: int, ins: int, w_aligned: bool,
+                    tp: int) -> list:
+    """(count, cost) terms of one CUDA-core layer per tile of ``tp`` positions: items of OUTS
+    rows (4 where the group's outputs allow, else 2 or 1) x 4 positions, one per lane (counted
+    in warp iterations, 32 items each), with the cost of
+    the item kind grouped_rows_k picks (16-byte weight loads where OUTS is 4, K is a
+    compile-time width of at least 4 and the layer's weights are 16-byte aligned)."""
+    outs_per = 4 if outs % 4 == 0 else 2 if outs % 2 == 0 else 1
+    items = groups * outs // outs_per * (tp // 4) / 32  # warp iterations: an item per lane
+    k = ins if ins in _FMA_WIDTHS else 0
+    vw = outs_per == 4 and k >= 4 and w_aligned
+    if 0 < k <= 16:
+        return [(items, model[(k, outs_per, vw)])]
+    u = 16 if k else 4
+    c = model[("loop", u, outs_per, vw)]
+    if k:
+        return [(items, c["item"]), (items * (k // 16), c["steps"])]
+    # run-time K: the loop of 4 k-steps runs ins // 4 times; the item holds the remainder's
+    # k-steps peeled (up to 3: its FFMAs over a k-step's), of which ins % 4 run
+    peeled = round(c["item"]["counts"]["FFMA/HFMA"] / (4 * outs_per))
+    return [(items, c["item"]), (items * (ins // 4), c["steps"]),
+            (-items * (peeled - ins % 4) / 4, c["steps"])]
+
+
+def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
+    """One float32 forward record per structure, layout and arch for the CUDA-core kernel
+    (float32 runs there), with per-position counts from ``fma_kernel_model``: every layer's
+    items times their cost, and the tile load of x and store of y per 16-byte vector (needs
+    cuda_records first, for the SASS). The per-tile offsets and barriers are left out."""
+    rows = []
+    if "float32" not in dtypes:
+        return rows
+    for arch in archs:
+        if arch not in _CUDA_SASS:
+            continue
+        toolchain, log, sass = _CUDA_SASS[arch]
+        funcs = _sass_functions(sass)
+        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
+        name = next(nm for nm in funcs if "chain_forward_kernelIffE" in nm)
+        model = fma_kernel_model(funcs[name])
+        for s in structures:
+            c_x, spec, _, idx = structure_args(s)
+            shapes = spec.weight_shapes()
+            chans = [c_x if idx is None else len(idx)] + [c for c, _ in shapes]
+            tp = fma_forward_plan(chans, arch)
+            if tp == 0:
+                continue
+            terms, w_off = [], 0
+            for (cout, n_in), g in zip(shapes, spec.groups):
+                terms += fma_layer_terms(model, g, cout // g, n_in, w_off % 4 == 0, tp)
+                w_off += cout * n_in
+            for layout in layouts:
+                cl = layout == "channels_last"
+                vectors_in, vectors_out = chans[0] * tp / 4 / 32, spec.out_channels * tp / 4 / 32
+                total = _combine(*terms, (vectors_in, model["load_cl" if cl else "load_nchw"]),
+                                 (vectors_out, model["store_cl" if cl else "store_nchw"]))
+                rec = _mma_record(s, "float32", layout, "forward", arch, toolchain,
+                                  "chain_forward_kernel", tp, ptxas[name],
+                                  2 * max(chans) * (tp + 4 if tp >= 8 else tp) * 4 + 16 * tp)
+                _set_mma_dyn(rec, total,
+                             "per layer: items (OUTS rows x 4 positions) x item cost, plus "
+                             "k-loop iterations x their cost for K = 32, 64 and run-time K; "
+                             "tile load/store per 16-byte vector (SASS loop bodies of the "
+                             "kernel; per-tile offsets and barriers are left out)")
+                rows.append(rec)
+    return rows
+
+
 def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
     """Marks what the launcher can launch, with the rules the GPU applies to its own compiles:
     the autotuner keeps the configurations ``K.spill_free`` keeps; the fixed path
@@ -1069,6 +1215,9 @@ def main(argv=None) -> int:
                   flush=True)
         mma_rows = cuda_mma_records(args.structures.split(";"), args.dtypes.split(","),
                                     args.layouts.split(","), archs)
+        if "forward" in args.directions.split(","):
+            mma_rows += cuda_fma_records(args.structures.split(";"), args.dtypes.split(","),
+                                         args.layouts.split(","), archs)
         if "backward" in args.directions.split(","):
             mma_rows += cuda_mma_backward_records(args.structures.split(";"),
                                                   args.dtypes.split(","),
