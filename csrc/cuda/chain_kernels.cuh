@@ -1108,7 +1108,49 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
           pb[o] += s;
         }
       }
-      if (f.need_w) {
+      if (std::is_same<A, float>::value && f.need_w && d.m % 2 == 0 && d.n % 4 == 0) {
+        // (float: the float64 kernel, at the register limit, keeps the loop below)
+        // blocks of 2 outputs x 4 inputs of a group per thread: 6 activation loads per 32
+        // multiply-adds (one element per thread: 2 per 4), one FFMA each, positions in order
+        // from vector ob % 8 of the tile, wrapping (tiles are powers of two), which spreads the
+        // rows of a warp's blocks over the banks.
+        A* pw = part + d.w_off;
+        const int bn = d.n / 4, nb = d.cout / 2 * bn, nq = tp / 4;
+        for (int b = threadIdx.x; b < nb; b += kThreads) {
+          const int ob = b / bn, o0 = 2 * ob, i0 = 4 * (b - ob * bn);
+          const int hi0 = (o0 / d.m) * d.n + i0;
+          const int ra = o0 * ld;  // output rows o0, o0 + 1
+          int rb[4];               // input rows
+#pragma unroll
+          for (int k = 0; k < 4; ++k) rb[k] = (h_rows ? h_rows[hi0 + k] : hi0 + k) * ld;
+          A acc[2][4];
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) acc[j][k] = A(0);
+          for (int sq = 0, qv = ob & 7; sq < nq; ++sq, ++qv) {
+            const int q = 4 * (qv & (nq - 1));
+            V4<A> vb[4];
+#pragma unroll
+            for (int k = 0; k < 4; ++k) vb[k] = lds4(h + rb[k] + q);
+#pragma unroll
+            for (int j = 0; j < 2; ++j) {
+              const V4<A> va = lds4(du + ra + j * ld + q);
+#pragma unroll
+              for (int k = 0; k < 4; ++k) {
+                acc[j][k] += va.x * vb[k].x;
+                acc[j][k] += va.y * vb[k].y;
+                acc[j][k] += va.z * vb[k].z;
+                acc[j][k] += va.w * vb[k].w;
+              }
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < 2; ++j)
+#pragma unroll
+            for (int k = 0; k < 4; ++k) pw[(o0 + j) * d.n + i0 + k] += acc[j][k];
+        }
+      } else if (f.need_w) {
         A* pw = part + d.w_off;
         const int ne = d.cout * d.n;
         for (int e = threadIdx.x; e < ne; e += kThreads) {
