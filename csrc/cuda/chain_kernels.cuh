@@ -916,7 +916,7 @@ struct LaunchPlan {
 };
 
 // Register budget of the chain kernels. ptxas compiles a 256-thread CTA for at most 128
-// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (110-116
+// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (89-105
 // registers, no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64 kernels need
 // more and spilled at 128, so they are compiled for one CTA per SM (255 registers).
 // `min_blocks` is the __launch_bounds__ minimum (0: none given); `ctas` is the CTA count per SM
