@@ -322,8 +322,9 @@ def test_cuda_core_float32_forward_model_counts_the_multiply_adds(tmp_path):
     for r in rows:
         what = f"{r['structure']} {r['layout']}"
         ffma = r["dyn"]["counts"]["FFMA/HFMA"] * r["num_warps"] / r["block_p"]
-        # a few FFMAs per item beside its products (index arithmetic): within 3%
-        assert ffma == pytest.approx(r["macs_per_position"] / 32, rel=0.03), what
+        # the FMA class also holds the compiler's HFMA2.MMA register moves (a few per item):
+        # at least the products, within 5%
+        assert r["macs_per_position"] / 32 <= ffma <= 1.05 * r["macs_per_position"] / 32, what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what
         # plan_forward: two fp32 [C][TP + 4] buffers of the widest layer fit two CTAs per SM
         tp, cmax = r["block_p"], max(r["c_x"], r["c_out"], 64 * 6 if "igcv3" in what else 0)

@@ -777,15 +777,21 @@ def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, sme
     return rec
 
 
-def _mma_problems(structures, dtypes, archs):
-    """(arch, toolchain, SASS functions, ptxas records, dtype, Fmt name, structure) for every
-    compiled arch, 16-bit dtype and structure of the tensor-core kernels' records."""
+def _cuda_archs(archs):
+    """(arch, toolchain, SASS functions, ptxas records by mangled name) for every arch of
+    ``archs`` that cuda_records compiled."""
     for arch in archs:
         if arch not in _CUDA_SASS:
             continue
         toolchain, log, sass = _CUDA_SASS[arch]
-        funcs = _sass_functions(sass)
-        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
+        yield (arch, toolchain, _sass_functions(sass),
+               {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)})
+
+
+def _mma_problems(structures, dtypes, archs):
+    """(arch, toolchain, SASS functions, ptxas records, dtype, Fmt name, structure) for every
+    compiled arch, 16-bit dtype and structure of the tensor-core kernels' records."""
+    for arch, toolchain, funcs, ptxas in _cuda_archs(archs):
         for dtype in dtypes:
             if dtype not in ("bfloat16", "float16"):
                 continue
@@ -1079,12 +1085,7 @@ def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
     rows = []
     if "float32" not in dtypes:
         return rows
-    for arch in archs:
-        if arch not in _CUDA_SASS:
-            continue
-        toolchain, log, sass = _CUDA_SASS[arch]
-        funcs = _sass_functions(sass)
-        ptxas = {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)}
+    for arch, toolchain, funcs, ptxas in _cuda_archs(archs):
         name = next(nm for nm in funcs if "chain_forward_kernelIffE" in nm)
         model = fma_kernel_model(funcs[name])
         for s in structures:

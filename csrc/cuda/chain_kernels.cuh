@@ -418,6 +418,33 @@ __device__ __forceinline__ uint4 vec_from_row(const A* s) {
   return u;
 }
 
+// The channels-last tile moves of load_tile / store_tile (channel vectors of VEC = 16 / sizeof(T)
+// elements, C % VEC == 0): a warp moves CV vectors (CV * VEC consecutive channels) of each of
+// PB = 32 / CV positions per step, so that its lanes' tile accesses hit distinct banks in float
+// tiles of 16 or more positions (CV = 2; with a position per lane, rows 4 apart shared two
+// banks: 16-way conflicts) and each position's CV * 16 bytes are one sector. A warp takes
+// channel groups warp, warp + 8, ...; for each of its lane's vectors it calls
+// f(rows, c0, t0, PB): rows[k] = the tile offset of channel c0 + k's row (row_map(c) or c),
+// positions t0, t0 + PB, ... for the lane.
+template <typename T, typename A, typename F>
+__device__ __forceinline__ void cl_vector_groups(int C, const int32_t* __restrict__ row_map,
+                                                 int ld, F&& f) {
+  constexpr int VEC = 16 / static_cast<int>(sizeof(T));
+  constexpr int CV = (std::is_same<A, float>::value && VEC == 4) ? 2 : 1;
+  constexpr int PB = 32 / CV;
+  const int lane = threadIdx.x & 31, tl = lane % PB, cv = lane / PB;
+  const int nvc = C / VEC, ncg = (nvc + CV - 1) / CV;
+  for (int cg = threadIdx.x >> 5; cg < ncg; cg += kThreads / 32) {
+    const int vi = cg * CV + cv;
+    if (vi >= nvc) continue;
+    const int c0 = vi * VEC;
+    int rows[VEC];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) rows[k] = (row_map ? row_map[c0 + k] : c0 + k) * ld;
+    f(rows, c0, tl, PB);
+  }
+}
+
 // buf[row(c) * ld + t] = src[pos_off[t] + chan(c) * cs] for c < C and t < tvalid, 0 for
 // tvalid <= t < tp; row(c) = dst_row ? dst_row[c] : c, chan(c) = src_chan ? src_chan[c] : c.
 // load_tile / store_tile are not inlined: one copy per element type serves every call site
@@ -479,23 +506,8 @@ __device__ __noinline__ void load_tile(const T* __restrict__ src, int64_t cs,
     return;
   }
   if (cs == 1 && src_chan == nullptr && C % VEC == 0) {  // (b) channels-last, vectors of VEC
-    // A warp moves CV vectors (CV * VEC consecutive channels) of each of 32 / CV positions per
-    // step: its lanes' tile stores hit distinct banks for float tiles of 16 or more positions
-    // (CV = 2; with a position per lane, rows 4 apart shared two banks: 16-way conflicts), and
-    // each position's CV * 16 bytes are one sector. A warp takes channel groups warp, warp + 8,
-    // ... and walks the tile's positions for each.
-    constexpr int CV = (std::is_same<A, float>::value && VEC == 4) ? 2 : 1;
-    constexpr int PB = 32 / CV;
-    const int lane = tid & 31, tl = lane % PB, cv = lane / PB;
-    const int nvc = C / VEC, ncg = (nvc + CV - 1) / CV;
-    for (int cg = tid >> 5; cg < ncg; cg += kThreads / 32) {
-      const int vi = cg * CV + cv;
-      if (vi >= nvc) continue;
-      const int c0 = vi * VEC;
-      int rows[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) rows[k] = (dst_row ? dst_row[c0 + k] : c0 + k) * ld;
-      for (int t = tl; t < tp; t += PB) {
+    cl_vector_groups<T, A>(C, dst_row, ld, [&](const int (&rows)[VEC], int c0, int t0, int step) {
+      for (int t = t0; t < tp; t += step) {
         if (t >= tvalid) {
 #pragma unroll
           for (int k = 0; k < VEC; ++k) buf[rows[k] + t] = A(0);
@@ -512,7 +524,7 @@ __device__ __noinline__ void load_tile(const T* __restrict__ src, int64_t cs,
           for (int k = 0; k < VEC; ++k) buf[rows[k] + t] = Cvt<T>::load(s[k]);
         }
       }
-    }
+    });
     return;
   }
   if (cs == 1) {  // (b') channels-last, scalar (gathered channels or C not a multiple of VEC)
@@ -604,18 +616,8 @@ __device__ __noinline__ void store_tile(T* __restrict__ dst, int64_t cs, const i
     return;
   }
   if (cs == 1 && C % VEC == 0 && starts == nullptr) {  // (b) channels-last, as load_tile's
-    constexpr int CV = (std::is_same<A, float>::value && VEC == 4) ? 2 : 1;
-    constexpr int PB = 32 / CV;
-    const int lane = tid & 31, tl = lane % PB, cv = lane / PB;
-    const int nvc = C / VEC, ncg = (nvc + CV - 1) / CV;
-    for (int cg = tid >> 5; cg < ncg; cg += kThreads / 32) {
-      const int vi = cg * CV + cv;
-      if (vi >= nvc) continue;
-      const int c0 = vi * VEC;
-      int rows[VEC];
-#pragma unroll
-      for (int k = 0; k < VEC; ++k) rows[k] = (src_row ? src_row[c0 + k] : c0 + k) * ld;
-      for (int t = tl; t < tvalid; t += PB) {
+    cl_vector_groups<T, A>(C, src_row, ld, [&](const int (&rows)[VEC], int c0, int t0, int step) {
+      for (int t = t0; t < tvalid; t += step) {
         T* d = dst + pos_off[t] + c0;
         uint4 u;
         T* e = reinterpret_cast<T*>(&u);
@@ -628,7 +630,7 @@ __device__ __noinline__ void store_tile(T* __restrict__ dst, int64_t cs, const i
           for (int k = 0; k < VEC; ++k) d[k] = e[k];
         }
       }
-    }
+    });
     return;
   }
   if (cs == 1 && C % VEC == 0) {  // (b) channels-last, with input-index sums
