@@ -341,6 +341,48 @@ def test_cuda_core_float32_forward_model_counts_the_multiply_adds(tmp_path):
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
 
 
+def test_cuda_core_float32_backward_model_counts_the_multiply_adds(tmp_path):
+    """The static model of the CUDA-core float32 backward (the SASS of the functions the
+    kernel calls, found by nvdisasm's labels, and of its weight-gradient blocks): per position
+    at least one warp FFMA per 32 multiply-adds of the recompute (store-all: layers 1 .. L-1
+    once; recompute mode, IGCV2(1024, 8) in tiles of 4: layers 1 .. l for each l), of dh and of
+    dW, within 10% (HFMA2.MMA register moves; per-item overhead over tiles of 4 positions);
+    labelled predictions."""
+    pytest.importorskip("triton")
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc is not on PATH")
+    out = tmp_path / "cuda.json"
+    structures = ["igcv2(256,8)", "igcv2(1024,8)", "igcv3-reduce(64,6,2)"]
+    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes", "float32",
+          "--directions", "backward", "--layouts", "nchw", "--archs", "90", "--json", str(out))
+    report = json.loads(out.read_text())
+    rows = [r for r in report["rows"] if r["kernel"] == "chain_backward_kernel"
+            and r.get("per_position")]
+    assert len(rows) == len(structures)
+    import igc_kernels as igc
+
+    specs = {"igcv2(256,8)": igc.ChainSpec.igcv2(256, 8),
+             "igcv2(1024,8)": igc.ChainSpec.igcv2(1024, 8),
+             "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2])}
+    for r in rows:
+        macs = [c * k for c, k in specs[r["structure"]].weight_shapes()]
+        store_all = r["config"]["store_all"]
+        assert store_all == (r["structure"] != "igcv2(1024,8)"), r["structure"]
+        recompute = (sum(macs[:-1]) if store_all
+                     else sum(sum(macs[:l]) for l in range(1, len(macs))))
+        expected = (recompute + 2 * sum(macs)) / 32
+        ffma = r["dyn"]["counts"]["FFMA/HFMA"] * r["num_warps"] / r["block_p"]
+        assert expected <= ffma <= 1.10 * expected, (r["structure"], ffma, expected)
+        assert r["compiled"] and r["spill_bytes"] == 0, r["structure"]
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import perf_model
+
+    preds = [p for p in perf_model.records(report) if p["kernel"] == "chain_backward_kernel"
+             and p["predicted_fraction_of_copy"] is not None]
+    assert len(preds) == len(rows)
+    assert all(p["prediction"].startswith("PREDICTED") for p in preds)
+
+
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
     """The static model of the CUDA tensor-core forward and backward (``--cuda``: nvcc for
     sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it

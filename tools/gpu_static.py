@@ -377,6 +377,47 @@ CUDA_THREADS = 256  # kThreads of csrc/cuda/chain_kernels.cuh
 
 
 _CUDA_SASS = {}  # arch -> (toolchain, ptxas log, SASS of every kernel), filled by cuda_records
+# arch -> {(kernel, callee): start address of the callee's code in the kernel's SASS listing}
+# (functions that are not inlined), from nvdisasm's labels; filled by cuda_records
+_CUDA_CALLEES = {}
+
+
+def _callee_starts(nvdisasm: str) -> dict:
+    """{(kernel, callee): address} of the labels ``$kernel$callee:`` of nvdisasm's listing: the
+    first instruction of each function a kernel calls (same addresses as cuobjdump's)."""
+    out, pending = {}, None
+    for line in nvdisasm.splitlines():
+        m = re.match(r"^\$(_Z\w+)\$(_Z\w+):\s*$", line)
+        if m:
+            pending = (m.group(1), m.group(2))
+            continue
+        if pending is not None:
+            a = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+            if a:
+                out[pending] = int(a.group(1), 16)
+                pending = None
+    return out
+
+
+def _sass_slice(sass: str, lo: int, hi: int) -> str:
+    """The instruction lines of a SASS listing with addresses in [lo, hi)."""
+    keep = []
+    for line in sass.splitlines():
+        a = re.search(r"/\*([0-9a-f]{4,})\*/", line)
+        if a and lo <= int(a.group(1), 16) < hi:
+            keep.append(line)
+    return "\n".join(keep) + "\n"
+
+
+def _kernel_parts(arch: int, kernel: str, sass: str) -> dict:
+    """The kernel's own code ("body") and each function it calls, by name, as SASS listings."""
+    starts = sorted((a, callee) for (k, callee), a in _CUDA_CALLEES.get(arch, {}).items()
+                    if k == kernel)
+    bounds = [a for a, _ in starts] + [1 << 40]
+    parts = {"body": _sass_slice(sass, 0, bounds[0])}
+    for (a, callee), hi in zip(starts, bounds[1:]):
+        parts[callee] = _sass_slice(sass, a, hi)
+    return parts
 
 
 def cuda_records(archs) -> list:
@@ -412,6 +453,8 @@ def cuda_records(archs) -> list:
             _CUDA_SASS[arch] = (toolchain, out + err,
                                 _tool("cuobjdump", "--dump-sass",
                                       os.path.join(tmp, f"k{arch}.cubin")))
+            _CUDA_CALLEES[arch] = _callee_starts(
+                _tool("nvdisasm", "-c", os.path.join(tmp, f"k{arch}.cubin")))
             for k in perf_model.parse_ptxas_verbose(out + err):
                 kind = re.search(r"(chain_forward_kernel|chain_backward_kernel|"
                                  r"reduce_partials_kernel)", k["mangled"])
@@ -1116,6 +1159,129 @@ def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
+def fma_backward_plan(chans, arch: int) -> tuple:
+    """(tile, store-all) of plan_backward for float32 for many positions: x, two gradient
+    buffers of the widest layer and every intermediate ("store-all", tiles of at least 16
+    positions), else x, the gradients and two scratch buffers (recompute, any tile); fp32
+    [rows][tile_ld] plus three offset arrays, two CTAs per SM where they fit."""
+    cmax, L = max(chans), len(chans) - 1
+    optin = SM_LIMITS[arch][1] - 1024
+
+    def tile(rows, min_tp):
+        for budget in (_two_cta_budget(arch), optin):
+            for tp in (128, 64, 32, 16, 8, 4):
+                if tp >= min_tp and rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp <= budget:
+                    return tp
+        return 0
+
+    store_all = chans[0] + 2 * cmax + sum(chans[1:-1])
+    tp = tile(store_all, 16)
+    if tp or L == 1:
+        return (tp or tile(store_all, 4)), True, store_all
+    rows = chans[0] + 4 * cmax
+    return tile(rows, 4), False, rows
+
+
+def fma_backward_model(arch: int, kernel: str, sass: str) -> dict:
+    """Costs of the CUDA-core backward's pieces from its SASS: the layer items of the
+    recompute ("fwd") and of the transposed product ("dh"), read from the two grouped_rows
+    functions the kernel calls (``fma_kernel_model``), its tile moves (load_tile / store_tile),
+    and from the kernel's own code the weight-gradient blocks (2 outputs x 4 inputs, 32 FFMAs
+    per 16-byte vector of positions): "dw_vector", one vector of a block (the loop body over
+    32 / its FFMAs), and "dw_block", the rest of a block (the enclosing loop without it)."""
+    parts = _kernel_parts(arch, kernel, sass)
+    callee = {k.split("EEvPK")[0].split("cuda")[-1]: v for k, v in parts.items() if k != "body"}
+    fwd = next(v for k, v in callee.items() if "grouped_rowsILb0E" in k)
+    trn = next(v for k, v in callee.items() if "grouped_rowsILb1E" in k)
+    out = {"fwd": fma_kernel_model(fwd), "dh": fma_kernel_model(trn)}
+    for name in ("load_tile", "store_tile"):
+        out.update(fma_kernel_model(next(v for k, v in callee.items() if name in k)))
+    ins = perf_model.parse_sass(parts["body"])
+    loops = perf_model._loops(ins)
+    for a, b, _ in sorted(loops, key=lambda lp: lp[1] - lp[0]):
+        ops = [op for ad, _, op, _ in ins if a <= ad <= b]
+        f = sum(o.startswith("FFMA") for o in ops)
+        if f and f % 32 == 0 and any(o.startswith("LD.E.128") for o in ops) \
+                and not any(o.startswith("STG") for o in ops):
+            body = _region_counts(ins, a, b)
+            outer = min(((c, d) for c, d, _ in loops if c <= a and b <= d and (c, d) != (a, b)),
+                        key=lambda lp: lp[1] - lp[0])
+            vector = _combine((32.0 / f, body))
+            rest = _combine((1.0, _region_counts(ins, *outer)), (-1.0, body))
+            # the unrolled loop's remainder vectors, peeled into the block: every vector is
+            # counted by dw_vector, so the block's cost leaves them out
+            peeled = round(rest["counts"]["FFMA/HFMA"] / 32)
+            out["dw_vector"] = vector
+            out["dw_block"] = _combine((1.0, rest), (-peeled, vector))
+            break
+    return out
+
+
+def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
+    """One float32 backward record (dx and every dW) per structure, layout and arch for the
+    CUDA-core backward, with per-position counts from ``fma_backward_model``: the tile loads of
+    x and dy and the store of dx, the recompute (store-all: layers 0 .. L-2 once; recompute mode:
+    layers 0 .. l-1 for each l >= 1), for every layer its weight-gradient blocks and its
+    transposed product. Chains whose weight gradients do not take the 2 x 4 blocks (odd outputs
+    or inputs not a multiple of 4 per group) get no record. The per-tile offsets, barriers and
+    the reduction kernel are left out."""
+    rows = []
+    if "float32" not in dtypes:
+        return rows
+    for arch, toolchain, funcs, ptxas in _cuda_archs(archs):
+        name = next(nm for nm in funcs if "chain_backward_kernelIffE" in nm)
+        model = fma_backward_model(arch, name, funcs[name])
+        if "dw_vector" not in model:
+            continue
+        for s in structures:
+            c_x, spec, _, idx = structure_args(s)
+            shapes = spec.weight_shapes()
+            chans = [c_x if idx is None else len(idx)] + [c for c, _ in shapes]
+            L = len(shapes)
+            groups = list(spec.groups)
+            if any((cout // g) % 2 or n % 4 for (cout, n), g in zip(shapes, groups)):
+                continue
+            tp, store_all, n_rows = fma_backward_plan(chans, arch)
+            if tp == 0:
+                continue
+            w_offs = [sum(c * n for c, n in shapes[:l]) for l in range(L)]
+
+            def fwd_terms(l):
+                (cout, n), g = shapes[l], groups[l]
+                return fma_layer_terms(model["fwd"], g, cout // g, n, w_offs[l] % 4 == 0, tp)
+
+            terms = []
+            for l in range(L - 1) if store_all else []:
+                terms += fwd_terms(l)
+            for l in range(1, L) if not store_all else []:
+                for k in range(l):
+                    terms += fwd_terms(k)
+            for l, ((cout, n), g) in enumerate(zip(shapes, groups)):
+                m = cout // g
+                blocks = cout // 2 * (n // 4) / 32  # warp iterations: a block per lane
+                terms += [(blocks, model["dw_block"]), (blocks * tp / 4, model["dw_vector"])]
+                terms += fma_layer_terms(model["dh"], g, n, m, w_offs[l] % 4 == 0, tp)
+            for layout in layouts:
+                cl = layout == "channels_last"
+                ld, st = model["load_cl" if cl else "load_nchw"], model["store_cl" if cl
+                                                                        else "store_nchw"]
+                total = _combine(*terms, ((chans[0] + spec.out_channels) * tp / 128, ld),
+                                 (c_x * tp / 128, st))
+                rec = _mma_record(s, "float32", layout, "backward", arch, toolchain,
+                                  "chain_backward_kernel", tp, ptxas[name],
+                                  n_rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp)
+                rec.config["store_all"] = store_all
+                _set_mma_dyn(rec, total,
+                             "x and dy loads and the dx store per 16-byte vector; the recompute "
+                             "and the transposed products as the forward's layer items; per "
+                             "layer the weight-gradient blocks (2 x 4 per lane) x (block cost "
+                             "+ tile vectors x vector cost) (SASS of the kernel and the "
+                             "functions it calls; per-tile offsets, barriers and the reduction "
+                             "kernel are left out)")
+                rows.append(rec)
+    return rows
+
+
 def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
     """Marks what the launcher can launch, with the rules the GPU applies to its own compiles:
     the autotuner keeps the configurations ``K.spill_free`` keeps; the fixed path
@@ -1220,6 +1386,9 @@ def main(argv=None) -> int:
             mma_rows += cuda_fma_records(args.structures.split(";"), args.dtypes.split(","),
                                          args.layouts.split(","), archs)
         if "backward" in args.directions.split(","):
+            mma_rows += cuda_fma_backward_records(args.structures.split(";"),
+                                                  args.dtypes.split(","),
+                                                  args.layouts.split(","), archs)
             mma_rows += cuda_mma_backward_records(args.structures.split(";"),
                                                   args.dtypes.split(","),
                                                   args.layouts.split(","), archs)
