@@ -299,26 +299,37 @@ def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):
         assert r["dyn"]["unresolved_loops"] == 0
 
 
-def test_cuda_core_float32_forward_model_counts_the_multiply_adds(tmp_path):
+_FP32_FORWARD = ["igcv2(64,4)", "igcv2(256,8)", "igcv2(256,32)", "igcv3-reduce(64,6,2)",
+                 "condense(128,4)"]
+_FP32_BACKWARD = ["igcv2(256,8)", "igcv2(1024,8)", "igcv3-reduce(64,6,2)"]
+
+
+@pytest.fixture(scope="module")
+def fp32_cuda_report(tmp_path_factory):
+    """One ``--cuda`` static report (one nvcc compile) of the float32 structures of the two
+    tests below, both directions."""
+    pytest.importorskip("triton")
+    if not shutil.which("nvcc"):
+        pytest.skip("nvcc is not on PATH")
+    out = tmp_path_factory.mktemp("fp32") / "cuda.json"
+    structures = list(dict.fromkeys(_FP32_FORWARD + _FP32_BACKWARD))
+    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes", "float32",
+          "--layouts", "nchw,channels_last", "--archs", "90", "--json", str(out))
+    return json.loads(out.read_text())
+
+
+def test_cuda_core_float32_forward_model_counts_the_multiply_adds(fp32_cuda_report):
     """The static model of the CUDA-core float32 forward (``--cuda``: the SASS of its layer
     items and tile loops times the chain's items and vectors): per position one warp FFMA per
     32 of the chain's multiply-adds, for items with 16-byte weight loads (K = 4, 8, 16), with
     a loop over 16 k-steps (K = 32) and with a run-time K (192), each of 4 output rows; the
     kernel does not spill, the tile is the planner's, and every record becomes a labelled
     prediction."""
-    pytest.importorskip("triton")
-    if not shutil.which("nvcc"):
-        pytest.skip("nvcc is not on PATH")
-    out = tmp_path / "cuda.json"
-    structures = ["igcv2(64,4)", "igcv2(256,8)", "igcv2(256,32)", "igcv3-reduce(64,6,2)",
-                  "condense(128,4)"]
-    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes", "float32",
-          "--directions", "forward", "--layouts", "nchw,channels_last", "--archs", "90",
-          "--json", str(out))
-    report = json.loads(out.read_text())
-    rows = [r for r in report["rows"] if r["kernel"] == "chain_forward_kernel"
-            and r.get("per_position")]
-    assert len(rows) == len(structures) * 2
+    report = {**fp32_cuda_report, "rows": [
+        r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_forward_kernel"
+        and r.get("per_position") and r["structure"] in _FP32_FORWARD]}
+    rows = report["rows"]
+    assert len(rows) == len(_FP32_FORWARD) * 2
     for r in rows:
         what = f"{r['structure']} {r['layout']}"
         ffma = r["dyn"]["counts"]["FFMA/HFMA"] * r["num_warps"] / r["block_p"]
@@ -341,24 +352,19 @@ def test_cuda_core_float32_forward_model_counts_the_multiply_adds(tmp_path):
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
 
 
-def test_cuda_core_float32_backward_model_counts_the_multiply_adds(tmp_path):
+def test_cuda_core_float32_backward_model_counts_the_multiply_adds(fp32_cuda_report):
     """The static model of the CUDA-core float32 backward (the SASS of the functions the
     kernel calls, found by nvdisasm's labels, and of its weight-gradient blocks): per position
     at least one warp FFMA per 32 multiply-adds of the recompute (store-all: layers 1 .. L-1
     once; recompute mode, IGCV2(1024, 8) in tiles of 4: layers 1 .. l for each l), of dh and of
     dW, within 10% (HFMA2.MMA register moves; per-item overhead over tiles of 4 positions);
     labelled predictions."""
-    pytest.importorskip("triton")
-    if not shutil.which("nvcc"):
-        pytest.skip("nvcc is not on PATH")
-    out = tmp_path / "cuda.json"
-    structures = ["igcv2(256,8)", "igcv2(1024,8)", "igcv3-reduce(64,6,2)"]
-    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes", "float32",
-          "--directions", "backward", "--layouts", "nchw", "--archs", "90", "--json", str(out))
-    report = json.loads(out.read_text())
-    rows = [r for r in report["rows"] if r["kernel"] == "chain_backward_kernel"
-            and r.get("per_position")]
-    assert len(rows) == len(structures)
+    report = {**fp32_cuda_report, "rows": [
+        r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_backward_kernel"
+        and r.get("per_position") and r["structure"] in _FP32_BACKWARD
+        and r["layout"] == "nchw"]}
+    rows = report["rows"]
+    assert len(rows) == len(_FP32_BACKWARD)
     import igc_kernels as igc
 
     specs = {"igcv2(256,8)": igc.ChainSpec.igcv2(256, 8),
