@@ -102,10 +102,11 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
-        # the tensor-core forward: 2 formats x 3 tiles x (two tiles, in-place layers in the
-        # plain and in the kWrap layout); the backward: 2 formats x 3 tiles; the backward's
-        # reduction per format; the per-call preparation (tables and weight fragments) per tile
-        assert sum("chain_forward_mma_kernel" in n for n in names) == 18, names
+        # the tensor-core forward: 3 formats (float16, bfloat16, float32 as three bfloat16
+        # planes) x 3 tiles x (two tiles, in-place layers in the plain and in the kWrap layout),
+        # less float32's two 64-position in-place ones; the backward: 2 formats x 3 tiles; the
+        # backward's reduction per format; the per-call preparation per tile
+        assert sum("chain_forward_mma_kernel" in n for n in names) == 25, names
         assert sum("chain_backward_mma_kernel" in n for n in names) == 6, names
         assert sum("mma_prepare_kernel" in n for n in names) == 3, names
         assert sum("reduce_partials_mma_kernel" in n for n in names) == 2, names
@@ -133,27 +134,35 @@ def _cuobjdump():
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
 def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
     """The sm_80 / sm_90 SASS of every tensor-core forward: HMMA (m16n8k16 and m16n8k8, bf16 or
-    f16 inputs, fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans), results transposed by
-    MOVM (movmatrix; tiles of 16 positions, channels-last tile moves) and on sm_90 stored by
-    STSM.16.MT88.4 (stmatrix .trans: the layer results of tiles of 32 and 64 positions, the
-    channels-last tile loads), and none of them predicated: ldmatrix /
+    f16 inputs (float32: bf16 planes), fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans),
+    results transposed by MOVM (movmatrix; tiles of 16 positions, channels-last tile moves) and
+    on sm_90 stored by STSM.16.MT88.4 (stmatrix .trans: the layer results of tiles
+    of 32 and 64 positions, the 16-bit channels-last tile loads), and none of them predicated:
+    ldmatrix /
     movmatrix / stmatrix / mma.sync are .aligned, every lane of a warp must execute the same
     instruction, which the host emulation cannot see."""
     for arch, (cubin, _, _) in device_cubins.items():
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
         mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
-        assert len(mma) == 18, [f.split()[0] for f in funcs]
+        assert len(mma) == 25, [f.split()[0] for f in funcs]
         for f in mma:
             name = f.split()[0]
-            fmt = ".BF16" if "MmaBf16" in name else ""  # f16 inputs carry no suffix
+            # float32 (MmaF32x3) runs on bf16 planes; f16 inputs carry no suffix
+            f32 = "MmaF32x3" in name
+            fmt = ".BF16" if "MmaBf16" in name or f32 else ""
+            mt = int(re.search(r"Mma\w+?ELi(\d)E", name).group(1))
             instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
-            assert any(op.startswith("MOVM") for op in ops), (arch, name)  # movmatrix
+            # movmatrix: the channels-last tile moves and the layer results of 16-position tiles
+            # (and of every tile on sm_80); sm_90 stores those of larger tiles with stmatrix
+            # (and the 16-bit channels-last loads)
+            stores_by_stsm = arch == "90" and (mt > 1 or not f32)
+            assert any(op.startswith("MOVM") for op in ops), (arch, name)
             stsm = {op for op in ops if op.startswith("STSM")}
-            assert stsm == ({"STSM.16.MT88.4"} if arch == "90" else set()), (arch, name, stsm)
+            assert stsm == ({"STSM.16.MT88.4"} if stores_by_stsm else set()), (arch, name, stsm)
             predicated = [op for pred, op in instrs
                           if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM", "STSM")]
             assert not predicated, (arch, name, predicated)
@@ -354,11 +363,12 @@ class EmuCase:
         return self._forward(lib.igc_emu_forward, int(self.dtype == torch.float64), W, B, x,
                              device, occupancy, 4, "forward")
 
-    def _forward(self, fn, flag, W, B, x, device, occupancy, plan_len, what):
+    def _forward(self, fn, flag, W, B, x, device, occupancy, plan_len, what, nan_ok=False):
         """One emulated forward entry point ``fn`` into a guarded output; returns ``y`` and the
-        plan it reports."""
+        plan it reports (``nan_ok``: NaN outputs expected, so only writes outside ``y`` are
+        checked)."""
         h = self.host_chain()
-        y, guard = _guarded_like(empty_like_layout(x, self.channels[-1]))
+        y, guard = _guarded_like(empty_like_layout(x, self.channels[-1]), complete=not nan_ok)
         plan = (ctypes.c_int64 * plan_len)()
         rc = fn(flag, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                 ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
@@ -367,14 +377,15 @@ class EmuCase:
         guard()
         return y, list(plan)
 
-    def emu_forward_mma(self, lib, x, device=H100, occupancy=1):
-        """The tensor-core forward (float16 / bfloat16; weights and biases passed in their dtype,
-        as the CUDA launcher passes them). Returns ``y`` and the plan (tile positions, grid, 1
-        for in-place layers, 1 for the kWrap tile layout)."""
-        assert self.dtype in (torch.float16, torch.bfloat16)
+    def emu_forward_mma(self, lib, x, device=H100, occupancy=1, nan_ok=False):
+        """The tensor-core forward (float16 / bfloat16, or float32 as three bfloat16 planes;
+        weights and biases passed in their dtype, as the CUDA launcher passes them). Returns
+        ``y`` and the plan (tile positions, grid, 1 for in-place layers, 1 for the kWrap tile
+        layout)."""
+        fmt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[self.dtype]
         W, B = self._flat()
-        return self._forward(lib.igc_emu_forward_mma, int(self.dtype == torch.bfloat16), W, B,
-                             x, device, occupancy, 4, "tensor-core forward")
+        return self._forward(lib.igc_emu_forward_mma, fmt, W, B, x, device, occupancy, 4,
+                             "tensor-core forward", nan_ok)
 
     def unfused(self, x, dtype=None):
         """The unfused chain in ``dtype`` (default: the case's; every layer's output rounded to
@@ -387,11 +398,18 @@ class EmuCase:
 
     def check_mma(self, lib, x, device=H100, occupancy=1):
         """The tensor-core forward against the float64 oracle: within twice the error of the
-        unfused chain in the same dtype (the rule of every 16-bit result), finite, and in the
-        output layout of the contract."""
+        unfused chain in the same dtype (the rule of every 16-bit result; float32: within the
+        rounding bound of the problem, the CUDA-core kernel's rule), finite, and in the output
+        layout of the contract."""
         y, plan = self.emu_forward_mma(lib, x, device, occupancy)
-        msg = two_x_failure("output", y, self.unfused(x, torch.float64), self.unfused(x))
-        assert msg is None, msg
+        if self.dtype == torch.float32:  # the float32 rounding bound, as the CUDA-core kernel's
+            y64, _ = self.reference(x, torch.zeros_like(y))
+            ym, _ = self.reference(x, torch.zeros_like(y), absolute=True)
+            assert_within_rounding(y, y64, ym, self.k(x.numel() // x.shape[1]), torch.float32,
+                                   name="output")
+        else:
+            msg = two_x_failure("output", y, self.unfused(x, torch.float64), self.unfused(x))
+            assert msg is None, msg
         assert bool(torch.isfinite(y).all())
         assert y.stride() == empty_like_layout(x, self.channels[-1]).stride()
         return y, plan
@@ -1048,6 +1066,160 @@ def test_emulated_mma_rounds_like_the_unfused_chain(emu):
     x = torch.randint(-3, 4, (2, 16, 3, 5), generator=gen).to(torch.bfloat16)
     y, _ = c.emu_forward_mma(emu, x)
     assert torch.equal(y, c.unfused(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# The float32 tensor-core forward (chain_mma.cuh's MmaF32x3: three bfloat16 planes, six products)
+# ---------------------------------------------------------------------------------------------
+def _split3(emu, x):
+    """mma_split3 of the float32 values x: a tensor [..., 3] of hi, mid, lo."""
+    x = x.contiguous()
+    out = torch.empty(x.numel() * 3, dtype=torch.float32)
+    emu.igc_emu_split3(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(x.numel()),
+                       ctypes.c_void_p(out.data_ptr()))
+    return out.view(*x.shape, 3)
+
+
+@needs_cxx
+def test_emulated_split3_is_exact(emu):
+    """hi + mid + lo == x exactly for finite |x| >= 2^-110 (below, where lo's last bit would
+    lie under bfloat16's smallest subnormal 2^-133, within 2^-134), each plane a bfloat16
+    value, mid at most half an ulp of hi and lo of mid; non-finite values (and |x| past
+    bfloat16's largest finite value) keep a non-finite hi."""
+    gen = torch.Generator().manual_seed(0)
+    mant = torch.rand(20000, generator=gen, dtype=torch.float64) + 1
+    expo = torch.randint(-149, 128, (20000,), generator=gen).double()
+    sign = torch.randint(0, 2, (20000,), generator=gen).double() * 2 - 1
+    x = (sign * mant * 2.0 ** expo).float()
+    x = x[torch.isfinite(x)]
+    x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, 1 + 2 ** -23, 3.3895314e38, 1e-45])])
+    p = _split3(emu, x)
+    for k in range(3):
+        assert torch.equal(p[:, k].to(torch.bfloat16).float(), p[:, k]), k
+    exact = x.abs() >= 2.0 ** -110
+    assert 0 < int((~exact).sum()) < len(x) // 5
+    total = (p[:, 2].double() + p[:, 1].double()) + p[:, 0].double()
+    assert torch.equal(total[exact], x.double()[exact])
+    assert float((total - x.double()).abs().max()) <= 2.0 ** -134
+    joined = (p[:, 2] + p[:, 1]) + p[:, 0]  # mma_join3's order, in float32
+    assert torch.equal(joined[exact], x[exact])
+    assert bool((p[:, 1].abs() <= p[:, 0].abs() * 2.0 ** -8).all())
+    assert bool((p[:, 2].abs() <= p[:, 1].abs() * 2.0 ** -8).all())
+    special = _split3(emu, torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38]))
+    assert special[:, 0].tolist()[:2] == [float("inf"), -float("inf")]
+    assert bool(special[2, 0].isnan()) and special[3, 0] == float("inf")
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", MMA_WIDTHS.values(), ids=MMA_WIDTHS.keys())
+def test_emulated_mma_f32_group_widths(emu, mma_arch, case):
+    """Float32 chains on the bfloat16 tensor cores within the float32 rounding bound of the
+    problem, every group width and block shape of the 16-bit kernel (the same items, three
+    planes each)."""
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.float32,
+                seed=len(channels))
+    x = _x((2, channels[0], 5, 7), "contiguous", torch.float32, 1)
+    _, plan = c.check_mma(emu, x)
+    assert plan[0] in (16, 32, 64), plan
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
+def test_emulated_mma_f32_layouts(emu, layout):
+    """The float32 tile loads and stores: 8-position chunks of NCHW rows (two 16-byte loads,
+    three 16-byte plane stores), channels-last 8x8 blocks (C % 8 == 0: 16, 32; float2 pairs,
+    one movmatrix per plane), the element paths (C = 12 and 10, strided views, the load through
+    an input index; channels fastest where the channel stride is 1, else positions fastest),
+    tile tails, several tiles per CTA; explicit permutations."""
+    sp, xl = layout
+    N, spatial = sp[0], sp[1:]
+    gen = torch.Generator().manual_seed(5)
+    index = torch.tensor([3, 0, 3, 5, 7, 7, 7, 1, 8, 2, 2, 4, 6, 0, 1, 5], dtype=torch.int64)
+    for channels, groups, idx in (([16, 32, 16], [2, 4], None), ([12, 24, 10], [4, 2], None),
+                                  ([16, 32, 16], [2, 4], index)):
+        c = EmuCase(channels, groups, perms=["interleave", torch.randperm(channels[-1],
+                                                                          generator=gen)],
+                    bias=[True, False], index=idx, c_in=9 if idx is not None else None,
+                    dtype=torch.float32, seed=3)
+        x = _x((N, 9 if idx is not None else channels[0], *spatial), xl, torch.float32, 6)
+        c.check_mma(emu, x)
+        c.check_mma(emu, x, device=TWO_SM)
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_emulated_mma_f32_unaligned_tensors(emu, layout):
+    """Float32 tensors one element off alignment (NCHW rows not 16-byte aligned, channels-last
+    pairs not 8-byte aligned) take the element paths; the same values aligned take the vector
+    paths: the same bits."""
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.float32, seed=8)
+    x = _x((2, 16, 8, 8), layout, torch.float32, 9)
+    flat = torch.empty(x.numel() + 1, dtype=torch.float32)
+    shifted = flat.as_strided(x.shape, x.stride(), 1)
+    shifted.copy_(x)
+    y, _ = c.check_mma(emu, x)
+    y_shifted, _ = c.check_mma(emu, shifted)
+    assert torch.equal(y, y_shifted)
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", ["w16", "igcv2_w8", "input_index"])
+def test_emulated_mma_f32_in_place_layers(emu, mma_arch, case):
+    """In-place layers with three planes: on a device sized for the float32 in-place tile (three
+    planes of one tile) of 32 or 16 positions, the same bits as the two-tile kernel; never 64
+    positions in place (that kernel spilled, and is not built)."""
+    channels, groups, perms, index, c_in, tiles = IN_PLACE_CASES[case]
+    gen = torch.Generator().manual_seed(len(channels))
+    perms = [torch.randperm(channels[l + 1], generator=gen).to(
+        torch.int32 if p == "perm32" else torch.int64) if str(p).startswith("perm") else p
+        for l, p in enumerate(perms)]
+    idx = None if index is None else torch.tensor(index, dtype=torch.int64)
+    c = EmuCase(channels, groups, perms=perms, bias=[l % 2 == 0 for l in range(len(groups))],
+                index=idx, c_in=c_in, dtype=torch.float32, seed=21)
+    x = _x((2, c_in or channels[0], 5, 7), "contiguous", torch.float32, 22)
+    y_two, plan = c.check_mma(emu, x)
+    assert plan[2] == 0, plan
+    f32_smem = lambda tp: 3 * (_in_place_smem(max(channels), tp) - 2 * tp * 8) + 2 * tp * 8
+    for tp in (t for t in tiles if t <= 32):
+        need = f32_smem(tp)
+        y, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
+        assert plan[0] == tp and plan[2] == 1, (tp, plan)
+        assert torch.equal(y, y_two), tp
+    need = f32_smem(64)
+    _, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
+    assert plan[0] <= 32, plan
+    if c_in is None:
+        # the same tile, in place for two CTAs per SM rather than two tiles for one: more
+        # positions per SM (float32's rule; the 16-bit kernel's takes in place only for a
+        # larger tile)
+        two_tiles = 3 * (_two_tile_smem(channels, 16) - 2 * 16 * 8) + 2 * 16 * 8
+        assert two_tiles > f32_smem(16) and f32_smem(32) > two_tiles
+        _, plan = c.check_mma(emu, x, device=(2, two_tiles, 2 * (f32_smem(16) + 1024)))
+        assert plan[0] == 16 and plan[2] == 1, plan
+
+
+@needs_cxx
+def test_emulated_mma_f32_exact_where_float32_is(emu):
+    """Values whose every product and sum is exact in float32 but not in bfloat16 (24-bit
+    integers times small integers): the three planes carry them exactly, as the float32
+    reference does. An infinite input makes the outputs it reaches non-finite (NaN through
+    inf * a zero plane; documented) and leaves the other groups' outputs unchanged."""
+    c = EmuCase([32, 32, 32], [4, 4], perms=["interleave", None], bias=[True, False],
+                dtype=torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    c.weights = [torch.randint(-3, 4, w.shape, generator=gen).float() for w in c.weights]
+    c.biases = [torch.randint(-2 ** 20, 2 ** 20, (32,), generator=gen).float(), None]
+    x = torch.randint(-2 ** 16, 2 ** 16, (2, 32, 4, 5), generator=gen).float()
+    y, _ = c.emu_forward_mma(emu, x)
+    assert torch.equal(y, c.unfused(x, torch.float64).float())
+    c.perms = [None, None]
+    y, _ = c.emu_forward_mma(emu, x)
+    x_inf = x.clone()
+    x_inf[:, 3] = float("inf")  # group 0 of both layers (channels 0..7)
+    y_inf, _ = c.emu_forward_mma(emu, x_inf, nan_ok=True)
+    assert torch.equal(y_inf[:, 8:], y[:, 8:])
+    assert not bool(torch.isfinite(y_inf[:, :8]).any())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -384,6 +384,56 @@ def test_tensor_core_forward_is_used_unless_turned_off(tensor_cores):
         assert int(launches) == 2, launches
 
 
+_FP32_MMA_SCRIPT = """
+import sys, torch, igc_kernels as igc
+sys.path.insert(0, "tests")
+from igc_test_utils import rounding_failure
+torch.manual_seed(0)
+worst = []
+for C, K, L, layout in ((256, 32, 2, torch.contiguous_format), (512, 16, 3, torch.channels_last),
+                        (256, 8, 3, torch.contiguous_format)):
+    x = torch.randn(3, C, 9, 11, device="cuda").to(memory_format=layout)
+    ws = [torch.randn(C, K, device="cuda") / K ** 0.5 for _ in range(L)]
+    bs = [torch.randn(C, device="cuda") for _ in range(L)]
+    g = [C // K] * L
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        y = igc.interleaved_group_conv(x, ws, g, biases=bs, backend="cuda")
+        torch.cuda.synchronize()
+    names = sorted({e.name for e in prof.events() if "chain_forward" in e.name})
+    ref = igc.reference.interleaved_group_conv(x.double(), [w.double() for w in ws], g,
+                                               biases=[b.double() for b in bs])
+    mag = igc.reference.interleaved_group_conv(x.double().abs(), [w.double().abs() for w in ws],
+                                               g, biases=[b.double().abs() for b in bs])
+    k = sum(2 * K + 2 for _ in range(L))
+    msg = rounding_failure("output", y.cpu(), ref.cpu(), mag.cpu(), k, torch.float32)
+    print(names, msg)
+    assert msg is None, msg
+    worst.append(float(((y.double() - ref).abs() / mag).max()))
+print("worst relative error", max(worst))
+"""
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="the float32 tensor-core forward needs sm_80")
+@pytest.mark.parametrize("fp32_mma", ["1", "0"])
+def test_float32_tensor_core_forward_is_opt_in(fp32_mma):
+    """float32 forwards run chain_forward_mma_kernel only with IGC_CUDA_FP32_MMA=1 (read once
+    per process: a subprocess each), and either way within the float32 rounding bound of the
+    problem (NCHW and channels-last, groups of 32, 16 and 8)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IGC_CUDA_FP32_MMA=fp32_mma)
+    r = subprocess.run([sys.executable, "-c", _FP32_MMA_SCRIPT], capture_output=True, text=True,
+                       env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[")]  # the kernel names
+    assert len(lines) == 3 and "worst relative error" in r.stdout, r.stdout[-2000:]
+    for line in lines:
+        assert ("chain_forward_mma_kernel" in line) == (fp32_mma == "1"), line
+
+
 _BACKWARD_KERNELS_SCRIPT = """
 import sys, torch, igc_kernels as igc
 x = torch.randn(2, 256, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)

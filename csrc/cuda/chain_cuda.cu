@@ -173,15 +173,25 @@ bool tensor_cores_enabled() {
   return on;
 }
 
-// The weights and biases of a float16 / bfloat16 chain as the tensor-core kernels' preparation
-// reads them (contiguous, in their own dtype; copies of non-contiguous ones are kept alive in
-// keep).
+// Float32 forwards on the tensor cores (chain_mma.cuh's MmaF32x3: three bfloat16 planes, six
+// products) only with IGC_CUDA_FP32_MMA=1, until a GPU has timed them against the CUDA-core
+// kernel; IGC_CUDA_TENSOR_CORES=0 turns them off as well.
+bool fp32_tensor_cores_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("IGC_CUDA_FP32_MMA");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
+// The weights and biases of a chain as the tensor-core kernels' preparation reads them
+// (contiguous, in their own dtype; copies of non-contiguous ones are kept alive in keep).
 kc::MmaWeights mma_weights(at::TensorList weights, at::TensorList biases, const ChainDesc& d,
                            std::vector<at::Tensor>& keep) {
   kc::MmaWeights w{};
   const auto ptr = [&](const at::Tensor& t) {
     at::Tensor c = t.contiguous();
-    const auto* p = reinterpret_cast<const uint16_t*>(c.data_ptr());
+    const void* p = c.data_ptr();
     keep.push_back(std::move(c));
     return p;
   };
@@ -229,11 +239,12 @@ bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weig
   const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr);
   C10_CUDA_CHECK(kc::plan_forward_mma<Fmt>(probe, P, info, &plan));
   if (plan.mt == 0) return false;
-  const MmaBuffers buf = mma_buffers(h, probe, probe.num_frag, x.options());
+  using S = typename Fmt::Storage;
+  const MmaBuffers buf = mma_buffers(h, probe, Fmt::kPlanes * probe.num_frag, x.options());
   const kc::MmaParams mp = kc::make_mma_params(h, buf.bias, buf.table, buf.frag);
   C10_CUDA_CHECK(kc::launch_forward_mma<Fmt>(
       h, mp, mma_weights(weights, biases, d, keep), buf.table, buf.frag, buf.rows,
-      tensor_arg<const uint16_t>(x), tensor_arg<uint16_t>(y), P, plan, stream));
+      tensor_arg<const S>(x), tensor_arg<S>(y), P, plan, stream));
   return true;
 }
 
@@ -314,6 +325,9 @@ at::Tensor chain_forward_cuda(const at::Tensor& x, at::TensorList weights, at::T
     return y;
   if (x.scalar_type() == at::kHalf &&
       forward_mma<kc::MmaF16>(h, d, weights, biases, x, y, P, info, stream, keep))
+    return y;
+  if (x.scalar_type() == at::kFloat && fp32_tensor_cores_enabled() &&
+      forward_mma<kc::MmaF32x3>(h, d, weights, biases, x, y, P, info, stream, keep))
     return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_forward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;

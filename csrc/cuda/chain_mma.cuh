@@ -38,6 +38,7 @@
 // check this kernel's results on a machine without a GPU.
 #pragma once
 
+#include <cstring>
 #include <type_traits>
 
 #include "chain_kernels.cuh"
@@ -50,11 +51,29 @@ constexpr int kMmaMaxMt = 4;  // largest tile: 64 positions
 // ---------------------------------------------------------------------------------------------
 // Element formats of the tensor-core path (tiles hold raw 16-bit values)
 // ---------------------------------------------------------------------------------------------
+// kPlanes: bfloat16 planes per tile element (1: the tile holds the storage dtype itself);
+// Storage: the tensors' element type.
 struct MmaBf16 {
   static constexpr bool is_bf16 = true;
+  static constexpr int kPlanes = 1;
+  using Storage = uint16_t;
 };
 struct MmaF16 {
   static constexpr bool is_bf16 = false;
+  static constexpr int kPlanes = 1;
+  using Storage = uint16_t;
+};
+// float32 chains on bfloat16 tensor cores: every value v (activations, weights) is held as three
+// bfloat16 planes, v = hi + mid + lo exactly (mma_split3), and a product W h as the six
+// bfloat16 products whose sum of plane indices is at most 2 (hi hi, hi mid, mid hi, hi lo,
+// mid mid, lo hi), accumulated in fp32. Intermediates stay fp32 values (the three planes hold
+// the accumulator exactly); only the dropped products mid lo, lo mid, lo lo (at most about
+// 2^-24 of |W_ok h_k| each), the order of the fp32 sums and non-finite results (mma_split3)
+// differ from an fp32 FMA chain. Opt-in (chain_cuda.cu: IGC_CUDA_FP32_MMA=1).
+struct MmaF32x3 {
+  static constexpr bool is_bf16 = true;
+  static constexpr int kPlanes = 3;
+  using Storage = float;
 };
 
 template <class Fmt>
@@ -82,6 +101,46 @@ __device__ __forceinline__ float mma_bits_to_float(uint32_t v16, bool bf16) {
   if (bf16) return __uint_as_float(v16 << 16);
   return __half2float(__ushort_as_half(static_cast<unsigned short>(v16)));
 #endif
+}
+
+// The float of bits v.
+__host__ __device__ __forceinline__ float mma_as_float(uint32_t v) {
+#if defined(IGC_EMULATE)
+  return igc_emu::bits_to_float(v);
+#elif defined(__CUDA_ARCH__)
+  return __uint_as_float(v);
+#else
+  float f;
+  std::memcpy(&f, &v, sizeof f);
+  return f;
+#endif
+}
+// The float in the low / high half of a pair of bfloat16 values.
+__host__ __device__ __forceinline__ float mma_bf16_lo(uint32_t v) { return mma_as_float(v << 16); }
+__host__ __device__ __forceinline__ float mma_bf16_hi(uint32_t v) {
+  return mma_as_float(v & 0xffff0000u);
+}
+
+// The three bfloat16 planes of two floats x0 (low halves) and x1 (high halves): hi = x rounded
+// to bfloat16, mid = (x - hi) rounded, lo = x - hi - mid. Both differences are exact in fp32 and
+// lo has at most 8 significant bits, so hi + mid + lo == x exactly for |x| >= 2^-110 (and
+// (lo + mid) + hi gives it back in fp32, mma_join3); below, lo's last bits lie under
+// bfloat16's smallest subnormal (2^-133), an absolute error of at most 2^-134. Non-finite
+// values (and |x| of at least 2^128 (1 - 2^-9), whose hi overflows) give non-finite planes, and
+// the cross products then NaN (inf * a zero plane, or two opposite infinities): a chain whose
+// input is infinite or whose result overflows gives NaN where the float32 chain gives +-inf.
+__host__ __device__ __forceinline__ void mma_split3(float x0, float x1, uint32_t (&p)[3]) {
+  p[0] = mma_pack<MmaBf16>(x0, x1);
+  const float r0 = x0 - mma_bf16_lo(p[0]), r1 = x1 - mma_bf16_hi(p[0]);
+  p[1] = mma_pack<MmaBf16>(r0, r1);
+  p[2] = mma_pack<MmaBf16>(r0 - mma_bf16_lo(p[1]), r1 - mma_bf16_hi(p[1]));
+}
+
+// The float that planes (hi, mid, lo) hold in their low (h = 0) or high (h = 1) halves.
+__host__ __device__ __forceinline__ float mma_join3(uint32_t hi, uint32_t mid, uint32_t lo,
+                                                    int h) {
+  return h ? (mma_bf16_hi(lo) + mma_bf16_hi(mid)) + mma_bf16_hi(hi)
+           : (mma_bf16_lo(lo) + mma_bf16_lo(mid)) + mma_bf16_lo(hi);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -265,12 +324,13 @@ struct MmaParams {
   MmaLayer layer[kMaxLayers];
 };
 
-// The weights and biases as the per-call preparation reads them, in the chain's 16-bit dtype:
-// layer l's (C_{l+1} x n_l) weight, row-major (its bits go into the fragments as they are), and
-// its bias (C_{l+1} values, null for none; converted to the fp32 the kernels add).
+// The weights and biases as the per-call preparation reads them, in the chain's dtype (16-bit,
+// or float32 for MmaF32x3): layer l's (C_{l+1} x n_l) weight, row-major (16-bit: its bits go
+// into the fragments as they are; float32: split into three planes), and its bias (C_{l+1}
+// values, null for none; converted to the fp32 the kernels add).
 struct MmaWeights {
-  const uint16_t* w[kMaxLayers];
-  const uint16_t* b[kMaxLayers];
+  const void* w[kMaxLayers];
+  const void* b[kMaxLayers];
 };
 
 inline MmaParams make_mma_params(const HostChain& h, const float* B, const int32_t* table,
@@ -364,9 +424,12 @@ __host__ __device__ __forceinline__ int mma_elem(int r, int t) {
 // bits of +0 in both formats). Transposed (the backward's dh = W^T du, chain_mma_backward.cuh):
 // mp's layers describe W_l^T (n and m swapped), and W[o][k] reads the stored weight
 // W_l[g m_l + k][o].
+// f32 (MmaF32x3): the weights are float32, and the fragment is the one of bfloat16 plane
+// `plane` (0: hi, 1: mid, 2: lo; mma_split3).
 template <bool Transposed>
 __device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const MmaWeights& w,
-                                                     int64_t e) {
+                                                     int64_t e, bool f32 = false,
+                                                     int plane = 0) {
   int l = 0;
   while (l + 1 < mp.c.L && e >= mp.layer[l + 1].f_off) ++l;
   const MmaLayer& ml = mp.layer[l];
@@ -380,7 +443,20 @@ __device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const 
   const int g = static_cast<int>(t / ml.nblk);
   const int o = 8 * b + lane / 4;
   const int k = 16 * ks + 2 * (lane % 4);
-  const uint16_t* wg = w.w[l] + static_cast<int64_t>(g) * d.m * d.n;
+  const int64_t g0 = static_cast<int64_t>(g) * d.m * d.n;
+  if (f32) {
+    const float* wg = static_cast<const float*>(w.w[l]) + g0;
+    auto at = [&](int kk) -> float {
+      if (o >= d.m || kk >= d.n) return 0.0f;
+      return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
+    };
+    uint32_t x[3], y[3] = {0u, 0u, 0u};
+    mma_split3(at(k), at(k + 1), x);
+    if (!ml.k8) mma_split3(at(k + 8), at(k + 9), y);
+    // (selected, not indexed at run time: that put the arrays in local memory)
+    return plane == 0 ? uint2{x[0], y[0]} : plane == 1 ? uint2{x[1], y[1]} : uint2{x[2], y[2]};
+  }
+  const uint16_t* wg = static_cast<const uint16_t*>(w.w[l]) + g0;
   auto at = [&](int kk) -> uint32_t {
     if (o >= d.m || kk >= d.n) return 0u;
     return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
@@ -621,6 +697,162 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
   mma_store_tile_inline<TP, kWrap>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile);
 }
 
+// Whether every position of a float32 tensor with channel stride 1 starts 8-byte aligned: the
+// channels-last float32 tile moves take channel pairs as float2.
+template <typename T>
+__device__ __forceinline__ bool pairs_aligned(const TensorArg<T>& a) {
+  return (reinterpret_cast<uintptr_t>(a.ptr) & 7) == 0 && a.ix.strides_multiple_of(2);
+}
+
+// Channels-last float32 tiles (MmaF32x3), C % 8 == 0, pairs aligned: 8x8 blocks (8 positions x
+// 8 channels) as in cl_load_blocks; lane (gid, tig) loads channels 2 tig, 2 tig + 1 of
+// position gid as a float2, whose three planes are its fragments of three 8x8 bfloat16
+// matrices, and movmatrix transposes each into positions 2 tig, 2 tig + 1 of channel gid's row
+// of its plane. A warp reads 8 positions x 32 bytes. The loop bound is the same for every lane
+// of a warp (movmatrix is warp-collective).
+template <int TP, bool kWrap = false>
+__device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src,
+                                                   const int64_t* pos_off, int tvalid, int C,
+                                                   uint16_t* tile, int ps) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  constexpr int TB = TP / 8;
+  const int nit = TB * (C / 8);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, c0 = (it / TB) * 8;
+    const int t = 8 * tb + gid;
+    float2 v = {0.0f, 0.0f};
+    if (t < tvalid) v = *reinterpret_cast<const float2*>(src + pos_off[t] + c0 + 2 * tig);
+    uint32_t q[3];
+    mma_split3(v.x, v.y, q);
+    uint16_t* dp = tile + mma_elem<TP, kWrap>(c0 + gid, 8 * tb + 2 * tig);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) *reinterpret_cast<uint32_t*>(dp + k * ps) = movmatrix_trans(q[k]);
+  }
+}
+
+// The store's blocks: each plane's 32-bit piece of output row src_row(j) (j = j0 + gid,
+// positions 2 tig, 2 tig + 1) transposed back by movmatrix, the planes added (mma_join3) and
+// stored as a float2 (position gid, channels j0 + 2 tig, + 1).
+template <int TP, bool kWrap = false>
+__device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
+                                                    const int64_t* pos_off, int tvalid, int C,
+                                                    const int32_t* __restrict__ src_row,
+                                                    const uint16_t* tile, int ps) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  constexpr int TB = TP / 8;
+  const int nit = TB * (C / 8);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, j0 = (it / TB) * 8;
+    const int j = j0 + gid;
+    const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb + 2 * tig);
+    uint32_t q[3];
+#pragma unroll
+    for (int k = 0; k < 3; ++k)
+      q[k] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(sp + k * ps));
+    const int t = 8 * tb + gid;
+    if (t < tvalid)
+      *reinterpret_cast<float2*>(dst + pos_off[t] + j0 + 2 * tig) =
+          float2{mma_join3(q[0], q[1], q[2], 0), mma_join3(q[0], q[1], q[2], 1)};
+  }
+}
+
+// float32 tiles as three bfloat16 planes (MmaF32x3), plane k ps elements after plane 0.
+// tile(row c, t) = the planes of x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
+// tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c. NCHW-like aligned rows: per thread
+// one chunk of 8 positions of a row (two 16-byte loads, three 16-byte stores); channels-last
+// (cl_vec: pairs aligned; C % 8 == 0, no input index): 8x8 blocks (cl_load_blocks_f32);
+// otherwise element by element, channels fastest where the channel stride is 1, else
+// positions fastest.
+template <int TP, bool kWrap = false>
+__device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, int64_t cs,
+                                               const int64_t* pos_off, bool contig,
+                                               bool cl_vec, int tvalid, int C,
+                                               const int32_t* __restrict__ src_chan,
+                                               uint16_t* tile, int ps) {
+  IGC_ASSUME_SHARED(tile);
+  const int tid = threadIdx.x;
+  if (contig && tvalid == TP && aligned16(src + pos_off[0]) && cs % 4 == 0) {
+    constexpr int NV = TP / 8;
+    static_assert(kThreads % NV == 0, "a pass covers whole rows");
+    const int v = tid % NV;
+    const float* base = src + pos_off[0] + v * 8;
+    for (int c = tid / NV; c < C; c += kThreads / NV) {
+      const float* sp = base + (src_chan ? static_cast<int64_t>(src_chan[c]) : c) * cs;
+      const uint4 a = ldg16(sp), b = ldg16(sp + 4);
+      const float f[8] = {mma_as_float(a.x), mma_as_float(a.y), mma_as_float(a.z),
+                          mma_as_float(a.w), mma_as_float(b.x), mma_as_float(b.y),
+                          mma_as_float(b.z), mma_as_float(b.w)};
+      uint32_t q[4][3];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) mma_split3(f[2 * i], f[2 * i + 1], q[i]);
+      uint16_t* dp = tile + mma_elem<TP, kWrap>(c, v * 8);
+#pragma unroll
+      for (int k = 0; k < 3; ++k)
+        *reinterpret_cast<uint4*>(dp + k * ps) = uint4{q[0][k], q[1][k], q[2][k], q[3][k]};
+    }
+    return;
+  }
+  if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
+    cl_load_blocks_f32<TP, kWrap>(src, pos_off, tvalid, C, tile, ps);
+    return;
+  }
+  const bool cfast = cs == 1;
+  for (int it = tid; it < C * TP; it += kThreads) {
+    const int c = cfast ? it % C : it / TP, t = cfast ? it / C : it - c * TP;
+    const int64_t chan = src_chan ? src_chan[c] : c;
+    uint32_t q[3];
+    mma_split3(t < tvalid ? src[pos_off[t] + chan * cs] : 0.0f, 0.0f, q);
+    uint16_t* dp = tile + mma_elem<TP, kWrap>(c, t);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) dp[k * ps] = static_cast<uint16_t>(q[k]);
+  }
+}
+
+// y[pos t, channel j] = the float tile(row src_row(j), t) holds in its planes (mma_join3), for
+// j < C, t < tvalid; the paths as in the load.
+template <int TP, bool kWrap = false>
+__device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t cs,
+                                                const int64_t* pos_off, bool contig,
+                                                bool cl_vec, int tvalid, int C,
+                                                const int32_t* __restrict__ src_row,
+                                                const uint16_t* tile, int ps) {
+  IGC_ASSUME_SHARED(tile);
+  const int tid = threadIdx.x;
+  if (contig && tvalid == TP && aligned16(dst + pos_off[0]) && cs % 4 == 0) {
+    constexpr int NV = TP / 8;
+    static_assert(kThreads % NV == 0, "a pass covers whole rows");
+    const int v = tid % NV;
+    const int64_t step = static_cast<int64_t>(kThreads / NV) * cs;
+    float* dp = dst + pos_off[0] + v * 8 + static_cast<int64_t>(tid / NV) * cs;
+    for (int j = tid / NV; j < C; j += kThreads / NV, dp += step) {
+      const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, v * 8);
+      uint4 q[3];
+#pragma unroll
+      for (int k = 0; k < 3; ++k) q[k] = *reinterpret_cast<const uint4*>(sp + k * ps);
+      const uint32_t h[4] = {q[0].x, q[0].y, q[0].z, q[0].w};
+      const uint32_t m[4] = {q[1].x, q[1].y, q[1].z, q[1].w};
+      const uint32_t l[4] = {q[2].x, q[2].y, q[2].z, q[2].w};
+      float f[8];
+#pragma unroll
+      for (int i = 0; i < 8; ++i) f[i] = mma_join3(h[i / 2], m[i / 2], l[i / 2], i % 2);
+      reinterpret_cast<float4*>(dp)[0] = float4{f[0], f[1], f[2], f[3]};
+      reinterpret_cast<float4*>(dp)[1] = float4{f[4], f[5], f[6], f[7]};
+    }
+    return;
+  }
+  if (cl_vec && cs == 1 && C % 8 == 0) {
+    cl_store_blocks_f32<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
+    return;
+  }
+  const bool cfast = cs == 1;
+  for (int it = tid; it < C * TP; it += kThreads) {
+    const int j = cfast ? it % C : it / TP, t = cfast ? it / C : it - j * TP;
+    if (t >= tvalid) continue;
+    const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, t);
+    dst[pos_off[t] + static_cast<int64_t>(j) * cs] = mma_join3(sp[0], sp[ps], sp[2 * ps], 0);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // One layer on tensor cores
 // ---------------------------------------------------------------------------------------------
@@ -630,11 +862,23 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
 // [position][output] matrix in the fragment layout, rounded to the storage dtype. Stored in
 // the rows out_elem gives (output r of the layer: the element mma_elem(row, 0) of its row): an
 // 8x8 block is output rows 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
+// MmaF32x3: every value as its three planes (mma_split3), plane k at the same element of
+// the buffer ps elements further on.
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g, int b,
                                                 const LayerDesc& d, uint16_t* out,
                                                 uint16_t* zero,
-                                                const int32_t* __restrict__ out_elem) {
+                                                const int32_t* __restrict__ out_elem,
+                                                int ps = 0) {
+  constexpr int NP = Fmt::kPlanes;
+  // this lane's pair (acc[mt][2 h], acc[mt][2 h + 1]) in plane k
+  const auto pack = [&](int mt, int h, uint32_t (&v)[NP]) {
+    if constexpr (NP == 1) {
+      v[0] = mma_pack<Fmt>(acc[mt][2 * h], acc[mt][2 * h + 1]);
+    } else {
+      mma_split3(acc[mt][2 * h], acc[mt][2 * h + 1], v);
+    }
+  };
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   if (MT > 1 && mma_has_stmatrix()) {
@@ -655,11 +899,16 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     uint16_t* row = base + (e - sw);
 #pragma unroll
     for (int q = 0; q < MT / 2; ++q) {  // blocks (mt, h) = (2 q + j / 2, j % 2): chunk 4 q + j
-      const uint32_t v[4] = {mma_pack<Fmt>(acc[2 * q][0], acc[2 * q][1]),
-                             mma_pack<Fmt>(acc[2 * q][2], acc[2 * q][3]),
-                             mma_pack<Fmt>(acc[2 * q + 1][0], acc[2 * q + 1][1]),
-                             mma_pack<Fmt>(acc[2 * q + 1][2], acc[2 * q + 1][3])};
-      stmatrix_trans_x4(row, ((4 * q + j) << 3) ^ sw, v);
+      uint32_t v[4][NP];
+      pack(2 * q, 0, v[0]);
+      pack(2 * q, 1, v[1]);
+      pack(2 * q + 1, 0, v[2]);
+      pack(2 * q + 1, 1, v[3]);
+#pragma unroll
+      for (int k = 0; k < NP; ++k) {
+        const uint32_t vk[4] = {v[0][k], v[1][k], v[2][k], v[3][k]};
+        stmatrix_trans_x4(row + k * ps, ((4 * q + j) << 3) ^ sw, vk);
+      }
     }
   } else {
     // movmatrix transposes a block, and lane (gid, tig) then holds output 8 b + gid at
@@ -674,8 +923,13 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
       for (int h = 0; h < 2; ++h) {  // positions p (h = 0) and p + 8 (h = 1): chunk 2 mt + h
-        const uint32_t v = movmatrix_trans(mma_pack<Fmt>(acc[mt][2 * h], acc[mt][2 * h + 1]));
-        if (ok) *reinterpret_cast<uint32_t*>(row + (((2 * mt + h) << 3) ^ sw)) = v;
+        uint32_t v[NP];
+        pack(mt, h, v);
+#pragma unroll
+        for (int k = 0; k < NP; ++k) {
+          const uint32_t t = movmatrix_trans(v[k]);
+          if (ok) *reinterpret_cast<uint32_t*>(row + k * ps + (((2 * mt + h) << 3) ^ sw)) = t;
+        }
       }
     }
   }
@@ -694,13 +948,17 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // and the set-up.
 // (Descriptors by value: a reference into the kernel's parameters would copy them all to local
 // memory.)
+// MmaF32x3: the tiles' planes lie ps elements apart, the fragments' planes fps entries apart;
+// a k-step loads all three of A and of B and issues the six products.
 template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
                                             const int32_t* __restrict__ in_elem,
                                             uint16_t* out, uint16_t* zero,
-                                            const int32_t* __restrict__ out_elem) {
+                                            const int32_t* __restrict__ out_elem, int ps = 0,
+                                            int64_t fps = 0) {
+  constexpr int NP = Fmt::kPlanes;
   constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tig = lane & 3;
@@ -741,12 +999,15 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
     // accumulators); k8 layers have only that one: straight-line code. The other k-steps of
     // k16 layers are a loop that is not unrolled (unrolling only duplicated the addresses).
     const auto kstep = [&](int ks, auto first) {
-      uint32_t breg[NB][2];
+      uint32_t breg[NB][NP][2];
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
-        const uint2 bw = fp[(nb * ksteps + ks) * 32];
-        breg[nb][0] = bw.x;
-        breg[nb][1] = bw.y;
+#pragma unroll
+        for (int k = 0; k < NP; ++k) {
+          const uint2 bw = fp[(nb * ksteps + ks) * 32 + k * fps];
+          breg[nb][k][0] = bw.x;
+          breg[nb][k][1] = bw.y;
+        }
       }
       const int kk = ks * 16 + k_lane;
       // this lane's row; the padding lanes read the zero row. With kGroups (k8), lanes 16..31
@@ -762,12 +1023,23 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       const uint16_t* rp = (valid ? in : zero) + (e - sw);
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        uint32_t a[4];
-        ldmatrix_trans<NM>(a, rp, (mt * 16 + pos_lane) ^ sw);
+        uint32_t a[NP][4];
 #pragma unroll
-        for (int nb = 0; nb < NB; ++nb)
-          mma_sync<Fmt, K>(acc[nb][mt], a + (kGroups ? 2 * nb : 0), breg[nb],
+        for (int k = 0; k < NP; ++k)
+          ldmatrix_trans<NM>(a[k], rp + k * ps, (mt * 16 + pos_lane) ^ sw);
+        const int ao = kGroups ? 2 : 0;  // the second group's operand (kGroups)
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          mma_sync<Fmt, K>(acc[nb][mt], a[0] + ao * nb, breg[nb][0],
                            decltype(first)::value ? binit[nb] : acc[nb][mt]);
+          if constexpr (NP == 3) {  // the planes' cross products, largest first
+            mma_sync<Fmt, K>(acc[nb][mt], a[0] + ao * nb, breg[nb][1]);
+            mma_sync<Fmt, K>(acc[nb][mt], a[1] + ao * nb, breg[nb][0]);
+            mma_sync<Fmt, K>(acc[nb][mt], a[0] + ao * nb, breg[nb][2]);
+            mma_sync<Fmt, K>(acc[nb][mt], a[1] + ao * nb, breg[nb][1]);
+            mma_sync<Fmt, K>(acc[nb][mt], a[2] + ao * nb, breg[nb][0]);
+          }
+        }
       }
     };
     kstep(0, std::true_type{});
@@ -776,7 +1048,7 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
       mma_store_block<Fmt, MT>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d, out,
-                               zero, out_elem);
+                               zero, out_elem, ps);
     sb += sbstep;
     g += gstep;
     if (sb >= nsb) {
@@ -795,20 +1067,20 @@ template <class Fmt, int MT, bool kWhole = false>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in,
                                        const int32_t* in_elem, uint16_t* out, uint16_t* zero,
-                                       const int32_t* out_elem) {
+                                       const int32_t* out_elem, int ps = 0, int64_t fps = 0) {
   if (kWhole && MT <= 2 && ml.nblk == 4 && !ml.k8) {
-    mma_layer_k<Fmt, MT, 16, 4>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+    mma_layer_k<Fmt, MT, 16, 4>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
   } else if ((MT <= 2 || kWhole) && ml.nblk % 2 == 0) {
     if (ml.k8)
-      mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+      mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
     else
-      mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+      mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
   } else if (MT <= 2 && ml.k8 && ml.nblk == 1 && d.groups % 2 == 0) {
-    mma_layer_k<Fmt, MT, 8, 2, true>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+    mma_layer_k<Fmt, MT, 8, 2, true>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
   } else if (ml.k8) {
-    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
   } else {
-    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, in_elem, out, zero, out_elem);
+    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
   }
 }
 
@@ -816,10 +1088,22 @@ __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, 
 // the inputs of layers 2, 4, ..., the second those of layers 1, 3, ..., so that an expanding or
 // reducing layer takes two tiles of different heights, not two of the widest; with in-place
 // layers one tile of the widest), the zero row and the scratch row, two offset arrays.
-inline size_t mma_forward_smem_bytes(const MmaParams& mp, int tp, bool in_place = false) {
+// MmaF32x3 (planes = 3): the tiles, zero and scratch rows three times, one bfloat16 plane after
+// the other (mma_plane_elems apart).
+inline size_t mma_forward_smem_bytes(const MmaParams& mp, int tp, bool in_place = false,
+                                     int planes = 1) {
   const int64_t rows =
       in_place ? mma_tile_rows(mp.c.cmax) : mp.tile_rows[0] + mp.tile_rows[1];
-  return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 2 * tp * sizeof(int64_t);
+  return static_cast<size_t>(planes) * (rows + 2) * tp * sizeof(uint16_t) +
+         2 * tp * sizeof(int64_t);
+}
+
+// Elements of one plane of the forward's shared memory: its tiles, zero row and scratch row.
+__host__ __device__ __forceinline__ int mma_plane_elems(const MmaParams& mp, int tp,
+                                                        bool in_place) {
+  const int64_t rows =
+      in_place ? mma_tile_rows(mp.c.cmax) : mp.tile_rows[0] + mp.tile_rows[1];
+  return static_cast<int>((rows + 2) * tp);
 }
 
 // In-place layers: one tile instead of two. Layer l writes output o of group g into the row it
@@ -834,9 +1118,10 @@ inline size_t mma_forward_smem_bytes(const MmaParams& mp, int tp, bool in_place 
 // mma_layer's kWhole. Returns the largest tile in positions those items allow (0: none). It
 // is chosen where it gives a larger tile than two tiles do (otherwise two tiles: composed
 // shuffles are not always rows a power of two apart, whose reads the swizzle keeps free of
-// bank conflicts).
-inline int mma_in_place_max_tp(const MmaParams& mp) {
-  int max_tp = 16 * kMmaMaxMt;
+// bank conflicts). With three planes (MmaF32x3) at most 32 positions: the in-place
+// 64-position float32 kernel spilled at 128 registers, and is not built.
+inline int mma_in_place_max_tp(const MmaParams& mp, int planes = 1) {
+  int max_tp = planes > 1 ? 32 : 16 * kMmaMaxMt;
   for (int l = 0; l < mp.c.L; ++l) {
     const LayerDesc& d = mp.c.layer[l];
     if (d.n != d.m || d.m > 32 || (d.m > 16 && d.m <= 24)) return 0;
@@ -906,7 +1191,9 @@ __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
 // fragments of mp (frag) and of mt, the transposed chain of the backward (frag_t; mt.num_frag =
 // 0 in the forward), and the biases in fp32 (bias: mp.c.num_b entries, in layer order). Every
 // entry is computed from a and w directly, so no part waits for another. mode: 1 in-place
-// layers, 2 the kWrap layout, 4 bfloat16 weights and biases (else float16).
+// layers, 2 the kWrap layout, 4 bfloat16 weights and biases (else float16), 8 float32 weights
+// and biases (MmaF32x3: frag holds three planes of mp.num_frag fragments, hi, mid, lo; no
+// transposed set).
 template <int TP>
 __global__ void __launch_bounds__(kThreads)
     mma_prepare_kernel(const IndexTableArgs a, const MmaParams mp, const MmaParams mt,
@@ -916,9 +1203,11 @@ __global__ void __launch_bounds__(kThreads)
   const IndexSegment& last = a.seg[a.count - 1];
   const int64_t n_table = last.offset + last.length;
   const bool in_place = (mode & 1) != 0, wrap = (mode & 2) != 0, bf16 = (mode & 4) != 0;
+  const bool f32 = (mode & 8) != 0;
   const int64_t r0 = mma_row_table_first(mp, in_place);
   const int64_t n_rows = mma_row_table_size(mp) - r0;
-  const int64_t n_frag = mp.num_frag + mt.num_frag;
+  const int64_t n_fwd = (f32 ? 3 : 1) * mp.num_frag;
+  const int64_t n_frag = n_fwd + mt.num_frag;
   const int64_t total = n_table + n_rows + n_frag + mp.c.num_b;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
@@ -934,18 +1223,21 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     i -= n_rows;
-    if (i < mp.num_frag) {
-      frag[i] = mma_weight_fragment<false>(mp, w, i);
+    if (i < n_fwd) {
+      const int plane = static_cast<int>(i / mp.num_frag);
+      frag[i] = mma_weight_fragment<false>(mp, w, i - plane * mp.num_frag, f32, plane);
       continue;
     }
     if (i < n_frag) {
-      frag_t[i - mp.num_frag] = mma_weight_fragment<true>(mt, w, i - mp.num_frag);
+      frag_t[i - n_fwd] = mma_weight_fragment<true>(mt, w, i - n_fwd);
       continue;
     }
     i -= n_frag;
     int l = 0;  // the layer whose bias holds entry i
     while (mp.c.layer[l].b_off < 0 || i >= mp.c.layer[l].b_off + mp.c.layer[l].cout) ++l;
-    bias[i] = mma_bits_to_float(w.b[l][i - mp.c.layer[l].b_off], bf16);
+    const int64_t j = i - mp.c.layer[l].b_off;
+    bias[i] = f32 ? static_cast<const float*>(w.b[l])[j]
+                  : mma_bits_to_float(static_cast<const uint16_t*>(w.b[l])[j], bf16);
   }
 }
 
@@ -969,11 +1261,12 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
   const MmaParams& t = mt != nullptr ? *mt : none;
   const IndexTableArgs a = make_index_table_args(h);
   const int64_t total = index_table_size(h) + mma_row_table_size(mp) -
-                        mma_row_table_first(mp, in_place) + mp.num_frag + t.num_frag +
-                        mp.c.num_b;
+                        mma_row_table_first(mp, in_place) + Fmt::kPlanes * mp.num_frag +
+                        t.num_frag + mp.c.num_b;
   const int blocks = blocks_for(total, 1024);
   // mma_prepare_kernel's mode
-  const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0) | (Fmt::is_bf16 ? 4 : 0);
+  const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0) |
+                 (Fmt::kPlanes == 3 ? 8 : (Fmt::is_bf16 ? 4 : 0));
   float* bias = const_cast<float*>(mp.c.B);
   if (mt_tile == 4)
     IGC_LAUNCH(mma_prepare_kernel<64>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
@@ -1003,10 +1296,14 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
 
 
 // The forward kernel's launch-bounds minimum of CTAs per SM (below).
-constexpr int mma_forward_min_ctas(int mt, bool in_place) { return in_place && mt == 4 ? 2 : 3; }
+constexpr int mma_forward_min_ctas(int mt, bool in_place, int planes = 1) {
+  return (in_place && mt == 4) || planes > 1 ? 2 : 3;
+}
 
 // Launch bounds of three CTAs per SM (at most 80 registers; the in-place 64-position kernel,
-// whose pair items spilled 24 bytes at 80, two: at most 128). Without a minimum, ptxas kept the
+// whose pair items spilled 24 bytes at 80, and the float32 kernels (MmaF32x3: three planes of
+// each operand, which spilled up to 148 bytes at 80, and three times the tile bytes), two: at
+// most 128). Without a minimum, ptxas kept the
 // kernel near 40-48 registers and spilled around its calls once the layers had pair items. The
 // tile chooser sizes tiles for two CTAs per SM; where three tiles fit the SM's shared memory
 // (IGCV2(256, *) at 64 positions, (512, 32) and (1024, *) at 32: about 67 KB each), the
@@ -1014,11 +1311,15 @@ constexpr int mma_forward_min_ctas(int mt, bool in_place) { return in_place && m
 // mp.elem / elem_out: the element tables (mma_prepare_kernel). kInPlace: one tile, the layers
 // in place (above); mp's table and identity flags are then the composed gathers'. kWrap (in
 // place only): the tile in mma_elem's kWrap layout (mma_wrap_layout decides).
+// MmaF32x3: x and y float32, the tiles in three planes (mma_plane_elems apart), the weight
+// fragments in three planes (mp.num_frag apart).
 template <class Fmt, int MT, bool kInPlace, bool kWrap = false>
-__global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace))
-    chain_forward_mma_kernel(const MmaParams mp, const TensorArg<const uint16_t> x,
-                             const TensorArg<uint16_t> y, int64_t P) {
+__global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, Fmt::kPlanes))
+    chain_forward_mma_kernel(const MmaParams mp,
+                             const TensorArg<const typename Fmt::Storage> x,
+                             const TensorArg<typename Fmt::Storage> y, int64_t P) {
   constexpr int TP = MT * 16;
+  constexpr int NP = Fmt::kPlanes;
   IGC_DECLARE_SMEM(smem);
   const ChainParams<float>& p = mp.c;
   // two named tiles, not an array indexed at run time: the compiler then keeps every access
@@ -1027,9 +1328,12 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace))
   uint16_t* const tile1 = kInPlace ? tile0 : tile0 + mp.tile_rows[0] * TP;
   uint16_t* zero = kInPlace ? tile0 + mma_tile_rows(p.cmax) * TP : tile1 + mp.tile_rows[1] * TP;
   // zero + TP: the scratch row (mma_layer_k)
-  int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
+  const int ps = NP > 1 ? mma_plane_elems(mp, TP, kInPlace) : 0;  // == zero + 2 TP - tile0
+  const int64_t fps = NP > 1 ? mp.num_frag : 0;
+  // 4 TP bytes per plane: 8-byte aligned
+  int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP + (NP - 1) * ps);
   int64_t* off_y = off_x + TP;
-  for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
+  for (int t = threadIdx.x; t < NP * TP; t += kThreads) zero[(t / TP) * ps + t % TP] = 0;
   // The tile loads' and stores' arguments (index, layouts, the last gather) are computed at
   // each call from the parameters, not kept live across the calls (sm_90, 64-position tile:
   // 77 registers, three CTAs per SM; hoisted out of the tile loop: 82, two CTAs. Before the
@@ -1042,27 +1346,37 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace))
     tile_offsets(x.ix, p0, tvalid, off_x);
     tile_offsets(y.ix, p0, tvalid, off_y);
     __syncthreads();
-    mma_load_tile<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                      rows_of_8_aligned(x), tvalid, p.c0,
-                      p.has_index ? p.table + p.index_off : nullptr, tile0);
+    if constexpr (NP == 1)
+      mma_load_tile<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                               rows_of_8_aligned(x), tvalid, p.c0,
+                               p.has_index ? p.table + p.index_off : nullptr, tile0);
+    else
+      mma_load_tile_f32<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                                   pairs_aligned(x), tvalid, p.c0,
+                                   p.has_index ? p.table + p.index_off : nullptr, tile0, ps);
     __syncthreads();
     for (int l = 0; l < p.L; ++l) {
       const int32_t* in_elems = mp.elem + mp.layer[l].e_off;
       if constexpr (kInPlace) {
         mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
-                                 zero, in_elems);
+                                 zero, in_elems, ps, fps);
       } else {
         const bool odd = (l & 1) != 0;
         mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, in_elems,
-                           odd ? tile0 : tile1, zero, mp.elem_out);
+                           odd ? tile0 : tile1, zero, mp.elem_out, ps, fps);
       }
       __syncthreads();
     }
     const LayerDesc& last = p.layer[p.L - 1];
-    mma_store_tile<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
-                       rows_of_8_aligned(y), tvalid, last.cout,
-                       last.gather_identity ? nullptr : p.table + last.g_off,
-                       (p.L & 1) ? tile1 : tile0);
+    const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+    if constexpr (NP == 1)
+      mma_store_tile<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
+                                rows_of_8_aligned(y), tvalid, last.cout, out_rows,
+                                (p.L & 1) ? tile1 : tile0);
+    else
+      mma_store_tile_f32<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
+                                    pairs_aligned(y), tvalid, last.cout, out_rows,
+                                    (p.L & 1) ? tile1 : tile0, ps);
   }
 }
 
@@ -1083,23 +1397,31 @@ struct MmaPlan {
 // per SM, else the largest that fits one; halved (down to 16) while there are fewer tiles than
 // SMs.
 inline int mma_choose_mt(const MmaParams& mp, const DeviceInfo& dev, int64_t P,
-                         bool in_place = false, int max_tp = 16 * kMmaMaxMt) {
+                         bool in_place = false, int max_tp = 16 * kMmaMaxMt, int planes = 1) {
   const int tp = choose_tile(
-      [&](int t) { return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(mp, t, in_place); },
+      [&](int t) {
+        return t > max_tp ? ~size_t(0) : mma_forward_smem_bytes(mp, t, in_place, planes);
+      },
       dev, P, 16, 2);
   return tp >= 64 ? 4 : tp / 16;
 }
 
-// f(chain_forward_mma_kernel<Fmt, mt, in_place, wrap>) for a run-time tile mt (1, 2 or 4)
+// f(chain_forward_mma_kernel<Fmt, mt, in_place, wrap>) for a run-time tile mt (1, 2 or 4; in
+// place with three planes 1 or 2: mma_in_place_max_tp)
 template <class Fmt, class F>
 inline cudaError_t with_forward_mma_kernel(int mt, bool in_place, bool wrap, F f) {
+  if constexpr (Fmt::kPlanes > 1) {
+    if (in_place && mt == 4) return cudaErrorInvalidValue;
+  }
   if (in_place && wrap) {
-    if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true, true>);
+    if constexpr (Fmt::kPlanes == 1)
+      if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true, true>);
     if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, true, true>);
     return f(chain_forward_mma_kernel<Fmt, 1, true, true>);
   }
   if (in_place) {
-    if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true>);
+    if constexpr (Fmt::kPlanes == 1)
+      if (mt == 4) return f(chain_forward_mma_kernel<Fmt, 4, true>);
     if (mt == 2) return f(chain_forward_mma_kernel<Fmt, 2, true>);
     return f(chain_forward_mma_kernel<Fmt, 1, true>);
   }
@@ -1125,12 +1447,24 @@ inline bool mma_wrap_layout(const MmaParams& mp) {
 template <class Fmt>
 inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const DeviceInfo& dev,
                                     MmaPlan* plan) {
-  plan->mt = mma_choose_mt(mp, dev, P);
+  constexpr int NP = Fmt::kPlanes;
+  plan->mt = mma_choose_mt(mp, dev, P, false, 16 * kMmaMaxMt, NP);
   plan->in_place = false;
-  const int max_tp = mma_in_place_max_tp(mp);
+  const int max_tp = mma_in_place_max_tp(mp, NP);
   if (max_tp > 0) {
-    const int mt = mma_choose_mt(mp, dev, P, true, max_tp);
-    if (mt > plan->mt) {
+    const int mt = mma_choose_mt(mp, dev, P, true, max_tp, NP);
+    bool take = mt > plan->mt;
+    if constexpr (NP > 1) {
+      // float32: by positions per SM (the tile times the CTAs, two or one, whose shared memory
+      // fits), since three planes often leave the two-tile kernel one CTA per SM at 16
+      // positions where in-place layers fit two (IGCV2(1024, 32))
+      const auto per_sm = [&](int m, bool ip) {
+        return m * (mma_forward_smem_bytes(mp, 16 * m, ip, NP) <= cta_smem_budget(dev, 2) ? 2
+                                                                                       : 1);
+      };
+      take = mt > 0 && (plan->mt == 0 || per_sm(mt, true) > per_sm(plan->mt, false));
+    }
+    if (take) {
       plan->mt = mt;
       plan->in_place = true;
       plan->wrap = mma_wrap_layout(mp);
@@ -1138,7 +1472,7 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
   }
   if (plan->mt == 0) return cudaSuccess;
   const int tp = 16 * plan->mt;
-  plan->smem = mma_forward_smem_bytes(mp, tp, plan->in_place);
+  plan->smem = mma_forward_smem_bytes(mp, tp, plan->in_place, NP);
   plan->ntiles = (P + tp - 1) / tp;
   int occ = 0;
   const cudaError_t e = with_forward_mma_kernel<Fmt>(
@@ -1152,17 +1486,19 @@ inline cudaError_t plan_forward_mma(const MmaParams& mp, int64_t P, const Device
 }
 
 // table: index_table_size(h) entries of device memory, mp.c.table must point to it; frag:
-// mp.num_frag entries, mp.frag must point to it; tables: mma_row_table_size(mp) entries for the
-// row tables. w: the weights (MmaWeights). Builds the tables and packs the weights in one
-// launch, then runs the chain.
+// Fmt::kPlanes * mp.num_frag entries, mp.frag must point to it; tables:
+// mma_row_table_size(mp) entries for the row tables. w: the weights (MmaWeights). Builds the
+// tables and packs the weights in one launch, then runs the chain.
 template <class Fmt>
 inline cudaError_t launch_forward_mma(const HostChain& h, const MmaParams& mp,
                                       const MmaWeights& w, int32_t* table, uint2* frag,
-                                      int32_t* tables, const TensorArg<const uint16_t>& x,
-                                      const TensorArg<uint16_t>& y, int64_t P,
+                                      int32_t* tables,
+                                      const TensorArg<const typename Fmt::Storage>& x,
+                                      const TensorArg<typename Fmt::Storage>& y, int64_t P,
                                       const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
-  if (plan.grid < 1 || (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp)))
+  if (plan.grid < 1 ||
+      (plan.in_place && 16 * plan.mt > mma_in_place_max_tp(mp, Fmt::kPlanes)))
     return cudaErrorInvalidValue;
   MmaParams tp;
   const cudaError_t e = launch_mma_prepare<Fmt>(h, mp, nullptr, w, plan.mt, plan.in_place,

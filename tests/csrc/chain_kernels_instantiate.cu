@@ -41,28 +41,33 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
 // the kWrap layout
 #define IGC_FORWARD_MMA(F, MT, IP, W)                                                           \
   template __global__ void chain_forward_mma_kernel<F, MT, IP, W>(                              \
-      const MmaParams, const TensorArg<const uint16_t>, const TensorArg<uint16_t>, int64_t);
+      const MmaParams, const TensorArg<const F::Storage>, const TensorArg<F::Storage>, int64_t);
+// (float32, three planes: in place at most 32 positions, so not the 64-position in-place ones)
 #define IGC_INSTANTIATE_MMA(F)                                                                  \
+  IGC_INSTANTIATE_MMA_BASE(F)                                                                   \
+  IGC_FORWARD_MMA(F, 4, true, false)                                                            \
+  IGC_FORWARD_MMA(F, 4, true, true)
+#define IGC_INSTANTIATE_MMA_BASE(F)                                                             \
   IGC_FORWARD_MMA(F, 1, false, false)                                                           \
   IGC_FORWARD_MMA(F, 2, false, false)                                                           \
   IGC_FORWARD_MMA(F, 4, false, false)                                                           \
   IGC_FORWARD_MMA(F, 1, true, false)                                                            \
   IGC_FORWARD_MMA(F, 2, true, false)                                                            \
-  IGC_FORWARD_MMA(F, 4, true, false)                                                            \
   IGC_FORWARD_MMA(F, 1, true, true)                                                             \
   IGC_FORWARD_MMA(F, 2, true, true)                                                             \
-  IGC_FORWARD_MMA(F, 4, true, true)                                                             \
   template cudaError_t plan_forward_mma<F>(const MmaParams&, int64_t, const DeviceInfo&,        \
                                            MmaPlan*);                                           \
   template cudaError_t launch_forward_mma<F>(const HostChain&, const MmaParams&,                \
                                              const MmaWeights&, int32_t*, uint2*, int32_t*,     \
-                                             const TensorArg<const uint16_t>&,                  \
-                                             const TensorArg<uint16_t>&, int64_t,               \
+                                             const TensorArg<const F::Storage>&,                \
+                                             const TensorArg<F::Storage>&, int64_t,             \
                                              const MmaPlan&, cudaStream_t);
 
 IGC_INSTANTIATE_MMA(MmaBf16)
 IGC_INSTANTIATE_MMA(MmaF16)
+IGC_INSTANTIATE_MMA_BASE(MmaF32x3)
 #undef IGC_INSTANTIATE_MMA
+#undef IGC_INSTANTIATE_MMA_BASE
 #undef IGC_FORWARD_MMA
 
 // the tensor-core backward: every element format and tile, the transposed weight packing and

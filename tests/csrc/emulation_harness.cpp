@@ -127,11 +127,12 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
 // The weights and biases as the tensor-core launchers take them, from the flat 16-bit weights W
 // and biases B (every W_l, every present b_l, in layer order: chain_cuda.cu's per-layer tensors
 // laid out one after the other).
+template <typename T = uint16_t>
 MmaWeights mma_weights(const ChainParams<float>& p, const void* W, const void* B) {
   MmaWeights w{};
   for (int l = 0; l < p.L; ++l) {
-    w.w[l] = static_cast<const uint16_t*>(W) + p.layer[l].w_off;
-    if (p.layer[l].has_bias) w.b[l] = static_cast<const uint16_t*>(B) + p.layer[l].b_off;
+    w.w[l] = static_cast<const T*>(W) + p.layer[l].w_off;
+    if (p.layer[l].has_bias) w.b[l] = static_cast<const T*>(B) + p.layer[l].b_off;
   }
   return w;
 }
@@ -142,18 +143,18 @@ struct MmaTables {
   std::vector<int32_t> table, rows;
   std::vector<uint2> frag, frag_t;
   std::vector<float> bias;
-  MmaTables(const HostChain& h, const MmaParams& mp, int64_t n_frag_t)
+  MmaTables(const HostChain& h, const MmaParams& mp, int64_t n_frag_t, int planes = 1)
       : table(static_cast<size_t>(index_table_size(h)), -1),
         rows(static_cast<size_t>(mma_row_table_size(mp)), -1),
-        frag(static_cast<size_t>(mp.num_frag), uint2{~0u, ~0u}),
+        frag(static_cast<size_t>(planes * mp.num_frag), uint2{~0u, ~0u}),
         frag_t(static_cast<size_t>(n_frag_t), uint2{~0u, ~0u}),
         bias(static_cast<size_t>(mp.c.num_b), std::nanf("")) {}
   float* bias_ptr() { return bias.empty() ? nullptr : bias.data(); }
 };
 
-// The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain; W, B: the weights and
-// biases in the 16-bit dtype. plan_out: tile positions, grid, in-place layers (0 / 1), the
-// kWrap tile layout (0 / 1).
+// The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain, or of a float32 one
+// (MmaF32x3); W, B: the weights and biases in the chain's dtype. plan_out: tile positions,
+// grid, in-place layers (0 / 1), the kWrap tile layout (0 / 1).
 template <class Fmt>
 int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                 const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
@@ -171,10 +172,11 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
     plan_out[3] = pl.in_place && pl.wrap ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
-  MmaTables t(*h, probe, 0);
+  using S = typename Fmt::Storage;
+  MmaTables t(*h, probe, 0, Fmt::kPlanes);
   const MmaParams mp = make_mma_params(*h, t.bias_ptr(), t.table.data(), t.frag.data());
-  if (launch_forward_mma<Fmt>(*h, mp, mma_weights(mp.c, W, B), t.table.data(), t.frag.data(),
-                              t.rows.data(), arg<const uint16_t>(x), arg<uint16_t>(y), P, pl,
+  if (launch_forward_mma<Fmt>(*h, mp, mma_weights<S>(mp.c, W, B), t.table.data(),
+                              t.frag.data(), t.rows.data(), arg<const S>(x), arg<S>(y), P, pl,
                               nullptr) != cudaSuccess)
     return 5;
   return 0;
@@ -233,11 +235,13 @@ int igc_emu_backward_mma(int is_bf16, const HostChain* h, const void* W, const v
                                         need_w, need_b, dev, plan_out);
 }
 
-int igc_emu_forward_mma(int is_bf16, const HostChain* h, const void* W, const void* B,
+// fmt: 0 float16, 1 bfloat16, 2 float32 (MmaF32x3: W, B, x and y float32)
+int igc_emu_forward_mma(int fmt, const HostChain* h, const void* W, const void* B,
                         const EmuTensor* x, const EmuTensor* y, const EmuDevice* dev,
                         int64_t* plan_out) {
-  return is_bf16 ? forward_mma<MmaBf16>(h, W, B, x, y, dev, plan_out)
-                 : forward_mma<MmaF16>(h, W, B, x, y, dev, plan_out);
+  if (fmt == 2) return forward_mma<MmaF32x3>(h, W, B, x, y, dev, plan_out);
+  return fmt == 1 ? forward_mma<MmaBf16>(h, W, B, x, y, dev, plan_out)
+                  : forward_mma<MmaF16>(h, W, B, x, y, dev, plan_out);
 }
 
 
@@ -263,6 +267,16 @@ int igc_emu_sizeof_host_chain() { return static_cast<int>(sizeof(HostChain)); }
 
 // 1: the emulated device has sm_90's stmatrix (the default); 0: the sm_80 code paths.
 void igc_emu_set_stmatrix(int on) { igc_emu::device().stmatrix = on; }
+
+// mma_split3 of n floats x: the planes' bfloat16 values hi, mid, lo as floats in out[3 i ..
+// 3 i + 2] (the pairs' low halves; x[i] with 0 in the high half).
+void igc_emu_split3(const float* x, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t p[3];
+    mma_split3(x[i], 0.0f, p);
+    for (int k = 0; k < 3; ++k) out[3 * i + k] = mma_bf16_lo(p[k]);
+  }
+}
 
 // mma_elem<tp>(r, t) of the tensor-core tiles (tp: 16, 32 or 64; -1 otherwise).
 int igc_emu_mma_elem(int tp, int r, int t) {
