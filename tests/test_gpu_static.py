@@ -389,6 +389,48 @@ def test_cuda_core_float32_backward_model_counts_the_multiply_adds(fp32_cuda_rep
     assert all(p["prediction"].startswith("PREDICTED") for p in preds)
 
 
+def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report):
+    """The opt-in float32 tensor-core forward (MmaF32x3, three bfloat16 planes) in the same
+    report: per position six times the padded products of the 16-bit kernel, three planes of
+    shared memory per tile, no spills, not marked as the path a float32 call runs, and labelled
+    predictions."""
+    rows = [r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_forward_mma_kernel"
+            and r["structure"] in _FP32_FORWARD]
+    assert len(rows) == len(_FP32_FORWARD) * 2
+    import igc_kernels as igc
+
+    specs = {"igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
+             "igcv2(256,8)": igc.ChainSpec.igcv2(256, 8),
+             "igcv2(256,32)": igc.ChainSpec.igcv2(256, 32),
+             "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2]),
+             "condense(128,4)": None}
+    for r in rows:
+        what = f"{r['structure']} {r['layout']}"
+        assert r["dtype"] == "float32" and r["config"]["planes"] == 3, what
+        assert not r["is_default"] and not r["fixed_path"], what
+        assert r["compiled"] and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, what
+        assert r["registers"] <= 128, what
+        spec = specs[r["structure"]]
+        if spec is not None:
+            padded = sum(g * 8 * -(-(cout // g) // 8) * (8 if n <= 8 else 16 * -(-n // 16))
+                         for (cout, n), g in zip(spec.weight_shapes(), spec.groups))
+            per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
+            assert per_position == pytest.approx(6 * padded, rel=1e-9), what
+            if not r["config"]["in_place"]:
+                chans = [spec.in_channels] + [c for c, _ in spec.weight_shapes()]
+                n_rows = (-(-max(chans[0::2]) // 4) * 4) + (-(-max(chans[1::2]) // 4) * 4)
+                tp = r["block_p"]
+                assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 16 * tp, what
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import perf_model
+
+    preds = [p for p in perf_model.records({**fp32_cuda_report, "rows": rows})]
+    assert len(preds) == len(rows)
+    for p in preds:
+        assert p["prediction"].startswith("PREDICTED")
+        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
+
+
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
     """The static model of the CUDA tensor-core forward and backward (``--cuda``: nvcc for
     sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it

@@ -34,6 +34,9 @@
 #   ctas2        bench-quick's measurement of IGCV2(256, 8), (256, 32), (1024, 8) and (1024, 16)
 #                with IGC_CUDA_MAX_CTAS_PER_SM=2: the tensor-core forward at two CTAs per SM,
 #                to set beside bench-quick's three (bench-ctas2.json)
+#   fp32mma      bench-quick's measurement of the nine IGCV2 targets in float32, once as it is
+#                (the CUDA-core kernels, bench-fp32.json) and once with IGC_CUDA_FP32_MMA=1: the
+#                opt-in float32 tensor-core forward, three bfloat16 planes (bench-fp32mma.json)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -42,7 +45,7 @@
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
-# wide-off, ctas2, sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
+# wide-off, ctas2, fp32mma, sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
 # the first failing step's. Example: tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -110,7 +113,7 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
-    test-cuda|sanitize|race|bench-quick|wide-off|ctas2|bench|sweep|timeline)
+    test-cuda|sanitize|race|bench-quick|wide-off|ctas2|fp32mma|bench|sweep|timeline)
       if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
   esac
   case "$step" in
@@ -152,6 +155,12 @@ for arg in "${steps[@]}"; do
     ctas2) run_step ctas2 env IGC_CUDA_MAX_CTAS_PER_SM=2 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 256:8:3,256:32:2,1024:8:4,1024:16:3 \
       --backends cuda --json "$OUT/bench-ctas2.json" ;;
+    fp32mma) run_step fp32 "$PY" benchmarks/bench.py --device cuda --no-compile --no-memory \
+      --quiet --only "$IGCV2_TARGETS" --dtypes float32 --backends cuda \
+      --json "$OUT/bench-fp32.json" ;
+      run_step fp32mma env IGC_CUDA_FP32_MMA=1 "$PY" benchmarks/bench.py --device cuda \
+      --no-compile --no-memory --quiet --only "$IGCV2_TARGETS" --dtypes float32 \
+      --backends cuda --json "$OUT/bench-fp32mma.json" ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;

@@ -511,7 +511,7 @@ def _combine(*terms) -> dict:
     return out
 
 
-def _layer_model(ins, loops, mt: int) -> dict:
+def _layer_model(ins, loops, mt: int, planes: int = 1) -> dict:
     """k16 / k8 costs of one inlined mma_layer among ``loops``: per k-step of a k16 / k8 item
     (the innermost loop holding that HMMA and ldmatrix.trans, divided by its unroll factor: the
     number of ldmatrix.trans over mt), per item besides its k-steps (the enclosing loop minus
@@ -521,7 +521,8 @@ def _layer_model(ins, loops, mt: int) -> dict:
     the loop counts the others (``_mma_layer_terms``). Items of two output blocks (two HMMAs per
     ldmatrix: pair items) are "k16p" / "k8p", items of four (the in-place forward's groups of
     32) "k16q"; k8 items of two groups of one block each (one ldmatrix x4 for both groups'
-    activations) are "k8g"."""
+    activations) are "k8g". With three planes (the float32 kernel, MmaF32x3) a k-step issues
+    three ldmatrix and six HMMAs per product where the 16-bit kernel issues one of each."""
     def ops(lp):
         return [op for ad, _, op, _ in ins if lp[0] <= ad <= lp[1]]
 
@@ -533,8 +534,8 @@ def _layer_model(ins, loops, mt: int) -> dict:
                  if not any(o is not lp and lp[0] <= o[0] and o[1] <= lp[1] for o in cands)]
         for kl in sorted(inner, key=lambda lp: lp[1] - lp[0]):
             body = ops(kl)
-            lds = sum(1 for o in body if o.startswith("LDSM.16.MT88"))
-            hmma = sum(1 for o in body if o.startswith(needle))
+            lds = sum(1 for o in body if o.startswith("LDSM.16.MT88")) / planes
+            hmma = sum(1 for o in body if o.startswith(needle)) / (6 if planes == 3 else 1)
             if name == "k8" and any(o.startswith("LDSM.16.MT88.4") for o in body):
                 # k8 items of two groups: one ldmatrix x4 loads both groups' activations (single
                 # k8 items: x2) and feeds two HMMAs, like the pair items
@@ -584,7 +585,11 @@ def _tile_move_model(ins, loops, largest: bool = False) -> dict:
                                     ("load_clw", ("LDG.E.128", "STSM.16.MT88.4"), "STSM"),
                                     ("store_nchw", ("LDS.128", "STG.E.128"), "STG.E.128"),
                                     ("store_cl", ("LDS", "MOVM", "STG.E"), "MOVM"),
-                                    ("store_clw", ("LDSM.16.MT88.4", "STG.E.128"), "STG.E.128")):
+                                    ("store_clw", ("LDSM.16.MT88.4", "STG.E.128"), "STG.E.128"),
+                                    # the float32 kernel's element paths: three plane stores
+                                    # (loads) per element
+                                    ("load_f32scalar", ("LDG.E", "STS.U16"), "STS.U16"),
+                                    ("store_f32scalar", ("LDS.U16", "STG.E"), "STG.E")):
         for a, b, _ in loops:
             ops = [op for ad, _, op, _ in ins if a <= ad <= b]
             if any(o.startswith("HMMA") for o in ops) or not all(
@@ -604,13 +609,13 @@ def _tile_move_model(ins, loops, largest: bool = False) -> dict:
     return out
 
 
-def mma_kernel_model(sass: str, mt: int) -> dict:
+def mma_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     """Executed warp instructions of chain_forward_mma_kernel<Fmt, mt>, read from its SASS: the
-    k16 / k8 item and k-step costs of its layer (``_layer_model``) and the tile load and store
-    loops (``_tile_move_model``)."""
+    k16 / k8 item and k-step costs of its layer (``_layer_model``; ``planes``: 3 for the
+    float32 kernel) and the tile load and store loops (``_tile_move_model``)."""
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
-    return {**_layer_model(ins, loops, mt), **_tile_move_model(ins, loops)}
+    return {**_layer_model(ins, loops, mt, planes), **_tile_move_model(ins, loops)}
 
 
 def mma_backward_kernel_model(sass: str, mt: int) -> dict:
@@ -711,13 +716,14 @@ def mma_wrap_layout(chans, layers: int) -> bool:
     return layers >= 3 and c >= 32 and c & (c - 1) == 0 and (c.bit_length() - 1) % 3 != 0
 
 
-def mma_smem_bytes(chans, tp: int, in_place: bool = False) -> int:
+def mma_smem_bytes(chans, tp: int, in_place: bool = False, planes: int = 1) -> int:
     """mma_forward_smem_bytes of chain_mma.cuh for channels C_0 .. C_L: a tile of the widest
     of C_0, C_2, ... and one of the widest of C_1, C_3, ... (with in-place layers, one of the
-    widest), the zero and scratch rows, two offset arrays"""
+    widest), the zero and scratch rows (all of it ``planes`` times: 3 for float32), two offset
+    arrays"""
     rows = (mma_tile_rows(max(chans)) if in_place
             else mma_tile_rows(max(chans[0::2])) + mma_tile_rows(max(chans[1::2])))
-    return (rows + 2) * tp * 2 + 2 * tp * 8
+    return planes * (rows + 2) * tp * 2 + 2 * tp * 8
 
 
 def _two_cta_budget(arch: int) -> int:
@@ -738,17 +744,25 @@ def mma_tile(arch: int, smem, max_tp: int = 64) -> int:
     return 0
 
 
-def mma_forward_plan(spec, chans, arch: int) -> tuple:
+def mma_forward_plan(spec, chans, arch: int, planes: int = 1) -> tuple:
     """(tile, in-place layers) of plan_forward_mma for channels ``chans`` (C_0 .. C_L):
     in-place layers (mma_in_place_max_tp: every group square, at most 16 wide, or 25 to 32
-    wide with tiles of at most 32 positions) where they give a larger tile than two tiles do."""
-    tp = mma_tile(arch, lambda t: mma_smem_bytes(chans, t))
+    wide with tiles of at most 32 positions; float32, ``planes`` = 3: at most 32 positions) where
+    they give a larger tile than two tiles do (float32: more positions per SM, the tile times
+    the CTAs whose shared memory fits)."""
+    tp = mma_tile(arch, lambda t: mma_smem_bytes(chans, t, False, planes))
     widths = [(cout // g, cin // g) for (cout, _), g, cin in
               zip(spec.weight_shapes(), spec.groups, chans[:-1])]
     if all(m == n and (m <= 16 or 24 < m <= 32) for m, n in widths):
-        max_tp = 32 if any(m > 16 for m, _ in widths) else 64
-        tp_ip = mma_tile(arch, lambda t: mma_smem_bytes(chans, t, True), max_tp)
-        if tp_ip > tp:
+        max_tp = 32 if planes > 1 or any(m > 16 for m, _ in widths) else 64
+        tp_ip = mma_tile(arch, lambda t: mma_smem_bytes(chans, t, True, planes), max_tp)
+        if planes > 1:  # float32: by positions per SM (tile x CTAs whose shared memory fits)
+            def per_sm(t, ip):
+                two = mma_smem_bytes(chans, t, ip, planes) <= _two_cta_budget(arch)
+                return t * (2 if two else 1)
+            if tp_ip and (not tp or per_sm(tp_ip, True) > per_sm(tp, False)):
+                return tp_ip, True
+        elif tp_ip > tp:
             return tp_ip, True
     return tp, False
 
@@ -831,14 +845,18 @@ def _cuda_archs(archs):
                {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)})
 
 
-def _mma_problems(structures, dtypes, archs):
+_MMA_FORMATS = {"bfloat16": "MmaBf16", "float16": "MmaF16", "float32": "MmaF32x3"}
+
+
+def _mma_problems(structures, dtypes, archs, float32: bool = False):
     """(arch, toolchain, SASS functions, ptxas records, dtype, Fmt name, structure) for every
-    compiled arch, 16-bit dtype and structure of the tensor-core kernels' records."""
+    compiled arch, 16-bit dtype (with ``float32``, also float32: the opt-in float32 forward,
+    MmaF32x3) and structure of the tensor-core kernels' records."""
     for arch, toolchain, funcs, ptxas in _cuda_archs(archs):
         for dtype in dtypes:
-            if dtype not in ("bfloat16", "float16"):
+            if dtype not in ("bfloat16", "float16") and not (float32 and dtype == "float32"):
                 continue
-            fmt = "MmaBf16" if dtype == "bfloat16" else "MmaF16"
+            fmt = _MMA_FORMATS[dtype]
             for s in structures:
                 yield arch, toolchain, funcs, ptxas, dtype, fmt, s
 
@@ -933,6 +951,12 @@ def _cl_cost(model, kind, c):
     return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"], 64
 
 
+def _f32_block_key(model, kind):
+    """The float32 kernel's channels-last block loop (``load_cl<n>`` / ``store_cl<n>``: n
+    movmatrix per iteration, three per 8x8 block, the loop unrolled as the compiler chose)."""
+    return next(k for k in model if k.startswith(f"{kind}_cl") and k[len(kind) + 3:].isdigit())
+
+
 def _mma_item_kind(costs, groups, outs, ins):
     """(cost key, items per group) of a tensor-core layer of ``groups`` groups of ``ins``
     inputs and ``outs`` outputs: "k8" (at most 8 inputs) or "k16"; the pair items ("k8p" /
@@ -966,21 +990,25 @@ def _mma_layer_terms(costs, groups, outs, ins) -> list:
 
 def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     """One forward record per structure, 16-bit dtype, layout and arch for the tensor-core
-    kernel the planner launches (two tiles or in-place layers: ``mma_forward_plan``), with
+    kernel the planner launches (two tiles or in-place layers: ``mma_forward_plan``), and one
+    per float32 structure for the opt-in float32 kernel (MmaF32x3, three planes; not marked as
+    the default path), with
     per-position counts: the chain's items and k-steps per layer times the SASS costs of
     ``mma_kernel_model`` (needs cuda_records first, for the SASS)."""
     rows = []
-    for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
+    for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs,
+                                                                      float32=True):
         c_x, spec, _, idx = structure_args(s)
         chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
-        tp, in_place = mma_forward_plan(spec, chans, arch)
+        planes = 3 if dtype == "float32" else 1
+        tp, in_place = mma_forward_plan(spec, chans, arch, planes)
         if tp == 0:
             continue
         mt = tp // 16
         wrap = in_place and mma_wrap_layout(chans, len(chans) - 1)
         name = next(n for n in funcs if "chain_forward_mma_kernel" in n
                     and f"{fmt}ELi{mt}ELb{int(in_place)}ELb{int(wrap)}E" in n)
-        model = mma_kernel_model(funcs[name], mt)
+        model = mma_kernel_model(funcs[name], mt, planes)
         terms = []
         pair_layers = 0
         for (cout, n), g in zip(spec.weight_shapes(), spec.groups):
@@ -992,20 +1020,41 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
             # channels-last where C % 32 == 0 and the loop exists: 256 elements), an
             # 8x8 block (channels-last: 64), an element per lane (the scalar load of a
             # channels-last tile through an input index: 32)
-            if not cl:
+            if planes == 3:
+                # float32: per 16-byte global access (4 elements per lane) on NCHW rows; per
+                # movmatrix (a third of an 8x8 block: one per plane) on channels-last tiles of
+                # C % 8 == 0; else the element paths, per plane store (a third of an element per
+                # lane) or per element
+                if not cl:
+                    ld, ld_elems = model["load_nchw"], 128
+                elif idx is None and chans[0] % 8 == 0:
+                    ld, ld_elems = model[_f32_block_key(model, "load")], 64 / 3
+                else:
+                    ld, ld_elems = model["load_f32scalar"], 32 / 3
+                if not cl:
+                    st, st_elems = model["store_nchw"], 128
+                elif spec.out_channels % 8 == 0:
+                    st, st_elems = model[_f32_block_key(model, "store")], 64 / 3
+                else:
+                    st, st_elems = model["store_f32scalar"], 32
+            elif not cl:
                 ld, ld_elems = model["load_nchw"], 256
             elif idx is None:
                 ld, ld_elems = _cl_cost(model, "load", chans[0])
             else:
                 ld, ld_elems = model["load_scalar"], 32
-            st, st_elems = (_cl_cost(model, "store", spec.out_channels) if cl
-                            else (model["store_nchw"], 256))
+            if planes == 1:
+                st, st_elems = (_cl_cost(model, "store", spec.out_channels) if cl
+                                else (model["store_nchw"], 256))
             total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
                              (spec.out_channels * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
                               "chain_forward_mma_kernel", tp, ptxas[name],
-                              mma_smem_bytes(chans, tp, in_place))
+                              mma_smem_bytes(chans, tp, in_place, planes))
             rec.config["in_place"] = in_place
+            if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
+                rec.config["planes"] = 3
+                rec.is_default = rec.fixed_path = rec.autotuner_keeps = False
             if wrap:
                 rec.config["wrap_layout"] = True
             _set_mma_dyn(rec, total,
