@@ -21,7 +21,8 @@
 #   sanitize     compute-sanitizer memcheck / racecheck / initcheck over the CUDA and Triton
 #                sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
 #                allocation and out-of-bounds accesses are seen)
-#   race         compute-sanitizer racecheck over tools/sanitize_cuda.py alone
+#   race         compute-sanitizer racecheck over tools/sanitize_cuda.py alone, then again with
+#                IGC_CUDA_FP32_MMA=1 (its float32 forwards on the tensor cores)
 #   bench        benchmarks/bench.py --device cuda --targets (JSON under the output folder), then
 #                each measured fraction of copy bandwidth beside the committed prediction
 #                (tools/perf_model.py --measured, from benchmarks/results/gpu-static-*.json)
@@ -143,7 +144,10 @@ for arg in "${steps[@]}"; do
       -q -ra --maxfail=25 "${workers[@]}" ;;
     sanitize) run_step sanitize sanitize_all ;;
     race) run_step race env PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck \
-      --error-exitcode 99 --print-limit 20 "$PY" tools/sanitize_cuda.py ;;
+      --error-exitcode 99 --print-limit 20 "$PY" tools/sanitize_cuda.py ;
+      run_step race-fp32mma env IGC_CUDA_FP32_MMA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+        compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
+        "$PY" tools/sanitize_cuda.py ;;
     bench-quick) run_step bench-quick "$PY" benchmarks/bench.py --device cuda --no-compile \
       --no-memory --quiet --only "${BENCH_ONLY:-$IGCV2_TARGETS}" \
       --backends "${BENCH_BACKENDS:-cuda}" --json "$OUT/bench-quick.json" ;
