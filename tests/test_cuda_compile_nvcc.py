@@ -149,20 +149,14 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
         for f in mma:
             name = f.split()[0]
             # float32 (MmaF32x3) runs on bf16 planes; f16 inputs carry no suffix
-            f32 = "MmaF32x3" in name
-            fmt = ".BF16" if "MmaBf16" in name or f32 else ""
-            mt = int(re.search(r"Mma\w+?ELi(\d)E", name).group(1))
+            fmt = ".BF16" if "MmaBf16" in name or "MmaF32x3" in name else ""
             instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
             assert "LDSM.16.MT88.4" in ops and "LDSM.16.MT88.2" in ops, (arch, name)
-            # movmatrix: the channels-last tile moves and the layer results of 16-position tiles
-            # (and of every tile on sm_80); sm_90 stores those of larger tiles with stmatrix
-            # (and the 16-bit channels-last loads)
-            stores_by_stsm = arch == "90" and (mt > 1 or not f32)
-            assert any(op.startswith("MOVM") for op in ops), (arch, name)
+            assert any(op.startswith("MOVM") for op in ops), (arch, name)  # movmatrix
             stsm = {op for op in ops if op.startswith("STSM")}
-            assert stsm == ({"STSM.16.MT88.4"} if stores_by_stsm else set()), (arch, name, stsm)
+            assert stsm == ({"STSM.16.MT88.4"} if arch == "90" else set()), (arch, name, stsm)
             predicated = [op for pred, op in instrs
                           if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM", "STSM")]
             assert not predicated, (arch, name, predicated)
@@ -1126,18 +1120,21 @@ def test_emulated_mma_f32_group_widths(emu, mma_arch, case):
 
 @needs_cxx
 @pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
-def test_emulated_mma_f32_layouts(emu, layout):
+def test_emulated_mma_f32_layouts(emu, mma_arch, layout):
     """The float32 tile loads and stores: 8-position chunks of NCHW rows (two 16-byte loads,
-    three 16-byte plane stores), channels-last 8x8 blocks (C % 8 == 0: 16, 32; float2 pairs,
-    one movmatrix per plane), the element paths (C = 12 and 10, strided views, the load through
-    an input index; channels fastest where the channel stride is 1, else positions fastest),
-    tile tails, several tiles per CTA; explicit permutations."""
+    three 16-byte plane stores); channels-last with C % 32 == 0 and 16-byte aligned positions
+    (32, 64 channels): 8 positions x 32 channels per warp step, one stmatrix.trans per plane
+    (the load, sm_90) and one ldmatrix.trans per plane (the store); other channels-last tiles
+    with C % 8 == 0 (and the sm_80 load): 8x8 blocks, float2 pairs, one movmatrix per plane;
+    the element paths (C = 12 and 10, strided views, the load through an input index;
+    channels fastest where the channel stride is 1, else positions fastest), tile tails,
+    several tiles per CTA; explicit permutations."""
     sp, xl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
     index = torch.tensor([3, 0, 3, 5, 7, 7, 7, 1, 8, 2, 2, 4, 6, 0, 1, 5], dtype=torch.int64)
-    for channels, groups, idx in (([16, 32, 16], [2, 4], None), ([12, 24, 10], [4, 2], None),
-                                  ([16, 32, 16], [2, 4], index)):
+    for channels, groups, idx in (([16, 32, 16], [2, 4], None), ([32, 32, 64], [4, 4], None),
+                                  ([12, 24, 10], [4, 2], None), ([16, 32, 16], [2, 4], index)):
         c = EmuCase(channels, groups, perms=["interleave", torch.randperm(channels[-1],
                                                                           generator=gen)],
                     bias=[True, False], index=idx, c_in=9 if idx is not None else None,
@@ -1151,16 +1148,18 @@ def test_emulated_mma_f32_layouts(emu, layout):
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_emulated_mma_f32_unaligned_tensors(emu, layout):
     """Float32 tensors one element off alignment (NCHW rows not 16-byte aligned, channels-last
-    pairs not 8-byte aligned) take the element paths; the same values aligned take the vector
-    paths: the same bits."""
-    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.float32, seed=8)
-    x = _x((2, 16, 8, 8), layout, torch.float32, 9)
-    flat = torch.empty(x.numel() + 1, dtype=torch.float32)
-    shifted = flat.as_strided(x.shape, x.stride(), 1)
-    shifted.copy_(x)
+    pairs not 8-byte aligned) take the element paths, two elements off (channels-last) the 8x8
+    blocks instead of the 32-channel steps; the same values aligned take the vector paths: the
+    same bits."""
+    c = EmuCase([32, 32, 32], [4, 4], bias=[True, False], dtype=torch.float32, seed=8)
+    x = _x((2, 32, 8, 8), layout, torch.float32, 9)
     y, _ = c.check_mma(emu, x)
-    y_shifted, _ = c.check_mma(emu, shifted)
-    assert torch.equal(y, y_shifted)
+    for offset in (1, 2):
+        flat = torch.empty(x.numel() + offset, dtype=torch.float32)
+        shifted = flat.as_strided(x.shape, x.stride(), offset)
+        shifted.copy_(x)
+        y_shifted, _ = c.check_mma(emu, shifted)
+        assert torch.equal(y, y_shifted), offset
 
 
 @needs_cxx

@@ -1021,18 +1021,24 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
             # 8x8 block (channels-last: 64), an element per lane (the scalar load of a
             # channels-last tile through an input index: 32)
             if planes == 3:
-                # float32: per 16-byte global access (4 elements per lane) on NCHW rows; per
-                # movmatrix (a third of an 8x8 block: one per plane) on channels-last tiles of
-                # C % 8 == 0; else the element paths, per plane store (a third of an element per
-                # lane) or per element
+                # float32: per 16-byte global access (4 elements per lane) on NCHW rows and in
+                # the channels-last store's 32-channel steps (C % 32 == 0); per stmatrix (one
+                # per plane: a third of 8 positions x 32 channels) in the load's (sm_90); per
+                # movmatrix (a third of an 8x8 block) on other channels-last tiles of
+                # C % 8 == 0; else the element paths, per plane store (a third of an element
+                # per lane) or per element
                 if not cl:
                     ld, ld_elems = model["load_nchw"], 128
+                elif idx is None and chans[0] % 32 == 0 and "load_clw" in model:
+                    ld, ld_elems = model["load_clw"], 256 / 3
                 elif idx is None and chans[0] % 8 == 0:
                     ld, ld_elems = model[_f32_block_key(model, "load")], 64 / 3
                 else:
                     ld, ld_elems = model["load_f32scalar"], 32 / 3
                 if not cl:
                     st, st_elems = model["store_nchw"], 128
+                elif spec.out_channels % 32 == 0 and "store_clw" in model:
+                    st, st_elems = model["store_clw"], 128
                 elif spec.out_channels % 8 == 0:
                     st, st_elems = model[_f32_block_key(model, "store")], 64 / 3
                 else:

@@ -697,11 +697,16 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
   mma_store_tile_inline<TP, kWrap>(dst, cs, pos_off, contig, cl_vec, tvalid, C, src_row, tile);
 }
 
-// Whether every position of a float32 tensor with channel stride 1 starts 8-byte aligned: the
-// channels-last float32 tile moves take channel pairs as float2.
+// Whether every position of a float32 tensor with channel stride 1 starts 8-byte aligned (the
+// channels-last float32 tile moves take channel pairs as float2), or 16-byte aligned (runs of
+// 4 as 16-byte vectors).
 template <typename T>
 __device__ __forceinline__ bool pairs_aligned(const TensorArg<T>& a) {
   return (reinterpret_cast<uintptr_t>(a.ptr) & 7) == 0 && a.ix.strides_multiple_of(2);
+}
+template <typename T>
+__device__ __forceinline__ bool rows_of_4_aligned(const TensorArg<T>& a) {
+  return aligned16(a.ptr) && a.ix.strides_multiple_of(4);
 }
 
 // Channels-last float32 tiles (MmaF32x3), C % 8 == 0, pairs aligned: 8x8 blocks (8 positions x
@@ -756,18 +761,84 @@ __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
   }
 }
 
+// Channels-last float32 tiles, C % 32 == 0, positions 16-byte aligned: 8 positions x 32
+// channels per warp step, as cl_load_wide / cl_store_wide. Lane (gid, tig) moves channels
+// 8 tig .. 8 tig + 7 of position gid (two 16-byte accesses); its four pairs are its fragments
+// of four 8x8 matrices, in each plane, so one stmatrix.trans per plane writes them (the load,
+// sm_90) and one ldmatrix.trans per plane reads them (the store).
+template <int TP, bool kWrap = false>
+__device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
+                                                 const int64_t* pos_off, int tvalid, int C,
+                                                 uint16_t* tile, int ps) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int ci = cl_wide_channel(lane);
+  constexpr int TB = TP / 8;
+  const int nit = TB * (C / 32);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, c0 = (it / TB) * 32;
+    const int t = 8 * tb + gid;
+    uint4 a = {0u, 0u, 0u, 0u}, b = {0u, 0u, 0u, 0u};
+    if (t < tvalid) {
+      const float* sp = src + pos_off[t] + c0 + 8 * tig;
+      a = ldg16(sp);
+      b = ldg16(sp + 4);
+    }
+    uint32_t q[4][3];
+    mma_split3(mma_as_float(a.x), mma_as_float(a.y), q[0]);
+    mma_split3(mma_as_float(a.z), mma_as_float(a.w), q[1]);
+    mma_split3(mma_as_float(b.x), mma_as_float(b.y), q[2]);
+    mma_split3(mma_as_float(b.z), mma_as_float(b.w), q[3]);
+    const int e = mma_elem<TP, kWrap>(c0 + ci, 8 * tb);
+#pragma unroll
+    for (int k = 0; k < 3; ++k) {
+      const uint32_t r[4] = {q[0][k], q[1][k], q[2][k], q[3][k]};
+      stmatrix_trans_x4(tile + k * ps, e, r);
+    }
+  }
+}
+
+template <int TP, bool kWrap = false>
+__device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
+                                                  const int64_t* pos_off, int tvalid, int C,
+                                                  const int32_t* __restrict__ src_row,
+                                                  const uint16_t* tile, int ps) {
+  const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
+  const int ci = cl_wide_channel(lane);
+  constexpr int TB = TP / 8;
+  const int nit = TB * (C / 32);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
+    const int tb = it % TB, j0 = (it / TB) * 32;
+    const int j = j0 + ci;  // output channel; its row: src_row(j)
+    const int e = mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb);
+    uint32_t r[3][4];
+#pragma unroll
+    for (int k = 0; k < 3; ++k) ldmatrix_trans<4>(r[k], tile + k * ps, e);
+    float f[8];
+#pragma unroll
+    for (int i = 0; i < 8; ++i) f[i] = mma_join3(r[0][i / 2], r[1][i / 2], r[2][i / 2], i % 2);
+    const int t = 8 * tb + gid;
+    if (t < tvalid) {
+      float* dp = dst + pos_off[t] + j0 + 8 * tig;
+      reinterpret_cast<float4*>(dp)[0] = float4{f[0], f[1], f[2], f[3]};
+      reinterpret_cast<float4*>(dp)[1] = float4{f[4], f[5], f[6], f[7]};
+    }
+  }
+}
+
 // float32 tiles as three bfloat16 planes (MmaF32x3), plane k ps elements after plane 0.
 // tile(row c, t) = the planes of x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
 // tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c. NCHW-like aligned rows: per thread
 // one chunk of 8 positions of a row (two 16-byte loads, three 16-byte stores); channels-last
-// (cl_vec: pairs aligned; C % 8 == 0, no input index): 8x8 blocks (cl_load_blocks_f32);
-// otherwise element by element, channels fastest where the channel stride is 1, else
-// positions fastest.
+// (cl_vec: pairs aligned; C % 8 == 0, no input index): with C % 32 == 0 and 16-byte aligned
+// positions 8 x 32 steps through stmatrix (the load: sm_90) or ldmatrix (the store,
+// cl_load_wide_f32 / cl_store_wide_f32), else 8x8 blocks through movmatrix
+// (cl_load_blocks_f32 / cl_store_blocks_f32); otherwise element by element, channels fastest
+// where the channel stride is 1, else positions fastest.
 template <int TP, bool kWrap = false>
 __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, int64_t cs,
                                                const int64_t* pos_off, bool contig,
-                                               bool cl_vec, int tvalid, int C,
-                                               const int32_t* __restrict__ src_chan,
+                                               bool cl_vec, bool rows_aligned, int tvalid,
+                                               int C, const int32_t* __restrict__ src_chan,
                                                uint16_t* tile, int ps) {
   IGC_ASSUME_SHARED(tile);
   const int tid = threadIdx.x;
@@ -793,7 +864,10 @@ __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, in
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
-    cl_load_blocks_f32<TP, kWrap>(src, pos_off, tvalid, C, tile, ps);
+    if (C % 32 == 0 && mma_has_stmatrix() && rows_aligned)
+      cl_load_wide_f32<TP, kWrap>(src, pos_off, tvalid, C, tile, ps);
+    else
+      cl_load_blocks_f32<TP, kWrap>(src, pos_off, tvalid, C, tile, ps);
     return;
   }
   const bool cfast = cs == 1;
@@ -813,8 +887,8 @@ __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, in
 template <int TP, bool kWrap = false>
 __device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t cs,
                                                 const int64_t* pos_off, bool contig,
-                                                bool cl_vec, int tvalid, int C,
-                                                const int32_t* __restrict__ src_row,
+                                                bool cl_vec, bool rows_aligned, int tvalid,
+                                                int C, const int32_t* __restrict__ src_row,
                                                 const uint16_t* tile, int ps) {
   IGC_ASSUME_SHARED(tile);
   const int tid = threadIdx.x;
@@ -841,7 +915,10 @@ __device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t
     return;
   }
   if (cl_vec && cs == 1 && C % 8 == 0) {
-    cl_store_blocks_f32<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
+    if (C % 32 == 0 && rows_aligned)
+      cl_store_wide_f32<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
+    else
+      cl_store_blocks_f32<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
     return;
   }
   const bool cfast = cs == 1;
@@ -1352,7 +1429,7 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
                                p.has_index ? p.table + p.index_off : nullptr, tile0);
     else
       mma_load_tile_f32<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                                   pairs_aligned(x), tvalid, p.c0,
+                                   pairs_aligned(x), rows_of_4_aligned(x), tvalid, p.c0,
                                    p.has_index ? p.table + p.index_off : nullptr, tile0, ps);
     __syncthreads();
     for (int l = 0; l < p.L; ++l) {
@@ -1375,8 +1452,8 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
                                 (p.L & 1) ? tile1 : tile0);
     else
       mma_store_tile_f32<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
-                                    pairs_aligned(y), tvalid, last.cout, out_rows,
-                                    (p.L & 1) ? tile1 : tile0, ps);
+                                    pairs_aligned(y), rows_of_4_aligned(y), tvalid, last.cout,
+                                    out_rows, (p.L & 1) ? tile1 : tile0, ps);
   }
 }
 
