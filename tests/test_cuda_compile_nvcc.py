@@ -980,6 +980,20 @@ IN_PLACE_CASES = {
 }
 
 
+def _in_place_case(case, layout, dtype):
+    """(EmuCase, x) of an IN_PLACE_CASES entry in ``dtype`` (permutations drawn from a seed of
+    the chain, biases on every other layer)."""
+    channels, groups, perms, index, c_in, _ = case
+    gen = torch.Generator().manual_seed(len(channels))
+    perms = [torch.randperm(channels[l + 1], generator=gen).to(
+        torch.int32 if p == "perm32" else torch.int64) if str(p).startswith("perm") else p
+        for l, p in enumerate(perms)]
+    idx = None if index is None else torch.tensor(index, dtype=torch.int64)
+    c = EmuCase(channels, groups, perms=perms, bias=[l % 2 == 0 for l in range(len(groups))],
+                index=idx, c_in=c_in, dtype=dtype, seed=21)
+    return c, _x((2, c_in or channels[0], 5, 7), layout, dtype, 22)
+
+
 @needs_cxx
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("case", IN_PLACE_CASES.values(), ids=IN_PLACE_CASES.keys())
@@ -993,15 +1007,8 @@ def test_emulated_mma_in_place_layers(emu, mma_arch, case, layout):
     groups of 25 to 32 items of all four blocks, in tiles of at most 32 positions.) Chains of
     2^nb channels, nb % 3 != 0, with 3 or more layers take the kWrap tile layout (32 and 128
     channels here)."""
-    channels, groups, perms, index, c_in, tiles = case
-    gen = torch.Generator().manual_seed(len(channels))
-    perms = [torch.randperm(channels[l + 1], generator=gen).to(
-        torch.int32 if p == "perm32" else torch.int64) if str(p).startswith("perm") else p
-        for l, p in enumerate(perms)]
-    idx = None if index is None else torch.tensor(index, dtype=torch.int64)
-    c = EmuCase(channels, groups, perms=perms, bias=[l % 2 == 0 for l in range(len(groups))],
-                index=idx, c_in=c_in, dtype=torch.bfloat16, seed=21)
-    x = _x((2, c_in or channels[0], 5, 7), layout, torch.bfloat16, 22)
+    c, x = _in_place_case(case, layout, torch.bfloat16)
+    channels, groups, *_, tiles = case
     y_two, plan = c.check_mma(emu, x)  # H100: room for the largest tile with two tiles
     assert plan[2] == 0, plan
     for tp in tiles:
@@ -1095,7 +1102,7 @@ def test_emulated_split3_is_exact(emu):
     total = (p[:, 2].double() + p[:, 1].double()) + p[:, 0].double()
     assert torch.equal(total[exact], x.double()[exact])
     assert float((total - x.double()).abs().max()) <= 2.0 ** -134
-    joined = (p[:, 2] + p[:, 1]) + p[:, 0]  # mma_join3's order, in float32
+    joined = (p[:, 2] + p[:, 1]) + p[:, 0]  # (lo + mid) + hi in float32
     assert torch.equal(joined[exact], x[exact])
     assert bool((p[:, 1].abs() <= p[:, 0].abs() * 2.0 ** -8).all())
     assert bool((p[:, 2].abs() <= p[:, 1].abs() * 2.0 ** -8).all())
@@ -1168,15 +1175,8 @@ def test_emulated_mma_f32_in_place_layers(emu, mma_arch, case):
     """In-place layers with three planes: on a device sized for the float32 in-place tile (three
     planes of one tile) of 32 or 16 positions, the same bits as the two-tile kernel; never 64
     positions in place (that kernel spilled, and is not built)."""
-    channels, groups, perms, index, c_in, tiles = IN_PLACE_CASES[case]
-    gen = torch.Generator().manual_seed(len(channels))
-    perms = [torch.randperm(channels[l + 1], generator=gen).to(
-        torch.int32 if p == "perm32" else torch.int64) if str(p).startswith("perm") else p
-        for l, p in enumerate(perms)]
-    idx = None if index is None else torch.tensor(index, dtype=torch.int64)
-    c = EmuCase(channels, groups, perms=perms, bias=[l % 2 == 0 for l in range(len(groups))],
-                index=idx, c_in=c_in, dtype=torch.float32, seed=21)
-    x = _x((2, c_in or channels[0], 5, 7), "contiguous", torch.float32, 22)
+    c, x = _in_place_case(IN_PLACE_CASES[case], "contiguous", torch.float32)
+    channels, _, _, _, c_in, tiles = IN_PLACE_CASES[case]
     y_two, plan = c.check_mma(emu, x)
     assert plan[2] == 0, plan
     f32_smem = lambda tp: 3 * (_in_place_smem(max(channels), tp) - 2 * tp * 8) + 2 * tp * 8

@@ -13,6 +13,7 @@
 // float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh,
 // and their backwards the tensor-core backward of chain_mma_backward.cuh when its store-all
 // tiles fit; IGC_CUDA_TENSOR_CORES=0 in the environment selects the CUDA-core kernels instead.
+// float32 forwards run that kernel in three bfloat16 planes only with IGC_CUDA_FP32_MMA=1.
 // Their per-call preparation is one kernel (mma_prepare_kernel) that reads the weights and
 // biases in their own dtype and writes the index table, the row tables, the weight fragments
 // (the backward's also transposed, for dh) and the fp32 biases into one int32 allocation: no

@@ -477,23 +477,29 @@ __device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
   return aligned16(a.ptr) && a.ix.strides_multiple_of(8);
 }
 
+// The warp steps of a channels-last tile move: f(tb, c0) for block tb of 8 positions and the
+// CW channels from c0, the steps dealt to the warps in turn. The bound is the same for every
+// lane of a warp (the movmatrix / ldmatrix / stmatrix inside are warp-collective).
+template <int TP, int CW, class F>
+__device__ __forceinline__ void cl_warp_steps(int C, F f) {
+  constexpr int TB = TP / 8;  // blocks of 8 positions
+  const int nit = TB * (C / CW);
+  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) f(it % TB, (it / TB) * CW);
+}
+
 // Channels-last tiles, aligned, through 8x8 blocks (8 positions x 8 channels) and movmatrix.
 // A warp takes NB blocks of the same 8 positions and neighbouring channels per iteration.
 // Loading, lane (gid, tig) reads channels 2 tig, 2 tig + 1 of position gid of each block (the
 // mma fragment layout of the [position][channel] block), movmatrix transposes it, and the lane
 // writes positions 2 tig, 2 tig + 1 of channel gid into that channel's row: 32-bit accesses on
-// both sides. Storing runs the same steps backwards. The loop bound is the same for every lane
-// of a warp (movmatrix is warp-collective).
+// both sides. Storing runs the same steps backwards.
 template <int TP, int NB, bool kDstRows, bool kWrap = false>
 __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
                                                const int64_t* pos_off, int tvalid, int C,
                                                uint16_t* tile,
                                                const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  constexpr int TB = TP / 8;  // blocks of 8 positions
-  const int nit = TB * (C / (8 * NB));
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, c0 = (it / TB) * 8 * NB;
+  cl_warp_steps<TP, 8 * NB>(C, [&](int tb, int c0) {
     const int t = 8 * tb + gid;
     uint32_t v[NB];
     const uint16_t* sp = src + (t < tvalid ? pos_off[t] : 0) + c0 + 2 * tig;
@@ -507,7 +513,7 @@ __device__ __forceinline__ void cl_load_blocks(const uint16_t* __restrict__ src,
           tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig)) =
           movmatrix_trans(v[k]);
     }
-  }
+  });
 }
 
 template <int TP, int NB, bool kWrap = false>
@@ -516,10 +522,7 @@ __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
                                                 const int32_t* __restrict__ src_row,
                                                 const uint16_t* tile) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  constexpr int TB = TP / 8;
-  const int nit = TB * (C / (8 * NB));
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, j0 = (it / TB) * 8 * NB;
+  cl_warp_steps<TP, 8 * NB>(C, [&](int tb, int j0) {
     const int t = 8 * tb + gid;
     uint32_t v[NB];
 #pragma unroll
@@ -533,7 +536,7 @@ __device__ __forceinline__ void cl_store_blocks(uint16_t* __restrict__ dst,
 #pragma unroll
       for (int k = 0; k < NB; ++k) *reinterpret_cast<uint32_t*>(dp + 8 * k) = v[k];
     }
-  }
+  });
 }
 
 // Channels-last tiles, aligned, C % 32 == 0: 8 positions x 32 channels per warp step, one
@@ -555,17 +558,14 @@ __device__ __forceinline__ void cl_load_wide(const uint16_t* __restrict__ src,
                                              const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
-  constexpr int TB = TP / 8;  // blocks of 8 positions
-  const int nit = TB * (C / 32);
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, c0 = (it / TB) * 32;
+  cl_warp_steps<TP, 32>(C, [&](int tb, int c0) {
     const int t = 8 * tb + gid;
     uint4 v = {0u, 0u, 0u, 0u};
     if (t < tvalid) v = *reinterpret_cast<const uint4*>(src + pos_off[t] + c0 + 8 * tig);
     const uint32_t r[4] = {v.x, v.y, v.z, v.w};
     const int c = c0 + ci;
     stmatrix_trans_x4(tile, mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb), r);
-  }
+  });
 }
 
 template <int TP, bool kWrap = false>
@@ -575,17 +575,14 @@ __device__ __forceinline__ void cl_store_wide(uint16_t* __restrict__ dst, const 
                                               const uint16_t* tile) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
-  constexpr int TB = TP / 8;
-  const int nit = TB * (C / 32);
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, j0 = (it / TB) * 32;
+  cl_warp_steps<TP, 32>(C, [&](int tb, int j0) {
     const int j = j0 + ci;  // output channel; its row: src_row(j)
     uint32_t r[4];
     ldmatrix_trans<4>(r, tile, mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb));
     const int t = 8 * tb + gid;
     if (t < tvalid)
       *reinterpret_cast<uint4*>(dst + pos_off[t] + j0 + 8 * tig) = uint4{r[0], r[1], r[2], r[3]};
-  }
+  });
 }
 
 // tile(row row(c), t) = x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
@@ -713,17 +710,13 @@ __device__ __forceinline__ bool rows_of_4_aligned(const TensorArg<T>& a) {
 // 8 channels) as in cl_load_blocks; lane (gid, tig) loads channels 2 tig, 2 tig + 1 of
 // position gid as a float2, whose three planes are its fragments of three 8x8 bfloat16
 // matrices, and movmatrix transposes each into positions 2 tig, 2 tig + 1 of channel gid's row
-// of its plane. A warp reads 8 positions x 32 bytes. The loop bound is the same for every lane
-// of a warp (movmatrix is warp-collective).
+// of its plane. A warp reads 8 positions x 32 bytes.
 template <int TP, bool kWrap = false>
 __device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src,
                                                    const int64_t* pos_off, int tvalid, int C,
                                                    uint16_t* tile, int ps) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  constexpr int TB = TP / 8;
-  const int nit = TB * (C / 8);
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, c0 = (it / TB) * 8;
+  cl_warp_steps<TP, 8>(C, [&](int tb, int c0) {
     const int t = 8 * tb + gid;
     float2 v = {0.0f, 0.0f};
     if (t < tvalid) v = *reinterpret_cast<const float2*>(src + pos_off[t] + c0 + 2 * tig);
@@ -732,7 +725,7 @@ __device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src
     uint16_t* dp = tile + mma_elem<TP, kWrap>(c0 + gid, 8 * tb + 2 * tig);
 #pragma unroll
     for (int k = 0; k < 3; ++k) *reinterpret_cast<uint32_t*>(dp + k * ps) = movmatrix_trans(q[k]);
-  }
+  });
 }
 
 // The store's blocks: each plane's 32-bit piece of output row src_row(j) (j = j0 + gid,
@@ -744,10 +737,7 @@ __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
                                                     const int32_t* __restrict__ src_row,
                                                     const uint16_t* tile, int ps) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
-  constexpr int TB = TP / 8;
-  const int nit = TB * (C / 8);
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, j0 = (it / TB) * 8;
+  cl_warp_steps<TP, 8>(C, [&](int tb, int j0) {
     const int j = j0 + gid;
     const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb + 2 * tig);
     uint32_t q[3];
@@ -758,7 +748,7 @@ __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
     if (t < tvalid)
       *reinterpret_cast<float2*>(dst + pos_off[t] + j0 + 2 * tig) =
           float2{mma_join3(q[0], q[1], q[2], 0), mma_join3(q[0], q[1], q[2], 1)};
-  }
+  });
 }
 
 // Channels-last float32 tiles, C % 32 == 0, positions 16-byte aligned: 8 positions x 32
@@ -772,10 +762,7 @@ __device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
                                                  uint16_t* tile, int ps) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
-  constexpr int TB = TP / 8;
-  const int nit = TB * (C / 32);
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, c0 = (it / TB) * 32;
+  cl_warp_steps<TP, 32>(C, [&](int tb, int c0) {
     const int t = 8 * tb + gid;
     uint4 a = {0u, 0u, 0u, 0u}, b = {0u, 0u, 0u, 0u};
     if (t < tvalid) {
@@ -794,7 +781,7 @@ __device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
       const uint32_t r[4] = {q[0][k], q[1][k], q[2][k], q[3][k]};
       stmatrix_trans_x4(tile + k * ps, e, r);
     }
-  }
+  });
 }
 
 template <int TP, bool kWrap = false>
@@ -804,10 +791,7 @@ __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
                                                   const uint16_t* tile, int ps) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
-  constexpr int TB = TP / 8;
-  const int nit = TB * (C / 32);
-  for (int it = threadIdx.x >> 5; it < nit; it += kThreads / 32) {
-    const int tb = it % TB, j0 = (it / TB) * 32;
+  cl_warp_steps<TP, 32>(C, [&](int tb, int j0) {
     const int j = j0 + ci;  // output channel; its row: src_row(j)
     const int e = mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb);
     uint32_t r[3][4];
@@ -822,7 +806,7 @@ __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
       reinterpret_cast<float4*>(dp)[0] = float4{f[0], f[1], f[2], f[3]};
       reinterpret_cast<float4*>(dp)[1] = float4{f[4], f[5], f[6], f[7]};
     }
-  }
+  });
 }
 
 // float32 tiles as three bfloat16 planes (MmaF32x3), plane k ps elements after plane 0.
