@@ -1127,7 +1127,7 @@ def test_emulated_mma_f32_group_widths(emu, mma_arch, case):
 
 @needs_cxx
 @pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
-def test_emulated_mma_f32_layouts(emu, mma_arch, layout):
+def test_emulated_mma_f32_layouts(emu, layout):
     """The float32 tile loads and stores: 8-position chunks of NCHW rows (two 16-byte loads,
     three 16-byte plane stores); channels-last with C % 32 == 0 and 16-byte aligned positions
     (32, 64 channels): 8 positions x 32 channels per warp step, one stmatrix.trans per plane
@@ -1135,20 +1135,27 @@ def test_emulated_mma_f32_layouts(emu, mma_arch, layout):
     with C % 8 == 0 (and the sm_80 load): 8x8 blocks, float2 pairs, one movmatrix per plane;
     the element paths (C = 12 and 10, strided views, the load through an input index;
     channels fastest where the channel stride is 1, else positions fastest), tile tails,
-    several tiles per CTA; explicit permutations."""
+    several tiles per CTA; explicit permutations. The channels-last layouts run on both
+    emulated archs (with and without stmatrix), the others' paths do not depend on it."""
     sp, xl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
     index = torch.tensor([3, 0, 3, 5, 7, 7, 7, 1, 8, 2, 2, 4, 6, 0, 1, 5], dtype=torch.int64)
-    for channels, groups, idx in (([16, 32, 16], [2, 4], None), ([32, 32, 64], [4, 4], None),
-                                  ([12, 24, 10], [4, 2], None), ([16, 32, 16], [2, 4], index)):
-        c = EmuCase(channels, groups, perms=["interleave", torch.randperm(channels[-1],
-                                                                          generator=gen)],
-                    bias=[True, False], index=idx, c_in=9 if idx is not None else None,
-                    dtype=torch.float32, seed=3)
-        x = _x((N, 9 if idx is not None else channels[0], *spatial), xl, torch.float32, 6)
-        c.check_mma(emu, x)
-        c.check_mma(emu, x, device=TWO_SM)
+    try:
+        for stmatrix in ((1, 0) if "channels_last" in xl else (1,)):
+            emu.igc_emu_set_stmatrix(stmatrix)
+            for channels, groups, idx in (([16, 32, 16], [2, 4], None),
+                                          ([32, 32, 64], [4, 4], None),
+                                          ([12, 24, 10], [4, 2], None),
+                                          ([16, 32, 16], [2, 4], index)):
+                perms = ["interleave", torch.randperm(channels[-1], generator=gen)]
+                c = EmuCase(channels, groups, perms=perms, bias=[True, False], index=idx,
+                            c_in=9 if idx is not None else None, dtype=torch.float32, seed=3)
+                x = _x((N, 9 if idx is not None else channels[0], *spatial), xl, torch.float32, 6)
+                c.check_mma(emu, x)
+                c.check_mma(emu, x, device=TWO_SM)
+    finally:
+        emu.igc_emu_set_stmatrix(1)
 
 
 @needs_cxx
