@@ -470,11 +470,12 @@ __device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const 
 // ---------------------------------------------------------------------------------------------
 // Tile movement (raw 16-bit values, swizzled rows)
 // ---------------------------------------------------------------------------------------------
-// Whether every position of a tensor starts a 16-byte aligned run of 8 elements when its
-// channel stride is 1: the base is aligned and every position stride is a multiple of 8.
+// Whether every position of a tensor starts a 16-byte aligned run of channels when its channel
+// stride is 1: the base is aligned and every position stride is a multiple of 16 bytes (8
+// 16-bit elements, 4 floats).
 template <typename T>
-__device__ __forceinline__ bool rows_of_8_aligned(const TensorArg<T>& a) {
-  return aligned16(a.ptr) && a.ix.strides_multiple_of(8);
+__device__ __forceinline__ bool rows_aligned16(const TensorArg<T>& a) {
+  return aligned16(a.ptr) && a.ix.strides_multiple_of(16 / sizeof(T));
 }
 
 // The warp steps of a channels-last tile move: f(tb, c0) for block tb of 8 positions and the
@@ -695,15 +696,10 @@ __device__ __noinline__ void mma_store_tile(uint16_t* __restrict__ dst, int64_t 
 }
 
 // Whether every position of a float32 tensor with channel stride 1 starts 8-byte aligned (the
-// channels-last float32 tile moves take channel pairs as float2), or 16-byte aligned (runs of
-// 4 as 16-byte vectors).
+// channels-last float32 tile moves take channel pairs as float2).
 template <typename T>
 __device__ __forceinline__ bool pairs_aligned(const TensorArg<T>& a) {
   return (reinterpret_cast<uintptr_t>(a.ptr) & 7) == 0 && a.ix.strides_multiple_of(2);
-}
-template <typename T>
-__device__ __forceinline__ bool rows_of_4_aligned(const TensorArg<T>& a) {
-  return aligned16(a.ptr) && a.ix.strides_multiple_of(4);
 }
 
 // Channels-last float32 tiles (MmaF32x3), C % 8 == 0, pairs aligned: 8x8 blocks (8 positions x
@@ -1409,11 +1405,11 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
     __syncthreads();
     if constexpr (NP == 1)
       mma_load_tile<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                               rows_of_8_aligned(x), tvalid, p.c0,
+                               rows_aligned16(x), tvalid, p.c0,
                                p.has_index ? p.table + p.index_off : nullptr, tile0);
     else
       mma_load_tile_f32<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                                   pairs_aligned(x), rows_of_4_aligned(x), tvalid, p.c0,
+                                   pairs_aligned(x), rows_aligned16(x), tvalid, p.c0,
                                    p.has_index ? p.table + p.index_off : nullptr, tile0, ps);
     __syncthreads();
     for (int l = 0; l < p.L; ++l) {
@@ -1432,11 +1428,11 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
     const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
     if constexpr (NP == 1)
       mma_store_tile<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
-                                rows_of_8_aligned(y), tvalid, last.cout, out_rows,
+                                rows_aligned16(y), tvalid, last.cout, out_rows,
                                 (p.L & 1) ? tile1 : tile0);
     else
       mma_store_tile_f32<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
-                                    pairs_aligned(y), rows_of_4_aligned(y), tvalid, last.cout,
+                                    pairs_aligned(y), rows_aligned16(y), tvalid, last.cout,
                                     out_rows, (p.L & 1) ? tile1 : tile0, ps);
   }
 }

@@ -509,8 +509,8 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
   const LayerDesc& last = p.layer[L - 1];
   const int32_t* dy_rows = last.gather_identity ? nullptr : p.table + last.g_off;
-  const bool x_cl_vec = rows_of_8_aligned(x), dy_cl_vec = rows_of_8_aligned(dy);
-  const bool dx_cl_vec = f.need_x ? rows_of_8_aligned(dx) : false;
+  const bool x_cl_vec = rows_aligned16(x), dy_cl_vec = rows_aligned16(dy);
+  const bool dx_cl_vec = f.need_x ? rows_aligned16(dx) : false;
   const int64_t ntiles = (P + TP - 1) / TP;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int64_t p0 = tile * TP;
