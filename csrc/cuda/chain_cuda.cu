@@ -176,12 +176,10 @@ bool tensor_cores_enabled() {
 
 // Float32 forwards on the tensor cores (chain_mma.cuh's MmaF32x3: three bfloat16 planes, six
 // products) only with IGC_CUDA_FP32_MMA=1, until a GPU has timed them against the CUDA-core
-// kernel; IGC_CUDA_TENSOR_CORES=0 turns them off as well.
+// kernel; IGC_CUDA_TENSOR_CORES=0 turns them off as well. Read once; another value than 0 or 1
+// is an error naming the variable (env_count).
 bool fp32_tensor_cores_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("IGC_CUDA_FP32_MMA");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
+  static const bool on = env_count("IGC_CUDA_FP32_MMA", 1) == 1;
   return on;
 }
 
