@@ -88,7 +88,9 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
     """Every kernel for float32 / float64 / float16 / bfloat16, through ptxas for sm_80 and
     sm_90, with ptxas's resource report: every kernel fits a CTA of 256 threads (registers), the
     float32 / 16-bit chain kernels fit two CTAs per SM (at most 128 registers), as
-    ``CtasPerSm`` in chain_kernels.cuh promises the tile chooser, and use no local memory
+    ``CtasPerSm`` in chain_kernels.cuh promises the tile chooser (but the float32 tensor-core
+    backwards of 16 and 64 positions, sized for one: mma_backward_min_ctas), and use no local
+    memory
     beyond a 16-byte frame: no spills, and no copy of a kernel argument indexed at run time
     (the tensor-core kernels none at all). The float64 CUDA-core kernels sit at the 255-register
     limit of 256-thread CTAs and spill a few bytes (at most a 64-byte frame); they are the
@@ -104,12 +106,12 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
         # the tensor-core forward: 3 formats (float16, bfloat16, float32 as three bfloat16
         # planes) x 3 tiles x (two tiles, in-place layers in the plain and in the kWrap layout),
-        # less float32's two 64-position in-place ones; the backward: 2 formats x 3 tiles; the
+        # less float32's two 64-position in-place ones; the backward: 3 formats x 3 tiles; the
         # backward's reduction per format; the per-call preparation per tile
         assert sum("chain_forward_mma_kernel" in n for n in names) == 25, names
-        assert sum("chain_backward_mma_kernel" in n for n in names) == 6, names
+        assert sum("chain_backward_mma_kernel" in n for n in names) == 9, names
         assert sum("mma_prepare_kernel" in n for n in names) == 3, names
-        assert sum("reduce_partials_mma_kernel" in n for n in names) == 2, names
+        assert sum("reduce_partials_mma_kernel" in n for n in names) == 3, names
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["registers"] * 256 <= 65536, k
             if "Idd" in k["mangled"]:
@@ -117,7 +119,8 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
                 continue
             assert k["spill_bytes"] == 0, k
             assert k["stack_bytes"] <= (0 if "mma" in k["mangled"] else 16), k
-            if "chain_" in k["mangled"]:
+            one_cta = re.search(r"chain_backward_mma_kernelINS0_8MmaF32x3ELi[14]E", k["mangled"])
+            if "chain_" in k["mangled"] and not one_cta:
                 assert k["registers"] <= 128, k
 
 
@@ -170,15 +173,16 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
     .trans: dW's operands, both channel-major rows) and LDSM.16.MT88 (.trans: du and the
     activations as the A of dh and of the recompute), MOVM (epilogues), STSM on sm_90 (the
     recompute's and dh's epilogues, channels-last tile loads); no HMMA / LDSM / MOVM / STSM
-    predicated (every lane of a warp executes them)."""
+    predicated (every lane of a warp executes them). Three formats (float32: bf16 planes) of
+    three tiles each."""
     for arch, (cubin, _, _) in device_cubins.items():
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
         bwd = [f for f in funcs if "chain_backward_mma_kernel" in f.split()[0]]
-        assert len(bwd) == 6, [f.split()[0] for f in funcs]
+        assert len(bwd) == 9, [f.split()[0] for f in funcs]
         for f in bwd:
             name = f.split()[0]
-            fmt = ".BF16" if "MmaBf16" in name else ""
+            fmt = ".BF16" if "MmaBf16" in name or "MmaF32x3" in name else ""
             instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
@@ -412,22 +416,26 @@ class EmuCase:
         return self._backward(lib.igc_emu_backward, int(self.dtype == torch.float64),
                               self._flat(), x, gy, mask, device, occupancy, 4, "backward")
 
-    def emu_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
-        """The tensor-core backward (float16 / bfloat16; weights and biases passed in their
-        dtype, as the CUDA launcher passes them). Returns ``dx, dW, db`` (flattened, in the
-        dtype) and the plan (tile positions, grid, 1 where x and dy share a tile: reload x)."""
-        assert self.dtype in (torch.float16, torch.bfloat16)
+    def emu_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1,
+                         nan_ok=False):
+        """The tensor-core backward (float16 / bfloat16, or float32 as three bfloat16 planes;
+        weights and biases passed in their dtype, as the CUDA launcher passes them). Returns
+        ``dx, dW, db`` (flattened, in the dtype) and the plan (tile positions, grid, 1 where x
+        and dy share a tile: reload x). ``nan_ok``: NaN in dx expected, so only writes outside
+        it are checked."""
+        fmt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[self.dtype]
         W, B = self._flat()
-        return self._backward(lib.igc_emu_backward_mma, int(self.dtype == torch.bfloat16), (W, B),
-                              x, gy, mask, device, occupancy, 3, "tensor-core backward")
+        return self._backward(lib.igc_emu_backward_mma, fmt, (W, B), x, gy, mask, device,
+                              occupancy, 3, "tensor-core backward", nan_ok)
 
-    def _backward(self, fn, flag, flat, x, gy, mask, device, occupancy, plan_len, what):
+    def _backward(self, fn, flag, flat, x, gy, mask, device, occupancy, plan_len, what,
+                  nan_ok=False):
         h = self.host_chain()
         W, B = flat
         need_x, need_w, need_b = mask
         dx = dx_guard = None
         if need_x:
-            dx, dx_guard = _guarded_like(empty_like_layout(x, self.c_in))
+            dx, dx_guard = _guarded_like(empty_like_layout(x, self.c_in), complete=not nan_ok)
         nw = sum(w.numel() for w in self.weights)
         nb = sum(b.numel() for b in self.biases if b is not None)
         gw = torch.full((max(nw, 1),), float("nan"), dtype=self.dtype)
@@ -470,24 +478,32 @@ class EmuCase:
     def check_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100,
                            occupancy=1):
         """The tensor-core backward against the float64 oracle: every requested gradient within
-        twice the error of the unfused chain's autograd in the same dtype, finite, dx in the
-        layout of the contract. Returns ``dx, dW, db, plan``."""
+        twice the error of the unfused chain's autograd in the same dtype (float32: within the
+        rounding bound of the problem, the CUDA-core backward's rule), finite, dx in the layout
+        of the contract. Returns ``dx, dW, db, plan``."""
         dx, gw, gb, plan = self.emu_backward_mma(lib, x, gy, mask, device, occupancy)
+        f32 = self.dtype == torch.float32
         _, g64 = self.reference(x, gy)
-        _, glo = self.reference(x, gy, dtype=self.dtype)
+        # float32: the magnitudes of the bound; 16-bit: the unfused chain in the dtype
+        _, gref = self.reference(x, gy, absolute=True) if f32 else self.reference(
+            x, gy, dtype=self.dtype)
         L = len(self.weights)
         flat = lambda gs: torch.cat([g.reshape(-1) for g in gs])  # noqa: E731
         checks = []
         if mask[0]:
-            checks.append(("grad of x", dx, g64[0], glo[0]))
+            checks.append(("grad of x", dx, g64[0], gref[0]))
             assert dx.stride() == empty_like_layout(x, self.c_in).stride()
         if mask[1]:
-            checks.append(("grad of weights", gw, flat(g64[1:1 + L]), flat(glo[1:1 + L])))
+            checks.append(("grad of weights", gw, flat(g64[1:1 + L]), flat(gref[1:1 + L])))
         if mask[2] and any(b is not None for b in self.biases):
-            checks.append(("grad of biases", gb, flat(g64[1 + L:]), flat(glo[1 + L:])))
-        for name, actual, expected, unfused in checks:
-            msg = two_x_failure(name, actual, expected, unfused)
-            assert msg is None, msg
+            checks.append(("grad of biases", gb, flat(g64[1 + L:]), flat(gref[1 + L:])))
+        k = self.k(x.numel() // x.shape[1])
+        for name, actual, expected, other in checks:
+            if f32:
+                assert_within_rounding(actual, expected, other, k, torch.float32, name=name)
+            else:
+                msg = two_x_failure(name, actual, expected, other)
+                assert msg is None, msg
             assert bool(torch.isfinite(actual).all()), name
         return dx, gw, gb, plan
 
@@ -1245,8 +1261,12 @@ MMA_BACKWARD_WIDTHS = {
 }
 
 
+# the tensor-core backward's dtypes: float32 as three bfloat16 planes (MmaF32x3)
+MMA_BACKWARD_DTYPES = {**LOW, "float32": torch.float32}
+
+
 @needs_cxx
-@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("dtype", MMA_BACKWARD_DTYPES.values(), ids=MMA_BACKWARD_DTYPES.keys())
 @pytest.mark.parametrize("case", MMA_BACKWARD_WIDTHS.values(), ids=MMA_BACKWARD_WIDTHS.keys())
 def test_emulated_mma_backward_group_widths(emu, mma_arch, case, dtype):
     channels, groups = case
@@ -1294,13 +1314,15 @@ def test_emulated_mma_backward_layouts(emu, mma_arch, layout):
 
 
 @needs_cxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_emulated_mma_backward_unaligned_tensors(emu, layout):
-    """x, grad_y and dx whose rows of 8 are not 16-byte aligned take the scalar paths; the same
-    values at aligned addresses take the vector paths: bitwise equal gradients."""
-    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=8)
-    x = _x((2, 16, 8, 8), layout, torch.bfloat16, 9)
-    gy = _x((2, 16, 8, 8), layout, torch.bfloat16, 10)
+def test_emulated_mma_backward_unaligned_tensors(emu, layout, dtype):
+    """x, grad_y and dx whose rows are not 16-byte aligned (float32 channels-last: pairs not
+    8-byte aligned) take the scalar paths; the same values at aligned addresses take the vector
+    paths: bitwise equal gradients."""
+    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=dtype, seed=8)
+    x = _x((2, 16, 8, 8), layout, dtype, 9)
+    gy = _x((2, 16, 8, 8), layout, dtype, 10)
 
     def shifted(t):
         flat = torch.empty(t.numel() + 1, dtype=t.dtype)
@@ -1315,7 +1337,7 @@ def test_emulated_mma_backward_unaligned_tensors(emu, layout):
 
 
 @needs_cxx
-@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("dtype", MMA_BACKWARD_DTYPES.values(), ids=MMA_BACKWARD_DTYPES.keys())
 @pytest.mark.parametrize("perm_dtype", [torch.int64, torch.int32])
 def test_emulated_mma_backward_input_index_and_permutations(emu, mma_arch, dtype, perm_dtype):
     """An input index with repeats and unused channels (their dx is exactly 0; the others sum
@@ -1340,14 +1362,15 @@ def test_emulated_mma_backward_input_index_and_permutations(emu, mma_arch, dtype
 @pytest.mark.parametrize("mask", [(True, False, False), (False, True, False),
                                   (False, False, True), (False, True, True), (True, True, False)])
 def test_emulated_mma_backward_output_mask(emu, mask):
-    c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=21)
-    x = _x((2, 16, 3, 7), "channels_last", torch.bfloat16, 22)
-    gy = _x((2, 16, 3, 7), "contiguous", torch.bfloat16, 23)
-    c.check_backward_mma(emu, x, gy, mask=mask)
+    for dtype in (torch.bfloat16, torch.float32):
+        c = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=dtype, seed=21)
+        x = _x((2, 16, 3, 7), "channels_last", dtype, 22)
+        gy = _x((2, 16, 3, 7), "contiguous", dtype, 23)
+        c.check_backward_mma(emu, x, gy, mask=mask)
 
 
 @needs_cxx
-@pytest.mark.parametrize("dtype", LOW.values(), ids=LOW.keys())
+@pytest.mark.parametrize("dtype", MMA_BACKWARD_DTYPES.values(), ids=MMA_BACKWARD_DTYPES.keys())
 def test_emulated_mma_backward_is_deterministic(emu, dtype):
     """Two CTAs, each over many tiles: weight and bias gradients from the fixed-order reduction
     of the per-CTA rows, bitwise equal over runs."""
@@ -1393,18 +1416,21 @@ def test_emulated_mma_backward_wide_row_updates(emu, bias):
 
 
 @needs_cxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("where", ["x", "grad_y"])
-def test_emulated_mma_backward_keeps_groups_apart(emu, where):
+def test_emulated_mma_backward_keeps_groups_apart(emu, where, dtype):
     """An infinite value in one group (in x, or in grad_y) leaves every gradient of the other
     groups finite and bitwise equal to those of the finite inputs: no product mixes groups
-    (block-diagonal packing, or a dW block reaching past its group, would spread NaN)."""
-    c = EmuCase([32, 32], [4], perms=[None], bias=[True], dtype=torch.bfloat16, seed=2)
-    x = _x((1, 32, 4, 4), "contiguous", torch.bfloat16, 1)
-    gy = _x((1, 32, 4, 4), "contiguous", torch.bfloat16, 3)
+    (block-diagonal packing, or a dW block reaching past its group, would spread NaN; float32's
+    planes make the group's own gradients NaN, documented)."""
+    c = EmuCase([32, 32], [4], perms=[None], bias=[True], dtype=dtype, seed=2)
+    x = _x((1, 32, 4, 4), "contiguous", dtype, 1)
+    gy = _x((1, 32, 4, 4), "contiguous", dtype, 3)
     dx, gw, gb, _ = c.emu_backward_mma(emu, x, gy)
     x_inf, gy_inf = x.clone(), gy.clone()
     (x_inf if where == "x" else gy_inf)[:, 3] = float("inf")  # group 0 (channels 0..7)
-    dx_inf, gw_inf, gb_inf, _ = c.emu_backward_mma(emu, x_inf, gy_inf)
+    dx_inf, gw_inf, gb_inf, _ = c.emu_backward_mma(emu, x_inf, gy_inf,
+                                                   nan_ok=dtype == torch.float32)
     w, w_inf = gw.view(32, 8), gw_inf.view(32, 8)
     assert torch.equal(w_inf[8:], w[8:]) and torch.equal(dx_inf[:, 8:], dx[:, 8:])
     assert torch.equal(gb_inf[8:], gb[8:])
@@ -1446,6 +1472,74 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
                                   ctypes.byref(EmuDevice(2, smem_r(16) - 1, smem_r(16) - 1, 1)),
                                   plan)
     assert rc == 4, rc
+
+
+@needs_cxx
+@pytest.mark.parametrize("layout", MMA_BACKWARD_LAYOUTS.values(), ids=MMA_BACKWARD_LAYOUTS.keys())
+def test_emulated_mma_f32_backward_layouts(emu, layout):
+    """The float32 backward's tile moves (the forward's, inlined): x and dy (scattered through the
+    last permutation) by 8-position NCHW chunks, channels-last 32-channel steps (stmatrix per
+    plane, sm_90) or 8x8 blocks (float2 pairs, movmatrix per plane), element by element; dx
+    stored by the same paths (ldmatrix per plane for 32 channels); stride-0 grad_y, tile tails,
+    several tiles per CTA. Channels-last layouts with and without sm_90's stmatrix."""
+    sp, xl, gl = layout
+    N, spatial = sp[0], sp[1:]
+    gen = torch.Generator().manual_seed(5)
+    try:
+        for stmatrix in ((1, 0) if "channels_last" in xl + gl else (1,)):
+            emu.igc_emu_set_stmatrix(stmatrix)
+            for channels, groups in (([16, 32, 16], [2, 4]), ([32, 32, 64], [4, 4]),
+                                     ([12, 24, 10], [4, 2])):
+                perm = torch.randperm(channels[-1], generator=gen)
+                c = EmuCase(channels, groups, perms=["interleave", perm], bias=[True, False],
+                            dtype=torch.float32, seed=3)
+                x = _x((N, channels[0], *spatial), xl, torch.float32, 6)
+                shape = (N, channels[-1], *spatial)
+                gy = (expanded_like(shape, torch.float32, gen) if gl == "expanded"
+                      else _x(shape, gl, torch.float32, 7))
+                c.check_backward_mma(emu, x, gy, device=TWO_SM)
+    finally:
+        emu.igc_emu_set_stmatrix(1)
+
+
+@needs_cxx
+def test_emulated_mma_f32_backward_exact_where_float32_is(emu):
+    """Integers whose every product and partial sum is exact in float32 but not in bfloat16 (x up
+    to 2^9, so 10 significant bits): dx, dW and db from the three planes equal the float64
+    gradients exactly, as the float32 chain's would."""
+    c = EmuCase([32, 32, 32], [4, 4], perms=["interleave", None], bias=[True, True],
+                dtype=torch.float32, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    c.weights = [torch.randint(-3, 4, w.shape, generator=gen).float() for w in c.weights]
+    c.biases = [torch.randint(-2 ** 9, 2 ** 9, (32,), generator=gen).float() for _ in range(2)]
+    x = torch.randint(-2 ** 9, 2 ** 9, (1, 32, 4, 5), generator=gen).float()
+    gy = torch.randint(-4, 5, (1, 32, 4, 5), generator=gen).float()
+    dx, gw, gb, _ = c.emu_backward_mma(emu, x, gy)
+    _, g64 = c.reference(x, gy)
+    assert torch.equal(dx, g64[0].float())
+    assert torch.equal(gw, torch.cat([g.reshape(-1) for g in g64[1:3]]).float())
+    assert torch.equal(gb, torch.cat([g.reshape(-1) for g in g64[3:]]).float())
+    assert float(gw.abs().max()) > 2 ** 16  # beyond bfloat16's exact integers
+
+
+@needs_cxx
+def test_emulated_mma_f32_backward_tiles(emu):
+    """The float32 backward's tiles: two CTAs of 32 positions where their shared memory fits
+    (the only float32 kernel that runs two per SM: at 128 registers the others spilled), else
+    the largest tile for one CTA (64 positions on a device with room for one 64-position tile
+    but not for two of 32; 16 with room for one of 16), where the 16-bit rule would size the
+    tile for two CTAs. Every gradient within the float32 rounding bound."""
+    c = EmuCase([64, 128, 64], [8, 8], bias=[True, True], dtype=torch.float32, seed=6)
+    x = _x((2, 64, 9, 11), "contiguous", torch.float32, 3)
+    gy = _x((2, 64, 9, 11), "contiguous", torch.float32, 4)
+    # mma_backward_smem_bytes, three planes: the x tile, u_1, the dy tile, the zero and scratch
+    # rows; three offset arrays
+    smem = lambda tp: 3 * (64 + 128 + 64 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
+    for tp, per_sm in ((32, 2 * (smem(32) + 1024)), (64, smem(64) + 1024),
+                       (16, smem(16) + 1024)):
+        assert tp == 32 or per_sm < 2 * (smem(32) + 1024)
+        *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm - 1024, per_sm))
+        assert plan[0] == tp and plan[2] == 0, (tp, plan)
 
 
 MMA_RELOAD_CASES = {
@@ -1538,27 +1632,39 @@ def test_static_model_mirrors_the_backward_planner(emu):
     per SM either way), IGCV2(64, 4) has room for 64 positions without it; IGCV2(1024, 16) and
     (1024, 32), whose weight-gradient rows at two CTAs per SM exceed three quarters of the L2,
     take one CTA per SM with 32 positions (the emulated device: two SMs with the L2 share of
-    two of the 132)."""
+    two of the 132). Float32 (three planes): IGCV2(64, 4) two CTAs of 32 positions, IGCV2(256,
+    8) one of 32 and (512, 16) one of 16 (x and dy in one tile gains nothing), (1024, 32) one of
+    16 with x and dy in one tile, (1024, 8) and (1024, 16) no tile (the CUDA-core backward)."""
     pytest.importorskip("triton")
-    expect = {(256, 8): (64, True), (512, 16): (32, True), (1024, 8): (16, False),
-              (64, 4): (64, False), (1024, 16): (32, True), (1024, 32): (32, False)}
-    chains = {ck: [ck[0]] * (len(igc.ChainSpec.igcv2(*ck).groups) + 1) for ck in expect}
-    floats = [sum(c * k for c, k in igc.ChainSpec.igcv2(*ck).weight_shapes()) for ck in expect]
+    expect = {
+        torch.bfloat16: {(256, 8): (64, True), (512, 16): (32, True), (1024, 8): (16, False),
+                         (64, 4): (64, False), (1024, 16): (32, True), (1024, 32): (32, False)},
+        torch.float32: {(256, 8): (32, False), (512, 16): (16, False), (1024, 8): (0, False),
+                        (64, 4): (32, False), (1024, 16): (0, False), (1024, 32): (16, True)}}
+    cks = list(expect[torch.bfloat16])
+    chains = {ck: [ck[0]] * (len(igc.ChainSpec.igcv2(*ck).groups) + 1) for ck in cks}
+    floats = [sum(c * k for c, k in igc.ChainSpec.igcv2(*ck).weight_shapes()) for ck in cks]
     # (in a process of its own: the tool refuses TRITON_INTERPRET, which this suite sets)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import json, sys; sys.path.insert(0, 'tools'); import gpu_static; print(json.dumps("
-            f"[gpu_static.mma_backward_plan(c, 90, f)[:2] for c, f in "
-            f"zip({list(chains.values())}, {floats})]))")
+            f"[[gpu_static.mma_backward_plan(c, 90, f, p)[:2] for c, f in "
+            f"zip({list(chains.values())}, {floats})] for p in (1, 3)]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     static = json.loads(r.stdout.strip().splitlines()[-1])
-    for ((C, K), want), got in zip(expect.items(), static):
-        chans = chains[(C, K)]
-        assert tuple(got) == want, (C, K, got)
-        spec = igc.ChainSpec.igcv2(C, K)
-        c = EmuCase(chans, list(spec.groups), dtype=torch.bfloat16, seed=C + K)
-        x = _x((1, C, 8, 16), "contiguous", torch.bfloat16, 1)  # 128 positions: 2 tiles of 64
-        gy = _x((1, C, 8, 16), "contiguous", torch.bfloat16, 2)
-        *_, plan = c.emu_backward_mma(emu, x, gy, device=(*TWO_SM, H100_L2 * 2 // 132))
-        assert (plan[0], bool(plan[2])) == want, (C, K, plan)
+    for (dtype, want_all), plans in zip(expect.items(), static):
+        for ((C, K), want), got in zip(want_all.items(), plans):
+            assert tuple(got) == want, (dtype, C, K, got)
+            spec = igc.ChainSpec.igcv2(C, K)
+            c = EmuCase(chains[(C, K)], list(spec.groups), dtype=dtype, seed=C + K)
+            # 128 positions: 2 tiles of 64 (float32, whose tiles are at most 32: 64 positions)
+            h = 8 if dtype == torch.bfloat16 else 4
+            x = _x((1, C, h, 16), "contiguous", dtype, 1)
+            gy = _x((1, C, h, 16), "contiguous", dtype, 2)
+            try:
+                *_, plan = c.emu_backward_mma(emu, x, gy, device=(*TWO_SM, H100_L2 * 2 // 132))
+            except AssertionError as e:  # no tile: the launcher's fallback (code 4)
+                assert want[0] == 0 and "failed with code 4" in str(e), (dtype, C, K, e)
+                continue
+            assert (plan[0], bool(plan[2])) == want, (dtype, C, K, plan)

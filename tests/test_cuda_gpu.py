@@ -392,34 +392,43 @@ torch.manual_seed(0)
 worst = []
 for C, K, L, layout in ((256, 32, 2, torch.contiguous_format), (512, 16, 3, torch.channels_last),
                         (256, 8, 3, torch.contiguous_format)):
-    x = torch.randn(3, C, 9, 11, device="cuda").to(memory_format=layout)
-    ws = [torch.randn(C, K, device="cuda") / K ** 0.5 for _ in range(L)]
-    bs = [torch.randn(C, device="cuda") for _ in range(L)]
+    x = torch.randn(3, C, 9, 11, device="cuda").to(memory_format=layout).requires_grad_()
+    ws = [(torch.randn(C, K, device="cuda") / K ** 0.5).requires_grad_() for _ in range(L)]
+    bs = [torch.randn(C, device="cuda").requires_grad_() for _ in range(L)]
+    gy = torch.randn(3, C, 9, 11, device="cuda").to(memory_format=layout)
     g = [C // K] * L
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         y = igc.interleaved_group_conv(x, ws, g, biases=bs, backend="cuda")
+        grads = torch.autograd.grad(y, [x, *ws, *bs], gy)
         torch.cuda.synchronize()
-    names = sorted({e.name for e in prof.events() if "chain_forward" in e.name})
-    ref = igc.reference.interleaved_group_conv(x.double(), [w.double() for w in ws], g,
-                                               biases=[b.double() for b in bs])
-    mag = igc.reference.interleaved_group_conv(x.double().abs(), [w.double().abs() for w in ws],
-                                               g, biases=[b.double().abs() for b in bs])
-    k = sum(2 * K + 2 for _ in range(L))
-    msg = rounding_failure("output", y.cpu(), ref.cpu(), mag.cpu(), k, torch.float32)
-    print(names, msg)
-    assert msg is None, msg
-    worst.append(float(((y.double() - ref).abs() / mag).max()))
+    names = sorted({e.name for e in prof.events() if "chain_" in e.name})
+    def oracle(f):
+        leaves = [f(t.detach().double()).requires_grad_() for t in (x, *ws, *bs)]
+        out = igc.reference.interleaved_group_conv(leaves[0], leaves[1:1 + L], g,
+                                                   biases=leaves[1 + L:])
+        return [out.detach()] + list(torch.autograd.grad(out, leaves, f(gy.double())))
+    ref, mag = oracle(lambda t: t), oracle(torch.abs)
+    k = sum(2 * K + 2 for _ in range(L))  # the output; the gradients also sum the positions
+    msgs = [rounding_failure(name, a.cpu(), r.cpu(), m.cpu(), k + (i > 0) * 3 * 9 * 11,
+                             torch.float32)
+            for i, (name, a, r, m) in enumerate(zip(["output", "grad of x"] + ["grad of w"] * L +
+                                                    ["grad of b"] * L, [y, *grads], ref, mag))]
+    print(names, msgs)
+    assert all(m is None for m in msgs), msgs
+    worst.append(max(float(((a.double() - r).abs() / m.clamp_min(1e-30)).max())
+                     for a, r, m in zip([y, *grads], ref, mag)))
 print("worst relative error", max(worst))
 """
 
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
-                    reason="the float32 tensor-core forward needs sm_80")
+                    reason="the float32 tensor-core kernels need sm_80")
 @pytest.mark.parametrize("fp32_mma", ["1", "0"])
-def test_float32_tensor_core_forward_is_opt_in(fp32_mma):
-    """float32 forwards run chain_forward_mma_kernel only with IGC_CUDA_FP32_MMA=1 (read once
-    per process: a subprocess each), and either way within the float32 rounding bound of the
-    problem (NCHW and channels-last, groups of 32, 16 and 8)."""
+def test_float32_tensor_cores_are_opt_in(fp32_mma):
+    """float32 forwards and backwards run chain_forward_mma_kernel and chain_backward_mma_kernel
+    only with IGC_CUDA_FP32_MMA=1 (read once per process: a subprocess each), and either way
+    the output and every gradient lie within the float32 rounding bound of the problem (NCHW
+    and channels-last, groups of 32, 16 and 8)."""
     import os
     import subprocess
     import sys
@@ -432,6 +441,7 @@ def test_float32_tensor_core_forward_is_opt_in(fp32_mma):
     assert len(lines) == 3 and "worst relative error" in r.stdout, r.stdout[-2000:]
     for line in lines:
         assert ("chain_forward_mma_kernel" in line) == (fp32_mma == "1"), line
+        assert ("chain_backward_mma_kernel" in line) == (fp32_mma == "1"), line
 
 
 _BACKWARD_KERNELS_SCRIPT = """

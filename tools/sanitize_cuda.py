@@ -13,8 +13,8 @@ is compared with the reference chain, so the script also fails (exit 1) on a wro
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool initcheck --error-exitcode 99 python tools/sanitize_cuda.py
 
 (``tools/gpu_session.sh sanitize`` runs all three; its ``race`` step runs racecheck a second
-time with ``IGC_CUDA_FP32_MMA=1``, which sends the float32 forwards to the tensor-core kernel's
-three-plane format). Sizes are tiny so that a run under
+time with ``IGC_CUDA_FP32_MMA=1``, which sends the float32 forwards and backwards to the
+tensor-core kernels' three-plane format). Sizes are tiny so that a run under
 racecheck takes seconds, not minutes.
 """
 

@@ -13,7 +13,8 @@
 // float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh,
 // and their backwards the tensor-core backward of chain_mma_backward.cuh when its store-all
 // tiles fit; IGC_CUDA_TENSOR_CORES=0 in the environment selects the CUDA-core kernels instead.
-// float32 forwards run that kernel in three bfloat16 planes only with IGC_CUDA_FP32_MMA=1.
+// float32 forwards and backwards run those kernels in three bfloat16 planes only with
+// IGC_CUDA_FP32_MMA=1.
 // Their per-call preparation is one kernel (mma_prepare_kernel) that reads the weights and
 // biases in their own dtype and writes the index table, the row tables, the weight fragments
 // (the backward's also transposed, for dh) and the fp32 biases into one int32 allocation: no
@@ -174,9 +175,9 @@ bool tensor_cores_enabled() {
   return on;
 }
 
-// Float32 forwards on the tensor cores (chain_mma.cuh's MmaF32x3: three bfloat16 planes, six
-// products) only with IGC_CUDA_FP32_MMA=1, until a GPU has timed them against the CUDA-core
-// kernel; IGC_CUDA_TENSOR_CORES=0 turns them off as well. Read once; another value than 0 or 1
+// Float32 forwards and backwards on the tensor cores (chain_mma.cuh's MmaF32x3: three bfloat16
+// planes, six products) only with IGC_CUDA_FP32_MMA=1, until a GPU has timed them against the
+// CUDA-core kernels; IGC_CUDA_TENSOR_CORES=0 turns them off as well. Read once; another value than 0 or 1
 // is an error naming the variable (env_count).
 bool fp32_tensor_cores_enabled() {
   static const bool on = env_count("IGC_CUDA_FP32_MMA", 1) == 1;
@@ -226,9 +227,9 @@ MmaBuffers mma_buffers(const kc::HostChain& h, const kc::MmaParams& mp, int64_t 
   return b;
 }
 
-// The forward of a float16 / bfloat16 chain on tensor cores (chain_mma.cuh). False when the
-// device has none for it (sm < 80) or the tile does not fit; the caller then runs the CUDA-core
-// kernel. Launches: one for the tables, fragments and biases, one for the chain.
+// The forward of a float16 / bfloat16 chain (or, opted in, a float32 one: MmaF32x3) on tensor
+// cores (chain_mma.cuh). False when the device has none for it (sm < 80) or the tile does not
+// fit; the caller then runs the CUDA-core kernel. Launches: one for the tables, fragments and biases, one for the chain.
 template <class Fmt>
 bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
                  at::TensorList biases, const at::Tensor& x, at::Tensor& y, int64_t P,
@@ -262,8 +263,8 @@ std::pair<at::Tensor, at::Tensor> dx_csr(const ChainDesc& d,
   return {starts, order};
 }
 
-// The backward of a float16 / bfloat16 chain on tensor cores (chain_mma_backward.cuh). False
-// when the device has none for it (sm < 80) or the store-all tiles do not fit; the caller then
+// The backward of a float16 / bfloat16 chain (or, opted in, a float32 one) on tensor cores
+// (chain_mma_backward.cuh). False when the device has none for it (sm < 80) or the store-all tiles do not fit; the caller then
 // runs the CUDA-core kernel. Launches: one for the tables, both fragment sets and the biases,
 // one for the chain, one for the weight-gradient reduction.
 template <class Fmt>
@@ -278,9 +279,10 @@ bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList wei
   const kc::MmaParams probe = kc::make_mma_params(h, nullptr, nullptr, nullptr);
   C10_CUDA_CHECK(kc::plan_backward_mma<Fmt>(probe, P, wb, info, &plan));
   if (plan.mt == 0) return false;
+  constexpr int NP = Fmt::kPlanes;
   const int64_t n_frag_t = kc::make_mma_transposed_params(h, nullptr, nullptr).num_frag;
-  const MmaBuffers buf = mma_buffers(h, probe, probe.num_frag + n_frag_t, x.options());
-  uint2* frag_t = buf.frag + probe.num_frag;
+  const MmaBuffers buf = mma_buffers(h, probe, NP * (probe.num_frag + n_frag_t), x.options());
+  uint2* frag_t = buf.frag + NP * probe.num_frag;
   const kc::MmaParams mp = kc::make_mma_params(h, buf.bias, buf.table, buf.frag);
   const kc::MmaParams mt = kc::make_mma_transposed_params(h, buf.table, frag_t);
   at::Tensor starts, order;
@@ -290,15 +292,16 @@ bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList wei
     partial = at::empty({plan.grid, d.num_weight_elems + d.num_bias_elems},
                         x.options().dtype(at::kFloat));
   const kc::BackwardFlags f{need_x ? 1 : 0, need_w ? 1 : 0, need_b ? 1 : 0, 1};
-  const kc::TensorArg<uint16_t> dxa = need_x ? tensor_arg<uint16_t>(gx) : kc::TensorArg<uint16_t>{};
+  using S = typename Fmt::Storage;
+  const kc::TensorArg<S> dxa = need_x ? tensor_arg<S>(gx) : kc::TensorArg<S>{};
   C10_CUDA_CHECK(kc::launch_backward_mma<Fmt>(
       h, mp, mt, mma_weights(weights, biases, d, keep), buf.table, buf.frag, frag_t, buf.rows,
-      tensor_arg<const uint16_t>(x), tensor_arg<const uint16_t>(grad_y), dxa,
+      tensor_arg<const S>(x), tensor_arg<const S>(grad_y), dxa,
       starts.defined() ? starts.data_ptr<int32_t>() : nullptr,
       order.defined() ? order.data_ptr<int32_t>() : nullptr,
       partial.defined() ? partial.data_ptr<float>() : nullptr,
-      need_w ? reinterpret_cast<uint16_t*>(gw.data_ptr()) : nullptr,
-      need_b ? reinterpret_cast<uint16_t*>(gb.data_ptr()) : nullptr, f, P, plan, stream));
+      need_w ? reinterpret_cast<S*>(gw.data_ptr()) : nullptr,
+      need_b ? reinterpret_cast<S*>(gb.data_ptr()) : nullptr, f, P, plan, stream));
   return true;
 }
 
@@ -384,6 +387,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cuda(
   if (x.scalar_type() == at::kHalf &&
       backward_mma<kc::MmaF16>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
                                need_b, input_index, P, info, stream, keep))
+    return {gx, gw, gb};
+  if (x.scalar_type() == at::kFloat && fp32_tensor_cores_enabled() &&
+      backward_mma<kc::MmaF32x3>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
+                                 need_b, input_index, P, info, stream, keep))
     return {gx, gw, gb};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_backward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;

@@ -262,6 +262,22 @@ __device__ __forceinline__ void mma_sync(float* d, const uint32_t* a, const uint
   mma_sync<Fmt, K>(d, a, b, d);
 }
 
+// d = c + A B over the planes of the operands (plane k of A at a + k AS, of B at b + k BS): the
+// product itself, or with three planes (MmaF32x3) the six plane products whose plane indices sum
+// to at most 2, largest first.
+template <class Fmt, int K, int AS, int BS>
+__device__ __forceinline__ void mma_sync_planes(float* d, const uint32_t* a, const uint32_t* b,
+                                                const float* c) {
+  mma_sync<Fmt, K>(d, a, b, c);
+  if constexpr (Fmt::kPlanes == 3) {
+    mma_sync<Fmt, K>(d, a, b + BS);
+    mma_sync<Fmt, K>(d, a + AS, b);
+    mma_sync<Fmt, K>(d, a, b + 2 * BS);
+    mma_sync<Fmt, K>(d, a + AS, b + BS);
+    mma_sync<Fmt, K>(d, a + 2 * AS, b);
+  }
+}
+
 // Whether the device has stmatrix (sm_90 and newer; under emulation, a switch of the emulated
 // device, so that the tests run both epilogues).
 __device__ __forceinline__ bool mma_has_stmatrix() {
@@ -707,10 +723,11 @@ __device__ __forceinline__ bool pairs_aligned(const TensorArg<T>& a) {
 // position gid as a float2, whose three planes are its fragments of three 8x8 bfloat16
 // matrices, and movmatrix transposes each into positions 2 tig, 2 tig + 1 of channel gid's row
 // of its plane. A warp reads 8 positions x 32 bytes.
-template <int TP, bool kWrap = false>
+template <int TP, bool kWrap = false, bool kDstRows = false>
 __device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src,
                                                    const int64_t* pos_off, int tvalid, int C,
-                                                   uint16_t* tile, int ps) {
+                                                   uint16_t* tile, int ps,
+                                                   const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   cl_warp_steps<TP, 8>(C, [&](int tb, int c0) {
     const int t = 8 * tb + gid;
@@ -718,7 +735,8 @@ __device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src
     if (t < tvalid) v = *reinterpret_cast<const float2*>(src + pos_off[t] + c0 + 2 * tig);
     uint32_t q[3];
     mma_split3(v.x, v.y, q);
-    uint16_t* dp = tile + mma_elem<TP, kWrap>(c0 + gid, 8 * tb + 2 * tig);
+    const int c = c0 + gid;
+    uint16_t* dp = tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig);
 #pragma unroll
     for (int k = 0; k < 3; ++k) *reinterpret_cast<uint32_t*>(dp + k * ps) = movmatrix_trans(q[k]);
   });
@@ -752,10 +770,11 @@ __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
 // 8 tig .. 8 tig + 7 of position gid (two 16-byte accesses); its four pairs are its fragments
 // of four 8x8 matrices, in each plane, so one stmatrix.trans per plane writes them (the load,
 // sm_90) and one ldmatrix.trans per plane reads them (the store).
-template <int TP, bool kWrap = false>
+template <int TP, bool kWrap = false, bool kDstRows = false>
 __device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
                                                  const int64_t* pos_off, int tvalid, int C,
-                                                 uint16_t* tile, int ps) {
+                                                 uint16_t* tile, int ps,
+                                                 const int32_t* __restrict__ dst_row) {
   const int lane = threadIdx.x & 31, gid = lane >> 2, tig = lane & 3;
   const int ci = cl_wide_channel(lane);
   cl_warp_steps<TP, 32>(C, [&](int tb, int c0) {
@@ -771,7 +790,8 @@ __device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
     mma_split3(mma_as_float(a.z), mma_as_float(a.w), q[1]);
     mma_split3(mma_as_float(b.x), mma_as_float(b.y), q[2]);
     mma_split3(mma_as_float(b.z), mma_as_float(b.w), q[3]);
-    const int e = mma_elem<TP, kWrap>(c0 + ci, 8 * tb);
+    const int c = c0 + ci;
+    const int e = mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb);
 #pragma unroll
     for (int k = 0; k < 3; ++k) {
       const uint32_t r[4] = {q[0][k], q[1][k], q[2][k], q[3][k]};
@@ -806,20 +826,20 @@ __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
 }
 
 // float32 tiles as three bfloat16 planes (MmaF32x3), plane k ps elements after plane 0.
-// tile(row c, t) = the planes of x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
-// tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c. NCHW-like aligned rows: per thread
+// tile(row row(c), t) = the planes of x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
+// tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c, row(c) = kDstRows ? dst_row[c] : c
+// (the backward's dy, as mma_load_tile_inline). NCHW-like aligned rows: per thread
 // one chunk of 8 positions of a row (two 16-byte loads, three 16-byte stores); channels-last
 // (cl_vec: pairs aligned; C % 8 == 0, no input index): with C % 32 == 0 and 16-byte aligned
 // positions 8 x 32 steps through stmatrix (the load: sm_90) or ldmatrix (the store,
 // cl_load_wide_f32 / cl_store_wide_f32), else 8x8 blocks through movmatrix
 // (cl_load_blocks_f32 / cl_store_blocks_f32); otherwise element by element, channels fastest
 // where the channel stride is 1, else positions fastest.
-template <int TP, bool kWrap = false>
-__device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, int64_t cs,
-                                               const int64_t* pos_off, bool contig,
-                                               bool cl_vec, bool rows_aligned, int tvalid,
-                                               int C, const int32_t* __restrict__ src_chan,
-                                               uint16_t* tile, int ps) {
+template <int TP, bool kWrap = false, bool kDstRows = false>
+__device__ __forceinline__ void mma_load_tile_f32_inline(
+    const float* __restrict__ src, int64_t cs, const int64_t* pos_off, bool contig, bool cl_vec,
+    bool rows_aligned, int tvalid, int C, const int32_t* __restrict__ src_chan, uint16_t* tile,
+    int ps, const int32_t* __restrict__ dst_row = nullptr) {
   IGC_ASSUME_SHARED(tile);
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(src + pos_off[0]) && cs % 4 == 0) {
@@ -836,7 +856,7 @@ __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, in
       uint32_t q[4][3];
 #pragma unroll
       for (int i = 0; i < 4; ++i) mma_split3(f[2 * i], f[2 * i + 1], q[i]);
-      uint16_t* dp = tile + mma_elem<TP, kWrap>(c, v * 8);
+      uint16_t* dp = tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, v * 8);
 #pragma unroll
       for (int k = 0; k < 3; ++k)
         *reinterpret_cast<uint4*>(dp + k * ps) = uint4{q[0][k], q[1][k], q[2][k], q[3][k]};
@@ -845,9 +865,9 @@ __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, in
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
     if (C % 32 == 0 && mma_has_stmatrix() && rows_aligned)
-      cl_load_wide_f32<TP, kWrap>(src, pos_off, tvalid, C, tile, ps);
+      cl_load_wide_f32<TP, kWrap, kDstRows>(src, pos_off, tvalid, C, tile, ps, dst_row);
     else
-      cl_load_blocks_f32<TP, kWrap>(src, pos_off, tvalid, C, tile, ps);
+      cl_load_blocks_f32<TP, kWrap, kDstRows>(src, pos_off, tvalid, C, tile, ps, dst_row);
     return;
   }
   const bool cfast = cs == 1;
@@ -856,20 +876,31 @@ __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, in
     const int64_t chan = src_chan ? src_chan[c] : c;
     uint32_t q[3];
     mma_split3(t < tvalid ? src[pos_off[t] + chan * cs] : 0.0f, 0.0f, q);
-    uint16_t* dp = tile + mma_elem<TP, kWrap>(c, t);
+    uint16_t* dp = tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, t);
 #pragma unroll
     for (int k = 0; k < 3; ++k) dp[k * ps] = static_cast<uint16_t>(q[k]);
   }
 }
 
+// Not inlined: one copy per tile size serves the forward's call sites (the inline form is for
+// the tensor-core backward, as mma_load_tile).
+template <int TP, bool kWrap = false>
+__device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, int64_t cs,
+                                               const int64_t* pos_off, bool contig,
+                                               bool cl_vec, bool rows_aligned, int tvalid,
+                                               int C, const int32_t* __restrict__ src_chan,
+                                               uint16_t* tile, int ps) {
+  mma_load_tile_f32_inline<TP, kWrap>(src, cs, pos_off, contig, cl_vec, rows_aligned, tvalid, C,
+                                      src_chan, tile, ps);
+}
+
 // y[pos t, channel j] = the float tile(row src_row(j), t) holds in its planes (mma_join3), for
 // j < C, t < tvalid; the paths as in the load.
 template <int TP, bool kWrap = false>
-__device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t cs,
-                                                const int64_t* pos_off, bool contig,
-                                                bool cl_vec, bool rows_aligned, int tvalid,
-                                                int C, const int32_t* __restrict__ src_row,
-                                                const uint16_t* tile, int ps) {
+__device__ __forceinline__ void mma_store_tile_f32_inline(
+    float* __restrict__ dst, int64_t cs, const int64_t* pos_off, bool contig, bool cl_vec,
+    bool rows_aligned, int tvalid, int C, const int32_t* __restrict__ src_row,
+    const uint16_t* tile, int ps) {
   IGC_ASSUME_SHARED(tile);
   const int tid = threadIdx.x;
   if (contig && tvalid == TP && aligned16(dst + pos_off[0]) && cs % 4 == 0) {
@@ -908,6 +939,16 @@ __device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t
     const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, t);
     dst[pos_off[t] + static_cast<int64_t>(j) * cs] = mma_join3(sp[0], sp[ps], sp[2 * ps], 0);
   }
+}
+
+template <int TP, bool kWrap = false>
+__device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t cs,
+                                                const int64_t* pos_off, bool contig,
+                                                bool cl_vec, bool rows_aligned, int tvalid,
+                                                int C, const int32_t* __restrict__ src_row,
+                                                const uint16_t* tile, int ps) {
+  mma_store_tile_f32_inline<TP, kWrap>(dst, cs, pos_off, contig, cl_vec, rows_aligned, tvalid, C,
+                                       src_row, tile, ps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1087,15 +1128,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
         const int ao = kGroups ? 2 : 0;  // the second group's operand (kGroups)
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
-          mma_sync<Fmt, K>(acc[nb][mt], a[0] + ao * nb, breg[nb][0],
-                           decltype(first)::value ? binit[nb] : acc[nb][mt]);
-          if constexpr (NP == 3) {  // the planes' cross products, largest first
-            mma_sync<Fmt, K>(acc[nb][mt], a[0] + ao * nb, breg[nb][1]);
-            mma_sync<Fmt, K>(acc[nb][mt], a[1] + ao * nb, breg[nb][0]);
-            mma_sync<Fmt, K>(acc[nb][mt], a[0] + ao * nb, breg[nb][2]);
-            mma_sync<Fmt, K>(acc[nb][mt], a[1] + ao * nb, breg[nb][1]);
-            mma_sync<Fmt, K>(acc[nb][mt], a[2] + ao * nb, breg[nb][0]);
-          }
+          mma_sync_planes<Fmt, K, 4, 2>(acc[nb][mt], a[0] + ao * nb, breg[nb][0],
+                                        decltype(first)::value ? binit[nb] : acc[nb][mt]);
         }
       }
     };
@@ -1249,8 +1283,8 @@ __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
 // 0 in the forward), and the biases in fp32 (bias: mp.c.num_b entries, in layer order). Every
 // entry is computed from a and w directly, so no part waits for another. mode: 1 in-place
 // layers, 2 the kWrap layout, 4 bfloat16 weights and biases (else float16), 8 float32 weights
-// and biases (MmaF32x3: frag holds three planes of mp.num_frag fragments, hi, mid, lo; no
-// transposed set).
+// and biases (MmaF32x3: frag holds three planes of mp.num_frag fragments, hi, mid, lo, and
+// frag_t three of mt.num_frag).
 template <int TP>
 __global__ void __launch_bounds__(kThreads)
     mma_prepare_kernel(const IndexTableArgs a, const MmaParams mp, const MmaParams mt,
@@ -1264,7 +1298,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r0 = mma_row_table_first(mp, in_place);
   const int64_t n_rows = mma_row_table_size(mp) - r0;
   const int64_t n_fwd = (f32 ? 3 : 1) * mp.num_frag;
-  const int64_t n_frag = n_fwd + mt.num_frag;
+  const int64_t n_frag = n_fwd + (f32 ? 3 : 1) * mt.num_frag;
   const int64_t total = n_table + n_rows + n_frag + mp.c.num_b;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
@@ -1286,7 +1320,9 @@ __global__ void __launch_bounds__(kThreads)
       continue;
     }
     if (i < n_frag) {
-      frag_t[i - n_fwd] = mma_weight_fragment<true>(mt, w, i - n_fwd);
+      i -= n_fwd;
+      const int plane = static_cast<int>(i / mt.num_frag);
+      frag_t[i] = mma_weight_fragment<true>(mt, w, i - plane * mt.num_frag, f32, plane);
       continue;
     }
     i -= n_frag;
@@ -1303,7 +1339,7 @@ __global__ void __launch_bounds__(kThreads)
 // floats; mt null in the forward, else mt->frag == frag_t), and returns mp pointing at the row
 // tables (elem, elem_out; with in-place layers also the composed gathers as its index table,
 // identity while every gather so far is). wrap: the row elements in mma_elem's kWrap layout.
-// Fmt: the 16-bit format of the weights and biases.
+// Fmt: the format of the weights and biases (MmaF32x3: float32, packed in three planes).
 template <class Fmt>
 inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
                                       const MmaParams* mt, const MmaWeights& w, int mt_tile,
@@ -1318,8 +1354,8 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
   const MmaParams& t = mt != nullptr ? *mt : none;
   const IndexTableArgs a = make_index_table_args(h);
   const int64_t total = index_table_size(h) + mma_row_table_size(mp) -
-                        mma_row_table_first(mp, in_place) + Fmt::kPlanes * mp.num_frag +
-                        t.num_frag + mp.c.num_b;
+                        mma_row_table_first(mp, in_place) +
+                        Fmt::kPlanes * (mp.num_frag + t.num_frag) + mp.c.num_b;
   const int blocks = blocks_for(total, 1024);
   // mma_prepare_kernel's mode
   const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0) |

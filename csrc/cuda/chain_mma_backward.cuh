@@ -1,4 +1,5 @@
-// Tensor-core backward of the chain for float16 / bfloat16 (sm_80 and newer): the same contract
+// Tensor-core backward of the chain for float16 / bfloat16 (sm_80 and newer; float32 opt-in, in
+// the forward's three bfloat16 planes: MmaF32x3, with the kernel below): the same contract
 // as chain_backward_kernel (chain_kernels.cuh: dx, dW, db, the output mask, an input index with
 // repeats, deterministic weight and bias gradients), built from the tensor-core forward's pieces
 // (chain_mma.cuh: swizzled [channel][TP] 16-bit tiles, ldmatrix / movmatrix / mma.sync).
@@ -14,7 +15,8 @@
 // The gradients need no tiles of their own: du_l is written over u_l once layer l's weight
 // gradient has read it (below). Intermediates and gradients are rounded to
 // the storage dtype between layers, as the unfused chain in that dtype rounds every layer's
-// output and every gradient; products accumulate in fp32.
+// output and every gradient (MmaF32x3: split exactly into planes, so they stay fp32 values);
+// products accumulate in fp32.
 //
 // Per tile: load x and dy (dy channel j goes to row gather_{L-1}[j]: du_L in natural output
 // order), recompute u_1 .. u_{L-1} with the forward's mma_layer (every item, here too, looks
@@ -104,9 +106,12 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* t
 // by ldmatrix x4 from the rows at pa / pb (this lane's row start; a_t / b_t its position
 // offset, sw its swizzle), acc[k] += A B_k. The loop is unrolled kUnroll times: fully
 // unrolled, the item's k-steps push the kernel past 128 registers (spills).
+// MmaF32x3: the planes of each row ps elements apart, loaded all, six products per HMMA above.
 template <class Fmt, int MT, int kUnroll>
 __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* pa, int a_t,
-                                            int swa, const uint16_t* pb, int b_t, int swb) {
+                                            int swa, const uint16_t* pb, int b_t, int swb,
+                                            int ps) {
+  constexpr int NP = Fmt::kPlanes;
 #pragma unroll
   for (int k = 0; k < 2; ++k)
 #pragma unroll
@@ -114,11 +119,14 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
 #pragma unroll kUnroll
   for (int ks = 0; ks < MT; ++ks) {
     // every lane executes both ldmatrix and both mma (.aligned); padding lanes read zeros
-    uint32_t a[4], b[4];
-    ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
-    ldmatrix_rows<4>(b, pb, (16 * ks + b_t) ^ swb);
-    mma_sync<Fmt, 16>(acc[0], a, b);
-    mma_sync<Fmt, 16>(acc[1], a, b + 2);
+    uint32_t a[NP][4], b[NP][4];
+#pragma unroll
+    for (int k = 0; k < NP; ++k) {
+      ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ swa);
+      ldmatrix_rows<4>(b[k], pb + k * ps, (16 * ks + b_t) ^ swb);
+    }
+    mma_sync_planes<Fmt, 16, 4, 4>(acc[0], a[0], b[0], acc[0]);
+    mma_sync_planes<Fmt, 16, 4, 4>(acc[1], a[0], b[0] + 2, acc[1]);
   }
 }
 
@@ -136,7 +144,7 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
                                                       const uint16_t* h,
                                                       const int32_t* __restrict__ h_elem,
                                                       float* __restrict__ pw,
-                                                      const uint16_t* zero) {
+                                                      const uint16_t* zero, int ps) {
   constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -182,7 +190,7 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
     float acc[2][4];
     // rolled: two k-steps per iteration cost the 16 x 16 items more than they save (sm_90 SASS,
     // tools/gpu_static.py: IGCV2(256, 16) backward predicted 81% -> 77% of copy bandwidth)
-    mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, swa, pb, b_t, swb);
+    mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, swa, pb, b_t, swb, ps);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2; 32-bit
     // offsets within the layer (its weights number far less than 2^31: its channels fit shared
     // memory). The values of the CTA's fp32 row are all read before any is written: the
@@ -240,7 +248,8 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
                                                            const int32_t* __restrict__ du_elem,
                                                            const uint16_t* h,
                                                            const int32_t* __restrict__ h_elem,
-                                                           float* __restrict__ pw) {
+                                                           float* __restrict__ pw, int ps) {
+  constexpr int NP = Fmt::kPlanes;
   constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -269,14 +278,17 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
       for (int q = 0; q < 4; ++q) acc[k][q] = 0.0f;
 #pragma unroll 1
     for (int ks = 0; ks < MT; ++ks) {
-      uint32_t a[4], b0[4], b1[4];
-      ldmatrix_rows<4>(a, pa, (16 * ks + a_t) ^ swa);
-      ldmatrix_rows<4>(b0, pb0, (16 * ks + b_t) ^ swb0);
-      ldmatrix_rows<4>(b1, pb1, (16 * ks + b_t) ^ swb1);
-      mma_sync<Fmt, 16>(acc[0], a, b0);
-      mma_sync<Fmt, 16>(acc[1], a, b0 + 2);
-      mma_sync<Fmt, 16>(acc[2], a, b1);
-      mma_sync<Fmt, 16>(acc[3], a, b1 + 2);
+      uint32_t a[NP][4], b0[NP][4], b1[NP][4];
+#pragma unroll
+      for (int k = 0; k < NP; ++k) {
+        ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ swa);
+        ldmatrix_rows<4>(b0[k], pb0 + k * ps, (16 * ks + b_t) ^ swb0);
+        ldmatrix_rows<4>(b1[k], pb1 + k * ps, (16 * ks + b_t) ^ swb1);
+      }
+      mma_sync_planes<Fmt, 16, 4, 4>(acc[0], a[0], b0[0], acc[0]);
+      mma_sync_planes<Fmt, 16, 4, 4>(acc[1], a[0], b0[0] + 2, acc[1]);
+      mma_sync_planes<Fmt, 16, 4, 4>(acc[2], a[0], b1[0], acc[2]);
+      mma_sync_planes<Fmt, 16, 4, 4>(acc[3], a[0], b1[0] + 2, acc[3]);
     }
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 32 ib + 8 k + 2 tig + q % 2: per A row,
     // four float2 8 apart; every value read before any is written (mma_weight_grad_items)
@@ -311,19 +323,23 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
 // The weight gradients of a layer (above): the float2 item loop where every 16 x 16 block is
 // full, the group's outputs are A (n <= m: B's neighbours adjacent) and pw is 8-byte aligned,
 // else the general one. Two loops rather than a branch per item: each keeps its own registers.
+// The 16 x 32 items (mma_weight_grad_wide_items) only with one plane: with three, their nine
+// operand fragments per k-step took the 32-position float32 kernel past 128 registers.
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
                                                  const int32_t* __restrict__ du_elem,
                                                  const uint16_t* h,
                                                  const int32_t* __restrict__ h_elem,
-                                                 float* __restrict__ pw, const uint16_t* zero) {
-  if (d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
-    mma_weight_grad_wide_items<Fmt, MT>(d, du, du_elem, h, h_elem, pw);
+                                                 float* __restrict__ pw, const uint16_t* zero,
+                                                 int ps) {
+  if (Fmt::kPlanes == 1 && d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 &&
+      (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
+    mma_weight_grad_wide_items<Fmt, MT>(d, du, du_elem, h, h_elem, pw, ps);
   else if (d.n <= d.m && d.n % 16 == 0 && d.m % 16 == 0 &&
            (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
-    mma_weight_grad_items<Fmt, MT, true>(d, du, du_elem, h, h_elem, pw, zero);
+    mma_weight_grad_items<Fmt, MT, true>(d, du, du_elem, h, h_elem, pw, zero, ps);
   else
-    mma_weight_grad_items<Fmt, MT, false>(d, du, du_elem, h, h_elem, pw, zero);
+    mma_weight_grad_items<Fmt, MT, false>(d, du, du_elem, h, h_elem, pw, zero, ps);
 }
 
 // The weight gradients of a layer whose groups have at most 8 outputs and 8 inputs (same
@@ -339,7 +355,7 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
                                                        const uint16_t* h,
                                                        const int32_t* __restrict__ h_elem,
                                                        float* __restrict__ pw,
-                                                       const uint16_t* zero) {
+                                                       const uint16_t* zero, int ps) {
   constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -370,7 +386,7 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     float acc[2][4];
     // two k-steps per iteration: the pair items' loop step is a larger share of their short
     // body (IGCV2(256, 8) backward predicted 46% -> 48% of copy bandwidth), no spills
-    mma_dw_item<Fmt, MT, 2>(acc, pa, a_t, swa, pb, b_t, swb);
+    mma_dw_item<Fmt, MT, 2>(acc, pa, a_t, swa, pb, b_t, swb, ps);
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
     // a 32-bit offset within the layer (its weights number far less than 2^31: its channels
@@ -397,20 +413,37 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   }
 }
 
-// pb[o] += sum over the tile's positions of du[o] (fp32, in position order).
+// The tensors' element of an fp32 value: rounded to the 16-bit format, or itself (MmaF32x3).
+template <class Fmt>
+__device__ __forceinline__ typename Fmt::Storage mma_storage_from_float(float v) {
+  if constexpr (Fmt::kPlanes == 1) return mma_from_float<Fmt>(v);
+  else return v;
+}
+
+// pb[o] += sum over the tile's positions of du[o] (fp32, in position order; MmaF32x3: each value
+// joined from its planes, ps elements apart).
 template <class Fmt, int TP>
 __device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du,
-                                               float* __restrict__ pb) {
+                                               float* __restrict__ pb, int ps) {
   for (int o = threadIdx.x; o < d.cout; o += kThreads) {
     float s = 0.0f;
 #pragma unroll
     for (int c = 0; c < TP / 8; ++c) {
-      const uint4 v = *reinterpret_cast<const uint4*>(du + mma_elem<TP>(o, 8 * c));
+      const uint16_t* sp = du + mma_elem<TP>(o, 8 * c);
+      const uint4 v = *reinterpret_cast<const uint4*>(sp);
       const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+      if constexpr (Fmt::kPlanes == 1) {
 #pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        s += mma_to_float<Fmt>(w[k] & 0xffffu);
-        s += mma_to_float<Fmt>(w[k] >> 16);
+        for (int k = 0; k < 4; ++k) {
+          s += mma_to_float<Fmt>(w[k] & 0xffffu);
+          s += mma_to_float<Fmt>(w[k] >> 16);
+        }
+      } else {
+        const uint4 vm = *reinterpret_cast<const uint4*>(sp + ps);
+        const uint4 vl = *reinterpret_cast<const uint4*>(sp + 2 * ps);
+        const uint32_t m[4] = {vm.x, vm.y, vm.z, vm.w}, l[4] = {vl.x, vl.y, vl.z, vl.w};
+#pragma unroll
+        for (int i = 0; i < 8; ++i) s += mma_join3(w[i / 2], m[i / 2], l[i / 2], i % 2);
       }
     }
     pb[o] += s;
@@ -420,33 +453,51 @@ __device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t
 // dx[pos t, channel c] = sum of tile rows order[starts[c] .. starts[c + 1] - 1] (fp32, in that
 // order; 0 for a channel no row maps to), for c < C, t < tvalid.
 template <class Fmt, int TP>
-__device__ __forceinline__ void mma_store_tile_csr(uint16_t* __restrict__ dst, int64_t cs,
-                                                const int64_t* pos_off, int tvalid, int C,
-                                                const int32_t* __restrict__ starts,
-                                                const int32_t* __restrict__ order,
-                                                const uint16_t* tile) {
+__device__ __forceinline__ void mma_store_tile_csr(typename Fmt::Storage* __restrict__ dst,
+                                                   int64_t cs, const int64_t* pos_off,
+                                                   int tvalid, int C,
+                                                   const int32_t* __restrict__ starts,
+                                                   const int32_t* __restrict__ order,
+                                                   const uint16_t* tile, int ps) {
   for (int it = threadIdx.x; it < C * TP; it += kThreads) {
     const int c = it / TP, t = it - c * TP;
     if (t >= tvalid) continue;
     float v = 0.0f;
     const int e = starts[c + 1];
-    for (int k = starts[c]; k < e; ++k) v += mma_to_float<Fmt>(tile[mma_elem<TP>(order[k], t)]);
-    dst[pos_off[t] + static_cast<int64_t>(c) * cs] = mma_from_float<Fmt>(v);
+    for (int k = starts[c]; k < e; ++k) {
+      const uint16_t* sp = tile + mma_elem<TP>(order[k], t);
+      if constexpr (Fmt::kPlanes == 1) v += mma_to_float<Fmt>(*sp);
+      else v += mma_join3(sp[0], sp[ps], sp[2 * ps], 0);
+    }
+    dst[pos_off[t] + static_cast<int64_t>(c) * cs] = mma_storage_from_float<Fmt>(v);
   }
 }
 
 // The dy tile: dy channel j to row rows[j] (du_L in natural output order; rows null: row j).
-template <int TP>
-__device__ __forceinline__ void mma_load_dy(const TensorArg<const uint16_t>& dy,
+// cl_vec: rows_aligned16(dy) (16-bit). MmaF32x3: in three planes, ps elements apart, the
+// alignments taken here (kept live across the kernel, they spilled).
+template <class Fmt, int TP>
+__device__ __forceinline__ void mma_load_dy(const TensorArg<const typename Fmt::Storage>& dy,
                                             const int64_t* off_dy, int64_t p0, int tvalid,
                                             bool cl_vec, int cout, const int32_t* rows,
-                                            uint16_t* DY) {
-  if (rows != nullptr)
-    mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
-                                   cl_vec, tvalid, cout, nullptr, DY, rows);
-  else
-    mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid), cl_vec,
-                             tvalid, cout, nullptr, DY);
+                                            uint16_t* DY, int ps) {
+  if constexpr (Fmt::kPlanes == 1) {
+    if (rows != nullptr)
+      mma_load_tile_inline<TP, true>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
+                                     cl_vec, tvalid, cout, nullptr, DY, rows);
+    else
+      mma_load_tile_inline<TP>(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid),
+                               cl_vec, tvalid, cout, nullptr, DY);
+  } else {
+    const bool contig = dy.ix.run_is_contiguous(p0, tvalid);
+    const bool pairs = pairs_aligned(dy), rows16 = rows_aligned16(dy);
+    if (rows != nullptr)
+      mma_load_tile_f32_inline<TP, false, true>(dy.ptr, dy.cs, off_dy, contig, pairs, rows16,
+                                                tvalid, cout, nullptr, DY, ps, rows);
+    else
+      mma_load_tile_f32_inline<TP>(dy.ptr, dy.cs, off_dy, contig, pairs, rows16, tvalid, cout,
+                                   nullptr, DY, ps);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -461,10 +512,18 @@ inline int64_t mma_backward_rows(const ChainParams<float>& p, bool reload = fals
   return (reload ? (xr > dyr ? xr : dyr) : xr + dyr) + middle;
 }
 
-// Shared memory of a tile of TP positions: the rows above, the zero row, the scratch row, three
-// offset arrays.
-inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
-  return static_cast<size_t>(rows + 2) * tp * sizeof(uint16_t) + 3 * tp * sizeof(int64_t);
+// Shared memory of a tile of TP positions: the rows above, the zero row, the scratch row (planes
+// times: MmaF32x3 three, one bfloat16 plane after the other), three offset arrays.
+inline size_t mma_backward_smem_bytes(int64_t rows, int tp, int planes = 1) {
+  return static_cast<size_t>(planes) * (rows + 2) * tp * sizeof(uint16_t) +
+         3 * tp * sizeof(int64_t);
+}
+
+// The backward kernel's launch-bounds minimum of CTAs per SM: two (at most 128 registers), but
+// one for the float32 kernels (MmaF32x3) of 16 and 64 positions, which spilled 4 to 8 bytes of
+// the kernel's state at 128 registers (three planes of every operand); the 32-position one fits.
+constexpr int mma_backward_min_ctas(int mt, int planes) {
+  return planes > 1 && mt != 2 ? 1 : 2;
 }
 
 // mp: the chain (forward fragments, for the recompute; its row tables, launch_mma_prepare); mt: its
@@ -473,15 +532,22 @@ inline size_t mma_backward_smem_bytes(int64_t rows, int tp) {
 // channel c sums dh_0 rows dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without one.
 // Launch bounds of two CTAs per SM (at most 128 registers): without a minimum, ptxas gave the
 // 32-position kernel 80 registers and spilled once the items looked their rows up in tables.
+// The float32 kernels of 16 and 64 positions take one (mma_backward_min_ctas).
+// MmaF32x3: x, dy and dx float32; every tile, the zero and the scratch row in three planes (the
+// whole first plane, then the second, then the third: ps elements apart), both fragment sets in
+// three planes (mp.num_frag, mt.num_frag apart); the float32 tile moves inlined as the 16-bit
+// ones.
 template <class Fmt, int MT>
-__global__ void __launch_bounds__(kThreads, 2)
+__global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlanes))
     chain_backward_mma_kernel(const MmaParams mp, const MmaParams mt,
-                              const TensorArg<const uint16_t> x,
-                              const TensorArg<const uint16_t> dy, const TensorArg<uint16_t> dx,
+                              const TensorArg<const typename Fmt::Storage> x,
+                              const TensorArg<const typename Fmt::Storage> dy,
+                              const TensorArg<typename Fmt::Storage> dx,
                               const int32_t* __restrict__ dx_starts,
                               const int32_t* __restrict__ dx_order, float* __restrict__ partial,
                               const BackwardFlags f, int64_t P) {
   constexpr int TP = MT * 16;
+  constexpr int NP = Fmt::kPlanes;
   IGC_DECLARE_SMEM(smem);
   const ChainParams<float>& p = mp.c;
   const int L = p.L;
@@ -496,10 +562,13 @@ __global__ void __launch_bounds__(kThreads, 2)
   uint16_t* const DY = reload ? X : U + middle * TP;
   uint16_t* const zero = U + (middle + (reload ? 0 : dy_rows_n)) * TP;
   // zero + TP: the scratch row of mma_layer_k's stmatrix epilogue
-  int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP);  // 4 TP bytes: 8-byte aligned
+  const int ps = NP > 1 ? static_cast<int>(zero + 2 * TP - X) : 0;  // elements of a plane
+  const int64_t fps = NP > 1 ? mp.num_frag : 0, fps_t = NP > 1 ? mt.num_frag : 0;
+  // 4 TP bytes per plane: 8-byte aligned
+  int64_t* off_x = reinterpret_cast<int64_t*>(zero + 2 * TP + (NP - 1) * ps);
   int64_t* off_dy = off_x + TP;
   int64_t* off_dx = off_dy + TP;
-  for (int t = threadIdx.x; t < TP; t += kThreads) zero[t] = 0;
+  for (int t = threadIdx.x; t < NP * TP; t += kThreads) zero[(t / TP) * ps + t % TP] = 0;
 
   const int64_t row_len = p.num_w + p.num_b;
   float* part = partial ? partial + static_cast<int64_t>(blockIdx.x) * row_len : nullptr;
@@ -509,8 +578,10 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
   const LayerDesc& last = p.layer[L - 1];
   const int32_t* dy_rows = last.gather_identity ? nullptr : p.table + last.g_off;
-  const bool x_cl_vec = rows_aligned16(x), dy_cl_vec = rows_aligned16(dy);
-  const bool dx_cl_vec = f.need_x ? rows_aligned16(dx) : false;
+  // the 16-bit channels-last vector paths' alignment (float32: at each tile move)
+  [[maybe_unused]] const bool x_cl_vec = NP == 1 && rows_aligned16(x);
+  const bool dy_cl_vec = NP == 1 && rows_aligned16(dy);
+  [[maybe_unused]] const bool dx_cl_vec = NP == 1 && f.need_x && rows_aligned16(dx);
   const int64_t ntiles = (P + TP - 1) / TP;
   for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
     const int64_t p0 = tile * TP;
@@ -522,13 +593,21 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
     // the x tile (gathered by the input index); with reload loaded again for layer 1's dW
     const auto load_x = [&] {
-      mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), x_cl_vec,
-                               tvalid, p.c0, index, X);
+      if constexpr (NP == 1)
+        mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                                 x_cl_vec, tvalid, p.c0, index, X);
+      else
+        mma_load_tile_f32_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                                     pairs_aligned(x), rows_aligned16(x), tvalid, p.c0, index,
+                                     X, ps);
+    };
+    const auto load_dy = [&] {
+      mma_load_dy<Fmt, TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY, ps);
     };
     load_x();
     // du_L in natural output order: dy channel j to row gather_{L-1}[j] (with reload once the
     // recompute has read x)
-    if (!reload) mma_load_dy<TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY);
+    if (!reload) load_dy();
     __syncthreads();
     {  // u_1 .. u_{L-1}, back to back
       const uint16_t* in = X;
@@ -536,14 +615,14 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int l = 0; l + 1 < L; ++l) {
         uint16_t* out = U + uo * TP;
         mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, mp.elem + mp.layer[l].e_off,
-                           out, zero, mp.elem_out);
+                           out, zero, mp.elem_out, ps, fps);
         __syncthreads();
         in = out;
         uo += mma_tile_rows(p.layer[l].cout);
       }
     }
     if (reload) {  // (L >= 2: the barrier after u_1 ends every read of x)
-      mma_load_dy<TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY);
+      load_dy();
       __syncthreads();
     }
     // du_{l+1}: the dy tile, then the tile that held u_{l+1}
@@ -559,18 +638,20 @@ __global__ void __launch_bounds__(kThreads, 2)
       }
       // h's rows as elements (the input rows of layer l: gather_{l-1}); du's in natural order
       const int32_t* h_elem = mp.elem + mp.layer[l].e_off;
-      if (f.need_b && d.has_bias) mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off);
+      if (f.need_b && d.has_bias)
+        mma_bias_grads<Fmt, TP>(d, du, part + p.num_w + d.b_off, ps);
       if (f.need_w) {
         if (d.m <= 8 && d.n <= 8)
-          mma_weight_grads_pairs<Fmt, MT>(d, du, mp.elem_out, h, h_elem, part + d.w_off, zero);
+          mma_weight_grads_pairs<Fmt, MT>(d, du, mp.elem_out, h, h_elem, part + d.w_off, zero,
+                                          ps);
         else
-          mma_weight_grads<Fmt, MT>(d, du, mp.elem_out, h, h_elem, part + d.w_off, zero);
+          mma_weight_grads<Fmt, MT>(d, du, mp.elem_out, h, h_elem, part + d.w_off, zero, ps);
       }
       if (l > 0 || f.need_x) {
         __syncthreads();  // h_l has been read: du_l goes there
         // dh_l = W_l^T du_l; input j of layer l lands in row gather_{l-1}[j] (row j for l == 0)
         mma_layer<Fmt, MT>(mt.c.layer[l], mt.layer[l], nullptr, mt.frag, du, mp.elem_out, h,
-                           zero, h_elem);
+                           zero, h_elem, ps, fps_t);
         __syncthreads();
         du = h;
       }
@@ -578,29 +659,34 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (f.need_x) {  // dh_0, in the x tile
       if (dx_starts != nullptr)
         mma_store_tile_csr<Fmt, TP>(dx.ptr, dx.cs, off_dx, tvalid, p.c_in, dx_starts, dx_order,
-                                    X);
-      else
+                                    X, ps);
+      else if constexpr (NP == 1)
         mma_store_tile_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
                                   dx_cl_vec, tvalid, p.c0, nullptr, X);
+      else
+        mma_store_tile_f32_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
+                                      pairs_aligned(dx), rows_aligned16(dx), tvalid, p.c0,
+                                      nullptr, X, ps);
     }
   }
 }
 
-// out[e] = sum over CTA rows r = 0, 1, ... of partial[r][e] in that order, rounded once.
+// out[e] = sum over CTA rows r = 0, 1, ... of partial[r][e] in that order, rounded once (to the
+// 16-bit format; MmaF32x3: the float32 sum itself).
 template <class Fmt>
 __global__ void __launch_bounds__(kThreads)
     reduce_partials_mma_kernel(const float* __restrict__ partial, int64_t rows, int64_t row_len,
-                               int64_t num_w, uint16_t* __restrict__ gw,
-                               uint16_t* __restrict__ gb) {
+                               int64_t num_w, typename Fmt::Storage* __restrict__ gw,
+                               typename Fmt::Storage* __restrict__ gb) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < row_len;
        e += stride) {
     float s = 0.0f;
     for (int64_t r = 0; r < rows; ++r) s += partial[r * row_len + e];
     if (e < num_w) {
-      if (gw != nullptr) gw[e] = mma_from_float<Fmt>(s);
+      if (gw != nullptr) gw[e] = mma_storage_from_float<Fmt>(s);
     } else if (gb != nullptr) {
-      gb[e - num_w] = mma_from_float<Fmt>(s);
+      gb[e - num_w] = mma_storage_from_float<Fmt>(s);
     }
   }
 }
@@ -624,17 +710,19 @@ inline cudaError_t mma_backward_configure(size_t smem, int* occ) {
 // True where that tile exists (mt of 1 or 2), fits one CTA's shared memory and still gives
 // every SM a tile. dev.l2_bytes == 0 (unknown, or IGC_CUDA_PLAN_L2_BYTES=0): never.
 inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool reload, int64_t P,
-                                   const DeviceInfo& dev) {
+                                   const DeviceInfo& dev, int planes = 1) {
   if (dev.l2_bytes <= 0 || mt < 1 || mt >= kMmaMaxMt) return false;
   const int64_t row_bytes = (c.num_w + c.num_b) * static_cast<int64_t>(sizeof(float));
   if (4 * (2 * static_cast<int64_t>(dev.sm_count) * row_bytes) <= 3 * int64_t{dev.l2_bytes})
     return false;
   const int tp = 32 * mt;
-  return mma_backward_smem_bytes(mma_backward_rows(c, reload), tp) <= cta_smem_budget(dev, 1) &&
+  return mma_backward_smem_bytes(mma_backward_rows(c, reload), tp, planes) <=
+             cta_smem_budget(dev, 1) &&
          (P + tp - 1) / tp >= dev.sm_count;
 }
 
-// The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit); mt = 0 when
+// The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit; float32: two
+// CTAs only with 32 positions, else one); mt = 0 when
 // the store-all tiles do not fit a 16-position tile (the caller falls back to the CUDA-core
 // backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
 // Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take
@@ -643,12 +731,24 @@ template <class Fmt>
 inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
                                      const DeviceInfo& dev, MmaPlan* plan) {
   // (tile of 16 mt positions, CTAs per SM by shared memory: 2 or 1) of a layout
+  constexpr int NP = Fmt::kPlanes;
   const auto pick = [&](bool reload, int* ctas) {
     const int64_t rows = mma_backward_rows(mp.c, reload);
-    const int tp =
-        choose_tile([&](int t) { return mma_backward_smem_bytes(rows, t); }, dev, P, 16, 2);
+    const auto bytes = [&](int t) { return mma_backward_smem_bytes(rows, t, NP); };
+    if constexpr (NP > 1) {
+      // float32: two CTAs of 32 positions where they fit and every SM gets a tile (the one
+      // float32 kernel that runs two per SM, mma_backward_min_ctas), else the tile for one CTA
+      if (bytes(32) <= cta_smem_budget(dev, 2) && (P + 31) / 32 >= dev.sm_count) {
+        *ctas = 2;
+        return 2;
+      }
+      const int tp = choose_tile(bytes, dev, P, 16, 1);
+      *ctas = 1;
+      return tp >= 64 ? 4 : tp / 16;
+    }
+    const int tp = choose_tile(bytes, dev, P, 16, 2);
     const int mt = tp >= 64 ? 4 : tp / 16;
-    *ctas = mt > 0 && mma_backward_smem_bytes(rows, 16 * mt) <= cta_smem_budget(dev, 2) ? 2 : 1;
+    *ctas = mt > 0 && bytes(16 * mt) <= cta_smem_budget(dev, 2) ? 2 : 1;
     return mt;
   };
   int ctas = 0, ctas_r = 0;
@@ -663,9 +763,10 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
   }
   if (plan->mt == 0) return cudaSuccess;
   if (need_grads_wb && (plan->reload_x ? ctas_r : ctas) == 2 &&
-      mma_backward_wide_tile(mp.c, plan->mt, plan->reload_x, P, dev))
+      mma_backward_wide_tile(mp.c, plan->mt, plan->reload_x, P, dev, NP))
     plan->mt *= 2;
-  plan->smem = mma_backward_smem_bytes(mma_backward_rows(mp.c, plan->reload_x), 16 * plan->mt);
+  plan->smem =
+      mma_backward_smem_bytes(mma_backward_rows(mp.c, plan->reload_x), 16 * plan->mt, NP);
   plan->ntiles = (P + 16 * plan->mt - 1) / (16 * plan->mt);
   int occ = 0;
   cudaError_t e = plan->mt == 4   ? mma_backward_configure<Fmt, 4>(plan->smem, &occ)
@@ -684,20 +785,21 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
 }
 
 // table: index_table_size(h) entries of device memory (mp.c.table and mt.c.table point to it);
-// frag / frag_t: mp.num_frag / mt.num_frag entries (mp.frag, mt.frag point to them); tables:
-// mma_row_table_size(mp) entries (the row tables); w: the weights (MmaWeights); partial:
-// plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null); gw / gb: the 16-bit
-// outputs, or null when not needed. Builds the tables and packs both fragment sets in one launch,
+// frag / frag_t: Fmt::kPlanes times mp.num_frag / mt.num_frag entries (mp.frag, mt.frag point to
+// them); tables: mma_row_table_size(mp) entries (the row tables); w: the weights (MmaWeights);
+// partial: plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null); gw / gb:
+// the outputs in the tensors' dtype, or null when not needed. Builds the tables and packs both fragment sets in one launch,
 // runs the backward, then reduces the partial rows.
 template <class Fmt>
 inline cudaError_t launch_backward_mma(const HostChain& h, const MmaParams& mp,
                                        const MmaParams& mt, const MmaWeights& w, int32_t* table,
                                        uint2* frag, uint2* frag_t, int32_t* tables,
-                                       const TensorArg<const uint16_t>& x,
-                                       const TensorArg<const uint16_t>& dy,
-                                       const TensorArg<uint16_t>& dx, const int32_t* dx_starts,
-                                       const int32_t* dx_order, float* partial, uint16_t* gw,
-                                       uint16_t* gb, BackwardFlags f, int64_t P,
+                                       const TensorArg<const typename Fmt::Storage>& x,
+                                       const TensorArg<const typename Fmt::Storage>& dy,
+                                       const TensorArg<typename Fmt::Storage>& dx,
+                                       const int32_t* dx_starts, const int32_t* dx_order,
+                                       float* partial, typename Fmt::Storage* gw,
+                                       typename Fmt::Storage* gb, BackwardFlags f, int64_t P,
                                        const MmaPlan& plan, cudaStream_t stream) {
   if (plan.mt != 1 && plan.mt != 2 && plan.mt != 4) return cudaErrorInvalidValue;
   if (plan.grid < 1 || mt.c.table != table) return cudaErrorInvalidValue;
@@ -726,8 +828,7 @@ inline cudaError_t launch_backward_mma(const HostChain& h, const MmaParams& mp,
   const int64_t row_len = mp.c.num_w + mp.c.num_b;
   IGC_LAUNCH((reduce_partials_mma_kernel<Fmt>), blocks_for(row_len, 4096), 0, stream,
              static_cast<const float*>(partial), static_cast<int64_t>(plan.grid), row_len,
-             mp.c.num_w, f.need_w ? gw : static_cast<uint16_t*>(nullptr),
-             f.need_b ? gb : static_cast<uint16_t*>(nullptr));
+             mp.c.num_w, f.need_w ? gw : nullptr, f.need_b ? gb : nullptr);
   return cudaGetLastError();
 }
 

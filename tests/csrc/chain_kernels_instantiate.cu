@@ -72,33 +72,30 @@ IGC_INSTANTIATE_MMA_BASE(MmaF32x3)
 
 // the tensor-core backward: every element format and tile, the transposed weight packing and
 // the reduction of the partial rows
+#define IGC_BACKWARD_MMA(F, MT)                                                                 \
+  template __global__ void chain_backward_mma_kernel<F, MT>(                                    \
+      const MmaParams, const MmaParams, const TensorArg<const F::Storage>,                      \
+      const TensorArg<const F::Storage>, const TensorArg<F::Storage>, const int32_t*,           \
+      const int32_t*, float*, const BackwardFlags, int64_t);
 #define IGC_INSTANTIATE_MMA_BACKWARD(F)                                                         \
-  template __global__ void chain_backward_mma_kernel<F, 1>(                                     \
-      const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
-      const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
-      const int32_t*, float*, const BackwardFlags, int64_t);                                    \
-  template __global__ void chain_backward_mma_kernel<F, 2>(                                     \
-      const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
-      const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
-      const int32_t*, float*, const BackwardFlags, int64_t);                                    \
-  template __global__ void chain_backward_mma_kernel<F, 4>(                                     \
-      const MmaParams, const MmaParams, const TensorArg<const uint16_t>,                        \
-      const TensorArg<const uint16_t>, const TensorArg<uint16_t>, const int32_t*,               \
-      const int32_t*, float*, const BackwardFlags, int64_t);                                    \
+  IGC_BACKWARD_MMA(F, 1)                                                                        \
+  IGC_BACKWARD_MMA(F, 2)                                                                        \
+  IGC_BACKWARD_MMA(F, 4)                                                                        \
   template __global__ void reduce_partials_mma_kernel<F>(const float*, int64_t, int64_t,        \
-                                                         int64_t, uint16_t*, uint16_t*);        \
+                                                         int64_t, F::Storage*, F::Storage*);    \
   template cudaError_t plan_backward_mma<F>(const MmaParams&, int64_t, bool, const DeviceInfo&, \
                                             MmaPlan*);                                          \
   template cudaError_t launch_backward_mma<F>(                                                  \
       const HostChain&, const MmaParams&, const MmaParams&, const MmaWeights&, int32_t*, uint2*,\
-      uint2*, int32_t*, const TensorArg<const uint16_t>&,                                       \
-      const TensorArg<const uint16_t>&, const TensorArg<uint16_t>&, const int32_t*,             \
-      const int32_t*, float*, uint16_t*, uint16_t*, BackwardFlags, int64_t, const MmaPlan&,     \
-      cudaStream_t);
+      uint2*, int32_t*, const TensorArg<const F::Storage>&, const TensorArg<const F::Storage>&, \
+      const TensorArg<F::Storage>&, const int32_t*, const int32_t*, float*, F::Storage*,        \
+      F::Storage*, BackwardFlags, int64_t, const MmaPlan&, cudaStream_t);
 
 IGC_INSTANTIATE_MMA_BACKWARD(MmaBf16)
 IGC_INSTANTIATE_MMA_BACKWARD(MmaF16)
+IGC_INSTANTIATE_MMA_BACKWARD(MmaF32x3)
 #undef IGC_INSTANTIATE_MMA_BACKWARD
+#undef IGC_BACKWARD_MMA
 
 }  // namespace cuda
 }  // namespace igc

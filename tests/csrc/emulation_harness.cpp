@@ -147,7 +147,7 @@ struct MmaTables {
       : table(static_cast<size_t>(index_table_size(h)), -1),
         rows(static_cast<size_t>(mma_row_table_size(mp)), -1),
         frag(static_cast<size_t>(planes * mp.num_frag), uint2{~0u, ~0u}),
-        frag_t(static_cast<size_t>(n_frag_t), uint2{~0u, ~0u}),
+        frag_t(static_cast<size_t>(planes * n_frag_t), uint2{~0u, ~0u}),
         bias(static_cast<size_t>(mp.c.num_b), std::nanf("")) {}
   float* bias_ptr() { return bias.empty() ? nullptr : bias.data(); }
 };
@@ -182,9 +182,9 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
   return 0;
 }
 
-// The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain: W, B and dx /
-// gw / gb in the 16-bit dtype. plan_out: tile positions, grid,
-// x and dy in one tile (reload x).
+// The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain, or of a
+// float32 one (MmaF32x3): W, B and dx / gw / gb in the chain's dtype. plan_out: tile positions,
+// grid, x and dy in one tile (reload x).
 template <class Fmt>
 int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                  const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
@@ -205,17 +205,19 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
     plan_out[2] = pl.reload_x ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
-  MmaTables t(*h, probe, make_mma_transposed_params(*h, nullptr, nullptr).num_frag);
+  using S = typename Fmt::Storage;
+  MmaTables t(*h, probe, make_mma_transposed_params(*h, nullptr, nullptr).num_frag,
+              Fmt::kPlanes);
   const MmaParams mp = make_mma_params(*h, t.bias_ptr(), t.table.data(), t.frag.data());
   const MmaParams mt = make_mma_transposed_params(*h, t.table.data(), t.frag_t.data());
   std::vector<float> partial(wb ? static_cast<size_t>(pl.grid * (mp.c.num_w + mp.c.num_b)) : 0);
   BackwardFlags f{need_x, need_w, nb ? 1 : 0, 1};
-  TensorArg<uint16_t> dxa = need_x ? arg<uint16_t>(dx) : TensorArg<uint16_t>{};
-  if (launch_backward_mma<Fmt>(*h, mp, mt, mma_weights(mp.c, W, B), t.table.data(),
-                               t.frag.data(), t.frag_t.data(), t.rows.data(),
-                               arg<const uint16_t>(x), arg<const uint16_t>(dy), dxa, starts, order,
-                               wb ? partial.data() : nullptr, static_cast<uint16_t*>(gw),
-                               static_cast<uint16_t*>(gb), f, P, pl, nullptr) != cudaSuccess)
+  TensorArg<S> dxa = need_x ? arg<S>(dx) : TensorArg<S>{};
+  if (launch_backward_mma<Fmt>(*h, mp, mt, mma_weights<S>(mp.c, W, B), t.table.data(),
+                               t.frag.data(), t.frag_t.data(), t.rows.data(), arg<const S>(x),
+                               arg<const S>(dy), dxa, starts, order,
+                               wb ? partial.data() : nullptr, static_cast<S*>(gw),
+                               static_cast<S*>(gb), f, P, pl, nullptr) != cudaSuccess)
     return 5;
   return 0;
 }
@@ -224,12 +226,16 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
 
 extern "C" {
 
-int igc_emu_backward_mma(int is_bf16, const HostChain* h, const void* W, const void* B,
+// fmt: 0 float16, 1 bfloat16, 2 float32 (MmaF32x3)
+int igc_emu_backward_mma(int fmt, const HostChain* h, const void* W, const void* B,
                          const EmuTensor* x, const EmuTensor* dy, const EmuTensor* dx,
                          const int32_t* starts, const int32_t* order, void* gw, void* gb,
                          int need_x, int need_w, int need_b, const EmuDevice* dev,
                          int64_t* plan_out) {
-  return is_bf16 ? backward_mma<MmaBf16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
+  if (fmt == 2)
+    return backward_mma<MmaF32x3>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x, need_w,
+                                  need_b, dev, plan_out);
+  return fmt == 1 ? backward_mma<MmaBf16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
                                          need_w, need_b, dev, plan_out)
                  : backward_mma<MmaF16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
                                         need_w, need_b, dev, plan_out);
