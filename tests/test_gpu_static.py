@@ -306,8 +306,8 @@ _FP32_BACKWARD = ["igcv2(256,8)", "igcv2(1024,8)", "igcv3-reduce(64,6,2)"]
 
 @pytest.fixture(scope="module")
 def fp32_cuda_report(tmp_path_factory):
-    """One ``--cuda`` static report (one nvcc compile) of the float32 structures of the two
-    tests below, both directions."""
+    """One ``--cuda`` static report (one nvcc compile) of the float32 structures of the tests
+    below, both directions."""
     pytest.importorskip("triton")
     if not shutil.which("nvcc"):
         pytest.skip("nvcc is not on PATH")
@@ -421,6 +421,63 @@ def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report)
                 n_rows = (-(-max(chans[0::2]) // 4) * 4) + (-(-max(chans[1::2]) // 4) * 4)
                 tp = r["block_p"]
                 assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 16 * tp, what
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import perf_model
+
+    preds = [p for p in perf_model.records({**fp32_cuda_report, "rows": rows})]
+    assert len(preds) == len(rows)
+    for p in preds:
+        assert p["prediction"].startswith("PREDICTED")
+        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
+
+
+def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report):
+    """The opt-in float32 tensor-core backward (MmaF32x3) in the same report: per position six
+    times the padded products of the 16-bit kernel (recompute, dh, dW), three planes of shared
+    memory per tile, the planner's tile (two CTAs of 32 positions where they fit, within 128
+    registers; else one CTA), no spills, not marked as the path a float32 call runs, labelled
+    predictions; no record where the store-all tiles do not fit (IGCV2(1024, 8): the CUDA-core
+    backward runs it)."""
+    import igc_kernels as igc
+
+    specs = {"igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
+             "igcv2(256,8)": igc.ChainSpec.igcv2(256, 8),
+             "igcv2(256,32)": igc.ChainSpec.igcv2(256, 32),
+             "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2])}
+    # (tile, x and dy in one tile, two CTAs per SM)
+    plans = {"igcv2(64,4)": (32, False, True), "igcv2(256,8)": (32, False, False),
+             "igcv2(256,32)": (32, True, True), "igcv3-reduce(64,6,2)": (32, False, True)}
+    rows = [r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_backward_mma_kernel"]
+    assert sorted({r["structure"] for r in rows}) == sorted([*specs, "condense(128,4)"])
+    kpad = lambda k: 8 if k <= 8 else 16 * -(-k // 16)  # noqa: E731
+    for r in rows:
+        what = f"{r['structure']} {r['layout']}"
+        assert r["dtype"] == "float32" and r["config"]["planes"] == 3, what
+        assert not r["is_default"] and not r["fixed_path"], what
+        assert r["compiled"] and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, what
+        spec = specs.get(r["structure"])
+        if spec is None:
+            continue
+        tp, reload, two = plans[r["structure"]]
+        assert (r["block_p"], r["config"]["reload_x"]) == (tp, reload), what
+        assert (r["ctas_per_sm"] >= 2) == two and (not two or r["registers"] <= 128), what
+        shapes = spec.weight_shapes()
+        padded = 0
+        for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
+            m = cout // g
+            if l + 1 < len(shapes):
+                padded += g * 8 * -(-m // 8) * kpad(n)  # the recompute
+            padded += g * 8 * -(-n // 8) * kpad(m)  # dh = W^T du
+            if max(m, n) <= 8:  # dW: two groups per item, two 16 x 8 products
+                padded += -(-g // 2) * 2 * 16 * 8
+            else:  # dW: 16 x 8 blocks of a group
+                padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)
+        per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
+        assert per_position == pytest.approx(6 * padded, rel=1e-9), what
+        chans = [spec.in_channels] + [c for c, _ in shapes]
+        x_dy = [max(chans[0], chans[-1])] if reload else [chans[0], chans[-1]]
+        n_rows = sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
+        assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 24 * tp, what
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import perf_model
 

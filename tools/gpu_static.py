@@ -618,7 +618,7 @@ def mma_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     return {**_layer_model(ins, loops, mt, planes), **_tile_move_model(ins, loops)}
 
 
-def mma_backward_kernel_model(sass: str, mt: int) -> dict:
+def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     """Executed warp instructions of chain_backward_mma_kernel<Fmt, mt>, read from its SASS.
     The forward recompute is the loop over layers that holds the tensor-core layer and no
     ldmatrix without .trans; the walk back is the loop that holds the weight-gradient products
@@ -628,9 +628,12 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
     2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
     read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 16 block of a group, 8 values
     stored per lane; "dw_full_item", the same where every block is full, 4 float2 per lane;
-    "dw_wide_item", 16 x 32 of full blocks, 8 float2 per lane and 4 HMMAs per k-step;
+    "dw_wide_item", 16 x 32 of full blocks, 8 float2 per lane and 4 HMMAs per k-step (one
+    plane only);
     "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
-    tile loads and stores (the costliest loop of each kind)."""
+    tile loads and stores (the costliest loop of each kind). With three planes (the float32
+    kernel, MmaF32x3) every ldmatrix is three and every HMMA six."""
+    hmma_per = 6 if planes == 3 else 1
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
 
@@ -671,17 +674,20 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
         if not wide_stores(lp):
             return stores(lp)
         body = ops_in(lp[0], lp[1])
-        hmma = sum(1 for o in body if o.startswith("HMMA.16816"))
-        ldsm = sum(1 for o in body if o.startswith("LDSM.16.M88.4"))
+        hmma = sum(1 for o in body if o.startswith("HMMA.16816")) / hmma_per
+        ldsm = sum(1 for o in body if o.startswith("LDSM.16.M88.4")) / planes
         return "wide" if hmma > 1.2 * ldsm else "full"
     kinds = {kind(l): l for l in items}
-    if sorted(kinds, key=str) != [4, 8, "full", "wide"]:
+    # (the 16 x 32 items only with one plane: mma_weight_grads)
+    if sorted(kinds, key=str) != [4, 8, "full"] + (["wide"] if planes == 1 else []):
         raise SystemExit(f"weight-gradient item loops not found (stores, 64-bit stores per "
                          f"loop: {sorted((stores(l), wide_stores(l)) for l in items)})")
 
     def item_cost(lp, per_step=2):
         """one item: the loop body, its k-step loop (when not fully unrolled) once per
-        iteration: mt over the k-steps (``per_step`` HMMAs each) one iteration holds"""
+        iteration: mt over the k-steps (``per_step`` HMMAs each, times six with three planes)
+        one iteration holds"""
+        per_step *= hmma_per
         kloops = [l for l in inside(lp) if any(o.startswith("HMMA")
                                                for o in ops_in(l[0], l[1]))]
         whole = _region_counts(ins, lp[0], lp[1])
@@ -693,13 +699,14 @@ def mma_backward_kernel_model(sass: str, mt: int) -> dict:
         per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (per_step * mt)))
         return _combine((1.0 / per_iter, whole))
 
-    dw, dw_full, dw_wide, pair = kinds[8], kinds["full"], kinds["wide"], kinds[4]
-    out = {"fwd": _layer_model(ins, inside(recompute), mt),
-           "dh": _layer_model(ins, [l for l in inside(walk)
-                                    if l[:2] not in (dw[:2], dw_full[:2], dw_wide[:2],
-                                                     pair[:2])], mt),
-           "dw_item": item_cost(dw), "dw_full_item": item_cost(dw_full),
-           "dw_wide_item": item_cost(dw_wide, 4), "dw_pair_item": item_cost(pair)}
+    dw_items = [kinds[k][:2] for k in kinds]
+    out = {"fwd": _layer_model(ins, inside(recompute), mt, planes),
+           "dh": _layer_model(ins, [l for l in inside(walk) if l[:2] not in dw_items], mt,
+                              planes),
+           "dw_item": item_cost(kinds[8]), "dw_full_item": item_cost(kinds["full"]),
+           "dw_pair_item": item_cost(kinds[4])}
+    if "wide" in kinds:
+        out["dw_wide_item"] = item_cost(kinds["wide"], 4)
     out.update(_tile_move_model(ins, loops, largest=True))
     return out
 
@@ -732,12 +739,12 @@ def _two_cta_budget(arch: int) -> int:
     return SM_LIMITS[arch][1] // 2 - 1024
 
 
-def mma_tile(arch: int, smem, max_tp: int = 64) -> int:
+def mma_tile(arch: int, smem, max_tp: int = 64, ctas: int = 2) -> int:
     """mma_choose_mt of chain_mma.cuh for many positions: the largest tile (at most
     ``max_tp``) that leaves room for two CTAs per SM, else the largest that fits one
-    (``smem(tp)``: bytes of a tile)."""
+    (``smem(tp)``: bytes of a tile); with ``ctas`` = 1, the largest that fits one."""
     optin = SM_LIMITS[arch][1] - 1024
-    for budget in (_two_cta_budget(arch), optin):
+    for budget in ((_two_cta_budget(arch), optin) if ctas == 2 else (optin,)):
         for tp in (128, 64, 32, 16):
             if tp <= max_tp and smem(tp) <= budget:
                 return min(tp, 64)
@@ -767,14 +774,23 @@ def mma_forward_plan(spec, chans, arch: int, planes: int = 1) -> tuple:
     return tp, False
 
 
-def mma_backward_smem_bytes(rows: int, tp: int) -> int:
-    return (rows + 2) * tp * 2 + 3 * tp * 8  # mma_backward_smem_bytes of chain_mma_backward.cuh
+def mma_backward_smem_bytes(rows: int, tp: int, planes: int = 1) -> int:
+    """mma_backward_smem_bytes of chain_mma_backward.cuh (``planes``: 3 for float32)"""
+    return planes * (rows + 2) * tp * 2 + 3 * tp * 8
 
 
-def mma_backward_tile(rows: int, arch: int) -> int:
-    """plan_backward_mma's tile for many positions (0: the CUDA-core backward runs instead):
-    the forward's rule (``mma_tile``) on the store-all tiles' bytes."""
-    return mma_tile(arch, lambda t: mma_backward_smem_bytes(rows, t))
+def mma_backward_tile(rows: int, arch: int, planes: int = 1) -> tuple:
+    """(tile, two CTAs per SM) of plan_backward_mma for many positions (tile 0: the CUDA-core
+    backward runs instead): the forward's rule (``mma_tile``) on the store-all tiles' bytes;
+    float32 (three planes): 32 positions where two CTAs fit (the one float32 kernel that runs
+    two per SM: mma_backward_min_ctas), else the largest tile for one CTA."""
+    smem = lambda t: mma_backward_smem_bytes(rows, t, planes)  # noqa: E731
+    if planes > 1:
+        if smem(32) <= _two_cta_budget(arch):
+            return 32, True
+        return mma_tile(arch, smem, ctas=1), False
+    tp = mma_tile(arch, smem)
+    return tp, bool(tp) and smem(tp) <= _two_cta_budget(arch)
 
 
 # SMs and L2 bytes of the device the tile rules are mirrored for (sm_80: A100; sm_90: the
@@ -783,19 +799,19 @@ PLAN_DEVICE = {80: (108, 40 << 20),
                90: (perf_model.DEVICES["h200"].sms, int(perf_model.DEVICES["h200"].l2_bytes))}
 
 
-def mma_backward_plan(chans, arch: int, row_floats: int = 0) -> tuple:
+def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1) -> tuple:
     """(tile, reload x, tile rows) of plan_backward_mma for channels ``chans`` (C_0 .. C_L), for
     many positions: the store-all tiles x | u_1 .. u_{L-1} | dy, or with L >= 2 x and dy in one
     tile where that gives more positions per SM (tile x CTAs per SM by shared memory, 2 or 1);
     then mma_backward_wide_tile: where two CTAs per SM fit and their fp32 gradient rows
     (``row_floats`` weights and biases each; 0: not counted) exceed three quarters of the L2 of
-    ``PLAN_DEVICE[arch]``, one CTA per SM with a tile twice as long, where it fits one CTA."""
+    ``PLAN_DEVICE[arch]``, one CTA per SM with a tile twice as long, where it fits one CTA.
+    Float32 (``planes`` = 3): three planes of every tile (``mma_backward_tile``)."""
     mid = sum(mma_tile_rows(c) for c in chans[1:-1])
     xr, dyr = mma_tile_rows(chans[0]), mma_tile_rows(chans[-1])
 
     def pick(rows):
-        tp = mma_backward_tile(rows, arch)
-        two = bool(tp) and mma_backward_smem_bytes(rows, tp) <= _two_cta_budget(arch)
+        tp, two = mma_backward_tile(rows, arch, planes)
         return tp, tp * (2 if two else 1), two
 
     keep = xr + mid + dyr
@@ -807,7 +823,7 @@ def mma_backward_plan(chans, arch: int, row_floats: int = 0) -> tuple:
             tp, two, reload, rows = tp_r, two_r, True, max(xr, dyr) + mid
     sms, l2 = PLAN_DEVICE[arch]
     if (two and 16 <= tp < 64 and 4 * (2 * sms * 4 * row_floats) > 3 * l2
-            and mma_backward_smem_bytes(rows, 2 * tp) <= SM_LIMITS[arch][1] - 1024):
+            and mma_backward_smem_bytes(rows, 2 * tp, planes) <= SM_LIMITS[arch][1] - 1024):
         tp *= 2
     return tp, reload, rows
 
@@ -872,26 +888,30 @@ def _set_mma_dyn(rec, total: dict, model: str) -> None:
 
 def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
-    the tensor-core backward, with per-position counts: the chain's recompute items and k-steps
+    the tensor-core backward (and per float32 structure for the opt-in float32 kernel, MmaF32x3:
+    three planes, one CTA per SM; not marked as the default path), with per-position counts: the chain's recompute items and k-steps
     (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items (pairs
     of groups where a group has at most 8 outputs and inputs, else 16 x 16 blocks), and
     the tile loads of x (twice where x and dy share a tile) and dy and the store of dx, times
     the SASS costs of ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS).
     Chains whose store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
     rows = []
-    for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs):
+    for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs,
+                                                                      float32=True):
         c_x, spec, _, idx = structure_args(s)
         c0 = c_x if idx is None else len(idx)
         shapes = spec.weight_shapes()
         chans = [c0] + [c for c, _ in shapes]
+        planes = 3 if dtype == "float32" else 1
         # the fp32 gradient row: the weights (the static structures have no biases)
-        tp, reload, rows_ = mma_backward_plan(chans, arch, sum(c * k for c, k in shapes))
+        tp, reload, rows_ = mma_backward_plan(chans, arch, sum(c * k for c, k in shapes),
+                                              planes)
         if tp == 0:
             continue
         mt = tp // 16
         name = next(n for n in funcs if "chain_backward_mma_kernel" in n
                     and f"{fmt}ELi{mt}E" in n)
-        model = mma_backward_kernel_model(funcs[name], mt)
+        model = mma_backward_kernel_model(funcs[name], mt, planes)
         terms = []
         for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
             m = cout // g
@@ -901,8 +921,9 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
             wide, narrow = max(m, n), min(m, n)
             if wide <= 8:  # dW items: pairs of groups
                 terms.append((-(-g // 2), model["dw_pair_item"]))
-            elif n <= m and n % 32 == 0 and m % 16 == 0:  # 16 x 32 blocks (mma_weight_grads:
-                # full blocks with B in pairs; the layer's offset in the fp32 row is even here)
+            elif (planes == 1 and n <= m and n % 32 == 0
+                  and m % 16 == 0):  # 16 x 32 blocks (mma_weight_grads: full blocks with B in
+                # pairs, one plane; the layer's offset in the fp32 row is even here)
                 terms.append((g * (m // 16) * (n // 32), model["dw_wide_item"]))
             else:  # 16 x 16 blocks of a group (mma_weight_grads: full blocks with n <= m
                 # take the float2 loop)
@@ -912,7 +933,11 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         for layout in layouts:
             cl = layout == "channels_last"
 
-            if not cl:
+            if planes == 3:
+                ldx, ldx_elems = _f32_load_cost(model, cl, c0, idx is None)
+                ldy, ldy_elems = _f32_load_cost(model, cl, spec.out_channels)
+                st, st_elems = _f32_store_cost(model, cl, c_x)
+            elif not cl:
                 ldx, ldx_elems = model["load_nchw"], 256
                 ldy, st = model["load_nchw"], model["store_nchw"]
                 ldy_elems = st_elems = 256
@@ -927,8 +952,11 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                              (c_x * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "backward", arch, toolchain,
                               "chain_backward_mma_kernel", tp, ptxas[name],
-                              mma_backward_smem_bytes(rows_, tp))
+                              mma_backward_smem_bytes(rows_, tp, planes))
             rec.config["reload_x"] = reload
+            if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
+                rec.config["planes"] = 3
+                rec.is_default = rec.fixed_path = rec.autotuner_keeps = False
             _set_mma_dyn(rec, total,
                          "per layer: recompute and dh items x item cost + items "
                          "x k-steps x k-step cost, dW items x item cost (its "
@@ -955,6 +983,35 @@ def _f32_block_key(model, kind):
     """The float32 kernel's channels-last block loop (``load_cl<n>`` / ``store_cl<n>``: n
     movmatrix per iteration, three per 8x8 block, the loop unrolled as the compiler chose)."""
     return next(k for k in model if k.startswith(f"{kind}_cl") and k[len(kind) + 3:].isdigit())
+
+
+def _f32_load_cost(model, cl, c, vec=True):
+    """(cost, elements per counted unit) of a float32 tile load (MmaF32x3) of c channels: per
+    16-byte global access (4 elements per lane) on NCHW rows; channels-last (``vec``: no input
+    index): per stmatrix (one per plane: a third of 8 positions x 32 channels) in the 32-channel
+    steps (C % 32 == 0, sm_90), per movmatrix (a third of an 8x8 block) on other tiles of
+    C % 8 == 0; else the element path, per plane store (a third of an element per lane)."""
+    if not cl:
+        return model["load_nchw"], 128
+    if vec and c % 32 == 0 and "load_clw" in model:
+        return model["load_clw"], 256 / 3
+    if vec and c % 8 == 0:
+        return model[_f32_block_key(model, "load")], 64 / 3
+    return model["load_f32scalar"], 32 / 3
+
+
+def _f32_store_cost(model, cl, c):
+    """(cost, elements per counted unit) of a float32 tile store of c channels: per 16-byte
+    global access on NCHW rows and in the channels-last 32-channel steps (C % 32 == 0); per
+    movmatrix (a third of an 8x8 block) on other channels-last tiles of C % 8 == 0; else per
+    element."""
+    if not cl:
+        return model["store_nchw"], 128
+    if c % 32 == 0 and "store_clw" in model:
+        return model["store_clw"], 128
+    if c % 8 == 0:
+        return model[_f32_block_key(model, "store")], 64 / 3
+    return model["store_f32scalar"], 32
 
 
 def _mma_item_kind(costs, groups, outs, ins):
@@ -1021,28 +1078,8 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
             # 8x8 block (channels-last: 64), an element per lane (the scalar load of a
             # channels-last tile through an input index: 32)
             if planes == 3:
-                # float32: per 16-byte global access (4 elements per lane) on NCHW rows and in
-                # the channels-last store's 32-channel steps (C % 32 == 0); per stmatrix (one
-                # per plane: a third of 8 positions x 32 channels) in the load's (sm_90); per
-                # movmatrix (a third of an 8x8 block) on other channels-last tiles of
-                # C % 8 == 0; else the element paths, per plane store (a third of an element
-                # per lane) or per element
-                if not cl:
-                    ld, ld_elems = model["load_nchw"], 128
-                elif idx is None and chans[0] % 32 == 0 and "load_clw" in model:
-                    ld, ld_elems = model["load_clw"], 256 / 3
-                elif idx is None and chans[0] % 8 == 0:
-                    ld, ld_elems = model[_f32_block_key(model, "load")], 64 / 3
-                else:
-                    ld, ld_elems = model["load_f32scalar"], 32 / 3
-                if not cl:
-                    st, st_elems = model["store_nchw"], 128
-                elif spec.out_channels % 32 == 0 and "store_clw" in model:
-                    st, st_elems = model["store_clw"], 128
-                elif spec.out_channels % 8 == 0:
-                    st, st_elems = model[_f32_block_key(model, "store")], 64 / 3
-                else:
-                    st, st_elems = model["store_f32scalar"], 32
+                ld, ld_elems = _f32_load_cost(model, cl, chans[0], idx is None)
+                st, st_elems = _f32_store_cost(model, cl, spec.out_channels)
             elif not cl:
                 ld, ld_elems = model["load_nchw"], 256
             elif idx is None:
