@@ -37,7 +37,8 @@
 #                to set beside bench-quick's three (bench-ctas2.json)
 #   fp32mma      bench-quick's measurement of the nine IGCV2 targets in float32, once as it is
 #                (the CUDA-core kernels, bench-fp32.json) and once with IGC_CUDA_FP32_MMA=1: the
-#                opt-in float32 tensor-core forward, three bfloat16 planes (bench-fp32mma.json)
+#                opt-in float32 tensor-core forward and backward, three bfloat16 planes
+#                (bench-fp32mma.json)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
