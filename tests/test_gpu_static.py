@@ -304,18 +304,36 @@ _FP32_FORWARD = ["igcv2(64,4)", "igcv2(256,8)", "igcv2(256,32)", "igcv3-reduce(6
 _FP32_BACKWARD = ["igcv2(256,8)", "igcv2(1024,8)", "igcv3-reduce(64,6,2)"]
 
 
+# the 16-bit tensor-core kernels' structures: igcv2(512,16): a 32-position tile, whose forward
+# takes the pair items (two blocks of 8 outputs per item) in place (one tile of 64 positions
+# instead of two of 32); igcv2(1024,8): in-place layers (one tile of 32 positions instead of two
+# of 16), items of two groups
+_MMA_16BIT = ["igcv2(256,8)", "igcv2(64,4)", "igcv3-reduce(64,6,2)", "igcv2(512,16)",
+              "igcv2(1024,8)"]
+
+
 @pytest.fixture(scope="module")
-def fp32_cuda_report(tmp_path_factory):
-    """One ``--cuda`` static report (one nvcc compile) of the float32 structures of the tests
-    below, both directions."""
+def cuda_report(tmp_path_factory):
+    """One ``--cuda`` static report (one nvcc compile of every kernel) of the structures of the
+    tests below: float32 for the CUDA-core kernels and the opt-in float32 tensor-core kernels,
+    float16 and bfloat16 for the tensor-core kernels, both directions."""
     pytest.importorskip("triton")
     if not shutil.which("nvcc"):
         pytest.skip("nvcc is not on PATH")
-    out = tmp_path_factory.mktemp("fp32") / "cuda.json"
-    structures = list(dict.fromkeys(_FP32_FORWARD + _FP32_BACKWARD))
-    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes", "float32",
-          "--layouts", "nchw,channels_last", "--archs", "90", "--json", str(out))
+    out = tmp_path_factory.mktemp("cuda") / "cuda.json"
+    structures = list(dict.fromkeys(_FP32_FORWARD + _FP32_BACKWARD + _MMA_16BIT))
+    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes",
+          "bfloat16,float16,float32", "--layouts", "nchw,channels_last", "--archs", "90",
+          "--json", str(out))
     return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def fp32_cuda_report(cuda_report):
+    """The float32 records of ``cuda_report`` whose structures the float32 tests name."""
+    keep = set(_FP32_FORWARD + _FP32_BACKWARD)
+    return {**cuda_report, "rows": [r for r in cuda_report["rows"]
+                                    if r.get("dtype") == "float32" and r["structure"] in keep]}
 
 
 def test_cuda_core_float32_forward_model_counts_the_multiply_adds(fp32_cuda_report):
@@ -488,7 +506,7 @@ def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
 
 
-def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
+def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):
     """The static model of the CUDA tensor-core forward and backward (``--cuda``: nvcc for
     sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it
     counts exactly the multiply-adds of the padded products (forward: groups of n <= 8 inputs
@@ -497,19 +515,9 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(tmp_path):
     two 16 x 8 products per pair of groups of at most 8 x 8, with the tile's positions as K),
     the kernels do not spill, and tools/perf_model.py turns every record into a labelled
     prediction."""
-    pytest.importorskip("triton")
-    if not shutil.which("nvcc"):
-        pytest.skip("nvcc is not on PATH")
-    out = tmp_path / "cuda.json"
-    # igcv2(512,16): a 32-position tile, whose forward takes the pair items (two blocks of 8
-    # outputs per item) in place (one tile of 64 positions instead of two of 32); igcv2(1024,8):
-    # in-place layers (one tile of 32 positions instead of two of 16), items of two groups
-    structures = {"igcv2(256,8)": None, "igcv2(64,4)": None, "igcv3-reduce(64,6,2)": None,
-                  "igcv2(512,16)": None, "igcv2(1024,8)": None}
-    _tool("--cuda", "--no-triton", "--structures", ";".join(structures), "--dtypes",
-          "bfloat16,float16", "--layouts", "nchw,channels_last", "--archs", "90", "--json",
-          str(out))
-    report = json.loads(out.read_text())
+    report = {**cuda_report, "rows": [r for r in cuda_report["rows"]
+                                      if r.get("dtype") in ("bfloat16", "float16")
+                                      and r["structure"] in _MMA_16BIT]}
     rows = [r for r in report["rows"] if r["kernel"] == "chain_forward_mma_kernel"]
     assert len(rows) == 5 * 2 * 2
     import igc_kernels as igc
