@@ -449,6 +449,37 @@ def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report)
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
 
 
+def _kpad(k):
+    """a group's inputs padded to the mma shapes: m16n8k8 for at most 8, else k-steps of 16"""
+    return 8 if k <= 8 else 16 * -(-k // 16)
+
+
+def _padded_backward_products(spec):
+    """multiply-adds per position of the tensor-core backward's padded products: the recompute
+    of layers 1 .. L-1, dh = W^T du with n and m swapped, dW in 16 x 8 blocks of the group or
+    two 16 x 8 products per pair of groups of at most 8 x 8 (the tile's positions as K)"""
+    shapes = spec.weight_shapes()
+    padded = 0
+    for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
+        m = cout // g
+        if l + 1 < len(shapes):
+            padded += g * 8 * -(-m // 8) * _kpad(n)  # the recompute
+        padded += g * 8 * -(-n // 8) * _kpad(m)  # dh = W^T du
+        if max(m, n) <= 8:  # dW: two groups per item, two 16 x 8 products
+            padded += -(-g // 2) * 2 * 16 * 8
+        else:  # dW: 16 x 8 blocks of a group
+            padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)
+    return padded
+
+
+def _backward_tile_rows(spec, reload):
+    """rows of the tensor-core backward's store-all tiles (mma_backward_rows): x and dy (one
+    tile of the wider with ``reload``) and u_1 .. u_{L-1}, each a multiple of 4"""
+    chans = [spec.in_channels] + [c for c, _ in spec.weight_shapes()]
+    x_dy = [max(chans[0], chans[-1])] if reload else [chans[0], chans[-1]]
+    return sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
+
+
 def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report):
     """The opt-in float32 tensor-core backward (MmaF32x3) in the same report: per position six
     times the padded products of the 16-bit kernel (recompute, dh, dW), three planes of shared
@@ -467,7 +498,6 @@ def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report
              "igcv2(256,32)": (32, True, True), "igcv3-reduce(64,6,2)": (32, False, True)}
     rows = [r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_backward_mma_kernel"]
     assert sorted({r["structure"] for r in rows}) == sorted([*specs, "condense(128,4)"])
-    kpad = lambda k: 8 if k <= 8 else 16 * -(-k // 16)  # noqa: E731
     for r in rows:
         what = f"{r['structure']} {r['layout']}"
         assert r["dtype"] == "float32" and r["config"]["planes"] == 3, what
@@ -479,22 +509,9 @@ def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report
         tp, reload, two = plans[r["structure"]]
         assert (r["block_p"], r["config"]["reload_x"]) == (tp, reload), what
         assert (r["ctas_per_sm"] >= 2) == two and (not two or r["registers"] <= 128), what
-        shapes = spec.weight_shapes()
-        padded = 0
-        for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
-            m = cout // g
-            if l + 1 < len(shapes):
-                padded += g * 8 * -(-m // 8) * kpad(n)  # the recompute
-            padded += g * 8 * -(-n // 8) * kpad(m)  # dh = W^T du
-            if max(m, n) <= 8:  # dW: two groups per item, two 16 x 8 products
-                padded += -(-g // 2) * 2 * 16 * 8
-            else:  # dW: 16 x 8 blocks of a group
-                padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
-        assert per_position == pytest.approx(6 * padded, rel=1e-9), what
-        chans = [spec.in_channels] + [c for c, _ in shapes]
-        x_dy = [max(chans[0], chans[-1])] if reload else [chans[0], chans[-1]]
-        n_rows = sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
+        assert per_position == pytest.approx(6 * _padded_backward_products(spec), rel=1e-9), what
+        n_rows = _backward_tile_rows(spec, reload)
         assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 24 * tp, what
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import perf_model
@@ -554,35 +571,21 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import perf_model
 
-    kpad = lambda k: 8 if k <= 8 else 16 * -(-k // 16)  # noqa: E731
     back = [r for r in report["rows"] if r["kernel"] == "chain_backward_mma_kernel"]
     assert len(back) == 5 * 2 * 2
     for r in back:
         what = f"{r['structure']} {r['dtype']} {r['layout']} backward"
         spec = specs[r["structure"]]
-        shapes = spec.weight_shapes()
-        padded = 0
-        for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
-            m = cout // g
-            if l + 1 < len(shapes):
-                padded += g * 8 * -(-m // 8) * kpad(n)  # the recompute
-            padded += g * 8 * -(-n // 8) * kpad(m)  # dh = W^T du
-            if max(m, n) <= 8:  # dW: two groups per item, two 16 x 8 products
-                padded += -(-g // 2) * 2 * 16 * 8
-            else:  # dW: 16 x 8 blocks of a group
-                padded += g * 16 * -(-max(m, n) // 16) * 8 * -(-min(m, n) // 8)
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
-        assert per_position == pytest.approx(padded, rel=1e-9), what
+        assert per_position == pytest.approx(_padded_backward_products(spec), rel=1e-9), what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["registers"] <= 128, what
         assert r["stack_bytes"] == 0, what
         assert r["block_p"] in (16, 32, 64), what
         # x and dy in one tile where that gives more positions per SM: IGCV2(256, 8) 64
         # positions instead of 32, (512, 16) 32 instead of 16
-        chans = [spec.in_channels] + [c for c, _ in shapes]
         reload = r["structure"] in ("igcv2(256,8)", "igcv2(512,16)")
         assert r["config"]["reload_x"] == reload, what
-        x_dy = [max(chans[0], chans[-1])] if reload else [chans[0], chans[-1]]
-        n_rows = sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
+        n_rows = _backward_tile_rows(spec, reload)
         assert r["shared_bytes"] == (n_rows + 2) * r["block_p"] * 2 + 3 * r["block_p"] * 8, what
     preds = [p for p in perf_model.records(report)
              if p["kernel"] in ("chain_forward_mma_kernel", "chain_backward_mma_kernel")]
