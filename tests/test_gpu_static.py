@@ -407,6 +407,19 @@ def test_cuda_core_float32_backward_model_counts_the_multiply_adds(fp32_cuda_rep
     assert all(p["prediction"].startswith("PREDICTED") for p in preds)
 
 
+def _assert_labelled_predictions(report, rows):
+    """tools/perf_model.py turns every one of ``rows`` (records of ``report``) into a labelled
+    prediction within copy bandwidth."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import perf_model
+
+    preds = list(perf_model.records({**report, "rows": rows}))
+    assert len(preds) == len(rows)
+    for p in preds:
+        assert p["prediction"].startswith("PREDICTED")
+        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
+
+
 def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report):
     """The opt-in float32 tensor-core forward (MmaF32x3, three bfloat16 planes) in the same
     report: per position six times the padded products of the 16-bit kernel, three planes of
@@ -439,14 +452,7 @@ def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report)
                 n_rows = (-(-max(chans[0::2]) // 4) * 4) + (-(-max(chans[1::2]) // 4) * 4)
                 tp = r["block_p"]
                 assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 16 * tp, what
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import perf_model
-
-    preds = [p for p in perf_model.records({**fp32_cuda_report, "rows": rows})]
-    assert len(preds) == len(rows)
-    for p in preds:
-        assert p["prediction"].startswith("PREDICTED")
-        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
+    _assert_labelled_predictions(fp32_cuda_report, rows)
 
 
 def _kpad(k):
@@ -513,14 +519,7 @@ def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report
         assert per_position == pytest.approx(6 * _padded_backward_products(spec), rel=1e-9), what
         n_rows = _backward_tile_rows(spec, reload)
         assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 24 * tp, what
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import perf_model
-
-    preds = [p for p in perf_model.records({**fp32_cuda_report, "rows": rows})]
-    assert len(preds) == len(rows)
-    for p in preds:
-        assert p["prediction"].startswith("PREDICTED")
-        assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
+    _assert_labelled_predictions(fp32_cuda_report, rows)
 
 
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):
