@@ -1553,13 +1553,17 @@ MMA_RELOAD_CASES = {
 
 
 @needs_cxx
-@pytest.mark.parametrize("case", MMA_RELOAD_CASES.values(), ids=MMA_RELOAD_CASES.keys())
-def test_emulated_mma_backward_reload_x(emu, mma_arch, case):
+@pytest.mark.parametrize("name, dtype", [
+    *(pytest.param(n, torch.bfloat16, id=n) for n in MMA_RELOAD_CASES),
+    # float32 (three planes): two CTAs of 32 positions with x and dy in one tile, one without
+    *(pytest.param(n, torch.float32, id=f"{n}-float32")
+      for n in ("c0_wider_3_layers", "index_with_repeats"))])
+def test_emulated_mma_backward_reload_x(emu, mma_arch, name, dtype):
     """x and dy in one tile (reload x: dy loaded after the recompute, x again for layer 1's
     weight gradient), chosen where it gives a larger tile: every gradient against the float64
     oracle, dx bitwise equal to the three-tile layout's (per position the same arithmetic), for
     every output mask (without dW the x tile is not reloaded)."""
-    channels, groups, n_index, perms = case
+    channels, groups, n_index, perms = MMA_RELOAD_CASES[name]
     index = c_in = None
     gen = torch.Generator().manual_seed(5)
     if n_index is not None:
@@ -1569,16 +1573,17 @@ def test_emulated_mma_backward_reload_x(emu, mma_arch, case):
     if perms == "random":
         perms = [torch.randperm(channels[1], generator=gen), None]
     c = EmuCase(channels, groups, perms=perms, bias=[True] * len(groups), index=index,
-                c_in=c_in, dtype=torch.bfloat16, seed=len(channels))
+                c_in=c_in, dtype=dtype, seed=len(channels))
     # x reloaded from NCHW and from channels-last (the three-layer chains); 70 positions: the
     # last 32-position tile is partial
-    x = _x((2, c.c_in, 5, 7), "channels_last" if len(groups) == 3 else "contiguous",
-           torch.bfloat16, 1)
-    gy = _x((2, channels[-1], 5, 7), "channels_last", torch.bfloat16, 2)
+    x = _x((2, c.c_in, 5, 7), "channels_last" if len(groups) == 3 else "contiguous", dtype, 1)
+    gy = _x((2, channels[-1], 5, 7), "channels_last", dtype, 2)
     r4 = lambda v: -(-v // 4) * 4  # noqa: E731
     mid = sum(r4(v) for v in channels[1:-1])
-    smem_r = lambda tp: (max(r4(channels[0]), r4(channels[-1])) + mid + 2) * tp * 2 + 3 * tp * 8  # noqa: E731,E501
-    per_sm = 2 * (smem_r(32) + 1024)  # reload: 32 positions, two CTAs; three tiles: 16
+    planes = 3 if dtype == torch.float32 else 1
+    smem_r = lambda tp: planes * (max(r4(channels[0]), r4(channels[-1])) + mid + 2) * tp * 2 + 3 * tp * 8  # noqa: E731,E501
+    # reload: 32 positions, two CTAs; three tiles: 16 (float32: 32, one CTA)
+    per_sm = 2 * (smem_r(32) + 1024)
     for mask in ((True, True, True), (True, False, True), (False, True, False)):
         dx_r, *_, plan = c.check_backward_mma(emu, x, gy, mask=mask, device=(2, per_sm, per_sm))
         assert plan[0] == 32 and plan[2] == 1, (mask, plan)
@@ -1589,21 +1594,25 @@ def test_emulated_mma_backward_reload_x(emu, mma_arch, case):
 
 
 @needs_cxx
-@pytest.mark.parametrize("tp", [16, 32])
-@pytest.mark.parametrize("case", ["pairs_c0_eq_cl", "c0_wider_3_layers"])
-def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp):
+@pytest.mark.parametrize("case, tp, dtype", [
+    *(pytest.param(case, tp, torch.bfloat16, id=f"{case}-{tp}")
+      for case in ("pairs_c0_eq_cl", "c0_wider_3_layers") for tp in (16, 32)),
+    # float32: its two-CTA tile of 32 positions, then one CTA of 64
+    pytest.param("pairs_c0_eq_cl", 32, torch.float32, id="pairs_c0_eq_cl-32-float32")])
+def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp, dtype):
     """mma_backward_wide_tile: where the fp32 weight-gradient rows of two CTAs per SM exceed
     three quarters of the L2, one CTA per SM with a tile twice as long (16 -> 32 and 32 -> 64
     positions): every gradient against the float64 oracle, dx bitwise equal to the two-CTA
     plan's (per position the same arithmetic); not without weight gradients, not where the long
     tiles would leave an SM without one, not with the L2 unknown (0)."""
     channels, groups, *_ = MMA_RELOAD_CASES[case]
-    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.bfloat16, seed=tp)
-    x = _x((2, channels[0], 8, 8), "contiguous", torch.bfloat16, 1)  # 128 positions
-    gy = _x((2, channels[-1], 8, 8), "channels_last", torch.bfloat16, 2)
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=tp)
+    x = _x((2, channels[0], 8, 8), "contiguous", dtype, 1)  # 128 positions
+    gy = _x((2, channels[-1], 8, 8), "channels_last", dtype, 2)
     r4 = lambda v: -(-v // 4) * 4  # noqa: E731
     mid = sum(r4(v) for v in channels[1:-1])
-    smem_r = lambda t: (max(r4(channels[0]), r4(channels[-1])) + mid + 2) * t * 2 + 3 * t * 8  # noqa: E731,E501
+    planes = 3 if dtype == torch.float32 else 1
+    smem_r = lambda t: planes * (max(r4(channels[0]), r4(channels[-1])) + mid + 2) * t * 2 + 3 * t * 8  # noqa: E731,E501
     per_sm = 2 * (smem_r(tp) + 1024)  # x and dy in one tile: tp positions, two CTAs
     row = 4 * (sum(w.numel() for w in c.weights) + sum(channels[1:]))  # fp32 weights, biases
     below, beyond = 6 * row, 5 * row  # two SMs x two rows = 4 rows against 3/4 of the L2
@@ -1618,8 +1627,8 @@ def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp):
     *_, plan = c.emu_backward_mma(emu, x, gy, device=dev(0))
     assert plan[0] == tp, plan
     few = 2 * tp - 8  # one long tile for two SMs: the two-CTA plan stays
-    xf = _x((1, channels[0], 1, few), "contiguous", torch.bfloat16, 3)
-    gyf = _x((1, channels[-1], 1, few), "contiguous", torch.bfloat16, 4)
+    xf = _x((1, channels[0], 1, few), "contiguous", dtype, 3)
+    gyf = _x((1, channels[-1], 1, few), "contiguous", dtype, 4)
     *_, plan = c.check_backward_mma(emu, xf, gyf, device=dev(beyond))
     assert plan[0] == tp, plan
 
