@@ -10,12 +10,17 @@
   Triton backend's tests run through Triton's interpreter on CPU tensors.
 * Every test starts from the same torch seed and leaves the default dtype, thread count and
   backend scope as it found them.
+* ``IGC_NVCC_CACHE`` (unless set) names a directory of this session, removed at its end, where
+  tools/cuda_compile.py keeps its nvcc compiles: the nvcc tests' sm_90 compile then also serves
+  the static reports that test_gpu_static.py builds in subprocesses.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 import warnings
 
 import pytest
@@ -47,6 +52,17 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile("igc")
+
+
+# (subprocesses inherit it)
+_NVCC_CACHE = None
+if "IGC_NVCC_CACHE" not in os.environ:
+    _NVCC_CACHE = os.environ["IGC_NVCC_CACHE"] = tempfile.mkdtemp(prefix="igc-nvcc-")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _NVCC_CACHE is not None:
+        shutil.rmtree(_NVCC_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(autouse=True)

@@ -62,25 +62,20 @@ def _run(cmd, cwd=None):
 @pytest.fixture(scope="module")
 def device_cubins(tmp_path_factory):
     """``{arch: (cubin path, nvcc command, ptxas log)}`` of the torch-free device code for sm_80
-    and sm_90 (the two compilations run in parallel; one compile serves every test below)."""
+    and sm_90 (tools/cuda_compile.py: warnings are errors, the two compilations run in parallel;
+    one compile serves every test below, and the sm_90 one the static reports of
+    test_gpu_static.py through the session's IGC_NVCC_CACHE)."""
     if NVCC is None:
         pytest.skip("nvcc is not on PATH")
-    tmp = tmp_path_factory.mktemp("cubins")
-    src = TEST_CSRC / "chain_kernels_instantiate.cu"
-    procs = []
-    for arch in ("80", "90"):
-        out = tmp / f"chain_kernels_sm{arch}.cubin"
-        cmd = [NVCC, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Werror",
-               "all-warnings", "-Xptxas", "-v", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-               f"-I{CUDA_DIR}", str(src), "-o", str(out)]
-        procs.append((arch, cmd, out, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                       stderr=subprocess.PIPE, text=True)))
-    result = {}
-    for arch, cmd, out, p in procs:
-        stdout, stderr = p.communicate()
-        assert p.returncode == 0, f"{' '.join(cmd)}\n{stdout[-4000:]}\n{stderr[-8000:]}"
-        result[arch] = (out, cmd, stdout + stderr)
-    return result
+    sys.path.insert(0, str(ROOT / "tools"))
+    import cuda_compile
+
+    try:
+        compiled = cuda_compile.compile_instantiations(
+            ("80", "90"), str(tmp_path_factory.mktemp("cubins")), NVCC)
+    except RuntimeError as e:
+        pytest.fail(f"nvcc failed: {e}")
+    return {arch: (Path(out), cmd, log) for arch, (out, cmd, log) in compiled.items()}
 
 
 @needs_nvcc
@@ -1667,8 +1662,8 @@ def test_static_model_mirrors_the_backward_planner(emu):
             assert tuple(got) == want, (dtype, C, K, got)
             spec = igc.ChainSpec.igcv2(C, K)
             c = EmuCase(chains[(C, K)], list(spec.groups), dtype=dtype, seed=C + K)
-            # 128 positions: 2 tiles of 64 (float32, whose tiles are at most 32: 64 positions)
-            h = 8 if dtype == torch.bfloat16 else 4
+            # two tiles for the two SMs: 128 positions where the tile is 64, else 64
+            h = 8 if want[0] == 64 else 4
             x = _x((1, C, h, 16), "contiguous", dtype, 1)
             gy = _x((1, C, h, 16), "contiguous", dtype, 2)
             try:

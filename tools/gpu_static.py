@@ -37,6 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import igc_kernels as igc  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import cuda_compile  # noqa: E402  (tools/cuda_compile.py, beside this file)
 import perf_model  # noqa: E402  (tools/perf_model.py, beside this file)
 from igc_kernels import _chain  # noqa: E402
 from igc_kernels._ops import op_biases  # noqa: E402
@@ -423,7 +424,8 @@ def _kernel_parts(arch: int, kernel: str, sass: str) -> dict:
 def cuda_records(archs) -> list:
     """Registers, spills (ptxas's spill stores), stack and static shared memory of every CUDA
     kernel and dtype (``tests/csrc/chain_kernels_instantiate.cu``) for each arch, from
-    ``nvcc -Xptxas -v`` (the compilations run in parallel). The dynamic shared memory is sized
+    ``nvcc -Xptxas -v`` (``cuda_compile.compile_instantiations``: in parallel, or reused from
+    ``IGC_NVCC_CACHE``). The dynamic shared memory is sized
     per chain at launch (``plan_forward`` / ``plan_backward``); the kernels' loops have
     run-time trip counts, so the model has no per-position count for them."""
     import shutil
@@ -435,27 +437,17 @@ def cuda_records(archs) -> list:
                         subprocess.run([nvcc, "--version"], capture_output=True,
                                        text=True).stdout)
     toolchain = f"nvcc {version.group(1) if version else '?'}"
-    src = os.path.join(ROOT, "tests", "csrc", "chain_kernels_instantiate.cu")
-    procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        for arch in archs:
-            cmd = [nvcc, "-cubin", "-std=c++17", "-O3", "--expt-relaxed-constexpr", "-Xptxas",
-                   "-v", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-                   f"-I{os.path.join(ROOT, 'csrc', 'cuda')}", src, "-o",
-                   os.path.join(tmp, f"k{arch}.cubin")]
-            procs.append((arch, subprocess.Popen(cmd, stdout=subprocess.PIPE,
-                                                 stderr=subprocess.PIPE, text=True)))
+        try:
+            compiled = cuda_compile.compile_instantiations([str(a) for a in archs], tmp, nvcc)
+        except RuntimeError as e:
+            raise SystemExit(f"nvcc failed:\n{str(e)[-3000:]}")
         rows = []
-        for arch, p in procs:
-            out, err = p.communicate()
-            if p.returncode != 0:
-                raise SystemExit(f"nvcc failed for sm_{arch}:\n{err[-3000:]}")
-            _CUDA_SASS[arch] = (toolchain, out + err,
-                                _tool("cuobjdump", "--dump-sass",
-                                      os.path.join(tmp, f"k{arch}.cubin")))
-            _CUDA_CALLEES[arch] = _callee_starts(
-                _tool("nvdisasm", "-c", os.path.join(tmp, f"k{arch}.cubin")))
-            for k in perf_model.parse_ptxas_verbose(out + err):
+        for arch in archs:
+            cubin, _, log = compiled[str(arch)]
+            _CUDA_SASS[arch] = (toolchain, log, _tool("cuobjdump", "--dump-sass", cubin))
+            _CUDA_CALLEES[arch] = _callee_starts(_tool("nvdisasm", "-c", cubin))
+            for k in perf_model.parse_ptxas_verbose(log):
                 kind = re.search(r"(chain_forward_kernel|chain_backward_kernel|"
                                  r"reduce_partials_kernel)", k["mangled"])
                 if kind is None:
