@@ -881,10 +881,10 @@ def _set_mma_dyn(rec, total: dict, model: str) -> None:
 def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
     the tensor-core backward (and per float32 structure for the opt-in float32 kernel, MmaF32x3:
-    three planes, one CTA per SM; not marked as the default path), with per-position counts: the chain's recompute items and k-steps
-    (layers 1 .. L-1), the transposed products' (every layer), the weight-gradient items (pairs
-    of groups where a group has at most 8 outputs and inputs, else 16 x 16 blocks), and
-    the tile loads of x (twice where x and dy share a tile) and dy and the store of dx, times
+    three planes, the tile of ``mma_backward_plan``; not marked as the default path), with
+    per-position counts: the chain's recompute items and k-steps (layers 1 .. L-1), the
+    transposed products' (every layer), the weight-gradient items (pairs of groups where a
+    group has at most 8 outputs and inputs, else 16 x 16 blocks), and the tile loads of x (twice where x and dy share a tile) and dy and the store of dx, times
     the SASS costs of ``mma_backward_kernel_model`` (needs cuda_records first, for the SASS).
     Chains whose store-all tiles do not fit get no record (the CUDA-core backward runs them)."""
     rows = []

@@ -177,8 +177,8 @@ bool tensor_cores_enabled() {
 
 // Float32 forwards and backwards on the tensor cores (chain_mma.cuh's MmaF32x3: three bfloat16
 // planes, six products) only with IGC_CUDA_FP32_MMA=1, until a GPU has timed them against the
-// CUDA-core kernels; IGC_CUDA_TENSOR_CORES=0 turns them off as well. Read once; another value than 0 or 1
-// is an error naming the variable (env_count).
+// CUDA-core kernels; IGC_CUDA_TENSOR_CORES=0 turns them off as well. Read once; another value
+// than 0 or 1 is an error naming the variable (env_count).
 bool fp32_tensor_cores_enabled() {
   static const bool on = env_count("IGC_CUDA_FP32_MMA", 1) == 1;
   return on;
@@ -229,7 +229,8 @@ MmaBuffers mma_buffers(const kc::HostChain& h, const kc::MmaParams& mp, int64_t 
 
 // The forward of a float16 / bfloat16 chain (or, opted in, a float32 one: MmaF32x3) on tensor
 // cores (chain_mma.cuh). False when the device has none for it (sm < 80) or the tile does not
-// fit; the caller then runs the CUDA-core kernel. Launches: one for the tables, fragments and biases, one for the chain.
+// fit; the caller then runs the CUDA-core kernel. Launches: one for the tables, fragments and
+// biases, one for the chain.
 template <class Fmt>
 bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
                  at::TensorList biases, const at::Tensor& x, at::Tensor& y, int64_t P,
@@ -264,9 +265,9 @@ std::pair<at::Tensor, at::Tensor> dx_csr(const ChainDesc& d,
 }
 
 // The backward of a float16 / bfloat16 chain (or, opted in, a float32 one) on tensor cores
-// (chain_mma_backward.cuh). False when the device has none for it (sm < 80) or the store-all tiles do not fit; the caller then
-// runs the CUDA-core kernel. Launches: one for the tables, both fragment sets and the biases,
-// one for the chain, one for the weight-gradient reduction.
+// (chain_mma_backward.cuh). False when the device has none for it (sm < 80) or the store-all
+// tiles do not fit; the caller then runs the CUDA-core kernel. Launches: one for the tables,
+// both fragment sets and the biases, one for the chain, one for the weight-gradient reduction.
 template <class Fmt>
 bool backward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
                   at::TensorList biases, const at::Tensor& x, const at::Tensor& grad_y,

@@ -788,8 +788,8 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
 // frag / frag_t: Fmt::kPlanes times mp.num_frag / mt.num_frag entries (mp.frag, mt.frag point to
 // them); tables: mma_row_table_size(mp) entries (the row tables); w: the weights (MmaWeights);
 // partial: plan.grid rows of num_w + num_b floats when f.need_w or f.need_b (else null); gw / gb:
-// the outputs in the tensors' dtype, or null when not needed. Builds the tables and packs both fragment sets in one launch,
-// runs the backward, then reduces the partial rows.
+// the outputs in the tensors' dtype, or null when not needed. Builds the tables and packs both
+// fragment sets in one launch, runs the backward, then reduces the partial rows.
 template <class Fmt>
 inline cudaError_t launch_backward_mma(const HostChain& h, const MmaParams& mp,
                                        const MmaParams& mt, const MmaWeights& w, int32_t* table,
