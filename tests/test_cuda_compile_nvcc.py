@@ -84,8 +84,7 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
     sm_90, with ptxas's resource report: every kernel fits a CTA of 256 threads (registers), the
     float32 / 16-bit chain kernels fit two CTAs per SM (at most 128 registers), as
     ``CtasPerSm`` in chain_kernels.cuh promises the tile chooser (but the float32 tensor-core
-    backwards of 16 and 64 positions, sized for one: mma_backward_min_ctas), and use no local
-    memory
+    backward of 64 positions, sized for one: mma_backward_min_ctas), and use no local memory
     beyond a 16-byte frame: no spills, and no copy of a kernel argument indexed at run time
     (the tensor-core kernels none at all). The float64 CUDA-core kernels sit at the 255-register
     limit of 256-thread CTAs and spill a few bytes (at most a 64-byte frame); they are the
@@ -114,7 +113,7 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
                 continue
             assert k["spill_bytes"] == 0, k
             assert k["stack_bytes"] <= (0 if "mma" in k["mangled"] else 16), k
-            one_cta = re.search(r"chain_backward_mma_kernelINS0_8MmaF32x3ELi[14]E", k["mangled"])
+            one_cta = re.search(r"chain_backward_mma_kernelINS0_8MmaF32x3ELi4E", k["mangled"])
             if "chain_" in k["mangled"] and not one_cta:
                 assert k["registers"] <= 128, k
 
@@ -1519,22 +1518,44 @@ def test_emulated_mma_f32_backward_exact_where_float32_is(emu):
 
 @needs_cxx
 def test_emulated_mma_f32_backward_tiles(emu):
-    """The float32 backward's tiles: two CTAs of 32 positions where their shared memory fits
-    (the only float32 kernel that runs two per SM: at 128 registers the others spilled), else
-    the largest tile for one CTA (64 positions on a device with room for one 64-position tile
-    but not for two of 32; 16 with room for one of 16), where the 16-bit rule would size the
-    tile for two CTAs. Every gradient within the float32 rounding bound."""
+    """The float32 backward's tiles: two CTAs of 32 positions where their shared memory fits,
+    else two of 16 (with room for exactly two of 16; two of 32 with x and dy in one tile do
+    not fit there either), else the largest
+    tile for one CTA (32 with room for one of 32 but not two of 16; 16 with room for one of 16;
+    the 64-position kernel needs more than 128 registers, so a lone CTA never gains from it
+    over two of 32), where the 16-bit rule would size the tile for two CTAs. The grid (the
+    emulated device allows two CTAs per SM where their shared memory fits) shows the CTAs per
+    SM. Every gradient within the float32 rounding bound."""
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, True], dtype=torch.float32, seed=6)
     x = _x((2, 64, 9, 11), "contiguous", torch.float32, 3)
     gy = _x((2, 64, 9, 11), "contiguous", torch.float32, 4)
     # mma_backward_smem_bytes, three planes: the x tile, u_1, the dy tile, the zero and scratch
     # rows; three offset arrays
     smem = lambda tp: 3 * (64 + 128 + 64 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
-    for tp, per_sm in ((32, 2 * (smem(32) + 1024)), (64, smem(64) + 1024),
-                       (16, smem(16) + 1024)):
+    for tp, ctas, per_sm in ((32, 2, 2 * (smem(32) + 1024)), (16, 2, 2 * (smem(16) + 1024)),
+                             (32, 1, smem(32) + 1024), (16, 1, smem(16) + 1024)):
+        assert ctas == 1 or per_sm >= 2 * (smem(tp) + 1024)
         assert tp == 32 or per_sm < 2 * (smem(32) + 1024)
-        *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm - 1024, per_sm))
-        assert plan[0] == tp and plan[2] == 0, (tp, plan)
+        *_, plan = c.check_backward_mma(emu, x, gy, device=(2, per_sm - 1024, per_sm),
+                                        occupancy=2)
+        assert (plan[0], plan[1], plan[2]) == (tp, 2 * ctas, 0), (tp, ctas, plan)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", MMA_BACKWARD_DTYPES.values(), ids=MMA_BACKWARD_DTYPES.keys())
+def test_emulated_mma_backward_counts_tiles_in_32_bits(emu, dtype):
+    """The tensor-core backward counts its tiles in 32 bits: with more than INT32_MAX tiles
+    (positions as a stride-0 expansion, no memory behind them) its planner gives no tile, so
+    the launcher runs the CUDA-core backward; the same chain with few positions has one."""
+    c = EmuCase([32, 32, 32], [4, 4], dtype=dtype, seed=3)
+    x = _x((1, 32, 4, 8), "contiguous", dtype, 1)
+    gy = _x((1, 32, 4, 8), "contiguous", dtype, 2)
+    *_, plan = c.emu_backward_mma(emu, x, gy, mask=(False, True, False))
+    assert plan[0] > 0, plan
+    many = 64 * 2 ** 31 + 1  # more than INT32_MAX tiles of up to 64 positions
+    with pytest.raises(AssertionError, match="failed with code 4"):
+        c.emu_backward_mma(emu, x[:, :, :1, :1].expand(1, 32, many, 1),
+                           gy[:, :, :1, :1].expand(1, 32, many, 1), mask=(False, True, False))
 
 
 MMA_RELOAD_CASES = {
@@ -1637,13 +1658,13 @@ def test_static_model_mirrors_the_backward_planner(emu):
     (1024, 32), whose weight-gradient rows at two CTAs per SM exceed three quarters of the L2,
     take one CTA per SM with 32 positions (the emulated device: two SMs with the L2 share of
     two of the 132). Float32 (three planes): IGCV2(64, 4) two CTAs of 32 positions, IGCV2(256,
-    8) one of 32 and (512, 16) one of 16 (x and dy in one tile gains nothing), (1024, 32) one of
+    8) two of 16 and (512, 16) one of 16 (x and dy in one tile gains nothing), (1024, 32) one of
     16 with x and dy in one tile, (1024, 8) and (1024, 16) no tile (the CUDA-core backward)."""
     pytest.importorskip("triton")
     expect = {
         torch.bfloat16: {(256, 8): (64, True), (512, 16): (32, True), (1024, 8): (16, False),
                          (64, 4): (64, False), (1024, 16): (32, True), (1024, 32): (32, False)},
-        torch.float32: {(256, 8): (32, False), (512, 16): (16, False), (1024, 8): (0, False),
+        torch.float32: {(256, 8): (16, False), (512, 16): (16, False), (1024, 8): (0, False),
                         (64, 4): (32, False), (1024, 16): (0, False), (1024, 32): (16, True)}}
     cks = list(expect[torch.bfloat16])
     chains = {ck: [ck[0]] * (len(igc.ChainSpec.igcv2(*ck).groups) + 1) for ck in cks}

@@ -486,23 +486,27 @@ def _backward_tile_rows(spec, reload):
     return sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
 
 
-def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report):
+def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
     """The opt-in float32 tensor-core backward (MmaF32x3) in the same report: per position six
     times the padded products of the 16-bit kernel (recompute, dh, dW), three planes of shared
-    memory per tile, the planner's tile (two CTAs of 32 positions where they fit, within 128
-    registers; else one CTA), no spills, not marked as the path a float32 call runs, labelled
-    predictions; no record where the store-all tiles do not fit (IGCV2(1024, 8): the CUDA-core
-    backward runs it)."""
+    memory per tile, the planner's tile (two CTAs of 32 positions where they fit, else two of
+    16, within 128 registers; else one CTA: IGCV2(512, 16)), no spills, not marked as the path
+    a float32 call runs, labelled predictions; no record where the store-all tiles do not fit
+    (IGCV2(1024, 8): the CUDA-core backward runs it)."""
     import igc_kernels as igc
 
     specs = {"igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
              "igcv2(256,8)": igc.ChainSpec.igcv2(256, 8),
              "igcv2(256,32)": igc.ChainSpec.igcv2(256, 32),
+             "igcv2(512,16)": igc.ChainSpec.igcv2(512, 16),
              "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2])}
     # (tile, x and dy in one tile, two CTAs per SM)
-    plans = {"igcv2(64,4)": (32, False, True), "igcv2(256,8)": (32, False, False),
-             "igcv2(256,32)": (32, True, True), "igcv3-reduce(64,6,2)": (32, False, True)}
-    rows = [r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_backward_mma_kernel"]
+    plans = {"igcv2(64,4)": (32, False, True), "igcv2(256,8)": (16, False, True),
+             "igcv2(256,32)": (32, True, True), "igcv3-reduce(64,6,2)": (32, False, True),
+             "igcv2(512,16)": (16, False, False)}
+    rows = [r for r in cuda_report["rows"] if r["kernel"] == "chain_backward_mma_kernel"
+            and r.get("dtype") == "float32" and r["structure"] in (*_FP32_FORWARD,
+                                                                   *_FP32_BACKWARD, *specs)]
     assert sorted({r["structure"] for r in rows}) == sorted([*specs, "condense(128,4)"])
     for r in rows:
         what = f"{r['structure']} {r['layout']}"
@@ -519,7 +523,7 @@ def test_float32_tensor_core_backward_model_counts_six_products(fp32_cuda_report
         assert per_position == pytest.approx(6 * _padded_backward_products(spec), rel=1e-9), what
         n_rows = _backward_tile_rows(spec, reload)
         assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 24 * tp, what
-    _assert_labelled_predictions(fp32_cuda_report, rows)
+    _assert_labelled_predictions(cuda_report, rows)
 
 
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):

@@ -774,12 +774,14 @@ def mma_backward_smem_bytes(rows: int, tp: int, planes: int = 1) -> int:
 def mma_backward_tile(rows: int, arch: int, planes: int = 1) -> tuple:
     """(tile, two CTAs per SM) of plan_backward_mma for many positions (tile 0: the CUDA-core
     backward runs instead): the forward's rule (``mma_tile``) on the store-all tiles' bytes;
-    float32 (three planes): 32 positions where two CTAs fit (the one float32 kernel that runs
-    two per SM: mma_backward_min_ctas), else the largest tile for one CTA."""
+    float32 (three planes): 32 positions where two CTAs fit, else 16 where two fit (the
+    float32 kernels that run two per SM: mma_backward_min_ctas), else the largest tile for one
+    CTA."""
     smem = lambda t: mma_backward_smem_bytes(rows, t, planes)  # noqa: E731
     if planes > 1:
-        if smem(32) <= _two_cta_budget(arch):
-            return 32, True
+        for tp in (32, 16):
+            if smem(tp) <= _two_cta_budget(arch):
+                return tp, True
         return mma_tile(arch, smem, ctas=1), False
     tp = mma_tile(arch, smem)
     return tp, bool(tp) and smem(tp) <= _two_cta_budget(arch)

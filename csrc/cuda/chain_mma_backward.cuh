@@ -520,10 +520,10 @@ inline size_t mma_backward_smem_bytes(int64_t rows, int tp, int planes = 1) {
 }
 
 // The backward kernel's launch-bounds minimum of CTAs per SM: two (at most 128 registers), but
-// one for the float32 kernels (MmaF32x3) of 16 and 64 positions, which spilled 4 to 8 bytes of
-// the kernel's state at 128 registers (three planes of every operand); the 32-position one fits.
+// one for the float32 kernel (MmaF32x3) of 64 positions, which spilled 4 bytes of the kernel's
+// state on sm_90 at 128 registers (three planes of every operand).
 constexpr int mma_backward_min_ctas(int mt, int planes) {
-  return planes > 1 && mt != 2 ? 1 : 2;
+  return planes > 1 && mt == 4 ? 1 : 2;
 }
 
 // mp: the chain (forward fragments, for the recompute; its row tables, launch_mma_prepare); mt: its
@@ -582,9 +582,9 @@ __global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlan
   [[maybe_unused]] const bool x_cl_vec = NP == 1 && rows_aligned16(x);
   const bool dy_cl_vec = NP == 1 && rows_aligned16(dy);
   [[maybe_unused]] const bool dx_cl_vec = NP == 1 && f.need_x && rows_aligned16(dx);
-  const int64_t ntiles = (P + TP - 1) / TP;
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    const int64_t p0 = tile * TP;
+  const int ntiles = static_cast<int>((P + TP - 1) / TP);
+  for (int tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t p0 = static_cast<int64_t>(tile) * TP;
     const int tvalid = static_cast<int>(min64(TP, P - p0));
     __syncthreads();  // the previous tile is done with every tile and offset (part zeroed)
     tile_offsets(x.ix, p0, tvalid, off_x);
@@ -722,8 +722,8 @@ inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool rel
 }
 
 // The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit; float32: two
-// CTAs only with 32 positions, else one); mt = 0 when
-// the store-all tiles do not fit a 16-position tile (the caller falls back to the CUDA-core
+// CTAs of 32 or 16 positions, else one); mt = 0 when the store-all tiles do not fit a
+// 16-position tile or the tiles outnumber INT32_MAX (the caller falls back to the CUDA-core
 // backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
 // Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take
 // one CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile).
@@ -736,11 +736,16 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
     const int64_t rows = mma_backward_rows(mp.c, reload);
     const auto bytes = [&](int t) { return mma_backward_smem_bytes(rows, t, NP); };
     if constexpr (NP > 1) {
-      // float32: two CTAs of 32 positions where they fit and every SM gets a tile (the one
-      // float32 kernel that runs two per SM, mma_backward_min_ctas), else the tile for one CTA
+      // float32: two CTAs of 32 positions where they fit and every SM gets a tile, else two of
+      // 16 where they fit (the float32 kernels that run two per SM, mma_backward_min_ctas:
+      // the 64-position one needs more registers), else the largest tile for one CTA
       if (bytes(32) <= cta_smem_budget(dev, 2) && (P + 31) / 32 >= dev.sm_count) {
         *ctas = 2;
         return 2;
+      }
+      if (bytes(16) <= cta_smem_budget(dev, 2)) {
+        *ctas = 2;
+        return 1;
       }
       const int tp = choose_tile(bytes, dev, P, 16, 1);
       *ctas = 1;
@@ -768,6 +773,10 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
   plan->smem =
       mma_backward_smem_bytes(mma_backward_rows(mp.c, plan->reload_x), 16 * plan->mt, NP);
   plan->ntiles = (P + 16 * plan->mt - 1) / (16 * plan->mt);
+  if (plan->ntiles > INT32_MAX) {  // the kernel counts its tiles in 32 bits
+    plan->mt = 0;
+    return cudaSuccess;
+  }
   int occ = 0;
   cudaError_t e = plan->mt == 4   ? mma_backward_configure<Fmt, 4>(plan->smem, &occ)
                   : plan->mt == 2 ? mma_backward_configure<Fmt, 2>(plan->smem, &occ)
