@@ -167,8 +167,9 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
     .trans: dW's operands, both channel-major rows) and LDSM.16.MT88 (.trans: du and the
     activations as the A of dh and of the recompute), MOVM (epilogues), STSM on sm_90 (the
     recompute's and dh's epilogues, channels-last tile loads); no HMMA / LDSM / MOVM / STSM
-    predicated (every lane of a warp executes them). Three formats (float32: bf16 planes) of
-    three tiles each."""
+    predicated (every lane of a warp executes them); the L2 prefetch of the next tile
+    (CCTL.E.PF2, prefetch.global.L2). Three formats (float32: bf16 planes) of three tiles
+    each."""
     for arch, (cubin, _, _) in device_cubins.items():
         sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
         funcs = sass.split("Function : ")[1:]
@@ -186,6 +187,7 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
             assert any(op.startswith("MOVM") for op in ops), (arch, name)
             stsm = {op for op in ops if op.startswith("STSM")}
             assert stsm == ({"STSM.16.MT88.4"} if arch == "90" else set()), (arch, name, stsm)
+            assert "CCTL.E.PF2" in ops, (arch, name)
             predicated = [op for pred, op in instrs
                           if pred and op.split(".")[0] in ("HMMA", "LDSM", "MOVM", "STSM")]
             assert not predicated, (arch, name, predicated)
@@ -274,6 +276,7 @@ def emu(tmp_path_factory):
     lib.igc_emu_backward.restype = ctypes.c_int
     lib.igc_emu_forward_mma.restype = ctypes.c_int
     lib.igc_emu_backward_mma.restype = ctypes.c_int
+    lib.igc_emu_prefetch_addresses.restype = ctypes.c_int64
     return lib
 
 
@@ -415,12 +418,12 @@ class EmuCase:
         """The tensor-core backward (float16 / bfloat16, or float32 as three bfloat16 planes;
         weights and biases passed in their dtype, as the CUDA launcher passes them). Returns
         ``dx, dW, db`` (flattened, in the dtype) and the plan (tile positions, grid, 1 where x
-        and dy share a tile: reload x). ``nan_ok``: NaN in dx expected, so only writes outside
-        it are checked."""
+        and dy share a tile: reload x, 1 where the next tile is prefetched into L2). ``nan_ok``:
+        NaN in dx expected, so only writes outside it are checked."""
         fmt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[self.dtype]
         W, B = self._flat()
         return self._backward(lib.igc_emu_backward_mma, fmt, (W, B), x, gy, mask, device,
-                              occupancy, 3, "tensor-core backward", nan_ok)
+                              occupancy, 4, "tensor-core backward", nan_ok)
 
     def _backward(self, fn, flag, flat, x, gy, mask, device, occupancy, plan_len, what,
                   nan_ok=False):
@@ -1544,7 +1547,7 @@ def test_emulated_mma_f32_backward_tiles(emu):
 @needs_cxx
 @pytest.mark.parametrize("dtype", MMA_BACKWARD_DTYPES.values(), ids=MMA_BACKWARD_DTYPES.keys())
 def test_emulated_mma_backward_counts_tiles_in_32_bits(emu, dtype):
-    """The tensor-core backward counts its tiles in 32 bits: with more than INT32_MAX tiles
+    """The tensor-core backward counts its tiles in 32 bits: with more than INT32_MAX / 2 tiles
     (positions as a stride-0 expansion, no memory behind them) its planner gives no tile, so
     the launcher runs the CUDA-core backward; the same chain with few positions has one."""
     c = EmuCase([32, 32, 32], [4, 4], dtype=dtype, seed=3)
@@ -1552,10 +1555,85 @@ def test_emulated_mma_backward_counts_tiles_in_32_bits(emu, dtype):
     gy = _x((1, 32, 4, 8), "contiguous", dtype, 2)
     *_, plan = c.emu_backward_mma(emu, x, gy, mask=(False, True, False))
     assert plan[0] > 0, plan
-    many = 64 * 2 ** 31 + 1  # more than INT32_MAX tiles of up to 64 positions
+    many = 64 * 2 ** 30 + 1  # more than INT32_MAX / 2 tiles of up to 64 positions
     with pytest.raises(AssertionError, match="failed with code 4"):
         c.emu_backward_mma(emu, x[:, :, :1, :1].expand(1, 32, many, 1),
                            gy[:, :, :1, :1].expand(1, 32, many, 1), mask=(False, True, False))
+
+
+def _element_addresses(t, positions, channels):
+    """Byte addresses of t's elements of the given channels at the given flat positions
+    (positions in (N, *spatial) order, as the kernels number them)."""
+    off = torch.zeros(t.shape, dtype=torch.int64)
+    for d, (n, st) in enumerate(zip(t.shape, t.stride())):
+        shape = [1] * t.dim()
+        shape[d] = n
+        off = off + (torch.arange(n) * st).view(shape)
+    off = off.movedim(1, -1).reshape(-1, t.shape[1])[positions][:, list(channels)]
+    return set((t.data_ptr() + off * t.element_size()).reshape(-1).tolist())
+
+
+PREFETCH_CASES = {
+    # name: (channels, groups, dtype, x layout, dy layout, input index length / None)
+    "nchw": ([32, 32, 32], [4, 4], torch.bfloat16, "contiguous", "contiguous", None),
+    "channels_last": ([32, 48, 32], [4, 4], torch.bfloat16, "channels_last", "channels_last",
+                      None),
+    "float32_index": ([40, 40, 40], [5, 5], torch.float32, "contiguous", "channels_last", 29),
+    "index_channels_last": ([40, 40, 40], [5, 5], torch.bfloat16, "channels_last", "contiguous",
+                            29),
+    # x's positions strided and its channels too: no run to prefetch, dy's still
+    "sliced_x": ([32, 32, 32], [4, 4], torch.float16, "sliced", "contiguous", None),
+}
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", PREFETCH_CASES.values(), ids=PREFETCH_CASES.keys())
+def test_emulated_mma_backward_prefetches_the_next_tile(emu, case):
+    """With one CTA per SM the backward prefetches into L2, at the start of each tile, the x and
+    dy elements of the CTA's next tile: every prefetch is the address of one of those elements,
+    and the prefetches touch every 128-byte line they occupy (NCHW: per channel's run, x's
+    channels those of the input index; channels-last: per position's channels, all of them;
+    x with strided positions and channels: none).
+    Gradients within their bounds. No prefetch without the L2 size, with two CTAs per SM, or
+    where the rows and prefetched tiles would exceed three quarters of the L2."""
+    channels, groups, dtype, xl, gl, nidx = case
+    index = None if nidx is None else torch.randint(
+        0, nidx, (channels[0],), generator=torch.Generator().manual_seed(5))
+    c = EmuCase(channels, groups, bias=[True, True], index=index, c_in=nidx, dtype=dtype,
+                seed=11)
+    x = _x((2, c.c_in, 16, 16), xl, dtype, 1)
+    gy = _x((2, channels[-1], 16, 16), gl, dtype, 2)
+    dev = (*TWO_SM, H100_L2)
+    emu.igc_emu_prefetch_log(1)
+    try:
+        *_, plan = c.check_backward_mma(emu, x, gy, device=dev)
+        n = emu.igc_emu_prefetch_addresses(None)
+        got = (ctypes.c_uint64 * n)()
+        emu.igc_emu_prefetch_addresses(got)
+    finally:
+        emu.igc_emu_prefetch_log(0)
+    tp, grid, _, prefetch = plan
+    P = 2 * 16 * 16
+    assert prefetch == 1 and P // tp >= 2 * grid, plan  # every CTA has a next tile
+    nxt = torch.arange(grid * tp, P)  # the tiles after each CTA's first
+    read = range(c.c_in)
+    if index is not None and xl == "contiguous":
+        read = sorted(set(index.tolist()))
+        assert len(read) < c.c_in  # the index skips some of x's channels
+    want_x = set() if xl == "sliced" else _element_addresses(x, nxt, read)
+    want_dy = _element_addresses(gy, nxt, range(channels[-1]))
+    got = set(got)
+    assert got <= want_x | want_dy, sorted(got - want_x - want_dy)[:4]
+    lines = {a // 128 for a in got}
+    assert lines == {a // 128 for a in want_x | want_dy}
+    # none: no L2 size; two CTAs per SM; an L2 too small for the rows and the next tiles
+    for device, occupancy in ((TWO_SM, 1), (dev, 2), ((*TWO_SM, 4096), 1)):
+        emu.igc_emu_prefetch_log(1)
+        try:
+            *_, plan = c.emu_backward_mma(emu, x, gy, device=device, occupancy=occupancy)
+            assert plan[3] == 0 and emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
+        finally:
+            emu.igc_emu_prefetch_log(0)
 
 
 MMA_RELOAD_CASES = {
@@ -1634,9 +1712,12 @@ def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp, dtype):
     below, beyond = 6 * row, 5 * row  # two SMs x two rows = 4 rows against 3/4 of the L2
     dev = lambda l2: (2, per_sm - 1024, per_sm, l2)  # noqa: E731  (opt-in as on an H100)
     dx_n, *_, plan_n = c.check_backward_mma(emu, x, gy, device=dev(below), occupancy=2)
-    assert list(plan_n) == [tp, 4, 1], plan_n  # (grid: CTAs, at most 2 per SM)
+    assert list(plan_n[:3]) == [tp, 4, 1], plan_n  # (grid: CTAs, at most 2 per SM)
     dx_w, *_, plan_w = c.check_backward_mma(emu, x, gy, device=dev(beyond), occupancy=2)
-    assert list(plan_w) == [2 * tp, 2, 1], plan_w
+    # one CTA per SM: its next tile prefetched where the rows and those tiles fit the margin
+    tile_bytes = 2 * tp * (channels[0] + channels[-1]) * (4 if planes == 3 else 2)
+    prefetch = int(4 * 2 * (row + tile_bytes) <= 3 * beyond)
+    assert list(plan_w) == [2 * tp, 2, 1, prefetch], plan_w
     assert torch.equal(dx_w, dx_n)
     *_, plan = c.emu_backward_mma(emu, x, gy, mask=(True, False, False), device=dev(beyond))
     assert plan[0] == tp, plan

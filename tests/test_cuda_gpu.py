@@ -489,24 +489,70 @@ def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
         assert int(launches) == 3, launches
 
 
-_WIDE_TILE_SCRIPT = """
+def _grads_script(channels, width, layers, seed, scale):
+    """A script that runs an IGCV2(channels, width)-shaped bf16 chain of ``layers`` layers on
+    x = (2, channels, 48, 48), saves (x's and every weight's gradient) to argv[1] and prints the
+    names of the tensor-core backward kernels it launched."""
+    return f"""
 import sys, torch, igc_kernels as igc
-g = torch.Generator(device="cuda").manual_seed(0)
-x = torch.randn(2, 1024, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
-ws = [(0.25 * torch.randn(1024, 16, device="cuda", dtype=torch.bfloat16, generator=g))
-      for _ in range(3)]
-gy = torch.randn(2, 1024, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+g = torch.Generator(device="cuda").manual_seed({seed})
+x = torch.randn(2, {channels}, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+ws = [({scale} * torch.randn({channels}, {width}, device="cuda", dtype=torch.bfloat16,
+                             generator=g)) for _ in range({layers})]
+gy = torch.randn(2, {channels}, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
 x.requires_grad_()
 for w in ws:
     w.requires_grad_()
-groups = [64, 64, 64]
-y = igc.interleaved_group_conv(x, ws, groups, backend="cuda")
+y = igc.interleaved_group_conv(x, ws, [{channels // width}] * {layers}, backend="cuda")
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
     grads = torch.autograd.grad(y, [x, *ws], gy)
     torch.cuda.synchronize()
 torch.save([t.cpu() for t in grads], sys.argv[1])
-print(sorted({e.name for e in prof.events() if "chain_backward_mma" in e.name}))
+print(sorted({{e.name for e in prof.events() if "chain_backward_mma" in e.name}}))
 """
+
+
+def _run_script(script, path, var, value):
+    """``script`` (argv[1]: path) in a process of its own, with the environment variable ``var``
+    set to ``value`` (None: unset), since the extension reads its variables once."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != var}
+    if value is not None:
+        env[var] = value
+    return subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+_WIDE_TILE_SCRIPT = _grads_script(1024, 16, 3, 0, 0.25)
+
+
+_PREFETCH_SCRIPT = _grads_script(1024, 8, 4, 1, 0.3)
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="tensor cores for bf16 need sm_80")
+def test_tensor_core_backward_l2_prefetch_is_a_hint(tmp_path):
+    """IGCV2(1024, 8)-shaped bf16 chain (four layers: one CTA of 16 positions per SM on an H100 /
+    H200, whose next tile's x and dy it prefetches into L2), 4608 positions: every gradient
+    bitwise equal with IGC_CUDA_L2_PREFETCH=0 (no prefetch), and another value of the variable
+    refused with its name."""
+    out = {}
+    for pf in (None, "0", "2"):
+        path = tmp_path / f"grads_{pf}.pt"
+        r = _run_script(_PREFETCH_SCRIPT, path, "IGC_CUDA_L2_PREFETCH", pf)
+        if pf == "2":
+            assert r.returncode != 0 and "IGC_CUDA_L2_PREFETCH" in r.stderr, r.stderr[-3000:]
+            continue
+        assert r.returncode == 0, r.stderr[-3000:]
+        # the tensor-core backward of 16 positions ran (not the CUDA-core fallback)
+        assert "MmaBf16, 1>" in r.stdout.strip().splitlines()[-1], r.stdout[-2000:]
+        out[pf] = torch.load(path)
+    for a, b in zip(out[None], out["0"]):
+        assert torch.equal(a, b)
+        assert bool(torch.isfinite(a).all())
 
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
@@ -517,10 +563,6 @@ def test_tensor_core_backward_wide_tile_beyond_l2(tmp_path):
     the backward takes one CTA per SM with tiles of 32 positions (kernel <MmaBf16, 2>), and
     with IGC_CUDA_PLAN_L2_BYTES=0 two of 16 (<MmaBf16, 1>). dx is bitwise equal between the two
     (per position the same arithmetic), every dW close to the float64 chain's in both."""
-    import os
-    import subprocess
-    import sys
-
     props = torch.cuda.get_device_properties(0)
     rows = 2 * props.multi_processor_count * 4 * 3 * 1024 * 16  # fp32 rows at two CTAs per SM
     tile16 = (3 * 1024 + 2) * 16 * 2 + 3 * 16 * 8  # x / dy, u_1, u_2, zero rows; offsets
@@ -528,12 +570,8 @@ def test_tensor_core_backward_wide_tile_beyond_l2(tmp_path):
     wide = two_ctas and 4 * rows > 3 * props.L2_cache_size
     out = {}
     for l2 in (None, "0"):
-        env = {k: v for k, v in os.environ.items() if k != "IGC_CUDA_PLAN_L2_BYTES"}
-        if l2 is not None:
-            env["IGC_CUDA_PLAN_L2_BYTES"] = l2
         path = tmp_path / f"grads_{l2}.pt"
-        r = subprocess.run([sys.executable, "-c", _WIDE_TILE_SCRIPT, str(path)],
-                           capture_output=True, text=True, env=env, timeout=600)
+        r = _run_script(_WIDE_TILE_SCRIPT, path, "IGC_CUDA_PLAN_L2_BYTES", l2)
         assert r.returncode == 0, r.stderr[-3000:]
         out[l2] = (torch.load(path), r.stdout.strip().splitlines()[-1])
     (g_rule, names_rule), (g_off, names_off) = out[None], out["0"]

@@ -490,9 +490,10 @@ def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
     """The opt-in float32 tensor-core backward (MmaF32x3) in the same report: per position six
     times the padded products of the 16-bit kernel (recompute, dh, dW), three planes of shared
     memory per tile, the planner's tile (two CTAs of 32 positions where they fit, else two of
-    16, within 128 registers; else one CTA: IGCV2(512, 16)), no spills, not marked as the path
-    a float32 call runs, labelled predictions; no record where the store-all tiles do not fit
-    (IGCV2(1024, 8): the CUDA-core backward runs it)."""
+    16, within 128 registers; else one CTA: IGCV2(512, 16), which prefetches its next tile into
+    L2), no spills, not marked as the path a float32 call runs, labelled predictions; no
+    record where the store-all tiles do not fit (IGCV2(1024, 8): the CUDA-core backward runs
+    it)."""
     import igc_kernels as igc
 
     specs = {"igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
@@ -519,6 +520,7 @@ def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
         tp, reload, two = plans[r["structure"]]
         assert (r["block_p"], r["config"]["reload_x"]) == (tp, reload), what
         assert (r["ctas_per_sm"] >= 2) == two and (not two or r["registers"] <= 128), what
+        assert r["config"]["prefetch"] == (not two), what  # a lone CTA prefetches into L2
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
         assert per_position == pytest.approx(6 * _padded_backward_products(spec), rel=1e-9), what
         n_rows = _backward_tile_rows(spec, reload)
@@ -588,6 +590,10 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):
         # positions instead of 32, (512, 16) 32 instead of 16
         reload = r["structure"] in ("igcv2(256,8)", "igcv2(512,16)")
         assert r["config"]["reload_x"] == reload, what
+        # the next tile prefetched into L2 where one CTA runs per SM (IGCV2(1024, 8): four
+        # store-all tiles of 16 positions) and the rows and those tiles fit the L2's margin
+        one = r["structure"] == "igcv2(1024,8)"
+        assert (r["ctas_per_sm"] == 1) == one and r["config"]["prefetch"] == one, what
         n_rows = _backward_tile_rows(spec, reload)
         assert r["shared_bytes"] == (n_rows + 2) * r["block_p"] * 2 + 3 * r["block_p"] * 8, what
     preds = [p for p in perf_model.records(report)

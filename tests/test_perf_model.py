@@ -146,6 +146,28 @@ def test_backward_partial_rows_beyond_l2_count_as_memory_traffic():
     assert pm.partial_row_bytes(dict(big, direction="forward"), dev) == 0.0
 
 
+def test_prefetched_backward_tiles_wait_for_l2_not_dram():
+    """A CUDA backward record with ``config["prefetch"]`` (one CTA per SM that prefetched its
+    tile into L2): the latency term is the L2 hit plus the compute plus the loads (x and dy,
+    not the stores) at the SM's share of the L2 read bandwidth; the memory term is unchanged."""
+    dev = pm.DEVICES["h200"]
+    row = _row(direction="backward", backend="cuda", ctas_per_sm=1)
+    row["config"] = {"TP": 16}
+    plain = pm.predict(row, dev)
+    pre = pm.predict(dict(row, config={"TP": 16, "prefetch": True}), dev)
+    loads = 16 * (256 + 256) * 4
+    assert pm.load_bytes_per_position(row) * 16 == loads
+    want = dev.l2_latency_ns + loads / (dev.l2_read_bytes_per_s / dev.sms) * 1e9
+    assert pre["terms_per_tile_ns"]["latency"] == pytest.approx(want)
+    assert pre["terms_per_tile_ns"]["memory"] == plain["terms_per_tile_ns"]["memory"]
+    assert plain["bound"] == "latency"
+    assert pre["fraction_of_copy"] > plain["fraction_of_copy"]
+    # two CTAs per SM halve it as they halve the plain one
+    two = pm.predict(dict(row, ctas_per_sm=2, config={"TP": 16, "prefetch": True}), dev)
+    assert two["terms_per_tile_ns"]["latency"] == pytest.approx(want / 2)
+    assert pm.load_bytes_per_position(dict(row, direction="forward")) == 256 * 4
+
+
 def test_records_label_predictions_and_pair_measurements():
     base = dict(structure="igcv2(256,8)", layout="nchw", arch="sm_90", toolchain="triton x",
                 kernel="k", config={"BLOCK_P": 16}, compiled=True, registers=100,

@@ -32,6 +32,11 @@
 #   wide-off     bench-quick's measurement of IGCV2(1024, 16) and (1024, 32) with
 #                IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs of 16 positions
 #                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json)
+#   prefetch-off bench-quick's measurement of IGCV2(1024, 8) in bfloat16, and with
+#                IGC_CUDA_FP32_MMA=1 of IGCV2(512, 8) and (512, 16) in float32, with
+#                IGC_CUDA_L2_PREFETCH=0: the tensor-core backward (one CTA per SM) without its L2
+#                prefetch of the next tile, to set beside bench-quick's and fp32mma's
+#                (bench-prefetch-off.json, bench-prefetch-off-fp32.json)
 #   ctas2        bench-quick's measurement of IGCV2(256, 8), (256, 32), (1024, 8) and (1024, 16)
 #                with IGC_CUDA_MAX_CTAS_PER_SM=2: the tensor-core forward at two CTAs per SM,
 #                to set beside bench-quick's three (bench-ctas2.json)
@@ -47,8 +52,9 @@
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
-# wide-off, ctas2, fp32mma, sweep, timeline) are skipped. Logs and JSON go to $OUT (default benchmarks/out/gpu-session). Exit status:
-# the first failing step's. Example: tools/gpu_session.sh build=240 test-cuda=120 race=60
+# wide-off, prefetch-off, ctas2, fp32mma, sweep, timeline) are skipped. Logs and JSON go to $OUT
+# (default benchmarks/out/gpu-session). Exit status: the first failing step's. Example:
+# tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-benchmarks/out/gpu-session}"
@@ -115,7 +121,7 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
-    test-cuda|sanitize|race|bench-quick|wide-off|ctas2|fp32mma|bench|sweep|timeline)
+    test-cuda|sanitize|race|bench-quick|wide-off|prefetch-off|ctas2|fp32mma|bench|sweep|timeline)
       if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
   esac
   case "$step" in
@@ -157,6 +163,13 @@ for arg in "${steps[@]}"; do
     wide-off) run_step wide-off env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \
       --backends cuda --json "$OUT/bench-wide-off.json" ;;
+    prefetch-off) run_step prefetch-off env IGC_CUDA_L2_PREFETCH=0 "$PY" benchmarks/bench.py \
+      --device cuda --no-compile --no-memory --quiet --only 1024:8:4 \
+      --backends cuda --json "$OUT/bench-prefetch-off.json" ;
+      run_step prefetch-off-fp32 env IGC_CUDA_L2_PREFETCH=0 IGC_CUDA_FP32_MMA=1 "$PY" \
+      benchmarks/bench.py --device cuda --no-compile --no-memory --quiet \
+      --only 512:8:3,512:16:3 --dtypes float32 --backends cuda \
+      --json "$OUT/bench-prefetch-off-fp32.json" ;;
     ctas2) run_step ctas2 env IGC_CUDA_MAX_CTAS_PER_SM=2 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 256:8:3,256:32:2,1024:8:4,1024:16:3 \
       --backends cuda --json "$OUT/bench-ctas2.json" ;;

@@ -822,6 +822,17 @@ def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1) ->
     return tp, reload, rows
 
 
+def mma_backward_prefetch(ctas_per_sm: int, arch: int, row_floats: int, tp: int, c_x: int,
+                          c_out: int, planes: int = 1) -> bool:
+    """plan_backward_mma's L2 prefetch of the next tile's x and dy: where one CTA runs per SM
+    and, on ``PLAN_DEVICE[arch]``, the CTAs' fp32 gradient rows (``row_floats`` each) and those
+    tiles (``tp`` positions of ``c_x`` + ``c_out`` channels, float32 with three planes) take at
+    most three quarters of the L2."""
+    sms, l2 = PLAN_DEVICE[arch]
+    tile_bytes = tp * (c_x + c_out) * (4 if planes == 3 else 2)
+    return ctas_per_sm == 1 and 4 * sms * (4 * row_floats + tile_bytes) <= 3 * l2
+
+
 def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, smem):
     """A per-position record of a tensor-core kernel (ptxas facts ``k``, dynamic shared memory
     ``smem``); the caller adds its counts."""
@@ -898,8 +909,8 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         chans = [c0] + [c for c, _ in shapes]
         planes = 3 if dtype == "float32" else 1
         # the fp32 gradient row: the weights (the static structures have no biases)
-        tp, reload, rows_ = mma_backward_plan(chans, arch, sum(c * k for c, k in shapes),
-                                              planes)
+        row_floats = sum(c * k for c, k in shapes)
+        tp, reload, rows_ = mma_backward_plan(chans, arch, row_floats, planes)
         if tp == 0:
             continue
         mt = tp // 16
@@ -948,6 +959,8 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                               "chain_backward_mma_kernel", tp, ptxas[name],
                               mma_backward_smem_bytes(rows_, tp, planes))
             rec.config["reload_x"] = reload
+            rec.config["prefetch"] = mma_backward_prefetch(
+                rec.ctas_per_sm, arch, row_floats, tp, c_x, spec.out_channels, planes)
             if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
                 rec.config["planes"] = 3
                 rec.is_default = rec.fixed_path = rec.autotuner_keeps = False

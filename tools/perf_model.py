@@ -19,7 +19,10 @@ a persistent kernel loops over tiles):
   device-copy bandwidth;
 * latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
   with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
-  k / (latency + compute time) tiles per second;
+  k / (latency + compute time) tiles per second; where the CUDA backward prefetches its next
+  tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for an L2
+  hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead, the
+  stores draining behind the next tile (both assumptions, Device);
 * the CUDA backward's per-CTA fp32 weight-gradient rows (``partial_row_bytes``): every tile
   reads and writes its CTA's row; where the rows of all resident CTAs exceed three quarters of
   the L2 (the planner's margin for the tiles' streams), that traffic is counted with the tile's
@@ -60,6 +63,11 @@ class Device:
     smem_bytes_per_clk: float = 128.0
     mma_fma_per_clk: float = 1024.0   # 16-bit mma.sync multiply-adds per clock per SM
     l2_bytes: float = 50 * 2 ** 20    # L2 cache (GH100: 50 MiB, as the device reports it)
+    # assumptions for loads that hit L2 (the backward's prefetched tiles): an L2 hit's latency
+    # (the far partition's included) and the L2's read bandwidth, from a third-party
+    # microbenchmark of the H100 PCIe (about 5.5 TB/s at its lower clocks)
+    l2_latency_ns: float = 300.0
+    l2_read_bytes_per_s: float = 5.5e12
 
 
 # Copy bandwidths: the project's device notes (H200 ~4.3 TB/s read+write measured with a
@@ -283,6 +291,12 @@ def copy_bytes_per_position(row: dict) -> int:
     return (2 * row["c_x"] + row["c_out"]) * b
 
 
+def load_bytes_per_position(row: dict) -> int:
+    """Bytes the operator reads per position: forward x, backward x and grad_y."""
+    b = _DTYPE_BYTES[row["dtype"]]
+    return (row["c_x"] + (row["c_out"] if row["direction"] == "backward" else 0)) * b
+
+
 def partial_row_bytes(row: dict, dev: Device) -> float:
     """Bytes per tile of the CUDA backward's fp32 weight-gradient row (read and written: the
     CTA adds its tile's dW to it) that reach DRAM: all of them when the rows of every resident
@@ -321,7 +335,15 @@ def predict(row: dict, dev: Device) -> dict:
     partial = partial_row_bytes(row, dev)
     t_memory = (row["block_p"] * bpp + partial) / (dev.copy_bytes_per_s / dev.sms)
     k = max(1, row["ctas_per_sm"])
-    t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
+    if row.get("config", {}).get("prefetch"):
+        # the tile's x and dy were prefetched into L2 while the previous tile ran: its loads
+        # wait for L2, not DRAM, and its stores drain behind the next tile (the DRAM transfer
+        # itself is the memory term)
+        loaded = row["block_p"] * load_bytes_per_position(row)
+        t_latency = (dev.l2_latency_ns * 1e-9 + t_compute
+                     + loaded / (dev.l2_read_bytes_per_s / dev.sms)) / k
+    else:
+        t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
     terms = {**pipes, "memory": t_memory, "latency": t_latency}
     bound = max(terms, key=terms.get)
     t_tile = terms[bound]

@@ -1481,6 +1481,7 @@ struct MmaPlan {
   bool in_place = false;  // the forward's layers in place (one tile)
   bool wrap = false;      // in place, the tile in mma_elem's kWrap layout
   bool reload_x = false;  // the backward's x and dy in one tile (chain_mma_backward.cuh)
+  bool prefetch = false;  // the backward prefetches its next tile into L2 (same)
   size_t smem = 0;
   int grid = 0;
   int64_t ntiles = 0;

@@ -500,6 +500,48 @@ __device__ __forceinline__ void mma_load_dy(const TensorArg<const typename Fmt::
   }
 }
 
+// One L2 prefetch (prefetch.global.L2: the line holding addr is fetched into L2; nothing waits
+// for it and no result depends on it).
+__device__ __forceinline__ void prefetch_l2(const void* addr) {
+#ifdef IGC_EMULATE
+  igc_emu::prefetch_l2(addr);
+#else
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(addr));
+#endif
+}
+
+// Prefetch into L2 the channels of positions p0 .. p0 + n - 1 of t that a tile load reads, one
+// prefetch per 128-byte line they touch, each at an address of one of those elements: where
+// the positions are one run of consecutive elements (NCHW rows), the run of channel index[c]
+// (c without an index) for c < C, a thread per c; where the channels of a position are
+// consecutive (channels-last), the lines of its C_t channels (all of them: with an index, those
+// it skips too), a warp per position; otherwise none (the loads then come from DRAM).
+template <typename S>
+__device__ __forceinline__ void prefetch_tile_l2(const TensorArg<const S>& t, int64_t p0, int n,
+                                                 int C, const int32_t* index, int C_t) {
+  constexpr int64_t kLine = 128;
+  constexpr int64_t es = sizeof(S);
+  const char* const base = reinterpret_cast<const char*>(t.ptr);
+  // the first line from a (at a itself), then every line start before end
+  const auto lines = [](const char* a, const char* end, int first, int step) {
+    const char* l = a - (reinterpret_cast<uintptr_t>(a) & (kLine - 1)) + first * kLine;
+    for (; l < end; l += step * kLine) prefetch_l2(l > a ? l : a);
+  };
+  if (t.ix.run_is_contiguous(p0, n)) {
+    const char* const first = base + t.ix.offset(p0) * es;
+    for (int c = threadIdx.x; c < C; c += kThreads) {
+      const char* a = first + (index != nullptr ? index[c] : c) * t.cs * es;
+      lines(a, a + n * es, 0, 1);
+    }
+  } else if (t.cs == 1) {
+    const int lane = threadIdx.x % 32;
+    for (int q = threadIdx.x / 32; q < n; q += kThreads / 32) {
+      const char* a = base + t.ix.offset(p0 + q) * es;
+      lines(a, a + C_t * es, lane, 32);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
@@ -608,6 +650,13 @@ __global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlan
     // du_L in natural output order: dy channel j to row gather_{L-1}[j] (with reload once the
     // recompute has read x)
     if (!reload) load_dy();
+    const int64_t next = static_cast<int64_t>(tile) + gridDim.x;
+    if (f.prefetch && next < ntiles) {  // the next tile's x and dy, into L2 while this one runs
+      const int64_t pn = next * TP;
+      const int nn = static_cast<int>(min64(TP, P - pn));
+      prefetch_tile_l2(x, pn, nn, p.c0, index, p.c_in);
+      prefetch_tile_l2(dy, pn, nn, last.cout, nullptr, last.cout);
+    }
     __syncthreads();
     {  // u_1 .. u_{L-1}, back to back
       const uint16_t* in = X;
@@ -723,10 +772,11 @@ inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool rel
 
 // The tile as the forward's (64, 32, 16 positions, two CTAs per SM where they fit; float32: two
 // CTAs of 32 or 16 positions, else one); mt = 0 when the store-all tiles do not fit a
-// 16-position tile or the tiles outnumber INT32_MAX (the caller falls back to the CUDA-core
+// 16-position tile or the tiles outnumber INT32_MAX / 2 (the caller falls back to the CUDA-core
 // backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
 // Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take
-// one CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile).
+// one CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile). A lone CTA
+// per SM prefetches its next tile into L2 where that fits too (plan->prefetch, below).
 template <class Fmt>
 inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
                                      const DeviceInfo& dev, MmaPlan* plan) {
@@ -773,7 +823,7 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
   plan->smem =
       mma_backward_smem_bytes(mma_backward_rows(mp.c, plan->reload_x), 16 * plan->mt, NP);
   plan->ntiles = (P + 16 * plan->mt - 1) / (16 * plan->mt);
-  if (plan->ntiles > INT32_MAX) {  // the kernel counts its tiles in 32 bits
+  if (plan->ntiles > INT32_MAX / 2) {  // the kernel counts its tiles (plus the grid) in 32 bits
     plan->mt = 0;
     return cudaSuccess;
   }
@@ -784,12 +834,17 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
   if (e != cudaSuccess) return e;
   if (occ < 1) occ = 1;
   int64_t grid = min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ);
-  if (need_grads_wb) {
-    const int64_t row_bytes = (mp.c.num_w + mp.c.num_b) * static_cast<int64_t>(sizeof(float));
-    const int64_t cap = row_bytes > 0 ? kMaxPartialBytes / row_bytes : grid;
-    grid = min64(grid, cap < 1 ? 1 : cap);
-  }
+  const int64_t row_bytes =
+      need_grads_wb ? (mp.c.num_w + mp.c.num_b) * static_cast<int64_t>(sizeof(float)) : 0;
+  if (row_bytes > 0) grid = min64(grid, std::max<int64_t>(1, kMaxPartialBytes / row_bytes));
   plan->grid = static_cast<int>(grid);
+  // One CTA per SM loads its tile, computes and stores with nothing to overlap: its next tile's
+  // x and dy are prefetched into L2 at the start of each tile, where the CTAs' gradient rows and
+  // those tiles take at most three quarters of the L2 (the margin of mma_backward_wide_tile).
+  const int64_t tile_bytes = 16 * plan->mt * (mp.c.c_in + mp.c.layer[mp.c.L - 1].cout) *
+                             static_cast<int64_t>(sizeof(typename Fmt::Storage));
+  plan->prefetch = dev.l2_prefetch != 0 && dev.l2_bytes > 0 && occ == 1 &&
+                   4 * dev.sm_count * (row_bytes + tile_bytes) <= 3 * int64_t{dev.l2_bytes};
   return cudaSuccess;
 }
 
@@ -823,6 +878,7 @@ inline cudaError_t launch_backward_mma(const HostChain& h, const MmaParams& mp,
   float* part = wb ? partial : nullptr;
   if (!mp.c.has_index) dx_starts = dx_order = nullptr;
   f.reload_x = plan.reload_x ? 1 : 0;
+  f.prefetch = plan.prefetch ? 1 : 0;
   if (plan.mt == 4)
     IGC_LAUNCH((chain_backward_mma_kernel<Fmt, 4>), plan.grid, plan.smem, stream, tp, mt, x, dy,
                dx, dx_starts, dx_order, part, f, P);

@@ -184,7 +184,7 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
 
 // The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain, or of a
 // float32 one (MmaF32x3): W, B and dx / gw / gb in the chain's dtype. plan_out: tile positions,
-// grid, x and dy in one tile (reload x).
+// grid, x and dy in one tile (reload x), the next tile prefetched into L2.
 template <class Fmt>
 int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                  const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
@@ -203,6 +203,7 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
     plan_out[0] = 16 * pl.mt;
     plan_out[1] = pl.grid;
     plan_out[2] = pl.reload_x ? 1 : 0;
+    plan_out[3] = pl.prefetch ? 1 : 0;
   }
   if (pl.mt == 0) return 4;
   using S = typename Fmt::Storage;
@@ -273,6 +274,22 @@ int igc_emu_sizeof_host_chain() { return static_cast<int>(sizeof(HostChain)); }
 
 // 1: the emulated device has sm_90's stmatrix (the default); 0: the sm_80 code paths.
 void igc_emu_set_stmatrix(int on) { igc_emu::device().stmatrix = on; }
+
+// The L2 prefetch log (host_emulation.h): emptied, then recorded (on) or not from now on.
+void igc_emu_prefetch_log(int on) {
+  igc_emu::PrefetchLog& l = igc_emu::prefetch_log();
+  std::lock_guard<std::mutex> g(l.mu);
+  l.addr.clear();
+  l.on = on != 0;
+}
+// The addresses recorded: their number, and with out (room for that number) the addresses.
+int64_t igc_emu_prefetch_addresses(uint64_t* out) {
+  igc_emu::PrefetchLog& l = igc_emu::prefetch_log();
+  std::lock_guard<std::mutex> g(l.mu);
+  if (out != nullptr)
+    for (size_t i = 0; i < l.addr.size(); ++i) out[i] = l.addr[i];
+  return static_cast<int64_t>(l.addr.size());
+}
 
 // mma_split3 of n floats x: the planes' bfloat16 values hi, mid, lo as floats in out[3 i ..
 // 3 i + 2] (the pairs' low halves; x[i] with 0 in the high half).

@@ -21,6 +21,7 @@
 #include <atomic>
 #include <barrier>
 #include <memory>
+#include <mutex>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
@@ -103,6 +104,22 @@ inline std::atomic<bool>& misaligned() {
 }
 inline void check_row_aligned(const void* row) {
   if (reinterpret_cast<uintptr_t>(row) % 16 != 0) misaligned() = true;
+}
+
+// L2 prefetches (prefetch.global.L2): the addresses a launch asked for, recorded while `on`.
+struct PrefetchLog {
+  std::mutex mu;
+  bool on = false;
+  std::vector<uintptr_t> addr;
+};
+inline PrefetchLog& prefetch_log() {
+  static PrefetchLog l;
+  return l;
+}
+inline void prefetch_l2(const void* a) {
+  PrefetchLog& l = prefetch_log();
+  std::lock_guard<std::mutex> g(l.mu);
+  if (l.on) l.addr.push_back(reinterpret_cast<uintptr_t>(a));
 }
 
 // The exchange area of one warp's collective instructions.
