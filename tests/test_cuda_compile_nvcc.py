@@ -193,6 +193,21 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
             assert not predicated, (arch, name, predicated)
 
 
+@needs_nvcc
+@pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
+def test_cuda_core_backward_sass_prefetches_into_l2(device_cubins):
+    """The sm_80 / sm_90 SASS of the CUDA-core backward (four dtypes) holds the L2 prefetch of
+    the next tile (CCTL.E.PF2); the forward, which does not prefetch, none."""
+    for arch, (cubin, _, _) in device_cubins.items():
+        sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
+        funcs = sass.split("Function : ")[1:]
+        for kind, want in (("chain_backward_kernel", True), ("chain_forward_kernel", False)):
+            found = [f for f in funcs if kind in f.split()[0]]
+            assert len(found) == 4, (arch, kind)
+            for f in found:
+                assert ("CCTL.E.PF2" in f) == want, (arch, f.split()[0])
+
+
 def _torch_cuda_headers():
     from torch.utils.cpp_extension import include_paths
 
@@ -410,8 +425,10 @@ class EmuCase:
         return y, plan
 
     def emu_backward(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
+        """The CUDA-core backward: ``dx, dW, db`` and the plan (tile positions, row stride,
+        store-all, grid, 1 where the next tile is prefetched into L2)."""
         return self._backward(lib.igc_emu_backward, int(self.dtype == torch.float64),
-                              self._flat(), x, gy, mask, device, occupancy, 4, "backward")
+                              self._flat(), x, gy, mask, device, occupancy, 5, "backward")
 
     def emu_backward_mma(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1,
                          nan_ok=False):
@@ -1587,16 +1604,20 @@ PREFETCH_CASES = {
 
 
 @needs_cxx
+@pytest.mark.parametrize("path", ["mma", "cuda_core"])
 @pytest.mark.parametrize("case", PREFETCH_CASES.values(), ids=PREFETCH_CASES.keys())
-def test_emulated_mma_backward_prefetches_the_next_tile(emu, case):
-    """With one CTA per SM the backward prefetches into L2, at the start of each tile, the x and
-    dy elements of the CTA's next tile: every prefetch is the address of one of those elements,
+def test_emulated_backward_prefetches_the_next_tile(emu, case, path):
+    """With one CTA per SM the backward (the tensor-core one in the case's dtype, or the
+    CUDA-core one in float32) prefetches into L2, at the start of each tile, the x and dy
+    elements of the CTA's next tile: every prefetch is the address of one of those elements,
     and the prefetches touch every 128-byte line they occupy (NCHW: per channel's run, x's
     channels those of the input index; channels-last: per position's channels, all of them;
     x with strided positions and channels: none).
     Gradients within their bounds. No prefetch without the L2 size, with two CTAs per SM, or
     where the rows and prefetched tiles would exceed three quarters of the L2."""
     channels, groups, dtype, xl, gl, nidx = case
+    if path == "cuda_core":
+        dtype = torch.float32
     index = None if nidx is None else torch.randint(
         0, nidx, (channels[0],), generator=torch.Generator().manual_seed(5))
     c = EmuCase(channels, groups, bias=[True, True], index=index, c_in=nidx, dtype=dtype,
@@ -1604,15 +1625,21 @@ def test_emulated_mma_backward_prefetches_the_next_tile(emu, case):
     x = _x((2, c.c_in, 16, 16), xl, dtype, 1)
     gy = _x((2, channels[-1], 16, 16), gl, dtype, 2)
     dev = (*TWO_SM, H100_L2)
+    if path == "mma":
+        check, run = c.check_backward_mma, c.emu_backward_mma
+        plan_of = lambda plan: (plan[0], plan[1], plan[3])  # noqa: E731
+    else:
+        check, run = c.check, c.emu_backward
+        plan_of = lambda plan: (plan[0], plan[3], plan[4])  # noqa: E731
     emu.igc_emu_prefetch_log(1)
     try:
-        *_, plan = c.check_backward_mma(emu, x, gy, device=dev)
+        out = check(emu, x, gy, device=dev)
         n = emu.igc_emu_prefetch_addresses(None)
         got = (ctypes.c_uint64 * n)()
         emu.igc_emu_prefetch_addresses(got)
     finally:
         emu.igc_emu_prefetch_log(0)
-    tp, grid, _, prefetch = plan
+    tp, grid, prefetch = plan_of(out[-1])
     P = 2 * 16 * 16
     assert prefetch == 1 and P // tp >= 2 * grid, plan  # every CTA has a next tile
     nxt = torch.arange(grid * tp, P)  # the tiles after each CTA's first
@@ -1630,8 +1657,9 @@ def test_emulated_mma_backward_prefetches_the_next_tile(emu, case):
     for device, occupancy in ((TWO_SM, 1), (dev, 2), ((*TWO_SM, 4096), 1)):
         emu.igc_emu_prefetch_log(1)
         try:
-            *_, plan = c.emu_backward_mma(emu, x, gy, device=device, occupancy=occupancy)
-            assert plan[3] == 0 and emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
+            *_, plan = run(emu, x, gy, device=device, occupancy=occupancy)
+            assert plan_of(plan)[2] == 0, (device, plan)
+            assert emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
         finally:
             emu.igc_emu_prefetch_log(0)
 

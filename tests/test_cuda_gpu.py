@@ -489,17 +489,17 @@ def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
         assert int(launches) == 3, launches
 
 
-def _grads_script(channels, width, layers, seed, scale):
-    """A script that runs an IGCV2(channels, width)-shaped bf16 chain of ``layers`` layers on
-    x = (2, channels, 48, 48), saves (x's and every weight's gradient) to argv[1] and prints the
-    names of the tensor-core backward kernels it launched."""
+def _grads_script(channels, width, layers, seed, scale, dtype="bfloat16"):
+    """A script that runs an IGCV2(channels, width)-shaped chain of ``layers`` layers on
+    x = (2, channels, 48, 48) in ``dtype``, saves (x's and every weight's gradient) to argv[1]
+    and prints the names of the backward kernels it launched."""
     return f"""
 import sys, torch, igc_kernels as igc
 g = torch.Generator(device="cuda").manual_seed({seed})
-x = torch.randn(2, {channels}, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
-ws = [({scale} * torch.randn({channels}, {width}, device="cuda", dtype=torch.bfloat16,
+x = torch.randn(2, {channels}, 48, 48, device="cuda", dtype=torch.{dtype}, generator=g)
+ws = [({scale} * torch.randn({channels}, {width}, device="cuda", dtype=torch.{dtype},
                              generator=g)) for _ in range({layers})]
-gy = torch.randn(2, {channels}, 48, 48, device="cuda", dtype=torch.bfloat16, generator=g)
+gy = torch.randn(2, {channels}, 48, 48, device="cuda", dtype=torch.{dtype}, generator=g)
 x.requires_grad_()
 for w in ws:
     w.requires_grad_()
@@ -508,7 +508,7 @@ with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) a
     grads = torch.autograd.grad(y, [x, *ws], gy)
     torch.cuda.synchronize()
 torch.save([t.cpu() for t in grads], sys.argv[1])
-print(sorted({{e.name for e in prof.events() if "chain_backward_mma" in e.name}}))
+print(sorted({{e.name for e in prof.events() if "chain_backward" in e.name}}))
 """
 
 
@@ -529,30 +529,36 @@ def _run_script(script, path, var, value):
 _WIDE_TILE_SCRIPT = _grads_script(1024, 16, 3, 0, 0.25)
 
 
-_PREFETCH_SCRIPT = _grads_script(1024, 8, 4, 1, 0.3)
+# one CTA per SM on an H100 / H200: the tensor-core backward of IGCV2(1024, 8) in bf16 (four
+# store-all tiles of 16 positions), the CUDA-core one of IGCV2(512, 8) in float32
+_PREFETCH_SCRIPTS = {"MmaBf16, 1>": _grads_script(1024, 8, 4, 1, 0.3),
+                     "chain_backward_kernel<float, float>": _grads_script(512, 8, 3, 2, 0.3,
+                                                                         "float32")}
 
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
                     reason="tensor cores for bf16 need sm_80")
 def test_tensor_core_backward_l2_prefetch_is_a_hint(tmp_path):
-    """IGCV2(1024, 8)-shaped bf16 chain (four layers: one CTA of 16 positions per SM on an H100 /
-    H200, whose next tile's x and dy it prefetches into L2), 4608 positions: every gradient
-    bitwise equal with IGC_CUDA_L2_PREFETCH=0 (no prefetch), and another value of the variable
-    refused with its name."""
-    out = {}
-    for pf in (None, "0", "2"):
-        path = tmp_path / f"grads_{pf}.pt"
-        r = _run_script(_PREFETCH_SCRIPT, path, "IGC_CUDA_L2_PREFETCH", pf)
-        if pf == "2":
-            assert r.returncode != 0 and "IGC_CUDA_L2_PREFETCH" in r.stderr, r.stderr[-3000:]
-            continue
-        assert r.returncode == 0, r.stderr[-3000:]
-        # the tensor-core backward of 16 positions ran (not the CUDA-core fallback)
-        assert "MmaBf16, 1>" in r.stdout.strip().splitlines()[-1], r.stdout[-2000:]
-        out[pf] = torch.load(path)
-    for a, b in zip(out[None], out["0"]):
-        assert torch.equal(a, b)
-        assert bool(torch.isfinite(a).all())
+    """Chains whose backward runs one CTA per SM on an H100 / H200 and prefetches its next
+    tile's x and dy into L2 (IGCV2(1024, 8) in bf16 on the tensor cores, IGCV2(512, 8) in
+    float32 on the CUDA cores), 4608 positions: every gradient bitwise equal with
+    IGC_CUDA_L2_PREFETCH=0 (no prefetch), and another value of the variable refused with its
+    name."""
+    for kernel, script in _PREFETCH_SCRIPTS.items():
+        out = {}
+        for pf in (None, "0", "2"):
+            path = tmp_path / f"grads_{pf}.pt"
+            r = _run_script(script, path, "IGC_CUDA_L2_PREFETCH", pf)
+            if pf == "2":
+                assert r.returncode != 0 and "IGC_CUDA_L2_PREFETCH" in r.stderr, r.stderr[-3000:]
+                continue
+            assert r.returncode == 0, r.stderr[-3000:]
+            # the kernel that prefetches ran (not a fallback)
+            assert kernel in r.stdout.strip().splitlines()[-1], (kernel, r.stdout[-2000:])
+            out[pf] = torch.load(path)
+        for a, b in zip(out[None], out["0"]):
+            assert torch.equal(a, b)
+            assert bool(torch.isfinite(a).all())
 
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),

@@ -32,11 +32,12 @@
 #   wide-off     bench-quick's measurement of IGCV2(1024, 16) and (1024, 32) with
 #                IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs of 16 positions
 #                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json)
-#   prefetch-off bench-quick's measurement of IGCV2(1024, 8) in bfloat16, and with
-#                IGC_CUDA_FP32_MMA=1 of IGCV2(512, 8) and (512, 16) in float32, with
-#                IGC_CUDA_L2_PREFETCH=0: the tensor-core backward (one CTA per SM) without its L2
-#                prefetch of the next tile, to set beside bench-quick's and fp32mma's
-#                (bench-prefetch-off.json, bench-prefetch-off-fp32.json)
+#   prefetch-off with IGC_CUDA_L2_PREFETCH=0, the backwards that run one CTA per SM without
+#                their L2 prefetch of the next tile, to set beside bench-quick's and fp32mma's:
+#                IGCV2(1024, 8) in bfloat16 (bench-prefetch-off.json), IGCV2(512, 8), (512, 16)
+#                and (512, 32) in float32 on the CUDA-core kernels (bench-prefetch-off-fp32.json)
+#                and IGCV2(512, 8) and (512, 16) with IGC_CUDA_FP32_MMA=1
+#                (bench-prefetch-off-fp32mma.json)
 #   ctas2        bench-quick's measurement of IGCV2(256, 8), (256, 32), (1024, 8) and (1024, 16)
 #                with IGC_CUDA_MAX_CTAS_PER_SM=2: the tensor-core forward at two CTAs per SM,
 #                to set beside bench-quick's three (bench-ctas2.json)
@@ -166,10 +167,13 @@ for arg in "${steps[@]}"; do
     prefetch-off) run_step prefetch-off env IGC_CUDA_L2_PREFETCH=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:8:4 \
       --backends cuda --json "$OUT/bench-prefetch-off.json" ;
-      run_step prefetch-off-fp32 env IGC_CUDA_L2_PREFETCH=0 IGC_CUDA_FP32_MMA=1 "$PY" \
+      run_step prefetch-off-fp32 env IGC_CUDA_L2_PREFETCH=0 "$PY" benchmarks/bench.py \
+      --device cuda --no-compile --no-memory --quiet --only 512:8:3,512:16:3,512:32:2 \
+      --dtypes float32 --backends cuda --json "$OUT/bench-prefetch-off-fp32.json" ;
+      run_step prefetch-off-fp32mma env IGC_CUDA_L2_PREFETCH=0 IGC_CUDA_FP32_MMA=1 "$PY" \
       benchmarks/bench.py --device cuda --no-compile --no-memory --quiet \
       --only 512:8:3,512:16:3 --dtypes float32 --backends cuda \
-      --json "$OUT/bench-prefetch-off-fp32.json" ;;
+      --json "$OUT/bench-prefetch-off-fp32mma.json" ;;
     ctas2) run_step ctas2 env IGC_CUDA_MAX_CTAS_PER_SM=2 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 256:8:3,256:32:2,1024:8:4,1024:16:3 \
       --backends cuda --json "$OUT/bench-ctas2.json" ;;

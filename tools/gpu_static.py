@@ -823,13 +823,14 @@ def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1) ->
 
 
 def mma_backward_prefetch(ctas_per_sm: int, arch: int, row_floats: int, tp: int, c_x: int,
-                          c_out: int, planes: int = 1) -> bool:
-    """plan_backward_mma's L2 prefetch of the next tile's x and dy: where one CTA runs per SM
-    and, on ``PLAN_DEVICE[arch]``, the CTAs' fp32 gradient rows (``row_floats`` each) and those
-    tiles (``tp`` positions of ``c_x`` + ``c_out`` channels, float32 with three planes) take at
-    most three quarters of the L2."""
+                          c_out: int, planes: int = 1, elem_bytes: int = 0) -> bool:
+    """The L2 prefetch of the next tile's x and dy of plan_backward_mma (and plan_backward:
+    l2_prefetch_fits): where one CTA runs per SM and, on ``PLAN_DEVICE[arch]``, the CTAs' fp32
+    gradient rows (``row_floats`` each) and those tiles (``tp`` positions of ``c_x`` + ``c_out``
+    channels of ``elem_bytes``; by default 2, or 4 for float32 with three planes) take at most
+    three quarters of the L2."""
     sms, l2 = PLAN_DEVICE[arch]
-    tile_bytes = tp * (c_x + c_out) * (4 if planes == 3 else 2)
+    tile_bytes = tp * (c_x + c_out) * (elem_bytes or (4 if planes == 3 else 2))
     return ctas_per_sm == 1 and 4 * sms * (4 * row_floats + tile_bytes) <= 3 * l2
 
 
@@ -1370,6 +1371,10 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
                                   "chain_backward_kernel", tp, ptxas[name],
                                   n_rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp)
                 rec.config["store_all"] = store_all
+                # plan_backward's L2 prefetch of the next tile (the fp32 partial row: the weights)
+                rec.config["prefetch"] = mma_backward_prefetch(
+                    rec.ctas_per_sm, arch, sum(c * n for c, n in shapes), tp, c_x,
+                    spec.out_channels, elem_bytes=4)
                 _set_mma_dyn(rec, total,
                              "x and dy loads and the dx store per 16-byte vector; the recompute "
                              "and the transposed products as the forward's layer items; per "

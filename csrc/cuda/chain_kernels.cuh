@@ -914,6 +914,7 @@ struct LaunchPlan {
   int tp = 0;         // positions per tile (0: does not fit)
   int ld = 0;
   int store_all = 1;  // backward: intermediates kept in shared memory
+  bool prefetch = false;  // backward: the next tile's x and dy prefetched into L2
   size_t smem = 0;
   int grid = 0;
   int64_t ntiles = 0;
@@ -1022,6 +1023,48 @@ struct BackwardFlags {
   int prefetch = 0;
 };
 
+// One L2 prefetch (prefetch.global.L2: the line holding addr is fetched into L2; nothing waits
+// for it and no result depends on it).
+__device__ __forceinline__ void prefetch_l2(const void* addr) {
+#ifdef IGC_EMULATE
+  igc_emu::prefetch_l2(addr);
+#else
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(addr));
+#endif
+}
+
+// Prefetch into L2 the channels of positions p0 .. p0 + n - 1 of t that a tile load reads, one
+// prefetch per 128-byte line they touch, each at an address of one of those elements: where
+// the positions are one run of consecutive elements (NCHW rows), the run of channel index[c]
+// (c without an index) for c < C, a thread per c; where the channels of a position are
+// consecutive (channels-last), the lines of its C_t channels (all of them: with an index, those
+// it skips too), a warp per position; otherwise none (the loads then come from DRAM).
+template <typename S>
+__device__ __forceinline__ void prefetch_tile_l2(const TensorArg<const S>& t, int64_t p0, int n,
+                                                 int C, const int32_t* index, int C_t) {
+  constexpr int64_t kLine = 128;
+  constexpr int64_t es = sizeof(S);
+  const char* const base = reinterpret_cast<const char*>(t.ptr);
+  // the first line from a (at a itself), then every line start before end
+  const auto lines = [](const char* a, const char* end, int first, int step) {
+    const char* l = a - (reinterpret_cast<uintptr_t>(a) & (kLine - 1)) + first * kLine;
+    for (; l < end; l += step * kLine) prefetch_l2(l > a ? l : a);
+  };
+  if (t.ix.run_is_contiguous(p0, n)) {
+    const char* const first = base + t.ix.offset(p0) * es;
+    for (int c = threadIdx.x; c < C; c += kThreads) {
+      const char* a = first + (index != nullptr ? index[c] : c) * t.cs * es;
+      lines(a, a + n * es, 0, 1);
+    }
+  } else if (t.cs == 1) {
+    const int lane = threadIdx.x % 32;
+    for (int q = threadIdx.x / 32; q < n; q += kThreads / 32) {
+      const char* a = base + t.ix.offset(p0 + q) * es;
+      lines(a, a + C_t * es, lane, 32);
+    }
+  }
+}
+
 // partial: [gridDim.x, num_w + num_b] accumulation-type partial sums (weights, then biases);
 // dx_starts / dx_order: CSR of the input index (dx channel c sums dh_0 rows
 // dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without an input index.
@@ -1071,6 +1114,12 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
     // du_L in natural (u) row order: dy channel j goes to row gather_{L-1}[j]
     load_tile(dy.ptr, dy.cs, off_dy, dy.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
               static_cast<const int32_t*>(nullptr), dy_rows, D[0], ld);
+    if (f.prefetch && tile + gridDim.x < ntiles) {  // the next tile's x and dy, into L2
+      const int64_t pn = (tile + gridDim.x) * tp;
+      const int nn = static_cast<int>(min64(tp, P - pn));
+      prefetch_tile_l2(x, pn, nn, p.c0, index, p.c_in);
+      prefetch_tile_l2(dy, pn, nn, last.cout, static_cast<const int32_t*>(nullptr), last.cout);
+    }
     __syncthreads();
     if (f.store_all) {  // u_1 .. u_{L-1}
       A* u = ubase;
@@ -1232,6 +1281,15 @@ inline cudaError_t launch_build_index_table(const HostChain& h, int32_t* table,
   return cudaGetLastError();
 }
 
+// Whether a backward that runs one CTA per SM prefetches its next tile (tile_bytes of x and dy)
+// into L2: allowed (DeviceInfo::l2_prefetch), the L2 size known, and the CTAs' partial rows
+// (row_bytes each) and those tiles within three quarters of it (the margin of the tensor-core
+// backward's wide-tile rule, mma_backward_wide_tile).
+inline bool l2_prefetch_fits(const DeviceInfo& dev, int64_t row_bytes, int64_t tile_bytes) {
+  return dev.l2_prefetch != 0 && dev.l2_bytes > 0 &&
+         4 * dev.sm_count * (row_bytes + tile_bytes) <= 3 * int64_t{dev.l2_bytes};
+}
+
 template <typename K>
 inline cudaError_t configure(K kernel, size_t smem, int* occupancy) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1268,7 +1326,9 @@ inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const
 }
 
 // Backward plan: store-all with TP >= 16 when it fits, else recompute mode with any TP. The
-// number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
+// number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes. A lone CTA per SM
+// prefetches its next tile's x and dy into L2 where the CTAs' partial rows and those tiles take
+// at most three quarters of the L2 (l2_prefetch_fits).
 template <typename T, typename A>
 inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_grads_wb,
                                  const DeviceInfo& dev, LaunchPlan* plan) {
@@ -1294,12 +1354,13 @@ inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_g
   if (e != cudaSuccess) return e;
   if (occ < 1) occ = 1;
   int64_t grid = min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ);
-  if (need_grads_wb) {
-    const int64_t row_bytes = (p.num_w + p.num_b) * static_cast<int64_t>(sizeof(A));
-    const int64_t cap = row_bytes > 0 ? kMaxPartialBytes / row_bytes : grid;
-    grid = min64(grid, cap < 1 ? 1 : cap);
-  }
+  const int64_t row_bytes =
+      need_grads_wb ? (p.num_w + p.num_b) * static_cast<int64_t>(sizeof(A)) : 0;
+  if (row_bytes > 0) grid = min64(grid, std::max<int64_t>(1, kMaxPartialBytes / row_bytes));
   plan->grid = static_cast<int>(grid);
+  plan->prefetch = occ == 1 && l2_prefetch_fits(dev, row_bytes,
+                                                plan->tp * (p.c_in + p.layer[p.L - 1].cout) *
+                                                    static_cast<int64_t>(sizeof(T)));
   return cudaSuccess;
 }
 
@@ -1316,6 +1377,7 @@ inline cudaError_t launch_backward(const ChainParams<A>& p, const TensorArg<cons
   if (p.has_index && f.need_x && (dx_starts == nullptr || dx_order == nullptr))
     return cudaErrorInvalidValue;
   f.store_all = plan.store_all;
+  f.prefetch = plan.prefetch ? 1 : 0;
   IGC_LAUNCH((chain_backward_kernel<T, A>), plan.grid, plan.smem, stream, p, x, dy, dx,
              dx_starts, dx_order, (f.need_w || f.need_b) ? partial : static_cast<A*>(nullptr),
              f, P, plan.tp, plan.ld);

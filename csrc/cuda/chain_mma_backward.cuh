@@ -500,48 +500,6 @@ __device__ __forceinline__ void mma_load_dy(const TensorArg<const typename Fmt::
   }
 }
 
-// One L2 prefetch (prefetch.global.L2: the line holding addr is fetched into L2; nothing waits
-// for it and no result depends on it).
-__device__ __forceinline__ void prefetch_l2(const void* addr) {
-#ifdef IGC_EMULATE
-  igc_emu::prefetch_l2(addr);
-#else
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(addr));
-#endif
-}
-
-// Prefetch into L2 the channels of positions p0 .. p0 + n - 1 of t that a tile load reads, one
-// prefetch per 128-byte line they touch, each at an address of one of those elements: where
-// the positions are one run of consecutive elements (NCHW rows), the run of channel index[c]
-// (c without an index) for c < C, a thread per c; where the channels of a position are
-// consecutive (channels-last), the lines of its C_t channels (all of them: with an index, those
-// it skips too), a warp per position; otherwise none (the loads then come from DRAM).
-template <typename S>
-__device__ __forceinline__ void prefetch_tile_l2(const TensorArg<const S>& t, int64_t p0, int n,
-                                                 int C, const int32_t* index, int C_t) {
-  constexpr int64_t kLine = 128;
-  constexpr int64_t es = sizeof(S);
-  const char* const base = reinterpret_cast<const char*>(t.ptr);
-  // the first line from a (at a itself), then every line start before end
-  const auto lines = [](const char* a, const char* end, int first, int step) {
-    const char* l = a - (reinterpret_cast<uintptr_t>(a) & (kLine - 1)) + first * kLine;
-    for (; l < end; l += step * kLine) prefetch_l2(l > a ? l : a);
-  };
-  if (t.ix.run_is_contiguous(p0, n)) {
-    const char* const first = base + t.ix.offset(p0) * es;
-    for (int c = threadIdx.x; c < C; c += kThreads) {
-      const char* a = first + (index != nullptr ? index[c] : c) * t.cs * es;
-      lines(a, a + n * es, 0, 1);
-    }
-  } else if (t.cs == 1) {
-    const int lane = threadIdx.x % 32;
-    for (int q = threadIdx.x / 32; q < n; q += kThreads / 32) {
-      const char* a = base + t.ix.offset(p0 + q) * es;
-      lines(a, a + C_t * es, lane, 32);
-    }
-  }
-}
-
 // ---------------------------------------------------------------------------------------------
 // The kernel
 // ---------------------------------------------------------------------------------------------
@@ -839,12 +797,11 @@ inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_g
   if (row_bytes > 0) grid = min64(grid, std::max<int64_t>(1, kMaxPartialBytes / row_bytes));
   plan->grid = static_cast<int>(grid);
   // One CTA per SM loads its tile, computes and stores with nothing to overlap: its next tile's
-  // x and dy are prefetched into L2 at the start of each tile, where the CTAs' gradient rows and
-  // those tiles take at most three quarters of the L2 (the margin of mma_backward_wide_tile).
+  // x and dy are prefetched into L2 at the start of each tile, where they fit (l2_prefetch_fits)
+  using S = typename Fmt::Storage;
   const int64_t tile_bytes = 16 * plan->mt * (mp.c.c_in + mp.c.layer[mp.c.L - 1].cout) *
-                             static_cast<int64_t>(sizeof(typename Fmt::Storage));
-  plan->prefetch = dev.l2_prefetch != 0 && dev.l2_bytes > 0 && occ == 1 &&
-                   4 * dev.sm_count * (row_bytes + tile_bytes) <= 3 * int64_t{dev.l2_bytes};
+                             static_cast<int64_t>(sizeof(S));
+  plan->prefetch = occ == 1 && l2_prefetch_fits(dev, row_bytes, tile_bytes);
   return cudaSuccess;
 }
 
