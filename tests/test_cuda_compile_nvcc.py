@@ -1641,7 +1641,7 @@ def test_emulated_backward_prefetches_the_next_tile(emu, case, path):
         emu.igc_emu_prefetch_log(0)
     tp, grid, prefetch = plan_of(out[-1])
     P = 2 * 16 * 16
-    assert prefetch == 1 and P // tp >= 2 * grid, plan  # every CTA has a next tile
+    assert prefetch == 1 and P // tp >= 2 * grid, out[-1]  # every CTA has a next tile
     nxt = torch.arange(grid * tp, P)  # the tiles after each CTA's first
     read = range(c.c_in)
     if index is not None and xl == "contiguous":

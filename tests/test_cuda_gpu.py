@@ -538,7 +538,7 @@ _PREFETCH_SCRIPTS = {"MmaBf16, 1>": _grads_script(1024, 8, 4, 1, 0.3),
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
                     reason="tensor cores for bf16 need sm_80")
-def test_tensor_core_backward_l2_prefetch_is_a_hint(tmp_path):
+def test_backward_l2_prefetch_is_a_hint(tmp_path):
     """Chains whose backward runs one CTA per SM on an H100 / H200 and prefetches its next
     tile's x and dy into L2 (IGCV2(1024, 8) in bf16 on the tensor cores, IGCV2(512, 8) in
     float32 on the CUDA cores), 4608 positions: every gradient bitwise equal with

@@ -822,8 +822,8 @@ def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1) ->
     return tp, reload, rows
 
 
-def mma_backward_prefetch(ctas_per_sm: int, arch: int, row_floats: int, tp: int, c_x: int,
-                          c_out: int, planes: int = 1, elem_bytes: int = 0) -> bool:
+def backward_l2_prefetch(ctas_per_sm: int, arch: int, row_floats: int, tp: int, c_x: int,
+                         c_out: int, planes: int = 1, elem_bytes: int = 0) -> bool:
     """The L2 prefetch of the next tile's x and dy of plan_backward_mma (and plan_backward:
     l2_prefetch_fits): where one CTA runs per SM and, on ``PLAN_DEVICE[arch]``, the CTAs' fp32
     gradient rows (``row_floats`` each) and those tiles (``tp`` positions of ``c_x`` + ``c_out``
@@ -960,7 +960,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                               "chain_backward_mma_kernel", tp, ptxas[name],
                               mma_backward_smem_bytes(rows_, tp, planes))
             rec.config["reload_x"] = reload
-            rec.config["prefetch"] = mma_backward_prefetch(
+            rec.config["prefetch"] = backward_l2_prefetch(
                 rec.ctas_per_sm, arch, row_floats, tp, c_x, spec.out_channels, planes)
             if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
                 rec.config["planes"] = 3
@@ -1372,7 +1372,7 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
                                   n_rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp)
                 rec.config["store_all"] = store_all
                 # plan_backward's L2 prefetch of the next tile (the fp32 partial row: the weights)
-                rec.config["prefetch"] = mma_backward_prefetch(
+                rec.config["prefetch"] = backward_l2_prefetch(
                     rec.ctas_per_sm, arch, sum(c * n for c, n in shapes), tp, c_x,
                     spec.out_channels, elem_bytes=4)
                 _set_mma_dyn(rec, total,

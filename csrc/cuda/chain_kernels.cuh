@@ -892,7 +892,7 @@ struct DeviceInfo {
   int cc_major;     // compute capability (major)
   int l2_bytes;     // L2 cache size (0: unknown; the backward's tile rule then ignores it)
   int max_ctas;     // cap of the tensor-core forward's CTAs per SM (0: none)
-  int l2_prefetch;  // the tensor-core backward may prefetch its next tile into L2 (1) or not
+  int l2_prefetch;  // a backward may prefetch its next tile into L2 (1) or not (0)
 };
 
 inline cudaError_t query_device(int device, DeviceInfo* info) {
@@ -1017,9 +1017,10 @@ struct BackwardFlags {
   int need_x, need_w, need_b;
   int store_all;
   // tensor-core backward (chain_mma_backward.cuh): x and dy share one tile, x reloaded for
-  // layer 1's weight gradient; x and dy of the CTA's next tile prefetched into L2 (both set by
-  // launch_backward_mma from its plan)
+  // layer 1's weight gradient (set by launch_backward_mma from its plan)
   int reload_x = 0;
+  // both backwards: x and dy of the CTA's next tile prefetched into L2 (set by the launchers
+  // from their plans)
   int prefetch = 0;
 };
 
