@@ -728,7 +728,7 @@ def test_python_limit_is_the_kernels_planner_threshold(emu, channels, groups, dt
     small = EmuDevice(2, need - 1, need - 1, 1)
     h, (W, B) = c.host_chain(), c._flat()
     is_double = int(dtype == torch.float64)
-    plan = (ctypes.c_int64 * 4)()
+    plan = (ctypes.c_int64 * 5)()  # the backward reports five entries
     y = torch.empty(2, channels[-1], 5, dtype=dtype)
     rc_fwd = emu.igc_emu_forward(is_double, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                                  ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
@@ -1476,7 +1476,7 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
     dx = torch.empty_like(x)
     gw = torch.empty(sum(w.numel() for w in c.weights), dtype=torch.bfloat16)
     gb = torch.empty(128, dtype=torch.bfloat16)
-    plan = (ctypes.c_int64 * 3)()
+    plan = (ctypes.c_int64 * 4)()  # tile, grid, reload x, prefetch
     rc = emu.igc_emu_backward_mma(1, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                                   ctypes.c_void_p(B.data_ptr()),
                                   ctypes.byref(_etensor(x)), ctypes.byref(_etensor(gy)),
