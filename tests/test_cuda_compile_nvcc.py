@@ -1572,7 +1572,9 @@ def test_emulated_mma_backward_counts_tiles_in_32_bits(emu, dtype):
     gy = _x((1, 32, 4, 8), "contiguous", dtype, 2)
     *_, plan = c.emu_backward_mma(emu, x, gy, mask=(False, True, False))
     assert plan[0] > 0, plan
-    many = 64 * 2 ** 30 + 1  # more than INT32_MAX / 2 tiles of up to 64 positions
+    # more than INT32_MAX tiles of up to 64 positions: without the guard their 32-bit count
+    # would wrap (no tile, or a few, run) rather than take hours
+    many = 64 * 2 ** 31 + 1
     with pytest.raises(AssertionError, match="failed with code 4"):
         c.emu_backward_mma(emu, x[:, :, :1, :1].expand(1, 32, many, 1),
                            gy[:, :, :1, :1].expand(1, 32, many, 1), mask=(False, True, False))
