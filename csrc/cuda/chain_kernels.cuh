@@ -1119,7 +1119,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
       const int64_t pn = (tile + gridDim.x) * tp;
       const int nn = static_cast<int>(min64(tp, P - pn));
       prefetch_tile_l2(x, pn, nn, p.c0, index, p.c_in);
-      prefetch_tile_l2(dy, pn, nn, last.cout, static_cast<const int32_t*>(nullptr), last.cout);
+      prefetch_tile_l2(dy, pn, nn, last.cout, nullptr, last.cout);
     }
     __syncthreads();
     if (f.store_all) {  // u_1 .. u_{L-1}

@@ -532,7 +532,7 @@ constexpr int mma_backward_min_ctas(int mt, int planes) {
 // channel c sums dh_0 rows dx_order[dx_starts[c] .. dx_starts[c+1]-1]); null without one.
 // Launch bounds of two CTAs per SM (at most 128 registers): without a minimum, ptxas gave the
 // 32-position kernel 80 registers and spilled once the items looked their rows up in tables.
-// The float32 kernels of 16 and 64 positions take one (mma_backward_min_ctas).
+// The float32 kernel of 64 positions takes one (mma_backward_min_ctas).
 // MmaF32x3: x, dy and dx float32; every tile, the zero and the scratch row in three planes (the
 // whole first plane, then the second, then the third: ps elements apart), both fragment sets in
 // three planes (mp.num_frag, mt.num_frag apart); the float32 tile moves inlined as the 16-bit
