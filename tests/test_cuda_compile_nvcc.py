@@ -8,8 +8,8 @@
   c10/cuda headers are absent. A CPU-only torch lacks the generated header
   ``c10/cuda/impl/cuda_cmake_macros.h``; the test supplies an empty one.
 * The kernels' results, with g++ and ``tests/csrc/host_emulation.h`` (every CUDA thread of a
-  block runs as a host thread, ``__syncthreads`` is a barrier, shared memory starts as NaN and is
-  guarded): the same host plan and launch code as the CUDA launcher, float32 and float64, against
+  block runs as a fiber on the calling thread, ``__syncthreads`` is a barrier, shared memory
+  starts as NaN and is guarded): the same host plan and launch code as the CUDA launcher, float32 and float64, against
   the float64 reference chain within the rounding bound of the problem (``igc_test_utils``);
   the tensor-core forward in float16 / bfloat16 (warp-level ldmatrix / movmatrix / mma.sync
   emulated from the PTX fragment layouts) within twice the unfused chain's error.
@@ -277,13 +277,12 @@ H100_L2 = 50 << 20  # the L2 bytes an H100 / H200 reports
 TWO_SM = (2, 232448, 233472)
 
 
-@pytest.fixture(scope="module")
-def emu(tmp_path_factory):
+def _build_emu(out, *defines):
+    """The emulation library (tests/csrc/emulation_harness.cpp) built to ``out``, loaded."""
     if CXX is None:
         pytest.skip("no C++ compiler (g++ / c++) on PATH")
-    out = tmp_path_factory.mktemp("emu") / "igc_cuda_emu.so"
-    _run([CXX, "-std=c++20", "-O1", "-DIGC_EMULATE", "-Wall", "-Wno-unknown-pragmas", "-Werror",
-          "-shared", "-fPIC", "-pthread", f"-I{CUDA_DIR}", f"-I{TEST_CSRC}",
+    _run([CXX, "-std=c++20", "-O1", "-DIGC_EMULATE", *defines, "-Wall", "-Wno-unknown-pragmas",
+          "-Werror", "-shared", "-fPIC", "-pthread", f"-I{CUDA_DIR}", f"-I{TEST_CSRC}",
           str(TEST_CSRC / "emulation_harness.cpp"), "-o", str(out)])
     lib = ctypes.CDLL(str(out))
     assert lib.igc_emu_sizeof_host_chain() == ctypes.sizeof(HostChain)
@@ -293,6 +292,11 @@ def emu(tmp_path_factory):
     lib.igc_emu_backward_mma.restype = ctypes.c_int
     lib.igc_emu_prefetch_addresses.restype = ctypes.c_int64
     return lib
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    return _build_emu(tmp_path_factory.mktemp("emu") / "igc_cuda_emu.so")
 
 
 def _etensor(t):
@@ -765,6 +769,34 @@ def test_emulated_gradients_are_deterministic(emu):
         again = c.emu_backward(emu, x, gy, device=TWO_SM)
         for a, b in zip(first[:3], again[:3]):
             assert torch.equal(a, b)
+
+
+@needs_cxx
+def test_emulation_context_switches_agree(emu, tmp_path):
+    """The emulation's threads are fibers; x86-64 switches between them with its own few
+    instructions, other machines with ucontext (IGC_EMU_UCONTEXT forces it). Both give the same
+    bits for kernels with every kind of barrier: CTA-wide (__syncthreads) and warp collectives
+    (ldmatrix, mma.sync, movmatrix / stmatrix), over several blocks and tiles."""
+    other = _build_emu(tmp_path / "igc_cuda_emu_ucontext.so", "-DIGC_EMU_UCONTEXT")
+    c32 = EmuCase([16, 32, 16], [2, 4], bias=[True, False], seed=41)
+    c16 = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=41)
+    for c in (c32, c16):
+        x = _x((3, 16, 5, 7), "channels_last", c.dtype, 42)
+        gy = _x((3, 16, 5, 7), "contiguous", c.dtype, 43)
+        if c.dtype == torch.float32:
+            runs = [(c.emu_forward(lib, x, device=TWO_SM),
+                     c.emu_backward(lib, x, gy, device=TWO_SM)) for lib in (emu, other)]
+        else:
+            runs = [(c.emu_forward_mma(lib, x, device=TWO_SM),
+                     c.emu_backward_mma(lib, x, gy, device=TWO_SM)) for lib in (emu, other)]
+        (y0, p0), b0 = runs[0]
+        (y1, p1), b1 = runs[1]
+        assert p0 == p1 and b0[3] == b1[3]
+        assert p0[1] > 1 and b0[3][-2 if c.dtype == torch.float32 else 1] > 1  # several blocks
+        for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
+            assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
+                               b.view(torch.int16) if b.dtype == torch.bfloat16 else b)
+        assert bool(torch.isfinite(y0).all()) and bool(torch.isfinite(b0[0]).all())
 
 
 # ---------------------------------------------------------------------------------------------

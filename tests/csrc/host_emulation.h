@@ -2,8 +2,14 @@
 // that the kernels can be compiled as plain C++ (with IGC_EMULATE defined) and their results
 // checked on a machine without a GPU (tests/test_cuda_compile_nvcc.py).
 //
-// A launch runs its blocks one after the other; every thread of a block is a host thread, and
-// __syncthreads() is a std::barrier over the block's threads. Dynamic shared memory is a fresh
+// A launch runs its blocks one after the other, on the calling thread; every thread of a block
+// is a fiber (its own stack, ucontext) that runs until it waits at a barrier or returns, and the
+// launch resumes the block's fibers in turn (deterministic order: thread 0, 1, ...) until all
+// have returned. __syncthreads() is a barrier over the block's threads; a block whose threads
+// all wait at barriers that can never complete aborts the process with a message (a hang on a
+// GPU). Threads on one host thread rather than one host thread each: the warp collectives below
+// meet at two barriers each, which cost OS threads a futex round trip and a context switch per
+// lane. Dynamic shared memory is a fresh
 // buffer per block filled with 0xFF bytes (NaN as float or double, so a read of a location that
 // was never written shows up in the results) and surrounded by guard bytes that are checked
 // after the block (an out-of-range shared-memory write makes cudaGetLastError() fail; so does
@@ -18,14 +24,18 @@
 // streams.
 #pragma once
 
+#include <sys/mman.h>
+#include <ucontext.h>
+#include <unistd.h>
+
 #include <atomic>
-#include <barrier>
-#include <memory>
-#include <mutex>
 #include <cstddef>
 #include <cstdint>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
-#include <thread>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #define __global__
@@ -122,9 +132,74 @@ inline void prefetch_l2(const void* a) {
   if (l.on) l.addr.push_back(reinterpret_cast<uintptr_t>(a));
 }
 
+// ---- threads as fibers ---------------------------------------------------------------------
+// A context switch: x86-64 saves the callee-saved registers on the old stack and loads the new
+// stack's (a few instructions; every fiber shares the floating-point control state, which the
+// kernels never change); elsewhere ucontext's swapcontext (a system call per switch).
+#if defined(__x86_64__) && !defined(IGC_EMU_UCONTEXT)
+#define IGC_EMU_ASM_SWITCH 1
+// Saves rbp, rbx, r12..r15 and the return address on the current stack, stores the stack
+// pointer to *save, loads `load` and pops the same from it.
+__attribute__((naked, noinline)) static void igc_emu_switch(void** /*save*/, void* /*load*/) {
+  asm volatile(
+      "pushq %rbp\n\t"
+      "pushq %rbx\n\t"
+      "pushq %r12\n\t"
+      "pushq %r13\n\t"
+      "pushq %r14\n\t"
+      "pushq %r15\n\t"
+      "movq %rsp, (%rdi)\n\t"
+      "movq %rsi, %rsp\n\t"
+      "popq %r15\n\t"
+      "popq %r14\n\t"
+      "popq %r13\n\t"
+      "popq %r12\n\t"
+      "popq %rbx\n\t"
+      "popq %rbp\n\t"
+      "ret\n\t");
+}
+#endif
+
+struct Context {
+#ifdef IGC_EMU_ASM_SWITCH
+  void* sp = nullptr;
+#else
+  ucontext_t uc;
+#endif
+};
+
+struct Fiber;
+// The block being run on this host thread: its fibers and the context that resumes them.
+struct Block {
+  Context sched;
+  Fiber* cur = nullptr;
+  uint64_t events = 0;  // barrier arrivals and returns: progress, for the deadlock check
+};
+inline thread_local Block* tls_block = nullptr;
+
+// Back to the launch loop (from a fiber waiting at a barrier).
+void yield_to_block();
+
+// A barrier of `expected` threads (fibers of one block): the last arrival opens it for all.
+struct Barrier {
+  explicit Barrier(int n = 32) : expected(n) {}
+  int expected, count = 0;
+  uint64_t generation = 0;
+  void arrive_and_wait() {
+    const uint64_t g = generation;
+    ++tls_block->events;
+    if (++count == expected) {
+      count = 0;
+      ++generation;
+      return;
+    }
+    while (generation == g) yield_to_block();
+  }
+};
+
 // The exchange area of one warp's collective instructions.
 struct Warp {
-  std::barrier<> barrier{32};
+  Barrier barrier{32};
   const void* addr[32];
   uint32_t regs[32][6];
 };
@@ -132,13 +207,30 @@ struct Warp {
 struct ThreadState {
   dim3 thread_idx, block_idx;
   unsigned char* smem = nullptr;
-  std::barrier<>* barrier = nullptr;
+  Barrier* barrier = nullptr;
   Warp* warp = nullptr;
 };
-inline ThreadState& state() {
-  thread_local ThreadState s;
-  return s;
+
+struct Fiber {
+  Context ctx;
+  ThreadState st;
+  bool done = false;
+};
+
+inline void switch_context(Context& save, Context& load) {
+#ifdef IGC_EMU_ASM_SWITCH
+  igc_emu_switch(&save.sp, load.sp);
+#else
+  swapcontext(&save.uc, &load.uc);
+#endif
 }
+
+inline void yield_to_block() {
+  Block* b = tls_block;
+  switch_context(b->cur->ctx, b->sched);
+}
+
+inline ThreadState& state() { return tls_block->cur->st; }
 inline dim3& grid_dim() {
   static dim3 g;
   return g;
@@ -152,33 +244,108 @@ inline unsigned char* block_smem() { return state().smem; }
 constexpr size_t kGuard = 256;
 constexpr unsigned char kGuardByte = 0xA5;
 
+// Fiber stacks: the largest kernel frame plus the launch's copy of the arguments is under
+// 16 KB at -O1 (g++ -fstack-usage); an overflow runs into a PROT_NONE page and faults.
+constexpr size_t kStackBytes = 256 << 10;
+struct Stacks {
+  unsigned char* base = nullptr;
+  size_t n = 0, page = 0;
+  explicit Stacks(size_t count) : n(count), page(static_cast<size_t>(sysconf(_SC_PAGESIZE))) {
+    void* p = mmap(nullptr, n * (kStackBytes + page), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (p == MAP_FAILED) {
+      std::fprintf(stderr, "igc_emu: cannot map %zu fiber stacks\n", n);
+      std::abort();
+    }
+    base = static_cast<unsigned char*>(p);
+    for (size_t i = 0; i < n; ++i) mprotect(base + i * (kStackBytes + page), page, PROT_NONE);
+  }
+  ~Stacks() { munmap(base, n * (kStackBytes + page)); }
+  unsigned char* stack(size_t i) const { return base + i * (kStackBytes + page) + page; }
+};
+
+// The body every fiber of a launch runs (the kernel with its arguments), type-erased.
+struct Body {
+  void (*fn)(const void*);
+  const void* arg;
+};
+inline thread_local const Body* tls_body = nullptr;
+
+// A fiber's first instructions: the kernel, then back to the launch loop for good (never
+// resumed, never returns: its stack has no caller).
+inline void fiber_entry() {
+  (*tls_body->fn)(tls_body->arg);
+  Block* b = tls_block;
+  b->cur->done = true;
+  ++b->events;
+  switch_context(b->cur->ctx, b->sched);
+  std::abort();
+}
+
+// A fiber that starts at fiber_entry on stack [base, base + bytes).
+inline void make_fiber(Fiber& f, unsigned char* base, size_t bytes) {
+#ifdef IGC_EMU_ASM_SWITCH
+  // igc_emu_switch pops six registers and returns: a zeroed frame with fiber_entry as the
+  // return address, placed so that fiber_entry starts as if called (rsp + 8 a multiple of 16)
+  void** top = reinterpret_cast<void**>(base + bytes - 64);
+  top[6] = reinterpret_cast<void*>(&fiber_entry);
+  top[7] = nullptr;
+  for (int i = 0; i < 6; ++i) top[i] = nullptr;
+  f.ctx.sp = top;
+#else
+  getcontext(&f.ctx.uc);
+  f.ctx.uc.uc_stack.ss_sp = base;
+  f.ctx.uc.uc_stack.ss_size = bytes;
+  f.ctx.uc.uc_link = nullptr;
+  makecontext(&f.ctx.uc, fiber_entry, 0);
+#endif
+}
+
 template <typename Kernel, typename... Args>
 void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... args) {
   grid_dim() = grid;
   block_dim() = block;
+  const auto run = [&]() { kernel(args...); };
+  using Run = decltype(run);
+  const Body body{[](const void* r) { (*static_cast<const Run*>(r))(); }, &run};
+  Stacks stacks(block.x);
+  std::vector<Fiber> fibers(block.x);
   for (unsigned b = 0; b < grid.x; ++b) {
     std::vector<float4> storage((smem_bytes + 2 * kGuard) / sizeof(float4) + 1);
     unsigned char* raw = reinterpret_cast<unsigned char*>(storage.data());
     std::memset(raw, kGuardByte, kGuard);
     std::memset(raw + kGuard, 0xFF, smem_bytes);
     std::memset(raw + kGuard + smem_bytes, kGuardByte, kGuard);
-    std::barrier<> bar(static_cast<std::ptrdiff_t>(block.x));
+    Barrier bar(static_cast<int>(block.x));
     std::vector<std::unique_ptr<Warp>> warps;
     for (unsigned w = 0; w < (block.x + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
-    std::vector<std::thread> threads;
-    threads.reserve(block.x);
+    Block blk;
+    Block* const outer = tls_block;
+    const Body* const outer_body = tls_body;
+    tls_block = &blk;
+    tls_body = &body;
     for (unsigned t = 0; t < block.x; ++t) {
-      threads.emplace_back([&, t]() {
-        ThreadState& s = state();
-        s.thread_idx = dim3(t);
-        s.block_idx = dim3(b);
-        s.smem = raw + kGuard;
-        s.barrier = &bar;
-        s.warp = warps[t / 32].get();
-        kernel(args...);
-      });
+      Fiber& f = fibers[t];
+      f.done = false;
+      f.st = ThreadState{dim3(t), dim3(b), raw + kGuard, &bar, warps[t / 32].get()};
+      make_fiber(f, stacks.stack(t), kStackBytes);
     }
-    for (auto& th : threads) th.join();
+    for (unsigned left = block.x; left > 0;) {
+      const uint64_t before = blk.events;
+      for (unsigned t = 0; t < block.x; ++t) {
+        if (fibers[t].done) continue;
+        blk.cur = &fibers[t];
+        switch_context(blk.sched, fibers[t].ctx);
+        if (fibers[t].done) --left;
+      }
+      if (left > 0 && blk.events == before) {
+        std::fprintf(stderr, "igc_emu: block %u: every unfinished thread waits at a barrier "
+                             "that cannot complete (deadlock)\n", b);
+        std::abort();
+      }
+    }
+    tls_block = outer;
+    tls_body = outer_body;
     for (size_t i = 0; i < kGuard; ++i) {
       if (raw[i] != kGuardByte || raw[kGuard + smem_bytes + i] != kGuardByte)
         last_error() = cudaErrorIllegalAddress;
