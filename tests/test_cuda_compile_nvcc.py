@@ -127,9 +127,18 @@ def _cuobjdump():
     return str(path) if path.exists() else shutil.which("cuobjdump")
 
 
+@pytest.fixture(scope="module")
+def device_sass(device_cubins):
+    """``{arch: [the SASS of each function]}`` of the device cubins (cuobjdump -sass, once)."""
+    if _cuobjdump() is None:
+        pytest.skip("no cuobjdump (it ships with triton)")
+    return {arch: _run([_cuobjdump(), "-sass", str(cubin)]).stdout.split("Function : ")[1:]
+            for arch, (cubin, _, _) in device_cubins.items()}
+
+
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
-def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
+def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_sass):
     """The sm_80 / sm_90 SASS of every tensor-core forward: HMMA (m16n8k16 and m16n8k8, bf16 or
     f16 inputs (float32: bf16 planes), fp32 accumulate) fed by LDSM.16.MT88 (ldmatrix .trans),
     results transposed by MOVM (movmatrix; tiles of 16 positions, channels-last tile moves) and
@@ -138,9 +147,7 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
     ldmatrix /
     movmatrix / stmatrix / mma.sync are .aligned, every lane of a warp must execute the same
     instruction, which the host emulation cannot see."""
-    for arch, (cubin, _, _) in device_cubins.items():
-        sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
-        funcs = sass.split("Function : ")[1:]
+    for arch, funcs in device_sass.items():
         mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
         assert len(mma) == 25, [f.split()[0] for f in funcs]
         for f in mma:
@@ -161,7 +168,7 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_cubins):
 
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
-def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
+def test_mma_backward_sass_uses_tensor_cores_uniformly(device_sass):
     """The sm_80 / sm_90 SASS of every tensor-core backward: HMMA m16n8k16 (dW over positions,
     dh and the forward recompute) and m16n8k8 (narrow groups), LDSM.16.M88 (ldmatrix without
     .trans: dW's operands, both channel-major rows) and LDSM.16.MT88 (.trans: du and the
@@ -170,9 +177,7 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
     predicated (every lane of a warp executes them); the L2 prefetch of the next tile
     (CCTL.E.PF2, prefetch.global.L2). Three formats (float32: bf16 planes) of three tiles
     each."""
-    for arch, (cubin, _, _) in device_cubins.items():
-        sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
-        funcs = sass.split("Function : ")[1:]
+    for arch, funcs in device_sass.items():
         bwd = [f for f in funcs if "chain_backward_mma_kernel" in f.split()[0]]
         assert len(bwd) == 9, [f.split()[0] for f in funcs]
         for f in bwd:
@@ -195,12 +200,10 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_cubins):
 
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
-def test_cuda_core_backward_sass_prefetches_into_l2(device_cubins):
+def test_cuda_core_backward_sass_prefetches_into_l2(device_sass):
     """The sm_80 / sm_90 SASS of the CUDA-core backward (four dtypes) holds the L2 prefetch of
     the next tile (CCTL.E.PF2); the forward, which does not prefetch, none."""
-    for arch, (cubin, _, _) in device_cubins.items():
-        sass = _run([_cuobjdump(), "-sass", str(cubin)]).stdout
-        funcs = sass.split("Function : ")[1:]
+    for arch, funcs in device_sass.items():
         for kind, want in (("chain_backward_kernel", True), ("chain_forward_kernel", False)):
             found = [f for f in funcs if kind in f.split()[0]]
             assert len(found) == 4, (arch, kind)
