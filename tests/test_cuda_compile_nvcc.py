@@ -1701,6 +1701,49 @@ def test_emulated_backward_prefetches_the_next_tile(emu, case, path):
             emu.igc_emu_prefetch_log(0)
 
 
+@needs_cxx
+def test_emulated_backward_keeps_gradient_rows_in_l2(emu):
+    """The CUDA-core backward runs one CTA per SM where the fp32 weight-gradient rows of the two
+    CTAs that fit would exceed three quarters of the L2 and one CTA's would not (its shared
+    memory request raised past two CTAs' share; the grid shows the CTAs per SM). Two emulated
+    SMs with the L2 share of two of an H200's 132, as tools/gpu_static.py's fma_backward_plan
+    (the tile and shared memory the model assumes) decides for the H200: IGCV2(1024, 16) and
+    (1024, 32) in float32 (tiles of 4 positions) one CTA, which then prefetches its next tile
+    into L2, (1024, 8) two; gradients within their bounds either way. A small chain with an emulated L2 around its rows: one CTA where one
+    CTA's rows fit, two where the L2 is large, or too small for even one CTA's rows."""
+    pytest.importorskip("triton")
+    l2 = H100_L2 * 2 // 132
+    cks = [(1024, 8), (1024, 16), (1024, 32)]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = ("import json, sys; sys.path.insert(0, 'tools'); import gpu_static; print(json.dumps("
+            "[gpu_static.fma_backward_plan([c] * (len(s.groups) + 1), 90, sum(a * b for a, b in "
+            "s.weight_shapes()))[::3] + (gpu_static._two_cta_budget(90),) for c, s in "
+            f"((c, gpu_static.igc.ChainSpec.igcv2(c, k)) for c, k in {cks})]))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    static = json.loads(r.stdout.strip().splitlines()[-1])
+    for (C, K), (tp, smem, two_cta) in zip(cks, static):
+        spec = igc.ChainSpec.igcv2(C, K)
+        c = EmuCase([C] * (len(spec.groups) + 1), list(spec.groups), seed=C + K)
+        x = _x((1, C, 4, 8), "contiguous", torch.float32, 1)
+        gy = _x((1, C, 4, 8), "contiguous", torch.float32, 2)
+        _, plan = c.check(emu, x, gy, device=(*TWO_SM, l2), occupancy=2)
+        one = K >= 16
+        # (tile, store-all, grid, L2 prefetch: a lone CTA's rows and next tiles fit)
+        assert (plan[0], plan[2], plan[3], plan[4]) == (4, 0, 2, 1) if one else (4, 0, 4, 0), \
+            (C, K, plan)
+        assert tp == 4 and (smem > two_cta) == one, (C, K, tp, smem, two_cta)
+    c = EmuCase([64, 64, 64], [4, 4], bias=[True, True], seed=3)
+    x = _x((2, 64, 16, 16), "contiguous", torch.float32, 4)
+    gy = _x((2, 64, 16, 16), "channels_last", torch.float32, 5)
+    row = 4 * (2 * 64 * 16 + 2 * 64)  # fp32 bytes of one CTA's weight and bias gradients
+    # rows exceed 3/4 of the L2 at two SMs where 4 * CTAs * 2 * row > 3 * L2
+    for l2, grid in ((4 * row, 2), (H100_L2, 4), (2 * row, 4)):
+        _, plan = c.check(emu, x, gy, device=(*TWO_SM, l2), occupancy=2)
+        assert (plan[0], plan[3]) == (64, grid), (l2, plan)
+
+
 MMA_RELOAD_CASES = {
     # name: (channels, groups, input index length / None, permutations)
     "pairs_c0_eq_cl": ([64, 64, 64], [8, 8], None, None),

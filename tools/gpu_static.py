@@ -1259,27 +1259,40 @@ def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
-def fma_backward_plan(chans, arch: int) -> tuple:
-    """(tile, store-all) of plan_backward for float32 for many positions: x, two gradient
-    buffers of the widest layer and every intermediate ("store-all", tiles of at least 16
-    positions), else x, the gradients and two scratch buffers (recompute, any tile); fp32
-    [rows][tile_ld] plus three offset arrays, two CTAs per SM where they fit."""
+def fma_backward_plan(chans, arch: int, row_floats: int = 0) -> tuple:
+    """(tile, store-all, tile rows, dynamic shared memory) of plan_backward for float32 for many
+    positions: x, two gradient buffers of the widest layer and every intermediate ("store-all",
+    tiles of at least 16 positions), else x, the gradients and two scratch buffers (recompute,
+    any tile); fp32 [rows][tile_ld] plus three offset arrays, two CTAs per SM where they fit.
+    Where the fp32 gradient rows (``row_floats`` each) of two CTAs per SM exceed three quarters
+    of ``PLAN_DEVICE[arch]``'s L2 and one CTA's do not, the shared memory request is raised past
+    two CTAs' share (partial_rows_exceed_l2: one CTA per SM)."""
     cmax, L = max(chans), len(chans) - 1
     optin = SM_LIMITS[arch][1] - 1024
+
+    def smem(rows, tp):
+        return rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp
 
     def tile(rows, min_tp):
         for budget in (_two_cta_budget(arch), optin):
             for tp in (128, 64, 32, 16, 8, 4):
-                if tp >= min_tp and rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp <= budget:
+                if tp >= min_tp and smem(rows, tp) <= budget:
                     return tp
         return 0
 
-    store_all = chans[0] + 2 * cmax + sum(chans[1:-1])
-    tp = tile(store_all, 16)
-    if tp or L == 1:
-        return (tp or tile(store_all, 4)), True, store_all
-    rows = chans[0] + 4 * cmax
-    return tile(rows, 4), False, rows
+    rows = chans[0] + 2 * cmax + sum(chans[1:-1])
+    tp, store_all = tile(rows, 16), True
+    if not tp and L == 1:
+        tp = tile(rows, 4)
+    elif not tp:
+        rows = chans[0] + 4 * cmax
+        tp, store_all = tile(rows, 4), False
+    nbytes = smem(rows, tp)
+    sms, l2 = PLAN_DEVICE[arch]
+    if (tp and nbytes <= _two_cta_budget(arch) and 4 * 2 * sms * 4 * row_floats > 3 * l2
+            and 4 * sms * 4 * row_floats <= 3 * l2):
+        nbytes = _two_cta_budget(arch) + 16
+    return tp, store_all, rows, nbytes
 
 
 def fma_backward_model(arch: int, kernel: str, sass: str) -> dict:
@@ -1341,7 +1354,8 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
             groups = list(spec.groups)
             if any((cout // g) % 2 or n % 4 for (cout, n), g in zip(shapes, groups)):
                 continue
-            tp, store_all, n_rows = fma_backward_plan(chans, arch)
+            row_floats = sum(c * n for c, n in shapes)
+            tp, store_all, n_rows, smem = fma_backward_plan(chans, arch, row_floats)
             if tp == 0:
                 continue
             w_offs = [sum(c * n for c, n in shapes[:l]) for l in range(L)]
@@ -1368,13 +1382,11 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
                 total = _combine(*terms, ((chans[0] + spec.out_channels) * tp / 128, ld),
                                  (c_x * tp / 128, st))
                 rec = _mma_record(s, "float32", layout, "backward", arch, toolchain,
-                                  "chain_backward_kernel", tp, ptxas[name],
-                                  n_rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp)
+                                  "chain_backward_kernel", tp, ptxas[name], smem)
                 rec.config["store_all"] = store_all
                 # plan_backward's L2 prefetch of the next tile (the fp32 partial row: the weights)
                 rec.config["prefetch"] = backward_l2_prefetch(
-                    rec.ctas_per_sm, arch, sum(c * n for c, n in shapes), tp, c_x,
-                    spec.out_channels, elem_bytes=4)
+                    rec.ctas_per_sm, arch, row_floats, tp, c_x, spec.out_channels, elem_bytes=4)
                 _set_mma_dyn(rec, total,
                              "x and dy loads and the dx store per 16-byte vector; the recompute "
                              "and the transposed products as the forward's layer items; per "

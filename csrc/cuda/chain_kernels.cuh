@@ -1291,6 +1291,15 @@ inline bool l2_prefetch_fits(const DeviceInfo& dev, int64_t row_bytes, int64_t t
          4 * dev.sm_count * (row_bytes + tile_bytes) <= 3 * int64_t{dev.l2_bytes};
 }
 
+// Whether the fp32 weight-gradient rows (row_bytes each) of `ctas` CTAs per SM exceed three
+// quarters of the L2 (the margin of the tensor-core backward's wide-tile rule,
+// mma_backward_wide_tile): every tile reads and writes its CTA's whole row, so rows that do not
+// stay in L2 go through DRAM once per tile. False where the L2 size is unknown.
+inline bool partial_rows_exceed_l2(const DeviceInfo& dev, int ctas, int64_t row_bytes) {
+  return dev.l2_bytes > 0 &&
+         4 * (ctas * static_cast<int64_t>(dev.sm_count) * row_bytes) > 3 * int64_t{dev.l2_bytes};
+}
+
 template <typename K>
 inline cudaError_t configure(K kernel, size_t smem, int* occupancy) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -1327,7 +1336,11 @@ inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const
 }
 
 // Backward plan: store-all with TP >= 16 when it fits, else recompute mode with any TP. The
-// number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes. A lone CTA per SM
+// number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes. Where the partial
+// rows of the CTAs that fit an SM would exceed the L2 but one CTA's fit
+// (partial_rows_exceed_l2), one CTA per SM: its shared memory request is raised past two CTAs'
+// share (the tile stays; IGCV2(1024, 16) and (1024, 32) in float32, tiles of 4 positions, whose
+// rows of 192 and 256 KiB at two CTAs per SM take 50 and 67 MiB). A lone CTA per SM
 // prefetches its next tile's x and dy into L2 where the CTAs' partial rows and those tiles take
 // at most three quarters of the L2 (l2_prefetch_fits).
 template <typename T, typename A>
@@ -1350,13 +1363,20 @@ inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_g
   plan->ld = tile_ld(plan->tp);
   plan->smem = backward_smem_bytes(p, plan->store_all != 0, plan->tp);
   plan->ntiles = (P + plan->tp - 1) / plan->tp;
-  int occ = 0;
-  const cudaError_t e = configure(chain_backward_kernel<T, A>, plan->smem, &occ);
-  if (e != cudaSuccess) return e;
-  if (occ < 1) occ = 1;
-  int64_t grid = min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ);
   const int64_t row_bytes =
       need_grads_wb ? (p.num_w + p.num_b) * static_cast<int64_t>(sizeof(A)) : 0;
+  int occ = 0;
+  cudaError_t e = configure(chain_backward_kernel<T, A>, plan->smem, &occ);
+  if (e != cudaSuccess) return e;
+  if (occ > 1 && row_bytes > 0 && partial_rows_exceed_l2(dev, occ, row_bytes) &&
+      !partial_rows_exceed_l2(dev, 1, row_bytes) &&
+      cta_smem_budget(dev, 2) + 16 <= static_cast<size_t>(dev.smem_optin)) {
+    plan->smem = std::max(plan->smem, cta_smem_budget(dev, 2) + 16);
+    e = configure(chain_backward_kernel<T, A>, plan->smem, &occ);
+    if (e != cudaSuccess) return e;
+  }
+  if (occ < 1) occ = 1;
+  int64_t grid = min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ);
   if (row_bytes > 0) grid = min64(grid, std::max<int64_t>(1, kMaxPartialBytes / row_bytes));
   plan->grid = static_cast<int>(grid);
   plan->prefetch = occ == 1 && l2_prefetch_fits(dev, row_bytes,

@@ -720,8 +720,7 @@ inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool rel
                                    const DeviceInfo& dev, int planes = 1) {
   if (dev.l2_bytes <= 0 || mt < 1 || mt >= kMmaMaxMt) return false;
   const int64_t row_bytes = (c.num_w + c.num_b) * static_cast<int64_t>(sizeof(float));
-  if (4 * (2 * static_cast<int64_t>(dev.sm_count) * row_bytes) <= 3 * int64_t{dev.l2_bytes})
-    return false;
+  if (!partial_rows_exceed_l2(dev, 2, row_bytes)) return false;
   const int tp = 32 * mt;
   return mma_backward_smem_bytes(mma_backward_rows(c, reload), tp, planes) <=
              cta_smem_budget(dev, 1) &&
