@@ -31,7 +31,9 @@
 #                no torch.compile, no memory measurements, then the same comparison
 #   wide-off     bench-quick's measurement of IGCV2(1024, 16) and (1024, 32) with
 #                IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs of 16 positions
-#                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json)
+#                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json); in
+#                float32 the CUDA-core backward's two CTAs per SM, to set beside fp32mma's
+#                bench-fp32.json, one CTA with its next tile prefetched (bench-wide-off-fp32.json)
 #   prefetch-off with IGC_CUDA_L2_PREFETCH=0, the backwards that run one CTA per SM without
 #                their L2 prefetch of the next tile, to set beside bench-quick's and fp32mma's:
 #                IGCV2(1024, 8) in bfloat16 (bench-prefetch-off.json), IGCV2(512, 8), (512, 16)
@@ -163,7 +165,10 @@ for arg in "${steps[@]}"; do
         --measured "$OUT/bench-quick.json" ;;
     wide-off) run_step wide-off env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \
-      --backends cuda --json "$OUT/bench-wide-off.json" ;;
+      --backends cuda --json "$OUT/bench-wide-off.json" ;
+      run_step wide-off-fp32 env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
+      --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \
+      --dtypes float32 --backends cuda --json "$OUT/bench-wide-off-fp32.json" ;;
     prefetch-off) run_step prefetch-off env IGC_CUDA_L2_PREFETCH=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:8:4 \
       --backends cuda --json "$OUT/bench-prefetch-off.json" ;
