@@ -200,11 +200,12 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_sass):
 
 @needs_nvcc
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (it ships with triton)")
-def test_cuda_core_backward_sass_prefetches_into_l2(device_sass):
-    """The sm_80 / sm_90 SASS of the CUDA-core backward (four dtypes) holds the L2 prefetch of
-    the next tile (CCTL.E.PF2); the forward, which does not prefetch, none."""
+def test_cuda_core_kernels_sass_prefetch_into_l2(device_sass):
+    """The sm_80 / sm_90 SASS of the CUDA-core forward and backward (four dtypes each) holds the
+    L2 prefetch of the next tile (CCTL.E.PF2); the weight-gradient reduction, none."""
     for arch, funcs in device_sass.items():
-        for kind, want in (("chain_backward_kernel", True), ("chain_forward_kernel", False)):
+        for kind, want in (("chain_backward_kernel", True), ("chain_forward_kernel", True),
+                           ("reduce_partials_kernel", False)):
             found = [f for f in funcs if kind in f.split()[0]]
             assert len(found) == 4, (arch, kind)
             for f in found:
@@ -376,9 +377,11 @@ class EmuCase:
         return W, B
 
     def emu_forward(self, lib, x, device=H100, occupancy=1):
+        """The CUDA-core forward: ``y`` and the plan (tile positions, row stride, 1, grid, 1
+        where the next tile is prefetched into L2)."""
         W, B = self._flat()
         return self._forward(lib.igc_emu_forward, int(self.dtype == torch.float64), W, B, x,
-                             device, occupancy, 4, "forward")
+                             device, occupancy, 5, "forward")
 
     def _forward(self, fn, flag, W, B, x, device, occupancy, plan_len, what, nan_ok=False):
         """One emulated forward entry point ``fn`` into a guarded output; returns ``y`` and the
@@ -688,7 +691,7 @@ def test_emulated_bad_index_entries_fail_the_launch_and_stay_in_bounds(emu, wher
     W, B = c._flat()
     x = _x((2, 8, 3), "contiguous", torch.float32, 2)
     y, guard = _guarded_like(empty_like_layout(x, 8), complete=False)
-    plan = (ctypes.c_int64 * 4)()
+    plan = (ctypes.c_int64 * 5)()  # the CUDA-core plans report five entries
     rc = emu.igc_emu_forward(0, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                              ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
                              ctypes.byref(_etensor(y)), ctypes.byref(EmuDevice(*H100, 1)), plan)
@@ -735,7 +738,7 @@ def test_python_limit_is_the_kernels_planner_threshold(emu, channels, groups, dt
     small = EmuDevice(2, need - 1, need - 1, 1)
     h, (W, B) = c.host_chain(), c._flat()
     is_double = int(dtype == torch.float64)
-    plan = (ctypes.c_int64 * 5)()  # the backward reports five entries
+    plan = (ctypes.c_int64 * 5)()  # the CUDA-core plans report five entries
     y = torch.empty(2, channels[-1], 5, dtype=dtype)
     rc_fwd = emu.igc_emu_forward(is_double, ctypes.byref(h), ctypes.c_void_p(W.data_ptr()),
                                  ctypes.c_void_p(B.data_ptr()), ctypes.byref(_etensor(x)),
@@ -1696,6 +1699,55 @@ def test_emulated_backward_prefetches_the_next_tile(emu, case, path):
         try:
             *_, plan = run(emu, x, gy, device=device, occupancy=occupancy)
             assert plan_of(plan)[2] == 0, (device, plan)
+            assert emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
+        finally:
+            emu.igc_emu_prefetch_log(0)
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", PREFETCH_CASES.values(), ids=PREFETCH_CASES.keys())
+def test_emulated_forward_prefetches_the_next_tile(emu, case):
+    """The CUDA-core forward (float32) prefetches into L2, once it has loaded a tile, the x
+    elements of the CTA's next tile, at one CTA per SM and at two: every prefetch is the address
+    of one of those elements and every 128-byte line they occupy is touched (NCHW: per channel
+    of the input index's; channels-last: every channel of a position; strided x: none). Output
+    and gradients within their bounds. No prefetch without the L2 size or where the CTAs' next tiles would
+    exceed three quarters of the L2."""
+    channels, groups, _, xl, _, nidx = case
+    index = None if nidx is None else torch.randint(
+        0, nidx, (channels[0],), generator=torch.Generator().manual_seed(5))
+    c = EmuCase(channels, groups, bias=[True, True], index=index, c_in=nidx, seed=11)
+    x = _x((2, c.c_in, 32, 32), xl, torch.float32, 1)  # tiles of 128: 16
+    gy = _x((2, channels[-1], 32, 32), "contiguous", torch.float32, 2)
+    dev = (*TWO_SM, H100_L2)
+    for occupancy in (1, 2):
+        c.check(emu, x, gy, device=dev, occupancy=occupancy)
+        emu.igc_emu_prefetch_log(1)
+        try:
+            _, plan = c.emu_forward(emu, x, device=dev, occupancy=occupancy)
+            n = emu.igc_emu_prefetch_addresses(None)
+            got = (ctypes.c_uint64 * n)()
+            emu.igc_emu_prefetch_addresses(got)
+        finally:
+            emu.igc_emu_prefetch_log(0)
+        tp, grid, prefetch = plan[0], plan[3], plan[4]
+        P = 2 * 32 * 32
+        assert prefetch == 1 and grid == 2 * occupancy and P // tp >= 2 * grid, plan
+        nxt = torch.arange(grid * tp, P)  # the tiles after each CTA's first
+        read = range(c.c_in)
+        if index is not None and xl == "contiguous":
+            read = sorted(set(index.tolist()))
+            assert len(read) < c.c_in  # the index skips some of x's channels
+        want = set() if xl == "sliced" else _element_addresses(x, nxt, read)
+        got = set(got)
+        assert got <= want, sorted(got - want)[:4]
+        assert {a // 128 for a in got} == {a // 128 for a in want}
+    # none: no L2 size; an L2 too small for the next tiles
+    for device in (TWO_SM, (*TWO_SM, 4096)):
+        emu.igc_emu_prefetch_log(1)
+        try:
+            _, plan = c.emu_forward(emu, x, device=device)
+            assert plan[4] == 0, (device, plan)
             assert emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
         finally:
             emu.igc_emu_prefetch_log(0)

@@ -491,8 +491,8 @@ def test_tensor_core_backward_is_used_unless_turned_off(tensor_cores):
 
 def _grads_script(channels, width, layers, seed, scale, dtype="bfloat16"):
     """A script that runs an IGCV2(channels, width)-shaped chain of ``layers`` layers on
-    x = (2, channels, 48, 48) in ``dtype``, saves (x's and every weight's gradient) to argv[1]
-    and prints the names of the backward kernels it launched."""
+    x = (2, channels, 48, 48) in ``dtype``, saves (x's and every weight's gradient, then the
+    output) to argv[1] and prints the names of the backward kernels it launched."""
     return f"""
 import sys, torch, igc_kernels as igc
 g = torch.Generator(device="cuda").manual_seed({seed})
@@ -507,7 +507,7 @@ y = igc.interleaved_group_conv(x, ws, [{channels // width}] * {layers}, backend=
 with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
     grads = torch.autograd.grad(y, [x, *ws], gy)
     torch.cuda.synchronize()
-torch.save([t.cpu() for t in grads], sys.argv[1])
+torch.save([t.cpu() for t in grads] + [y.detach().cpu()], sys.argv[1])
 print(sorted({{e.name for e in prof.events() if "chain_backward" in e.name}}))
 """
 
@@ -541,9 +541,9 @@ _PREFETCH_SCRIPTS = {"MmaBf16, 1>": _grads_script(1024, 8, 4, 1, 0.3),
 def test_backward_l2_prefetch_is_a_hint(tmp_path):
     """Chains whose backward runs one CTA per SM on an H100 / H200 and prefetches its next
     tile's x and dy into L2 (IGCV2(1024, 8) in bf16 on the tensor cores, IGCV2(512, 8) in
-    float32 on the CUDA cores), 4608 positions: every gradient bitwise equal with
-    IGC_CUDA_L2_PREFETCH=0 (no prefetch), and another value of the variable refused with its
-    name."""
+    float32 on the CUDA cores, whose forward prefetches its next tile's x too), 4608 positions:
+    every gradient and the output bitwise equal with IGC_CUDA_L2_PREFETCH=0 (no prefetch), and
+    another value of the variable refused with its name."""
     for kernel, script in _PREFETCH_SCRIPTS.items():
         out = {}
         for pf in (None, "0", "2"):

@@ -834,6 +834,14 @@ def backward_l2_prefetch(ctas_per_sm: int, arch: int, row_floats: int, tp: int, 
     return ctas_per_sm == 1 and 4 * sms * (4 * row_floats + tile_bytes) <= 3 * l2
 
 
+def forward_l2_prefetch(ctas_per_sm: int, arch: int, tp: int, c_x: int, elem_bytes: int) -> bool:
+    """The CUDA-core forward's L2 prefetch of the next tile's x (plan_forward: l2_prefetch_fits):
+    where, on ``PLAN_DEVICE[arch]``, the next tiles of every resident CTA (``tp`` positions of
+    ``c_x`` channels of ``elem_bytes``) take at most three quarters of the L2."""
+    sms, l2 = PLAN_DEVICE[arch]
+    return 4 * sms * ctas_per_sm * tp * c_x * elem_bytes <= 3 * l2
+
+
 def _mma_record(s, dtype, layout, direction, arch, toolchain, kernel, tp, k, smem):
     """A per-position record of a tensor-core kernel (ptxas facts ``k``, dynamic shared memory
     ``smem``); the caller adds its counts."""
@@ -1250,6 +1258,7 @@ def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
                 rec = _mma_record(s, "float32", layout, "forward", arch, toolchain,
                                   "chain_forward_kernel", tp, ptxas[name],
                                   2 * max(chans) * (tp + 4 if tp >= 8 else tp) * 4 + 16 * tp)
+                rec.config["prefetch"] = forward_l2_prefetch(rec.ctas_per_sm, arch, tp, c_x, 4)
                 _set_mma_dyn(rec, total,
                              "per layer: items (OUTS rows x 4 positions) x item cost, plus "
                              "k-loop iterations x their cost for K = 32, 64 and run-time K; "

@@ -99,7 +99,8 @@ kc::DeviceInfo device_info(int device) {
   // IGC_CUDA_PLAN_L2_BYTES: the L2 size the tensor-core backward's tile rule assumes
   // (mma_backward_wide_tile) instead of the device's, 0 turning the rule off;
   // IGC_CUDA_MAX_CTAS_PER_SM: a cap of the tensor-core forward's CTAs per SM (0: none);
-  // IGC_CUDA_L2_PREFETCH=0: the backwards never prefetch their next tile into L2
+  // IGC_CUDA_L2_PREFETCH=0: the CUDA-core forward and the backwards never prefetch their next
+  // tile into L2
   // (l2_prefetch_fits). For timing one plan against another on a GPU; read with the device's
   // facts, once.
   const int64_t l2 = env_count("IGC_CUDA_PLAN_L2_BYTES", INT_MAX);

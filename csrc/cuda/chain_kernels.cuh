@@ -892,7 +892,7 @@ struct DeviceInfo {
   int cc_major;     // compute capability (major)
   int l2_bytes;     // L2 cache size (0: unknown; the backward's tile rule then ignores it)
   int max_ctas;     // cap of the tensor-core forward's CTAs per SM (0: none)
-  int l2_prefetch;  // a backward may prefetch its next tile into L2 (1) or not (0)
+  int l2_prefetch;  // a kernel may prefetch its next tile into L2 (1) or not (0)
 };
 
 inline cudaError_t query_device(int device, DeviceInfo* info) {
@@ -914,16 +914,17 @@ struct LaunchPlan {
   int tp = 0;         // positions per tile (0: does not fit)
   int ld = 0;
   int store_all = 1;  // backward: intermediates kept in shared memory
-  bool prefetch = false;  // backward: the next tile's x and dy prefetched into L2
+  bool prefetch = false;  // the next tile's x (backward: and dy) prefetched into L2
   size_t smem = 0;
   int grid = 0;
   int64_t ntiles = 0;
 };
 
 // Register budget of the chain kernels. ptxas compiles a 256-thread CTA for at most 128
-// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (89-105
-// registers, no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64 kernels need
-// more and spilled at 128, so they are compiled for one CTA per SM (255 registers).
+// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (sm_90:
+// 107 to 119 registers; no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64
+// kernels need more and spilled at 128, so they are compiled for one CTA per SM (255
+// registers).
 // `min_blocks` is the __launch_bounds__ minimum (0: none given); `ctas` is the CTA count per SM
 // the tile chooser sizes shared memory for. tests/test_cuda_compile_nvcc.py asserts no spills.
 template <typename A>
@@ -977,53 +978,6 @@ inline int choose_tile(F bytes_for_tp, const DeviceInfo& dev, int64_t P, int min
   unsigned char* name = name##_
 #endif
 
-template <typename T, typename A>
-__global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
-    chain_forward_kernel(const ChainParams<A> p, const TensorArg<const T> x, const TensorArg<T> y,
-                         int64_t P, int tp, int ld) {
-  IGC_DECLARE_SMEM(smem);
-  A* buf[2];
-  buf[0] = reinterpret_cast<A*>(smem);
-  buf[1] = buf[0] + static_cast<int64_t>(p.cmax) * ld;
-  int64_t* off_x = reinterpret_cast<int64_t*>(buf[1] + static_cast<int64_t>(p.cmax) * ld);
-  int64_t* off_y = off_x + tp;
-  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
-  const LayerDesc& last = p.layer[p.L - 1];
-  const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
-  const int64_t ntiles = (P + tp - 1) / tp;
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
-    const int64_t p0 = tile * tp;
-    const int tvalid = static_cast<int>(min64(tp, P - p0));
-    __syncthreads();  // the previous tile's store has read the buffers and offsets
-    tile_offsets(x.ix, p0, tvalid, off_x);
-    tile_offsets(y.ix, p0, tvalid, off_y);
-    __syncthreads();
-    load_tile(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, tp, p.c0, index,
-              static_cast<const int32_t*>(nullptr), buf[0], ld);
-    __syncthreads();
-    int cur = 0;
-    for (int l = 0; l < p.L; ++l) {
-      forward_layer(p, l, buf[cur], input_rows(p, l), buf[cur ^ 1], tp, ld);
-      __syncthreads();
-      cur ^= 1;
-    }
-    store_tile(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
-               out_rows, static_cast<const int32_t*>(nullptr),
-               static_cast<const int32_t*>(nullptr), buf[cur], ld);
-  }
-}
-
-struct BackwardFlags {
-  int need_x, need_w, need_b;
-  int store_all;
-  // tensor-core backward (chain_mma_backward.cuh): x and dy share one tile, x reloaded for
-  // layer 1's weight gradient (set by launch_backward_mma from its plan)
-  int reload_x = 0;
-  // both backwards: x and dy of the CTA's next tile prefetched into L2 (set by the launchers
-  // from their plans)
-  int prefetch = 0;
-};
-
 // One L2 prefetch (prefetch.global.L2: the line holding addr is fetched into L2; nothing waits
 // for it and no result depends on it).
 __device__ __forceinline__ void prefetch_l2(const void* addr) {
@@ -1065,6 +1019,58 @@ __device__ __forceinline__ void prefetch_tile_l2(const TensorArg<const S>& t, in
     }
   }
 }
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
+    chain_forward_kernel(const ChainParams<A> p, const TensorArg<const T> x, const TensorArg<T> y,
+                         int64_t P, int tp, int ld, int prefetch) {
+  IGC_DECLARE_SMEM(smem);
+  A* buf[2];
+  buf[0] = reinterpret_cast<A*>(smem);
+  buf[1] = buf[0] + static_cast<int64_t>(p.cmax) * ld;
+  int64_t* off_x = reinterpret_cast<int64_t*>(buf[1] + static_cast<int64_t>(p.cmax) * ld);
+  int64_t* off_y = off_x + tp;
+  const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
+  const LayerDesc& last = p.layer[p.L - 1];
+  const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
+  const int64_t ntiles = (P + tp - 1) / tp;
+  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+    const int64_t p0 = tile * tp;
+    const int tvalid = static_cast<int>(min64(tp, P - p0));
+    __syncthreads();  // the previous tile's store has read the buffers and offsets
+    tile_offsets(x.ix, p0, tvalid, off_x);
+    tile_offsets(y.ix, p0, tvalid, off_y);
+    __syncthreads();
+    load_tile(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, tp, p.c0, index,
+              static_cast<const int32_t*>(nullptr), buf[0], ld);
+    if (prefetch && tile + gridDim.x < ntiles) {  // the next tile's x, into L2
+      const int64_t pn = (tile + gridDim.x) * tp;
+      prefetch_tile_l2(x, pn, static_cast<int>(min64(tp, P - pn)), p.c0, index, p.c_in);
+    }
+    __syncthreads();
+    int cur = 0;
+    for (int l = 0; l < p.L; ++l) {
+      forward_layer(p, l, buf[cur], input_rows(p, l), buf[cur ^ 1], tp, ld);
+      __syncthreads();
+      cur ^= 1;
+    }
+    store_tile(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
+               out_rows, static_cast<const int32_t*>(nullptr),
+               static_cast<const int32_t*>(nullptr), buf[cur], ld);
+  }
+}
+
+struct BackwardFlags {
+  int need_x, need_w, need_b;
+  int store_all;
+  // tensor-core backward (chain_mma_backward.cuh): x and dy share one tile, x reloaded for
+  // layer 1's weight gradient (set by launch_backward_mma from its plan)
+  int reload_x = 0;
+  // both backwards: x and dy of the CTA's next tile prefetched into L2 (set by the launchers
+  // from their plans)
+  int prefetch = 0;
+};
+
 
 // partial: [gridDim.x, num_w + num_b] accumulation-type partial sums (weights, then biases);
 // dx_starts / dx_order: CSR of the input index (dx channel c sums dh_0 rows
@@ -1322,6 +1328,9 @@ inline cudaError_t plan_forward(const ChainParams<A>& p, int64_t P, const Device
   if (e != cudaSuccess) return e;
   if (occ < 1) occ = 1;
   plan->grid = static_cast<int>(min64(plan->ntiles, static_cast<int64_t>(dev.sm_count) * occ));
+  // the CTAs prefetch their next tile's x into L2 where those tiles fit (l2_prefetch_fits)
+  plan->prefetch = l2_prefetch_fits(
+      dev, 0, occ * static_cast<int64_t>(plan->tp) * p.c_in * static_cast<int64_t>(sizeof(T)));
   return cudaSuccess;
 }
 
@@ -1331,7 +1340,7 @@ inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const
                                   cudaStream_t stream) {
   if (plan.tp < kMinTile || plan.tp % 4 != 0 || plan.grid < 1) return cudaErrorInvalidValue;
   IGC_LAUNCH((chain_forward_kernel<T, A>), plan.grid, plan.smem, stream, p, x, y, P, plan.tp,
-             plan.ld);
+             plan.ld, plan.prefetch ? 1 : 0);
   return cudaGetLastError();
 }
 

@@ -12,7 +12,8 @@ namespace cuda {
 #define IGC_INSTANTIATE(T, A)                                                                   \
   template __global__ void chain_forward_kernel<T, A>(const ChainParams<A>,                     \
                                                       const TensorArg<const T>,                 \
-                                                      const TensorArg<T>, int64_t, int, int);   \
+                                                      const TensorArg<T>, int64_t, int, int,    \
+                                                      int);                                     \
   template __global__ void chain_backward_kernel<T, A>(                                         \
       const ChainParams<A>, const TensorArg<const T>, const TensorArg<const T>,                 \
       const TensorArg<T>, const int32_t*, const int32_t*, A*, const BackwardFlags, int64_t,     \

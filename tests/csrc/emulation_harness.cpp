@@ -32,13 +32,14 @@ struct EmuDevice {
   int max_ctas;  // DeviceInfo::max_ctas (IGC_CUDA_MAX_CTAS_PER_SM in the extension)
 };
 
-// plan_out: tp, ld, store_all, grid (the backward's: and 1 where it prefetches its next tile)
+// plan_out: tp, ld, store_all, grid, 1 where the CTAs prefetch their next tile into L2
 void report(const LaunchPlan& pl, int64_t* plan_out) {
   if (plan_out == nullptr) return;
   plan_out[0] = pl.tp;
   plan_out[1] = pl.ld;
   plan_out[2] = pl.store_all;
   plan_out[3] = pl.grid;
+  plan_out[4] = pl.prefetch ? 1 : 0;
 }
 
 void set_device(const EmuDevice* d) {
@@ -113,7 +114,6 @@ int backward(const HostChain* h, const void* W, const void* B, const EmuTensor* 
   const bool wb = need_w || (need_b && p.num_b > 0);
   if (plan_backward<A, A>(p, P, wb, info, &pl) != cudaSuccess) return 3;
   report(pl, plan_out);
-  if (plan_out != nullptr) plan_out[4] = pl.prefetch ? 1 : 0;
   if (pl.tp == 0) return 4;
   std::vector<A> partial(wb ? static_cast<size_t>(pl.grid * (p.num_w + p.num_b)) : 0);
   BackwardFlags f{need_x, need_w, need_b && p.num_b > 0 ? 1 : 0, 1};
