@@ -1630,6 +1630,32 @@ def _element_addresses(t, positions, channels):
     return set((t.data_ptr() + off * t.element_size()).reshape(-1).tolist())
 
 
+def _with_prefetch_log(emu, run):
+    """``run()`` with the emulation's log of L2 prefetches on: its result and the set of
+    prefetched addresses."""
+    emu.igc_emu_prefetch_log(1)
+    try:
+        out = run()
+        n = emu.igc_emu_prefetch_addresses(None)
+        got = (ctypes.c_uint64 * n)()
+        emu.igc_emu_prefetch_addresses(got)
+    finally:
+        emu.igc_emu_prefetch_log(0)
+    return out, set(got)
+
+
+def _next_tiles_x(x, layout, index, c_in, grid, tp, P):
+    """The positions of every CTA's tiles after its first, and the addresses of the x elements
+    a tile load reads there (NCHW x with an input index: the channels it names; x with strided
+    positions and channels: none)."""
+    nxt = torch.arange(grid * tp, P)
+    read = range(c_in)
+    if index is not None and layout == "contiguous":
+        read = sorted(set(index.tolist()))
+        assert len(read) < c_in  # the index skips some of x's channels
+    return nxt, (set() if layout == "sliced" else _element_addresses(x, nxt, read))
+
+
 PREFETCH_CASES = {
     # name: (channels, groups, dtype, x layout, dy layout, input index length / None)
     "nchw": ([32, 32, 32], [4, 4], torch.bfloat16, "contiguous", "contiguous", None),
@@ -1671,37 +1697,20 @@ def test_emulated_backward_prefetches_the_next_tile(emu, case, path):
     else:
         check, run = c.check, c.emu_backward
         plan_of = lambda plan: (plan[0], plan[3], plan[4])  # noqa: E731
-    emu.igc_emu_prefetch_log(1)
-    try:
-        out = check(emu, x, gy, device=dev)
-        n = emu.igc_emu_prefetch_addresses(None)
-        got = (ctypes.c_uint64 * n)()
-        emu.igc_emu_prefetch_addresses(got)
-    finally:
-        emu.igc_emu_prefetch_log(0)
+    out, got = _with_prefetch_log(emu, lambda: check(emu, x, gy, device=dev))
     tp, grid, prefetch = plan_of(out[-1])
     P = 2 * 16 * 16
     assert prefetch == 1 and P // tp >= 2 * grid, out[-1]  # every CTA has a next tile
-    nxt = torch.arange(grid * tp, P)  # the tiles after each CTA's first
-    read = range(c.c_in)
-    if index is not None and xl == "contiguous":
-        read = sorted(set(index.tolist()))
-        assert len(read) < c.c_in  # the index skips some of x's channels
-    want_x = set() if xl == "sliced" else _element_addresses(x, nxt, read)
+    nxt, want_x = _next_tiles_x(x, xl, index, c.c_in, grid, tp, P)
     want_dy = _element_addresses(gy, nxt, range(channels[-1]))
-    got = set(got)
     assert got <= want_x | want_dy, sorted(got - want_x - want_dy)[:4]
     lines = {a // 128 for a in got}
     assert lines == {a // 128 for a in want_x | want_dy}
     # none: no L2 size; two CTAs per SM; an L2 too small for the rows and the next tiles
     for device, occupancy in ((TWO_SM, 1), (dev, 2), ((*TWO_SM, 4096), 1)):
-        emu.igc_emu_prefetch_log(1)
-        try:
-            *_, plan = run(emu, x, gy, device=device, occupancy=occupancy)
-            assert plan_of(plan)[2] == 0, (device, plan)
-            assert emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
-        finally:
-            emu.igc_emu_prefetch_log(0)
+        out, got = _with_prefetch_log(
+            emu, lambda: run(emu, x, gy, device=device, occupancy=occupancy))
+        assert plan_of(out[-1])[2] == 0 and not got, (device, out[-1])
 
 
 @needs_cxx
@@ -1722,35 +1731,18 @@ def test_emulated_forward_prefetches_the_next_tile(emu, case):
     dev = (*TWO_SM, H100_L2)
     for occupancy in (1, 2):
         c.check(emu, x, gy, device=dev, occupancy=occupancy)
-        emu.igc_emu_prefetch_log(1)
-        try:
-            _, plan = c.emu_forward(emu, x, device=dev, occupancy=occupancy)
-            n = emu.igc_emu_prefetch_addresses(None)
-            got = (ctypes.c_uint64 * n)()
-            emu.igc_emu_prefetch_addresses(got)
-        finally:
-            emu.igc_emu_prefetch_log(0)
+        (_, plan), got = _with_prefetch_log(
+            emu, lambda: c.emu_forward(emu, x, device=dev, occupancy=occupancy))
         tp, grid, prefetch = plan[0], plan[3], plan[4]
         P = 2 * 32 * 32
         assert prefetch == 1 and grid == 2 * occupancy and P // tp >= 2 * grid, plan
-        nxt = torch.arange(grid * tp, P)  # the tiles after each CTA's first
-        read = range(c.c_in)
-        if index is not None and xl == "contiguous":
-            read = sorted(set(index.tolist()))
-            assert len(read) < c.c_in  # the index skips some of x's channels
-        want = set() if xl == "sliced" else _element_addresses(x, nxt, read)
-        got = set(got)
+        _, want = _next_tiles_x(x, xl, index, c.c_in, grid, tp, P)
         assert got <= want, sorted(got - want)[:4]
         assert {a // 128 for a in got} == {a // 128 for a in want}
     # none: no L2 size; an L2 too small for the next tiles
     for device in (TWO_SM, (*TWO_SM, 4096)):
-        emu.igc_emu_prefetch_log(1)
-        try:
-            _, plan = c.emu_forward(emu, x, device=device)
-            assert plan[4] == 0, (device, plan)
-            assert emu.igc_emu_prefetch_addresses(None) == 0, (device, plan)
-        finally:
-            emu.igc_emu_prefetch_log(0)
+        (_, plan), got = _with_prefetch_log(emu, lambda: c.emu_forward(emu, x, device=device))
+        assert plan[4] == 0 and not got, (device, plan)
 
 
 @needs_cxx
