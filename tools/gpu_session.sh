@@ -34,10 +34,11 @@
 #                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json); in
 #                float32 the CUDA-core backward's two CTAs per SM, to set beside fp32mma's
 #                bench-fp32.json, one CTA with its next tile prefetched (bench-wide-off-fp32.json)
-#   prefetch-off with IGC_CUDA_L2_PREFETCH=0, the backwards that run one CTA per SM without
-#                their L2 prefetch of the next tile, to set beside bench-quick's and fp32mma's:
-#                IGCV2(1024, 8) in bfloat16 (bench-prefetch-off.json), IGCV2(512, 8), (512, 16)
-#                and (512, 32) in float32 on the CUDA-core kernels (bench-prefetch-off-fp32.json)
+#   prefetch-off with IGC_CUDA_L2_PREFETCH=0, the backwards that run one CTA per SM (and the
+#                CUDA-core forward) without their L2 prefetch of the next tile, to set beside
+#                bench-quick's and fp32mma's: IGCV2(1024, 8) in bfloat16
+#                (bench-prefetch-off.json), IGCV2(512, 8), (512, 16) and (512, 32) in float32 on
+#                the CUDA-core kernels, forward and backward (bench-prefetch-off-fp32.json)
 #                and IGCV2(512, 8) and (512, 16) with IGC_CUDA_FP32_MMA=1
 #                (bench-prefetch-off-fp32mma.json)
 #   ctas2        bench-quick's measurement of IGCV2(256, 8), (256, 32), (1024, 8) and (1024, 16)

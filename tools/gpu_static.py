@@ -1364,7 +1364,7 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
             if any((cout // g) % 2 or n % 4 for (cout, n), g in zip(shapes, groups)):
                 continue
             row_floats = sum(c * n for c, n in shapes)
-            tp, store_all, n_rows, smem = fma_backward_plan(chans, arch, row_floats)
+            tp, store_all, _, smem = fma_backward_plan(chans, arch, row_floats)
             if tp == 0:
                 continue
             w_offs = [sum(c * n for c, n in shapes[:l]) for l in range(L)]

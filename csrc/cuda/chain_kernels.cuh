@@ -1349,7 +1349,7 @@ inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const
 // rows of the CTAs that fit an SM would exceed the L2 but one CTA's fit
 // (partial_rows_exceed_l2), one CTA per SM: its shared memory request is raised past two CTAs'
 // share (the tile stays; IGCV2(1024, 16) and (1024, 32) in float32, tiles of 4 positions, whose
-// rows of 192 and 256 KiB at two CTAs per SM take 50 and 67 MiB). A lone CTA per SM
+// rows of 192 and 256 KiB at two CTAs per SM take 50 and 66 MiB). A lone CTA per SM
 // prefetches its next tile's x and dy into L2 where the CTAs' partial rows and those tiles take
 // at most three quarters of the L2 (l2_prefetch_fits).
 template <typename T, typename A>
