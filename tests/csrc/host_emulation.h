@@ -3,7 +3,7 @@
 // checked on a machine without a GPU (tests/test_cuda_compile_nvcc.py).
 //
 // A launch runs its blocks one after the other, on the calling thread; every thread of a block
-// is a fiber (its own stack, ucontext) that runs until it waits at a barrier or returns, and the
+// is a fiber (its own stack) that runs until it waits at a barrier or returns, and the
 // launch resumes the block's fibers in turn (deterministic order: thread 0, 1, ...) until all
 // have returned. __syncthreads() is a barrier over the block's threads; a block whose threads
 // all wait at barriers that can never complete aborts the process with a message (a hang on a
@@ -169,8 +169,15 @@ struct Context {
 };
 
 struct Fiber;
-// The block being run on this host thread: its fibers and the context that resumes them.
+// The body every fiber of a launch runs (the kernel with its arguments), type-erased.
+struct Body {
+  void (*fn)(const void*);
+  const void* arg;
+};
+// The block being run on this host thread: its body, the fiber running and the context that
+// resumes the fibers.
 struct Block {
+  const Body* body = nullptr;
   Context sched;
   Fiber* cur = nullptr;
   uint64_t events = 0;  // barrier arrivals and returns: progress, for the deadlock check
@@ -264,18 +271,11 @@ struct Stacks {
   unsigned char* stack(size_t i) const { return base + i * (kStackBytes + page) + page; }
 };
 
-// The body every fiber of a launch runs (the kernel with its arguments), type-erased.
-struct Body {
-  void (*fn)(const void*);
-  const void* arg;
-};
-inline thread_local const Body* tls_body = nullptr;
-
 // A fiber's first instructions: the kernel, then back to the launch loop for good (never
 // resumed, never returns: its stack has no caller).
 inline void fiber_entry() {
-  (*tls_body->fn)(tls_body->arg);
   Block* b = tls_block;
+  (*b->body->fn)(b->body->arg);
   b->cur->done = true;
   ++b->events;
   switch_context(b->cur->ctx, b->sched);
@@ -320,10 +320,8 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
     std::vector<std::unique_ptr<Warp>> warps;
     for (unsigned w = 0; w < (block.x + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
     Block blk;
-    Block* const outer = tls_block;
-    const Body* const outer_body = tls_body;
+    blk.body = &body;
     tls_block = &blk;
-    tls_body = &body;
     for (unsigned t = 0; t < block.x; ++t) {
       Fiber& f = fibers[t];
       f.done = false;
@@ -344,8 +342,7 @@ void launch(Kernel kernel, dim3 grid, dim3 block, size_t smem_bytes, Args... arg
         std::abort();
       }
     }
-    tls_block = outer;
-    tls_body = outer_body;
+    tls_block = nullptr;
     for (size_t i = 0; i < kGuard; ++i) {
       if (raw[i] != kGuardByte || raw[kGuard + smem_bytes + i] != kGuardByte)
         last_error() = cudaErrorIllegalAddress;
