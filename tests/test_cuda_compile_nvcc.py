@@ -303,6 +303,15 @@ def emu(tmp_path_factory):
     return _build_emu(tmp_path_factory.mktemp("emu") / "igc_cuda_emu.so")
 
 
+@pytest.fixture(scope="module")
+def emu_variant(tmp_path_factory):
+    """The emulation built with its other code paths, which must give the same bits: fibers
+    switched by ucontext (IGC_EMU_UCONTEXT) and sm_80's layer items, whose first k-steps run in
+    the loop (IGC_EMU_NO_PEEL)."""
+    return _build_emu(tmp_path_factory.mktemp("emu_variant") / "igc_cuda_emu_variant.so",
+                      "-DIGC_EMU_UCONTEXT", "-DIGC_EMU_NO_PEEL")
+
+
 def _etensor(t):
     if t is None:
         return None
@@ -621,6 +630,51 @@ def test_emulated_group_widths_unaligned_weights(emu, case):
     c.check(emu, x, gy)
 
 
+@needs_cxx
+@pytest.mark.parametrize("tp", [8, 16, 32])
+def test_emulated_items_of_eight_positions(emu, tp):
+    """float32 items of 4 output rows with 16-byte weight loads take 8 positions where the
+    tile's length is a multiple of 8 (grouped_rows_k): tiles of 8 (one item per row block, the
+    whole CTA stepping over blocks), 16 and 32 positions, set by the device's shared memory, a
+    partial last tile, every compile-time width from 4 to 32, the input rows through an
+    interleave and an explicit permutation."""
+    channels, groups = [64] * 5, [16, 8, 4, 2]  # K = 4, 8, 16, 32; 4 to 32 outputs per group
+    gen = torch.Generator().manual_seed(tp)
+    c = EmuCase(channels, groups, bias=[True, False, True, True],
+                perms=["interleave", torch.randperm(64, generator=gen), None, "interleave"],
+                seed=tp)
+    fwd_bytes = 2 * 64 * (tp + 4) * 4 + 2 * tp * 8  # forward_smem_bytes(64, tp, 4)
+    per_sm = 2 * (fwd_bytes + 1024)  # two CTAs of tp positions fit, two of 2 tp do not
+    x = _x((2, 64, 5, 7), "contiguous", torch.float32, 1)  # 70 positions: a partial tile
+    gy = _x((2, 64, 5, 7), "contiguous", torch.float32, 2)
+    fplan, _ = c.check(emu, x, gy, device=(2, per_sm, per_sm))
+    assert fplan[0] == tp, fplan
+
+
+@needs_cxx
+def test_emulated_items_without_peeled_steps_agree(emu, emu_variant):
+    """sm_80's layer items run their first k-steps in the loop, sm_90's ahead of it (the bias as
+    the first FMAs' addend: kPeelFirstSteps). The emulation runs sm_90's; built with sm_80's
+    (emu_variant) it gives the same bits: items of 8 positions (K = 4 to 32) in the forward and
+    the backward's store-all tiles, items of 4 in its recompute mode."""
+    c = EmuCase([64] * 5, [16, 8, 4, 2], bias=[True, False, True, True], seed=51)
+    x = _x((2, 64, 5, 7), "contiguous", torch.float32, 52)
+    gy = _x((2, 64, 5, 7), "contiguous", torch.float32, 53)
+    small = (2, 5 * 64 * 4 * 4 + 1024, 8192)  # both passes in tiles of 4 (recompute mode)
+    for device in (TWO_SM, small):
+        runs = [(c.emu_forward(lib, x, device=device), c.emu_backward(lib, x, gy, device=device))
+                for lib in (emu, emu_variant)]
+        (y0, p0), b0 = runs[0]
+        (y1, p1), b1 = runs[1]
+        assert p0 == p1 and b0[3] == b1[3]
+        if device is small:
+            assert p0[0] == 4 and b0[3][0] == 4 and b0[3][2] == 0, (p0, b0[3])
+        else:
+            assert p0[0] >= 8 and b0[3][0] >= 16 and b0[3][2] == 1, (p0, b0[3])
+        for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
+            assert torch.equal(a, b)
+
+
 LAYOUTS = {
     # name: (shape of x without channels, layout of x, layout of grad_y)
     "tokens": ((37,), "contiguous", "contiguous"),
@@ -778,12 +832,13 @@ def test_emulated_gradients_are_deterministic(emu):
 
 
 @needs_cxx
-def test_emulation_context_switches_agree(emu, tmp_path):
+def test_emulation_context_switches_agree(emu, emu_variant):
     """The emulation's threads are fibers; x86-64 switches between them with its own few
-    instructions, other machines with ucontext (IGC_EMU_UCONTEXT forces it). Both give the same
-    bits for kernels with every kind of barrier: CTA-wide (__syncthreads) and warp collectives
-    (ldmatrix, mma.sync, movmatrix / stmatrix), over several blocks and tiles."""
-    other = _build_emu(tmp_path / "igc_cuda_emu_ucontext.so", "-DIGC_EMU_UCONTEXT")
+    instructions, other machines with ucontext (IGC_EMU_UCONTEXT forces it, in emu_variant).
+    Both give the same bits for kernels with every kind of barrier: CTA-wide (__syncthreads)
+    and warp collectives (ldmatrix, mma.sync, movmatrix / stmatrix), over several blocks and
+    tiles."""
+    other = emu_variant
     c32 = EmuCase([16, 32, 16], [2, 4], bias=[True, False], seed=41)
     c16 = EmuCase([16, 32, 16], [2, 4], bias=[True, False], dtype=torch.bfloat16, seed=41)
     for c in (c32, c16):

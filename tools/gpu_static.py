@@ -1135,13 +1135,16 @@ _FMA_WIDTHS = (1, 2, 4, 8, 16, 32, 64)  # grouped_rows_k's compile-time group wi
 def fma_kernel_model(sass: str) -> dict:
     """Executed warp instructions of the CUDA-core forward's pieces, read from its SASS (the
     layer items of grouped_rows, not inlined, and the tile loops of load_tile / store_tile):
-    - per item of OUTS rows x 4 positions with K inputs known at compile time, K <= 16
-      (straight-line items): the loop holding the item's K 16-byte activation loads (LDS.128),
-      4 OUTS K FFMAs and its OUTS result stores (STS.128), keyed (K, OUTS, VW); VW: the weights
-      loaded 16 bytes at a time (LDG.E.128 in the loop);
-    - items whose inputs run in a loop (K = 32 and 64: 16 k-steps per iteration; run-time K: 4,
-      plus up to 3 peeled): ("loop", U, OUTS, VW) with the enclosing item minus the k-loop
-      ("item") and the k-loop's body ("steps", U k-steps);
+    - per item of OUTS rows x PV positions (PV = 4, or 8: grouped_rows_k's items with 16-byte
+      weight loads in tiles of a multiple of 8) with K inputs known at compile time and no
+      k-loop left (straight-line items: K <= U, or K = 2 U where the first U k-steps run ahead
+      of the loop, kPeelFirstSteps): the loop holding the item's K PV / 4 16-byte activation
+      loads (LDS.128), OUTS K PV FFMAs and its OUTS PV / 4 result stores (STS.128), keyed (K,
+      OUTS, VW, PV); VW: the weights loaded 16 bytes at a time (LDG.E.128 in the loop);
+    - items whose inputs run in a loop (U = 16 k-steps per iteration for PV = 4, 4 for PV = 8;
+      run-time K: 4, plus up to 3 peeled): ("loop", U, OUTS, VW, PV) with the enclosing item
+      minus the k-loop ("item", with any k-steps run ahead of the loop) and the k-loop's body
+      ("steps", U k-steps);
     - the tile moves per 16-byte vector of 4 elements per lane: "load_nchw" / "store_nchw"
       (a channel's run of positions, LDG.E.128 / STG.E.128) and "load_cl" / "store_cl"
       (channels-last, the same with the position's offset read from shared memory, LDS.64)."""
@@ -1161,14 +1164,18 @@ def fma_kernel_model(sass: str) -> dict:
         f, lds, vec, sts = ffma[(a, b)], n(o, "LDS.128"), n(o, "LDG.E.128"), n(o, "STS.128")
         inner = [lp for lp in loops if a <= lp[0] and lp[1] <= b and (lp[0], lp[1]) != (a, b)
                  and ffma[(lp[0], lp[1])]]
+        # per k-step: 4 OUTS FFMAs per 16-byte activation load; OUTS PV / 4 stores per item
         if f and sts and not inner:
-            if f == 4 * sts * lds:
-                out.setdefault((lds, sts, vec > 0), _region_counts(ins, a, b))
+            outs = f // (4 * lds) if lds else 0
+            pv = 4 * sts // outs if outs else 0
+            if pv in (4, 8) and f == outs * pv * (4 * lds // pv):
+                out.setdefault((4 * lds // pv, outs, vec > 0, pv), _region_counts(ins, a, b))
         elif f and sts and inner:
             c, d = min(((lp[0], lp[1]) for lp in inner), key=lambda lp: lp[1] - lp[0])
             u = n(ops(c, d), "LDS.128")
-            outs = sts
-            key = ("loop", u, outs, n(ops(c, d), "LDG.E.128") > 0)
+            outs = ffma[(c, d)] // (4 * u)
+            pv = 4 * sts // outs
+            key = ("loop", 4 * u // pv, outs, n(ops(c, d), "LDG.E.128") > 0, pv)
             if key not in out:
                 body = _region_counts(ins, c, d)
                 out[key] = {"item": _combine((1.0, _region_counts(ins, a, b)), (-1.0, body)),
@@ -1207,20 +1214,25 @@ def fma_forward_plan(chans, arch: int) -> int:
 def fma_layer_terms(model: dict, groups: int, outs: int, ins: int, w_aligned: bool,
                     tp: int) -> list:
     """(count, cost) terms of one CUDA-core layer per tile of ``tp`` positions: items of OUTS
-    rows (4 where the group's outputs allow, else 2 or 1) x 4 positions, one per lane (counted
-    in warp iterations, 32 items each), with the cost of
-    the item kind grouped_rows_k picks (16-byte weight loads where OUTS is 4, K is a
-    compile-time width of at least 4 and the layer's weights are 16-byte aligned)."""
+    rows (4 where the group's outputs allow, else 2 or 1) x PV positions, one per lane (counted
+    in warp iterations, 32 items each), with the cost of the item kind grouped_rows_k picks
+    (16-byte weight loads where OUTS is 4, K is a compile-time width of at least 4 and the
+    layer's weights are 16-byte aligned; those items take 8 positions where tp is a multiple
+    of 8, 4 k-steps per loop iteration beyond 4 inputs)."""
     outs_per = 4 if outs % 4 == 0 else 2 if outs % 2 == 0 else 1
-    items = groups * outs // outs_per * (tp // 4) / 32  # warp iterations: an item per lane
     k = ins if ins in _FMA_WIDTHS else 0
     vw = outs_per == 4 and k >= 4 and w_aligned
-    if 0 < k <= 16:
-        return [(items, model[(k, outs_per, vw)])]
-    u = 16 if k else 4
-    c = model[("loop", u, outs_per, vw)]
+    pv = 8 if vw and tp % 8 == 0 else 4
+    items = groups * outs // outs_per * (tp // pv) / 32  # warp iterations: an item per lane
+    if k and (k, outs_per, vw, pv) in model:  # straight-line item
+        return [(items, model[(k, outs_per, vw, pv)])]
+    u = 4 if pv == 8 else 16 if k else 4
+    c = model[("loop", u, outs_per, vw, pv)]
     if k:
-        return [(items, c["item"]), (items * (k // 16), c["steps"])]
+        # the item holds the k-step groups run ahead of the loop (kPeelFirstSteps: U k-steps
+        # with 16-byte weight loads; its FFMAs over a group's)
+        peeled = round(c["item"]["counts"]["FFMA/HFMA"] / (u * outs_per * pv))
+        return [(items, c["item"]), (items * (k // u - peeled), c["steps"])]
     # run-time K: the loop of 4 k-steps runs ins // 4 times; the item holds the remainder's
     # k-steps peeled (up to 3: its FFMAs over a k-step's), of which ins % 4 run
     peeled = round(c["item"]["counts"]["FFMA/HFMA"] / (4 * outs_per))

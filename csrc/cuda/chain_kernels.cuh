@@ -4,10 +4,11 @@
 // Algorithm (forward). A CTA of kThreads threads takes a tile of TP positions (pixels or tokens)
 // and stages all C_0 channels of it in shared memory as an accumulation-type (fp32, or fp64 for
 // float64 inputs) array [channel][TP + pad]. Every layer is a set of small dense blocks: a thread
-// computes OUTS consecutive output rows of one group for 4 consecutive positions
-// (u[o][t..t+3] = b[o] + sum_k W[o][k] * h[in_row(k)][t..t+3], one 16-byte shared-memory read of
-// h per OUTS * 4 FMAs, weights read through the L1 cache), the group width K is a compile-time
-// constant for K in {1, 2, 4, 8, 16, 32, 64} (loops fully unrolled) with a runtime fallback.
+// computes OUTS consecutive output rows of one group for 4 (float items of 4 rows: 8)
+// consecutive positions (u[o][t..t+3] = b[o] + sum_k W[o][k] * h[in_row(k)][t..t+3], one 16-byte
+// shared-memory read of h per OUTS * 4 FMAs, weights read through the L1 cache), the group width
+// K is a compile-time constant for K in {1, 2, 4, 8, 16, 32, 64} (loops unrolled) with a runtime
+// fallback.
 // Results go to the other of two ping-pong buffers. Permutations never move data: layer l+1 reads
 // its input j from row gather_l[j] of layer l's output buffer, and the store of y reads channel
 // j from row gather_L[j]. y is written once. Byte budget: bytes(x) + bytes(y); FLOPs
@@ -677,17 +678,29 @@ __device__ __forceinline__ void tile_offsets(const PosIndexer& ix, int64_t p0, i
 // ---------------------------------------------------------------------------------------------
 // One grouped layer over a tile (forward, and the transposed product of the backward)
 // ---------------------------------------------------------------------------------------------
+// Whether grouped_rows_impl runs the first k-steps of its 16-byte-weight items ahead of their
+// loop (32 accumulator copies fewer per item of 8 positions). Not for sm_80: there the forward
+// kernel went past 128 registers with it (a 4-byte spill). IGC_EMU_NO_PEEL: sm_80's items in the
+// host emulation (a test builds it so and compares the bits).
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900) || defined(IGC_EMU_NO_PEEL)
+constexpr bool kPeelFirstSteps = false;
+#else
+constexpr bool kPeelFirstSteps = true;
+#endif
+
 // For every group g < rows_total / R and row r < R (o = g * R + r):
 //   out[orow(o)][t] = bias[o] + sum_{k < K} w[g * R * K + r * wk + k * wi] * in[irow(g * K + k)][t]
 // irow(i) = in_rows ? in_rows[i] : i, orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile
 // positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du,
-// TRANS): R = n, K = m, wk = 1, wi = n = R. Each item is OUTS rows x 4 positions.
+// TRANS): R = n, K = m, wk = 1, wi = n = R. Each item is OUTS rows x PV positions (PV = 4, or
+// 8 where grouped_rows_k allows it: one input-row entry, weight load and address per k-step then
+// serves 8 positions' FMAs instead of 4).
 // Addressing: in and out are shared memory (the noinline caller loses that, so it is asserted
 // to the compiler: 32-bit shared loads and stores instead of generic ones); per item the weight
 // pointer of its first row and the group's input-row entries are set once, so that with K known
 // at compile time every weight of a k-step is an immediate offset of one pointer (forward: all
 // of them; transposed: the pointer steps by R per k-step).
-template <int K, int OUTS, bool TRANS, bool VW, typename A>
+template <int K, int OUTS, int PV, bool TRANS, bool VW, typename A>
 __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
                                                   const int32_t* __restrict__ in_rows,
                                                   const A* __restrict__ w, int wk, int wi,
@@ -700,16 +713,18 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
   // compile-time strides where K is known: forward wk = K, wi = 1; transposed wk = 1, wi = R
   const int sk = K > 0 ? (TRANS ? 1 : K) : wk;
   // Item it (it = threadIdx.x, + kThreads, ...) is output block it / nq at the positions of
-  // vector it % nq. Tiles are powers of two of at most kMaxTile positions (plan_forward,
-  // plan_backward), so nq divides kThreads: a thread keeps its vector q and steps its block by
-  // bstep, and the block's group and row within it step by (dg, dr), without a division per
-  // item.
-  const int nq = tp / 4;
+  // run it % nq (PV positions). Tiles are powers of two of at most kMaxTile positions
+  // (plan_forward, plan_backward) and PV divides them, so nq divides kThreads: a thread keeps
+  // its run q and steps its block by bstep, and the block's group and row within it step by
+  // (dg, dr), without a division per item.
+  static_assert(PV == 4 || PV == 8, "items of 4 or 8 positions");
+  constexpr int NV = PV / 4;  // 4-wide vectors per item row
+  const int nq = tp / PV;
   const int nblk = rows_total / OUTS;
   const int q = threadIdx.x % nq;
   const int bstep = kThreads / nq;
   const int dg = bstep * OUTS / R, dr = bstep * OUTS - dg * R;
-  const A* in_q = in + 4 * q;
+  const A* in_q = in + PV * q;
   int blk = threadIdx.x / nq;
   int g = blk * OUTS / R;
   int r0 = blk * OUTS - g * R;
@@ -722,25 +737,26 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
     const A* wg = w + static_cast<int64_t>(g) * R * kc + static_cast<int64_t>(r0) * sk;
     const int i0 = g * kc;
     const int32_t* irow = in_rows ? in_rows + i0 : nullptr;
-    A acc[OUTS][4];
+    A acc[OUTS][PV];
 #pragma unroll
     for (int j = 0; j < OUTS; ++j) {
       const A b = bias ? bias[o0 + j] : A(0);
-      acc[j][0] = b;
-      acc[j][1] = b;
-      acc[j][2] = b;
-      acc[j][3] = b;
+#pragma unroll
+      for (int t = 0; t < PV; ++t) acc[j][t] = b;
     }
     // k-step k with the weights wv[j] of its rows
     auto fma_step = [&](int k, const A (&wv)[OUTS]) {
       const int row = irow ? irow[k] : i0 + k;
-      const V4<A> v = lds4(in_q + row * ld);
 #pragma unroll
-      for (int j = 0; j < OUTS; ++j) {
-        acc[j][0] += wv[j] * v.x;
-        acc[j][1] += wv[j] * v.y;
-        acc[j][2] += wv[j] * v.z;
-        acc[j][3] += wv[j] * v.w;
+      for (int u = 0; u < NV; ++u) {
+        const V4<A> v = lds4(in_q + row * ld + 4 * u);
+#pragma unroll
+        for (int j = 0; j < OUTS; ++j) {
+          acc[j][4 * u + 0] += wv[j] * v.x;
+          acc[j][4 * u + 1] += wv[j] * v.y;
+          acc[j][4 * u + 2] += wv[j] * v.z;
+          acc[j][4 * u + 3] += wv[j] * v.w;
+        }
       }
     };
     // wk_ptr: the weights of k-step k, row j at wk_ptr[j * sk]
@@ -750,14 +766,17 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
       for (int j = 0; j < OUTS; ++j) wv[j] = wk_ptr[j * sk];
       fma_step(k, wv);
     };
-    // unrolled 16 inputs at a time: K = 32 / 64 unrolled whole held every input's loads in
-    // flight and took the backward kernel past its register budget (spills)
-    constexpr int U = K > 0 && K < 16 ? K : 16;
+    // unrolled 16 inputs at a time (4 for items of 8 positions): K = 32 / 64 unrolled whole
+    // held every input's loads in flight and took the backward kernel past its register budget
+    // (spills)
+    constexpr int UMAX = PV == 8 ? 4 : 16;
+    constexpr int U = K > 0 && K < UMAX ? K : UMAX;
     if constexpr (VW) {
       // 16-byte weight loads: forward, 4 k-steps of one row; transposed, the 4 rows of one
-      // k-step (grouped_rows_k: A = float, K % 4 == 0, OUTS == 4, w 16-byte aligned)
-#pragma unroll 1
-      for (int k0 = 0; k0 < K; k0 += U) {
+      // k-step (grouped_rows_k: A = float, K % 4 == 0, OUTS == 4, w 16-byte aligned). The first
+      // U k-steps run ahead of the loop (kPeelFirstSteps), so that their FMAs take the bias as
+      // their addend (the accumulators are not copied from it first).
+      auto vw_steps = [&](int k0) {
 #pragma unroll
         for (int k = k0; k < k0 + U; k += 4) {
           A wv[4][OUTS];
@@ -780,7 +799,14 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
 #pragma unroll
           for (int t = 0; t < 4; ++t) fma_step(k + t, wv[t]);
         }
+      };
+      int k0 = 0;
+      if constexpr (kPeelFirstSteps) {
+        vw_steps(0);
+        k0 = U;
       }
+#pragma unroll 1
+      for (; k0 < K; k0 += U) vw_steps(k0);
     } else if (K > 0) {
 #pragma unroll 1
       for (int k0 = 0; k0 < K; k0 += U) {
@@ -795,7 +821,10 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
 #pragma unroll
     for (int j = 0; j < OUTS; ++j) {
       const int orow = out_rows ? out_rows[o0 + j] : o0 + j;
-      sts4(out + orow * ld + 4 * q, acc[j][0], acc[j][1], acc[j][2], acc[j][3]);
+#pragma unroll
+      for (int u = 0; u < NV; ++u)
+        sts4(out + orow * ld + PV * q + 4 * u, acc[j][4 * u], acc[j][4 * u + 1],
+             acc[j][4 * u + 2], acc[j][4 * u + 3]);
     }
   }
 }
@@ -805,26 +834,30 @@ __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_
                                                const A* w, int wk, int wi, const A* bias,
                                                int rows_total, int R, int K, A* out,
                                                const int32_t* out_rows, int tp) {
-  // 16-byte weight loads (VW) for float with 4 rows per item and K a multiple of 4
+  // 16-byte weight loads (VW) for float with 4 rows per item and K a multiple of 4; those items
+  // take 8 positions where the tile's length is a multiple of 8
   constexpr bool kVec = OUTS == 4 && std::is_same<A, float>::value;
+  constexpr int kWide = kVec ? 8 : 4;
   const bool vw = kVec && aligned16(w);
-#define IGC_ROWS_CASE(KK, V)                                                                      \
-  grouped_rows_impl<KK, OUTS, TRANS, V>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,  \
-                                        out_rows, tp)
-#define IGC_ROWS_CASE_VW(KK)    \
-  if (vw)                       \
-    IGC_ROWS_CASE(KK, kVec);    \
-  else                          \
-    IGC_ROWS_CASE(KK, false);
+#define IGC_ROWS_CASE(KK, PV, V)                                                               \
+  grouped_rows_impl<KK, OUTS, PV, TRANS, V>(in, ld, in_rows, w, wk, wi, bias, rows_total, R,  \
+                                            K, out, out_rows, tp)
+#define IGC_ROWS_CASE_VW(KK)         \
+  if (vw && tp % 8 == 0)             \
+    IGC_ROWS_CASE(KK, kWide, kVec);  \
+  else if (vw)                       \
+    IGC_ROWS_CASE(KK, 4, kVec);      \
+  else                               \
+    IGC_ROWS_CASE(KK, 4, false);
   switch (K) {
-    case 1: IGC_ROWS_CASE(1, false); break;
-    case 2: IGC_ROWS_CASE(2, false); break;
+    case 1: IGC_ROWS_CASE(1, 4, false); break;
+    case 2: IGC_ROWS_CASE(2, 4, false); break;
     case 4: IGC_ROWS_CASE_VW(4) break;
     case 8: IGC_ROWS_CASE_VW(8) break;
     case 16: IGC_ROWS_CASE_VW(16) break;
     case 32: IGC_ROWS_CASE_VW(32) break;
     case 64: IGC_ROWS_CASE_VW(64) break;
-    default: IGC_ROWS_CASE(0, false); break;
+    default: IGC_ROWS_CASE(0, 4, false); break;
   }
 #undef IGC_ROWS_CASE_VW
 #undef IGC_ROWS_CASE
@@ -922,7 +955,7 @@ struct LaunchPlan {
 
 // Register budget of the chain kernels. ptxas compiles a 256-thread CTA for at most 128
 // registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (sm_90:
-// 107 to 119 registers; no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64
+// 117 to 128 registers; no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64
 // kernels need more and spilled at 128, so they are compiled for one CTA per SM (255
 // registers).
 // `min_blocks` is the __launch_bounds__ minimum (0: none given); `ctas` is the CTA count per SM
@@ -1025,38 +1058,42 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
     chain_forward_kernel(const ChainParams<A> p, const TensorArg<const T> x, const TensorArg<T> y,
                          int64_t P, int tp, int ld, int prefetch) {
   IGC_DECLARE_SMEM(smem);
-  A* buf[2];
-  buf[0] = reinterpret_cast<A*>(smem);
-  buf[1] = buf[0] + static_cast<int64_t>(p.cmax) * ld;
-  int64_t* off_x = reinterpret_cast<int64_t*>(buf[1] + static_cast<int64_t>(p.cmax) * ld);
-  int64_t* off_y = off_x + tp;
+  // Only the tile index and the layer loop's counters live across the layers' calls: the
+  // buffers, offsets and index pointers are recomputed from the parameters where they are used
+  // (the layer function takes most registers, and values kept across its calls went to local
+  // memory).
+  const auto buffer = [&](int i) {
+    return reinterpret_cast<A*>(smem) + i * static_cast<int64_t>(p.cmax) * ld;
+  };
+  const auto offsets = [&](int i) { return reinterpret_cast<int64_t*>(buffer(2)) + i * tp; };
   const int32_t* index = p.has_index ? p.table + p.index_off : nullptr;
-  const LayerDesc& last = p.layer[p.L - 1];
-  const int32_t* out_rows = last.gather_identity ? nullptr : p.table + last.g_off;
-  const int64_t ntiles = (P + tp - 1) / tp;
-  for (int64_t tile = blockIdx.x; tile < ntiles; tile += gridDim.x) {
+  for (int64_t tile = blockIdx.x; tile * tp < P; tile += gridDim.x) {
     const int64_t p0 = tile * tp;
     const int tvalid = static_cast<int>(min64(tp, P - p0));
     __syncthreads();  // the previous tile's store has read the buffers and offsets
-    tile_offsets(x.ix, p0, tvalid, off_x);
-    tile_offsets(y.ix, p0, tvalid, off_y);
+    tile_offsets(x.ix, p0, tvalid, offsets(0));
+    tile_offsets(y.ix, p0, tvalid, offsets(1));
     __syncthreads();
-    load_tile(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid), tvalid, tp, p.c0, index,
-              static_cast<const int32_t*>(nullptr), buf[0], ld);
-    if (prefetch && tile + gridDim.x < ntiles) {  // the next tile's x, into L2
+    load_tile(x.ptr, x.cs, offsets(0), x.ix.run_is_contiguous(p0, tvalid), tvalid, tp, p.c0,
+              index, static_cast<const int32_t*>(nullptr), buffer(0), ld);
+    if (prefetch && (tile + gridDim.x) * tp < P) {  // the next tile's x, into L2
       const int64_t pn = (tile + gridDim.x) * tp;
       prefetch_tile_l2(x, pn, static_cast<int>(min64(tp, P - pn)), p.c0, index, p.c_in);
     }
     __syncthreads();
     int cur = 0;
     for (int l = 0; l < p.L; ++l) {
-      forward_layer(p, l, buf[cur], input_rows(p, l), buf[cur ^ 1], tp, ld);
+      forward_layer(p, l, buffer(cur), input_rows(p, l), buffer(cur ^ 1), tp, ld);
       __syncthreads();
       cur ^= 1;
     }
-    store_tile(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
-               out_rows, static_cast<const int32_t*>(nullptr),
-               static_cast<const int32_t*>(nullptr), buf[cur], ld);
+    const int64_t q0 = tile * tp;
+    const int tv = static_cast<int>(min64(tp, P - q0));
+    const LayerDesc& last = p.layer[p.L - 1];
+    store_tile(y.ptr, y.cs, offsets(1), y.ix.run_is_contiguous(q0, tv), tv, tp, last.cout,
+               last.gather_identity ? nullptr : p.table + last.g_off,
+               static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+               buffer(cur), ld);
   }
 }
 
