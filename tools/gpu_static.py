@@ -1272,10 +1272,10 @@ def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
                                   2 * max(chans) * (tp + 4 if tp >= 8 else tp) * 4 + 16 * tp)
                 rec.config["prefetch"] = forward_l2_prefetch(rec.ctas_per_sm, arch, tp, c_x, 4)
                 _set_mma_dyn(rec, total,
-                             "per layer: items (OUTS rows x 4 positions) x item cost, plus "
-                             "k-loop iterations x their cost for K = 32, 64 and run-time K; "
-                             "tile load/store per 16-byte vector (SASS loop bodies of the "
-                             "kernel; per-tile offsets and barriers are left out)")
+                             "per layer: items (OUTS rows x 4 or 8 positions) x item cost, "
+                             "plus k-loop iterations x their cost where the k-steps run in a "
+                             "loop; tile load/store per 16-byte vector (SASS loop bodies of "
+                             "the kernel; per-tile offsets and barriers are left out)")
                 rows.append(rec)
     return rows
 
