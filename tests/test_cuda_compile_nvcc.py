@@ -265,12 +265,14 @@ class EmuTensor(ctypes.Structure):
 class EmuDevice(ctypes.Structure):
     _fields_ = [("sm_count", ctypes.c_int), ("smem_optin", ctypes.c_int),
                 ("smem_per_sm", ctypes.c_int), ("occupancy", ctypes.c_int),
-                ("l2_bytes", ctypes.c_int), ("max_ctas", ctypes.c_int)]
+                ("l2_bytes", ctypes.c_int), ("max_ctas", ctypes.c_int),
+                ("narrow_items", ctypes.c_int)]
 
 
 def _emu_device(device, occupancy):
     """EmuDevice of a device tuple (SMs, opt-in shared memory per block, shared memory per SM
-    [, L2 bytes: 0 or absent, unknown [, the forward's cap of CTAs per SM: 0 or absent, none]])"""
+    [, L2 bytes: 0 or absent, unknown [, the forward's cap of CTAs per SM: 0 or absent, none
+    [, 1: the CUDA-core layer items take 4 positions only (IGC_CUDA_WIDE_ITEMS=0)]]])"""
     sms, optin, per_sm, *rest = device
     return EmuDevice(sms, optin, per_sm, occupancy, *rest)
 
@@ -673,6 +675,24 @@ def test_emulated_items_without_peeled_steps_agree(emu, emu_variant):
             assert p0[0] >= 8 and b0[3][0] >= 16 and b0[3][2] == 1, (p0, b0[3])
         for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
             assert torch.equal(a, b)
+
+
+@needs_cxx
+def test_emulated_narrow_items_agree(emu):
+    """With the items of 8 positions turned off (DeviceInfo::narrow_items, IGC_CUDA_WIDE_ITEMS=0
+    in the extension: for timing them against items of 4 on a GPU) the CUDA-core kernels plan
+    the same tiles and give the same bits: each output sums the same products in the same
+    order either way."""
+    c = EmuCase([64] * 5, [16, 8, 4, 2], bias=[True, False, True, True], seed=61)
+    x = _x((2, 64, 5, 7), "channels_last", torch.float32, 62)
+    gy = _x((2, 64, 5, 7), "contiguous", torch.float32, 63)
+    runs = [(c.emu_forward(emu, x, device=(*TWO_SM[:3], 0, 0, narrow)),
+             c.emu_backward(emu, x, gy, device=(*TWO_SM[:3], 0, 0, narrow))) for narrow in (0, 1)]
+    (y0, p0), b0 = runs[0]
+    (y1, p1), b1 = runs[1]
+    assert p0 == p1 and b0[3] == b1[3] and p0[0] >= 8 and b0[3][0] >= 16, (p0, b0[3])
+    for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
+        assert torch.equal(a, b)
 
 
 LAYOUTS = {

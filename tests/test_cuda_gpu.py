@@ -526,6 +526,25 @@ def _run_script(script, path, var, value):
                           text=True, env=env, timeout=600)
 
 
+def _check_switch(script, var, kernel, tmp_path):
+    """Runs ``script`` with the environment variable ``var`` unset, "0" and "2": "2" is refused
+    with the variable's name; the other two launch ``kernel`` (not a fallback) and give the
+    same bits, finite."""
+    out = {}
+    for v in (None, "0", "2"):
+        path = tmp_path / f"grads_{v}.pt"
+        r = _run_script(script, path, var, v)
+        if v == "2":
+            assert r.returncode != 0 and var in r.stderr, r.stderr[-3000:]
+            continue
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert kernel in r.stdout.strip().splitlines()[-1], (kernel, r.stdout[-2000:])
+        out[v] = torch.load(path)
+    for a, b in zip(out[None], out["0"]):
+        assert torch.equal(a, b)
+        assert bool(torch.isfinite(a).all())
+
+
 _WIDE_TILE_SCRIPT = _grads_script(1024, 16, 3, 0, 0.25)
 
 
@@ -545,20 +564,17 @@ def test_backward_l2_prefetch_is_a_hint(tmp_path):
     every gradient and the output bitwise equal with IGC_CUDA_L2_PREFETCH=0 (no prefetch), and
     another value of the variable refused with its name."""
     for kernel, script in _PREFETCH_SCRIPTS.items():
-        out = {}
-        for pf in (None, "0", "2"):
-            path = tmp_path / f"grads_{pf}.pt"
-            r = _run_script(script, path, "IGC_CUDA_L2_PREFETCH", pf)
-            if pf == "2":
-                assert r.returncode != 0 and "IGC_CUDA_L2_PREFETCH" in r.stderr, r.stderr[-3000:]
-                continue
-            assert r.returncode == 0, r.stderr[-3000:]
-            # the kernel that prefetches ran (not a fallback)
-            assert kernel in r.stdout.strip().splitlines()[-1], (kernel, r.stdout[-2000:])
-            out[pf] = torch.load(path)
-        for a, b in zip(out[None], out["0"]):
-            assert torch.equal(a, b)
-            assert bool(torch.isfinite(a).all())
+        _check_switch(script, "IGC_CUDA_L2_PREFETCH", kernel, tmp_path)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+def test_narrow_items_switch(tmp_path):
+    """IGCV2(256, 16)-shaped float32 chain on the CUDA-core kernels (tiles of 32 and 16
+    positions: items of 8 positions): with IGC_CUDA_WIDE_ITEMS=0 (items of 4 positions only)
+    the output and every gradient are bitwise equal (the same products in the same order), and
+    another value of the variable is refused with its name."""
+    _check_switch(_grads_script(256, 16, 2, 3, 0.3, "float32"), "IGC_CUDA_WIDE_ITEMS",
+                  "chain_backward_kernel<float, float>", tmp_path)
 
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),

@@ -41,6 +41,9 @@
 #                the CUDA-core kernels, forward and backward (bench-prefetch-off-fp32.json)
 #                and IGCV2(512, 8) and (512, 16) with IGC_CUDA_FP32_MMA=1
 #                (bench-prefetch-off-fp32mma.json)
+#   items4       the nine IGCV2 targets in float32 on the CUDA-core kernels with
+#                IGC_CUDA_WIDE_ITEMS=0: layer items of 4 positions only, to set beside
+#                fp32mma's bench-fp32.json, items of 8 (bench-items4-fp32.json)
 #   ctas2        bench-quick's measurement of IGCV2(256, 8), (256, 32), (1024, 8) and (1024, 16)
 #                with IGC_CUDA_MAX_CTAS_PER_SM=2: the tensor-core forward at two CTAs per SM,
 #                to set beside bench-quick's three (bench-ctas2.json)
@@ -56,8 +59,8 @@
 # 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
-# wide-off, prefetch-off, ctas2, fp32mma, sweep, timeline) are skipped. Logs and JSON go to $OUT
-# (default benchmarks/out/gpu-session). Exit status: the first failing step's. Example:
+# wide-off, prefetch-off, items4, ctas2, fp32mma, sweep, timeline) are skipped. Logs and JSON go
+# to $OUT (default benchmarks/out/gpu-session). Exit status: the first failing step's. Example:
 # tools/gpu_session.sh build=240 test-cuda=120 race=60
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -125,7 +128,8 @@ for arg in "${steps[@]}"; do
   limit=0
   [ "$step" != "$arg" ] && limit="${arg#*=}"
   case "$step" in
-    test-cuda|sanitize|race|bench-quick|wide-off|prefetch-off|ctas2|fp32mma|bench|sweep|timeline)
+    test-cuda|sanitize|race|bench-quick|wide-off|prefetch-off|items4|ctas2|fp32mma|bench|sweep|\
+      timeline)
       if [ "$built" -eq 0 ]; then echo "=== $step: skipped (the build failed)"; continue; fi ;;
   esac
   case "$step" in
@@ -180,6 +184,9 @@ for arg in "${steps[@]}"; do
       benchmarks/bench.py --device cuda --no-compile --no-memory --quiet \
       --only 512:8:3,512:16:3 --dtypes float32 --backends cuda \
       --json "$OUT/bench-prefetch-off-fp32mma.json" ;;
+    items4) run_step items4-fp32 env IGC_CUDA_WIDE_ITEMS=0 "$PY" benchmarks/bench.py \
+      --device cuda --no-compile --no-memory --quiet --only "$IGCV2_TARGETS" --dtypes float32 \
+      --backends cuda --json "$OUT/bench-items4-fp32.json" ;;
     ctas2) run_step ctas2 env IGC_CUDA_MAX_CTAS_PER_SM=2 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 256:8:3,256:32:2,1024:8:4,1024:16:3 \
       --backends cuda --json "$OUT/bench-ctas2.json" ;;

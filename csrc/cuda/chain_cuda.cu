@@ -101,14 +101,17 @@ kc::DeviceInfo device_info(int device) {
   // IGC_CUDA_MAX_CTAS_PER_SM: a cap of the tensor-core forward's CTAs per SM (0: none);
   // IGC_CUDA_L2_PREFETCH=0: the CUDA-core forward and the backwards never prefetch their next
   // tile into L2
-  // (l2_prefetch_fits). For timing one plan against another on a GPU; read with the device's
-  // facts, once.
+  // (l2_prefetch_fits); IGC_CUDA_WIDE_ITEMS=0: the CUDA-core kernels' layer items take 4
+  // positions only, not 8 (grouped_rows_k). For timing one plan against another on a GPU; read
+  // with the device's facts, once.
   const int64_t l2 = env_count("IGC_CUDA_PLAN_L2_BYTES", INT_MAX);
   if (l2 >= 0) info.l2_bytes = static_cast<int>(l2);
   const int64_t ctas = env_count("IGC_CUDA_MAX_CTAS_PER_SM", 32);
   if (ctas >= 0) info.max_ctas = static_cast<int>(ctas);
   const int64_t prefetch = env_count("IGC_CUDA_L2_PREFETCH", 1);
   if (prefetch >= 0) info.l2_prefetch = static_cast<int>(prefetch);
+  const int64_t wide = env_count("IGC_CUDA_WIDE_ITEMS", 1);
+  if (wide >= 0) info.narrow_items = wide == 0 ? 1 : 0;
   cache.emplace_back(device, info);
   return info;
 }

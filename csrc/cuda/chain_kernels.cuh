@@ -231,6 +231,9 @@ struct ChainParams {
   const A* B;              // every present b_l, in layer order
   const int32_t* table;    // index table (input index, then gather_0 .. gather_{L-1})
   LayerDesc layer[kMaxLayers];
+  // 1: the CUDA-core layer items take 4 positions only (set by the launchers from their plan:
+  // DeviceInfo::narrow_items)
+  int narrow_items = 0;
 };
 
 // Host description of a chain, everything the launch needs besides the tensors. perm[l] and
@@ -833,9 +836,9 @@ template <int OUTS, bool TRANS, typename A>
 __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_t* in_rows,
                                                const A* w, int wk, int wi, const A* bias,
                                                int rows_total, int R, int K, A* out,
-                                               const int32_t* out_rows, int tp) {
+                                               const int32_t* out_rows, int tp, int narrow) {
   // 16-byte weight loads (VW) for float with 4 rows per item and K a multiple of 4; those items
-  // take 8 positions where the tile's length is a multiple of 8
+  // take 8 positions where the tile's length is a multiple of 8 (unless `narrow`)
   constexpr bool kVec = OUTS == 4 && std::is_same<A, float>::value;
   constexpr int kWide = kVec ? 8 : 4;
   const bool vw = kVec && aligned16(w);
@@ -843,7 +846,7 @@ __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_
   grouped_rows_impl<KK, OUTS, PV, TRANS, V>(in, ld, in_rows, w, wk, wi, bias, rows_total, R,  \
                                             K, out, out_rows, tp)
 #define IGC_ROWS_CASE_VW(KK)         \
-  if (vw && tp % 8 == 0)             \
+  if (vw && !narrow && tp % 8 == 0)  \
     IGC_ROWS_CASE(KK, kWide, kVec);  \
   else if (vw)                       \
     IGC_ROWS_CASE(KK, 4, kVec);      \
@@ -871,16 +874,20 @@ template <bool TRANS, typename A>
 __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in_rows,
                                              const A* w, int wk, int wi, const A* bias,
                                              int rows_total, int R, int K, A* out,
-                                             const int32_t* out_rows, int tp) {
+                                             const int32_t* out_rows, int tp_arg) {
+  // tp_arg: the tile's positions, negated for items of 4 positions only (ChainParams::
+  // narrow_items; folded into one argument: a further argument of this shared function took
+  // the backward kernel past its registers, 136 bytes of spills on sm_90)
+  const int tp = tp_arg < 0 ? -tp_arg : tp_arg, narrow = tp_arg < 0;
   if (R % 4 == 0)
     grouped_rows_k<4, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
-                             tp);
+                             tp, narrow);
   else if (R % 2 == 0)
     grouped_rows_k<2, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
-                             tp);
+                             tp, narrow);
   else
     grouped_rows_k<1, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
-                             tp);
+                             tp, narrow);
 }
 
 // Forward of layer l: out[o] = b_l[o] + W_l[o] . h_l, h_l[j] = in[in_rows(j)].
@@ -890,7 +897,7 @@ __device__ __forceinline__ void forward_layer(const ChainParams<A>& p, int l, co
   const LayerDesc& d = p.layer[l];
   const A* bias = d.has_bias ? p.B + d.b_off : nullptr;
   grouped_rows<false>(in, ld, in_rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n, out,
-               static_cast<const int32_t*>(nullptr), tp);
+               static_cast<const int32_t*>(nullptr), p.narrow_items ? -tp : tp);
 }
 
 // Rows of layer l's input h_l inside the buffer holding u_l (l >= 1): gather_{l-1}, or null
@@ -926,11 +933,13 @@ struct DeviceInfo {
   int l2_bytes;     // L2 cache size (0: unknown; the backward's tile rule then ignores it)
   int max_ctas;     // cap of the tensor-core forward's CTAs per SM (0: none)
   int l2_prefetch;  // a kernel may prefetch its next tile into L2 (1) or not (0)
+  int narrow_items;  // 1: the CUDA-core layer items take 4 positions only, no items of 8
 };
 
 inline cudaError_t query_device(int device, DeviceInfo* info) {
   info->max_ctas = 0;
   info->l2_prefetch = 1;
+  info->narrow_items = 0;
   cudaError_t e = cudaDeviceGetAttribute(&info->sm_count, cudaDevAttrMultiProcessorCount, device);
   if (e != cudaSuccess) return e;
   e = cudaDeviceGetAttribute(&info->cc_major, cudaDevAttrComputeCapabilityMajor, device);
@@ -948,6 +957,7 @@ struct LaunchPlan {
   int ld = 0;
   int store_all = 1;  // backward: intermediates kept in shared memory
   bool prefetch = false;  // the next tile's x (backward: and dy) prefetched into L2
+  bool narrow_items = false;  // the CUDA-core kernels' layer items: 4 positions only
   size_t smem = 0;
   int grid = 0;
   int64_t ntiles = 0;
@@ -1269,7 +1279,8 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
         // dh_l = W_l^T du_l; entry j lands in row gather_{l-1}[j] (du of the layer below, in
         // natural order), or row j for l == 0
         grouped_rows<true>(du, ld, static_cast<const int32_t*>(nullptr), p.W + d.w_off, 1, d.n,
-                     static_cast<const A*>(nullptr), d.cin, d.n, d.m, D[cur ^ 1], h_rows, tp);
+                     static_cast<const A*>(nullptr), d.cin, d.n, d.m, D[cur ^ 1], h_rows,
+                     p.narrow_items ? -tp : tp);
         cur ^= 1;
       }
       __syncthreads();
@@ -1368,6 +1379,7 @@ inline cudaError_t plan_forward(const ChainParams<A>& p, int64_t P, const Device
   // the CTAs prefetch their next tile's x into L2 where those tiles fit (l2_prefetch_fits)
   plan->prefetch = l2_prefetch_fits(
       dev, 0, occ * static_cast<int64_t>(plan->tp) * p.c_in * static_cast<int64_t>(sizeof(T)));
+  plan->narrow_items = dev.narrow_items != 0;
   return cudaSuccess;
 }
 
@@ -1376,7 +1388,9 @@ inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const
                                   const TensorArg<T>& y, int64_t P, const LaunchPlan& plan,
                                   cudaStream_t stream) {
   if (plan.tp < kMinTile || plan.tp % 4 != 0 || plan.grid < 1) return cudaErrorInvalidValue;
-  IGC_LAUNCH((chain_forward_kernel<T, A>), plan.grid, plan.smem, stream, p, x, y, P, plan.tp,
+  ChainParams<A> q = p;
+  q.narrow_items = plan.narrow_items ? 1 : 0;
+  IGC_LAUNCH((chain_forward_kernel<T, A>), plan.grid, plan.smem, stream, q, x, y, P, plan.tp,
              plan.ld, plan.prefetch ? 1 : 0);
   return cudaGetLastError();
 }
@@ -1428,6 +1442,7 @@ inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_g
   plan->prefetch = occ == 1 && l2_prefetch_fits(dev, row_bytes,
                                                 plan->tp * (p.c_in + p.layer[p.L - 1].cout) *
                                                     static_cast<int64_t>(sizeof(T)));
+  plan->narrow_items = dev.narrow_items != 0;
   return cudaSuccess;
 }
 
@@ -1445,7 +1460,9 @@ inline cudaError_t launch_backward(const ChainParams<A>& p, const TensorArg<cons
     return cudaErrorInvalidValue;
   f.store_all = plan.store_all;
   f.prefetch = plan.prefetch ? 1 : 0;
-  IGC_LAUNCH((chain_backward_kernel<T, A>), plan.grid, plan.smem, stream, p, x, dy, dx,
+  ChainParams<A> q = p;
+  q.narrow_items = plan.narrow_items ? 1 : 0;
+  IGC_LAUNCH((chain_backward_kernel<T, A>), plan.grid, plan.smem, stream, q, x, dy, dx,
              dx_starts, dx_order, (f.need_w || f.need_b) ? partial : static_cast<A*>(nullptr),
              f, P, plan.tp, plan.ld);
   cudaError_t e = cudaGetLastError();

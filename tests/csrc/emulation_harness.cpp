@@ -30,6 +30,7 @@ struct EmuDevice {
   int occupancy;
   int l2_bytes;  // 0: unknown
   int max_ctas;  // DeviceInfo::max_ctas (IGC_CUDA_MAX_CTAS_PER_SM in the extension)
+  int narrow_items;  // DeviceInfo::narrow_items (IGC_CUDA_WIDE_ITEMS=0 in the extension)
 };
 
 // plan_out: tp, ld, store_all, grid, 1 where the CTAs prefetch their next tile into L2
@@ -79,6 +80,7 @@ int setup(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
   su->P = num_positions(static_cast<int>(x->dim), x->sizes);
   query_device(0, &su->info);
   su->info.max_ctas = dev->max_ctas;
+  su->info.narrow_items = dev->narrow_items;
   return 0;
 }
 
