@@ -1068,10 +1068,9 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
     chain_forward_kernel(const ChainParams<A> p, const TensorArg<const T> x, const TensorArg<T> y,
                          int64_t P, int tp, int ld, int prefetch) {
   IGC_DECLARE_SMEM(smem);
-  // Only the tile index and the layer loop's counters live across the layers' calls: the
-  // buffers, offsets and index pointers are recomputed from the parameters where they are used
-  // (the layer function takes most registers, and values kept across its calls went to local
-  // memory).
+  // The buffers, the offsets and the last layer's row map are recomputed from the parameters
+  // where they are used rather than kept across the layers' calls: the layer function takes
+  // most registers, and values kept across its calls had spilled (20 bytes on sm_90).
   const auto buffer = [&](int i) {
     return reinterpret_cast<A*>(smem) + i * static_cast<int64_t>(p.cmax) * ld;
   };
