@@ -226,6 +226,7 @@ struct ChainParams {
   int cmax;    // max over C_0 .. C_L
   int has_index;
   int64_t index_off;  // offset of the input index (C_0 entries) in the index table
+  int64_t x_rows_off; // offset of the identity of C_0 entries (the x tile's rows: forward_layer)
   int64_t num_w, num_b;
   const A* W;              // every W_l, flattened, in layer order
   const A* B;              // every present b_l, in layer order
@@ -255,7 +256,7 @@ struct HostChain {
 inline int64_t index_table_size(const HostChain& h) {
   int64_t s = h.has_index ? h.C[0] : 0;
   for (int l = 0; l < h.L; ++l) s += h.C[l + 1];
-  return s;
+  return s + h.C[0];  // + the identity of C_0 entries (the x tile's rows, ChainParams::x_rows_off)
 }
 
 template <typename A>
@@ -293,6 +294,7 @@ inline ChainParams<A> make_params(const HostChain& h, const A* W, const A* B,
     go += h.C[l + 1];
     if (h.C[l + 1] > cmax) cmax = h.C[l + 1];
   }
+  p.x_rows_off = go;  // after the input index and every layer's gather
   p.cmax = static_cast<int>(cmax);
   p.num_w = wo;
   p.num_b = bo;
@@ -312,7 +314,7 @@ struct IndexSegment {
 };
 struct IndexTableArgs {
   int count;
-  IndexSegment seg[kMaxLayers + 1];
+  IndexSegment seg[kMaxLayers + 2];
 };
 
 // Entry e of the index table (the table's layout: the segments of a, in order).
@@ -378,6 +380,13 @@ inline IndexTableArgs make_index_table_args(const HostChain& h) {
                 ? static_cast<const int32_t*>(h.perm[l]) : nullptr;
     off += h.C[l + 1];
   }
+  IndexSegment& s = a.seg[a.count++];  // the identity of C_0 entries: the x tile's rows
+  s.offset = off;
+  s.length = h.C[0];
+  s.range = h.C[0];
+  s.shuffle = 0;
+  s.p64 = nullptr;
+  s.p32 = nullptr;
   return a;
 }
 
@@ -693,8 +702,8 @@ constexpr bool kPeelFirstSteps = true;
 
 // For every group g < rows_total / R and row r < R (o = g * R + r):
 //   out[orow(o)][t] = bias[o] + sum_{k < K} w[g * R * K + r * wk + k * wi] * in[irow(g * K + k)][t]
-// irow(i) = in_rows ? in_rows[i] : i, orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile
-// positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du,
+// irow(i) = in_rows ? in_rows[i] : i (TABLE: in_rows[i], never null; TRANS: i, its callers pass
+// none), orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du,
 // TRANS): R = n, K = m, wk = 1, wi = n = R. Each item is OUTS rows x PV positions (PV = 4, or
 // 8 where grouped_rows_k allows it: one input-row entry, weight load and address per k-step then
 // serves 8 positions' FMAs instead of 4).
@@ -703,7 +712,7 @@ constexpr bool kPeelFirstSteps = true;
 // pointer of its first row and the group's input-row entries are set once, so that with K known
 // at compile time every weight of a k-step is an immediate offset of one pointer (forward: all
 // of them; transposed: the pointer steps by R per k-step).
-template <int K, int OUTS, int PV, bool TRANS, bool VW, typename A>
+template <int K, int OUTS, int PV, bool TRANS, bool VW, bool TABLE, typename A>
 __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
                                                   const int32_t* __restrict__ in_rows,
                                                   const A* __restrict__ w, int wk, int wi,
@@ -728,6 +737,7 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
   const int bstep = kThreads / nq;
   const int dg = bstep * OUTS / R, dr = bstep * OUTS - dg * R;
   const A* in_q = in + PV * q;
+  const int ld_bytes = ld * static_cast<int>(sizeof(A));
   int blk = threadIdx.x / nq;
   int g = blk * OUTS / R;
   int r0 = blk * OUTS - g * R;
@@ -739,7 +749,9 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
     const int o0 = blk * OUTS;
     const A* wg = w + static_cast<int64_t>(g) * R * kc + static_cast<int64_t>(r0) * sk;
     const int i0 = g * kc;
-    const int32_t* irow = in_rows ? in_rows + i0 : nullptr;
+    // forward: the rows from in_rows (TABLE: never null), or in order without them; transposed:
+    // in order (its callers pass none)
+    const int32_t* irow = TRANS ? nullptr : TABLE || in_rows ? in_rows + i0 : nullptr;
     A acc[OUTS][PV];
 #pragma unroll
     for (int j = 0; j < OUTS; ++j) {
@@ -749,10 +761,14 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
     }
     // k-step k with the weights wv[j] of its rows
     auto fma_step = [&](int k, const A (&wv)[OUTS]) {
-      const int row = irow ? irow[k] : i0 + k;
+      const int row = TRANS ? i0 + k : TABLE ? irow[k] : irow ? irow[k] : i0 + k;
+      // TABLE: the row's address as one multiply-add in bytes on the run's shared address
+      const A* in_row = TABLE ? reinterpret_cast<const A*>(reinterpret_cast<const char*>(in_q) +
+                                                           row * ld_bytes)
+                              : in_q + row * ld;
 #pragma unroll
       for (int u = 0; u < NV; ++u) {
-        const V4<A> v = lds4(in_q + row * ld + 4 * u);
+        const V4<A> v = lds4(in_row + 4 * u);
 #pragma unroll
         for (int j = 0; j < OUTS; ++j) {
           acc[j][4 * u + 0] += wv[j] * v.x;
@@ -832,7 +848,7 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
   }
 }
 
-template <int OUTS, bool TRANS, typename A>
+template <int OUTS, bool TRANS, bool TABLE, typename A>
 __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_t* in_rows,
                                                const A* w, int wk, int wi, const A* bias,
                                                int rows_total, int R, int K, A* out,
@@ -842,9 +858,9 @@ __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_
   constexpr bool kVec = OUTS == 4 && std::is_same<A, float>::value;
   constexpr int kWide = kVec ? 8 : 4;
   const bool vw = kVec && aligned16(w);
-#define IGC_ROWS_CASE(KK, PV, V)                                                               \
-  grouped_rows_impl<KK, OUTS, PV, TRANS, V>(in, ld, in_rows, w, wk, wi, bias, rows_total, R,  \
-                                            K, out, out_rows, tp)
+#define IGC_ROWS_CASE(KK, PV, V)                                                              \
+  grouped_rows_impl<KK, OUTS, PV, TRANS, V, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, \
+                                                   R, K, out, out_rows, tp)
 #define IGC_ROWS_CASE_VW(KK)         \
   if (vw && !narrow && tp % 8 == 0)  \
     IGC_ROWS_CASE(KK, kWide, kVec);  \
@@ -870,7 +886,7 @@ __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_
 // (inlined into each of them, the unrolled variants multiplied the device compile time several
 // times over). TRANS: the transposed product (wk == 1, wi == R), else the forward's (wi == 1,
 // wk == K).
-template <bool TRANS, typename A>
+template <bool TRANS, typename A, bool TABLE = false>
 __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in_rows,
                                              const A* w, int wk, int wi, const A* bias,
                                              int rows_total, int R, int K, A* out,
@@ -880,24 +896,14 @@ __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in
   // the backward kernel past its registers, 136 bytes of spills on sm_90)
   const int tp = tp_arg < 0 ? -tp_arg : tp_arg, narrow = tp_arg < 0;
   if (R % 4 == 0)
-    grouped_rows_k<4, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
+    grouped_rows_k<4, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
                              tp, narrow);
   else if (R % 2 == 0)
-    grouped_rows_k<2, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
+    grouped_rows_k<2, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
                              tp, narrow);
   else
-    grouped_rows_k<1, TRANS>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
+    grouped_rows_k<1, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
                              tp, narrow);
-}
-
-// Forward of layer l: out[o] = b_l[o] + W_l[o] . h_l, h_l[j] = in[in_rows(j)].
-template <typename A>
-__device__ __forceinline__ void forward_layer(const ChainParams<A>& p, int l, const A* in,
-                                              const int32_t* in_rows, A* out, int tp, int ld) {
-  const LayerDesc& d = p.layer[l];
-  const A* bias = d.has_bias ? p.B + d.b_off : nullptr;
-  grouped_rows<false>(in, ld, in_rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n, out,
-               static_cast<const int32_t*>(nullptr), p.narrow_items ? -tp : tp);
 }
 
 // Rows of layer l's input h_l inside the buffer holding u_l (l >= 1): gather_{l-1}, or null
@@ -907,6 +913,24 @@ __device__ __forceinline__ const int32_t* input_rows(const ChainParams<A>& p, in
   if (l == 0) return nullptr;
   const LayerDesc& prev = p.layer[l - 1];
   return prev.gather_identity ? nullptr : p.table + prev.g_off;
+}
+
+// Forward of layer l: out[o] = b_l[o] + W_l[o] . h_l, h_l[j] = in[rows(j)]. TABLE (the forward
+// kernel): the rows always read from the index table (gather_{l-1}, an identity one included,
+// or the x tile's identity run), so that the items load a k-step's row instead of choosing
+// between a load and i0 + k; its own instantiation of the layer function. Else (the backward's
+// recompute) input_rows: null for the identity (the backward kernel spilled 128 bytes on sm_90
+// calling the TABLE instantiation).
+template <bool TABLE, typename A>
+__device__ __forceinline__ void forward_layer(const ChainParams<A>& p, int l, const A* in, A* out,
+                                              int tp, int ld) {
+  const LayerDesc& d = p.layer[l];
+  const A* bias = d.has_bias ? p.B + d.b_off : nullptr;
+  const int32_t* rows = TABLE ? p.table + (l == 0 ? p.x_rows_off : p.layer[l - 1].g_off)
+                              : input_rows(p, l);
+  grouped_rows<false, A, TABLE>(in, ld, rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n,
+                                out, static_cast<const int32_t*>(nullptr),
+                                p.narrow_items ? -tp : tp);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -964,8 +988,8 @@ struct LaunchPlan {
 };
 
 // Register budget of the chain kernels. ptxas compiles a 256-thread CTA for at most 128
-// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (sm_90:
-// 117 to 128 registers; no spills for sm_80 / sm_90) and leaves two CTAs per SM; the float64
+// registers per thread unless told otherwise, which fits the float32 / 16-bit kernels (113 to
+// 128 registers on sm_80 / sm_90, no spills) and leaves two CTAs per SM; the float64
 // kernels need more and spilled at 128, so they are compiled for one CTA per SM (255
 // registers).
 // `min_blocks` is the __launch_bounds__ minimum (0: none given); `ctas` is the CTA count per SM
@@ -1092,7 +1116,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
     __syncthreads();
     int cur = 0;
     for (int l = 0; l < p.L; ++l) {
-      forward_layer(p, l, buffer(cur), input_rows(p, l), buffer(cur ^ 1), tp, ld);
+      forward_layer<true>(p, l, buffer(cur), buffer(cur ^ 1), tp, ld);
       __syncthreads();
       cur ^= 1;
     }
@@ -1178,7 +1202,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
       A* u = ubase;
       const A* in = X;
       for (int l = 0; l + 1 < L; ++l) {
-        forward_layer(p, l, in, input_rows(p, l), u, tp, ld);
+        forward_layer<false>(p, l, in, u, tp, ld);
         __syncthreads();
         in = u;
         u += static_cast<int64_t>(p.layer[l].cout) * ld;
@@ -1196,7 +1220,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
         } else {  // recompute u_1 .. u_l into the scratch pair; u_k lands in scratch[(k-1) & 1]
           for (int k = 0; k < l; ++k) {
             const A* in = k == 0 ? X : ubase + ((k - 1) & 1) * cm;
-            forward_layer(p, k, in, input_rows(p, k), ubase + (k & 1) * cm, tp, ld);
+            forward_layer<false>(p, k, in, ubase + (k & 1) * cm, tp, ld);
             __syncthreads();
           }
           h = ubase + ((l - 1) & 1) * cm;
