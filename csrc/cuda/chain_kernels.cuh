@@ -33,7 +33,8 @@
 // and bias gradients are bitwise reproducible for a given device (grid size) and problem.
 //
 // Everything a kernel relies on is checked on the host before the launch (check_chain in
-// ../chain_args.h, the layer limit in chain_cuda.cu, the plan functions below). Index tables are built on the device by build_index_table_kernel, which
+// ../chain_args.h, the layer limit in chain_cuda.cu, the plan functions below). Index tables
+// are built on the device by build_index_table_kernel, which
 // fails a device-side assert on an entry outside its range and clamps it to 0, so that unchecked
 // direct calls stay memory safe (the Python front end validates index values first).
 //
@@ -230,7 +231,7 @@ struct ChainParams {
   int64_t num_w, num_b;
   const A* W;              // every W_l, flattened, in layer order
   const A* B;              // every present b_l, in layer order
-  const int32_t* table;    // index table (input index, then gather_0 .. gather_{L-1})
+  const int32_t* table;    // index table (input index, gather_0 .. gather_{L-1}, x rows)
   LayerDesc layer[kMaxLayers];
   // 1: the CUDA-core layer items take 4 positions only (set by the launchers from their plan:
   // DeviceInfo::narrow_items)
@@ -302,7 +303,8 @@ inline ChainParams<A> make_params(const HostChain& h, const A* W, const A* B,
 }
 
 // ---------------------------------------------------------------------------------------------
-// Index table: input index and the gather index after every layer, as int32 on the device
+// Index table: input index, the gather index after every layer and the identity of C_0 entries
+// (the x tile's rows), as int32 on the device
 // ---------------------------------------------------------------------------------------------
 struct IndexSegment {
   int64_t offset;  // first entry in the table
@@ -703,7 +705,8 @@ constexpr bool kPeelFirstSteps = true;
 // For every group g < rows_total / R and row r < R (o = g * R + r):
 //   out[orow(o)][t] = bias[o] + sum_{k < K} w[g * R * K + r * wk + k * wi] * in[irow(g * K + k)][t]
 // irow(i) = in_rows ? in_rows[i] : i (TABLE: in_rows[i], never null; TRANS: i, its callers pass
-// none), orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile positions, padding included). Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du,
+// none), orow(o) = out_rows ? out_rows[o] : o; t < tp (all tile positions, padding included).
+// Forward: R = m, K = n, wk = n, wi = 1. Transposed (dh = W^T du,
 // TRANS): R = n, K = m, wk = 1, wi = n = R. Each item is OUTS rows x PV positions (PV = 4, or
 // 8 where grouped_rows_k allows it: one input-row entry, weight load and address per k-step then
 // serves 8 positions' FMAs instead of 4).
@@ -896,14 +899,14 @@ __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in
   // the backward kernel past its registers, 136 bytes of spills on sm_90)
   const int tp = tp_arg < 0 ? -tp_arg : tp_arg, narrow = tp_arg < 0;
   if (R % 4 == 0)
-    grouped_rows_k<4, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
-                             tp, narrow);
+    grouped_rows_k<4, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,
+                                    out_rows, tp, narrow);
   else if (R % 2 == 0)
-    grouped_rows_k<2, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
-                             tp, narrow);
+    grouped_rows_k<2, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,
+                                    out_rows, tp, narrow);
   else
-    grouped_rows_k<1, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out, out_rows,
-                             tp, narrow);
+    grouped_rows_k<1, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,
+                                    out_rows, tp, narrow);
 }
 
 // Rows of layer l's input h_l inside the buffer holding u_l (l >= 1): gather_{l-1}, or null
