@@ -653,6 +653,19 @@ def test_emulated_items_of_eight_positions(emu, tp):
     assert fplan[0] == tp, fplan
 
 
+def _same_runs(runs):
+    """Two (forward, backward) emulation runs of one case: the same plans, and the output and
+    every gradient equal (bfloat16 compared as bits). Returns the first run's forward and
+    backward plans and its output and dx."""
+    (y0, p0), b0 = runs[0]
+    (y1, p1), b1 = runs[1]
+    assert p0 == p1 and b0[3] == b1[3]
+    bits = lambda t: t.view(torch.int16) if t.dtype == torch.bfloat16 else t  # noqa: E731
+    for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
+        assert torch.equal(bits(a), bits(b))
+    return p0, b0[3], y0, b0[0]
+
+
 @needs_cxx
 def test_emulated_items_without_peeled_steps_agree(emu, emu_variant):
     """sm_80's layer items run their first k-steps in the loop, sm_90's ahead of it (the bias as
@@ -666,15 +679,11 @@ def test_emulated_items_without_peeled_steps_agree(emu, emu_variant):
     for device in (TWO_SM, small):
         runs = [(c.emu_forward(lib, x, device=device), c.emu_backward(lib, x, gy, device=device))
                 for lib in (emu, emu_variant)]
-        (y0, p0), b0 = runs[0]
-        (y1, p1), b1 = runs[1]
-        assert p0 == p1 and b0[3] == b1[3]
+        fplan, bplan, _, _ = _same_runs(runs)
         if device is small:
-            assert p0[0] == 4 and b0[3][0] == 4 and b0[3][2] == 0, (p0, b0[3])
+            assert fplan[0] == 4 and bplan[0] == 4 and bplan[2] == 0, (fplan, bplan)
         else:
-            assert p0[0] >= 8 and b0[3][0] >= 16 and b0[3][2] == 1, (p0, b0[3])
-        for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
-            assert torch.equal(a, b)
+            assert fplan[0] >= 8 and bplan[0] >= 16 and bplan[2] == 1, (fplan, bplan)
 
 
 @needs_cxx
@@ -688,11 +697,8 @@ def test_emulated_narrow_items_agree(emu):
     gy = _x((2, 64, 5, 7), "contiguous", torch.float32, 63)
     runs = [(c.emu_forward(emu, x, device=(*TWO_SM[:3], 0, 0, narrow)),
              c.emu_backward(emu, x, gy, device=(*TWO_SM[:3], 0, 0, narrow))) for narrow in (0, 1)]
-    (y0, p0), b0 = runs[0]
-    (y1, p1), b1 = runs[1]
-    assert p0 == p1 and b0[3] == b1[3] and p0[0] >= 8 and b0[3][0] >= 16, (p0, b0[3])
-    for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
-        assert torch.equal(a, b)
+    fplan, bplan, _, _ = _same_runs(runs)
+    assert fplan[0] >= 8 and bplan[0] >= 16, (fplan, bplan)
 
 
 LAYOUTS = {
@@ -870,14 +876,9 @@ def test_emulation_context_switches_agree(emu, emu_variant):
         else:
             runs = [(c.emu_forward_mma(lib, x, device=TWO_SM),
                      c.emu_backward_mma(lib, x, gy, device=TWO_SM)) for lib in (emu, other)]
-        (y0, p0), b0 = runs[0]
-        (y1, p1), b1 = runs[1]
-        assert p0 == p1 and b0[3] == b1[3]
-        assert p0[1] > 1 and b0[3][-2 if c.dtype == torch.float32 else 1] > 1  # several blocks
-        for a, b in zip((y0, *b0[:3]), (y1, *b1[:3])):
-            assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a,
-                               b.view(torch.int16) if b.dtype == torch.bfloat16 else b)
-        assert bool(torch.isfinite(y0).all()) and bool(torch.isfinite(b0[0]).all())
+        fplan, bplan, y0, dx0 = _same_runs(runs)
+        assert fplan[1] > 1 and bplan[-2 if c.dtype == torch.float32 else 1] > 1  # several blocks
+        assert bool(torch.isfinite(y0).all()) and bool(torch.isfinite(dx0).all())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -754,7 +754,7 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
     const int i0 = g * kc;
     // forward: the rows from in_rows (TABLE: never null), or in order without them; transposed:
     // in order (its callers pass none)
-    const int32_t* irow = TRANS ? nullptr : TABLE || in_rows ? in_rows + i0 : nullptr;
+    const int32_t* irow = !TRANS && (TABLE || in_rows) ? in_rows + i0 : nullptr;
     A acc[OUTS][PV];
 #pragma unroll
     for (int j = 0; j < OUTS; ++j) {
@@ -764,7 +764,7 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
     }
     // k-step k with the weights wv[j] of its rows
     auto fma_step = [&](int k, const A (&wv)[OUTS]) {
-      const int row = TRANS ? i0 + k : TABLE ? irow[k] : irow ? irow[k] : i0 + k;
+      const int row = TABLE || irow ? irow[k] : i0 + k;
       // TABLE: the row's address as one multiply-add in bytes on the run's shared address
       const A* in_row = TABLE ? reinterpret_cast<const A*>(reinterpret_cast<const char*>(in_q) +
                                                            row * ld_bytes)
@@ -897,7 +897,7 @@ __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in
   // tp_arg: the tile's positions, negated for items of 4 positions only (ChainParams::
   // narrow_items; folded into one argument: a further argument of this shared function took
   // the backward kernel past its registers, 136 bytes of spills on sm_90)
-  const int tp = tp_arg < 0 ? -tp_arg : tp_arg, narrow = tp_arg < 0;
+  const int tp = tp_arg < 0 ? -tp_arg : tp_arg, narrow = tp_arg < 0;  // (layer_tile_arg)
   if (R % 4 == 0)
     grouped_rows_k<4, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,
                                     out_rows, tp, narrow);
@@ -907,6 +907,12 @@ __device__ __noinline__ void grouped_rows(const A* in, int ld, const int32_t* in
   else
     grouped_rows_k<1, TRANS, TABLE>(in, ld, in_rows, w, wk, wi, bias, rows_total, R, K, out,
                                     out_rows, tp, narrow);
+}
+
+// grouped_rows's tile argument: tp, negated where the items take 4 positions only.
+template <typename A>
+__device__ __forceinline__ int layer_tile_arg(const ChainParams<A>& p, int tp) {
+  return p.narrow_items ? -tp : tp;
 }
 
 // Rows of layer l's input h_l inside the buffer holding u_l (l >= 1): gather_{l-1}, or null
@@ -933,7 +939,7 @@ __device__ __forceinline__ void forward_layer(const ChainParams<A>& p, int l, co
                               : input_rows(p, l);
   grouped_rows<false, A, TABLE>(in, ld, rows, p.W + d.w_off, d.n, 1, bias, d.cout, d.m, d.n,
                                 out, static_cast<const int32_t*>(nullptr),
-                                p.narrow_items ? -tp : tp);
+                                layer_tile_arg(p, tp));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1306,7 +1312,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
         // natural order), or row j for l == 0
         grouped_rows<true>(du, ld, static_cast<const int32_t*>(nullptr), p.W + d.w_off, 1, d.n,
                      static_cast<const A*>(nullptr), d.cin, d.n, d.m, D[cur ^ 1], h_rows,
-                     p.narrow_items ? -tp : tp);
+                     layer_tile_arg(p, tp));
         cur ^= 1;
       }
       __syncthreads();
