@@ -15,9 +15,11 @@
 // ldmatrix then feeds two products; in place, groups of 25 to 32 take four); a warp takes an item
 // and computes D[position][output] = H[position][k] W_g^T[k][output] for every 16-position row
 // block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or m16n8k8 (n <= 8): A =
-// the activations, B = the weights, D = fp32 accumulators initialised with the bias. Groups are
-// never mixed in one product (a non-finite input cannot leak into another group's outputs); inputs
-// beyond n read the zero row and weights beyond n / m are zero. A is loaded with ldmatrix.trans
+// the activations, B = the weights, D = fp32 accumulators initialised with the bias (kBiasBranch,
+// the backward's recompute: with zero, by a branch per item, where the layer has none; the
+// backward's dh passes no bias: zero, and no bias code). Groups are never mixed in one product (a
+// non-finite input cannot leak into another group's outputs); inputs beyond n read the zero row
+// and weights beyond n / m are zero. A is loaded with ldmatrix.trans
 // from the channel-major tile: lane i gives the address of one 8-position row piece of input k =
 // kstep * 16 + (i / 16) * 8 + i % 8, and that row is gather_{l-1}[g * n + k] of the previous
 // layer's output: a permutation costs nothing (the lane looks the row's swizzled start up in the
@@ -1048,7 +1050,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // memory.)
 // MmaF32x3: the tiles' planes lie ps elements apart, the fragments' planes fps entries apart;
 // a k-step loads all three of A and of B and issues the six products.
-template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false>
+template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false, bool kBiasBranch = false>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
                                             const uint2* __restrict__ frag, const uint16_t* in,
@@ -1062,7 +1064,8 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   const int tig = lane & 3;
   const int nsb = kGroups ? 1 : ml.nblk / NB;  // items per group (kGroups: per NB groups)
   const int items = kGroups ? d.groups / NB : d.groups * nsb;
-  const float* bias = d.has_bias ? B + d.b_off : nullptr;
+  // (B is null for the backward's transposed products: then the bias code folds away)
+  const float* bias = (B != nullptr && d.has_bias) ? B + d.b_off : nullptr;
   // the ldmatrix piece this lane addresses: input k_lane of the k-step, positions +pos_lane
   const int mat = K == 16 ? lane >> 3 : (lane >> 3) & 1;
   const int k_lane = (K == 16 ? (mat >> 1) * 8 : 0) + (lane & 7);
@@ -1075,28 +1078,31 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
   for (int item = warp; item < items; item += kWarps) {
     const int g0 = kGroups ? g * NB : g;  // the item's first group
     const int b = kGroups ? 0 : sb * NB;  // and its first block
-    // The accumulators start at the bias: an item's first k-step takes it as its c operand
-    // (no register copies).
-    float binit[NB][4];
-#pragma unroll
-    for (int nb = 0; nb < NB; ++nb) {
-      const int gg = kGroups ? g0 + nb : g0, bb = kGroups ? b : b + nb;
-      const int o = 8 * bb + 2 * tig;  // this lane's first output column in the group
-      const float b0 = (bias && o < d.m) ? bias[gg * d.m + o] : 0.0f;
-      const float b1 = (bias && o + 1 < d.m) ? bias[gg * d.m + o + 1] : 0.0f;
-      binit[nb][0] = b0;
-      binit[nb][1] = b1;
-      binit[nb][2] = b0;
-      binit[nb][3] = b1;
-    }
     float acc[NB][MT][4];
     // Fragments: [group][block][k-step][lane], so block b + 1's follow block b's k-steps.
     const int ksteps = K == 8 ? 1 : ml.ksteps;
     const uint2* fp = frag + ml.f_off + (static_cast<int64_t>(item) * NB * ksteps) * 32 + lane;
-    // One k-step. The first takes the bias as the products' c operand (no copies into the
-    // accumulators); k8 layers have only that one: straight-line code. The other k-steps of
-    // k16 layers are a loop that is not unrolled (unrolling only duplicated the addresses).
-    const auto kstep = [&](int ks, auto first) {
+    // One k-step. The first (kind 1 or 2) starts the accumulators: its products take the bias
+    // as their c operand (kind 1: no copies into the accumulators), or zero (kind 2, a layer
+    // without bias: no bias loads, and no register copies of zeros); k8 layers have only that
+    // one: straight-line code. The other k-steps (kind 0) of k16 layers are a loop that is not
+    // unrolled (unrolling only duplicated the addresses).
+    const auto kstep = [&](int ks, auto kind) {
+      constexpr int kKind = decltype(kind)::value;
+      float binit[NB][4] = {};
+      if constexpr (kKind == 1) {
+#pragma unroll
+        for (int nb = 0; nb < NB; ++nb) {
+          const int gg = kGroups ? g0 + nb : g0, bb = kGroups ? b : b + nb;
+          const int o = 8 * bb + 2 * tig;  // this lane's first output column in the group
+          const float b0 = (bias && o < d.m) ? bias[gg * d.m + o] : 0.0f;
+          const float b1 = (bias && o + 1 < d.m) ? bias[gg * d.m + o + 1] : 0.0f;
+          binit[nb][0] = b0;
+          binit[nb][1] = b1;
+          binit[nb][2] = b0;
+          binit[nb][3] = b1;
+        }
+      }
       uint32_t breg[NB][NP][2];
 #pragma unroll
       for (int nb = 0; nb < NB; ++nb) {
@@ -1129,13 +1135,16 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {
           mma_sync_planes<Fmt, K, 4, 2>(acc[nb][mt], a[0] + ao * nb, breg[nb][0],
-                                        decltype(first)::value ? binit[nb] : acc[nb][mt]);
+                                        kKind != 0 ? binit[nb] : acc[nb][mt]);
         }
       }
     };
-    kstep(0, std::true_type{});
+    if (kBiasBranch && !bias)
+      kstep(0, std::integral_constant<int, 2>{});
+    else
+      kstep(0, std::integral_constant<int, 1>{});
 #pragma unroll 1
-    for (int ks = 1; ks < ksteps; ++ks) kstep(ks, std::false_type{});
+    for (int ks = 1; ks < ksteps; ++ks) kstep(ks, std::integral_constant<int, 0>{});
 #pragma unroll
     for (int nb = 0; nb < NB; ++nb)
       mma_store_block<Fmt, MT>(acc[nb], kGroups ? g0 + nb : g0, kGroups ? b : b + nb, d, out,
@@ -1154,24 +1163,34 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
 // must cover whole groups): pair items with 64 positions too (their accumulators take that
 // kernel to 94 registers, past the 85 of three CTAs per SM, which is why the two-tile kernels
 // do without), and items of four blocks for groups of 25 to 32 outputs with 16 or 32.
-template <class Fmt, int MT, bool kWhole = false>
+template <class Fmt, int MT, bool kWhole = false, bool kBiasBranch = false>
 __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, const float* B,
                                        const uint2* frag, const uint16_t* in,
                                        const int32_t* in_elem, uint16_t* out, uint16_t* zero,
                                        const int32_t* out_elem, int ps = 0, int64_t fps = 0) {
+  const auto run = [&](auto k, auto nb, auto groups) {
+    mma_layer_k<Fmt, MT, decltype(k)::value, decltype(nb)::value, decltype(groups)::value,
+                kBiasBranch>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+  };
+  using K8 = std::integral_constant<int, 8>;
+  using K16 = std::integral_constant<int, 16>;
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  using Four = std::integral_constant<int, 4>;
+  using Single = std::false_type;
   if (kWhole && MT <= 2 && ml.nblk == 4 && !ml.k8) {
-    mma_layer_k<Fmt, MT, 16, 4>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+    run(K16{}, Four{}, Single{});
   } else if ((MT <= 2 || kWhole) && ml.nblk % 2 == 0) {
     if (ml.k8)
-      mma_layer_k<Fmt, MT, 8, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+      run(K8{}, Two{}, Single{});
     else
-      mma_layer_k<Fmt, MT, 16, 2>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+      run(K16{}, Two{}, Single{});
   } else if (MT <= 2 && ml.k8 && ml.nblk == 1 && d.groups % 2 == 0) {
-    mma_layer_k<Fmt, MT, 8, 2, true>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+    run(K8{}, Two{}, std::true_type{});
   } else if (ml.k8) {
-    mma_layer_k<Fmt, MT, 8>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+    run(K8{}, One{}, Single{});
   } else {
-    mma_layer_k<Fmt, MT, 16>(d, ml, B, frag, in, in_elem, out, zero, out_elem, ps, fps);
+    run(K16{}, One{}, Single{});
   }
 }
 

@@ -621,8 +621,9 @@ __global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlan
       int64_t uo = 0;
       for (int l = 0; l + 1 < L; ++l) {
         uint16_t* out = U + uo * TP;
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, in, mp.elem + mp.layer[l].e_off,
-                           out, zero, mp.elem_out, ps, fps);
+        mma_layer<Fmt, MT, false, true>(p.layer[l], mp.layer[l], p.B, mp.frag, in,
+                                        mp.elem + mp.layer[l].e_off, out, zero, mp.elem_out,
+                                        ps, fps);
         __syncthreads();
         in = out;
         uo += mma_tile_rows(p.layer[l].cout);
