@@ -402,7 +402,8 @@ __host__ __device__ __forceinline__ int mma_parity(unsigned v) {
 // buffer holds a multiple of 4 rows (mma_tile_rows). With c = t / 8 < TP / 8, mma_elem(r, t) =
 // base + ((c << 3) ^ sw) + t % 8, where sw = mma_elem(r, 0) & ((TP / 8 - 1) << 3) and base =
 // mma_elem(r, 0) - sw: the kernels compute a row's base and swizzle once and then address its
-// chunks.
+// chunks. As base has no bits under TP, that is (mma_elem(r, 0) ^ (c << 3)) + t % 8: one XOR per
+// chunk from the row's element (the layer items and their epilogues address chunks so).
 // kWrap (the forward with in-place layers): h is another linear map of the bits, where bit i of
 // r moves a row's chunks by F[i] (a nonzero 3-bit vector; for the LOW bits below the line, the
 // chunk offset itself), F found by an exhaustive search so that any three bits consecutive
@@ -995,8 +996,6 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
       e = out_elem[r];
       base = out;
     }
-    const int sw = e & ((TP / 8 - 1) << 3);
-    uint16_t* row = base + (e - sw);
 #pragma unroll
     for (int q = 0; q < MT / 2; ++q) {  // blocks (mt, h) = (2 q + j / 2, j % 2): chunk 4 q + j
       uint32_t v[4][NP];
@@ -1007,7 +1006,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 #pragma unroll
       for (int k = 0; k < NP; ++k) {
         const uint32_t vk[4] = {v[0][k], v[1][k], v[2][k], v[3][k]};
-        stmatrix_trans_x4(row + k * ps, ((4 * q + j) << 3) ^ sw, vk);
+        stmatrix_trans_x4(base + k * ps, e ^ ((4 * q + j) << 3), vk);  // (mma_elem)
       }
     }
   } else {
@@ -1017,8 +1016,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     const bool ok = orow < d.m;
     const int r = g * d.m + orow;
     const int e = ok ? out_elem[r] : 0;
-    const int sw = e & ((TP / 8 - 1) << 3);  // the row's swizzle, in elements
-    uint16_t* row = out + (e - sw) + 2 * tig;
+    uint16_t* row = out + 2 * tig;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -1028,7 +1026,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 #pragma unroll
         for (int k = 0; k < NP; ++k) {
           const uint32_t t = movmatrix_trans(v[k]);
-          if (ok) *reinterpret_cast<uint32_t*>(row + k * ps + (((2 * mt + h) << 3) ^ sw)) = t;
+          if (ok) *reinterpret_cast<uint32_t*>(row + k * ps + (e ^ ((2 * mt + h) << 3))) = t;
         }
       }
     }
@@ -1059,7 +1057,6 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
                                             const int32_t* __restrict__ out_elem, int ps = 0,
                                             int64_t fps = 0) {
   constexpr int NP = Fmt::kPlanes;
-  constexpr int TP = MT * 16;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int tig = lane & 3;
   const int nsb = kGroups ? 1 : ml.nblk / NB;  // items per group (kGroups: per NB groups)
@@ -1120,17 +1117,16 @@ __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml
       int e = 0;  // the row's element mma_elem(row, 0)
       if (valid) e = in_elem[(g0 + (kGroups ? lane >> 4 : 0)) * d.n + kk];
       // one ldmatrix for the whole warp per row block (.aligned: no lane may take another
-      // instruction), shared by the item's products: the row start and its swizzle from the
-      // element, then one chunk of 8 positions per block.
+      // instruction), shared by the item's products: one chunk of 8 positions per block, at
+      // element e ^ (its first position) (mma_elem).
       constexpr int NM = (K == 16 || kGroups) ? 4 : 2;  // 8x8 matrices per ldmatrix
-      const int sw = e & ((TP / 8 - 1) << 3);
-      const uint16_t* rp = (valid ? in : zero) + (e - sw);
+      const uint16_t* rp = valid ? in : zero;
 #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
         uint32_t a[NP][4];
 #pragma unroll
         for (int k = 0; k < NP; ++k)
-          ldmatrix_trans<NM>(a[k], rp + k * ps, (mt * 16 + pos_lane) ^ sw);
+          ldmatrix_trans<NM>(a[k], rp + k * ps, e ^ (mt * 16 + pos_lane));
         const int ao = kGroups ? 2 : 0;  // the second group's operand (kGroups)
 #pragma unroll
         for (int nb = 0; nb < NB; ++nb) {

@@ -103,8 +103,9 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* t
 // Weight and bias gradients of one layer over one tile
 // ---------------------------------------------------------------------------------------------
 // A dW work item's products over the tile's MT k-steps: A (16 rows) and B (two 8-row blocks)
-// by ldmatrix x4 from the rows at pa / pb (this lane's row start; a_t / b_t its position
-// offset, sw its swizzle), acc[k] += A B_k. The loop is unrolled kUnroll times: fully
+// by ldmatrix x4 from this lane's rows in the tiles at pa / pb (swa / swb: the rows' elements,
+// mma_elem(row, 0); a_t / b_t its position offset: chunk 16 ks + a_t at element swa ^ (16 ks +
+// a_t)), acc[k] += A B_k. The loop is unrolled kUnroll times: fully
 // unrolled, the item's k-steps push the kernel past 128 registers (spills).
 // MmaF32x3: the planes of each row ps elements apart, loaded all, six products per HMMA above.
 template <class Fmt, int MT, int kUnroll>
@@ -145,7 +146,6 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
                                                       const int32_t* __restrict__ h_elem,
                                                       float* __restrict__ pw,
                                                       const uint16_t* zero, int ps) {
-  constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
@@ -169,23 +169,19 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
   int g = warp / (na * nb), ia = (warp / nb) % na, ib = warp % nb;
   const int sg = kWarps / (na * nb), sa_ = (kWarps / nb) % na, sb_ = kWarps % nb;
   for (int item = warp; item < items; item += kWarps) {
-    // this lane's ldmatrix rows: the row start and its swizzle (the zero row: 0 and 0), so a
-    // k-step's address is one XOR
+    // this lane's ldmatrix rows: the tile and the row's element (the zero row: element 0), so
+    // a k-step's address is one XOR (mma_elem)
     const int ra = ia * 16 + a_r, rb = ib * 16 + b_r;
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
     int swa = 0, swb = 0;
     if (ra < ca) {
-      const int j = g * ca + ra;
-      const int e = elem_a[j];
-      swa = e & ((TP / 8 - 1) << 3);
-      pa = ta + (e - swa);
+      swa = elem_a[g * ca + ra];
+      pa = ta;
     }
     if (rb < cb) {
-      const int j = g * cb + rb;
-      const int e = elem_b[j];
-      swb = e & ((TP / 8 - 1) << 3);
-      pb = tb + (e - swb);
+      swb = elem_b[g * cb + rb];
+      pb = tb;
     }
     float acc[2][4];
     // rolled: two k-steps per iteration cost the 16 x 16 items more than they save (sm_90 SASS,
@@ -250,7 +246,6 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
                                                            const int32_t* __restrict__ h_elem,
                                                            float* __restrict__ pw, int ps) {
   constexpr int NP = Fmt::kPlanes;
-  constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
@@ -260,9 +255,8 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
   const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
   const auto row = [&](const uint16_t* t, const int32_t* elem, int j, int* sw) {
-    const int e = elem[j];
-    *sw = e & ((TP / 8 - 1) << 3);
-    return t + (e - *sw);
+    *sw = elem[j];  // the row's element: a k-step's chunk is one XOR away (mma_elem)
+    return t;
   };
   int g = warp / (na * nb2), ia = (warp / nb2) % na, ib = warp % nb2;
   const int sg = kWarps / (na * nb2), sa_ = (kWarps / nb2) % na, sb_ = kWarps % nb2;
@@ -356,7 +350,6 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
                                                        const int32_t* __restrict__ h_elem,
                                                        float* __restrict__ pw,
                                                        const uint16_t* zero, int ps) {
-  constexpr int TP = MT * 16;
   constexpr int kWarps = kThreads / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int gid = lane >> 2, tig = lane & 3;
@@ -373,15 +366,13 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
     int swa = 0, swb = 0;
-    if (g0 + a_g < d.groups && r < d.m) {
-      const int e = du_elem[(g0 + a_g) * d.m + r];
-      swa = e & ((TP / 8 - 1) << 3);
-      pa = du + (e - swa);
+    if (g0 + a_g < d.groups && r < d.m) {  // (the row's element: mma_dw_item's XOR)
+      swa = du_elem[(g0 + a_g) * d.m + r];
+      pa = du;
     }
     if (g0 + b_g < d.groups && r < d.n) {
-      const int e = h_elem[(g0 + b_g) * d.n + r];
-      swb = e & ((TP / 8 - 1) << 3);
-      pb = h + (e - swb);
+      swb = h_elem[(g0 + b_g) * d.n + r];
+      pb = h;
     }
     float acc[2][4];
     // two k-steps per iteration: the pair items' loop step is a larger share of their short
