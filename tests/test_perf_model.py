@@ -196,3 +196,29 @@ def test_records_label_predictions_and_pair_measurements():
                      "triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100%"]
     assert [pm._igcv2_depth(c, k) for c, k in ((256, 8), (1024, 8), (1024, 32), (512, 16),
                                                 (8, 8), (9, 8))] == [3, 4, 2, 3, 1, 2]
+
+
+def test_items_count_the_first_k_step_without_bias():
+    """``without_bias_paths`` (the CUDA tensor-core items of tools/gpu_static.py): of an item's
+    two first k-steps (with the bias as the HMMAs' c, or from zero: ``RZ``), the static model
+    keeps the one the report's bias-free chains run; a branch between two variants of a layer
+    (loops or other branches inside) is not such a pair."""
+    item = _sass([
+        (0x0000, "LDG.E.64 R50, desc[UR12][R50.64]"),
+        (0x0010, "@P1 BRA 0x60"),
+        (0x0020, "LDG.E R36, desc[UR12][R28.64]"),      # the bias copy
+        (0x0030, "IMAD.MOV.U32 R38, RZ, RZ, R36"),
+        (0x0040, "HMMA.16816.F32.BF16 R28, R32, R50, R36"),
+        (0x0050, "BRA 0x70"),
+        (0x0060, "HMMA.16816.F32.BF16 R28, R32, R50, RZ"),  # from zero
+        (0x0070, "F2FP.BF16.F32.PACK_AB R28, R29, R28"),
+        (0x0080, "EXIT"),
+    ])
+    ins = pm.parse_sass(item)
+    kept = [a for a, _, _, _ in pm.without_bias_paths(ins)]
+    assert kept == [0x00, 0x10, 0x60, 0x70, 0x80]
+    # both copies take the bias (no RZ), or the skipped block holds a loop: nothing dropped
+    for sass in (item.replace("R50, RZ", "R50, R36"),
+                 item.replace("IMAD.MOV.U32 R38, RZ, RZ, R36", "@P2 BRA 0x20")):
+        ins = pm.parse_sass(sass)
+        assert pm.without_bias_paths(ins) == ins

@@ -146,6 +146,40 @@ def _trip_count(ins: list, start: int, end: int, reg: str, bound: int):
     return n if n > 0 and (bound - first) % step == 0 else None
 
 
+def without_bias_paths(ins) -> list:
+    """``ins`` less the paths that only layers with a bias run: where an item's first k-step has
+    two copies (csrc/cuda/chain_mma.cuh, mma_layer_k's kBiasBranch: the CUDA backward's
+    recompute), the one that takes the bias as its products' c operand, from the conditional
+    branch over it to its unconditional branch past the other copy (whose HMMAs take RZ as c).
+    The static report's chains have no biases; with biases, every item of a recomputed layer
+    runs that path instead."""
+    skip = set()
+    at = {a: i for i, (a, _, _, _) in enumerate(ins)}
+    for i, (addr, pred, op, args) in enumerate(ins):
+        if not (op.startswith("BRA") and pred):
+            continue
+        m = re.search(r"0x([0-9a-f]+)", args)
+        target = int(m.group(1), 16) if m else -1
+        if target <= addr or target not in at:
+            continue
+        j = at[target] - 1  # the instruction before the target: the bias copy's branch past
+        ja, jp, jop, jargs = ins[j]
+        m2 = re.search(r"0x([0-9a-f]+)", jargs)
+        if not (jop.startswith("BRA") and not jp and m2 and int(m2.group(1), 16) > target):
+            continue
+        merge = int(m2.group(1), 16)
+        copy, other = ins[i + 1:j], [x for x in ins if target <= x[0] < merge]
+        # two straight-line copies of a k-step: HMMAs in both, no branch in either, RZ as c of
+        # the other's first products and of none of the bias copy's
+        def rz(blk):
+            return sum(1 for _, _, o, a in blk if o.startswith("HMMA") and a.endswith("RZ"))
+        if all(any(o.startswith("HMMA") for _, _, o, _ in blk)
+               and not any(o.startswith("BRA") for _, _, o, _ in blk) for blk in (copy, other)) \
+                and rz(other) > 0 and rz(copy) == 0:
+            skip.update(x[0] for x in ins[i + 1:j + 1])
+    return [x for x in ins if x[0] not in skip]
+
+
 def _loops(ins: list) -> list:
     """Backward branches as loops ``(start, end, trip)``: ``trip`` is the immediate the loop's
     exit predicate is compared with (a counter from 0 in steps of 1, as Triton's and nvcc's

@@ -292,6 +292,24 @@ __device__ __forceinline__ bool mma_has_stmatrix() {
 #endif
 }
 
+// A 32-bit store to element `elem` of the shared array `base`, through a shared-window address:
+// a plain store through the generic pointer made the compiler recompute the window's base
+// (S2R SR_CgaCtaId, a variable-latency instruction) for every store of the movmatrix epilogue.
+__device__ __forceinline__ void st_shared_b32(uint16_t* base, int elem, uint32_t v) {
+#ifdef IGC_EMULATE
+  *reinterpret_cast<uint32_t*>(base + elem) = v;
+#elif defined(__CUDA_ARCH__)
+  const unsigned a =
+      static_cast<unsigned>(__cvta_generic_to_shared(base)) + 2u * static_cast<unsigned>(elem);
+  asm volatile("st.shared.b32 [%0], %1;\n" : : "r"(a), "r"(v) : "memory");
+#else
+  (void)base;
+  (void)elem;
+  (void)v;
+  __trap();
+#endif
+}
+
 // stmatrix.trans of four 8x8 matrices of 16-bit values: r[j] holds this lane's pair of matrix j
 // in the mma fragment layout (row lane / 4, columns 2 (lane % 4) + {0, 1}); lane i gives the
 // address of row i % 8 of matrix i / 8's transpose (8 consecutive values), element `elem` of
@@ -1016,7 +1034,6 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     const bool ok = orow < d.m;
     const int r = g * d.m + orow;
     const int e = ok ? out_elem[r] : 0;
-    uint16_t* row = out + 2 * tig;
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
 #pragma unroll
@@ -1026,7 +1043,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 #pragma unroll
         for (int k = 0; k < NP; ++k) {
           const uint32_t t = movmatrix_trans(v[k]);
-          if (ok) *reinterpret_cast<uint32_t*>(row + k * ps + (e ^ ((2 * mt + h) << 3))) = t;
+          if (ok) st_shared_b32(out, k * ps + 2 * tig + (e ^ ((2 * mt + h) << 3)), t);
         }
       }
     }
