@@ -16,14 +16,14 @@
 // and computes D[position][output] = H[position][k] W_g^T[k][output] for every 16-position row
 // block of the tile with mma.sync m16n8k16 (n > 8: ceil(n / 16) k-steps) or m16n8k8 (n <= 8): A =
 // the activations, B = the weights, D = fp32 accumulators initialised with the bias (kBiasBranch,
-// the backward's recompute: with zero, by a branch per item, where the layer has none; the
-// backward's dh passes no bias: zero, and no bias code). Groups are never mixed in one product (a
-// non-finite input cannot leak into another group's outputs); inputs beyond n read the zero row
-// and weights beyond n / m are zero. A is loaded with ldmatrix.trans
-// from the channel-major tile: lane i gives the address of one 8-position row piece of input k =
-// kstep * 16 + (i / 16) * 8 + i % 8, and that row is gather_{l-1}[g * n + k] of the previous
-// layer's output: a permutation costs nothing (the lane looks the row's swizzled start up in the
-// row tables, built once per call). B comes from fragments packed once per call by
+// the forward kernels but one and the backward's recompute: with zero, by a branch per item,
+// where the layer has none; the backward's dh passes no bias: zero, and no bias code). Groups are
+// never mixed in one product (a non-finite input cannot leak into another group's outputs);
+// inputs beyond n read the zero row and weights beyond n / m are zero. A is loaded with
+// ldmatrix.trans from the channel-major tile: lane i gives the address of one 8-position row
+// piece of input k = kstep * 16 + (i / 16) * 8 + i % 8, and that row is gather_{l-1}[g * n + k]
+// of the previous layer's output: a permutation costs nothing (the lane looks the row's swizzled
+// start up in the row tables, built once per call). B comes from fragments packed once per call by
 // mma_prepare_kernel (a 64-bit load per lane and k-step, reused by the MT row blocks). D is
 // rounded and stored transposed to the other tile, in natural output order (in place: to the rows
 // of the group's inputs): on sm_90 (tiles of 32 and 64 positions) four 8x8 blocks per
@@ -1065,6 +1065,9 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
 // memory.)
 // MmaF32x3: the tiles' planes lie ps elements apart, the fragments' planes fps entries apart;
 // a k-step loads all three of A and of B and issues the six products.
+// kBiasBranch: the item's first k-step in two copies, with the bias as the products' c or from
+// zero (a layer without bias then loads none and copies no zeros into the c registers), chosen
+// per item; without it, one copy takes the bias, or zeros where there is none.
 template <class Fmt, int MT, int K, int NB = 1, bool kGroups = false, bool kBiasBranch = false>
 __device__ __forceinline__ void mma_layer_k(const LayerDesc d, const MmaLayer ml,
                                             const float* __restrict__ B,
@@ -1445,6 +1448,9 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
                              const TensorArg<typename Fmt::Storage> y, int64_t P) {
   constexpr int TP = MT * 16;
   constexpr int NP = Fmt::kPlanes;
+  // the items' first k-step without bias code where a layer has none (mma_layer_k), but in the
+  // in-place three-plane kernel of 32 positions, which spilled 20 bytes on sm_90 with it
+  constexpr bool kBiasBranch = !(NP == 3 && kInPlace && MT == 2);
   IGC_DECLARE_SMEM(smem);
   const ChainParams<float>& p = mp.c;
   // two named tiles, not an array indexed at run time: the compiler then keeps every access
@@ -1483,12 +1489,13 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
     for (int l = 0; l < p.L; ++l) {
       const int32_t* in_elems = mp.elem + mp.layer[l].e_off;
       if constexpr (kInPlace) {
-        mma_layer<Fmt, MT, true>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0, in_elems, tile0,
-                                 zero, in_elems, ps, fps);
+        mma_layer<Fmt, MT, true, kBiasBranch>(p.layer[l], mp.layer[l], p.B, mp.frag, tile0,
+                                              in_elems, tile0, zero, in_elems, ps, fps);
       } else {
         const bool odd = (l & 1) != 0;
-        mma_layer<Fmt, MT>(p.layer[l], mp.layer[l], p.B, mp.frag, odd ? tile1 : tile0, in_elems,
-                           odd ? tile0 : tile1, zero, mp.elem_out, ps, fps);
+        mma_layer<Fmt, MT, false, kBiasBranch>(p.layer[l], mp.layer[l], p.B, mp.frag,
+                                               odd ? tile1 : tile0, in_elems, odd ? tile0 : tile1,
+                                               zero, mp.elem_out, ps, fps);
       }
       __syncthreads();
     }
