@@ -1193,20 +1193,20 @@ __device__ __forceinline__ void mma_layer(const LayerDesc d, const MmaLayer ml, 
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
   using Four = std::integral_constant<int, 4>;
-  using Single = std::false_type;
+  using OneGroup = std::false_type;  // (kGroups: items of two groups)
   if (kWhole && MT <= 2 && ml.nblk == 4 && !ml.k8) {
-    run(K16{}, Four{}, Single{});
+    run(K16{}, Four{}, OneGroup{});
   } else if ((MT <= 2 || kWhole) && ml.nblk % 2 == 0) {
     if (ml.k8)
-      run(K8{}, Two{}, Single{});
+      run(K8{}, Two{}, OneGroup{});
     else
-      run(K16{}, Two{}, Single{});
+      run(K16{}, Two{}, OneGroup{});
   } else if (MT <= 2 && ml.k8 && ml.nblk == 1 && d.groups % 2 == 0) {
     run(K8{}, Two{}, std::true_type{});
   } else if (ml.k8) {
-    run(K8{}, One{}, Single{});
+    run(K8{}, One{}, OneGroup{});
   } else {
-    run(K16{}, One{}, Single{});
+    run(K16{}, One{}, OneGroup{});
   }
 }
 

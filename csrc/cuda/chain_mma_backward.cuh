@@ -103,14 +103,14 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* t
 // Weight and bias gradients of one layer over one tile
 // ---------------------------------------------------------------------------------------------
 // A dW work item's products over the tile's MT k-steps: A (16 rows) and B (two 8-row blocks)
-// by ldmatrix x4 from this lane's rows in the tiles at pa / pb (swa / swb: the rows' elements,
-// mma_elem(row, 0); a_t / b_t its position offset: chunk 16 ks + a_t at element swa ^ (16 ks +
+// by ldmatrix x4 from this lane's rows in the tiles at pa / pb (ea / eb: the rows' elements,
+// mma_elem(row, 0); a_t / b_t its position offset: chunk 16 ks + a_t at element ea ^ (16 ks +
 // a_t)), acc[k] += A B_k. The loop is unrolled kUnroll times: fully
 // unrolled, the item's k-steps push the kernel past 128 registers (spills).
 // MmaF32x3: the planes of each row ps elements apart, loaded all, six products per HMMA above.
 template <class Fmt, int MT, int kUnroll>
 __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* pa, int a_t,
-                                            int swa, const uint16_t* pb, int b_t, int swb,
+                                            int ea, const uint16_t* pb, int b_t, int eb,
                                             int ps) {
   constexpr int NP = Fmt::kPlanes;
 #pragma unroll
@@ -123,8 +123,8 @@ __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* 
     uint32_t a[NP][4], b[NP][4];
 #pragma unroll
     for (int k = 0; k < NP; ++k) {
-      ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ swa);
-      ldmatrix_rows<4>(b[k], pb + k * ps, (16 * ks + b_t) ^ swb);
+      ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ ea);
+      ldmatrix_rows<4>(b[k], pb + k * ps, (16 * ks + b_t) ^ eb);
     }
     mma_sync_planes<Fmt, 16, 4, 4>(acc[0], a[0], b[0], acc[0]);
     mma_sync_planes<Fmt, 16, 4, 4>(acc[1], a[0], b[0] + 2, acc[1]);
@@ -174,19 +174,19 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
     const int ra = ia * 16 + a_r, rb = ib * 16 + b_r;
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
-    int swa = 0, swb = 0;
+    int ea = 0, eb = 0;
     if (ra < ca) {
-      swa = elem_a[g * ca + ra];
+      ea = elem_a[g * ca + ra];
       pa = ta;
     }
     if (rb < cb) {
-      swb = elem_b[g * cb + rb];
+      eb = elem_b[g * cb + rb];
       pb = tb;
     }
     float acc[2][4];
     // rolled: two k-steps per iteration cost the 16 x 16 items more than they save (sm_90 SASS,
     // tools/gpu_static.py: IGCV2(256, 16) backward predicted 81% -> 77% of copy bandwidth)
-    mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, swa, pb, b_t, swb, ps);
+    mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, ea, pb, b_t, eb, ps);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2; 32-bit
     // offsets within the layer (its weights number far less than 2^31: its channels fit shared
     // memory). The values of the CTA's fp32 row are all read before any is written: the
@@ -254,17 +254,17 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
   const int items = d.groups * na * nb2;
   const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
-  const auto row = [&](const uint16_t* t, const int32_t* elem, int j, int* sw) {
-    *sw = elem[j];  // the row's element: a k-step's chunk is one XOR away (mma_elem)
+  const auto row = [&](const uint16_t* t, const int32_t* elem, int j, int* e) {
+    *e = elem[j];  // the row's element: a k-step's chunk is one XOR away (mma_elem)
     return t;
   };
   int g = warp / (na * nb2), ia = (warp / nb2) % na, ib = warp % nb2;
   const int sg = kWarps / (na * nb2), sa_ = (kWarps / nb2) % na, sb_ = kWarps % nb2;
   for (int item = warp; item < items; item += kWarps) {
-    int swa, swb0, swb1;
-    const uint16_t* pa = row(du, du_elem, g * d.m + ia * 16 + a_r, &swa);
-    const uint16_t* pb0 = row(h, h_elem, g * d.n + ib * 32 + b_r, &swb0);
-    const uint16_t* pb1 = row(h, h_elem, g * d.n + ib * 32 + 16 + b_r, &swb1);
+    int ea, eb0, eb1;
+    const uint16_t* pa = row(du, du_elem, g * d.m + ia * 16 + a_r, &ea);
+    const uint16_t* pb0 = row(h, h_elem, g * d.n + ib * 32 + b_r, &eb0);
+    const uint16_t* pb1 = row(h, h_elem, g * d.n + ib * 32 + 16 + b_r, &eb1);
     float acc[4][4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
@@ -275,9 +275,9 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
       uint32_t a[NP][4], b0[NP][4], b1[NP][4];
 #pragma unroll
       for (int k = 0; k < NP; ++k) {
-        ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ swa);
-        ldmatrix_rows<4>(b0[k], pb0 + k * ps, (16 * ks + b_t) ^ swb0);
-        ldmatrix_rows<4>(b1[k], pb1 + k * ps, (16 * ks + b_t) ^ swb1);
+        ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ ea);
+        ldmatrix_rows<4>(b0[k], pb0 + k * ps, (16 * ks + b_t) ^ eb0);
+        ldmatrix_rows<4>(b1[k], pb1 + k * ps, (16 * ks + b_t) ^ eb1);
       }
       mma_sync_planes<Fmt, 16, 4, 4>(acc[0], a[0], b0[0], acc[0]);
       mma_sync_planes<Fmt, 16, 4, 4>(acc[1], a[0], b0[0] + 2, acc[1]);
@@ -365,19 +365,19 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   for (int g0 = 2 * warp; g0 < d.groups; g0 += 2 * kWarps) {
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
-    int swa = 0, swb = 0;
+    int ea = 0, eb = 0;
     if (g0 + a_g < d.groups && r < d.m) {  // (the row's element: mma_dw_item's XOR)
-      swa = du_elem[(g0 + a_g) * d.m + r];
+      ea = du_elem[(g0 + a_g) * d.m + r];
       pa = du;
     }
     if (g0 + b_g < d.groups && r < d.n) {
-      swb = h_elem[(g0 + b_g) * d.n + r];
+      eb = h_elem[(g0 + b_g) * d.n + r];
       pb = h;
     }
     float acc[2][4];
     // two k-steps per iteration: the pair items' loop step is a larger share of their short
     // body (IGCV2(256, 8) backward predicted 46% -> 48% of copy bandwidth), no spills
-    mma_dw_item<Fmt, MT, 2>(acc, pa, a_t, swa, pb, b_t, swb, ps);
+    mma_dw_item<Fmt, MT, 2>(acc, pa, a_t, ea, pb, b_t, eb, ps);
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
     // a 32-bit offset within the layer (its weights number far less than 2^31: its channels
