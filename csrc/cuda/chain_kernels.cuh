@@ -1129,10 +1129,8 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
       __syncthreads();
       cur ^= 1;
     }
-    const int64_t q0 = tile * tp;
-    const int tv = static_cast<int>(min64(tp, P - q0));
     const LayerDesc& last = p.layer[p.L - 1];
-    store_tile(y.ptr, y.cs, offsets(1), y.ix.run_is_contiguous(q0, tv), tv, tp, last.cout,
+    store_tile(y.ptr, y.cs, offsets(1), y.ix.run_is_contiguous(p0, tvalid), tvalid, tp, last.cout,
                last.gather_identity ? nullptr : p.table + last.g_off,
                static_cast<const int32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
                buffer(cur), ld);

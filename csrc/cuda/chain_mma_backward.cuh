@@ -254,17 +254,13 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
   const int items = d.groups * na * nb2;
   const int a_r = ((lane >> 3) & 1) * 8 + (lane & 7), a_t = (lane >> 4) * 8;
   const int b_r = (lane >> 4) * 8 + (lane & 7), b_t = ((lane >> 3) & 1) * 8;
-  const auto row = [&](const uint16_t* t, const int32_t* elem, int j, int* e) {
-    *e = elem[j];  // the row's element: a k-step's chunk is one XOR away (mma_elem)
-    return t;
-  };
   int g = warp / (na * nb2), ia = (warp / nb2) % na, ib = warp % nb2;
   const int sg = kWarps / (na * nb2), sa_ = (kWarps / nb2) % na, sb_ = kWarps % nb2;
   for (int item = warp; item < items; item += kWarps) {
-    int ea, eb0, eb1;
-    const uint16_t* pa = row(du, du_elem, g * d.m + ia * 16 + a_r, &ea);
-    const uint16_t* pb0 = row(h, h_elem, g * d.n + ib * 32 + b_r, &eb0);
-    const uint16_t* pb1 = row(h, h_elem, g * d.n + ib * 32 + 16 + b_r, &eb1);
+    // this lane's rows' elements: a k-step's chunk is one XOR away (mma_elem)
+    const int ea = du_elem[g * d.m + ia * 16 + a_r];
+    const int eb0 = h_elem[g * d.n + ib * 32 + b_r];
+    const int eb1 = h_elem[g * d.n + ib * 32 + 16 + b_r];
     float acc[4][4];
 #pragma unroll
     for (int k = 0; k < 4; ++k)
@@ -275,9 +271,9 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
       uint32_t a[NP][4], b0[NP][4], b1[NP][4];
 #pragma unroll
       for (int k = 0; k < NP; ++k) {
-        ldmatrix_rows<4>(a[k], pa + k * ps, (16 * ks + a_t) ^ ea);
-        ldmatrix_rows<4>(b0[k], pb0 + k * ps, (16 * ks + b_t) ^ eb0);
-        ldmatrix_rows<4>(b1[k], pb1 + k * ps, (16 * ks + b_t) ^ eb1);
+        ldmatrix_rows<4>(a[k], du + k * ps, (16 * ks + a_t) ^ ea);
+        ldmatrix_rows<4>(b0[k], h + k * ps, (16 * ks + b_t) ^ eb0);
+        ldmatrix_rows<4>(b1[k], h + k * ps, (16 * ks + b_t) ^ eb1);
       }
       mma_sync_planes<Fmt, 16, 4, 4>(acc[0], a[0], b0[0], acc[0]);
       mma_sync_planes<Fmt, 16, 4, 4>(acc[1], a[0], b0[0] + 2, acc[1]);
