@@ -222,3 +222,46 @@ def test_items_count_the_first_k_step_without_bias():
                  item.replace("IMAD.MOV.U32 R38, RZ, RZ, R36", "@P2 BRA 0x20")):
         ins = pm.parse_sass(sass)
         assert pm.without_bias_paths(ins) == ins
+
+
+def test_tile_moves_take_the_plain_loop_unless_the_chain_gathers():
+    """``_tile_move_model`` of tools/gpu_static.py keeps, beside the innermost loop of each kind,
+    the cheapest (``_min``) and the costliest (``_max``) loop; the tensor-core records take the
+    cheapest for a tile the chain moves plainly, the costliest for one moved through an index
+    (``_move_sfx``). Here a plain NCHW load of 5 instructions per vector and a gathered one of 8
+    (its channel read from the index first). In a process of its own: the tool refuses
+    TRITON_INTERPRET, which the fast suite sets."""
+    import json
+    import subprocess
+
+    sass = _sass([
+        (0x0000, "MOV R1, c[0x0][0x28]"),
+        (0x0010, "LDG.E.128 R4, desc[UR4][R2.64]"),   # plain: row pointer steps
+        (0x0020, "STS.128 [R8], R4"),
+        (0x0030, "IADD3 R2, P0, R2, R10, RZ"),
+        (0x0040, "ISETP.GE.AND P1, PT, R9, R11, PT"),
+        (0x0050, "@!P1 BRA 0x10"),
+        (0x0060, "LDG.E R12, desc[UR4][R14.64]"),     # gathered: the channel from the index
+        (0x0070, "IMAD.WIDE R16, R12, R18, R20"),
+        (0x0080, "LEA R16, P2, R16, R22, 0x1"),
+        (0x0090, "LDG.E.128 R4, desc[UR4][R16.64]"),
+        (0x00a0, "STS.128 [R8], R4"),
+        (0x00b0, "IADD3 R14, P0, R14, 0x4, RZ"),
+        (0x00c0, "ISETP.GE.AND P1, PT, R9, R11, PT"),
+        (0x00d0, "@!P1 BRA 0x60"),
+        (0x00e0, "EXIT"),
+    ])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import json, sys; sys.path.insert(0, 'tools'); import gpu_static as gs, "
+            "perf_model as pm; ins = pm.parse_sass(sys.stdin.read()); "
+            "m = gs._tile_move_model(ins, pm._loops(ins)); "
+            "print(json.dumps({k: sum(v['counts'].values()) for k, v in m.items()} | "
+            "{'sfx': [gs._move_sfx(False), gs._move_sfx(True)]}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], input=sass, cwd=root, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["load_nchw_min"] == 5 and got["load_nchw_max"] == 8, got
+    assert got["load_nchw"] == 5  # the innermost: the shorter span
+    assert got["sfx"] == ["_min", "_max"]

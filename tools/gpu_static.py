@@ -568,12 +568,15 @@ def _layer_model(ins, loops, mt: int, planes: int = 1) -> dict:
     return out
 
 
-def _tile_move_model(ins, loops, largest: bool = False) -> dict:
+def _tile_move_model(ins, loops) -> dict:
     """Tile movement, per 16-byte vector (NCHW rows: one per lane and iteration) or per 8x8
     block (channels-last: a 32-bit load, a movmatrix and a 32-bit store per lane; loops of 1
-    and of 4 blocks per warp step, "_cl1" / "_cl4"): the innermost loop of each kind, or with
-    ``largest`` the costliest of the kernel's loops of that kind (the backward has several,
-    e.g. dy loaded through the last gather index)."""
+    and of 4 blocks per warp step, "_cl1" / "_cl4"): the innermost loop of each kind, and as
+    ``<kind>_min`` / ``<kind>_max`` the cheapest and the costliest of the kernel's loops of that
+    kind. A kernel has several where a load takes a plain row path and a gathered one (x
+    through the input index, dy through the last gather index): the tensor-core records take
+    the cheapest for a tile the chain does not gather and the costliest for one it does
+    (``_move_sfx``)."""
     out = {}
     for name, needles, per_iter in (("load_nchw", ("LDG.E.128", "STS.128"), "LDG.E.128"),
                                     ("load_scalar", ("LDG.E.U16", "STS.U16"), "STS.U16"),
@@ -594,14 +597,15 @@ def _tile_move_model(ins, loops, largest: bool = False) -> dict:
             n = sum(1 for o in ops if o.startswith(per_iter))
             key = name if name.endswith(("nchw", "scalar", "clw")) else f"{name}{n}"
             cost = _combine((1.0 / max(1, n), _region_counts(ins, a, b)))
-            if key in out:
-                if largest:
-                    if sum(out[key]["counts"].values()) >= sum(cost["counts"].values()):
-                        continue
-                elif out[key]["span"] <= b - a:
-                    continue  # keep the innermost loop of each kind
+            cost["span"] = b - a
+            total = sum(cost["counts"].values())
+            for suffix, better in (("_min", lambda t, o: t < o), ("_max", lambda t, o: t > o)):
+                prev = out.get(key + suffix)
+                if prev is None or better(total, sum(prev["counts"].values())):
+                    out[key + suffix] = cost
+            if key in out and out[key]["span"] <= b - a:
+                continue  # keep the innermost loop of each kind
             out[key] = cost
-            out[key]["span"] = b - a
     return out
 
 
@@ -703,7 +707,7 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
            "dw_pair_item": item_cost(kinds[4])}
     if "wide" in kinds:
         out["dw_wide_item"] = item_cost(kinds["wide"], 4)
-    out.update(_tile_move_model(ins, loops, largest=True))
+    out.update(_tile_move_model(ins, loops))
     return out
 
 
@@ -916,7 +920,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     rows = []
     for arch, toolchain, funcs, ptxas, dtype, fmt, s in _mma_problems(structures, dtypes, archs,
                                                                       float32=True):
-        c_x, spec, _, idx = structure_args(s)
+        c_x, spec, perms, idx = structure_args(s)
         c0 = c_x if idx is None else len(idx)
         shapes = spec.weight_shapes()
         chans = [c0] + [c for c, _ in shapes]
@@ -951,18 +955,20 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         for layout in layouts:
             cl = layout == "channels_last"
 
+            # x through the input index, dy to the rows of the last permutation's gather
+            sx, sy = _move_sfx(idx is not None), _move_sfx(perms[-1] is not None)
             if planes == 3:
-                ldx, ldx_elems = _f32_load_cost(model, cl, c0, idx is None)
-                ldy, ldy_elems = _f32_load_cost(model, cl, spec.out_channels)
+                ldx, ldx_elems = _f32_load_cost(model, cl, c0, idx is None, sx)
+                ldy, ldy_elems = _f32_load_cost(model, cl, spec.out_channels, True, sy)
                 st, st_elems = _f32_store_cost(model, cl, c_x)
             elif not cl:
-                ldx, ldx_elems = model["load_nchw"], 256
-                ldy, st = model["load_nchw"], model["store_nchw"]
+                ldx, ldx_elems = model["load_nchw" + sx], 256
+                ldy, st = model["load_nchw" + sy], model["store_nchw_max"]
                 ldy_elems = st_elems = 256
             else:
-                ldx, ldx_elems = (_cl_cost(model, "load", c0) if idx is None
-                                  else (model["load_scalar"], 32))
-                ldy, ldy_elems = _cl_cost(model, "load", spec.out_channels)
+                ldx, ldx_elems = (_cl_cost(model, "load", c0, sx) if idx is None
+                                  else (model["load_scalar_max"], 32))
+                ldy, ldy_elems = _cl_cost(model, "load", spec.out_channels, sy)
                 st, st_elems = _cl_cost(model, "store", c_x)
             # with reload, x is loaded twice (the second time for layer 1's dW)
             total = _combine(*terms, ((2 if reload else 1) * c0 * tp / ldx_elems, ldx),
@@ -989,14 +995,22 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
-def _cl_cost(model, kind, c):
+def _move_sfx(gathered: bool) -> str:
+    """The tile-move cost a tensor-core record takes (``_tile_move_model``): the costliest loop
+    of its kind for a tile moved through an index or gathered rows (and for stores), else the
+    cheapest (the plain path)."""
+    return "_max" if gathered else "_min"
+
+
+def _cl_cost(model, kind, c, sfx="_max"):
     """(cost, elements per counted unit) of a channels-last tile load or store of c channels:
     where c % 32 == 0, the 16-byte loop (``load_clw`` / ``store_clw``: 256 elements per warp
     step; the load only on sm_90, through stmatrix) if the kernel has it, else four 8x8
-    movmatrix blocks per warp step; one block per step otherwise (64 elements per block)."""
+    movmatrix blocks per warp step; one block per step otherwise (64 elements per block).
+    ``sfx``: ``_move_sfx``."""
     if c % 32 == 0 and f"{kind}_clw" in model:
-        return model[f"{kind}_clw"], 256
-    return model[f"{kind}_cl{4 if c % 32 == 0 else 1}"], 64
+        return model[f"{kind}_clw{sfx}"], 256
+    return model[f"{kind}_cl{4 if c % 32 == 0 else 1}{sfx}"], 64
 
 
 def _f32_block_key(model, kind):
@@ -1005,33 +1019,34 @@ def _f32_block_key(model, kind):
     return next(k for k in model if k.startswith(f"{kind}_cl") and k[len(kind) + 3:].isdigit())
 
 
-def _f32_load_cost(model, cl, c, vec=True):
+def _f32_load_cost(model, cl, c, vec=True, sfx="_max"):
     """(cost, elements per counted unit) of a float32 tile load (MmaF32x3) of c channels: per
     16-byte global access (4 elements per lane) on NCHW rows; channels-last (``vec``: no input
     index): per stmatrix (one per plane: a third of 8 positions x 32 channels) in the 32-channel
     steps (C % 32 == 0, sm_90), per movmatrix (a third of an 8x8 block) on other tiles of
-    C % 8 == 0; else the element path, per plane store (a third of an element per lane)."""
+    C % 8 == 0; else the element path, per plane store (a third of an element per lane).
+    ``sfx``: ``_move_sfx``."""
     if not cl:
-        return model["load_nchw"], 128
+        return model["load_nchw" + sfx], 128
     if vec and c % 32 == 0 and "load_clw" in model:
-        return model["load_clw"], 256 / 3
+        return model["load_clw" + sfx], 256 / 3
     if vec and c % 8 == 0:
-        return model[_f32_block_key(model, "load")], 64 / 3
-    return model["load_f32scalar"], 32 / 3
+        return model[_f32_block_key(model, "load") + sfx], 64 / 3
+    return model["load_f32scalar_max"], 32 / 3
 
 
 def _f32_store_cost(model, cl, c):
     """(cost, elements per counted unit) of a float32 tile store of c channels: per 16-byte
     global access on NCHW rows and in the channels-last 32-channel steps (C % 32 == 0); per
     movmatrix (a third of an 8x8 block) on other channels-last tiles of C % 8 == 0; else per
-    element."""
+    element. The costliest loop of its kind (``_tile_move_model``)."""
     if not cl:
-        return model["store_nchw"], 128
+        return model["store_nchw_max"], 128
     if c % 32 == 0 and "store_clw" in model:
-        return model["store_clw"], 128
+        return model["store_clw_max"], 128
     if c % 8 == 0:
-        return model[_f32_block_key(model, "store")], 64 / 3
-    return model["store_f32scalar"], 32
+        return model[_f32_block_key(model, "store") + "_max"], 64 / 3
+    return model["store_f32scalar_max"], 32
 
 
 def _mma_item_kind(costs, groups, outs, ins):
@@ -1097,18 +1112,19 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
             # channels-last where C % 32 == 0 and the loop exists: 256 elements), an
             # 8x8 block (channels-last: 64), an element per lane (the scalar load of a
             # channels-last tile through an input index: 32)
+            sx = _move_sfx(idx is not None)  # x through the input index
             if planes == 3:
-                ld, ld_elems = _f32_load_cost(model, cl, chans[0], idx is None)
+                ld, ld_elems = _f32_load_cost(model, cl, chans[0], idx is None, sx)
                 st, st_elems = _f32_store_cost(model, cl, spec.out_channels)
             elif not cl:
-                ld, ld_elems = model["load_nchw"], 256
+                ld, ld_elems = model["load_nchw" + sx], 256
             elif idx is None:
-                ld, ld_elems = _cl_cost(model, "load", chans[0])
+                ld, ld_elems = _cl_cost(model, "load", chans[0], sx)
             else:
-                ld, ld_elems = model["load_scalar"], 32
+                ld, ld_elems = model["load_scalar_max"], 32
             if planes == 1:
                 st, st_elems = (_cl_cost(model, "store", spec.out_channels) if cl
-                                else (model["store_nchw"], 256))
+                                else (model["store_nchw_max"], 256))
             total = _combine(*terms, (chans[0] * tp / ld_elems, ld),
                              (spec.out_channels * tp / st_elems, st))
             rec = _mma_record(s, dtype, layout, "forward", arch, toolchain,
