@@ -34,8 +34,9 @@ MAX_SHARED_SM90 = 232448  # opt-in shared memory per block on sm_90
 TRITON_ALT = os.path.join(ROOT, "build", "triton-3.6.0")
 
 
-def _tool(*args, pythonpath=None, timeout=1800):
+def _tool(*args, pythonpath=None, timeout=1800, extra_env=None):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(extra_env or {})
     if pythonpath:
         env["PYTHONPATH"] = os.pathsep.join([pythonpath, env.get("PYTHONPATH", "")])
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "gpu_static.py"), *args],
@@ -254,6 +255,37 @@ def test_packed_backward_compiles_without_spills(tmp_path, alt):
     assert r["compiled"] and r["config"]["PACK"] == 1, r
     assert r["spill_bytes"] == 0 and r["shared_bytes"] <= MAX_SHARED_SM90, r
     assert r["sass"]["HMMA/MMA"] > 0 and r["sass"]["SHFL"] == 0, r["sass"]
+
+
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_opt_in_float32_packed_forward_runs_six_bf16_products(tmp_path, alt):
+    """With ``IGC_TRITON_FP32_MMA=1`` float32 chains take the packed path too, its dots in
+    Triton's "bf16x6" precision: IGCV2(256, 16)'s packed forward (16 positions, 4 warps)
+    compiles for sm_90 without spills or shuffles, and its tensor cores run six bfloat16
+    products per multiply-add of the chain (two layers of 256 x 16, no padding at K = 16).
+    Without the switch the float32 structure offers no packed path: the same configuration
+    compiles to the FMA path (no HMMA)."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    rows = {}
+    for opt in ("1", "0"):
+        path = tmp_path / f"f32-{opt}.json"
+        _tool("--structures", "igcv2(256,16)", "--dtypes", "float32", "--layouts", "nchw",
+              "--directions", "forward", "--archs", "90", "--config",
+              json.dumps({"block_p": 16, "num_warps": 4, "pack": 1, "dense": 0}), "--json",
+              str(path), pythonpath=TRITON_ALT if alt else None,
+              extra_env={"IGC_TRITON_FP32_MMA": opt})
+        (rows[opt],) = json.loads(path.read_text())["rows"]
+    r = rows["1"]
+    assert r["compiled"] and r["config"]["PACK"] == 1 and r["config"]["PREC"] == "bf16x6", r
+    assert r["spill_bytes"] == 0 and r["shared_bytes"] <= MAX_SHARED_SM90, r
+    assert r["sass"]["SHFL"] == 0, r["sass"]
+    assert r["dyn"]["mma_fma"] * r["num_warps"] == 6 * 16 * 2 * 256 * 16, r["dyn"]
+    off = rows["0"]
+    assert off["config"]["PACK"] == 0 and "PREC" not in off["config"], off
+    assert off["sass"]["HMMA/MMA"] == 0, off["sass"]
 
 
 def _refusals(pythonpath=None):

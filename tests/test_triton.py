@@ -600,13 +600,41 @@ def test_public_api_errors_name_layer_and_value():
     assert y.shape == (2, 12, 3)
 
 
-def test_precision_follows_the_tf32_flag():
+def test_precision_follows_the_tf32_flag_and_the_opt_in(monkeypatch):
+    """float32 dots: "ieee" by default, "tf32" where TF32 is allowed for matmul, else "bf16x6"
+    with IGC_TRITON_FP32_MMA=1 (compiled kernels only: the interpreter knows no "bf16x6").
+    A float32 structure offers the packed path exactly where its dots run on tensor cores."""
     prev = torch.backends.cuda.matmul.allow_tf32
+
+    def fp32_structure():
+        return K.make_structure(256, [256] * 3, [16] * 2, [16, 0], [False] * 2, [False] * 2,
+                                False, torch.float32)
     try:
         torch.backends.cuda.matmul.allow_tf32 = False
+        monkeypatch.delenv(K.FP32_MMA_ENV, raising=False)
         assert K.dot_precision() == "ieee"
-        torch.backends.cuda.matmul.allow_tf32 = True
+        monkeypatch.setenv(K.FP32_MMA_ENV, "1")
+        assert K.dot_precision() == ("ieee" if K.INTERPRETED else "bf16x6")
+        monkeypatch.setattr(K, "INTERPRETED", False)  # as compiled for a GPU
+        assert K.dot_precision() == "bf16x6"
+        st = st_bf16x6 = fp32_structure()
+        assert st.f32_prec == "bf16x6" and st.packed_layers == [0, 1]
+        assert any(c.kwargs["PACK"] for c in K._configs(st, False))
+        monkeypatch.setenv(K.FP32_MMA_ENV, "0")
+        assert K.dot_precision() == "ieee"
+        st = fp32_structure()
+        assert st.f32_prec == "ieee" and st.packed_layers == []
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 allowed: it wins over the opt-in
+        st = fp32_structure()
+        assert K.dot_precision() == "tf32" and st.f32_prec == "tf32"
+        assert st.packed_layers == [0, 1] and st != st_bf16x6  # an autotuner per precision
+        monkeypatch.setenv(K.FP32_MMA_ENV, "1")
         assert K.dot_precision() == "tf32"
+        # 16-bit chains: their own packed path either way
+        torch.backends.cuda.matmul.allow_tf32 = False
+        st16 = K.make_structure(256, [256] * 3, [16] * 2, [16, 0], [False] * 2, [False] * 2,
+                                False, torch.float16)
+        assert st16.f32_prec == "ieee" and st16.packed_layers == [0, 1]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 

@@ -90,6 +90,29 @@ def test_float32_against_oracle(case):
     check_backend(p, "triton", _gy(p), device="cuda")
 
 
+FP32_MMA_CASES = {
+    "igcv2_c256_k8_nchw": FP32_CASES["igcv2_c256_k8_nchw"],
+    "igcv2_c256_k16_cl_bias": ([256] * 3, [16, 16], "random", True, (8, 8), 4, "channels_last"),
+    "c64_k16_nonsquare": ([64, 128, 64], [4, 4], "default", [True, False], (6, 7), 3,
+                          "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", FP32_MMA_CASES.values(), ids=list(FP32_MMA_CASES))
+def test_float32_opt_in_tensor_cores_within_the_float32_bound(case, monkeypatch):
+    """With ``IGC_TRITON_FP32_MMA=1`` float32 chains take the packed path with "bf16x6" dots
+    (three bfloat16 parts per operand, six products): forced onto it, the output and every
+    gradient stay within the float32 rounding bound of the problem, as the CUDA backend's
+    opt-in three-plane path does."""
+    monkeypatch.setenv("IGC_TRITON_FP32_MMA", "1")
+    assert _K().dot_precision() == "bf16x6"
+    channels, groups, perms, bias, spatial, N, layout = case
+    p = build_problem(channels, groups, spatial=spatial, N=N, layout=layout,
+                      dtype=torch.float32, permutations=perms, bias=bias, seed=5)
+    check_backend(p, "triton", _gy(p), device="cuda",
+                  config=dict(pack=1, dense=0, keep=1, block_p=16, num_warps=8))
+
+
 @pytest.mark.parametrize("config", [dict(dense=0, keep=1, block_p=16),
                                     dict(dense=1, keep=0, block_p=64),
                                     dict(dense=1, keep=1, block_p=128, num_warps=8),

@@ -51,6 +51,10 @@
 #                (the CUDA-core kernels, bench-fp32.json) and once with IGC_CUDA_FP32_MMA=1: the
 #                opt-in float32 tensor-core forward and backward, three bfloat16 planes
 #                (bench-fp32mma.json)
+#   triton-fp32mma  the Triton backend's opt-in float32 tensor-core dots (IGC_TRITON_FP32_MMA=1):
+#                its GPU test against the float32 bound, then IGCV2(256, 8), (256, 16) and
+#                (512, 16) in float32 on the Triton backend autotuned, as it is
+#                (bench-triton-fp32.json) and with the switch (bench-triton-fp32mma.json)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -196,6 +200,14 @@ for arg in "${steps[@]}"; do
       run_step fp32mma env IGC_CUDA_FP32_MMA=1 "$PY" benchmarks/bench.py --device cuda \
       --no-compile --no-memory --quiet --only "$IGCV2_TARGETS" --dtypes float32 \
       --backends cuda --json "$OUT/bench-fp32mma.json" ;;
+    triton-fp32mma) run_step triton-fp32mma-test env IGC_TRITON_FP32_MMA=1 "$PY" -m pytest \
+      tests/test_triton_gpu.py -q -ra -k opt_in_tensor_cores ;
+      run_step triton-fp32 "$PY" benchmarks/bench.py --device cuda --no-compile --no-memory \
+      --quiet --only 256:8:3,256:16:2,512:16:3 --dtypes float32 --backends triton \
+      --json "$OUT/bench-triton-fp32.json" ;
+      run_step triton-fp32mma env IGC_TRITON_FP32_MMA=1 "$PY" benchmarks/bench.py --device cuda \
+      --no-compile --no-memory --quiet --only 256:8:3,256:16:2,512:16:3 --dtypes float32 \
+      --backends triton --json "$OUT/bench-triton-fp32mma.json" ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;

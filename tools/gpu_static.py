@@ -271,8 +271,9 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
     for fn, args, meta in record(structure, dtype, layout, direction, config):
         rec = Record(structure, dtype, layout, direction, f"sm_{arch}",
                      f"triton {triton.__version__}", fn.__name__,
-                     {k: v for k, v in meta.items()
-                      if k != "PREC" and k not in K.STRUCTURE_KEYS})
+                     {k: v for k, v in meta.items()  # the float32 dots' precision where
+                      # it is not the default "ieee" (TF32 allowed, IGC_TRITON_FP32_MMA=1)
+                      if (k != "PREC" or v != "ieee") and k not in K.STRUCTURE_KEYS})
         rec.is_default = rec.fixed_path = config is None  # until every configuration is known
         rec.per_position = "BLOCK_P" in meta
         rec.block_p = int(meta.get("BLOCK_P", 0))
@@ -1583,11 +1584,18 @@ def main(argv=None) -> int:
     return 0
 
 
+def _env_prefix() -> str:
+    """The environment switches that change the compiled kernels, as a command prefix: the
+    Triton kernels' opt-in float32 tensor-core dots (``IGC_TRITON_FP32_MMA=1``)."""
+    on = os.environ.get(K.FP32_MMA_ENV, "0") == "1"
+    return f"{K.FP32_MMA_ENV}=1 " if on else ""
+
+
 def _write_report(path, argv, rows) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:
         json.dump({"triton": triton.__version__, "torch": torch.__version__,
-                   "command": "python tools/gpu_static.py " + shlex.join(
+                   "command": _env_prefix() + "python tools/gpu_static.py " + shlex.join(
                        argv if argv is not None else sys.argv[1:]),
                    "rows": rows}, f, indent=1)
 

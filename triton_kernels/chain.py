@@ -25,7 +25,9 @@ memory:
     and float32 only where TF32 is allowed) and with no gather at all.
 * fp32 accumulation always; intermediates stay float32 (never rounded to the storage dtype).
   ``tl.dot`` on float32 operands uses ``input_precision="ieee"`` unless
-  ``torch.backends.cuda.matmul.allow_tf32`` is set (then ``"tf32"``).
+  ``torch.backends.cuda.matmul.allow_tf32`` is set (then ``"tf32"``) or the opt-in
+  ``IGC_TRITON_FP32_MMA=1`` is (then ``"bf16x6"``: three bfloat16 parts per operand, six
+  tensor-core products; ``dot_precision``). Either puts float32 chains on the packed path too.
 
 Backward: a persistent grid of ``NPROG`` programs; program ``p`` walks tiles ``p, p + NPROG,
 ...`` in order. Per tile it loads ``x`` and ``dy`` once (``dy`` through the inverse of the last
@@ -226,11 +228,12 @@ def _layer_dot(h, w_ptr, b_ptr, inv_ptr,
 @triton.jit
 def _split_dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
     """Batched ``a @ b`` (``[B, P, K] x [B, K, O]``) accumulated in float32. ``b`` holds
-    storage-dtype weights. MODE 0: float32 operands (``PREC``: exact "ieee", or "tf32" when the
-    user allows it for matmul); 1: ``a`` is 16-bit storage values (exact products); 2: ``a`` is
-    float32 and is split into a 16-bit high part and the 16-bit rounding of the rest, two
-    tensor-core products whose sum keeps ~16 more bits than a rounded ``a`` (the intermediate
-    is never rounded to the storage dtype)."""
+    storage-dtype weights. MODE 0: float32 operands (``PREC``: exact "ieee", "tf32" when the
+    user allows it for matmul, "bf16x6" with the opt-in ``IGC_TRITON_FP32_MMA=1``); 1: ``a``
+    is 16-bit storage values (exact products); 2: ``a`` is float32 and is split into a 16-bit
+    high part and the 16-bit rounding of the rest, two tensor-core products whose sum keeps
+    ~16 more bits than a rounded ``a`` (the intermediate is never rounded to the storage
+    dtype)."""
     if MODE == 0:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC,
                      out_dtype=tl.float32)
@@ -762,6 +765,8 @@ class Structure:
     out_sm: int
     native16: bool  # storage dtype is 16-bit (layer 1's dense dot may run on it directly)
     out_q_at: int = -1  # an explicit last permutation: its inverse's offset in the buffer
+    # float32 storage: its dots' precision (dot_precision; one autotuner per precision)
+    f32_prec: str = "ieee"
 
     @property
     def num_layers(self):
@@ -782,12 +787,13 @@ class Structure:
 
     @property
     def offers_pack(self):
-        """Whether the kernels offer the packed path (``PACK``). Compiled, only 16-bit chains
-        get it: float32 operands take no tensor-core instruction under
-        ``input_precision="ieee"``, and the float32 packed kernels collapsed to 32 registers
-        and spilled 3-7 KB for sm_90. Under the interpreter every dtype does, so the CPU tests
-        check the path's indexing in float32 too."""
-        return self.native16 or INTERPRETED
+        """Whether the kernels offer the packed path (``PACK``). Compiled, 16-bit chains get
+        it, and float32 chains whose dots run on tensor cores (``f32_prec`` not "ieee": TF32
+        allowed, or the opt-in ``IGC_TRITON_FP32_MMA=1``): float32 operands take no tensor-core instruction
+        under ``input_precision="ieee"``, and the float32 packed kernels collapsed to 32
+        registers and spilled 3-7 KB for sm_90 there. Under the interpreter every dtype does,
+        so the CPU tests check the path's indexing in float32 too."""
+        return self.native16 or self.f32_prec != "ieee" or INTERPRETED
 
     @property
     def packed_layers(self) -> list:
@@ -870,8 +876,9 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
     # 16-bit storage: layer 1's dense dot runs on the storage values (exact products). Not for
     # bfloat16 under the interpreter, which has no bfloat16 arithmetic (numpy has no bfloat16).
     native16 = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
+    f32_prec = dot_precision() if dtype == torch.float32 else "ieee"
     return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16,
-                     q_at(L - 1))
+                     q_at(L - 1), f32_prec)
 
 
 def pointer_args(st: Structure, weights, biases, perm_buffer) -> list:
@@ -1211,8 +1218,22 @@ def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
     return plain, {**kern.meta, **kern.fixed_meta(cfg or DEFAULT_CONFIG, backward)}
 
 
+FP32_MMA_ENV = "IGC_TRITON_FP32_MMA"
+
+
 def dot_precision() -> str:
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    """``input_precision`` of the kernels' float32 ``tl.dot`` s (read at every call): "tf32"
+    where the user allows TF32 for matmul (``torch.backends.cuda.matmul.allow_tf32``); else,
+    with ``IGC_TRITON_FP32_MMA=1`` in the environment (opt-in), "bf16x6": each operand as
+    three bfloat16 parts that add up to it, six of the nine partial products on tensor cores
+    (the scheme of the CUDA backend's opt-in ``IGC_CUDA_FP32_MMA=1``); else "ieee" (exact
+    float32 products, no tensor cores). The interpreter knows only "tf32", "tf32x3" and "ieee"
+    and multiplies in float32 whatever it is told: "ieee" there."""
+    if torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    if os.environ.get(FP32_MMA_ENV, "0") == "1" and not INTERPRETED:
+        return "bf16x6"
+    return "ieee"
 
 
 # =============================================================================================
