@@ -603,6 +603,9 @@ WIDTH_CASES = {
     "k16_k32": ([32, 64, 32], [2, 2]),
     "k64": ([64, 64], [1]),
     "k3_k5_odd_rows": ([9, 15, 10], [3, 5]),
+    # runtime widths of 12 inputs: the float32 weight-gradient blocks divide by 3 (blocks per
+    # output pair) and by 18 and 8 (outputs per group) through div_by_magic
+    "k12_m18_m8": ([24, 36, 24], [2, 3]),
 }
 
 

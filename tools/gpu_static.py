@@ -1356,8 +1356,11 @@ def fma_backward_model(arch: int, kernel: str, sass: str) -> dict:
     for a, b, _ in sorted(loops, key=lambda lp: lp[1] - lp[0]):
         ops = [op for ad, _, op, _ in ins if a <= ad <= b]
         f = sum(o.startswith("FFMA") for o in ops)
-        if f and f % 32 == 0 and any(o.startswith("LD.E.128") for o in ops) \
-                and not any(o.startswith("STG") for o in ops):
+        # (its 16-byte activation loads: LDS.128, or generic LD.E.128 where the compiler
+        # could not tell the tile is shared memory; no global access inside: the layer items'
+        # loops load their weights)
+        if f and f % 32 == 0 and any(o.startswith(("LD.E.128", "LDS.128")) for o in ops) \
+                and not any(o.startswith(("STG", "LDG")) for o in ops):
             body = _region_counts(ins, a, b)
             outer = min(((c, d) for c, d, _ in loops if c <= a and b <= d and (c, d) != (a, b)),
                         key=lambda lp: lp[1] - lp[0])

@@ -136,10 +136,30 @@ __device__ __forceinline__ uint4 ldg16(const void* p) {
   return *reinterpret_cast<const uint4*>(p);
 #endif
 }
+// Four floats of shared memory at element `elem` of `base` (16-byte aligned), through a 32-bit
+// shared-window address: where the compiler cannot tell that `base` is shared memory (a buffer
+// picked from an array at run time), a plain load is a generic 64-bit one (LD.E.128) with
+// 64-bit address arithmetic.
+__device__ __forceinline__ V4<float> lds4_shared(const float* base, int elem) {
+#if defined(__CUDA_ARCH__)
+  const unsigned a =
+      static_cast<unsigned>(__cvta_generic_to_shared(base)) + 4u * static_cast<unsigned>(elem);
+  V4<float> v;
+  asm volatile("ld.shared.v4.f32 {%0, %1, %2, %3}, [%4];\n"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(a));
+  return v;
+#else
+  return lds4(base + elem);
+#endif
+}
 __device__ __forceinline__ V4<double> lds4(const double* p) {
   const double2 a = reinterpret_cast<const double2*>(p)[0];
   const double2 b = reinterpret_cast<const double2*>(p)[1];
   return {a.x, a.y, b.x, b.y};
+}
+__device__ __forceinline__ V4<double> lds4_shared(const double* base, int elem) {
+  return lds4(base + elem);
 }
 // p: shared memory (one 128-bit store; written as a C++ float4 store, the compiler split the
 // stores to rows it addressed as a previous row plus the row stride into four scalar ones)
@@ -170,6 +190,21 @@ __device__ __forceinline__ void sts4(double* p, double a, double b, double c, do
 }
 
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+// floor(a / d) for a d >= 1 and an a >= 0 with a d < 2^32, from m = div_magic(d) = ceil(2^32 /
+// d) (exactly 2^32 / d for a power of two; d = 1: 2^32 wraps to 0, and the quotient is a): with
+// m d = 2^32 + e, 0 <= e < d, a m / 2^32 = a / d + a e / (d 2^32), whose second term stays
+// below 1 / d while a d < 2^32, so the floor is that of a / d. A few instructions instead of a
+// division's twenty.
+__host__ __device__ __forceinline__ unsigned div_magic(unsigned d) { return 0xFFFFFFFFu / d + 1u; }
+__host__ __device__ __forceinline__ int div_by_magic(int a, unsigned m) {
+  const unsigned u = static_cast<unsigned>(a);
+#if defined(__CUDA_ARCH__)
+  const unsigned q = __umulhi(u, m);
+#else
+  const unsigned q = static_cast<unsigned>((static_cast<uint64_t>(u) * m) >> 32);
+#endif
+  return static_cast<int>(m == 0u ? u : q);
+}
 __host__ __device__ __forceinline__ bool aligned16(const void* p) {
   return (reinterpret_cast<uintptr_t>(p) & 15u) == 0;
 }
@@ -1247,7 +1282,11 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
           pb[o] += s;
         }
       }
-      if (std::is_same<A, float>::value && f.need_w && d.m % 2 == 0 && d.n % 4 == 0) {
+      // (the blocks' index divisions by multiplication, div_by_magic, need nb bn and cout m
+      // below 2^32: every chain whose tiles fit shared memory)
+      if (std::is_same<A, float>::value && f.need_w && d.m % 2 == 0 && d.n % 4 == 0 &&
+          static_cast<int64_t>(d.cout / 2) * (d.n / 4) * (d.n / 4) < (int64_t{1} << 32) &&
+          static_cast<int64_t>(d.cout) * d.m < (int64_t{1} << 32)) {
         // (float: the float64 kernel, at the register limit, keeps the loop below)
         // blocks of 2 outputs x 4 inputs of a group per thread: 6 activation loads per 32
         // multiply-adds (one element per thread: 2 per 4), one FFMA each, positions in order
@@ -1255,9 +1294,10 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
         // rows of a warp's blocks over the banks.
         A* pw = part + d.w_off;
         const int bn = d.n / 4, nb = d.cout / 2 * bn, nq = tp / 4;
+        const unsigned mbn = div_magic(bn), mm = div_magic(d.m);  // b / bn, o0 / m
         for (int b = threadIdx.x; b < nb; b += kThreads) {
-          const int ob = b / bn, o0 = 2 * ob, i0 = 4 * (b - ob * bn);
-          const int hi0 = (o0 / d.m) * d.n + i0;
+          const int ob = div_by_magic(b, mbn), o0 = 2 * ob, i0 = 4 * (b - ob * bn);
+          const int hi0 = div_by_magic(o0, mm) * d.n + i0;
           const int ra = o0 * ld;  // output rows o0, o0 + 1
           int rb[4];               // input rows
 #pragma unroll
@@ -1274,7 +1314,7 @@ __global__ void __launch_bounds__(kThreads, CtasPerSm<A>::min_blocks)
             for (int k = 0; k < 4; ++k) vb[k] = lds4(h + rb[k] + q);
 #pragma unroll
             for (int j = 0; j < 2; ++j) {
-              const V4<A> va = lds4(du + ra + j * ld + q);
+              const V4<A> va = lds4_shared(du, ra + j * ld + q);
 #pragma unroll
               for (int k = 0; k < 4; ++k) {
                 acc[j][k] += va.x * vb[k].x;
