@@ -603,7 +603,8 @@ def test_public_api_errors_name_layer_and_value():
 def test_precision_follows_the_tf32_flag_and_the_opt_in(monkeypatch):
     """float32 dots: "ieee" by default, "tf32" where TF32 is allowed for matmul, else "bf16x6"
     with IGC_TRITON_FP32_MMA=1 (compiled kernels only: the interpreter knows no "bf16x6").
-    A float32 structure offers the packed path exactly where its dots run on tensor cores."""
+    A float32 structure offers the packed path only with the opt-in (allowing TF32 alone does
+    not), and its precision keys the structure (one autotuner per precision)."""
     prev = torch.backends.cuda.matmul.allow_tf32
 
     def fp32_structure():
@@ -618,23 +619,23 @@ def test_precision_follows_the_tf32_flag_and_the_opt_in(monkeypatch):
         monkeypatch.setattr(K, "INTERPRETED", False)  # as compiled for a GPU
         assert K.dot_precision() == "bf16x6"
         st = st_bf16x6 = fp32_structure()
-        assert st.f32_prec == "bf16x6" and st.packed_layers == [0, 1]
+        assert st.f32_prec == "bf16x6" and st.f32_pack and st.packed_layers == [0, 1]
         assert any(c.kwargs["PACK"] for c in K._configs(st, False))
-        monkeypatch.setenv(K.FP32_MMA_ENV, "0")
-        assert K.dot_precision() == "ieee"
-        st = fp32_structure()
-        assert st.f32_prec == "ieee" and st.packed_layers == []
-        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 allowed: it wins over the opt-in
+        torch.backends.cuda.matmul.allow_tf32 = True  # TF32 allowed too: it sets the precision
         st = fp32_structure()
         assert K.dot_precision() == "tf32" and st.f32_prec == "tf32"
         assert st.packed_layers == [0, 1] and st != st_bf16x6  # an autotuner per precision
-        monkeypatch.setenv(K.FP32_MMA_ENV, "1")
-        assert K.dot_precision() == "tf32"
-        # 16-bit chains: their own packed path either way
+        monkeypatch.setenv(K.FP32_MMA_ENV, "0")  # TF32 allowed without the opt-in: not packed
+        st = fp32_structure()
+        assert K.dot_precision() == "tf32" and not st.f32_pack and st.packed_layers == []
+        assert not any(c.kwargs["PACK"] for c in K._configs(st, False))
         torch.backends.cuda.matmul.allow_tf32 = False
+        assert K.dot_precision() == "ieee" and fp32_structure().packed_layers == []
+        # 16-bit chains: their own packed path either way, never the float32 switch
+        monkeypatch.setenv(K.FP32_MMA_ENV, "1")
         st16 = K.make_structure(256, [256] * 3, [16] * 2, [16, 0], [False] * 2, [False] * 2,
                                 False, torch.float16)
-        assert st16.f32_prec == "ieee" and st16.packed_layers == [0, 1]
+        assert st16.f32_prec == "ieee" and not st16.f32_pack and st16.packed_layers == [0, 1]
     finally:
         torch.backends.cuda.matmul.allow_tf32 = prev
 

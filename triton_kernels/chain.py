@@ -27,7 +27,8 @@ memory:
   ``tl.dot`` on float32 operands uses ``input_precision="ieee"`` unless
   ``torch.backends.cuda.matmul.allow_tf32`` is set (then ``"tf32"``) or the opt-in
   ``IGC_TRITON_FP32_MMA=1`` is (then ``"bf16x6"``: three bfloat16 parts per operand, six
-  tensor-core products; ``dot_precision``). Either puts float32 chains on the packed path too.
+  tensor-core products; ``dot_precision``). The opt-in also offers float32 chains the packed
+  path.
 
 Backward: a persistent grid of ``NPROG`` programs; program ``p`` walks tiles ``p, p + NPROG,
 ...`` in order. Per tile it loads ``x`` and ``dy`` once (``dy`` through the inverse of the last
@@ -765,8 +766,10 @@ class Structure:
     out_sm: int
     native16: bool  # storage dtype is 16-bit (layer 1's dense dot may run on it directly)
     out_q_at: int = -1  # an explicit last permutation: its inverse's offset in the buffer
-    # float32 storage: its dots' precision (dot_precision; one autotuner per precision)
+    # float32 storage: its dots' precision (dot_precision; one autotuner per precision), and
+    # whether the opt-in IGC_TRITON_FP32_MMA=1 offers it the packed path
     f32_prec: str = "ieee"
+    f32_pack: bool = False
 
     @property
     def num_layers(self):
@@ -788,12 +791,13 @@ class Structure:
     @property
     def offers_pack(self):
         """Whether the kernels offer the packed path (``PACK``). Compiled, 16-bit chains get
-        it, and float32 chains whose dots run on tensor cores (``f32_prec`` not "ieee": TF32
-        allowed, or the opt-in ``IGC_TRITON_FP32_MMA=1``): float32 operands take no tensor-core instruction
-        under ``input_precision="ieee"``, and the float32 packed kernels collapsed to 32
-        registers and spilled 3-7 KB for sm_90 there. Under the interpreter every dtype does,
-        so the CPU tests check the path's indexing in float32 too."""
-        return self.native16 or self.f32_prec != "ieee" or INTERPRETED
+        it, and float32 chains only with the opt-in ``IGC_TRITON_FP32_MMA=1`` (``f32_pack``;
+        their dots then run on tensor cores: "bf16x6", or "tf32" where TF32 is allowed too):
+        float32 operands take no tensor-core instruction under ``input_precision="ieee"``, and
+        the float32 packed kernels collapsed to 32 registers and spilled 3-7 KB for sm_90
+        there. Under the interpreter every dtype does, so the CPU tests check the path's
+        indexing in float32 too."""
+        return self.native16 or self.f32_pack or INTERPRETED
 
     @property
     def packed_layers(self) -> list:
@@ -876,9 +880,10 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
     # 16-bit storage: layer 1's dense dot runs on the storage values (exact products). Not for
     # bfloat16 under the interpreter, which has no bfloat16 arithmetic (numpy has no bfloat16).
     native16 = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
-    f32_prec = dot_precision() if dtype == torch.float32 else "ieee"
+    f32 = dtype == torch.float32
     return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16,
-                     q_at(L - 1), f32_prec)
+                     q_at(L - 1), dot_precision() if f32 else "ieee",
+                     f32 and fp32_mma_requested())
 
 
 def pointer_args(st: Structure, weights, biases, perm_buffer) -> list:
@@ -1221,6 +1226,12 @@ def launch_choice(kern: Kernels, backward: bool, args=None, base_meta=None):
 FP32_MMA_ENV = "IGC_TRITON_FP32_MMA"
 
 
+def fp32_mma_requested() -> bool:
+    """The opt-in ``IGC_TRITON_FP32_MMA=1`` (read at every call; never under the interpreter,
+    which knows no "bf16x6")."""
+    return os.environ.get(FP32_MMA_ENV, "0") == "1" and not INTERPRETED
+
+
 def dot_precision() -> str:
     """``input_precision`` of the kernels' float32 ``tl.dot`` s (read at every call): "tf32"
     where the user allows TF32 for matmul (``torch.backends.cuda.matmul.allow_tf32``); else,
@@ -1231,9 +1242,7 @@ def dot_precision() -> str:
     and multiplies in float32 whatever it is told: "ieee" there."""
     if torch.backends.cuda.matmul.allow_tf32:
         return "tf32"
-    if os.environ.get(FP32_MMA_ENV, "0") == "1" and not INTERPRETED:
-        return "bf16x6"
-    return "ieee"
+    return "bf16x6" if fp32_mma_requested() else "ieee"
 
 
 # =============================================================================================
