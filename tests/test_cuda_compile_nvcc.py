@@ -606,6 +606,9 @@ WIDTH_CASES = {
     # runtime widths of 12 inputs: the float32 weight-gradient blocks divide by 3 (blocks per
     # output pair) and by 18 and 8 (outputs per group) through div_by_magic
     "k12_m18_m8": ([24, 36, 24], [2, 3]),
+    # a runtime width that is a multiple of 16 (48) on items of 4 rows: the forward's 16-byte
+    # weight loads in steps of 16 inputs
+    "k48_vw": ([96, 96, 96], [2, 2]),
 }
 
 
@@ -621,7 +624,7 @@ def test_emulated_group_widths(emu, case, dtype):
 
 
 @needs_cxx
-@pytest.mark.parametrize("case", ["k2_k4", "k8", "k16_k32", "k64"])
+@pytest.mark.parametrize("case", ["k2_k4", "k8", "k16_k32", "k64", "k48_vw"])
 def test_emulated_group_widths_unaligned_weights(emu, case):
     """float32 items of 4 output rows load their weights 16 bytes at a time where the layer's
     weights are 16-byte aligned (grouped_rows_k); weights one element off that alignment take

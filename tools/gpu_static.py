@@ -1233,17 +1233,26 @@ def fma_forward_plan(chans, arch: int) -> int:
 
 
 def fma_layer_terms(model: dict, groups: int, outs: int, ins: int, w_aligned: bool,
-                    tp: int) -> list:
+                    tp: int, backward: bool = False) -> list:
     """(count, cost) terms of one CUDA-core layer per tile of ``tp`` positions: items of OUTS
     rows (4 where the group's outputs allow, else 2 or 1) x PV positions, one per lane (counted
     in warp iterations, 32 items each), with the cost of the item kind grouped_rows_k picks
     (16-byte weight loads where OUTS is 4, K is a compile-time width of at least 4 and the
     layer's weights are 16-byte aligned; those items take 8 positions where tp is a multiple
-    of 8, 4 k-steps per loop iteration beyond 4 inputs)."""
+    of 8, 4 k-steps per loop iteration beyond 4 inputs; a run-time width that is a multiple of
+    16 takes them too, on items of 4 positions: the forward kernel's layers, ``backward=False``)."""
     outs_per = 4 if outs % 4 == 0 else 2 if outs % 2 == 0 else 1
     k = ins if ins in _FMA_WIDTHS else 0
     vw = outs_per == 4 and k >= 4 and w_aligned
     pv = 8 if vw and tp % 8 == 0 else 4
+    if not k and not backward and outs_per == 4 and ins % 16 == 0 and w_aligned:
+        # a run-time width that is a multiple of 16 (the forward kernel's layers): the 16-byte
+        # weight loads' loop of 16 k-steps on items of 4 positions, its first iteration ahead
+        # of the loop where the item holds it (kPeelFirstSteps), as for a compile-time width
+        c = model[("loop", 16, 4, True, 4)]
+        items = groups * outs // 4 * (tp // 4) / 32
+        peeled = round(c["item"]["counts"]["FFMA/HFMA"] / (16 * 4 * 4))
+        return [(items, c["item"]), (items * (ins // 16 - peeled), c["steps"])]
     items = groups * outs // outs_per * (tp // pv) / 32  # warp iterations: an item per lane
     if k and (k, outs_per, vw, pv) in model:  # straight-line item
         return [(items, model[(k, outs_per, vw, pv)])]
@@ -1407,7 +1416,8 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
 
             def fwd_terms(l):
                 (cout, n), g = shapes[l], groups[l]
-                return fma_layer_terms(model["fwd"], g, cout // g, n, w_offs[l] % 4 == 0, tp)
+                return fma_layer_terms(model["fwd"], g, cout // g, n, w_offs[l] % 4 == 0, tp,
+                                       backward=True)
 
             terms = []
             for l in range(L - 1) if store_all else []:
@@ -1419,7 +1429,8 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
                 m = cout // g
                 blocks = cout // 2 * (n // 4) / 32  # warp iterations: a block per lane
                 terms += [(blocks, model["dw_block"]), (blocks * tp / 4, model["dw_vector"])]
-                terms += fma_layer_terms(model["dh"], g, n, m, w_offs[l] % 4 == 0, tp)
+                terms += fma_layer_terms(model["dh"], g, n, m, w_offs[l] % 4 == 0, tp,
+                                         backward=True)
             for layout in layouts:
                 cl = layout == "channels_last"
                 ld, st = model["load_cl" if cl else "load_nchw"], model["store_cl" if cl

@@ -840,7 +840,7 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
 #pragma unroll
           for (int t = 0; t < 4; ++t) {
             const float4 f = TRANS ? ldg4(wg + static_cast<int64_t>(k + t) * R)
-                                   : ldg4(wg + t * K + k);
+                                   : ldg4(wg + t * sk + k);
             if (TRANS) {
               wv[t][0] = f.x;
               wv[t][1] = f.y;
@@ -863,7 +863,7 @@ __device__ __forceinline__ void grouped_rows_impl(const A* in, int ld,
         k0 = U;
       }
 #pragma unroll 1
-      for (; k0 < K; k0 += U) vw_steps(k0);
+      for (; k0 < kc; k0 += U) vw_steps(k0);
     } else if (K > 0) {
 #pragma unroll 1
       for (int k0 = 0; k0 < K; k0 += U) {
@@ -914,7 +914,16 @@ __device__ __forceinline__ void grouped_rows_k(const A* in, int ld, const int32_
     case 16: IGC_ROWS_CASE_VW(16) break;
     case 32: IGC_ROWS_CASE_VW(32) break;
     case 64: IGC_ROWS_CASE_VW(64) break;
-    default: IGC_ROWS_CASE(0, 4, false); break;
+    default:
+      // a width known at run time: in the forward kernel (TABLE), 16-byte weight loads in
+      // steps of 16 inputs (K % 16 == 0) on items of 4 positions; else one input at a time
+      // (the backward kernels, at their register limit, spilled 124 bytes on sm_90 with such a
+      // variant, and the forward 8 bytes with items of 8 positions)
+      if (TABLE && vw && K % 16 == 0)
+        IGC_ROWS_CASE(0, 4, kVec);
+      else
+        IGC_ROWS_CASE(0, 4, false);
+      break;
   }
 #undef IGC_ROWS_CASE_VW
 #undef IGC_ROWS_CASE
