@@ -1239,8 +1239,9 @@ def fma_layer_terms(model: dict, groups: int, outs: int, ins: int, w_aligned: bo
     in warp iterations, 32 items each), with the cost of the item kind grouped_rows_k picks
     (16-byte weight loads where OUTS is 4, K is a compile-time width of at least 4 and the
     layer's weights are 16-byte aligned; those items take 8 positions where tp is a multiple
-    of 8, 4 k-steps per loop iteration beyond 4 inputs; a run-time width that is a multiple of
-    16 takes them too, on items of 4 positions: the forward kernel's layers, ``backward=False``)."""
+    of 8, 4 k-steps per loop iteration beyond 4 inputs; in the forward kernel, not
+    ``backward``, a run-time width that is a multiple of 16 takes them too, on items of 4
+    positions)."""
     outs_per = 4 if outs % 4 == 0 else 2 if outs % 2 == 0 else 1
     k = ins if ins in _FMA_WIDTHS else 0
     vw = outs_per == 4 and k >= 4 and w_aligned
