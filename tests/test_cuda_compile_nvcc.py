@@ -1551,6 +1551,32 @@ def test_emulated_mma_backward_wide_row_updates(emu, bias):
 
 @needs_cxx
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
+def test_emulated_mma_backward_row_reductions_flush_subnormals(emu, dtype):
+    """16-bit weight gradients are added to the CTA's fp32 row by reductions in L2
+    (red.add.f32), which flush subnormal operands and results to zero (PTX ISA; documented in
+    docs/backends.md). With x and grad_y near 1e-20 every tile's partial sum of every dW
+    element (about 1e-39) is subnormal, so every dW of the pair items (8 x 8 groups), the full
+    16 x 16 blocks and the general ones (24 x 24) is zero, while the oracle's are not and dx
+    is unaffected. The float32 kernel (three planes) reads and writes its row: not zero."""
+    c = EmuCase([48, 48, 48, 48], [6, 3, 2], dtype=dtype, seed=51)
+    x = (_x((2, 48, 5, 7), "contiguous", torch.float32, 52) * 1e-20).to(dtype)
+    gy = (_x((2, 48, 5, 7), "contiguous", torch.float32, 53) * 1e-20).to(dtype)
+    dx, gw, _, _ = c.emu_backward_mma(emu, x, gy)
+    _, g64 = c.reference(x, gy)
+    dw64 = torch.cat([g.reshape(-1) for g in g64[1:4]])
+    assert bool((dw64.abs() > 0).all()) and float(dw64.abs().max()) < 2.0 ** -120
+    assert bool(torch.isfinite(dx).all()) and float(dx.abs().max()) > 1e-22
+    err = (dx.double() - g64[0]).abs().max() / g64[0].abs().max()
+    assert float(err) < 0.05, float(err)
+    nonzero = int(torch.count_nonzero(gw))
+    if dtype == torch.float32:
+        assert nonzero == gw.numel()
+    else:
+        assert nonzero == 0, nonzero
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
 @pytest.mark.parametrize("where", ["x", "grad_y"])
 def test_emulated_mma_backward_keeps_groups_apart(emu, where, dtype):
     """An infinite value in one group (in x, or in grad_y) leaves every gradient of the other

@@ -627,11 +627,12 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
     per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSM.x4s, mt k-steps,
     2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
-    read-modify-write of the CTA's fp32 row: "dw_item", a 16 x 16 block of a group, 8 values
-    stored per lane; "dw_full_item", the same where every block is full, 4 float2 per lane;
-    "dw_wide_item", 16 x 32 of full blocks, 8 float2 per lane and 4 HMMAs per k-step (one
-    plane only);
-    "dw_pair_item", two groups of at most 8 x 8, 4 values per lane), and the
+    update of the CTA's fp32 row (one plane: added by reductions in L2; three planes: read and
+    stored): "dw_item", a 16 x 16 block of a group, 8 values per lane; "dw_full_item", the same
+    where every block is full, 4 pairs per lane; "dw_wide_item", 16 x 32 of full blocks, 8
+    pairs per lane and 4 HMMAs per k-step (one plane only); "dw_pair_item", two groups of 8 x 8
+    (one plane: whole pairs, in their own loop; three planes: every pair of at most 8 x 8), 4
+    values per lane; "dw_pair_edge_item", one plane: the other pairs, bounds checked), and the
     tile loads and stores (the costliest loop of each kind). With three planes (the float32
     kernel, MmaF32x3) every ldmatrix is three and every HMMA six."""
     hmma_per = 6 if planes == 3 else 1
@@ -653,36 +654,62 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
                           if not any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
     walk = smallest([l for l in with_layer
                      if any(o.startswith("LDSM.16.M88") for o in ops_in(l[0], l[1]))])
-    # weight-gradient item loops: HMMA.16816 and non-trans LDSM.x4, the fp32 row updates (the
-    # general 16 x 16 item stores 8 values per lane, its full-block variant 4 pairs (STG.E.64),
-    # the pair item 4 values), no trans LDSM (dh)
-    def stores(lp):
-        return sum(1 for o in ops_in(lp[0], lp[1]) if o.startswith(("STG", "STS", "RED")))
+    # weight-gradient item loops: HMMA.16816 and non-trans LDSM.x4, the updates of the fp32 row,
+    # no trans LDSM (dh). Per item and lane: the general 16 x 16 item 8 values, the pair item
+    # 4, the full-block items pairs, 4 ("full") or 8 ("wide", 16 x 32: three ldmatrix feed four
+    # HMMAs per k-step). One plane: reductions in L2, a pair one REDG.E.ADD.F32x2 on sm_90 and
+    # two scalar RED.E.ADD.F32 on sm_80; the general items' and the partial pair items'
+    # reductions each under a branch (BSSY), the full, wide and whole pair items' (two 8 x 8
+    # groups: their own loop) not. Three planes: stores, STG.E.64 per pair of the full items.
+    def values(lp):
+        """(values added or stored, pair updates, branches around them) in the loop"""
+        body = ops_in(lp[0], lp[1])
+        pairs = sum(1 for o in body if o.startswith("STG.E.64")
+                    or (o.startswith("RED") and "F32x2" in o))
+        scalar = sum(1 for o in body if (o.startswith("STG") and not o.startswith("STG.E.64"))
+                     or (o.startswith("RED") and "F32x2" not in o))
+        return 2 * pairs + scalar, pairs, sum(1 for o in body if o.startswith("BSSY"))
 
-    def wide_stores(lp):
-        return sum(1 for o in ops_in(lp[0], lp[1]) if o.startswith("STG.E.64"))
+    def hmma_per_ldsm(lp):
+        body = ops_in(lp[0], lp[1])
+        hmma = sum(1 for o in body if o.startswith("HMMA.16816")) / hmma_per
+        ldsm = sum(1 for o in body if o.startswith("LDSM.16.M88.4")) / planes
+        return hmma / ldsm
     items = [l for l in inside(walk)
              if all(any(o.startswith(n) for o in ops_in(l[0], l[1]))
                     for n in ("HMMA.16816", "LDSM.16.M88.4"))
              and not any(o.startswith("LDSM.16.MT88") for o in ops_in(l[0], l[1]))
-             and stores(l) > 0]
+             and values(l)[0] > 0]
     items = [l for l in items if not any(o is not l and l[0] <= o[0] and o[1] <= l[1]
                                          for o in items)]
     # (a loop may hold two items: item_cost divides by the items per iteration)
-    def kind(lp):
-        """8 / 4: stores per item of the general / pair items; the float2 items: "wide" (16 x
-        32: three ldmatrix feed four HMMAs per k-step) or "full" (two feed two)"""
-        if not wide_stores(lp):
-            return stores(lp)
-        body = ops_in(lp[0], lp[1])
-        hmma = sum(1 for o in body if o.startswith("HMMA.16816")) / hmma_per
-        ldsm = sum(1 for o in body if o.startswith("LDSM.16.M88.4")) / planes
-        return "wide" if hmma > 1.2 * ldsm else "full"
-    kinds = {kind(l): l for l in items}
-    # (the 16 x 32 items only with one plane: mma_weight_grads)
-    if sorted(kinds, key=str) != [4, 8, "full"] + (["wide"] if planes == 1 else []):
-        raise SystemExit(f"weight-gradient item loops not found (stores, 64-bit stores per "
-                         f"loop: {sorted((stores(l), wide_stores(l)) for l in items)})")
+    def per_iter(lp, per_step):
+        """items per iteration: one where the k-steps are a loop of their own, else the HMMAs
+        over those of one item (mt k-steps of ``per_step``)"""
+        if any(any(o.startswith("HMMA") for o in ops_in(k[0], k[1])) for k in inside(lp)):
+            return 1
+        hmma = sum(1 for o in ops_in(lp[0], lp[1]) if o.startswith("HMMA.16816")) / hmma_per
+        return max(1, round(hmma / (per_step * mt)))
+
+    kinds = {}
+    for lp in items:
+        k = per_iter(lp, 4 if hmma_per_ldsm(lp) > 1.2 else 2)
+        n, pairs, branches = (v // k for v in values(lp))
+        if hmma_per_ldsm(lp) > 1.2:
+            key = "wide"
+        elif planes == 1:
+            key = {(8, False): "full", (4, False): 4, (8, True): 8,
+                   (4, True): "pair_edge"}.get((n, branches > 0), n)
+        else:
+            key = "full" if pairs else n
+        if key in kinds:
+            raise SystemExit(f"two weight-gradient item loops of kind {key}")
+        kinds[key] = lp
+    # (the 16 x 32 items, and the whole pair items' own loop, only with one plane)
+    want = [4, 8, "full"] + (["pair_edge", "wide"] if planes == 1 else [])
+    if sorted(kinds, key=str) != sorted(want, key=str):
+        raise SystemExit(f"weight-gradient item loops not found (values, pairs, branches per "
+                         f"loop: {sorted(values(l) for l in items)})")
 
     def item_cost(lp, per_step=2):
         """one item: the loop body, its k-step loop (when not fully unrolled) once per
@@ -708,6 +735,8 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
            "dw_pair_item": item_cost(kinds[4])}
     if "wide" in kinds:
         out["dw_wide_item"] = item_cost(kinds["wide"], 4)
+    if "pair_edge" in kinds:
+        out["dw_pair_edge_item"] = item_cost(kinds["pair_edge"])
     out.update(_tile_move_model(ins, loops))
     return out
 
@@ -942,8 +971,14 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                 terms += _mma_layer_terms(model["fwd"], g, m, n)
             terms += _mma_layer_terms(model["dh"], g, n, m)  # dh = W^T du
             wide, narrow = max(m, n), min(m, n)
-            if wide <= 8:  # dW items: pairs of groups
-                terms.append((-(-g // 2), model["dw_pair_item"]))
+            if wide <= 8:  # dW items: pairs of groups (one plane: the whole pairs of 8 x 8
+                # groups in their own loop, the rest in the bounds-checked one)
+                if "dw_pair_edge_item" not in model:
+                    terms.append((-(-g // 2), model["dw_pair_item"]))
+                elif m == n == 8:
+                    terms += [(g // 2, model["dw_pair_item"]), (g % 2, model["dw_pair_edge_item"])]
+                else:
+                    terms.append((-(-g // 2), model["dw_pair_edge_item"]))
             elif (planes == 1 and n <= m and n % 32 == 0
                   and m % 16 == 0):  # 16 x 32 blocks (mma_weight_grads: full blocks with B in
                 # pairs, one plane; the layer's offset in the fp32 row is even here)

@@ -83,7 +83,8 @@ _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
 # ---------------------------------------------------------------------------------------------
 # SASS: dynamic instruction counts
 # ---------------------------------------------------------------------------------------------
-_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+# (opcodes may hold lower-case letters: REDG.E.ADD.F32x2)
+_LINE = re.compile(r"^\s+/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 CLASSES = ("FFMA/HFMA", "HMMA/MMA", "LDG/STG", "LDS/STS", "SHFL", "BAR", "other")
 
 

@@ -68,6 +68,46 @@ __device__ __forceinline__ float mma_to_float(uint32_t v16) {
   return mma_bits_to_float(v16, Fmt::is_bf16);
 }
 
+// out[0] += a (and out[1] += b, 8-byte aligned) in the CTA's fp32 gradient row as reductions
+// in L2 (red.add; a pair on sm_90: one 8-byte red.v2): nothing comes back to the SM, so an item
+// neither waits for an L2 round trip nor issues the read and the adds, and the row crosses to
+// L2 once per tile instead of twice. Each element has one owning lane, whose reductions on one
+// address take effect in program order (PTX memory model: coherence follows causality order,
+// which includes program order), so the sums are those of the read-add-write, in the same
+// order. One difference: red.add.f32 on global memory flushes subnormal operands and results
+// to zero (PTX ISA; its .noftz needs PTX 9.4), so partial sums below 2^-126 count as 0.
+// ok: whether to add at all (a predicate; ptxas still branches around each predicated
+// reduction, a BSSY / BSYNC pair per value, so the item loops whose values all exist pass none).
+__device__ __forceinline__ void red_add_f32(float* out, float a, bool ok = true) {
+#ifdef IGC_EMULATE
+  if (ok) igc_emu::red_add_f32(out, a);
+#elif defined(__CUDA_ARCH__)
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.u32 p, %2, 0;\n @p red.global.add.f32 [%0], %1;\n}\n"
+      :
+      : "l"(__cvta_generic_to_global(out)), "f"(a), "r"(static_cast<unsigned>(ok)));
+#else
+  (void)out;
+  (void)a;
+  (void)ok;
+  __trap();
+#endif
+}
+__device__ __forceinline__ void red_add_f32x2(float* out, float a, float b) {
+#ifdef IGC_EMULATE
+  igc_emu::check_aligned8(out);
+  igc_emu::red_add_f32(out, a);
+  igc_emu::red_add_f32(out + 1, b);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n"
+               :
+               : "l"(__cvta_generic_to_global(out)), "f"(a), "f"(b));
+#else
+  red_add_f32(out, a);
+  red_add_f32(out + 1, b);
+#endif
+}
+
 // The transposed chain: layer l of the result is W_l^T (n and m swapped, no bias), fragments
 // packed by mma_prepare_kernel.
 inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* table,
@@ -189,12 +229,20 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
     mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, ea, pb, b_t, eb, ps);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2; 32-bit
     // offsets within the layer (its weights number far less than 2^31: its channels fit shared
-    // memory). The values of the CTA's fp32 row are all read before any is written: the
-    // compiler cannot tell the addresses apart, and a read-add-write per value made each read
-    // wait for the previous write (8 L2 round trips in a row per item, sm_90 SASS).
+    // memory). One plane: the values are added to the CTA's fp32 row in L2 (red_add_f32x2,
+    // red_add_f32). Three: all are read before any is written (the compiler cannot tell the
+    // addresses apart, and a read-add-write per value made each read wait for the previous
+    // write: 8 L2 round trips in a row per item, sm_90 SASS).
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + ((g * d.m * d.n) + r_a * stride_a + r_b * stride_b);
-    if (kFullBlocks) {  // (q, q + 1) adjacent and 8-byte aligned: 4 float2 per lane, no bounds
+    if (kFullBlocks && Fmt::kPlanes == 1) {  // (q, q + 1) adjacent and 8-byte aligned: 4 pairs
+      float* o1 = out + 8 * stride_a;  // per lane, no bounds; A row r_a + 8; B rows +0, +8
+      red_add_f32x2(out, acc[0][0], acc[0][1]);
+      red_add_f32x2(out + 8, acc[1][0], acc[1][1]);
+      red_add_f32x2(o1, acc[0][2], acc[0][3]);
+      red_add_f32x2(o1 + 8, acc[1][2], acc[1][3]);
+    } else if (kFullBlocks) {  // three planes: read-add-write (the reductions spilled 4 bytes of
+      // the 16-position float32 kernel on sm_90)
       float2* o0 = reinterpret_cast<float2*>(out);               // A row r_a
       float2* o1 = reinterpret_cast<float2*>(out + 8 * stride_a);  // A row r_a + 8
       const float2 v00 = o0[0], v01 = o0[4], v10 = o1[0], v11 = o1[4];  // B rows +0, +8
@@ -202,6 +250,15 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
       o0[4] = float2{v01.x + acc[1][0], v01.y + acc[1][1]};
       o1[0] = float2{v10.x + acc[0][2], v10.y + acc[0][3]};
       o1[4] = float2{v11.x + acc[1][2], v11.y + acc[1][3]};
+    } else if (Fmt::kPlanes == 1) {  // the values within the group, one reduction each
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          red_add_f32(out + (8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b),
+                      acc[k][q], r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb);
+        }
+      }
     } else {
       float old[2][4];
 #pragma unroll
@@ -281,20 +338,13 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
       mma_sync_planes<Fmt, 16, 4, 4>(acc[3], a[0], b1[0] + 2, acc[3]);
     }
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 32 ib + 8 k + 2 tig + q % 2: per A row,
-    // four float2 8 apart; every value read before any is written (mma_weight_grad_items)
+    // four pairs 8 apart, added in L2 (red_add_f32x2)
     float* out = pw + (g * d.m * d.n + (ia * 16 + gid) * d.n + ib * 32 + 2 * tig);
-    float2* o0 = reinterpret_cast<float2*>(out);              // A row r_a
-    float2* o1 = reinterpret_cast<float2*>(out + 8 * d.n);    // A row r_a + 8
-    float2 v0[4], v1[4];
+    float* o1 = out + 8 * d.n;  // A row r_a + 8
 #pragma unroll
     for (int k = 0; k < 4; ++k) {
-      v0[k] = o0[4 * k];
-      v1[k] = o1[4 * k];
-    }
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      o0[4 * k] = float2{v0[k].x + acc[k][0], v0[k].y + acc[k][1]};
-      o1[4 * k] = float2{v1[k].x + acc[k][2], v1[k].y + acc[k][3]};
+      red_add_f32x2(out + 8 * k, acc[k][0], acc[k][1]);
+      red_add_f32x2(o1 + 8 * k, acc[k][2], acc[k][3]);
     }
     ib += sb_;
     if (ib >= nb2) {
@@ -355,18 +405,19 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   const int a_g = (lane >> 3) & 1, a_t = (lane >> 4) * 8;
   const int b_g = lane >> 4, b_t = ((lane >> 3) & 1) * 8;
   const int r = lane & 7;
-  // one item per iteration: unrolled by two it gains nothing, and tools/gpu_static.py reads an
-  // item's cost from this loop's body
-#pragma unroll 1
-  for (int g0 = 2 * warp; g0 < d.groups; g0 += 2 * kWarps) {
+  // an item: groups g0, g0 + 1; kWhole: both exist with 8 x 8 each and the layer's part of the
+  // row is 8-byte aligned, so each lane's two values of a group are an aligned pair that
+  // exists (one plane: one 8-byte reduction, no bounds)
+  const auto item = [&](int g0, auto whole) {
+    constexpr bool kWhole = decltype(whole)::value;
     const uint16_t* pa = zero;
     const uint16_t* pb = zero;
     int ea = 0, eb = 0;
-    if (g0 + a_g < d.groups && r < d.m) {  // (the row's element: mma_dw_item's XOR)
+    if (kWhole || (g0 + a_g < d.groups && r < d.m)) {  // (the row's element: mma_dw_item's XOR)
       ea = du_elem[(g0 + a_g) * d.m + r];
       pa = du;
     }
-    if (g0 + b_g < d.groups && r < d.n) {
+    if (kWhole || (g0 + b_g < d.groups && r < d.n)) {
       eb = h_elem[(g0 + b_g) * d.n + r];
       pb = h;
     }
@@ -377,27 +428,55 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
     // a 32-bit offset within the layer (its weights number far less than 2^31: its channels
-    // fit shared memory): 8 fewer instructions per item than a 64-bit one. The 4 values are read
-    // before any is written (as in mma_weight_grads).
-    float old[2][2];
+    // fit shared memory): 8 fewer instructions per item than a 64-bit one. One plane: the 4
+    // values added in L2 (red_add_f32); three: read before any is written (mma_weight_grads).
+    if constexpr (kWhole) {
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const int g = g0 + k;
-      const float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
-      const bool row = g < d.groups && gid < d.m;
-      old[k][0] = row && 2 * tig < d.n ? out[0] : 0.0f;
-      old[k][1] = row && 2 * tig + 1 < d.n ? out[1] : 0.0f;
-    }
+      for (int k = 0; k < 2; ++k)
+        red_add_f32x2(pw + ((g0 + k) * 64 + gid * 8 + 2 * tig), acc[k][2 * k],
+                      acc[k][2 * k + 1]);
+    } else if constexpr (Fmt::kPlanes == 1) {
 #pragma unroll
-    for (int k = 0; k < 2; ++k) {
-      const int g = g0 + k;
-      if (g < d.groups && gid < d.m) {
+      for (int k = 0; k < 2; ++k) {
+        const int g = g0 + k;
+        const bool row = g < d.groups && gid < d.m;
         float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
-        if (2 * tig < d.n) out[0] = old[k][0] + acc[k][2 * k];
-        if (2 * tig + 1 < d.n) out[1] = old[k][1] + acc[k][2 * k + 1];
+        red_add_f32(out, acc[k][2 * k], row && 2 * tig < d.n);
+        red_add_f32(out + 1, acc[k][2 * k + 1], row && 2 * tig + 1 < d.n);
+      }
+    } else {
+      float old[2][2];
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int g = g0 + k;
+        const float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
+        const bool row = g < d.groups && gid < d.m;
+        old[k][0] = row && 2 * tig < d.n ? out[0] : 0.0f;
+        old[k][1] = row && 2 * tig + 1 < d.n ? out[1] : 0.0f;
+      }
+#pragma unroll
+      for (int k = 0; k < 2; ++k) {
+        const int g = g0 + k;
+        if (g < d.groups && gid < d.m) {
+          float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
+          if (2 * tig < d.n) out[0] = old[k][0] + acc[k][2 * k];
+          if (2 * tig + 1 < d.n) out[1] = old[k][1] + acc[k][2 * k + 1];
+        }
       }
     }
+  };
+  // one item per iteration: unrolled by two it gains nothing, and tools/gpu_static.py reads an
+  // item's cost from these loops' bodies. One plane: the whole items first (every item of
+  // IGCV2 with K = 8), then the rest
+  int g0 = 2 * warp;
+  if constexpr (Fmt::kPlanes == 1) {
+    if (d.m == 8 && d.n == 8 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0) {
+#pragma unroll 1
+      for (; g0 + 1 < d.groups; g0 += 2 * kWarps) item(g0, std::true_type{});
+    }
   }
+#pragma unroll 1
+  for (; g0 < d.groups; g0 += 2 * kWarps) item(g0, std::false_type{});
 }
 
 // The tensors' element of an fp32 value: rounded to the 16-bit format, or itself (MmaF32x3).

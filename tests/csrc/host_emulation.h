@@ -20,8 +20,10 @@
 // layouts (written from the ISA's tables, independently of the kernel), and the warp meets again
 // before the deposits are reused. stmatrix (sm_90) is used where Device::stmatrix is set: the
 // tests run the kernels both ways. float16 / bfloat16 values are raw 16-bit patterns, converted
-// with round-to-nearest-even. Nothing else is emulated: no other warp intrinsics, atomics or
-// streams.
+// with round-to-nearest-even. The float32 reduction to global memory (red.add.f32) flushes
+// subnormal operands and results to zero, as the PTX ISA specifies; a CTA's threads run one at a
+// time, so it needs no atomicity. Nothing else is emulated: no other warp intrinsics, atomics
+// or streams.
 #pragma once
 
 #include <sys/mman.h>
@@ -29,6 +31,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
@@ -106,8 +109,9 @@ inline std::atomic<bool>& assert_raised() {
   return a;
 }
 inline void device_assert_fail(const char*) { assert_raised() = true; }
-// A row address of ldmatrix / stmatrix that is not 16-byte aligned (a fault on a GPU): the
-// launch reports cudaErrorMisalignedAddress.
+// A row address of ldmatrix / stmatrix that is not 16-byte aligned, or the address of an 8-byte
+// reduction (red.v2.f32) that is not 8-byte aligned (a fault on a GPU): the launch reports
+// cudaErrorMisalignedAddress.
 inline std::atomic<bool>& misaligned() {
   static std::atomic<bool> a{false};
   return a;
@@ -380,6 +384,16 @@ inline uint16_t float_to_f16(float f) {
   std::memcpy(&v, &h, 2);
   return v;
 }
+
+inline void check_aligned8(const void* p) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) misaligned() = true;
+}
+
+// red.global.add.f32 (without .noftz): *p = ftz(ftz(*p) + ftz(v)), rounded to nearest even
+inline float ftz_f32(float v) {
+  return std::fpclassify(v) == FP_SUBNORMAL ? std::copysign(0.0f, v) : v;
+}
+inline void red_add_f32(float* p, float v) { *p = ftz_f32(ftz_f32(*p) + ftz_f32(v)); }
 
 // ---- warp-level instructions -------------------------------------------------------------
 inline int lane_id() { return static_cast<int>(state().thread_idx.x & 31u); }
