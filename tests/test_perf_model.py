@@ -146,6 +146,32 @@ def test_backward_partial_rows_beyond_l2_count_as_memory_traffic():
     assert pm.partial_row_bytes(dict(big, direction="forward"), dev) == 0.0
 
 
+def test_l2_term_counts_the_tile_the_reload_and_the_gradient_row():
+    """What a tile moves between the SM and the L2 at the SM's share of the L2 bandwidth: its
+    own bytes, x again where the backward reloads it, and the CUDA backward's fp32 row (read
+    and written unless the record says how many bytes cross, as reductions in L2 halve it)."""
+    dev = pm.DEVICES["h200"]
+    share = dev.l2_read_bytes_per_s / dev.sms
+    fwd = _row(ctas_per_sm=64)
+    assert pm.l2_bytes_per_tile(fwd) == 16 * (256 + 256) * 4
+    p = pm.predict(fwd, dev)  # the L2 is faster than the copy: never the bound alone
+    assert p["terms_per_tile_ns"]["L2"] == pytest.approx(16 * 512 * 4 / share * 1e9)
+    assert p["bound"] == "memory"
+    bwd = _row(direction="backward", backend="cuda", ctas_per_sm=4, macs_per_position=12288,
+               dtype="bfloat16")
+    tile = 16 * (2 * 256 + 256) * 2
+    assert pm.l2_bytes_per_tile(bwd) == tile + 8 * 12288  # read and written
+    red = dict(bwd, config={"row_l2_bytes": 4 * 12288})
+    assert pm.l2_bytes_per_tile(red) == tile + 4 * 12288
+    assert pm.l2_bytes_per_tile(dict(red, config={"row_l2_bytes": 4 * 12288, "reload_x": True})
+                                ) == tile + 4 * 12288 + 16 * 256 * 2
+    assert pm.l2_bytes_per_tile(dict(bwd, backend="triton")) == tile  # no fp32 row
+    p_rw, p_red = pm.predict(bwd, dev), pm.predict(red, dev)
+    assert p_rw["bound"] == p_red["bound"] == "L2"
+    assert p_red["fraction_of_copy"] == pytest.approx(
+        p_rw["fraction_of_copy"] * (tile + 8 * 12288) / (tile + 4 * 12288))
+
+
 def test_prefetched_backward_tiles_wait_for_l2_not_dram():
     """A CUDA backward record with ``config["prefetch"]`` (one CTA per SM that prefetched its
     tile into L2): the latency term is the L2 hit plus the compute plus the loads (x and dy,

@@ -965,8 +965,12 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                     and f"{fmt}ELi{mt}E" in n)
         model = mma_backward_kernel_model(funcs[name], mt, planes)
         terms = []
+        row_l2 = 0  # bytes of the fp32 row per tile between the SM and the L2
         for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
             m = cout // g
+            # one plane: added by reductions in L2 (the row's bytes once); three: read and
+            # written
+            row_l2 += (4 if planes == 1 else 8) * cout * n
             if l + 1 < len(shapes):  # recomputed u_{l+1}
                 terms += _mma_layer_terms(model["fwd"], g, m, n)
             terms += _mma_layer_terms(model["dh"], g, n, m)  # dh = W^T du
@@ -1014,6 +1018,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                               "chain_backward_mma_kernel", tp, ptxas[name],
                               mma_backward_smem_bytes(rows_, tp, planes))
             rec.config["reload_x"] = reload
+            rec.config["row_l2_bytes"] = row_l2
             rec.config["prefetch"] = backward_l2_prefetch(
                 rec.ctas_per_sm, arch, row_floats, tp, c_x, spec.out_channels, planes)
             if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
@@ -1476,6 +1481,7 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
                 rec = _mma_record(s, "float32", layout, "backward", arch, toolchain,
                                   "chain_backward_kernel", tp, ptxas[name], smem)
                 rec.config["store_all"] = store_all
+                rec.config["row_l2_bytes"] = 8 * row_floats  # read and written per tile
                 # plan_backward's L2 prefetch of the next tile (the fp32 partial row: the weights)
                 rec.config["prefetch"] = backward_l2_prefetch(
                     rec.ctas_per_sm, arch, row_floats, tp, c_x, spec.out_channels, elem_bytes=4)

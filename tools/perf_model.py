@@ -24,10 +24,15 @@ a persistent kernel loops over tiles):
   hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead, the
   stores draining behind the next tile (both assumptions, Device);
 * the CUDA backward's per-CTA fp32 weight-gradient rows (``partial_row_bytes``): every tile
-  reads and writes its CTA's row; where the rows of all resident CTAs exceed three quarters of
-  the L2 (the planner's margin for the tiles' streams), that traffic is counted with the tile's
-  own at the copy bandwidth (rows within it are not counted: an optimistic choice, L2
-  bandwidth is not modelled);
+  adds its gradients to its CTA's row; where the rows of all resident CTAs exceed three
+  quarters of the L2 (the planner's margin for the tiles' streams), that traffic is counted
+  with the tile's own at the copy bandwidth;
+* L2 (``l2_bytes_per_tile``): everything a tile moves between the SM and the L2 at the SM's
+  share of the L2 bandwidth (``l2_read_bytes_per_s``, taken for reads, writes and reductions
+  alike: an assumption): the tile's own bytes, x a second time where the backward reloads it
+  (``config["reload_x"]``), and the backward's fp32 row, read and written (twice its bytes)
+  or, where the kernel adds to it by reductions in L2, once (``config["row_l2_bytes"]``, set
+  by tools/gpu_static.py);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
@@ -347,6 +352,21 @@ def partial_row_bytes(row: dict, dev: Device) -> float:
     return 2.0 * row_bytes
 
 
+def l2_bytes_per_tile(row: dict) -> float:
+    """Bytes one tile moves between the SM and the L2: its own (x and y, or x, grad_y and
+    grad_x), x again where the backward reloads it, and the CUDA backward's fp32 gradient row
+    (``config["row_l2_bytes"]`` where the record gives it, else read and written: 8 bytes per
+    weight)."""
+    cfg = row.get("config") or {}
+    b = row["block_p"] * copy_bytes_per_position(row)
+    if row["direction"] == "backward" and cfg.get("reload_x"):
+        b += row["block_p"] * row["c_x"] * _DTYPE_BYTES[row["dtype"]]
+    if row["direction"] == "backward" and row.get("backend") == "cuda":
+        row_l2 = cfg.get("row_l2_bytes")
+        b += 8.0 * (row.get("macs_per_position") or 0) if row_l2 is None else row_l2
+    return b
+
+
 def predict(row: dict, dev: Device) -> dict:
     """Predicted time per position and its bound for one compiled per-position kernel (a row of
     tools/gpu_static.py with ``dyn``, ``block_p``, ``num_warps``, ``ctas_per_sm``)."""
@@ -379,7 +399,8 @@ def predict(row: dict, dev: Device) -> dict:
                      + loaded / (dev.l2_read_bytes_per_s / dev.sms)) / k
     else:
         t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
-    terms = {**pipes, "memory": t_memory, "latency": t_latency}
+    t_l2 = l2_bytes_per_tile(row) / (dev.l2_read_bytes_per_s / dev.sms)
+    terms = {**pipes, "memory": t_memory, "L2": t_l2, "latency": t_latency}
     bound = max(terms, key=terms.get)
     t_tile = terms[bound]
     t_pos = t_tile / (dev.sms * row["block_p"])
