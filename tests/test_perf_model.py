@@ -165,7 +165,8 @@ def test_l2_term_counts_the_tile_the_reload_and_the_gradient_row():
     assert pm.l2_bytes_per_tile(red) == tile + 4 * 12288
     assert pm.l2_bytes_per_tile(dict(red, config={"row_l2_bytes": 4 * 12288, "reload_x": True})
                                 ) == tile + 4 * 12288 + 16 * 256 * 2
-    assert pm.l2_bytes_per_tile(dict(bwd, backend="triton")) == tile  # no fp32 row
+    assert pm.l2_bytes_per_tile(dict(bwd, backend="triton")) == tile + 8 * 12288  # its row
+    assert pm.l2_bytes_per_tile(dict(bwd, backend="other")) == tile  # no fp32 row
     p_rw, p_red = pm.predict(bwd, dev), pm.predict(red, dev)
     assert p_rw["bound"] == p_red["bound"] == "L2"
     assert p_red["fraction_of_copy"] == pytest.approx(

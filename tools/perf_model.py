@@ -30,7 +30,8 @@ a persistent kernel loops over tiles):
 * L2 (``l2_bytes_per_tile``): everything a tile moves between the SM and the L2 at the SM's
   share of the L2 bandwidth (``l2_read_bytes_per_s``, taken for reads, writes and reductions
   alike: an assumption): the tile's own bytes, x a second time where the backward reloads it
-  (``config["reload_x"]``), and the backward's fp32 row, read and written (twice its bytes)
+  (``config["reload_x"]``), and the backward's fp32 row (CUDA and Triton: a row per CTA or
+  program, updated every tile), read and written (twice its bytes)
   or, where the kernel adds to it by reductions in L2, once (``config["row_l2_bytes"]``, set
   by tools/gpu_static.py);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
@@ -354,14 +355,15 @@ def partial_row_bytes(row: dict, dev: Device) -> float:
 
 def l2_bytes_per_tile(row: dict) -> float:
     """Bytes one tile moves between the SM and the L2: its own (x and y, or x, grad_y and
-    grad_x), x again where the backward reloads it, and the CUDA backward's fp32 gradient row
-    (``config["row_l2_bytes"]`` where the record gives it, else read and written: 8 bytes per
-    weight)."""
+    grad_x), x again where the backward reloads it, and the backward's fp32 gradient row (CUDA:
+    the CTA's, Triton: the program's; ``config["row_l2_bytes"]`` where the record gives it,
+    else read and written: 8 bytes per weight)."""
     cfg = row.get("config") or {}
     b = row["block_p"] * copy_bytes_per_position(row)
     if row["direction"] == "backward" and cfg.get("reload_x"):
         b += row["block_p"] * row["c_x"] * _DTYPE_BYTES[row["dtype"]]
-    if row["direction"] == "backward" and row.get("backend") == "cuda":
+    if row["direction"] == "backward" and row.get("backend") in ("cuda", "triton"):
+        # (both backends' backwards add every tile's gradients to a per-CTA / per-program row)
         row_l2 = cfg.get("row_l2_bytes")
         b += 8.0 * (row.get("macs_per_position") or 0) if row_l2 is None else row_l2
     return b
