@@ -189,6 +189,44 @@ def test_bitwise_deterministic(dtype):
     assert_bitwise_deterministic(p, "cuda", _gy(p, 16))
 
 
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="tensor cores for bf16 need sm_80")
+@pytest.mark.parametrize("groups", [[16, 16], [8, 8], [4, 4], [10, 5]],
+                         ids=["pairs_8x8", "blocks_16", "blocks_16x32", "bounds_checked"])
+def test_tensor_core_backward_reductions_are_deterministic(groups):
+    """The tensor-core backward adds its weight gradients to each CTA's fp32 row by reductions
+    in L2 (red.add); every element has one owning lane, so the gradients are bitwise equal over
+    runs for each kind of item: pairs of 8 x 8 groups, 16 x 16 and 16 x 32 blocks, and the
+    bounds-checked blocks of groups of 12 and 24 channels. Many tiles per CTA."""
+    channels = [120] * 3 if groups == [10, 5] else [128] * 3
+    p = _problem(channels, groups, dtype=torch.bfloat16, spatial=(48, 48), N=4, seed=17)
+    assert_bitwise_deterministic(p, "cuda", _gy(p, 18), runs=4)
+
+
+@pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
+                    reason="tensor cores for bf16 need sm_80")
+def test_tensor_core_backward_flushes_subnormal_partial_sums():
+    """red.add.f32 flushes subnormal operands and results to zero (PTX ISA; docs/backends.md):
+    with x and grad_y near 1e-20, every tile's partial sum of every weight gradient (about
+    1e-39) is subnormal, so the bfloat16 weight gradients of the tensor-core backward are all
+    zero, while the float64 chain's are not and grad_x is unaffected."""
+    p = _problem([48, 48, 48, 48], [6, 3, 2], dtype=torch.bfloat16, bias=False, seed=19)
+    x = (p.x.detach().float() * 1e-20).to(torch.bfloat16).requires_grad_()
+    gy = (_gy(p, 20).float() * 1e-20).to(torch.bfloat16)
+    y = p.call("cuda", x=x)
+    grads = torch.autograd.grad(y, [x, *p.weights], gy)
+    x64 = x.detach().double().requires_grad_()
+    w64 = [w.detach().double().requires_grad_() for w in p.weights]
+    y64 = igc.reference.interleaved_group_conv(x64, w64, p.groups, p.permutations)
+    g64 = torch.autograd.grad(y64, [x64, *w64], gy.double())
+    for g in g64[1:]:
+        assert bool((g.abs() > 0).all()) and float(g.abs().max()) < 2.0 ** -120
+    for g in grads[1:]:
+        assert int(torch.count_nonzero(g)) == 0
+    err = (grads[0].double() - g64[0]).abs().max() / g64[0].abs().max()
+    assert float(err) < 0.05, float(err)
+
+
 OPCHECK_CASES = {
     "nchw_bias_perm": dict(channels=[8, 12, 8], groups=[4, 2], perms="random", bias=True,
                            layout="contiguous", dtype=torch.float32),
