@@ -1958,7 +1958,10 @@ def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp, dtype):
     three quarters of the L2, one CTA per SM with a tile twice as long (16 -> 32 and 32 -> 64
     positions): every gradient against the float64 oracle, dx bitwise equal to the two-CTA
     plan's (per position the same arithmetic); not without weight gradients, not where the long
-    tiles would leave an SM without one, not with the L2 unknown (0)."""
+    tiles would leave an SM without one, not with the L2 unknown (0). In 16 bits the same
+    where the rows fit the L2 but a row has at least the bytes of a tile's x, dy and dx
+    (c0_wider_3_layers: 10112 bytes against 4096 and 8192; pairs_c0_eq_cl: 4608 against 6144
+    and 12288)."""
     channels, groups, *_ = MMA_RELOAD_CASES[case]
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=tp)
     x = _x((2, channels[0], 8, 8), "contiguous", dtype, 1)  # 128 positions
@@ -1971,13 +1974,20 @@ def test_emulated_mma_backward_wide_tile_beyond_l2(emu, case, tp, dtype):
     row = 4 * (sum(w.numel() for w in c.weights) + sum(channels[1:]))  # fp32 weights, biases
     below, beyond = 6 * row, 5 * row  # two SMs x two rows = 4 rows against 3/4 of the L2
     dev = lambda l2: (2, per_sm - 1024, per_sm, l2)  # noqa: E731  (opt-in as on an H100)
-    dx_n, *_, plan_n = c.check_backward_mma(emu, x, gy, device=dev(below), occupancy=2)
-    assert list(plan_n[:3]) == [tp, 4, 1], plan_n  # (grid: CTAs, at most 2 per SM)
-    dx_w, *_, plan_w = c.check_backward_mma(emu, x, gy, device=dev(beyond), occupancy=2)
     # one CTA per SM: its next tile prefetched where the rows and those tiles fit the margin
     tile_bytes = 2 * tp * (channels[0] + channels[-1]) * (4 if planes == 3 else 2)
-    prefetch = int(4 * 2 * (row + tile_bytes) <= 3 * beyond)
-    assert list(plan_w) == [2 * tp, 2, 1, prefetch], plan_w
+    prefetch = lambda l2: int(4 * 2 * (row + tile_bytes) <= 3 * l2)  # noqa: E731
+    heavy = planes == 1 and row >= tp * (2 * channels[0] + channels[-1]) * 2
+    assert heavy == (case == "c0_wider_3_layers" and dtype != torch.float32)
+    dx_n, *_, plan_n = c.check_backward_mma(emu, x, gy, device=dev(below), occupancy=2)
+    if heavy:
+        assert list(plan_n) == [2 * tp, 2, 1, prefetch(below)], plan_n
+    else:
+        assert list(plan_n[:3]) == [tp, 4, 1], plan_n  # (grid: CTAs, at most 2 per SM)
+    dx_w, *_, plan_w = c.check_backward_mma(emu, x, gy, device=dev(beyond), occupancy=2)
+    assert list(plan_w) == [2 * tp, 2, 1, prefetch(beyond)], plan_w
+    *_, plan_2 = c.check_backward_mma(emu, x, gy, device=dev(0), occupancy=2)  # two CTAs
+    assert list(plan_2[:3]) == [tp, 4, 1], plan_2
     assert torch.equal(dx_w, dx_n)
     *_, plan = c.emu_backward_mma(emu, x, gy, mask=(True, False, False), device=dev(beyond))
     assert plan[0] == tp, plan
@@ -1998,12 +2008,13 @@ def test_static_model_mirrors_the_backward_planner(emu):
     per SM either way), IGCV2(64, 4) has room for 64 positions without it; IGCV2(1024, 16) and
     (1024, 32), whose weight-gradient rows at two CTAs per SM exceed three quarters of the L2,
     take one CTA per SM with 32 positions (the emulated device: two SMs with the L2 share of
-    two of the 132). Float32 (three planes): IGCV2(64, 4) two CTAs of 32 positions, IGCV2(256,
+    two of the 132), and IGCV2(512, 16), whose row has the bytes of its 32-position tile's x, dy
+    and dx, one CTA of 64. Float32 (three planes): IGCV2(64, 4) two CTAs of 32 positions, IGCV2(256,
     8) two of 16 and (512, 16) one of 16 (x and dy in one tile gains nothing), (1024, 32) one of
     16 with x and dy in one tile, (1024, 8) and (1024, 16) no tile (the CUDA-core backward)."""
     pytest.importorskip("triton")
     expect = {
-        torch.bfloat16: {(256, 8): (64, True), (512, 16): (32, True), (1024, 8): (16, False),
+        torch.bfloat16: {(256, 8): (64, True), (512, 16): (64, True), (1024, 8): (16, False),
                          (64, 4): (64, False), (1024, 16): (32, True), (1024, 32): (32, False)},
         torch.float32: {(256, 8): (16, False), (512, 16): (16, False), (1024, 8): (0, False),
                         (64, 4): (32, False), (1024, 16): (0, False), (1024, 32): (16, True)}}

@@ -29,9 +29,10 @@
 #   bench-quick  benchmarks/bench.py --device cuda --only "$BENCH_ONLY" (default: the nine
 #                IGCV2 targets, IGCV2_TARGETS) --backends "$BENCH_BACKENDS" (default cuda),
 #                no torch.compile, no memory measurements, then the same comparison
-#   wide-off     bench-quick's measurement of IGCV2(1024, 16) and (1024, 32) with
-#                IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs of 16 positions
-#                per SM, to set beside bench-quick's one CTA of 32 (bench-wide-off.json); in
+#   wide-off     bench-quick's measurement of IGCV2(1024, 16), (1024, 32), (512, 16) and
+#                (512, 32) with IGC_CUDA_PLAN_L2_BYTES=0: the tensor-core backward's two CTAs
+#                per SM (of 16 positions at C = 1024, of 32 at C = 512), to set beside
+#                bench-quick's one CTA of twice the positions (bench-wide-off.json); in
 #                float32 the CUDA-core backward's two CTAs per SM, to set beside fp32mma's
 #                bench-fp32.json, one CTA with its next tile prefetched (bench-wide-off-fp32.json)
 #   prefetch-off with IGC_CUDA_L2_PREFETCH=0, the backwards that run one CTA per SM (and the
@@ -173,7 +174,8 @@ for arg in "${steps[@]}"; do
       run_step predicted-quick "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-quick.json" ;;
     wide-off) run_step wide-off env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
-      --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \
+      --device cuda --no-compile --no-memory --quiet \
+      --only 1024:16:3,1024:32:2,512:16:3,512:32:2 \
       --backends cuda --json "$OUT/bench-wide-off.json" ;
       run_step wide-off-fp32 env IGC_CUDA_PLAN_L2_BYTES=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:16:3,1024:32:2 \

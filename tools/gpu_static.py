@@ -831,13 +831,16 @@ PLAN_DEVICE = {80: (108, 40 << 20),
                90: (perf_model.DEVICES["h200"].sms, int(perf_model.DEVICES["h200"].l2_bytes))}
 
 
-def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1) -> tuple:
+def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1,
+                      c_in: int = 0) -> tuple:
     """(tile, reload x, tile rows) of plan_backward_mma for channels ``chans`` (C_0 .. C_L), for
     many positions: the store-all tiles x | u_1 .. u_{L-1} | dy, or with L >= 2 x and dy in one
     tile where that gives more positions per SM (tile x CTAs per SM by shared memory, 2 or 1);
     then mma_backward_wide_tile: where two CTAs per SM fit and their fp32 gradient rows
     (``row_floats`` weights and biases each; 0: not counted) exceed three quarters of the L2 of
-    ``PLAN_DEVICE[arch]``, one CTA per SM with a tile twice as long, where it fits one CTA.
+    ``PLAN_DEVICE[arch]``, or (one plane) a row's bytes are at least those of a tile's x, dy and
+    dx (``c_in``: x's channels, default C_0), one CTA per SM with a tile twice as long, where it
+    fits one CTA.
     Float32 (``planes`` = 3): three planes of every tile (``mma_backward_tile``)."""
     mid = sum(mma_tile_rows(c) for c in chans[1:-1])
     xr, dyr = mma_tile_rows(chans[0]), mma_tile_rows(chans[-1])
@@ -854,7 +857,10 @@ def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1) ->
         if per_sm_r > per_sm:
             tp, two, reload, rows = tp_r, two_r, True, max(xr, dyr) + mid
     sms, l2 = PLAN_DEVICE[arch]
-    if (two and 16 <= tp < 64 and 4 * (2 * sms * 4 * row_floats) > 3 * l2
+    tile_bytes = tp * (chans[0] + (c_in or chans[0]) + chans[-1]) * 2
+    if (two and 16 <= tp < 64
+            and (4 * (2 * sms * 4 * row_floats) > 3 * l2
+                 or (planes == 1 and row_floats and 4 * row_floats >= tile_bytes))
             and mma_backward_smem_bytes(rows, 2 * tp, planes) <= SM_LIMITS[arch][1] - 1024):
         tp *= 2
     return tp, reload, rows
@@ -957,7 +963,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         planes = 3 if dtype == "float32" else 1
         # the fp32 gradient row: the weights (the static structures have no biases)
         row_floats = sum(c * k for c, k in shapes)
-        tp, reload, rows_ = mma_backward_plan(chans, arch, row_floats, planes)
+        tp, reload, rows_ = mma_backward_plan(chans, arch, row_floats, planes, c_x)
         if tp == 0:
             continue
         mt = tp // 16

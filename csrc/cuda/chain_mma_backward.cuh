@@ -773,21 +773,29 @@ inline cudaError_t mma_backward_configure(size_t smem, int* occ) {
   return configure(chain_backward_mma_kernel<Fmt, MT>, smem, occ);
 }
 
-// Every tile reads and writes its CTA's whole fp32 row of weight and bias gradients (in L2), so
-// the rows of all resident CTAs are the backward's working set beside its tiles' streams. The
-// H200 profile of IGCV2(1024, 16) (tiles of 16 positions, two CTAs per SM: 264 rows of 192 KiB,
-// 99% of the L2) moved 3.4 GB through DRAM where x, dy and dx are 0.8 GB, and the reduction
-// that reads the rows next found 1.3% of them in L2. Where the rows of two CTAs per SM exceed
-// three quarters of the L2 (a margin for the streams, not tuned), one CTA per SM with a tile of
-// 32 mt positions keeps the positions per SM, halves the rows and the row traffic per position,
-// and shares each item's set-up between twice the positions, for half the resident warps.
-// True where that tile exists (mt of 1 or 2), fits one CTA's shared memory and still gives
-// every SM a tile. dev.l2_bytes == 0 (unknown, or IGC_CUDA_PLAN_L2_BYTES=0): never.
+// Every tile updates its CTA's whole fp32 row of weight and bias gradients (in L2), so the rows
+// of all resident CTAs are the backward's working set beside its tiles' streams. The H200
+// profile of IGCV2(1024, 16) (tiles of 16 positions, two CTAs per SM: 264 rows of 192 KiB, 99%
+// of the L2) moved 3.4 GB through DRAM where x, dy and dx are 0.8 GB, and the reduction that
+// reads the rows next found 1.3% of them in L2. Where the rows of two CTAs per SM exceed three
+// quarters of the L2 (a margin for the streams, not tuned), one CTA per SM with a tile of 32 mt
+// positions keeps the positions per SM, halves the rows and the row traffic per position, and
+// shares each item's set-up between twice the positions, for half the resident warps. The
+// same where (one plane) a tile's row, added once by reductions in L2, moves at least the
+// bytes of the tile's x, dy and dx: the row then takes half or more of the L2 traffic per
+// position, which the longer tile halves (tools/perf_model.py's L2 term: IGCV2(512, 16) and
+// (512, 32) in bfloat16 55% -> 65% and 67%, predicted, latency-bound then; IGCV2(512, 8), whose
+// row is half its tile's bytes, 70% -> 74%, is left as it is). True where that tile exists (mt
+// of 1 or 2), fits one CTA's shared memory and still gives every SM a tile.
+// dev.l2_bytes == 0 (unknown, or IGC_CUDA_PLAN_L2_BYTES=0): never.
 inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool reload, int64_t P,
                                    const DeviceInfo& dev, int planes = 1) {
   if (dev.l2_bytes <= 0 || mt < 1 || mt >= kMmaMaxMt) return false;
   const int64_t row_bytes = (c.num_w + c.num_b) * static_cast<int64_t>(sizeof(float));
-  if (!partial_rows_exceed_l2(dev, 2, row_bytes)) return false;
+  const int64_t tile_bytes =
+      16 * mt * static_cast<int64_t>(c.c0 + c.c_in + c.layer[c.L - 1].cout) * 2;
+  if (!partial_rows_exceed_l2(dev, 2, row_bytes) && !(planes == 1 && row_bytes >= tile_bytes))
+    return false;
   const int tp = 32 * mt;
   return mma_backward_smem_bytes(mma_backward_rows(c, reload), tp, planes) <=
              cta_smem_budget(dev, 1) &&
@@ -798,9 +806,10 @@ inline bool mma_backward_wide_tile(const ChainParams<float>& c, int mt, bool rel
 // CTAs of 32 or 16 positions, else one); mt = 0 when the store-all tiles do not fit a
 // 16-position tile or the tiles outnumber INT32_MAX / 2 (the caller falls back to the CUDA-core
 // backward). The number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes.
-// Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM take
-// one CTA per SM with a tile twice as long where it fits (mma_backward_wide_tile). A lone CTA
-// per SM prefetches its next tile into L2 where that fits too (plan->prefetch, below).
+// Weight gradients whose fp32 rows, one per CTA, exceed 3/4 of the L2 at two CTAs per SM, or
+// (16-bit) move at least a tile's bytes per tile, take one CTA per SM with a tile twice as long
+// where it fits (mma_backward_wide_tile). A lone CTA per SM prefetches its next tile into L2
+// where that fits too (plan->prefetch, below).
 template <class Fmt>
 inline cudaError_t plan_backward_mma(const MmaParams& mp, int64_t P, bool need_grads_wb,
                                      const DeviceInfo& dev, MmaPlan* plan) {
