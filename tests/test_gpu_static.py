@@ -619,13 +619,17 @@ def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):
         assert r["stack_bytes"] == 0, what
         assert r["block_p"] in (16, 32, 64), what
         # x and dy in one tile where that gives more positions per SM: IGCV2(256, 8) 64
-        # positions instead of 32, (512, 16) 32 instead of 16
+        # positions instead of 32, (512, 16) 32 instead of 16 (then 64, one CTA: below)
         reload = r["structure"] in ("igcv2(256,8)", "igcv2(512,16)")
         assert r["config"]["reload_x"] == reload, what
         # the next tile prefetched into L2 where one CTA runs per SM (IGCV2(1024, 8): four
-        # store-all tiles of 16 positions) and the rows and those tiles fit the L2's margin
-        one = r["structure"] == "igcv2(1024,8)"
+        # store-all tiles of 16 positions; IGCV2(512, 16): its fp32 row has the bytes of its
+        # 32-position tile's x, dy and dx, so one CTA of 64, mma_backward_wide_tile) and the
+        # rows and those tiles fit the L2's margin
+        one = r["structure"] in ("igcv2(1024,8)", "igcv2(512,16)")
         assert (r["ctas_per_sm"] == 1) == one and r["config"]["prefetch"] == one, what
+        assert r["block_p"] == {"igcv2(1024,8)": 16, "igcv2(512,16)": 64}.get(
+            r["structure"], r["block_p"]), what
         n_rows = _backward_tile_rows(spec, reload)
         assert r["shared_bytes"] == (n_rows + 2) * r["block_p"] * 2 + 3 * r["block_p"] * 8, what
     preds = [p for p in perf_model.records(report)
