@@ -693,9 +693,10 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
 
     kinds = {}
     for lp in items:
-        k = per_iter(lp, 4 if hmma_per_ldsm(lp) > 1.2 else 2)
+        wide = hmma_per_ldsm(lp) > 1.2
+        k = per_iter(lp, 4 if wide else 2)
         n, pairs, branches = (v // k for v in values(lp))
-        if hmma_per_ldsm(lp) > 1.2:
+        if wide:
             key = "wide"
         elif planes == 1:
             key = {(8, False): "full", (4, False): 4, (8, True): 8,
@@ -714,18 +715,17 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     def item_cost(lp, per_step=2):
         """one item: the loop body, its k-step loop (when not fully unrolled) once per
         iteration: mt over the k-steps (``per_step`` HMMAs each, times six with three planes)
-        one iteration holds"""
-        per_step *= hmma_per
+        one iteration holds; without a k-step loop, the body over the items it holds
+        (``per_iter``)"""
         kloops = [l for l in inside(lp) if any(o.startswith("HMMA")
                                                for o in ops_in(l[0], l[1]))]
         whole = _region_counts(ins, lp[0], lp[1])
         if kloops:
             k = smallest(kloops)
             body = _region_counts(ins, k[0], k[1])
-            steps = max(1, round(body["counts"]["HMMA/MMA"] / per_step))
+            steps = max(1, round(body["counts"]["HMMA/MMA"] / (per_step * hmma_per)))
             return _combine((1.0, whole), (max(1, mt // steps) - 1, body))
-        per_iter = max(1, round(whole["counts"]["HMMA/MMA"] / (per_step * mt)))
-        return _combine((1.0 / per_iter, whole))
+        return _combine((1.0 / per_iter(lp, per_step), whole))
 
     dw_items = [kinds[k][:2] for k in kinds]
     out = {"fwd": _layer_model(ins, inside(recompute), mt, planes),
@@ -1649,8 +1649,7 @@ def main(argv=None) -> int:
 def _env_prefix() -> str:
     """The environment switches that change the compiled kernels, as a command prefix: the
     Triton kernels' opt-in float32 tensor-core dots (``IGC_TRITON_FP32_MMA=1``)."""
-    on = os.environ.get(K.FP32_MMA_ENV, "0") == "1"
-    return f"{K.FP32_MMA_ENV}=1 " if on else ""
+    return f"{K.FP32_MMA_ENV}=1 " if K.fp32_mma_requested() else ""
 
 
 def _write_report(path, argv, rows) -> None:

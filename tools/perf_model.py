@@ -31,9 +31,8 @@ a persistent kernel loops over tiles):
   share of the L2 bandwidth (``l2_read_bytes_per_s``, taken for reads, writes and reductions
   alike: an assumption): the tile's own bytes, x a second time where the backward reloads it
   (``config["reload_x"]``), and the backward's fp32 row (CUDA and Triton: a row per CTA or
-  program, updated every tile), read and written (twice its bytes)
-  or, where the kernel adds to it by reductions in L2, once (``config["row_l2_bytes"]``, set
-  by tools/gpu_static.py);
+  program, updated every tile), read and written (twice its bytes) or, where the kernel adds
+  to it by reductions in L2, once (``config["row_l2_bytes"]``, set by tools/gpu_static.py);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
