@@ -7,7 +7,8 @@ unfused chain it computes: per layer one grouped ``Conv`` with 1-wide kernels ov
 positions flattened to one axis, the permutations and the input index as ``Gather`` on the
 channel axis, the biases as ``Conv`` biases. Any opset from 18. The batch and spatial sizes stay
 symbolic (dynamic shapes export as dynamic). 16-bit inputs are computed in float32 and cast
-back, as the fused operator accumulates (intermediates are never rounded to 16 bits).
+back, as the CPU kernels accumulate (intermediates are not rounded to 16 bits; the GPU's 16-bit
+tensor-core paths round them where the unfused chain does, docs/design.md).
 
 Needs ``onnxscript`` (it comes with ``torch.onnx``'s dynamo exporter) and, to run the model,
 ``onnxruntime``.

@@ -23,7 +23,10 @@ memory:
     - g(o) n]`` inside the group, 0 outside) times the tile: ``C_{l-1} C_l`` multiply-adds per
     position, ``G_l`` times the grouped work, but on tensor cores (16-bit inputs of layer 1,
     and float32 only where TF32 is allowed) and with no gather at all.
-* fp32 accumulation always; intermediates stay float32 (never rounded to the storage dtype).
+* fp32 accumulation always; intermediates stay float32 (never rounded to the storage dtype),
+  except on the packed path of 16-bit chains, which rounds each packed layer's input and the
+  gradients it multiplies to the storage dtype where the unfused chain in that dtype rounds
+  them, for one tensor-core product per block (``_layer_packed``).
   ``tl.dot`` on float32 operands uses ``input_precision="ieee"`` unless
   ``torch.backends.cuda.matmul.allow_tf32`` is set (then ``"tf32"``) or the opt-in
   ``IGC_TRITON_FP32_MMA=1`` is (then ``"bf16x6"``: three bfloat16 parts per operand, six
@@ -32,12 +35,13 @@ memory:
 
 Backward: a persistent grid of ``NPROG`` programs; program ``p`` walks tiles ``p, p + NPROG,
 ...`` in order. Per tile it loads ``x`` and ``dy`` once (``dy`` through the inverse of the last
-permutation), recomputes the forward on chip (keeping the intermediates, or recomputing them
-layer by layer when ``KEEP=0``, an autotuned choice), walks the layers backward and writes ``dx``
-once (with ``input_index``, ``dx[:, c]`` sums ``dh_0[:, j]`` over ``idx[j] == c`` in increasing
-``j``, read from a host-built sorted order: no atomics). ``dW_l``/``db_l`` of the tile are added
-to the program's own float32 row of a ``[NPROG, sum C_l n_l + sum C_l]`` partial buffer (no
-other program touches it); ``_reduce_partials`` then sums the rows in a fixed order.
+permutation; each iteration loads the next tile's before it computes its own, so those loads are
+in flight meanwhile), recomputes the forward on chip (keeping the intermediates, or recomputing
+them layer by layer when ``KEEP=0``, an autotuned choice), walks the layers backward and writes
+``dx`` once (with ``input_index``, ``dx[:, c]`` sums ``dh_0[:, j]`` over ``idx[j] == c`` in
+increasing ``j``, read from a host-built sorted order: no atomics). ``dW_l``/``db_l`` of the
+tile are added to the program's own float32 row of a ``[NPROG, sum C_l n_l + sum C_l]`` partial
+buffer (no other program touches it); ``_reduce_partials`` then sums the rows in a fixed order.
 Deterministic: bitwise identical results run to run for a given launch configuration.
 
 Budget per position (fp32 storage, ``C`` channels, ``L`` layers, ``n`` inputs per group):
@@ -227,24 +231,17 @@ def _layer_dot(h, w_ptr, b_ptr, inv_ptr,
 
 
 @triton.jit
-def _split_dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
+def _packed_dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
     """Batched ``a @ b`` (``[B, P, K] x [B, K, O]``) accumulated in float32. ``b`` holds
     storage-dtype weights. MODE 0: float32 operands (``PREC``: exact "ieee", "tf32" when the
-    user allows it for matmul, "bf16x6" with the opt-in ``IGC_TRITON_FP32_MMA=1``); 1: ``a``
-    is 16-bit storage values (exact products); 2: ``a`` is float32 and is split into a 16-bit
-    high part and the 16-bit rounding of the rest, two tensor-core products whose sum keeps
-    ~16 more bits than a rounded ``a`` (the intermediate is never rounded to the storage
-    dtype)."""
+    user allows it for matmul, "bf16x6" with the opt-in ``IGC_TRITON_FP32_MMA=1``); 1 (16-bit
+    chains): ``a`` rounded to the storage dtype (16-bit storage values are already), one
+    tensor-core product of exact 16-bit products."""
     if MODE == 0:
         acc = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC,
                      out_dtype=tl.float32)
-    elif MODE == 1:
-        acc = tl.dot(a, b.to(a.dtype), out_dtype=tl.float32)
     else:
-        hi = a.to(b.dtype)
-        lo = (a - hi.to(tl.float32)).to(b.dtype)
-        acc = tl.dot(hi, b, out_dtype=tl.float32)
-        acc = tl.dot(lo, b, acc, out_dtype=tl.float32)
+        acc = tl.dot(a.to(b.dtype), b, out_dtype=tl.float32)
     return acc
 
 
@@ -269,12 +266,12 @@ def _packed_blocks(h, perm_ptr, C_IN: tl.constexpr, KB: tl.constexpr, PK: tl.con
 
 @triton.jit
 def _packed_weight_offsets(N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
-                           KB: tl.constexpr, MB: tl.constexpr):
+                           KB: tl.constexpr, MB: tl.constexpr, Z):
     """``(o * N + kk, in-group mask)`` of the ``[C_IN / KB, KB, MB]`` block-diagonal weight
     blocks: block b holds inputs ``b KB ..`` and outputs ``b MB ..``; ``W[o, kk]`` sits at
     input ``g(o) N + kk``."""
     NB: tl.constexpr = C_IN // KB
-    b = tl.arange(0, NB)[:, None, None]
+    b = tl.arange(0, NB)[:, None, None] + Z
     k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
     o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
     kk = k - (o // M) * N
@@ -282,25 +279,19 @@ def _packed_weight_offsets(N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
 
 
 @triton.jit
-def _split2_dot(a, b, DT: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
-    """Batched ``a @ b`` of two float32 operands accumulated in float32. SPLIT: each operand
-    split into a ``DT`` high part and the ``DT`` rounding of the rest, three tensor-core
-    products (the small ``lo x lo`` term dropped); else float32 operands (``PREC``)."""
-    if SPLIT:
-        ah = a.to(DT)
-        al = (a - ah.to(tl.float32)).to(DT)
-        bh = b.to(DT)
-        bl = (b - bh.to(tl.float32)).to(DT)
-        acc = tl.dot(ah, bh, out_dtype=tl.float32)
-        acc = tl.dot(ah, bl, acc, out_dtype=tl.float32)
-        acc = tl.dot(al, bh, acc, out_dtype=tl.float32)
+def _grad_dot(a, b, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr):
+    """Batched ``a @ b`` of two float32 operands accumulated in float32. ROUND16 (16-bit
+    chains): both rounded to ``DT``, one tensor-core product; else float32 operands
+    (``PREC``)."""
+    if ROUND16:
+        acc = tl.dot(a.to(DT), b.to(DT), out_dtype=tl.float32)
     else:
         acc = tl.dot(a, b, input_precision=PREC, out_dtype=tl.float32)
     return acc
 
 
 @triton.jit
-def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
+def _layer_packed(h, w_ptr, b_ptr, perm_ptr, Z,
                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
                   KB: tl.constexpr, MB: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
                   SM: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
@@ -310,7 +301,11 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
     single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
     channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
     whole groups per block), one batched ``tl.dot``. ``C_IN`` and ``C_OUT`` fill the tile (no
-    padding slots). Returns ``[BLOCK_P, C_OUT]`` float32."""
+    padding slots). MODE 1 (16-bit chains): the tile rounded to the storage dtype first (where
+    the unfused chain rounds the previous layer's output), so the permutation moves 16-bit
+    values and one product per block does. Returns ``[BLOCK_P, C_OUT]`` float32."""
+    if MODE != 0:
+        h = h.to(w_ptr.dtype.element_ty)
     if PK == 1:
         h = tl.reshape(tl.permute(tl.reshape(h, (BLOCK_P, SG, SM)), (0, 2, 1)), (BLOCK_P, C_IN))
     elif PK == 2:
@@ -319,13 +314,13 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
         h = tl.gather(h, tl.broadcast_to(src[None, :], (BLOCK_P, C_IN)), axis=1)
     NB: tl.constexpr = C_IN // KB
     hb = tl.permute(tl.reshape(h, (BLOCK_P, NB, KB)), (1, 0, 2))  # [NB, BLOCK_P, KB]
-    b = tl.arange(0, NB)[:, None, None]
+    b = tl.arange(0, NB)[:, None, None] + Z
     k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
     o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
     g = o // M
     kk = k - g * N
     wb = tl.load(w_ptr + o * N + kk, mask=(kk >= 0) & (kk < N), other=0.0)  # [NB, KB, MB]
-    acc = _split_dot(hb, wb, MODE, PREC)  # [NB, BLOCK_P, MB]
+    acc = _packed_dot(hb, wb, MODE, PREC)  # [NB, BLOCK_P, MB]
     acc = tl.reshape(tl.permute(acc, (1, 0, 2)), (BLOCK_P, C_OUT))
     if HAS_BIAS:
         acc += tl.load(b_ptr + tl.arange(0, C_OUT)).to(tl.float32)[None, :]
@@ -333,32 +328,41 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr,
 
 
 @triton.jit
-def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr,
+def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr, Z,
                       N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
                       C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
                       PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                      SPLIT: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+                      ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
     du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
-    shuffle's inverse reshape / transpose, an explicit one's inverse gather). SPLIT (16-bit
-    chains): float32 operands split into 16-bit parts (``_split2_dot``), never rounded to the
-    storage dtype. ``du`` is 0 in no slot (C_IN, C_OUT fill the tile)."""
+    shuffle's inverse reshape / transpose, an explicit one's inverse gather). ROUND16 (16-bit
+    chains): ``du`` and ``h`` rounded to the storage dtype first, as the forward rounds the
+    layer's input and the unfused chain rounds every gradient (db sums the rounded ``du``
+    too). ``du`` is 0 in no slot (C_IN, C_OUT fill the tile)."""
     NB: tl.constexpr = C_IN // KB
-    dub = tl.permute(tl.reshape(du, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
-    woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB)
     DT: tl.constexpr = w_ptr.dtype.element_ty
+    if ROUND16:
+        dus = du.to(DT)
+    else:
+        dus = du
+    dub = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
+    woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, Z)
     if NEED_DW:
-        hb = _packed_blocks(h.to(tl.float32), perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
-        dwb = _split2_dot(tl.permute(hb, (0, 2, 1)), dub, DT, SPLIT, PREC)  # [NB, KB, MB]
+        if ROUND16:
+            hs = h.to(DT)
+        else:
+            hs = h.to(tl.float32)
+        hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
+        dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
         _rmw_add(pw_ptr + woff, wmask, dwb)
     if NEED_DB:
         c = tl.arange(0, C_OUT)
-        _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(du, axis=0))
+        _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(dus.to(tl.float32), axis=0))
     dh = tl.zeros((BLOCK_P, C_IN), dtype=tl.float32)
     if NEED_DH:
         wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
-        dhb = _split_dot(dub, tl.permute(wb, (0, 2, 1)), 2 if SPLIT else 0, PREC)
+        dhb = _packed_dot(dub, tl.permute(wb, (0, 2, 1)), 1 if ROUND16 else 0, PREC)
         dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
         if PK == 1:  # undo the shuffle: the forward's reshape / transpose inverted
             dh = tl.reshape(tl.permute(tl.reshape(dh, (BLOCK_P, SM, SG)), (0, 2, 1)),
@@ -493,7 +497,7 @@ LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "b
 
 
 @triton.jit
-def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
+def _fwd_layer(h, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr,
                NATIVE16: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
                PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Layer ``I`` of the chain: ``u_I`` from tile ``h`` on the packed path (``PACK`` and the
@@ -517,9 +521,9 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
     DENSE_OK: tl.constexpr = LAYERS[I][16]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
-    w_ptr = WP[W_SLOT] + W_AT
+    w_ptr = WP[W_SLOT] + W_AT + Z
     if BIAS:
-        b_ptr = BP[B_SLOT] + B_AT
+        b_ptr = BP[B_SLOT] + B_AT + Z
     else:
         b_ptr = None
     if PK == 2:
@@ -528,12 +532,13 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
     else:
         p_ptr = None
         q_ptr = None
-    # 16-bit storage: layer 1 multiplies the storage values (exact products); later layers
-    # of the packed path split their float32 input in two 16-bit parts
+    # 16-bit storage: the dot path's layer 1 multiplies the storage values (exact products);
+    # the packed path rounds every layer's input to the storage dtype (the unfused chain's
+    # rounding) and multiplies 16-bit values
     NATIVE: tl.constexpr = NATIVE16 and I == 0
     if PACK and KB > 0:
-        MODE: tl.constexpr = 1 if NATIVE else (2 if NATIVE16 else 0)
-        u = _layer_packed(h, w_ptr, b_ptr, p_ptr, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, BIAS,
+        MODE: tl.constexpr = 1 if NATIVE16 else 0
+        u = _layer_packed(h, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, BIAS,
                           MODE, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
         u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
@@ -544,7 +549,7 @@ def _fwd_layer(h, WP, BP, perm_ptr, LAYERS: tl.constexpr, I: tl.constexpr,
 
 
 @triton.jit
-def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
+def _bwd_layer(g, h, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl.constexpr,
                W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr, NEED_DX: tl.constexpr,
                NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DENSE: tl.constexpr,
                PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -571,7 +576,7 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
     NP: tl.constexpr = LAYERS[I][19]
     W_OFF: tl.constexpr = LAYERS[I][20]
     B_OFF: tl.constexpr = LAYERS[I][21]
-    w_ptr = WP[W_SLOT] + W_AT
+    w_ptr = WP[W_SLOT] + W_AT + Z
     if PK == 2:
         p_ptr = perm_ptr + P_AT
         q_ptr = perm_ptr + Q_AT
@@ -585,7 +590,7 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS: tl.constexpr, I: tl.constexpr,
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
     DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
-        dh = _layer_packed_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN,
+        dh = _layer_packed_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, Z, N, M, C_IN,
                                C_OUT, KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16, PREC,
                                BLOCK_P)
     elif DENSE and DENSE_OK:
@@ -618,7 +623,7 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     S0: tl.constexpr = LAYERS[0][4]
     h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
     for i in tl.static_range(NL):
-        h = _fwd_layer(h, WP, BP, perm_ptr, LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P)
+        h = _fwd_layer(h, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P)
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
     c = tl.arange(0, SL)
@@ -656,41 +661,59 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     S0: tl.constexpr = LAYERS[0][4]
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
+    c = tl.arange(0, SL)
+    cm = c < CL
+    if OUT_PK == 2:
+        chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
+    else:
+        chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
+    # x and dy of the program's first tile; every iteration then loads its next tile's (all
+    # masked past the last tile) before it computes, so those loads are in flight meanwhile
+    xoff, inner, pm = _tile_offsets(pid, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+    pm = inner < tl.where(pid < ntiles, NI, 0)
+    goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+    a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+    g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
     for t in range(pid, ntiles, nprog):
-        xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-        goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-        a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+        # 0, unknown to the compiler: the address tensors computed from it stay in the loop
+        # (hoisted out of it, they held registers across tiles and the kernels spilled)
+        zero = t // ntiles
+        prow_t = prow + zero
+        a0 = a_next
+        g_in = g_next
+        tn = t + nprog
+        xoff, inner, pm = _tile_offsets(tn, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+        pm = inner < tl.where(tn < ntiles, NI, 0)
+        goff = _outer_offset(tn, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+        a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc + zero, idx_ptr, C0, S0,
+                             HAS_INDEX, C_X)
+        g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc + zero, chan, cm)
+        _, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
-                acts = acts + (_fwd_layer(acts[i], WP, BP, perm_ptr, LAYERS, i, NATIVE16,
+                acts = acts + (_fwd_layer(acts[i], WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16,
                                           DENSE, PACK, PREC, BLOCK_P),)
-        c = tl.arange(0, SL)
-        cm = c < CL
-        if OUT_PK == 2:
-            chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
-        else:
-            chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
-        g = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm).to(tl.float32)
+        g = g_in.to(tl.float32)
         for i in tl.static_range(NL - 1, -1, -1):
             if KEEP:
                 h = acts[i]
             else:
                 h = a0
                 for k in tl.static_range(i):
-                    h = _fwd_layer(h, WP, BP, perm_ptr, LAYERS, k, NATIVE16, DENSE, PACK,
+                    h = _fwd_layer(h, WP, BP, perm_ptr, zero, LAYERS, k, NATIVE16, DENSE, PACK,
                                    PREC, BLOCK_P)
-            g = _bwd_layer(g, h, WP, perm_ptr, prow, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
+            g = _bwd_layer(g, h, WP, perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
                            NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
         if NEED_DX:
             doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)
             if HAS_INDEX:
                 gx = _index_grad(g, ord_ptr, start_ptr, count_ptr, C_X, S_X, BLOCK_P)
                 cx = tl.arange(0, S_X)
-                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < C_X, gx)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc + zero, cx, cx < C_X, gx)
             else:
                 cx = tl.arange(0, S0)
-                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx, cx < C0, g)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc + zero, cx, cx < C0, g)
 
 
 # =============================================================================================
