@@ -110,15 +110,22 @@ def _layout_key(x_strides) -> int:
 _NUM_PROGRAMS: dict = {}
 
 
+# Programs of the persistent backward grid per SM (tools/perf_model.py caps the tiles in flight
+# per SM at this)
+BACKWARD_PROGRAMS_PER_SM = 1
+
+
 def backward_programs(device: torch.device) -> int:
-    """Programs of the persistent backward grid: one per SM on GPUs (the partial buffer has one
-    row per program); 3 under the interpreter (an odd count, so tiles split unevenly)."""
+    """Programs of the persistent backward grid: BACKWARD_PROGRAMS_PER_SM per SM on GPUs (the
+    partial buffer has one row per program); 3 under the interpreter (an odd count, so tiles
+    split unevenly)."""
     if INTERPRETED or device.type != "cuda":
         return 3
     key = device.index if device.index is not None else torch.cuda.current_device()
     n = _NUM_PROGRAMS.get(key)
     if n is None:
-        n = torch.cuda.get_device_properties(key).multi_processor_count
+        n = (torch.cuda.get_device_properties(key).multi_processor_count
+             * BACKWARD_PROGRAMS_PER_SM)
         _NUM_PROGRAMS[key] = n
     return n
 

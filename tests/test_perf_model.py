@@ -195,6 +195,33 @@ def test_prefetched_backward_tiles_wait_for_l2_not_dram():
     assert pm.load_bytes_per_position(dict(row, direction="forward")) == 256 * 4
 
 
+def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_loads():
+    """A persistent grid's programs per SM cap k, the tiles in flight per SM, whatever else
+    would fit (the Triton backward: one program per SM; a record without the field but with its
+    kernel name counts one too); a program that loads its next tile before computing this one
+    (``next_tile_loaded``) takes the longer of the computation and the loads' latency plus
+    transfer instead of their sum."""
+    dev = pm.DEVICES["h200"]
+    row = _row(direction="backward", backend="triton", ctas_per_sm=4, kernel="igc_chain_bwd")
+    row["dyn"]["counts"]["other"] = 4000.0  # 4 warps x 4000 instructions per tile
+    t_mem = 16 * (2 * 256 + 256) * 4 / (dev.copy_bytes_per_s / dev.sms) * 1e9
+    t_issue = 4 * 4000 / dev.issue_per_clk / dev.clock_hz * 1e9
+    one = pm.predict(dict(row, programs_per_sm=1), dev)
+    assert one["terms_per_tile_ns"]["latency"] == pytest.approx(
+        dev.dram_latency_ns + t_issue + t_mem)
+    assert pm.predict(row, dev)["terms_per_tile_ns"] == one["terms_per_tile_ns"]  # by name
+    two = pm.predict(dict(row, programs_per_sm=2), dev)
+    assert two["terms_per_tile_ns"]["latency"] == pytest.approx(
+        one["terms_per_tile_ns"]["latency"] / 2)
+    free = pm.predict(dict(row, kernel="k"), dev)  # not persistent: the 4 CTAs that fit
+    assert free["terms_per_tile_ns"]["latency"] == pytest.approx(
+        one["terms_per_tile_ns"]["latency"] / 4)
+    over = pm.predict(dict(row, programs_per_sm=1, next_tile_loaded=True), dev)
+    assert over["terms_per_tile_ns"]["latency"] == pytest.approx(
+        max(t_issue, dev.dram_latency_ns + t_mem))
+    assert over["fraction_of_copy"] > one["fraction_of_copy"]
+
+
 def test_records_label_predictions_and_pair_measurements():
     base = dict(structure="igcv2(256,8)", layout="nchw", arch="sm_90", toolchain="triton x",
                 kernel="k", config={"BLOCK_P": 16}, compiled=True, registers=100,

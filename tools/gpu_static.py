@@ -166,6 +166,8 @@ class Record:
     shared_bytes: int = 0
     num_warps: int = 4
     ctas_per_sm: int = 0
+    programs_per_sm: int = 0  # a persistent grid's programs per SM (0: one program per tile)
+    next_tile_loaded: bool = False  # a persistent program loads its next tile before computing
     sass: dict = field(default_factory=dict)
     backend: str = "triton"
     reachable: bool = True
@@ -279,6 +281,9 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
         rec.block_p = int(meta.get("BLOCK_P", 0))
         rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
         rec.macs_per_position = facts["macs_per_position"]
+        if fn.__name__ == "igc_chain_bwd":
+            rec.programs_per_sm = T.BACKWARD_PROGRAMS_PER_SM
+            rec.next_tile_loaded = True
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
 

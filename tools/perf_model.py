@@ -19,10 +19,14 @@ a persistent kernel loops over tiles):
   device-copy bandwidth;
 * latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
   with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
-  k / (latency + compute time) tiles per second; where the CUDA backward prefetches its next
-  tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for an L2
-  hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead, the
-  stores draining behind the next tile (both assumptions, Device);
+  k / (latency + compute time) tiles per second (a persistent grid caps k at its programs per
+  SM, ``programs_per_sm``: the Triton backward's one per SM, whatever else would fit); a
+  persistent program that loads its next tile before computing this one
+  (``next_tile_loaded``: the Triton backward) takes the longer of the computation and the
+  loads' latency and transfer instead of their sum; where the CUDA backward prefetches its
+  next tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for
+  an L2 hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead,
+  the stores draining behind the next tile (both assumptions, Device);
 * the CUDA backward's per-CTA fp32 weight-gradient rows (``partial_row_bytes``): every tile
   adds its gradients to its CTA's row; where the rows of all resident CTAs exceed three
   quarters of the L2 (the planner's margin for the tiles' streams), that traffic is counted
@@ -391,6 +395,9 @@ def predict(row: dict, dev: Device) -> dict:
     partial = partial_row_bytes(row, dev)
     t_memory = (row["block_p"] * bpp + partial) / (dev.copy_bytes_per_s / dev.sms)
     k = max(1, row["ctas_per_sm"])
+    progs = row.get("programs_per_sm") or (1 if row.get("kernel") == "igc_chain_bwd" else 0)
+    if progs:  # a persistent grid: no more tiles in flight per SM than its programs per SM
+        k = min(k, progs)
     if row.get("config", {}).get("prefetch"):
         # the tile's x and dy were prefetched into L2 while the previous tile ran: its loads
         # wait for L2, not DRAM, and its stores drain behind the next tile (the DRAM transfer
@@ -398,6 +405,11 @@ def predict(row: dict, dev: Device) -> dict:
         loaded = row["block_p"] * load_bytes_per_position(row)
         t_latency = (dev.l2_latency_ns * 1e-9 + t_compute
                      + loaded / (dev.l2_read_bytes_per_s / dev.sms)) / k
+    elif row.get("next_tile_loaded"):
+        # a persistent program loads its next tile before it computes this one (the Triton
+        # backward): those loads wait while it computes, and it waits for them only where
+        # their latency and transfer take longer than the computation
+        t_latency = max(t_compute, dev.dram_latency_ns * 1e-9 + t_memory) / k
     else:
         t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
     t_l2 = l2_bytes_per_tile(row) / (dev.l2_read_bytes_per_s / dev.sms)
