@@ -6,6 +6,7 @@ chain's multiply-adds."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -220,6 +221,30 @@ def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_load
     assert over["terms_per_tile_ns"]["latency"] == pytest.approx(
         max(t_issue, dev.dram_latency_ns + t_mem))
     assert over["fraction_of_copy"] > one["fraction_of_copy"]
+
+
+def test_merged_reports_keep_every_route_to_a_compile(tmp_path):
+    """A compile listed twice (one report of every configuration lists the default and the
+    autotuner's same configuration; two reports may list one compile) counts once, with the
+    flags of every exact listing OR-ed: the default row is the fixed path's, the other the
+    autotuner's, and the launcher reaches the compile by either. A default-only report's
+    flags give way to an exact report's."""
+    base = dict(backend="triton", toolchain="triton x", structure="s", dtype="float32",
+                layout="nchw", direction="forward", arch="sm_90", kernel="k",
+                config={"BLOCK_P": 16})
+    exact = [dict(base, is_default=True, fixed_path=True, autotuner_keeps=False,
+                  reachable=True, flags_exact=True),
+             dict(base, is_default=False, fixed_path=False, autotuner_keeps=True,
+                  reachable=True, flags_exact=True)]
+    rough = [dict(base, is_default=True, fixed_path=True, autotuner_keeps=False,
+                  reachable=True, flags_exact=False)]
+    paths = []
+    for name, rows in (("rough", rough), ("exact", exact)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps({"command": name, "rows": rows}))
+    (row,) = pm.merge_reports([str(p) for p in paths])["rows"]
+    assert row["autotuner_keeps"] and row["fixed_path"] and row["reachable"], row
+    assert row["is_default"] and row["flags_exact"], row
 
 
 def test_records_label_predictions_and_pair_measurements():

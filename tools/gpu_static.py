@@ -283,7 +283,7 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
         rec.macs_per_position = facts["macs_per_position"]
         if fn.__name__ == "igc_chain_bwd":
             rec.programs_per_sm = T.BACKWARD_PROGRAMS_PER_SM
-            rec.next_tile_loaded = True
+            rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
 

@@ -22,7 +22,7 @@ a persistent kernel loops over tiles):
   k / (latency + compute time) tiles per second (a persistent grid caps k at its programs per
   SM, ``programs_per_sm``: the Triton backward's one per SM, whatever else would fit); a
   persistent program that loads its next tile before computing this one
-  (``next_tile_loaded``: the Triton backward) takes the longer of the computation and the
+  (``next_tile_loaded``: the Triton backward's packed configurations) takes the longer of the computation and the
   loads' latency and transfer instead of their sum; where the CUDA backward prefetches its
   next tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for
   an L2 hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead,
@@ -407,7 +407,7 @@ def predict(row: dict, dev: Device) -> dict:
                      + loaded / (dev.l2_read_bytes_per_s / dev.sms)) / k
     elif row.get("next_tile_loaded"):
         # a persistent program loads its next tile before it computes this one (the Triton
-        # backward): those loads wait while it computes, and it waits for them only where
+        # backward's packed configurations): those loads wait while it computes, and it waits for them only where
         # their latency and transfer take longer than the computation
         t_latency = max(t_compute, dev.dram_latency_ns * 1e-9 + t_memory) / k
     else:
@@ -569,13 +569,18 @@ def merge_reports(paths) -> dict:
             key = (r.get("backend", "triton"), r["toolchain"], r["structure"], r["dtype"],
                    r["layout"], r["direction"], r["arch"], r["kernel"],
                    json.dumps(r["config"], sort_keys=True))
-            if key in seen:  # the same compile in two reports
+            if key in seen:  # the same compile twice: in two reports, or in one report as
+                # the default and as one of the autotuner's configurations
                 old = seen[key]
                 old["is_default"] = bool(old.get("is_default") or r.get("is_default"))
                 if r.get("flags_exact") and not old.get("flags_exact"):
                     # a report of every configuration knows what the launcher picks
                     for flag in ("autotuner_keeps", "fixed_path", "reachable", "flags_exact"):
                         old[flag] = r.get(flag)
+                elif r.get("flags_exact") and old.get("flags_exact"):
+                    # both exact: the launcher reaches the compile by either route
+                    for flag in ("autotuner_keeps", "fixed_path", "reachable"):
+                        old[flag] = bool(old.get(flag) or r.get(flag))
                 continue
             seen[key] = r
             rows.append(r)

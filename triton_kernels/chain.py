@@ -35,13 +35,14 @@ memory:
 
 Backward: a persistent grid of ``NPROG`` programs; program ``p`` walks tiles ``p, p + NPROG,
 ...`` in order. Per tile it loads ``x`` and ``dy`` once (``dy`` through the inverse of the last
-permutation; each iteration loads the next tile's before it computes its own, so those loads are
-in flight meanwhile), recomputes the forward on chip (keeping the intermediates, or recomputing
-them layer by layer when ``KEEP=0``, an autotuned choice), walks the layers backward and writes
-``dx`` once (with ``input_index``, ``dx[:, c]`` sums ``dh_0[:, j]`` over ``idx[j] == c`` in
-increasing ``j``, read from a host-built sorted order: no atomics). ``dW_l``/``db_l`` of the
-tile are added to the program's own float32 row of a ``[NPROG, sum C_l n_l + sum C_l]`` partial
-buffer (no other program touches it); ``_reduce_partials`` then sums the rows in a fixed order.
+permutation; in packed configurations each iteration loads the next tile's before it computes
+its own, so those loads are in flight meanwhile), recomputes the forward on chip (keeping the
+intermediates, or recomputing them layer by layer when ``KEEP=0``, an autotuned choice), walks
+the layers backward and writes ``dx`` once (with ``input_index``, ``dx[:, c]`` sums ``dh_0[:,
+j]`` over ``idx[j] == c`` in increasing ``j``, read from a host-built sorted order: no atomics).
+``dW_l``/``db_l`` of the tile are added to the program's own float32 row of a ``[NPROG, sum C_l
+n_l + sum C_l]`` partial buffer (no other program touches it); ``_reduce_partials`` then sums
+the rows in a fixed order.
 Deterministic: bitwise identical results run to run for a given launch configuration.
 
 Budget per position (fp32 storage, ``C`` channels, ``L`` layers, ``n`` inputs per group):
@@ -667,28 +668,40 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
     else:
         chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
-    # x and dy of the program's first tile; every iteration then loads its next tile's (all
-    # masked past the last tile) before it computes, so those loads are in flight meanwhile
-    xoff, inner, pm = _tile_offsets(pid, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-    pm = inner < tl.where(pid < ntiles, NI, 0)
-    goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-    a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
-    g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
+    # packed configurations: x and dy of the program's first tile, then every iteration loads
+    # its next tile's (all masked past the last tile) before it computes, so those loads are
+    # in flight meanwhile. (The FMA configurations load their own tile: the tiles held ahead
+    # cost registers that their spill-free configurations do not have; with them IGCV2(256, 8)
+    # in float32 spilled 8 to 24 bytes in every 16-position configuration.)
+    AHEAD: tl.constexpr = PACK
+    if AHEAD:
+        xoff, inner, pm = _tile_offsets(pid, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+        pm = inner < tl.where(pid < ntiles, NI, 0)
+        goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+        a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+        g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
     for t in range(pid, ntiles, nprog):
         # 0, unknown to the compiler: the address tensors computed from it stay in the loop
         # (hoisted out of it, they held registers across tiles and the kernels spilled)
         zero = t // ntiles
         prow_t = prow + zero
-        a0 = a_next
-        g_in = g_next
-        tn = t + nprog
-        xoff, inner, pm = _tile_offsets(tn, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-        pm = inner < tl.where(tn < ntiles, NI, 0)
-        goff = _outer_offset(tn, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-        a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc + zero, idx_ptr, C0, S0,
+        if AHEAD:
+            a0 = a_next
+            g_in = g_next
+            tn = t + nprog
+            xoff, inner, pm = _tile_offsets(tn, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+            pm = inner < tl.where(tn < ntiles, NI, 0)
+            goff = _outer_offset(tn, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+            a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc + zero, idx_ptr, C0, S0,
+                                 HAS_INDEX, C_X)
+            g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc + zero, chan, cm)
+            _, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+        else:
+            xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+            goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+            a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc + zero, idx_ptr, C0, S0,
                              HAS_INDEX, C_X)
-        g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc + zero, chan, cm)
-        _, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+            g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc + zero, chan, cm)
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
