@@ -22,8 +22,8 @@ a persistent kernel loops over tiles):
   k / (latency + compute time) tiles per second (a persistent grid caps k at its programs per
   SM, ``programs_per_sm``: the Triton backward's one per SM, whatever else would fit); a
   persistent program that loads its next tile before computing this one
-  (``next_tile_loaded``: the Triton backward's packed configurations) takes the longer of the computation and the
-  loads' latency and transfer instead of their sum; where the CUDA backward prefetches its
+  (``next_tile_loaded``: the Triton backward's packed configurations) takes the longer of the
+  computation and the loads' latency and transfer instead of their sum; where the CUDA backward prefetches its
   next tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for
   an L2 hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead,
   the stores draining behind the next tile (both assumptions, Device);
@@ -407,8 +407,8 @@ def predict(row: dict, dev: Device) -> dict:
                      + loaded / (dev.l2_read_bytes_per_s / dev.sms)) / k
     elif row.get("next_tile_loaded"):
         # a persistent program loads its next tile before it computes this one (the Triton
-        # backward's packed configurations): those loads wait while it computes, and it waits for them only where
-        # their latency and transfer take longer than the computation
+        # backward's packed configurations): those loads wait while it computes, and it waits
+        # for them only where their latency and transfer take longer than the computation
         t_latency = max(t_compute, dev.dram_latency_ns * 1e-9 + t_memory) / k
     else:
         t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
