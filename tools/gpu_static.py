@@ -284,6 +284,11 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
         if fn.__name__ == "igc_chain_bwd":
             rec.programs_per_sm = T.BACKWARD_PROGRAMS_PER_SM
             rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
+            if meta.get("PACK"):  # packed layers carry their dW across the tiles: only the
+                # other layers add theirs to the partial row every tile (read and written)
+                f = {name: i for i, name in enumerate(K.LAYER_FIELDS)}
+                rec.config["row_l2_bytes"] = 8 * sum(lay[f["c_out"]] * lay[f["n"]]
+                                                     for lay in meta["LAYERS"] if not lay[f["kb"]])
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
 

@@ -36,7 +36,9 @@ a persistent kernel loops over tiles):
   alike: an assumption): the tile's own bytes, x a second time where the backward reloads it
   (``config["reload_x"]``), and the backward's fp32 row (CUDA and Triton: a row per CTA or
   program, updated every tile), read and written (twice its bytes) or, where the kernel adds
-  to it by reductions in L2, once (``config["row_l2_bytes"]``, set by tools/gpu_static.py);
+  to it by reductions in L2, once, or, for the layers whose gradients a Triton program carries
+  across its tiles (its packed configurations' packed layers), not at all
+  (``config["row_l2_bytes"]``, set by tools/gpu_static.py);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's

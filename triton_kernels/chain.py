@@ -292,7 +292,7 @@ def _grad_dot(a, b, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
-def _layer_packed(h, w_ptr, b_ptr, perm_ptr, Z,
+def _layer_packed(h, wb, w_ptr, b_ptr, perm_ptr, Z,
                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
                   KB: tl.constexpr, MB: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
                   SM: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
@@ -301,8 +301,8 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr, Z,
     the tile (a shuffle is a reshape and a transpose of the register tile, an explicit one a
     single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
     channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
-    whole groups per block), one batched ``tl.dot``. ``C_IN`` and ``C_OUT`` fill the tile (no
-    padding slots). MODE 1 (16-bit chains): the tile rounded to the storage dtype first (where
+    whole groups per block; ``wb``, or loaded here where it is None), one batched ``tl.dot``.
+    ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit chains): the tile rounded to the storage dtype first (where
     the unfused chain rounds the previous layer's output), so the permutation moves 16-bit
     values and one product per block does. Returns ``[BLOCK_P, C_OUT]`` float32."""
     if MODE != 0:
@@ -315,12 +315,13 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr, Z,
         h = tl.gather(h, tl.broadcast_to(src[None, :], (BLOCK_P, C_IN)), axis=1)
     NB: tl.constexpr = C_IN // KB
     hb = tl.permute(tl.reshape(h, (BLOCK_P, NB, KB)), (1, 0, 2))  # [NB, BLOCK_P, KB]
-    b = tl.arange(0, NB)[:, None, None] + Z
-    k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
-    o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
-    g = o // M
-    kk = k - g * N
-    wb = tl.load(w_ptr + o * N + kk, mask=(kk >= 0) & (kk < N), other=0.0)  # [NB, KB, MB]
+    if wb is None:  # (else the blocks the caller loaded once)
+        b = tl.arange(0, NB)[:, None, None] + Z
+        k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
+        o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
+        g = o // M
+        kk = k - g * N
+        wb = tl.load(w_ptr + o * N + kk, mask=(kk >= 0) & (kk < N), other=0.0)  # [NB, KB, MB]
     acc = _packed_dot(hb, wb, MODE, PREC)  # [NB, BLOCK_P, MB]
     acc = tl.reshape(tl.permute(acc, (1, 0, 2)), (BLOCK_P, C_OUT))
     if HAS_BIAS:
@@ -329,7 +330,7 @@ def _layer_packed(h, w_ptr, b_ptr, perm_ptr, Z,
 
 
 @triton.jit
-def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr, Z,
+def _layer_packed_bwd(du, h, acc, wb, w_ptr, perm_ptr, inv_ptr, pb_ptr, Z,
                       N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
                       C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
                       PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
@@ -337,10 +338,13 @@ def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr, Z,
                       ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
     du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
-    shuffle's inverse reshape / transpose, an explicit one's inverse gather). ROUND16 (16-bit
-    chains): ``du`` and ``h`` rounded to the storage dtype first, as the forward rounds the
-    layer's input and the unfused chain rounds every gradient (db sums the rounded ``du``
-    too). ``du`` is 0 in no slot (C_IN, C_OUT fill the tile)."""
+    shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``wb``: the weight
+    blocks (``_w_blocks``; None: loaded here). ``dW_b`` is added
+    to ``acc``, the ``[C_IN / KB, KB, MB]`` blocks the program carries across its tiles (it adds
+    them to its partial row once, after the last tile). ROUND16 (16-bit chains): ``du`` and
+    ``h`` rounded to the storage dtype first, as the forward rounds the layer's input and the
+    unfused chain rounds every gradient (db sums the rounded ``du`` too). ``du`` is 0 in no
+    slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
     NB: tl.constexpr = C_IN // KB
     DT: tl.constexpr = w_ptr.dtype.element_ty
     if ROUND16:
@@ -355,14 +359,14 @@ def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr, Z,
         else:
             hs = h.to(tl.float32)
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
-        dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
-        _rmw_add(pw_ptr + woff, wmask, dwb)
+        acc = acc + _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)
     if NEED_DB:
         c = tl.arange(0, C_OUT)
         _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(dus.to(tl.float32), axis=0))
     dh = tl.zeros((BLOCK_P, C_IN), dtype=tl.float32)
     if NEED_DH:
-        wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
+        if wb is None:
+            wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
         dhb = _packed_dot(dub, tl.permute(wb, (0, 2, 1)), 1 if ROUND16 else 0, PREC)
         dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
         if PK == 1:  # undo the shuffle: the forward's reshape / transpose inverted
@@ -372,7 +376,7 @@ def _layer_packed_bwd(du, h, w_ptr, perm_ptr, inv_ptr, pw_ptr, pb_ptr, Z,
             s = tl.arange(0, C_IN)
             j = _perm_inv(s, s < C_IN, inv_ptr, PK, SG, SM)
             dh = tl.gather(dh, tl.broadcast_to(j[None, :], (BLOCK_P, C_IN)), axis=1)
-    return dh
+    return dh, acc
 
 
 @triton.jit
@@ -498,11 +502,12 @@ LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "b
 
 
 @triton.jit
-def _fwd_layer(h, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr,
+def _fwd_layer(h, wb, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr,
                NATIVE16: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
                PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Layer ``I`` of the chain: ``u_I`` from tile ``h`` on the packed path (``PACK`` and the
-    layer packs), the dot path (``DENSE`` and the layer is eligible) or the FMA path."""
+    layer packs; ``wb`` its weight blocks where the caller loaded them, else None), the dot path
+    (``DENSE`` and the layer is eligible) or the FMA path."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
     N: tl.constexpr = LAYERS[I][2]
@@ -539,7 +544,7 @@ def _fwd_layer(h, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr,
     NATIVE: tl.constexpr = NATIVE16 and I == 0
     if PACK and KB > 0:
         MODE: tl.constexpr = 1 if NATIVE16 else 0
-        u = _layer_packed(h, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, BIAS,
+        u = _layer_packed(h, wb, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, BIAS,
                           MODE, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
         u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
@@ -550,13 +555,16 @@ def _fwd_layer(h, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr,
 
 
 @triton.jit
-def _bwd_layer(g, h, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl.constexpr,
+def _bwd_layer(g, h, acc, wb, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl.constexpr,
                W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr, NEED_DX: tl.constexpr,
                NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DENSE: tl.constexpr,
                PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of layer ``I`` on the path its forward took (packed, dot or FMA): ``g`` the
-    gradient of its output, ``h`` its input tile; adds its dW / db to the partial row ``prow``
-    and returns the gradient of ``h`` (not computed for the first layer unless ``NEED_DX``)."""
+    gradient of its output, ``h`` its input tile, ``wb`` its weight blocks (``_w_blocks``),
+    ``acc`` its carried dW blocks (``_dw_blocks``).
+    Adds its dW to ``acc`` (packed path) or to the partial row ``prow`` (the others), its db to
+    ``prow``; returns the gradient of ``h`` (not computed for the first layer unless
+    ``NEED_DX``) and ``acc``."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
     N: tl.constexpr = LAYERS[I][2]
@@ -591,16 +599,69 @@ def _bwd_layer(g, h, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl.constexp
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
     DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
-        dh = _layer_packed_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, Z, N, M, C_IN,
-                               C_OUT, KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16, PREC,
-                               BLOCK_P)
+        dh, acc = _layer_packed_bwd(g, h, acc, wb, w_ptr, p_ptr, q_ptr, pb_ptr, Z, N, M, C_IN, C_OUT,
+                                    KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16, PREC,
+                                    BLOCK_P)
     elif DENSE and DENSE_OK:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
     else:
         dh = _layer_fma_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, PK, SG, SM, BIAS, NEED_DH, NEED_DW, DB, BLOCK_P)
-    return dh
+    return dh, acc
+
+
+@triton.jit
+def _dw_blocks(LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
+               PACK: tl.constexpr):
+    """Zero dW blocks for layer ``I`` to carry across the persistent loop: ``[C_IN / KB, KB,
+    MB]`` float32 on the packed path (one product's output per tile is added to them, no
+    partial-row traffic per tile), a placeholder on the others (they add to the row)."""
+    C_IN: tl.constexpr = LAYERS[I][0]
+    KB: tl.constexpr = LAYERS[I][17]
+    MB: tl.constexpr = LAYERS[I][18]
+    if PACK and KB > 0 and NEED_DW:
+        acc = tl.zeros((C_IN // KB, KB, MB), dtype=tl.float32)
+    else:
+        acc = tl.zeros((1,), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr):
+    """Layer ``I``'s block-diagonal weight blocks ``[C_IN / KB, KB, MB]`` (storage dtype, 0
+    outside the groups) on the packed path, loaded once before the persistent loop: every tile's
+    recomputed forward and its ``dh`` product use them (loaded per tile, their masked loads and
+    per-element offsets were about 40% of the packed backward's instructions); a placeholder on
+    the other paths."""
+    C_IN: tl.constexpr = LAYERS[I][0]
+    N: tl.constexpr = LAYERS[I][2]
+    M: tl.constexpr = LAYERS[I][3]
+    W_SLOT: tl.constexpr = LAYERS[I][10]
+    W_AT: tl.constexpr = LAYERS[I][11]
+    KB: tl.constexpr = LAYERS[I][17]
+    MB: tl.constexpr = LAYERS[I][18]
+    if PACK and KB > 0:
+        woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
+        wb = tl.load(WP[W_SLOT] + W_AT + woff, mask=wmask, other=0.0)
+    else:
+        wb = tl.zeros((1,), dtype=tl.float32)
+    return wb
+
+
+@triton.jit
+def _dw_flush(acc, prow, LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
+              PACK: tl.constexpr):
+    """Adds the carried dW blocks of a packed layer to the program's partial row, once."""
+    C_IN: tl.constexpr = LAYERS[I][0]
+    N: tl.constexpr = LAYERS[I][2]
+    M: tl.constexpr = LAYERS[I][3]
+    KB: tl.constexpr = LAYERS[I][17]
+    MB: tl.constexpr = LAYERS[I][18]
+    W_OFF: tl.constexpr = LAYERS[I][20]
+    if PACK and KB > 0 and NEED_DW:
+        woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
+        _rmw_add(prow + W_OFF + woff, wmask, acc)
 
 
 @triton.jit
@@ -624,7 +685,7 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     S0: tl.constexpr = LAYERS[0][4]
     h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
     for i in tl.static_range(NL):
-        h = _fwd_layer(h, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P)
+        h = _fwd_layer(h, None, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P)
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
     c = tl.arange(0, SL)
@@ -651,7 +712,9 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
     (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
     needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
-    partial row."""
+    partial row: every tile's on the FMA and dot paths; on the packed path the program carries
+    its dW blocks across its tiles and adds them once, after its last tile, and loads its
+    weight blocks once, before its first."""
     WP = (w0, w1, w2, w3, w4, w5, w6, w7)
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
     pid = tl.program_id(0)
@@ -680,6 +743,11 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
         a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
         g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
+    accs = ()
+    wts = ()
+    for i in tl.static_range(NL):
+        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK),)
+        wts = wts + (_w_blocks(WP, LAYERS, i, PACK),)
     for t in range(pid, ntiles, nprog):
         # 0, unknown to the compiler: the address tensors computed from it stay in the loop
         # (hoisted out of it, they held registers across tiles and the kernels spilled)
@@ -705,19 +773,22 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
-                acts = acts + (_fwd_layer(acts[i], WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16,
+                acts = acts + (_fwd_layer(acts[i], wts[i], WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16,
                                           DENSE, PACK, PREC, BLOCK_P),)
         g = g_in.to(tl.float32)
+        carried = ()
         for i in tl.static_range(NL - 1, -1, -1):
             if KEEP:
                 h = acts[i]
             else:
                 h = a0
                 for k in tl.static_range(i):
-                    h = _fwd_layer(h, WP, BP, perm_ptr, zero, LAYERS, k, NATIVE16, DENSE, PACK,
+                    h = _fwd_layer(h, wts[k], WP, BP, perm_ptr, zero, LAYERS, k, NATIVE16, DENSE, PACK,
                                    PREC, BLOCK_P)
-            g = _bwd_layer(g, h, WP, perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
-                           NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
+            g, a = _bwd_layer(g, h, accs[i], wts[i], WP, perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL,
+                              NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
+            carried = (a,) + carried
+        accs = carried
         if NEED_DX:
             doff = _outer_offset(t, NI, O1, O2, ds0, ds1, ds2, BLOCK_P)
             if HAS_INDEX:
@@ -727,6 +798,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             else:
                 cx = tl.arange(0, S0)
                 _store_tile(dx_ptr, doff, inner, pm, dsi, dsc + zero, cx, cx < C0, g)
+    for i in tl.static_range(NL):
+        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK)
 
 
 # =============================================================================================
