@@ -302,9 +302,10 @@ def _layer_packed(h, wb, w_ptr, b_ptr, perm_ptr, Z,
     single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
     channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
     whole groups per block; ``wb``, or loaded here where it is None), one batched ``tl.dot``.
-    ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit chains): the tile rounded to the storage dtype first (where
-    the unfused chain rounds the previous layer's output), so the permutation moves 16-bit
-    values and one product per block does. Returns ``[BLOCK_P, C_OUT]`` float32."""
+    ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit chains): the tile
+    rounded to the storage dtype first (where the unfused chain rounds the previous layer's
+    output), so the permutation moves 16-bit values and one product per block does. Returns
+    ``[BLOCK_P, C_OUT]`` float32."""
     if MODE != 0:
         h = h.to(w_ptr.dtype.element_ty)
     if PK == 1:
@@ -544,8 +545,8 @@ def _fwd_layer(h, wb, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr
     NATIVE: tl.constexpr = NATIVE16 and I == 0
     if PACK and KB > 0:
         MODE: tl.constexpr = 1 if NATIVE16 else 0
-        u = _layer_packed(h, wb, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, BIAS,
-                          MODE, PREC, BLOCK_P)
+        u = _layer_packed(h, wb, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM,
+                          BIAS, MODE, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
         u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
                        NATIVE, PREC)
@@ -599,9 +600,9 @@ def _bwd_layer(g, h, acc, wb, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
     DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
-        dh, acc = _layer_packed_bwd(g, h, acc, wb, w_ptr, p_ptr, q_ptr, pb_ptr, Z, N, M, C_IN, C_OUT,
-                                    KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16, PREC,
-                                    BLOCK_P)
+        dh, acc = _layer_packed_bwd(g, h, acc, wb, w_ptr, p_ptr, q_ptr, pb_ptr, Z, N, M, C_IN,
+                                    C_OUT, KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16,
+                                    PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
@@ -685,7 +686,8 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     S0: tl.constexpr = LAYERS[0][4]
     h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
     for i in tl.static_range(NL):
-        h = _fwd_layer(h, None, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P)
+        h = _fwd_layer(h, None, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC,
+                       BLOCK_P)
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
     c = tl.arange(0, SL)
@@ -773,8 +775,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
-                acts = acts + (_fwd_layer(acts[i], wts[i], WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16,
-                                          DENSE, PACK, PREC, BLOCK_P),)
+                acts = acts + (_fwd_layer(acts[i], wts[i], WP, BP, perm_ptr, zero, LAYERS, i,
+                                          NATIVE16, DENSE, PACK, PREC, BLOCK_P),)
         g = g_in.to(tl.float32)
         carried = ()
         for i in tl.static_range(NL - 1, -1, -1):
@@ -783,10 +785,11 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             else:
                 h = a0
                 for k in tl.static_range(i):
-                    h = _fwd_layer(h, wts[k], WP, BP, perm_ptr, zero, LAYERS, k, NATIVE16, DENSE, PACK,
-                                   PREC, BLOCK_P)
-            g, a = _bwd_layer(g, h, accs[i], wts[i], WP, perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL,
-                              NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
+                    h = _fwd_layer(h, wts[k], WP, BP, perm_ptr, zero, LAYERS, k, NATIVE16, DENSE,
+                                   PACK, PREC, BLOCK_P)
+            g, a = _bwd_layer(g, h, accs[i], wts[i], WP, perm_ptr, prow_t, zero, LAYERS, i,
+                              W_TOTAL, NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE, PACK, PREC,
+                              BLOCK_P)
             carried = (a,) + carried
         accs = carried
         if NEED_DX:
