@@ -107,27 +107,31 @@ def _layout_key(x_strides) -> int:
     return int(x_strides[1] == 1) + 2 * int(x_strides[0] == 1)
 
 
-_NUM_PROGRAMS: dict = {}
+_DEVICE_SIZES: dict = {}
 
 
-# Programs of the persistent backward grid per SM (tools/perf_model.py caps the tiles in flight
-# per SM at this)
-BACKWARD_PROGRAMS_PER_SM = 1
+def backward_programs_per_sm(row_floats: int, sms: int, l2_bytes: int) -> int:
+    """Programs of the persistent backward grid per SM (tools/perf_model.py caps the tiles in
+    flight per SM at this): 2, so that where two programs fit an SM one's tile loads while the
+    other computes (where they do not, the second half of the grid runs after the first), unless
+    the float32 partial rows of 2 per SM (``row_floats`` each) would take more than half the L2:
+    the FMA and dot paths add to their row every tile, and the reduction reads every row. Then
+    1."""
+    return 2 if 2 * sms * row_floats * 4 <= l2_bytes // 2 else 1
 
 
-def backward_programs(device: torch.device) -> int:
-    """Programs of the persistent backward grid: BACKWARD_PROGRAMS_PER_SM per SM on GPUs (the
-    partial buffer has one row per program); 3 under the interpreter (an odd count, so tiles
-    split unevenly)."""
+def backward_programs(device: torch.device, row_floats: int) -> int:
+    """Programs of the persistent backward grid: ``backward_programs_per_sm`` per SM on GPUs
+    (the partial buffer has one row of ``row_floats`` per program); 3 under the interpreter (an
+    odd count, so tiles split unevenly)."""
     if INTERPRETED or device.type != "cuda":
         return 3
     key = device.index if device.index is not None else torch.cuda.current_device()
-    n = _NUM_PROGRAMS.get(key)
-    if n is None:
-        n = (torch.cuda.get_device_properties(key).multi_processor_count
-             * BACKWARD_PROGRAMS_PER_SM)
-        _NUM_PROGRAMS[key] = n
-    return n
+    sizes = _DEVICE_SIZES.get(key)
+    if sizes is None:
+        props = torch.cuda.get_device_properties(key)
+        sizes = _DEVICE_SIZES[key] = (props.multi_processor_count, props.L2_cache_size)
+    return sizes[0] * backward_programs_per_sm(row_floats, *sizes)
 
 
 def _store_dtype(dtype):
@@ -231,7 +235,7 @@ def _spill_reasons(x, chain, need_dx, need_dw, need_db, spills):
     need_db = need_db and any(bias_present)
     if need_dx or need_dw or need_db:
         row = st.w_total + st.b_total
-        part = _meta_like((backward_programs(x.device), row), (row, 1), torch.float32)
+        part = _meta_like((backward_programs(x.device, row), row), (row, 1), torch.float32)
         dxm = xm if need_dx else _meta_like((0,), (1,), x.dtype)
         bwd_args = _backward_args(ym, xm, dxm, need_dx, index, ptrs, part, row)
         checks.append(("backward", kern.bwd, True, bwd_args,
@@ -292,8 +296,8 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
         gb.zero_()
         return dx.to(out_dtype), gw.to(out_dtype), gb.to(out_dtype)
     kern = K.kernels_for(st)
-    nprog = backward_programs(x.device)
     row = st.w_total + st.b_total
+    nprog = backward_programs(x.device, row)
     part = torch.zeros((nprog, row) if (need_dw or need_db) else (1, 1), device=x.device,
                        dtype=torch.float32)
     if input_index is not None:

@@ -198,8 +198,9 @@ def test_prefetched_backward_tiles_wait_for_l2_not_dram():
 
 def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_loads():
     """A persistent grid's programs per SM cap k, the tiles in flight per SM, whatever else
-    would fit (the Triton backward: one program per SM; a record without the field but with its
-    kernel name counts one too); a program that loads its next tile before computing this one
+    would fit (the Triton backward: two programs per SM, one for large partial rows; a record
+    without the field but with its kernel name counts one, as that kernel launched then); a
+    program that loads its next tile before computing this one
     (``next_tile_loaded``) takes the longer of the computation and the loads' latency plus
     transfer instead of their sum."""
     dev = pm.DEVICES["h200"]

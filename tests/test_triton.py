@@ -157,6 +157,19 @@ def test_depth_and_pointer_slots(depth, monkeypatch):
     assert perm_buffer.numel() == 2 * sum(c for l, c in enumerate(C[1:]) if l % 3 == 0)
 
 
+def test_backward_grid_runs_two_programs_per_sm_unless_their_rows_crowd_the_l2():
+    """Two persistent backward programs per SM (one's tile loads while the other computes,
+    where both fit), unless the float32 partial rows of two per SM take more than half the L2:
+    then one."""
+    sms, l2 = 132, 50 * 2 ** 20
+    fits = l2 // 2 // (2 * sms * 4)  # the longest row that two programs per SM may have
+    assert T.backward_programs_per_sm(fits, sms, l2) == 2
+    assert T.backward_programs_per_sm(fits + 1, sms, l2) == 1
+    assert T.backward_programs_per_sm(3 * 256 * 8, sms, l2) == 2  # IGCV2(256, 8)
+    assert T.backward_programs_per_sm(3 * 1024 * 32, sms, l2) == 1  # IGCV2(1024, 32)
+    assert T.backward_programs(torch.device("cpu"), 3 * 256 * 8) == 3  # off the GPU
+
+
 def test_layer_fields_match_the_kernels_unpacking():
     """``Structure.meta`` writes each layer's tuple in ``LAYER_FIELDS`` order and the layer
     helpers read it back by position (``NAME: tl.constexpr = LAYERS[I][k]``): every position

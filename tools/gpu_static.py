@@ -282,11 +282,14 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
         rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
         rec.macs_per_position = facts["macs_per_position"]
         if fn.__name__ == "igc_chain_bwd":
-            rec.programs_per_sm = T.BACKWARD_PROGRAMS_PER_SM
+            f = {name: i for i, name in enumerate(K.LAYER_FIELDS)}
+            row = meta["W_TOTAL"] + sum(lay[f["c_out"]] for lay in meta["LAYERS"]
+                                        if lay[f["bias"]])  # the partial row's floats
+            dev = perf_model.DEVICES["h200"]  # (the H100's SM count and L2 size are the same)
+            rec.programs_per_sm = T.backward_programs_per_sm(row, dev.sms, dev.l2_bytes)
             rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
             if meta.get("PACK"):  # packed layers carry their dW across the tiles: only the
                 # other layers add theirs to the partial row every tile (read and written)
-                f = {name: i for i, name in enumerate(K.LAYER_FIELDS)}
                 rec.config["row_l2_bytes"] = 8 * sum(lay[f["c_out"]] * lay[f["n"]]
                                                      for lay in meta["LAYERS"] if not lay[f["kb"]])
         out.append(compile_launch(fn, args, meta, arch, rec))

@@ -20,7 +20,8 @@ a persistent kernel loops over tiles):
 * latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
   with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
   k / (latency + compute time) tiles per second (a persistent grid caps k at its programs per
-  SM, ``programs_per_sm``: the Triton backward's one per SM, whatever else would fit); a
+  SM, ``programs_per_sm``: the Triton backward's two, or one for large partial rows, whatever
+  else would fit; records made before it launched two carry no field and count one); a
   persistent program that loads its next tile before computing this one
   (``next_tile_loaded``: the Triton backward's packed configurations) takes the longer of the
   computation and the loads' latency and transfer instead of their sum; where the CUDA backward prefetches its
