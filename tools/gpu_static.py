@@ -288,8 +288,9 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             dev = perf_model.DEVICES["h200"]  # (the H100's SM count and L2 size are the same)
             rec.programs_per_sm = T.backward_programs_per_sm(row, dev.sms, dev.l2_bytes)
             rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
-            if meta.get("PACK"):  # packed layers carry their dW across the tiles: only the
-                # other layers add theirs to the partial row every tile (read and written)
+            if meta.get("PACK") and meta["NATIVE16"]:  # 16-bit chains' packed layers carry
+                # their dW across the tiles: only the other layers add theirs to the partial row
+                # every tile (read and written)
                 rec.config["row_l2_bytes"] = 8 * sum(lay[f["c_out"]] * lay[f["n"]]
                                                      for lay in meta["LAYERS"] if not lay[f["kb"]])
         out.append(compile_launch(fn, args, meta, arch, rec))

@@ -292,7 +292,7 @@ def _grad_dot(a, b, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr)
 
 
 @triton.jit
-def _layer_packed(h, wb, w_ptr, b_ptr, perm_ptr, Z,
+def _layer_packed(h, wb, HOLD: tl.constexpr, w_ptr, b_ptr, perm_ptr, Z,
                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
                   KB: tl.constexpr, MB: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
                   SM: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
@@ -301,7 +301,8 @@ def _layer_packed(h, wb, w_ptr, b_ptr, perm_ptr, Z,
     the tile (a shuffle is a reshape and a transpose of the register tile, an explicit one a
     single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
     channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
-    whole groups per block; ``wb``, or loaded here where it is None), one batched ``tl.dot``.
+    whole groups per block; ``wb`` where the program holds it, ``HOLD``, else loaded here), one
+    batched ``tl.dot``.
     ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit chains): the tile
     rounded to the storage dtype first (where the unfused chain rounds the previous layer's
     output), so the permutation moves 16-bit values and one product per block does. Returns
@@ -316,7 +317,7 @@ def _layer_packed(h, wb, w_ptr, b_ptr, perm_ptr, Z,
         h = tl.gather(h, tl.broadcast_to(src[None, :], (BLOCK_P, C_IN)), axis=1)
     NB: tl.constexpr = C_IN // KB
     hb = tl.permute(tl.reshape(h, (BLOCK_P, NB, KB)), (1, 0, 2))  # [NB, BLOCK_P, KB]
-    if wb is None:  # (else the blocks the caller loaded once)
+    if not HOLD:
         b = tl.arange(0, NB)[:, None, None] + Z
         k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
         o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
@@ -331,21 +332,21 @@ def _layer_packed(h, wb, w_ptr, b_ptr, perm_ptr, Z,
 
 
 @triton.jit
-def _layer_packed_bwd(du, h, acc, wb, w_ptr, perm_ptr, inv_ptr, pb_ptr, Z,
-                      N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
+def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, w_ptr, perm_ptr, inv_ptr, pw_ptr,
+                      pb_ptr, Z, N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
                       C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
                       PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                       ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
     du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
-    shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``wb``: the weight
-    blocks (``_w_blocks``; None: loaded here). ``dW_b`` is added
-    to ``acc``, the ``[C_IN / KB, KB, MB]`` blocks the program carries across its tiles (it adds
-    them to its partial row once, after the last tile). ROUND16 (16-bit chains): ``du`` and
-    ``h`` rounded to the storage dtype first, as the forward rounds the layer's input and the
-    unfused chain rounds every gradient (db sums the rounded ``du`` too). ``du`` is 0 in no
-    slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
+    shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
+    chains): the program holds the layer's weight blocks ``wb`` and its dW blocks ``acc`` across
+    its tiles (``_w_blocks``, ``_dw_blocks``), ``dW_b`` is added to ``acc``; else the blocks are
+    loaded here and ``dW_b`` added to the partial row at ``pw_ptr``. ROUND16 (16-bit chains):
+    ``du`` and ``h`` rounded to the storage dtype first, as the forward rounds the layer's input
+    and the unfused chain rounds every gradient (db sums the rounded ``du`` too). ``du`` is 0 in
+    no slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
     NB: tl.constexpr = C_IN // KB
     DT: tl.constexpr = w_ptr.dtype.element_ty
     if ROUND16:
@@ -360,13 +361,17 @@ def _layer_packed_bwd(du, h, acc, wb, w_ptr, perm_ptr, inv_ptr, pb_ptr, Z,
         else:
             hs = h.to(tl.float32)
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
-        acc = acc + _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)
+        dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
+        if HOLD:
+            acc = acc + dwb
+        else:
+            _rmw_add(pw_ptr + woff, wmask, dwb)
     if NEED_DB:
         c = tl.arange(0, C_OUT)
         _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(dus.to(tl.float32), axis=0))
     dh = tl.zeros((BLOCK_P, C_IN), dtype=tl.float32)
     if NEED_DH:
-        if wb is None:
+        if not HOLD:
             wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
         dhb = _packed_dot(dub, tl.permute(wb, (0, 2, 1)), 1 if ROUND16 else 0, PREC)
         dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
@@ -503,11 +508,12 @@ LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "b
 
 
 @triton.jit
-def _fwd_layer(h, wb, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr,
+def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr,
+               I: tl.constexpr,
                NATIVE16: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
                PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Layer ``I`` of the chain: ``u_I`` from tile ``h`` on the packed path (``PACK`` and the
-    layer packs; ``wb`` its weight blocks where the caller loaded them, else None), the dot path
+    layer packs; ``wb`` its weight blocks where the program holds them, ``HOLD``), the dot path
     (``DENSE`` and the layer is eligible) or the FMA path."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
@@ -545,8 +551,8 @@ def _fwd_layer(h, wb, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr
     NATIVE: tl.constexpr = NATIVE16 and I == 0
     if PACK and KB > 0:
         MODE: tl.constexpr = 1 if NATIVE16 else 0
-        u = _layer_packed(h, wb, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM,
-                          BIAS, MODE, PREC, BLOCK_P)
+        u = _layer_packed(h, wb, HOLD, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG,
+                          SM, BIAS, MODE, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
         u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
                        NATIVE, PREC)
@@ -556,16 +562,17 @@ def _fwd_layer(h, wb, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr, I: tl.constexpr
 
 
 @triton.jit
-def _bwd_layer(g, h, acc, wb, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl.constexpr,
+def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr,
+               I: tl.constexpr,
                W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr, NEED_DX: tl.constexpr,
                NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DENSE: tl.constexpr,
                PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of layer ``I`` on the path its forward took (packed, dot or FMA): ``g`` the
-    gradient of its output, ``h`` its input tile, ``wb`` its weight blocks (``_w_blocks``),
-    ``acc`` its carried dW blocks (``_dw_blocks``).
-    Adds its dW to ``acc`` (packed path) or to the partial row ``prow`` (the others), its db to
-    ``prow``; returns the gradient of ``h`` (not computed for the first layer unless
-    ``NEED_DX``) and ``acc``."""
+    gradient of its output, ``h`` its input tile; ``HOLD`` (16-bit chains): ``wb`` its weight
+    blocks and ``acc`` its dW blocks, which the program holds across its tiles (``_w_blocks``,
+    ``_dw_blocks``). Adds its dW to ``acc`` (packed path, ``HOLD``) or to the partial row
+    ``prow`` (the others), its db to ``prow``; returns the gradient of ``h`` (not computed for
+    the first layer unless ``NEED_DX``) and ``acc``."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
     N: tl.constexpr = LAYERS[I][2]
@@ -600,9 +607,9 @@ def _bwd_layer(g, h, acc, wb, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
     DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
-        dh, acc = _layer_packed_bwd(g, h, acc, wb, w_ptr, p_ptr, q_ptr, pb_ptr, Z, N, M, C_IN,
-                                    C_OUT, KB, MB, PK, SG, SM, NEED_DH, NEED_DW, DB, NATIVE16,
-                                    PREC, BLOCK_P)
+        dh, acc = _layer_packed_bwd(g, h, acc, wb, HOLD, w_ptr, p_ptr, q_ptr, prow + W_OFF,
+                                    pb_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, NEED_DH,
+                                    NEED_DW, DB, NATIVE16, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
@@ -614,14 +621,15 @@ def _bwd_layer(g, h, acc, wb, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr, I: tl
 
 @triton.jit
 def _dw_blocks(LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
-               PACK: tl.constexpr):
+               PACK: tl.constexpr, HOLD: tl.constexpr):
     """Zero dW blocks for layer ``I`` to carry across the persistent loop: ``[C_IN / KB, KB,
-    MB]`` float32 on the packed path (one product's output per tile is added to them, no
-    partial-row traffic per tile), a placeholder on the others (they add to the row)."""
+    MB]`` float32 on the packed path where the program holds them (``HOLD``; one product's
+    output per tile is added to them, no partial-row traffic per tile), a placeholder
+    elsewhere (those layers add to the row every tile)."""
     C_IN: tl.constexpr = LAYERS[I][0]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
-    if PACK and KB > 0 and NEED_DW:
+    if PACK and KB > 0 and NEED_DW and HOLD:
         acc = tl.zeros((C_IN // KB, KB, MB), dtype=tl.float32)
     else:
         acc = tl.zeros((1,), dtype=tl.float32)
@@ -629,12 +637,14 @@ def _dw_blocks(LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
 
 
 @triton.jit
-def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr):
+def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr,
+              HOLD: tl.constexpr):
     """Layer ``I``'s block-diagonal weight blocks ``[C_IN / KB, KB, MB]`` (storage dtype, 0
-    outside the groups) on the packed path, loaded once before the persistent loop: every tile's
-    recomputed forward and its ``dh`` product use them (loaded per tile, their masked loads and
-    per-element offsets were about 40% of the packed backward's instructions); a placeholder on
-    the other paths."""
+    outside the groups) on the packed path where the program holds them (``HOLD``), loaded
+    once before the persistent loop: every tile's recomputed forward and its ``dh`` product use
+    them (loaded per tile, their masked loads and per-element offsets took 405 of the 1013 warp
+    instructions per tile of IGCV2(256, 8)'s bf16 packed backward, 16 positions on 16 warps); a
+    placeholder elsewhere."""
     C_IN: tl.constexpr = LAYERS[I][0]
     N: tl.constexpr = LAYERS[I][2]
     M: tl.constexpr = LAYERS[I][3]
@@ -642,7 +652,7 @@ def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr):
     W_AT: tl.constexpr = LAYERS[I][11]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
-    if PACK and KB > 0:
+    if PACK and KB > 0 and HOLD:
         woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
         wb = tl.load(WP[W_SLOT] + W_AT + woff, mask=wmask, other=0.0)
     else:
@@ -652,15 +662,16 @@ def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr):
 
 @triton.jit
 def _dw_flush(acc, prow, LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
-              PACK: tl.constexpr):
-    """Adds the carried dW blocks of a packed layer to the program's partial row, once."""
+              PACK: tl.constexpr, HOLD: tl.constexpr):
+    """Adds the carried dW blocks of a packed layer (``_dw_blocks``) to the program's partial
+    row, once."""
     C_IN: tl.constexpr = LAYERS[I][0]
     N: tl.constexpr = LAYERS[I][2]
     M: tl.constexpr = LAYERS[I][3]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
     W_OFF: tl.constexpr = LAYERS[I][20]
-    if PACK and KB > 0 and NEED_DW:
+    if PACK and KB > 0 and NEED_DW and HOLD:
         woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
         _rmw_add(prow + W_OFF + woff, wmask, acc)
 
@@ -686,7 +697,7 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     S0: tl.constexpr = LAYERS[0][4]
     h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
     for i in tl.static_range(NL):
-        h = _fwd_layer(h, None, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC,
+        h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC,
                        BLOCK_P)
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
@@ -745,11 +756,16 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
         a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
         g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
+    # 16-bit chains' packed layers: the program holds their weight blocks and dW blocks across
+    # its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6" products split
+    # what they hold into more registers, and IGCV2(256, 16)'s backward, 16 positions on 16
+    # warps, spilled 8 bytes where it had none)
+    HOLD: tl.constexpr = NATIVE16
     accs = ()
     wts = ()
     for i in tl.static_range(NL):
-        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK),)
-        wts = wts + (_w_blocks(WP, LAYERS, i, PACK),)
+        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK, HOLD),)
+        wts = wts + (_w_blocks(WP, LAYERS, i, PACK, HOLD),)
     for t in range(pid, ntiles, nprog):
         # 0, unknown to the compiler: the address tensors computed from it stay in the loop
         # (hoisted out of it, they held registers across tiles and the kernels spilled)
@@ -775,8 +791,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
-                acts = acts + (_fwd_layer(acts[i], wts[i], WP, BP, perm_ptr, zero, LAYERS, i,
-                                          NATIVE16, DENSE, PACK, PREC, BLOCK_P),)
+                acts = acts + (_fwd_layer(acts[i], wts[i], HOLD, WP, BP, perm_ptr, zero,
+                                          LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P),)
         g = g_in.to(tl.float32)
         carried = ()
         for i in tl.static_range(NL - 1, -1, -1):
@@ -785,11 +801,11 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             else:
                 h = a0
                 for k in tl.static_range(i):
-                    h = _fwd_layer(h, wts[k], WP, BP, perm_ptr, zero, LAYERS, k, NATIVE16, DENSE,
-                                   PACK, PREC, BLOCK_P)
-            g, a = _bwd_layer(g, h, accs[i], wts[i], WP, perm_ptr, prow_t, zero, LAYERS, i,
-                              W_TOTAL, NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE, PACK, PREC,
-                              BLOCK_P)
+                    h = _fwd_layer(h, wts[k], HOLD, WP, BP, perm_ptr, zero, LAYERS, k,
+                                   NATIVE16, DENSE, PACK, PREC, BLOCK_P)
+            g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, WP, perm_ptr, prow_t, zero,
+                              LAYERS, i, W_TOTAL, NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE,
+                              PACK, PREC, BLOCK_P)
             carried = (a,) + carried
         accs = carried
         if NEED_DX:
@@ -802,7 +818,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 cx = tl.arange(0, S0)
                 _store_tile(dx_ptr, doff, inner, pm, dsi, dsc + zero, cx, cx < C0, g)
     for i in tl.static_range(NL):
-        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK)
+        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, HOLD)
 
 
 # =============================================================================================
