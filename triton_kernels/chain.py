@@ -302,11 +302,10 @@ def _layer_packed(h, wb, HOLD: tl.constexpr, w_ptr, b_ptr, perm_ptr, Z,
     single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
     channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
     whole groups per block; ``wb`` where the program holds it, ``HOLD``, else loaded here), one
-    batched ``tl.dot``.
-    ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit chains): the tile
-    rounded to the storage dtype first (where the unfused chain rounds the previous layer's
-    output), so the permutation moves 16-bit values and one product per block does. Returns
-    ``[BLOCK_P, C_OUT]`` float32."""
+    batched ``tl.dot``. ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit
+    chains): the tile rounded to the storage dtype first (where the unfused chain rounds the
+    previous layer's output), so the permutation moves 16-bit values and one product per block
+    does. Returns ``[BLOCK_P, C_OUT]`` float32."""
     if MODE != 0:
         h = h.to(w_ptr.dtype.element_ty)
     if PK == 1:
@@ -509,9 +508,8 @@ LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "b
 
 @triton.jit
 def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.constexpr,
-               I: tl.constexpr,
-               NATIVE16: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
-               PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+               I: tl.constexpr, NATIVE16: tl.constexpr, DENSE: tl.constexpr,
+               PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Layer ``I`` of the chain: ``u_I`` from tile ``h`` on the packed path (``PACK`` and the
     layer packs; ``wb`` its weight blocks where the program holds them, ``HOLD``), the dot path
     (``DENSE`` and the layer is eligible) or the FMA path."""
@@ -563,10 +561,10 @@ def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.conste
 
 @triton.jit
 def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr,
-               I: tl.constexpr,
-               W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr, NEED_DX: tl.constexpr,
-               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, DENSE: tl.constexpr,
-               PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+               I: tl.constexpr, W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr,
+               NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+               DENSE: tl.constexpr, PACK: tl.constexpr, PREC: tl.constexpr,
+               BLOCK_P: tl.constexpr):
     """Backward of layer ``I`` on the path its forward took (packed, dot or FMA): ``g`` the
     gradient of its output, ``h`` its input tile; ``HOLD`` (16-bit chains): ``wb`` its weight
     blocks and ``acc`` its dW blocks, which the program holds across its tiles (``_w_blocks``,
@@ -725,9 +723,9 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
     (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
     needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
-    partial row: every tile's on the FMA and dot paths; on the packed path the program carries
-    its dW blocks across its tiles and adds them once, after its last tile, and loads its
-    weight blocks once, before its first."""
+    partial row: every tile's on the FMA and dot paths and for float32 packed layers; a 16-bit
+    chain's packed layers load their weight blocks once, before the program's first tile, and
+    carry their dW blocks across its tiles, adding them once, after its last."""
     WP = (w0, w1, w2, w3, w4, w5, w6, w7)
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
     pid = tl.program_id(0)
