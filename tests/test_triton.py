@@ -297,6 +297,29 @@ def test_packed_path(case, monkeypatch):
     assert sum(row[kb] > 0 for row in fwd[0]["LAYERS"]) == packed, fwd
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_packed_path_with_input_index(dtype, monkeypatch):
+    """The packed path behind ``input_index``: 32 entries over 24 of x's 26 channels (8 repeats,
+    2 channels unused) feed two packed layers. Within the oracle's bound, forward and backward
+    (dx sums over the repeats; the unused channels' gradients are exactly zero); float16's
+    packed layers hold their weight and dW blocks across the tiles, float32's load and add them
+    per tile."""
+    idx = [(7 * i + 3) % 24 for i in range(32)]
+    p = build_problem([32, 32, 32], [4, 4], spatial=(5, 3), N=2, layout="contiguous",
+                      dtype=dtype, permutations="random", bias=True, seed=21,
+                      input_index=torch.tensor(idx), in_channels=26)
+    metas = []
+    real = T._launch
+    monkeypatch.setattr(T, "_launch", lambda fn, grid, a, meta: (metas.append(meta),
+                                                                  real(fn, grid, a, meta)))
+    _, grads = check_fp32(p, _gy(p, seed=22), pack=1)
+    kb = K.LAYER_FIELDS.index("kb")
+    bwd = [m for m in metas if "KEEP" in m]
+    assert bwd and bwd[0]["PACK"] == 1 and bwd[0]["HAS_INDEX"], metas
+    assert sum(row[kb] > 0 for row in bwd[0]["LAYERS"]) == 2, bwd
+    assert torch.equal(grads[0][:, 24:], torch.zeros_like(grads[0][:, 24:]))
+
+
 class _RoundTo(torch.autograd.Function):
     """Rounds its input to ``dtype`` (kept in float64) and the gradient it passes back too: the
     rounding points of the unfused chain in ``dtype`` (every layer's output, every gradient)."""
