@@ -56,6 +56,12 @@
 #                its GPU test against the float32 bound, then IGCV2(256, 8), (256, 16) and
 #                (512, 16) in float32 on the Triton backend autotuned, as it is
 #                (bench-triton-fp32.json) and with the switch (bench-triton-fp32mma.json)
+#   triton-packed  the Triton backend's packed path in bfloat16 (16-bit chains hold their weight
+#                and dW blocks across a backward program's tiles): the packed cases of
+#                tests/test_triton.py on the GPU, then IGCV2(256, 8), (256, 16) and (256, 32) in
+#                bfloat16 on the Triton backend autotuned (bench-triton-bf16.json), each measured
+#                fraction of copy bandwidth beside the committed prediction (compiled with the
+#                CI's Triton: every configuration of these chains, packed ones included)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -210,6 +216,15 @@ for arg in "${steps[@]}"; do
       run_step triton-fp32mma env IGC_TRITON_FP32_MMA=1 "$PY" benchmarks/bench.py --device cuda \
       --no-compile --no-memory --quiet --only 256:8:3,256:16:2,512:16:3 --dtypes float32 \
       --backends triton --json "$OUT/bench-triton-fp32mma.json" ;;
+    triton-packed) run_step triton-packed-test "$PY" -m pytest tests/test_triton.py -q -ra \
+      -k "packed" ;
+      run_step triton-bf16 "$PY" benchmarks/bench.py --device cuda --no-compile --no-memory \
+      --quiet --only 256:8:3,256:16:2,256:32:2 --dtypes bfloat16 --backends triton \
+      --json "$OUT/bench-triton-bf16.json" ;
+      run_step triton-bf16-predicted "$PY" tools/perf_model.py \
+        benchmarks/results/gpu-static-triton-3.9.0-packed-k16.json \
+        benchmarks/results/gpu-static-triton-3.9.0-configs.json \
+        --measured "$OUT/bench-triton-bf16.json" ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
         --measured "$OUT/bench-targets.json" ;;
