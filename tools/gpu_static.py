@@ -5,10 +5,14 @@ A chain's kernels are the ones the package would launch: the op bodies of
 ``igc_kernels._triton_ops`` run on CPU tensors with the launch itself replaced by a recorder,
 which keeps the kernel, its arguments and its meta-parameters; each launch is then compiled
 with ``triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32))`` (the whole
-pipeline, ptxas included; nothing runs). Integer arguments equal to 1 are compile-time
-constants, as the runtime specialises them; divisibility hints are not reproduced (they change
-vectorisation, not the register tile). Triton ships ``cuobjdump``, which reads the resource
-usage (``STACK``: spilled bytes) and the SASS.
+pipeline, ptxas included; nothing runs), through Triton's own argument binding, as
+``JITFunction.run`` does on a GPU: integer arguments equal to 1 are compile-time constants and
+pointers and integers divisible by 16 carry divisibility hints. The problems' x is (2, C, 8, 8):
+its position count per image (64) and strides are multiples of 16 as in the benchmarks' (56 x
+56 = 3136), so the tiles' global accesses compile to 16-byte vectors as they would there (with
+a spatial size that is not a multiple of 16, e.g. 14 x 14, a GPU compiles them to scalar
+accesses: ``--no-launch-path`` shows that code). Triton ships ``cuobjdump``, which reads the
+resource usage (``STACK``: spilled bytes) and the SASS.
 
 Must run with ``TRITON_INTERPRET`` unset (the kernels must be JIT functions, not interpreted):
 ``python tools/gpu_static.py --help``. ``tests/test_gpu_static.py`` runs it on a subset in CI.
@@ -205,8 +209,10 @@ def ctas_per_sm(registers: int, shared: int, num_warps: int, arch: int) -> int:
     return max(0, min(by_regs, by_smem, threads_sm // threads, ctas_sm))
 
 
-# --launch-path: compile through the JIT's own argument binding (below) instead of _signature.
-LAUNCH_PATH = [False]
+# Compile through the JIT's own argument binding (below), as a launch on a GPU does, divisibility
+# hints included; --no-launch-path: from _signature instead (integers equal to 1 constant, no
+# hints: the tile's global accesses then compile to scalar loads and stores).
+LAUNCH_PATH = [True]
 
 
 def launch_path_source(fn, args, meta, arch: int):
@@ -1571,10 +1577,11 @@ def main(argv=None) -> int:
     p.add_argument("--cuda", action="store_true",
                    help="also report the CUDA kernels (nvcc -Xptxas -v for each arch)")
     p.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
-    p.add_argument("--launch-path", action="store_true",
+    p.add_argument("--launch-path", action=argparse.BooleanOptionalAction, default=True,
                    help="compile each launch through Triton's own argument binding (what "
-                        "JITFunction.run does on a GPU, divisibility hints included) instead "
-                        "of a signature built here")
+                        "JITFunction.run does on a GPU, divisibility hints included; the "
+                        "default), or (--no-launch-path) from a signature built here (integers "
+                        "equal to 1 constant, no divisibility hints)")
     p.add_argument("--pruning", action="store_true",
                    help="run the autotuner's pruning on real compiles of each problem instead "
                         "(one JSON line per problem: configuration, spilled bytes, kept)")
