@@ -157,7 +157,7 @@ def _store_tile(ptr, off, inner, pmask, s_in, s_c, chan, cmask, val):
 
 
 @triton.jit
-def _load_input(x_ptr, off, inner, pmask, s_in, s_c, idx_ptr,
+def _load_input(x_ptr, off, inner, pmask, s_in, s_c, Z, idx_ptr,
                 C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr, C_X: tl.constexpr):
     """``h_0`` in the storage dtype: ``x[:, idx[j]]`` (or ``x[:, j]``) in slot ``j``. Index
     entries are clamped to x's ``C_X`` channels (validated before launch; the clamp keeps a
@@ -169,7 +169,7 @@ def _load_input(x_ptr, off, inner, pmask, s_in, s_c, idx_ptr,
         c = tl.minimum(tl.maximum(c, 0), C_X - 1)
     else:
         c = j
-    return _load_tile(x_ptr, off, inner, pmask, s_in, s_c, c, jm)
+    return _load_tile(x_ptr, off, inner, pmask, s_in, s_c, c + Z, jm)
 
 
 @triton.jit
@@ -693,7 +693,7 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
-    h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+    h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX, C_X)
     for i in tl.static_range(NL):
         h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC,
                        BLOCK_P)
@@ -752,7 +752,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         xoff, inner, pm = _tile_offsets(pid, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
         pm = inner < tl.where(pid < ntiles, NI, 0)
         goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-        a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, idx_ptr, C0, S0, HAS_INDEX, C_X)
+        a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX,
+                             C_X)
         g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
     # 16-bit chains' packed layers: the program holds their weight blocks and dW blocks across
     # its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6" products split
@@ -766,8 +767,11 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         wts = wts + (_w_blocks(WP, LAYERS, i, PACK, HOLD),)
     for t in range(pid, ntiles, nprog):
         # 0, unknown to the compiler: the address tensors computed from it stay in the loop
-        # (hoisted out of it, they held registers across tiles and the kernels spilled)
-        zero = t // ntiles
+        # (hoisted out of it, they held registers across tiles and the kernels spilled). A
+        # multiple of 16 added to the channel offsets, not to the strides: the compiler keeps
+        # the tiles' contiguity and alignment, so with the launch's divisibility hints x, dy and
+        # dx move in 16-byte vectors (added to the channel stride, it made them 16-bit scalars)
+        zero = (t // ntiles) * 16
         prow_t = prow + zero
         if AHEAD:
             a0 = a_next
@@ -776,16 +780,16 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             xoff, inner, pm = _tile_offsets(tn, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
             pm = inner < tl.where(tn < ntiles, NI, 0)
             goff = _outer_offset(tn, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-            a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc + zero, idx_ptr, C0, S0,
+            a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
                                  HAS_INDEX, C_X)
-            g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc + zero, chan, cm)
+            g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
             _, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
         else:
             xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
             goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-            a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc + zero, idx_ptr, C0, S0,
+            a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
                              HAS_INDEX, C_X)
-            g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc + zero, chan, cm)
+            g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
@@ -811,10 +815,10 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             if HAS_INDEX:
                 gx = _index_grad(g, ord_ptr, start_ptr, count_ptr, C_X, S_X, BLOCK_P)
                 cx = tl.arange(0, S_X)
-                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc + zero, cx, cx < C_X, gx)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cx < C_X, gx)
             else:
                 cx = tl.arange(0, S0)
-                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc + zero, cx, cx < C0, g)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cx < C0, g)
     for i in tl.static_range(NL):
         _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, HOLD)
 
