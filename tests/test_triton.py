@@ -399,8 +399,9 @@ def test_packed_path_eligibility(monkeypatch):
     assert layer(32, 64, 8).pack == (16, 32)  # non-square groups
     assert layer(64, 32, 8).pack is None  # blocks of 8 outputs: below tl.dot's 16
     assert layer(48, 48, 6).pack is None  # 48 channels leave padding slots
-    assert layer(512, 512, 64).pack == (16, 16)  # 512 x 16 = PACK_MAX_WEIGHTS
-    assert layer(1024, 1024, 32).pack is None  # 1024 x 32 weights: spilled
+    assert layer(512, 512, 64).pack == (16, 16)  # IGCV2(512, 8): 512 x 16 weights
+    assert layer(1024, 1024, 32).pack == (32, 32)  # 1024 x 32 = PACK_MAX_WEIGHTS
+    assert layer(1024, 1024, 16).pack is None  # groups of 64: 1024 x 64 weights
     st = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                           False, torch.bfloat16)
     fwd = K._configs(st, False)

@@ -76,10 +76,12 @@ MAX_CHANNELS = 1024
 # Largest padded channel count a layer may have on either side to be eligible for the dense
 # tl.dot path: its folded weight tile is S_{l-1} x S_l float32 (64 KiB at 128 x 128).
 DENSE_MAX_SLOTS = 128
-# Largest block-diagonal weight (C_IN x MB values) of the packed path: 8192 is IGCV2(512, 8)'s
-# (512 x 16), which compiles without spills for sm_90 with both Tritons at 4-8 warps; IGCV2(1024,
-# 32)'s 32768 spilled 11 KB (docs/backends.md).
-PACK_MAX_WEIGHTS = 8192
+# Largest block-diagonal weight (C_IN x MB values) of the packed path: 32768 is IGCV2(1024,
+# 32)'s (1024 x 32), whose bf16 forward compiles without spills for sm_90 with both Tritons at
+# 16 positions on 8 warps (with the launch's divisibility hints; without them it spilled 11 KB).
+# Configurations that spill (e.g. the packed backward of C = 1024, whose dW blocks do not fit
+# the registers) are pruned by the autotuner like any other (docs/backends.md).
+PACK_MAX_WEIGHTS = 32768
 
 # Permutation kinds (how the channels of one tile feed the next layer).
 PK_IDENTITY, PK_SHUFFLE, PK_EXPLICIT = 0, 1, 2
