@@ -273,8 +273,8 @@ def test_opt_in_float32_packed_forward_runs_six_bf16_products(tmp_path, alt):
     Triton's "bf16x6" precision: IGCV2(256, 16)'s packed forward (16 positions, 4 warps)
     compiles for sm_90 without spills or shuffles, and its tensor cores run six bfloat16
     products per multiply-add of the chain (two layers of 256 x 16, no padding at K = 16).
-    Without the switch the float32 structure offers no packed path: the same configuration
-    compiles to the FMA path (no HMMA)."""
+    Without the switch the packed path's products are exact float32 ("ieee"): the same
+    configuration compiles to one FFMA per multiply-add, no HMMA and no shuffles."""
     if alt:
         _need_triton_alt()
     else:
@@ -294,8 +294,10 @@ def test_opt_in_float32_packed_forward_runs_six_bf16_products(tmp_path, alt):
     assert r["sass"]["SHFL"] == 0, r["sass"]
     assert r["dyn"]["mma_fma"] * r["num_warps"] == 6 * 16 * 2 * 256 * 16, r["dyn"]
     off = rows["0"]
-    assert off["config"]["PACK"] == 0 and "PREC" not in off["config"], off
-    assert off["sass"]["HMMA/MMA"] == 0, off["sass"]
+    assert off["config"]["PACK"] == 1 and "PREC" not in off["config"], off
+    assert off["spill_bytes"] == 0 and off["sass"]["HMMA/MMA"] == off["sass"]["SHFL"] == 0, off
+    ffma = off["dyn"]["counts"]["FFMA/HFMA"] * off["num_warps"]
+    assert ffma == pytest.approx(16 * 2 * 256 * 16 / 32, rel=0.01), off["dyn"]
 
 
 def _refusals(pythonpath=None):

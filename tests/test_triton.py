@@ -416,17 +416,22 @@ def test_packed_path_eligibility(monkeypatch):
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
     assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3
-    # compiled for a GPU, float32 chains are not offered it (no tensor-core instruction)
+    # compiled for a GPU too, float32 chains with exact products ("ieee") are offered it (the
+    # block products on FFMAs; TF32 allowed alone: not, test_precision_follows_...)
+    monkeypatch.setattr(K, "INTERPRETED", False)
     st32 = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                             False, torch.float32)
-    assert st32.packed_layers == [0, 1, 2]  # the interpreter: every dtype
-    monkeypatch.setattr(K, "INTERPRETED", False)
     st16 = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                             False, torch.float16)
-    assert st32.packed_layers == [] and st16.packed_layers == [0, 1, 2]
-    # a structure without packed layers compiles no packed block, and never varies PACK
-    assert [row[kb] for row in st32.meta()["LAYERS"]] == [0, 0, 0]
-    assert not any(c.kwargs["PACK"] for c in K._configs(st32, False))
+    assert st32.f32_prec == "ieee" and st32.packed_layers == [0, 1, 2]
+    assert st16.packed_layers == [0, 1, 2]
+    # a structure without packed layers (48 channels leave padding slots) compiles no packed
+    # block, and never varies PACK
+    st48 = K.make_structure(48, [48] * 3, [6] * 2, [6, 0], [False] * 2, [False] * 2, False,
+                            torch.float16)
+    assert st48.packed_layers == []
+    assert [row[kb] for row in st48.meta()["LAYERS"]] == [0, 0]
+    assert not any(c.kwargs["PACK"] for c in K._configs(st48, False))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -704,8 +709,9 @@ def test_public_api_errors_name_layer_and_value():
 def test_precision_follows_the_tf32_flag_and_the_opt_in(monkeypatch):
     """float32 dots: "ieee" by default, "tf32" where TF32 is allowed for matmul, else "bf16x6"
     with IGC_TRITON_FP32_MMA=1 (compiled kernels only: the interpreter knows no "bf16x6").
-    A float32 structure offers the packed path only with the opt-in (allowing TF32 alone does
-    not), and its precision keys the structure (one autotuner per precision)."""
+    A float32 structure offers the packed path with exact products ("ieee") or with the
+    opt-in, not where TF32 alone is allowed, and its precision keys the structure (one
+    autotuner per precision)."""
     prev = torch.backends.cuda.matmul.allow_tf32
 
     def fp32_structure():
@@ -731,7 +737,10 @@ def test_precision_follows_the_tf32_flag_and_the_opt_in(monkeypatch):
         assert K.dot_precision() == "tf32" and not st.f32_pack and st.packed_layers == []
         assert not any(c.kwargs["PACK"] for c in K._configs(st, False))
         torch.backends.cuda.matmul.allow_tf32 = False
-        assert K.dot_precision() == "ieee" and fp32_structure().packed_layers == []
+        monkeypatch.delenv(K.FP32_MMA_ENV)  # exact products: the packed path on FFMAs
+        st = fp32_structure()
+        assert K.dot_precision() == "ieee" and st.f32_pack and st.packed_layers == [0, 1]
+        assert any(c.kwargs["PACK"] for c in K._configs(st, False))
         # 16-bit chains: their own packed path either way, never the float32 switch
         monkeypatch.setenv(K.FP32_MMA_ENV, "1")
         st16 = K.make_structure(256, [256] * 3, [16] * 2, [16, 0], [False] * 2, [False] * 2,

@@ -899,7 +899,7 @@ class Structure:
     native16: bool  # storage dtype is 16-bit (layer 1's dense dot may run on it directly)
     out_q_at: int = -1  # an explicit last permutation: its inverse's offset in the buffer
     # float32 storage: its dots' precision (dot_precision; one autotuner per precision), and
-    # whether the opt-in IGC_TRITON_FP32_MMA=1 offers it the packed path
+    # whether it is offered the packed path ("ieee", or the opt-in IGC_TRITON_FP32_MMA=1)
     f32_prec: str = "ieee"
     f32_pack: bool = False
 
@@ -923,11 +923,12 @@ class Structure:
     @property
     def offers_pack(self):
         """Whether the kernels offer the packed path (``PACK``). Compiled, 16-bit chains get
-        it, and float32 chains only with the opt-in ``IGC_TRITON_FP32_MMA=1`` (``f32_pack``;
-        their dots then run on tensor cores: "bf16x6", or "tf32" where TF32 is allowed too):
-        float32 operands take no tensor-core instruction under ``input_precision="ieee"``, and
-        the float32 packed kernels collapsed to 32 registers and spilled 3-7 KB for sm_90
-        there. Under the interpreter every dtype does, so the CPU tests check the path's
+        it, and float32 chains (``f32_pack``) with exact float32 products (``"ieee"``: the
+        block products compile to FFMAs, no tensor cores and no shuffles) or with the opt-in
+        ``IGC_TRITON_FP32_MMA=1`` (on tensor cores: "bf16x6", or "tf32" where TF32 is allowed
+        too), not where TF32 alone is allowed. (Compiled without the launch's divisibility
+        hints, the float32 packed kernels had collapsed to 32 registers and spilled 3-7 KB for
+        sm_90.) Under the interpreter every dtype does, so the CPU tests check the path's
         indexing in float32 too."""
         return self.native16 or self.f32_pack or INTERPRETED
 
@@ -1013,9 +1014,9 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
     # bfloat16 under the interpreter, which has no bfloat16 arithmetic (numpy has no bfloat16).
     native16 = dtype == torch.float16 or (dtype == torch.bfloat16 and not INTERPRETED)
     f32 = dtype == torch.float32
+    prec = dot_precision() if f32 else "ieee"
     return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16,
-                     q_at(L - 1), dot_precision() if f32 else "ieee",
-                     f32 and fp32_mma_requested())
+                     q_at(L - 1), prec, f32 and (prec == "ieee" or fp32_mma_requested()))
 
 
 def pointer_args(st: Structure, weights, biases, perm_buffer) -> list:
