@@ -202,7 +202,8 @@ def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_load
     without the field but with its kernel name counts one, as that kernel launched then); a
     program that loads its next tile before computing this one
     (``next_tile_loaded``) takes the longer of the computation and the loads' latency plus
-    transfer instead of their sum."""
+    transfer instead of their sum, and one that loads two tiles ahead (``tiles_ahead``) the
+    longer of the computation and half of them."""
     dev = pm.DEVICES["h200"]
     row = _row(direction="backward", backend="triton", ctas_per_sm=4, kernel="igc_chain_bwd")
     row["dyn"]["counts"]["other"] = 4000.0  # 4 warps x 4000 instructions per tile
@@ -222,6 +223,17 @@ def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_load
     assert over["terms_per_tile_ns"]["latency"] == pytest.approx(
         max(t_issue, dev.dram_latency_ns + t_mem))
     assert over["fraction_of_copy"] > one["fraction_of_copy"]
+    for ahead in (0, 1):  # 0: records made before the field, as one
+        same = pm.predict(dict(row, programs_per_sm=1, next_tile_loaded=True,
+                               tiles_ahead=ahead), dev)
+        assert same["terms_per_tile_ns"] == over["terms_per_tile_ns"]
+    row["dyn"]["counts"]["other"] = 400.0  # the loads' latency exceeds the computation
+    t_issue /= 10
+    ahead2 = pm.predict(dict(row, programs_per_sm=1, next_tile_loaded=True, tiles_ahead=2),
+                        dev)
+    assert dev.dram_latency_ns + t_mem > 2 * t_issue
+    assert ahead2["terms_per_tile_ns"]["latency"] == pytest.approx(
+        max(t_issue, (dev.dram_latency_ns + t_mem) / 2))
 
 
 def test_merged_reports_keep_every_route_to_a_compile(tmp_path):

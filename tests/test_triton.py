@@ -320,6 +320,23 @@ def test_packed_path_with_input_index(dtype, monkeypatch):
     assert torch.equal(grads[0][:, 24:], torch.zeros_like(grads[0][:, 24:]))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_packed_backward_two_tiles_ahead(dtype):
+    """PACK = 2 (``PACKED_AHEAD2``): the packed backward loads x and dy two tiles ahead instead
+    of one. 20 tiles over the interpreter's 3 programs (each walks 6 or 7, so the loads rotate
+    through both slots, and the last two of each are masked past the end): the same tiles add
+    in the same order, so output and gradients equal PACK = 1's bit for bit, and are within the
+    oracle's bound."""
+    p = build_problem([64, 64, 64], [8, 8], spatial=(10, 16), N=2, layout="contiguous",
+                      dtype=dtype, permutations="random", bias=True, seed=31)
+    gy = _gy(p, seed=32)
+    got = {}
+    for pack in (1, 2):
+        y, grads = check_fp32(p, gy, pack=pack)
+        got[pack] = [y, *grads]
+    assert all(torch.equal(a, b) for a, b in zip(got[1], got[2]))
+
+
 class _RoundTo(torch.autograd.Function):
     """Rounds its input to ``dtype`` (kept in float64) and the gradient it passes back too: the
     rounding points of the unfused chain in ``dtype`` (every layer's output, every gradient)."""
@@ -410,9 +427,13 @@ def test_packed_path_eligibility(monkeypatch):
     assert all(c.kwargs["DENSE"] == 0 for c in packed)
     bwd = K._configs(st, True)
     packed_bwd = [c for c in bwd if c.kwargs["PACK"]]  # the backward keeps its intermediates
-    assert len(packed_bwd) == sum(bp >= K.MIN_DOT_ROWS for bp, _ in K.BWD_TILE_CONFIGS)
+    assert len(packed_bwd) == (sum(bp >= K.MIN_DOT_ROWS for bp, _ in K.BWD_TILE_CONFIGS)
+                               + len(K.PACKED_AHEAD2))
     assert all(c.kwargs["KEEP"] == 1 and c.kwargs["DENSE"] == 0 for c in packed_bwd)
-    assert len(bwd) <= 24
+    ahead2 = [(c.kwargs["BLOCK_P"], c.num_warps) for c in packed_bwd if c.kwargs["PACK"] == 2]
+    assert ahead2 == list(K.PACKED_AHEAD2)  # loading two tiles ahead
+    assert not any(c.kwargs["PACK"] == 2 for c in fwd)
+    assert len(bwd) <= 26
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
     assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3

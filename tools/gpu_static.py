@@ -172,6 +172,7 @@ class Record:
     ctas_per_sm: int = 0
     programs_per_sm: int = 0  # a persistent grid's programs per SM (0: one program per tile)
     next_tile_loaded: bool = False  # a persistent program loads its next tile before computing
+    tiles_ahead: int = 0  # how many tiles ahead it loads (the backward's PACK: 1 or 2)
     sass: dict = field(default_factory=dict)
     backend: str = "triton"
     reachable: bool = True
@@ -294,6 +295,7 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             dev = perf_model.DEVICES["h200"]  # (the H100's SM count and L2 size are the same)
             rec.programs_per_sm = T.backward_programs_per_sm(row, dev.sms, dev.l2_bytes)
             rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
+            rec.tiles_ahead = int(meta.get("PACK") or 0)  # 1, or 2 (PACKED_AHEAD2)
             if meta.get("PACK") and meta["NATIVE16"]:  # 16-bit chains' packed layers carry
                 # their dW across the tiles: only the other layers add theirs to the partial row
                 # every tile (read and written)

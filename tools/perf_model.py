@@ -24,7 +24,9 @@ a persistent kernel loops over tiles):
   else would fit; records made before it launched two carry no field and count one); a
   persistent program that loads its next tile before computing this one
   (``next_tile_loaded``: the Triton backward's packed configurations) takes the longer of the
-  computation and the loads' latency and transfer instead of their sum; where the CUDA backward prefetches its
+  computation and the loads' latency and transfer instead of their sum, and one that loads
+  two tiles ahead (``tiles_ahead``: PACK = 2) the longer of the computation and half of
+  them; where the CUDA backward prefetches its
   next tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for
   an L2 hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead,
   the stores draining behind the next tile (both assumptions, Device);
@@ -409,10 +411,13 @@ def predict(row: dict, dev: Device) -> dict:
         t_latency = (dev.l2_latency_ns * 1e-9 + t_compute
                      + loaded / (dev.l2_read_bytes_per_s / dev.sms)) / k
     elif row.get("next_tile_loaded"):
-        # a persistent program loads its next tile before it computes this one (the Triton
-        # backward's packed configurations): those loads wait while it computes, and it waits
-        # for them only where their latency and transfer take longer than the computation
-        t_latency = max(t_compute, dev.dram_latency_ns * 1e-9 + t_memory) / k
+        # a persistent program loads its next tile (or, ``tiles_ahead`` = 2, the one after it)
+        # before it computes this one (the Triton backward's packed configurations): those
+        # loads wait while it computes, and it waits for them only where their latency and
+        # transfer take longer than the computation of the tiles in between (Little's law:
+        # ``tiles_ahead`` tiles in flight)
+        ahead = max(1, int(row.get("tiles_ahead") or 1))
+        t_latency = max(t_compute, (dev.dram_latency_ns * 1e-9 + t_memory) / ahead) / k
     else:
         t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
     t_l2 = l2_bytes_per_tile(row) / (dev.l2_read_bytes_per_s / dev.sms)

@@ -744,11 +744,12 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
     else:
         chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
-    # packed configurations: x and dy of the program's first tile, then every iteration loads
-    # its next tile's (all masked past the last tile) before it computes, so those loads are
-    # in flight meanwhile. (The FMA configurations load their own tile: the tiles held ahead
-    # cost registers that their spill-free configurations do not have; with them IGCV2(256, 8)
-    # in float32 spilled 8 to 24 bytes in every 16-position configuration.)
+    # packed configurations: x and dy of the program's first tile (PACK = 2: and of its
+    # second), then every iteration loads those of its tile PACK tiles ahead (all masked past
+    # the last tile) before it computes, so those loads are in flight meanwhile. (The FMA
+    # configurations load their own tile: the tiles held ahead cost registers that their
+    # spill-free configurations do not have; with them IGCV2(256, 8) in float32 spilled 8 to
+    # 24 bytes in every 16-position configuration.)
     AHEAD: tl.constexpr = PACK
     if AHEAD:
         xoff, inner, pm = _tile_offsets(pid, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
@@ -757,6 +758,14 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX,
                              C_X)
         g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
+    if AHEAD == 2:
+        t2 = pid + nprog
+        xoff, inner, pm = _tile_offsets(t2, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+        pm = inner < tl.where(t2 < ntiles, NI, 0)
+        goff = _outer_offset(t2, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+        a_next2 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX,
+                              C_X)
+        g_next2 = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
     # 16-bit chains' packed layers: the program holds their weight blocks and dW blocks across
     # its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6" products split
     # what they hold into more registers, and IGCV2(256, 16)'s backward, 16 positions on 16
@@ -778,13 +787,21 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         if AHEAD:
             a0 = a_next
             g_in = g_next
-            tn = t + nprog
+            tn = t + AHEAD * nprog
             xoff, inner, pm = _tile_offsets(tn, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
             pm = inner < tl.where(tn < ntiles, NI, 0)
             goff = _outer_offset(tn, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-            a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
-                                 HAS_INDEX, C_X)
-            g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
+            a_new = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
+                                HAS_INDEX, C_X)
+            g_new = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
+            if AHEAD == 2:
+                a_next = a_next2
+                g_next = g_next2
+                a_next2 = a_new
+                g_next2 = g_new
+            else:
+                a_next = a_new
+                g_next = g_new
             _, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
         else:
             xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
@@ -1070,12 +1087,16 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         ``_layer_packed_bwd`` with KEEP=1), the others on the FMA path;
 #                         offered beside the DENSE choices when some layer is eligible (else
 #                         0). Not the fixed path's default: it has not run on a GPU yet, and
-#                         only the autotuner's timings should pick it.
-# At most 15 forward and 24 backward configurations per structure (each is a compilation on
+#                         only the autotuner's timings should pick it. In the backward, PACK is
+#                         also how many tiles ahead a program loads x and dy: 1, or 2 in the
+#                         configurations of PACKED_AHEAD2 (one CTA per SM: its next tile's
+#                         loads alone do not cover their latency)
+# At most 15 forward and 26 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8))
 BWD_TILE_CONFIGS = ((8, 8), (8, 16), (16, 4), (16, 16), (32, 4), (64, 8))
+PACKED_AHEAD2 = ((16, 8), (16, 16))
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
@@ -1196,7 +1217,8 @@ def launch_config(c) -> LaunchConfig:
 def _configs(st: Structure, backward: bool) -> list:
     """The autotuner's configurations: ``DENSE`` (every dense-eligible layer on the dot path,
     or none) and ``PACK`` (every packed layer packed, the rest on the FMA path; the backward
-    then keeps its intermediates) are only varied where the structure has such layers;
+    then keeps its intermediates, and ``PACKED_AHEAD2`` adds configurations with PACK = 2,
+    which load two tiles ahead) are only varied where the structure has such layers;
     otherwise they are 0."""
     dense = bool(st.dense_layers)
     pack = bool(st.packed_layers)
@@ -1213,6 +1235,10 @@ def _configs(st: Structure, backward: bool) -> list:
             if backward:
                 kw["KEEP"] = 1
             out.append(triton.Config(kw, num_warps=w, num_stages=1))
+    if pack and backward:  # loading two tiles ahead
+        for bp, w in PACKED_AHEAD2:
+            out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 2, "KEEP": 1},
+                                     num_warps=w, num_stages=1))
     return out
 
 
