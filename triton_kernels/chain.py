@@ -175,6 +175,19 @@ def _load_input(x_ptr, off, inner, pmask, s_in, s_c, Z, idx_ptr,
 
 
 @triton.jit
+def _tile_x_dy(t, ntiles, Z, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
+               gs0, gs1, gs2, gsi, gsc, chan, cm, C0: tl.constexpr, S0: tl.constexpr,
+               HAS_INDEX: tl.constexpr, C_X: tl.constexpr, BLOCK_P: tl.constexpr):
+    """``h_0`` and ``dy`` (output channels ``chan``) of tile ``t``, all masked where ``t >=
+    ntiles``; ``Z``: the tile loop's opaque 0 (added to the channel offsets), or 0."""
+    xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+    pm = inner < tl.where(t < ntiles, NI, 0)
+    goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
+    a = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, Z, idx_ptr, C0, S0, HAS_INDEX, C_X)
+    return a, _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + Z, cm)
+
+
+@triton.jit
 def _layer_fma(h, w_ptr, b_ptr, perm_ptr,
                N: tl.constexpr, M: tl.constexpr, C_OUT: tl.constexpr, S_OUT: tl.constexpr,
                PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -752,20 +765,13 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     # 24 bytes in every 16-position configuration.)
     AHEAD: tl.constexpr = PACK
     if AHEAD:
-        xoff, inner, pm = _tile_offsets(pid, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-        pm = inner < tl.where(pid < ntiles, NI, 0)
-        goff = _outer_offset(pid, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-        a_next = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX,
-                             C_X)
-        g_next = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
+        a_next, g_next = _tile_x_dy(pid, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0,
+                                    xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi, gsc, chan, cm, C0,
+                                    S0, HAS_INDEX, C_X, BLOCK_P)
     if AHEAD == 2:
-        t2 = pid + nprog
-        xoff, inner, pm = _tile_offsets(t2, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-        pm = inner < tl.where(t2 < ntiles, NI, 0)
-        goff = _outer_offset(t2, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-        a_next2 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX,
-                              C_X)
-        g_next2 = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan, cm)
+        a_next2, g_next2 = _tile_x_dy(pid + nprog, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1,
+                                      O2, xs0, xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi, gsc,
+                                      chan, cm, C0, S0, HAS_INDEX, C_X, BLOCK_P)
     # 16-bit chains' packed layers: the program holds their weight blocks and dW blocks across
     # its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6" products split
     # what they hold into more registers, and IGCV2(256, 16)'s backward, 16 positions on 16
@@ -787,13 +793,9 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         if AHEAD:
             a0 = a_next
             g_in = g_next
-            tn = t + AHEAD * nprog
-            xoff, inner, pm = _tile_offsets(tn, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-            pm = inner < tl.where(tn < ntiles, NI, 0)
-            goff = _outer_offset(tn, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-            a_new = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
-                                HAS_INDEX, C_X)
-            g_new = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
+            a_new, g_new = _tile_x_dy(t + AHEAD * nprog, ntiles, zero, x_ptr, dy_ptr, idx_ptr,
+                                      NI, O1, O2, xs0, xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi,
+                                      gsc, chan, cm, C0, S0, HAS_INDEX, C_X, BLOCK_P)
             if AHEAD == 2:
                 a_next = a_next2
                 g_next = g_next2
