@@ -507,8 +507,9 @@ def markdown(recs: list, command: str) -> str:
         d = f"{default[0]['predicted_fraction_of_copy']:.0%}" if default else "-"
         cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
                         if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
-        if any(v for k, v in best["config"].items() if k.startswith("PACK")):
-            cfg += ", PACK=1"  # the packed path on every eligible layer
+        pack = max([v for k, v in best["config"].items() if k.startswith("PACK")] or [0])
+        if pack:  # the packed path on every eligible layer (backward: tiles loaded ahead)
+            cfg += f", PACK={pack}"
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
                      f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "
