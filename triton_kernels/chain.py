@@ -1120,7 +1120,7 @@ _OVERRIDE = threading.local()
 
 def autotune_enabled() -> bool:
     """Autotuning is on unless ``IGC_TRITON_AUTOTUNE=0`` (read at every launch): then every
-    structure launches DEFAULT_CONFIG, one compilation per kernel instead of up to 24 (a test
+    structure launches DEFAULT_CONFIG, one compilation per kernel instead of up to 26 (a test
     run over many structures on a GPU spends most of its time autotuning otherwise)."""
     return os.environ.get("IGC_TRITON_AUTOTUNE", "1") != "0"
 
