@@ -1073,8 +1073,9 @@ def permutation_buffer(st: Structure, perms, inverse):
 # the structure (channels, groups, permutation kinds: one autotuner per structure), the
 # tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
 # the batch or spatial sizes.
-#   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 16), (32, 4),
-#                         (64, 8), (128, 8); backward (8, 8), (8, 16), (16, 4), (16, 16), (32, 4),
+#   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 8), (16, 16),
+#                         (32, 4), (64, 8), (128, 8) ((16, 8): the only spill-free packed one of
+#                         IGCV2(1024, 8)); backward (8, 8), (8, 16), (16, 4), (16, 16), (32, 4),
 #                         (64, 8). Many warps on few positions spread the backward's live tiles
 #                         over more threads: for several chains the only spill-free
 #                         configurations (docs/backends.md). BLOCK_P 8 takes the FMA path only
@@ -1093,10 +1094,10 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         also how many tiles ahead a program loads x and dy: 1, or 2 in the
 #                         configurations of PACKED_AHEAD2 (one CTA per SM: its next tile's
 #                         loads alone do not cover their latency)
-# At most 15 forward and 26 backward configurations per structure (each is a compilation on
+# At most 18 forward and 26 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
-TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8))
+TILE_CONFIGS = ((16, 4), (16, 8), (16, 16), (32, 4), (64, 8), (128, 8))
 BWD_TILE_CONFIGS = ((8, 8), (8, 16), (16, 4), (16, 16), (32, 4), (64, 8))
 PACKED_AHEAD2 = ((16, 8), (16, 16))
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
