@@ -1073,13 +1073,15 @@ def permutation_buffer(st: Structure, perms, inverse):
 # the structure (channels, groups, permutation kinds: one autotuner per structure), the
 # tensors' dtypes (Triton adds them to the key) and the layout class (``layout_key``); never on
 # the batch or spatial sizes.
-#   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 8), (16, 16),
-#                         (32, 4), (64, 8), (128, 8) ((16, 8): the only spill-free packed one of
-#                         IGCV2(1024, 8)); backward (8, 8), (8, 16), (16, 4), (16, 16), (32, 4),
-#                         (64, 8). Many warps on few positions spread the backward's live tiles
-#                         over more threads: for several chains the only spill-free
-#                         configurations (docs/backends.md). BLOCK_P 8 takes the FMA path only
-#                         (tl.dot needs 16 rows).
+#   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 16), (32, 4),
+#                         (64, 8), (128, 8), (16, 8) ((16, 8): the only spill-free packed one of
+#                         IGCV2(1024, 8); last, so the fixed path, which takes the first
+#                         spill-free one, takes it only where no other is); backward (8, 8),
+#                         (8, 16), (16, 4), (16, 16), (32, 4), (64, 8). Many warps on few
+#                         positions spread the backward's live tiles over more threads: for
+#                         several chains the only spill-free configurations
+#                         (docs/backends.md). BLOCK_P 8 takes the FMA path only (tl.dot needs
+#                         16 rows).
 #   DENSE                 every dense-eligible layer on the tl.dot path (1) or all on the FMA
 #                         path (0); only varied when some layer is eligible (else 0)
 #   KEEP                  (backward, L > 1) keep the recomputed intermediates in registers (1)
@@ -1097,7 +1099,7 @@ def permutation_buffer(st: Structure, perms, inverse):
 # At most 18 forward and 26 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
-TILE_CONFIGS = ((16, 4), (16, 8), (16, 16), (32, 4), (64, 8), (128, 8))
+TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8), (16, 8))
 BWD_TILE_CONFIGS = ((8, 8), (8, 16), (16, 4), (16, 16), (32, 4), (64, 8))
 PACKED_AHEAD2 = ((16, 8), (16, 16))
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
