@@ -290,8 +290,7 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
         rec.macs_per_position = facts["macs_per_position"]
         if fn.__name__ == "igc_chain_bwd":
             f = {name: i for i, name in enumerate(K.LAYER_FIELDS)}
-            row = meta["W_TOTAL"] + sum(lay[f["c_out"]] for lay in meta["LAYERS"]
-                                        if lay[f["bias"]])  # the partial row's floats
+            row = dict(zip(fn.arg_names, args))["PROW"]  # the partial row's floats, as launched
             dev = perf_model.DEVICES["h200"]  # (the H100's SM count and L2 size are the same)
             rec.programs_per_sm = T.backward_programs_per_sm(row, dev.sms, dev.l2_bytes)
             rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
