@@ -120,18 +120,38 @@ def backward_programs_per_sm(row_floats: int, sms: int, l2_bytes: int) -> int:
     return 2 if 2 * sms * row_floats * 4 <= l2_bytes // 2 else 1
 
 
+# Programs per SM of the forward's persistent grid (its AHEAD configurations; the model's
+# cap on their tiles in flight per SM): two, so that where two fit an SM one's tiles load while
+# the other computes; where one fits, the second half of the grid runs after the first.
+FORWARD_PROGRAMS_PER_SM = 2
+
+
+def _device_sizes(device: torch.device) -> tuple:
+    """(SMs, L2 bytes) of a CUDA device, cached."""
+    key = device.index if device.index is not None else torch.cuda.current_device()
+    sizes = _DEVICE_SIZES.get(key)
+    if sizes is None:
+        props = torch.cuda.get_device_properties(key)
+        sizes = _DEVICE_SIZES[key] = (props.multi_processor_count, props.L2_cache_size)
+    return sizes
+
+
 def backward_programs(device: torch.device, row_floats: int) -> int:
     """Programs of the persistent backward grid: ``backward_programs_per_sm`` per SM on GPUs
     (the partial buffer has one row of ``row_floats`` per program); 3 under the interpreter (an
     odd count, so tiles split unevenly)."""
     if INTERPRETED or device.type != "cuda":
         return 3
-    key = device.index if device.index is not None else torch.cuda.current_device()
-    sizes = _DEVICE_SIZES.get(key)
-    if sizes is None:
-        props = torch.cuda.get_device_properties(key)
-        sizes = _DEVICE_SIZES[key] = (props.multi_processor_count, props.L2_cache_size)
+    sizes = _device_sizes(device)
     return sizes[0] * backward_programs_per_sm(row_floats, *sizes)
+
+
+def forward_programs(device: torch.device, ntiles: int) -> int:
+    """Programs of the forward's persistent grid for ``ntiles`` tiles: at most
+    ``FORWARD_PROGRAMS_PER_SM`` per SM on GPUs, 3 under the interpreter (as the backward's)."""
+    if INTERPRETED or device.type != "cuda":
+        return min(3, ntiles)
+    return min(_device_sizes(device)[0] * FORWARD_PROGRAMS_PER_SM, ntiles)
 
 
 def _store_dtype(dtype):
@@ -152,7 +172,7 @@ def _forward_args(x, y, idx, ptrs):
     """(the forward kernel's arguments, (O0, O1, O2, NI))."""
     sizes, (xs, ys) = K.position_dims(x.shape, [x.stride(), y.stride()])
     NI, O1, O2 = sizes[3], sizes[1], sizes[2]
-    args = [x, y, idx, *ptrs, NI, O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
+    args = [x, y, idx, *ptrs, NI, sizes[0], O1, O2, xs[0], xs[1], xs[2], xs[3], x.stride(1),
             ys[0], ys[1], ys[2], ys[3], y.stride(1), _layout_key((xs[3], x.stride(1)))]
     return args, tuple(sizes)
 
@@ -269,7 +289,8 @@ def chain_forward(x: torch.Tensor, weights: List[torch.Tensor], biases: List[tor
     fn, meta = K.launch_choice(kern, backward=False, args=args, base_meta=base)
 
     def grid(META):
-        return (O0 * O1 * O2 * triton.cdiv(NI, META["BLOCK_P"]),)
+        ntiles = O0 * O1 * O2 * triton.cdiv(NI, META["BLOCK_P"])
+        return (forward_programs(x.device, ntiles) if META.get("AHEAD") else ntiles,)
 
     _launch(fn, grid, args, {**base, **meta})
     return y.to(x.dtype)

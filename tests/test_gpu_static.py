@@ -182,7 +182,7 @@ def test_autotuner_pruning_drops_every_spilling_configuration():
     pytest.importorskip("triton")
     configs = _pruning("float32")
     kept = [c for c, s, k in configs if k]
-    assert {"BLOCK_P": 16, "DENSE": 0, "PACK": 0, "num_warps": 4} in kept
+    assert {"BLOCK_P": 16, "DENSE": 0, "PACK": 0, "AHEAD": 0, "num_warps": 4} in kept
     _check_pruning(configs)
 
 

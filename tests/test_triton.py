@@ -274,14 +274,17 @@ PACK_CASES = {
 }
 
 
+@pytest.mark.parametrize("pack", [(1, 0), (2, 2)], ids=["pack1", "pack2_ahead2"])
 @pytest.mark.parametrize("case", PACK_CASES.values(), ids=list(PACK_CASES))
-def test_packed_path(case, monkeypatch):
+def test_packed_path(case, pack, monkeypatch):
     """The packed path (``_layer_packed``: the permutation applied to the tile, whole groups
     packed into blocks of 16 inputs or one wider group, one batched ``tl.dot``; 16-bit
     intermediates rounded to the storage dtype, as the unfused chain rounds them) within the
     oracle's bound, on the layers that can take it (the rest on the FMA path), forward and
     backward (``_layer_packed_bwd``: dW and dh as batched products on the same blocks, the
-    permutation undone on the tile)."""
+    permutation undone on the tile). ``pack`` (PACK, AHEAD) (2, 2): the backward and the
+    persistent forward loading their tiles two ahead, the tail tile masked."""
+    pack, ahead = pack
     channels, groups, perms, bias, dtype, layout, packed = case
     p = build_problem(channels, groups, spatial=(5, 3), N=2, layout=layout, dtype=dtype,
                       permutations=perms, bias=bias, seed=13)
@@ -289,16 +292,18 @@ def test_packed_path(case, monkeypatch):
     real = T._launch
     monkeypatch.setattr(T, "_launch", lambda fn, grid, a, meta: (metas.append(meta),
                                                                   real(fn, grid, a, meta)))
-    check_fp32(p, _gy(p, seed=14), pack=1)
+    check_fp32(p, _gy(p, seed=14), pack=pack, ahead=ahead)
     fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
     bwd = [m for m in metas if "KEEP" in m]
     kb = K.LAYER_FIELDS.index("kb")
-    assert fwd and fwd[0]["PACK"] == 1 and bwd and bwd[0]["PACK"] == 1, metas
+    assert fwd and fwd[0]["PACK"] == pack and fwd[0]["AHEAD"] == ahead, metas
+    assert bwd and bwd[0]["PACK"] == pack, metas
     assert sum(row[kb] > 0 for row in fwd[0]["LAYERS"]) == packed, fwd
 
 
+@pytest.mark.parametrize("pack", [(1, 0), (2, 1)], ids=["pack1", "pack2_ahead1"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_packed_path_with_input_index(dtype, monkeypatch):
+def test_packed_path_with_input_index(dtype, pack, monkeypatch):
     """The packed path behind ``input_index``: 32 entries over 24 of x's 26 channels (8 repeats,
     2 channels unused) feed two packed layers. Within the oracle's bound, forward and backward
     (dx sums over the repeats; the unused channels' gradients are exactly zero); float16's
@@ -312,29 +317,34 @@ def test_packed_path_with_input_index(dtype, monkeypatch):
     real = T._launch
     monkeypatch.setattr(T, "_launch", lambda fn, grid, a, meta: (metas.append(meta),
                                                                   real(fn, grid, a, meta)))
-    _, grads = check_fp32(p, _gy(p, seed=22), pack=1)
+    pack, ahead = pack
+    _, grads = check_fp32(p, _gy(p, seed=22), pack=pack, ahead=ahead)
     kb = K.LAYER_FIELDS.index("kb")
     bwd = [m for m in metas if "KEEP" in m]
-    assert bwd and bwd[0]["PACK"] == 1 and bwd[0]["HAS_INDEX"], metas
+    fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
+    assert fwd and fwd[0]["AHEAD"] == ahead and fwd[0]["HAS_INDEX"], metas
+    assert bwd and bwd[0]["PACK"] == pack and bwd[0]["HAS_INDEX"], metas
     assert sum(row[kb] > 0 for row in bwd[0]["LAYERS"]) == 2, bwd
     assert torch.equal(grads[0][:, 24:], torch.zeros_like(grads[0][:, 24:]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_packed_backward_two_tiles_ahead(dtype):
-    """PACK = 2 (``PACKED_AHEAD2``): the packed backward loads x and dy two tiles ahead instead
-    of one. 20 tiles over the interpreter's 3 programs (each walks 6 or 7, so the loads rotate
-    through both slots, and the last two of each are masked past the end): the same tiles add
-    in the same order, so output and gradients equal PACK = 1's bit for bit, and are within the
-    oracle's bound."""
+def test_packed_tiles_loaded_ahead(dtype):
+    """Tiles loaded ahead: the packed backward's PACK = 2 (``PACKED_AHEAD2``: x and dy two
+    tiles ahead instead of one) and the forward's persistent grid (``AHEAD`` 1 and 2: x one
+    or two tiles ahead; 0: one program per tile). 20 tiles over the interpreter's 3 programs
+    (each walks 6 or 7, so the loads rotate through both slots, and the last ones of each are
+    masked past the end): the same tiles add in the same order, so output and gradients equal
+    PACK = 1's (AHEAD 0) bit for bit, and are within the oracle's bound."""
     p = build_problem([64, 64, 64], [8, 8], spatial=(10, 16), N=2, layout="contiguous",
                       dtype=dtype, permutations="random", bias=True, seed=31)
     gy = _gy(p, seed=32)
     got = {}
-    for pack in (1, 2):
-        y, grads = check_fp32(p, gy, pack=pack)
-        got[pack] = [y, *grads]
-    assert all(torch.equal(a, b) for a, b in zip(got[1], got[2]))
+    for pack, ahead in ((1, 0), (1, 1), (2, 2)):
+        y, grads = check_fp32(p, gy, pack=pack, ahead=ahead)
+        got[pack, ahead] = [y, *grads]
+    for k in ((1, 1), (2, 2)):
+        assert all(torch.equal(a, b) for a, b in zip(got[1, 0], got[k])), k
 
 
 class _RoundTo(torch.autograd.Function):
@@ -423,8 +433,14 @@ def test_packed_path_eligibility(monkeypatch):
                           False, torch.bfloat16)
     fwd = K._configs(st, False)
     packed = [c for c in fwd if c.kwargs["PACK"]]
-    assert len(packed) == len(K.TILE_CONFIGS) and len(fwd) <= 18
-    assert all(c.kwargs["DENSE"] == 0 for c in packed)
+    assert len(packed) == len(K.TILE_CONFIGS) + 2 * len(K.PACKED_AHEAD2) and len(fwd) <= 22
+    assert all(c.kwargs["DENSE"] == 0 and c.kwargs["PACK"] == 1 for c in packed)
+    # the forward's persistent configurations, loading one or two tiles ahead; only packed
+    persistent = [(c.kwargs["BLOCK_P"], c.num_warps, c.kwargs["AHEAD"]) for c in fwd
+                  if c.kwargs["AHEAD"]]
+    assert persistent == [(bp, w, a) for bp, w in K.PACKED_AHEAD2 for a in (1, 2)]
+    assert all(c.kwargs["PACK"] for c in fwd if c.kwargs["AHEAD"])
+    assert all("AHEAD" not in c.kwargs for c in K._configs(st, True))
     bwd = K._configs(st, True)
     packed_bwd = [c for c in bwd if c.kwargs["PACK"]]  # the backward keeps its intermediates
     assert len(packed_bwd) == (sum(bp >= K.MIN_DOT_ROWS for bp, _ in K.BWD_TILE_CONFIGS)
@@ -432,7 +448,6 @@ def test_packed_path_eligibility(monkeypatch):
     assert all(c.kwargs["KEEP"] == 1 and c.kwargs["DENSE"] == 0 for c in packed_bwd)
     ahead2 = [(c.kwargs["BLOCK_P"], c.num_warps) for c in packed_bwd if c.kwargs["PACK"] == 2]
     assert ahead2 == list(K.PACKED_AHEAD2)  # loading two tiles ahead
-    assert not any(c.kwargs["PACK"] == 2 for c in fwd)
     assert len(bwd) <= 26
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")

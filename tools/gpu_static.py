@@ -260,7 +260,7 @@ def compile_launch(fn, args, meta, arch: int, rec: Record) -> Record:
         sass = _tool("cuobjdump", "--dump-sass", f.name)
         rec.sass = _sass_classes(sass)
         if rec.per_position:
-            rec.dyn = perf_model.dynamic_counts(sass, persistent=rec.direction == "backward")
+            rec.dyn = perf_model.dynamic_counts(sass, persistent=rec.programs_per_sm > 0)
     rec.ctas_per_sm = ctas_per_sm(rec.registers, rec.shared_bytes, num_warps, arch)
     return rec
 
@@ -300,6 +300,11 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                 # every tile (read and written)
                 rec.config["row_l2_bytes"] = 8 * sum(lay[f["c_out"]] * lay[f["n"]]
                                                      for lay in meta["LAYERS"] if not lay[f["kb"]])
+        if fn.__name__ == "igc_chain_fwd" and meta.get("AHEAD"):  # persistent, x loaded one
+            # or two tiles ahead
+            rec.programs_per_sm = T.FORWARD_PROGRAMS_PER_SM
+            rec.next_tile_loaded = True
+            rec.tiles_ahead = int(meta["AHEAD"])
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
 
@@ -332,7 +337,7 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     fn, args, meta = record(structure, dtype, layout, direction)[0]
     st = kernel_structure(structure, dtype)
     backward = direction == "backward"
-    tuned = {"BLOCK_P", "KEEP", "num_warps", "DENSE", "PACK"}
+    tuned = {"BLOCK_P", "KEEP", "num_warps", "DENSE", "PACK", "AHEAD"}
     named_args = dict(zip(fn.arg_names, args))
     kwargs = {k: v for k, v in meta.items() if k not in tuned}
     seen = {}
@@ -373,7 +378,7 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
         if not rec.compiled:
             raise RuntimeError(rec.error)
         taken.append(({k: v for k, v in meta.items()
-                       if k in ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK")},
+                       if k in ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD")},
                       rec.spill_bytes))
         return rec.spill_bytes
 

@@ -510,6 +510,8 @@ def markdown(recs: list, command: str) -> str:
         pack = max([v for k, v in best["config"].items() if k.startswith("PACK")] or [0])
         if pack:  # the packed path on every eligible layer (backward: tiles loaded ahead)
             cfg += f", PACK={pack}"
+        if best["config"].get("AHEAD"):  # the forward's persistent grid: tiles loaded ahead
+            cfg += f", AHEAD={best['config']['AHEAD']}"
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
                      f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "

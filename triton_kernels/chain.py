@@ -175,15 +175,42 @@ def _load_input(x_ptr, off, inner, pmask, s_in, s_c, Z, idx_ptr,
 
 
 @triton.jit
+def _out_channels(perm_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.constexpr,
+                  OUT_SG: tl.constexpr, OUT_SM: tl.constexpr, OUT_Q_AT: tl.constexpr):
+    """(the channel of y that each slot of the last layer's tile goes to, through the inverse
+    of the permutation after the last layer; the slots' mask)."""
+    CL: tl.constexpr = LAYERS[NL - 1][1]
+    SL: tl.constexpr = LAYERS[NL - 1][5]
+    c = tl.arange(0, SL)
+    cm = c < CL
+    if OUT_PK == 2:
+        chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
+    else:
+        chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
+    return chan, cm
+
+
+@triton.jit
+def _tile_x(t, ntiles, Z, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
+            C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr, C_X: tl.constexpr,
+            BLOCK_P: tl.constexpr):
+    """(``h_0`` of tile ``t``, its inner positions, their mask), all masked where ``t >=
+    ntiles``; ``Z``: the tile loop's opaque 0 (added to the channel offsets), or 0."""
+    xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+    pm = inner < tl.where(t < ntiles, NI, 0)
+    a = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, Z, idx_ptr, C0, S0, HAS_INDEX, C_X)
+    return a, inner, pm
+
+
+@triton.jit
 def _tile_x_dy(t, ntiles, Z, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
                gs0, gs1, gs2, gsi, gsc, chan, cm, C0: tl.constexpr, S0: tl.constexpr,
                HAS_INDEX: tl.constexpr, C_X: tl.constexpr, BLOCK_P: tl.constexpr):
     """``h_0`` and ``dy`` (output channels ``chan``) of tile ``t``, all masked where ``t >=
     ntiles``; ``Z``: the tile loop's opaque 0 (added to the channel offsets), or 0."""
-    xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-    pm = inner < tl.where(t < ntiles, NI, 0)
+    a, inner, pm = _tile_x(t, ntiles, Z, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
+                           C0, S0, HAS_INDEX, C_X, BLOCK_P)
     goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
-    a = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, Z, idx_ptr, C0, S0, HAS_INDEX, C_X)
     return a, _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + Z, cm)
 
 
@@ -692,35 +719,60 @@ def _dw_flush(acc, prow, LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.cons
 @triton.jit
 def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
                   b0, b1, b2, b3, b4, b5, b6, b7, perm_ptr,
-                  NI, O1, O2, xs0, xs1, xs2, xsi, xsc, ys0, ys1, ys2, ysi, ysc, layout_key,
+                  NI, O0, O1, O2, xs0, xs1, xs2, xsi, xsc, ys0, ys1, ys2, ysi, ysc, layout_key,
                   LAYERS: tl.constexpr, NL: tl.constexpr, C_X: tl.constexpr,
                   S_X: tl.constexpr, HAS_INDEX: tl.constexpr, NATIVE16: tl.constexpr,
                   OUT_PK: tl.constexpr, OUT_SG: tl.constexpr, OUT_SM: tl.constexpr,
                   OUT_Q_AT: tl.constexpr,
                   W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
-                  DENSE: tl.constexpr, PACK: tl.constexpr):
-    """Forward of the chain: one program per tile of BLOCK_P positions; ``x`` read once,
-    every layer on chip, ``y`` written once."""
+                  DENSE: tl.constexpr, PACK: tl.constexpr, AHEAD: tl.constexpr):
+    """Forward of the chain: one program per tile of BLOCK_P positions (``AHEAD`` 0), or
+    (``AHEAD`` 1 or 2, packed configurations) a persistent grid whose program ``p`` walks tiles
+    ``p, p + nprog, ...`` and loads the x of its tile ``AHEAD`` tiles ahead before it computes
+    this one, so those loads are in flight meanwhile; ``x`` read once, every layer on chip,
+    ``y`` written once."""
     WP = (w0, w1, w2, w3, w4, w5, w6, w7)
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
-    t = tl.program_id(0)
-    xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
-    yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
-    h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX, C_X)
-    for i in tl.static_range(NL):
-        h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK, PREC,
-                       BLOCK_P)
-    CL: tl.constexpr = LAYERS[NL - 1][1]
-    SL: tl.constexpr = LAYERS[NL - 1][5]
-    c = tl.arange(0, SL)
-    cm = c < CL
-    if OUT_PK == 2:
-        chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
+    if AHEAD:
+        chan, cm = _out_channels(perm_ptr, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, OUT_Q_AT)
+        pid = tl.program_id(0)
+        nprog = tl.num_programs(0)
+        ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
+        a_next = _tile_x(pid, ntiles, 0, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
+                         C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
+        if AHEAD == 2:
+            a_next2 = _tile_x(pid + nprog, ntiles, 0, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1,
+                              xs2, xsi, xsc, C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
+        for t in range(pid, ntiles, nprog):
+            # the backward's opaque 0 (igc_chain_bwd): the address tensors stay in the loop,
+            # and the tiles keep their 16-byte vectors
+            zero = (t // ntiles) * 16
+            h = a_next
+            a_new = _tile_x(t + AHEAD * nprog, ntiles, zero, x_ptr, idx_ptr, NI, O1, O2, xs0,
+                            xs1, xs2, xsi, xsc, C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
+            if AHEAD == 2:
+                a_next = a_next2
+                a_next2 = a_new
+            else:
+                a_next = a_new
+            inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)[1:]
+            yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
+            for i in tl.static_range(NL):
+                h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16, DENSE,
+                               PACK, PREC, BLOCK_P)
+            _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan + zero, cm, h)
     else:
-        chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
-    _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, h)
+        t = tl.program_id(0)
+        xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
+        yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
+        h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX, C_X)
+        for i in tl.static_range(NL):
+            h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK,
+                           PREC, BLOCK_P)
+        chan, cm = _out_channels(perm_ptr, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, OUT_Q_AT)
+        _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, h)
 
 
 @triton.jit
@@ -749,14 +801,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
-    CL: tl.constexpr = LAYERS[NL - 1][1]
-    SL: tl.constexpr = LAYERS[NL - 1][5]
-    c = tl.arange(0, SL)
-    cm = c < CL
-    if OUT_PK == 2:
-        chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
-    else:
-        chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
+    chan, cm = _out_channels(perm_ptr, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, OUT_Q_AT)
     # packed configurations: x and dy of the program's first tile (PACK = 2: and of its
     # second), then every iteration loads those of its tile PACK tiles ahead (all masked past
     # the last tile) before it computes, so those loads are in flight meanwhile. (The FMA
@@ -1115,6 +1160,7 @@ class LaunchConfig:
     dense: int = 1
     keep: int = 1
     pack: int = 0
+    ahead: int = 0  # the forward's persistent grid (packed only): tiles loaded ahead, or 0
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -1216,7 +1262,8 @@ def launch_config(c) -> LaunchConfig:
     return LaunchConfig(block_p=kw["BLOCK_P"], num_warps=c.num_warps,
                         dense=kw.get("DENSE", DEFAULT_CONFIG.dense),
                         keep=kw.get("KEEP", DEFAULT_CONFIG.keep),
-                        pack=kw.get("PACK", DEFAULT_CONFIG.pack))
+                        pack=kw.get("PACK", DEFAULT_CONFIG.pack),
+                        ahead=kw.get("AHEAD", DEFAULT_CONFIG.ahead))
 
 
 def _configs(st: Structure, backward: bool) -> list:
@@ -1232,18 +1279,21 @@ def _configs(st: Structure, backward: bool) -> list:
         for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
                 kw = {"BLOCK_P": bp, "DENSE": d, "PACK": 0}
-                if backward:
-                    kw["KEEP"] = keep
+                kw.update({"KEEP": keep} if backward else {"AHEAD": 0})
                 out.append(triton.Config(kw, num_warps=w, num_stages=1))
         if pack and bp >= MIN_DOT_ROWS:  # the backward keeps its intermediates
             kw = {"BLOCK_P": bp, "DENSE": 0, "PACK": 1}
-            if backward:
-                kw["KEEP"] = 1
+            kw.update({"KEEP": 1} if backward else {"AHEAD": 0})
             out.append(triton.Config(kw, num_warps=w, num_stages=1))
     if pack and backward:  # loading two tiles ahead
         for bp, w in PACKED_AHEAD2:
             out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 2, "KEEP": 1},
                                      num_warps=w, num_stages=1))
+    if pack and not backward:  # persistent, loading one or two tiles ahead
+        for bp, w in PACKED_AHEAD2:
+            for ahead in (1, 2):
+                out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 1, "AHEAD": ahead},
+                                         num_warps=w, num_stages=1))
     return out
 
 
@@ -1275,6 +1325,8 @@ class Kernels:
                 "PACK": cfg.pack if dot_rows and self.st.packed_layers else 0}
         if backward:
             meta["KEEP"] = cfg.keep
+        else:  # persistent only where packed
+            meta["AHEAD"] = cfg.ahead if meta["PACK"] else 0
         return meta
 
 
