@@ -729,8 +729,9 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     """Forward of the chain: one program per tile of BLOCK_P positions (``AHEAD`` 0), or
     (``AHEAD`` 1 or 2, packed configurations) a persistent grid whose program ``p`` walks tiles
     ``p, p + nprog, ...`` and loads the x of its tile ``AHEAD`` tiles ahead before it computes
-    this one, so those loads are in flight meanwhile; ``x`` read once, every layer on chip,
-    ``y`` written once."""
+    this one, so those loads are in flight meanwhile (16-bit chains: holding its packed layers'
+    weight blocks across the tiles); ``x`` read once, every layer on chip, ``y`` written
+    once."""
     WP = (w0, w1, w2, w3, w4, w5, w6, w7)
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
     C0: tl.constexpr = LAYERS[0][0]
@@ -740,6 +741,15 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
+        # 16-bit chains: the program holds its packed layers' weight blocks across its tiles,
+        # as the backward does (_w_blocks): loaded per tile, they were IGCV2(256, 8)'s other 6
+        # of 10 global accesses per warp and tile (16 positions on 8 warps), and their loads in
+        # flight spilled IGCV2(1024, 32)'s two tiles ahead on 16 warps (128 registers, 32
+        # bytes), which fit with them held (108 registers; the blocks take shared memory)
+        HOLD: tl.constexpr = NATIVE16
+        wts = ()
+        for i in tl.static_range(NL):
+            wts = wts + (_w_blocks(WP, LAYERS, i, PACK, HOLD),)
         a_next = _tile_x(pid, ntiles, 0, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
                          C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
         if AHEAD == 2:
@@ -760,8 +770,8 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
             inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)[1:]
             yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
             for i in tl.static_range(NL):
-                h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16, DENSE,
-                               PACK, PREC, BLOCK_P)
+                h = _fwd_layer(h, wts[i], HOLD, WP, BP, perm_ptr, zero, LAYERS, i, NATIVE16,
+                               DENSE, PACK, PREC, BLOCK_P)
             _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan + zero, cm, h)
     else:
         t = tl.program_id(0)
