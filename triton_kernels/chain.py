@@ -135,14 +135,17 @@ def _perm_src(j, mask, perm_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.cons
 
 @triton.jit
 def _perm_inv(c, mask, inv_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr):
-    """``perm^{-1}[c]``: the input channel that reads slot ``c`` of the previous tile."""
+    """``perm^{-1}[c]``: the input channel that reads slot ``c`` of the previous tile, 0 where
+    ``mask`` is false; with no permutation ``c`` itself, unmasked (every caller masks those
+    slots), so it stays an arange and the compiler knows the channels are contiguous: through
+    the select, IGCV2(256, 8)'s channels-last y stores were 16-bit scalars."""
     if PK == 1:
-        dst = (c % SM) * SG + c // SM
+        dst = tl.where(mask, (c % SM) * SG + c // SM, 0)
     elif PK == 2:
-        dst = tl.load(inv_ptr + c, mask=mask, other=0)
+        dst = tl.where(mask, tl.load(inv_ptr + c, mask=mask, other=0), 0)
     else:
         dst = c
-    return tl.where(mask, dst, 0)
+    return dst
 
 
 @triton.jit
