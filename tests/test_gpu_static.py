@@ -271,6 +271,34 @@ def test_packed_backward_compiles_without_spills(tmp_path, alt, structure, layou
     assert r["programs_per_sm"] == 2  # small rows: two programs per SM
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("ahead", [1, 2])
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_persistent_packed_forward(tmp_path, alt, ahead, layout):
+    """The forward's persistent packed configurations (``AHEAD`` 1 and 2: x loaded one or two
+    tiles ahead) of IGCV2(256, 8) in bf16, 16 positions on 8 warps, compile for sm_90 without
+    spills, on HMMA and without shuffles. The tile loop is the kernel's run-time loop, and the
+    only global accesses in it are the tile's x loads and y stores, in 16-byte vectors: the
+    weight blocks are held across the tiles (loaded per tile, they took 6 more per warp). The
+    record carries what the model needs: two programs per SM, ``AHEAD`` tiles ahead."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    path = tmp_path / "pf.json"
+    _tool("--structures", "igcv2(256,8)", "--dtypes", "bfloat16", "--layouts", layout,
+          "--directions", "forward", "--archs", "90", "--config",
+          json.dumps({"block_p": 16, "num_warps": 8, "pack": 1, "ahead": ahead}), "--json",
+          str(path), pythonpath=TRITON_ALT if alt else None)
+    (r,) = json.loads(path.read_text())["rows"]
+    assert r["compiled"] and r["config"]["PACK"] == 1 and r["config"]["AHEAD"] == ahead, r
+    assert r["spill_bytes"] == 0 and r["shared_bytes"] <= MAX_SHARED_SM90, r
+    assert r["sass"]["HMMA/MMA"] > 0 and r["sass"]["SHFL"] == 0, r["sass"]
+    vectors = max(1, 256 * r["block_p"] * 2 // (16 * 32 * r["num_warps"]))  # per tensor
+    assert r["dyn"]["tile_loop"] and r["dyn"]["counts"]["LDG/STG"] <= 2 * vectors, r["dyn"]
+    assert r["programs_per_sm"] == 2 and r["next_tile_loaded"] and r["tiles_ahead"] == ahead
+
+
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
 def test_opt_in_float32_packed_forward_runs_six_bf16_products(tmp_path, alt):
     """With ``IGC_TRITON_FP32_MMA=1`` float32 chains take the packed path too, its dots in
