@@ -172,7 +172,7 @@ class Record:
     ctas_per_sm: int = 0
     programs_per_sm: int = 0  # a persistent grid's programs per SM (0: one program per tile)
     next_tile_loaded: bool = False  # a persistent program loads its next tile before computing
-    tiles_ahead: int = 0  # how many tiles ahead it loads (the backward's PACK: 1 or 2)
+    tiles_ahead: int = 0  # tiles it loads ahead (the backward's PACK, the forward's AHEAD)
     sass: dict = field(default_factory=dict)
     backend: str = "triton"
     reachable: bool = True

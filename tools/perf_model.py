@@ -20,13 +20,14 @@ a persistent kernel loops over tiles):
 * latency (Little's law): a CTA loads its tile, waits ~``dram_latency_ns``, computes, stores;
   with k CTAs resident per SM at most k tiles are in flight, so an SM finishes at most
   k / (latency + compute time) tiles per second (a persistent grid caps k at its programs per
-  SM, ``programs_per_sm``: the Triton backward's two, or one for large partial rows, whatever
-  else would fit; records made before it launched two carry no field and count one); a
-  persistent program that loads its next tile before computing this one
-  (``next_tile_loaded``: the Triton backward's packed configurations) takes the longer of the
-  computation and the loads' latency and transfer instead of their sum, and one that loads
-  two tiles ahead (``tiles_ahead``: PACK = 2) the longer of the computation and half of
-  them; where the CUDA backward prefetches its
+  SM, ``programs_per_sm``: the Triton backward's two, or one for large partial rows, and the
+  Triton forward's persistent configurations' two, whatever else would fit; records made
+  before the backward launched two carry no field and count one); a persistent program that
+  loads its next tile before computing this one (``next_tile_loaded``: the Triton backward's
+  packed configurations, the forward's with ``AHEAD``) takes the longer of the computation and
+  the loads' latency and transfer instead of their sum, and one that loads two tiles ahead
+  (``tiles_ahead``: the backward's PACK = 2, the forward's AHEAD = 2) the longer of the
+  computation and half of them; where the CUDA backward prefetches its
   next tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for
   an L2 hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead,
   the stores draining behind the next tile (both assumptions, Device);

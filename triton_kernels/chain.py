@@ -33,6 +33,11 @@ memory:
   tensor-core products; ``dot_precision``). The opt-in also offers float32 chains the packed
   path.
 
+Forward: one program per tile, or, in the packed configurations with ``AHEAD`` (1 or 2), a
+persistent grid whose programs walk the tiles as the backward's do, loading the x of the tile
+``AHEAD`` tiles ahead before they compute their own (16-bit chains holding their packed layers'
+weight blocks across the tiles, as the backward does).
+
 Backward: a persistent grid of ``NPROG`` programs; program ``p`` walks tiles ``p, p + NPROG,
 ...`` in order. Per tile it loads ``x`` and ``dy`` once (``dy`` through the inverse of the last
 permutation; in packed configurations each iteration loads the next tile's before it computes
@@ -1154,7 +1159,13 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         also how many tiles ahead a program loads x and dy: 1, or 2 in the
 #                         configurations of PACKED_AHEAD2 (one CTA per SM: its next tile's
 #                         loads alone do not cover their latency)
-# At most 18 forward and 26 backward configurations per structure (each is a compilation on
+#   AHEAD                 (forward, packed, at the tiles of PACKED_AHEAD2) 1 or 2: a persistent
+#                         grid (_triton_ops.FORWARD_PROGRAMS_PER_SM programs per SM) that load
+#                         x that many tiles ahead; 0: one program per tile. The wide chains'
+#                         packed forwards run one CTA per SM (IGCV2(1024, 8) and (1024, 32)),
+#                         where one program per tile overlapped nothing with its loads. Two
+#                         tiles ahead take more registers, so both are offered.
+# At most 22 forward and 26 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8), (16, 8))
