@@ -271,6 +271,55 @@ def test_packed_backward_compiles_without_spills(tmp_path, alt, structure, layou
     assert r["programs_per_sm"] == 2  # small rows: two programs per SM
 
 
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_packed_backward_dw_by_reductions(tmp_path, alt):
+    """RED = 1 (``PACKED_RED``): the packed backward adds its dW blocks to the partial row by
+    reductions every tile. IGCV2(256, 8) in bf16, 16 positions on 16 warps, compiles for sm_90
+    without spills with and without it; with it the tile loop issues its reductions as 16-byte
+    vectors (at most one per 16 bytes of the three layers' dW blocks and warp) besides the
+    tile's accesses, and the record counts the row's L2 traffic once (4 bytes per weight; held,
+    none)."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    rows = {}
+    for red in (0, 1):
+        path = tmp_path / f"red{red}.json"
+        _tool("--structures", "igcv2(256,8)", "--dtypes", "bfloat16", "--layouts", "nchw",
+              "--directions", "backward", "--archs", "90", "--config",
+              json.dumps({"block_p": 16, "num_warps": 16, "pack": 1, "red": red}), "--json",
+              str(path), pythonpath=TRITON_ALT if alt else None)
+        (rows[red],) = [r for r in json.loads(path.read_text())["rows"]
+                        if r["kernel"] == "igc_chain_bwd"]
+        assert rows[red]["compiled"] and rows[red]["spill_bytes"] == 0, rows[red]
+        assert rows[red]["config"]["RED"] == red, rows[red]["config"]
+    weights = 3 * 256 * 8
+    assert rows[0]["config"]["row_l2_bytes"] == 0
+    assert rows[1]["config"]["row_l2_bytes"] == 4 * weights
+    vectors = 3 * 256 * 16 * 4 // (16 * 32 * 16)  # [16, 16, 16] float32 blocks per layer
+    extra = rows[1]["dyn"]["counts"]["LDG/STG"] - rows[0]["dyn"]["counts"]["LDG/STG"]
+    assert 0 < extra <= vectors, (rows[0]["dyn"], rows[1]["dyn"])
+
+
+def test_float32_packed_backward_fits_with_reductions(tmp_path):
+    """Float32 chains' packed backward reads, adds and writes its dW blocks in the partial row
+    every tile; IGCV2(256, 16)'s, 16 positions on 16 warps, spills doing so (496 bytes with the
+    CI's Triton) and does not with the reductions (RED = 1)."""
+    pytest.importorskip("triton")
+    rows = {}
+    for red in (0, 1):
+        path = tmp_path / f"f32red{red}.json"
+        _tool("--structures", "igcv2(256,16)", "--dtypes", "float32", "--layouts", "nchw",
+              "--directions", "backward", "--archs", "90", "--config",
+              json.dumps({"block_p": 16, "num_warps": 16, "pack": 1, "red": red}), "--json",
+              str(path))
+        (rows[red],) = [r for r in json.loads(path.read_text())["rows"]
+                        if r["kernel"] == "igc_chain_bwd"]
+    assert rows[0]["spill_bytes"] > 0 and rows[1]["spill_bytes"] == 0, rows
+    assert rows[1]["config"]["row_l2_bytes"] == 4 * 2 * 256 * 16
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])

@@ -16,6 +16,7 @@ forcing the launch configuration.
 
 from __future__ import annotations
 
+import contextlib
 import types
 
 import pytest
@@ -328,6 +329,18 @@ def test_packed_path_with_input_index(dtype, pack, monkeypatch):
     assert torch.equal(grads[0][:, 24:], torch.zeros_like(grads[0][:, 24:]))
 
 
+@contextlib.contextmanager
+def _launches():
+    """The meta-parameters of every kernel launch inside the block."""
+    metas = []
+    real = T._launch
+    T._launch = lambda fn, grid, a, meta: (metas.append(meta), real(fn, grid, a, meta))
+    try:
+        yield metas
+    finally:
+        T._launch = real
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_packed_tiles_loaded_ahead(dtype):
     """Tiles loaded ahead: the packed backward's PACK = 2 (``PACKED_AHEAD2``: x and dy two
@@ -335,16 +348,22 @@ def test_packed_tiles_loaded_ahead(dtype):
     or two tiles ahead; 0: one program per tile). 20 tiles over the interpreter's 3 programs
     (each walks 6 or 7, so the loads rotate through both slots, and the last ones of each are
     masked past the end): the same tiles add in the same order, so output and gradients equal
-    PACK = 1's (AHEAD 0) bit for bit, and are within the oracle's bound."""
+    PACK = 1's (AHEAD 0) bit for bit, and are within the oracle's bound. So do the backward's
+    RED configurations (``PACKED_RED``: the packed layers' dW added to the partial row by
+    reductions every tile, in the same order as held across the tiles (float16) or read,
+    added and written (float32)), whose launches carry RED = 1."""
     p = build_problem([64, 64, 64], [8, 8], spatial=(10, 16), N=2, layout="contiguous",
                       dtype=dtype, permutations="random", bias=True, seed=31)
     gy = _gy(p, seed=32)
     got = {}
-    for pack, ahead in ((1, 0), (1, 1), (2, 2)):
-        y, grads = check_fp32(p, gy, pack=pack, ahead=ahead)
-        got[pack, ahead] = [y, *grads]
-    for k in ((1, 1), (2, 2)):
-        assert all(torch.equal(a, b) for a, b in zip(got[1, 0], got[k])), k
+    variants = ((1, 0, 0), (1, 1, 0), (2, 2, 0), (1, 0, 1), (2, 2, 1))
+    for pack, ahead, red in variants:
+        with _launches() as metas:
+            y, grads = check_fp32(p, gy, pack=pack, ahead=ahead, red=red)
+        assert [m["RED"] for m in metas if "KEEP" in m] == [red], metas
+        got[pack, ahead, red] = [y, *grads]
+    for k in variants[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(got[1, 0, 0], got[k])), k
 
 
 class _RoundTo(torch.autograd.Function):
@@ -444,11 +463,14 @@ def test_packed_path_eligibility(monkeypatch):
     bwd = K._configs(st, True)
     packed_bwd = [c for c in bwd if c.kwargs["PACK"]]  # the backward keeps its intermediates
     assert len(packed_bwd) == (sum(bp >= K.MIN_DOT_ROWS for bp, _ in K.BWD_TILE_CONFIGS)
-                               + len(K.PACKED_AHEAD2))
+                               + len(K.PACKED_AHEAD2) + len(K.PACKED_RED))
     assert all(c.kwargs["KEEP"] == 1 and c.kwargs["DENSE"] == 0 for c in packed_bwd)
-    ahead2 = [(c.kwargs["BLOCK_P"], c.num_warps) for c in packed_bwd if c.kwargs["PACK"] == 2]
+    ahead2 = [(c.kwargs["BLOCK_P"], c.num_warps) for c in packed_bwd
+              if c.kwargs["PACK"] == 2 and not c.kwargs["RED"]]
     assert ahead2 == list(K.PACKED_AHEAD2)  # loading two tiles ahead
-    assert len(bwd) <= 26
+    red = [(c.kwargs["PACK"], c.kwargs["BLOCK_P"], c.num_warps) for c in bwd if c.kwargs["RED"]]
+    assert red == list(K.PACKED_RED)  # packed dW by reductions, only packed
+    assert len(bwd) <= 29
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
     assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3

@@ -295,11 +295,14 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             rec.programs_per_sm = T.backward_programs_per_sm(row, dev.sms, dev.l2_bytes)
             rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
             rec.tiles_ahead = int(meta.get("PACK") or 0)  # 1, or 2 (PACKED_AHEAD2)
-            if meta.get("PACK") and meta["NATIVE16"]:  # 16-bit chains' packed layers carry
-                # their dW across the tiles: only the other layers add theirs to the partial row
-                # every tile (read and written)
-                rec.config["row_l2_bytes"] = 8 * sum(lay[f["c_out"]] * lay[f["n"]]
-                                                     for lay in meta["LAYERS"] if not lay[f["kb"]])
+            if meta.get("PACK") and (meta["NATIVE16"] or meta.get("RED")):
+                # the packed layers' dW: carried across the tiles by 16-bit chains (nothing per
+                # tile), or with RED added to the row every tile by reductions (its bytes once);
+                # the other layers read and write theirs every tile
+                w = [lay[f["c_out"]] * lay[f["n"]] for lay in meta["LAYERS"]]
+                packed = sum(x for x, lay in zip(w, meta["LAYERS"]) if lay[f["kb"]])
+                rec.config["row_l2_bytes"] = (8 * (sum(w) - packed)
+                                              + (4 * packed if meta.get("RED") else 0))
         if fn.__name__ == "igc_chain_fwd" and meta.get("AHEAD"):  # persistent, x loaded one
             # or two tiles ahead
             rec.programs_per_sm = T.FORWARD_PROGRAMS_PER_SM
@@ -337,7 +340,7 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     fn, args, meta = record(structure, dtype, layout, direction)[0]
     st = kernel_structure(structure, dtype)
     backward = direction == "backward"
-    tuned = {"BLOCK_P", "KEEP", "num_warps", "DENSE", "PACK", "AHEAD"}
+    tuned = {"BLOCK_P", "KEEP", "num_warps", "DENSE", "PACK", "AHEAD", "RED"}
     named_args = dict(zip(fn.arg_names, args))
     kwargs = {k: v for k, v in meta.items() if k not in tuned}
     seen = {}
@@ -378,7 +381,8 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
         if not rec.compiled:
             raise RuntimeError(rec.error)
         taken.append(({k: v for k, v in meta.items()
-                       if k in ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD")},
+                       if k in ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD",
+                                "RED")},
                       rec.spill_bytes))
         return rec.spill_bytes
 

@@ -513,6 +513,8 @@ def markdown(recs: list, command: str) -> str:
             cfg += f", PACK={pack}"
         if best["config"].get("AHEAD"):  # the forward's persistent grid: tiles loaded ahead
             cfg += f", AHEAD={best['config']['AHEAD']}"
+        if best["config"].get("RED"):  # the backward's packed dW by reductions
+            cfg += ", RED=1"
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
                      f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "

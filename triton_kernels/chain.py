@@ -381,21 +381,25 @@ def _layer_packed(h, wb, HOLD: tl.constexpr, w_ptr, b_ptr, perm_ptr, Z,
 
 
 @triton.jit
-def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, w_ptr, perm_ptr, inv_ptr, pw_ptr,
-                      pb_ptr, Z, N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
-                      C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
+def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, w_ptr,
+                      perm_ptr, inv_ptr, pw_ptr, pb_ptr, Z, N: tl.constexpr, M: tl.constexpr,
+                      C_IN: tl.constexpr, C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
                       PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                       ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
     du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
     shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
-    chains): the program holds the layer's weight blocks ``wb`` and its dW blocks ``acc`` across
-    its tiles (``_w_blocks``, ``_dw_blocks``), ``dW_b`` is added to ``acc``; else the blocks are
-    loaded here and ``dW_b`` added to the partial row at ``pw_ptr``. ROUND16 (16-bit chains):
-    ``du`` and ``h`` rounded to the storage dtype first, as the forward rounds the layer's input
-    and the unfused chain rounds every gradient (db sums the rounded ``du`` too). ``du`` is 0 in
-    no slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
+    chains): the program holds the layer's weight blocks ``wb`` across its tiles
+    (``_w_blocks``), else they are loaded here. ``DW_MODE``: where ``dW_b`` goes: 1, added to
+    the dW blocks ``acc`` that the program holds across its tiles (``_dw_blocks``); 2, added to
+    the partial row at ``pw_ptr`` by reductions in L2 (``tl.atomic_add`` with no result: the
+    row is the program's own and each element has one owning thread, whose adds take effect in
+    program order, so the sums are the read-add-write's, in the same order; red.add flushes
+    subnormal partial sums to zero); 0, read, added and written back (``_rmw_add``). ROUND16
+    (16-bit chains): ``du`` and ``h`` rounded to the storage dtype first, as the forward
+    rounds the layer's input and the unfused chain rounds every gradient (db sums the rounded
+    ``du`` too). ``du`` is 0 in no slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
     NB: tl.constexpr = C_IN // KB
     DT: tl.constexpr = w_ptr.dtype.element_ty
     if ROUND16:
@@ -411,8 +415,10 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, w_ptr, perm_ptr, inv_p
             hs = h.to(tl.float32)
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
         dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
-        if HOLD:
+        if DW_MODE == 1:
             acc = acc + dwb
+        elif DW_MODE == 2:
+            tl.atomic_add(pw_ptr + woff, dwb, mask=wmask, sem="relaxed")
         else:
             _rmw_add(pw_ptr + woff, wmask, dwb)
     if NEED_DB:
@@ -610,16 +616,18 @@ def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.conste
 
 
 @triton.jit
-def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, WP, perm_ptr, prow, Z, LAYERS: tl.constexpr,
+def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, WP, perm_ptr, prow,
+               Z, LAYERS: tl.constexpr,
                I: tl.constexpr, W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr,
                NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                DENSE: tl.constexpr, PACK: tl.constexpr, PREC: tl.constexpr,
                BLOCK_P: tl.constexpr):
     """Backward of layer ``I`` on the path its forward took (packed, dot or FMA): ``g`` the
     gradient of its output, ``h`` its input tile; ``HOLD`` (16-bit chains): ``wb`` its weight
-    blocks and ``acc`` its dW blocks, which the program holds across its tiles (``_w_blocks``,
-    ``_dw_blocks``). Adds its dW to ``acc`` (packed path, ``HOLD``) or to the partial row
-    ``prow`` (the others), its db to ``prow``; returns the gradient of ``h`` (not computed for
+    blocks, which the program holds across its tiles (``_w_blocks``); ``acc`` its dW blocks,
+    held likewise where ``DW_MODE`` is 1 (``_dw_blocks``). Adds its dW to ``acc`` (packed
+    path, ``DW_MODE`` 1) or to the partial row ``prow`` (packed path: by reductions where
+    ``DW_MODE`` is 2), its db to ``prow``; returns the gradient of ``h`` (not computed for
     the first layer unless ``NEED_DX``) and ``acc``."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
@@ -655,7 +663,7 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, WP, perm_ptr, prow, Z, LAYERS:
     NEED_DH: tl.constexpr = 1 if I > 0 else NEED_DX
     DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
-        dh, acc = _layer_packed_bwd(g, h, acc, wb, HOLD, w_ptr, p_ptr, q_ptr, prow + W_OFF,
+        dh, acc = _layer_packed_bwd(g, h, acc, wb, HOLD, DW_MODE, w_ptr, p_ptr, q_ptr, prow + W_OFF,
                                     pb_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, NEED_DH,
                                     NEED_DW, DB, NATIVE16, PREC, BLOCK_P)
     elif DENSE and DENSE_OK:
@@ -669,15 +677,15 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, WP, perm_ptr, prow, Z, LAYERS:
 
 @triton.jit
 def _dw_blocks(LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
-               PACK: tl.constexpr, HOLD: tl.constexpr):
+               PACK: tl.constexpr, DW_MODE: tl.constexpr):
     """Zero dW blocks for layer ``I`` to carry across the persistent loop: ``[C_IN / KB, KB,
-    MB]`` float32 on the packed path where the program holds them (``HOLD``; one product's
+    MB]`` float32 on the packed path where the program holds them (``DW_MODE`` 1; one product's
     output per tile is added to them, no partial-row traffic per tile), a placeholder
     elsewhere (those layers add to the row every tile)."""
     C_IN: tl.constexpr = LAYERS[I][0]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
-    if PACK and KB > 0 and NEED_DW and HOLD:
+    if PACK and KB > 0 and NEED_DW and DW_MODE == 1:
         acc = tl.zeros((C_IN // KB, KB, MB), dtype=tl.float32)
     else:
         acc = tl.zeros((1,), dtype=tl.float32)
@@ -710,7 +718,7 @@ def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr,
 
 @triton.jit
 def _dw_flush(acc, prow, LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
-              PACK: tl.constexpr, HOLD: tl.constexpr):
+              PACK: tl.constexpr, DW_MODE: tl.constexpr):
     """Adds the carried dW blocks of a packed layer (``_dw_blocks``) to the program's partial
     row, once."""
     C_IN: tl.constexpr = LAYERS[I][0]
@@ -719,7 +727,7 @@ def _dw_flush(acc, prow, LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.cons
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
     W_OFF: tl.constexpr = LAYERS[I][20]
-    if PACK and KB > 0 and NEED_DW and HOLD:
+    if PACK and KB > 0 and NEED_DW and DW_MODE == 1:
         woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
         _rmw_add(prow + W_OFF + woff, wmask, acc)
 
@@ -804,7 +812,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                   OUT_Q_AT: tl.constexpr,
                   W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
                   KEEP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
-                  NEED_DB: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr):
+                  NEED_DB: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
+                  RED: tl.constexpr):
     """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
     (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
     needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
@@ -835,15 +844,19 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         a_next2, g_next2 = _tile_x_dy(pid + nprog, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1,
                                       O2, xs0, xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi, gsc,
                                       chan, cm, C0, S0, HAS_INDEX, C_X, BLOCK_P)
-    # 16-bit chains' packed layers: the program holds their weight blocks and dW blocks across
-    # its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6" products split
-    # what they hold into more registers, and IGCV2(256, 16)'s backward, 16 positions on 16
-    # warps, spilled 8 bytes where it had none)
+    # 16-bit chains' packed layers: the program holds their weight blocks and (unless RED) dW
+    # blocks across its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6"
+    # products split what they hold into more registers, and IGCV2(256, 16)'s backward, 16
+    # positions on 16 warps, spilled 8 bytes where it had none). RED: the packed layers add
+    # their dW to the partial row every tile by reductions in L2 (held, IGCV2(512, 8)'s dW
+    # blocks alone took 48 registers per thread on 16 warps, and every packed configuration
+    # spilled)
     HOLD: tl.constexpr = NATIVE16
+    DW_MODE: tl.constexpr = 2 if RED else (1 if NATIVE16 else 0)
     accs = ()
     wts = ()
     for i in tl.static_range(NL):
-        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK, HOLD),)
+        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK, DW_MODE),)
         wts = wts + (_w_blocks(WP, LAYERS, i, PACK, HOLD),)
     for t in range(pid, ntiles, nprog):
         # 0, unknown to the compiler: the address tensors computed from it stay in the loop
@@ -889,7 +902,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 for k in tl.static_range(i):
                     h = _fwd_layer(h, wts[k], HOLD, WP, BP, perm_ptr, zero, LAYERS, k,
                                    NATIVE16, DENSE, PACK, PREC, BLOCK_P)
-            g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, WP, perm_ptr, prow_t, zero,
+            g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, DW_MODE, WP, perm_ptr, prow_t, zero,
                               LAYERS, i, W_TOTAL, NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE,
                               PACK, PREC, BLOCK_P)
             carried = (a,) + carried
@@ -904,7 +917,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 cx = tl.arange(0, S0)
                 _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cx < C0, g)
     for i in tl.static_range(NL):
-        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, HOLD)
+        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, DW_MODE)
 
 
 # =============================================================================================
@@ -1165,12 +1178,21 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         packed forwards run one CTA per SM (IGCV2(1024, 8) and (1024, 32)),
 #                         where one program per tile overlapped nothing with its loads. Two
 #                         tiles ahead take more registers, so both are offered.
-# At most 22 forward and 26 backward configurations per structure (each is a compilation on
+#   RED                   (backward, packed, PACKED_RED) 1: the packed layers add their dW to
+#                         the program's partial row every tile by reductions in L2 (no value
+#                         comes back) instead of holding dW blocks across the tiles (16-bit
+#                         chains) or reading, adding and writing the row (float32 chains):
+#                         held, IGCV2(512, 8)'s and (512, 16)'s spilled in every packed
+#                         configuration, and IGCV2(256, 16)'s float32 ones read-added-written
+# At most 22 forward and 29 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8), (16, 8))
 BWD_TILE_CONFIGS = ((8, 8), (8, 16), (16, 4), (16, 16), (32, 4), (64, 8))
 PACKED_AHEAD2 = ((16, 8), (16, 16))
+# the backward's RED configurations (PACK, BLOCK_P, num_warps): packed layers' dW added to the
+# partial row by reductions every tile instead of held across the tiles
+PACKED_RED = ((1, 16, 16), (2, 16, 8), (2, 16, 16))
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
@@ -1185,6 +1207,7 @@ class LaunchConfig:
     keep: int = 1
     pack: int = 0
     ahead: int = 0  # the forward's persistent grid (packed only): tiles loaded ahead, or 0
+    red: int = 0  # the backward's packed dW by reductions in L2 every tile (packed only)
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -1287,14 +1310,16 @@ def launch_config(c) -> LaunchConfig:
                         dense=kw.get("DENSE", DEFAULT_CONFIG.dense),
                         keep=kw.get("KEEP", DEFAULT_CONFIG.keep),
                         pack=kw.get("PACK", DEFAULT_CONFIG.pack),
-                        ahead=kw.get("AHEAD", DEFAULT_CONFIG.ahead))
+                        ahead=kw.get("AHEAD", DEFAULT_CONFIG.ahead),
+                        red=kw.get("RED", DEFAULT_CONFIG.red))
 
 
 def _configs(st: Structure, backward: bool) -> list:
     """The autotuner's configurations: ``DENSE`` (every dense-eligible layer on the dot path,
     or none) and ``PACK`` (every packed layer packed, the rest on the FMA path; the backward
     then keeps its intermediates, and ``PACKED_AHEAD2`` adds configurations with PACK = 2,
-    which load two tiles ahead) are only varied where the structure has such layers;
+    which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1, and the forward
+    persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
     otherwise they are 0."""
     dense = bool(st.dense_layers)
     pack = bool(st.packed_layers)
@@ -1303,16 +1328,19 @@ def _configs(st: Structure, backward: bool) -> list:
         for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
                 kw = {"BLOCK_P": bp, "DENSE": d, "PACK": 0}
-                kw.update({"KEEP": keep} if backward else {"AHEAD": 0})
+                kw.update({"KEEP": keep, "RED": 0} if backward else {"AHEAD": 0})
                 out.append(triton.Config(kw, num_warps=w, num_stages=1))
         if pack and bp >= MIN_DOT_ROWS:  # the backward keeps its intermediates
             kw = {"BLOCK_P": bp, "DENSE": 0, "PACK": 1}
-            kw.update({"KEEP": 1} if backward else {"AHEAD": 0})
+            kw.update({"KEEP": 1, "RED": 0} if backward else {"AHEAD": 0})
             out.append(triton.Config(kw, num_warps=w, num_stages=1))
-    if pack and backward:  # loading two tiles ahead
+    if pack and backward:  # loading two tiles ahead; dW by reductions
         for bp, w in PACKED_AHEAD2:
-            out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 2, "KEEP": 1},
+            out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 2, "KEEP": 1, "RED": 0},
                                      num_warps=w, num_stages=1))
+        for pk, bp, w in PACKED_RED:
+            out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": pk, "KEEP": 1,
+                                      "RED": 1}, num_warps=w, num_stages=1))
     if pack and not backward:  # persistent, loading one or two tiles ahead
         for bp, w in PACKED_AHEAD2:
             for ahead in (1, 2):
@@ -1347,8 +1375,9 @@ class Kernels:
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps,
                 "DENSE": cfg.dense if dot_rows and self.st.dense_layers else 0,
                 "PACK": cfg.pack if dot_rows and self.st.packed_layers else 0}
-        if backward:
+        if backward:  # dW by reductions only where packed
             meta["KEEP"] = cfg.keep
+            meta["RED"] = cfg.red if meta["PACK"] else 0
         else:  # persistent only where packed
             meta["AHEAD"] = cfg.ahead if meta["PACK"] else 0
         return meta
