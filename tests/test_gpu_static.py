@@ -271,6 +271,21 @@ def test_packed_backward_compiles_without_spills(tmp_path, alt, structure, layou
     assert r["programs_per_sm"] == 2  # small rows: two programs per SM
 
 
+def _backward_with_and_without_red(tmp_path, structure, dtype, alt) -> dict:
+    """{RED: the igc_chain_bwd record} of ``structure``'s packed backward, 16 positions on 16
+    warps, NCHW, sm_90, without and with RED."""
+    rows = {}
+    for red in (0, 1):
+        path = tmp_path / f"red{red}.json"
+        _tool("--structures", structure, "--dtypes", dtype, "--layouts", "nchw",
+              "--directions", "backward", "--archs", "90", "--config",
+              json.dumps({"block_p": 16, "num_warps": 16, "pack": 1, "red": red}), "--json",
+              str(path), pythonpath=TRITON_ALT if alt else None)
+        (rows[red],) = [r for r in json.loads(path.read_text())["rows"]
+                        if r["kernel"] == "igc_chain_bwd"]
+    return rows
+
+
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
 def test_packed_backward_dw_by_reductions(tmp_path, alt):
     """RED = 1 (``PACKED_RED``): the packed backward adds its dW blocks to the partial row by
@@ -283,15 +298,8 @@ def test_packed_backward_dw_by_reductions(tmp_path, alt):
         _need_triton_alt()
     else:
         pytest.importorskip("triton")
-    rows = {}
+    rows = _backward_with_and_without_red(tmp_path, "igcv2(256,8)", "bfloat16", alt)
     for red in (0, 1):
-        path = tmp_path / f"red{red}.json"
-        _tool("--structures", "igcv2(256,8)", "--dtypes", "bfloat16", "--layouts", "nchw",
-              "--directions", "backward", "--archs", "90", "--config",
-              json.dumps({"block_p": 16, "num_warps": 16, "pack": 1, "red": red}), "--json",
-              str(path), pythonpath=TRITON_ALT if alt else None)
-        (rows[red],) = [r for r in json.loads(path.read_text())["rows"]
-                        if r["kernel"] == "igc_chain_bwd"]
         assert rows[red]["compiled"] and rows[red]["spill_bytes"] == 0, rows[red]
         assert rows[red]["config"]["RED"] == red, rows[red]["config"]
     weights = 3 * 256 * 8
@@ -307,15 +315,7 @@ def test_float32_packed_backward_fits_with_reductions(tmp_path):
     every tile; IGCV2(256, 16)'s, 16 positions on 16 warps, spills doing so (496 bytes with the
     CI's Triton) and does not with the reductions (RED = 1)."""
     pytest.importorskip("triton")
-    rows = {}
-    for red in (0, 1):
-        path = tmp_path / f"f32red{red}.json"
-        _tool("--structures", "igcv2(256,16)", "--dtypes", "float32", "--layouts", "nchw",
-              "--directions", "backward", "--archs", "90", "--config",
-              json.dumps({"block_p": 16, "num_warps": 16, "pack": 1, "red": red}), "--json",
-              str(path))
-        (rows[red],) = [r for r in json.loads(path.read_text())["rows"]
-                        if r["kernel"] == "igc_chain_bwd"]
+    rows = _backward_with_and_without_red(tmp_path, "igcv2(256,16)", "float32", False)
     assert rows[0]["spill_bytes"] > 0 and rows[1]["spill_bytes"] == 0, rows
     assert rows[1]["config"]["row_l2_bytes"] == 4 * 2 * 256 * 16
 
