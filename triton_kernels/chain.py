@@ -183,19 +183,17 @@ def _load_input(x_ptr, off, inner, pmask, s_in, s_c, Z, idx_ptr,
 
 
 @triton.jit
-def _out_channels(perm_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.constexpr,
-                  OUT_SG: tl.constexpr, OUT_SM: tl.constexpr, OUT_Q_AT: tl.constexpr):
+def _out_channels(inv_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.constexpr,
+                  OUT_SG: tl.constexpr, OUT_SM: tl.constexpr):
     """(the channel of y that each slot of the last layer's tile goes to, through the inverse
-    of the permutation after the last layer; the slots' mask)."""
+    of the permutation after the last layer, ``inv_ptr`` where it is explicit, else None: a
+    pointer handed to a call whose results address a store counts as written for
+    torch.compile's analysis of the kernel, which then clones it; the slots' mask)."""
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
     c = tl.arange(0, SL)
     cm = c < CL
-    if OUT_PK == 2:
-        chan = _perm_inv(c, cm, perm_ptr + OUT_Q_AT, OUT_PK, OUT_SG, OUT_SM)
-    else:
-        chan = _perm_inv(c, cm, None, OUT_PK, OUT_SG, OUT_SM)
-    return chan, cm
+    return _perm_inv(c, cm, inv_ptr, OUT_PK, OUT_SG, OUT_SM), cm
 
 
 @triton.jit
@@ -753,7 +751,10 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
     if AHEAD:
-        chan, cm = _out_channels(perm_ptr, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, OUT_Q_AT)
+        if OUT_PK == 2:
+            chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+        else:
+            chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
@@ -797,7 +798,10 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
         for i in tl.static_range(NL):
             h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK,
                            PREC, BLOCK_P)
-        chan, cm = _out_channels(perm_ptr, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, OUT_Q_AT)
+        if OUT_PK == 2:
+            chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+        else:
+            chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
         _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, h)
 
 
@@ -828,7 +832,10 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
-    chan, cm = _out_channels(perm_ptr, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, OUT_Q_AT)
+    if OUT_PK == 2:
+        chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+    else:
+        chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
     # packed configurations: x and dy of the program's first tile (PACK = 2: and of its
     # second), then every iteration loads those of its tile PACK tiles ahead (all masked past
     # the last tile) before it computes, so those loads are in flight meanwhile. (The FMA
