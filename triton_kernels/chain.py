@@ -140,17 +140,14 @@ def _perm_src(j, mask, perm_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.cons
 
 @triton.jit
 def _perm_inv(c, mask, inv_ptr, PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr):
-    """``perm^{-1}[c]``: the input channel that reads slot ``c`` of the previous tile, 0 where
-    ``mask`` is false; with no permutation ``c`` itself, unmasked (every caller masks those
-    slots), so it stays an arange and the compiler knows the channels are contiguous: through
-    the select, IGCV2(256, 8)'s channels-last y stores were 16-bit scalars."""
+    """``perm^{-1}[c]``: the input channel that reads slot ``c`` of the previous tile."""
     if PK == 1:
-        dst = tl.where(mask, (c % SM) * SG + c // SM, 0)
+        dst = (c % SM) * SG + c // SM
     elif PK == 2:
-        dst = tl.where(mask, tl.load(inv_ptr + c, mask=mask, other=0), 0)
+        dst = tl.load(inv_ptr + c, mask=mask, other=0)
     else:
         dst = c
-    return dst
+    return tl.where(mask, dst, 0)
 
 
 @triton.jit
@@ -188,12 +185,21 @@ def _out_channels(inv_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.co
     """(the channel of y that each slot of the last layer's tile goes to, through the inverse
     of the permutation after the last layer, ``inv_ptr`` where it is explicit, else None: a
     pointer handed to a call whose results address a store counts as written for
-    torch.compile's analysis of the kernel, which then clones it; the slots' mask)."""
+    torch.compile's analysis of the kernel, which then clones it; the slots' mask). With no
+    permutation, the arange itself (its masked slots are masked where it is used): through
+    ``_perm_inv``'s select the compiler no longer knew the channels contiguous, and IGCV2(256,
+    8)'s channels-last y stores were 16-bit scalars. (The select stays in ``_perm_inv``:
+    without it, triton 3.6.0 compiled IGCV2(256, 8)'s default bf16 backward with three times
+    the shuffles.)"""
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
     c = tl.arange(0, SL)
     cm = c < CL
-    return _perm_inv(c, cm, inv_ptr, OUT_PK, OUT_SG, OUT_SM), cm
+    if OUT_PK == 0:
+        chan = c
+    else:
+        chan = _perm_inv(c, cm, inv_ptr, OUT_PK, OUT_SG, OUT_SM)
+    return chan, cm
 
 
 @triton.jit
