@@ -324,6 +324,10 @@ def kernel_structure(structure: str, dtype: str):
                             idx is not None, dt)
 
 
+# the launch meta-parameters the autotuner varies (the rest are the structure's and the call's)
+TUNED = ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD", "RED")
+
+
 def autotune_configs(structure, dtype, direction) -> list:
     """The configurations the autotuner may choose for this structure (after its pruning), as
     ``K.override_config`` arguments."""
@@ -340,7 +344,7 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     fn, args, meta = record(structure, dtype, layout, direction)[0]
     st = kernel_structure(structure, dtype)
     backward = direction == "backward"
-    tuned = {"BLOCK_P", "KEEP", "num_warps", "DENSE", "PACK", "AHEAD", "RED"}
+    tuned = set(TUNED)
     named_args = dict(zip(fn.arg_names, args))
     kwargs = {k: v for k, v in meta.items() if k not in tuned}
     seen = {}
@@ -381,8 +385,7 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
         if not rec.compiled:
             raise RuntimeError(rec.error)
         taken.append(({k: v for k, v in meta.items()
-                       if k in ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD",
-                                "RED")},
+                       if k in TUNED},
                       rec.spill_bytes))
         return rec.spill_bytes
 
