@@ -381,8 +381,8 @@ def test_opt_in_float32_packed_forward_runs_six_bf16_products(tmp_path, alt):
     assert ffma == pytest.approx(16 * 2 * 256 * 16 / 32, rel=0.01), off["dyn"]
 
 
-def _refusals(pythonpath=None):
-    out = _tool("--refusals", "--structures", "igcv2(512,8)", "--dtypes", "float32",
+def _refusals(pythonpath=None, structure="igcv2(512,8)", dtype="float32"):
+    out = _tool("--refusals", "--structures", structure, "--dtypes", dtype,
                 "--layouts", "nchw", "--directions", "forward,backward", "--archs", "90",
                 pythonpath=pythonpath)
     return {r["direction"]: r for r in (json.loads(s) for s in out.splitlines()
@@ -409,6 +409,30 @@ def test_spill_check_launches_a_spill_free_configuration():
 def test_spill_check_with_the_gpu_machines_triton():
     _need_triton_alt()
     _check_refusals(_refusals(TRITON_ALT))
+
+
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_fixed_path_launches_the_packed_configuration_of_16bit_chains(alt):
+    """IGCV2(256, 8) in bf16: the fixed path's first candidates are packed (FIXED_PACKED_*):
+    with both Tritons the first of each direction compiles for sm_90 without spills, so the
+    spill check compiles it alone and that is what launches (the default FMA configuration
+    is predicted at 42% / 19% of copy bandwidth, these at 100% / 77%)."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    from igc_kernels.triton_kernels import chain as K
+
+    rows = _refusals(TRITON_ALT if alt else None, "igcv2(256,8)", "bfloat16")
+    first = {"forward": K.FIXED_PACKED_FORWARD[0], "backward": K.FIXED_PACKED_BACKWARD[0]}
+    for direction, r in rows.items():
+        cfg = first[direction]
+        assert not r["refused"] and len(r["compiled"]) == 1, r
+        launched = r["launches"]
+        assert launched == r["compiled"][0]["config"] and r["compiled"][0]["spill_bytes"] == 0
+        assert (launched["BLOCK_P"], launched["num_warps"], launched["PACK"]) == (
+            cfg.block_p, cfg.num_warps, cfg.pack), r
+        assert launched.get("AHEAD", 0) == cfg.ahead and launched.get("RED", 0) == cfg.red, r
 
 
 def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):

@@ -1007,6 +1007,48 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
     assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+def test_fixed_path_tries_packed_configurations_first_in_16bit(monkeypatch, dtype):
+    """16-bit chains with packed layers: the fixed path's candidates start with
+    FIXED_PACKED_FORWARD / FIXED_PACKED_BACKWARD (the static model's choices, each one of the
+    autotuner's configurations), then the default, then the autotuner's list; the first that
+    compiles without spills runs. Float32 chains, and IGC_TRITON_FIXED=default (one compile:
+    the default first), keep the default first."""
+    import types
+
+    st = K.make_structure(256, [256, 256, 256, 256], [32, 32, 32], [8, 8, 0],
+                          [False] * 3, [False] * 3, False, dtype)
+    assert st.packed_layers
+    native = dtype == torch.float16
+    for backward, first in ((False, K.FIXED_PACKED_FORWARD), (True, K.FIXED_PACKED_BACKWARD)):
+        cands = K.fixed_candidates(st, backward)
+        tuned = [K.launch_config(c) for c in K._configs(st, backward)]
+        assert len(cands) == len(set(cands)) and set(cands) - {K.DEFAULT_CONFIG} <= set(tuned)
+        n = len(first) if native else 0
+        assert cands[:n] == list(first)[:n] and cands[n] == K.DEFAULT_CONFIG, cands[:n + 1]
+        assert all(c.pack for c in first) and all(c.dense == 0 for c in first)
+        assert K.fixed_candidates(st, backward, accept_spills=True)[0] == K.DEFAULT_CONFIG
+    if not native:
+        return
+    kern = types.SimpleNamespace(st=st, meta=st.meta(),
+                                 fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(
+                                     types.SimpleNamespace(st=st), cfg, backward))
+    calls = []
+
+    def spills(fn, args, meta):  # the first packed backward candidate spills
+        calls.append((meta["BLOCK_P"], meta["num_warps"], meta["PACK"], meta["RED"]))
+        return 24 if (meta["PACK"], meta["RED"]) == (2, 0) else 0
+
+    monkeypatch.setattr(K, "_FIXED", {})
+    args = [torch.zeros(4, dtype=dtype), 7, None]
+    choice = K.fixed_config(kern, True, "plain_bwd", args, {"PREC": "ieee"}, spills)
+    assert choice == K.FIXED_PACKED_BACKWARD[1] and calls == [(16, 8, 2, 0), (16, 8, 2, 1)]
+    # no packed candidate compiles (e.g. their shared memory): the default, as before
+    monkeypatch.setattr(K, "_FIXED", {})
+    assert K.fixed_config(kern, False, "plain", args, {"PREC": "ieee"},
+                          lambda f, a, m: 1 / 0 if m["PACK"] else 0) == K.DEFAULT_CONFIG
+
+
 def test_structure_whose_every_configuration_spills_is_refused_before_launch(monkeypatch):
     """On GPUs the backend compiles (never launches) the fixed path's candidates for the input's
     forward, and for the backward when gradients are wanted; when every one spills, the Triton

@@ -283,7 +283,9 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                      {k: v for k, v in meta.items()  # the float32 dots' precision where
                       # it is not the default "ieee" (TF32 allowed, IGC_TRITON_FP32_MMA=1)
                       if (k != "PREC" or v != "ieee") and k not in K.STRUCTURE_KEYS})
-        rec.is_default = rec.fixed_path = config is None  # until every configuration is known
+        rec.is_default = config is None
+        # until every configuration is known: the default, where the fixed path tries it first
+        rec.fixed_path = config is None and default_first(structure, dtype, direction)
         rec.per_position = "BLOCK_P" in meta
         rec.block_p = int(meta.get("BLOCK_P", 0))
         rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
@@ -310,6 +312,14 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             rec.tiles_ahead = int(meta["AHEAD"])
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
+
+
+def default_first(structure: str, dtype: str, direction: str) -> bool:
+    """Whether the fixed path's first candidate is the default configuration
+    (``K.fixed_candidates``: not for 16-bit chains with packed layers, which try
+    ``K.FIXED_PACKED_*`` first)."""
+    st = kernel_structure(structure, dtype)
+    return K.fixed_candidates(st, direction == "backward")[0] == K.DEFAULT_CONFIG
 
 
 def kernel_structure(structure: str, dtype: str):
@@ -1535,14 +1545,17 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
-def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
+def _mark_reachable(problem: list, default_is_tuned: bool, order: list) -> None:
     """Marks what the launcher can launch, with the rules the GPU applies to its own compiles:
     the autotuner keeps the configurations ``K.spill_free`` keeps; the fixed path
-    (``K.fixed_config``: autotuning off, deterministic mode) takes the default unless it
-    spills, else the first spill-free configuration of the autotuner's list, else the least
-    spilling one. Everything else is unreachable."""
+    (``K.fixed_config``: autotuning off, deterministic mode) takes the first spill-free one of
+    its candidates in their order (``order``: ``K.fixed_candidates``), else the least spilling
+    one. Everything else is unreachable."""
     main = [(cfg, r) for cfg, r in problem if r.per_position]
-    spills = {id(r): (r.spill_bytes if r.compiled else None) for _, r in main}
+    # (a kernel whose shared memory exceeds the SM's does not load: on the GPU the check's
+    # compile raises OutOfResources, and neither path takes it)
+    spills = {id(r): (r.spill_bytes if r.compiled and r.ctas_per_sm > 0 else None)
+              for _, r in main}
 
     def measured(r):
         if spills[id(r)] is None:
@@ -1551,7 +1564,12 @@ def _mark_reachable(problem: list, default_is_tuned: bool) -> None:
 
     tuned = [r for cfg, r in main if cfg is not None or default_is_tuned]
     kept = {id(r) for r in K.spill_free(tuned, measured)}
-    ordered = [r for cfg, r in main if cfg is None] + [r for cfg, r in main if cfg is not None]
+
+    def rank(cfg):
+        c = K.LaunchConfig(**{**_default_config_kwargs(), **(cfg or {})})
+        return order.index(c) if c in order else len(order)
+
+    ordered = [r for _, r in sorted(main, key=lambda cr: rank(cr[0]))]
     compiled = [r for r in ordered if spills[id(r)] is not None]
     free = [r for r in compiled if spills[id(r)] == 0]
     fixed = free[0] if free else min(compiled, key=lambda r: spills[id(r)], default=None)
@@ -1665,7 +1683,9 @@ def main(argv=None) -> int:
                             for r in analyse(s, dt, lay, d, arch, cfg):
                                 problem.append((cfg, r))
                         if tuned:
-                            _mark_reachable(problem, _default_config_kwargs() in tuned)
+                            _mark_reachable(problem, _default_config_kwargs() in tuned,
+                                            K.fixed_candidates(kernel_structure(s, dt),
+                                                               d == "backward"))
                         for _, r in problem:
                             rows.append(asdict(r))
                             print(f"{s:<22} {dt:<9} {lay:<14} {d:<9} sm_{arch} "

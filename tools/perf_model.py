@@ -489,8 +489,10 @@ def markdown(recs: list, command: str) -> str:
              "structure, dtype, layout and direction: the best configuration the autotuner "
              "keeps after its spill pruning (it would pick that one if the model is right; "
              "where only the default configuration was compiled, that one) and the fixed "
-             "launch path's configuration (IGC_TRITON_AUTOTUNE=0, deterministic mode: the "
-             "default unless it spills). H200 and H100 columns.", "",
+             "launch path's configuration (IGC_TRITON_AUTOTUNE=0, deterministic mode: its "
+             "first spill-free candidate, triton_kernels/chain.py fixed_candidates; 16-bit "
+             "chains with packed layers try packed ones first; -: not among the compiled "
+             "configurations). H200 and H100 columns.", "",
              "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
              "| spill B | H200 | H100 | bound | fixed path H200 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

@@ -1165,7 +1165,8 @@ def permutation_buffer(st: Structure, perms, inverse):
 #   (BLOCK_P, num_warps)  positions per program and warps; forward (16, 4), (16, 16), (32, 4),
 #                         (64, 8), (128, 8), (16, 8) ((16, 8): the only spill-free packed one of
 #                         IGCV2(1024, 8); last, so the fixed path, which takes the first
-#                         spill-free one, takes it only where no other is); backward (8, 8),
+#                         spill-free one, takes it only where no other is, or where
+#                         FIXED_PACKED_FORWARD names it); backward (8, 8),
 #                         (8, 16), (16, 4), (16, 16), (32, 4), (64, 8). Many warps on few
 #                         positions spread the backward's live tiles over more threads: for
 #                         several chains the only spill-free configurations
@@ -1180,11 +1181,11 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         products on blocks of whole groups (``_layer_packed``, backward
 #                         ``_layer_packed_bwd`` with KEEP=1), the others on the FMA path;
 #                         offered beside the DENSE choices when some layer is eligible (else
-#                         0). Not the fixed path's default: it has not run on a GPU yet, and
-#                         only the autotuner's timings should pick it. In the backward, PACK is
-#                         also how many tiles ahead a program loads x and dy: 1, or 2 in the
-#                         configurations of PACKED_AHEAD2 (one CTA per SM: its next tile's
-#                         loads alone do not cover their latency)
+#                         0). The fixed path tries it first for 16-bit chains (FIXED_PACKED_*,
+#                         the static model's choice); float32 ones keep the FMA default. In the
+#                         backward, PACK is also how many tiles ahead a program loads x and
+#                         dy: 1, or 2 in the configurations of PACKED_AHEAD2 (one CTA per SM:
+#                         its next tile's loads alone do not cover their latency)
 #   AHEAD                 (forward, packed, at the tiles of PACKED_AHEAD2) 1 or 2: a persistent
 #                         grid (_triton_ops.FORWARD_PROGRAMS_PER_SM programs per SM) that load
 #                         x that many tiles ahead; 0: one program per tile. The wide chains'
@@ -1226,11 +1227,27 @@ class LaunchConfig:
 DEFAULT_CONFIG = LaunchConfig()
 _OVERRIDE = threading.local()
 
+# The fixed path's first candidates (``fixed_candidates``) for 16-bit chains with packed layers,
+# before the default, in this order; the first that compiles without spills runs. The static
+# model (tools/perf_model.py, docs/benchmarks.md) predicts the default FMA configuration of
+# those chains at 2% to 54% of copy bandwidth, these at 43% to 100%: the forward on 16
+# positions on 4 warps, else (IGCV2(1024, 8) and (1024, 32), whose 4-warp build spills)
+# persistent on 8 warps loading two tiles ahead; the backward loading two tiles ahead on 8
+# warps, else (IGCV2(512, 8) and (512, 16), whose held dW spill) with dW by reductions.
+# Float32 chains keep the default: their packed products are FFMAs, and the FMA path is
+# predicted faster for IGCV2(256, 8).
+FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
+                        LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2))
+FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
+                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
+                         LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, red=1))
+
 
 def autotune_enabled() -> bool:
     """Autotuning is on unless ``IGC_TRITON_AUTOTUNE=0`` (read at every launch): then every
-    structure launches DEFAULT_CONFIG, one compilation per kernel instead of up to 26 (a test
-    run over many structures on a GPU spends most of its time autotuning otherwise)."""
+    structure launches the fixed path's configuration (``fixed_choice``: compiled, never timed;
+    usually one compilation per kernel instead of up to 29 timed ones, as a test run over many
+    structures on a GPU wants)."""
     return os.environ.get("IGC_TRITON_AUTOTUNE", "1") != "0"
 
 
@@ -1432,13 +1449,33 @@ def _args_key(args) -> tuple:
 _FIXED: dict = {}
 
 
+def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False) -> list:
+    """The fixed path's candidates in the order it compiles them: for 16-bit chains with packed
+    layers, those of FIXED_PACKED_FORWARD / FIXED_PACKED_BACKWARD that the autotuner offers
+    for ``st``; then the default configuration; then the rest of the autotuner's list (after
+    its register-tile rule). With ``accept_spills`` (``IGC_TRITON_FIXED=default``) the default
+    comes first whatever the chain."""
+    tuned = []
+    for c in _prune(st, backward)(_configs(st, backward), {}):  # the register-tile rule only
+        cand = launch_config(c)
+        if cand not in tuned:
+            tuned.append(cand)
+    out = []
+    if st.native16 and st.packed_layers and not accept_spills:
+        out = [c for c in (FIXED_PACKED_BACKWARD if backward else FIXED_PACKED_FORWARD)
+               if c in tuned]
+    out.append(DEFAULT_CONFIG)
+    return out + [c for c in tuned if c not in out]
+
+
 def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spills=None,
                  accept_spills: bool = False):
     """``(config, spilled bytes)`` of the fixed path (autotuning off or deterministic mode):
-    the default configuration unless its compiled kernel spills, else the first configuration
-    of the autotuner's list (after its register-tile rule) that does not; when every one
-    spills, the least spilling one with its spill, which the backend's check
-    (``_triton_ops.spill_reasons``) refuses before anything launches. Chosen once per kernel
+    the first of ``fixed_candidates`` whose compiled kernel does not spill (16-bit chains with
+    packed layers: a packed configuration of FIXED_PACKED_*, else the default, else the first
+    of the autotuner's list that does not); when every one spills, the least spilling one
+    with its spill, which the backend's check (``_triton_ops.spill_reasons``) refuses before
+    anything launches. Chosen once per kernel
     and argument signature from compiles, never from timings, so it is deterministic; ``(the
     default, None)`` when nothing can be compiled here (interpreter, or a compile error).
     ``spills``: spilled bytes of a compile (default ``_dtype_spills``). ``accept_spills``
@@ -1451,14 +1488,8 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     hit = _FIXED.get(key)
     if hit is not None:
         return hit
-    candidates = [DEFAULT_CONFIG]
-    configs = _configs(kern.st, backward)
-    for c in _prune(kern.st, backward)(configs, {}):  # the register-tile rule only
-        cand = launch_config(c)
-        if cand not in candidates:
-            candidates.append(cand)
     measured = []
-    for cand in candidates:
+    for cand in fixed_candidates(kern.st, backward, accept_spills):
         try:
             s = spills(fn, args, {**base_meta, **kern.fixed_meta(cand, backward)})
         except Exception as e:  # not compilable here: not a candidate
