@@ -286,6 +286,13 @@ def test_records_label_predictions_and_pair_measurements():
     assert lines == ["triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100%",
                      "triton forward igcv2(256,8) bfloat16 nchw: measured 50%, no prediction",
                      "triton forward igcv2(256,8) float32 nchw: measured 50%, predicted 100%"]
+    # beside the fixed path's prediction: only records it takes
+    assert pm.measured_beside_predicted(recs, {"rows": [gpu_row]}, fixed=True) == [
+        "triton forward igcv2(256,8) float32 nchw: measured 50%, predicted for the fixed path "
+        "100%"]
+    unfixed = [{**r, "fixed_path": False} for r in recs]
+    assert pm.measured_beside_predicted(unfixed, {"rows": [gpu_row]}, fixed=True) == [
+        "triton forward igcv2(256,8) float32 nchw: measured 50%, no prediction"]
     assert [pm._igcv2_depth(c, k) for c, k in ((256, 8), (1024, 8), (1024, 32), (512, 16),
                                                 (8, 8), (9, 8))] == [3, 4, 2, 3, 1, 2]
 

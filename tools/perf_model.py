@@ -548,11 +548,13 @@ def _measured_key(m: dict):
             m.get("dtype"), m.get("layout"))
 
 
-def measured_beside_predicted(recs: list, measured: dict) -> list:
+def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False) -> list:
     """Lines pairing each measured fraction of copy bandwidth (the fused-operator rows of a GPU
     benchmark JSON, ``benchmarks/bench.py --device cuda --json``: same traffic definition) with
     the prediction for the same backend, direction, structure, dtype and layout (the best
-    reachable configuration's: the autotuner's pick if the model is right)."""
+    reachable configuration's: the autotuner's pick if the model is right; ``fixed``: the fixed
+    launch path's, for a benchmark run with ``IGC_TRITON_AUTOTUNE=0`` or in deterministic
+    mode)."""
     out = []
     for m in measured.get("rows", []):
         key = _measured_key(m)
@@ -560,9 +562,11 @@ def measured_beside_predicted(recs: list, measured: dict) -> list:
             continue
         match = [r["predicted_fraction_of_copy"] for r in recs
                  if r["predicted_fraction_of_copy"] is not None and r["reachable"]
+                 and (r["fixed_path"] or not fixed)
                  and (r["backend"], r["direction"], r["structure"], r["dtype"],
                       r["layout"]) == key]
-        pred = f"predicted {max(match):.0%}" if match else "no prediction"
+        what = "predicted for the fixed path" if fixed else "predicted"
+        pred = f"{what} {max(match):.0%}" if match else "no prediction"
         out.append(f"{' '.join(key)}: measured {m['frac_copy_bw']:.0%}, {pred}")
     return out
 
@@ -613,6 +617,9 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", default=None)
     p.add_argument("--measured", default=None,
                    help="a GPU benchmark JSON: print measured beside predicted")
+    p.add_argument("--fixed", action="store_true",
+                   help="with --measured: beside the fixed launch path's prediction (a "
+                        "benchmark run with IGC_TRITON_AUTOTUNE=0), not the best reachable")
     args = p.parse_args(argv)
     report = merge_reports(args.reports)
     recs = records(report, args.device)
@@ -635,7 +642,7 @@ def main(argv=None) -> int:
             f.write(markdown(recs, command))
     if args.measured:
         with open(args.measured) as f:
-            for line in measured_beside_predicted(recs, json.load(f)):
+            for line in measured_beside_predicted(recs, json.load(f), args.fixed):
                 print(line)
     return 0
 
