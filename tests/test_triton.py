@@ -1028,8 +1028,16 @@ def test_fixed_path_tries_packed_configurations_first_in_16bit(monkeypatch, dtyp
         assert cands[:n] == list(first)[:n] and cands[n] == K.DEFAULT_CONFIG, cands[:n + 1]
         assert all(c.pack for c in first) and all(c.dense == 0 for c in first)
         assert K.fixed_candidates(st, backward, accept_spills=True)[0] == K.DEFAULT_CONFIG
+    # a tile of 1024 channels (one CTA fills an SM): the persistent forward candidate first
+    wide = K.make_structure(1024, [1024] * 4, [64] * 3, [16, 16, 0], [False] * 3, [False] * 3,
+                            False, dtype)
+    fwd, bwd = K.fixed_candidates(wide, False), K.fixed_candidates(wide, True)
+    assert K.FIXED_PERSISTENT_CHANNELS == 1024 and wide.packed_layers
     if not native:
+        assert fwd[0] == bwd[0] == K.DEFAULT_CONFIG
         return
+    assert fwd[:3] == [K.FIXED_PACKED_FORWARD[1], K.FIXED_PACKED_FORWARD[0], K.DEFAULT_CONFIG]
+    assert fwd[0].ahead == 2 and bwd[:4] == [*K.FIXED_PACKED_BACKWARD, K.DEFAULT_CONFIG]
     kern = types.SimpleNamespace(st=st, meta=st.meta(),
                                  fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(
                                      types.SimpleNamespace(st=st), cfg, backward))

@@ -1231,13 +1231,15 @@ _OVERRIDE = threading.local()
 # before the default, in this order; the first that compiles without spills runs. The static
 # model (tools/perf_model.py, docs/benchmarks.md) predicts the default FMA configuration of
 # those chains at 2% to 54% of copy bandwidth, these at 43% to 100%: the forward on 16
-# positions on 4 warps, else (IGCV2(1024, 8) and (1024, 32), whose 4-warp build spills)
-# persistent on 8 warps loading two tiles ahead; the backward loading two tiles ahead on 8
-# warps, else (IGCV2(512, 8) and (512, 16), whose held dW spill) with dW by reductions.
-# Float32 chains keep the default: their packed products are FFMAs, and the FMA path is
-# predicted faster for IGCV2(256, 8).
+# positions on 4 warps, else persistent on 8 warps loading two tiles ahead (first where a tile
+# has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM, and IGCV2(1024, 16)
+# is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024, 32)'s 4-warp builds
+# spill); the backward loading two tiles ahead on 8 warps, else (IGCV2(512, 8) and (512, 16),
+# whose held dW spill) with dW by reductions. Float32 chains keep the default: their packed
+# products are FFMAs, and the FMA path is predicted faster for IGCV2(256, 8).
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2))
+FIXED_PERSISTENT_CHANNELS = 1024
 FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
                          LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, red=1))
@@ -1452,9 +1454,10 @@ _FIXED: dict = {}
 def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False) -> list:
     """The fixed path's candidates in the order it compiles them: for 16-bit chains with packed
     layers, those of FIXED_PACKED_FORWARD / FIXED_PACKED_BACKWARD that the autotuner offers
-    for ``st``; then the default configuration; then the rest of the autotuner's list (after
-    its register-tile rule). With ``accept_spills`` (``IGC_TRITON_FIXED=default``) the default
-    comes first whatever the chain."""
+    for ``st`` (the forward's persistent one first where a tile has FIXED_PERSISTENT_CHANNELS
+    channels or more); then the default configuration; then the rest of the autotuner's list
+    (after its register-tile rule). With ``accept_spills`` (``IGC_TRITON_FIXED=default``) the
+    default comes first whatever the chain."""
     tuned = []
     for c in _prune(st, backward)(_configs(st, backward), {}):  # the register-tile rule only
         cand = launch_config(c)
@@ -1462,8 +1465,11 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
             tuned.append(cand)
     out = []
     if st.native16 and st.packed_layers and not accept_spills:
-        out = [c for c in (FIXED_PACKED_BACKWARD if backward else FIXED_PACKED_FORWARD)
-               if c in tuned]
+        first = FIXED_PACKED_BACKWARD if backward else FIXED_PACKED_FORWARD
+        wide = max([st.c_x] + [l.c_out for l in st.layers]) >= FIXED_PERSISTENT_CHANNELS
+        if not backward and wide:
+            first = sorted(first, key=lambda c: not c.ahead)  # the persistent one first
+        out = [c for c in first if c in tuned]
     out.append(DEFAULT_CONFIG)
     return out + [c for c in tuned if c not in out]
 
