@@ -283,9 +283,7 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                      {k: v for k, v in meta.items()  # the float32 dots' precision where
                       # it is not the default "ieee" (TF32 allowed, IGC_TRITON_FP32_MMA=1)
                       if (k != "PREC" or v != "ieee") and k not in K.STRUCTURE_KEYS})
-        rec.is_default = config is None
-        # until every configuration is known: the default, where the fixed path tries it first
-        rec.fixed_path = config is None and default_first(structure, dtype, direction)
+        rec.is_default = rec.fixed_path = config is None  # until every configuration is known
         rec.per_position = "BLOCK_P" in meta
         rec.block_p = int(meta.get("BLOCK_P", 0))
         rec.c_x, rec.c_out = facts["c_x"], facts["c_out"]
@@ -312,14 +310,6 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             rec.tiles_ahead = int(meta["AHEAD"])
         out.append(compile_launch(fn, args, meta, arch, rec))
     return out
-
-
-def default_first(structure: str, dtype: str, direction: str) -> bool:
-    """Whether the fixed path's first candidate is the default configuration
-    (``K.fixed_candidates``: not for 16-bit chains with packed layers, which try
-    ``K.FIXED_PACKED_*`` first)."""
-    st = kernel_structure(structure, dtype)
-    return K.fixed_candidates(st, direction == "backward")[0] == K.DEFAULT_CONFIG
 
 
 def kernel_structure(structure: str, dtype: str):
@@ -1580,6 +1570,39 @@ def _mark_reachable(problem: list, default_is_tuned: bool, order: list) -> None:
         r.flags_exact = True
 
 
+def fixed_path_records(structure, dtype, layout, direction, arch, default) -> list:
+    """A report of the default configuration alone: the fixed path's own configuration
+    (``K.fixed_config``'s rule on sm_``arch`` compiles: its candidates in order, the first that
+    fits the SM without spills, else the least spilling one) marked ``fixed_path``; where it is
+    not the default (16-bit chains with packed layers, or a default that spills) the records of
+    its launches are returned to be added, and a spilling default is marked unreachable (the
+    autotuner's pruning drops it as well). ``default``: the default's ``(None, record)`` pairs
+    (a candidate too, compiled already)."""
+    order = K.fixed_candidates(kernel_structure(structure, dtype), direction == "backward")
+    tried = []
+    for cand in order:
+        cfg = dict(cand.__dict__)
+        pairs = default if cand == K.DEFAULT_CONFIG else [
+            (cfg, r) for r in analyse(structure, dtype, layout, direction, arch, cfg)]
+        main = next((r for _, r in pairs if r.per_position), None)
+        if main is None or not main.compiled or main.ctas_per_sm == 0:
+            continue
+        tried.append((main, pairs))
+        if main.spill_bytes == 0:
+            break
+    if not tried:
+        return []
+    main, pairs = min(tried, key=lambda mp: mp[0].spill_bytes)  # (the first spill-free one)
+    spills = next((r.spill_bytes for _, r in default if r.per_position), 0)
+    for _, r in default:
+        r.fixed_path = False
+        if main.spill_bytes == 0 and spills:  # the autotuner's pruning drops it too
+            r.reachable = False
+    for _, r in pairs:  # (its launches: the chain's kernel and the backward's reduction)
+        r.fixed_path = r.reachable = True
+    return [] if pairs is default else pairs
+
+
 def _default_config_kwargs() -> dict:
     return dict(K.DEFAULT_CONFIG.__dict__)
 
@@ -1686,6 +1709,8 @@ def main(argv=None) -> int:
                             _mark_reachable(problem, _default_config_kwargs() in tuned,
                                             K.fixed_candidates(kernel_structure(s, dt),
                                                                d == "backward"))
+                        elif configs == [None]:
+                            problem += fixed_path_records(s, dt, lay, d, arch, problem)
                         for _, r in problem:
                             rows.append(asdict(r))
                             print(f"{s:<22} {dt:<9} {lay:<14} {d:<9} sm_{arch} "
