@@ -1228,18 +1228,19 @@ DEFAULT_CONFIG = LaunchConfig()
 _OVERRIDE = threading.local()
 
 # The fixed path's first candidates (``fixed_candidates``) for 16-bit chains with packed layers,
-# before the default, in this order; the first that compiles without spills runs. The static
-# model (tools/perf_model.py, docs/benchmarks.md) predicts the default FMA configuration of
-# those chains at 2% to 54% of copy bandwidth, these at 43% to 100%: the forward on 16
+# before the default, in this order; the first that compiles without spills runs. For the IGCV2
+# targets (C 256..1024, groups of 8..32) in bf16 the static model (tools/perf_model.py,
+# docs/benchmarks.md) predicts the default FMA configuration at 2% to 42% of copy bandwidth,
+# these at 35% to 100% (C = 1024's backward has no packed configuration): the forward on 16
 # positions on 4 warps, else persistent on 8 warps loading two tiles ahead (first where a tile
 # has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM, and IGCV2(1024, 16)
 # is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024, 32)'s 4-warp builds
 # spill); the backward loading two tiles ahead on 8 warps, else (IGCV2(512, 8) and (512, 16),
 # whose held dW spill) with dW by reductions. Float32 chains keep the default: their packed
 # products are FFMAs, and the FMA path is predicted faster for IGCV2(256, 8).
+FIXED_PERSISTENT_CHANNELS = 1024
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2))
-FIXED_PERSISTENT_CHANNELS = 1024
 FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
                          LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, red=1))
@@ -1481,13 +1482,13 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     packed layers: a packed configuration of FIXED_PACKED_*, else the default, else the first
     of the autotuner's list that does not); when every one spills, the least spilling one
     with its spill, which the backend's check (``_triton_ops.spill_reasons``) refuses before
-    anything launches. Chosen once per kernel
-    and argument signature from compiles, never from timings, so it is deterministic; ``(the
-    default, None)`` when nothing can be compiled here (interpreter, or a compile error).
-    ``spills``: spilled bytes of a compile (default ``_dtype_spills``). ``accept_spills``
-    (``IGC_TRITON_FIXED=default``): the first candidate that fits the GPU, spilling or not,
-    so normally the default with its one compile; a candidate whose compile fails otherwise
-    than by not fitting is taken as it is (its launch reports the error)."""
+    anything launches. Chosen once per kernel and argument signature from compiles, never from
+    timings, so it is deterministic; ``(the default, None)`` when nothing can be compiled here
+    (interpreter, or a compile error). ``spills``: spilled bytes of a compile (default
+    ``_dtype_spills``). ``accept_spills`` (``IGC_TRITON_FIXED=default``): the first candidate
+    that fits the GPU, spilling or not, so normally the default with its one compile; a
+    candidate whose compile fails otherwise than by not fitting is taken as it is (its launch
+    reports the error)."""
     spills = spills or _dtype_spills
     base_meta = {**kern.meta, **base_meta}
     key = (id(fn), backward, _args_key(args), tuple(sorted(base_meta.items())), accept_spills)
