@@ -117,7 +117,13 @@ def test_launch_path_binds_and_compiles(tmp_path, alt):
           "--dtypes", "bfloat16", "--layouts", "nchw", "--archs", "90", "--json", str(path),
           pythonpath=TRITON_ALT if alt else None)
     rows = json.loads(path.read_text())["rows"]
-    assert len(rows) == 3 * 3  # structures x (fwd, bwd, reduce)
+    # structures x (fwd, bwd, reduce) of the default configuration, and the fixed path's
+    # launches where it is another (bf16 chains with packed layers try packed ones first)
+    assert len([r for r in rows if r["is_default"]]) == 3 * 3
+    fixed = [r for r in rows if r["fixed_path"] and r["per_position"]]
+    assert sorted((r["structure"], r["direction"]) for r in fixed) == sorted(
+        (s, d) for s in ("deep(32,4,10)", "perm(64,8)", "condense(64,4)")
+        for d in ("forward", "backward"))
     assert {r["kernel"] for r in rows} == {"igc_chain_fwd", "igc_chain_bwd", "_reduce_partials"}
     for r in rows:
         assert r["compiled"], f"{r['structure']} {r['direction']} {r['kernel']}: {r['error']}"
