@@ -143,31 +143,44 @@ os.environ.update(IGC_TRITON_AUTOTUNE="0", IGC_TRITON_FIXED="default")
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 import igc_kernels._triton_ops as T
 
+import igc_kernels.triton_kernels.chain as K
+
 launches = []
 T._launch = lambda fn, grid, args, meta: launches.append((fn, args, meta))
 g = torch.Generator().manual_seed(0)
+# IGC_TEST_PACKED=1: bf16, under each of the fixed path's packed configurations
+packed = os.environ.get("IGC_TEST_PACKED") == "1"
+dt = torch.bfloat16 if packed else torch.float32
+fwd_cfgs = K.FIXED_PACKED_FORWARD if packed else [K.DEFAULT_CONFIG]
+bwd_cfgs = K.FIXED_PACKED_BACKWARD if packed else [K.DEFAULT_CONFIG]
 L = 10  # deeper than the pointer slots
-x = torch.randn(2, 16, 3, 3, generator=g)
-ws = [torch.randn(16, 4, generator=g) for _ in range(L)]
-bs = [torch.randn(16, generator=g) if l % 2 else None for l in range(L)]
+x = torch.randn(2, 16, 3, 3, generator=g).to(dt)
+ws = [torch.randn(16, 4, generator=g).to(dt) for _ in range(L)]
+bs = [torch.randn(16, generator=g).to(dt) if l % 2 else None for l in range(L)]
 explicit = [l % 3 == 0 and l < L - 1 for l in range(L)]  # the last one: see the test
 perms = [torch.randperm(16, generator=g) if e else None for e in explicit]
 shuffles = [0 if e else 4 for e in explicit]
 idx = torch.randint(0, 16, (16,), generator=g)
 args = (ws, [b if b is not None else torch.empty(0) for b in bs], [4] * L, shuffles, perms)
-T.chain_forward(x, *args, idx)
-T.chain_backward(torch.randn(2, 16, 3, 3, generator=g), x, *args, [True, True, True], idx)
+gy = torch.randn(2, 16, 3, 3, generator=g).to(dt)
+for cfg in fwd_cfgs:
+    with K.override_config(**cfg.__dict__):
+        T.chain_forward(x, *args, idx)
+for cfg in bwd_cfgs:
+    with K.override_config(**cfg.__dict__):
+        T.chain_backward(gy, x, *args, [True, True, True], idx)
 out = []
 for fn, a, meta in launches:
     kw = dict(zip(fn.arg_names, a))
     kw.update({k: v for k, v in meta.items() if k != "num_warps"})
     acc = identify_accessed_tensors(fn, kw, {})
-    out.append([fn.__name__, sorted(d.name for d in acc.read_writes.writes)])
+    out.append([fn.__name__, meta.get("PACK", 0), sorted(d.name for d in acc.read_writes.writes)])
 print(json.dumps(out))
 """
 
 
-def test_torch_compile_sees_what_the_kernels_write():
+@pytest.mark.parametrize("packed", [False, True], ids=["fp32-default", "bf16-fixed-packed"])
+def test_torch_compile_sees_what_the_kernels_write(packed):
     """``torch.compile`` (Inductor) traces the Triton op bodies and reads each kernel's TTIR
     (generated for sm_90 here) to find the tensors it writes, so that it clones exactly those:
     for the kernels with their constexpr tuples and None pointer slots (a chain deeper than
@@ -175,15 +188,22 @@ def test_torch_compile_sees_what_the_kernels_write():
     y in the forward, dx and the partial rows in the backward, the gradients in the reduction,
     and nothing else. (An explicit permutation after the last layer makes it also name
     ``perm_ptr`` in the forward, whose loaded values address the stores of y: Inductor then
-    clones that small buffer, which costs a copy and changes no result.)"""
+    clones that small buffer, which costs a copy and changes no result.) In bf16 likewise
+    under each of the fixed path's packed configurations (deterministic mode and
+    ``IGC_TRITON_AUTOTUNE=0`` launch them: batched dots, the persistent forward, dW held or
+    added by reductions)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["IGC_TEST_PACKED"] = "1" if packed else "0"
     r = subprocess.run([sys.executable, "-c", _MUTATIONS], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-5000:]
     writes = json.loads(r.stdout.strip().splitlines()[-1])
-    assert writes == [["igc_chain_fwd", ["y_ptr"]], ["igc_chain_bwd", ["dx_ptr", "part_ptr"]],
-                      ["_reduce_partials", ["gb_ptr", "gw_ptr"]]], writes
+    fwd = [["igc_chain_fwd", 1 if packed else 0, ["y_ptr"]]] * (2 if packed else 1)
+    bwd = [row for pk in ((2, 2, 1) if packed else (0,))  # the PACK of each backward launch
+           for row in (["igc_chain_bwd", pk, ["dx_ptr", "part_ptr"]],
+                       ["_reduce_partials", 0, ["gb_ptr", "gw_ptr"]])]
+    assert writes == fwd + bwd, writes
 
 
 def test_default_forward_configuration_does_not_spill(report):
