@@ -1535,6 +1535,27 @@ def cuda_fma_backward_records(structures, dtypes, layouts, archs) -> list:
     return rows
 
 
+def _loads(r) -> bool:
+    """Whether a compiled record is a candidate at all: it compiled and fits the SM (a kernel
+    whose shared memory exceeds the SM's does not load: on the GPU the check's compile raises
+    OutOfResources, and neither the autotuner nor the fixed path takes it)."""
+    return r.compiled and r.ctas_per_sm > 0
+
+
+def _fixed_pick(records):
+    """The fixed path's rule (``K.fixed_choice``) over compiled per-position records in its
+    candidates' order (an iterable, read only up to the first spill-free one): that one, else
+    the least spilling, else None."""
+    tried = []
+    for r in records:
+        if not _loads(r):
+            continue
+        if r.spill_bytes == 0:
+            return r
+        tried.append(r)
+    return min(tried, key=lambda r: r.spill_bytes, default=None)
+
+
 def _mark_reachable(problem: list, default_is_tuned: bool, order: list) -> None:
     """Marks what the launcher can launch, with the rules the GPU applies to its own compiles:
     the autotuner keeps the configurations ``K.spill_free`` keeps; the fixed path
@@ -1542,15 +1563,11 @@ def _mark_reachable(problem: list, default_is_tuned: bool, order: list) -> None:
     its candidates in their order (``order``: ``K.fixed_candidates``), else the least spilling
     one. Everything else is unreachable."""
     main = [(cfg, r) for cfg, r in problem if r.per_position]
-    # (a kernel whose shared memory exceeds the SM's does not load: on the GPU the check's
-    # compile raises OutOfResources, and neither path takes it)
-    spills = {id(r): (r.spill_bytes if r.compiled and r.ctas_per_sm > 0 else None)
-              for _, r in main}
 
     def measured(r):
-        if spills[id(r)] is None:
+        if not _loads(r):
             raise RuntimeError("not compiled")
-        return spills[id(r)]
+        return r.spill_bytes
 
     tuned = [r for cfg, r in main if cfg is not None or default_is_tuned]
     kept = {id(r) for r in K.spill_free(tuned, measured)}
@@ -1559,13 +1576,12 @@ def _mark_reachable(problem: list, default_is_tuned: bool, order: list) -> None:
         c = K.LaunchConfig(**{**_default_config_kwargs(), **(cfg or {})})
         return order.index(c) if c in order else len(order)
 
-    ordered = [r for _, r in sorted(main, key=lambda cr: rank(cr[0]))]
-    compiled = [r for r in ordered if spills[id(r)] is not None]
-    free = [r for r in compiled if spills[id(r)] == 0]
-    fixed = free[0] if free else min(compiled, key=lambda r: spills[id(r)], default=None)
+    fixed = _fixed_pick(r for _, r in sorted(main, key=lambda cr: rank(cr[0])))
+    fixed_cfg = next((cfg for cfg, r in main if r is fixed), ())
+    for cfg, r in problem:  # (the fixed configuration's other launch: the backward's reduction)
+        r.fixed_path = fixed is not None and cfg == fixed_cfg
     for _, r in main:
         r.autotuner_keeps = id(r) in kept
-        r.fixed_path = r is fixed
         r.reachable = r.autotuner_keeps or r.fixed_path
         r.flags_exact = True
 
@@ -1579,20 +1595,22 @@ def fixed_path_records(structure, dtype, layout, direction, arch, default) -> li
     autotuner's pruning drops it as well). ``default``: the default's ``(None, record)`` pairs
     (a candidate too, compiled already)."""
     order = K.fixed_candidates(kernel_structure(structure, dtype), direction == "backward")
-    tried = []
-    for cand in order:
-        cfg = dict(cand.__dict__)
-        pairs = default if cand == K.DEFAULT_CONFIG else [
-            (cfg, r) for r in analyse(structure, dtype, layout, direction, arch, cfg)]
-        main = next((r for _, r in pairs if r.per_position), None)
-        if main is None or not main.compiled or main.ctas_per_sm == 0:
-            continue
-        tried.append((main, pairs))
-        if main.spill_bytes == 0:
-            break
-    if not tried:
+    launches = {}  # id of a candidate's per-position record -> its (config, record) pairs
+
+    def compiled():  # each candidate's records, compiled when the pick reaches it
+        for cand in order:
+            cfg = dict(cand.__dict__)
+            pairs = default if cand == K.DEFAULT_CONFIG else [
+                (cfg, r) for r in analyse(structure, dtype, layout, direction, arch, cfg)]
+            for _, r in pairs:
+                if r.per_position:
+                    launches[id(r)] = pairs
+                    yield r
+
+    main = _fixed_pick(compiled())
+    if main is None:
         return []
-    main, pairs = min(tried, key=lambda mp: mp[0].spill_bytes)  # (the first spill-free one)
+    pairs = launches[id(main)]
     spills = next((r.spill_bytes for _, r in default if r.per_position), 0)
     for _, r in default:
         r.fixed_path = False
