@@ -452,25 +452,38 @@ def test_spill_check_with_the_gpu_machines_triton():
     _check_refusals(_refusals(TRITON_ALT))
 
 
+# (structure, dtype, index in FIXED_PACKED_FORWARD / _BACKWARD of the configuration launched)
+_FIXED_PACKED_CASES = [("igcv2(256,8)", "bfloat16", 0, 0), ("igcv2(256,16)", "float32", 0, 1)]
+
+
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
-def test_fixed_path_launches_the_packed_configuration_of_16bit_chains(alt):
-    """IGCV2(256, 8) in bf16: the fixed path's first candidates are packed (FIXED_PACKED_*):
-    with both Tritons the first of each direction compiles for sm_90 without spills, so the
-    spill check compiles it alone and that is what launches (the default FMA configuration
-    is predicted at 42% / 19% of copy bandwidth, these at 100% / 77%)."""
+@pytest.mark.parametrize("case", _FIXED_PACKED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case):
+    """The fixed path's first candidates are packed (FIXED_PACKED_*) and the spill check
+    compiles them in order, launching the first without spills. IGCV2(256, 8) in bf16: with
+    both Tritons the first of each direction compiles for sm_90 without spills, so it is
+    compiled alone (the default FMA configuration is predicted at 42% / 19% of copy
+    bandwidth, these at 100% / 77%). IGCV2(256, 16) in float32 (exact products: FFMAs; groups
+    16 wide, so packed first): the forward's first, the backward's second (the first, dW held
+    as read-add-write rows, spills; dW by reductions does not), predicted 71% / 43% against
+    the default's 45% / 11%."""
     if alt:
         _need_triton_alt()
     else:
         pytest.importorskip("triton")
     from igc_kernels.triton_kernels import chain as K
 
-    rows = _refusals(TRITON_ALT if alt else None, "igcv2(256,8)", "bfloat16")
-    first = {"forward": K.FIXED_PACKED_FORWARD[0], "backward": K.FIXED_PACKED_BACKWARD[0]}
+    structure, dtype, i_fwd, i_bwd = case
+    rows = _refusals(TRITON_ALT if alt else None, structure, dtype)
+    first = {"forward": (K.FIXED_PACKED_FORWARD, i_fwd),
+             "backward": (K.FIXED_PACKED_BACKWARD, i_bwd)}
     for direction, r in rows.items():
-        cfg = first[direction]
-        assert not r["refused"] and len(r["compiled"]) == 1, r
+        cands, i = first[direction]
+        cfg = cands[i]
+        assert not r["refused"] and len(r["compiled"]) == i + 1, r
+        assert all(c["spill_bytes"] > 0 for c in r["compiled"][:i]), r
         launched = r["launches"]
-        assert launched == r["compiled"][0]["config"] and r["compiled"][0]["spill_bytes"] == 0
+        assert launched == r["compiled"][i]["config"] and r["compiled"][i]["spill_bytes"] == 0
         assert (launched["BLOCK_P"], launched["num_warps"], launched["PACK"]) == (
             cfg.block_p, cfg.num_warps, cfg.pack), r
         assert launched.get("AHEAD", 0) == cfg.ahead and launched.get("RED", 0) == cfg.red, r

@@ -1007,37 +1007,50 @@ def test_fixed_path_avoids_spilling_configurations(monkeypatch):
     assert K.launch_choice(kern, True, args=args, base_meta={})[1]["BLOCK_P"] == 16
 
 
+def _igcv2(c, width, dtype):
+    """IGCV2(c, width), three layers, interleaved, as the fixed path's tests build it."""
+    return K.make_structure(c, [c] * 4, [c // width] * 3, [c // width, c // width, 0],
+                            [False] * 3, [False] * 3, False, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-def test_fixed_path_tries_packed_configurations_first_in_16bit(monkeypatch, dtype):
-    """16-bit chains with packed layers: the fixed path's candidates start with
-    FIXED_PACKED_FORWARD / FIXED_PACKED_BACKWARD (the static model's choices, each one of the
-    autotuner's configurations), then the default, then the autotuner's list; the first that
-    compiles without spills runs. Float32 chains, and IGC_TRITON_FIXED=default (one compile:
-    the default first), keep the default first."""
+def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
+    """Chains with packed layers: the fixed path's candidates start with FIXED_PACKED_FORWARD /
+    FIXED_PACKED_BACKWARD (the static model's choices, each one of the autotuner's
+    configurations), then the default, then the autotuner's list; the first that compiles
+    without spills runs. 16-bit chains always; float32 chains where no packed block is padded
+    (groups at least 16 wide) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more, else
+    the default first (IGCV2(256, 8)); IGC_TRITON_FIXED=default (one compile: the default
+    first) keeps the default first."""
     import types
 
-    st = K.make_structure(256, [256, 256, 256, 256], [32, 32, 32], [8, 8, 0],
-                          [False] * 3, [False] * 3, False, dtype)
+    st = _igcv2(256, 8, dtype)
     assert st.packed_layers
     native = dtype == torch.float16
-    for backward, first in ((False, K.FIXED_PACKED_FORWARD), (True, K.FIXED_PACKED_BACKWARD)):
-        cands = K.fixed_candidates(st, backward)
-        tuned = [K.launch_config(c) for c in K._configs(st, backward)]
-        assert len(cands) == len(set(cands)) and set(cands) - {K.DEFAULT_CONFIG} <= set(tuned)
-        n = len(first) if native else 0
-        assert cands[:n] == list(first)[:n] and cands[n] == K.DEFAULT_CONFIG, cands[:n + 1]
-        assert all(c.pack for c in first) and all(c.dense == 0 for c in first)
-        assert K.fixed_candidates(st, backward, accept_spills=True)[0] == K.DEFAULT_CONFIG
+    assert K.FIXED_FP32_PACKED_CHANNELS == 512
+    for s, packed_first in ((st, native), (_igcv2(256, 16, dtype), True),
+                            (_igcv2(256, 32, dtype), True), (_igcv2(512, 8, dtype), True),
+                            (_igcv2(128, 8, dtype), native)):
+        assert s.packed_layers
+        for backward, first in ((False, K.FIXED_PACKED_FORWARD),
+                                (True, K.FIXED_PACKED_BACKWARD)):
+            cands = K.fixed_candidates(s, backward)
+            tuned = [K.launch_config(c) for c in K._configs(s, backward)]
+            assert len(cands) == len(set(cands))
+            assert set(cands) - {K.DEFAULT_CONFIG} <= set(tuned)
+            expect = [c for c in first if c in tuned] if packed_first else []
+            n = len(expect)
+            assert n or not packed_first
+            assert cands[:n] == expect and cands[n] == K.DEFAULT_CONFIG, cands[:n + 1]
+            assert all(c.pack for c in first) and all(c.dense == 0 for c in first)
+            assert K.fixed_candidates(s, backward, accept_spills=True)[0] == K.DEFAULT_CONFIG
     # a tile of 1024 channels (one CTA fills an SM): the persistent forward candidate first
-    wide = K.make_structure(1024, [1024] * 4, [64] * 3, [16, 16, 0], [False] * 3, [False] * 3,
-                            False, dtype)
+    wide = _igcv2(1024, 16, dtype)
     fwd, bwd = K.fixed_candidates(wide, False), K.fixed_candidates(wide, True)
     assert K.FIXED_PERSISTENT_CHANNELS == 1024 and wide.packed_layers
-    if not native:
-        assert fwd[0] == bwd[0] == K.DEFAULT_CONFIG
-        return
     assert fwd[:3] == [K.FIXED_PACKED_FORWARD[1], K.FIXED_PACKED_FORWARD[0], K.DEFAULT_CONFIG]
     assert fwd[0].ahead == 2 and bwd[:4] == [*K.FIXED_PACKED_BACKWARD, K.DEFAULT_CONFIG]
+    st = _igcv2(256, 16, dtype)  # packed first in either dtype
     kern = types.SimpleNamespace(st=st, meta=st.meta(),
                                  fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(
                                      types.SimpleNamespace(st=st), cfg, backward))

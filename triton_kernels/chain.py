@@ -1236,9 +1236,15 @@ _OVERRIDE = threading.local()
 # has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM, and IGCV2(1024, 16)
 # is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024, 32)'s 4-warp builds
 # spill); the backward loading two tiles ahead on 8 warps, else (IGCV2(512, 8) and (512, 16),
-# whose held dW spill) with dW by reductions. Float32 chains keep the default: their packed
-# products are FFMAs, and the FMA path is predicted faster for IGCV2(256, 8).
+# whose held dW spill) with dW by reductions. Float32 chains' packed products are FFMAs (or,
+# opt-in, "bf16x6" tensor-core products): they try these first only where every packed layer's
+# groups are at least 16 wide (no block holds another group's zeros) or a tile has
+# FIXED_FP32_PACKED_CHANNELS channels or more (the FMA path's register tiles and shuffles grow
+# with the channels); predicted with exact products (H200, NCHW): IGCV2(256, 16) forward 45% ->
+# 71%, backward 11% -> 43%; IGCV2(256, 32) forward 24% -> 40%; IGCV2(512, 8) forward 39% ->
+# 49%; IGCV2(256, 8) keeps the default (86% FMA, 49% packed).
 FIXED_PERSISTENT_CHANNELS = 1024
+FIXED_FP32_PACKED_CHANNELS = 512
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2))
 FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
@@ -1452,20 +1458,34 @@ def _args_key(args) -> tuple:
 _FIXED: dict = {}
 
 
+def _packed_first(st: Structure) -> bool:
+    """Whether the fixed path tries FIXED_PACKED_* before the default: chains with packed
+    layers, in 16-bit; in float32 where no packed block is padded (every packed layer's groups
+    at least 16 wide) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more."""
+    if not st.packed_layers:
+        return False
+    if st.native16:
+        return True
+    widest = max([st.c_x] + [l.c_out for l in st.layers])
+    return (all(st.layers[i].n >= 16 for i in st.packed_layers)
+            or widest >= FIXED_FP32_PACKED_CHANNELS)
+
+
 def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False) -> list:
-    """The fixed path's candidates in the order it compiles them: for 16-bit chains with packed
-    layers, those of FIXED_PACKED_FORWARD / FIXED_PACKED_BACKWARD that the autotuner offers
-    for ``st`` (the forward's persistent one first where a tile has FIXED_PERSISTENT_CHANNELS
-    channels or more); then the default configuration; then the rest of the autotuner's list
-    (after its register-tile rule). With ``accept_spills`` (``IGC_TRITON_FIXED=default``) the
-    default comes first whatever the chain."""
+    """The fixed path's candidates in the order it compiles them: for chains with packed layers
+    (16-bit; float32 as ``_packed_first`` says), those of FIXED_PACKED_FORWARD /
+    FIXED_PACKED_BACKWARD that the autotuner offers for ``st`` (the forward's persistent one
+    first where a tile has FIXED_PERSISTENT_CHANNELS channels or more); then the default
+    configuration; then the rest of the autotuner's list (after its register-tile rule). With
+    ``accept_spills`` (``IGC_TRITON_FIXED=default``) the default comes first whatever the
+    chain."""
     tuned = []
     for c in _prune(st, backward)(_configs(st, backward), {}):  # the register-tile rule only
         cand = launch_config(c)
         if cand not in tuned:
             tuned.append(cand)
     out = []
-    if st.native16 and st.packed_layers and not accept_spills:
+    if _packed_first(st) and not accept_spills:
         first = FIXED_PACKED_BACKWARD if backward else FIXED_PACKED_FORWARD
         wide = max([st.c_x] + [l.c_out for l in st.layers]) >= FIXED_PERSISTENT_CHANNELS
         if not backward and wide:
