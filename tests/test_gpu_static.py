@@ -312,11 +312,11 @@ def test_packed_backward_compiles_without_spills(tmp_path, alt, structure, layou
     assert r["programs_per_sm"] == 2  # small rows: two programs per SM
 
 
-def _backward_with_and_without_red(tmp_path, structure, dtype, alt) -> dict:
+def _backward_with_and_without_red(tmp_path, structure, dtype, alt, reds=(0, 1)) -> dict:
     """{RED: the igc_chain_bwd record} of ``structure``'s packed backward, 16 positions on 16
-    warps, NCHW, sm_90, without and with RED."""
+    warps, NCHW, sm_90, for each RED of ``reds``."""
     rows = {}
-    for red in (0, 1):
+    for red in reds:
         path = tmp_path / f"red{red}.json"
         _tool("--structures", structure, "--dtypes", dtype, "--layouts", "nchw",
               "--directions", "backward", "--archs", "90", "--config",
@@ -330,25 +330,28 @@ def _backward_with_and_without_red(tmp_path, structure, dtype, alt) -> dict:
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
 def test_packed_backward_dw_by_reductions(tmp_path, alt):
     """RED = 1 (``PACKED_RED``): the packed backward adds its dW blocks to the partial row by
-    reductions every tile. IGCV2(256, 8) in bf16, 16 positions on 16 warps, compiles for sm_90
-    without spills with and without it; with it the tile loop issues its reductions as 16-byte
-    vectors (at most one per 16 bytes of the three layers' dW blocks and warp) besides the
-    tile's accesses, and the record counts the row's L2 traffic once (4 bytes per weight; held,
-    none)."""
+    reductions every tile; RED = 2 (``PACKED_RED_HELD``) all but the last layer's, which it
+    holds. IGCV2(256, 8) in bf16, 16 positions on 16 warps, compiles for sm_90 without spills
+    with and without them; with them the tile loop issues its reductions as 16-byte vectors
+    (at most one per 16 bytes of the reduced layers' dW blocks and warp: three layers, or two)
+    besides the tile's accesses, and the record counts the row's L2 traffic once (4 bytes per
+    reduced weight; held, none)."""
     if alt:
         _need_triton_alt()
     else:
         pytest.importorskip("triton")
-    rows = _backward_with_and_without_red(tmp_path, "igcv2(256,8)", "bfloat16", alt)
-    for red in (0, 1):
+    rows = _backward_with_and_without_red(tmp_path, "igcv2(256,8)", "bfloat16", alt, (0, 1, 2))
+    for red in (0, 1, 2):
         assert rows[red]["compiled"] and rows[red]["spill_bytes"] == 0, rows[red]
         assert rows[red]["config"]["RED"] == red, rows[red]["config"]
-    weights = 3 * 256 * 8
+    weights = 256 * 8  # per layer
     assert rows[0]["config"]["row_l2_bytes"] == 0
-    assert rows[1]["config"]["row_l2_bytes"] == 4 * weights
-    vectors = 3 * 256 * 16 * 4 // (16 * 32 * 16)  # [16, 16, 16] float32 blocks per layer
-    extra = rows[1]["dyn"]["counts"]["LDG/STG"] - rows[0]["dyn"]["counts"]["LDG/STG"]
-    assert 0 < extra <= vectors, (rows[0]["dyn"], rows[1]["dyn"])
+    for red, reduced in ((1, 3), (2, 2)):
+        assert rows[red]["config"]["row_l2_bytes"] == 4 * reduced * weights
+        vectors = reduced * 256 * 16 * 4 // (16 * 32 * 16)  # [16, 16, 16] fp32 blocks a layer
+        extra = rows[red]["dyn"]["counts"]["LDG/STG"] - rows[0]["dyn"]["counts"]["LDG/STG"]
+        assert 0 < extra <= vectors, (red, rows[0]["dyn"], rows[red]["dyn"])
+    assert (rows[2]["dyn"]["counts"]["LDG/STG"] < rows[1]["dyn"]["counts"]["LDG/STG"])
 
 
 def test_float32_packed_backward_fits_with_reductions(tmp_path):
@@ -452,41 +455,47 @@ def test_spill_check_with_the_gpu_machines_triton():
     _check_refusals(_refusals(TRITON_ALT))
 
 
-# (structure, dtype, index in FIXED_PACKED_FORWARD / _BACKWARD of the configuration launched)
-_FIXED_PACKED_CASES = [("igcv2(256,8)", "bfloat16", 0, 0), ("igcv2(256,16)", "float32", 0, 1)]
+# (structure, dtype, the configuration each direction launches as (BLOCK_P, num_warps, PACK,
+# AHEAD or RED), how many candidates the check compiles for it)
+_FIXED_PACKED_CASES = [
+    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1)),
+    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2)),
+    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2)),
+]
 
 
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
 @pytest.mark.parametrize("case", _FIXED_PACKED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
 def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case):
     """The fixed path's first candidates are packed (FIXED_PACKED_*) and the spill check
-    compiles them in order, launching the first without spills. IGCV2(256, 8) in bf16: with
-    both Tritons the first of each direction compiles for sm_90 without spills, so it is
-    compiled alone (the default FMA configuration is predicted at 42% / 19% of copy
-    bandwidth, these at 100% / 77%). IGCV2(256, 16) in float32 (exact products: FFMAs; groups
-    16 wide, so packed first): the forward's first, the backward's second (the first, dW held
-    as read-add-write rows, spills; dW by reductions does not), predicted 71% / 43% against
-    the default's 45% / 11%."""
+    compiles them in order, launching the first without spills, with both Tritons (sm_90):
+    IGCV2(256, 8) in bf16 the first of each direction (the default FMA configuration is
+    predicted at 42% / 19% of copy bandwidth, these at 100% / 77%); IGCV2(512, 16) in bf16
+    the backward's second, the last layer's dW held and the others' by reductions (RED 2:
+    holding all of them spills), predicted 55% against 43% with every layer's by reductions
+    and 2% on the FMA default; IGCV2(256, 16) in float32 (exact products: FFMAs; groups 16
+    wide, so packed first; RED 2 is not offered) the backward's second too, every packed
+    layer's dW by reductions, predicted 71% / 43% against the default's 45% / 11%."""
     if alt:
         _need_triton_alt()
     else:
         pytest.importorskip("triton")
     from igc_kernels.triton_kernels import chain as K
 
-    structure, dtype, i_fwd, i_bwd = case
+    structure, dtype, fwd, bwd = case
     rows = _refusals(TRITON_ALT if alt else None, structure, dtype)
-    first = {"forward": (K.FIXED_PACKED_FORWARD, i_fwd),
-             "backward": (K.FIXED_PACKED_BACKWARD, i_bwd)}
+    cands = {"forward": K.FIXED_PACKED_FORWARD, "backward": K.FIXED_PACKED_BACKWARD}
     for direction, r in rows.items():
-        cands, i = first[direction]
-        cfg = cands[i]
-        assert not r["refused"] and len(r["compiled"]) == i + 1, r
-        assert all(c["spill_bytes"] > 0 for c in r["compiled"][:i]), r
+        (bp, warps, pack, last), n = fwd if direction == "forward" else bwd
+        assert not r["refused"] and len(r["compiled"]) == n, r
+        assert all(c["spill_bytes"] > 0 for c in r["compiled"][:-1]), r
         launched = r["launches"]
-        assert launched == r["compiled"][i]["config"] and r["compiled"][i]["spill_bytes"] == 0
-        assert (launched["BLOCK_P"], launched["num_warps"], launched["PACK"]) == (
-            cfg.block_p, cfg.num_warps, cfg.pack), r
-        assert launched.get("AHEAD", 0) == cfg.ahead and launched.get("RED", 0) == cfg.red, r
+        assert launched == r["compiled"][-1]["config"] and r["compiled"][-1]["spill_bytes"] == 0
+        got = (launched["BLOCK_P"], launched["num_warps"], launched["PACK"],
+               launched["AHEAD" if direction == "forward" else "RED"])
+        assert got == (bp, warps, pack, last), r
+        assert any((c.block_p, c.num_warps, c.pack, c.ahead or c.red) == got
+                   for c in cands[direction]), got
 
 
 def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):

@@ -351,12 +351,14 @@ def test_packed_tiles_loaded_ahead(dtype):
     PACK = 1's (AHEAD 0) bit for bit, and are within the oracle's bound. So do the backward's
     RED configurations (``PACKED_RED``: the packed layers' dW added to the partial row by
     reductions every tile, in the same order as held across the tiles (float16) or read,
-    added and written (float32)), whose launches carry RED = 1."""
+    added and written (float32)), whose launches carry RED = 1, and RED = 2
+    (``PACKED_RED_HELD``: the last layer's dW held across the tiles, the others' by
+    reductions; offered to 16-bit chains, run here in both dtypes)."""
     p = build_problem([64, 64, 64], [8, 8], spatial=(10, 16), N=2, layout="contiguous",
                       dtype=dtype, permutations="random", bias=True, seed=31)
     gy = _gy(p, seed=32)
     got = {}
-    variants = ((1, 0, 0), (1, 1, 0), (2, 2, 0), (1, 0, 1), (2, 2, 1))
+    variants = ((1, 0, 0), (1, 1, 0), (2, 2, 0), (1, 0, 1), (2, 2, 1), (1, 0, 2), (2, 2, 2))
     for pack, ahead, red in variants:
         with _launches() as metas:
             y, grads = check_fp32(p, gy, pack=pack, ahead=ahead, red=red)
@@ -463,14 +465,17 @@ def test_packed_path_eligibility(monkeypatch):
     bwd = K._configs(st, True)
     packed_bwd = [c for c in bwd if c.kwargs["PACK"]]  # the backward keeps its intermediates
     assert len(packed_bwd) == (sum(bp >= K.MIN_DOT_ROWS for bp, _ in K.BWD_TILE_CONFIGS)
-                               + len(K.PACKED_AHEAD2) + len(K.PACKED_RED))
+                               + len(K.PACKED_AHEAD2) + len(K.PACKED_RED)
+                               + len(K.PACKED_RED_HELD))
     assert all(c.kwargs["KEEP"] == 1 and c.kwargs["DENSE"] == 0 for c in packed_bwd)
     ahead2 = [(c.kwargs["BLOCK_P"], c.num_warps) for c in packed_bwd
               if c.kwargs["PACK"] == 2 and not c.kwargs["RED"]]
     assert ahead2 == list(K.PACKED_AHEAD2)  # loading two tiles ahead
-    red = [(c.kwargs["PACK"], c.kwargs["BLOCK_P"], c.num_warps) for c in bwd if c.kwargs["RED"]]
-    assert red == list(K.PACKED_RED)  # packed dW by reductions, only packed
-    assert len(bwd) <= 29
+    for red, tiles in ((1, K.PACKED_RED), (2, K.PACKED_RED_HELD)):  # packed dW by reductions
+        got = [(c.kwargs["PACK"], c.kwargs["BLOCK_P"], c.num_warps) for c in bwd
+               if c.kwargs["RED"] == red]
+        assert got == list(tiles)  # only packed
+    assert len(bwd) <= 31
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
     assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3
@@ -483,6 +488,9 @@ def test_packed_path_eligibility(monkeypatch):
                             False, torch.float16)
     assert st32.f32_prec == "ieee" and st32.packed_layers == [0, 1, 2]
     assert st16.packed_layers == [0, 1, 2]
+    # RED = 2 (the last layer's dW held) for 16-bit chains only: float32 ones hold no blocks
+    assert [c for c in K._configs(st16, True) if c.kwargs["RED"] == 2]
+    assert not [c for c in K._configs(st32, True) if c.kwargs["RED"] == 2]
     # a structure without packed layers (48 channels leave padding slots) compiles no packed
     # block, and never varies PACK
     st48 = K.make_structure(48, [48] * 3, [6] * 2, [6, 0], [False] * 2, [False] * 2, False,
@@ -1049,7 +1057,8 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     fwd, bwd = K.fixed_candidates(wide, False), K.fixed_candidates(wide, True)
     assert K.FIXED_PERSISTENT_CHANNELS == 1024 and wide.packed_layers
     assert fwd[:3] == [K.FIXED_PACKED_FORWARD[1], K.FIXED_PACKED_FORWARD[0], K.DEFAULT_CONFIG]
-    assert fwd[0].ahead == 2 and bwd[:4] == [*K.FIXED_PACKED_BACKWARD, K.DEFAULT_CONFIG]
+    bexp = [c for c in K.FIXED_PACKED_BACKWARD if c.red != 2 or native]  # RED 2: 16-bit only
+    assert fwd[0].ahead == 2 and bwd[:len(bexp) + 1] == [*bexp, K.DEFAULT_CONFIG]
     st = _igcv2(256, 16, dtype)  # packed first in either dtype
     kern = types.SimpleNamespace(st=st, meta=st.meta(),
                                  fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(
@@ -1063,7 +1072,11 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     monkeypatch.setattr(K, "_FIXED", {})
     args = [torch.zeros(4, dtype=dtype), 7, None]
     choice = K.fixed_config(kern, True, "plain_bwd", args, {"PREC": "ieee"}, spills)
-    assert choice == K.FIXED_PACKED_BACKWARD[1] and calls == [(16, 8, 2, 0), (16, 8, 2, 1)]
+    # the second candidate: 16-bit, the last layer's dW held (RED 2); float32 (offered no
+    # RED 2), every packed layer's dW by reductions
+    second = (16, 8, 2, 2 if native else 1)
+    assert (choice.block_p, choice.num_warps, choice.pack, choice.red) == second
+    assert calls == [(16, 8, 2, 0), second]
     # no packed candidate compiles (e.g. their shared memory): the default, as before
     monkeypatch.setattr(K, "_FIXED", {})
     assert K.fixed_config(kern, False, "plain", args, {"PREC": "ieee"},

@@ -297,12 +297,14 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             rec.tiles_ahead = int(meta.get("PACK") or 0)  # 1, or 2 (PACKED_AHEAD2)
             if meta.get("PACK") and (meta["NATIVE16"] or meta.get("RED")):
                 # the packed layers' dW: carried across the tiles by 16-bit chains (nothing per
-                # tile), or with RED added to the row every tile by reductions (its bytes once);
-                # the other layers read and write theirs every tile
+                # tile), or with RED added to the row every tile by reductions (its bytes once;
+                # RED 2: but the last layer's, carried); the other layers read and write theirs
+                # every tile
                 w = [lay[f["c_out"]] * lay[f["n"]] for lay in meta["LAYERS"]]
                 packed = sum(x for x, lay in zip(w, meta["LAYERS"]) if lay[f["kb"]])
+                red = packed - (w[-1] if meta.get("RED") == 2 else 0)
                 rec.config["row_l2_bytes"] = (8 * (sum(w) - packed)
-                                              + (4 * packed if meta.get("RED") else 0))
+                                              + (4 * red if meta.get("RED") else 0))
         if fn.__name__ == "igc_chain_fwd" and meta.get("AHEAD"):  # persistent, x loaded one
             # or two tiles ahead
             rec.programs_per_sm = T.FORWARD_PROGRAMS_PER_SM

@@ -863,13 +863,16 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     # positions on 16 warps, spilled 8 bytes where it had none). RED: the packed layers add
     # their dW to the partial row every tile by reductions in L2 (held, IGCV2(512, 8)'s dW
     # blocks alone took 48 registers per thread on 16 warps, and every packed configuration
-    # spilled)
+    # spilled). RED = 2 (16-bit chains): the last layer's dW blocks are held, the others' added
+    # by reductions (HELD: IGCV2(512, 8)'s and (512, 16)'s fit on 8 warps, 242 and 253
+    # registers, and their rows' L2 traffic per tile falls by a third)
     HOLD: tl.constexpr = NATIVE16
     DW_MODE: tl.constexpr = 2 if RED else (1 if NATIVE16 else 0)
+    HELD: tl.constexpr = NL - 1 if RED == 2 else -1
     accs = ()
     wts = ()
     for i in tl.static_range(NL):
-        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK, DW_MODE),)
+        accs = accs + (_dw_blocks(LAYERS, i, NEED_DW, PACK, 1 if i == HELD else DW_MODE),)
         wts = wts + (_w_blocks(WP, LAYERS, i, PACK, HOLD),)
     for t in range(pid, ntiles, nprog):
         # 0, unknown to the compiler: the address tensors computed from it stay in the loop
@@ -915,9 +918,9 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 for k in tl.static_range(i):
                     h = _fwd_layer(h, wts[k], HOLD, WP, BP, perm_ptr, zero, LAYERS, k,
                                    NATIVE16, DENSE, PACK, PREC, BLOCK_P)
-            g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, DW_MODE, WP, perm_ptr, prow_t, zero,
-                              LAYERS, i, W_TOTAL, NATIVE16, NEED_DX, NEED_DW, NEED_DB, DENSE,
-                              PACK, PREC, BLOCK_P)
+            g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, 1 if i == HELD else DW_MODE, WP,
+                              perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
+                              NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
             carried = (a,) + carried
         accs = carried
         if NEED_DX:
@@ -930,7 +933,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 cx = tl.arange(0, S0)
                 _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cx < C0, g)
     for i in tl.static_range(NL):
-        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, DW_MODE)
+        _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, 1 if i == HELD else DW_MODE)
 
 
 # =============================================================================================
@@ -1197,8 +1200,12 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         comes back) instead of holding dW blocks across the tiles (16-bit
 #                         chains) or reading, adding and writing the row (float32 chains):
 #                         held, IGCV2(512, 8)'s and (512, 16)'s spilled in every packed
-#                         configuration, and IGCV2(256, 16)'s float32 ones read-added-written
-# At most 22 forward and 29 backward configurations per structure (each is a compilation on
+#                         configuration, and IGCV2(256, 16)'s float32 ones read-added-written;
+#                         2 (PACKED_RED_HELD, 16-bit chains whose last layer and another are
+#                         packed): the last layer's dW blocks held across the tiles, the
+#                         others' by reductions, so a third less row traffic per tile for
+#                         IGCV2(512, 8) and (512, 16), whose L2 bounded them
+# At most 22 forward and 31 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8), (16, 8))
@@ -1207,6 +1214,8 @@ PACKED_AHEAD2 = ((16, 8), (16, 16))
 # the backward's RED configurations (PACK, BLOCK_P, num_warps): packed layers' dW added to the
 # partial row by reductions every tile instead of held across the tiles
 PACKED_RED = ((1, 16, 16), (2, 16, 8), (2, 16, 16))
+# and those with RED = 2 (the last layer's dW held)
+PACKED_RED_HELD = ((2, 16, 8), (1, 16, 16))
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
@@ -1221,7 +1230,8 @@ class LaunchConfig:
     keep: int = 1
     pack: int = 0
     ahead: int = 0  # the forward's persistent grid (packed only): tiles loaded ahead, or 0
-    red: int = 0  # the backward's packed dW by reductions in L2 every tile (packed only)
+    red: int = 0  # the backward's packed dW by reductions in L2 every tile (packed only; 2:
+    # the last layer's held across the tiles instead)
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -1236,7 +1246,8 @@ _OVERRIDE = threading.local()
 # has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM, and IGCV2(1024, 16)
 # is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024, 32)'s 4-warp builds
 # spill); the backward loading two tiles ahead on 8 warps, else (IGCV2(512, 8) and (512, 16),
-# whose held dW spill) with dW by reductions. Float32 chains' packed products are FFMAs (or,
+# whose held dW spill) with the last layer's dW held and the others' by reductions (16-bit
+# chains only), else (IGCV2(512, 32)) with every packed layer's dW by reductions. Float32 chains' packed products are FFMAs (or,
 # opt-in, "bf16x6" tensor-core products): they try these first only where every packed layer's
 # groups are at least 16 wide (no block holds another group's zeros) or a tile has
 # FIXED_FP32_PACKED_CHANNELS channels or more (the FMA path's register tiles and shuffles grow
@@ -1248,6 +1259,7 @@ FIXED_FP32_PACKED_CHANNELS = 512
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2))
 FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
+                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
                          LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, red=1))
 
@@ -1357,7 +1369,9 @@ def _configs(st: Structure, backward: bool) -> list:
     """The autotuner's configurations: ``DENSE`` (every dense-eligible layer on the dot path,
     or none) and ``PACK`` (every packed layer packed, the rest on the FMA path; the backward
     then keeps its intermediates, and ``PACKED_AHEAD2`` adds configurations with PACK = 2,
-    which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1, and the forward
+    which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1 and, for 16-bit
+    chains whose last layer and another are packed, ``PACKED_RED_HELD`` ones with RED = 2
+    (the last layer's dW held), and the forward
     persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
     otherwise they are 0."""
     dense = bool(st.dense_layers)
@@ -1380,6 +1394,11 @@ def _configs(st: Structure, backward: bool) -> list:
         for pk, bp, w in PACKED_RED:
             out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": pk, "KEEP": 1,
                                       "RED": 1}, num_warps=w, num_stages=1))
+        packed = st.packed_layers
+        if st.native16 and len(packed) > 1 and packed[-1] == st.num_layers - 1:
+            for pk, bp, w in PACKED_RED_HELD:
+                out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": pk, "KEEP": 1,
+                                          "RED": 2}, num_warps=w, num_stages=1))
     if pack and not backward:  # persistent, loading one or two tiles ahead
         for bp, w in PACKED_AHEAD2:
             for ahead in (1, 2):
