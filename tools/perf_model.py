@@ -491,8 +491,9 @@ def markdown(recs: list, command: str) -> str:
              "where a report compiled only the default configuration and the fixed path's, "
              "the better of those that do not spill) and the fixed "
              "launch path's configuration (IGC_TRITON_AUTOTUNE=0, deterministic mode: its "
-             "first spill-free candidate, triton_kernels/chain.py fixed_candidates; 16-bit "
-             "chains with packed layers try packed ones first; -: not among the compiled "
+             "first spill-free candidate, triton_kernels/chain.py fixed_candidates; chains "
+             "with packed layers try packed ones first, in float32 where groups are at least "
+             "16 wide or a tile has 512 channels or more; -: not among the compiled "
              "configurations). H200 and H100 columns.", "",
              "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
              "| spill B | H200 | H100 | bound | fixed path H200 |",
@@ -516,8 +517,8 @@ def markdown(recs: list, command: str) -> str:
             cfg += f", PACK={pack}"
         if best["config"].get("AHEAD"):  # the forward's persistent grid: tiles loaded ahead
             cfg += f", AHEAD={best['config']['AHEAD']}"
-        if best["config"].get("RED"):  # the backward's packed dW by reductions
-            cfg += ", RED=1"
+        if best["config"].get("RED"):  # the backward's packed dW by reductions (2: but the
+            cfg += f", RED={best['config']['RED']}"  # last layer's, held)
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
                      f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "
