@@ -1185,7 +1185,8 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         ``_layer_packed_bwd`` with KEEP=1), the others on the FMA path;
 #                         offered beside the DENSE choices when some layer is eligible (else
 #                         0). The fixed path tries it first for 16-bit chains (FIXED_PACKED_*,
-#                         the static model's choice); float32 ones keep the FMA default. In the
+#                         the static model's choice), and for float32 ones whose groups are
+#                         16 wide or more or whose tiles have 512 channels or more. In the
 #                         backward, PACK is also how many tiles ahead a program loads x and
 #                         dy: 1, or 2 in the configurations of PACKED_AHEAD2 (one CTA per SM:
 #                         its next tile's loads alone do not cover their latency)
@@ -1237,23 +1238,23 @@ class LaunchConfig:
 DEFAULT_CONFIG = LaunchConfig()
 _OVERRIDE = threading.local()
 
-# The fixed path's first candidates (``fixed_candidates``) for 16-bit chains with packed layers,
-# before the default, in this order; the first that compiles without spills runs. For the IGCV2
-# targets (C 256..1024, groups of 8..32) in bf16 the static model (tools/perf_model.py,
-# docs/benchmarks.md) predicts the default FMA configuration at 2% to 42% of copy bandwidth,
-# these at 35% to 100% (C = 1024's backward has no packed configuration): the forward on 16
-# positions on 4 warps, else persistent on 8 warps loading two tiles ahead (first where a tile
-# has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM, and IGCV2(1024, 16)
-# is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024, 32)'s 4-warp builds
-# spill); the backward loading two tiles ahead on 8 warps, else (IGCV2(512, 8) and (512, 16),
-# whose held dW spill) with the last layer's dW held and the others' by reductions (16-bit
-# chains only), else (IGCV2(512, 32)) with every packed layer's dW by reductions. Float32 chains' packed products are FFMAs (or,
-# opt-in, "bf16x6" tensor-core products): they try these first only where every packed layer's
-# groups are at least 16 wide (no block holds another group's zeros) or a tile has
-# FIXED_FP32_PACKED_CHANNELS channels or more (the FMA path's register tiles and shuffles grow
-# with the channels); predicted with exact products (H200, NCHW): IGCV2(256, 16) forward 45% ->
-# 71%, backward 11% -> 43%; IGCV2(256, 32) forward 24% -> 40%; IGCV2(512, 8) forward 39% ->
-# 49%; IGCV2(256, 8) keeps the default (86% FMA, 49% packed).
+# The fixed path's first candidates (``fixed_candidates``) for chains with packed layers (16-bit;
+# float32 as ``_packed_first`` says), before the default, in this order; the first that
+# compiles without spills runs (RED = 2 is offered to 16-bit chains only, so float32 ones skip
+# it). For the IGCV2 targets (C 256..1024, groups of 8..32) in bf16 the static model
+# (tools/perf_model.py, docs/benchmarks.md) predicts the default FMA configuration at 2% to 42%
+# of copy bandwidth, these at 35% to 100% (C = 1024's backward has no packed configuration):
+# the forward on 16 positions on 4 warps, else persistent on 8 warps loading two tiles ahead
+# (first where a tile has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM,
+# and IGCV2(1024, 16) is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024,
+# 32)'s 4-warp builds spill); the backward loading two tiles ahead on 8 warps, else
+# (IGCV2(512, 8) and (512, 16), whose held dW spill) the same with the last layer's dW held and
+# the others' by reductions, else (IGCV2(512, 32)) with every packed layer's by reductions.
+# Float32 chains' packed products are FFMAs (or, opt-in, "bf16x6" tensor-core products): they
+# try these first only where every packed layer's groups are at least 16 wide (no block holds
+# another group's zeros) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more (the FMA
+# path's register tiles and shuffles grow with the channels); IGCV2(256, 8), whose blocks are
+# half zeros, keeps the default (predicted 86% on the FMA path, 49% packed).
 FIXED_PERSISTENT_CHANNELS = 1024
 FIXED_FP32_PACKED_CHANNELS = 512
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
