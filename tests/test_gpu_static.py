@@ -190,17 +190,21 @@ def test_torch_compile_sees_what_the_kernels_write(packed):
     ``perm_ptr`` in the forward, whose loaded values address the stores of y: Inductor then
     clones that small buffer, which costs a copy and changes no result.) In bf16 likewise
     under each of the fixed path's packed configurations (deterministic mode and
-    ``IGC_TRITON_AUTOTUNE=0`` launch them: batched dots, the persistent forward, dW held or
-    added by reductions)."""
+    ``IGC_TRITON_AUTOTUNE=0`` launch them: batched dots, the persistent forward, dW held,
+    added by reductions, or both: RED = 2)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["IGC_TEST_PACKED"] = "1" if packed else "0"
     r = subprocess.run([sys.executable, "-c", _MUTATIONS], capture_output=True, text=True,
                        env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr[-5000:]
+    from igc_kernels.triton_kernels import chain as K
+
     writes = json.loads(r.stdout.strip().splitlines()[-1])
     fwd = [["igc_chain_fwd", 1 if packed else 0, ["y_ptr"]]] * (2 if packed else 1)
-    bwd = [row for pk in ((2, 2, 1) if packed else (0,))  # the PACK of each backward launch
+    packs = [c.pack for c in K.FIXED_PACKED_BACKWARD] if packed else [0]
+    assert not packed or packs == [2, 2, 2, 1]  # held dW; the last layer's held; reductions
+    bwd = [row for pk in packs  # the PACK of each backward launch
            for row in (["igc_chain_bwd", pk, ["dx_ptr", "part_ptr"]],
                        ["_reduce_partials", 0, ["gb_ptr", "gw_ptr"]])]
     assert writes == fwd + bwd, writes
