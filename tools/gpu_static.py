@@ -302,7 +302,8 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                 # every tile
                 w = [lay[f["c_out"]] * lay[f["n"]] for lay in meta["LAYERS"]]
                 packed = sum(x for x, lay in zip(w, meta["LAYERS"]) if lay[f["kb"]])
-                red = packed - (w[-1] if meta.get("RED") == 2 else 0)
+                held = meta.get("RED") == 2 and meta["LAYERS"][-1][f["kb"]]  # the last layer's
+                red = packed - (w[-1] if held else 0)
                 rec.config["row_l2_bytes"] = (8 * (sum(w) - packed)
                                               + (4 * red if meta.get("RED") else 0))
         if fn.__name__ == "igc_chain_fwd" and meta.get("AHEAD"):  # persistent, x loaded one

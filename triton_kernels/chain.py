@@ -1372,9 +1372,8 @@ def _configs(st: Structure, backward: bool) -> list:
     then keeps its intermediates, and ``PACKED_AHEAD2`` adds configurations with PACK = 2,
     which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1 and, for 16-bit
     chains whose last layer and another are packed, ``PACKED_RED_HELD`` ones with RED = 2
-    (the last layer's dW held), and the forward
-    persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
-    otherwise they are 0."""
+    (the last layer's dW held), and the forward persistent ones with AHEAD 1 and 2) are only
+    varied where the structure has such layers; otherwise they are 0."""
     dense = bool(st.dense_layers)
     pack = bool(st.packed_layers)
     out = []
@@ -1478,6 +1477,11 @@ def _args_key(args) -> tuple:
 _FIXED: dict = {}
 
 
+def _widest(st: Structure) -> int:
+    """The most channels a tile of ``st`` has (x or a layer's output)."""
+    return max([st.c_x] + [l.c_out for l in st.layers])
+
+
 def _packed_first(st: Structure) -> bool:
     """Whether the fixed path tries FIXED_PACKED_* before the default: chains with packed
     layers, in 16-bit; in float32 where no packed block is padded (every packed layer's groups
@@ -1486,9 +1490,8 @@ def _packed_first(st: Structure) -> bool:
         return False
     if st.native16:
         return True
-    widest = max([st.c_x] + [l.c_out for l in st.layers])
     return (all(st.layers[i].n >= 16 for i in st.packed_layers)
-            or widest >= FIXED_FP32_PACKED_CHANNELS)
+            or _widest(st) >= FIXED_FP32_PACKED_CHANNELS)
 
 
 def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False) -> list:
@@ -1507,7 +1510,7 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     out = []
     if _packed_first(st) and not accept_spills:
         first = FIXED_PACKED_BACKWARD if backward else FIXED_PACKED_FORWARD
-        wide = max([st.c_x] + [l.c_out for l in st.layers]) >= FIXED_PERSISTENT_CHANNELS
+        wide = _widest(st) >= FIXED_PERSISTENT_CHANNELS
         if not backward and wide:
             first = sorted(first, key=lambda c: not c.ahead)  # the persistent one first
         out = [c for c in first if c in tuned]
