@@ -203,7 +203,8 @@ def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_load
     program that loads its next tile before computing this one
     (``next_tile_loaded``) takes the longer of the computation and the loads' latency plus
     transfer instead of their sum, and one that loads two tiles ahead (``tiles_ahead``) the
-    longer of the computation and half of them."""
+    longer of the computation and half of them; one that loads its own tile in two round trips
+    (``load_phases``: the backward's DY_LATE) waits for DRAM twice."""
     dev = pm.DEVICES["h200"]
     row = _row(direction="backward", backend="triton", ctas_per_sm=4, kernel="igc_chain_bwd")
     row["dyn"]["counts"]["other"] = 4000.0  # 4 warps x 4000 instructions per tile
@@ -213,6 +214,10 @@ def test_persistent_programs_cap_the_tiles_in_flight_and_overlap_their_next_load
     assert one["terms_per_tile_ns"]["latency"] == pytest.approx(
         dev.dram_latency_ns + t_issue + t_mem)
     assert pm.predict(row, dev)["terms_per_tile_ns"] == one["terms_per_tile_ns"]  # by name
+    late = pm.predict(dict(row, programs_per_sm=1, load_phases=2), dev)
+    assert late["terms_per_tile_ns"]["latency"] == pytest.approx(
+        2 * dev.dram_latency_ns + t_issue + t_mem)
+    assert pm.predict(dict(row, programs_per_sm=1, load_phases=1), dev) == one
     two = pm.predict(dict(row, programs_per_sm=2), dev)
     assert two["terms_per_tile_ns"]["latency"] == pytest.approx(
         one["terms_per_tile_ns"]["latency"] / 2)

@@ -351,21 +351,28 @@ def test_packed_tiles_loaded_ahead(dtype):
     PACK = 1's (AHEAD 0) bit for bit, and are within the oracle's bound. So do the backward's
     RED configurations (``PACKED_RED``: the packed layers' dW added to the partial row by
     reductions every tile, in the same order as held across the tiles (float16) or read,
-    added and written (float32)), whose launches carry RED = 1, and RED = 2
+    added and written (float32)), whose launches carry RED = 1, RED = 2
     (``PACKED_RED_HELD``: the last layer's dW held across the tiles, the others' by
-    reductions; offered to 16-bit chains, run here in both dtypes)."""
+    reductions; offered to 16-bit chains, run here in both dtypes), and RED = 1 with SPLIT 2
+    and 4 (``PACKED_SPLIT``: each layer's dW product in that many products of its 4 blocks,
+    each program's own tile loaded, none ahead, and with DY_LATE its dy after its recomputed
+    forward; offered to tiles of 1024 channels, run here on 64)."""
     p = build_problem([64, 64, 64], [8, 8], spatial=(10, 16), N=2, layout="contiguous",
                       dtype=dtype, permutations="random", bias=True, seed=31)
     gy = _gy(p, seed=32)
     got = {}
-    variants = ((1, 0, 0), (1, 1, 0), (2, 2, 0), (1, 0, 1), (2, 2, 1), (1, 0, 2), (2, 2, 2))
-    for pack, ahead, red in variants:
+    variants = ((1, 0, 0, 0), (1, 1, 0, 0), (2, 2, 0, 0), (1, 0, 1, 0), (2, 2, 1, 0),
+                (1, 0, 2, 0), (2, 2, 2, 0), (1, 0, 1, 2), (1, 0, 1, 4), (1, 0, 1, -2))
+    for pack, ahead, red, split in variants:
+        late = int(split < 0)  # -2: SPLIT 2 with DY_LATE
         with _launches() as metas:
-            y, grads = check_fp32(p, gy, pack=pack, ahead=ahead, red=red)
-        assert [m["RED"] for m in metas if "KEEP" in m] == [red], metas
-        got[pack, ahead, red] = [y, *grads]
+            y, grads = check_fp32(p, gy, pack=pack, ahead=ahead, red=red, split=abs(split),
+                                  dy_late=late)
+        assert ([(m["RED"], m["SPLIT"], m["DY_LATE"]) for m in metas if "KEEP" in m]
+                == [(red, abs(split), late)]), metas
+        got[pack, ahead, red, split] = [y, *grads]
     for k in variants[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(got[1, 0, 0], got[k])), k
+        assert all(torch.equal(a, b) for a, b in zip(got[1, 0, 0, 0], got[k])), k
 
 
 class _RoundTo(torch.autograd.Function):
@@ -477,7 +484,7 @@ def test_packed_path_eligibility(monkeypatch):
         got = [(c.kwargs["PACK"], c.kwargs["BLOCK_P"], c.num_warps) for c in bwd
                if c.kwargs["RED"] == red]
         assert got == list(tiles)  # only packed
-    assert len(bwd) <= 31
+    assert len(bwd) <= 34 and not any(c.kwargs["SPLIT"] for c in bwd)
     assert K.DEFAULT_CONFIG.pack == 0
     kb, mb = K.LAYER_FIELDS.index("kb"), K.LAYER_FIELDS.index("mb")
     assert [(row[kb], row[mb]) for row in st.meta()["LAYERS"]] == [(16, 16)] * 3
@@ -494,6 +501,19 @@ def test_packed_path_eligibility(monkeypatch):
     assert [(c.kwargs["PACK"], c.kwargs["BLOCK_P"], c.num_warps)
             for c in K._configs(st16, True) if c.kwargs["RED"] == 2] == list(K.PACKED_RED_HELD)
     assert not [c for c in K._configs(st32, True) if c.kwargs["RED"] == 2]
+    # SPLIT (dW by reductions in 2 or 4 products, no tile ahead; DY_LATE: dy loaded after the
+    # recomputed forward, for one of them): 16-bit chains with tiles of
+    # SPLIT_CHANNELS channels (their other packed backwards spill), not float32 ones (theirs
+    # spill too)
+    for dt, want in ((torch.float16, list(K.PACKED_SPLIT)), (torch.float32, [])):
+        wide = K.make_structure(1024, [1024] * 3, [64] * 2, [64, 0], [False] * 2, [False] * 2,
+                                False, dt)
+        cfgs = K._configs(wide, True)
+        assert [(c.kwargs["SPLIT"], c.kwargs["BLOCK_P"], c.num_warps, c.kwargs["DY_LATE"])
+                for c in cfgs if c.kwargs["SPLIT"]] == want
+        assert all((c.kwargs["PACK"], c.kwargs["RED"]) == (1, 1) for c in cfgs
+                   if c.kwargs["SPLIT"])
+        assert len(cfgs) <= 34 and all("SPLIT" not in c.kwargs for c in K._configs(wide, False))
     # a structure without packed layers (48 channels leave padding slots) compiles no packed
     # block, and never varies PACK
     st48 = K.make_structure(48, [48] * 3, [6] * 2, [6, 0], [False] * 2, [False] * 2, False,
@@ -1032,7 +1052,8 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     without spills runs. 16-bit chains always; float32 chains where no packed block is padded
     (groups at least 16 wide) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more, else
     the default first (IGCV2(256, 8)); IGC_TRITON_FIXED=default (one compile: the default
-    first) keeps the default first."""
+    first) keeps the default first. Where a tile has 1024 channels, the persistent forward
+    comes first, and in 16-bit the backward's FIXED_SPLIT_BACKWARD."""
     import types
 
     st = _igcv2(256, 8, dtype)
@@ -1061,7 +1082,13 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     assert K.FIXED_PERSISTENT_CHANNELS == 1024 and wide.packed_layers
     assert fwd[:3] == [K.FIXED_PACKED_FORWARD[1], K.FIXED_PACKED_FORWARD[0], K.DEFAULT_CONFIG]
     bexp = [c for c in K.FIXED_PACKED_BACKWARD if c.red != 2 or native]  # RED 2: 16-bit only
-    assert fwd[0].ahead == 2 and bwd[:len(bexp) + 1] == [*bexp, K.DEFAULT_CONFIG]
+    # and the backward's SPLIT candidates (16-bit only: float32's spill) before the others
+    split = list(K.FIXED_SPLIT_BACKWARD) * native
+    assert K.SPLIT_CHANNELS == 1024
+    assert [(c.split, c.dy_late) for c in K.FIXED_SPLIT_BACKWARD] == [(2, 0), (4, 0), (2, 1)]
+    assert all((c.pack, c.red) == (1, 1) for c in K.FIXED_SPLIT_BACKWARD)
+    assert fwd[0].ahead == 2 and bwd[:len(split) + len(bexp) + 1] == [*split, *bexp,
+                                                                      K.DEFAULT_CONFIG]
     st = _igcv2(256, 16, dtype)  # packed first in either dtype
     kern = types.SimpleNamespace(st=st, meta=st.meta(),
                                  fixed_meta=lambda cfg, backward: K.Kernels.fixed_meta(

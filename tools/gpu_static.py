@@ -173,6 +173,7 @@ class Record:
     programs_per_sm: int = 0  # a persistent grid's programs per SM (0: one program per tile)
     next_tile_loaded: bool = False  # a persistent program loads its next tile before computing
     tiles_ahead: int = 0  # tiles it loads ahead (the backward's PACK, the forward's AHEAD)
+    load_phases: int = 1  # its tile's round trips to DRAM, one after the other (DY_LATE: 2)
     sass: dict = field(default_factory=dict)
     backend: str = "triton"
     reachable: bool = True
@@ -293,8 +294,11 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             row = dict(zip(fn.arg_names, args))["PROW"]  # the partial row's floats, as launched
             dev = perf_model.DEVICES["h200"]  # (the H100's SM count and L2 size are the same)
             rec.programs_per_sm = T.backward_programs_per_sm(row, dev.sms, dev.l2_bytes)
-            rec.next_tile_loaded = bool(meta.get("PACK"))  # its packed configurations
-            rec.tiles_ahead = int(meta.get("PACK") or 0)  # 1, or 2 (PACKED_AHEAD2)
+            # its packed configurations but SPLIT's: 1, or 2 (PACKED_AHEAD2)
+            rec.tiles_ahead = 0 if meta.get("SPLIT") else int(meta.get("PACK") or 0)
+            rec.next_tile_loaded = bool(rec.tiles_ahead)
+            rec.load_phases = 2 if meta.get("DY_LATE") else 1  # dy after the forward
+
             if meta.get("PACK") and (meta["NATIVE16"] or meta.get("RED")):
                 # the packed layers' dW: carried across the tiles by 16-bit chains (nothing per
                 # tile), or with RED added to the row every tile by reductions (its bytes once;
@@ -328,7 +332,7 @@ def kernel_structure(structure: str, dtype: str):
 
 
 # the launch meta-parameters the autotuner varies (the rest are the structure's and the call's)
-TUNED = ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD", "RED")
+TUNED = ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD", "RED", "SPLIT", "DY_LATE")
 
 
 def autotune_configs(structure, dtype, direction) -> list:

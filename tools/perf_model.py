@@ -24,10 +24,12 @@ a persistent kernel loops over tiles):
   Triton forward's persistent configurations' two, whatever else would fit; records made
   before the backward launched two carry no field and count one); a persistent program that
   loads its next tile before computing this one (``next_tile_loaded``: the Triton backward's
-  packed configurations, the forward's with ``AHEAD``) takes the longer of the computation and
-  the loads' latency and transfer instead of their sum, and one that loads two tiles ahead
-  (``tiles_ahead``: the backward's PACK = 2, the forward's AHEAD = 2) the longer of the
-  computation and half of them; where the CUDA backward prefetches its
+  packed configurations but SPLIT's, the forward's with ``AHEAD``) takes the longer of the
+  computation and the loads' latency and transfer instead of their sum, and one that loads
+  two tiles ahead (``tiles_ahead``: the backward's PACK = 2, the forward's AHEAD = 2) the
+  longer of the computation and half of them; one that loads its own tile in two round trips
+  (``load_phases``: the Triton backward's DY_LATE, dy after the recomputed forward) waits
+  twice; where the CUDA backward prefetches its
   next tile's x and dy into L2 (``config["prefetch"]``: one CTA per SM), the loads wait for
   an L2 hit (``l2_latency_ns``) and take the SM's share of the L2's read bandwidth instead,
   the stores draining behind the next tile (both assumptions, Device);
@@ -419,8 +421,9 @@ def predict(row: dict, dev: Device) -> dict:
         # ``tiles_ahead`` tiles in flight)
         ahead = max(1, int(row.get("tiles_ahead") or 1))
         t_latency = max(t_compute, (dev.dram_latency_ns * 1e-9 + t_memory) / ahead) / k
-    else:
-        t_latency = (dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
+    else:  # (load_phases: round trips to DRAM per tile, one after the other)
+        phases = int(row.get("load_phases") or 1)
+        t_latency = (phases * dev.dram_latency_ns * 1e-9 + t_compute + t_memory) / k
     t_l2 = l2_bytes_per_tile(row) / (dev.l2_read_bytes_per_s / dev.sms)
     terms = {**pipes, "memory": t_memory, "L2": t_l2, "latency": t_latency}
     bound = max(terms, key=terms.get)
@@ -493,7 +496,8 @@ def markdown(recs: list, command: str) -> str:
              "launch path's configuration (IGC_TRITON_AUTOTUNE=0, deterministic mode: its "
              "first spill-free candidate, triton_kernels/chain.py fixed_candidates; chains "
              "with packed layers try packed ones first, in float32 where groups are at least "
-             "16 wide or a tile has 512 channels or more; -: not among the compiled "
+             "16 wide or a tile has 512 channels or more, the 16-bit backward's SPLIT ones "
+             "first where a tile has 1024; -: not among the compiled "
              "configurations). H200 and H100 columns.", "",
              "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
              "| spill B | H200 | H100 | bound | fixed path H200 |",
@@ -519,6 +523,8 @@ def markdown(recs: list, command: str) -> str:
             cfg += f", AHEAD={best['config']['AHEAD']}"
         if best["config"].get("RED"):  # the backward's packed dW by reductions (2: but the
             cfg += f", RED={best['config']['RED']}"  # last layer's, held)
+        if best["config"].get("SPLIT"):  # in that many products, no tile loaded ahead
+            cfg += f", SPLIT={best['config']['SPLIT']}"
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
                      f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "

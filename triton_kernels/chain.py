@@ -390,7 +390,8 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
                       C_IN: tl.constexpr, C_OUT: tl.constexpr, KB: tl.constexpr, MB: tl.constexpr,
                       PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
-                      ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+                      ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr,
+                      SPLIT: tl.constexpr):
     """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
     du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
     shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
@@ -400,7 +401,8 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     the partial row at ``pw_ptr`` by reductions in L2 (``tl.atomic_add`` with no result: the
     row is the program's own and each element has one owning thread, whose adds take effect in
     program order, so the sums are the read-add-write's, in the same order; red.add flushes
-    subnormal partial sums to zero); 0, read, added and written back (``_rmw_add``). ROUND16
+    subnormal partial sums to zero), as ``SPLIT`` products of consecutive blocks
+    (``_dw_red_split``); 0, read, added and written back (``_rmw_add``). ROUND16
     (16-bit chains): ``du`` and ``h`` rounded to the storage dtype first, as the forward
     rounds the layer's input and the unfused chain rounds every gradient (db sums the rounded
     ``du`` too). ``du`` is 0 in no slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
@@ -418,13 +420,15 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
         else:
             hs = h.to(tl.float32)
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
-        dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
-        if DW_MODE == 1:
-            acc = acc + dwb
-        elif DW_MODE == 2:
-            tl.atomic_add(pw_ptr + woff, dwb, mask=wmask, sem="relaxed")
+        if DW_MODE == 2:
+            _dw_red_split(tl.permute(hb, (0, 2, 1)), dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16,
+                          PREC, BLOCK_P, SPLIT)
         else:
-            _rmw_add(pw_ptr + woff, wmask, dwb)
+            dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
+            if DW_MODE == 1:
+                acc = acc + dwb
+            else:
+                _rmw_add(pw_ptr + woff, wmask, dwb)
     if NEED_DB:
         c = tl.arange(0, C_OUT)
         _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(dus.to(tl.float32), axis=0))
@@ -442,6 +446,56 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
             j = _perm_inv(s, s < C_IN, inv_ptr, PK, SG, SM)
             dh = tl.gather(dh, tl.broadcast_to(j[None, :], (BLOCK_P, C_IN)), axis=1)
     return dh, acc
+
+
+@triton.jit
+def _halves(t, A: tl.constexpr, B: tl.constexpr):
+    """The two halves of ``[NB, A, B]`` blocks along their first axis (blocks ``0 .. NB / 2``
+    and the rest)."""
+    NB: tl.constexpr = t.shape[0]
+    return tl.split(tl.permute(tl.reshape(t, (2, NB // 2, A, B)), (1, 2, 3, 0)))
+
+
+@triton.jit
+def _dw_red(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
+            MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr):
+    """``dW_b = h_b^T du_b`` of consecutive blocks (``hbt`` ``[NB, KB, BLOCK_P]``, ``dub``
+    ``[NB, BLOCK_P, MB]``) added by reductions to the row at ``pw_ptr`` (their first block's
+    weights)."""
+    NB: tl.constexpr = hbt.shape[0]
+    woff, wmask = _packed_weight_offsets(N, M, NB * KB, KB, MB, Z)
+    tl.atomic_add(pw_ptr + woff, _grad_dot(hbt, dub, DT, ROUND16, PREC), mask=wmask,
+                  sem="relaxed")
+
+
+@triton.jit
+def _dw_red_split(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
+                  MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr,
+                  PREC: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
+    """``_dw_red`` in ``SPLIT`` (1, 2 or 4) products of consecutive blocks, one after the other,
+    so one product's float32 output is live at a time (the whole layer's is as large as its
+    weights: IGCV2(1024, 32)'s took 128 registers per thread on 8 warps). The same products
+    and sums as one ``_dw_red``: the blocks are independent."""
+    NB: tl.constexpr = hbt.shape[0]
+    if SPLIT > 1 and NB % SPLIT == 0:
+        H: tl.constexpr = NB // 2
+        hlo, hhi = _halves(hbt, KB, BLOCK_P)
+        dlo, dhi = _halves(dub, BLOCK_P, MB)
+        if SPLIT == 4:
+            hlo0, hlo1 = _halves(hlo, KB, BLOCK_P)
+            dlo0, dlo1 = _halves(dlo, BLOCK_P, MB)
+            _dw_red(hlo0, dlo0, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC)
+            _dw_red(hlo1, dlo1, pw_ptr + (H // 2) * MB * N, Z, N, M, KB, MB, DT, ROUND16, PREC)
+            hhi0, hhi1 = _halves(hhi, KB, BLOCK_P)
+            dhi0, dhi1 = _halves(dhi, BLOCK_P, MB)
+            _dw_red(hhi0, dhi0, pw_ptr + H * MB * N, Z, N, M, KB, MB, DT, ROUND16, PREC)
+            _dw_red(hhi1, dhi1, pw_ptr + (H + H // 2) * MB * N, Z, N, M, KB, MB, DT, ROUND16,
+                    PREC)
+        else:
+            _dw_red(hlo, dlo, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC)
+            _dw_red(hhi, dhi, pw_ptr + H * MB * N, Z, N, M, KB, MB, DT, ROUND16, PREC)
+    else:
+        _dw_red(hbt, dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC)
 
 
 @triton.jit
@@ -625,14 +679,14 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, WP, per
                I: tl.constexpr, W_TOTAL: tl.constexpr, NATIVE16: tl.constexpr,
                NEED_DX: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                DENSE: tl.constexpr, PACK: tl.constexpr, PREC: tl.constexpr,
-               BLOCK_P: tl.constexpr):
+               BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
     """Backward of layer ``I`` on the path its forward took (packed, dot or FMA): ``g`` the
     gradient of its output, ``h`` its input tile; ``HOLD`` (16-bit chains): ``wb`` its weight
     blocks, which the program holds across its tiles (``_w_blocks``); ``acc`` its dW blocks,
     held likewise where ``DW_MODE`` is 1 (``_dw_blocks``). Adds its dW to ``acc`` (packed
     path, ``DW_MODE`` 1) or to the partial row ``prow`` (packed path: by reductions where
-    ``DW_MODE`` is 2), its db to ``prow``; returns the gradient of ``h`` (not computed for
-    the first layer unless ``NEED_DX``) and ``acc``."""
+    ``DW_MODE`` is 2, in ``SPLIT`` products), its db to ``prow``; returns the gradient of
+    ``h`` (not computed for the first layer unless ``NEED_DX``) and ``acc``."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
     N: tl.constexpr = LAYERS[I][2]
@@ -669,7 +723,7 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, WP, per
     if PACK and KB > 0:
         dh, acc = _layer_packed_bwd(g, h, acc, wb, HOLD, DW_MODE, w_ptr, p_ptr, q_ptr, prow + W_OFF,
                                     pb_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, NEED_DH,
-                                    NEED_DW, DB, NATIVE16, PREC, BLOCK_P)
+                                    NEED_DW, DB, NATIVE16, PREC, BLOCK_P, SPLIT)
     elif DENSE and DENSE_OK:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
@@ -823,13 +877,15 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                   W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
                   KEEP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
                   NEED_DB: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
-                  RED: tl.constexpr):
+                  RED: tl.constexpr, SPLIT: tl.constexpr, DY_LATE: tl.constexpr):
     """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
     (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
     needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
     partial row: every tile's on the FMA and dot paths and for float32 packed layers; a 16-bit
     chain's packed layers load their weight blocks once, before the program's first tile, and
-    carry their dW blocks across its tiles, adding them once, after its last."""
+    carry their dW blocks across its tiles, adding them once, after its last (``RED``: add them
+    every tile by reductions, ``SPLIT``: in that many products; ``DY_LATE``: with SPLIT, a
+    tile's dy loaded after its forward is recomputed)."""
     WP = (w0, w1, w2, w3, w4, w5, w6, w7)
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
     pid = tl.program_id(0)
@@ -847,8 +903,10 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     # the last tile) before it computes, so those loads are in flight meanwhile. (The FMA
     # configurations load their own tile: the tiles held ahead cost registers that their
     # spill-free configurations do not have; with them IGCV2(256, 8) in float32 spilled 8 to
-    # 24 bytes in every 16-position configuration.)
-    AHEAD: tl.constexpr = PACK
+    # 24 bytes in every 16-position configuration. So do the SPLIT configurations, for tiles of
+    # 1024 channels: IGCV2(1024, 16)'s, 16 positions on 8 warps, spilled 88 bytes with its next
+    # tile's x and dy held, none without.)
+    AHEAD: tl.constexpr = 0 if SPLIT else PACK
     if AHEAD:
         a_next, g_next = _tile_x_dy(pid, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0,
                                     xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi, gsc, chan, cm, C0,
@@ -902,12 +960,17 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
             a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
                              HAS_INDEX, C_X)
-            g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
+            if not DY_LATE:
+                g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
         acts = (a0,)
         if KEEP:
             for i in tl.static_range(NL - 1):
                 acts = acts + (_fwd_layer(acts[i], wts[i], HOLD, WP, BP, perm_ptr, zero,
                                           LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P),)
+        if DY_LATE:  # dy's registers are not held during the recomputed forward: another
+            # round trip per tile (IGCV2(1024, 16)'s channels-last SPLIT = 2 spilled 24 bytes
+            # with dy loaded beside x, none so)
+            g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
         g = g_in.to(tl.float32)
         carried = ()
         for i in tl.static_range(NL - 1, -1, -1):
@@ -920,7 +983,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                                    NATIVE16, DENSE, PACK, PREC, BLOCK_P)
             g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, 1 if i == HELD else DW_MODE, WP,
                               perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
-                              NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P)
+                              NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P, SPLIT)
             carried = (a,) + carried
         accs = carried
         if NEED_DX:
@@ -1206,7 +1269,18 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         packed): the last layer's dW blocks held across the tiles, the
 #                         others' by reductions, so a third less row traffic per tile for
 #                         IGCV2(512, 8) and (512, 16), whose L2 bounded them
-# At most 22 forward and 31 backward configurations per structure (each is a compilation on
+#   SPLIT                 (backward, PACK = 1, RED = 1, PACKED_SPLIT, 16-bit chains with packed
+#                         layers whose tiles have SPLIT_CHANNELS channels or more; float32's
+#                         spill, IGCV2(1024, 16)'s 1368 bytes or more) 2 or 4: each packed
+#                         layer's dW product in that many products of consecutive blocks, and
+#                         the program loads its own tile (no tile ahead): at 1024 channels a
+#                         layer's dW product alone is as large as its weights in float32 (128
+#                         registers per thread for IGCV2(1024, 32) on 8 warps), and every other
+#                         packed configuration spilled; 0 elsewhere
+#   DY_LATE               (backward, SPLIT) 1: a tile's dy loaded after its forward is recomputed
+#                         (no dy registers held meanwhile, a second round trip per tile): the
+#                         one of PACKED_SPLIT's three that IGCV2(1024, 16) fits channels-last
+# At most 22 forward and 34 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8), (16, 8))
@@ -1217,6 +1291,10 @@ PACKED_AHEAD2 = ((16, 8), (16, 16))
 PACKED_RED = ((1, 16, 16), (2, 16, 8), (2, 16, 16))
 # and those with RED = 2 (the last layer's dW held)
 PACKED_RED_HELD = ((2, 16, 8), (1, 16, 16))
+# the backward's SPLIT configurations (SPLIT, BLOCK_P, num_warps, DY_LATE; PACK = 1, RED =
+# 1), offered to 16-bit chains where a tile has SPLIT_CHANNELS channels or more
+PACKED_SPLIT = ((2, 16, 8, 0), (4, 16, 8, 0), (2, 16, 8, 1))  # (..., DY_LATE)
+SPLIT_CHANNELS = 1024
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
@@ -1233,6 +1311,8 @@ class LaunchConfig:
     ahead: int = 0  # the forward's persistent grid (packed only): tiles loaded ahead, or 0
     red: int = 0  # the backward's packed dW by reductions in L2 every tile (packed only; 2:
     # the last layer's held across the tiles instead)
+    split: int = 0  # the backward's dW reductions in that many products, no tile ahead (RED 1)
+    dy_late: int = 0  # (SPLIT) a tile's dy loaded after its recomputed forward
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -1249,7 +1329,9 @@ _OVERRIDE = threading.local()
 # and IGCV2(1024, 16) is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024,
 # 32)'s 4-warp builds spill); the backward loading two tiles ahead on 8 warps, else
 # (IGCV2(512, 8) and (512, 16), whose held dW spill) the same with the last layer's dW held and
-# the others' by reductions, else (IGCV2(512, 32)) with every packed layer's by reductions.
+# the others' by reductions, else (IGCV2(512, 32)) with every packed layer's by reductions;
+# where a tile has SPLIT_CHANNELS channels or more, first the SPLIT ones (FIXED_SPLIT_BACKWARD:
+# at 1024 channels every other packed backward spills).
 # Float32 chains' packed products are FFMAs (or, opt-in, "bf16x6" tensor-core products): they
 # try these first only where every packed layer's groups are at least 16 wide (no block holds
 # another group's zeros) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more (the FMA
@@ -1263,6 +1345,9 @@ FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
                          LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, red=1))
+FIXED_SPLIT_BACKWARD = tuple(LaunchConfig(block_p=bp, num_warps=w, dense=0, pack=1, red=1,
+                                          split=sp, dy_late=late)
+                             for sp, bp, w, late in PACKED_SPLIT)
 
 
 def autotune_enabled() -> bool:
@@ -1363,7 +1448,9 @@ def launch_config(c) -> LaunchConfig:
                         keep=kw.get("KEEP", DEFAULT_CONFIG.keep),
                         pack=kw.get("PACK", DEFAULT_CONFIG.pack),
                         ahead=kw.get("AHEAD", DEFAULT_CONFIG.ahead),
-                        red=kw.get("RED", DEFAULT_CONFIG.red))
+                        red=kw.get("RED", DEFAULT_CONFIG.red),
+                        split=kw.get("SPLIT", DEFAULT_CONFIG.split),
+                        dy_late=kw.get("DY_LATE", DEFAULT_CONFIG.dy_late))
 
 
 def _configs(st: Structure, backward: bool) -> list:
@@ -1372,38 +1459,39 @@ def _configs(st: Structure, backward: bool) -> list:
     then keeps its intermediates, and ``PACKED_AHEAD2`` adds configurations with PACK = 2,
     which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1 and, for 16-bit
     chains whose last layer and another are packed, ``PACKED_RED_HELD`` ones with RED = 2
-    (the last layer's dW held), and the forward persistent ones with AHEAD 1 and 2) are only
-    varied where the structure has such layers; otherwise they are 0."""
+    (the last layer's dW held), for 16-bit chains where a tile has SPLIT_CHANNELS channels or
+    more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4 and DY_LATE, and the forward
+    persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
+    otherwise they are 0."""
     dense = bool(st.dense_layers)
     pack = bool(st.packed_layers)
     out = []
+
+    def bwd(bp, w, pk, keep=1, red=0, split=0, late=0, d=0):
+        return triton.Config({"BLOCK_P": bp, "DENSE": d, "PACK": pk, "KEEP": keep, "RED": red,
+                              "SPLIT": split, "DY_LATE": late}, num_warps=w, num_stages=1)
+
+    def fwd(bp, w, pk, ahead=0, d=0):
+        return triton.Config({"BLOCK_P": bp, "DENSE": d, "PACK": pk, "AHEAD": ahead},
+                             num_warps=w, num_stages=1)
+
     for bp, w in (BWD_TILE_CONFIGS if backward else TILE_CONFIGS):
         for d in ((0, 1) if dense and bp >= MIN_DOT_ROWS else (0,)):
             for keep in ((1, 0) if backward and st.num_layers > 1 else (1,)):
-                kw = {"BLOCK_P": bp, "DENSE": d, "PACK": 0}
-                kw.update({"KEEP": keep, "RED": 0} if backward else {"AHEAD": 0})
-                out.append(triton.Config(kw, num_warps=w, num_stages=1))
+                out.append(bwd(bp, w, 0, keep, d=d) if backward else fwd(bp, w, 0, d=d))
         if pack and bp >= MIN_DOT_ROWS:  # the backward keeps its intermediates
-            kw = {"BLOCK_P": bp, "DENSE": 0, "PACK": 1}
-            kw.update({"KEEP": 1, "RED": 0} if backward else {"AHEAD": 0})
-            out.append(triton.Config(kw, num_warps=w, num_stages=1))
+            out.append(bwd(bp, w, 1) if backward else fwd(bp, w, 1))
     if pack and backward:  # loading two tiles ahead; dW by reductions
-        for bp, w in PACKED_AHEAD2:
-            out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 2, "KEEP": 1, "RED": 0},
-                                     num_warps=w, num_stages=1))
-        for pk, bp, w in PACKED_RED:
-            out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": pk, "KEEP": 1,
-                                      "RED": 1}, num_warps=w, num_stages=1))
+        out += [bwd(bp, w, 2) for bp, w in PACKED_AHEAD2]
+        out += [bwd(bp, w, pk, red=1) for pk, bp, w in PACKED_RED]
         packed = st.packed_layers
         if st.native16 and len(packed) > 1 and packed[-1] == st.num_layers - 1:
-            for pk, bp, w in PACKED_RED_HELD:
-                out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": pk, "KEEP": 1,
-                                          "RED": 2}, num_warps=w, num_stages=1))
+            out += [bwd(bp, w, pk, red=2) for pk, bp, w in PACKED_RED_HELD]
+        if st.native16 and _widest(st) >= SPLIT_CHANNELS:
+            out += [bwd(bp, w, 1, red=1, split=sp, late=late)
+                    for sp, bp, w, late in PACKED_SPLIT]
     if pack and not backward:  # persistent, loading one or two tiles ahead
-        for bp, w in PACKED_AHEAD2:
-            for ahead in (1, 2):
-                out.append(triton.Config({"BLOCK_P": bp, "DENSE": 0, "PACK": 1, "AHEAD": ahead},
-                                         num_warps=w, num_stages=1))
+        out += [fwd(bp, w, 1, ahead) for bp, w in PACKED_AHEAD2 for ahead in (1, 2)]
     return out
 
 
@@ -1433,9 +1521,11 @@ class Kernels:
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps,
                 "DENSE": cfg.dense if dot_rows and self.st.dense_layers else 0,
                 "PACK": cfg.pack if dot_rows and self.st.packed_layers else 0}
-        if backward:  # dW by reductions only where packed
+        if backward:  # dW by reductions (split) only where packed
             meta["KEEP"] = cfg.keep
             meta["RED"] = cfg.red if meta["PACK"] else 0
+            meta["SPLIT"] = cfg.split if meta["RED"] == 1 else 0
+            meta["DY_LATE"] = cfg.dy_late if meta["SPLIT"] else 0
         else:  # persistent only where packed
             meta["AHEAD"] = cfg.ahead if meta["PACK"] else 0
         return meta
@@ -1498,7 +1588,8 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     """The fixed path's candidates in the order it compiles them: for chains with packed layers
     (16-bit; float32 as ``_packed_first`` says), those of FIXED_PACKED_FORWARD /
     FIXED_PACKED_BACKWARD that the autotuner offers for ``st`` (the forward's persistent one
-    first where a tile has FIXED_PERSISTENT_CHANNELS channels or more); then the default
+    first where a tile has FIXED_PERSISTENT_CHANNELS channels or more, the backward's
+    FIXED_SPLIT_BACKWARD first where it has SPLIT_CHANNELS or more); then the default
     configuration; then the rest of the autotuner's list (after its register-tile rule). With
     ``accept_spills`` (``IGC_TRITON_FIXED=default``) the default comes first whatever the
     chain."""
@@ -1513,6 +1604,8 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
         wide = _widest(st) >= FIXED_PERSISTENT_CHANNELS
         if not backward and wide:
             first = sorted(first, key=lambda c: not c.ahead)  # the persistent one first
+        if backward and _widest(st) >= SPLIT_CHANNELS:
+            first = FIXED_SPLIT_BACKWARD + first
         out = [c for c in first if c in tuned]
     out.append(DEFAULT_CONFIG)
     return out + [c for c in tuned if c not in out]
