@@ -420,13 +420,15 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
         else:
             hs = h.to(tl.float32)
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
-        if DW_MODE == 2:
+        if DW_MODE == 2 and SPLIT > 1:
             _dw_red_split(tl.permute(hb, (0, 2, 1)), dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16,
                           PREC, BLOCK_P, SPLIT)
         else:
             dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
             if DW_MODE == 1:
                 acc = acc + dwb
+            elif DW_MODE == 2:
+                tl.atomic_add(pw_ptr + woff, dwb, mask=wmask, sem="relaxed")
             else:
                 _rmw_add(pw_ptr + woff, wmask, dwb)
     if NEED_DB:
@@ -474,8 +476,8 @@ def _dw_red_split(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.
                   PREC: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
     """``_dw_red`` in ``SPLIT`` (1, 2 or 4) products of consecutive blocks, one after the other,
     so one product's float32 output is live at a time (the whole layer's is as large as its
-    weights: IGCV2(1024, 32)'s took 128 registers per thread on 8 warps). The same products
-    and sums as one ``_dw_red``: the blocks are independent."""
+    weights: IGCV2(1024, 32)'s holds 128 values per thread on 8 warps). The same products and
+    sums as one ``_dw_red``: the blocks are independent."""
     NB: tl.constexpr = hbt.shape[0]
     if SPLIT > 1 and NB % SPLIT == 0:
         H: tl.constexpr = NB // 2
@@ -1275,7 +1277,7 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         layer's dW product in that many products of consecutive blocks, and
 #                         the program loads its own tile (no tile ahead): at 1024 channels a
 #                         layer's dW product alone is as large as its weights in float32 (128
-#                         registers per thread for IGCV2(1024, 32) on 8 warps), and every other
+#                         values per thread for IGCV2(1024, 32) on 8 warps), and every other
 #                         packed configuration spilled; 0 elsewhere
 #   DY_LATE               (backward, SPLIT) 1: a tile's dy loaded after its forward is recomputed
 #                         (no dy registers held meanwhile, a second round trip per tile): the
@@ -1323,7 +1325,8 @@ _OVERRIDE = threading.local()
 # compiles without spills runs (RED = 2 is offered to 16-bit chains only, so float32 ones skip
 # it). For the IGCV2 targets (C 256..1024, groups of 8..32) in bf16 the static model
 # (tools/perf_model.py, docs/benchmarks.md) predicts the default FMA configuration at 2% to 42%
-# of copy bandwidth, these at 35% to 100% (C = 1024's backward has no packed configuration):
+# of copy bandwidth, these at 35% to 100% (C = 1024's backward: SPLIT, 31% to 35% where it
+# fits, IGCV2(1024, 16) and (1024, 32) NCHW; IGCV2(1024, 8) spills with the CI's Triton):
 # the forward on 16 positions on 4 warps, else persistent on 8 warps loading two tiles ahead
 # (first where a tile has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM,
 # and IGCV2(1024, 16) is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024,
