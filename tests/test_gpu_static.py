@@ -429,9 +429,10 @@ def test_opt_in_float32_packed_forward_runs_six_bf16_products(tmp_path, alt):
     assert ffma == pytest.approx(16 * 2 * 256 * 16 / 32, rel=0.01), off["dyn"]
 
 
-def _refusals(pythonpath=None, structure="igcv2(512,8)", dtype="float32"):
+def _refusals(pythonpath=None, structure="igcv2(512,8)", dtype="float32",
+              directions="forward,backward"):
     out = _tool("--refusals", "--structures", structure, "--dtypes", dtype,
-                "--layouts", "nchw", "--directions", "forward,backward", "--archs", "90",
+                "--layouts", "nchw", "--directions", directions, "--archs", "90",
                 pythonpath=pythonpath)
     return {r["direction"]: r for r in (json.loads(s) for s in out.splitlines()
                                         if s.startswith("{"))}
@@ -460,11 +461,13 @@ def test_spill_check_with_the_gpu_machines_triton():
 
 
 # (structure, dtype, the configuration each direction launches as (BLOCK_P, num_warps, PACK,
-# AHEAD or RED), how many candidates the check compiles for it)
+# AHEAD or RED), how many candidates the check compiles for it (None: not compiled here), the
+# backward's SPLIT)
 _FIXED_PACKED_CASES = [
-    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1)),
-    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2)),
-    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2)),
+    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1), 0),
+    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2), 0),
+    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2), 0),
+    ("igcv2(1024,16)", "bfloat16", None, ((16, 8, 1, 1), 1), 2),
 ]
 
 
@@ -479,16 +482,22 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
     holding all of them spills), predicted 55% against 43% with every layer's by reductions
     and 2% on the FMA default; IGCV2(256, 16) in float32 (exact products: FFMAs; groups 16
     wide, so packed first; RED 2 is not offered) the backward's second too, every packed
-    layer's dW by reductions, predicted 71% / 43% against the default's 45% / 11%."""
+    layer's dW by reductions, predicted 71% / 43% against the default's 45% / 11%;
+    IGCV2(1024, 16) in bf16 the backward's first SPLIT candidate (dW by reductions in two
+    products per layer, no tile ahead: every other packed backward spills), predicted 33%
+    against the FMA default's 1% (its forward, persistent, is compiled elsewhere)."""
     if alt:
         _need_triton_alt()
     else:
         pytest.importorskip("triton")
     from igc_kernels.triton_kernels import chain as K
 
-    structure, dtype, fwd, bwd = case
-    rows = _refusals(TRITON_ALT if alt else None, structure, dtype)
-    cands = {"forward": K.FIXED_PACKED_FORWARD, "backward": K.FIXED_PACKED_BACKWARD}
+    structure, dtype, fwd, bwd, split = case
+    rows = _refusals(TRITON_ALT if alt else None, structure, dtype,
+                     "forward,backward" if fwd else "backward")
+    assert set(rows) == ({"forward", "backward"} if fwd else {"backward"})
+    cands = {"forward": K.FIXED_PACKED_FORWARD,
+             "backward": K.FIXED_SPLIT_BACKWARD + K.FIXED_PACKED_BACKWARD}
     for direction, r in rows.items():
         (bp, warps, pack, last), n = fwd if direction == "forward" else bwd
         assert not r["refused"] and len(r["compiled"]) == n, r
@@ -498,8 +507,9 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
         got = (launched["BLOCK_P"], launched["num_warps"], launched["PACK"],
                launched["AHEAD" if direction == "forward" else "RED"])
         assert got == (bp, warps, pack, last), r
-        assert any((c.block_p, c.num_warps, c.pack, c.ahead or c.red) == got
-                   for c in cands[direction]), got
+        assert launched.get("SPLIT", 0) == (split if direction == "backward" else 0), r
+        assert any((c.block_p, c.num_warps, c.pack, c.ahead or c.red, c.split)
+                   == (*got, launched.get("SPLIT", 0)) for c in cands[direction]), got
 
 
 def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):
