@@ -62,8 +62,9 @@
 #                bfloat16 on the Triton backend autotuned (bench-triton-bf16.json), each measured
 #                fraction of copy bandwidth beside the committed prediction (compiled with the
 #                CI's Triton: every configuration of these chains, packed ones included); then
-#                those and IGCV2(512, 8), (512, 16) on the fixed path (IGC_TRITON_AUTOTUNE=0:
-#                packed candidates first, bench-triton-bf16-fixed.json) beside its prediction
+#                those and IGCV2(512, 8), (512, 16), (1024, 16), (1024, 32) on the fixed path
+#                (IGC_TRITON_AUTOTUNE=0: packed candidates first, at C = 1024 the backward's
+#                SPLIT ones, bench-triton-bf16-fixed.json) beside its prediction
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -229,11 +230,13 @@ for arg in "${steps[@]}"; do
         --measured "$OUT/bench-triton-bf16.json" ;
       run_step triton-bf16-fixed env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet \
-      --only 256:8:3,256:16:2,256:32:2,512:8:3,512:16:3 --dtypes bfloat16 --backends triton \
-      --json "$OUT/bench-triton-bf16-fixed.json" ;
+      --only 256:8:3,256:16:2,256:32:2,512:8:3,512:16:3,1024:16:3,1024:32:2 \
+      --dtypes bfloat16 --backends triton --json "$OUT/bench-triton-bf16-fixed.json" ;
       run_step triton-bf16-fixed-predicted "$PY" tools/perf_model.py \
         benchmarks/results/gpu-static-triton-3.9.0-packed-k16.json \
         benchmarks/results/gpu-static-triton-3.9.0-configs.json \
+        benchmarks/results/gpu-static-triton-3.9.0-packed-wide-forward.json \
+        benchmarks/results/gpu-static-triton-3.9.0-wide-backward.json \
         --measured "$OUT/bench-triton-bf16-fixed.json" --fixed ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
