@@ -462,17 +462,20 @@ def test_spill_check_with_the_gpu_machines_triton():
 
 # (structure, dtype, the configuration each direction launches as (BLOCK_P, num_warps, PACK,
 # AHEAD or RED), how many candidates the check compiles for it (None: not compiled here), the
-# backward's SPLIT)
+# backward's SPLIT), and with which Tritons (alt: triton 3.6.0; its builds of the SPLIT
+# configurations take more shared memory than an SM has, 246,784 bytes and more for IGCV2(1024,
+# 16), so on its GPU they do not load)
 _FIXED_PACKED_CASES = [
-    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1), 0),
-    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2), 0),
-    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2), 0),
-    ("igcv2(1024,16)", "bfloat16", None, ((16, 8, 1, 1), 1), 2),
+    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1), 0, (False, True)),
+    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2), 0, (False, True)),
+    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2), 0, (False, True)),
+    ("igcv2(1024,16)", "bfloat16", None, ((16, 8, 1, 1), 1), 2, (False,)),
 ]
 
 
-@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
-@pytest.mark.parametrize("case", _FIXED_PACKED_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("alt,case", [(alt, c) for c in _FIXED_PACKED_CASES for alt in c[5]],
+                         ids=lambda v: (("triton-3.6.0" if v else "ci-triton")
+                                        if isinstance(v, bool) else f"{v[0]}-{v[1]}"))
 def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case):
     """The fixed path's first candidates are packed (FIXED_PACKED_*) and the spill check
     compiles them in order, launching the first without spills, with both Tritons (sm_90):
@@ -492,7 +495,7 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
         pytest.importorskip("triton")
     from igc_kernels.triton_kernels import chain as K
 
-    structure, dtype, fwd, bwd, split = case
+    structure, dtype, fwd, bwd, split, _ = case
     rows = _refusals(TRITON_ALT if alt else None, structure, dtype,
                      "forward,backward" if fwd else "backward")
     assert set(rows) == ({"forward", "backward"} if fwd else {"backward"})
@@ -510,6 +513,30 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
         assert launched.get("SPLIT", 0) == (split if direction == "backward" else 0), r
         assert any((c.block_p, c.num_warps, c.pack, c.ahead or c.red, c.split)
                    == (*got, launched.get("SPLIT", 0)) for c in cands[direction]), got
+
+
+def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
+    """The static check (``--refusals``, ``--pruning``) takes a build whose shared memory exceeds
+    the SM's as the GPU's compile takes it, OutOfResources, which the fixed path and the
+    pruning skip (triton 3.6.0 builds IGCV2(1024, 16)'s SPLIT backward with 246,784 bytes; the
+    CI's Triton with 197,632, which loads)."""
+    pytest.importorskip("triton")
+    script = (
+        "import sys; sys.path.insert(0, 'tools'); import gpu_static as g\n"
+        "from triton.runtime.errors import OutOfResources\n"
+        "r = g.Record('igcv2(1024,16)', 'bfloat16', 'nchw', 'backward', 'sm_90', '', '', {})\n"
+        "r.compiled = True\n"
+        "for smem, regs in ((246784, 250), (197632, 252)):\n"
+        "    r.shared_bytes, r.ctas_per_sm = smem, g.ctas_per_sm(regs, smem, 8, 90)\n"
+        "    try:\n"
+        "        g._check_loads(r); print(smem, r.ctas_per_sm, 'loads')\n"
+        "    except OutOfResources:\n"
+        "        print(smem, r.ctas_per_sm, 'OutOfResources')\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         env=env, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split("\n")[:2] == ["246784 0 OutOfResources", "197632 1 loads"], out.stdout
 
 
 def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.errors import OutOfResources  # noqa: E402
 
 import igc_kernels as igc  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -362,8 +363,7 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
                              Record(structure, dtype, layout, direction, f"sm_{arch}", "", "",
                                     {}))
         seen[id(config)] = rec.spill_bytes if rec.compiled else None
-        if not rec.compiled:
-            raise RuntimeError(rec.error)
+        _check_loads(rec)
         return rec.spill_bytes
 
     configs = K._configs(st, backward)
@@ -375,6 +375,16 @@ def pruning(structure: str, dtype: str, layout: str, direction: str, arch: int) 
         K._real_gpu_tensors = real
     return [(dict(c.kwargs, num_warps=c.num_warps), seen.get(id(c)), c in kept)
             for c in configs]
+
+
+def _check_loads(rec) -> None:
+    """Raises what the GPU's compile raises where ``rec`` did not compile, or (OutOfResources)
+    where its shared memory exceeds the SM's, so the pruning and the fixed path skip it there
+    as they do on a GPU (``_loads``)."""
+    if not rec.compiled:
+        raise RuntimeError(rec.error)
+    if rec.ctas_per_sm <= 0:
+        raise OutOfResources(rec.shared_bytes, SM_LIMITS[int(rec.arch[3:])][1], "shared memory")
 
 
 def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) -> dict:
@@ -389,8 +399,7 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
         rec = compile_launch(fn, list(args), dict(meta), arch,
                              Record(structure, dtype, layout, direction, f"sm_{arch}", "", "",
                                     {}))
-        if not rec.compiled:
-            raise RuntimeError(rec.error)
+        _check_loads(rec)
         taken.append(({k: v for k, v in meta.items()
                        if k in TUNED},
                       rec.spill_bytes))
