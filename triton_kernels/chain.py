@@ -906,8 +906,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     # configurations load their own tile: the tiles held ahead cost registers that their
     # spill-free configurations do not have; with them IGCV2(256, 8) in float32 spilled 8 to
     # 24 bytes in every 16-position configuration. So do the SPLIT configurations, for tiles of
-    # 1024 channels: IGCV2(1024, 16)'s, 16 positions on 8 warps, spilled 88 bytes with its next
-    # tile's x and dy held, none without.)
+    # 1024 channels: IGCV2(1024, 16)'s SPLIT = 2, 16 positions on 8 warps, spilled 192 bytes
+    # with its next tile's x and dy held, none without.)
     AHEAD: tl.constexpr = 0 if SPLIT else PACK
     if AHEAD:
         a_next, g_next = _tile_x_dy(pid, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0,
