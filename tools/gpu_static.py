@@ -299,7 +299,6 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
             rec.tiles_ahead = 0 if meta.get("SPLIT") else int(meta.get("PACK") or 0)
             rec.next_tile_loaded = bool(rec.tiles_ahead)
             rec.load_phases = 2 if meta.get("DY_LATE") else 1  # dy after the forward
-
             if meta.get("PACK") and (meta["NATIVE16"] or meta.get("RED")):
                 # the packed layers' dW: carried across the tiles by 16-bit chains (nothing per
                 # tile), or with RED added to the row every tile by reductions (its bytes once;
