@@ -358,6 +358,31 @@ def test_packed_backward_dw_by_reductions(tmp_path, alt):
     assert (rows[2]["dyn"]["counts"]["LDG/STG"] < rows[1]["dyn"]["counts"]["LDG/STG"])
 
 
+def test_weight_blocks_loaded_every_tile_are_counted(tmp_path):
+    """W_TILE (a SPLIT configuration's weight blocks loaded every tile where they are used
+    instead of held across the tiles): IGCV2(256, 16) in bf16 (two layers of 256 x 16), SPLIT
+    2, 16 positions on 8 warps, compiled for sm_90 with the CI's Triton with and without it.
+    With it the tile loop issues more global loads, and the record gives the weight bytes the
+    model counts per tile from L2: layer 0's blocks for the recomputed forward, both layers'
+    for dh (dx is wanted), 2 bytes a weight; held, none."""
+    pytest.importorskip("triton")
+    rows = {}
+    for wt in (0, 1):
+        path = tmp_path / f"wt{wt}.json"
+        _tool("--structures", "igcv2(256,16)", "--dtypes", "bfloat16", "--layouts", "nchw",
+              "--directions", "backward", "--archs", "90", "--config",
+              json.dumps({"block_p": 16, "num_warps": 8, "pack": 1, "dense": 0, "red": 1,
+                          "split": 2, "w_tile": wt}), "--json", str(path))
+        (rows[wt],) = [r for r in json.loads(path.read_text())["rows"]
+                       if r["kernel"] == "igc_chain_bwd"]
+        assert rows[wt]["compiled"] and rows[wt]["config"]["W_TILE"] == wt, rows[wt]
+        assert rows[wt]["config"]["SPLIT"] == 2
+    assert "weights_l2_bytes" not in rows[0]["config"]
+    assert rows[1]["config"]["weights_l2_bytes"] == (1 + 2) * 256 * 16 * 2
+    assert (rows[1]["dyn"]["counts"]["LDG/STG"] > rows[0]["dyn"]["counts"]["LDG/STG"]), (
+        rows[0]["dyn"], rows[1]["dyn"])
+
+
 def test_float32_packed_backward_fits_with_reductions(tmp_path):
     """Float32 chains' packed backward reads, adds and writes its dW blocks in the partial row
     every tile; IGCV2(256, 16)'s, 16 positions on 16 warps, spills doing so (496 bytes with the
@@ -462,14 +487,16 @@ def test_spill_check_with_the_gpu_machines_triton():
 
 # (structure, dtype, the configuration each direction launches as (BLOCK_P, num_warps, PACK,
 # AHEAD or RED), how many candidates the check compiles for it (None: not compiled here), the
-# backward's SPLIT), and with which Tritons (alt: triton 3.6.0; its builds of the SPLIT
-# configurations take more shared memory than an SM has, 246,784 bytes and more for IGCV2(1024,
-# 16), so on its GPU they do not load)
+# backward's SPLIT and W_TILE), and with which Tritons (alt: triton 3.6.0; its builds of
+# IGCV2(1024, 32)'s SPLIT configurations that hold their weight blocks take more shared memory
+# than an SM has, so on its GPU they do not load, and those that load them every tile come
+# next)
 _FIXED_PACKED_CASES = [
-    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1), 0, (False, True)),
-    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2), 0, (False, True)),
-    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2), 0, (False, True)),
-    ("igcv2(1024,16)", "bfloat16", None, ((16, 8, 1, 1), 1), 2, (False,)),
+    ("igcv2(256,8)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 0), 1), (0, 0), (False, True)),
+    ("igcv2(512,16)", "bfloat16", ((16, 4, 1, 0), 1), ((16, 8, 2, 2), 2), (0, 0), (False, True)),
+    ("igcv2(256,16)", "float32", ((16, 4, 1, 0), 1), ((16, 8, 2, 1), 2), (0, 0), (False, True)),
+    ("igcv2(1024,16)", "bfloat16", None, ((16, 8, 1, 1), 1), (2, 0), (False,)),
+    ("igcv2(1024,32)", "bfloat16", None, ((16, 8, 1, 1), 2), (4, 1), (True,)),
 ]
 
 
@@ -489,14 +516,16 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
     IGCV2(1024, 16) in bf16, with the CI's Triton, the backward's first SPLIT candidate (dW by
     reductions in two products per layer, no tile ahead: every other packed backward spills),
     predicted 33% against the FMA default's 1% (its forward, persistent, is compiled
-    elsewhere; triton 3.6.0's SPLIT builds exceed the SM's shared memory)."""
+    elsewhere); IGCV2(1024, 32) in bf16 with triton 3.6.0, whose SPLIT builds holding their
+    weight blocks exceed the SM's shared memory (they are not compiled in the count), the
+    second of those that load them every tile (W_TILE; SPLIT 2's spills)."""
     if alt:
         _need_triton_alt()
     else:
         pytest.importorskip("triton")
     from igc_kernels.triton_kernels import chain as K
 
-    structure, dtype, fwd, bwd, split, _ = case
+    structure, dtype, fwd, bwd, (split, w_tile), _ = case
     rows = _refusals(TRITON_ALT if alt else None, structure, dtype,
                      "forward,backward" if fwd else "backward")
     assert set(rows) == ({"forward", "backward"} if fwd else {"backward"})
@@ -512,8 +541,10 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
                launched["AHEAD" if direction == "forward" else "RED"])
         assert got == (bp, warps, pack, last), r
         assert launched.get("SPLIT", 0) == (split if direction == "backward" else 0), r
-        assert any((c.block_p, c.num_warps, c.pack, c.ahead or c.red, c.split)
-                   == (*got, launched.get("SPLIT", 0)) for c in cands[direction]), got
+        assert launched.get("W_TILE", 0) == (w_tile if direction == "backward" else 0), r
+        assert any((c.block_p, c.num_warps, c.pack, c.ahead or c.red, c.split, c.w_tile)
+                   == (*got, launched.get("SPLIT", 0), launched.get("W_TILE", 0))
+                   for c in cands[direction]), got
 
 
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():

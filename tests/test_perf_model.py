@@ -149,8 +149,9 @@ def test_backward_partial_rows_beyond_l2_count_as_memory_traffic():
 
 def test_l2_term_counts_the_tile_the_reload_and_the_gradient_row():
     """What a tile moves between the SM and the L2 at the SM's share of the L2 bandwidth: its
-    own bytes, x again where the backward reloads it, and the CUDA backward's fp32 row (read
-    and written unless the record says how many bytes cross, as reductions in L2 halve it)."""
+    own bytes, x again where the backward reloads it, the CUDA backward's fp32 row (read
+    and written unless the record says how many bytes cross, as reductions in L2 halve it),
+    and the weight blocks a Triton backward loads every tile where the record gives them."""
     dev = pm.DEVICES["h200"]
     share = dev.l2_read_bytes_per_s / dev.sms
     fwd = _row(ctas_per_sm=64)
@@ -167,6 +168,9 @@ def test_l2_term_counts_the_tile_the_reload_and_the_gradient_row():
     assert pm.l2_bytes_per_tile(dict(red, config={"row_l2_bytes": 4 * 12288, "reload_x": True})
                                 ) == tile + 4 * 12288 + 16 * 256 * 2
     assert pm.l2_bytes_per_tile(dict(bwd, backend="triton")) == tile + 8 * 12288  # its row
+    # and the weight blocks a Triton backward loads every tile (W_TILE), as the record says
+    assert pm.l2_bytes_per_tile(dict(bwd, backend="triton", config={
+        "row_l2_bytes": 4 * 12288, "weights_l2_bytes": 2 * 12288})) == tile + 6 * 12288
     assert pm.l2_bytes_per_tile(dict(bwd, backend="other")) == tile  # no fp32 row
     p_rw, p_red = pm.predict(bwd, dev), pm.predict(red, dev)
     assert p_rw["bound"] == p_red["bound"] == "L2"

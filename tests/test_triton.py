@@ -355,24 +355,28 @@ def test_packed_tiles_loaded_ahead(dtype):
     (``PACKED_RED_HELD``: the last layer's dW held across the tiles, the others' by
     reductions; offered to 16-bit chains, run here in both dtypes), and RED = 1 with SPLIT 2
     and 4 (``PACKED_SPLIT``: each layer's dW product in that many products of its 4 blocks,
-    each program's own tile loaded, none ahead, and with DY_LATE its dy after its recomputed
-    forward; offered to tiles of 1024 channels, run here on 64)."""
+    each program's own tile loaded, none ahead, with DY_LATE its dy after its recomputed
+    forward, and with W_TILE the weight blocks loaded every tile where they are used instead
+    of held across the tiles (float16; float32 chains never hold them); offered to tiles of
+    1024 channels, run here on 64)."""
     p = build_problem([64, 64, 64], [8, 8], spatial=(10, 16), N=2, layout="contiguous",
                       dtype=dtype, permutations="random", bias=True, seed=31)
     gy = _gy(p, seed=32)
     got = {}
-    variants = ((1, 0, 0, 0), (1, 1, 0, 0), (2, 2, 0, 0), (1, 0, 1, 0), (2, 2, 1, 0),
-                (1, 0, 2, 0), (2, 2, 2, 0), (1, 0, 1, 2), (1, 0, 1, 4), (1, 0, 1, -2))
-    for pack, ahead, red, split in variants:
+    variants = ((1, 0, 0, 0, 0), (1, 1, 0, 0, 0), (2, 2, 0, 0, 0), (1, 0, 1, 0, 0),
+                (2, 2, 1, 0, 0), (1, 0, 2, 0, 0), (2, 2, 2, 0, 0), (1, 0, 1, 2, 0),
+                (1, 0, 1, 4, 0), (1, 0, 1, -2, 0), (1, 0, 1, 2, 1), (1, 0, 1, 4, 1),
+                (1, 0, 1, -2, 1))
+    for pack, ahead, red, split, wt in variants:
         late = int(split < 0)  # -2: SPLIT 2 with DY_LATE
         with _launches() as metas:
             y, grads = check_fp32(p, gy, pack=pack, ahead=ahead, red=red, split=abs(split),
-                                  dy_late=late)
-        assert ([(m["RED"], m["SPLIT"], m["DY_LATE"]) for m in metas if "KEEP" in m]
-                == [(red, abs(split), late)]), metas
-        got[pack, ahead, red, split] = [y, *grads]
+                                  dy_late=late, w_tile=wt)
+        assert ([(m["RED"], m["SPLIT"], m["DY_LATE"], m["W_TILE"]) for m in metas
+                 if "KEEP" in m] == [(red, abs(split), late, wt)]), metas
+        got[pack, ahead, red, split, wt] = [y, *grads]
     for k in variants[1:]:
-        assert all(torch.equal(a, b) for a, b in zip(got[1, 0, 0, 0], got[k])), k
+        assert all(torch.equal(a, b) for a, b in zip(got[variants[0]], got[k])), k
 
 
 class _RoundTo(torch.autograd.Function):
@@ -502,18 +506,21 @@ def test_packed_path_eligibility(monkeypatch):
             for c in K._configs(st16, True) if c.kwargs["RED"] == 2] == list(K.PACKED_RED_HELD)
     assert not [c for c in K._configs(st32, True) if c.kwargs["RED"] == 2]
     # SPLIT (dW by reductions in 2 or 4 products, no tile ahead; DY_LATE: dy loaded after the
-    # recomputed forward, for one of them): 16-bit chains with tiles of
+    # recomputed forward, for one of them; each with the weight blocks held, then each with
+    # them loaded every tile, W_TILE): 16-bit chains with tiles of
     # SPLIT_CHANNELS channels (their other packed backwards spill), not float32 ones (theirs
     # spill too)
     for dt, want in ((torch.float16, list(K.PACKED_SPLIT)), (torch.float32, [])):
         wide = K.make_structure(1024, [1024] * 3, [64] * 2, [64, 0], [False] * 2, [False] * 2,
                                 False, dt)
         cfgs = K._configs(wide, True)
-        assert [(c.kwargs["SPLIT"], c.kwargs["BLOCK_P"], c.num_warps, c.kwargs["DY_LATE"])
-                for c in cfgs if c.kwargs["SPLIT"]] == want
+        assert [(c.kwargs["SPLIT"], c.kwargs["BLOCK_P"], c.num_warps, c.kwargs["DY_LATE"],
+                 c.kwargs["W_TILE"]) for c in cfgs if c.kwargs["SPLIT"]] == want
         assert all((c.kwargs["PACK"], c.kwargs["RED"]) == (1, 1) for c in cfgs
                    if c.kwargs["SPLIT"])
-        assert len(cfgs) <= 34 and all("SPLIT" not in c.kwargs for c in K._configs(wide, False))
+        assert not [c for c in cfgs if c.kwargs["W_TILE"] and not c.kwargs["SPLIT"]]
+        assert len(cfgs) <= 37 and all("SPLIT" not in c.kwargs for c in K._configs(wide, False))
+    assert [t[3:] for t in K.PACKED_SPLIT] == [(0, 0), (0, 0), (1, 0), (0, 1), (0, 1), (1, 1)]
     # a structure without packed layers (48 channels leave padding slots) compiles no packed
     # block, and never varies PACK
     st48 = K.make_structure(48, [48] * 3, [6] * 2, [6, 0], [False] * 2, [False] * 2, False,
@@ -1085,7 +1092,8 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     # and the backward's SPLIT candidates (16-bit only: float32's spill) before the others
     split = list(K.FIXED_SPLIT_BACKWARD) * native
     assert K.SPLIT_CHANNELS == 1024
-    assert [(c.split, c.dy_late) for c in K.FIXED_SPLIT_BACKWARD] == [(2, 0), (4, 0), (2, 1)]
+    assert ([(c.split, c.dy_late, c.w_tile) for c in K.FIXED_SPLIT_BACKWARD]
+            == [(2, 0, 0), (4, 0, 0), (2, 1, 0), (2, 0, 1), (4, 0, 1), (2, 1, 1)])
     assert all((c.pack, c.red) == (1, 1) for c in K.FIXED_SPLIT_BACKWARD)
     assert fwd[0].ahead == 2 and bwd[:len(split) + len(bexp) + 1] == [*split, *bexp,
                                                                       K.DEFAULT_CONFIG]

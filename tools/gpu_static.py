@@ -310,6 +310,15 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                 red = packed - (w[-1] if held else 0)
                 rec.config["row_l2_bytes"] = (8 * (sum(w) - packed)
                                               + (4 * red if meta.get("RED") else 0))
+            if meta.get("W_TILE"):  # the packed layers' weight blocks, loaded every tile where
+                # they are used: the recomputed forward's (every layer but the last, KEEP = 1)
+                # and dh's (every layer that needs it), each counted from L2 (no L1 hit assumed)
+                lays = meta["LAYERS"]
+                blocks = [lay[f["c_in"]] * lay[f["mb"]] * _DTYPES[dtype].itemsize
+                          if lay[f["kb"]] else 0 for lay in lays]
+                loads = [(i < len(lays) - 1) + bool(i > 0 or meta.get("NEED_DX"))
+                         for i in range(len(lays))]
+                rec.config["weights_l2_bytes"] = sum(b * n for b, n in zip(blocks, loads))
         if fn.__name__ == "igc_chain_fwd" and meta.get("AHEAD"):  # persistent, x loaded one
             # or two tiles ahead
             rec.programs_per_sm = T.FORWARD_PROGRAMS_PER_SM
@@ -332,7 +341,8 @@ def kernel_structure(structure: str, dtype: str):
 
 
 # the launch meta-parameters the autotuner varies (the rest are the structure's and the call's)
-TUNED = ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD", "RED", "SPLIT", "DY_LATE")
+TUNED = ("BLOCK_P", "num_warps", "KEEP", "DENSE", "PACK", "AHEAD", "RED", "SPLIT", "DY_LATE",
+         "W_TILE")
 
 
 def autotune_configs(structure, dtype, direction) -> list:

@@ -44,7 +44,9 @@ a persistent kernel loops over tiles):
   program, updated every tile), read and written (twice its bytes) or, where the kernel adds
   to it by reductions in L2, once, or, for the layers whose gradients a Triton program carries
   across its tiles (its packed configurations' packed layers), not at all
-  (``config["row_l2_bytes"]``, set by tools/gpu_static.py);
+  (``config["row_l2_bytes"]``, set by tools/gpu_static.py), and the weight blocks that the
+  Triton backward's ``W_TILE`` configurations load every tile where they are used
+  (``config["weights_l2_bytes"]``: each load counted, no L1 hit assumed);
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
@@ -368,7 +370,8 @@ def l2_bytes_per_tile(row: dict) -> float:
     """Bytes one tile moves between the SM and the L2: its own (x and y, or x, grad_y and
     grad_x), x again where the backward reloads it, and the backward's fp32 gradient row (CUDA:
     the CTA's, Triton: the program's; ``config["row_l2_bytes"]`` where the record gives it,
-    else read and written: 8 bytes per weight)."""
+    else read and written: 8 bytes per weight), and the weight blocks a Triton backward loads
+    every tile (``config["weights_l2_bytes"]``, W_TILE)."""
     cfg = row.get("config") or {}
     b = row["block_p"] * copy_bytes_per_position(row)
     if row["direction"] == "backward" and cfg.get("reload_x"):
@@ -377,7 +380,7 @@ def l2_bytes_per_tile(row: dict) -> float:
         # (both backends' backwards add every tile's gradients to a per-CTA / per-program row)
         row_l2 = cfg.get("row_l2_bytes")
         b += 8.0 * (row.get("macs_per_position") or 0) if row_l2 is None else row_l2
-    return b
+    return b + cfg.get("weights_l2_bytes", 0)
 
 
 def predict(row: dict, dev: Device) -> dict:
@@ -525,6 +528,8 @@ def markdown(recs: list, command: str) -> str:
             cfg += f", RED={best['config']['RED']}"  # last layer's, held)
         if best["config"].get("SPLIT"):  # in that many products, no tile loaded ahead
             cfg += f", SPLIT={best['config']['SPLIT']}"
+        if best["config"].get("W_TILE"):  # the weight blocks loaded every tile
+            cfg += ", W_TILE=1"
         h100 = best.get("predicted_fraction_of_copy_h100")
         lines.append(f"| {' | '.join(key[:6])} | {cfg} | {best['registers']} | "
                      f"{best['spill_bytes']} | {best['predicted_fraction_of_copy']:.0%} | "

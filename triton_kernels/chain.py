@@ -879,7 +879,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                   W_TOTAL: tl.constexpr, BLOCK_P: tl.constexpr, PREC: tl.constexpr,
                   KEEP: tl.constexpr, NEED_DX: tl.constexpr, NEED_DW: tl.constexpr,
                   NEED_DB: tl.constexpr, DENSE: tl.constexpr, PACK: tl.constexpr,
-                  RED: tl.constexpr, SPLIT: tl.constexpr, DY_LATE: tl.constexpr):
+                  RED: tl.constexpr, SPLIT: tl.constexpr, DY_LATE: tl.constexpr,
+                  W_TILE: tl.constexpr):
     """Backward of the chain: a persistent grid; per tile, the forward recomputed on chip
     (``KEEP``: every intermediate kept, else each layer's input recomputed from ``x`` when
     needed), the layers walked backward, ``dx`` written once, dW / db added to the program's
@@ -887,7 +888,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     chain's packed layers load their weight blocks once, before the program's first tile, and
     carry their dW blocks across its tiles, adding them once, after its last (``RED``: add them
     every tile by reductions, ``SPLIT``: in that many products; ``DY_LATE``: with SPLIT, a
-    tile's dy loaded after its forward is recomputed)."""
+    tile's dy loaded after its forward is recomputed; ``W_TILE``: with SPLIT, the weight
+    blocks loaded every tile instead)."""
     WP = (w0, w1, w2, w3, w4, w5, w6, w7)
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
     pid = tl.program_id(0)
@@ -925,8 +927,12 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     # blocks alone took 48 registers per thread on 16 warps, and every packed configuration
     # spilled). RED = 2 (16-bit chains): the last layer's dW blocks are held, the others' added
     # by reductions (HELD: IGCV2(512, 8)'s and (512, 16)'s fit on 8 warps, 242 and 253
-    # registers, and their rows' L2 traffic per tile falls by a third)
-    HOLD: tl.constexpr = NATIVE16
+    # registers, and their rows' L2 traffic per tile falls by a third). W_TILE (SPLIT): the
+    # weight blocks loaded every tile where they are used, not held (both Tritons keep held
+    # blocks in shared memory: IGCV2(1024, 16)'s SPLIT = 2 took 197,632 bytes with the CI's
+    # Triton, and 246,784 with triton 3.6.0, more than an SM has; loaded every tile, 82,944
+    # there, and with the CI's Triton the builds spill)
+    HOLD: tl.constexpr = NATIVE16 and not W_TILE
     DW_MODE: tl.constexpr = 2 if RED else (1 if NATIVE16 else 0)
     HELD: tl.constexpr = NL - 1 if RED == 2 else -1
     accs = ()
@@ -1282,7 +1288,14 @@ def permutation_buffer(st: Structure, perms, inverse):
 #   DY_LATE               (backward, SPLIT) 1: a tile's dy loaded after its forward is recomputed
 #                         (no dy registers held meanwhile, a second round trip per tile): the
 #                         one of PACKED_SPLIT's three that IGCV2(1024, 16) fits channels-last
-# At most 22 forward and 34 backward configurations per structure (each is a compilation on
+#   W_TILE                (backward, SPLIT) 1: the packed layers' weight blocks loaded every
+#                         tile where they are used (from L1 / L2) instead of held across the
+#                         tiles (in shared memory): triton 3.6.0's held SPLIT builds need more
+#                         shared memory than an SM has (IGCV2(1024, 16): 246,784 bytes); loaded
+#                         every tile, IGCV2(1024, 16) and (1024, 32) fit there, without
+#                         spills, in both layouts (with the CI's Triton the held ones fit, and
+#                         loaded every tile its builds spill: they come after the held ones)
+# At most 22 forward and 37 backward configurations per structure (each is a compilation on
 # first use). _prune drops those whose register tiles clearly cannot fit, then those whose
 # compiled kernel spills (compiled for the GPU at hand before anything launches).
 TILE_CONFIGS = ((16, 4), (16, 16), (32, 4), (64, 8), (128, 8), (16, 8))
@@ -1293,9 +1306,10 @@ PACKED_AHEAD2 = ((16, 8), (16, 16))
 PACKED_RED = ((1, 16, 16), (2, 16, 8), (2, 16, 16))
 # and those with RED = 2 (the last layer's dW held)
 PACKED_RED_HELD = ((2, 16, 8), (1, 16, 16))
-# the backward's SPLIT configurations (SPLIT, BLOCK_P, num_warps, DY_LATE; PACK = 1, RED =
-# 1), offered to 16-bit chains where a tile has SPLIT_CHANNELS channels or more
-PACKED_SPLIT = ((2, 16, 8, 0), (4, 16, 8, 0), (2, 16, 8, 1))  # (..., DY_LATE)
+# the backward's SPLIT configurations (SPLIT, BLOCK_P, num_warps, DY_LATE, W_TILE; PACK = 1,
+# RED = 1), offered to 16-bit chains where a tile has SPLIT_CHANNELS channels or more
+PACKED_SPLIT = tuple((sp, 16, 8, late, wt) for wt in (0, 1) for sp, late in ((2, 0), (4, 0),
+                                                                           (2, 1)))
 SPLIT_CHANNELS = 1024
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
@@ -1315,6 +1329,7 @@ class LaunchConfig:
     # the last layer's held across the tiles instead)
     split: int = 0  # the backward's dW reductions in that many products, no tile ahead (RED 1)
     dy_late: int = 0  # (SPLIT) a tile's dy loaded after its recomputed forward
+    w_tile: int = 0  # (SPLIT) the packed layers' weight blocks loaded every tile, not held
 
 
 DEFAULT_CONFIG = LaunchConfig()
@@ -1334,7 +1349,9 @@ _OVERRIDE = threading.local()
 # (IGCV2(512, 8) and (512, 16), whose held dW spill) the same with the last layer's dW held and
 # the others' by reductions, else (IGCV2(512, 32)) with every packed layer's by reductions;
 # where a tile has SPLIT_CHANNELS channels or more, first the SPLIT ones (FIXED_SPLIT_BACKWARD:
-# at 1024 channels every other packed backward spills).
+# at 1024 channels every other packed backward spills; those holding their weight blocks
+# first, then, for triton 3.6.0 where the held ones do not fit the SM's shared memory, those
+# loading them every tile).
 # Float32 chains' packed products are FFMAs (or, opt-in, "bf16x6" tensor-core products): they
 # try these first only where every packed layer's groups are at least 16 wide (no block holds
 # another group's zeros) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more (the FMA
@@ -1349,8 +1366,8 @@ FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
                          LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, red=1))
 FIXED_SPLIT_BACKWARD = tuple(LaunchConfig(block_p=bp, num_warps=w, dense=0, pack=1, red=1,
-                                          split=sp, dy_late=late)
-                             for sp, bp, w, late in PACKED_SPLIT)
+                                          split=sp, dy_late=late, w_tile=wt)
+                             for sp, bp, w, late, wt in PACKED_SPLIT)
 
 
 def autotune_enabled() -> bool:
@@ -1453,7 +1470,8 @@ def launch_config(c) -> LaunchConfig:
                         ahead=kw.get("AHEAD", DEFAULT_CONFIG.ahead),
                         red=kw.get("RED", DEFAULT_CONFIG.red),
                         split=kw.get("SPLIT", DEFAULT_CONFIG.split),
-                        dy_late=kw.get("DY_LATE", DEFAULT_CONFIG.dy_late))
+                        dy_late=kw.get("DY_LATE", DEFAULT_CONFIG.dy_late),
+                        w_tile=kw.get("W_TILE", DEFAULT_CONFIG.w_tile))
 
 
 def _configs(st: Structure, backward: bool) -> list:
@@ -1463,16 +1481,17 @@ def _configs(st: Structure, backward: bool) -> list:
     which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1 and, for 16-bit
     chains whose last layer and another are packed, ``PACKED_RED_HELD`` ones with RED = 2
     (the last layer's dW held), for 16-bit chains where a tile has SPLIT_CHANNELS channels or
-    more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4 and DY_LATE, and the forward
+    more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4, DY_LATE and W_TILE, and the forward
     persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
     otherwise they are 0."""
     dense = bool(st.dense_layers)
     pack = bool(st.packed_layers)
     out = []
 
-    def bwd(bp, w, pk, keep=1, red=0, split=0, late=0, d=0):
+    def bwd(bp, w, pk, keep=1, red=0, split=0, late=0, wt=0, d=0):
         return triton.Config({"BLOCK_P": bp, "DENSE": d, "PACK": pk, "KEEP": keep, "RED": red,
-                              "SPLIT": split, "DY_LATE": late}, num_warps=w, num_stages=1)
+                              "SPLIT": split, "DY_LATE": late, "W_TILE": wt}, num_warps=w,
+                             num_stages=1)
 
     def fwd(bp, w, pk, ahead=0, d=0):
         return triton.Config({"BLOCK_P": bp, "DENSE": d, "PACK": pk, "AHEAD": ahead},
@@ -1491,8 +1510,8 @@ def _configs(st: Structure, backward: bool) -> list:
         if st.native16 and len(packed) > 1 and packed[-1] == st.num_layers - 1:
             out += [bwd(bp, w, pk, red=2) for pk, bp, w in PACKED_RED_HELD]
         if st.native16 and _widest(st) >= SPLIT_CHANNELS:
-            out += [bwd(bp, w, 1, red=1, split=sp, late=late)
-                    for sp, bp, w, late in PACKED_SPLIT]
+            out += [bwd(bp, w, 1, red=1, split=sp, late=late, wt=wt)
+                    for sp, bp, w, late, wt in PACKED_SPLIT]
     if pack and not backward:  # persistent, loading one or two tiles ahead
         out += [fwd(bp, w, 1, ahead) for bp, w in PACKED_AHEAD2 for ahead in (1, 2)]
     return out
@@ -1529,6 +1548,7 @@ class Kernels:
             meta["RED"] = cfg.red if meta["PACK"] else 0
             meta["SPLIT"] = cfg.split if meta["RED"] == 1 else 0
             meta["DY_LATE"] = cfg.dy_late if meta["SPLIT"] else 0
+            meta["W_TILE"] = cfg.w_tile if meta["SPLIT"] else 0
         else:  # persistent only where packed
             meta["AHEAD"] = cfg.ahead if meta["PACK"] else 0
         return meta
