@@ -299,6 +299,11 @@ def test_records_label_predictions_and_pair_measurements():
     assert pm.measured_beside_predicted(recs, {"rows": [gpu_row]}, fixed=True) == [
         "triton forward igcv2(256,8) float32 nchw: measured 50%, predicted for the fixed path "
         "100%"]
+    # records of two toolchains (the GPU's Triton beside the CI's): one prediction each, named
+    other_tc = [{**recs[0], "toolchain": "triton w", "predicted_fraction_of_copy": 0.25}]
+    assert pm.measured_beside_predicted(recs + other_tc, {"rows": [gpu_row]}, fixed=True) == [
+        "triton forward igcv2(256,8) float32 nchw: measured 50%, predicted for the fixed path "
+        "25% (triton w), 100% (triton x)"]
     unfixed = [{**r, "fixed_path": False} for r in recs]
     assert pm.measured_beside_predicted(unfixed, {"rows": [gpu_row]}, fixed=True) == [
         "triton forward igcv2(256,8) float32 nchw: measured 50%, no prediction"]

@@ -46,7 +46,9 @@ a persistent kernel loops over tiles):
   across its tiles (its packed configurations' packed layers), not at all
   (``config["row_l2_bytes"]``, set by tools/gpu_static.py), and the weight blocks that the
   Triton backward's ``W_TILE`` configurations load every tile where they are used
-  (``config["weights_l2_bytes"]``: each load counted, no L1 hit assumed);
+  (``config["weights_l2_bytes"]``: each load counted, no L1 hit assumed). Other kernels'
+  weight loads every tile (the FMA paths', the float32 packed blocks') are not counted: the
+  model takes them as L1 hits, so where they do not stay in L1 it overestimates those kernels;
 * time per position = 1 / (SMs x tiles per second per SM x BLOCK_P); the fraction of copy
   bandwidth is the copy time of the bytes the operator must move (forward: x read, y written;
   backward: x and grad_y read, grad_x written) over that time. One-off kernels (the backward's
@@ -567,19 +569,28 @@ def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False) -
     the prediction for the same backend, direction, structure, dtype and layout (the best
     reachable configuration's: the autotuner's pick if the model is right; ``fixed``: the fixed
     launch path's, for a benchmark run with ``IGC_TRITON_AUTOTUNE=0`` or in deterministic
-    mode)."""
+    mode); one per toolchain, each named, where the records come from several (the GPU's
+    Triton may not be the CI's: their builds differ)."""
     out = []
     for m in measured.get("rows", []):
         key = _measured_key(m)
         if key is None:
             continue
-        match = [r["predicted_fraction_of_copy"] for r in recs
-                 if r["predicted_fraction_of_copy"] is not None and r["reachable"]
-                 and (r["fixed_path"] or not fixed)
-                 and (r["backend"], r["direction"], r["structure"], r["dtype"],
-                      r["layout"]) == key]
+        match = {}
+        for r in recs:
+            if (r["predicted_fraction_of_copy"] is not None and r["reachable"]
+                    and (r["fixed_path"] or not fixed)
+                    and (r["backend"], r["direction"], r["structure"], r["dtype"],
+                         r["layout"]) == key):
+                match.setdefault(r["toolchain"], []).append(r["predicted_fraction_of_copy"])
         what = "predicted for the fixed path" if fixed else "predicted"
-        pred = f"{what} {max(match):.0%}" if match else "no prediction"
+        if not match:
+            pred = "no prediction"
+        elif len(match) == 1:
+            pred = f"{what} {max(next(iter(match.values()))):.0%}"
+        else:
+            pred = f"{what} " + ", ".join(f"{max(v):.0%} ({tc})" for tc, v in sorted(
+                match.items()))
         out.append(f"{' '.join(key)}: measured {m['frac_copy_bw']:.0%}, {pred}")
     return out
 
