@@ -517,7 +517,7 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
     reductions in two products per layer, no tile ahead: every other packed backward spills),
     predicted 33% against the FMA default's 1% (its forward, persistent, is compiled
     elsewhere); IGCV2(1024, 32) in bf16 with triton 3.6.0, whose SPLIT builds holding their
-    weight blocks exceed the SM's shared memory (they are not compiled in the count), the
+    weight blocks exceed the SM's shared memory (not counted: they do not load), the
     second of those that load them every tile (W_TILE; SPLIT 2's spills)."""
     if alt:
         _need_triton_alt()

@@ -64,7 +64,8 @@
 #                CI's Triton: every configuration of these chains, packed ones included); then
 #                those and IGCV2(512, 8), (512, 16), (1024, 16), (1024, 32) on the fixed path
 #                (IGC_TRITON_AUTOTUNE=0: packed candidates first, at C = 1024 the backward's
-#                SPLIT ones, bench-triton-bf16-fixed.json) beside its prediction
+#                SPLIT ones, bench-triton-bf16-fixed.json) beside its prediction (with the
+#                CI's Triton and, where a triton 3.6.0 report has the problem, with 3.6.0)
 #   sweep        benchmarks/bench.py --device cuda --sweep --no-compile
 #   timeline     tools/profile_cuda.py --timeline on IGCV2(256, 8) and (1024, 16), bf16: host time
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
@@ -237,6 +238,8 @@ for arg in "${steps[@]}"; do
         benchmarks/results/gpu-static-triton-3.9.0-configs.json \
         benchmarks/results/gpu-static-triton-3.9.0-packed-wide-forward.json \
         benchmarks/results/gpu-static-triton-3.9.0-wide-backward.json \
+        benchmarks/results/gpu-static-triton-3.6.0-default.json \
+        benchmarks/results/gpu-static-triton-3.6.0-wide-backward.json \
         --measured "$OUT/bench-triton-bf16-fixed.json" --fixed ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \
