@@ -148,21 +148,24 @@ import igc_kernels.triton_kernels.chain as K
 launches = []
 T._launch = lambda fn, grid, args, meta: launches.append((fn, args, meta))
 g = torch.Generator().manual_seed(0)
-# IGC_TEST_PACKED=1: bf16, under each of the fixed path's packed configurations
+# IGC_TEST_PACKED=1: bf16, under each of the fixed path's packed configurations (the SPLIT
+# ones too: 64 channels in groups of 4, four blocks of 16 per layer, so SPLIT 4 splits)
 packed = os.environ.get("IGC_TEST_PACKED") == "1"
 dt = torch.bfloat16 if packed else torch.float32
 fwd_cfgs = K.FIXED_PACKED_FORWARD if packed else [K.DEFAULT_CONFIG]
-bwd_cfgs = K.FIXED_PACKED_BACKWARD if packed else [K.DEFAULT_CONFIG]
+bwd_cfgs = K.FIXED_SPLIT_BACKWARD + K.FIXED_PACKED_BACKWARD if packed else [K.DEFAULT_CONFIG]
+C = 64 if packed else 16
+G = C // 4  # groups of 4 channels
 L = 10  # deeper than the pointer slots
-x = torch.randn(2, 16, 3, 3, generator=g).to(dt)
-ws = [torch.randn(16, 4, generator=g).to(dt) for _ in range(L)]
-bs = [torch.randn(16, generator=g).to(dt) if l % 2 else None for l in range(L)]
+x = torch.randn(2, C, 3, 3, generator=g).to(dt)
+ws = [torch.randn(C, 4, generator=g).to(dt) for _ in range(L)]
+bs = [torch.randn(C, generator=g).to(dt) if l % 2 else None for l in range(L)]
 explicit = [l % 3 == 0 and l < L - 1 for l in range(L)]  # the last one: see the test
-perms = [torch.randperm(16, generator=g) if e else None for e in explicit]
-shuffles = [0 if e else 4 for e in explicit]
-idx = torch.randint(0, 16, (16,), generator=g)
-args = (ws, [b if b is not None else torch.empty(0) for b in bs], [4] * L, shuffles, perms)
-gy = torch.randn(2, 16, 3, 3, generator=g).to(dt)
+perms = [torch.randperm(C, generator=g) if e else None for e in explicit]
+shuffles = [0 if e else G for e in explicit]
+idx = torch.randint(0, C, (C,), generator=g)
+args = (ws, [b if b is not None else torch.empty(0) for b in bs], [G] * L, shuffles, perms)
+gy = torch.randn(2, C, 3, 3, generator=g).to(dt)
 for cfg in fwd_cfgs:
     with K.override_config(**cfg.__dict__):
         T.chain_forward(x, *args, idx)
@@ -174,7 +177,8 @@ for fn, a, meta in launches:
     kw = dict(zip(fn.arg_names, a))
     kw.update({k: v for k, v in meta.items() if k != "num_warps"})
     acc = identify_accessed_tensors(fn, kw, {})
-    out.append([fn.__name__, meta.get("PACK", 0), sorted(d.name for d in acc.read_writes.writes)])
+    out.append([fn.__name__, meta.get("PACK", 0), meta.get("SPLIT", 0), meta.get("W_TILE", 0),
+                sorted(d.name for d in acc.read_writes.writes)])
 print(json.dumps(out))
 """
 
@@ -191,7 +195,8 @@ def test_torch_compile_sees_what_the_kernels_write(packed):
     clones that small buffer, which costs a copy and changes no result.) In bf16 likewise
     under each of the fixed path's packed configurations (deterministic mode and
     ``IGC_TRITON_AUTOTUNE=0`` launch them: batched dots, the persistent forward, dW held,
-    added by reductions, or both: RED = 2)."""
+    added by reductions, or both: RED = 2, and the SPLIT ones, with dy loaded late and with
+    the weight blocks loaded every tile, on a chain of 64 channels)."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["IGC_TEST_PACKED"] = "1" if packed else "0"
@@ -201,12 +206,16 @@ def test_torch_compile_sees_what_the_kernels_write(packed):
     from igc_kernels.triton_kernels import chain as K
 
     writes = json.loads(r.stdout.strip().splitlines()[-1])
-    fwd = [["igc_chain_fwd", 1 if packed else 0, ["y_ptr"]]] * (2 if packed else 1)
-    packs = [c.pack for c in K.FIXED_PACKED_BACKWARD] if packed else [0]
-    assert not packed or packs == [2, 2, 2, 1]  # held dW; the last layer's held; reductions
-    bwd = [row for pk in packs  # the PACK of each backward launch
-           for row in (["igc_chain_bwd", pk, ["dx_ptr", "part_ptr"]],
-                       ["_reduce_partials", 0, ["gb_ptr", "gw_ptr"]])]
+    fwd = [["igc_chain_fwd", 1 if packed else 0, 0, 0, ["y_ptr"]]] * (2 if packed else 1)
+    packs = ([(c.pack, c.split, c.w_tile) for c in K.FIXED_SPLIT_BACKWARD
+              + K.FIXED_PACKED_BACKWARD] if packed else [(0, 0, 0)])
+    # SPLIT (2, 4, 2 with DY_LATE; held, then W_TILE); held dW; the last layer's held;
+    # reductions
+    assert not packed or packs == ([(1, 2, 0), (1, 4, 0), (1, 2, 0), (1, 2, 1), (1, 4, 1),
+                                    (1, 2, 1)] + [(2, 0, 0)] * 3 + [(1, 0, 0)])
+    bwd = [row for pk in packs  # the PACK, SPLIT and W_TILE of each backward launch
+           for row in (["igc_chain_bwd", *pk, ["dx_ptr", "part_ptr"]],
+                       ["_reduce_partials", 0, 0, 0, ["gb_ptr", "gw_ptr"]])]
     assert writes == fwd + bwd, writes
 
 
