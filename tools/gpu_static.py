@@ -311,13 +311,15 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                 rec.config["row_l2_bytes"] = (8 * (sum(w) - packed)
                                               + (4 * red if meta.get("RED") else 0))
             if meta.get("W_TILE"):  # the packed layers' weight blocks, loaded every tile where
-                # they are used: the recomputed forward's (every layer but the last, KEEP = 1)
-                # and dh's (every layer that needs it), each counted from L2 (no L1 hit assumed)
+                # they are used: the recomputed forward's (KEEP = 1: every layer but the last
+                # once; KEEP = 0: layer i once per later layer) and dh's (every layer that
+                # needs it), each counted from L2 (no L1 hit assumed)
                 lays = meta["LAYERS"]
+                nl = len(lays)
                 blocks = [lay[f["c_in"]] * lay[f["mb"]] * _DTYPES[dtype].itemsize
                           if lay[f["kb"]] else 0 for lay in lays]
-                loads = [(i < len(lays) - 1) + bool(i > 0 or meta.get("NEED_DX"))
-                         for i in range(len(lays))]
+                loads = [(i < nl - 1 if meta.get("KEEP") else nl - 1 - i)
+                         + bool(i > 0 or meta.get("NEED_DX")) for i in range(nl)]
                 rec.config["weights_l2_bytes"] = sum(b * n for b, n in zip(blocks, loads))
         if fn.__name__ == "igc_chain_fwd" and meta.get("AHEAD"):  # persistent, x loaded one
             # or two tiles ahead
