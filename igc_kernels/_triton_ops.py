@@ -24,12 +24,13 @@ kernels); ``backends.py`` imports it lazily.
 from __future__ import annotations
 
 import os
+import threading
 from typing import List, Optional
 
 import torch
 import triton
 
-from ._chain import empty_like_layout, validate_op_args
+from ._chain import Chain, empty_like_layout, validate_op_args
 from ._ops import _fake_backward, _fake_forward, register_ops
 from .triton_kernels import chain as K
 
@@ -62,22 +63,31 @@ def _dtypes() -> tuple:
     return BACKEND.dtypes
 
 
-def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None,
-             needs=(False, False, False)):
-    """(structure, the kernels' pointer arguments ``w0..w7, b0..b7, perm_ptr``).
-
-    A direct call's arguments are checked like the public function's (``validate_op_args``:
-    the same rules and messages, index values included: a host check under the interpreter, an
-    asynchronous device-side assert on GPUs), then against these kernels' own limits; all
-    before any launch (on GPUs that includes ``spill_reasons`` for the forward and the
-    gradients ``needs`` names). The kernels clamp index entries either way."""
+def _checked_chain(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None):
+    """The :class:`Chain` of a direct call, its arguments checked like the public function's
+    (``validate_op_args``: the same rules and messages, index values included: a host check
+    under the interpreter, an asynchronous device-side assert on GPUs), then against these
+    kernels' dtypes and width limit."""
     chain = validate_op_args(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
     if x.dtype not in _dtypes():
         raise TypeError(f"x has dtype {x.dtype}; the Triton kernels support float32, float16 "
                         f"and bfloat16")
     reasons = channel_limit_reasons(chain)
-    if not reasons and checks_spills(x):
-        reasons = spill_reasons(x, chain, *needs)
+    if reasons:
+        raise ValueError("; ".join(reasons))
+    return chain
+
+
+def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None,
+             needs=(False, False, False), chain=None):
+    """(structure, the kernels' pointer arguments ``w0..w7, b0..b7, perm_ptr``).
+
+    The arguments are checked (``_checked_chain``, unless its ``chain`` is given), then on GPUs
+    ``spill_reasons`` for the forward and the gradients ``needs`` names; all before any launch.
+    The kernels clamp index entries either way."""
+    if chain is None:
+        chain = _checked_chain(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
+    reasons = spill_reasons(x, chain, *needs) if checks_spills(x) else []
     if reasons:
         raise ValueError("; ".join(reasons))
     bias_present = [b is not None for b in chain.biases]
@@ -235,6 +245,25 @@ _SPILL_REASONS: dict = {}
 
 
 def _spill_reasons(x, chain, need_dx, need_dw, need_db, spills):
+    reasons = []
+    for direction, cfg, spilled in _fixed_choices(x, chain, need_dx, need_dw, need_db, spills):
+        if spilled and direction == "backward" and len(
+                backward_stages(x, chain, need_dx, need_dw, need_db, spills)) > 1:
+            continue  # the backward runs in layer ranges that do not spill
+        if spilled:
+            reasons.append(
+                f"every launch configuration of the Triton {direction} kernel for this chain "
+                f"spills registers to local memory on this GPU (the least: {spilled} bytes per "
+                f"thread, BLOCK_P={cfg.block_p}, num_warps={cfg.num_warps}); a spilling kernel "
+                f"is not launched")
+    return reasons
+
+
+def _fixed_choices(x, chain, need_dx, need_dw, need_db, spills=None, device=None) -> list:
+    """``(direction, configuration, spilled bytes)`` of the fixed path's choice
+    (``K.fixed_choice``: compiled, not launched) for ``x``'s forward through ``chain`` and, where
+    a gradient is needed, its backward. ``x`` may be a meta tensor; ``device``: then the GPU
+    (x's device by default)."""
     bias_present = [b is not None for b in chain.biases]
     perm_present = [p is not None for p in chain.perms]
     st = K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
@@ -255,21 +284,161 @@ def _spill_reasons(x, chain, need_dx, need_dw, need_db, spills):
     need_db = need_db and any(bias_present)
     if need_dx or need_dw or need_db:
         row = st.w_total + st.b_total
-        part = _meta_like((backward_programs(x.device, row), row), (row, 1), torch.float32)
+        part = _meta_like((backward_programs(device or x.device, row), row), (row, 1),
+                          torch.float32)
         dxm = xm if need_dx else _meta_like((0,), (1,), x.dtype)
         bwd_args = _backward_args(ym, xm, dxm, need_dx, index, ptrs, part, row)
         checks.append(("backward", kern.bwd, True, bwd_args,
                        _backward_meta(need_dx, need_dw, need_db)))
-    reasons = []
-    for direction, fn, backward, args, base in checks:
-        cfg, spilled = K.fixed_choice(kern, backward, fn, args, base, spills)
-        if spilled:
-            reasons.append(
-                f"every launch configuration of the Triton {direction} kernel for this chain "
-                f"spills registers to local memory on this GPU (the least: {spilled} bytes per "
-                f"thread, BLOCK_P={cfg.block_p}, num_warps={cfg.num_warps}); a spilling kernel "
-                f"is not launched")
-    return reasons
+    return [(direction, *K.fixed_choice(kern, backward, fn, args, base, spills))
+            for direction, fn, backward, args, base in checks]
+
+
+# ---------------------------------------------------------------------------------------------
+# Staged backward: chains whose packed backward spills run in ranges of layers
+# ---------------------------------------------------------------------------------------------
+_FORCED = threading.local()
+
+
+class force_stages:
+    """Context manager (tests): the backward of the calls within runs in these layer ranges,
+    ``((0, a), (a, b), ..., (z, L))``, whatever ``backward_stages`` would choose."""
+
+    def __init__(self, ranges):
+        self.ranges = tuple((int(a), int(b)) for a, b in ranges)
+
+    def __enter__(self):
+        self.prev = getattr(_FORCED, "ranges", None)
+        _FORCED.ranges = self.ranges
+
+    def __exit__(self, *exc):
+        _FORCED.ranges = self.prev
+
+
+def sub_chain(chain, a: int, b: int):
+    """Layers ``a .. b-1`` of ``chain`` as a chain of their own: its input is ``h_a`` (x, through
+    the input index, where ``a`` is 0), its output the layer ``b - 1``'s through the permutation
+    after it, which is the next range's input (the kernels fold the permutation into the
+    store)."""
+    first = a == 0
+    return Chain(tuple(chain.channels[a:b + 1]), tuple(chain.groups[a:b]),
+                 list(chain.weights[a:b]), list(chain.biases[a:b]), list(chain.shuffles[a:b]),
+                 list(chain.perms[a:b]), chain.input_index if first else None,
+                 chain.in_channels if first else int(chain.channels[a]))
+
+
+def _structure(chain, dtype):
+    return K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
+                            [p is not None for p in chain.perms],
+                            [b is not None for b in chain.biases],
+                            chain.input_index is not None, dtype)
+
+
+def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
+                    spills=None) -> tuple:
+    """The layer ranges ``((0, a), ..., (z, L))`` in which the backward runs: the whole chain,
+    unless it is a 16-bit chain with packed layers (``K.fixed_candidates`` offers it packed
+    configurations first) whose every packed backward configuration spills on the GPU at hand
+    (IGCV2(1024, 8): the fixed path would take an FMA configuration, about 2% of copy bandwidth
+    predicted, docs/benchmarks.md). Such a chain is halved, recursively, until each range's
+    backward takes a packed configuration without spills (a range without packed layers: any
+    configuration without spills) and each range's forward but the last's compiles without
+    spills; where a single layer still fails, the whole chain. Chosen from compiles
+    (``K.fixed_choice``, cached), never from timings, so the same with the autotuner on or off;
+    not under the interpreter or where ``checks_spills`` says no, unless ``spills`` (the spilled
+    bytes of a compile, as for ``spill_reasons``) is given (``force_stages`` overrides, for
+    tests)."""
+    forced = getattr(_FORCED, "ranges", None)
+    whole = ((0, chain.num_layers),)
+    if forced is not None:
+        return forced
+    if chain.num_layers < 2 or (spills is None and not checks_spills(x)):
+        return whole
+    key = (chain.in_channels, tuple(chain.channels), tuple(chain.groups), tuple(chain.shuffles),
+           tuple(p is not None for p in chain.perms), tuple(b is not None for b in chain.biases),
+           chain.input_index is not None, x.dtype, tuple(x.shape), tuple(x.stride()),
+           x.device.index, bool(need_dx), bool(need_dw), bool(need_db), K.dot_precision())
+    hit = _STAGES.get(key) if spills is None else None
+    if hit is None:
+        hit = _stages(x, chain, (need_dx, need_dw, need_db), spills) or whole
+        if spills is None:
+            _STAGES[key] = hit
+    return hit
+
+
+_STAGES: dict = {}
+
+
+def _stages(x, chain, needs, spills):
+    """``backward_stages``' ranges, or None for the whole chain."""
+    if not _structure(chain, x.dtype).native16:
+        return None  # float32's packed products are FFMAs: no range would gain (and each
+        # range's candidates would be compiled for nothing)
+    xm = _meta_like(x.shape, x.stride(), x.dtype)
+    L = chain.num_layers
+
+    def fits(a, b):
+        """Whether layers a..b-1 run as one range without spills (their forward too, unless
+        they are the last range), their backward in a packed configuration where the range
+        offers packed ones first."""
+        sub = sub_chain(chain, a, b)
+        xs = xm if a == 0 else empty_like_layout(xm, int(chain.channels[a]), x.dtype)
+        got = _fixed_choices(xs, sub, a > 0 or needs[0], needs[1], needs[2], spills, x.device)
+        got = [g for g in got if b < L or g[0] == "backward"]
+        if any(spilled for _, _, spilled in got):
+            return False
+        bwd = [cfg for direction, cfg, _ in got if direction == "backward"]
+        return not bwd or bool(bwd[0].pack) or not K._packed_first(_structure(sub, x.dtype))
+
+    def split(a, b):
+        if fits(a, b):
+            return [(a, b)]
+        if b - a == 1:
+            return None
+        mid = (a + b) // 2
+        left, right = split(a, mid), split(mid, b)
+        return left + right if left is not None and right is not None else None
+
+    got = _fixed_choices(xm, chain, *needs, spills)
+    bwd = [(cfg, spilled) for direction, cfg, spilled in got if direction == "backward"]
+    if (not bwd or (bwd[0][0].pack and not bwd[0][1])
+            or not K._packed_first(_structure(chain, x.dtype))):
+        return None
+    left, right = split(0, L // 2), split(L // 2, L)
+    return tuple(left + right) if left is not None and right is not None else None
+
+
+def _staged_backward(grad_y, x, weights, biases, groups, shuffles, perms, need,
+                     input_index, stages):
+    """The backward in layer ranges: the forward of every range but the last, from x, keeping
+    each range's input ``h_a`` (in x's dtype and layout), then the backward of each range from
+    the last, its input gradient the previous range's output gradient; the weight and bias
+    gradients concatenated in layer order. Every launch is one of the fused kernels, each
+    deterministic; the extra device traffic is each kept ``h_a`` written and read twice and
+    each ``dh_a`` written and read (docs/backends.md)."""
+    need_dx, need_dw, need_db = need
+    nb = len(biases)
+
+    def part(a, b):
+        return (list(weights[a:b]), list(biases[a:b]) if nb else [], list(groups[a:b]),
+                list(shuffles[a:b]), list(perms[a:b]), input_index if a == 0 else None)
+
+    inputs = [x]
+    for a, b in stages[:-1]:
+        w, bs, g, sh, pm, idx = part(a, b)
+        inputs.append(chain_forward(inputs[-1], w, bs, g, sh, pm, idx))
+    grad = grad_y
+    gws, gbs = [], []
+    for s in range(len(stages) - 1, -1, -1):
+        a, b = stages[s]
+        w, bs, g, sh, pm, idx = part(a, b)
+        grad, gw, gb = _backward(grad, inputs[s], w, bs, g, sh, pm,
+                                 (need_dx or s > 0, need_dw, need_db), idx)
+        gws.insert(0, gw)
+        gbs.insert(0, gb)
+    dtype = weights[0].dtype
+    dx = grad if need_dx else x.new_empty((0,), dtype=dtype)
+    return dx, torch.cat(gws), torch.cat(gbs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,9 +470,24 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
                    perms: List[Optional[torch.Tensor]], output_mask: List[bool],
                    input_index: Optional[torch.Tensor] = None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    need_dx, need_dw, need_db = (bool(m) for m in output_mask)
+    need = tuple(bool(m) for m in output_mask)
+    chain = _checked_chain(x, weights, biases, groups, shuffles, perms, input_index, grad_y)
+    if any(need) and x.numel():
+        stages = backward_stages(x, chain, *need)
+        if len(stages) > 1:
+            return _staged_backward(grad_y, x, weights, biases, groups, shuffles, perms, need,
+                                    input_index, stages)
+    return _backward(grad_y, x, weights, biases, groups, shuffles, perms, need, input_index,
+                     chain)
+
+
+def _backward(grad_y, x, weights, biases, groups, shuffles, perms, need, input_index,
+              chain=None):
+    """The backward of the whole chain in one launch of the backward kernel (and the reduction
+    of its partial rows); ``chain``: checked already."""
+    need_dx, need_dw, need_db = need
     st, ptrs = _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y,
-                        (need_dx, need_dw, need_db))
+                        need, chain)
     need_db = need_db and st.b_total > 0
     dtype = _store_dtype(weights[0].dtype)
     dx = empty_like_layout(x, x.shape[1], dtype) if need_dx else x.new_empty((0,), dtype=dtype)

@@ -556,6 +556,24 @@ def test_fixed_path_launches_its_first_spill_free_packed_configuration(alt, case
                    for c in cands[direction]), got
 
 
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_spill_check_stages_the_backward_whose_packed_builds_spill(alt):
+    """IGCV2(1024, 8) in bf16 (four layers of 128 groups of 8): every packed backward build of
+    the whole chain spills with both Tritons (sm_90), so the fixed path would launch the FMA
+    path (2% predicted). The backend's check (``T.backward_stages`` on the same compiles) runs
+    it in two ranges of two layers instead, whose packed builds do not spill: the report says
+    so, and that the whole chain's kernel is not launched."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    r = _refusals(TRITON_ALT if alt else None, "igcv2(1024,8)", "bfloat16", "backward")
+    r = r["backward"]
+    assert not r["refused"] and r["stages"] == [[0, 2], [2, 4]], r
+    assert r["launches"] is None, r
+    assert all(c["spill_bytes"] > 0 for c in r["compiled"] if c["config"]["PACK"]), r
+
+
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
     """The static check (``--refusals``, ``--pruning``) takes a build whose shared memory exceeds
     the SM's as the GPU's compile takes it, OutOfResources, which the fixed path and the

@@ -378,3 +378,56 @@ def test_tile_moves_take_the_plain_loop_unless_the_chain_gathers():
     assert got["load_nchw_min"] == 5 and got["load_nchw_max"] == 8, got
     assert got["load_nchw"] == 5  # the innermost: the shorter span
     assert got["sfx"] == ["_min", "_max"]
+
+
+def test_staged_backward_adds_its_launches_times():
+    """The Triton backend's staged backward (``pm.staged``): records of a chain's layer ranges
+    ``NAME[a:b]`` (the fixed path's) that cover its layers one after the other give one
+    prediction, the launches' times per position added (each range's forward but the last's,
+    each range's backward) against the whole chain's copy. Memory-bound parts at their own copy
+    speed: 2 + 3 + 3 copies of a 256-channel float32 tensor per position for the 3 of the whole
+    backward, 3/8. Ranges that leave a gap, a missing forward, or rows the fixed path does not
+    take give none."""
+    base = dict(backend="triton", toolchain="triton x", layout="nchw", arch="sm_90",
+                kernel="k", config={}, compiled=True, spill_bytes=0, per_position=True,
+                fixed_path=True, ctas_per_sm=64)
+    rows = [_row(**base, structure="s[0:2]"),
+            _row(**base, structure="s[0:2]", direction="backward"),
+            _row(**base, structure="s[2:4]", direction="backward"),
+            _row(**{**base, "fixed_path": False}, structure="s[2:4]")]
+    for r in rows:
+        assert pm.predict(r, pm.DEVICES["h200"])["fraction_of_copy"] == pytest.approx(1.0)
+    (rec,) = pm.staged(rows, "h200")
+    assert rec["structure"] == "s" and rec["stages"] == [[0, 2], [2, 4]], rec
+    assert rec["predicted_fraction_of_copy"] == pytest.approx(3 / 8, abs=1e-4), rec
+    assert [(p["range"], p["direction"]) for p in rec["parts"]] == [
+        ([0, 2], "forward"), ([2, 4], "backward"), ([0, 2], "backward")]
+    assert rec["prediction"].startswith("PREDICTED")
+    assert "PREDICTIONS" in pm.staged_markdown([rec]) and pm.staged_markdown([]) == ""
+    assert pm.staged(rows[1:], "h200") == []  # the first range's forward is missing
+    assert pm.staged([rows[0], rows[2]], "h200") == []  # layers 0..1's backward is missing
+    gap = [rows[0], rows[1], _row(**base, structure="s[3:4]", direction="backward")]
+    assert pm.staged(gap, "h200") == []
+
+
+def test_measured_backward_of_a_staged_chain_pairs_with_the_staged_prediction():
+    """Where the backend stages a chain's backward, a measurement of it is paired with the
+    staged prediction of that toolchain, not its whole chain's fixed path."""
+    whole = dict(backend="triton", direction="backward", structure="igcv2(1024,8)",
+                 dtype="bfloat16", layout="nchw", toolchain="triton x", reachable=True,
+                 fixed_path=True, predicted_fraction_of_copy=0.02)
+    stage = dict(backend="triton", toolchain="triton x", structure="igcv2(1024,8)",
+                 dtype="bfloat16", layout="nchw", predicted_fraction_of_copy=0.19)
+    row = {"kind": "fused", "metric": "time", "mode": "bwd", "backend": "triton",
+           "config": {"channels": 1024, "group_size": 8, "depth": None}, "dtype": "bfloat16",
+           "layout": "nchw", "frac_copy_bw": 0.1}
+    assert pm.measured_beside_predicted([whole], {"rows": [row]}, True) == [
+        "triton backward igcv2(1024,8) bfloat16 nchw: measured 10%, predicted for the fixed "
+        "path 2%"]
+    assert pm.measured_beside_predicted([whole], {"rows": [row]}, True, [stage]) == [
+        "triton backward igcv2(1024,8) bfloat16 nchw: measured 10%, predicted for the fixed "
+        "path 19% (staged)"]
+    other = {**whole, "toolchain": "triton w", "predicted_fraction_of_copy": 0.03}
+    assert pm.measured_beside_predicted([whole, other], {"rows": [row]}, True, [stage]) == [
+        "triton backward igcv2(1024,8) bfloat16 nchw: measured 10%, predicted for the fixed "
+        "path 3% (triton w), 19% (triton x, staged)"]

@@ -231,7 +231,7 @@ for arg in "${steps[@]}"; do
         --measured "$OUT/bench-triton-bf16.json" ;
       run_step triton-bf16-fixed env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet \
-      --only 256:8:3,256:16:2,256:32:2,512:8:3,512:16:3,1024:16:3,1024:32:2 \
+      --only 256:8:3,256:16:2,256:32:2,512:8:3,512:16:3,1024:8:4,1024:16:3,1024:32:2 \
       --dtypes bfloat16 --backends triton --json "$OUT/bench-triton-bf16-fixed.json" ;
       run_step triton-bf16-fixed-predicted "$PY" tools/perf_model.py \
         benchmarks/results/gpu-static-triton-3.9.0-packed-k16.json \
@@ -240,6 +240,8 @@ for arg in "${steps[@]}"; do
         benchmarks/results/gpu-static-triton-3.9.0-wide-backward.json \
         benchmarks/results/gpu-static-triton-3.6.0-default.json \
         benchmarks/results/gpu-static-triton-3.6.0-wide-backward.json \
+        benchmarks/results/gpu-static-triton-3.9.0-staged.json \
+        benchmarks/results/gpu-static-triton-3.6.0-staged.json \
         --measured "$OUT/bench-triton-bf16-fixed.json" --fixed ;;
     bench) run_step bench "$PY" benchmarks/bench.py --device cuda --targets --json "$OUT/bench-targets.json" ;
       run_step predicted "$PY" tools/perf_model.py benchmarks/results/gpu-static-*.json \

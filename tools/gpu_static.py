@@ -65,7 +65,19 @@ def structure_args(name: str):
     """``(x_channels, weights shapes, groups, permutations, input_index)`` of a named structure:
     ``igcv2(C,K)``, ``igcv3-expand(C,t,G)``, ``igcv3-reduce(C,t,G)``, ``condense(C,G)``,
     ``perm(C,K)`` (IGCV2 with explicit random permutations), ``deep(C,G,L)`` (L layers of G
-    groups on C channels, interleaved: deeper than the kernels' pointer slots from L = 9)."""
+    groups on C channels, interleaved: deeper than the kernels' pointer slots from L = 9);
+    ``NAME[a:b]``: layers a..b-1 of NAME as a chain of their own (a range of the Triton
+    backend's staged backward, ``_triton_ops.sub_chain``: its input h_a, the input index only
+    where a is 0)."""
+    r = re.fullmatch(r"(.+)\[(\d+):(\d+)\]", name)
+    if r:
+        c_x, spec, perms, idx = structure_args(r.group(1))
+        a, b = int(r.group(2)), int(r.group(3))
+        if not 0 <= a < b <= len(spec.groups):
+            raise ValueError(f"{name!r}: no layers {a}..{b - 1} in {len(spec.groups)}")
+        sub = igc.ChainSpec(list(spec.channels[a:b + 1]), list(spec.groups[a:b]))
+        return (c_x if a == 0 else int(spec.channels[a])), sub, list(perms[a:b]), \
+            (idx if a == 0 else None)
     m = re.fullmatch(r"([a-z0-9-]+)\(([\d,]+)\)", name)
     if not m:
         raise ValueError(f"unknown structure {name!r}")
@@ -123,7 +135,9 @@ def record(structure: str, dtype: str, layout: str, direction: str, config=None)
             if direction == "forward":
                 T.chain_forward(x, *args[:5], args[5])
             else:
-                gy = torch.randn(2, spec.out_channels, 8, 8, dtype=dt)
+                # grad_y in y's layout (x's), as autograd passes it and as the backend's
+                # spill check (``T.spill_reasons``) compiles it
+                gy = _chain.empty_like_layout(x, spec.out_channels, dt).normal_()
                 T.chain_backward(gy, x, *args[:5], [True, True, True], args[5])
     finally:
         T._launch = real
@@ -402,7 +416,9 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     """What the Triton backend decides on a GPU of sm_``arch`` for this problem, with the
     package's own check (``_triton_ops.spill_reasons``: the fixed path's candidates compiled,
     the first spill-free one taken) on sm_``arch`` cubins compiled here: ``refused`` with the
-    reason, or the configuration the fixed path launches (spill-free)."""
+    reason, or the configuration the fixed path launches (spill-free); for the backward also
+    its layer ranges (``stages``; where there are several, ``launches`` is None: each range
+    launches its own)."""
     x, chain, _ = problem_input(structure, dtype, layout)
     taken = []
 
@@ -421,12 +437,19 @@ def refusal(structure: str, dtype: str, layout: str, direction: str, arch: int) 
     reasons = T.spill_reasons(x, chain, backward, backward, False, spills=spills)
     mine = [r for r in reasons if f"Triton {direction} kernel" in r]
     last = [t for t in taken if ("KEEP" in t[0]) == backward]
+    # the backward's layer ranges (``T.backward_stages``, on the same compiles): more than one
+    # where the whole chain's packed backward spills and its ranges' do not (then the whole
+    # chain's kernel is not launched, and a whole chain that spills everywhere is not refused)
+    stages = [list(r) for r in T.backward_stages(x, chain, True, True, False, spills=spills)] \
+        if backward and not mine else None
+    staged = stages is not None and len(stages) > 1
     return {"structure": structure, "dtype": dtype, "layout": layout, "direction": direction,
             "arch": f"sm_{arch}", "toolchain": f"triton {triton.__version__}",
             "refused": bool(mine), "reason": mine[0] if mine else "",
             "compiles": bool(last),  # False: no candidate compiled (the launch would raise)
             "compiled": [{"config": c, "spill_bytes": b} for c, b in last],
-            "launches": None if mine else (last[-1][0] if last else None)}
+            "launches": None if mine or staged else (last[-1][0] if last else None),
+            "stages": stages}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -490,7 +490,7 @@ def records(report: dict, device: str = "h200") -> list:
     return out
 
 
-def markdown(recs: list, command: str) -> str:
+def markdown(recs: list, command: str, stages: list = ()) -> str:
     lines = ["# Predicted fraction of copy bandwidth (PREDICTIONS: model, no GPU run)", "",
              f"Command: `{command}`", "",
              "Model: tools/perf_model.py, docs/benchmarks.md (\"GPU performance model\"). Per "
@@ -504,6 +504,9 @@ def markdown(recs: list, command: str) -> str:
              "16 wide or a tile has 512 channels or more, the 16-bit backward's SPLIT ones "
              "first where a tile has 1024; -: not among the compiled "
              "configurations). H200 and H100 columns.", "",
+             *(["Where the Triton backend runs a chain's backward in layer ranges (the staged "
+                "section below), its fixed path column adds that prediction: \"(staged: "
+                "...)\"; the whole chain's kernel is then not launched.", ""] if stages else []),
              "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
              "| spill B | H200 | H100 | bound | fixed path H200 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -519,6 +522,11 @@ def markdown(recs: list, command: str) -> str:
         best = max(tuned, key=lambda r: r["predicted_fraction_of_copy"])
         default = [r for r in rs if r.get("fixed_path")]
         d = f"{default[0]['predicted_fraction_of_copy']:.0%}" if default else "-"
+        staged_here = [s for s in stages if key[0] == "triton" and key[2] == "backward"
+                       and (s["toolchain"], s["structure"], s["dtype"], s["layout"],
+                            s["arch"]) == (key[1], *key[3:])]
+        if staged_here:  # the backend runs the ranges instead (the staged section)
+            d += f" (staged: {staged_here[0]['predicted_fraction_of_copy']:.0%})"
         cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
                         if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
         pack = max([v for k, v in best["config"].items() if k.startswith("PACK")] or [0])
@@ -563,14 +571,17 @@ def _measured_key(m: dict):
             m.get("dtype"), m.get("layout"))
 
 
-def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False) -> list:
+def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False,
+                              stages: list = ()) -> list:
     """Lines pairing each measured fraction of copy bandwidth (the fused-operator rows of a GPU
     benchmark JSON, ``benchmarks/bench.py --device cuda --json``: same traffic definition) with
     the prediction for the same backend, direction, structure, dtype and layout (the best
     reachable configuration's: the autotuner's pick if the model is right; ``fixed``: the fixed
     launch path's, for a benchmark run with ``IGC_TRITON_AUTOTUNE=0`` or in deterministic
     mode); one per toolchain, each named, where the records come from several (the GPU's
-    Triton may not be the CI's: their builds differ)."""
+    Triton may not be the CI's: their builds differ). ``stages``: ``staged`` records; a
+    toolchain's staged prediction replaces its whole-chain ones for that backward (the backend
+    runs the ranges, with the autotuner on or off), marked "staged"."""
     out = []
     for m in measured.get("rows", []):
         key = _measured_key(m)
@@ -583,16 +594,104 @@ def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False) -
                     and (r["backend"], r["direction"], r["structure"], r["dtype"],
                          r["layout"]) == key):
                 match.setdefault(r["toolchain"], []).append(r["predicted_fraction_of_copy"])
+        staged_tc = set()
+        for r in stages:
+            if ("triton", "backward", r["structure"], r["dtype"], r["layout"]) == key:
+                match[r["toolchain"]] = [r["predicted_fraction_of_copy"]]
+                staged_tc.add(r["toolchain"])
         what = "predicted for the fixed path" if fixed else "predicted"
         if not match:
             pred = "no prediction"
         elif len(match) == 1:
-            pred = f"{what} {max(next(iter(match.values()))):.0%}"
+            tc, v = next(iter(match.items()))
+            pred = f"{what} {max(v):.0%}" + (" (staged)" if tc in staged_tc else "")
         else:
-            pred = f"{what} " + ", ".join(f"{max(v):.0%} ({tc})" for tc, v in sorted(
-                match.items()))
+            pred = f"{what} " + ", ".join(
+                f"{max(v):.0%} ({tc}{', staged' if tc in staged_tc else ''})"
+                for tc, v in sorted(match.items()))
         out.append(f"{' '.join(key)}: measured {m['frac_copy_bw']:.0%}, {pred}")
     return out
+
+
+_RANGE = re.compile(r"(.+)\[(\d+):(\d+)\]")
+
+
+def staged(rows: list, device: str = "h200") -> list:
+    """Predictions of the Triton backend's staged backward (``_triton_ops.backward_stages``)
+    from a report's records of its layer ranges (structures ``NAME[a:b]``, gpu_static.py): per
+    toolchain, chain, dtype and layout whose backward ranges cover its layers one after the
+    other, the fixed path's launches of the staged run, each range's forward but the last's
+    and every range's backward, one after the other (the times per position add). The fraction
+    is of the whole chain's copy (x, grad_y and grad_x once): each kept range input ``h_a`` is
+    written and read twice and each ``dh_a`` written and read besides, which the ranges' own
+    copies count."""
+    dev = DEVICES[device]
+    parts = {}
+    for r in rows:
+        m = _RANGE.fullmatch(r["structure"])
+        if (not m or r.get("backend", "triton") != "triton" or not r.get("per_position")
+                or not r.get("fixed_path") or not r["compiled"] or r["arch"] != dev.arch
+                or not r.get("dyn")):
+            continue
+        key = (r["toolchain"], m.group(1), r["dtype"], r["layout"], r["arch"])
+        parts.setdefault(key, {})[(int(m.group(2)), int(m.group(3)), r["direction"])] = r
+    out = []
+    for (toolchain, name, dtype, layout, arch), got in sorted(parts.items()):
+        ranges = sorted({(a, b) for a, b, d in got if d == "backward"})
+        if (not ranges or ranges[0][0] != 0
+                or any(r1[1] != r2[0] for r1, r2 in zip(ranges, ranges[1:]))
+                or any((a, b, "forward") not in got for a, b in ranges[:-1])):
+            continue  # not one partition of the layers, or a range's forward missing
+        launches = [got[(a, b, "forward")] for a, b in ranges[:-1]]
+        launches += [got[(a, b, "backward")] for a, b in reversed(ranges)]
+        first, last = got[(*ranges[0], "backward")], got[(*ranges[-1], "backward")]
+        whole = {"dtype": dtype, "direction": "backward", "c_x": first["c_x"],
+                 "c_out": last["c_out"]}
+        rec = {"backend": "triton", "toolchain": toolchain, "structure": name, "dtype": dtype,
+               "layout": layout, "arch": arch, "stages": [list(r) for r in ranges],
+               "prediction": "PREDICTED (model, no GPU run)", "device_model": dev.name,
+               "spill_bytes": max(r["spill_bytes"] for r in launches), "parts": []}
+        for d in (dev, DEVICES["h100"]):
+            t = 0.0
+            for r in launches:
+                p = predict(r, d)
+                t += p["seconds_per_position"]
+                if d is dev:
+                    m = _RANGE.fullmatch(r["structure"])
+                    rec["parts"].append({
+                        "range": [int(m.group(2)), int(m.group(3))],
+                        "direction": r["direction"], "config": r["config"],
+                        "fraction_of_own_copy": round(p["fraction_of_copy"], 4),
+                        "bound": p["bound"],
+                        "ns_per_kposition": round(p["seconds_per_position"] * 1e12, 3)})
+            frac = copy_bytes_per_position(whole) / d.copy_bytes_per_s / t
+            rec["predicted_fraction_of_copy" + ("" if d is dev else "_h100")] = round(frac, 4)
+        out.append(rec)
+    return out
+
+
+def staged_markdown(recs: list) -> str:
+    """The staged backward's predictions as a markdown section ("" when there are none)."""
+    if not recs:
+        return ""
+    lines = ["", "## Staged backward (Triton; PREDICTIONS)", "",
+             "The backward of a chain whose every packed backward configuration spills, in "
+             "layer ranges (`_triton_ops.backward_stages`): each range's forward but the "
+             "last's, then each range's backward from the last, one after the other; the "
+             "fraction is of the whole chain's copy. Parts, in launch order: range, direction, "
+             "the fraction of its own copy and its bound.", "",
+             "| toolchain | structure | dtype | layout | ranges | parts | spill B | H200 | H100 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in recs:
+        ranges = ", ".join(f"{a}:{b}" for a, b in r["stages"])
+        parts = "; ".join(f"{p['range'][0]}:{p['range'][1]} "
+                          f"{'fwd' if p['direction'] == 'forward' else 'bwd'} "
+                          f"{p['fraction_of_own_copy']:.0%} {p['bound']}" for p in r["parts"])
+        lines.append(f"| {r['toolchain']} | {r['structure']} | {r['dtype']} | {r['layout']} | "
+                     f"{ranges} | {parts} | {r['spill_bytes']} | "
+                     f"{r['predicted_fraction_of_copy']:.0%} | "
+                     f"{r['predicted_fraction_of_copy_h100']:.0%} |")
+    return "\n".join(lines) + "\n"
 
 
 def merge_reports(paths) -> dict:
@@ -657,16 +756,21 @@ def main(argv=None) -> int:
             print(f"{r['backend']:<6} {r['direction']:<8} {r['structure']:<22} {r['dtype']:<8} "
                   f"{r['layout']:<13} {str(r['config']):<70} "
                   f"{r['predicted_fraction_of_copy']:6.1%} {r['bound']}")
+    stage_recs = staged(report["rows"], args.device)
+    for r in stage_recs:
+        print(f"triton backward {r['structure']:<22} {r['dtype']:<8} {r['layout']:<13} staged "
+              f"{r['stages']} {r['predicted_fraction_of_copy']:6.1%}")
     if args.json:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump({**meta, "records": recs}, f, indent=1)
+            json.dump({**meta, "records": recs, **({"staged": stage_recs} if stage_recs
+                                                   else {})}, f, indent=1)
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(recs, command))
+            f.write(markdown(recs, command, stage_recs) + staged_markdown(stage_recs))
     if args.measured:
         with open(args.measured) as f:
-            for line in measured_beside_predicted(recs, json.load(f), args.fixed):
+            for line in measured_beside_predicted(recs, json.load(f), args.fixed, stage_recs):
                 print(line)
     return 0
 
