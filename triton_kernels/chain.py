@@ -976,8 +976,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 acts = acts + (_fwd_layer(acts[i], wts[i], HOLD, WP, BP, perm_ptr, zero,
                                           LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P),)
         if DY_LATE:  # dy's registers are not held during the recomputed forward: another
-            # round trip per tile (IGCV2(1024, 16)'s channels-last SPLIT = 2 spilled 24 bytes
-            # with dy loaded beside x, none so)
+            # round trip per tile
             g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
         g = g_in.to(tl.float32)
         carried = ()
@@ -1286,8 +1285,12 @@ def permutation_buffer(st: Structure, perms, inverse):
 #                         values per thread for IGCV2(1024, 32) on 8 warps), and every other
 #                         packed configuration spilled; 0 elsewhere
 #   DY_LATE               (backward, SPLIT) 1: a tile's dy loaded after its forward is recomputed
-#                         (no dy registers held meanwhile, a second round trip per tile): the
-#                         one of PACKED_SPLIT's three that IGCV2(1024, 16) fits channels-last
+#                         (no dy registers held meanwhile, a second round trip per tile):
+#                         added for IGCV2(1024, 16) channels-last, which fitted it in a report
+#                         compiled with an NCHW dy; with a channels-last dy, as the backend
+#                         launches it, it spills there (136 bytes; the chain's backward is
+#                         staged, _triton_ops), and no reported chain takes it: a later
+#                         candidate
 #   W_TILE                (backward, SPLIT) 1: the packed layers' weight blocks loaded every
 #                         tile where they are used (from L1 / L2) instead of held across the
 #                         tiles (in shared memory): triton 3.6.0's held SPLIT builds need more
@@ -1340,8 +1343,9 @@ _OVERRIDE = threading.local()
 # compiles without spills runs (RED = 2 is offered to 16-bit chains only, so float32 ones skip
 # it). For the IGCV2 targets (C 256..1024, groups of 8..32) in bf16 the static model
 # (tools/perf_model.py, docs/benchmarks.md) predicts the default FMA configuration at 2% to 42%
-# of copy bandwidth, these at 35% to 100% (C = 1024's backward: SPLIT, 31% to 35% where it
-# fits, IGCV2(1024, 16) and (1024, 32) NCHW; IGCV2(1024, 8) spills with the CI's Triton):
+# of copy bandwidth, these at 35% to 100% (C = 1024's backward: SPLIT, 33% to 35% where it
+# fits, IGCV2(1024, 16) and (1024, 32) NCHW; where every packed build spills, IGCV2(1024, 8)
+# for one, the backward is staged, _triton_ops.backward_stages, 16% to 21%):
 # the forward on 16 positions on 4 warps, else persistent on 8 warps loading two tiles ahead
 # (first where a tile has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM,
 # and IGCV2(1024, 16) is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024,
