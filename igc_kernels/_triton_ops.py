@@ -298,6 +298,7 @@ def _fixed_choices(x, chain, need_dx, need_dw, need_db, spills=None, device=None
 # Staged backward: chains whose packed backward spills run in ranges of layers
 # ---------------------------------------------------------------------------------------------
 _FORCED = threading.local()
+STAGED_ENV = "IGC_TRITON_STAGED"  # "0": never staged (read at every call)
 
 
 class force_stages:
@@ -346,13 +347,15 @@ def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
     spills; where a single layer still fails, the whole chain. Chosen from compiles
     (``K.fixed_choice``, cached), never from timings, so the same with the autotuner on or off;
     not under the interpreter or where ``checks_spills`` says no, unless ``spills`` (the spilled
-    bytes of a compile, as for ``spill_reasons``) is given (``force_stages`` overrides, for
-    tests)."""
+    bytes of a compile, as for ``spill_reasons``) is given, nor with ``IGC_TRITON_STAGED=0``
+    (the whole chain then, and its refusal where it spills everywhere: no range inputs kept in
+    memory) (``force_stages`` overrides, for tests)."""
     forced = getattr(_FORCED, "ranges", None)
     whole = ((0, chain.num_layers),)
     if forced is not None:
         return forced
-    if chain.num_layers < 2 or (spills is None and not checks_spills(x)):
+    if (chain.num_layers < 2 or (spills is None and not checks_spills(x))
+            or os.environ.get(STAGED_ENV, "1") == "0"):
         return whole
     key = (chain.in_channels, tuple(chain.channels), tuple(chain.groups), tuple(chain.shuffles),
            tuple(p is not None for p in chain.perms), tuple(b is not None for b in chain.biases),
@@ -414,8 +417,9 @@ def _staged_backward(grad_y, x, weights, biases, groups, shuffles, perms, need,
     each range's input ``h_a`` (in x's dtype and layout), then the backward of each range from
     the last, its input gradient the previous range's output gradient; the weight and bias
     gradients concatenated in layer order. Every launch is one of the fused kernels, each
-    deterministic; the extra device traffic is each kept ``h_a`` written and read twice and
-    each ``dh_a`` written and read (docs/backends.md)."""
+    deterministic; the extra device traffic: each kept ``h_a`` written once and read by its
+    range's forward (but the last range's) and backward, x read twice, each ``dh_a`` written
+    and read once (docs/backends.md)."""
     need_dx, need_dw, need_db = need
     nb = len(biases)
 

@@ -133,8 +133,8 @@ def test_stages_chosen_from_compiles(monkeypatch, layers, max_packed, want):
     """``backward_stages`` halves a 16-bit chain with packed layers, recursively, while the
     range's packed backward spills; the whole chain where its own packed backward fits, or where
     some range (down to one layer) would have no packed backward without spills. A float32
-    chain without packed-first candidates, and a one-layer chain, are never split. The ranges'
-    forwards are checked too (not the last's)."""
+    chain without packed-first candidates, and a one-layer chain, are never split, nor any
+    with ``IGC_TRITON_STAGED=0``. The ranges' forwards are checked too (not the last's)."""
     monkeypatch.setattr(K, "_FIXED", {})
     monkeypatch.setattr(T, "_STAGES", {})
     monkeypatch.setattr(T, "checks_spills", lambda t: True)
@@ -151,6 +151,9 @@ def test_stages_chosen_from_compiles(monkeypatch, layers, max_packed, want):
     p32 = _problem(torch.float32, layers=layers, input_index=False)
     c32 = normalize(p32.x, p32.weights, list(p32.groups), p32.permutations, p32.biases)
     assert T.backward_stages(p32.x, c32, True, True, True) == ((0, layers),)
+    monkeypatch.setenv(T.STAGED_ENV, "0")  # switched off: the whole chain
+    assert T.backward_stages(p.x, chain, True, True, True) == ((0, layers),)
+    monkeypatch.delenv(T.STAGED_ENV)
     p1 = _problem(torch.float16, layers=1, input_index=False)
     c1 = normalize(p1.x, p1.weights, list(p1.groups), p1.permutations, p1.biases)
     assert T.backward_stages(p1.x, c1, True, True, True) == ((0, 1),)

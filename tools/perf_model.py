@@ -622,9 +622,9 @@ def staged(rows: list, device: str = "h200") -> list:
     toolchain, chain, dtype and layout whose backward ranges cover its layers one after the
     other, the fixed path's launches of the staged run, each range's forward but the last's
     and every range's backward, one after the other (the times per position add). The fraction
-    is of the whole chain's copy (x, grad_y and grad_x once): each kept range input ``h_a`` is
-    written and read twice and each ``dh_a`` written and read besides, which the ranges' own
-    copies count."""
+    is of the whole chain's copy (x, grad_y and grad_x once); the ranges' own copies count the
+    rest (x read again, each kept range input ``h_a`` written and read, each ``dh_a`` written
+    and read)."""
     dev = DEVICES[device]
     parts = {}
     for r in rows:
