@@ -375,8 +375,11 @@ _STAGES: dict = {}
 def _stages(x, chain, needs, spills):
     """``backward_stages``' ranges, or None for the whole chain."""
     if not _structure(chain, x.dtype).native16:
-        return None  # float32's packed products are FFMAs: no range would gain (and each
-        # range's candidates would be compiled for nothing)
+        # float32: its ranges' packed builds at 512 and 1024 channels fall back to the FMA path
+        # too, so this rule would never take them (and would compile each range's candidates
+        # for nothing). One-layer float32 ranges, with no permutation in registers, are
+        # predicted faster for some chains (docs/benchmarks.md); no rule for them yet.
+        return None
     xm = _meta_like(x.shape, x.stride(), x.dtype)
     L = chain.num_layers
 
