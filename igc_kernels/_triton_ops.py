@@ -78,6 +78,23 @@ def _checked_chain(x, weights, biases, groups, shuffles, perms, input_index, gra
     return chain
 
 
+def _structure(chain, dtype):
+    """The kernels' ``Structure`` of a checked chain."""
+    return K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
+                            [p is not None for p in chain.perms],
+                            [b is not None for b in chain.biases],
+                            chain.input_index is not None, dtype)
+
+
+def _check_key(x, chain, need_dx, need_dw, need_db) -> tuple:
+    """What the compile checks (``spill_reasons``, ``backward_stages``) depend on: the chain's
+    structure, x's dtype, shape, strides and device, the gradients wanted, the dots' precision."""
+    return (chain.in_channels, tuple(chain.channels), tuple(chain.groups), tuple(chain.shuffles),
+            tuple(p is not None for p in chain.perms), tuple(b is not None for b in chain.biases),
+            chain.input_index is not None, x.dtype, tuple(x.shape), tuple(x.stride()),
+            x.device.index, bool(need_dx), bool(need_dw), bool(need_db), K.dot_precision())
+
+
 def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=None,
              needs=(False, False, False), chain=None):
     """(structure, the kernels' pointer arguments ``w0..w7, b0..b7, perm_ptr``).
@@ -90,10 +107,7 @@ def _prepare(x, weights, biases, groups, shuffles, perms, input_index, grad_y=No
     reasons = spill_reasons(x, chain, *needs) if checks_spills(x) else []
     if reasons:
         raise ValueError("; ".join(reasons))
-    bias_present = [b is not None for b in chain.biases]
-    perm_present = [p is not None for p in chain.perms]
-    st = K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
-                          perm_present, bias_present, chain.input_index is not None, x.dtype)
+    st = _structure(chain, x.dtype)
     ptrs = K.pointer_args(st, chain.weights, chain.biases,
                           K.permutation_buffer(st, chain.perms, _inverse))
     return st, ptrs
@@ -228,10 +242,7 @@ def spill_reasons(x, chain, need_dx: bool, need_dw: bool, need_db: bool, spills=
     named) spills registers to local memory when compiled for the GPU at hand. The kernels are
     compiled, not launched (``K.fixed_choice``, cached per kernel and argument signature; the
     launch reuses the compile). ``spills``: for tests, spilled bytes of a compile."""
-    key = (chain.in_channels, tuple(chain.channels), tuple(chain.groups), tuple(chain.shuffles),
-           tuple(p is not None for p in chain.perms), tuple(b is not None for b in chain.biases),
-           chain.input_index is not None, x.dtype, tuple(x.shape), tuple(x.stride()),
-           x.device.index, bool(need_dx), bool(need_dw), bool(need_db), K.dot_precision())
+    key = _check_key(x, chain, need_dx, need_dw, need_db)
     hit = _SPILL_REASONS.get(key) if spills is None else None
     if hit is not None:
         return list(hit)
@@ -264,10 +275,7 @@ def _fixed_choices(x, chain, need_dx, need_dw, need_db, spills=None, device=None
     (``K.fixed_choice``: compiled, not launched) for ``x``'s forward through ``chain`` and, where
     a gradient is needed, its backward. ``x`` may be a meta tensor; ``device``: then the GPU
     (x's device by default)."""
-    bias_present = [b is not None for b in chain.biases]
-    perm_present = [p is not None for p in chain.perms]
-    st = K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
-                          perm_present, bias_present, chain.input_index is not None, x.dtype)
+    st = _structure(chain, x.dtype)
     kern = K.kernels_for(st)
     i32 = torch.empty((0,), dtype=torch.int32, device="meta")
     weights = [_meta_like(w.shape, w.stride(), w.dtype) for w in chain.weights]
@@ -281,7 +289,7 @@ def _fixed_choices(x, chain, need_dx, need_dw, need_db, spills=None, device=None
     index = (i32,) * 4 if chain.input_index is not None else (None,) * 4
     fwd_args, _ = _forward_args(xm, ym, index[0], ptrs)
     checks = [("forward", kern.fwd, False, fwd_args, {"PREC": K.dot_precision()})]
-    need_db = need_db and any(bias_present)
+    need_db = need_db and st.b_total > 0
     if need_dx or need_dw or need_db:
         row = st.w_total + st.b_total
         part = _meta_like((backward_programs(device or x.device, row), row), (row, 1),
@@ -328,13 +336,6 @@ def sub_chain(chain, a: int, b: int):
                  chain.in_channels if first else int(chain.channels[a]))
 
 
-def _structure(chain, dtype):
-    return K.make_structure(chain.in_channels, chain.channels, chain.groups, chain.shuffles,
-                            [p is not None for p in chain.perms],
-                            [b is not None for b in chain.biases],
-                            chain.input_index is not None, dtype)
-
-
 def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
                     spills=None) -> tuple:
     """The layer ranges ``((0, a), ..., (z, L))`` in which the backward runs: the whole chain,
@@ -357,10 +358,7 @@ def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
     if (chain.num_layers < 2 or (spills is None and not checks_spills(x))
             or os.environ.get(STAGED_ENV, "1") == "0"):
         return whole
-    key = (chain.in_channels, tuple(chain.channels), tuple(chain.groups), tuple(chain.shuffles),
-           tuple(p is not None for p in chain.perms), tuple(b is not None for b in chain.biases),
-           chain.input_index is not None, x.dtype, tuple(x.shape), tuple(x.stride()),
-           x.device.index, bool(need_dx), bool(need_dw), bool(need_db), K.dot_precision())
+    key = _check_key(x, chain, need_dx, need_dw, need_db)
     hit = _STAGES.get(key) if spills is None else None
     if hit is None:
         hit = _stages(x, chain, (need_dx, need_dw, need_db), spills) or whole
@@ -414,12 +412,13 @@ def _stages(x, chain, needs, spills):
     return tuple(left + right) if left is not None and right is not None else None
 
 
-def _staged_backward(grad_y, x, weights, biases, groups, shuffles, perms, need,
+def _staged_backward(grad_y, x, chain, weights, biases, groups, shuffles, perms, need,
                      input_index, stages):
     """The backward in layer ranges: the forward of every range but the last, from x, keeping
     each range's input ``h_a`` (in x's dtype and layout), then the backward of each range from
     the last, its input gradient the previous range's output gradient; the weight and bias
-    gradients concatenated in layer order. Every launch is one of the fused kernels, each
+    gradients concatenated in layer order (``chain``: the checked whole chain, whose ranges the
+    backwards take as checked). Every launch is one of the fused kernels, each
     deterministic; the extra device traffic: each kept ``h_a`` written once and read by its
     range's forward (but the last range's) and backward, x read twice, each ``dh_a`` written
     and read once (docs/backends.md)."""
@@ -440,7 +439,8 @@ def _staged_backward(grad_y, x, weights, biases, groups, shuffles, perms, need,
         a, b = stages[s]
         w, bs, g, sh, pm, idx = part(a, b)
         grad, gw, gb = _backward(grad, inputs[s], w, bs, g, sh, pm,
-                                 (need_dx or s > 0, need_dw, need_db), idx)
+                                 (need_dx or s > 0, need_dw, need_db), idx,
+                                 sub_chain(chain, a, b))  # (checked with the whole chain)
         gws.insert(0, gw)
         gbs.insert(0, gb)
     dtype = weights[0].dtype
@@ -482,8 +482,8 @@ def chain_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: List[torch.Te
     if any(need) and x.numel():
         stages = backward_stages(x, chain, *need)
         if len(stages) > 1:
-            return _staged_backward(grad_y, x, weights, biases, groups, shuffles, perms, need,
-                                    input_index, stages)
+            return _staged_backward(grad_y, x, chain, weights, biases, groups, shuffles, perms,
+                                    need, input_index, stages)
     return _backward(grad_y, x, weights, biases, groups, shuffles, perms, need, input_index,
                      chain)
 
