@@ -339,13 +339,15 @@ def sub_chain(chain, a: int, b: int):
 def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
                     spills=None) -> tuple:
     """The layer ranges ``((0, a), ..., (z, L))`` in which the backward runs: the whole chain,
-    unless it is a 16-bit chain with packed layers (``K.fixed_candidates`` offers it packed
+    but in two cases. A 16-bit chain with packed layers (``K.fixed_candidates`` offers it packed
     configurations first) whose every packed backward configuration spills on the GPU at hand
     (IGCV2(1024, 8): the fixed path would take an FMA configuration, about 2% of copy bandwidth
     predicted, docs/benchmarks.md). Such a chain is halved, recursively, until each range's
     backward takes a packed configuration without spills (a range without packed layers: any
     configuration without spills) and each range's forward but the last's compiles without
-    spills; where a single layer still fails, the whole chain. Chosen from compiles
+    spills; where a single layer still fails, the whole chain. A float32 chain runs in ranges of
+    one layer where its whole backward spills everywhere, or where it has 512 channels or more
+    and its whole backward runs the FMA path (``_single_layer_stages``). Chosen from compiles
     (``K.fixed_choice``, cached), never from timings, so the same with the autotuner on or off;
     not under the interpreter or where ``checks_spills`` says no, unless ``spills`` (the spilled
     bytes of a compile, as for ``spill_reasons``) is given, nor with ``IGC_TRITON_STAGED=0``
@@ -372,23 +374,31 @@ _STAGES: dict = {}
 
 def _stages(x, chain, needs, spills):
     """``backward_stages``' ranges, or None for the whole chain."""
-    if not _structure(chain, x.dtype).native16:
-        # float32: its ranges' packed builds at 512 and 1024 channels fall back to the FMA path
-        # too, so this rule would never take them (and would compile each range's candidates
-        # for nothing). One-layer float32 ranges, with no permutation in registers, are
-        # predicted faster for some chains (docs/benchmarks.md); no rule for them yet.
-        return None
     xm = _meta_like(x.shape, x.stride(), x.dtype)
     L = chain.num_layers
+
+    def choices(a, b):
+        """The fixed path's choices for layers a..b-1 as one range: its backward, and its
+        forward unless it is the last range."""
+        sub = sub_chain(chain, a, b)
+        xs = xm if a == 0 else empty_like_layout(xm, int(chain.channels[a]), x.dtype)
+        got = _fixed_choices(xs, sub, a > 0 or needs[0], needs[1], needs[2], spills, x.device)
+        return sub, [g for g in got if b < L or g[0] == "backward"]
+
+    got = _fixed_choices(xm, chain, *needs, spills)
+    bwd = [(cfg, spilled) for direction, cfg, spilled in got if direction == "backward"]
+    if not bwd:
+        return None
+    whole, whole_spills = bwd[0]
+    st = _structure(chain, x.dtype)
+    if not st.native16:
+        return _single_layer_stages(st, whole, whole_spills, choices)
 
     def fits(a, b):
         """Whether layers a..b-1 run as one range without spills (their forward too, unless
         they are the last range), their backward in a packed configuration where the range
         offers packed ones first."""
-        sub = sub_chain(chain, a, b)
-        xs = xm if a == 0 else empty_like_layout(xm, int(chain.channels[a]), x.dtype)
-        got = _fixed_choices(xs, sub, a > 0 or needs[0], needs[1], needs[2], spills, x.device)
-        got = [g for g in got if b < L or g[0] == "backward"]
+        sub, got = choices(a, b)
         if any(spilled for _, _, spilled in got):
             return False
         bwd = [cfg for direction, cfg, _ in got if direction == "backward"]
@@ -403,13 +413,30 @@ def _stages(x, chain, needs, spills):
         left, right = split(a, mid), split(mid, b)
         return left + right if left is not None and right is not None else None
 
-    got = _fixed_choices(xm, chain, *needs, spills)
-    bwd = [(cfg, spilled) for direction, cfg, spilled in got if direction == "backward"]
-    if (not bwd or (bwd[0][0].pack and not bwd[0][1])
-            or not K._packed_first(_structure(chain, x.dtype))):
+    if (whole.pack and not whole_spills) or not K._packed_first(st):
         return None
     left, right = split(0, L // 2), split(L // 2, L)
     return tuple(left + right) if left is not None and right is not None else None
+
+
+def _single_layer_stages(st, whole, whole_spills, choices):
+    """A float32 chain's ranges: one layer each, or None. Its packed builds at 512 and 1024
+    channels fall back to the FMA path in ranges too, where every input of every group is a
+    gather over the register tile (the permutations between layers live in registers). A
+    one-layer range holds none: its input comes from memory, the permutation after it is
+    folded into its store. Taken where the whole chain's backward spills in every configuration
+    (it would be refused), or where a tile has ``K.FIXED_FP32_PACKED_CHANNELS`` channels or
+    more and the whole backward runs the FMA path (no packed configuration fits); each range's
+    backward, and its forward but the last range's, without spills (predictions:
+    docs/benchmarks.md, "Staged backward")."""
+    if not whole_spills and (whole.pack or K._widest(st) < K.FIXED_FP32_PACKED_CHANNELS):
+        return None
+    L = st.num_layers
+    for a in range(L):
+        _, got = choices(a, a + 1)
+        if any(spilled for _, _, spilled in got):
+            return None
+    return tuple((a, a + 1) for a in range(L))
 
 
 def _staged_backward(grad_y, x, chain, weights, biases, groups, shuffles, perms, need,

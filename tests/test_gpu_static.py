@@ -475,13 +475,18 @@ def _refusals(pythonpath=None, structure="igcv2(512,8)", dtype="float32",
 def _check_refusals(rows):
     """IGCV2(512, 8) fp32 runs on both directions; the backward's default configuration spills
     (with both Tritons: 936 and 1400 bytes; IGCV2(256, 8)'s no longer does with triton 3.6.0),
-    so the check compiles on until a spill-free candidate, which is what launches."""
+    so the check compiles on until a spill-free candidate, which is what the forward launches.
+    The whole backward's is on the FMA path (8 positions on 8 warps: no packed build fits), so
+    the backward runs one layer per range (``T.backward_stages``: 512 channels), and the whole
+    chain's kernel is not launched."""
     for r in rows.values():
         assert not r["refused"], r
-        assert r["compiled"][-1]["spill_bytes"] == 0 and r["launches"] == r["compiled"][-1][
-            "config"], r
-    bwd = rows["backward"]["compiled"]
-    assert len(bwd) >= 2 and bwd[0]["spill_bytes"] > 0, bwd
+        assert r["compiled"][-1]["spill_bytes"] == 0, r
+    assert rows["forward"]["launches"] == rows["forward"]["compiled"][-1]["config"]
+    bwd = rows["backward"]
+    assert len(bwd["compiled"]) >= 2 and bwd["compiled"][0]["spill_bytes"] > 0, bwd
+    assert bwd["compiled"][-1]["config"]["PACK"] == 0, bwd
+    assert bwd["stages"] == [[0, 1], [1, 2], [2, 3]] and bwd["launches"] is None, bwd
 
 
 def test_spill_check_launches_a_spill_free_configuration():

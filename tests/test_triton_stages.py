@@ -193,3 +193,84 @@ def test_stages_run_where_chosen_and_lift_the_refusal(monkeypatch):
     with pytest.raises(igc.BackendUnavailableError, match=r"backward kernel .* 40 bytes"):
         igc.interleaved_group_conv(xg, p.weights, list(p.groups), p.permutations,
                                    backend="triton", input_index=p.input_index)
+
+
+def _fp32_spill_stand_in(whole, layer, forward_spills=False, compiled=None):
+    """Spilled bytes of a compile: a backward of several layers spills everywhere (``whole`` is
+    "never"), in its packed configurations only ("fma") or nowhere ("fits"); a one-layer
+    backward everywhere (``layer`` "never") or nowhere ("fits"); a one-layer forward where
+    ``forward_spills``; the rest nowhere."""
+    def spills(fn, args, meta):
+        n = len(meta["LAYERS"])
+        if compiled is not None:
+            compiled.append((meta.get("NEED_DX") is not None, n))
+        if meta.get("NEED_DX") is None:
+            return 64 if forward_spills and n == 1 else 0
+        rule = whole if n > 1 else layer
+        return 32 if rule == "never" or (rule == "fma" and meta.get("PACK")) else 0
+    return spills
+
+
+def _fp32_chain(channels, layers=3):
+    """A float32 chain of ``channels`` channels in groups of 8, every permutation kind, on a
+    small input (the compiles are stand-ins: nothing runs)."""
+    gen = torch.Generator().manual_seed(5)
+    kinds = [torch.randperm(channels, generator=gen), "interleave", None][:layers]
+    p = build_problem([channels] * (layers + 1), [channels // 8] * layers, spatial=(2, 2), N=1,
+                      dtype=torch.float32, permutations=kinds, seed=5)
+    return p.x, normalize(p.x, p.weights, list(p.groups), p.permutations, p.biases)
+
+
+SINGLES = ((0, 1), (1, 2), (2, 3))
+
+
+@pytest.mark.parametrize("channels,whole,layer,forward_spills,want", [
+    (512, "fma", "fits", False, SINGLES),  # 512 channels on the FMA path: one layer per range
+    (512, "fits", "fits", False, ((0, 3),)),  # its packed backward fits: the whole chain
+    (512, "fma", "never", False, ((0, 3),)),  # a layer spills everywhere: the whole chain
+    (512, "fma", "fits", True, ((0, 3),)),  # a kept range's forward spills: the whole chain
+    (32, "fits", "fits", False, ((0, 3),)),  # fewer channels: the whole chain
+    (32, "never", "fits", False, SINGLES),  # the whole chain spills everywhere: layers
+    (32, "never", "never", False, ((0, 3),)),  # so do its layers: the whole chain (refused)
+], ids=["512-fma", "512-packed", "512-layer-spills", "512-forward-spills", "32",
+        "32-spills", "32-all-spill"])
+def test_float32_stages_of_one_layer(monkeypatch, channels, whole, layer, forward_spills,
+                                     want):
+    """A float32 chain runs its backward one layer per range where its whole backward spills
+    in every configuration, or where it has 512 channels or more and no packed backward
+    configuration fits (the FMA path); each range's backward and each kept range's forward
+    without spills; else the whole chain, whose ranges are then not compiled where neither
+    case holds."""
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_STAGES", {})
+    monkeypatch.setattr(T, "checks_spills", lambda t: True)
+    compiled = []
+    monkeypatch.setattr(K, "_dtype_spills",
+                        _fp32_spill_stand_in(whole, layer, forward_spills, compiled))
+    x, chain = _fp32_chain(channels)
+    assert K._packed_first(T._structure(chain, torch.float32)) == (channels >= 512)
+    assert T.backward_stages(x, chain, True, True, True) == want
+    ranges_compiled = any(backward and n == 1 for backward, n in compiled)
+    assert ranges_compiled == (whole == "never" or (channels >= 512 and whole == "fma"))
+
+
+def test_float32_stages_run_and_lift_the_refusal(monkeypatch):
+    """A float32 chain whose whole backward spills everywhere, each layer of it nowhere, is not
+    refused: autograd's backward runs three one-layer backwards (the first with the input
+    index), each with its range input kept, within the oracle's bound."""
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_STAGES", {})
+    monkeypatch.setattr(T, "_SPILL_REASONS", {})
+    monkeypatch.setattr(T, "checks_spills", lambda t: True)
+    monkeypatch.setattr(K, "_dtype_spills", _fp32_spill_stand_in("never", "fits"))
+    p = _problem(torch.float32, layers=3)
+    x = p.x.to(DEVICE)
+    chain = normalize(x, p.weights, list(p.groups), p.permutations, p.biases,
+                      input_index=p.input_index)
+    assert T.spill_reasons(x, chain, True, True, True) == []
+    with _launches() as launched:
+        _, grads = check_backend(p, "triton", _gy(p), device=DEVICE)
+    assert grads is not None
+    bwd = [m for name, m in launched if name == "igc_chain_bwd"]
+    assert [(len(m["LAYERS"]), m["HAS_INDEX"]) for m in bwd] == [(1, 0), (1, 0), (1, 1)]
+    assert [len(m["LAYERS"]) for name, m in launched if name == "igc_chain_fwd"] == [3, 1, 1]
