@@ -428,13 +428,15 @@ def _single_layer_stages(st, whole, whole_spills, choices):
     (it would be refused), or where a tile has ``K.FIXED_FP32_PACKED_CHANNELS`` channels or
     more and the whole backward runs the FMA path (no packed configuration fits); each range's
     backward, and its forward but the last range's, without spills (predictions:
-    docs/benchmarks.md, "Staged backward")."""
-    if not whole_spills and (whole.pack or K._widest(st) < K.FIXED_FP32_PACKED_CHANNELS):
+    docs/benchmarks.md, "Staged backward"). Nothing compiled (spills None: a compile error)
+    decides nothing: the whole chain."""
+    if whole_spills is None or (not whole_spills and (
+            whole.pack or K._widest(st) < K.FIXED_FP32_PACKED_CHANNELS)):
         return None
     L = st.num_layers
     for a in range(L):
         _, got = choices(a, a + 1)
-        if any(spilled for _, _, spilled in got):
+        if any(spilled is None or spilled for _, _, spilled in got):
             return None
     return tuple((a, a + 1) for a in range(L))
 

@@ -1,6 +1,7 @@
-"""The Triton backend's staged backward (``_triton_ops.backward_stages``): a chain whose every
-packed backward configuration spills runs its backward in ranges of layers, each a fused
-launch, through kept range inputs.
+"""The Triton backend's staged backward (``_triton_ops.backward_stages``): a 16-bit chain whose
+every packed backward configuration spills, or a float32 chain of 512 channels or more on the
+FMA path (one layer per range), runs its backward in ranges of layers, each a fused launch,
+through kept range inputs.
 
 Without a GPU the ranges are forced (``force_stages``), or chosen from a stand-in for the
 compile (the interface of ``K._dtype_spills``, as in test_triton.py's refusal test) with the
@@ -133,8 +134,8 @@ def test_stages_chosen_from_compiles(monkeypatch, layers, max_packed, want):
     """``backward_stages`` halves a 16-bit chain with packed layers, recursively, while the
     range's packed backward spills; the whole chain where its own packed backward fits, or where
     some range (down to one layer) would have no packed backward without spills. A float32
-    chain without packed-first candidates, and a one-layer chain, are never split, nor any
-    with ``IGC_TRITON_STAGED=0``. The ranges' forwards are checked too (not the last's)."""
+    chain of 32 channels whose backward fits (its own rule: below) and a one-layer chain are
+    not split, nor any with ``IGC_TRITON_STAGED=0``. The ranges' forwards are checked too (not the last's)."""
     monkeypatch.setattr(K, "_FIXED", {})
     monkeypatch.setattr(T, "_STAGES", {})
     monkeypatch.setattr(T, "checks_spills", lambda t: True)
@@ -252,6 +253,38 @@ def test_float32_stages_of_one_layer(monkeypatch, channels, whole, layer, forwar
     assert T.backward_stages(x, chain, True, True, True) == want
     ranges_compiled = any(backward and n == 1 for backward, n in compiled)
     assert ranges_compiled == (whole == "never" or (channels >= 512 and whole == "fma"))
+
+
+def test_float32_stages_need_compiles(monkeypatch):
+    """Where nothing compiles (every compile raising otherwise than by spilling: the fixed path
+    then knows no spills, ``K.fixed_choice`` returns None for them), a float32 chain of 512
+    channels keeps its whole backward; likewise where only its one-layer ranges fail to
+    compile."""
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_STAGES", {})
+    monkeypatch.setattr(T, "checks_spills", lambda t: True)
+
+    def fails(fn, args, meta):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(K, "_dtype_spills", fails)
+    x, chain = _fp32_chain(512)
+    assert T.backward_stages(x, chain, True, True, True) == ((0, 3),)
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_STAGES", {})
+    fma = _fp32_spill_stand_in("fma", "fits")
+
+    def ranges_fail(fn, args, meta):
+        if len(meta["LAYERS"]) == 1:
+            raise RuntimeError("no compiler here")
+        return fma(fn, args, meta)
+
+    monkeypatch.setattr(K, "_dtype_spills", ranges_fail)
+    assert T.backward_stages(x, chain, True, True, True) == ((0, 3),)
+    monkeypatch.setattr(K, "_FIXED", {})
+    monkeypatch.setattr(T, "_STAGES", {})
+    monkeypatch.setattr(K, "_dtype_spills", fma)  # (the same chain, compiling: staged)
+    assert T.backward_stages(x, chain, True, True, True) == SINGLES
 
 
 def test_float32_stages_run_and_lift_the_refusal(monkeypatch):
