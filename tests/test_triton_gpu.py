@@ -324,3 +324,31 @@ def test_staged_backward_of_a_chain_whose_packed_backward_spills(monkeypatch):
     check_backend(p, "triton", _gy(p, seed=6), device="cuda")
     bwd = [n for name, n in launched if name == "igc_chain_bwd"]
     assert bwd == [b - a for a, b in reversed(stages)], (launched, stages)
+
+
+def test_float32_backward_one_layer_per_range(monkeypatch):
+    """IGCV2(512, 8) in float32: no packed backward build of the whole chain fits without
+    spills on sm_90 (the static report, both Tritons), so its backward would run the FMA path
+    on 8 positions; the backend runs it one layer per range instead (``backward_stages``, from
+    this GPU's compiles), each a fused launch with its range input kept in float32; the
+    gradients within the float32 bound."""
+    from igc_kernels import _triton_ops as T
+    from igc_kernels._chain import normalize
+
+    monkeypatch.delenv("IGC_TRITON_FIXED", raising=False)  # the compile checks run
+    p = build_problem([512] * 4, [64] * 3, spatial=(7, 7), N=2, dtype=torch.float32,
+                      permutations="default", bias=True, seed=7)
+    pd = _on_cuda(p)
+    nc = normalize(pd.x, pd.weights, list(pd.groups), pd.permutations, pd.biases)
+    assert T.backward_stages(pd.x, nc, True, True, True) == ((0, 1), (1, 2), (2, 3))
+    launched = []
+    real = T._launch
+
+    def record(fn, grid, a, meta):  # (the autotuner wraps the kernel: its .fn)
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "")
+        launched.append((name, len(meta.get("LAYERS", ()))))
+        return real(fn, grid, a, meta)
+
+    monkeypatch.setattr(T, "_launch", record)
+    check_backend(p, "triton", _gy(p, seed=8), device="cuda")
+    assert [n for name, n in launched if name == "igc_chain_bwd"] == [1, 1, 1], launched
