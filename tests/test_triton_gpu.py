@@ -296,6 +296,20 @@ def test_tf32_when_allowed():
                            safety=2.0 * 2.0 ** -11 / (torch.finfo(torch.float32).eps / 2))
 
 
+def _record_launches(monkeypatch, T) -> list:
+    """(kernel name, number of layers) of every Triton launch from here on in the test."""
+    launched = []
+    real = T._launch
+
+    def record(fn, grid, a, meta):  # (the autotuner wraps the kernel: its .fn)
+        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "")
+        launched.append((name, len(meta.get("LAYERS", ()))))
+        return real(fn, grid, a, meta)
+
+    monkeypatch.setattr(T, "_launch", record)
+    return launched
+
+
 def test_staged_backward_of_a_chain_whose_packed_backward_spills(monkeypatch):
     """IGCV2(1024, 8) in bf16: every packed backward build of the whole chain spills on sm_90
     (the static report, both Tritons), so the backend runs its backward in ranges of layers
@@ -312,15 +326,7 @@ def test_staged_backward_of_a_chain_whose_packed_backward_spills(monkeypatch):
     nc = normalize(pd.x, pd.weights, list(pd.groups), pd.permutations, pd.biases)
     stages = T.backward_stages(pd.x, nc, True, True, False)
     assert len(stages) > 1 and stages[0][0] == 0 and stages[-1][1] == 4, stages
-    launched = []
-    real = T._launch
-
-    def record(fn, grid, a, meta):  # (the autotuner wraps the kernel: its .fn)
-        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "")
-        launched.append((name, len(meta.get("LAYERS", ()))))
-        return real(fn, grid, a, meta)
-
-    monkeypatch.setattr(T, "_launch", record)
+    launched = _record_launches(monkeypatch, T)
     check_backend(p, "triton", _gy(p, seed=6), device="cuda")
     bwd = [n for name, n in launched if name == "igc_chain_bwd"]
     assert bwd == [b - a for a, b in reversed(stages)], (launched, stages)
@@ -341,14 +347,6 @@ def test_float32_backward_one_layer_per_range(monkeypatch):
     pd = _on_cuda(p)
     nc = normalize(pd.x, pd.weights, list(pd.groups), pd.permutations, pd.biases)
     assert T.backward_stages(pd.x, nc, True, True, True) == ((0, 1), (1, 2), (2, 3))
-    launched = []
-    real = T._launch
-
-    def record(fn, grid, a, meta):  # (the autotuner wraps the kernel: its .fn)
-        name = getattr(fn, "__name__", None) or getattr(getattr(fn, "fn", None), "__name__", "")
-        launched.append((name, len(meta.get("LAYERS", ()))))
-        return real(fn, grid, a, meta)
-
-    monkeypatch.setattr(T, "_launch", record)
+    launched = _record_launches(monkeypatch, T)
     check_backend(p, "triton", _gy(p, seed=8), device="cuda")
     assert [n for name, n in launched if name == "igc_chain_bwd"] == [1, 1, 1], launched
