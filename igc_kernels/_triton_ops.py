@@ -346,8 +346,9 @@ def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
     backward takes a packed configuration without spills (a range without packed layers: any
     configuration without spills) and each range's forward but the last's compiles without
     spills; where a single layer still fails, the whole chain. A float32 chain runs in ranges of
-    one layer where its whole backward spills everywhere, or where it has 512 channels or more
-    and its whole backward runs the FMA path (``_single_layer_stages``). Chosen from compiles
+    one layer where its whole backward spills everywhere, or where it is offered packed
+    configurations first but none fits (the FMA path: IGCV2(256, 32), C = 512 and 1024;
+    ``_single_layer_stages``). Chosen from compiles
     (``K.fixed_choice``, cached), never from timings, so the same with the autotuner on or off;
     not under the interpreter or where ``checks_spills`` says no, unless ``spills`` (the spilled
     bytes of a compile, as for ``spill_reasons``) is given, nor with ``IGC_TRITON_STAGED=0``
@@ -421,17 +422,17 @@ def _stages(x, chain, needs, spills):
 
 def _single_layer_stages(st, whole, whole_spills, choices):
     """A float32 chain's ranges: one layer each, or None. Its packed builds at 512 and 1024
-    channels fall back to the FMA path in ranges too, where every input of every group is a
-    gather over the register tile (the permutations between layers live in registers). A
-    one-layer range holds none: its input comes from memory, the permutation after it is
-    folded into its store. Taken where the whole chain's backward spills in every configuration
-    (it would be refused), or where a tile has ``K.FIXED_FP32_PACKED_CHANNELS`` channels or
-    more and the whole backward runs the FMA path (no packed configuration fits); each range's
-    backward, and its forward but the last range's, without spills (predictions:
+    channels fall back to the FMA path in ranges of several layers too, where the permutations
+    between layers live in registers and every input of every group is a gather over the
+    register tile. A one-layer range holds none: its input comes from memory, the permutation
+    after it is folded into its store (and IGCV2(256, 32)'s fit the packed path). Taken where
+    the whole chain's backward spills in every configuration (it would be refused), or where
+    the fixed path offers it packed configurations first (``K._packed_first``: groups at least
+    16 wide, or a tile of 512 channels or more) and none fits, so that it runs the FMA path;
+    each range's backward, and its forward but the last range's, without spills (predictions:
     docs/benchmarks.md, "Staged backward"). Nothing compiled (spills None: a compile error)
     decides nothing: the whole chain."""
-    if whole_spills is None or (not whole_spills and (
-            whole.pack or K._widest(st) < K.FIXED_FP32_PACKED_CHANNELS)):
+    if whole_spills is None or (not whole_spills and (whole.pack or not K._packed_first(st))):
         return None
     L = st.num_layers
     for a in range(L):

@@ -1,7 +1,7 @@
 """The Triton backend's staged backward (``_triton_ops.backward_stages``): a 16-bit chain whose
-every packed backward configuration spills, or a float32 chain of 512 channels or more on the
-FMA path (one layer per range), runs its backward in ranges of layers, each a fused launch,
-through kept range inputs.
+every packed backward configuration spills, or a float32 chain offered packed configurations
+first but left on the FMA path (one layer per range), runs its backward in ranges of layers,
+each a fused launch, through kept range inputs.
 
 Without a GPU the ranges are forced (``force_stages``), or chosen from a stand-in for the
 compile (the interface of ``K._dtype_spills``, as in test_triton.py's refusal test) with the
@@ -135,7 +135,8 @@ def test_stages_chosen_from_compiles(monkeypatch, layers, max_packed, want):
     range's packed backward spills; the whole chain where its own packed backward fits, or where
     some range (down to one layer) would have no packed backward without spills. A float32
     chain of 32 channels whose backward fits (its own rule: below) and a one-layer chain are
-    not split, nor any with ``IGC_TRITON_STAGED=0``. The ranges' forwards are checked too (not the last's)."""
+    not split, nor any with ``IGC_TRITON_STAGED=0``. The ranges' forwards are checked too (not
+    the last's)."""
     monkeypatch.setattr(K, "_FIXED", {})
     monkeypatch.setattr(T, "_STAGES", {})
     monkeypatch.setattr(T, "checks_spills", lambda t: True)
@@ -212,12 +213,13 @@ def _fp32_spill_stand_in(whole, layer, forward_spills=False, compiled=None):
     return spills
 
 
-def _fp32_chain(channels, layers=3):
-    """A float32 chain of ``channels`` channels in groups of 8, every permutation kind, on a
-    small input (the compiles are stand-ins: nothing runs)."""
+def _fp32_chain(channels, width=8, layers=3):
+    """A float32 chain of ``channels`` channels in groups of ``width``, every permutation kind,
+    on a small input (the compiles are stand-ins: nothing runs)."""
     gen = torch.Generator().manual_seed(5)
     kinds = [torch.randperm(channels, generator=gen), "interleave", None][:layers]
-    p = build_problem([channels] * (layers + 1), [channels // 8] * layers, spatial=(2, 2), N=1,
+    p = build_problem([channels] * (layers + 1), [channels // width] * layers, spatial=(2, 2),
+                      N=1,
                       dtype=torch.float32, permutations=kinds, seed=5)
     return p.x, normalize(p.x, p.weights, list(p.groups), p.permutations, p.biases)
 
@@ -225,34 +227,37 @@ def _fp32_chain(channels, layers=3):
 SINGLES = ((0, 1), (1, 2), (2, 3))
 
 
-@pytest.mark.parametrize("channels,whole,layer,forward_spills,want", [
-    (512, "fma", "fits", False, SINGLES),  # 512 channels on the FMA path: one layer per range
-    (512, "fits", "fits", False, ((0, 3),)),  # its packed backward fits: the whole chain
-    (512, "fma", "never", False, ((0, 3),)),  # a layer spills everywhere: the whole chain
-    (512, "fma", "fits", True, ((0, 3),)),  # a kept range's forward spills: the whole chain
-    (32, "fits", "fits", False, ((0, 3),)),  # fewer channels: the whole chain
-    (32, "never", "fits", False, SINGLES),  # the whole chain spills everywhere: layers
-    (32, "never", "never", False, ((0, 3),)),  # so do its layers: the whole chain (refused)
-], ids=["512-fma", "512-packed", "512-layer-spills", "512-forward-spills", "32",
-        "32-spills", "32-all-spill"])
-def test_float32_stages_of_one_layer(monkeypatch, channels, whole, layer, forward_spills,
-                                     want):
+@pytest.mark.parametrize("channels,width,whole,layer,forward_spills,want", [
+    (512, 8, "fma", "fits", False, SINGLES),  # 512 channels on the FMA path: one layer each
+    (512, 8, "fits", "fits", False, ((0, 3),)),  # its packed backward fits: the whole chain
+    (512, 8, "fma", "never", False, ((0, 3),)),  # a layer spills everywhere: the whole chain
+    (512, 8, "fma", "fits", True, ((0, 3),)),  # a kept range's forward spills: the whole chain
+    (32, 16, "fma", "fits", False, SINGLES),  # groups of 16 on the FMA path: one layer each
+    (32, 16, "fits", "fits", False, ((0, 3),)),  # their packed backward fits: the whole chain
+    (32, 8, "fma", "fits", False, ((0, 3),)),  # no packed candidates first: the whole chain
+    (32, 8, "never", "fits", False, SINGLES),  # the whole chain spills everywhere: layers
+    (32, 8, "never", "never", False, ((0, 3),)),  # so do its layers: the whole chain (refused)
+], ids=["512-fma", "512-packed", "512-layer-spills", "512-forward-spills", "w16-fma",
+        "w16-packed", "w8", "w8-spills", "w8-all-spill"])
+def test_float32_stages_of_one_layer(monkeypatch, channels, width, whole, layer,
+                                     forward_spills, want):
     """A float32 chain runs its backward one layer per range where its whole backward spills
-    in every configuration, or where it has 512 channels or more and no packed backward
-    configuration fits (the FMA path); each range's backward and each kept range's forward
-    without spills; else the whole chain, whose ranges are then not compiled where neither
-    case holds."""
+    in every configuration, or where the fixed path offers it packed configurations first
+    (groups of 16 or more, or 512 channels or more) and none fits without spills (the FMA
+    path); each range's backward and each kept range's forward without spills; else the whole
+    chain, whose ranges are then not compiled where neither case holds."""
     monkeypatch.setattr(K, "_FIXED", {})
     monkeypatch.setattr(T, "_STAGES", {})
     monkeypatch.setattr(T, "checks_spills", lambda t: True)
     compiled = []
     monkeypatch.setattr(K, "_dtype_spills",
                         _fp32_spill_stand_in(whole, layer, forward_spills, compiled))
-    x, chain = _fp32_chain(channels)
-    assert K._packed_first(T._structure(chain, torch.float32)) == (channels >= 512)
+    x, chain = _fp32_chain(channels, width)
+    packed_first = channels >= 512 or width >= 16
+    assert K._packed_first(T._structure(chain, torch.float32)) == packed_first
     assert T.backward_stages(x, chain, True, True, True) == want
     ranges_compiled = any(backward and n == 1 for backward, n in compiled)
-    assert ranges_compiled == (whole == "never" or (channels >= 512 and whole == "fma"))
+    assert ranges_compiled == (whole == "never" or (packed_first and whole == "fma"))
 
 
 def test_float32_stages_need_compiles(monkeypatch):

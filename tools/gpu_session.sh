@@ -67,9 +67,9 @@
 #                SPLIT ones, bench-triton-bf16-fixed.json) beside its prediction (with the
 #                CI's Triton and, where a triton 3.6.0 report has the problem, with 3.6.0)
 #   triton-staged  the Triton backend's staged backward against the whole chain's, in one run, on
-#                the fixed path (IGC_TRITON_AUTOTUNE=0): IGCV2(512, 8), (512, 16), (512, 32) and
-#                (1024, 32) in float32 (one layer per range; the last predicted 4% against 2%
-#                whole, the smallest gain) and IGCV2(1024, 8), (1024, 4) in bfloat16, as
+#                the fixed path (IGC_TRITON_AUTOTUNE=0): IGCV2(256, 32), (512, 8), (512, 16),
+#                (512, 32) and (1024, 32) in float32 (one layer per range; the last predicted
+#                4% against 2% whole, the smallest gain) and IGCV2(1024, 8), (1024, 4) in bfloat16, as
 #                the backend picks (bench-triton-staged-{fp32,bf16}.json), then each chain with
 #                IGC_TRITON_STAGED=0 (bench-triton-whole-C-K.json; a refused whole chain fails
 #                its own step only), then the staged measurements beside their predictions
@@ -252,12 +252,12 @@ for arg in "${steps[@]}"; do
         benchmarks/results/gpu-static-triton-3.6.0-staged.json \
         --measured "$OUT/bench-triton-bf16-fixed.json" --fixed ;;
     triton-staged) run_step triton-staged env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
-      --device cuda --no-compile --no-memory --quiet --only 512:8:3,512:16:3,512:32:2,1024:32:2 \
+      --device cuda --no-compile --no-memory --quiet --only 256:32:2,512:8:3,512:16:3,512:32:2,1024:32:2 \
       --dtypes float32 --backends triton --json "$OUT/bench-triton-staged-fp32.json" ;
       run_step triton-staged-bf16 env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
       --device cuda --no-compile --no-memory --quiet --only 1024:8:4,1024:4:5 \
       --dtypes bfloat16 --backends triton --json "$OUT/bench-triton-staged-bf16.json" ;
-      for c in 512:8:3:float32 512:16:3:float32 512:32:2:float32 1024:32:2:float32 \
+      for c in 256:32:2:float32 512:8:3:float32 512:16:3:float32 512:32:2:float32 1024:32:2:float32 \
                1024:8:4:bfloat16 1024:4:5:bfloat16; do
         IFS=: read -r ch k l dt <<< "$c"
         run_step "triton-whole-$ch-$k" env IGC_TRITON_AUTOTUNE=0 IGC_TRITON_STAGED=0 "$PY" \

@@ -677,8 +677,8 @@ def staged_markdown(recs: list) -> str:
     lines = ["", "## Staged backward (Triton; PREDICTIONS)", "",
              "The backward of a chain the backend runs in layer ranges "
              "(`_triton_ops.backward_stages`: a 16-bit chain whose every packed backward "
-             "configuration spills; a float32 chain of 512 channels or more on the FMA path, "
-             "one layer per range): each range's forward but the "
+             "configuration spills; a float32 chain offered packed configurations first but "
+             "left on the FMA path, one layer per range): each range's forward but the "
              "last's, then each range's backward from the last, one after the other; the "
              "fraction is of the whole chain's copy. Parts, in launch order: range, direction, "
              "the fraction of its own copy and its bound.", "",
