@@ -432,14 +432,15 @@ def _single_layer_stages(st, whole, whole_spills, choices):
     each range's backward, and its forward but the last range's, without spills (predictions:
     docs/benchmarks.md, "Staged backward"). Nothing compiled (spills None: a compile error)
     decides nothing: the whole chain."""
-    if whole_spills is None or (not whole_spills and (whole.pack or not K._packed_first(st))):
+    if whole_spills is None:
         return None
-    L = st.num_layers
-    for a in range(L):
-        _, got = choices(a, a + 1)
-        if any(spilled is None or spilled for _, _, spilled in got):
+    if not whole_spills and (whole.pack or not K._packed_first(st)):
+        return None  # the whole chain fits, packed or not offered packed first
+    singles = tuple((a, a + 1) for a in range(st.num_layers))
+    for a, b in singles:
+        if any(spilled != 0 for _, _, spilled in choices(a, b)[1]):  # (None: not compiled)
             return None
-    return tuple((a, a + 1) for a in range(L))
+    return singles
 
 
 def _staged_backward(grad_y, x, chain, weights, biases, groups, shuffles, perms, need,

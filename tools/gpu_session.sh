@@ -66,11 +66,12 @@
 #                (IGC_TRITON_AUTOTUNE=0: packed candidates first, at C = 1024 the backward's
 #                SPLIT ones, bench-triton-bf16-fixed.json) beside its prediction (with the
 #                CI's Triton and, where a triton 3.6.0 report has the problem, with 3.6.0)
-#   triton-staged  the Triton backend's staged backward against the whole chain's, in one run, on
-#                the fixed path (IGC_TRITON_AUTOTUNE=0): IGCV2(256, 32), (512, 8), (512, 16),
-#                (512, 32) and (1024, 32) in float32 (one layer per range; the last predicted
-#                4% against 2% whole, the smallest gain) and IGCV2(1024, 8), (1024, 4) in bfloat16, as
-#                the backend picks (bench-triton-staged-{fp32,bf16}.json), then each chain with
+#   triton-staged  the Triton backend's staged backward against the whole chain's, in one
+#                run, on the fixed path (IGC_TRITON_AUTOTUNE=0): IGCV2(256, 32), (512, 8),
+#                (512, 16), (512, 32) and (1024, 32) in float32 (one layer per range; the last
+#                predicted 4% against 2% whole, the smallest gain) and IGCV2(1024, 8), (1024,
+#                4) in bfloat16 (STAGED_FP32, STAGED_BF16), as the backend picks
+#                (bench-triton-staged-{fp32,bf16}.json), then each chain with
 #                IGC_TRITON_STAGED=0 (bench-triton-whole-C-K.json; a refused whole chain fails
 #                its own step only), then the staged measurements beside their predictions
 #                (the staged reports of both Tritons)
@@ -98,6 +99,9 @@ status=0
 
 # the IGCV2 targets (C:K:L, L the IGCV2 depth): C in {256, 512, 1024}, K in {8, 16, 32}
 IGCV2_TARGETS=256:8:3,256:16:2,256:32:2,512:8:3,512:16:3,512:32:2,1024:8:4,1024:16:3,1024:32:2
+# the chains the triton-staged step times staged and whole (C:K:L)
+STAGED_FP32=256:32:2,512:8:3,512:16:3,512:32:2,1024:32:2
+STAGED_BF16=1024:8:4,1024:4:5
 workers=()
 if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" != 0 ]; then
   workers=(-n "${PYTEST_WORKERS:-8}")
@@ -251,21 +255,19 @@ for arg in "${steps[@]}"; do
         benchmarks/results/gpu-static-triton-3.9.0-staged.json \
         benchmarks/results/gpu-static-triton-3.6.0-staged.json \
         --measured "$OUT/bench-triton-bf16-fixed.json" --fixed ;;
-    triton-staged) run_step triton-staged env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
-      --device cuda --no-compile --no-memory --quiet --only 256:32:2,512:8:3,512:16:3,512:32:2,1024:32:2 \
-      --dtypes float32 --backends triton --json "$OUT/bench-triton-staged-fp32.json" ;
-      run_step triton-staged-bf16 env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
-      --device cuda --no-compile --no-memory --quiet --only 1024:8:4,1024:4:5 \
-      --dtypes bfloat16 --backends triton --json "$OUT/bench-triton-staged-bf16.json" ;
-      for c in 256:32:2:float32 512:8:3:float32 512:16:3:float32 512:32:2:float32 1024:32:2:float32 \
-               1024:8:4:bfloat16 1024:4:5:bfloat16; do
-        IFS=: read -r ch k l dt <<< "$c"
-        run_step "triton-whole-$ch-$k" env IGC_TRITON_AUTOTUNE=0 IGC_TRITON_STAGED=0 "$PY" \
-          benchmarks/bench.py --device cuda --no-compile --no-memory --quiet \
-          --only "$ch:$k:$l" --dtypes "$dt" --backends triton \
-          --json "$OUT/bench-triton-whole-$ch-$k.json"
-      done ;
+    triton-staged)
       for dt in fp32 bf16; do
+        only=$STAGED_BF16 dtype=bfloat16
+        [ "$dt" = fp32 ] && only=$STAGED_FP32 dtype=float32
+        run_step "triton-staged-$dt" env IGC_TRITON_AUTOTUNE=0 "$PY" benchmarks/bench.py \
+          --device cuda --no-compile --no-memory --quiet --only "$only" --dtypes "$dtype" \
+          --backends triton --json "$OUT/bench-triton-staged-$dt.json"
+        for c in ${only//,/ }; do  # each chain whole, alone: a refused one fails its step only
+          IFS=: read -r ch k _ <<< "$c"
+          run_step "triton-whole-$ch-$k" env IGC_TRITON_AUTOTUNE=0 IGC_TRITON_STAGED=0 "$PY" \
+            benchmarks/bench.py --device cuda --no-compile --no-memory --quiet --only "$c" \
+            --dtypes "$dtype" --backends triton --json "$OUT/bench-triton-whole-$ch-$k.json"
+        done
         run_step "triton-staged-$dt-predicted" "$PY" tools/perf_model.py \
           benchmarks/results/gpu-static-triton-3.9.0-default.json \
           benchmarks/results/gpu-static-triton-3.6.0-default.json \
