@@ -579,6 +579,37 @@ def test_spill_check_stages_the_backward_whose_packed_builds_spill(alt):
     assert all(c["spill_bytes"] > 0 for c in r["compiled"] if c["config"]["PACK"]), r
 
 
+# (structure, the Triton (alt: triton 3.6.0), the forward it launches as (BLOCK_P, num_warps,
+# PACK, AHEAD), how many candidates the check compiles)
+_FP32_WIDE_FORWARD_CASES = [
+    ("igcv2(1024,8)[0:1]", False, (16, 8, 1, 1), 2),
+    ("igcv2(1024,8)[0:1]", True, (16, 8, 1, 1), 2),
+    ("igcv2(1024,16)", True, (16, 16, 1, 1), 3),
+]
+
+
+@pytest.mark.parametrize("case", _FP32_WIDE_FORWARD_CASES,
+                         ids=lambda c: f"{c[0]}-{'triton-3.6.0' if c[1] else 'ci-triton'}")
+def test_spill_check_launches_a_later_packed_forward_in_float32(case):
+    """Float32 forwards at 1024 channels whose persistent build two tiles ahead spills take the
+    next of FIXED_PACKED_FORWARD that does not (sm_90): IGCV2(1024, 8)'s first layer alone (the
+    range a staged backward recomputes) persistent one tile ahead on 8 warps with both Tritons
+    (predicted 85% of copy bandwidth, against 51% for the 4-warp build one tile per program);
+    the whole IGCV2(1024, 16) with triton 3.6.0 one tile ahead on 16 warps (49%, against the
+    FMA path's 16%). Every earlier candidate spills."""
+    structure, alt, launched, n = case
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    r = _refusals(TRITON_ALT if alt else None, structure, "float32", "forward")["forward"]
+    assert not r["refused"] and len(r["compiled"]) == n, r
+    assert all(c["spill_bytes"] > 0 for c in r["compiled"][:-1]), r
+    assert r["compiled"][-1]["spill_bytes"] == 0 and r["launches"] == r["compiled"][-1]["config"]
+    got = r["launches"]
+    assert (got["BLOCK_P"], got["num_warps"], got["PACK"], got["AHEAD"]) == launched, r
+
+
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
     """The static check (``--refusals``, ``--pruning``) takes a build whose shared memory exceeds
     the SM's as the GPU's compile takes it, OutOfResources, which the fixed path and the

@@ -1087,7 +1087,12 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     wide = _igcv2(1024, 16, dtype)
     fwd, bwd = K.fixed_candidates(wide, False), K.fixed_candidates(wide, True)
     assert K.FIXED_PERSISTENT_CHANNELS == 1024 and wide.packed_layers
-    assert fwd[:3] == [K.FIXED_PACKED_FORWARD[1], K.FIXED_PACKED_FORWARD[0], K.DEFAULT_CONFIG]
+    # the persistent ones (two tiles ahead, then one; 8 warps before 16) before the others,
+    # each in FIXED_PACKED_FORWARD's order
+    fexp = sorted(K.FIXED_PACKED_FORWARD, key=lambda c: not c.ahead)
+    assert [(c.ahead, c.num_warps) for c in fexp] == [(2, 8), (1, 8), (1, 16), (0, 4), (0, 16),
+                                                      (0, 8)]
+    assert fwd[:len(fexp) + 1] == [*fexp, K.DEFAULT_CONFIG]
     bexp = [c for c in K.FIXED_PACKED_BACKWARD if c.red != 2 or native]  # RED 2: 16-bit only
     # and the backward's SPLIT candidates (16-bit only: float32's spill) before the others
     split = list(K.FIXED_SPLIT_BACKWARD) * native

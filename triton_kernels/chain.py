@@ -1349,7 +1349,13 @@ _OVERRIDE = threading.local()
 # the forward on 16 positions on 4 warps, else persistent on 8 warps loading two tiles ahead
 # (first where a tile has FIXED_PERSISTENT_CHANNELS channels or more: one CTA then fills an SM,
 # and IGCV2(1024, 16) is predicted at 100% persistent, 86% not; IGCV2(1024, 8)'s and (1024,
-# 32)'s 4-warp builds spill); the backward loading two tiles ahead on 8 warps, else
+# 32)'s 4-warp builds spill), else persistent loading one tile ahead on 8 warps, then on 16
+# (float32: the one-layer ranges of IGCV2(1024, 8) and (1024, 16), whose two-tiles-ahead builds
+# spill, predicted 85% against 51% for 4 warps one tile per program; IGCV2(512, 32), whose
+# first three spill, 39% against the FMA default's 24%), else one tile per program on 16
+# warps, then on 8 (float32 IGCV2(1024, 8) and (1024, 16), whose persistent builds spill, 26%
+# and 31% against the FMA path's 13% and 16%; the range 0:1 of IGCV2(1024, 32), 40% against
+# 22%); the backward loading two tiles ahead on 8 warps, else
 # (IGCV2(512, 8) and (512, 16), whose held dW spill) the same with the last layer's dW held and
 # the others' by reductions, else (IGCV2(512, 32)) with every packed layer's by reductions;
 # where a tile has SPLIT_CHANNELS channels or more, first the SPLIT ones (FIXED_SPLIT_BACKWARD:
@@ -1364,7 +1370,11 @@ _OVERRIDE = threading.local()
 FIXED_PERSISTENT_CHANNELS = 1024
 FIXED_FP32_PACKED_CHANNELS = 512
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
-                        LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2))
+                        LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2),
+                        LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=1),
+                        LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1, ahead=1),
+                        LaunchConfig(block_p=16, num_warps=16, dense=0, pack=1),
+                        LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1))
 FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=2),
                          LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2, red=1),
@@ -1630,7 +1640,7 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
         first = FIXED_PACKED_BACKWARD if backward else FIXED_PACKED_FORWARD
         wide = _widest(st) >= FIXED_PERSISTENT_CHANNELS
         if not backward and wide:
-            first = sorted(first, key=lambda c: not c.ahead)  # the persistent one first
+            first = sorted(first, key=lambda c: not c.ahead)  # the persistent ones first
         if backward and _widest(st) >= SPLIT_CHANNELS:
             first = FIXED_SPLIT_BACKWARD + first
         out = [c for c in first if c in tuned]
