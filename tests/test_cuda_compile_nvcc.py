@@ -793,16 +793,22 @@ def test_emulated_bad_index_entries_fail_the_launch_and_stay_in_bounds(emu, wher
 @needs_cxx
 def test_emulated_recompute_mode_and_small_tiles(emu):
     """A device with little shared memory: the backward cannot keep the intermediates and
-    recomputes them per layer, with tiles of 4 positions; deep chain, many tiles per CTA."""
+    recomputes them per layer, with tiles of 4 positions; deep chain, many tiles per CTA.
+    With a little more, both modes fit tiles of 4 and the backward keeps the intermediates
+    (store-all: the same tile without the recomputation); with the default device, tiles of 16
+    or more, store-all too."""
     c = EmuCase([16, 32, 16, 32, 16], [4, 8, 4, 2], bias=[True, False, True, False], seed=11)
     x = _x((3, 16, 7, 3), "contiguous", torch.float32, 12)
     gy = _x((3, 16, 7, 3), "channels_last", torch.float32, 13)
-    small = (2, 5 * 32 * 4 * 4 + 1024, 4096)  # fits the recompute-mode backward at TP = 4 only
-    fplan, bplan = c.check(emu, x, gy, device=small)
-    assert bplan[0] == 4 and bplan[2] == 0, bplan
+    # backward_smem_bytes at TP = 4: rows x 4 positions x 4 bytes + three offset arrays; the
+    # recompute mode's rows 16 + 4 x 32, store-all's 16 + 2 x 32 + 32 + 16 + 32
+    rec, keep = 144 * 16 + 96, 160 * 16 + 96
+    for optin, store_all in ((rec, 0), (keep, 1)):
+        fplan, bplan = c.check(emu, x, gy, device=(2, optin, 4096))
+        assert bplan[0] == 4 and bplan[2] == store_all, (optin, bplan)
     # and the store-all mode with the default device, two CTAs per SM
     fplan, bplan = c.check(emu, x, gy, occupancy=2)
-    assert bplan[2] == 1, bplan
+    assert bplan[0] >= 16 and bplan[2] == 1, bplan
 
 
 @needs_cxx
@@ -1861,8 +1867,13 @@ def test_emulated_backward_keeps_gradient_rows_in_l2(emu):
     SMs with the L2 share of two of an H200's 132, as tools/gpu_static.py's fma_backward_plan
     (the tile and shared memory the model assumes) decides for the H200: IGCV2(1024, 16) and
     (1024, 32) in float32 (tiles of 4 positions) one CTA, which then prefetches its next tile
-    into L2, (1024, 8) two; gradients within their bounds either way. A small chain with an emulated L2 around its rows: one CTA where one
-    CTA's rows fit, two where the L2 is large, or too small for even one CTA's rows."""
+    into L2 where its rows and next tile fit the margin, (1024, 8) two; gradients within their
+    bounds either way. Every tile keeps the intermediates (store-all), in tiles of 4
+    positions, but the lone CTA of (1024, 32) (two layers: x, u_1 and the two gradient
+    buffers) fits 8, which it takes: half the row traffic per position, its next tile no
+    longer within the prefetch margin. A small chain with an emulated L2 around its rows: one
+    CTA, with a tile twice as long, where one CTA's rows fit, two where the L2 is large, or too
+    small for even one CTA's rows."""
     pytest.importorskip("triton")
     l2 = H100_L2 * 2 // 132
     cks = [(1024, 8), (1024, 16), (1024, 32)]
@@ -1883,17 +1894,18 @@ def test_emulated_backward_keeps_gradient_rows_in_l2(emu):
         _, plan = c.check(emu, x, gy, device=(*TWO_SM, l2), occupancy=2)
         one = K >= 16
         # (tile, store-all, grid, L2 prefetch: a lone CTA's rows and next tiles fit)
-        assert (plan[0], plan[2], plan[3], plan[4]) == (4, 0, 2, 1) if one else (4, 0, 4, 0), \
-            (C, K, plan)
-        assert tp == 4 and (smem > two_cta) == one, (C, K, tp, smem, two_cta)
+        want = {8: (4, 1, 4, 0), 16: (4, 1, 2, 1), 32: (8, 1, 2, 0)}[K]
+        assert (plan[0], plan[2], plan[3], plan[4]) == want, (C, K, plan)
+        assert tp == want[0] and (smem > two_cta) == one, (C, K, tp, smem, two_cta)
     c = EmuCase([64, 64, 64], [4, 4], bias=[True, True], seed=3)
     x = _x((2, 64, 16, 16), "contiguous", torch.float32, 4)
     gy = _x((2, 64, 16, 16), "channels_last", torch.float32, 5)
     row = 4 * (2 * 64 * 16 + 2 * 64)  # fp32 bytes of one CTA's weight and bias gradients
     # rows exceed 3/4 of the L2 at two SMs where 4 * CTAs * 2 * row > 3 * L2
-    for l2, grid in ((4 * row, 2), (H100_L2, 4), (2 * row, 4)):
+    # (one CTA per SM takes the tile that fits one CTA: 128 positions instead of two CTAs' 64)
+    for l2, grid, tp in ((4 * row, 2, 128), (H100_L2, 4, 64), (2 * row, 4, 64)):
         _, plan = c.check(emu, x, gy, device=(*TWO_SM, l2), occupancy=2)
-        assert (plan[0], plan[3]) == (64, grid), (l2, plan)
+        assert (plan[0], plan[3]) == (tp, grid), (l2, plan)
 
 
 MMA_RELOAD_CASES = {

@@ -1442,37 +1442,53 @@ def cuda_fma_records(structures, dtypes, layouts, archs) -> list:
 
 def fma_backward_plan(chans, arch: int, row_floats: int = 0) -> tuple:
     """(tile, store-all, tile rows, dynamic shared memory) of plan_backward for float32 for many
-    positions: x, two gradient buffers of the widest layer and every intermediate ("store-all",
-    tiles of at least 16 positions), else x, the gradients and two scratch buffers (recompute,
-    any tile); fp32 [rows][tile_ld] plus three offset arrays, two CTAs per SM where they fit.
-    Where the fp32 gradient rows (``row_floats`` each) of two CTAs per SM exceed three quarters
-    of ``PLAN_DEVICE[arch]``'s L2 and one CTA's do not, the shared memory request is raised past
-    two CTAs' share (partial_rows_exceed_l2: one CTA per SM)."""
+    positions (choose_backward_tile): x, two gradient buffers of the widest layer and every
+    intermediate ("store-all") with tiles of at least 16 positions where they fit two CTAs per
+    SM, else one; otherwise the mode with more positions per SM (the tile times the CTAs whose
+    shared memory fits), store-all on a tie, recompute mode being x, the gradients and two
+    scratch buffers; fp32 [rows][tile_ld] plus three offset arrays. Where the fp32 gradient rows
+    (``row_floats`` each) of two CTAs per SM exceed three quarters of ``PLAN_DEVICE[arch]``'s L2
+    and one CTA's do not, the same choice for one CTA per SM, its shared memory request raised
+    past two CTAs' share (partial_rows_exceed_l2)."""
     cmax, L = max(chans), len(chans) - 1
     optin = SM_LIMITS[arch][1] - 1024
+    rows_all = chans[0] + 2 * cmax + sum(chans[1:-1])
+    rows_rec = chans[0] + 4 * cmax
 
     def smem(rows, tp):
         return rows * (tp + 4 if tp >= 8 else tp) * 4 + 24 * tp
 
-    def tile(rows, min_tp):
-        for budget in (_two_cta_budget(arch), optin):
+    def tile(rows, min_tp, ctas):
+        for budget in ((_two_cta_budget(arch), optin) if ctas == 2 else (optin,)):
             for tp in (128, 64, 32, 16, 8, 4):
                 if tp >= min_tp and smem(rows, tp) <= budget:
                     return tp
         return 0
 
-    rows = chans[0] + 2 * cmax + sum(chans[1:-1])
-    tp, store_all = tile(rows, 16), True
-    if not tp and L == 1:
-        tp = tile(rows, 4)
-    elif not tp:
-        rows = chans[0] + 4 * cmax
-        tp, store_all = tile(rows, 4), False
+    def choose(ctas):
+        tp = tile(rows_all, 16, ctas)
+        if tp:
+            return tp, True
+        budget = _two_cta_budget(arch) if ctas == 2 else optin
+
+        def per_sm(rows, t):
+            return t * (ctas if smem(rows, t) <= budget else 1)
+
+        t_all = tile(rows_all, 4, ctas)
+        t_rec = tile(rows_rec, 4, ctas) if L > 1 else 0
+        if t_rec and (not t_all or per_sm(rows_rec, t_rec) > per_sm(rows_all, t_all)):
+            return t_rec, False
+        return t_all, True
+
+    tp, store_all = choose(2)
+    rows = rows_all if store_all else rows_rec
     nbytes = smem(rows, tp)
     sms, l2 = PLAN_DEVICE[arch]
     if (tp and nbytes <= _two_cta_budget(arch) and 4 * 2 * sms * 4 * row_floats > 3 * l2
             and 4 * sms * 4 * row_floats <= 3 * l2):
-        nbytes = _two_cta_budget(arch) + 16
+        tp, store_all = choose(1)
+        rows = rows_all if store_all else rows_rec
+        nbytes = max(smem(rows, tp), _two_cta_budget(arch) + 16)
     return tp, store_all, rows, nbytes
 
 

@@ -1474,30 +1474,45 @@ inline cudaError_t launch_forward(const ChainParams<A>& p, const TensorArg<const
   return cudaGetLastError();
 }
 
-// Backward plan: store-all with TP >= 16 when it fits, else recompute mode with any TP. The
-// number of CTAs (rows of the partial buffer) is capped by kMaxPartialBytes. Where the partial
-// rows of the CTAs that fit an SM would exceed the L2 but one CTA's fit
-// (partial_rows_exceed_l2), one CTA per SM: its shared memory request is raised past two CTAs'
-// share (the tile stays; IGCV2(1024, 16) and (1024, 32) in float32, tiles of 4 positions, whose
-// rows of 192 and 256 KiB at two CTAs per SM take 50 and 66 MiB). A lone CTA per SM
+// The backward's tile and mode for `ctas` CTAs per SM (choose_tile's rule): store-all with
+// TP >= 16 where it fits; else the mode whose tile gives more positions per SM (the tile times
+// the CTAs, `ctas` or 1, whose shared memory fits), store-all on a tie (the same tile without
+// recomputing the intermediates; recompute mode, two scratch buffers, takes fewer rows than
+// store-all only from four layers of equal widths on). 0: nothing fits.
+template <typename A>
+inline int choose_backward_tile(const ChainParams<A>& p, const DeviceInfo& dev, int64_t P,
+                                int ctas, int* store_all) {
+  auto tile = [&](bool all, int min_tp) {
+    return choose_tile([&](int tp) { return backward_smem_bytes(p, all, tp); }, dev, P, min_tp,
+                       ctas);
+  };
+  *store_all = 1;
+  const int tp = tile(true, 16);
+  if (tp != 0) return tp;
+  auto per_sm = [&](bool all, int t) {
+    return t * (backward_smem_bytes(p, all, t) <= cta_smem_budget(dev, ctas) ? ctas : 1);
+  };
+  const int all = tile(true, kMinTile);
+  const int rec = p.L > 1 ? tile(false, kMinTile) : 0;
+  if (rec != 0 && (all == 0 || per_sm(false, rec) > per_sm(true, all))) {
+    *store_all = 0;
+    return rec;
+  }
+  return all;
+}
+
+// Backward plan: choose_backward_tile for the CTAs per SM the registers allow. The number of
+// CTAs (rows of the partial buffer) is capped by kMaxPartialBytes. Where the partial rows of
+// the CTAs that fit an SM would exceed the L2 but one CTA's fit (partial_rows_exceed_l2), one
+// CTA per SM with the tile chosen for one CTA, its shared memory request raised past two CTAs'
+// share (IGCV2(1024, 16) and (1024, 32) in float32, whose rows of 192 and 256 KiB at two CTAs
+// per SM take 50 and 66 MiB: tiles of 4 and 8 positions, store-all). A lone CTA per SM
 // prefetches its next tile's x and dy into L2 where the CTAs' partial rows and those tiles take
 // at most three quarters of the L2 (l2_prefetch_fits).
 template <typename T, typename A>
 inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_grads_wb,
                                  const DeviceInfo& dev, LaunchPlan* plan) {
-  plan->store_all = 1;
-  plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P, 16,
-                         CtasPerSm<A>::ctas);
-  if (plan->tp == 0 && p.L > 1) {
-    plan->store_all = 0;
-    plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, false, tp); }, dev, P,
-                           kMinTile, CtasPerSm<A>::ctas);
-  }
-  if (plan->tp == 0) {  // L == 1 (nothing to recompute) with a tile below 16
-    plan->store_all = 1;
-    plan->tp = choose_tile([&](int tp) { return backward_smem_bytes(p, true, tp); }, dev, P,
-                           kMinTile, CtasPerSm<A>::ctas);
-  }
+  plan->tp = choose_backward_tile(p, dev, P, CtasPerSm<A>::ctas, &plan->store_all);
   if (plan->tp == 0) return cudaSuccess;
   plan->ld = tile_ld(plan->tp);
   plan->smem = backward_smem_bytes(p, plan->store_all != 0, plan->tp);
@@ -1510,7 +1525,12 @@ inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_g
   if (occ > 1 && row_bytes > 0 && partial_rows_exceed_l2(dev, occ, row_bytes) &&
       !partial_rows_exceed_l2(dev, 1, row_bytes) &&
       cta_smem_budget(dev, 2) + 16 <= static_cast<size_t>(dev.smem_optin)) {
-    plan->smem = std::max(plan->smem, cta_smem_budget(dev, 2) + 16);
+    // (one CTA fits whatever two did: the tile is at least as long)
+    plan->tp = choose_backward_tile(p, dev, P, 1, &plan->store_all);
+    plan->ld = tile_ld(plan->tp);
+    plan->ntiles = (P + plan->tp - 1) / plan->tp;
+    plan->smem = std::max(backward_smem_bytes(p, plan->store_all != 0, plan->tp),
+                          cta_smem_budget(dev, 2) + 16);
     e = configure(chain_backward_kernel<T, A>, plan->smem, &occ);
     if (e != cudaSuccess) return e;
   }
