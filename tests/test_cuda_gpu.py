@@ -131,9 +131,11 @@ def test_grad_output_layouts(grad_kind):
 
 
 LARGE = {
-    # channel counts up to 2048: store-all and (for 2048, several layers) recompute backward,
-    # small tiles
+    # channel counts up to 2048: store-all backward in small tiles (float32 IGCV2(1024, 32): one
+    # CTA per SM, 8 positions), and recompute mode where the intermediates do not fit a tile of
+    # 4 (2048 channels, six layers)
     "c1024_k32": ([1024, 1024, 1024], [32, 32], (4, 4), 2),
+    "c2048_6layers_recompute": ([2048] * 7, [64] * 6, (2, 3), 1),
     # bf16: the tensor-core backward with x and dy in one tile (two CTAs per SM instead of one)
     "c1024_k16_igcv2": ([1024] * 4, [64] * 3, (4, 8), 2),
     "c2048_k64_3layers": ([2048] * 4, [32, 32, 32], (3, 3), 2),
