@@ -194,7 +194,7 @@ def test_torch_compile_sees_what_the_kernels_write(packed):
     ``perm_ptr`` in the forward, whose loaded values address the stores of y: Inductor then
     clones that small buffer, which costs a copy and changes no result.) In bf16 likewise
     under each of the fixed path's packed configurations (deterministic mode and
-    ``IGC_TRITON_AUTOTUNE=0`` launch them: batched dots, the persistent forward, dW held,
+    ``IGC_TRITON_AUTOTUNE=0`` launch them: batched dots, the persistent forwards, dW held,
     added by reductions, or both: RED = 2, and the SPLIT ones, with dy loaded late and with
     the weight blocks loaded every tile, on a chain of 64 channels)."""
     pytest.importorskip("triton")
@@ -206,7 +206,8 @@ def test_torch_compile_sees_what_the_kernels_write(packed):
     from igc_kernels.triton_kernels import chain as K
 
     writes = json.loads(r.stdout.strip().splitlines()[-1])
-    fwd = [["igc_chain_fwd", 1 if packed else 0, 0, 0, ["y_ptr"]]] * (2 if packed else 1)
+    fwd = [["igc_chain_fwd", 1 if packed else 0, 0, 0, ["y_ptr"]]] * (
+        len(K.FIXED_PACKED_FORWARD) if packed else 1)
     packs = ([(c.pack, c.split, c.w_tile) for c in K.FIXED_SPLIT_BACKWARD
               + K.FIXED_PACKED_BACKWARD] if packed else [(0, 0, 0)])
     # SPLIT (2, 4, 2 with DY_LATE; held, then W_TILE); held dW; the last layer's held;
