@@ -219,8 +219,7 @@ def _fp32_chain(channels, width=8, layers=3):
     gen = torch.Generator().manual_seed(5)
     kinds = [torch.randperm(channels, generator=gen), "interleave", None][:layers]
     p = build_problem([channels] * (layers + 1), [channels // width] * layers, spatial=(2, 2),
-                      N=1,
-                      dtype=torch.float32, permutations=kinds, seed=5)
+                      N=1, dtype=torch.float32, permutations=kinds, seed=5)
     return p.x, normalize(p.x, p.weights, list(p.groups), p.permutations, p.biases)
 
 

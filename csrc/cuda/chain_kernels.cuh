@@ -1512,11 +1512,15 @@ inline int choose_backward_tile(const ChainParams<A>& p, const DeviceInfo& dev, 
 template <typename T, typename A>
 inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_grads_wb,
                                  const DeviceInfo& dev, LaunchPlan* plan) {
-  plan->tp = choose_backward_tile(p, dev, P, CtasPerSm<A>::ctas, &plan->store_all);
+  // the tile, its mode and shared memory for `ctas` CTAs per SM
+  const auto set_tile = [&](int ctas) {
+    plan->tp = choose_backward_tile(p, dev, P, ctas, &plan->store_all);
+    plan->ld = tile_ld(plan->tp);
+    plan->smem = backward_smem_bytes(p, plan->store_all != 0, plan->tp);
+    plan->ntiles = plan->tp > 0 ? (P + plan->tp - 1) / plan->tp : 0;
+  };
+  set_tile(CtasPerSm<A>::ctas);
   if (plan->tp == 0) return cudaSuccess;
-  plan->ld = tile_ld(plan->tp);
-  plan->smem = backward_smem_bytes(p, plan->store_all != 0, plan->tp);
-  plan->ntiles = (P + plan->tp - 1) / plan->tp;
   const int64_t row_bytes =
       need_grads_wb ? (p.num_w + p.num_b) * static_cast<int64_t>(sizeof(A)) : 0;
   int occ = 0;
@@ -1525,12 +1529,8 @@ inline cudaError_t plan_backward(const ChainParams<A>& p, int64_t P, bool need_g
   if (occ > 1 && row_bytes > 0 && partial_rows_exceed_l2(dev, occ, row_bytes) &&
       !partial_rows_exceed_l2(dev, 1, row_bytes) &&
       cta_smem_budget(dev, 2) + 16 <= static_cast<size_t>(dev.smem_optin)) {
-    // (one CTA fits whatever two did: the tile is at least as long)
-    plan->tp = choose_backward_tile(p, dev, P, 1, &plan->store_all);
-    plan->ld = tile_ld(plan->tp);
-    plan->ntiles = (P + plan->tp - 1) / plan->tp;
-    plan->smem = std::max(backward_smem_bytes(p, plan->store_all != 0, plan->tp),
-                          cta_smem_budget(dev, 2) + 16);
+    set_tile(1);  // (one CTA fits whatever two did: the tile is at least as long)
+    plan->smem = std::max(plan->smem, cta_smem_budget(dev, 2) + 16);
     e = configure(chain_backward_kernel<T, A>, plan->smem, &occ);
     if (e != cudaSuccess) return e;
   }
