@@ -611,6 +611,32 @@ def test_spill_check_launches_a_later_packed_forward_in_float32(case):
     assert (got["BLOCK_P"], got["num_warps"], got["PACK"], got["AHEAD"]) == launched, r
 
 
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_small_float32_chains_launch_the_fma_path(alt):
+    """Float32 chains of at most 128 channels per tile with exact products (sm_90): their dot
+    path's products would be FFMAs over the block-diagonal weights' zeros (IGCV2(64, 8)'s
+    forward predicted at 15% of copy bandwidth, against 99% on the FMA path), so the fixed path
+    launches the FMA path: the forward on 16 positions, the backward on 32 (FIXED_FP32_BACKWARD,
+    predicted 56% against 17% for the 8-position build it fell back to when the dot path's
+    default spilled), each its first candidate, without spills, with both Tritons; IGCV2(64,
+    16), whose groups are 16 wide, too (packed first only from 128 channels on: its packed
+    forward is predicted at 40%, the FMA path at 72%)."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    for structure in ("igcv2(64,8)", "igcv2(64,16)"):
+        rows = _refusals(TRITON_ALT if alt else None, structure, "float32")
+        for direction, (bp, warps) in (("forward", (16, 4)), ("backward", (32, 4))):
+            r = rows[direction]
+            assert not r["refused"] and len(r["compiled"]) == 1, r
+            assert r["compiled"][0]["spill_bytes"] == 0, r
+            cfg = r["compiled"][0]["config"]
+            assert (cfg["BLOCK_P"], cfg["num_warps"], cfg["DENSE"], cfg["PACK"]) == (
+                bp, warps, 0, 0), r
+            assert r["launches"] == cfg, r
+
+
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
     """The static check (``--refusals``, ``--pruning``) takes a build whose shared memory exceeds
     the SM's as the GPU's compile takes it, OutOfResources, which the fixed path and the

@@ -16,6 +16,7 @@ forcing the launch configuration.
 
 from __future__ import annotations
 
+import dataclasses
 import contextlib
 import types
 
@@ -1057,20 +1058,34 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
     FIXED_PACKED_BACKWARD (the static model's choices, each one of the autotuner's
     configurations), then the default, then the autotuner's list; the first that compiles
     without spills runs. 16-bit chains always; float32 chains where no packed block is padded
-    (groups at least 16 wide) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more, else
-    the default first (IGCV2(256, 8)); IGC_TRITON_FIXED=default (one compile: the default
-    first) keeps the default first. Where a tile has 1024 channels, the persistent forward
-    comes first, and in 16-bit the backward's FIXED_SPLIT_BACKWARD."""
+    (groups at least 16 wide) and a tile has FIXED_FP32_PACKED_MIN_CHANNELS channels or more,
+    or where a tile has FIXED_FP32_PACKED_CHANNELS or more, else the default first (IGCV2(256,
+    8), (64, 16)). Float32's default (exact products) is the FMA path (FIXED_FP32_DEFAULT: no
+    dot path, whose products would be FFMAs over the block-diagonal weight's zeros), and where
+    a tile has at most FIXED_FP32_SMALL_CHANNELS channels its backward tries
+    FIXED_FP32_BACKWARD (32 positions) first. IGC_TRITON_FIXED=default (one compile: the
+    default first) keeps the default first. Where a tile has 1024 channels, the persistent
+    forward comes first, and in 16-bit the backward's FIXED_SPLIT_BACKWARD."""
     import types
 
     st = _igcv2(256, 8, dtype)
     assert st.packed_layers
     native = dtype == torch.float16
-    assert K.FIXED_FP32_PACKED_CHANNELS == 512
+    assert K.FIXED_FP32_PACKED_CHANNELS == 512 and K.FIXED_FP32_PACKED_MIN_CHANNELS == 128
+    assert K.FIXED_FP32_SMALL_CHANNELS == 128
+    assert K.FIXED_FP32_DEFAULT == dataclasses.replace(K.DEFAULT_CONFIG, dense=0)
+    assert [(c.block_p, c.num_warps, c.dense, c.pack) for c in K.FIXED_FP32_BACKWARD] == [
+        (32, 4, 0, 0)]
     for s, packed_first in ((st, native), (_igcv2(256, 16, dtype), True),
                             (_igcv2(256, 32, dtype), True), (_igcv2(512, 8, dtype), True),
-                            (_igcv2(128, 8, dtype), native)):
+                            (_igcv2(128, 8, dtype), native), (_igcv2(128, 16, dtype), True),
+                            (_igcv2(64, 16, dtype), native), (_igcv2(64, 32, dtype), native)):
         assert s.packed_layers
+        small = s.c_x <= 128
+        assert bool(s.dense_layers) == small
+        # the default: DEFAULT_CONFIG, float32's FMA twin where the chain has dense layers
+        default = K.FIXED_FP32_DEFAULT if small and not native else K.DEFAULT_CONFIG
+        assert K.fixed_default(s) == default
         for backward, first in ((False, K.FIXED_PACKED_FORWARD),
                                 (True, K.FIXED_PACKED_BACKWARD)):
             cands = K.fixed_candidates(s, backward)
@@ -1078,11 +1093,18 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
             assert len(cands) == len(set(cands))
             assert set(cands) - {K.DEFAULT_CONFIG} <= set(tuned)
             expect = [c for c in first if c in tuned] if packed_first else []
+            if backward and small and not native:
+                expect += list(K.FIXED_FP32_BACKWARD)
             n = len(expect)
             assert n or not packed_first
-            assert cands[:n] == expect and cands[n] == K.DEFAULT_CONFIG, cands[:n + 1]
+            assert cands[:n] == expect and cands[n] == default, cands[:n + 1]
             assert all(c.pack for c in first) and all(c.dense == 0 for c in first)
-            assert K.fixed_candidates(s, backward, accept_spills=True)[0] == K.DEFAULT_CONFIG
+            assert K.fixed_candidates(s, backward, accept_spills=True)[0] == default
+    # a dense layer (one group: no zeros in its weight) keeps the dot path's default
+    one = K.make_structure(64, [64, 64], [1], [0], [False], [False], False, dtype)
+    assert one.dense_layers == [0] and K.fixed_default(one) == K.DEFAULT_CONFIG
+    cands = K.fixed_candidates(one, True)  # (no 32-position FMA backward before it)
+    assert cands.index(K.DEFAULT_CONFIG) < cands.index(K.FIXED_FP32_BACKWARD[0])
     # a tile of 1024 channels (one CTA fills an SM): the persistent forward candidate first
     wide = _igcv2(1024, 16, dtype)
     fwd, bwd = K.fixed_candidates(wide, False), K.fixed_candidates(wide, True)

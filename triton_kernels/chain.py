@@ -1367,8 +1367,22 @@ _OVERRIDE = threading.local()
 # another group's zeros) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more (the FMA
 # path's register tiles and shuffles grow with the channels); IGCV2(256, 8), whose blocks are
 # half zeros, keeps the default (predicted 86% on the FMA path, 49% packed).
+# Float32 chains with exact products ("ieee") of at most FIXED_FP32_SMALL_CHANNELS channels per
+# tile: the default's dot path multiplies every zero of the block-diagonal weight on the CUDA
+# cores (G_l times the FMAs; sm_90, CI Triton, H200, NCHW: IGCV2(64, 4)'s forward predicted at
+# 10% against 100% on the FMA path), so their default is FIXED_FP32_DEFAULT, the FMA path on
+# the same tile, where a dense-eligible layer has two groups or more (fixed_default), and
+# their backward tries 32 positions on 4 warps first (IGCV2(64, 4) 60%
+# against 42% for 16 positions, (64, 8) 56% against 39%; at 256 channels it spills). Their
+# packed candidates come first only from FIXED_FP32_PACKED_MIN_CHANNELS channels on (IGCV2(64,
+# 16)'s packed forward 40% against 72% on the FMA path, (64, 32) 21% against 42%; at 128
+# channels packed wins: (128, 16) 71% against 57%, (128, 32) 39% against 24%).
 FIXED_PERSISTENT_CHANNELS = 1024
 FIXED_FP32_PACKED_CHANNELS = 512
+FIXED_FP32_PACKED_MIN_CHANNELS = 128
+FIXED_FP32_SMALL_CHANNELS = 128
+FIXED_FP32_DEFAULT = LaunchConfig(dense=0)
+FIXED_FP32_BACKWARD = (LaunchConfig(block_p=32, num_warps=4, dense=0),)
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=1),
@@ -1612,13 +1626,29 @@ def _widest(st: Structure) -> int:
 def _packed_first(st: Structure) -> bool:
     """Whether the fixed path tries FIXED_PACKED_* before the default: chains with packed
     layers, in 16-bit; in float32 where no packed block is padded (every packed layer's groups
-    at least 16 wide) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more."""
+    at least 16 wide) and a tile has FIXED_FP32_PACKED_MIN_CHANNELS channels or more, or where
+    a tile has FIXED_FP32_PACKED_CHANNELS or more."""
     if not st.packed_layers:
         return False
     if st.native16:
         return True
-    return (all(st.layers[i].n >= 16 for i in st.packed_layers)
+    return ((all(st.layers[i].n >= 16 for i in st.packed_layers)
+             and _widest(st) >= FIXED_FP32_PACKED_MIN_CHANNELS)
             or _widest(st) >= FIXED_FP32_PACKED_CHANNELS)
+
+
+def _fp32_exact(st: Structure) -> bool:
+    """Float32 storage with exact dot products (``"ieee"``: the dot path runs on CUDA cores)."""
+    return not st.native16 and st.f32_prec == "ieee"
+
+
+def fixed_default(st: Structure) -> LaunchConfig:
+    """The fixed path's default configuration: DEFAULT_CONFIG, or for float32 chains with exact
+    products where a dense-eligible layer has two groups or more, FIXED_FP32_DEFAULT (the FMA
+    path on the same tile: their dot path's products are FFMAs, G_l times the grouped
+    convolution's; a layer of one group has no zeros in its weight)."""
+    grouped = any(st.layers[i].groups > 1 for i in st.dense_layers)
+    return FIXED_FP32_DEFAULT if _fp32_exact(st) and grouped else DEFAULT_CONFIG
 
 
 def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False) -> list:
@@ -1627,7 +1657,10 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     FIXED_PACKED_BACKWARD that the autotuner offers for ``st`` (the forward's persistent one
     first where a tile has FIXED_PERSISTENT_CHANNELS channels or more, the backward's
     FIXED_SPLIT_BACKWARD first where it has SPLIT_CHANNELS or more); then the default
-    configuration; then the rest of the autotuner's list (after its register-tile rule). With
+    configuration (``fixed_default``; before it, in the backward of float32 chains whose
+    default is FIXED_FP32_DEFAULT and whose tiles have at most FIXED_FP32_SMALL_CHANNELS
+    channels, FIXED_FP32_BACKWARD);
+    then the rest of the autotuner's list (after its register-tile rule). With
     ``accept_spills`` (``IGC_TRITON_FIXED=default``) the default comes first whatever the
     chain."""
     tuned = []
@@ -1644,7 +1677,12 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
         if backward and _widest(st) >= SPLIT_CHANNELS:
             first = FIXED_SPLIT_BACKWARD + first
         out = [c for c in first if c in tuned]
-    out.append(DEFAULT_CONFIG)
+    default = fixed_default(st)
+    if (backward and not accept_spills and default == FIXED_FP32_DEFAULT
+            and _widest(st) <= FIXED_FP32_SMALL_CHANNELS):
+        out += [c for c in FIXED_FP32_BACKWARD if c in tuned and c not in out]
+    if default not in out:
+        out.append(default)
     return out + [c for c in tuned if c not in out]
 
 
@@ -1656,7 +1694,7 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
     of the autotuner's list that does not); when every one spills, the least spilling one
     with its spill, which the backend's check (``_triton_ops.spill_reasons``) refuses before
     anything launches. Chosen once per kernel and argument signature from compiles, never from
-    timings, so it is deterministic; ``(the default, None)`` when nothing can be compiled here
+    timings, so it is deterministic; ``(fixed_default, None)`` when nothing can be compiled here
     (interpreter, or a compile error). ``spills``: spilled bytes of a compile (default
     ``_dtype_spills``). ``accept_spills`` (``IGC_TRITON_FIXED=default``): the first candidate
     that fits the GPU, spilling or not, so normally the default with its one compile; a
@@ -1682,7 +1720,7 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
             measured = [(s, cand)]
             break
         measured.append((s, cand))
-    best = min(measured, key=lambda sc: sc[0]) if measured else (None, DEFAULT_CONFIG)
+    best = min(measured, key=lambda sc: sc[0]) if measured else (None, fixed_default(kern.st))
     choice = (best[1], best[0])
     _FIXED[key] = choice
     return choice
