@@ -637,6 +637,29 @@ def test_small_float32_chains_launch_the_fma_path(alt):
             assert r["launches"] == cfg, r
 
 
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_igcv3_layers_forward_on_the_dot_path(alt):
+    """The IGCV3 layers (64 -> 384 and 384 -> 64, two groups; folded weights of 64 x 512
+    slots) in bf16: the fixed path's forward takes the dot path on 32 positions and 4 warps
+    (FIXED_WIDE_DOT_FORWARD; predicted 96% and 58% of copy bandwidth, against 11% and 2% on
+    the FMA path, which gathers every input across a tile of 512 slots), its first candidate,
+    without spills, with both Tritons (sm_90); the backward stays on the FMA path (its folded
+    dW spills) on 16 positions."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    for structure in ("igcv3-expand(64,6,2)", "igcv3-reduce(64,6,2)"):
+        rows = _refusals(TRITON_ALT if alt else None, structure, "bfloat16")
+        for direction, want in (("forward", (32, 4, 1)), ("backward", (16, 4, 0))):
+            r = rows[direction]
+            assert not r["refused"] and len(r["compiled"]) == 1, r
+            assert r["compiled"][0]["spill_bytes"] == 0, r
+            cfg = r["compiled"][0]["config"]
+            assert (cfg["BLOCK_P"], cfg["num_warps"], cfg["DENSE"]) == want, r
+            assert r["launches"] == cfg, r
+
+
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
     """The static check (``--refusals``, ``--pruning``) takes a build whose shared memory exceeds
     the SM's as the GPU's compile takes it, OutOfResources, which the fixed path and the

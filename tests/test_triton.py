@@ -227,6 +227,39 @@ def test_group_width_64(dense):
     check_fp32(p, _gy(p), dense=dense)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dense", [0, 1], ids=["fma", "dot"])
+def test_wide_layers_take_the_forward_dot_path_only(dense, dtype):
+    """An IGCV3-like block, 48 -> 288 (two groups of 24 -> 144, then interleaved) -> 48 (two
+    groups of 144 -> 24), with a bias: each layer's folded weight has 64 x 512 slots, beyond
+    DENSE_MAX_SLOTS on one side, within DENSE_MAX_FORWARD_SLOTS, so with ``DENSE`` the forward
+    takes the dot path on both layers, and the backward (its own and its recomputed forward)
+    the FMA path; output and gradients within the conformance rule either way."""
+    st = K.make_structure(48, [48, 288, 48], [2, 2], [2, 0], [False, False], [True, False],
+                          False, dtype)
+    assert [(l.s_in, l.s_out) for l in st.layers] == [(64, 512), (512, 64)]
+    assert st.dense_forward_layers == [0, 1] and st.dense_layers == []
+    assert [row[K.LAYER_FIELDS.index("dense_ok")] for row in st.meta()["LAYERS"]] == [1, 1]
+    kern = K.Kernels(st)
+    assert kern.fixed_meta(K.LaunchConfig(dense=1), False)["DENSE"] == 1
+    assert kern.fixed_meta(K.LaunchConfig(dense=1), True)["DENSE"] == 0
+    assert {c.kwargs["DENSE"] for c in K._configs(st, False)} == {0, 1}
+    assert {c.kwargs["DENSE"] for c in K._configs(st, True)} == {0}
+    # the fixed path: the forward on 32 positions first where the default takes the dot path
+    # (16-bit), float32's FMA default (exact products) otherwise
+    fwd = K.fixed_candidates(st, False)
+    if dtype == torch.float16:
+        assert fwd[:2] == [*K.FIXED_WIDE_DOT_FORWARD, K.DEFAULT_CONFIG]
+        assert [(c.block_p, c.num_warps, c.dense) for c in K.FIXED_WIDE_DOT_FORWARD] == [
+            (32, 4, 1)]
+    else:
+        assert fwd[0] == K.FIXED_FP32_DEFAULT
+    assert K.fixed_candidates(st, False, accept_spills=True)[0] == K.fixed_default(st)
+    p = build_problem([48, 288, 48], [2, 2], spatial=(5, 3), N=2, dtype=dtype,
+                      permutations=["interleave", None], bias=[True, False], seed=12)
+    check_low_precision(p, _gy(p), dense=dense)
+
+
 def test_channel_limit_1024():
     """C = 1024 with 16 groups of 64 channels, then 1024 -> 512 with 32 groups (FMA path: too
     wide for the dense one), a few tokens."""

@@ -81,6 +81,13 @@ MAX_CHANNELS = 1024
 # Largest padded channel count a layer may have on either side to be eligible for the dense
 # tl.dot path: its folded weight tile is S_{l-1} x S_l float32 (64 KiB at 128 x 128).
 DENSE_MAX_SLOTS = 128
+# The forward's dot path also takes layers whose folded weight has at most this many slots
+# (S_{l-1} x S_l; e.g. an IGCV3 expansion 64 -> 384 or its reduction 384 -> 64, two groups, 64 x
+# 512), where the FMA path gathers every input of a group across a tile of 512 slots: sm_90,
+# bf16, 16 positions on 4 warps, H200, NCHW, predicted 54% (expansion) and 39% (reduction)
+# of copy bandwidth against 11% and 2% (tools/gpu_static.py, tools/perf_model.py). Not the
+# backward's: its folded dW of that size spills (6 to 25 KB) in every configuration.
+DENSE_MAX_FORWARD_SLOTS = 32768
 # Largest block-diagonal weight (C_IN x MB values) of the packed path: 32768 is IGCV2(1024,
 # 32)'s (1024 x 32), whose bf16 forward compiles without spills for sm_90 with both Tritons at
 # 16 positions on 8 warps (with the launch's divisibility hints; without them it spilled 11 KB).
@@ -615,7 +622,9 @@ INTERPRETED = type(_reduce_partials).__name__ == "InterpretedFunction"
 # the constexpr tuples and wrong for tensors): the weights and biases of chains of at most
 # ``POINTER_SLOTS`` layers take one argument each (``w0``.., ``b0``..), deeper chains pass all of
 # them concatenated in slot 0 with each layer's offset; every explicit permutation and its
-# inverse share one int32 buffer, ``perm_ptr``.
+# inverse share one int32 buffer, ``perm_ptr``. A layer's ``dense_ok`` is 2 where the dot path
+# takes it in both directions (``Layer.dense_eligible``), 1 where only the forward's does
+# (``Layer.dense_forward_eligible``), else 0.
 POINTER_SLOTS = 8
 LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "bias",
                 "w_slot", "w_at", "b_slot", "b_at", "p_at", "q_at", "dense_ok", "kb", "mb",
@@ -628,7 +637,9 @@ def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.conste
                PACK: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr):
     """Layer ``I`` of the chain: ``u_I`` from tile ``h`` on the packed path (``PACK`` and the
     layer packs; ``wb`` its weight blocks where the program holds them, ``HOLD``), the dot path
-    (``DENSE`` and the layer is eligible) or the FMA path."""
+    (``DENSE`` and the layer is eligible: its ``dense_ok`` field at least ``DENSE``, which the
+    forward kernel passes as 1 and the backward's recomputed forward as 2, the layers whose
+    backward takes the dot path too) or the FMA path."""
     C_IN: tl.constexpr = LAYERS[I][0]
     C_OUT: tl.constexpr = LAYERS[I][1]
     N: tl.constexpr = LAYERS[I][2]
@@ -667,7 +678,7 @@ def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.conste
         MODE: tl.constexpr = 1 if NATIVE16 else 0
         u = _layer_packed(h, wb, HOLD, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG,
                           SM, BIAS, MODE, PREC, BLOCK_P)
-    elif DENSE and DENSE_OK:
+    elif DENSE and DENSE_OK >= DENSE:
         u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
                        NATIVE, PREC)
     else:
@@ -726,7 +737,7 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, WP, per
         dh, acc = _layer_packed_bwd(g, h, acc, wb, HOLD, DW_MODE, w_ptr, p_ptr, q_ptr, prow + W_OFF,
                                     pb_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, NEED_DH,
                                     NEED_DW, DB, NATIVE16, PREC, BLOCK_P, SPLIT)
-    elif DENSE and DENSE_OK:
+    elif DENSE and DENSE_OK == 2:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
     else:
@@ -974,7 +985,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
         if KEEP:
             for i in tl.static_range(NL - 1):
                 acts = acts + (_fwd_layer(acts[i], wts[i], HOLD, WP, BP, perm_ptr, zero,
-                                          LAYERS, i, NATIVE16, DENSE, PACK, PREC, BLOCK_P),)
+                                          LAYERS, i, NATIVE16, 2 * DENSE, PACK, PREC,
+                                          BLOCK_P),)
         if DY_LATE:  # dy's registers are not held during the recomputed forward: another
             # round trip per tile
             g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
@@ -987,7 +999,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 h = a0
                 for k in tl.static_range(i):
                     h = _fwd_layer(h, wts[k], HOLD, WP, BP, perm_ptr, zero, LAYERS, k,
-                                   NATIVE16, DENSE, PACK, PREC, BLOCK_P)
+                                   NATIVE16, 2 * DENSE, PACK, PREC, BLOCK_P)
             g, a = _bwd_layer(g, h, accs[i], wts[i], HOLD, 1 if i == HELD else DW_MODE, WP,
                               perm_ptr, prow_t, zero, LAYERS, i, W_TOTAL, NATIVE16, NEED_DX,
                               NEED_DW, NEED_DB, DENSE, PACK, PREC, BLOCK_P, SPLIT)
@@ -1046,7 +1058,13 @@ class Layer:
 
     @property
     def dense_eligible(self):
+        """The dot path takes the layer in both directions."""
         return self.s_in <= DENSE_MAX_SLOTS and self.s_out <= DENSE_MAX_SLOTS
+
+    @property
+    def dense_forward_eligible(self):
+        """The forward's dot path takes the layer (``DENSE_MAX_FORWARD_SLOTS``)."""
+        return self.dense_eligible or self.s_in * self.s_out <= DENSE_MAX_FORWARD_SLOTS
 
     @property
     def pack(self):
@@ -1122,8 +1140,15 @@ class Structure:
 
     @property
     def dense_layers(self) -> list:
-        """The layers (0-based) the dot path takes when it is on (``DENSE``)."""
+        """The layers (0-based) the dot path takes when it is on (``DENSE``), in the backward
+        and its recomputed forward."""
         return [i for i, l in enumerate(self.layers) if l.dense_eligible]
+
+    @property
+    def dense_forward_layers(self) -> list:
+        """The layers (0-based) the forward's dot path takes when it is on: ``dense_layers``
+        and those of at most DENSE_MAX_FORWARD_SLOTS weight slots."""
+        return [i for i, l in enumerate(self.layers) if l.dense_forward_eligible]
 
     def name(self) -> str:
         parts = [f"x{self.c_x}{'i' if self.has_index else ''}"]
@@ -1142,7 +1167,7 @@ class Structure:
             rows.append((l.c_in, l.c_out, l.n, l.m, l.s_in, l.s_out, l.pk, l.sg, l.sm,
                          int(l.bias), 0 if self.deep else i, l.w_off if self.deep else 0,
                          0 if self.deep else i, b_at if self.deep else 0, max(l.p_at, 0),
-                         max(l.q_at, 0), int(l.dense_eligible), kb, mb,
+                         max(l.q_at, 0), 2 if l.dense_eligible else int(l.dense_forward_eligible), kb, mb,
                          triton.next_power_of_2(l.n), l.w_off, b_at))
         return {"LAYERS": tuple(rows), "NL": self.num_layers, "C_X": self.c_x,
                 "S_X": slots(self.c_x), "HAS_INDEX": int(self.has_index),
@@ -1383,6 +1408,11 @@ FIXED_FP32_PACKED_MIN_CHANNELS = 128
 FIXED_FP32_SMALL_CHANNELS = 128
 FIXED_FP32_DEFAULT = LaunchConfig(dense=0)
 FIXED_FP32_BACKWARD = (LaunchConfig(block_p=32, num_warps=4, dense=0),)
+# Forwards whose dot path takes a layer beyond DENSE_MAX_SLOTS (DENSE_MAX_FORWARD_SLOTS) where
+# the default takes the dot path: 32 positions on 4 warps first (the IGCV3 layers in bf16,
+# predicted 96% and 58% against 54% and 39% on the default's 16 positions: the folded weight's
+# loads and layout conversions are shared by twice the positions)
+FIXED_WIDE_DOT_FORWARD = (LaunchConfig(block_p=32, num_warps=4, dense=1),)
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=1),
@@ -1512,7 +1542,7 @@ def _configs(st: Structure, backward: bool) -> list:
     more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4, DY_LATE and W_TILE, and the forward
     persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
     otherwise they are 0."""
-    dense = bool(st.dense_layers)
+    dense = bool(st.dense_layers if backward else st.dense_forward_layers)
     pack = bool(st.packed_layers)
     out = []
 
@@ -1569,7 +1599,8 @@ class Kernels:
         """The meta-parameters of a launch with ``cfg`` (the structure's ``meta`` excluded)."""
         dot_rows = cfg.block_p >= MIN_DOT_ROWS
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps,
-                "DENSE": cfg.dense if dot_rows and self.st.dense_layers else 0,
+                "DENSE": cfg.dense if dot_rows and (self.st.dense_layers if backward else
+                                                    self.st.dense_forward_layers) else 0,
                 "PACK": cfg.pack if dot_rows and self.st.packed_layers else 0}
         if backward:  # dW by reductions (split) only where packed
             meta["KEEP"] = cfg.keep
@@ -1647,7 +1678,7 @@ def fixed_default(st: Structure) -> LaunchConfig:
     products where a dense-eligible layer has two groups or more, FIXED_FP32_DEFAULT (the FMA
     path on the same tile: their dot path's products are FFMAs, G_l times the grouped
     convolution's; a layer of one group has no zeros in its weight)."""
-    grouped = any(st.layers[i].groups > 1 for i in st.dense_layers)
+    grouped = any(st.layers[i].groups > 1 for i in st.dense_forward_layers)
     return FIXED_FP32_DEFAULT if _fp32_exact(st) and grouped else DEFAULT_CONFIG
 
 
@@ -1659,7 +1690,9 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     FIXED_SPLIT_BACKWARD first where it has SPLIT_CHANNELS or more); then the default
     configuration (``fixed_default``; before it, in the backward of float32 chains whose
     default is FIXED_FP32_DEFAULT and whose tiles have at most FIXED_FP32_SMALL_CHANNELS
-    channels, FIXED_FP32_BACKWARD);
+    channels, FIXED_FP32_BACKWARD, and in the forward of chains whose default takes the dot
+    path and whose forward's dot path takes a layer the backward's does not,
+    FIXED_WIDE_DOT_FORWARD);
     then the rest of the autotuner's list (after its register-tile rule). With
     ``accept_spills`` (``IGC_TRITON_FIXED=default``) the default comes first whatever the
     chain."""
@@ -1678,6 +1711,9 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
             first = FIXED_SPLIT_BACKWARD + first
         out = [c for c in first if c in tuned]
     default = fixed_default(st)
+    if (not backward and not accept_spills and default.dense
+            and any(not st.layers[i].dense_eligible for i in st.dense_forward_layers)):
+        out += [c for c in FIXED_WIDE_DOT_FORWARD if c in tuned and c not in out]
     if (backward and not accept_spills and default == FIXED_FP32_DEFAULT
             and _widest(st) <= FIXED_FP32_SMALL_CHANNELS):
         out += [c for c in FIXED_FP32_BACKWARD if c in tuned and c not in out]
