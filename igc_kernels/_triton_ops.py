@@ -428,7 +428,8 @@ def _single_layer_stages(st, whole, whole_spills, choices):
     after it is folded into its store (and IGCV2(256, 32)'s fit the packed path). Taken where
     the whole chain's backward spills in every configuration (it would be refused), or where
     the fixed path offers it packed configurations first (``K._packed_first``: groups at least
-    16 wide, or a tile of 512 channels or more) and none fits, so that it runs the FMA path;
+    16 wide and a tile of 128 channels or more, or a tile of 512 channels or more) and none
+    fits, so that it runs the FMA path;
     each range's backward, and its forward but the last range's, without spills (predictions:
     docs/benchmarks.md, "Staged backward"). Nothing compiled (spills None: a compile error)
     decides nothing: the whole chain."""

@@ -231,18 +231,20 @@ SINGLES = ((0, 1), (1, 2), (2, 3))
     (512, 8, "fits", "fits", False, ((0, 3),)),  # its packed backward fits: the whole chain
     (512, 8, "fma", "never", False, ((0, 3),)),  # a layer spills everywhere: the whole chain
     (512, 8, "fma", "fits", True, ((0, 3),)),  # a kept range's forward spills: the whole chain
-    (32, 16, "fma", "fits", False, SINGLES),  # groups of 16 on the FMA path: one layer each
-    (32, 16, "fits", "fits", False, ((0, 3),)),  # their packed backward fits: the whole chain
+    (128, 16, "fma", "fits", False, SINGLES),  # groups of 16 on the FMA path: one layer each
+    (128, 16, "fits", "fits", False, ((0, 3),)),  # their packed backward fits: the whole chain
+    (32, 16, "fma", "fits", False, ((0, 3),)),  # under 128 channels no packed ones first
     (32, 8, "fma", "fits", False, ((0, 3),)),  # no packed candidates first: the whole chain
     (32, 8, "never", "fits", False, SINGLES),  # the whole chain spills everywhere: layers
     (32, 8, "never", "never", False, ((0, 3),)),  # so do its layers: the whole chain (refused)
 ], ids=["512-fma", "512-packed", "512-layer-spills", "512-forward-spills", "w16-fma",
-        "w16-packed", "w8", "w8-spills", "w8-all-spill"])
+        "w16-packed", "w16-32-channels", "w8", "w8-spills", "w8-all-spill"])
 def test_float32_stages_of_one_layer(monkeypatch, channels, width, whole, layer,
                                      forward_spills, want):
     """A float32 chain runs its backward one layer per range where its whole backward spills
     in every configuration, or where the fixed path offers it packed configurations first
-    (groups of 16 or more, or 512 channels or more) and none fits without spills (the FMA
+    (groups of 16 or more from 128 channels on, or 512 channels or more) and none fits without
+    spills (the FMA
     path); each range's backward and each kept range's forward without spills; else the whole
     chain, whose ranges are then not compiled where neither case holds."""
     monkeypatch.setattr(K, "_FIXED", {})
@@ -252,7 +254,7 @@ def test_float32_stages_of_one_layer(monkeypatch, channels, width, whole, layer,
     monkeypatch.setattr(K, "_dtype_spills",
                         _fp32_spill_stand_in(whole, layer, forward_spills, compiled))
     x, chain = _fp32_chain(channels, width)
-    packed_first = channels >= 512 or width >= 16
+    packed_first = channels >= 512 or (width >= 16 and channels >= 128)
     assert K._packed_first(T._structure(chain, torch.float32)) == packed_first
     assert T.backward_stages(x, chain, True, True, True) == want
     ranges_compiled = any(backward and n == 1 for backward, n in compiled)
