@@ -255,6 +255,9 @@ def test_wide_layers_take_the_forward_dot_path_only(dense, dtype):
     else:
         assert fwd[0] == K.FIXED_FP32_DEFAULT
     assert K.fixed_candidates(st, False, accept_spills=True)[0] == K.fixed_default(st)
+    # the backward's default: no layer its dot path takes, so DEFAULT_CONFIG (FMA path there)
+    assert K.fixed_default(st, True) == K.DEFAULT_CONFIG
+    assert K.fixed_candidates(st, True)[0] == K.DEFAULT_CONFIG
     p = build_problem([48, 288, 48], [2, 2], spatial=(5, 3), N=2, dtype=dtype,
                       permutations=["interleave", None], bias=[True, False], seed=12)
     check_low_precision(p, _gy(p), dense=dense)
@@ -1118,7 +1121,7 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
         assert bool(s.dense_layers) == small
         # the default: DEFAULT_CONFIG, float32's FMA twin where the chain has dense layers
         default = K.FIXED_FP32_DEFAULT if small and not native else K.DEFAULT_CONFIG
-        assert K.fixed_default(s) == default
+        assert K.fixed_default(s) == K.fixed_default(s, True) == default
         for backward, first in ((False, K.FIXED_PACKED_FORWARD),
                                 (True, K.FIXED_PACKED_BACKWARD)):
             cands = K.fixed_candidates(s, backward)

@@ -1673,12 +1673,13 @@ def _fp32_exact(st: Structure) -> bool:
     return not st.native16 and st.f32_prec == "ieee"
 
 
-def fixed_default(st: Structure) -> LaunchConfig:
+def fixed_default(st: Structure, backward: bool = False) -> LaunchConfig:
     """The fixed path's default configuration: DEFAULT_CONFIG, or for float32 chains with exact
-    products where a dense-eligible layer has two groups or more, FIXED_FP32_DEFAULT (the FMA
-    path on the same tile: their dot path's products are FFMAs, G_l times the grouped
-    convolution's; a layer of one group has no zeros in its weight)."""
-    grouped = any(st.layers[i].groups > 1 for i in st.dense_forward_layers)
+    products where a layer the direction's dot path takes has two groups or more,
+    FIXED_FP32_DEFAULT (the FMA path on the same tile: their dot path's products are FFMAs,
+    G_l times the grouped convolution's; a layer of one group has no zeros in its weight)."""
+    dense = st.dense_layers if backward else st.dense_forward_layers
+    grouped = any(st.layers[i].groups > 1 for i in dense)
     return FIXED_FP32_DEFAULT if _fp32_exact(st) and grouped else DEFAULT_CONFIG
 
 
@@ -1710,7 +1711,7 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
         if backward and _widest(st) >= SPLIT_CHANNELS:
             first = FIXED_SPLIT_BACKWARD + first
         out = [c for c in first if c in tuned]
-    default = fixed_default(st)
+    default = fixed_default(st, backward)
     if (not backward and not accept_spills and default.dense
             and any(not st.layers[i].dense_eligible for i in st.dense_forward_layers)):
         out += [c for c in FIXED_WIDE_DOT_FORWARD if c in tuned and c not in out]
@@ -1756,7 +1757,7 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
             measured = [(s, cand)]
             break
         measured.append((s, cand))
-    best = min(measured, key=lambda sc: sc[0]) if measured else (None, fixed_default(kern.st))
+    best = min(measured, key=lambda sc: sc[0]) if measured else (None, fixed_default(kern.st, backward))
     choice = (best[1], best[0])
     _FIXED[key] = choice
     return choice
