@@ -622,6 +622,23 @@ def test_spill_check_launches_a_later_packed_forward_in_float32(case):
     assert (got["BLOCK_P"], got["num_warps"], got["PACK"], got["AHEAD"]) == launched, r
 
 
+def _check_first_candidate_launches(alt, structure, dtype, want):
+    """The spill check (sm_90; alt: triton 3.6.0) launches each direction's first fixed-path
+    candidate, without spills: ``want[direction]`` = (BLOCK_P, num_warps, DENSE, PACK)."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    rows = _refusals(TRITON_ALT if alt else None, structure, dtype)
+    for direction, launched in want.items():
+        r = rows[direction]
+        assert not r["refused"] and len(r["compiled"]) == 1, r
+        assert r["compiled"][0]["spill_bytes"] == 0, r
+        cfg = r["compiled"][0]["config"]
+        assert (cfg["BLOCK_P"], cfg["num_warps"], cfg["DENSE"], cfg["PACK"]) == launched, r
+        assert r["launches"] == cfg, r
+
+
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
 def test_small_float32_chains_launch_the_fma_path(alt):
     """Float32 chains of at most 128 channels per tile with exact products (sm_90): their dot
@@ -632,20 +649,9 @@ def test_small_float32_chains_launch_the_fma_path(alt):
     default spilled), each its first candidate, without spills, with both Tritons; IGCV2(64,
     16), whose groups are 16 wide, too (packed first only from 128 channels on: its packed
     forward is predicted at 40%, the FMA path at 72%)."""
-    if alt:
-        _need_triton_alt()
-    else:
-        pytest.importorskip("triton")
     for structure in ("igcv2(64,8)", "igcv2(64,16)"):
-        rows = _refusals(TRITON_ALT if alt else None, structure, "float32")
-        for direction, (bp, warps) in (("forward", (16, 4)), ("backward", (32, 4))):
-            r = rows[direction]
-            assert not r["refused"] and len(r["compiled"]) == 1, r
-            assert r["compiled"][0]["spill_bytes"] == 0, r
-            cfg = r["compiled"][0]["config"]
-            assert (cfg["BLOCK_P"], cfg["num_warps"], cfg["DENSE"], cfg["PACK"]) == (
-                bp, warps, 0, 0), r
-            assert r["launches"] == cfg, r
+        _check_first_candidate_launches(alt, structure, "float32",
+                                        {"forward": (16, 4, 0, 0), "backward": (32, 4, 0, 0)})
 
 
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
@@ -656,19 +662,9 @@ def test_igcv3_layers_forward_on_the_dot_path(alt):
     the FMA path, which gathers every input across a tile of 512 slots), its first candidate,
     without spills, with both Tritons (sm_90); the backward stays on the FMA path (its folded
     dW spills) on 16 positions."""
-    if alt:
-        _need_triton_alt()
-    else:
-        pytest.importorskip("triton")
     for structure in ("igcv3-expand(64,6,2)", "igcv3-reduce(64,6,2)"):
-        rows = _refusals(TRITON_ALT if alt else None, structure, "bfloat16")
-        for direction, want in (("forward", (32, 4, 1)), ("backward", (16, 4, 0))):
-            r = rows[direction]
-            assert not r["refused"] and len(r["compiled"]) == 1, r
-            assert r["compiled"][0]["spill_bytes"] == 0, r
-            cfg = r["compiled"][0]["config"]
-            assert (cfg["BLOCK_P"], cfg["num_warps"], cfg["DENSE"]) == want, r
-            assert r["launches"] == cfg, r
+        _check_first_candidate_launches(alt, structure, "bfloat16",
+                                        {"forward": (32, 4, 1, 0), "backward": (16, 4, 0, 0)})
 
 
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
