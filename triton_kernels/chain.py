@@ -1167,7 +1167,8 @@ class Structure:
             rows.append((l.c_in, l.c_out, l.n, l.m, l.s_in, l.s_out, l.pk, l.sg, l.sm,
                          int(l.bias), 0 if self.deep else i, l.w_off if self.deep else 0,
                          0 if self.deep else i, b_at if self.deep else 0, max(l.p_at, 0),
-                         max(l.q_at, 0), 2 if l.dense_eligible else int(l.dense_forward_eligible), kb, mb,
+                         max(l.q_at, 0),
+                         2 if l.dense_eligible else int(l.dense_forward_eligible), kb, mb,
                          triton.next_power_of_2(l.n), l.w_off, b_at))
         return {"LAYERS": tuple(rows), "NL": self.num_layers, "C_X": self.c_x,
                 "S_X": slots(self.c_x), "HAS_INDEX": int(self.has_index),
@@ -1718,8 +1719,7 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     if (backward and not accept_spills and default == FIXED_FP32_DEFAULT
             and _widest(st) <= FIXED_FP32_SMALL_CHANNELS):
         out += [c for c in FIXED_FP32_BACKWARD if c in tuned and c not in out]
-    if default not in out:
-        out.append(default)
+    out.append(default)
     return out + [c for c in tuned if c not in out]
 
 
@@ -1757,7 +1757,8 @@ def fixed_choice(kern: Kernels, backward: bool, fn, args, base_meta: dict, spill
             measured = [(s, cand)]
             break
         measured.append((s, cand))
-    best = min(measured, key=lambda sc: sc[0]) if measured else (None, fixed_default(kern.st, backward))
+    best = (min(measured, key=lambda sc: sc[0]) if measured
+            else (None, fixed_default(kern.st, backward)))
     choice = (best[1], best[0])
     _FIXED[key] = choice
     return choice
