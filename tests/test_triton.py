@@ -16,8 +16,8 @@ forcing the launch configuration.
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import dataclasses
 import types
 
 import pytest
