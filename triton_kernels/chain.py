@@ -1150,6 +1150,10 @@ class Structure:
         and those of at most DENSE_MAX_FORWARD_SLOTS weight slots."""
         return [i for i, l in enumerate(self.layers) if l.dense_forward_eligible]
 
+    def dot_layers(self, backward: bool) -> list:
+        """The layers the dot path of that direction's kernel takes when it is on."""
+        return self.dense_layers if backward else self.dense_forward_layers
+
     def name(self) -> str:
         parts = [f"x{self.c_x}{'i' if self.has_index else ''}"]
         for l in self.layers:
@@ -1543,7 +1547,7 @@ def _configs(st: Structure, backward: bool) -> list:
     more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4, DY_LATE and W_TILE, and the forward
     persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
     otherwise they are 0."""
-    dense = bool(st.dense_layers if backward else st.dense_forward_layers)
+    dense = bool(st.dot_layers(backward))
     pack = bool(st.packed_layers)
     out = []
 
@@ -1600,8 +1604,7 @@ class Kernels:
         """The meta-parameters of a launch with ``cfg`` (the structure's ``meta`` excluded)."""
         dot_rows = cfg.block_p >= MIN_DOT_ROWS
         meta = {"BLOCK_P": cfg.block_p, "num_warps": cfg.num_warps,
-                "DENSE": cfg.dense if dot_rows and (self.st.dense_layers if backward else
-                                                    self.st.dense_forward_layers) else 0,
+                "DENSE": cfg.dense if dot_rows and self.st.dot_layers(backward) else 0,
                 "PACK": cfg.pack if dot_rows and self.st.packed_layers else 0}
         if backward:  # dW by reductions (split) only where packed
             meta["KEEP"] = cfg.keep
@@ -1679,8 +1682,7 @@ def fixed_default(st: Structure, backward: bool = False) -> LaunchConfig:
     products where a layer the direction's dot path takes has two groups or more,
     FIXED_FP32_DEFAULT (the FMA path on the same tile: their dot path's products are FFMAs,
     G_l times the grouped convolution's; a layer of one group has no zeros in its weight)."""
-    dense = st.dense_layers if backward else st.dense_forward_layers
-    grouped = any(st.layers[i].groups > 1 for i in dense)
+    grouped = any(st.layers[i].groups > 1 for i in st.dot_layers(backward))
     return FIXED_FP32_DEFAULT if _fp32_exact(st) and grouped else DEFAULT_CONFIG
 
 
@@ -1714,7 +1716,7 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
         out = [c for c in first if c in tuned]
     default = fixed_default(st, backward)
     if (not backward and not accept_spills and default.dense
-            and any(not st.layers[i].dense_eligible for i in st.dense_forward_layers)):
+            and st.dense_forward_layers != st.dense_layers):
         out += [c for c in FIXED_WIDE_DOT_FORWARD if c in tuned and c not in out]
     if (backward and not accept_spills and default == FIXED_FP32_DEFAULT
             and _widest(st) <= FIXED_FP32_SMALL_CHANNELS):
