@@ -30,6 +30,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import igc_kernels as igc
 from igc_kernels._chain import empty_like_layout
@@ -2057,3 +2058,94 @@ def test_static_model_mirrors_the_backward_planner(emu):
                 assert want[0] == 0 and "failed with code 4" in str(e), (dtype, C, K, e)
                 continue
             assert (plan[0], bool(plan[2])) == want, (dtype, C, K, plan)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hypothesis: random chains through the emulated kernels and their planners
+# ---------------------------------------------------------------------------------------------
+# per-group input and output counts: the compile-time widths (1 to 64), run-time ones (3, 5,
+# 12, 24), outputs per group a multiple of 8, of 4, of 2 and odd
+_WIDTHS = [1, 2, 3, 4, 5, 8, 12, 16, 24, 32, 64]
+_X_LAYOUTS = ["contiguous", "channels_last", "sliced", "sliced_channels_last", "permuted"]
+_GY_LAYOUTS = ["contiguous", "channels_last", "sliced"]
+# emulated devices (SMs, opt-in shared memory per block, shared memory per SM): an H100's, a
+# quarter of it (smaller tiles, recompute mode where store-all does not fit), an sm_86-like SM
+# (one CTA of a smaller tile); one to three SMs (several tiles per CTA) or 132
+_SMEM = [(232448, 233472), (50176, 102400), (101376, 102400)]
+
+
+@st.composite
+def emulated_chains(draw, max_channels=256):
+    """A random chain for the emulated kernels: 1 to 4 layers, group widths and outputs per
+    group from ``_WIDTHS`` (at most ``max_channels`` channels a layer), each permutation
+    interleave, none or explicit (int64 / int32), biases, an input index with repeats over an
+    x of other width, x and grad_y layouts, positions, the emulated device and output mask."""
+    L = draw(st.integers(1, 4))
+    g = draw(st.integers(1, 8))
+    n = draw(st.sampled_from([w for w in _WIDTHS if g * w <= max_channels]))
+    channels, groups = [g * n], []
+    for _ in range(L):
+        c = channels[-1]
+        g = draw(st.sampled_from([d for d in range(1, min(c, 64) + 1) if c % d == 0]))
+        m = draw(st.sampled_from([w for w in _WIDTHS if g * w <= max_channels]))
+        channels.append(g * m)
+        groups.append(g)
+    perms = [draw(st.sampled_from(["interleave", None, torch.int64, torch.int32]))
+             for _ in range(L)]
+    bias = [draw(st.booleans()) for _ in range(L)]
+    c_in = None
+    if draw(st.booleans()):
+        c_in = draw(st.sampled_from([channels[0], channels[0] + 3, max(1, channels[0] // 2)]))
+    layouts = draw(st.sampled_from(_X_LAYOUTS)), draw(st.sampled_from(_GY_LAYOUTS))
+    shape = draw(st.integers(1, 3)), draw(st.integers(1, 6)), draw(st.integers(1, 9))
+    device = (draw(st.sampled_from([1, 2, 3, 132])), *draw(st.sampled_from(_SMEM)))
+    mask = draw(st.sampled_from([(True, True, True), (True, False, False), (False, True, True),
+                                 (True, True, False)]))
+    return (channels, groups, perms, bias, c_in, layouts, shape, device, mask,
+            draw(st.integers(0, 2**31 - 1)))
+
+
+def _emulated_case(spec, dtype):
+    """EmuCase, x and grad_y of a drawn ``emulated_chains`` spec."""
+    channels, groups, perms, bias, c_in, (xl, gl), (N, H, W), _, _, seed = spec
+    gen = torch.Generator().manual_seed(seed)
+    perms = [torch.randperm(c, generator=gen).to(p) if isinstance(p, torch.dtype) else p
+             for p, c in zip(perms, channels[1:])]
+    index = None if c_in is None else torch.randint(0, c_in, (channels[0],), generator=gen)
+    c = EmuCase(channels, groups, perms=perms, bias=bias, index=index, c_in=c_in, dtype=dtype,
+                seed=seed)
+    return c, _x((N, c.c_in, H, W), xl, dtype, seed + 1), _x((N, channels[-1], H, W), gl,
+                                                            dtype, seed + 2)
+
+
+@needs_cxx
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@settings(max_examples=max(4, settings().max_examples // 2))
+@given(spec=emulated_chains())
+def test_emulated_random_chains(emu, dtype, spec):
+    """The CUDA-core forward and backward on random chains (every group-width path, explicit
+    permutations, input indices with repeats, layouts, output masks) and random devices, whose
+    shared memory and SM count steer the planners (tiles of 4 to 128 positions, store-all and
+    recompute mode, one or several tiles per CTA): within the rounding bound of the problem,
+    outputs in the layout of the contract, nothing written outside them."""
+    c, x, gy = _emulated_case(spec, dtype)
+    c.check(emu, x, gy, mask=spec[8], device=spec[7])
+
+
+@needs_cxx
+@settings(max_examples=max(4, settings().max_examples // 2))
+@given(spec=emulated_chains(), stmatrix=st.booleans())
+def test_emulated_mma_f32_random_chains(emu, spec, stmatrix):
+    """The float32 tensor-core forward and backward (three bfloat16 planes) on random chains
+    and SM counts, with sm_90's stmatrix epilogue or sm_80's: within the float32 rounding bound
+    of the problem. (The 16-bit kernels' rule, twice the unfused chain's error, is a statistic
+    of many outputs: on chains this small a correct result's largest error can be a last-bit
+    flip that the unfused chain happens not to make; their cases are the fixed ones above.)"""
+    c, x, gy = _emulated_case(spec, torch.float32)
+    device = (spec[7][0], *H100[1:])  # (every drawn chain's tiles fit an H100's SM)
+    emu.igc_emu_set_stmatrix(int(stmatrix))
+    try:
+        c.check_mma(emu, x, device=device)
+        c.check_backward_mma(emu, x, gy, mask=spec[8], device=device)
+    finally:
+        emu.igc_emu_set_stmatrix(1)
