@@ -2140,7 +2140,8 @@ def test_emulated_mma_f32_random_chains(emu, spec, stmatrix):
     and SM counts, with sm_90's stmatrix epilogue or sm_80's: within the float32 rounding bound
     of the problem. (The 16-bit kernels' rule, twice the unfused chain's error, is a statistic
     of many outputs: on chains this small a correct result's largest error can be a last-bit
-    flip that the unfused chain happens not to make; their cases are the fixed ones above.)"""
+    flip that the unfused chain happens not to make; their random chains are checked against
+    their rounding points instead, test_emulated_mma_16bit_random_chains.)"""
     c, x, gy = _emulated_case(spec, torch.float32)
     device = (spec[7][0], *H100[1:])  # (every drawn chain's tiles fit an H100's SM)
     emu.igc_emu_set_stmatrix(int(stmatrix))
