@@ -439,6 +439,21 @@ def assert_bitwise_deterministic(problem: Problem, backend: str, grad_y, runs: i
             assert torch.equal(g, ref), f"run {run}: gradient of {name} differs"
 
 
+class RoundTo(torch.autograd.Function):
+    """Rounds its input to ``dtype`` (kept in its own dtype, float64 in the models) and the
+    gradient it passes back too: a rounding point of the unfused chain in ``dtype`` (every
+    layer's output, every gradient), for float64 models of the 16-bit kernels."""
+
+    @staticmethod
+    def forward(ctx, t, dtype):
+        ctx.dtype = dtype
+        return t.to(dtype).to(t.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.to(ctx.dtype).to(g.dtype), None
+
+
 def draw_chain_shape(draw, max_layers: int, max_width: int) -> tuple:
     """``(channels, groups)`` of a random chain for a hypothesis strategy: 1..``max_layers``
     layers of 1..4 groups; every ``C_l`` a multiple of the groups of the layers that produce and

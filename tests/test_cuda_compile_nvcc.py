@@ -34,7 +34,8 @@ from hypothesis import given, settings, strategies as st
 
 import igc_kernels as igc
 from igc_kernels._chain import empty_like_layout
-from igc_test_utils import assert_within_rounding, expanded_like, make_tensor, two_x_failure
+from igc_test_utils import (RoundTo, assert_within_rounding, expanded_like, make_tensor,
+                            two_x_failure)
 
 # Slow (compilers, subprocesses): run as its own step of `make test` (-m slow).
 pytestmark = pytest.mark.slow
@@ -2191,12 +2192,12 @@ def test_emulated_mma_16bit_random_chains(emu, dtype, spec):
     x64 = x.detach().to(torch.float64).requires_grad_()
     ws = [w.to(torch.float64).requires_grad_() for w in c.weights]
     bs = [None if b is None else b.to(torch.float64).requires_grad_() for b in c.biases]
-    h = x64 if c.index is None else _Round.apply(x64.index_select(1, c.index.long()), dtype)
+    h = x64 if c.index is None else RoundTo.apply(x64.index_select(1, c.index.long()), dtype)
     for l in range(len(ws)):
         h = igc.reference.interleaved_group_conv(h, [ws[l]], [c.groups[l]], [c.perms[l]],
                                                  [bs[l]])
         if l < len(ws) - 1:
-            h = _Round.apply(h, dtype)
+            h = RoundTo.apply(h, dtype)
     leaves = [x64, *ws, *[b for b in bs if b is not None]]
     g = torch.autograd.grad(h, leaves, gy.to(torch.float64))
     L = len(ws)
@@ -2213,15 +2214,3 @@ def test_emulated_mma_16bit_random_chains(emu, dtype, spec):
         wrong = int((got != want).sum())
         assert wrong <= max(2, 0.2 * got.numel()), (name, wrong, got.numel())
 
-
-class _Round(torch.autograd.Function):
-    """Rounds a float64 tensor to ``dtype`` (back in float64), and its gradient likewise."""
-
-    @staticmethod
-    def forward(ctx, t, dtype):
-        ctx.dtype = dtype
-        return t.to(dtype).to(torch.float64)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad.to(ctx.dtype).to(torch.float64), None

@@ -30,6 +30,7 @@ from igc_kernels import backends
 from igc_kernels._chain import normalize
 from igc_kernels.triton_kernels import chain as K
 from igc_test_utils import (
+    RoundTo,
     X_KINDS,
     Problem,
     assert_bitwise_deterministic,
@@ -416,20 +417,6 @@ def test_packed_tiles_loaded_ahead(dtype):
         assert all(torch.equal(a, b) for a, b in zip(got[variants[0]], got[k])), k
 
 
-class _RoundTo(torch.autograd.Function):
-    """Rounds its input to ``dtype`` (kept in float64) and the gradient it passes back too: the
-    rounding points of the unfused chain in ``dtype`` (every layer's output, every gradient)."""
-
-    @staticmethod
-    def forward(ctx, t, dtype):
-        ctx.dtype = dtype
-        return t.to(dtype).to(t.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.to(ctx.dtype).to(g.dtype), None
-
-
 def _chain_float64(p: Problem, round_to=None):
     """The chain of ``p`` in float64 (leaves, output); with ``round_to``, every layer's output but
     the last and every gradient reaching it rounded to that dtype."""
@@ -449,7 +436,7 @@ def _chain_float64(p: Problem, round_to=None):
         elif ch.perms[l] is not None:
             h = h.index_select(1, ch.perms[l])
         if round_to is not None and l < ch.num_layers - 1:
-            h = _RoundTo.apply(h, round_to)
+            h = RoundTo.apply(h, round_to)
     return [x] + ws + [b for b in bs if b is not None], h
 
 
