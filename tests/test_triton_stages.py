@@ -15,6 +15,7 @@ import contextlib
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 import igc_kernels as igc
 from igc_kernels import _triton_ops as T
@@ -313,3 +314,44 @@ def test_float32_stages_run_and_lift_the_refusal(monkeypatch):
     bwd = [m for name, m in launched if name == "igc_chain_bwd"]
     assert [(len(m["LAYERS"]), m["HAS_INDEX"]) for m in bwd] == [(1, 0), (1, 0), (1, 1)]
     assert [len(m["LAYERS"]) for name, m in launched if name == "igc_chain_fwd"] == [3, 1, 1]
+
+
+@st.composite
+def staged_chains(draw):
+    """A float32 chain of 2 to 4 layers over 8 to 32 channels (groups dividing both sides,
+    packed or FMA layers), its ranges (every cut between layers drawn), biases, permutation
+    kinds, an input index with repeats or none, and the forced configuration."""
+    L = draw(st.integers(2, 4))
+    channels = [draw(st.sampled_from([8, 16, 24, 32])) for _ in range(L + 1)]
+    groups = [draw(st.sampled_from([g for g in (1, 2, 4, 8)
+                                     if channels[l] % g == 0 and channels[l + 1] % g == 0]))
+              for l in range(L)]
+    cuts = [c for c in range(1, L) if draw(st.booleans())] or [draw(st.integers(1, L - 1))]
+    bounds = [0, *cuts, L]
+    stages = tuple(zip(bounds[:-1], bounds[1:]))
+    perms = draw(st.sampled_from(["default", "random"]))
+    bias = [draw(st.booleans()) for _ in range(L)]
+    index = draw(st.booleans())
+    config = draw(st.sampled_from([{}, {"pack": 1}, {"dense": 0}]))
+    return channels, groups, stages, perms, bias, index, config, draw(st.integers(0, 999))
+
+
+@settings(max_examples=max(6, settings().max_examples // 2))
+@given(spec=staged_chains())
+def test_random_staged_chains(spec):
+    """Random float32 chains whose backward runs in drawn layer ranges: every gradient within
+    the float32 rounding bound, one backward launch per range over its own layers, the input
+    index only in the first range's."""
+    channels, groups, stages, perms, bias, index, config, seed = spec
+    idx = None
+    if index:
+        idx = torch.randint(0, channels[0] + 1, (channels[0],),
+                            generator=torch.Generator().manual_seed(seed))
+    p = build_problem(channels, groups, spatial=(3, 3), N=2, dtype=torch.float32,
+                      permutations=perms, bias=bias, seed=seed, input_index=idx,
+                      in_channels=channels[0] + 1 if index else None)
+    with T.force_stages(stages), _launches() as launched:
+        check_backend(p, "triton", _gy(p, seed=seed + 1), device=DEVICE, config=config)
+    bwd = [m for name, m in launched if name == "igc_chain_bwd"]
+    assert [len(m["LAYERS"]) for m in bwd] == [b - a for a, b in stages][::-1], bwd
+    assert [m["HAS_INDEX"] for m in bwd] == [0] * (len(stages) - 1) + [int(index)], bwd
