@@ -2069,8 +2069,8 @@ def test_static_model_mirrors_the_backward_planner(emu):
 _WIDTHS = [1, 2, 3, 4, 5, 8, 12, 16, 24, 32, 64]
 _X_LAYOUTS = ["contiguous", "channels_last", "sliced", "sliced_channels_last", "permuted"]
 _GY_LAYOUTS = ["contiguous", "channels_last", "sliced"]
-# emulated devices (SMs, opt-in shared memory per block, shared memory per SM): an H100's, a
-# quarter of it (smaller tiles, recompute mode where store-all does not fit), an sm_86-like SM
+# emulated devices (SMs, opt-in shared memory per block, shared memory per SM): an H100's, about
+# a fifth of it (smaller tiles, recompute mode where store-all does not fit), an sm_86-like SM
 # (one CTA of a smaller tile); one to three SMs (several tiles per CTA) or 132
 _SMEM = [(232448, 233472), (50176, 102400), (101376, 102400)]
 

@@ -606,9 +606,9 @@ def test_random_chains(spec):
     check_fp32(p, _gy(p), dense=dense, keep=keep)
 
 
-# the packed path's configurations (LaunchConfig): batched products, tiles loaded ahead, dW by
-# reductions (the last layer's held: RED 2, 16-bit only), in SPLIT products, with dy late or the
-# weight blocks loaded every tile
+# the packed path's float32 configurations (LaunchConfig): batched products, tiles loaded ahead,
+# dW by reductions (RED 1; RED 2, the last layer's dW held, is offered to 16-bit chains only), in
+# SPLIT products, with dy late or the weight blocks loaded every tile
 PACKED_CONFIGS = [dict(pack=1), dict(pack=2, ahead=2), dict(pack=2, ahead=1),
                   dict(pack=1, red=1), dict(pack=1, red=1, split=2),
                   dict(pack=1, red=1, split=4, w_tile=1), dict(pack=1, red=1, split=2, dy_late=1)]
