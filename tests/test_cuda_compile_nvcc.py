@@ -498,16 +498,27 @@ class EmuCase:
         return dx, gw[:nw], gb[:nb], list(plan)
 
     # --- the float64 oracle --------------------------------------------------------------
-    def reference(self, x, gy, absolute=False, dtype=torch.float64):
+    def reference(self, x, gy, absolute=False, dtype=torch.float64, round_to=None):
         """Output and gradients (x, weights, present biases) in float64; with ``absolute``
         every input is replaced by its absolute value (the magnitudes of the rounding bound).
-        With another ``dtype``: the unfused chain and its autograd in that dtype."""
+        With another ``dtype``: the unfused chain and its autograd in that dtype. With
+        ``round_to`` (a 16-bit dtype): the float64 chain rounded to it at the unfused chain's
+        rounding points, which the 16-bit kernels keep (every layer's input after the first
+        layer, and every gradient reaching one; with an input index also its rows, whose
+        gradients dx then sums)."""
         f = (lambda t: t.abs()) if absolute else (lambda t: t)
         x64 = f(x.detach().to(dtype)).requires_grad_()
         ws = [f(w.to(dtype)).requires_grad_() for w in self.weights]
         bs = [None if b is None else f(b.to(dtype)).requires_grad_() for b in self.biases]
         h0 = x64 if self.index is None else x64.index_select(1, self.index.long())
-        y = igc.reference.interleaved_group_conv(h0, ws, self.groups, self.perms, bs)
+        if round_to is None:
+            y = igc.reference.interleaved_group_conv(h0, ws, self.groups, self.perms, bs)
+        else:
+            y = h0 if self.index is None else RoundTo.apply(h0, round_to)
+            for l, (w, g, p, b) in enumerate(zip(ws, self.groups, self.perms, bs)):
+                if l > 0:
+                    y = RoundTo.apply(y, round_to)
+                y = igc.reference.interleaved_group_conv(y, [w], [g], [p], [b])
         leaves = [x64, *ws, *[b for b in bs if b is not None]]
         grads = torch.autograd.grad(y, leaves, f(gy.to(dtype)))
         return y.detach(), [g.detach() for g in grads]
@@ -2188,21 +2199,10 @@ def test_emulated_mma_16bit_random_chains(emu, dtype, spec):
     (y2, _), back2 = runs[2]
     assert torch.equal(bits(y), bits(y2))
     assert dx is None or torch.equal(bits(dx), bits(back2[0]))
-    # the float64 chain with the kernels' rounding points
-    x64 = x.detach().to(torch.float64).requires_grad_()
-    ws = [w.to(torch.float64).requires_grad_() for w in c.weights]
-    bs = [None if b is None else b.to(torch.float64).requires_grad_() for b in c.biases]
-    h = x64 if c.index is None else RoundTo.apply(x64.index_select(1, c.index.long()), dtype)
-    for l in range(len(ws)):
-        h = igc.reference.interleaved_group_conv(h, [ws[l]], [c.groups[l]], [c.perms[l]],
-                                                 [bs[l]])
-        if l < len(ws) - 1:
-            h = RoundTo.apply(h, dtype)
-    leaves = [x64, *ws, *[b for b in bs if b is not None]]
-    g = torch.autograd.grad(h, leaves, gy.to(torch.float64))
-    L = len(ws)
+    h, g = c.reference(x, gy, round_to=dtype)
+    L = len(c.weights)
     flat = lambda gs: torch.cat([t.reshape(-1) for t in gs]).to(dtype)  # noqa: E731
-    pairs = [("output", y, h.detach().to(dtype))]
+    pairs = [("output", y, h.to(dtype))]
     if mask[0]:
         pairs.append(("grad of x", dx, g[0].to(dtype)))
     if mask[1]:

@@ -642,11 +642,7 @@ def test_random_packed_chains(spec):
     channels, groups, perms, bias, layout, config, seed = spec
     p = build_problem(channels, groups, spatial=(5, 3), N=2, layout=layout,
                       dtype=torch.float32, permutations=perms, bias=bias, seed=seed)
-    metas = []
-    real = T._launch
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(T, "_launch", lambda fn, grid, a, meta: (metas.append(meta),
-                                                            real(fn, grid, a, meta)))
+    with _launches() as metas:
         check_fp32(p, _gy(p, seed=seed + 1), **config)
     fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
     bwd = [m for m in metas if "KEEP" in m]
