@@ -100,14 +100,15 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
         names = [k["mangled"] for k in kernels]
         for kind in ("chain_forward_kernel", "chain_backward_kernel", "reduce_partials_kernel"):
             assert sum(kind in n for n in names) == 4, (kind, names)  # one per dtype
-        # the tensor-core forward: 3 formats (float16, bfloat16, float32 as three bfloat16
-        # planes) x 3 tiles x (two tiles, in-place layers in the plain and in the kWrap layout),
-        # less float32's two 64-position in-place ones; the backward: 3 formats x 3 tiles; the
-        # backward's reduction per format; the per-call preparation per tile
-        assert sum("chain_forward_mma_kernel" in n for n in names) == 25, names
-        assert sum("chain_backward_mma_kernel" in n for n in names) == 9, names
+        # the tensor-core forward: 4 formats (float16, bfloat16, float32 as three or two
+        # bfloat16 planes) x 3 tiles x (two tiles, in-place layers in the plain and in the kWrap
+        # layout), less float32's 64-position in-place ones (two per float32 format); the
+        # backward: 4 formats x 3 tiles; the backward's reduction per format; the per-call
+        # preparation per tile
+        assert sum("chain_forward_mma_kernel" in n for n in names) == 32, names
+        assert sum("chain_backward_mma_kernel" in n for n in names) == 12, names
         assert sum("mma_prepare_kernel" in n for n in names) == 3, names
-        assert sum("reduce_partials_mma_kernel" in n for n in names) == 3, names
+        assert sum("reduce_partials_mma_kernel" in n for n in names) == 4, names
         for k in kernels:
             assert 0 < k["registers"] <= 255 and k["registers"] * 256 <= 65536, k
             if "Idd" in k["mangled"]:
@@ -115,7 +116,7 @@ def test_nvcc_compiles_device_code_sm80_sm90(device_cubins):
                 continue
             assert k["spill_bytes"] == 0, k
             assert k["stack_bytes"] <= (0 if "mma" in k["mangled"] else 16), k
-            one_cta = re.search(r"chain_backward_mma_kernelINS0_8MmaF32x3ELi4E", k["mangled"])
+            one_cta = re.search(r"chain_backward_mma_kernelINS0_8MmaF32x[23]ELi4E", k["mangled"])
             if "chain_" in k["mangled"] and not one_cta:
                 assert k["registers"] <= 128, k
 
@@ -151,11 +152,11 @@ def test_mma_kernel_sass_uses_tensor_cores_uniformly(device_sass):
     instruction, which the host emulation cannot see."""
     for arch, funcs in device_sass.items():
         mma = [f for f in funcs if "chain_forward_mma_kernel" in f.split()[0]]
-        assert len(mma) == 25, [f.split()[0] for f in funcs]
+        assert len(mma) == 32, [f.split()[0] for f in funcs]
         for f in mma:
             name = f.split()[0]
-            # float32 (MmaF32x3) runs on bf16 planes; f16 inputs carry no suffix
-            fmt = ".BF16" if "MmaBf16" in name or "MmaF32x3" in name else ""
+            # float32 (MmaF32x3, MmaF32x2) runs on bf16 planes; f16 inputs carry no suffix
+            fmt = "" if "MmaF16" in name else ".BF16"
             instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
@@ -177,14 +178,14 @@ def test_mma_backward_sass_uses_tensor_cores_uniformly(device_sass):
     activations as the A of dh and of the recompute), MOVM (epilogues), STSM on sm_90 (the
     recompute's and dh's epilogues, channels-last tile loads); no HMMA / LDSM / MOVM / STSM
     predicated (every lane of a warp executes them); the L2 prefetch of the next tile
-    (CCTL.E.PF2, prefetch.global.L2). Three formats (float32: bf16 planes) of three tiles
-    each."""
+    (CCTL.E.PF2, prefetch.global.L2). Four formats (float32: three or two bf16 planes) of three
+    tiles each."""
     for arch, funcs in device_sass.items():
         bwd = [f for f in funcs if "chain_backward_mma_kernel" in f.split()[0]]
-        assert len(bwd) == 9, [f.split()[0] for f in funcs]
+        assert len(bwd) == 12, [f.split()[0] for f in funcs]
         for f in bwd:
             name = f.split()[0]
-            fmt = ".BF16" if "MmaBf16" in name or "MmaF32x3" in name else ""
+            fmt = "" if "MmaF16" in name else ".BF16"
             instrs = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(@!?U?P\w+\s+)?([A-Z0-9_.]+)", f)
             ops = [op for _, op in instrs]
             assert f"HMMA.16816.F32{fmt}" in ops and f"HMMA.1688.F32{fmt}" in ops, (arch, name)
@@ -350,6 +351,9 @@ class EmuCase:
                        .to(dtype) if b else None for l, b in enumerate(self.bias)]
         self.gen = gen
         self.weight_offset = 0
+        # bfloat16 planes of the float32 tensor-core kernels: 3 (MmaF32x3, the default) or 2
+        # (MmaF32x2, where the user allows TF32 for matmul)
+        self.planes = 3
 
     # --- the emulated kernels ------------------------------------------------------------
     def host_chain(self):
@@ -415,10 +419,16 @@ class EmuCase:
         weights and biases passed in their dtype, as the CUDA launcher passes them). Returns
         ``y`` and the plan (tile positions, grid, 1 for in-place layers, 1 for the kWrap tile
         layout)."""
-        fmt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[self.dtype]
         W, B = self._flat()
-        return self._forward(lib.igc_emu_forward_mma, fmt, W, B, x, device, occupancy, 4,
-                             "tensor-core forward", nan_ok)
+        return self._forward(lib.igc_emu_forward_mma, self._mma_fmt(), W, B, x, device,
+                             occupancy, 4, "tensor-core forward", nan_ok)
+
+    def _mma_fmt(self):
+        """The harness's element format: 0 float16, 1 bfloat16, 2 / 3 float32 in three / two
+        planes."""
+        if self.dtype == torch.float32:
+            return {3: 2, 2: 3}[self.planes]
+        return {torch.float16: 0, torch.bfloat16: 1}[self.dtype]
 
     def unfused(self, x, dtype=None):
         """The unfused chain in ``dtype`` (default: the case's; every layer's output rounded to
@@ -438,8 +448,8 @@ class EmuCase:
         if self.dtype == torch.float32:  # the float32 rounding bound, as the CUDA-core kernel's
             y64, _ = self.reference(x, torch.zeros_like(y))
             ym, _ = self.reference(x, torch.zeros_like(y), absolute=True)
-            assert_within_rounding(y, y64, ym, self.k(x.numel() // x.shape[1]), torch.float32,
-                                   name="output")
+            assert_within_rounding(y, y64, ym, self.k_mma(x.numel() // x.shape[1]),
+                                   torch.float32, name="output")
         else:
             msg = two_x_failure("output", y, self.unfused(x, torch.float64), self.unfused(x))
             assert msg is None, msg
@@ -460,10 +470,9 @@ class EmuCase:
         ``dx, dW, db`` (flattened, in the dtype) and the plan (tile positions, grid, 1 where x
         and dy share a tile: reload x, 1 where the next tile is prefetched into L2). ``nan_ok``:
         NaN in dx expected, so only writes outside it are checked."""
-        fmt = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}[self.dtype]
         W, B = self._flat()
-        return self._backward(lib.igc_emu_backward_mma, fmt, (W, B), x, gy, mask, device,
-                              occupancy, 4, "tensor-core backward", nan_ok)
+        return self._backward(lib.igc_emu_backward_mma, self._mma_fmt(), (W, B), x, gy, mask,
+                              device, occupancy, 4, "tensor-core backward", nan_ok)
 
     def _backward(self, fn, flag, flat, x, gy, mask, device, occupancy, plan_len, what,
                   nan_ok=False):
@@ -545,7 +554,7 @@ class EmuCase:
             checks.append(("grad of weights", gw, flat(g64[1:1 + L]), flat(gref[1:1 + L])))
         if mask[2] and any(b is not None for b in self.biases):
             checks.append(("grad of biases", gb, flat(g64[1 + L:]), flat(gref[1 + L:])))
-        k = self.k(x.numel() // x.shape[1])
+        k = self.k_mma(x.numel() // x.shape[1])
         for name, actual, expected, other in checks:
             if f32:
                 assert_within_rounding(actual, expected, other, k, torch.float32, name=name)
@@ -559,6 +568,17 @@ class EmuCase:
         k = sum(self.channels[l] // g + self.channels[l + 1] // g + 2
                 for l, g in enumerate(self.groups))
         return k + positions + (len(self.index) if self.index is not None else 0)
+
+    def k_mma(self, positions):
+        """``k`` of the float32 tensor-core kernels' bound, in units of float32's u = 2^-24: with
+        three planes ``k`` (the dropped products are about u each); with two, each product of
+        split operands errs by up to 3 * 2^-16 of its magnitude (each operand's split 2^-16, the
+        dropped lo lo 2^-16) and the result's split (the output and dx, stored from their
+        planes) by 2^-16: at most 2 L + 1 of them on any path to a result (the forward's L
+        layers and y's split; in the backward the recompute's L - 1, dh's L and dx's split, or
+        dW's product of the recomputed input and du), 3 * 2^8 u each."""
+        extra = 0 if self.planes == 3 else (2 * len(self.groups) + 1) * 3 * 2 ** 8
+        return self.k(positions) + extra
 
     def check(self, lib, x, gy, mask=(True, True, True), device=H100, occupancy=1):
         y, fplan = self.emu_forward(lib, x, device, occupancy)
@@ -1241,13 +1261,32 @@ def test_emulated_mma_rounds_like_the_unfused_chain(emu):
 # ---------------------------------------------------------------------------------------------
 # The float32 tensor-core forward (chain_mma.cuh's MmaF32x3: three bfloat16 planes, six products)
 # ---------------------------------------------------------------------------------------------
-def _split3(emu, x):
-    """mma_split3 of the float32 values x: a tensor [..., 3] of hi, mid, lo."""
+def _split(emu, x, planes=3):
+    """mma_split<planes> of the float32 values x: a tensor [..., planes] of hi, mid, lo (two
+    planes: hi, lo)."""
     x = x.contiguous()
-    out = torch.empty(x.numel() * 3, dtype=torch.float32)
-    emu.igc_emu_split3(ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(x.numel()),
-                       ctypes.c_void_p(out.data_ptr()))
-    return out.view(*x.shape, 3)
+    out = torch.empty(x.numel() * planes, dtype=torch.float32)
+    emu.igc_emu_split(planes, ctypes.c_void_p(x.data_ptr()), ctypes.c_int64(x.numel()),
+                      ctypes.c_void_p(out.data_ptr()))
+    return out.view(*x.shape, planes)
+
+
+def _random_floats(seed):
+    """finite float32 values of every exponent (subnormals included), both signs"""
+    gen = torch.Generator().manual_seed(seed)
+    mant = torch.rand(20000, generator=gen, dtype=torch.float64) + 1
+    expo = torch.randint(-149, 128, (20000,), generator=gen).double()
+    sign = torch.randint(0, 2, (20000,), generator=gen).double() * 2 - 1
+    x = (sign * mant * 2.0 ** expo).float()
+    return x[torch.isfinite(x)], gen
+
+
+def _assert_split_keeps_non_finite(emu, planes):
+    """infinities, NaN and a value past bfloat16's largest finite one keep a non-finite hi"""
+    special = _split(emu, torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38]),
+                     planes)
+    assert special[:, 0].tolist()[:2] == [float("inf"), -float("inf")]
+    assert bool(special[2, 0].isnan()) and special[3, 0] == float("inf")
 
 
 @needs_cxx
@@ -1256,14 +1295,9 @@ def test_emulated_split3_is_exact(emu):
     lie under bfloat16's smallest subnormal 2^-133, within 2^-134), each plane a bfloat16
     value, mid at most half an ulp of hi and lo of mid; non-finite values (and |x| past
     bfloat16's largest finite value) keep a non-finite hi."""
-    gen = torch.Generator().manual_seed(0)
-    mant = torch.rand(20000, generator=gen, dtype=torch.float64) + 1
-    expo = torch.randint(-149, 128, (20000,), generator=gen).double()
-    sign = torch.randint(0, 2, (20000,), generator=gen).double() * 2 - 1
-    x = (sign * mant * 2.0 ** expo).float()
-    x = x[torch.isfinite(x)]
+    x, _ = _random_floats(0)
     x = torch.cat([x, torch.tensor([0.0, -0.0, 1.0, 1 + 2 ** -23, 3.3895314e38, 1e-45])])
-    p = _split3(emu, x)
+    p = _split(emu, x, 3)
     for k in range(3):
         assert torch.equal(p[:, k].to(torch.bfloat16).float(), p[:, k]), k
     exact = x.abs() >= 2.0 ** -110
@@ -1275,28 +1309,54 @@ def test_emulated_split3_is_exact(emu):
     assert torch.equal(joined[exact], x[exact])
     assert bool((p[:, 1].abs() <= p[:, 0].abs() * 2.0 ** -8).all())
     assert bool((p[:, 2].abs() <= p[:, 1].abs() * 2.0 ** -8).all())
-    special = _split3(emu, torch.tensor([float("inf"), -float("inf"), float("nan"), 3.4e38]))
-    assert special[:, 0].tolist()[:2] == [float("inf"), -float("inf")]
-    assert bool(special[2, 0].isnan()) and special[3, 0] == float("inf")
+    _assert_split_keeps_non_finite(emu, 3)
 
 
 @needs_cxx
+def test_emulated_split2_keeps_16_bits(emu):
+    """Two planes: hi = x rounded to bfloat16, lo = (x - hi) rounded to bfloat16, so that hi + lo
+    is within max(2^-16 |x|, 2^-134) of a finite x (2^-134: half of bfloat16's smallest
+    subnormal) and equals x where x has at most 16 significant bits; (lo + hi) in float32 is
+    exact (the join); a non-finite x keeps a non-finite hi."""
+    x, gen = _random_floats(1)
+    p = _split(emu, x, 2)
+    hi, lo = p[:, 0], p[:, 1]
+    assert torch.equal(hi, x.to(torch.bfloat16).float())
+    assert torch.equal(lo, (x - hi).to(torch.bfloat16).float())
+    total = hi.double() + lo.double()
+    assert torch.equal(lo + hi, total.float())  # the float32 join is exact
+    err = (total - x.double()).abs()
+    assert bool((err <= (x.double().abs() * 2.0 ** -16).clamp(min=2.0 ** -134)).all())
+    assert float(err.max()) > 0  # 24-bit values do not survive two planes
+    # at most 16 significant bits (an integer below 2^16 times a power of two): exact
+    ints = torch.randint(-2 ** 16 + 1, 2 ** 16, (5000,), generator=gen).double()
+    scale = 2.0 ** torch.randint(-60, 60, (5000,), generator=gen).double()
+    x16 = (ints * scale).float()
+    p16 = _split(emu, x16, 2)
+    assert torch.equal(p16[:, 0].double() + p16[:, 1].double(), x16.double())
+    _assert_split_keeps_non_finite(emu, 2)
+
+
+@needs_cxx
+@pytest.mark.parametrize("planes", [3, 2])
 @pytest.mark.parametrize("case", MMA_WIDTHS.values(), ids=MMA_WIDTHS.keys())
-def test_emulated_mma_f32_group_widths(emu, mma_arch, case):
+def test_emulated_mma_f32_group_widths(emu, mma_arch, case, planes):
     """Float32 chains on the bfloat16 tensor cores within the float32 rounding bound of the
     problem, every group width and block shape of the 16-bit kernel (the same items, three
-    planes each)."""
+    planes each; two planes: within their bound, EmuCase.k_mma)."""
     channels, groups = case
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.float32,
                 seed=len(channels))
+    c.planes = planes
     x = _x((2, channels[0], 5, 7), "contiguous", torch.float32, 1)
     _, plan = c.check_mma(emu, x)
     assert plan[0] in (16, 32, 64), plan
 
 
 @needs_cxx
+@pytest.mark.parametrize("planes", [3, 2])
 @pytest.mark.parametrize("layout", MMA_LAYOUTS.values(), ids=MMA_LAYOUTS.keys())
-def test_emulated_mma_f32_layouts(emu, layout):
+def test_emulated_mma_f32_layouts(emu, layout, planes):
     """The float32 tile loads and stores: 8-position chunks of NCHW rows (two 16-byte loads,
     three 16-byte plane stores); channels-last with C % 32 == 0 and 16-byte aligned positions
     (32, 64 channels): 8 positions x 32 channels per warp step, one stmatrix.trans per plane
@@ -1305,7 +1365,8 @@ def test_emulated_mma_f32_layouts(emu, layout):
     the element paths (C = 12 and 10, strided views, the load through an input index;
     channels fastest where the channel stride is 1, else positions fastest), tile tails,
     several tiles per CTA; explicit permutations. The channels-last layouts run on both
-    emulated archs (with and without stmatrix), the others' paths do not depend on it."""
+    emulated archs (with and without stmatrix), the others' paths do not depend on it. Three
+    planes and two, each within its bound."""
     sp, xl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
@@ -1320,6 +1381,7 @@ def test_emulated_mma_f32_layouts(emu, layout):
                 perms = ["interleave", torch.randperm(channels[-1], generator=gen)]
                 c = EmuCase(channels, groups, perms=perms, bias=[True, False], index=idx,
                             c_in=9 if idx is not None else None, dtype=torch.float32, seed=3)
+                c.planes = planes
                 x = _x((N, 9 if idx is not None else channels[0], *spatial), xl, torch.float32, 6)
                 c.check_mma(emu, x)
                 c.check_mma(emu, x, device=TWO_SM)
@@ -1346,16 +1408,18 @@ def test_emulated_mma_f32_unaligned_tensors(emu, layout):
 
 
 @needs_cxx
+@pytest.mark.parametrize("planes", [3, 2])
 @pytest.mark.parametrize("case", ["w16", "igcv2_w8", "input_index"])
-def test_emulated_mma_f32_in_place_layers(emu, mma_arch, case):
-    """In-place layers with three planes: on a device sized for the float32 in-place tile (three
-    planes of one tile) of 32 or 16 positions, the same bits as the two-tile kernel; never 64
-    positions in place (that kernel spilled, and is not built)."""
+def test_emulated_mma_f32_in_place_layers(emu, mma_arch, case, planes):
+    """In-place layers with three planes (or two): on a device sized for the float32 in-place
+    tile (the planes of one tile) of 32 or 16 positions, the same bits as the two-tile kernel;
+    never 64 positions in place (that kernel spilled, and is not built)."""
     c, x = _in_place_case(IN_PLACE_CASES[case], "contiguous", torch.float32)
+    c.planes = planes
     channels, _, _, _, c_in, tiles = IN_PLACE_CASES[case]
     y_two, plan = c.check_mma(emu, x)
     assert plan[2] == 0, plan
-    f32_smem = lambda tp: 3 * (_in_place_smem(max(channels), tp) - 2 * tp * 8) + 2 * tp * 8
+    f32_smem = lambda tp: planes * (_in_place_smem(max(channels), tp) - 2 * tp * 8) + 2 * tp * 8  # noqa: E731,E501
     for tp in (t for t in tiles if t <= 32):
         need = f32_smem(tp)
         y, plan = c.check_mma(emu, x, device=(2, need, 2 * (need + 1024)))
@@ -1368,7 +1432,7 @@ def test_emulated_mma_f32_in_place_layers(emu, mma_arch, case):
         # the same tile, in place for two CTAs per SM rather than two tiles for one: more
         # positions per SM (float32's rule; the 16-bit kernel's takes in place only for a
         # larger tile)
-        two_tiles = 3 * (_two_tile_smem(channels, 16) - 2 * 16 * 8) + 2 * 16 * 8
+        two_tiles = planes * (_two_tile_smem(channels, 16) - 2 * 16 * 8) + 2 * 16 * 8
         assert two_tiles > f32_smem(16) and f32_smem(32) > two_tiles
         _, plan = c.check_mma(emu, x, device=(2, two_tiles, 2 * (f32_smem(16) + 1024)))
         assert plan[0] == 16 and plan[2] == 1, plan
@@ -1426,6 +1490,23 @@ def test_emulated_mma_backward_group_widths(emu, mma_arch, case, dtype):
     c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=dtype, seed=len(channels))
     x = _x((2, channels[0], 5, 7), "contiguous", dtype, 1)
     gy = _x((2, channels[-1], 5, 7), "contiguous", dtype, 2)
+    *_, plan = c.check_backward_mma(emu, x, gy)
+    assert plan[0] in (16, 32, 64), plan
+
+
+@needs_cxx
+@pytest.mark.parametrize("case", MMA_BACKWARD_WIDTHS.values(), ids=MMA_BACKWARD_WIDTHS.keys())
+def test_emulated_mma_f32_two_planes_backward_group_widths(emu, mma_arch, case):
+    """The float32 backward in two planes over the backward's group widths: its weight
+    gradients added to the fp32 row by reductions as the 16-bit kernel's (the 16 x 32 items of
+    w64_dense, the whole and partial pair items of 8 x 8 groups and the others, the 16 x 16
+    items), within the two-plane bound (EmuCase.k_mma)."""
+    channels, groups = case
+    c = EmuCase(channels, groups, bias=[True] * len(groups), dtype=torch.float32,
+                seed=len(channels))
+    c.planes = 2
+    x = _x((2, channels[0], 5, 7), "contiguous", torch.float32, 1)
+    gy = _x((2, channels[-1], 5, 7), "contiguous", torch.float32, 2)
     *_, plan = c.check_backward_mma(emu, x, gy)
     assert plan[0] in (16, 32, 64), plan
 
@@ -1569,15 +1650,19 @@ def test_emulated_mma_backward_wide_row_updates(emu, bias):
 
 
 @needs_cxx
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "float32"])
-def test_emulated_mma_backward_row_reductions_flush_subnormals(emu, dtype):
-    """16-bit weight gradients are added to the CTA's fp32 row by reductions in L2
-    (red.add.f32), which flush subnormal operands and results to zero (PTX ISA; documented in
-    docs/backends.md). With x and grad_y near 1e-20 every tile's partial sum of every dW
-    element (about 1e-39) is subnormal, so every dW of the pair items (8 x 8 groups), the full
-    16 x 16 blocks and the general ones (24 x 24) is zero, while the oracle's are not and dx
-    is unaffected. The float32 kernel (three planes) reads and writes its row: not zero."""
+@pytest.mark.parametrize("dtype, planes", [(torch.bfloat16, 1), (torch.float32, 3),
+                                           (torch.float32, 2)],
+                         ids=["bf16", "float32", "float32_two_planes"])
+def test_emulated_mma_backward_row_reductions_flush_subnormals(emu, dtype, planes):
+    """16-bit weight gradients (and float32 ones in two planes) are added to the CTA's fp32 row
+    by reductions in L2 (red.add.f32), which flush subnormal operands and results to zero (PTX
+    ISA; documented in docs/backends.md). With x and grad_y near 1e-20 every tile's partial sum
+    of every dW element (about 1e-39) is subnormal, so every dW of the pair items (8 x 8
+    groups), the full 16 x 16 blocks and the general ones (24 x 24) is zero, while the
+    oracle's are not and dx is unaffected. The float32 kernel of three planes reads and writes
+    its row: not zero."""
     c = EmuCase([48, 48, 48, 48], [6, 3, 2], dtype=dtype, seed=51)
+    c.planes = planes if planes > 1 else c.planes
     x = (_x((2, 48, 5, 7), "contiguous", torch.float32, 52) * 1e-20).to(dtype)
     gy = (_x((2, 48, 5, 7), "contiguous", torch.float32, 53) * 1e-20).to(dtype)
     dx, gw, _, _ = c.emu_backward_mma(emu, x, gy)
@@ -1588,7 +1673,7 @@ def test_emulated_mma_backward_row_reductions_flush_subnormals(emu, dtype):
     err = (dx.double() - g64[0]).abs().max() / g64[0].abs().max()
     assert float(err) < 0.05, float(err)
     nonzero = int(torch.count_nonzero(gw))
-    if dtype == torch.float32:
+    if planes == 3:
         assert nonzero == gw.numel()
     else:
         assert nonzero == 0, nonzero
@@ -1654,13 +1739,15 @@ def test_emulated_mma_backward_tiles_and_shared_memory(emu):
 
 
 @needs_cxx
+@pytest.mark.parametrize("planes", [3, 2])
 @pytest.mark.parametrize("layout", MMA_BACKWARD_LAYOUTS.values(), ids=MMA_BACKWARD_LAYOUTS.keys())
-def test_emulated_mma_f32_backward_layouts(emu, layout):
+def test_emulated_mma_f32_backward_layouts(emu, layout, planes):
     """The float32 backward's tile moves (the forward's, inlined): x and dy (scattered through the
     last permutation) by 8-position NCHW chunks, channels-last 32-channel steps (stmatrix per
     plane, sm_90) or 8x8 blocks (float2 pairs, movmatrix per plane), element by element; dx
     stored by the same paths (ldmatrix per plane for 32 channels); stride-0 grad_y, tile tails,
-    several tiles per CTA. Channels-last layouts with and without sm_90's stmatrix."""
+    several tiles per CTA. Channels-last layouts with and without sm_90's stmatrix. Three planes
+    and two."""
     sp, xl, gl = layout
     N, spatial = sp[0], sp[1:]
     gen = torch.Generator().manual_seed(5)
@@ -1672,6 +1759,7 @@ def test_emulated_mma_f32_backward_layouts(emu, layout):
                 perm = torch.randperm(channels[-1], generator=gen)
                 c = EmuCase(channels, groups, perms=["interleave", perm], bias=[True, False],
                             dtype=torch.float32, seed=3)
+                c.planes = planes
                 x = _x((N, channels[0], *spatial), xl, torch.float32, 6)
                 shape = (N, channels[-1], *spatial)
                 gy = (expanded_like(shape, torch.float32, gen) if gl == "expanded"
@@ -1702,7 +1790,38 @@ def test_emulated_mma_f32_backward_exact_where_float32_is(emu):
 
 
 @needs_cxx
-def test_emulated_mma_f32_backward_tiles(emu):
+def test_emulated_mma_f32_two_planes_exact_where_16_bits_are(emu):
+    """Two planes hold values of at most 16 significant bits exactly: an integer chain whose
+    inputs, intermediates and gradients stay below 2^16 (x up to 2^9) gives the float64 output
+    and gradients exactly, as three planes do. Inputs of 17 bits (up to 2^16) lose their low
+    bits in two planes, as torch's "high" float32 matmul precision allows (within the two-plane
+    bound), where three planes give the float32 chain's exact result."""
+    c = EmuCase([32, 32, 32], [4, 4], perms=["interleave", None], bias=[True, True],
+                dtype=torch.float32, seed=2)
+    c.planes = 2
+    gen = torch.Generator().manual_seed(3)
+    c.weights = [torch.randint(-3, 4, w.shape, generator=gen).float() for w in c.weights]
+    c.biases = [torch.randint(-2 ** 9, 2 ** 9, (32,), generator=gen).float() for _ in range(2)]
+    x = torch.randint(-2 ** 9, 2 ** 9, (1, 32, 4, 5), generator=gen).float()
+    gy = torch.randint(-4, 5, (1, 32, 4, 5), generator=gen).float()
+    y, _ = c.emu_forward_mma(emu, x)
+    y64, g64 = c.reference(x, gy)
+    assert torch.equal(y, y64.float())
+    dx, gw, gb, _ = c.emu_backward_mma(emu, x, gy)
+    assert torch.equal(dx, g64[0].float())
+    assert torch.equal(gw, torch.cat([g.reshape(-1) for g in g64[1:3]]).float())
+    assert torch.equal(gb, torch.cat([g.reshape(-1) for g in g64[3:]]).float())
+    x17 = torch.randint(-2 ** 16, 2 ** 16, (1, 32, 4, 5), generator=gen).float()
+    exact = c.unfused(x17, torch.float64).float()
+    y2, _ = c.check_mma(emu, x17)
+    c.planes = 3
+    y3, _ = c.emu_forward_mma(emu, x17)
+    assert torch.equal(y3, exact) and not torch.equal(y2, exact)
+
+
+@needs_cxx
+@pytest.mark.parametrize("planes", [3, 2])
+def test_emulated_mma_f32_backward_tiles(emu, planes):
     """The float32 backward's tiles: two CTAs of 32 positions where their shared memory fits,
     else two of 16 (with room for exactly two of 16; two of 32 with x and dy in one tile do
     not fit there either), else the largest
@@ -1710,13 +1829,14 @@ def test_emulated_mma_f32_backward_tiles(emu):
     the 64-position kernel needs more than 128 registers, so a lone CTA never gains from it
     over two of 32), where the 16-bit rule would size the tile for two CTAs. The grid (the
     emulated device allows two CTAs per SM where their shared memory fits) shows the CTAs per
-    SM. Every gradient within the float32 rounding bound."""
+    SM. Every gradient within the float32 rounding bound (two planes: theirs)."""
     c = EmuCase([64, 128, 64], [8, 8], bias=[True, True], dtype=torch.float32, seed=6)
+    c.planes = planes
     x = _x((2, 64, 9, 11), "contiguous", torch.float32, 3)
     gy = _x((2, 64, 9, 11), "contiguous", torch.float32, 4)
-    # mma_backward_smem_bytes, three planes: the x tile, u_1, the dy tile, the zero and scratch
-    # rows; three offset arrays
-    smem = lambda tp: 3 * (64 + 128 + 64 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
+    # mma_backward_smem_bytes, `planes` times: the x tile, u_1, the dy tile, the zero and
+    # scratch rows; three offset arrays
+    smem = lambda tp: planes * (64 + 128 + 64 + 2) * tp * 2 + 3 * tp * 8  # noqa: E731
     for tp, ctas, per_sm in ((32, 2, 2 * (smem(32) + 1024)), (16, 2, 2 * (smem(16) + 1024)),
                              (32, 1, smem(32) + 1024), (16, 1, smem(16) + 1024)):
         assert ctas == 1 or per_sm >= 2 * (smem(tp) + 1024)
@@ -2146,15 +2266,16 @@ def test_emulated_random_chains(emu, dtype, spec):
 
 @needs_cxx
 @settings(max_examples=max(4, settings().max_examples // 2))
-@given(spec=emulated_chains(), stmatrix=st.booleans())
-def test_emulated_mma_f32_random_chains(emu, spec, stmatrix):
-    """The float32 tensor-core forward and backward (three bfloat16 planes) on random chains
-    and SM counts, with sm_90's stmatrix epilogue or sm_80's: within the float32 rounding bound
-    of the problem. (The 16-bit kernels' rule, twice the unfused chain's error, is a statistic
-    of many outputs: on chains this small a correct result's largest error can be a last-bit
+@given(spec=emulated_chains(), stmatrix=st.booleans(), planes=st.sampled_from([3, 2]))
+def test_emulated_mma_f32_random_chains(emu, spec, stmatrix, planes):
+    """The float32 tensor-core forward and backward (three bfloat16 planes, or two) on random
+    chains and SM counts, with sm_90's stmatrix epilogue or sm_80's: within the float32 rounding
+    bound of the problem (two planes: their bound, EmuCase.k_mma). (The 16-bit kernels' rule,
+    twice the unfused chain's error, is a statistic of many outputs: on chains this small a correct result's largest error can be a last-bit
     flip that the unfused chain happens not to make; their random chains are checked against
     their rounding points instead, test_emulated_mma_16bit_random_chains.)"""
     c, x, gy = _emulated_case(spec, torch.float32)
+    c.planes = planes
     device = (spec[7][0], *H100[1:])  # (every drawn chain's tiles fit an H100's SM)
     emu.igc_emu_set_stmatrix(int(stmatrix))
     try:

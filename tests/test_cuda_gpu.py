@@ -425,10 +425,12 @@ def test_tensor_core_forward_is_used_unless_turned_off(tensor_cores):
 
 
 _FP32_MMA_SCRIPT = """
-import sys, torch, igc_kernels as igc
+import os, sys, torch, igc_kernels as igc
 sys.path.insert(0, "tests")
 from igc_test_utils import rounding_failure
 torch.manual_seed(0)
+# two bfloat16 planes where TF32 is allowed for matmul (with IGC_CUDA_FP32_MMA=1)
+two = os.environ["IGC_CUDA_FP32_MMA"] == "1" and torch.backends.cuda.matmul.allow_tf32
 worst = []
 for C, K, L, layout in ((256, 32, 2, torch.contiguous_format), (512, 16, 3, torch.channels_last),
                         (256, 8, 3, torch.contiguous_format)):
@@ -449,6 +451,7 @@ for C, K, L, layout in ((256, 32, 2, torch.contiguous_format), (512, 16, 3, torc
         return [out.detach()] + list(torch.autograd.grad(out, leaves, f(gy.double())))
     ref, mag = oracle(lambda t: t), oracle(torch.abs)
     k = sum(2 * K + 2 for _ in range(L))  # the output; the gradients also sum the positions
+    k += (2 * L + 1) * 3 * 2 ** 8 if two else 0  # each split product: 3 * 2^-16 (EmuCase.k_mma)
     msgs = [rounding_failure(name, a.cpu(), r.cpu(), m.cpu(), k + (i > 0) * 3 * 9 * 11,
                              torch.float32)
             for i, (name, a, r, m) in enumerate(zip(["output", "grad of x"] + ["grad of w"] * L +
@@ -457,23 +460,38 @@ for C, K, L, layout in ((256, 32, 2, torch.contiguous_format), (512, 16, 3, torc
     assert all(m is None for m in msgs), msgs
     worst.append(max(float(((a.double() - r).abs() / m.clamp_min(1e-30)).max())
                      for a, r, m in zip([y, *grads], ref, mag)))
+    if two:  # TF32 disallowed (read at every call): three planes, other bits
+        torch.backends.cuda.matmul.allow_tf32 = False
+        y3 = igc.interleaved_group_conv(x, ws, g, biases=bs, backend="cuda")
+        torch.backends.cuda.matmul.allow_tf32 = True
+        assert not torch.equal(y3, y)
+        assert rounding_failure("output", y3.cpu(), ref[0].cpu(), mag[0].cpu(),
+                                k - (2 * L + 1) * 3 * 2 ** 8, torch.float32) is None
 print("worst relative error", max(worst))
 """
 
 
 @pytest.mark.skipif(not HAS_CUDA or torch.cuda.get_device_capability() < (8, 0),
                     reason="the float32 tensor-core kernels need sm_80")
+@pytest.mark.parametrize("tf32", [False, True], ids=["highest", "tf32_allowed"])
 @pytest.mark.parametrize("fp32_mma", ["1", "0"])
-def test_float32_tensor_cores_are_opt_in(fp32_mma):
+def test_float32_tensor_cores_are_opt_in(fp32_mma, tf32):
     """float32 forwards and backwards run chain_forward_mma_kernel and chain_backward_mma_kernel
     only with IGC_CUDA_FP32_MMA=1 (read once per process: a subprocess each), and either way
     the output and every gradient lie within the float32 rounding bound of the problem (NCHW
-    and channels-last, groups of 32, 16 and 8)."""
+    and channels-last, groups of 32, 16 and 8). With TF32 allowed for matmul
+    (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1) the opted-in kernels run two bfloat16 planes: within
+    the bound with each split product counted at 3 * 2^-16, other bits than the three-plane
+    output of the same call with TF32 disallowed; without the opt-in, the CUDA-core kernels
+    either way."""
     import os
     import subprocess
     import sys
 
     env = dict(os.environ, IGC_CUDA_FP32_MMA=fp32_mma)
+    env.pop("TORCH_ALLOW_TF32_CUBLAS_OVERRIDE", None)
+    if tf32:
+        env["TORCH_ALLOW_TF32_CUBLAS_OVERRIDE"] = "1"
     r = subprocess.run([sys.executable, "-c", _FP32_MMA_SCRIPT], capture_output=True, text=True,
                        env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

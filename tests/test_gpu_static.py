@@ -829,13 +829,14 @@ def _assert_labelled_predictions(report, rows):
 
 
 def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report):
-    """The opt-in float32 tensor-core forward (MmaF32x3, three bfloat16 planes) in the same
-    report: per position six times the padded products of the 16-bit kernel, three planes of
-    shared memory per tile, no spills, not marked as the path a float32 call runs, and labelled
-    predictions."""
+    """The opt-in float32 tensor-core forwards (MmaF32x3, three bfloat16 planes, and MmaF32x2,
+    two) in the same report: per position six (two planes: three) times the padded products
+    of the 16-bit kernel, that many planes of shared memory per tile, no spills, not marked
+    as the path a float32 call runs, and labelled predictions."""
     rows = [r for r in fp32_cuda_report["rows"] if r["kernel"] == "chain_forward_mma_kernel"
             and r["structure"] in _FP32_FORWARD]
-    assert len(rows) == len(_FP32_FORWARD) * 2
+    assert len(rows) == len(_FP32_FORWARD) * 2 * 2
+    assert sorted(r["config"]["planes"] for r in rows) == [2] * 10 + [3] * 10
     import igc_kernels as igc
 
     specs = {"igcv2(64,4)": igc.ChainSpec.igcv2(64, 4),
@@ -844,8 +845,10 @@ def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report)
              "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2]),
              "condense(128,4)": None}
     for r in rows:
-        what = f"{r['structure']} {r['layout']}"
-        assert r["dtype"] == "float32" and r["config"]["planes"] == 3, what
+        what = f"{r['structure']} {r['layout']} {r['config']['planes']} planes"
+        planes = r["config"]["planes"]
+        products = {3: 6, 2: 3}[planes]
+        assert r["dtype"] == "float32", what
         assert not r["is_default"] and not r["fixed_path"], what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, what
         assert r["registers"] <= 128, what
@@ -854,12 +857,12 @@ def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report)
             padded = sum(g * 8 * -(-(cout // g) // 8) * (8 if n <= 8 else 16 * -(-n // 16))
                          for (cout, n), g in zip(spec.weight_shapes(), spec.groups))
             per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
-            assert per_position == pytest.approx(6 * padded, rel=1e-9), what
+            assert per_position == pytest.approx(products * padded, rel=1e-9), what
             if not r["config"]["in_place"]:
                 chans = [spec.in_channels] + [c for c, _ in spec.weight_shapes()]
                 n_rows = (-(-max(chans[0::2]) // 4) * 4) + (-(-max(chans[1::2]) // 4) * 4)
                 tp = r["block_p"]
-                assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 16 * tp, what
+                assert r["shared_bytes"] == planes * (n_rows + 2) * tp * 2 + 16 * tp, what
     _assert_labelled_predictions(fp32_cuda_report, rows)
 
 
@@ -895,11 +898,13 @@ def _backward_tile_rows(spec, reload):
 
 
 def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
-    """The opt-in float32 tensor-core backward (MmaF32x3) in the same report: per position six
-    times the padded products of the 16-bit kernel (recompute, dh, dW), three planes of shared
-    memory per tile, the planner's tile (two CTAs of 32 positions where they fit, else two of
-    16, within 128 registers; else one CTA: IGCV2(512, 16), which prefetches its next tile into
-    L2), no spills, not marked as the path a float32 call runs, labelled predictions; no
+    """The opt-in float32 tensor-core backwards (MmaF32x3, and MmaF32x2 with two planes) in the
+    same report: per position six (two planes: three) times the padded products of the 16-bit
+    kernel (recompute, dh, dW), that many planes of shared memory per tile, the planner's tile
+    (two CTAs of 32 positions where they fit, else two of 16, within 128 registers; else one
+    CTA: IGCV2(512, 16) with three planes, which prefetches its next tile into L2; with x and
+    dy in one tile where that gives more positions per SM: IGCV2(256, 8) and (512, 16) with two
+    planes), no spills, not marked as the path a float32 call runs, labelled predictions; no
     record where the store-all tiles do not fit (IGCV2(1024, 8): the CUDA-core backward runs
     it)."""
     import igc_kernels as igc
@@ -909,30 +914,38 @@ def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
              "igcv2(256,32)": igc.ChainSpec.igcv2(256, 32),
              "igcv2(512,16)": igc.ChainSpec.igcv2(512, 16),
              "igcv3-reduce(64,6,2)": igc.ChainSpec([384, 64], [2])}
-    # (tile, x and dy in one tile, two CTAs per SM)
-    plans = {"igcv2(64,4)": (32, False, True), "igcv2(256,8)": (16, False, True),
-             "igcv2(256,32)": (32, True, True), "igcv3-reduce(64,6,2)": (32, False, True),
-             "igcv2(512,16)": (16, False, False)}
+    # planes: (tile, x and dy in one tile, two CTAs per SM)
+    plans = {3: {"igcv2(64,4)": (32, False, True), "igcv2(256,8)": (16, False, True),
+                 "igcv2(256,32)": (32, True, True), "igcv3-reduce(64,6,2)": (32, False, True),
+                 "igcv2(512,16)": (16, False, False)},
+             2: {"igcv2(64,4)": (32, False, True), "igcv2(256,8)": (32, True, True),
+                 "igcv2(256,32)": (32, False, True), "igcv3-reduce(64,6,2)": (32, False, True),
+                 "igcv2(512,16)": (16, True, True)}}
     rows = [r for r in cuda_report["rows"] if r["kernel"] == "chain_backward_mma_kernel"
             and r.get("dtype") == "float32" and r["structure"] in (*_FP32_FORWARD,
                                                                    *_FP32_BACKWARD, *specs)]
-    assert sorted({r["structure"] for r in rows}) == sorted([*specs, "condense(128,4)"])
+    for planes in (3, 2):
+        assert sorted({r["structure"] for r in rows if r["config"]["planes"] == planes}) == \
+            sorted([*specs, "condense(128,4)"]), planes
     for r in rows:
-        what = f"{r['structure']} {r['layout']}"
-        assert r["dtype"] == "float32" and r["config"]["planes"] == 3, what
+        planes = r["config"]["planes"]
+        what = f"{r['structure']} {r['layout']} {planes} planes"
+        assert r["dtype"] == "float32", what
         assert not r["is_default"] and not r["fixed_path"], what
         assert r["compiled"] and r["spill_bytes"] == 0 and r["stack_bytes"] == 0, what
         spec = specs.get(r["structure"])
         if spec is None:
             continue
-        tp, reload, two = plans[r["structure"]]
+        tp, reload, two = plans[planes][r["structure"]]
         assert (r["block_p"], r["config"]["reload_x"]) == (tp, reload), what
         assert (r["ctas_per_sm"] >= 2) == two and (not two or r["registers"] <= 128), what
         assert r["config"]["prefetch"] == (not two), what  # a lone CTA prefetches into L2
         per_position = r["dyn"]["mma_fma"] * r["num_warps"] / r["block_p"]
-        assert per_position == pytest.approx(6 * _padded_backward_products(spec), rel=1e-9), what
+        products = {3: 6, 2: 3}[planes]
+        assert per_position == pytest.approx(products * _padded_backward_products(spec),
+                                             rel=1e-9), what
         n_rows = _backward_tile_rows(spec, reload)
-        assert r["shared_bytes"] == 3 * (n_rows + 2) * tp * 2 + 24 * tp, what
+        assert r["shared_bytes"] == planes * (n_rows + 2) * tp * 2 + 24 * tp, what
     _assert_labelled_predictions(cuda_report, rows)
 
 

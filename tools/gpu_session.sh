@@ -51,7 +51,9 @@
 #   fp32mma      bench-quick's measurement of the nine IGCV2 targets in float32, once as it is
 #                (the CUDA-core kernels, bench-fp32.json) and once with IGC_CUDA_FP32_MMA=1: the
 #                opt-in float32 tensor-core forward and backward, three bfloat16 planes
-#                (bench-fp32mma.json)
+#                (bench-fp32mma.json), and once more with TF32 allowed for matmul
+#                (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1): two planes (bench-fp32mma-2planes.json;
+#                the eager baselines then run with TF32 too)
 #   triton-fp32mma  the Triton backend's opt-in float32 tensor-core dots (IGC_TRITON_FP32_MMA=1):
 #                its GPU test against the float32 bound, then IGCV2(256, 8), (256, 16) and
 #                (512, 16) in float32 on the Triton backend autotuned, as it is
@@ -223,7 +225,11 @@ for arg in "${steps[@]}"; do
       --json "$OUT/bench-fp32.json" ;
       run_step fp32mma env IGC_CUDA_FP32_MMA=1 "$PY" benchmarks/bench.py --device cuda \
       --no-compile --no-memory --quiet --only "$IGCV2_TARGETS" --dtypes float32 \
-      --backends cuda --json "$OUT/bench-fp32mma.json" ;;
+      --backends cuda --json "$OUT/bench-fp32mma.json" ;
+      run_step fp32mma-2planes env IGC_CUDA_FP32_MMA=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
+      "$PY" benchmarks/bench.py --device cuda --no-compile --no-memory --quiet \
+      --only "$IGCV2_TARGETS" --dtypes float32 --backends cuda \
+      --json "$OUT/bench-fp32mma-2planes.json" ;;
     triton-fp32mma) run_step triton-fp32mma-test env IGC_TRITON_FP32_MMA=1 "$PY" -m pytest \
       tests/test_triton_gpu.py -q -ra -k opt_in_tensor_cores ;
       run_step triton-fp32 "$PY" benchmarks/bench.py --device cuda --no-compile --no-memory \

@@ -598,7 +598,8 @@ def _layer_model(ins, loops, mt: int, planes: int = 1) -> dict:
     ldmatrix: pair items) are "k16p" / "k8p", items of four (the in-place forward's groups of
     32) "k16q"; k8 items of two groups of one block each (one ldmatrix x4 for both groups'
     activations) are "k8g". With three planes (the float32 kernel, MmaF32x3) a k-step issues
-    three ldmatrix and six HMMAs per product where the 16-bit kernel issues one of each. Items
+    three ldmatrix and six HMMAs per product where the 16-bit kernel issues one of each (two
+    planes, MmaF32x2: two and three, ``MMA_PRODUCTS``). Items
     whose first k-step has a copy for layers with a bias count the other one
     (``perf_model.without_bias_paths``)."""
     ins = perf_model.without_bias_paths(ins)
@@ -615,7 +616,7 @@ def _layer_model(ins, loops, mt: int, planes: int = 1) -> dict:
         for kl in sorted(inner, key=lambda lp: lp[1] - lp[0]):
             body = ops(kl)
             lds = sum(1 for o in body if o.startswith("LDSM.16.MT88")) / planes
-            hmma = sum(1 for o in body if o.startswith(needle)) / (6 if planes == 3 else 1)
+            hmma = sum(1 for o in body if o.startswith(needle)) / MMA_PRODUCTS[planes]
             if name == "k8" and any(o.startswith("LDSM.16.MT88.4") for o in body):
                 # k8 items of two groups: one ldmatrix x4 loads both groups' activations (single
                 # k8 items: x2) and feeds two HMMAs, like the pair items
@@ -710,15 +711,16 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
     per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSM.x4s, mt k-steps,
     2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
-    update of the CTA's fp32 row (one plane: added by reductions in L2; three planes: read and
-    stored): "dw_item", a 16 x 16 block of a group, 8 values per lane; "dw_full_item", the same
-    where every block is full, 4 pairs per lane; "dw_wide_item", 16 x 32 of full blocks, 8
-    pairs per lane and 4 HMMAs per k-step (one plane only); "dw_pair_item", two groups of 8 x 8
-    (one plane: whole pairs, in their own loop; three planes: every pair of at most 8 x 8), 4
-    values per lane; "dw_pair_edge_item", one plane: the other pairs, bounds checked), and the
+    update of the CTA's fp32 row (one and two planes: added by reductions in L2; three planes:
+    read and stored, ``MMA_ROW_REDUCTIONS``): "dw_item", a 16 x 16 block of a group, 8 values
+    per lane; "dw_full_item", the same where every block is full, 4 pairs per lane;
+    "dw_wide_item", 16 x 32 of full blocks, 8 pairs per lane and 4 HMMAs per k-step (with
+    reductions only); "dw_pair_item", two groups of 8 x 8 (with reductions: whole pairs, in their
+    own loop; three planes: every pair of at most 8 x 8), 4 values per lane;
+    "dw_pair_edge_item", with reductions: the other pairs, bounds checked), and the
     tile loads and stores (the costliest loop of each kind). With three planes (the float32
-    kernel, MmaF32x3) every ldmatrix is three and every HMMA six."""
-    hmma_per = 6 if planes == 3 else 1
+    kernel, MmaF32x3) every ldmatrix is three and every HMMA six (two planes: two and three)."""
+    hmma_per = MMA_PRODUCTS[planes]
     ins = perf_model.parse_sass(sass)
     loops = perf_model._loops(ins)
 
@@ -740,10 +742,11 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     # weight-gradient item loops: HMMA.16816 and non-trans LDSM.x4, the updates of the fp32 row,
     # no trans LDSM (dh). Per item and lane: the general 16 x 16 item 8 values, the pair item
     # 4, the full-block items pairs, 4 ("full") or 8 ("wide", 16 x 32: three ldmatrix feed four
-    # HMMAs per k-step). One plane: reductions in L2, a pair one REDG.E.ADD.F32x2 on sm_90 and
-    # two scalar RED.E.ADD.F32 on sm_80; the general items' and the partial pair items'
-    # reductions each under a branch (BSSY), the full, wide and whole pair items' (two 8 x 8
-    # groups: their own loop) not. Three planes: stores, STG.E.64 per pair of the full items.
+    # HMMAs per k-step). One and two planes (mma_row_reductions): reductions in L2, a pair one
+    # REDG.E.ADD.F32x2 on sm_90 and two scalar RED.E.ADD.F32 on sm_80; the general items' and
+    # the partial pair items' reductions each under a branch (BSSY), the full, wide and whole
+    # pair items' (two 8 x 8 groups: their own loop) not. Three planes: stores, STG.E.64 per
+    # pair of the full items.
     def values(lp):
         """(values added or stored, pair updates, branches around them) in the loop"""
         body = ops_in(lp[0], lp[1])
@@ -781,7 +784,7 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
         n, pairs, branches = (v // k for v in values(lp))
         if wide:
             key = "wide"
-        elif planes == 1:
+        elif MMA_ROW_REDUCTIONS[planes]:
             key = {(8, False): "full", (4, False): 4, (8, True): 8,
                    (4, True): "pair_edge"}.get((n, branches > 0), n)
         else:
@@ -789,8 +792,8 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
         if key in kinds:
             raise SystemExit(f"two weight-gradient item loops of kind {key}")
         kinds[key] = lp
-    # (the 16 x 32 items, and the whole pair items' own loop, only with one plane)
-    want = [4, 8, "full"] + (["pair_edge", "wide"] if planes == 1 else [])
+    # (the 16 x 32 items, and the whole pair items' own loop, only with reductions)
+    want = [4, 8, "full"] + (["pair_edge", "wide"] if MMA_ROW_REDUCTIONS[planes] else [])
     if sorted(kinds, key=str) != sorted(want, key=str):
         raise SystemExit(f"weight-gradient item loops not found (values, pairs, branches per "
                          f"loop: {sorted(values(l) for l in items)})")
@@ -839,7 +842,7 @@ def mma_wrap_layout(chans, layers: int) -> bool:
 def mma_smem_bytes(chans, tp: int, in_place: bool = False, planes: int = 1) -> int:
     """mma_forward_smem_bytes of chain_mma.cuh for channels C_0 .. C_L: a tile of the widest
     of C_0, C_2, ... and one of the widest of C_1, C_3, ... (with in-place layers, one of the
-    widest), the zero and scratch rows (all of it ``planes`` times: 3 for float32), two offset
+    widest), the zero and scratch rows (all of it ``planes`` times: 3 or 2 for float32), two offset
     arrays"""
     rows = (mma_tile_rows(max(chans)) if in_place
             else mma_tile_rows(max(chans[0::2])) + mma_tile_rows(max(chans[1::2])))
@@ -867,7 +870,7 @@ def mma_tile(arch: int, smem, max_tp: int = 64, ctas: int = 2) -> int:
 def mma_forward_plan(spec, chans, arch: int, planes: int = 1) -> tuple:
     """(tile, in-place layers) of plan_forward_mma for channels ``chans`` (C_0 .. C_L):
     in-place layers (mma_in_place_max_tp: every group square, at most 16 wide, or 25 to 32
-    wide with tiles of at most 32 positions; float32, ``planes`` = 3: at most 32 positions) where
+    wide with tiles of at most 32 positions; float32, ``planes`` > 1: at most 32 positions) where
     they give a larger tile than two tiles do (float32: more positions per SM, the tile times
     the CTAs whose shared memory fits)."""
     tp = mma_tile(arch, lambda t: mma_smem_bytes(chans, t, False, planes))
@@ -888,14 +891,14 @@ def mma_forward_plan(spec, chans, arch: int, planes: int = 1) -> tuple:
 
 
 def mma_backward_smem_bytes(rows: int, tp: int, planes: int = 1) -> int:
-    """mma_backward_smem_bytes of chain_mma_backward.cuh (``planes``: 3 for float32)"""
+    """mma_backward_smem_bytes of chain_mma_backward.cuh (``planes``: 3 or 2 for float32)"""
     return planes * (rows + 2) * tp * 2 + 3 * tp * 8
 
 
 def mma_backward_tile(rows: int, arch: int, planes: int = 1) -> tuple:
     """(tile, two CTAs per SM) of plan_backward_mma for many positions (tile 0: the CUDA-core
     backward runs instead): the forward's rule (``mma_tile``) on the store-all tiles' bytes;
-    float32 (three planes): 32 positions where two CTAs fit, else 16 where two fit (the
+    float32 (three or two planes): 32 positions where two CTAs fit, else 16 where two fit (the
     float32 kernels that run two per SM: mma_backward_min_ctas), else the largest tile for one
     CTA."""
     smem = lambda t: mma_backward_smem_bytes(rows, t, planes)  # noqa: E731
@@ -924,7 +927,7 @@ def mma_backward_plan(chans, arch: int, row_floats: int = 0, planes: int = 1,
     ``PLAN_DEVICE[arch]``, or (one plane) a row's bytes are at least those of a tile's x, dy and
     dx (``c_in``: x's channels, default C_0), one CTA per SM with a tile twice as long, where it
     fits one CTA.
-    Float32 (``planes`` = 3): three planes of every tile (``mma_backward_tile``)."""
+    Float32 (``planes`` = 3 or 2): that many planes of every tile (``mma_backward_tile``)."""
     mid = sum(mma_tile_rows(c) for c in chans[1:-1])
     xr, dyr = mma_tile_rows(chans[0]), mma_tile_rows(chans[-1])
 
@@ -957,7 +960,7 @@ def backward_l2_prefetch(ctas_per_sm: int, arch: int, row_floats: int, tp: int, 
     channels of ``elem_bytes``; by default 2, or 4 for float32 with three planes) take at most
     three quarters of the L2."""
     sms, l2 = PLAN_DEVICE[arch]
-    tile_bytes = tp * (c_x + c_out) * (elem_bytes or (4 if planes == 3 else 2))
+    tile_bytes = tp * (c_x + c_out) * (elem_bytes or (4 if planes > 1 else 2))
     return ctas_per_sm == 1 and 4 * sms * (4 * row_floats + tile_bytes) <= 3 * l2
 
 
@@ -1002,20 +1005,29 @@ def _cuda_archs(archs):
                {k["mangled"]: k for k in perf_model.parse_ptxas_verbose(log)})
 
 
-_MMA_FORMATS = {"bfloat16": "MmaBf16", "float16": "MmaF16", "float32": "MmaF32x3"}
+# the tensor-core kernels' element formats per dtype, and their bfloat16 planes (float32: three,
+# or two where the user allows TF32 for matmul; both opt-in, IGC_CUDA_FP32_MMA=1)
+_MMA_FORMATS = {"bfloat16": ("MmaBf16",), "float16": ("MmaF16",),
+                "float32": ("MmaF32x3", "MmaF32x2")}
+MMA_PLANES = {"MmaBf16": 1, "MmaF16": 1, "MmaF32x3": 3, "MmaF32x2": 2}
+# HMMAs per product: every pair of planes whose indices sum to at most planes - 1
+MMA_PRODUCTS = {1: 1, 2: 3, 3: 6}
+# whether the backward adds its weight gradients to the fp32 row by reductions in L2
+# (chain_mma_backward.cuh's mma_row_reductions), or reads and writes them
+MMA_ROW_REDUCTIONS = {1: True, 2: True, 3: False}
 
 
 def _mma_problems(structures, dtypes, archs, float32: bool = False):
     """(arch, toolchain, SASS functions, ptxas records, dtype, Fmt name, structure) for every
-    compiled arch, 16-bit dtype (with ``float32``, also float32: the opt-in float32 forward,
-    MmaF32x3) and structure of the tensor-core kernels' records."""
+    compiled arch, 16-bit dtype (with ``float32``, also float32: the opt-in float32 kernels,
+    MmaF32x3 and MmaF32x2) and structure of the tensor-core kernels' records."""
     for arch, toolchain, funcs, ptxas in _cuda_archs(archs):
         for dtype in dtypes:
             if dtype not in ("bfloat16", "float16") and not (float32 and dtype == "float32"):
                 continue
-            fmt = _MMA_FORMATS[dtype]
-            for s in structures:
-                yield arch, toolchain, funcs, ptxas, dtype, fmt, s
+            for fmt in _MMA_FORMATS[dtype]:
+                for s in structures:
+                    yield arch, toolchain, funcs, ptxas, dtype, fmt, s
 
 
 def _set_mma_dyn(rec, total: dict, model: str) -> None:
@@ -1029,8 +1041,9 @@ def _set_mma_dyn(rec, total: dict, model: str) -> None:
 
 def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
     """One backward record (dx and every dW) per structure, 16-bit dtype, layout and arch for
-    the tensor-core backward (and per float32 structure for the opt-in float32 kernel, MmaF32x3:
-    three planes, the tile of ``mma_backward_plan``; not marked as the default path), with
+    the tensor-core backward (and per float32 structure for the opt-in float32 kernels, MmaF32x3
+    and MmaF32x2: three and two planes, the tile of ``mma_backward_plan``; not marked as the
+    default path), with
     per-position counts: the chain's recompute items and k-steps (layers 1 .. L-1), the
     transposed products' (every layer), the weight-gradient items (pairs of groups where a
     group has at most 8 outputs and inputs, else 16 x 16 blocks), and the tile loads of x (twice where x and dy share a tile) and dy and the store of dx, times
@@ -1043,7 +1056,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         c0 = c_x if idx is None else len(idx)
         shapes = spec.weight_shapes()
         chans = [c0] + [c for c, _ in shapes]
-        planes = 3 if dtype == "float32" else 1
+        planes = MMA_PLANES[fmt]
         # the fp32 gradient row: the weights (the static structures have no biases)
         row_floats = sum(c * k for c, k in shapes)
         tp, reload, rows_ = mma_backward_plan(chans, arch, row_floats, planes, c_x)
@@ -1057,9 +1070,9 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         row_l2 = 0  # bytes of the fp32 row per tile between the SM and the L2
         for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
             m = cout // g
-            # one plane: added by reductions in L2 (the row's bytes once); three: read and
-            # written
-            row_l2 += (4 if planes == 1 else 8) * cout * n
+            # one or two planes: added by reductions in L2 (the row's bytes once); three: read
+            # and written
+            row_l2 += (4 if MMA_ROW_REDUCTIONS[planes] else 8) * cout * n
             if l + 1 < len(shapes):  # recomputed u_{l+1}
                 terms += _mma_layer_terms(model["fwd"], g, m, n)
             terms += _mma_layer_terms(model["dh"], g, n, m)  # dh = W^T du
@@ -1072,9 +1085,9 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                     terms += [(g // 2, model["dw_pair_item"]), (g % 2, model["dw_pair_edge_item"])]
                 else:
                     terms.append((-(-g // 2), model["dw_pair_edge_item"]))
-            elif (planes == 1 and n <= m and n % 32 == 0
+            elif (MMA_ROW_REDUCTIONS[planes] and n <= m and n % 32 == 0
                   and m % 16 == 0):  # 16 x 32 blocks (mma_weight_grads: full blocks with B in
-                # pairs, one plane; the layer's offset in the fp32 row is even here)
+                # pairs, with reductions; the layer's offset in the fp32 row is even here)
                 terms.append((g * (m // 16) * (n // 32), model["dw_wide_item"]))
             else:  # 16 x 16 blocks of a group (mma_weight_grads: full blocks with n <= m
                 # take the float2 loop)
@@ -1086,10 +1099,10 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
 
             # x through the input index, dy to the rows of the last permutation's gather
             sx, sy = _move_sfx(idx is not None), _move_sfx(perms[-1] is not None)
-            if planes == 3:
-                ldx, ldx_elems = _f32_load_cost(model, cl, c0, idx is None, sx)
-                ldy, ldy_elems = _f32_load_cost(model, cl, spec.out_channels, True, sy)
-                st, st_elems = _f32_store_cost(model, cl, c_x)
+            if planes > 1:
+                ldx, ldx_elems = _f32_load_cost(model, cl, c0, planes, idx is None, sx)
+                ldy, ldy_elems = _f32_load_cost(model, cl, spec.out_channels, planes, True, sy)
+                st, st_elems = _f32_store_cost(model, cl, c_x, planes)
             elif not cl:
                 ldx, ldx_elems = model["load_nchw" + sx], 256
                 ldy, st = model["load_nchw" + sy], model["store_nchw_max"]
@@ -1110,8 +1123,8 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
             rec.config["row_l2_bytes"] = row_l2
             rec.config["prefetch"] = backward_l2_prefetch(
                 rec.ctas_per_sm, arch, row_floats, tp, c_x, spec.out_channels, planes)
-            if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
-                rec.config["planes"] = 3
+            if planes > 1:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
+                rec.config["planes"] = planes
                 rec.is_default = rec.fixed_path = rec.autotuner_keeps = False
             _set_mma_dyn(rec, total,
                          "per layer: recompute and dh items x item cost + items "
@@ -1145,37 +1158,38 @@ def _cl_cost(model, kind, c, sfx="_max"):
 
 def _f32_block_key(model, kind):
     """The float32 kernel's channels-last block loop (``load_cl<n>`` / ``store_cl<n>``: n
-    movmatrix per iteration, three per 8x8 block, the loop unrolled as the compiler chose)."""
+    movmatrix per iteration, one per plane of an 8x8 block, the loop unrolled as the compiler
+    chose)."""
     return next(k for k in model if k.startswith(f"{kind}_cl") and k[len(kind) + 3:].isdigit())
 
 
-def _f32_load_cost(model, cl, c, vec=True, sfx="_max"):
-    """(cost, elements per counted unit) of a float32 tile load (MmaF32x3) of c channels: per
-    16-byte global access (4 elements per lane) on NCHW rows; channels-last (``vec``: no input
-    index): per stmatrix (one per plane: a third of 8 positions x 32 channels) in the 32-channel
-    steps (C % 32 == 0, sm_90), per movmatrix (a third of an 8x8 block) on other tiles of
-    C % 8 == 0; else the element path, per plane store (a third of an element per lane).
-    ``sfx``: ``_move_sfx``."""
+def _f32_load_cost(model, cl, c, planes, vec=True, sfx="_max"):
+    """(cost, elements per counted unit) of a float32 tile load (MmaF32x3, MmaF32x2: ``planes``
+    3 or 2) of c channels: per 16-byte global access (4 elements per lane) on NCHW rows;
+    channels-last (``vec``: no input index): per stmatrix (one per plane: a third or a half of
+    8 positions x 32 channels) in the 32-channel steps (C % 32 == 0, sm_90), per movmatrix (one
+    plane of an 8x8 block) on other tiles of C % 8 == 0; else the element path, per plane store
+    (a plane of an element per lane). ``sfx``: ``_move_sfx``."""
     if not cl:
         return model["load_nchw" + sfx], 128
     if vec and c % 32 == 0 and "load_clw" in model:
-        return model["load_clw" + sfx], 256 / 3
+        return model["load_clw" + sfx], 256 / planes
     if vec and c % 8 == 0:
-        return model[_f32_block_key(model, "load") + sfx], 64 / 3
-    return model["load_f32scalar_max"], 32 / 3
+        return model[_f32_block_key(model, "load") + sfx], 64 / planes
+    return model["load_f32scalar_max"], 32 / planes
 
 
-def _f32_store_cost(model, cl, c):
+def _f32_store_cost(model, cl, c, planes):
     """(cost, elements per counted unit) of a float32 tile store of c channels: per 16-byte
     global access on NCHW rows and in the channels-last 32-channel steps (C % 32 == 0); per
-    movmatrix (a third of an 8x8 block) on other channels-last tiles of C % 8 == 0; else per
+    movmatrix (one plane of an 8x8 block) on other channels-last tiles of C % 8 == 0; else per
     element. The costliest loop of its kind (``_tile_move_model``)."""
     if not cl:
         return model["store_nchw_max"], 128
     if c % 32 == 0 and "store_clw" in model:
         return model["store_clw_max"], 128
     if c % 8 == 0:
-        return model[_f32_block_key(model, "store") + "_max"], 64 / 3
+        return model[_f32_block_key(model, "store") + "_max"], 64 / planes
     return model["store_f32scalar_max"], 32
 
 
@@ -1213,8 +1227,8 @@ def _mma_layer_terms(costs, groups, outs, ins) -> list:
 def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
     """One forward record per structure, 16-bit dtype, layout and arch for the tensor-core
     kernel the planner launches (two tiles or in-place layers: ``mma_forward_plan``), and one
-    per float32 structure for the opt-in float32 kernel (MmaF32x3, three planes; not marked as
-    the default path), with
+    per float32 structure for each opt-in float32 kernel (MmaF32x3 and MmaF32x2, three and two
+    planes; not marked as the default path), with
     per-position counts: the chain's items and k-steps per layer times the SASS costs of
     ``mma_kernel_model`` (needs cuda_records first, for the SASS)."""
     rows = []
@@ -1222,7 +1236,7 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                                                                       float32=True):
         c_x, spec, _, idx = structure_args(s)
         chans = [c_x if idx is None else len(idx)] + [c for c, _ in spec.weight_shapes()]
-        planes = 3 if dtype == "float32" else 1
+        planes = MMA_PLANES[fmt]
         tp, in_place = mma_forward_plan(spec, chans, arch, planes)
         if tp == 0:
             continue
@@ -1243,9 +1257,9 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
             # 8x8 block (channels-last: 64), an element per lane (the scalar load of a
             # channels-last tile through an input index: 32)
             sx = _move_sfx(idx is not None)  # x through the input index
-            if planes == 3:
-                ld, ld_elems = _f32_load_cost(model, cl, chans[0], idx is None, sx)
-                st, st_elems = _f32_store_cost(model, cl, spec.out_channels)
+            if planes > 1:
+                ld, ld_elems = _f32_load_cost(model, cl, chans[0], planes, idx is None, sx)
+                st, st_elems = _f32_store_cost(model, cl, spec.out_channels, planes)
             elif not cl:
                 ld, ld_elems = model["load_nchw" + sx], 256
             elif idx is None:
@@ -1261,8 +1275,8 @@ def cuda_mma_records(structures, dtypes, layouts, archs) -> list:
                               "chain_forward_mma_kernel", tp, ptxas[name],
                               mma_smem_bytes(chans, tp, in_place, planes))
             rec.config["in_place"] = in_place
-            if planes == 3:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
-                rec.config["planes"] = 3
+            if planes > 1:  # opt-in (IGC_CUDA_FP32_MMA=1): not what a float32 call runs
+                rec.config["planes"] = planes
                 rec.is_default = rec.fixed_path = rec.autotuner_keeps = False
             if wrap:
                 rec.config["wrap_layout"] = True

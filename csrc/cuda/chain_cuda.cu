@@ -13,12 +13,13 @@
 // float16 / bfloat16 forwards on sm_80 and newer run the tensor-core kernel of chain_mma.cuh,
 // and their backwards the tensor-core backward of chain_mma_backward.cuh when its store-all
 // tiles fit; IGC_CUDA_TENSOR_CORES=0 in the environment selects the CUDA-core kernels instead.
-// float32 forwards and backwards run those kernels in three bfloat16 planes only with
-// IGC_CUDA_FP32_MMA=1.
+// float32 forwards and backwards run those kernels in bfloat16 planes only with
+// IGC_CUDA_FP32_MMA=1: three (MmaF32x3), or two (MmaF32x2) where the user allows TF32 for matmul.
 // Their per-call preparation is one kernel (mma_prepare_kernel) that reads the weights and
 // biases in their own dtype and writes the index table, the row tables, the weight fragments
 // (the backward's also transposed, for dh) and the fp32 biases into one int32 allocation: no
 // ATen op runs on the weights.
+#include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/arange.h>
@@ -192,6 +193,12 @@ bool fp32_tensor_cores_enabled() {
   return on;
 }
 
+// With them: two planes (MmaF32x2: each product's operands to about 16 significant bits, as
+// torch's "high" float32 matmul precision allows) where the user allows TF32 for matmul
+// (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high") or
+// "medium"; read at every call, as matmul reads it), else three (MmaF32x3).
+bool fp32_two_planes() { return at::globalContext().allowTF32CuBLAS(); }
+
 // The weights and biases of a chain as the tensor-core kernels' preparation reads them
 // (contiguous, in their own dtype; copies of non-contiguous ones are kept alive in keep).
 kc::MmaWeights mma_weights(at::TensorList weights, at::TensorList biases, const ChainDesc& d,
@@ -235,9 +242,9 @@ MmaBuffers mma_buffers(const kc::HostChain& h, const kc::MmaParams& mp, int64_t 
   return b;
 }
 
-// The forward of a float16 / bfloat16 chain (or, opted in, a float32 one: MmaF32x3) on tensor
-// cores (chain_mma.cuh). False when the device has none for it (sm < 80) or the tile does not
-// fit; the caller then runs the CUDA-core kernel. Launches: one for the tables, fragments and
+// The forward of a float16 / bfloat16 chain (or, opted in, a float32 one: MmaF32x3, MmaF32x2) on
+// tensor cores (chain_mma.cuh). False when the device has none for it (sm < 80) or the tile does
+// not fit; the caller then runs the CUDA-core kernel. Launches: one for the tables, fragments and
 // biases, one for the chain.
 template <class Fmt>
 bool forward_mma(const kc::HostChain& h, const ChainDesc& d, at::TensorList weights,
@@ -338,7 +345,9 @@ at::Tensor chain_forward_cuda(const at::Tensor& x, at::TensorList weights, at::T
       forward_mma<kc::MmaF16>(h, d, weights, biases, x, y, P, info, stream, keep))
     return y;
   if (x.scalar_type() == at::kFloat && fp32_tensor_cores_enabled() &&
-      forward_mma<kc::MmaF32x3>(h, d, weights, biases, x, y, P, info, stream, keep))
+      (fp32_two_planes()
+           ? forward_mma<kc::MmaF32x2>(h, d, weights, biases, x, y, P, info, stream, keep)
+           : forward_mma<kc::MmaF32x3>(h, d, weights, biases, x, y, P, info, stream, keep)))
     return y;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_forward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;
@@ -398,8 +407,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chain_backward_cuda(
                                need_b, input_index, P, info, stream, keep))
     return {gx, gw, gb};
   if (x.scalar_type() == at::kFloat && fp32_tensor_cores_enabled() &&
-      backward_mma<kc::MmaF32x3>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x, need_w,
-                                 need_b, input_index, P, info, stream, keep))
+      (fp32_two_planes()
+           ? backward_mma<kc::MmaF32x2>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x,
+                                        need_w, need_b, input_index, P, info, stream, keep)
+           : backward_mma<kc::MmaF32x3>(h, d, weights, biases, x, grad_y, gx, gw, gb, need_x,
+                                        need_w, need_b, input_index, P, info, stream, keep)))
     return {gx, gw, gb};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "igc_chain_backward_cuda", [&] {
     using T = typename DevType<scalar_t>::type;

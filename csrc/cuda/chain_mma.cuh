@@ -66,15 +66,26 @@ struct MmaF16 {
   using Storage = uint16_t;
 };
 // float32 chains on bfloat16 tensor cores: every value v (activations, weights) is held as three
-// bfloat16 planes, v = hi + mid + lo exactly (mma_split3), and a product W h as the six
+// bfloat16 planes, v = hi + mid + lo exactly (mma_split<3>), and a product W h as the six
 // bfloat16 products whose sum of plane indices is at most 2 (hi hi, hi mid, mid hi, hi lo,
 // mid mid, lo hi), accumulated in fp32. Intermediates stay fp32 values (the three planes hold
 // the accumulator exactly); only the dropped products mid lo, lo mid, lo lo (at most about
-// 2^-24 of |W_ok h_k| each), the order of the fp32 sums and non-finite results (mma_split3)
+// 2^-24 of |W_ok h_k| each), the order of the fp32 sums and non-finite results (mma_split)
 // differ from an fp32 FMA chain. Opt-in (chain_cuda.cu: IGC_CUDA_FP32_MMA=1).
 struct MmaF32x3 {
   static constexpr bool is_bf16 = true;
   static constexpr int kPlanes = 3;
+  using Storage = float;
+};
+// The same with two planes, v ~ hi + lo (mma_split<2>: v to about 16 significant bits, a
+// relative error of at most 2^-16), and three products (hi hi, hi lo, lo hi; the dropped lo lo
+// is at most about 2^-16 of |W_ok h_k|): each product's operands as torch's "high" float32
+// matmul precision allows (a float32 value as the sum of two bfloat16 values), so a product
+// errs by at most about 3 * 2^-16 of |W_ok h_k|. Taken instead of MmaF32x3 only where the user
+// allows TF32 for matmul (chain_cuda.cu).
+struct MmaF32x2 {
+  static constexpr bool is_bf16 = true;
+  static constexpr int kPlanes = 2;
   using Storage = float;
 };
 
@@ -123,26 +134,42 @@ __host__ __device__ __forceinline__ float mma_bf16_hi(uint32_t v) {
   return mma_as_float(v & 0xffff0000u);
 }
 
-// The three bfloat16 planes of two floats x0 (low halves) and x1 (high halves): hi = x rounded
-// to bfloat16, mid = (x - hi) rounded, lo = x - hi - mid. Both differences are exact in fp32 and
-// lo has at most 8 significant bits, so hi + mid + lo == x exactly for |x| >= 2^-110 (and
-// (lo + mid) + hi gives it back in fp32, mma_join3); below, lo's last bits lie under
-// bfloat16's smallest subnormal (2^-133), an absolute error of at most 2^-134. Non-finite
-// values (and |x| of at least 2^128 (1 - 2^-9), whose hi overflows) give non-finite planes, and
-// the cross products then NaN (inf * a zero plane, or two opposite infinities): a chain whose
-// input is infinite or whose result overflows gives NaN where the float32 chain gives +-inf.
-__host__ __device__ __forceinline__ void mma_split3(float x0, float x1, uint32_t (&p)[3]) {
+// The NP (2 or 3) bfloat16 planes of two floats x0 (low halves) and x1 (high halves): hi = x
+// rounded to bfloat16, mid = (x - hi) rounded, lo = x - hi - mid (NP = 2: lo = (x - hi)
+// rounded, and x - hi - lo is the split's error, at most max(2^-16 |x|, 2^-134)). Both
+// differences are exact in fp32 and the last plane of three has at most 8 significant bits, so
+// hi + mid + lo == x exactly for |x| >= 2^-110 (and (lo + mid) + hi gives it back in fp32,
+// mma_join); below, lo's last bits lie under bfloat16's smallest subnormal (2^-133), an absolute
+// error of at most 2^-134. Non-finite values (and |x| of at least 2^128 (1 - 2^-9), whose hi
+// overflows) give non-finite planes, and the cross products then NaN (inf * a zero plane, or
+// two opposite infinities): a chain whose input is infinite or whose result overflows gives NaN
+// where the float32 chain gives +-inf.
+template <int NP>
+__host__ __device__ __forceinline__ void mma_split(float x0, float x1, uint32_t (&p)[NP]) {
+  static_assert(NP == 2 || NP == 3, "two or three planes");
   p[0] = mma_pack<MmaBf16>(x0, x1);
   const float r0 = x0 - mma_bf16_lo(p[0]), r1 = x1 - mma_bf16_hi(p[0]);
   p[1] = mma_pack<MmaBf16>(r0, r1);
-  p[2] = mma_pack<MmaBf16>(r0 - mma_bf16_lo(p[1]), r1 - mma_bf16_hi(p[1]));
+  if constexpr (NP == 3)
+    p[2] = mma_pack<MmaBf16>(r0 - mma_bf16_lo(p[1]), r1 - mma_bf16_hi(p[1]));
 }
 
-// The float that planes (hi, mid, lo) hold in their low (h = 0) or high (h = 1) halves.
-__host__ __device__ __forceinline__ float mma_join3(uint32_t hi, uint32_t mid, uint32_t lo,
-                                                    int h) {
-  return h ? (mma_bf16_hi(lo) + mma_bf16_hi(mid)) + mma_bf16_hi(hi)
-           : (mma_bf16_lo(lo) + mma_bf16_lo(mid)) + mma_bf16_lo(hi);
+// The float that planes p (hi, mid, lo, or hi, lo) hold in their low (h = 0) or high (h = 1)
+// halves, the smallest plane first (exact: the planes of one value span at most 24 bits).
+template <int NP>
+__host__ __device__ __forceinline__ float mma_join(const uint32_t (&p)[NP], int h) {
+  static_assert(NP == 2 || NP == 3, "two or three planes");
+  const auto half = [h](uint32_t v) { return h ? mma_bf16_hi(v) : mma_bf16_lo(v); };
+  if constexpr (NP == 3) return (half(p[2]) + half(p[1])) + half(p[0]);
+  else return half(p[1]) + half(p[0]);
+}
+// The same of planes p[0], p[ps], ... of a tile (16-bit elements ps apart), low halves.
+template <int NP>
+__host__ __device__ __forceinline__ float mma_join_elem(const uint16_t* p, int ps) {
+  uint32_t q[NP];
+#pragma unroll
+  for (int k = 0; k < NP; ++k) q[k] = p[k * ps];
+  return mma_join<NP>(q, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -266,12 +293,15 @@ __device__ __forceinline__ void mma_sync(float* d, const uint32_t* a, const uint
 
 // d = c + A B over the planes of the operands (plane k of A at a + k AS, of B at b + k BS): the
 // product itself, or with three planes (MmaF32x3) the six plane products whose plane indices sum
-// to at most 2, largest first.
+// to at most 2, with two (MmaF32x2) the three whose indices sum to at most 1, largest first.
 template <class Fmt, int K, int AS, int BS>
 __device__ __forceinline__ void mma_sync_planes(float* d, const uint32_t* a, const uint32_t* b,
                                                 const float* c) {
   mma_sync<Fmt, K>(d, a, b, c);
-  if constexpr (Fmt::kPlanes == 3) {
+  if constexpr (Fmt::kPlanes == 2) {
+    mma_sync<Fmt, K>(d, a, b + BS);
+    mma_sync<Fmt, K>(d, a + AS, b);
+  } else if constexpr (Fmt::kPlanes == 3) {
     mma_sync<Fmt, K>(d, a, b + BS);
     mma_sync<Fmt, K>(d, a + AS, b);
     mma_sync<Fmt, K>(d, a, b + 2 * BS);
@@ -461,11 +491,11 @@ __host__ __device__ __forceinline__ int mma_elem(int r, int t) {
 // bits of +0 in both formats). Transposed (the backward's dh = W^T du, chain_mma_backward.cuh):
 // mp's layers describe W_l^T (n and m swapped), and W[o][k] reads the stored weight
 // W_l[g m_l + k][o].
-// f32 (MmaF32x3): the weights are float32, and the fragment is the one of bfloat16 plane
-// `plane` (0: hi, 1: mid, 2: lo; mma_split3).
+// f32_planes 2 or 3 (MmaF32x2, MmaF32x3): the weights are float32, and the fragment is the one
+// of bfloat16 plane `plane` of mma_split<f32_planes> (0: hi, then mid and lo, or lo).
 template <bool Transposed>
 __device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const MmaWeights& w,
-                                                     int64_t e, bool f32 = false,
+                                                     int64_t e, int f32_planes = 0,
                                                      int plane = 0) {
   int l = 0;
   while (l + 1 < mp.c.L && e >= mp.layer[l + 1].f_off) ++l;
@@ -481,15 +511,22 @@ __device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const 
   const int o = 8 * b + lane / 4;
   const int k = 16 * ks + 2 * (lane % 4);
   const int64_t g0 = static_cast<int64_t>(g) * d.m * d.n;
-  if (f32) {
+  if (f32_planes) {
     const float* wg = static_cast<const float*>(w.w[l]) + g0;
     auto at = [&](int kk) -> float {
       if (o >= d.m || kk >= d.n) return 0.0f;
       return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
     };
-    uint32_t x[3], y[3] = {0u, 0u, 0u};
-    mma_split3(at(k), at(k + 1), x);
-    if (!ml.k8) mma_split3(at(k + 8), at(k + 9), y);
+    const auto split = [f32_planes](float a, float b, uint32_t(&p)[3]) {
+      if (f32_planes == 3) return mma_split<3>(a, b, p);
+      uint32_t q[2];
+      mma_split<2>(a, b, q);
+      p[0] = q[0];
+      p[1] = q[1];
+    };
+    uint32_t x[3] = {0u, 0u, 0u}, y[3] = {0u, 0u, 0u};
+    split(at(k), at(k + 1), x);
+    if (!ml.k8) split(at(k + 8), at(k + 9), y);
     // (selected, not indexed at run time: that put the arrays in local memory)
     return plane == 0 ? uint2{x[0], y[0]} : plane == 1 ? uint2{x[1], y[1]} : uint2{x[2], y[2]};
   }
@@ -739,12 +776,12 @@ __device__ __forceinline__ bool pairs_aligned(const TensorArg<T>& a) {
   return (reinterpret_cast<uintptr_t>(a.ptr) & 7) == 0 && a.ix.strides_multiple_of(2);
 }
 
-// Channels-last float32 tiles (MmaF32x3), C % 8 == 0, pairs aligned: 8x8 blocks (8 positions x
-// 8 channels) as in cl_load_blocks; lane (gid, tig) loads channels 2 tig, 2 tig + 1 of
-// position gid as a float2, whose three planes are its fragments of three 8x8 bfloat16
+// Channels-last float32 tiles (NP planes: MmaF32x3, MmaF32x2), C % 8 == 0, pairs aligned: 8x8
+// blocks (8 positions x 8 channels) as in cl_load_blocks; lane (gid, tig) loads channels 2 tig,
+// 2 tig + 1 of position gid as a float2, whose NP planes are its fragments of NP 8x8 bfloat16
 // matrices, and movmatrix transposes each into positions 2 tig, 2 tig + 1 of channel gid's row
 // of its plane. A warp reads 8 positions x 32 bytes.
-template <int TP, bool kWrap = false, bool kDstRows = false>
+template <int NP, int TP, bool kWrap = false, bool kDstRows = false>
 __device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src,
                                                    const int64_t* pos_off, int tvalid, int C,
                                                    uint16_t* tile, int ps,
@@ -754,19 +791,19 @@ __device__ __forceinline__ void cl_load_blocks_f32(const float* __restrict__ src
     const int t = 8 * tb + gid;
     float2 v = {0.0f, 0.0f};
     if (t < tvalid) v = *reinterpret_cast<const float2*>(src + pos_off[t] + c0 + 2 * tig);
-    uint32_t q[3];
-    mma_split3(v.x, v.y, q);
+    uint32_t q[NP];
+    mma_split<NP>(v.x, v.y, q);
     const int c = c0 + gid;
     uint16_t* dp = tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb + 2 * tig);
 #pragma unroll
-    for (int k = 0; k < 3; ++k) *reinterpret_cast<uint32_t*>(dp + k * ps) = movmatrix_trans(q[k]);
+    for (int k = 0; k < NP; ++k) *reinterpret_cast<uint32_t*>(dp + k * ps) = movmatrix_trans(q[k]);
   });
 }
 
 // The store's blocks: each plane's 32-bit piece of output row src_row(j) (j = j0 + gid,
-// positions 2 tig, 2 tig + 1) transposed back by movmatrix, the planes added (mma_join3) and
+// positions 2 tig, 2 tig + 1) transposed back by movmatrix, the planes added (mma_join) and
 // stored as a float2 (position gid, channels j0 + 2 tig, + 1).
-template <int TP, bool kWrap = false>
+template <int NP, int TP, bool kWrap = false>
 __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
                                                     const int64_t* pos_off, int tvalid, int C,
                                                     const int32_t* __restrict__ src_row,
@@ -775,14 +812,14 @@ __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
   cl_warp_steps<TP, 8>(C, [&](int tb, int j0) {
     const int j = j0 + gid;
     const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb + 2 * tig);
-    uint32_t q[3];
+    uint32_t q[NP];
 #pragma unroll
-    for (int k = 0; k < 3; ++k)
+    for (int k = 0; k < NP; ++k)
       q[k] = movmatrix_trans(*reinterpret_cast<const uint32_t*>(sp + k * ps));
     const int t = 8 * tb + gid;
     if (t < tvalid)
       *reinterpret_cast<float2*>(dst + pos_off[t] + j0 + 2 * tig) =
-          float2{mma_join3(q[0], q[1], q[2], 0), mma_join3(q[0], q[1], q[2], 1)};
+          float2{mma_join<NP>(q, 0), mma_join<NP>(q, 1)};
   });
 }
 
@@ -791,7 +828,7 @@ __device__ __forceinline__ void cl_store_blocks_f32(float* __restrict__ dst,
 // 8 tig .. 8 tig + 7 of position gid (two 16-byte accesses); its four pairs are its fragments
 // of four 8x8 matrices, in each plane, so one stmatrix.trans per plane writes them (the load,
 // sm_90) and one ldmatrix.trans per plane reads them (the store).
-template <int TP, bool kWrap = false, bool kDstRows = false>
+template <int NP, int TP, bool kWrap = false, bool kDstRows = false>
 __device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
                                                  const int64_t* pos_off, int tvalid, int C,
                                                  uint16_t* tile, int ps,
@@ -806,22 +843,22 @@ __device__ __forceinline__ void cl_load_wide_f32(const float* __restrict__ src,
       a = ldg16(sp);
       b = ldg16(sp + 4);
     }
-    uint32_t q[4][3];
-    mma_split3(mma_as_float(a.x), mma_as_float(a.y), q[0]);
-    mma_split3(mma_as_float(a.z), mma_as_float(a.w), q[1]);
-    mma_split3(mma_as_float(b.x), mma_as_float(b.y), q[2]);
-    mma_split3(mma_as_float(b.z), mma_as_float(b.w), q[3]);
+    uint32_t q[4][NP];
+    mma_split<NP>(mma_as_float(a.x), mma_as_float(a.y), q[0]);
+    mma_split<NP>(mma_as_float(a.z), mma_as_float(a.w), q[1]);
+    mma_split<NP>(mma_as_float(b.x), mma_as_float(b.y), q[2]);
+    mma_split<NP>(mma_as_float(b.z), mma_as_float(b.w), q[3]);
     const int c = c0 + ci;
     const int e = mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, 8 * tb);
 #pragma unroll
-    for (int k = 0; k < 3; ++k) {
+    for (int k = 0; k < NP; ++k) {
       const uint32_t r[4] = {q[0][k], q[1][k], q[2][k], q[3][k]};
       stmatrix_trans_x4(tile + k * ps, e, r);
     }
   });
 }
 
-template <int TP, bool kWrap = false>
+template <int NP, int TP, bool kWrap = false>
 __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
                                                   const int64_t* pos_off, int tvalid, int C,
                                                   const int32_t* __restrict__ src_row,
@@ -831,12 +868,17 @@ __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
   cl_warp_steps<TP, 32>(C, [&](int tb, int j0) {
     const int j = j0 + ci;  // output channel; its row: src_row(j)
     const int e = mma_elem<TP, kWrap>(src_row ? src_row[j] : j, 8 * tb);
-    uint32_t r[3][4];
+    uint32_t r[NP][4];
 #pragma unroll
-    for (int k = 0; k < 3; ++k) ldmatrix_trans<4>(r[k], tile + k * ps, e);
+    for (int k = 0; k < NP; ++k) ldmatrix_trans<4>(r[k], tile + k * ps, e);
     float f[8];
 #pragma unroll
-    for (int i = 0; i < 8; ++i) f[i] = mma_join3(r[0][i / 2], r[1][i / 2], r[2][i / 2], i % 2);
+    for (int i = 0; i < 8; ++i) {
+      uint32_t q[NP];
+#pragma unroll
+      for (int k = 0; k < NP; ++k) q[k] = r[k][i / 2];
+      f[i] = mma_join<NP>(q, i % 2);
+    }
     const int t = 8 * tb + gid;
     if (t < tvalid) {
       float* dp = dst + pos_off[t] + j0 + 8 * tig;
@@ -846,17 +888,17 @@ __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
   });
 }
 
-// float32 tiles as three bfloat16 planes (MmaF32x3), plane k ps elements after plane 0.
+// float32 tiles as NP bfloat16 planes (MmaF32x3, MmaF32x2), plane k ps elements after plane 0.
 // tile(row row(c), t) = the planes of x[pos t, channel chan(c)] for c < C, t < tvalid; 0 for
 // tvalid <= t < TP; chan(c) = src_chan ? src_chan[c] : c, row(c) = kDstRows ? dst_row[c] : c
 // (the backward's dy, as mma_load_tile_inline). NCHW-like aligned rows: per thread
-// one chunk of 8 positions of a row (two 16-byte loads, three 16-byte stores); channels-last
+// one chunk of 8 positions of a row (two 16-byte loads, NP 16-byte stores); channels-last
 // (cl_vec: pairs aligned; C % 8 == 0, no input index): with C % 32 == 0 and 16-byte aligned
 // positions 8 x 32 steps through stmatrix (the load: sm_90) or ldmatrix (the store,
 // cl_load_wide_f32 / cl_store_wide_f32), else 8x8 blocks through movmatrix
 // (cl_load_blocks_f32 / cl_store_blocks_f32); otherwise element by element, channels fastest
 // where the channel stride is 1, else positions fastest.
-template <int TP, bool kWrap = false, bool kDstRows = false>
+template <int NP, int TP, bool kWrap = false, bool kDstRows = false>
 __device__ __forceinline__ void mma_load_tile_f32_inline(
     const float* __restrict__ src, int64_t cs, const int64_t* pos_off, bool contig, bool cl_vec,
     bool rows_aligned, int tvalid, int C, const int32_t* __restrict__ src_chan, uint16_t* tile,
@@ -874,50 +916,50 @@ __device__ __forceinline__ void mma_load_tile_f32_inline(
       const float f[8] = {mma_as_float(a.x), mma_as_float(a.y), mma_as_float(a.z),
                           mma_as_float(a.w), mma_as_float(b.x), mma_as_float(b.y),
                           mma_as_float(b.z), mma_as_float(b.w)};
-      uint32_t q[4][3];
+      uint32_t q[4][NP];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) mma_split3(f[2 * i], f[2 * i + 1], q[i]);
+      for (int i = 0; i < 4; ++i) mma_split<NP>(f[2 * i], f[2 * i + 1], q[i]);
       uint16_t* dp = tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, v * 8);
 #pragma unroll
-      for (int k = 0; k < 3; ++k)
+      for (int k = 0; k < NP; ++k)
         *reinterpret_cast<uint4*>(dp + k * ps) = uint4{q[0][k], q[1][k], q[2][k], q[3][k]};
     }
     return;
   }
   if (cl_vec && cs == 1 && src_chan == nullptr && C % 8 == 0) {
     if (C % 32 == 0 && mma_has_stmatrix() && rows_aligned)
-      cl_load_wide_f32<TP, kWrap, kDstRows>(src, pos_off, tvalid, C, tile, ps, dst_row);
+      cl_load_wide_f32<NP, TP, kWrap, kDstRows>(src, pos_off, tvalid, C, tile, ps, dst_row);
     else
-      cl_load_blocks_f32<TP, kWrap, kDstRows>(src, pos_off, tvalid, C, tile, ps, dst_row);
+      cl_load_blocks_f32<NP, TP, kWrap, kDstRows>(src, pos_off, tvalid, C, tile, ps, dst_row);
     return;
   }
   const bool cfast = cs == 1;
   for (int it = tid; it < C * TP; it += kThreads) {
     const int c = cfast ? it % C : it / TP, t = cfast ? it / C : it - c * TP;
     const int64_t chan = src_chan ? src_chan[c] : c;
-    uint32_t q[3];
-    mma_split3(t < tvalid ? src[pos_off[t] + chan * cs] : 0.0f, 0.0f, q);
+    uint32_t q[NP];
+    mma_split<NP>(t < tvalid ? src[pos_off[t] + chan * cs] : 0.0f, 0.0f, q);
     uint16_t* dp = tile + mma_elem<TP, kWrap>(kDstRows ? dst_row[c] : c, t);
 #pragma unroll
-    for (int k = 0; k < 3; ++k) dp[k * ps] = static_cast<uint16_t>(q[k]);
+    for (int k = 0; k < NP; ++k) dp[k * ps] = static_cast<uint16_t>(q[k]);
   }
 }
 
 // Not inlined: one copy per tile size serves the forward's call sites (the inline form is for
 // the tensor-core backward, as mma_load_tile).
-template <int TP, bool kWrap = false>
+template <int NP, int TP, bool kWrap = false>
 __device__ __noinline__ void mma_load_tile_f32(const float* __restrict__ src, int64_t cs,
                                                const int64_t* pos_off, bool contig,
                                                bool cl_vec, bool rows_aligned, int tvalid,
                                                int C, const int32_t* __restrict__ src_chan,
                                                uint16_t* tile, int ps) {
-  mma_load_tile_f32_inline<TP, kWrap>(src, cs, pos_off, contig, cl_vec, rows_aligned, tvalid, C,
-                                      src_chan, tile, ps);
+  mma_load_tile_f32_inline<NP, TP, kWrap>(src, cs, pos_off, contig, cl_vec, rows_aligned, tvalid,
+                                          C, src_chan, tile, ps);
 }
 
-// y[pos t, channel j] = the float tile(row src_row(j), t) holds in its planes (mma_join3), for
+// y[pos t, channel j] = the float tile(row src_row(j), t) holds in its planes (mma_join), for
 // j < C, t < tvalid; the paths as in the load.
-template <int TP, bool kWrap = false>
+template <int NP, int TP, bool kWrap = false>
 __device__ __forceinline__ void mma_store_tile_f32_inline(
     float* __restrict__ dst, int64_t cs, const int64_t* pos_off, bool contig, bool cl_vec,
     bool rows_aligned, int tvalid, int C, const int32_t* __restrict__ src_row,
@@ -932,15 +974,23 @@ __device__ __forceinline__ void mma_store_tile_f32_inline(
     float* dp = dst + pos_off[0] + v * 8 + static_cast<int64_t>(tid / NV) * cs;
     for (int j = tid / NV; j < C; j += kThreads / NV, dp += step) {
       const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, v * 8);
-      uint4 q[3];
+      uint32_t q[NP][4];
 #pragma unroll
-      for (int k = 0; k < 3; ++k) q[k] = *reinterpret_cast<const uint4*>(sp + k * ps);
-      const uint32_t h[4] = {q[0].x, q[0].y, q[0].z, q[0].w};
-      const uint32_t m[4] = {q[1].x, q[1].y, q[1].z, q[1].w};
-      const uint32_t l[4] = {q[2].x, q[2].y, q[2].z, q[2].w};
+      for (int k = 0; k < NP; ++k) {
+        const uint4 v = *reinterpret_cast<const uint4*>(sp + k * ps);
+        q[k][0] = v.x;
+        q[k][1] = v.y;
+        q[k][2] = v.z;
+        q[k][3] = v.w;
+      }
       float f[8];
 #pragma unroll
-      for (int i = 0; i < 8; ++i) f[i] = mma_join3(h[i / 2], m[i / 2], l[i / 2], i % 2);
+      for (int i = 0; i < 8; ++i) {
+        uint32_t r[NP];
+#pragma unroll
+        for (int k = 0; k < NP; ++k) r[k] = q[k][i / 2];
+        f[i] = mma_join<NP>(r, i % 2);
+      }
       reinterpret_cast<float4*>(dp)[0] = float4{f[0], f[1], f[2], f[3]};
       reinterpret_cast<float4*>(dp)[1] = float4{f[4], f[5], f[6], f[7]};
     }
@@ -948,9 +998,9 @@ __device__ __forceinline__ void mma_store_tile_f32_inline(
   }
   if (cl_vec && cs == 1 && C % 8 == 0) {
     if (C % 32 == 0 && rows_aligned)
-      cl_store_wide_f32<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
+      cl_store_wide_f32<NP, TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
     else
-      cl_store_blocks_f32<TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
+      cl_store_blocks_f32<NP, TP, kWrap>(dst, pos_off, tvalid, C, src_row, tile, ps);
     return;
   }
   const bool cfast = cs == 1;
@@ -958,18 +1008,18 @@ __device__ __forceinline__ void mma_store_tile_f32_inline(
     const int j = cfast ? it % C : it / TP, t = cfast ? it / C : it - j * TP;
     if (t >= tvalid) continue;
     const uint16_t* sp = tile + mma_elem<TP, kWrap>(src_row ? src_row[j] : j, t);
-    dst[pos_off[t] + static_cast<int64_t>(j) * cs] = mma_join3(sp[0], sp[ps], sp[2 * ps], 0);
+    dst[pos_off[t] + static_cast<int64_t>(j) * cs] = mma_join_elem<NP>(sp, ps);
   }
 }
 
-template <int TP, bool kWrap = false>
+template <int NP, int TP, bool kWrap = false>
 __device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t cs,
                                                 const int64_t* pos_off, bool contig,
                                                 bool cl_vec, bool rows_aligned, int tvalid,
                                                 int C, const int32_t* __restrict__ src_row,
                                                 const uint16_t* tile, int ps) {
-  mma_store_tile_f32_inline<TP, kWrap>(dst, cs, pos_off, contig, cl_vec, rows_aligned, tvalid, C,
-                                       src_row, tile, ps);
+  mma_store_tile_f32_inline<NP, TP, kWrap>(dst, cs, pos_off, contig, cl_vec, rows_aligned,
+                                           tvalid, C, src_row, tile, ps);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -981,8 +1031,8 @@ __device__ __noinline__ void mma_store_tile_f32(float* __restrict__ dst, int64_t
 // [position][output] matrix in the fragment layout, rounded to the storage dtype. Stored in
 // the rows out_elem gives (output r of the layer: the element mma_elem(row, 0) of its row): an
 // 8x8 block is output rows 8 b .. 8 b + 7 at 8 positions, one 16-byte chunk of each row.
-// MmaF32x3: every value as its three planes (mma_split3), plane k at the same element of
-// the buffer ps elements further on.
+// MmaF32x3 / MmaF32x2: every value as its three / two planes (mma_split), plane k at the same
+// element of the buffer ps elements further on.
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g, int b,
                                                 const LayerDesc& d, uint16_t* out,
@@ -995,7 +1045,7 @@ __device__ __forceinline__ void mma_store_block(const float (&acc)[MT][4], int g
     if constexpr (NP == 1) {
       v[0] = mma_pack<Fmt>(acc[mt][2 * h], acc[mt][2 * h + 1]);
     } else {
-      mma_split3(acc[mt][2 * h], acc[mt][2 * h + 1], v);
+      mma_split<NP>(acc[mt][2 * h], acc[mt][2 * h + 1], v);
     }
   };
   constexpr int TP = MT * 16;
@@ -1319,7 +1369,7 @@ __device__ __forceinline__ int32_t mma_row_table_entry(const MmaParams& mp,
 // entry is computed from a and w directly, so no part waits for another. mode: 1 in-place
 // layers, 2 the kWrap layout, 4 bfloat16 weights and biases (else float16), 8 float32 weights
 // and biases (MmaF32x3: frag holds three planes of mp.num_frag fragments, hi, mid, lo, and
-// frag_t three of mt.num_frag).
+// frag_t three of mt.num_frag), 16 float32 in two planes (MmaF32x2: hi, lo).
 template <int TP>
 __global__ void __launch_bounds__(kThreads)
     mma_prepare_kernel(const IndexTableArgs a, const MmaParams mp, const MmaParams mt,
@@ -1329,11 +1379,12 @@ __global__ void __launch_bounds__(kThreads)
   const IndexSegment& last = a.seg[a.count - 1];
   const int64_t n_table = last.offset + last.length;
   const bool in_place = (mode & 1) != 0, wrap = (mode & 2) != 0, bf16 = (mode & 4) != 0;
-  const bool f32 = (mode & 8) != 0;
+  const int f32_planes = (mode & 8) != 0 ? 3 : (mode & 16) != 0 ? 2 : 0;
+  const bool f32 = f32_planes != 0;
   const int64_t r0 = mma_row_table_first(mp, in_place);
   const int64_t n_rows = mma_row_table_size(mp) - r0;
-  const int64_t n_fwd = (f32 ? 3 : 1) * mp.num_frag;
-  const int64_t n_frag = n_fwd + (f32 ? 3 : 1) * mt.num_frag;
+  const int64_t n_fwd = (f32 ? f32_planes : 1) * mp.num_frag;
+  const int64_t n_frag = n_fwd + (f32 ? f32_planes : 1) * mt.num_frag;
   const int64_t total = n_table + n_rows + n_frag + mp.c.num_b;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kThreads;
   for (int64_t e = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x; e < total;
@@ -1351,13 +1402,13 @@ __global__ void __launch_bounds__(kThreads)
     i -= n_rows;
     if (i < n_fwd) {
       const int plane = static_cast<int>(i / mp.num_frag);
-      frag[i] = mma_weight_fragment<false>(mp, w, i - plane * mp.num_frag, f32, plane);
+      frag[i] = mma_weight_fragment<false>(mp, w, i - plane * mp.num_frag, f32_planes, plane);
       continue;
     }
     if (i < n_frag) {
       i -= n_fwd;
       const int plane = static_cast<int>(i / mt.num_frag);
-      frag_t[i] = mma_weight_fragment<true>(mt, w, i - plane * mt.num_frag, f32, plane);
+      frag_t[i] = mma_weight_fragment<true>(mt, w, i - plane * mt.num_frag, f32_planes, plane);
       continue;
     }
     i -= n_frag;
@@ -1374,7 +1425,8 @@ __global__ void __launch_bounds__(kThreads)
 // floats; mt null in the forward, else mt->frag == frag_t), and returns mp pointing at the row
 // tables (elem, elem_out; with in-place layers also the composed gathers as its index table,
 // identity while every gather so far is). wrap: the row elements in mma_elem's kWrap layout.
-// Fmt: the format of the weights and biases (MmaF32x3: float32, packed in three planes).
+// Fmt: the format of the weights and biases (MmaF32x3 / MmaF32x2: float32, packed in three /
+// two planes).
 template <class Fmt>
 inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
                                       const MmaParams* mt, const MmaWeights& w, int mt_tile,
@@ -1394,7 +1446,7 @@ inline cudaError_t launch_mma_prepare(const HostChain& h, const MmaParams& mp,
   const int blocks = blocks_for(total, 1024);
   // mma_prepare_kernel's mode
   const int ip = (in_place ? 1 : 0) | (wrap ? 2 : 0) |
-                 (Fmt::kPlanes == 3 ? 8 : (Fmt::is_bf16 ? 4 : 0));
+                 (Fmt::kPlanes == 3 ? 8 : Fmt::kPlanes == 2 ? 16 : (Fmt::is_bf16 ? 4 : 0));
   float* bias = const_cast<float*>(mp.c.B);
   if (mt_tile == 4)
     IGC_LAUNCH(mma_prepare_kernel<64>, blocks, 0, stream, a, mp, t, w, ip, table, rows, frag,
@@ -1439,8 +1491,8 @@ constexpr int mma_forward_min_ctas(int mt, bool in_place, int planes = 1) {
 // mp.elem / elem_out: the element tables (mma_prepare_kernel). kInPlace: one tile, the layers
 // in place (above); mp's table and identity flags are then the composed gathers'. kWrap (in
 // place only): the tile in mma_elem's kWrap layout (mma_wrap_layout decides).
-// MmaF32x3: x and y float32, the tiles in three planes (mma_plane_elems apart), the weight
-// fragments in three planes (mp.num_frag apart).
+// MmaF32x3 / MmaF32x2: x and y float32, the tiles in three / two planes (mma_plane_elems
+// apart), the weight fragments likewise (mp.num_frag apart).
 template <class Fmt, int MT, bool kInPlace, bool kWrap = false>
 __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, Fmt::kPlanes))
     chain_forward_mma_kernel(const MmaParams mp,
@@ -1482,9 +1534,9 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
                                rows_aligned16(x), tvalid, p.c0,
                                p.has_index ? p.table + p.index_off : nullptr, tile0);
     else
-      mma_load_tile_f32<TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                                   pairs_aligned(x), rows_aligned16(x), tvalid, p.c0,
-                                   p.has_index ? p.table + p.index_off : nullptr, tile0, ps);
+      mma_load_tile_f32<NP, TP, kWrap>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                                       pairs_aligned(x), rows_aligned16(x), tvalid, p.c0,
+                                       p.has_index ? p.table + p.index_off : nullptr, tile0, ps);
     __syncthreads();
     for (int l = 0; l < p.L; ++l) {
       const int32_t* in_elems = mp.elem + mp.layer[l].e_off;
@@ -1506,9 +1558,9 @@ __global__ void __launch_bounds__(kThreads, mma_forward_min_ctas(MT, kInPlace, F
                                 rows_aligned16(y), tvalid, last.cout, out_rows,
                                 (p.L & 1) ? tile1 : tile0);
     else
-      mma_store_tile_f32<TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
-                                    pairs_aligned(y), rows_aligned16(y), tvalid, last.cout,
-                                    out_rows, (p.L & 1) ? tile1 : tile0, ps);
+      mma_store_tile_f32<NP, TP, kWrap>(y.ptr, y.cs, off_y, y.ix.run_is_contiguous(p0, tvalid),
+                                        pairs_aligned(y), rows_aligned16(y), tvalid, last.cout,
+                                        out_rows, (p.L & 1) ? tile1 : tile0, ps);
   }
 }
 

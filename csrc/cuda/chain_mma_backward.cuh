@@ -1,8 +1,9 @@
 // Tensor-core backward of the chain for float16 / bfloat16 (sm_80 and newer; float32 opt-in, in
-// the forward's three bfloat16 planes: MmaF32x3, with the kernel below): the same contract
-// as chain_backward_kernel (chain_kernels.cuh: dx, dW, db, the output mask, an input index with
-// repeats, deterministic weight and bias gradients), built from the tensor-core forward's pieces
-// (chain_mma.cuh: swizzled [channel][TP] 16-bit tiles, ldmatrix / movmatrix / mma.sync).
+// the forward's three or two bfloat16 planes: MmaF32x3, MmaF32x2, with the kernel below): the
+// same contract as chain_backward_kernel (chain_kernels.cuh: dx, dW, db, the output mask, an
+// input index with repeats, deterministic weight and bias gradients), built from the
+// tensor-core forward's pieces (chain_mma.cuh: swizzled [channel][TP] 16-bit tiles, ldmatrix /
+// movmatrix / mma.sync).
 //
 // Tile. A CTA takes TP = 16 * MT positions and keeps in shared memory, as 16-bit swizzled tiles:
 // the x tile (C_0 rows, gathered by the input index), every intermediate u_1 .. u_{L-1}
@@ -142,12 +143,23 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* t
 // ---------------------------------------------------------------------------------------------
 // Weight and bias gradients of one layer over one tile
 // ---------------------------------------------------------------------------------------------
+// Whether the weight gradients of a format go to the CTA's fp32 row by reductions in L2 (one
+// and two planes: the row's bytes once per tile) or are read and written (three planes: the
+// reductions spilled 4 bytes of the 16-position float32 kernel on sm_90, and the 16 x 32 items'
+// nine operand fragments per k-step took the 32-position kernel past 128 registers; two planes
+// take both within 128, no spills, sm_80 and sm_90).
+template <class Fmt>
+constexpr bool mma_row_reductions() {
+  return Fmt::kPlanes <= 2;
+}
+
 // A dW work item's products over the tile's MT k-steps: A (16 rows) and B (two 8-row blocks)
 // by ldmatrix x4 from this lane's rows in the tiles at pa / pb (ea / eb: the rows' elements,
 // mma_elem(row, 0); a_t / b_t its position offset: chunk 16 ks + a_t at element ea ^ (16 ks +
 // a_t)), acc[k] += A B_k. The loop is unrolled kUnroll times: fully
 // unrolled, the item's k-steps push the kernel past 128 registers (spills).
-// MmaF32x3: the planes of each row ps elements apart, loaded all, six products per HMMA above.
+// MmaF32x3 / MmaF32x2: the planes of each row ps elements apart, loaded all, six / three
+// products per HMMA above.
 template <class Fmt, int MT, int kUnroll>
 __device__ __forceinline__ void mma_dw_item(float (&acc)[2][4], const uint16_t* pa, int a_t,
                                             int ea, const uint16_t* pb, int b_t, int eb,
@@ -229,20 +241,19 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
     mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, ea, pb, b_t, eb, ps);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2; 32-bit
     // offsets within the layer (its weights number far less than 2^31: its channels fit shared
-    // memory). One plane: the values are added to the CTA's fp32 row in L2 (red_add_f32x2,
-    // red_add_f32). Three: all are read before any is written (the compiler cannot tell the
-    // addresses apart, and a read-add-write per value made each read wait for the previous
-    // write: 8 L2 round trips in a row per item, sm_90 SASS).
+    // memory). One or two planes (mma_row_reductions): the values are added to the CTA's fp32
+    // row in L2 (red_add_f32x2, red_add_f32). Three: all are read before any is written (the
+    // compiler cannot tell the addresses apart, and a read-add-write per value made each read
+    // wait for the previous write: 8 L2 round trips in a row per item, sm_90 SASS).
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + ((g * d.m * d.n) + r_a * stride_a + r_b * stride_b);
-    if (kFullBlocks && Fmt::kPlanes == 1) {  // (q, q + 1) adjacent and 8-byte aligned: 4 pairs
+    if (kFullBlocks && mma_row_reductions<Fmt>()) {  // (q, q + 1) adjacent, 8-byte aligned
       float* o1 = out + 8 * stride_a;  // per lane, no bounds; A row r_a + 8; B rows +0, +8
       red_add_f32x2(out, acc[0][0], acc[0][1]);
       red_add_f32x2(out + 8, acc[1][0], acc[1][1]);
       red_add_f32x2(o1, acc[0][2], acc[0][3]);
       red_add_f32x2(o1 + 8, acc[1][2], acc[1][3]);
-    } else if (kFullBlocks) {  // three planes: read-add-write (the reductions spilled 4 bytes of
-      // the 16-position float32 kernel on sm_90)
+    } else if (kFullBlocks) {  // three planes: read-add-write (mma_row_reductions)
       float2* o0 = reinterpret_cast<float2*>(out);               // A row r_a
       float2* o1 = reinterpret_cast<float2*>(out + 8 * stride_a);  // A row r_a + 8
       const float2 v00 = o0[0], v01 = o0[4], v10 = o1[0], v11 = o1[4];  // B rows +0, +8
@@ -250,7 +261,7 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
       o0[4] = float2{v01.x + acc[1][0], v01.y + acc[1][1]};
       o1[0] = float2{v10.x + acc[0][2], v10.y + acc[0][3]};
       o1[4] = float2{v11.x + acc[1][2], v11.y + acc[1][3]};
-    } else if (Fmt::kPlanes == 1) {  // the values within the group, one reduction each
+    } else if (mma_row_reductions<Fmt>()) {  // the values within the group, one reduction each
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
 #pragma unroll
@@ -363,8 +374,8 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
 // The weight gradients of a layer (above): the float2 item loop where every 16 x 16 block is
 // full, the group's outputs are A (n <= m: B's neighbours adjacent) and pw is 8-byte aligned,
 // else the general one. Two loops rather than a branch per item: each keeps its own registers.
-// The 16 x 32 items (mma_weight_grad_wide_items) only with one plane: with three, their nine
-// operand fragments per k-step took the 32-position float32 kernel past 128 registers.
+// The 16 x 32 items (mma_weight_grad_wide_items) only where the rows take reductions
+// (mma_row_reductions).
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
                                                  const int32_t* __restrict__ du_elem,
@@ -372,7 +383,7 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
                                                  const int32_t* __restrict__ h_elem,
                                                  float* __restrict__ pw, const uint16_t* zero,
                                                  int ps) {
-  if (Fmt::kPlanes == 1 && d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 &&
+  if (mma_row_reductions<Fmt>() && d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 &&
       (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
     mma_weight_grad_wide_items<Fmt, MT>(d, du, du_elem, h, h_elem, pw, ps);
   else if (d.n <= d.m && d.n % 16 == 0 && d.m % 16 == 0 &&
@@ -407,7 +418,7 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   const int r = lane & 7;
   // an item: groups g0, g0 + 1; kWhole: both exist with 8 x 8 each and the layer's part of the
   // row is 8-byte aligned, so each lane's two values of a group are an aligned pair that
-  // exists (one plane: one 8-byte reduction, no bounds)
+  // exists (one 8-byte reduction, no bounds)
   const auto item = [&](int g0, auto whole) {
     constexpr bool kWhole = decltype(whole)::value;
     const uint16_t* pa = zero;
@@ -428,14 +439,15 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
     // a 32-bit offset within the layer (its weights number far less than 2^31: its channels
-    // fit shared memory): 8 fewer instructions per item than a 64-bit one. One plane: the 4
-    // values added in L2 (red_add_f32); three: read before any is written (mma_weight_grads).
+    // fit shared memory): 8 fewer instructions per item than a 64-bit one. One or two planes:
+    // the 4 values added in L2 (red_add_f32); three: read before any is written
+    // (mma_weight_grad_items, mma_row_reductions).
     if constexpr (kWhole) {
 #pragma unroll
       for (int k = 0; k < 2; ++k)
         red_add_f32x2(pw + ((g0 + k) * 64 + gid * 8 + 2 * tig), acc[k][2 * k],
                       acc[k][2 * k + 1]);
-    } else if constexpr (Fmt::kPlanes == 1) {
+    } else if constexpr (mma_row_reductions<Fmt>()) {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int g = g0 + k;
@@ -466,10 +478,10 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     }
   };
   // one item per iteration: unrolled by two it gains nothing, and tools/gpu_static.py reads an
-  // item's cost from these loops' bodies. One plane: the whole items first (every item of
-  // IGCV2 with K = 8), then the rest
+  // item's cost from these loops' bodies. With reductions: the whole items first (every item
+  // of IGCV2 with K = 8), then the rest
   int g0 = 2 * warp;
-  if constexpr (Fmt::kPlanes == 1) {
+  if constexpr (mma_row_reductions<Fmt>()) {
     if (d.m == 8 && d.n == 8 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0) {
 #pragma unroll 1
       for (; g0 + 1 < d.groups; g0 += 2 * kWarps) item(g0, std::true_type{});
@@ -479,14 +491,14 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
   for (; g0 < d.groups; g0 += 2 * kWarps) item(g0, std::false_type{});
 }
 
-// The tensors' element of an fp32 value: rounded to the 16-bit format, or itself (MmaF32x3).
+// The tensors' element of an fp32 value: rounded to the 16-bit format, or itself (float32).
 template <class Fmt>
 __device__ __forceinline__ typename Fmt::Storage mma_storage_from_float(float v) {
   if constexpr (Fmt::kPlanes == 1) return mma_from_float<Fmt>(v);
   else return v;
 }
 
-// pb[o] += sum over the tile's positions of du[o] (fp32, in position order; MmaF32x3: each value
+// pb[o] += sum over the tile's positions of du[o] (fp32, in position order; float32: each value
 // joined from its planes, ps elements apart).
 template <class Fmt, int TP>
 __device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t* du,
@@ -504,12 +516,19 @@ __device__ __forceinline__ void mma_bias_grads(const LayerDesc d, const uint16_t
           s += mma_to_float<Fmt>(w[k] & 0xffffu);
           s += mma_to_float<Fmt>(w[k] >> 16);
         }
-      } else {
+      } else {  // (the planes' loads as separate arrays: a [plane][4] array spilled 4 bytes)
+        constexpr int NP = Fmt::kPlanes;
         const uint4 vm = *reinterpret_cast<const uint4*>(sp + ps);
-        const uint4 vl = *reinterpret_cast<const uint4*>(sp + 2 * ps);
+        const uint4 vl = NP == 3 ? *reinterpret_cast<const uint4*>(sp + 2 * ps) : vm;
         const uint32_t m[4] = {vm.x, vm.y, vm.z, vm.w}, l[4] = {vl.x, vl.y, vl.z, vl.w};
 #pragma unroll
-        for (int i = 0; i < 8; ++i) s += mma_join3(w[i / 2], m[i / 2], l[i / 2], i % 2);
+        for (int i = 0; i < 8; ++i) {
+          uint32_t r[NP];
+          r[0] = w[i / 2];
+          r[1] = m[i / 2];
+          if constexpr (NP == 3) r[2] = l[i / 2];
+          s += mma_join<NP>(r, i % 2);
+        }
       }
     }
     pb[o] += s;
@@ -533,14 +552,14 @@ __device__ __forceinline__ void mma_store_tile_csr(typename Fmt::Storage* __rest
     for (int k = starts[c]; k < e; ++k) {
       const uint16_t* sp = tile + mma_elem<TP>(order[k], t);
       if constexpr (Fmt::kPlanes == 1) v += mma_to_float<Fmt>(*sp);
-      else v += mma_join3(sp[0], sp[ps], sp[2 * ps], 0);
+      else v += mma_join_elem<Fmt::kPlanes>(sp, ps);
     }
     dst[pos_off[t] + static_cast<int64_t>(c) * cs] = mma_storage_from_float<Fmt>(v);
   }
 }
 
 // The dy tile: dy channel j to row rows[j] (du_L in natural output order; rows null: row j).
-// cl_vec: rows_aligned16(dy) (16-bit). MmaF32x3: in three planes, ps elements apart, the
+// cl_vec: rows_aligned16(dy) (16-bit). MmaF32x3 / MmaF32x2: in its planes, ps elements apart, the
 // alignments taken here (kept live across the kernel, they spilled).
 template <class Fmt, int TP>
 __device__ __forceinline__ void mma_load_dy(const TensorArg<const typename Fmt::Storage>& dy,
@@ -558,11 +577,11 @@ __device__ __forceinline__ void mma_load_dy(const TensorArg<const typename Fmt::
     const bool contig = dy.ix.run_is_contiguous(p0, tvalid);
     const bool pairs = pairs_aligned(dy), rows16 = rows_aligned16(dy);
     if (rows != nullptr)
-      mma_load_tile_f32_inline<TP, false, true>(dy.ptr, dy.cs, off_dy, contig, pairs, rows16,
-                                                tvalid, cout, nullptr, DY, ps, rows);
+      mma_load_tile_f32_inline<Fmt::kPlanes, TP, false, true>(
+          dy.ptr, dy.cs, off_dy, contig, pairs, rows16, tvalid, cout, nullptr, DY, ps, rows);
     else
-      mma_load_tile_f32_inline<TP>(dy.ptr, dy.cs, off_dy, contig, pairs, rows16, tvalid, cout,
-                                   nullptr, DY, ps);
+      mma_load_tile_f32_inline<Fmt::kPlanes, TP>(dy.ptr, dy.cs, off_dy, contig, pairs, rows16,
+                                                 tvalid, cout, nullptr, DY, ps);
   }
 }
 
@@ -579,7 +598,7 @@ inline int64_t mma_backward_rows(const ChainParams<float>& p, bool reload = fals
 }
 
 // Shared memory of a tile of TP positions: the rows above, the zero row, the scratch row (planes
-// times: MmaF32x3 three, one bfloat16 plane after the other), three offset arrays.
+// times: MmaF32x3 three, MmaF32x2 two, one bfloat16 plane after the other), three offset arrays.
 inline size_t mma_backward_smem_bytes(int64_t rows, int tp, int planes = 1) {
   return static_cast<size_t>(planes) * (rows + 2) * tp * sizeof(uint16_t) +
          3 * tp * sizeof(int64_t);
@@ -599,9 +618,9 @@ constexpr int mma_backward_min_ctas(int mt, int planes) {
 // Launch bounds of two CTAs per SM (at most 128 registers): without a minimum, ptxas gave the
 // 32-position kernel 80 registers and spilled once the items looked their rows up in tables.
 // The float32 kernel of 64 positions takes one (mma_backward_min_ctas).
-// MmaF32x3: x, dy and dx float32; every tile, the zero and the scratch row in three planes (the
-// whole first plane, then the second, then the third: ps elements apart), both fragment sets in
-// three planes (mp.num_frag, mt.num_frag apart); the float32 tile moves inlined as the 16-bit
+// MmaF32x3 / MmaF32x2: x, dy and dx float32; every tile, the zero and the scratch row in three /
+// two planes (the whole first plane, then the second, ...: ps elements apart), both fragment
+// sets likewise (mp.num_frag, mt.num_frag apart); the float32 tile moves inlined as the 16-bit
 // ones.
 template <class Fmt, int MT>
 __global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlanes))
@@ -663,9 +682,9 @@ __global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlan
         mma_load_tile_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
                                  x_cl_vec, tvalid, p.c0, index, X);
       else
-        mma_load_tile_f32_inline<TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
-                                     pairs_aligned(x), rows_aligned16(x), tvalid, p.c0, index,
-                                     X, ps);
+        mma_load_tile_f32_inline<NP, TP>(x.ptr, x.cs, off_x, x.ix.run_is_contiguous(p0, tvalid),
+                                         pairs_aligned(x), rows_aligned16(x), tvalid, p.c0,
+                                         index, X, ps);
     };
     const auto load_dy = [&] {
       mma_load_dy<Fmt, TP>(dy, off_dy, p0, tvalid, dy_cl_vec, last.cout, dy_rows, DY, ps);
@@ -738,15 +757,15 @@ __global__ void __launch_bounds__(kThreads, mma_backward_min_ctas(MT, Fmt::kPlan
         mma_store_tile_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
                                   dx_cl_vec, tvalid, p.c0, nullptr, X);
       else
-        mma_store_tile_f32_inline<TP>(dx.ptr, dx.cs, off_dx, dx.ix.run_is_contiguous(p0, tvalid),
-                                      pairs_aligned(dx), rows_aligned16(dx), tvalid, p.c0,
-                                      nullptr, X, ps);
+        mma_store_tile_f32_inline<NP, TP>(dx.ptr, dx.cs, off_dx,
+                                          dx.ix.run_is_contiguous(p0, tvalid), pairs_aligned(dx),
+                                          rows_aligned16(dx), tvalid, p.c0, nullptr, X, ps);
     }
   }
 }
 
 // out[e] = sum over CTA rows r = 0, 1, ... of partial[r][e] in that order, rounded once (to the
-// 16-bit format; MmaF32x3: the float32 sum itself).
+// 16-bit format; float32: the float32 sum itself).
 template <class Fmt>
 __global__ void __launch_bounds__(kThreads)
     reduce_partials_mma_kernel(const float* __restrict__ partial, int64_t rows, int64_t row_len,

@@ -43,7 +43,8 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
 #define IGC_FORWARD_MMA(F, MT, IP, W)                                                           \
   template __global__ void chain_forward_mma_kernel<F, MT, IP, W>(                              \
       const MmaParams, const TensorArg<const F::Storage>, const TensorArg<F::Storage>, int64_t);
-// (float32, three planes: in place at most 32 positions, so not the 64-position in-place ones)
+// (float32, three or two planes: in place at most 32 positions, so not the 64-position in-place
+// ones)
 #define IGC_INSTANTIATE_MMA(F)                                                                  \
   IGC_INSTANTIATE_MMA_BASE(F)                                                                   \
   IGC_FORWARD_MMA(F, 4, true, false)                                                            \
@@ -67,6 +68,7 @@ IGC_INSTANTIATE(__nv_bfloat16, float)
 IGC_INSTANTIATE_MMA(MmaBf16)
 IGC_INSTANTIATE_MMA(MmaF16)
 IGC_INSTANTIATE_MMA_BASE(MmaF32x3)
+IGC_INSTANTIATE_MMA_BASE(MmaF32x2)
 #undef IGC_INSTANTIATE_MMA
 #undef IGC_INSTANTIATE_MMA_BASE
 #undef IGC_FORWARD_MMA
@@ -95,6 +97,7 @@ IGC_INSTANTIATE_MMA_BASE(MmaF32x3)
 IGC_INSTANTIATE_MMA_BACKWARD(MmaBf16)
 IGC_INSTANTIATE_MMA_BACKWARD(MmaF16)
 IGC_INSTANTIATE_MMA_BACKWARD(MmaF32x3)
+IGC_INSTANTIATE_MMA_BACKWARD(MmaF32x2)
 #undef IGC_INSTANTIATE_MMA_BACKWARD
 #undef IGC_BACKWARD_MMA
 

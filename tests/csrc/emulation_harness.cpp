@@ -156,8 +156,8 @@ struct MmaTables {
 };
 
 // The tensor-core forward (chain_mma.cuh) of a float16 / bfloat16 chain, or of a float32 one
-// (MmaF32x3); W, B: the weights and biases in the chain's dtype. plan_out: tile positions,
-// grid, in-place layers (0 / 1), the kWrap tile layout (0 / 1).
+// (MmaF32x3, MmaF32x2); W, B: the weights and biases in the chain's dtype. plan_out: tile
+// positions, grid, in-place layers (0 / 1), the kWrap tile layout (0 / 1).
 template <class Fmt>
 int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                 const EmuTensor* y, const EmuDevice* dev, int64_t* plan_out) {
@@ -186,8 +186,8 @@ int forward_mma(const HostChain* h, const void* W, const void* B, const EmuTenso
 }
 
 // The tensor-core backward (chain_mma_backward.cuh) of a float16 / bfloat16 chain, or of a
-// float32 one (MmaF32x3): W, B and dx / gw / gb in the chain's dtype. plan_out: tile positions,
-// grid, x and dy in one tile (reload x), the next tile prefetched into L2.
+// float32 one (MmaF32x3, MmaF32x2): W, B and dx / gw / gb in the chain's dtype. plan_out: tile
+// positions, grid, x and dy in one tile (reload x), the next tile prefetched into L2.
 template <class Fmt>
 int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTensor* x,
                  const EmuTensor* dy, const EmuTensor* dx, const int32_t* starts,
@@ -230,7 +230,7 @@ int backward_mma(const HostChain* h, const void* W, const void* B, const EmuTens
 
 extern "C" {
 
-// fmt: 0 float16, 1 bfloat16, 2 float32 (MmaF32x3)
+// fmt: 0 float16, 1 bfloat16, 2 float32 (MmaF32x3), 3 float32 in two planes (MmaF32x2)
 int igc_emu_backward_mma(int fmt, const HostChain* h, const void* W, const void* B,
                          const EmuTensor* x, const EmuTensor* dy, const EmuTensor* dx,
                          const int32_t* starts, const int32_t* order, void* gw, void* gb,
@@ -239,17 +239,22 @@ int igc_emu_backward_mma(int fmt, const HostChain* h, const void* W, const void*
   if (fmt == 2)
     return backward_mma<MmaF32x3>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x, need_w,
                                   need_b, dev, plan_out);
+  if (fmt == 3)
+    return backward_mma<MmaF32x2>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x, need_w,
+                                  need_b, dev, plan_out);
   return fmt == 1 ? backward_mma<MmaBf16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
                                          need_w, need_b, dev, plan_out)
                  : backward_mma<MmaF16>(h, W, B, x, dy, dx, starts, order, gw, gb, need_x,
                                         need_w, need_b, dev, plan_out);
 }
 
-// fmt: 0 float16, 1 bfloat16, 2 float32 (MmaF32x3: W, B, x and y float32)
+// fmt: 0 float16, 1 bfloat16, 2 float32 (MmaF32x3: W, B, x and y float32), 3 float32 in two
+// planes (MmaF32x2)
 int igc_emu_forward_mma(int fmt, const HostChain* h, const void* W, const void* B,
                         const EmuTensor* x, const EmuTensor* y, const EmuDevice* dev,
                         int64_t* plan_out) {
   if (fmt == 2) return forward_mma<MmaF32x3>(h, W, B, x, y, dev, plan_out);
+  if (fmt == 3) return forward_mma<MmaF32x2>(h, W, B, x, y, dev, plan_out);
   return fmt == 1 ? forward_mma<MmaBf16>(h, W, B, x, y, dev, plan_out)
                   : forward_mma<MmaF16>(h, W, B, x, y, dev, plan_out);
 }
@@ -294,13 +299,21 @@ int64_t igc_emu_prefetch_addresses(uint64_t* out) {
   return static_cast<int64_t>(l.addr.size());
 }
 
-// mma_split3 of n floats x: the planes' bfloat16 values hi, mid, lo as floats in out[3 i ..
-// 3 i + 2] (the pairs' low halves; x[i] with 0 in the high half).
-void igc_emu_split3(const float* x, int64_t n, float* out) {
+// mma_split<planes> (3 or 2) of n floats x: the planes' bfloat16 values (hi, mid, lo, or hi, lo)
+// as floats in out[planes i .. planes i + planes - 1] (the pairs' low halves; x[i] with 0 in the
+// high half).
+void igc_emu_split(int planes, const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t p[3];
-    mma_split3(x[i], 0.0f, p);
-    for (int k = 0; k < 3; ++k) out[3 * i + k] = mma_bf16_lo(p[k]);
+    if (planes == 3) {
+      mma_split<3>(x[i], 0.0f, p);
+    } else {
+      uint32_t q[2];
+      mma_split<2>(x[i], 0.0f, q);
+      p[0] = q[0];
+      p[1] = q[1];
+    }
+    for (int k = 0; k < planes; ++k) out[planes * i + k] = mma_bf16_lo(p[k]);
   }
 }
 
