@@ -22,7 +22,8 @@
 #                sanitize scripts (PYTORCH_NO_CUDA_MEMORY_CACHING=1, so every buffer is its own
 #                allocation and out-of-bounds accesses are seen)
 #   race         compute-sanitizer racecheck over tools/sanitize_cuda.py alone, then again with
-#                IGC_CUDA_FP32_MMA=1 (its float32 forwards on the tensor cores)
+#                IGC_CUDA_FP32_MMA=1 (its float32 forwards on the tensor cores), and with TF32
+#                allowed too (TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1: two planes)
 #   bench        benchmarks/bench.py --device cuda --targets (JSON under the output folder), then
 #                each measured fraction of copy bandwidth beside the committed prediction
 #                (tools/perf_model.py --measured, from benchmarks/results/gpu-static-*.json)
@@ -191,7 +192,10 @@ for arg in "${steps[@]}"; do
       --error-exitcode 99 --print-limit 20 "$PY" tools/sanitize_cuda.py ;
       run_step race-fp32mma env IGC_CUDA_FP32_MMA=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         compute-sanitizer --tool racecheck --error-exitcode 99 --print-limit 20 \
-        "$PY" tools/sanitize_cuda.py ;;
+        "$PY" tools/sanitize_cuda.py ;
+      run_step race-fp32mma-2planes env IGC_CUDA_FP32_MMA=1 TORCH_ALLOW_TF32_CUBLAS_OVERRIDE=1 \
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool racecheck --error-exitcode 99 \
+        --print-limit 20 "$PY" tools/sanitize_cuda.py ;;
     bench-quick) run_step bench-quick "$PY" benchmarks/bench.py --device cuda --no-compile \
       --no-memory --quiet --only "${BENCH_ONLY:-$IGCV2_TARGETS}" \
       --backends "${BENCH_BACKENDS:-cuda}" --json "$OUT/bench-quick.json" ;
