@@ -711,13 +711,12 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     transposed product's ("dh"; the same code on W^T, with the permutation as the store rows),
     per weight-gradient item (the loop around its HMMA.16816 and non-trans LDSM.x4s, mt k-steps,
     2 HMMAs each; where the k-steps are a loop, its body counted once per iteration, and the
-    update of the CTA's fp32 row (one and two planes: added by reductions in L2; three planes:
-    read and stored, ``MMA_ROW_REDUCTIONS``): "dw_item", a 16 x 16 block of a group, 8 values
-    per lane; "dw_full_item", the same where every block is full, 4 pairs per lane;
-    "dw_wide_item", 16 x 32 of full blocks, 8 pairs per lane and 4 HMMAs per k-step (with
-    reductions only); "dw_pair_item", two groups of 8 x 8 (with reductions: whole pairs, in their
-    own loop; three planes: every pair of at most 8 x 8), 4 values per lane;
-    "dw_pair_edge_item", with reductions: the other pairs, bounds checked), and the
+    update of the CTA's fp32 row (added by reductions in L2): "dw_item", a 16 x 16 block of a
+    group, 8 values per lane; "dw_full_item", the same where every block is full, 4 pairs per
+    lane; "dw_wide_item", 16 x 32 of full blocks, 8 pairs per lane and 4 HMMAs per k-step (one
+    and two planes, ``MMA_WIDE_ITEMS``); "dw_pair_item", two groups of 8 x 8 (whole pairs, in
+    their own loop), 4 values per lane; "dw_pair_edge_item", the other pairs, bounds checked),
+    and the
     tile loads and stores (the costliest loop of each kind). With three planes (the float32
     kernel, MmaF32x3) every ldmatrix is three and every HMMA six (two planes: two and three)."""
     hmma_per = MMA_PRODUCTS[planes]
@@ -742,19 +741,16 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     # weight-gradient item loops: HMMA.16816 and non-trans LDSM.x4, the updates of the fp32 row,
     # no trans LDSM (dh). Per item and lane: the general 16 x 16 item 8 values, the pair item
     # 4, the full-block items pairs, 4 ("full") or 8 ("wide", 16 x 32: three ldmatrix feed four
-    # HMMAs per k-step). One and two planes (mma_row_reductions): reductions in L2, a pair one
-    # REDG.E.ADD.F32x2 on sm_90 and two scalar RED.E.ADD.F32 on sm_80; the general items' and
-    # the partial pair items' reductions each under a branch (BSSY), the full, wide and whole
-    # pair items' (two 8 x 8 groups: their own loop) not. Three planes: stores, STG.E.64 per
-    # pair of the full items.
+    # HMMAs per k-step). Reductions in L2, a pair one REDG.E.ADD.F32x2 on sm_90 and two scalar
+    # RED.E.ADD.F32 on sm_80; the general items' and the partial pair items' reductions each
+    # under a branch (BSSY), the full, wide and whole pair items' (two 8 x 8 groups: their own
+    # loop) not.
     def values(lp):
-        """(values added or stored, pair updates, branches around them) in the loop"""
+        """(values added, branches around them) in the loop"""
         body = ops_in(lp[0], lp[1])
-        pairs = sum(1 for o in body if o.startswith("STG.E.64")
-                    or (o.startswith("RED") and "F32x2" in o))
-        scalar = sum(1 for o in body if (o.startswith("STG") and not o.startswith("STG.E.64"))
-                     or (o.startswith("RED") and "F32x2" not in o))
-        return 2 * pairs + scalar, pairs, sum(1 for o in body if o.startswith("BSSY"))
+        pairs = sum(1 for o in body if o.startswith("RED") and "F32x2" in o)
+        scalar = sum(1 for o in body if o.startswith("RED") and "F32x2" not in o)
+        return 2 * pairs + scalar, sum(1 for o in body if o.startswith("BSSY"))
 
     def hmma_per_ldsm(lp):
         body = ops_in(lp[0], lp[1])
@@ -781,21 +777,19 @@ def mma_backward_kernel_model(sass: str, mt: int, planes: int = 1) -> dict:
     for lp in items:
         wide = hmma_per_ldsm(lp) > 1.2
         k = per_iter(lp, 4 if wide else 2)
-        n, pairs, branches = (v // k for v in values(lp))
+        n, branches = (v // k for v in values(lp))
         if wide:
             key = "wide"
-        elif MMA_ROW_REDUCTIONS[planes]:
+        else:
             key = {(8, False): "full", (4, False): 4, (8, True): 8,
                    (4, True): "pair_edge"}.get((n, branches > 0), n)
-        else:
-            key = "full" if pairs else n
         if key in kinds:
             raise SystemExit(f"two weight-gradient item loops of kind {key}")
         kinds[key] = lp
-    # (the 16 x 32 items, and the whole pair items' own loop, only with reductions)
-    want = [4, 8, "full"] + (["pair_edge", "wide"] if MMA_ROW_REDUCTIONS[planes] else [])
+    # (the 16 x 32 items with one and two planes only)
+    want = [4, 8, "full", "pair_edge"] + (["wide"] if MMA_WIDE_ITEMS[planes] else [])
     if sorted(kinds, key=str) != sorted(want, key=str):
-        raise SystemExit(f"weight-gradient item loops not found (values, pairs, branches per "
+        raise SystemExit(f"weight-gradient item loops not found (values, branches per "
                          f"loop: {sorted(values(l) for l in items)})")
 
     def item_cost(lp, per_step=2):
@@ -1012,9 +1006,9 @@ _MMA_FORMATS = {"bfloat16": ("MmaBf16",), "float16": ("MmaF16",),
 MMA_PLANES = {"MmaBf16": 1, "MmaF16": 1, "MmaF32x3": 3, "MmaF32x2": 2}
 # HMMAs per product: every pair of planes whose indices sum to at most planes - 1
 MMA_PRODUCTS = {1: 1, 2: 3, 3: 6}
-# whether the backward adds its weight gradients to the fp32 row by reductions in L2
-# (chain_mma_backward.cuh's mma_row_reductions), or reads and writes them
-MMA_ROW_REDUCTIONS = {1: True, 2: True, 3: False}
+# whether the backward's weight gradients take 16 x 32 items (mma_weight_grads: not with three
+# planes, whose nine operand fragments per k-step took the kernel past 128 registers)
+MMA_WIDE_ITEMS = {1: True, 2: True, 3: False}
 
 
 def _mma_problems(structures, dtypes, archs, float32: bool = False):
@@ -1070,9 +1064,8 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
         row_l2 = 0  # bytes of the fp32 row per tile between the SM and the L2
         for l, ((cout, n), g) in enumerate(zip(shapes, spec.groups)):
             m = cout // g
-            # one or two planes: added by reductions in L2 (the row's bytes once); three: read
-            # and written
-            row_l2 += (4 if MMA_ROW_REDUCTIONS[planes] else 8) * cout * n
+            # added by reductions in L2: the row's bytes once
+            row_l2 += 4 * cout * n
             if l + 1 < len(shapes):  # recomputed u_{l+1}
                 terms += _mma_layer_terms(model["fwd"], g, m, n)
             terms += _mma_layer_terms(model["dh"], g, n, m)  # dh = W^T du
@@ -1085,7 +1078,7 @@ def cuda_mma_backward_records(structures, dtypes, layouts, archs) -> list:
                     terms += [(g // 2, model["dw_pair_item"]), (g % 2, model["dw_pair_edge_item"])]
                 else:
                     terms.append((-(-g // 2), model["dw_pair_edge_item"]))
-            elif (MMA_ROW_REDUCTIONS[planes] and n <= m and n % 32 == 0
+            elif (MMA_WIDE_ITEMS[planes] and n <= m and n % 32 == 0
                   and m % 16 == 0):  # 16 x 32 blocks (mma_weight_grads: full blocks with B in
                 # pairs, with reductions; the layer's offset in the fp32 row is even here)
                 terms.append((g * (m // 16) * (n // 32), model["dw_wide_item"]))

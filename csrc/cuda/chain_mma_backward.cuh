@@ -16,7 +16,8 @@
 // The gradients need no tiles of their own: du_l is written over u_l once layer l's weight
 // gradient has read it (below). Intermediates and gradients are rounded to
 // the storage dtype between layers, as the unfused chain in that dtype rounds every layer's
-// output and every gradient (MmaF32x3: split exactly into planes, so they stay fp32 values);
+// output and every gradient (MmaF32x3: split exactly into planes, so they stay fp32 values;
+// MmaF32x2: to about 16 significant bits, chain_mma.cuh);
 // products accumulate in fp32.
 //
 // Per tile: load x and dy (dy channel j goes to row gather_{L-1}[j]: du_L in natural output
@@ -45,11 +46,12 @@
 // A second kernel sums the per-CTA rows in CTA order (fp32) and rounds once: the weight and bias
 // gradients are bitwise reproducible for a given device (grid) and problem.
 //
-// Bytes: x and dy read once, dx written once, plus the partial rows (num_w + num_b fp32 per CTA
-// and tile, read and written: L2 traffic). FLOPs on tensor cores: the forward recompute (every
-// layer but the last), dh (every layer; the first only when dx is wanted) and dW, each padded
-// to the mma shapes. The tile loads and stores are the forward's, inlined (called, they left
-// the kernel's state across the calls in spilled registers).
+// Bytes: x and dy read once, dx written once, plus the partial rows (num_w fp32 per CTA and
+// tile added by reductions in L2, num_b read and written: L2 traffic). FLOPs on tensor cores:
+// the forward recompute (every layer but the last), dh (every layer; the first only when dx
+// is wanted) and dW, each padded to the mma shapes. The tile loads and stores are the
+// forward's, inlined (called, they left the kernel's state across the calls in spilled
+// registers).
 #pragma once
 
 #include "chain_mma.cuh"
@@ -143,16 +145,6 @@ inline MmaParams make_mma_transposed_params(const HostChain& h, const int32_t* t
 // ---------------------------------------------------------------------------------------------
 // Weight and bias gradients of one layer over one tile
 // ---------------------------------------------------------------------------------------------
-// Whether the weight gradients of a format go to the CTA's fp32 row by reductions in L2 (one
-// and two planes: the row's bytes once per tile) or are read and written (three planes: the
-// reductions spilled 4 bytes of the 16-position float32 kernel on sm_90, and the 16 x 32 items'
-// nine operand fragments per k-step took the 32-position kernel past 128 registers; two planes
-// take both within 128, no spills, sm_80 and sm_90).
-template <class Fmt>
-constexpr bool mma_row_reductions() {
-  return Fmt::kPlanes <= 2;
-}
-
 // A dW work item's products over the tile's MT k-steps: A (16 rows) and B (two 8-row blocks)
 // by ldmatrix x4 from this lane's rows in the tiles at pa / pb (ea / eb: the rows' elements,
 // mma_elem(row, 0); a_t / b_t its position offset: chunk 16 ks + a_t at element ea ^ (16 ks +
@@ -241,51 +233,25 @@ __device__ __forceinline__ void mma_weight_grad_items(const LayerDesc d, const u
     mma_dw_item<Fmt, MT, 1>(acc, pa, a_t, ea, pb, b_t, eb, ps);
     // acc[k][q]: A row 16 ia + gid + 8 (q / 2), B row 16 ib + 8 k + 2 tig + q % 2; 32-bit
     // offsets within the layer (its weights number far less than 2^31: its channels fit shared
-    // memory). One or two planes (mma_row_reductions): the values are added to the CTA's fp32
-    // row in L2 (red_add_f32x2, red_add_f32). Three: all are read before any is written (the
-    // compiler cannot tell the addresses apart, and a read-add-write per value made each read
-    // wait for the previous write: 8 L2 round trips in a row per item, sm_90 SASS).
+    // memory). The values are added to the CTA's fp32 row in L2 (red_add_f32x2, red_add_f32):
+    // the row crosses to L2 once per tile, not read and written, and nothing returns to the SM
+    // (float32 in three planes had read and written it: tools/gpu_static.py predicted IGCV2(256,
+    // 8) / (256, 16) 55% / 64% of copy bandwidth that way, 61% / 77% with the reductions).
     const int r_a = ia * 16 + gid, r_b = ib * 16 + 2 * tig;
     float* out = pw + ((g * d.m * d.n) + r_a * stride_a + r_b * stride_b);
-    if (kFullBlocks && mma_row_reductions<Fmt>()) {  // (q, q + 1) adjacent, 8-byte aligned
+    if (kFullBlocks) {  // (q, q + 1) adjacent and 8-byte aligned: 4 pairs
       float* o1 = out + 8 * stride_a;  // per lane, no bounds; A row r_a + 8; B rows +0, +8
       red_add_f32x2(out, acc[0][0], acc[0][1]);
       red_add_f32x2(out + 8, acc[1][0], acc[1][1]);
       red_add_f32x2(o1, acc[0][2], acc[0][3]);
       red_add_f32x2(o1 + 8, acc[1][2], acc[1][3]);
-    } else if (kFullBlocks) {  // three planes: read-add-write (mma_row_reductions)
-      float2* o0 = reinterpret_cast<float2*>(out);               // A row r_a
-      float2* o1 = reinterpret_cast<float2*>(out + 8 * stride_a);  // A row r_a + 8
-      const float2 v00 = o0[0], v01 = o0[4], v10 = o1[0], v11 = o1[4];  // B rows +0, +8
-      o0[0] = float2{v00.x + acc[0][0], v00.y + acc[0][1]};
-      o0[4] = float2{v01.x + acc[1][0], v01.y + acc[1][1]};
-      o1[0] = float2{v10.x + acc[0][2], v10.y + acc[0][3]};
-      o1[4] = float2{v11.x + acc[1][2], v11.y + acc[1][3]};
-    } else if (mma_row_reductions<Fmt>()) {  // the values within the group, one reduction each
+    } else {  // the values within the group, one reduction each
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
           red_add_f32(out + (8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b),
                       acc[k][q], r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb);
-        }
-      }
-    } else {
-      float old[2][4];
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const bool ok = r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb;
-          old[k][q] = ok ? out[8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b] : 0.0f;
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          if (r_a + 8 * (q >> 1) < ca && r_b + 8 * k + (q & 1) < cb)
-            out[8 * (q >> 1) * stride_a + (8 * k + (q & 1)) * stride_b] = old[k][q] + acc[k][q];
         }
       }
     }
@@ -374,8 +340,8 @@ __device__ __forceinline__ void mma_weight_grad_wide_items(const LayerDesc d, co
 // The weight gradients of a layer (above): the float2 item loop where every 16 x 16 block is
 // full, the group's outputs are A (n <= m: B's neighbours adjacent) and pw is 8-byte aligned,
 // else the general one. Two loops rather than a branch per item: each keeps its own registers.
-// The 16 x 32 items (mma_weight_grad_wide_items) only where the rows take reductions
-// (mma_row_reductions).
+// The 16 x 32 items (mma_weight_grad_wide_items) with one and two planes: with three, their
+// nine operand fragments per k-step took the 32-position float32 kernel past 128 registers.
 template <class Fmt, int MT>
 __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16_t* du,
                                                  const int32_t* __restrict__ du_elem,
@@ -383,7 +349,7 @@ __device__ __forceinline__ void mma_weight_grads(const LayerDesc d, const uint16
                                                  const int32_t* __restrict__ h_elem,
                                                  float* __restrict__ pw, const uint16_t* zero,
                                                  int ps) {
-  if (mma_row_reductions<Fmt>() && d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 &&
+  if (Fmt::kPlanes <= 2 && d.n <= d.m && d.n % 32 == 0 && d.m % 16 == 0 &&
       (reinterpret_cast<uintptr_t>(pw) & 7) == 0)
     mma_weight_grad_wide_items<Fmt, MT>(d, du, du_elem, h, h_elem, pw, ps);
   else if (d.n <= d.m && d.n % 16 == 0 && d.m % 16 == 0 &&
@@ -439,15 +405,14 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
     // kept: acc[0][0..1] (output gid of g, inputs 2 tig + {0, 1} of g) and acc[1][2..3]
     // (output gid of g + 1, inputs 2 tig + {0, 1} of g + 1)
     // a 32-bit offset within the layer (its weights number far less than 2^31: its channels
-    // fit shared memory): 8 fewer instructions per item than a 64-bit one. One or two planes:
-    // the 4 values added in L2 (red_add_f32); three: read before any is written
-    // (mma_weight_grad_items, mma_row_reductions).
+    // fit shared memory): 8 fewer instructions per item than a 64-bit one. The values are
+    // added in L2 (red_add_f32x2, red_add_f32; mma_weight_grad_items).
     if constexpr (kWhole) {
 #pragma unroll
       for (int k = 0; k < 2; ++k)
         red_add_f32x2(pw + ((g0 + k) * 64 + gid * 8 + 2 * tig), acc[k][2 * k],
                       acc[k][2 * k + 1]);
-    } else if constexpr (mma_row_reductions<Fmt>()) {
+    } else {
 #pragma unroll
       for (int k = 0; k < 2; ++k) {
         const int g = g0 + k;
@@ -456,36 +421,15 @@ __device__ __forceinline__ void mma_weight_grads_pairs(const LayerDesc d, const 
         red_add_f32(out, acc[k][2 * k], row && 2 * tig < d.n);
         red_add_f32(out + 1, acc[k][2 * k + 1], row && 2 * tig + 1 < d.n);
       }
-    } else {
-      float old[2][2];
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int g = g0 + k;
-        const float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
-        const bool row = g < d.groups && gid < d.m;
-        old[k][0] = row && 2 * tig < d.n ? out[0] : 0.0f;
-        old[k][1] = row && 2 * tig + 1 < d.n ? out[1] : 0.0f;
-      }
-#pragma unroll
-      for (int k = 0; k < 2; ++k) {
-        const int g = g0 + k;
-        if (g < d.groups && gid < d.m) {
-          float* out = pw + ((g * d.m + gid) * d.n + 2 * tig);
-          if (2 * tig < d.n) out[0] = old[k][0] + acc[k][2 * k];
-          if (2 * tig + 1 < d.n) out[1] = old[k][1] + acc[k][2 * k + 1];
-        }
-      }
     }
   };
   // one item per iteration: unrolled by two it gains nothing, and tools/gpu_static.py reads an
-  // item's cost from these loops' bodies. With reductions: the whole items first (every item
-  // of IGCV2 with K = 8), then the rest
+  // item's cost from these loops' bodies. The whole items first (every item of IGCV2 with
+  // K = 8), then the rest
   int g0 = 2 * warp;
-  if constexpr (mma_row_reductions<Fmt>()) {
-    if (d.m == 8 && d.n == 8 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0) {
+  if (d.m == 8 && d.n == 8 && (reinterpret_cast<uintptr_t>(pw) & 7) == 0) {
 #pragma unroll 1
-      for (; g0 + 1 < d.groups; g0 += 2 * kWarps) item(g0, std::true_type{});
-    }
+    for (; g0 + 1 < d.groups; g0 += 2 * kWarps) item(g0, std::true_type{});
   }
 #pragma unroll 1
   for (; g0 < d.groups; g0 += 2 * kWarps) item(g0, std::false_type{});
@@ -605,8 +549,9 @@ inline size_t mma_backward_smem_bytes(int64_t rows, int tp, int planes = 1) {
 }
 
 // The backward kernel's launch-bounds minimum of CTAs per SM: two (at most 128 registers), but
-// one for the float32 kernel (MmaF32x3) of 64 positions, which spilled 4 bytes of the kernel's
-// state on sm_90 at 128 registers (three planes of every operand).
+// one for the float32 kernels (MmaF32x3, MmaF32x2) of 64 positions: the three-plane one
+// spilled 4 bytes of the kernel's state on sm_90 at 128 registers (three planes of every
+// operand), and the planner takes 64 positions for a float32 chain only on one CTA per SM.
 constexpr int mma_backward_min_ctas(int mt, int planes) {
   return planes > 1 && mt == 4 ? 1 : 2;
 }
