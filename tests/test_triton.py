@@ -917,6 +917,27 @@ def test_precision_follows_the_tf32_flag_and_the_opt_in(monkeypatch):
         torch.backends.cuda.matmul.allow_tf32 = prev
 
 
+@pytest.mark.skipif(not hasattr(torch.backends, "fp32_precision"),
+                    reason="torch without the fp32_precision API (before 2.9)")
+def test_tf32_follows_the_fp32_precision_api():
+    """TF32 set through torch's fp32_precision API (per backend op or globally) turns the
+    float32 dots to "tf32" as the legacy flag does (torch's legacy getter raises once that API
+    has been used: tf32_allowed reads the new one); "ieee" turns them back."""
+    matmul = torch.backends.cuda.matmul
+    prev = (torch.backends.fp32_precision, matmul.fp32_precision)
+    try:
+        matmul.fp32_precision = "tf32"
+        assert K.tf32_allowed() and K.dot_precision() == "tf32"
+        matmul.fp32_precision = "ieee"
+        assert not K.tf32_allowed() and K.dot_precision() in ("ieee", "bf16x6")
+        matmul.fp32_precision = "none"
+        torch.backends.fp32_precision = "tf32"  # inherited from the global setting
+        assert K.tf32_allowed()
+    finally:
+        torch.backends.fp32_precision, matmul.fp32_precision = prev
+    assert matmul.allow_tf32 is False and not K.tf32_allowed()  # restored
+
+
 def test_position_dims_collapse():
     """The host-side collapse of the position dims: NCHW keeps (N, HW), channels-last and
     tokens collapse to one dim, a strided view keeps its steps, size-1 dims vanish."""

@@ -28,7 +28,7 @@ memory:
   gradients it multiplies to the storage dtype where the unfused chain in that dtype rounds
   them, for one tensor-core product per block (``_layer_packed``).
   ``tl.dot`` on float32 operands uses ``input_precision="ieee"`` unless
-  ``torch.backends.cuda.matmul.allow_tf32`` is set (then ``"tf32"``) or the opt-in
+  the user allows TF32 for matmul (then ``"tf32"``; ``tf32_allowed``) or the opt-in
   ``IGC_TRITON_FP32_MMA=1`` is (then ``"bf16x6"``: three bfloat16 parts per operand, six
   tensor-core products; ``dot_precision``). The opt-in also offers float32 chains the packed
   path.
@@ -1803,15 +1803,25 @@ def fp32_mma_requested() -> bool:
     return os.environ.get(FP32_MMA_ENV, "0") == "1" and not INTERPRETED
 
 
+def tf32_allowed() -> bool:
+    """Whether the user allows TF32 for float32 matmuls on CUDA, as torch's own matmul reads it:
+    ``torch.backends.cuda.matmul.fp32_precision == "tf32"`` where torch has that API (2.9 and
+    newer; the legacy ``allow_tf32`` and ``torch.set_float32_matmul_precision`` set it too, and
+    the legacy getter raises once the new API has been used), else ``allow_tf32``."""
+    matmul = torch.backends.cuda.matmul
+    prec = getattr(matmul, "fp32_precision", None)
+    return prec == "tf32" if prec is not None else bool(matmul.allow_tf32)
+
+
 def dot_precision() -> str:
     """``input_precision`` of the kernels' float32 ``tl.dot`` s (read at every call): "tf32"
-    where the user allows TF32 for matmul (``torch.backends.cuda.matmul.allow_tf32``); else,
+    where the user allows TF32 for matmul (``tf32_allowed``); else,
     with ``IGC_TRITON_FP32_MMA=1`` in the environment (opt-in), "bf16x6": each operand as
     three bfloat16 parts that add up to it, six of the nine partial products on tensor cores
     (the scheme of the CUDA backend's opt-in ``IGC_CUDA_FP32_MMA=1``); else "ieee" (exact
     float32 products, no tensor cores). The interpreter knows only "tf32", "tf32x3" and "ieee"
     and multiplies in float32 whatever it is told: "ieee" there."""
-    if torch.backends.cuda.matmul.allow_tf32:
+    if tf32_allowed():
         return "tf32"
     return "bf16x6" if fp32_mma_requested() else "ieee"
 

@@ -35,6 +35,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <array>
 #include <climits>
@@ -195,9 +196,20 @@ bool fp32_tensor_cores_enabled() {
 
 // With them: two planes (MmaF32x2: each product's operands to about 16 significant bits, as
 // torch's "high" float32 matmul precision allows) where the user allows TF32 for matmul
-// (torch.backends.cuda.matmul.allow_tf32, or torch.set_float32_matmul_precision("high") or
-// "medium"; read at every call, as matmul reads it), else three (MmaF32x3).
-bool fp32_two_planes() { return at::globalContext().allowTF32CuBLAS(); }
+// (torch.backends.cuda.matmul.fp32_precision = "tf32", or the legacy allow_tf32 /
+// torch.set_float32_matmul_precision("high") or "medium", which set it), else three
+// (MmaF32x3). Read at every call, through the API torch's own cuBLAS matmul reads in this
+// version (since 2.10 the legacy getter raises once the new API has been used).
+bool fp32_two_planes() {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 10)
+  return at::globalContext().float32Precision(at::Float32Backend::CUDA, at::Float32Op::MATMUL) ==
+         at::Float32Precision::TF32;
+#elif TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR == 9
+  return at::globalContext().float32Precision("cuda", "matmul") == "tf32";
+#else
+  return at::globalContext().allowTF32CuBLAS();
+#endif
+}
 
 // The weights and biases of a chain as the tensor-core kernels' preparation reads them
 // (contiguous, in their own dtype; copies of non-contiguous ones are kept alive in keep).
