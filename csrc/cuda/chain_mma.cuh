@@ -154,6 +154,18 @@ __host__ __device__ __forceinline__ void mma_split(float x0, float x1, uint32_t 
     p[2] = mma_pack<MmaBf16>(r0 - mma_bf16_lo(p[1]), r1 - mma_bf16_hi(p[1]));
 }
 
+// mma_split<planes> with the plane count known only at run time (2 or 3; the per-call weight
+// packing): p[0 .. planes - 1], and p[2] = 0 with two.
+__host__ __device__ __forceinline__ void mma_split_planes(int planes, float x0, float x1,
+                                                          uint32_t (&p)[3]) {
+  if (planes == 3) return mma_split<3>(x0, x1, p);
+  uint32_t q[2];
+  mma_split<2>(x0, x1, q);
+  p[0] = q[0];
+  p[1] = q[1];
+  p[2] = 0u;
+}
+
 // The float that planes p (hi, mid, lo, or hi, lo) hold in their low (h = 0) or high (h = 1)
 // halves, the smallest plane first (exact: the planes of one value span at most 24 bits).
 template <int NP>
@@ -162,6 +174,18 @@ __host__ __device__ __forceinline__ float mma_join(const uint32_t (&p)[NP], int 
   const auto half = [h](uint32_t v) { return h ? mma_bf16_hi(v) : mma_bf16_lo(v); };
   if constexpr (NP == 3) return (half(p[2]) + half(p[1])) + half(p[0]);
   else return half(p[1]) + half(p[0]);
+}
+// f[i] = the float of pair i / 2, half i % 2, of four words of planes q[k] (a lane's 8 values of
+// a row chunk or of 4 ldmatrix fragments, every plane loaded).
+template <int NP>
+__host__ __device__ __forceinline__ void mma_join8(const uint32_t (&q)[NP][4], float (&f)[8]) {
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    uint32_t r[NP];
+#pragma unroll
+    for (int k = 0; k < NP; ++k) r[k] = q[k][i / 2];
+    f[i] = mma_join<NP>(r, i % 2);
+  }
 }
 // The same of planes p[0], p[ps], ... of a tile (16-bit elements ps apart), low halves.
 template <int NP>
@@ -517,16 +541,9 @@ __device__ __forceinline__ uint2 mma_weight_fragment(const MmaParams& mp, const 
       if (o >= d.m || kk >= d.n) return 0.0f;
       return Transposed ? wg[kk * d.m + o] : wg[o * d.n + kk];
     };
-    const auto split = [f32_planes](float a, float b, uint32_t(&p)[3]) {
-      if (f32_planes == 3) return mma_split<3>(a, b, p);
-      uint32_t q[2];
-      mma_split<2>(a, b, q);
-      p[0] = q[0];
-      p[1] = q[1];
-    };
-    uint32_t x[3] = {0u, 0u, 0u}, y[3] = {0u, 0u, 0u};
-    split(at(k), at(k + 1), x);
-    if (!ml.k8) split(at(k + 8), at(k + 9), y);
+    uint32_t x[3], y[3] = {0u, 0u, 0u};
+    mma_split_planes(f32_planes, at(k), at(k + 1), x);
+    if (!ml.k8) mma_split_planes(f32_planes, at(k + 8), at(k + 9), y);
     // (selected, not indexed at run time: that put the arrays in local memory)
     return plane == 0 ? uint2{x[0], y[0]} : plane == 1 ? uint2{x[1], y[1]} : uint2{x[2], y[2]};
   }
@@ -872,13 +889,7 @@ __device__ __forceinline__ void cl_store_wide_f32(float* __restrict__ dst,
 #pragma unroll
     for (int k = 0; k < NP; ++k) ldmatrix_trans<4>(r[k], tile + k * ps, e);
     float f[8];
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      uint32_t q[NP];
-#pragma unroll
-      for (int k = 0; k < NP; ++k) q[k] = r[k][i / 2];
-      f[i] = mma_join<NP>(q, i % 2);
-    }
+    mma_join8<NP>(r, f);
     const int t = 8 * tb + gid;
     if (t < tvalid) {
       float* dp = dst + pos_off[t] + j0 + 8 * tig;
@@ -977,20 +988,14 @@ __device__ __forceinline__ void mma_store_tile_f32_inline(
       uint32_t q[NP][4];
 #pragma unroll
       for (int k = 0; k < NP; ++k) {
-        const uint4 v = *reinterpret_cast<const uint4*>(sp + k * ps);
-        q[k][0] = v.x;
-        q[k][1] = v.y;
-        q[k][2] = v.z;
-        q[k][3] = v.w;
+        const uint4 w = *reinterpret_cast<const uint4*>(sp + k * ps);
+        q[k][0] = w.x;
+        q[k][1] = w.y;
+        q[k][2] = w.z;
+        q[k][3] = w.w;
       }
       float f[8];
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        uint32_t r[NP];
-#pragma unroll
-        for (int k = 0; k < NP; ++k) r[k] = q[k][i / 2];
-        f[i] = mma_join<NP>(r, i % 2);
-      }
+      mma_join8<NP>(q, f);
       reinterpret_cast<float4*>(dp)[0] = float4{f[0], f[1], f[2], f[3]};
       reinterpret_cast<float4*>(dp)[1] = float4{f[4], f[5], f[6], f[7]};
     }

@@ -305,14 +305,7 @@ int64_t igc_emu_prefetch_addresses(uint64_t* out) {
 void igc_emu_split(int planes, const float* x, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t p[3];
-    if (planes == 3) {
-      mma_split<3>(x[i], 0.0f, p);
-    } else {
-      uint32_t q[2];
-      mma_split<2>(x[i], 0.0f, q);
-      p[0] = q[0];
-      p[1] = q[1];
-    }
+    mma_split_planes(planes, x[i], 0.0f, p);
     for (int k = 0; k < planes; ++k) out[planes * i + k] = mma_bf16_lo(p[k]);
   }
 }
