@@ -310,6 +310,15 @@ PACK_CASES = {
     "width_32": ([64, 64, 64], [2, 2], "default", True, torch.float32, "contiguous", 2),
     "fp16_split": ([64, 64, 64, 64], [8, 8, 8], "default", True, torch.float16, "contiguous", 3),
     "bf16": ([32, 32, 32], [4, 4], "random", True, torch.bfloat16, "channels_last", 2),
+    # the chain's ends padded group by group (Layer.ns / Layer.ms): an IGCV3-like expansion
+    # (2 groups of 8 -> 24 outputs: 2 x 32 output slots, two groups per 16-input block), a
+    # reduction behind an explicit permutation (2 groups of 48 inputs: 2 x 64 input slots),
+    # and a chain padded at both ends around an in-order layer
+    "padded_expansion": ([16, 48], [2], ["interleave"], True, torch.float32, "channels_last",
+                         1),
+    "padded_reduction": ([96, 32], [2], "random", True, torch.float16, "contiguous", 1),
+    "padded_ends": ([48, 64, 64, 96], [4, 4, 2], "random", [True, False, True],
+                    torch.float32, "contiguous", 3),
 }
 
 
@@ -365,6 +374,35 @@ def test_packed_path_with_input_index(dtype, pack, monkeypatch):
     assert bwd and bwd[0]["PACK"] == pack and bwd[0]["HAS_INDEX"], metas
     assert sum(row[kb] > 0 for row in bwd[0]["LAYERS"]) == 2, bwd
     assert torch.equal(grads[0][:, 24:], torch.zeros_like(grads[0][:, 24:]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_packed_padded_ends(dtype):
+    """The packed path on tiles padded group by group at the chain's ends (``Layer.ns``: 4
+    groups of 12 input channels in 4 x 16 slots; ``Layer.ms``: 4 groups of 24 output channels
+    in 4 x 32 slots): x loaded, y stored, dy loaded and dx stored through the slots' channels,
+    the weight blocks, biases and dW / db through them too, the padding never stored. Every
+    packed configuration (tiles loaded ahead, dW held, by reductions, in SPLIT products of
+    single blocks, whose offsets count the groups' real weights) within the oracle's bound and
+    equal to PACK = 1's bit for bit."""
+    p = build_problem([48, 64, 96], [4, 4], spatial=(6, 9), N=2, layout="channels_last",
+                      dtype=dtype, permutations="random", bias=True, seed=41)
+    gy = _gy(p, seed=42)
+    ns, ms = K.LAYER_FIELDS.index("ns"), K.LAYER_FIELDS.index("ms")
+    variants = (dict(pack=1), dict(pack=2, ahead=2), dict(pack=1, red=1),
+                dict(pack=1, red=2), dict(pack=1, red=1, split=4),
+                dict(pack=1, red=1, split=2, dy_late=1, w_tile=1))
+    got = []
+    for cfg in variants:
+        with _launches() as metas:
+            y, grads = check_fp32(p, gy, **cfg)
+        fwd = [m for m in metas if "KEEP" not in m and "BLOCK_P" in m]
+        bwd = [m for m in metas if "KEEP" in m]
+        assert [(row[ns], row[ms]) for row in fwd[0]["LAYERS"]] == [(16, 16), (16, 32)], fwd
+        assert bwd and bwd[0]["PACK"] == cfg["pack"] and bwd[0]["RED"] == cfg.get("red", 0)
+        got.append([y, *grads])
+    for cfg, g in zip(variants[1:], got[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(got[0], g)), cfg
 
 
 @contextlib.contextmanager
@@ -485,6 +523,27 @@ def test_packed_path_eligibility(monkeypatch):
     assert layer(512, 512, 64).pack == (16, 16)  # IGCV2(512, 8): 512 x 16 weights
     assert layer(1024, 1024, 32).pack == (32, 32)  # 1024 x 32 = PACK_MAX_WEIGHTS
     assert layer(1024, 1024, 16).pack is None  # groups of 64: 1024 x 64 weights
+    # tiles padded group by group (Layer.ns / ms): an IGCV3 expansion 64 -> 384 in two groups
+    # on 2 x 256 output slots, its reduction on 2 x 256 input slots; the groups must be a
+    # power of two to fill the tile
+    assert layer(64, 384, 2).pack is None and layer(384, 64, 2).pack is None
+    assert K.Layer(64, 384, 2, 0, 1, 1, False, 0, -1, ms=256).pack == (32, 256)
+    assert K.Layer(384, 64, 2, 0, 1, 1, False, 0, -1, ns=256).pack == (256, 32)
+    assert K.Layer(96, 96, 3, 0, 1, 1, False, 0, -1, ns=32, ms=32).pack is None
+    # make_structure pads only the chain's ends, where that packs a layer that does not pack
+    # in order, and not behind input_index
+    def ends(c_x, channels, groups, index=False):
+        L = len(groups)
+        st = K.make_structure(c_x, channels, groups, [0] * L, [False] * L, [False] * L, index,
+                              torch.float16)
+        return [(l.ns, l.ms) for l in st.layers], st.packed_layers
+
+    assert ends(64, [64, 384], [2]) == ([(0, 256)], [0])
+    assert ends(384, [384, 64], [2]) == ([(256, 0)], [0])
+    assert ends(384, [384, 64], [2], index=True) == ([(0, 0)], [])
+    assert ends(48, [48, 64, 96], [4, 4]) == ([(16, 0), (0, 32)], [0, 1])
+    assert ends(48, [48, 96, 48], [4, 4]) == ([(0, 0), (0, 0)], [])  # 96 inside: in order
+    assert ends(64, [64, 64], [8]) == ([(0, 0)], [0])  # in order already
     st = K.make_structure(256, [256] * 4, [32] * 3, [32, 32, 0], [False] * 3, [False] * 3,
                           False, torch.bfloat16)
     fwd = K._configs(st, False)
@@ -616,11 +675,14 @@ PACKED_CONFIGS = [dict(pack=1), dict(pack=2, ahead=2), dict(pack=2, ahead=1),
 
 @st.composite
 def packed_chains(draw):
-    """1 to 3 layers over 16, 32 or 64 channels (tiles the packed path fills), each layer of 1
-    to 16 groups dividing both sides (blocks of several narrow groups, one group of 16 or
-    more, and layers whose blocks are too narrow, which stay on the FMA path)."""
+    """1 to 3 layers over 16, 32 or 64 channels (tiles the packed path fills; x and y also 24
+    or 48, whose tiles it fills group by group with padding where the groups allow), each
+    layer of 1 to 16 groups dividing both sides (blocks of several narrow groups, one group of
+    16 or more, and layers whose blocks are too narrow, which stay on the FMA path)."""
     L = draw(st.integers(1, 3))
-    channels = [draw(st.sampled_from([16, 32, 64])) for _ in range(L + 1)]
+    ends = [16, 24, 32, 48, 64]
+    channels = [draw(st.sampled_from(ends if i in (0, L) else [16, 32, 64]))
+                for i in range(L + 1)]
     groups = [draw(st.sampled_from([g for g in (1, 2, 4, 8, 16)
                                      if channels[l] % g == 0 and channels[l + 1] % g == 0]))
               for l in range(L)]

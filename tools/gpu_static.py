@@ -330,7 +330,7 @@ def analyse(structure, dtype, layout, direction, arch, config=None) -> list:
                 # needs it), each counted from L2 (no L1 hit assumed)
                 lays = meta["LAYERS"]
                 nl = len(lays)
-                blocks = [lay[f["c_in"]] * lay[f["mb"]] * _DTYPES[dtype].itemsize
+                blocks = [lay[f["s_in"]] * lay[f["mb"]] * _DTYPES[dtype].itemsize
                           if lay[f["kb"]] else 0 for lay in lays]
                 loads = [(i < nl - 1 if meta.get("KEEP") else nl - 1 - i)
                          + bool(i > 0 or meta.get("NEED_DX")) for i in range(nl)]

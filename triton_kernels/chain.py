@@ -70,7 +70,7 @@ from __future__ import annotations
 
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -171,13 +171,25 @@ def _store_tile(ptr, off, inner, pmask, s_in, s_c, chan, cmask, val):
 
 
 @triton.jit
+def _group_slots(s, NS: tl.constexpr, N: tl.constexpr):
+    """(channel, mask) of the slots ``s`` of a tile laid out group by group with padding: NS
+    slots per group, the first N of them its channels (``Layer.ns`` / ``Layer.ms``)."""
+    return (s // NS) * N + s % NS, (s % NS) < N
+
+
+@triton.jit
 def _load_input(x_ptr, off, inner, pmask, s_in, s_c, Z, idx_ptr,
-                C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr, C_X: tl.constexpr):
-    """``h_0`` in the storage dtype: ``x[:, idx[j]]`` (or ``x[:, j]``) in slot ``j``. Index
-    entries are clamped to x's ``C_X`` channels (validated before launch; the clamp keeps a
-    direct call with bad values inside x)."""
+                C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr, C_X: tl.constexpr,
+                IN_NS: tl.constexpr, N0: tl.constexpr):
+    """``h_0`` in the storage dtype: ``x[:, idx[j]]`` (or ``x[:, j]``) in slot ``j``, or,
+    ``IN_NS`` > 0 (the first layer packed on a padded tile, never behind an index), channel
+    ``(s / IN_NS) N0 + s % IN_NS`` in slot ``s`` and 0 in the padding. Index entries are clamped
+    to x's ``C_X`` channels (validated before launch; the clamp keeps a direct call with bad
+    values inside x)."""
     j = tl.arange(0, S0)
     jm = j < C0
+    if IN_NS:
+        j, jm = _group_slots(j, IN_NS, N0)
     if HAS_INDEX:
         c = tl.load(idx_ptr + j, mask=jm, other=0)
         c = tl.minimum(tl.maximum(c, 0), C_X - 1)
@@ -188,7 +200,7 @@ def _load_input(x_ptr, off, inner, pmask, s_in, s_c, Z, idx_ptr,
 
 @triton.jit
 def _out_channels(inv_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.constexpr,
-                  OUT_SG: tl.constexpr, OUT_SM: tl.constexpr):
+                  OUT_SG: tl.constexpr, OUT_SM: tl.constexpr, PACK: tl.constexpr):
     """(the channel of y that each slot of the last layer's tile goes to, through the inverse
     of the permutation after the last layer, ``inv_ptr`` where it is explicit, else None: a
     pointer handed to a call whose results address a store counts as written for
@@ -197,11 +209,16 @@ def _out_channels(inv_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.co
     ``_perm_inv``'s select the compiler no longer knew the channels contiguous, and IGCV2(256,
     8)'s channels-last y stores were 16-bit scalars. (The select stays in ``_perm_inv``:
     without it, triton 3.6.0 compiled IGCV2(256, 8)'s default bf16 backward with three times
-    the shuffles.)"""
+    the shuffles.) ``PACK`` and the last layer packed on a padded tile (``Layer.ms``): slot
+    ``s`` holds its output channel ``(s / MS) M + s % MS``, the padding none."""
     CL: tl.constexpr = LAYERS[NL - 1][1]
     SL: tl.constexpr = LAYERS[NL - 1][5]
+    M: tl.constexpr = LAYERS[NL - 1][3]
+    MS: tl.constexpr = LAYERS[NL - 1][23]
     c = tl.arange(0, SL)
     cm = c < CL
+    if PACK and LAYERS[NL - 1][17] > 0 and MS != M:
+        c, cm = _group_slots(c, MS, M)
     if OUT_PK == 0:
         chan = c
     else:
@@ -212,23 +229,25 @@ def _out_channels(inv_ptr, LAYERS: tl.constexpr, NL: tl.constexpr, OUT_PK: tl.co
 @triton.jit
 def _tile_x(t, ntiles, Z, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
             C0: tl.constexpr, S0: tl.constexpr, HAS_INDEX: tl.constexpr, C_X: tl.constexpr,
-            BLOCK_P: tl.constexpr):
+            IN_NS: tl.constexpr, N0: tl.constexpr, BLOCK_P: tl.constexpr):
     """(``h_0`` of tile ``t``, its inner positions, their mask), all masked where ``t >=
     ntiles``; ``Z``: the tile loop's opaque 0 (added to the channel offsets), or 0."""
     xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
     pm = inner < tl.where(t < ntiles, NI, 0)
-    a = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, Z, idx_ptr, C0, S0, HAS_INDEX, C_X)
+    a = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, Z, idx_ptr, C0, S0, HAS_INDEX, C_X,
+                    IN_NS, N0)
     return a, inner, pm
 
 
 @triton.jit
 def _tile_x_dy(t, ntiles, Z, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
                gs0, gs1, gs2, gsi, gsc, chan, cm, C0: tl.constexpr, S0: tl.constexpr,
-               HAS_INDEX: tl.constexpr, C_X: tl.constexpr, BLOCK_P: tl.constexpr):
+               HAS_INDEX: tl.constexpr, C_X: tl.constexpr, IN_NS: tl.constexpr,
+               N0: tl.constexpr, BLOCK_P: tl.constexpr):
     """``h_0`` and ``dy`` (output channels ``chan``) of tile ``t``, all masked where ``t >=
     ntiles``; ``Z``: the tile loop's opaque 0 (added to the channel offsets), or 0."""
     a, inner, pm = _tile_x(t, ntiles, Z, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
-                           C0, S0, HAS_INDEX, C_X, BLOCK_P)
+                           C0, S0, HAS_INDEX, C_X, IN_NS, N0, BLOCK_P)
     goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
     return a, _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + Z, cm)
 
@@ -328,16 +347,28 @@ def _packed_blocks(h, perm_ptr, C_IN: tl.constexpr, KB: tl.constexpr, PK: tl.con
 
 @triton.jit
 def _packed_weight_offsets(N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr,
-                           KB: tl.constexpr, MB: tl.constexpr, Z):
+                           KB: tl.constexpr, MB: tl.constexpr, Z, NS: tl.constexpr,
+                           MS: tl.constexpr):
     """``(o * N + kk, in-group mask)`` of the ``[C_IN / KB, KB, MB]`` block-diagonal weight
-    blocks: block b holds inputs ``b KB ..`` and outputs ``b MB ..``; ``W[o, kk]`` sits at
-    input ``g(o) N + kk``."""
+    blocks (``C_IN``: the input tile's slots): block b holds inputs ``b KB ..`` and outputs
+    ``b MB ..``; ``W[o, kk]`` sits at input ``g(o) N + kk``. On padded tiles (``NS`` slots per
+    group on the input, ``MS`` on the output; N and M where the channels are in order) output
+    slot ``o`` is channel ``g M + o % MS`` of group ``g = o / MS``, and the padding gets none."""
     NB: tl.constexpr = C_IN // KB
     b = tl.arange(0, NB)[:, None, None] + Z
-    k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
-    o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
-    kk = k - (o // M) * N
-    return o * N + kk, (kk >= 0) & (kk < N)
+    k = b * KB + tl.arange(0, KB)[None, :, None]  # input slot
+    o = b * MB + tl.arange(0, MB)[None, None, :]  # output slot
+    if NS == N and MS == M:
+        kk = k - (o // M) * N
+        off = o * N + kk
+        mask = (kk >= 0) & (kk < N)
+    else:
+        g = o // MS
+        j = o - g * MS
+        kk = k - g * NS
+        off = (g * M + j) * N + kk
+        mask = (kk >= 0) & (kk < N) & (j < M)
+    return off, mask
 
 
 @triton.jit
@@ -357,13 +388,16 @@ def _layer_packed(h, wb, HOLD: tl.constexpr, w_ptr, b_ptr, perm_ptr, Z,
                   N: tl.constexpr, M: tl.constexpr, C_IN: tl.constexpr, C_OUT: tl.constexpr,
                   KB: tl.constexpr, MB: tl.constexpr, PK: tl.constexpr, SG: tl.constexpr,
                   SM: tl.constexpr, HAS_BIAS: tl.constexpr, MODE: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_P: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_P: tl.constexpr, NS: tl.constexpr,
+                  MS: tl.constexpr):
     """The layer as tensor-core products on packed groups: the incoming permutation applied to
     the tile (a shuffle is a reshape and a transpose of the register tile, an explicit one a
     single gather), the ``[BLOCK_P, C_IN]`` tile viewed as ``C_IN / KB`` blocks of ``KB``
     channels, each multiplied by its ``[KB, MB]`` block of the block-diagonal weight (``KB / N``
     whole groups per block; ``wb`` where the program holds it, ``HOLD``, else loaded here), one
-    batched ``tl.dot``. ``C_IN`` and ``C_OUT`` fill the tile (no padding slots). MODE 1 (16-bit
+    batched ``tl.dot``. ``C_IN`` and ``C_OUT`` are the tiles' slots: the channels in order, or
+    (the chain's ends, ``NS`` / ``MS`` slots per group where they differ from N / M) group by
+    group with padding, which gets no weight (``_packed_weight_offsets``). MODE 1 (16-bit
     chains): the tile rounded to the storage dtype first (where the unfused chain rounds the
     previous layer's output), so the permutation moves 16-bit values and one product per block
     does. Returns ``[BLOCK_P, C_OUT]`` float32."""
@@ -378,16 +412,24 @@ def _layer_packed(h, wb, HOLD: tl.constexpr, w_ptr, b_ptr, perm_ptr, Z,
     NB: tl.constexpr = C_IN // KB
     hb = tl.permute(tl.reshape(h, (BLOCK_P, NB, KB)), (1, 0, 2))  # [NB, BLOCK_P, KB]
     if not HOLD:
-        b = tl.arange(0, NB)[:, None, None] + Z
-        k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
-        o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
-        g = o // M
-        kk = k - g * N
-        wb = tl.load(w_ptr + o * N + kk, mask=(kk >= 0) & (kk < N), other=0.0)  # [NB, KB, MB]
+        if NS == N and MS == M:
+            b = tl.arange(0, NB)[:, None, None] + Z
+            k = b * KB + tl.arange(0, KB)[None, :, None]  # input channel
+            o = b * MB + tl.arange(0, MB)[None, None, :]  # output channel
+            g = o // M
+            kk = k - g * N
+            wb = tl.load(w_ptr + o * N + kk, mask=(kk >= 0) & (kk < N), other=0.0)
+        else:  # padded tiles (the chain's ends only: these blocks are not used elsewhere)
+            woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, Z, NS, MS)
+            wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB]
     acc = _packed_dot(hb, wb, MODE, PREC)  # [NB, BLOCK_P, MB]
     acc = tl.reshape(tl.permute(acc, (1, 0, 2)), (BLOCK_P, C_OUT))
     if HAS_BIAS:
-        acc += tl.load(b_ptr + tl.arange(0, C_OUT)).to(tl.float32)[None, :]
+        if MS == M:
+            acc += tl.load(b_ptr + tl.arange(0, C_OUT)).to(tl.float32)[None, :]
+        else:
+            o, om = _group_slots(tl.arange(0, C_OUT), MS, M)
+            acc += tl.load(b_ptr + o, mask=om, other=0.0).to(tl.float32)[None, :]
     return acc
 
 
@@ -398,7 +440,7 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
                       PK: tl.constexpr, SG: tl.constexpr, SM: tl.constexpr,
                       NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
                       ROUND16: tl.constexpr, PREC: tl.constexpr, BLOCK_P: tl.constexpr,
-                      SPLIT: tl.constexpr):
+                      SPLIT: tl.constexpr, NS: tl.constexpr, MS: tl.constexpr):
     """Backward of ``_layer_packed`` on the same blocks: ``dW_b = h_b^T du_b`` and ``dh_b =
     du_b W_b^T``, one batched ``tl.dot`` each; then the permutation undone on the tile (a
     shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
@@ -412,7 +454,8 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     (``_dw_red_split``); 0, read, added and written back (``_rmw_add``). ROUND16
     (16-bit chains): ``du`` and ``h`` rounded to the storage dtype first, as the forward
     rounds the layer's input and the unfused chain rounds every gradient (db sums the rounded
-    ``du`` too). ``du`` is 0 in no slot (C_IN, C_OUT fill the tile). Returns ``(dh, acc)``."""
+    ``du`` too). ``C_IN`` and ``C_OUT`` are the tiles' slots (``_layer_packed``; ``du`` is 0
+    in the padding of a padded one). Returns ``(dh, acc)``."""
     NB: tl.constexpr = C_IN // KB
     DT: tl.constexpr = w_ptr.dtype.element_ty
     if ROUND16:
@@ -420,7 +463,7 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     else:
         dus = du
     dub = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
-    woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, Z)
+    woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, Z, NS, MS)
     if NEED_DW:
         if ROUND16:
             hs = h.to(DT)
@@ -429,7 +472,7 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
         if DW_MODE == 2 and SPLIT > 1:
             _dw_red_split(tl.permute(hb, (0, 2, 1)), dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16,
-                          PREC, BLOCK_P, SPLIT)
+                          PREC, BLOCK_P, SPLIT, NS, MS)
         else:
             dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)  # [NB, KB, MB]
             if DW_MODE == 1:
@@ -440,7 +483,10 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
                 _rmw_add(pw_ptr + woff, wmask, dwb)
     if NEED_DB:
         c = tl.arange(0, C_OUT)
-        _rmw_add(pb_ptr + c, c < C_OUT, tl.sum(dus.to(tl.float32), axis=0))
+        cm = c < C_OUT
+        if MS != M:
+            c, cm = _group_slots(c, MS, M)
+        _rmw_add(pb_ptr + c, cm, tl.sum(dus.to(tl.float32), axis=0))
     dh = tl.zeros((BLOCK_P, C_IN), dtype=tl.float32)
     if NEED_DH:
         if not HOLD:
@@ -467,12 +513,13 @@ def _halves(t, A: tl.constexpr, B: tl.constexpr):
 
 @triton.jit
 def _dw_red(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
-            MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr):
+            MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr,
+            NS: tl.constexpr, MS: tl.constexpr):
     """``dW_b = h_b^T du_b`` of consecutive blocks (``hbt`` ``[NB, KB, BLOCK_P]``, ``dub``
     ``[NB, BLOCK_P, MB]``) added by reductions to the row at ``pw_ptr`` (their first block's
     weights)."""
     NB: tl.constexpr = hbt.shape[0]
-    woff, wmask = _packed_weight_offsets(N, M, NB * KB, KB, MB, Z)
+    woff, wmask = _packed_weight_offsets(N, M, NB * KB, KB, MB, Z, NS, MS)
     tl.atomic_add(pw_ptr + woff, _grad_dot(hbt, dub, DT, ROUND16, PREC), mask=wmask,
                   sem="relaxed")
 
@@ -480,12 +527,15 @@ def _dw_red(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.conste
 @triton.jit
 def _dw_red_split(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
                   MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr,
-                  PREC: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr):
+                  PREC: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
+                  NS: tl.constexpr, MS: tl.constexpr):
     """``_dw_red`` in ``SPLIT`` (1, 2 or 4) products of consecutive blocks, one after the other,
     so one product's float32 output is live at a time (the whole layer's is as large as its
     weights: IGCV2(1024, 32)'s holds 128 values per thread on 8 warps). The same products and
     sums as one ``_dw_red``: the blocks are independent."""
     NB: tl.constexpr = hbt.shape[0]
+    # weights per block (KB / NS whole groups of M x N): MB * N where the tiles are in order
+    BW: tl.constexpr = (KB // NS) * M * N
     if SPLIT > 1 and NB % SPLIT == 0:
         H: tl.constexpr = NB // 2
         hlo, hhi = _halves(hbt, KB, BLOCK_P)
@@ -493,18 +543,18 @@ def _dw_red_split(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.
         if SPLIT == 4:
             hlo0, hlo1 = _halves(hlo, KB, BLOCK_P)
             dlo0, dlo1 = _halves(dlo, BLOCK_P, MB)
-            _dw_red(hlo0, dlo0, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC)
-            _dw_red(hlo1, dlo1, pw_ptr + (H // 2) * MB * N, Z, N, M, KB, MB, DT, ROUND16, PREC)
+            _dw_red(hlo0, dlo0, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hlo1, dlo1, pw_ptr + (H // 2) * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
             hhi0, hhi1 = _halves(hhi, KB, BLOCK_P)
             dhi0, dhi1 = _halves(dhi, BLOCK_P, MB)
-            _dw_red(hhi0, dhi0, pw_ptr + H * MB * N, Z, N, M, KB, MB, DT, ROUND16, PREC)
-            _dw_red(hhi1, dhi1, pw_ptr + (H + H // 2) * MB * N, Z, N, M, KB, MB, DT, ROUND16,
-                    PREC)
+            _dw_red(hhi0, dhi0, pw_ptr + H * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hhi1, dhi1, pw_ptr + (H + H // 2) * BW, Z, N, M, KB, MB, DT, ROUND16,
+                    PREC, NS, MS)
         else:
-            _dw_red(hlo, dlo, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC)
-            _dw_red(hhi, dhi, pw_ptr + H * MB * N, Z, N, M, KB, MB, DT, ROUND16, PREC)
+            _dw_red(hlo, dlo, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hhi, dhi, pw_ptr + H * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
     else:
-        _dw_red(hbt, dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC)
+        _dw_red(hbt, dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
 
 
 @triton.jit
@@ -628,7 +678,7 @@ INTERPRETED = type(_reduce_partials).__name__ == "InterpretedFunction"
 POINTER_SLOTS = 8
 LAYER_FIELDS = ("c_in", "c_out", "n", "m", "s_in", "s_out", "pk", "sg", "sm", "bias",
                 "w_slot", "w_at", "b_slot", "b_at", "p_at", "q_at", "dense_ok", "kb", "mb",
-                "np", "w_off", "b_off")
+                "np", "w_off", "b_off", "ns", "ms")
 
 
 @triton.jit
@@ -659,6 +709,8 @@ def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.conste
     DENSE_OK: tl.constexpr = LAYERS[I][16]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
+    NS: tl.constexpr = LAYERS[I][22]
+    MS: tl.constexpr = LAYERS[I][23]
     w_ptr = WP[W_SLOT] + W_AT + Z
     if BIAS:
         b_ptr = BP[B_SLOT] + B_AT + Z
@@ -676,8 +728,8 @@ def _fwd_layer(h, wb, HOLD: tl.constexpr, WP, BP, perm_ptr, Z, LAYERS: tl.conste
     NATIVE: tl.constexpr = NATIVE16 and I == 0
     if PACK and KB > 0:
         MODE: tl.constexpr = 1 if NATIVE16 else 0
-        u = _layer_packed(h, wb, HOLD, w_ptr, b_ptr, p_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG,
-                          SM, BIAS, MODE, PREC, BLOCK_P)
+        u = _layer_packed(h, wb, HOLD, w_ptr, b_ptr, p_ptr, Z, N, M, S_IN, S_OUT, KB, MB, PK, SG,
+                          SM, BIAS, MODE, PREC, BLOCK_P, NS, MS)
     elif DENSE and DENSE_OK >= DENSE:
         u = _layer_dot(h, w_ptr, b_ptr, q_ptr, N, M, C_IN, C_OUT, S_IN, S_OUT, PK, SG, SM, BIAS,
                        NATIVE, PREC)
@@ -720,6 +772,8 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, WP, per
     NP: tl.constexpr = LAYERS[I][19]
     W_OFF: tl.constexpr = LAYERS[I][20]
     B_OFF: tl.constexpr = LAYERS[I][21]
+    NS: tl.constexpr = LAYERS[I][22]
+    MS: tl.constexpr = LAYERS[I][23]
     w_ptr = WP[W_SLOT] + W_AT + Z
     if PK == 2:
         p_ptr = perm_ptr + P_AT
@@ -735,8 +789,8 @@ def _bwd_layer(g, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr, WP, per
     DB: tl.constexpr = NEED_DB if BIAS else 0
     if PACK and KB > 0:
         dh, acc = _layer_packed_bwd(g, h, acc, wb, HOLD, DW_MODE, w_ptr, p_ptr, q_ptr, prow + W_OFF,
-                                    pb_ptr, Z, N, M, C_IN, C_OUT, KB, MB, PK, SG, SM, NEED_DH,
-                                    NEED_DW, DB, NATIVE16, PREC, BLOCK_P, SPLIT)
+                                    pb_ptr, Z, N, M, S_IN, S_OUT, KB, MB, PK, SG, SM, NEED_DH,
+                                    NEED_DW, DB, NATIVE16, PREC, BLOCK_P, SPLIT, NS, MS)
     elif DENSE and DENSE_OK == 2:
         dh = _layer_dot_bwd(g, h, w_ptr, p_ptr, q_ptr, prow + W_OFF, pb_ptr, N, M, C_IN, C_OUT,
                             S_IN, S_OUT, NP, PK, SG, SM, NEED_DH, NEED_DW, DB, PREC, BLOCK_P)
@@ -753,7 +807,7 @@ def _dw_blocks(LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.constexpr,
     MB]`` float32 on the packed path where the program holds them (``DW_MODE`` 1; one product's
     output per tile is added to them, no partial-row traffic per tile), a placeholder
     elsewhere (those layers add to the row every tile)."""
-    C_IN: tl.constexpr = LAYERS[I][0]
+    C_IN: tl.constexpr = LAYERS[I][4]  # the input tile's slots
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
     if PACK and KB > 0 and NEED_DW and DW_MODE == 1:
@@ -772,7 +826,7 @@ def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr,
     them (loaded per tile, their masked loads and per-element offsets took 405 of the 1013 warp
     instructions per tile of IGCV2(256, 8)'s bf16 packed backward, 16 positions on 16 warps); a
     placeholder elsewhere."""
-    C_IN: tl.constexpr = LAYERS[I][0]
+    C_IN: tl.constexpr = LAYERS[I][4]  # the input tile's slots
     N: tl.constexpr = LAYERS[I][2]
     M: tl.constexpr = LAYERS[I][3]
     W_SLOT: tl.constexpr = LAYERS[I][10]
@@ -780,7 +834,8 @@ def _w_blocks(WP, LAYERS: tl.constexpr, I: tl.constexpr, PACK: tl.constexpr,
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
     if PACK and KB > 0 and HOLD:
-        woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
+        woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0, LAYERS[I][22],
+                                             LAYERS[I][23])
         wb = tl.load(WP[W_SLOT] + W_AT + woff, mask=wmask, other=0.0)
     else:
         wb = tl.zeros((1,), dtype=tl.float32)
@@ -792,14 +847,15 @@ def _dw_flush(acc, prow, LAYERS: tl.constexpr, I: tl.constexpr, NEED_DW: tl.cons
               PACK: tl.constexpr, DW_MODE: tl.constexpr):
     """Adds the carried dW blocks of a packed layer (``_dw_blocks``) to the program's partial
     row, once."""
-    C_IN: tl.constexpr = LAYERS[I][0]
+    C_IN: tl.constexpr = LAYERS[I][4]  # the input tile's slots
     N: tl.constexpr = LAYERS[I][2]
     M: tl.constexpr = LAYERS[I][3]
     KB: tl.constexpr = LAYERS[I][17]
     MB: tl.constexpr = LAYERS[I][18]
     W_OFF: tl.constexpr = LAYERS[I][20]
     if PACK and KB > 0 and NEED_DW and DW_MODE == 1:
-        woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0)
+        woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, 0, LAYERS[I][22],
+                                             LAYERS[I][23])
         _rmw_add(prow + W_OFF + woff, wmask, acc)
 
 
@@ -823,11 +879,15 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
     BP = (b0, b1, b2, b3, b4, b5, b6, b7)
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
+    N0: tl.constexpr = LAYERS[0][2]
+    # the first layer packed on a padded input tile (``Layer.ns``): its slots per group
+    IN_NS: tl.constexpr = LAYERS[0][22] if PACK and LAYERS[0][17] > 0 and LAYERS[0][22] != N0 \
+        else 0
     if AHEAD:
         if OUT_PK == 2:
-            chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+            chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, PACK)
         else:
-            chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+            chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, PACK)
         pid = tl.program_id(0)
         nprog = tl.num_programs(0)
         ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
@@ -841,17 +901,17 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
         for i in tl.static_range(NL):
             wts = wts + (_w_blocks(WP, LAYERS, i, PACK, HOLD),)
         a_next = _tile_x(pid, ntiles, 0, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1, xs2, xsi, xsc,
-                         C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
+                         C0, S0, HAS_INDEX, C_X, IN_NS, N0, BLOCK_P)[0]
         if AHEAD == 2:
             a_next2 = _tile_x(pid + nprog, ntiles, 0, x_ptr, idx_ptr, NI, O1, O2, xs0, xs1,
-                              xs2, xsi, xsc, C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
+                              xs2, xsi, xsc, C0, S0, HAS_INDEX, C_X, IN_NS, N0, BLOCK_P)[0]
         for t in range(pid, ntiles, nprog):
             # the backward's opaque 0 (igc_chain_bwd): the address tensors stay in the loop,
             # and the tiles keep their 16-byte vectors
             zero = (t // ntiles) * 16
             h = a_next
             a_new = _tile_x(t + AHEAD * nprog, ntiles, zero, x_ptr, idx_ptr, NI, O1, O2, xs0,
-                            xs1, xs2, xsi, xsc, C0, S0, HAS_INDEX, C_X, BLOCK_P)[0]
+                            xs1, xs2, xsi, xsc, C0, S0, HAS_INDEX, C_X, IN_NS, N0, BLOCK_P)[0]
             if AHEAD == 2:
                 a_next = a_next2
                 a_next2 = a_new
@@ -867,14 +927,15 @@ def igc_chain_fwd(x_ptr, y_ptr, idx_ptr, w0, w1, w2, w3, w4, w5, w6, w7,
         t = tl.program_id(0)
         xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
         yoff = _outer_offset(t, NI, O1, O2, ys0, ys1, ys2, BLOCK_P)
-        h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX, C_X)
+        h = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, 0, idx_ptr, C0, S0, HAS_INDEX, C_X,
+                        IN_NS, N0)
         for i in tl.static_range(NL):
             h = _fwd_layer(h, None, 0, WP, BP, perm_ptr, 0, LAYERS, i, NATIVE16, DENSE, PACK,
                            PREC, BLOCK_P)
         if OUT_PK == 2:
-            chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+            chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, PACK)
         else:
-            chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+            chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, PACK)
         _store_tile(y_ptr, yoff, inner, pm, ysi, ysc, chan, cm, h)
 
 
@@ -909,10 +970,14 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     ntiles = O0 * O1 * O2 * tl.cdiv(NI, BLOCK_P)
     C0: tl.constexpr = LAYERS[0][0]
     S0: tl.constexpr = LAYERS[0][4]
+    N0: tl.constexpr = LAYERS[0][2]
+    # the first layer packed on a padded input tile (``Layer.ns``): its slots per group
+    IN_NS: tl.constexpr = LAYERS[0][22] if PACK and LAYERS[0][17] > 0 and LAYERS[0][22] != N0 \
+        else 0
     if OUT_PK == 2:
-        chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+        chan, cm = _out_channels(perm_ptr + OUT_Q_AT, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, PACK)
     else:
-        chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM)
+        chan, cm = _out_channels(None, LAYERS, NL, OUT_PK, OUT_SG, OUT_SM, PACK)
     # packed configurations: x and dy of the program's first tile (PACK = 2: and of its
     # second), then every iteration loads those of its tile PACK tiles ahead (all masked past
     # the last tile) before it computes, so those loads are in flight meanwhile. (The FMA
@@ -925,11 +990,11 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
     if AHEAD:
         a_next, g_next = _tile_x_dy(pid, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1, O2, xs0,
                                     xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi, gsc, chan, cm, C0,
-                                    S0, HAS_INDEX, C_X, BLOCK_P)
+                                    S0, HAS_INDEX, C_X, IN_NS, N0, BLOCK_P)
     if AHEAD == 2:
         a_next2, g_next2 = _tile_x_dy(pid + nprog, ntiles, 0, x_ptr, dy_ptr, idx_ptr, NI, O1,
                                       O2, xs0, xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi, gsc,
-                                      chan, cm, C0, S0, HAS_INDEX, C_X, BLOCK_P)
+                                      chan, cm, C0, S0, HAS_INDEX, C_X, IN_NS, N0, BLOCK_P)
     # 16-bit chains' packed layers: the program holds their weight blocks and (unless RED) dW
     # blocks across its tiles (float32 chains do not: on the opt-in packed path, the "bf16x6"
     # products split what they hold into more registers, and IGCV2(256, 16)'s backward, 16
@@ -964,7 +1029,8 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             g_in = g_next
             a_new, g_new = _tile_x_dy(t + AHEAD * nprog, ntiles, zero, x_ptr, dy_ptr, idx_ptr,
                                       NI, O1, O2, xs0, xs1, xs2, xsi, xsc, gs0, gs1, gs2, gsi,
-                                      gsc, chan, cm, C0, S0, HAS_INDEX, C_X, BLOCK_P)
+                                      gsc, chan, cm, C0, S0, HAS_INDEX, C_X, IN_NS, N0,
+                                      BLOCK_P)
             if AHEAD == 2:
                 a_next = a_next2
                 g_next = g_next2
@@ -978,7 +1044,7 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
             xoff, inner, pm = _tile_offsets(t, NI, O1, O2, xs0, xs1, xs2, BLOCK_P)
             goff = _outer_offset(t, NI, O1, O2, gs0, gs1, gs2, BLOCK_P)
             a0 = _load_input(x_ptr, xoff, inner, pm, xsi, xsc, zero, idx_ptr, C0, S0,
-                             HAS_INDEX, C_X)
+                             HAS_INDEX, C_X, IN_NS, N0)
             if not DY_LATE:
                 g_in = _load_tile(dy_ptr, goff, inner, pm, gsi, gsc, chan + zero, cm)
         acts = (a0,)
@@ -1013,7 +1079,10 @@ def igc_chain_bwd(dy_ptr, x_ptr, dx_ptr, idx_ptr, ord_ptr, start_ptr, count_ptr,
                 _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cx < C_X, gx)
             else:
                 cx = tl.arange(0, S0)
-                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cx < C0, g)
+                cxm = cx < C0
+                if IN_NS:  # the padded input tile's slots to x's channels
+                    cx, cxm = _group_slots(cx, IN_NS, N0)
+                _store_tile(dx_ptr, doff, inner, pm, dsi, dsc, cx + zero, cxm, g)
     for i in tl.static_range(NL):
         _dw_flush(accs[i], prow, LAYERS, i, NEED_DW, PACK, 1 if i == HELD else DW_MODE)
 
@@ -1039,6 +1108,11 @@ class Layer:
     b_off: int  # offset of db (after all dW) or -1
     p_at: int = -1  # an explicit permutation in front: its offset in the permutation buffer
     q_at: int = -1  # and its inverse's
+    # slots per group of the packed path's input / output tile where that tile is laid out
+    # group by group with padding (``make_structure``: the chain's input and output tiles
+    # only), 0 where the tile holds the channels in order
+    ns: int = 0
+    ms: int = 0
 
     @property
     def n(self):
@@ -1067,20 +1141,32 @@ class Layer:
         return self.dense_eligible or self.s_in * self.s_out <= DENSE_MAX_FORWARD_SLOTS
 
     @property
+    def n_slots(self):
+        """Slots per group on the input tile: ``ns`` where it is padded, else N."""
+        return self.ns or self.n
+
+    @property
+    def m_slots(self):
+        """Slots per group on the output tile: ``ms`` where it is padded, else M."""
+        return self.ms or self.m
+
+    @property
     def pack(self):
-        """``(KB, MB)``: input and output channels of one block of the packed path (``KB / N``
-        whole groups: 16 inputs, or one group of N >= 16), or None when the layer cannot take
-        it: channels must fill the tile (powers of two), blocks be at least tl.dot's 16 wide,
-        and the block-diagonal weight ``C_IN x MB`` fit PACK_MAX_WEIGHTS registers' worth."""
-        n, m = self.n, self.m
-        kb = max(16, n)
-        if (self.c_in != self.s_in or self.c_out != self.s_out or kb % n or self.c_in % kb
+        """``(KB, MB)``: input and output slots of one block of the packed path (``KB / NS``
+        whole groups: 16 input slots, or one group of NS >= 16), or None when the layer cannot
+        take it: the groups' slots must fill the tile (in order: channels a power of two; group
+        by group with padding, ``ns`` / ``ms``: G groups of a power of two of slots), blocks be
+        at least tl.dot's 16 wide, and the block-diagonal weight ``S_IN x MB`` fit
+        PACK_MAX_WEIGHTS registers' worth."""
+        ns, ms, g = self.n_slots, self.m_slots, self.groups
+        kb = max(16, ns)
+        if (g * ns != self.s_in or g * ms != self.s_out or kb % ns or self.s_in % kb
                 or kb & (kb - 1)):
             return None
-        mb = kb // n * m
-        if mb < 16 or mb & (mb - 1) or self.c_in // kb * mb != self.c_out:
+        mb = kb // ns * ms
+        if mb < 16 or mb & (mb - 1) or self.s_in // kb * mb != self.s_out:
             return None
-        if self.c_in * mb > PACK_MAX_WEIGHTS:
+        if self.s_in * mb > PACK_MAX_WEIGHTS:
             return None
         return kb, mb
 
@@ -1168,12 +1254,13 @@ class Structure:
         for i, l in enumerate(self.layers):
             kb, mb = l.pack if i in packed else (0, 0)
             b_at = max(l.b_off, 0)
+            ns, ms = (l.n_slots, l.m_slots) if i in packed else (l.n, l.m)
             rows.append((l.c_in, l.c_out, l.n, l.m, l.s_in, l.s_out, l.pk, l.sg, l.sm,
                          int(l.bias), 0 if self.deep else i, l.w_off if self.deep else 0,
                          0 if self.deep else i, b_at if self.deep else 0, max(l.p_at, 0),
                          max(l.q_at, 0),
                          2 if l.dense_eligible else int(l.dense_forward_eligible), kb, mb,
-                         triton.next_power_of_2(l.n), l.w_off, b_at))
+                         triton.next_power_of_2(l.n), l.w_off, b_at, ns, ms))
         return {"LAYERS": tuple(rows), "NL": self.num_layers, "C_X": self.c_x,
                 "S_X": slots(self.c_x), "HAS_INDEX": int(self.has_index),
                 "NATIVE16": int(self.native16), "OUT_PK": self.out_pk, "OUT_SG": self.out_sg,
@@ -1220,6 +1307,7 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
                             p_at[l - 1] if l > 0 else -1, q_at(l - 1) if l > 0 else -1))
         w_off += c_out * (c_in // g)
         b_off += c_out if bias_present[l] else 0
+    layers = _padded_ends(layers, has_index)
     opk, osg, osm = kind(L - 1)
     # 16-bit storage: layer 1's dense dot runs on the storage values (exact products). Not for
     # bfloat16 under the interpreter, which has no bfloat16 arithmetic (numpy has no bfloat16).
@@ -1228,6 +1316,28 @@ def make_structure(c_x, channels, groups, shuffles, perm_present, bias_present, 
     prec = dot_precision() if f32 else "ieee"
     return Structure(tuple(layers), int(c_x), bool(has_index), opk, osg, osm, native16,
                      q_at(L - 1), prec, f32 and (prec == "ieee" or fp32_mma_requested()))
+
+
+def _padded_ends(layers: list, has_index: bool) -> list:
+    """The layers with the chain's input and output tiles laid out group by group with padding
+    where that lets the first / last layer take the packed path and the channels in order do
+    not: each of the G groups (a power of two) gets the next power of two of its channels in
+    slots (an IGCV3 expansion 64 -> 384 in two groups: 2 x 256 output slots, 64 of each group's
+    padding), and its tile has the slots it has in order. Only at the chain's ends, where the
+    tile is loaded from x (not behind ``input_index``) or stored to y: the loads and stores map
+    every slot to its channel, and no permutation between layers has to move padded tiles."""
+    out = list(layers)
+    for i in sorted({0, len(out) - 1}):
+        l = out[i]
+        if l.pack:
+            continue
+        pad_in = i == 0 and not has_index
+        ns = triton.next_power_of_2(l.n) if pad_in else 0
+        ms = triton.next_power_of_2(l.m) if i == len(out) - 1 else 0
+        padded = replace(l, ns=ns if ns != l.n else 0, ms=ms if ms != l.m else 0)
+        if padded != l and padded.pack:
+            out[i] = padded
+    return tuple(out)
 
 
 def pointer_args(st: Structure, weights, biases, perm_buffer) -> list:
