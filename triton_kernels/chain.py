@@ -86,7 +86,9 @@ DENSE_MAX_SLOTS = 128
 # 512), where the FMA path gathers every input of a group across a tile of 512 slots: sm_90,
 # bf16, 16 positions on 4 warps, H200, NCHW, predicted 54% (expansion) and 39% (reduction)
 # of copy bandwidth against 11% and 2% (tools/gpu_static.py, tools/perf_model.py). Not the
-# backward's: its folded dW of that size spills (6 to 25 KB) in every configuration.
+# backward's: its folded dW of that size spills (6 to 25 KB) in every configuration. (The
+# packed path on tiles padded group by group, ``_padded_ends``, now takes those layers first in
+# 16-bit chains, both directions.)
 DENSE_MAX_FORWARD_SLOTS = 32768
 # Largest block-diagonal weight (C_IN x MB values) of the packed path: 32768 is IGCV2(1024,
 # 32)'s (1024 x 32), whose bf16 forward compiles without spills for sm_90 with both Tritons at
@@ -1524,9 +1526,10 @@ FIXED_FP32_SMALL_CHANNELS = 128
 FIXED_FP32_DEFAULT = LaunchConfig(dense=0)
 FIXED_FP32_BACKWARD = (LaunchConfig(block_p=32, num_warps=4, dense=0),)
 # Forwards whose dot path takes a layer beyond DENSE_MAX_SLOTS (DENSE_MAX_FORWARD_SLOTS) where
-# the default takes the dot path: 32 positions on 4 warps first (the IGCV3 layers in bf16,
-# predicted 96% and 58% against 54% and 39% on the default's 16 positions: the folded weight's
-# loads and layout conversions are shared by twice the positions)
+# the default takes the dot path: 32 positions on 4 warps first (the IGCV3 layers in bf16 before
+# the padded tiles packed them, predicted 96% and 58% against 54% and 39% on the default's 16
+# positions: the folded weight's loads and layout conversions are shared by twice the
+# positions)
 FIXED_WIDE_DOT_FORWARD = (LaunchConfig(block_p=32, num_warps=4, dense=1),)
 FIXED_PACKED_FORWARD = (LaunchConfig(block_p=16, num_warps=4, dense=0, pack=1),
                         LaunchConfig(block_p=16, num_warps=8, dense=0, pack=1, ahead=2),
