@@ -73,10 +73,10 @@ def _check_compiles_and_fits(rows, unpacked=()):
             assert key not in fixed, key
             fixed[key] = r
     assert len(fixed) == 3 * 2 * 2 * 2
-    for (structure, dtype, _, direction), r in fixed.items():
+    for key, r in fixed.items():
+        structure, dtype, _, direction = key
         igcv3_forward = structure.startswith("igcv3") and direction == "forward"
-        packed = ((dtype == "bfloat16" or igcv3_forward)
-                  and (structure, dtype, _, direction) not in unpacked)
+        packed = (dtype == "bfloat16" or igcv3_forward) and key not in unpacked
         assert bool(r["config"].get("PACK")) == packed, r
         assert r["is_default"] != packed, r
         assert not packed or r["spill_bytes"] == 0, r
