@@ -22,6 +22,8 @@ deps:
 	@$(PY) -c "import setuptools.command.bdist_wheel" 2>/dev/null || $(PY) -c "import wheel" 2>/dev/null || \
 		$(PY) -m pip install wheel
 	@$(PY) -c "import pytest, hypothesis" 2>/dev/null || $(PY) -m pip install pytest hypothesis
+	@$(PY) -c "import xdist" 2>/dev/null || $(PY) -m pip install -q pytest-xdist || \
+		echo "pytest-xdist could not be installed: make test will run the tests in one process"
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install triton || \
 		echo "triton could not be installed: the 'triton' backend will be unavailable"
 	@$(PY) -c "import matplotlib, tqdm" 2>/dev/null || $(PY) -m pip install -q $(PLOT_PINS) || \
@@ -41,10 +43,16 @@ install: deps
 	@$(MAKE) --no-print-directory $(STAMP)
 
 # Two steps: the fast suite (what a developer runs: pytest -m "not slow"), then the slow groups
-# (nvcc compile + CUDA emulation, multi-process DDP, the end-to-end benchmark smoke run).
+# (nvcc compile + CUDA emulation, multi-process DDP, the end-to-end benchmark smoke run). With
+# pytest-xdist, the slow step runs in TEST_JOBS processes (tests sharing a module fixture on
+# one, marked xdist_group): its compilers run one process each, so two workers use both cores
+# of a 2-core machine. The fast step stays in one process: torch's threads already use the
+# cores there (on 2 cores, two workers took 7.5 minutes against 5 for one).
+TEST_JOBS ?= 2
+XDIST = $$($(PY) -c "import xdist" 2>/dev/null && echo "-n $(TEST_JOBS) --dist loadgroup")
 test: install
 	$(PY) -m pytest tests -q -m "not slow"
-	$(PY) -m pytest tests -q -m slow
+	$(PY) -m pytest tests -q -m slow $(XDIST)
 
 bench: install
 	$(PY) benchmarks/bench.py

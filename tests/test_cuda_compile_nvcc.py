@@ -37,8 +37,10 @@ from igc_kernels._chain import empty_like_layout
 from igc_test_utils import (RoundTo, assert_within_rounding, expanded_like, make_tensor,
                             two_x_failure)
 
-# Slow (compilers, subprocesses): run as its own step of `make test` (-m slow).
-pytestmark = pytest.mark.slow
+# Slow (compilers, subprocesses): run as its own step of `make test` (-m slow). With
+# pytest-xdist (`make test` uses it where installed) the whole module runs on one worker,
+# with test_gpu_static.py's CUDA reports: one nvcc compile of each arch serves them all.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("nvcc")]
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA_DIR = ROOT / "csrc" / "cuda"

@@ -51,6 +51,8 @@ def _subset_report(path, pythonpath=None):
     return json.loads(path.read_text())
 
 
+# The tests sharing a module fixture (``report``; ``cuda_report``, with the nvcc tests' compile)
+# carry one xdist group: under pytest-xdist (`make test`) one worker builds it, once.
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     pytest.importorskip("triton")
@@ -92,6 +94,7 @@ def _check_compiles_and_fits(rows, unpacked=()):
         assert sum(r["sass"].values()) > 0, what
 
 
+@pytest.mark.xdist_group("sm90-report")
 def test_every_launched_kernel_compiles_for_sm90_and_fits(report):
     _check_compiles_and_fits(report)
 
@@ -232,6 +235,7 @@ def test_torch_compile_sees_what_the_kernels_write(packed):
     assert writes == fwd + bwd, writes
 
 
+@pytest.mark.xdist_group("sm90-report")
 def test_launched_forward_configuration_does_not_spill(report):
     """The forward each chain of the subset launches (the fixed path's) does not spill; the
     default itself may (the IGCV3 layers' float32 one: its dot path takes them, and the fixed
@@ -707,6 +711,7 @@ def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():
     assert out.stdout.split("\n")[:2] == ["246784 0 OutOfResources", "197632 1 loads"], out.stdout
 
 
+@pytest.mark.xdist_group("sm90-report")
 def test_dynamic_fma_count_equals_the_chains_multiply_adds(report):
     """The performance model's dynamic instruction count (tools/perf_model.py: each SASS
     instruction weighted by its loops' trip counts) on a real cubin: IGCV2(256, 8)'s forward
@@ -758,6 +763,7 @@ def fp32_cuda_report(cuda_report):
                                     if r.get("dtype") == "float32" and r["structure"] in keep]}
 
 
+@pytest.mark.xdist_group("nvcc")
 def test_cuda_core_float32_forward_model_counts_the_multiply_adds(fp32_cuda_report):
     """The static model of the CUDA-core float32 forward (``--cuda``: the SASS of its layer
     items and tile loops times the chain's items and vectors): per position one warp FFMA per
@@ -792,6 +798,7 @@ def test_cuda_core_float32_forward_model_counts_the_multiply_adds(fp32_cuda_repo
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
 
 
+@pytest.mark.xdist_group("nvcc")
 def test_cuda_core_float32_backward_model_counts_the_multiply_adds(fp32_cuda_report):
     """The static model of the CUDA-core float32 backward (the SASS of the functions the
     kernel calls, found by nvdisasm's labels, and of its weight-gradient blocks): per position
@@ -844,6 +851,7 @@ def _assert_labelled_predictions(report, rows):
         assert 0 < p["predicted_fraction_of_copy"] <= 1.0, p
 
 
+@pytest.mark.xdist_group("nvcc")
 def test_float32_tensor_core_forward_model_counts_six_products(fp32_cuda_report):
     """The opt-in float32 tensor-core forwards (MmaF32x3, three bfloat16 planes, and MmaF32x2,
     two) in the same report: per position six (two planes: three) times the padded products
@@ -913,6 +921,7 @@ def _backward_tile_rows(spec, reload):
     return sum(-(-c // 4) * 4 for c in x_dy + chans[1:-1])
 
 
+@pytest.mark.xdist_group("nvcc")
 def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
     """The opt-in float32 tensor-core backwards (MmaF32x3, and MmaF32x2 with two planes) in the
     same report: per position six (two planes: three) times the padded products of the 16-bit
@@ -965,6 +974,7 @@ def test_float32_tensor_core_backward_model_counts_six_products(cuda_report):
     _assert_labelled_predictions(cuda_report, rows)
 
 
+@pytest.mark.xdist_group("nvcc")
 def test_cuda_tensor_core_forward_model_counts_the_padded_products(cuda_report):
     """The static model of the CUDA tensor-core forward and backward (``--cuda``: nvcc for
     sm_90, the kernels' SASS loop bodies times the chain's items and k-steps): per position it

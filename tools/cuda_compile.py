@@ -66,10 +66,11 @@ def compile_instantiations(archs, out_dir: str, nvcc: str | None = None) -> dict
         if key is not None:  # the log last: its presence marks a complete entry
             hit = os.path.join(cache, key)
             os.makedirs(cache, exist_ok=True)
-            shutil.copyfile(out, hit + ".cubin.tmp")
-            os.replace(hit + ".cubin.tmp", hit + ".cubin")
-            with open(hit + ".log.tmp", "w") as f:
+            tmp = f"{hit}.{os.getpid()}.tmp"  # processes sharing the cache write their own
+            shutil.copyfile(out, tmp)
+            os.replace(tmp, hit + ".cubin")
+            with open(tmp, "w") as f:
                 f.write(log)
-            os.replace(hit + ".log.tmp", hit + ".log")
+            os.replace(tmp, hit + ".log")
         result[arch] = (out, cmd, log)
     return result
