@@ -83,7 +83,8 @@
 #                per call (enqueue) against wall time, and torch.profiler's table of the launches
 #
 # The test steps run on $PYTEST_WORKERS pytest-xdist workers (default 8 where xdist is installed,
-# 0: none): most of their time is Triton's and nvcc's compilation, on one core per process.
+# 0: none; --dist loadgroup, as make test's slow step): most of their time is Triton's and nvcc's
+# compilation, on one core per process.
 #
 # After a failed build, the steps that need the CUDA extension (test-cuda, sanitize, race, bench*,
 # wide-off, prefetch-off, items4, ctas2, fp32mma, sweep, timeline) are skipped. Logs and JSON go
@@ -107,7 +108,7 @@ STAGED_FP32=256:32:2,512:8:3,512:16:3,512:32:2,1024:32:2
 STAGED_BF16=1024:8:4,1024:4:5
 workers=()
 if "$PY" -c "import xdist" 2>/dev/null && [ "${PYTEST_WORKERS:-8}" != 0 ]; then
-  workers=(-n "${PYTEST_WORKERS:-8}")
+  workers=(-n "${PYTEST_WORKERS:-8}" --dist loadgroup)  # xdist_group: shared fixtures built once
 fi
 limit=0  # seconds of the step being run (0: none)
 last_rc=0
