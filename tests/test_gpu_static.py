@@ -59,13 +59,14 @@ def report(tmp_path_factory):
     return _subset_report(tmp_path_factory.mktemp("static") / "report.json")["rows"]
 
 
-def _check_compiles_and_fits(rows, unpacked=()):
+def _check_compiles_and_fits(rows, unpacked=(), fp32_split=True):
     # structures x dtypes x layouts x (fwd, bwd, reduce) of the default configuration, and the
     # fixed path's configuration where it is not the default: packed in bf16 (IGCV2(256, 8),
-    # and the IGCV3 layers on tiles padded group by group) and the IGCV3 layers' float32
-    # forward (their groups are 32 and 192 wide); the IGCV3 layers' float32 backward is the
-    # default, the FMA path (every packed build of it spills), and so are the bf16 ones of
-    # ``unpacked`` ((structure, dtype, layout, direction))
+    # and the IGCV3 layers on tiles padded group by group), the IGCV3 layers' float32 forward
+    # (their groups are 32 and 192 wide) and, ``fp32_split``, their float32 backward (dW by
+    # reductions in two products, FIXED_SPLIT_PADDED_FP32; else the default, the FMA path: every
+    # packed build of it spills); the bf16 ones of ``unpacked`` ((structure, dtype, layout,
+    # direction)) are the default too
     default = [r for r in rows if r["is_default"]]
     assert len(default) == 3 * 2 * 2 * 3
     fixed = {}
@@ -77,14 +78,19 @@ def _check_compiles_and_fits(rows, unpacked=()):
     assert len(fixed) == 3 * 2 * 2 * 2
     for key, r in fixed.items():
         structure, dtype, _, direction = key
-        igcv3_forward = structure.startswith("igcv3") and direction == "forward"
-        packed = (dtype == "bfloat16" or igcv3_forward) and key not in unpacked
+        igcv3 = structure.startswith("igcv3")
+        fp32_packed = igcv3 and (direction == "forward" or fp32_split)
+        packed = (dtype == "bfloat16" or fp32_packed) and key not in unpacked
         assert bool(r["config"].get("PACK")) == packed, r
         assert r["is_default"] != packed, r
         assert not packed or r["spill_bytes"] == 0, r
+        if igcv3 and dtype == "float32" and direction == "backward" and packed:
+            assert (r["config"]["RED"], r["config"]["SPLIT"], r["num_warps"]) == (1, 2, 8), r
     # per layout: IGCV2(256, 8)'s packed forward, backward and reduction; the IGCV3 layers'
-    # packed forwards (bf16, float32), and their bf16 backwards and reductions
-    assert len(rows) == len(default) + 2 * 3 + 2 * 2 * 2 + 2 * 2 * 2 - 2 * len(unpacked)
+    # packed forwards (bf16, float32), and their bf16 (and, fp32_split, float32) backwards and
+    # reductions
+    assert len(rows) == (len(default) + 2 * 3 + 2 * 2 * 2 + 2 * 2 * 2 * (2 if fp32_split else 1)
+                         - 2 * len(unpacked))
     for r in rows:
         what = f"{r['structure']} {r['dtype']} {r['layout']} {r['direction']} {r['kernel']}"
         assert r["compiled"], f"{what}: {r['error']}"
@@ -111,9 +117,11 @@ def test_every_launched_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
     rep = _subset_report(tmp_path / "report36.json", pythonpath=TRITON_ALT)
     assert rep["triton"] == "3.6.0"
     # the IGCV3 reduction's channels-last bf16 backward: every packed candidate of the fixed
-    # path spills with this Triton (32 to 3920 bytes), so it runs the FMA path
+    # path spills with this Triton (32 to 3920 bytes), so it runs the FMA path; so do the IGCV3
+    # layers' float32 backwards (their two-product build spills 208 to 1784 bytes)
     _check_compiles_and_fits(rep["rows"], unpacked=[("igcv3-reduce(64,6,2)", "bfloat16",
-                                                     "channels_last", "backward")])
+                                                     "channels_last", "backward")],
+                             fp32_split=False)
 
 
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
@@ -685,6 +693,33 @@ def test_igcv3_layers_on_the_packed_path(alt):
             head = r["compiled"][0]["config"]
             assert (head["BLOCK_P"], head["num_warps"], head["DENSE"], head["PACK"]) == first
             assert len(r["compiled"]) == 1 or (alt and direction == "backward"), r
+
+
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_igcv3_float32_backward_adds_dw_in_two_products(alt):
+    """The IGCV3 layers' float32 backward: every packed build but one spills (their dW blocks
+    are 2 x 32 x 256 float32 slots), so the fixed path tries first dW by reductions in two
+    products on 8 warps (FIXED_SPLIT_PADDED_FP32). With the CI's Triton it fits (sm_90) and
+    launches, predicted at 12% and 24% of copy bandwidth against the FMA path's 3% and 4%;
+    triton 3.6.0 spills it (208 to 1784 bytes) and every other packed build, and launches
+    the FMA path (16 positions on 4 warps), as before."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    for structure in ("igcv3-expand(64,6,2)", "igcv3-reduce(64,6,2)"):
+        r = _refusals(TRITON_ALT if alt else None, structure, "float32", "backward")["backward"]
+        assert not r["refused"], r
+        head = r["compiled"][0]["config"]
+        assert (head["BLOCK_P"], head["num_warps"], head["PACK"], head["RED"],
+                head["SPLIT"]) == (16, 8, 1, 1, 2), r
+        cfg = r["compiled"][-1]["config"]
+        assert r["launches"] == cfg and r["compiled"][-1]["spill_bytes"] == 0, r
+        if alt:
+            assert r["compiled"][0]["spill_bytes"] > 0 and cfg["PACK"] == 0, r
+            assert all(c["spill_bytes"] > 0 for c in r["compiled"][:-1]), r
+        else:
+            assert len(r["compiled"]) == 1, r
 
 
 def test_a_build_larger_than_the_sm_is_skipped_as_on_a_gpu():

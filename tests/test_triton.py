@@ -391,7 +391,7 @@ def test_packed_padded_ends(dtype):
     ns, ms = K.LAYER_FIELDS.index("ns"), K.LAYER_FIELDS.index("ms")
     variants = (dict(pack=1), dict(pack=2, ahead=2), dict(pack=1, red=1),
                 dict(pack=1, red=2), dict(pack=1, red=1, split=4),
-                dict(pack=1, red=1, split=2, dy_late=1, w_tile=1))
+                dict(pack=1, red=1, split=2), dict(pack=1, red=1, split=2, dy_late=1, w_tile=1))
     got = []
     for cfg in variants:
         with _launches() as metas:

@@ -1456,6 +1456,11 @@ PACKED_RED_HELD = ((2, 16, 8), (1, 16, 16))
 PACKED_SPLIT = tuple((sp, 16, 8, late, wt) for wt in (0, 1) for sp, late in ((2, 0), (4, 0),
                                                                            (2, 1)))
 SPLIT_CHANNELS = 1024
+# and the one offered to float32 chains with a packed layer on a tile padded group by group
+# (``_padded_packed``; SPLIT, BLOCK_P, num_warps): the IGCV3 layers, whose float32 dW blocks
+# (2 x 32 x 256 slots) spill every other packed build (sm_90, CI Triton: 254 and 241 registers
+# without spills, predicted 12% and 24% of copy bandwidth against the FMA path's 3% and 4%)
+PACKED_SPLIT_PADDED_FP32 = ((2, 16, 8),)
 MIN_DOT_ROWS = 16  # tl.dot's smallest M: smaller tiles take the FMA path
 # Rough register budget per thread for the tiles a program holds (the compiler needs the rest);
 # configurations above 4x this are pruned, not tried: they spill to local memory.
@@ -1508,7 +1513,11 @@ _OVERRIDE = threading.local()
 # try these first only where every packed layer's groups are at least 16 wide (no block holds
 # another group's zeros) or a tile has FIXED_FP32_PACKED_CHANNELS channels or more (the FMA
 # path's register tiles and shuffles grow with the channels); IGCV2(256, 8), whose blocks are
-# half zeros, keeps the default (predicted 86% on the FMA path, 49% packed).
+# half zeros, keeps the default (predicted 86% on the FMA path, 49% packed). Where a packed
+# layer's tile is padded group by group (the IGCV3 layers), the backward first tries dW by
+# reductions in two products on 8 warps (FIXED_SPLIT_PADDED_FP32, PACKED_SPLIT_PADDED_FP32);
+# triton 3.6.0 spills it (208 to 1784 bytes), as every other packed build, and takes the FMA
+# path.
 # Float32 chains with exact products ("ieee") of at most FIXED_FP32_SMALL_CHANNELS channels per
 # tile: the default's dot path multiplies every zero of the block-diagonal weight on the CUDA
 # cores (G_l times the FMAs; sm_90, CI Triton, H200, NCHW: IGCV2(64, 4)'s forward predicted at
@@ -1544,6 +1553,8 @@ FIXED_PACKED_BACKWARD = (LaunchConfig(block_p=16, num_warps=8, dense=0, pack=2),
 FIXED_SPLIT_BACKWARD = tuple(LaunchConfig(block_p=bp, num_warps=w, dense=0, pack=1, red=1,
                                           split=sp, dy_late=late, w_tile=wt)
                              for sp, bp, w, late, wt in PACKED_SPLIT)
+FIXED_SPLIT_PADDED_FP32 = tuple(LaunchConfig(block_p=bp, num_warps=w, dense=0, pack=1, red=1,
+                                             split=sp) for sp, bp, w in PACKED_SPLIT_PADDED_FP32)
 
 
 def autotune_enabled() -> bool:
@@ -1657,7 +1668,8 @@ def _configs(st: Structure, backward: bool) -> list:
     which load two tiles ahead, ``PACKED_RED`` backward ones with RED = 1 and, for 16-bit
     chains whose last layer and another are packed, ``PACKED_RED_HELD`` ones with RED = 2
     (the last layer's dW held), for 16-bit chains where a tile has SPLIT_CHANNELS channels or
-    more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4, DY_LATE and W_TILE, and the forward
+    more ``PACKED_SPLIT`` ones with RED = 1, SPLIT 2 or 4, DY_LATE and W_TILE, for float32
+    chains with a packed layer on a padded tile ``PACKED_SPLIT_PADDED_FP32``, and the forward
     persistent ones with AHEAD 1 and 2) are only varied where the structure has such layers;
     otherwise they are 0."""
     dense = bool(st.dot_layers(backward))
@@ -1688,6 +1700,8 @@ def _configs(st: Structure, backward: bool) -> list:
         if st.native16 and _widest(st) >= SPLIT_CHANNELS:
             out += [bwd(bp, w, 1, red=1, split=sp, late=late, wt=wt)
                     for sp, bp, w, late, wt in PACKED_SPLIT]
+        if not st.native16 and _padded_packed(st):
+            out += [bwd(bp, w, 1, red=1, split=sp) for sp, bp, w in PACKED_SPLIT_PADDED_FP32]
     if pack and not backward:  # persistent, loading one or two tiles ahead
         out += [fwd(bp, w, 1, ahead) for bp, w in PACKED_AHEAD2 for ahead in (1, 2)]
     return out
@@ -1771,6 +1785,12 @@ def _widest(st: Structure) -> int:
     return max([st.c_x] + [l.c_out for l in st.layers])
 
 
+def _padded_packed(st: Structure) -> bool:
+    """Whether a packed layer of ``st`` has a tile laid out group by group with padding
+    (``Layer.ns`` / ``Layer.ms``)."""
+    return any(st.layers[i].ns or st.layers[i].ms for i in st.packed_layers)
+
+
 def _packed_first(st: Structure) -> bool:
     """Whether the fixed path tries FIXED_PACKED_* before the default: chains with packed
     layers, in 16-bit; in float32 where no packed block is padded (every packed layer's groups
@@ -1804,7 +1824,8 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     (16-bit; float32 as ``_packed_first`` says), those of FIXED_PACKED_FORWARD /
     FIXED_PACKED_BACKWARD that the autotuner offers for ``st`` (the forward's persistent one
     first where a tile has FIXED_PERSISTENT_CHANNELS channels or more, the backward's
-    FIXED_SPLIT_BACKWARD first where it has SPLIT_CHANNELS or more); then the default
+    FIXED_SPLIT_BACKWARD first where it has SPLIT_CHANNELS or more, and in float32 with a
+    packed layer on a padded tile FIXED_SPLIT_PADDED_FP32 first); then the default
     configuration (``fixed_default``; before it, in the backward of float32 chains whose
     default is FIXED_FP32_DEFAULT and whose tiles have at most FIXED_FP32_SMALL_CHANNELS
     channels, FIXED_FP32_BACKWARD, and in the forward of chains whose default takes the dot
@@ -1826,6 +1847,8 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
             first = sorted(first, key=lambda c: not c.ahead)  # the persistent ones first
         if backward and _widest(st) >= SPLIT_CHANNELS:
             first = FIXED_SPLIT_BACKWARD + first
+        if backward and not st.native16 and _padded_packed(st):
+            first = FIXED_SPLIT_PADDED_FP32 + first
         out = [c for c in first if c in tuned]
     default = fixed_default(st, backward)
     if (not backward and not accept_spills and default.dense
