@@ -458,7 +458,10 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     the recomputed forward's A operand; ``du_b^T``: one copy for both products; ``W_b``: the
     forward's held blocks). As ``h_b^T du_b`` and ``du_b W_b^T`` they took two more tile
     copies per layer, and IGCV2(256, 8)'s bf16 backward moved 22% more bytes through shared
-    memory. Then the permutation undone on the tile (a
+    memory. Not with ``SPLIT``: its dW products take halves of the blocks, new values with
+    copies of their own either way, and transposed, IGCV2(1024, 32)'s ``SPLIT`` = 4 build
+    went from 248 registers to 255 and spilled 16 bytes. Then the permutation undone on the
+    tile (a
     shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
     chains): the program holds the layer's weight blocks ``wb`` across its tiles
     (``_w_blocks``), else they are loaded here. ``DW_MODE``: where ``dW_b`` goes: 1, added to
@@ -478,7 +481,10 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
         dus = du.to(DT)
     else:
         dus = du
-    dubt = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 2, 0))  # [NB, MB, BLOCK_P]
+    if SPLIT > 1:  # (the products as written above, see the docstring)
+        dub = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
+    else:
+        dubt = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 2, 0))  # [NB, MB, BLOCK_P]
     woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, Z, NS, MS)
     if NEED_DW:
         if ROUND16:
@@ -487,8 +493,8 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
             hs = h.to(tl.float32)
         hb = _packed_blocks(hs, perm_ptr, C_IN, KB, PK, SG, SM, BLOCK_P)
         if DW_MODE == 2 and SPLIT > 1:
-            _dw_red_split(dubt, hb, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, BLOCK_P, SPLIT,
-                          NS, MS)
+            _dw_red_split(tl.permute(hb, (0, 2, 1)), dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16,
+                          PREC, BLOCK_P, SPLIT, NS, MS)
         else:
             dwb = _grad_dot_t(dubt, hb, DT, ROUND16, PREC)  # [NB, KB, MB]
             if DW_MODE == 1:
@@ -507,11 +513,16 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     if NEED_DH:
         if not HOLD:
             wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
-        if ROUND16:
-            dht = tl.dot(wb, dubt, out_dtype=tl.float32)  # [NB, KB, BLOCK_P]
+        if SPLIT > 1:
+            dhb = _packed_dot(dub, tl.permute(wb, (0, 2, 1)), 1 if ROUND16 else 0, PREC)
+            dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
         else:
-            dht = tl.dot(wb.to(tl.float32), dubt, input_precision=PREC, out_dtype=tl.float32)
-        dh = tl.reshape(tl.permute(dht, (2, 0, 1)), (BLOCK_P, C_IN))  # d(permuted input)
+            if ROUND16:
+                dht = tl.dot(wb, dubt, out_dtype=tl.float32)  # [NB, KB, BLOCK_P]
+            else:
+                dht = tl.dot(wb.to(tl.float32), dubt, input_precision=PREC,
+                             out_dtype=tl.float32)
+            dh = tl.reshape(tl.permute(dht, (2, 0, 1)), (BLOCK_P, C_IN))
         if PK == 1:  # undo the shuffle: the forward's reshape / transpose inverted
             dh = tl.reshape(tl.permute(tl.reshape(dh, (BLOCK_P, SM, SG)), (0, 2, 1)),
                             (BLOCK_P, C_IN))
@@ -531,20 +542,20 @@ def _halves(t, A: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
-def _dw_red(dubt, hb, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
+def _dw_red(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
             MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr, PREC: tl.constexpr,
             NS: tl.constexpr, MS: tl.constexpr):
-    """``dW_b = h_b^T du_b`` of consecutive blocks (``dubt`` ``[NB, MB, BLOCK_P]``, ``hb``
-    ``[NB, BLOCK_P, KB]``, ``_grad_dot_t``) added by reductions to the row at ``pw_ptr`` (their
-    first block's weights)."""
-    NB: tl.constexpr = hb.shape[0]
+    """``dW_b = h_b^T du_b`` of consecutive blocks (``hbt`` ``[NB, KB, BLOCK_P]``, ``dub``
+    ``[NB, BLOCK_P, MB]``) added by reductions to the row at ``pw_ptr`` (their first block's
+    weights)."""
+    NB: tl.constexpr = hbt.shape[0]
     woff, wmask = _packed_weight_offsets(N, M, NB * KB, KB, MB, Z, NS, MS)
-    tl.atomic_add(pw_ptr + woff, _grad_dot_t(dubt, hb, DT, ROUND16, PREC), mask=wmask,
+    tl.atomic_add(pw_ptr + woff, _grad_dot(hbt, dub, DT, ROUND16, PREC), mask=wmask,
                   sem="relaxed")
 
 
 @triton.jit
-def _dw_red_split(dubt, hb, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
+def _dw_red_split(hbt, dub, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.constexpr,
                   MB: tl.constexpr, DT: tl.constexpr, ROUND16: tl.constexpr,
                   PREC: tl.constexpr, BLOCK_P: tl.constexpr, SPLIT: tl.constexpr,
                   NS: tl.constexpr, MS: tl.constexpr):
@@ -552,28 +563,28 @@ def _dw_red_split(dubt, hb, pw_ptr, Z, N: tl.constexpr, M: tl.constexpr, KB: tl.
     so one product's float32 output is live at a time (the whole layer's is as large as its
     weights: IGCV2(1024, 32)'s holds 128 values per thread on 8 warps). The same products and
     sums as one ``_dw_red``: the blocks are independent."""
-    NB: tl.constexpr = hb.shape[0]
+    NB: tl.constexpr = hbt.shape[0]
     # weights per block (KB / NS whole groups of M x N): MB * N where the tiles are in order
     BW: tl.constexpr = (KB // NS) * M * N
     if SPLIT > 1 and NB % SPLIT == 0:
         H: tl.constexpr = NB // 2
-        dlo, dhi = _halves(dubt, MB, BLOCK_P)
-        hlo, hhi = _halves(hb, BLOCK_P, KB)
+        hlo, hhi = _halves(hbt, KB, BLOCK_P)
+        dlo, dhi = _halves(dub, BLOCK_P, MB)
         if SPLIT == 4:
-            dlo0, dlo1 = _halves(dlo, MB, BLOCK_P)
-            hlo0, hlo1 = _halves(hlo, BLOCK_P, KB)
-            _dw_red(dlo0, hlo0, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
-            _dw_red(dlo1, hlo1, pw_ptr + (H // 2) * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
-            dhi0, dhi1 = _halves(dhi, MB, BLOCK_P)
-            hhi0, hhi1 = _halves(hhi, BLOCK_P, KB)
-            _dw_red(dhi0, hhi0, pw_ptr + H * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
-            _dw_red(dhi1, hhi1, pw_ptr + (H + H // 2) * BW, Z, N, M, KB, MB, DT, ROUND16,
+            hlo0, hlo1 = _halves(hlo, KB, BLOCK_P)
+            dlo0, dlo1 = _halves(dlo, BLOCK_P, MB)
+            _dw_red(hlo0, dlo0, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hlo1, dlo1, pw_ptr + (H // 2) * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            hhi0, hhi1 = _halves(hhi, KB, BLOCK_P)
+            dhi0, dhi1 = _halves(dhi, BLOCK_P, MB)
+            _dw_red(hhi0, dhi0, pw_ptr + H * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hhi1, dhi1, pw_ptr + (H + H // 2) * BW, Z, N, M, KB, MB, DT, ROUND16,
                     PREC, NS, MS)
         else:
-            _dw_red(dlo, hlo, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
-            _dw_red(dhi, hhi, pw_ptr + H * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hlo, dlo, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+            _dw_red(hhi, dhi, pw_ptr + H * BW, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
     else:
-        _dw_red(dubt, hb, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
+        _dw_red(hbt, dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16, PREC, NS, MS)
 
 
 @triton.jit
