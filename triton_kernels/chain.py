@@ -460,9 +460,11 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     copies per layer, and IGCV2(256, 8)'s bf16 backward moved 22% more bytes through shared
     memory. Not with ``SPLIT``: its dW products take halves of the blocks, new values with
     copies of their own either way, and transposed, IGCV2(1024, 32)'s ``SPLIT`` = 4 build
-    went from 248 registers to 255 and spilled 16 bytes. Then the permutation undone on the
-    tile (a
-    shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
+    went from 248 registers to 255 and spilled 16 bytes. Nor where the blocks are taller than
+    wide (``KB > MB``): transposed, the IGCV3 reduction's blocks of 256 x 32 (bf16, 16
+    positions on 8 warps, two tiles ahead) took 254 registers instead of 228 in NCHW and
+    spilled in channels-last. Then the permutation undone on the tile (a shuffle's inverse
+    reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
     chains): the program holds the layer's weight blocks ``wb`` across its tiles
     (``_w_blocks``), else they are loaded here. ``DW_MODE``: where ``dW_b`` goes: 1, added to
     the dW blocks ``acc`` that the program holds across its tiles (``_dw_blocks``); 2, added to
@@ -481,10 +483,12 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
         dus = du.to(DT)
     else:
         dus = du
-    if SPLIT > 1:  # (the products as written above, see the docstring)
-        dub = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
-    else:
+    # the transposed products, or (SPLIT, or blocks taller than wide) as written above
+    TRANS: tl.constexpr = (SPLIT <= 1) and (KB <= MB)
+    if TRANS:
         dubt = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 2, 0))  # [NB, MB, BLOCK_P]
+    else:
+        dub = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 0, 2))  # [NB, BLOCK_P, MB]
     woff, wmask = _packed_weight_offsets(N, M, C_IN, KB, MB, Z, NS, MS)
     if NEED_DW:
         if ROUND16:
@@ -496,7 +500,10 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
             _dw_red_split(tl.permute(hb, (0, 2, 1)), dub, pw_ptr, Z, N, M, KB, MB, DT, ROUND16,
                           PREC, BLOCK_P, SPLIT, NS, MS)
         else:
-            dwb = _grad_dot_t(dubt, hb, DT, ROUND16, PREC)  # [NB, KB, MB]
+            if TRANS:
+                dwb = _grad_dot_t(dubt, hb, DT, ROUND16, PREC)  # [NB, KB, MB]
+            else:
+                dwb = _grad_dot(tl.permute(hb, (0, 2, 1)), dub, DT, ROUND16, PREC)
             if DW_MODE == 1:
                 acc = acc + dwb
             elif DW_MODE == 2:
@@ -513,7 +520,7 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     if NEED_DH:
         if not HOLD:
             wb = tl.load(w_ptr + woff, mask=wmask, other=0.0)  # [NB, KB, MB] storage dtype
-        if SPLIT > 1:
+        if not TRANS:
             dhb = _packed_dot(dub, tl.permute(wb, (0, 2, 1)), 1 if ROUND16 else 0, PREC)
             dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
         else:
