@@ -333,20 +333,21 @@ def test_staged_backward_of_a_chain_whose_packed_backward_spills(monkeypatch):
 
 
 def test_float32_backward_one_layer_per_range(monkeypatch):
-    """IGCV2(512, 8) in float32: no packed backward build of the whole chain fits without
+    """IGCV2(512, 32) in float32: no packed backward build of the whole chain fits without
     spills on sm_90 (the static report, both Tritons), so its backward would run the FMA path
     on 8 positions; the backend runs it one layer per range instead (``backward_stages``, from
     this GPU's compiles), each a fused launch with its range input kept in float32; the
-    gradients within the float32 bound."""
+    gradients within the float32 bound. No bias, as the static report compiled it.
+    (IGCV2(512, 8) has a packed build that fits since the products are computed transposed.)"""
     from igc_kernels import _triton_ops as T
     from igc_kernels._chain import normalize
 
     monkeypatch.delenv("IGC_TRITON_FIXED", raising=False)  # the compile checks run
-    p = build_problem([512] * 4, [64] * 3, spatial=(7, 7), N=2, dtype=torch.float32,
-                      permutations="default", bias=True, seed=7)
+    p = build_problem([512] * 3, [16] * 2, spatial=(7, 7), N=2, dtype=torch.float32,
+                      permutations="default", bias=False, seed=7)
     pd = _on_cuda(p)
     nc = normalize(pd.x, pd.weights, list(pd.groups), pd.permutations, pd.biases)
-    assert T.backward_stages(pd.x, nc, True, True, True) == ((0, 1), (1, 2), (2, 3))
+    assert T.backward_stages(pd.x, nc, True, True, False) == ((0, 1), (1, 2))
     launched = _record_launches(monkeypatch, T)
     check_backend(p, "triton", _gy(p, seed=8), device="cuda")
-    assert [n for name, n in launched if name == "igc_chain_bwd"] == [1, 1, 1], launched
+    assert [n for name, n in launched if name == "igc_chain_bwd"] == [1, 1], launched
