@@ -59,13 +59,14 @@ def report(tmp_path_factory):
     return _subset_report(tmp_path_factory.mktemp("static") / "report.json")["rows"]
 
 
-def _check_compiles_and_fits(rows, unpacked=(), fp32_split=True):
+def _check_compiles_and_fits(rows, unpacked=(), fp32_split=True, fp32_packed_backward=()):
     # structures x dtypes x layouts x (fwd, bwd, reduce) of the default configuration, and the
     # fixed path's configuration where it is not the default: packed in bf16 (IGCV2(256, 8),
     # and the IGCV3 layers on tiles padded group by group), the IGCV3 layers' float32 forward
     # (their groups are 32 and 192 wide) and, ``fp32_split``, their float32 backward (dW by
     # reductions in two products, FIXED_SPLIT_PADDED_FP32; else the default, the FMA path: every
-    # packed build of it spills); the bf16 ones of ``unpacked`` ((structure, dtype, layout,
+    # packed build of it spills, but for the structures of ``fp32_packed_backward``, which take
+    # a later packed candidate); the bf16 ones of ``unpacked`` ((structure, dtype, layout,
     # direction)) are the default too
     default = [r for r in rows if r["is_default"]]
     assert len(default) == 3 * 2 * 2 * 3
@@ -79,17 +80,19 @@ def _check_compiles_and_fits(rows, unpacked=(), fp32_split=True):
     for key, r in fixed.items():
         structure, dtype, _, direction = key
         igcv3 = structure.startswith("igcv3")
-        fp32_packed = igcv3 and (direction == "forward" or fp32_split)
+        fp32_packed = igcv3 and (direction == "forward" or fp32_split
+                                 or structure in fp32_packed_backward)
         packed = (dtype == "bfloat16" or fp32_packed) and key not in unpacked
         assert bool(r["config"].get("PACK")) == packed, r
         assert r["is_default"] != packed, r
         assert not packed or r["spill_bytes"] == 0, r
-        if igcv3 and dtype == "float32" and direction == "backward" and packed:
+        if igcv3 and dtype == "float32" and direction == "backward" and fp32_split:
             assert (r["config"]["RED"], r["config"]["SPLIT"], r["num_warps"]) == (1, 2, 8), r
     # per layout: IGCV2(256, 8)'s packed forward, backward and reduction; the IGCV3 layers'
     # packed forwards (bf16, float32), and their bf16 (and, fp32_split, float32) backwards and
     # reductions
-    assert len(rows) == (len(default) + 2 * 3 + 2 * 2 * 2 + 2 * 2 * 2 * (2 if fp32_split else 1)
+    fp32_bwd = 2 if fp32_split else len(fp32_packed_backward)
+    assert len(rows) == (len(default) + 2 * 3 + 2 * 2 * 2 + 2 * 2 * (2 + fp32_bwd)
                          - 2 * len(unpacked))
     for r in rows:
         what = f"{r['structure']} {r['dtype']} {r['layout']} {r['direction']} {r['kernel']}"
@@ -117,11 +120,13 @@ def test_every_launched_kernel_compiles_with_the_gpu_machines_triton(tmp_path):
     rep = _subset_report(tmp_path / "report36.json", pythonpath=TRITON_ALT)
     assert rep["triton"] == "3.6.0"
     # the IGCV3 reduction's channels-last bf16 backward: every packed candidate of the fixed
-    # path spills with this Triton (32 to 3920 bytes), so it runs the FMA path; so do the IGCV3
-    # layers' float32 backwards (their two-product build spills 208 to 1784 bytes)
+    # path spills with this Triton (32 to 3920 bytes), so it runs the FMA path; so does the
+    # IGCV3 reduction's float32 backward (its two-product build spills 208 to 1784 bytes, and
+    # every other packed one); the expansion's takes a later packed candidate, which fits since
+    # the packed backward computes its products transposed
     _check_compiles_and_fits(rep["rows"], unpacked=[("igcv3-reduce(64,6,2)", "bfloat16",
                                                      "channels_last", "backward")],
-                             fp32_split=False)
+                             fp32_split=False, fp32_packed_backward=("igcv3-expand(64,6,2)",))
 
 
 @pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
