@@ -1551,8 +1551,9 @@ _OVERRIDE = threading.local()
 # half zeros, keeps the default (predicted 86% on the FMA path, 49% packed). Where a packed
 # layer's tile is padded group by group (the IGCV3 layers), the backward first tries dW by
 # reductions in two products on 8 warps (FIXED_SPLIT_PADDED_FP32, PACKED_SPLIT_PADDED_FP32);
-# triton 3.6.0 spills it (208 to 1784 bytes), as every other packed build, and takes the FMA
-# path.
+# triton 3.6.0 spills it (208 to 1784 bytes), and takes a later packed build for the expansion
+# (with the transposed products) and the FMA path for the reduction, whose other packed builds
+# spill too.
 # Float32 chains with exact products ("ieee") of at most FIXED_FP32_SMALL_CHANNELS channels per
 # tile: the default's dot path multiplies every zero of the block-diagonal weight on the CUDA
 # cores (G_l times the FMAs; sm_90, CI Triton, H200, NCHW: IGCV2(64, 4)'s forward predicted at
