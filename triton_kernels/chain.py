@@ -315,7 +315,7 @@ def _layer_dot(h, w_ptr, b_ptr, inv_ptr,
 
 @triton.jit
 def _packed_dot(a, b, MODE: tl.constexpr, PREC: tl.constexpr):
-    """Batched ``a @ b`` (``[B, P, K] x [B, K, O]``) accumulated in float32. ``b`` holds
+    """Batched ``a @ b`` (``[B, P, K] x [B, K, O]``) accumulated in float32, one operand
     storage-dtype weights. MODE 0: float32 operands (``PREC``: exact "ieee", "tf32" when the
     user allows it for matmul, "bf16x6" with the opt-in ``IGC_TRITON_FP32_MMA=1``); 1 (16-bit
     chains): ``a`` rounded to the storage dtype (16-bit storage values are already), one
@@ -524,11 +524,7 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
             dhb = _packed_dot(dub, tl.permute(wb, (0, 2, 1)), 1 if ROUND16 else 0, PREC)
             dh = tl.reshape(tl.permute(dhb, (1, 0, 2)), (BLOCK_P, C_IN))  # d(permuted input)
         else:
-            if ROUND16:
-                dht = tl.dot(wb, dubt, out_dtype=tl.float32)  # [NB, KB, BLOCK_P]
-            else:
-                dht = tl.dot(wb.to(tl.float32), dubt, input_precision=PREC,
-                             out_dtype=tl.float32)
+            dht = _packed_dot(wb, dubt, 1 if ROUND16 else 0, PREC)  # [NB, KB, BLOCK_P]
             dh = tl.reshape(tl.permute(dht, (2, 0, 1)), (BLOCK_P, C_IN))
         if PK == 1:  # undo the shuffle: the forward's reshape / transpose inverted
             dh = tl.reshape(tl.permute(tl.reshape(dh, (BLOCK_P, SM, SG)), (0, 2, 1)),
