@@ -425,6 +425,32 @@ def test_weight_blocks_loaded_every_tile_are_counted(tmp_path):
         rows[0]["dyn"], rows[1]["dyn"])
 
 
+@pytest.mark.parametrize("alt", [False, True], ids=["ci-triton", "triton-3.6.0"])
+def test_16bit_blocks_wider_than_tall_fit_two_ctas_per_sm(tmp_path, alt):
+    """The CondenseNet-like layer's bf16 backward on its fixed path (16 positions on 8 warps,
+    two tiles ahead; blocks of 16 inputs x 32 outputs) keeps the untransposed products in
+    16 bits, and so fits two CTAs per SM (at most 128 registers) without spills, NCHW with
+    both Tritons and channels-last with the GPU machine's. Transposed, triton 3.6.0 built it
+    with 144 and 146 registers: one CTA per SM, predicted latency-bound at 70% of copy
+    bandwidth instead of 89% / 97%."""
+    if alt:
+        _need_triton_alt()
+    else:
+        pytest.importorskip("triton")
+    path = tmp_path / "condense.json"
+    layouts = "nchw,channels_last" if alt else "nchw"
+    _tool("--structures", "condense(128,4)", "--dtypes", "bfloat16", "--layouts", layouts,
+          "--directions", "backward", "--archs", "90", "--config",
+          json.dumps({"block_p": 16, "num_warps": 8, "pack": 2, "red": 0, "keep": 1,
+                      "dense": 0}), "--json", str(path),
+          pythonpath=TRITON_ALT if alt else None)
+    rows = [r for r in json.loads(path.read_text())["rows"] if r["kernel"] == "igc_chain_bwd"]
+    assert len(rows) == len(layouts.split(",")), rows
+    for r in rows:
+        assert r["compiled"] and r["config"]["PACK"] == 2 and r["spill_bytes"] == 0, r
+        assert r["registers"] <= 128 and r["ctas_per_sm"] == 2, r
+
+
 def test_float32_packed_backward_fits_with_reductions(tmp_path):
     """Float32 chains' packed backward reads, adds and writes its dW blocks in the partial row
     every tile; IGCV2(256, 32)'s, 16 positions on 16 warps, spills doing so (8 bytes with the

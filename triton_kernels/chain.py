@@ -463,9 +463,13 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
     went from 248 registers to 255 and spilled 16 bytes. Nor where the blocks are taller than
     wide (``KB > MB``): transposed, the IGCV3 reduction's blocks of 256 x 32 (bf16, 16
     positions on 8 warps, two tiles ahead) took 254 registers instead of 228 in NCHW and
-    spilled in channels-last. Then the permutation undone on the tile (a shuffle's inverse
-    reshape / transpose, an explicit one's inverse gather). ``HOLD`` (16-bit
-    chains): the program holds the layer's weight blocks ``wb`` across its tiles
+    spilled in channels-last. Nor, in 16-bit chains, where they are wider than tall (float32
+    ones gain there: the CondenseNet-like layer's 16 x 32 blocks, 237 registers -> 128):
+    transposed, the CondenseNet-like layer's bf16 build (16 positions on 8 warps) took 144
+    registers instead of 124 with triton 3.6.0, and the IGCV3 expansion's (32 x 256)
+    channels-last build 232 instead of 229 with 3.9.0. Then the permutation undone on the
+    tile (a shuffle's inverse reshape / transpose, an explicit one's inverse gather). ``HOLD``
+    (16-bit chains): the program holds the layer's weight blocks ``wb`` across its tiles
     (``_w_blocks``), else they are loaded here. ``DW_MODE``: where ``dW_b`` goes: 1, added to
     the dW blocks ``acc`` that the program holds across its tiles (``_dw_blocks``); 2, added to
     the partial row at ``pw_ptr`` by reductions in L2 (``tl.atomic_add`` with no result: the
@@ -483,8 +487,9 @@ def _layer_packed_bwd(du, h, acc, wb, HOLD: tl.constexpr, DW_MODE: tl.constexpr,
         dus = du.to(DT)
     else:
         dus = du
-    # the transposed products, or (SPLIT, or blocks taller than wide) as written above
-    TRANS: tl.constexpr = (SPLIT <= 1) and (KB <= MB)
+    # the transposed products, or (SPLIT, blocks taller than wide, 16-bit blocks wider than
+    # tall) as written above
+    TRANS: tl.constexpr = (SPLIT <= 1) and ((KB == MB) or ((KB < MB) and (not ROUND16)))
     if TRANS:
         dubt = tl.permute(tl.reshape(dus, (BLOCK_P, NB, MB)), (1, 2, 0))  # [NB, MB, BLOCK_P]
     else:
