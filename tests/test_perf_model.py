@@ -431,3 +431,34 @@ def test_measured_backward_of_a_staged_chain_pairs_with_the_staged_prediction():
     assert pm.measured_beside_predicted([whole, other], {"rows": [row]}, True, [stage]) == [
         "triton backward igcv2(1024,8) bfloat16 nchw: measured 10%, predicted for the fixed "
         "path 3% (triton w), 19% (triton x, staged)"]
+
+
+def test_a_chain_whose_whole_backward_fits_packed_is_not_reported_staged():
+    """A chain with layer-range records whose whole-chain fixed path is a packed build without
+    spills runs whole (``_triton_ops.backward_stages`` stages only chains left on the FMA path
+    or spilling everywhere): the fixed path column keeps its prediction and names the ranges'
+    as not run, and a measurement pairs with the whole chain's prediction; an FMA or spilling
+    whole-chain fixed path is replaced by the staged prediction."""
+    stage = dict(backend="triton", toolchain="triton x", structure="igcv2(256,32)",
+                 dtype="float32", layout="nchw", arch="sm_90", predicted_fraction_of_copy=0.21,
+                 stages=[[0, 1], [1, 2]], parts=[], spill_bytes=0,
+                 predicted_fraction_of_copy_h100=0.3)
+    whole = dict(backend="triton", toolchain="triton x", direction="backward",
+                 structure="igcv2(256,32)", dtype="float32", layout="nchw", arch="sm_90",
+                 kernel="igc_chain_bwd", reachable=True, fixed_path=True,
+                 autotuner_keeps=False, registers=255, spill_bytes=0, bound="shared/L1",
+                 predicted_fraction_of_copy=0.24, predicted_fraction_of_copy_h100=0.34,
+                 config={"BLOCK_P": 16, "num_warps": 8, "PACK": 2})
+    row = {"kind": "fused", "metric": "time", "mode": "bwd", "backend": "triton",
+           "config": {"channels": 256, "group_size": 32, "depth": None}, "dtype": "float32",
+           "layout": "nchw", "frac_copy_bw": 0.2}
+    fma = {**whole, "config": {"BLOCK_P": 16, "num_warps": 4}, "predicted_fraction_of_copy": 0.1}
+    spilling = {**whole, "spill_bytes": 8}
+    assert "24% (ranges: 21%, not run)" in pm.markdown([whole], "cmd", [stage])
+    assert pm.measured_beside_predicted([whole], {"rows": [row]}, True, [stage]) == [
+        "triton backward igcv2(256,32) float32 nchw: measured 20%, predicted for the fixed "
+        "path 24%"]
+    for r in (fma, spilling):
+        assert "(staged: 21%)" in pm.markdown([r], "cmd", [stage])
+        assert pm.measured_beside_predicted([r], {"rows": [row]}, True, [stage])[0].endswith(
+            "predicted for the fixed path 21% (staged)")

@@ -506,7 +506,10 @@ def markdown(recs: list, command: str, stages: list = ()) -> str:
              "configurations). H200 and H100 columns.", "",
              *(["Where the Triton backend runs a chain's backward in layer ranges (the staged "
                 "section below), its fixed path column adds that prediction: \"(staged: "
-                "...)\"; the whole chain's kernel is then not launched.", ""] if stages else []),
+                "...)\"; the whole chain's kernel is then not launched. Where the whole "
+                "chain's fixed path is a packed build without spills, the backend runs it "
+                "whole instead, and the column says \"(ranges: ..., not run)\".", ""]
+               if stages else []),
              "| backend | toolchain | direction | structure | dtype | layout | best config | regs "
              "| spill B | H200 | H100 | bound | fixed path H200 |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -526,7 +529,11 @@ def markdown(recs: list, command: str, stages: list = ()) -> str:
                        and (s["toolchain"], s["structure"], s["dtype"], s["layout"],
                             s["arch"]) == (key[1], *key[3:])]
         if staged_here:  # the backend runs the ranges instead (the staged section)
-            d += f" (staged: {staged_here[0]['predicted_fraction_of_copy']:.0%})"
+            pct = f"{staged_here[0]['predicted_fraction_of_copy']:.0%}"
+            if default and _runs_whole(default[0]):
+                d += f" (ranges: {pct}, not run)"
+            else:
+                d += f" (staged: {pct})"
         cfg = ", ".join(f"{k}={v}" for k, v in best["config"].items()
                         if k in ("BLOCK_P", "num_warps", "KEEP") or k.startswith("DENSE"))
         pack = max([v for k, v in best["config"].items() if k.startswith("PACK")] or [0])
@@ -581,7 +588,8 @@ def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False,
     mode); one per toolchain, each named, where the records come from several (the GPU's
     Triton may not be the CI's: their builds differ). ``stages``: ``staged`` records; a
     toolchain's staged prediction replaces its whole-chain ones for that backward (the backend
-    runs the ranges, with the autotuner on or off), marked "staged"."""
+    runs the ranges, with the autotuner on or off), marked "staged", unless that toolchain's
+    whole-chain fixed path is a packed build without spills (``_runs_whole``)."""
     out = []
     for m in measured.get("rows", []):
         key = _measured_key(m)
@@ -594,9 +602,13 @@ def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False,
                     and (r["backend"], r["direction"], r["structure"], r["dtype"],
                          r["layout"]) == key):
                 match.setdefault(r["toolchain"], []).append(r["predicted_fraction_of_copy"])
+        whole = {r["toolchain"] for r in recs if r.get("fixed_path") and _runs_whole(r)
+                 and (r["backend"], r["direction"], r["structure"], r["dtype"],
+                      r["layout"]) == key}
         staged_tc = set()
         for r in stages:
-            if ("triton", "backward", r["structure"], r["dtype"], r["layout"]) == key:
+            if (("triton", "backward", r["structure"], r["dtype"], r["layout"]) == key
+                    and r["toolchain"] not in whole):
                 match[r["toolchain"]] = [r["predicted_fraction_of_copy"]]
                 staged_tc.add(r["toolchain"])
         what = "predicted for the fixed path" if fixed else "predicted"
@@ -670,6 +682,15 @@ def staged(rows: list, device: str = "h200") -> list:
     return out
 
 
+def _runs_whole(fixed: dict) -> bool:
+    """Whether the backend runs a chain's backward whole, not in the ranges of a staged
+    report, from its whole-chain fixed-path record: a packed build without spills
+    (``_triton_ops.backward_stages`` stages a 16-bit chain whose every packed build spills, a
+    float32 one offered packed builds first but left on the FMA path, or spilling everywhere)."""
+    packed = any(v for k, v in fixed.get("config", {}).items() if k.startswith("PACK"))
+    return packed and fixed.get("spill_bytes", 0) == 0
+
+
 def staged_markdown(recs: list) -> str:
     """The staged backward's predictions as a markdown section ("" when there are none)."""
     if not recs:
@@ -681,7 +702,9 @@ def staged_markdown(recs: list) -> str:
              "left on the FMA path, one layer per range): each range's forward but the "
              "last's, then each range's backward from the last, one after the other; the "
              "fraction is of the whole chain's copy. Parts, in launch order: range, direction, "
-             "the fraction of its own copy and its bound.", "",
+             "the fraction of its own copy and its bound. A chain listed here whose whole "
+             "backward's fixed path is a packed build without spills runs whole (\"not run\" "
+             "in the fixed path column above).", "",
              "| toolchain | structure | dtype | layout | ranges | parts | spill B | H200 | H100 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in recs:
