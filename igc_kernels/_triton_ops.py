@@ -347,8 +347,8 @@ def backward_stages(x, chain, need_dx: bool, need_dw: bool, need_db: bool,
     configuration without spills) and each range's forward but the last's compiles without
     spills; where a single layer still fails, the whole chain. A float32 chain runs in ranges of
     one layer where its whole backward spills everywhere, or where it is offered packed
-    configurations first but none fits (the FMA path: IGCV2(256, 32), and chains of 512 or 1024
-    channels whose packed builds all spill;
+    configurations first but none fits (the FMA path: chains of 512 or 1024 channels whose
+    packed builds all spill, such as IGCV2(512, 16) and (512, 32);
     ``_single_layer_stages``). Chosen from compiles
     (``K.fixed_choice``, cached), never from timings, so the same with the autotuner on or off;
     not under the interpreter or where ``checks_spills`` says no, unless ``spills`` (the spilled
