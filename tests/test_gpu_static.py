@@ -645,6 +645,19 @@ def test_spill_check_stages_the_backward_whose_packed_builds_spill(alt):
     assert all(c["spill_bytes"] > 0 for c in r["compiled"] if c["config"]["PACK"]), r
 
 
+def test_float32_backward_whose_packed_build_fits_runs_whole():
+    """IGCV2(256, 32) in float32 (two layers of 8 groups of 32) is offered packed backward
+    builds first; since the packed backward computes its products transposed, the first (16
+    positions on 8 warps, two tiles ahead) compiles without spills with the CI's Triton
+    (sm_90), so the check launches it on the whole chain. Before, every packed build spilled
+    and the backend ran it one layer per range (predicted 22%, against 24% whole now)."""
+    pytest.importorskip("triton")
+    r = _refusals(None, "igcv2(256,32)", "float32", "backward")["backward"]
+    assert not r["refused"] and r["stages"] == [[0, 2]], r
+    assert len(r["compiled"]) == 1 and r["compiled"][0]["spill_bytes"] == 0, r
+    assert r["launches"] == r["compiled"][0]["config"] and r["launches"]["PACK"] == 2, r
+
+
 # (structure, the Triton (alt: triton 3.6.0), the forward it launches as (BLOCK_P, num_warps,
 # PACK, AHEAD), how many candidates the check compiles)
 _FP32_WIDE_FORWARD_CASES = [
