@@ -1253,6 +1253,17 @@ def test_fixed_path_tries_packed_configurations_first(monkeypatch, dtype):
             assert cands[:n] == expect and cands[n] == default, cands[:n + 1]
             assert all(c.pack for c in first) and all(c.dense == 0 for c in first)
             assert K.fixed_candidates(s, backward, accept_spills=True)[0] == default
+    # float32 with "bf16x6" products (IGC_TRITON_FP32_MMA=1): the backward's candidates that
+    # add dW by reductions first, the others in their order; the forward's order unchanged
+    if not native:
+        for s in (_igcv2(256, 16, dtype), _igcv2(256, 32, dtype)):
+            mma = dataclasses.replace(s, f32_prec="bf16x6")
+            exact = K.fixed_candidates(s, True)
+            cands = K.fixed_candidates(mma, True)
+            assert sorted(cands, key=exact.index) == exact, (cands, exact)
+            n = sum(c.red == 1 for c in K.FIXED_PACKED_BACKWARD)
+            assert [(c.pack, c.red) for c in cands[:n + 1]] == [(2, 1), (1, 1), (2, 0)], cands
+            assert K.fixed_candidates(mma, False) == K.fixed_candidates(s, False)
     # a dense layer (one group: no zeros in its weight) keeps the dot path's default
     one = K.make_structure(64, [64, 64], [1], [0], [False], [False], False, dtype)
     assert one.dense_layers == [0] and K.fixed_default(one) == K.DEFAULT_CONFIG

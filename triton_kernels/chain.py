@@ -1862,8 +1862,10 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
     FIXED_PACKED_BACKWARD that the autotuner offers for ``st`` (the forward's persistent one
     first where a tile has FIXED_PERSISTENT_CHANNELS channels or more, the backward's
     FIXED_SPLIT_BACKWARD first where it has SPLIT_CHANNELS or more, and in float32 with a
-    packed layer on a padded tile FIXED_SPLIT_PADDED_FP32 first); then the default
-    configuration (``fixed_default``; before it, in the backward of float32 chains whose
+    packed layer on a padded tile FIXED_SPLIT_PADDED_FP32 first; in the backward of float32
+    chains with "bf16x6" products, those that add dW by reductions, ``red`` = 1, first); then
+    the default configuration (``fixed_default``; before it, in the backward of float32
+    chains whose
     default is FIXED_FP32_DEFAULT and whose tiles have at most FIXED_FP32_SMALL_CHANNELS
     channels, FIXED_FP32_BACKWARD, and in the forward of chains whose default takes the dot
     path and whose forward's dot path takes a layer the backward's does not,
@@ -1886,6 +1888,12 @@ def fixed_candidates(st: Structure, backward: bool, accept_spills: bool = False)
             first = FIXED_SPLIT_BACKWARD + first
         if backward and not st.native16 and _padded_packed(st):
             first = FIXED_SPLIT_PADDED_FP32 + first
+        if backward and st.f32_prec == "bf16x6":
+            # dW by reductions first (stable: the order otherwise kept): the row read, added
+            # and written every tile binds the L2 in "bf16x6" (IGCV2(256, 16) / (256, 32),
+            # sm_90, predicted 55% / 35% of copy bandwidth against 74% / 52% with RED = 1;
+            # with exact products both are bound by shared memory, alike)
+            first = sorted(first, key=lambda c: c.red != 1)
         out = [c for c in first if c in tuned]
     default = fixed_default(st, backward)
     if (not backward and not accept_spills and default.dense
