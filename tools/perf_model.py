@@ -595,16 +595,14 @@ def measured_beside_predicted(recs: list, measured: dict, fixed: bool = False,
         key = _measured_key(m)
         if key is None:
             continue
+        same = [r for r in recs if (r["backend"], r["direction"], r["structure"], r["dtype"],
+                                    r["layout"]) == key]
         match = {}
-        for r in recs:
+        for r in same:
             if (r["predicted_fraction_of_copy"] is not None and r["reachable"]
-                    and (r["fixed_path"] or not fixed)
-                    and (r["backend"], r["direction"], r["structure"], r["dtype"],
-                         r["layout"]) == key):
+                    and (r["fixed_path"] or not fixed)):
                 match.setdefault(r["toolchain"], []).append(r["predicted_fraction_of_copy"])
-        whole = {r["toolchain"] for r in recs if r.get("fixed_path") and _runs_whole(r)
-                 and (r["backend"], r["direction"], r["structure"], r["dtype"],
-                      r["layout"]) == key}
+        whole = {r["toolchain"] for r in same if r.get("fixed_path") and _runs_whole(r)}
         staged_tc = set()
         for r in stages:
             if (("triton", "backward", r["structure"], r["dtype"], r["layout"]) == key
